@@ -1,0 +1,44 @@
+# spin-fast entry points. `make install` builds an idempotent virtualenv in .venv:
+# without CUDA it takes the pinned CPU builds of torch and triton first (a bare `torch` would pull
+# a multi-GB CUDA build), then the project in editable mode with its dev tools.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_TORCH := torch==2.13.0 triton==3.7.1
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Caches stay inside the checkout, not in the home directory.
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
+export HF_HOME ?= $(CURDIR)/.cache/hf
+
+.PHONY: install install-bench test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+ifneq ($(HAS_CUDA),1)
+	$(PY) -m pip install --quiet $(CPU_TORCH)
+endif
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The bench peers (Liger-Kernel, Cut Cross-Entropy, TRL, matplotlib) are only needed by `make bench`.
+install-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+bench: install-bench
+	$(PY) -m bench $(BENCH_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache build *.egg-info

@@ -1,0 +1,129 @@
+"""Input validation shared by the public entry points: every error names the argument at fault."""
+
+from __future__ import annotations
+
+import torch
+
+HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "triton", "torch", "reference")
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_loss_type(loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def _check_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    allow_float64: bool,
+) -> None:
+    """Shapes, dtypes, devices and target range of linear_logprobs' inputs."""
+    _check_tensor("hidden", hidden, 2)
+    _check_tensor("weight", weight, 2)
+    _check_tensor("targets", targets, 1)
+    n_tokens, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    if weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"weight must be [V, H] with H={hidden_size} as in hidden [N, H]; "
+            f"got weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)}"
+        )
+    if targets.shape[0] != n_tokens:
+        raise ValueError(f"targets must have N={n_tokens} entries like hidden, got {targets.shape[0]}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    allowed = HALF_AND_SINGLE + ((torch.float64,) if allow_float64 else ())
+    if hidden.dtype not in allowed:
+        raise ValueError(f"hidden dtype must be one of {allowed}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    tensors = {"hidden": hidden, "weight": weight, "targets": targets}
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != vocab_size:
+            raise ValueError(f"bias must have V={vocab_size} entries like weight, got {bias.shape[0]}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        tensors["bias"] = bias
+    for name, tensor in tensors.items():
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"targets[{row}] = {int(targets[row])} is outside [0, {vocab_size}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+def check_pair_logps(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -> None:
+    """The four per-pair log-prob vectors of spin_loss: same [P] shape, float, one device."""
+    first_name, first = names[0], values[0]
+    for name, value in zip(names, values):
+        _check_tensor(name, value, 1)
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {value.dtype}")
+        if value.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)} but {first_name} has {tuple(first.shape)}"
+            )
+        if value.device != first.device:
+            raise ValueError(f"{name} is on {value.device} but {first_name} is on {first.device}")
+    if first.shape[0] == 0:
+        raise ValueError(f"{first_name} is empty: the loss needs at least one pair")
+
+
+def check_sequence_inputs(
+    sequence_ids: torch.Tensor,
+    opponent_logps: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+) -> int:
+    """Checks fused_linear_spin_loss' sequence layout and returns the number of pairs P."""
+    _check_tensor("opponent_logps", opponent_logps, 1)
+    _check_tensor("sequence_ids", sequence_ids, 1)
+    n_sequences = opponent_logps.shape[0]
+    if n_sequences == 0 or n_sequences % 2:
+        raise ValueError(
+            f"opponent_logps must hold 2P entries (P real, then P generated), got {n_sequences}"
+        )
+    if not opponent_logps.dtype.is_floating_point:
+        raise ValueError(f"opponent_logps must be a floating tensor, got {opponent_logps.dtype}")
+    if sequence_ids.dtype.is_floating_point or sequence_ids.dtype == torch.bool:
+        raise ValueError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
+    if sequence_ids.shape != targets.shape:
+        raise ValueError(
+            f"sequence_ids must have one entry per token like targets {tuple(targets.shape)}, "
+            f"got {tuple(sequence_ids.shape)}"
+        )
+    for name, tensor in (("sequence_ids", sequence_ids), ("opponent_logps", opponent_logps)):
+        if tensor.device != targets.device:
+            raise ValueError(f"{name} is on {tensor.device} but targets are on {targets.device}")
+    # Tokens without loss (prompt, padding) may carry any id, e.g. -1; the others must name a sequence.
+    bad = (targets != ignore_index) & ((sequence_ids < 0) | (sequence_ids >= n_sequences))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"sequence_ids[{row}] = {int(sequence_ids[row])} is outside [0, {n_sequences}) "
+            f"(2P for P={n_sequences // 2} pairs)"
+        )
+    return n_sequences // 2

@@ -1,0 +1,69 @@
+"""linear_logprobs: per-token log-probs of the targets under a linear head, without [N, V] logits."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._checks import check_backend, check_linear_inputs
+from .chunked import ChunkedLinearLogprobs
+from .reference import reference_linear_logprobs
+
+
+def resolve_backend(backend: str, hidden: torch.Tensor) -> str:
+    """'auto' is triton for CUDA tensors and the chunked torch backend otherwise."""
+    check_backend(backend)
+    device = hidden.device
+    if backend == "auto":
+        on_gpu = device.type == "cuda" and hidden.dtype != torch.float64
+        return "triton" if on_gpu and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device}); "
+                "set TRITON_INTERPRET=1 to run it on the CPU through the interpreter"
+            )
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """fp32 log softmax(hidden @ weight.T + bias)[targets] per token, 0 where targets == ignore_index.
+
+    hidden [N, H], weight [V, H] (the LM head), targets [N] -> [N]. Differentiable w.r.t. hidden,
+    weight and bias. backend: "auto", "triton", "torch" (chunked) or "reference" (full logits).
+    Float64 inputs (torch and reference backends) give a float64 result.
+    """
+    check_backend(backend)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton")
+    backend = resolve_backend(backend, hidden)
+    # Tokens without loss are dropped here, before any backend sees them: they cost nothing.
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    selected_targets = targets.index_select(0, rows)
+    if backend == "reference":
+        selected = reference_linear_logprobs(hidden, weight, bias, rows, selected_targets)
+    elif backend == "torch":
+        selected = ChunkedLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
+    else:
+        from .triton_logprobs import TritonLinearLogprobs
+
+        selected = TritonLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
+    return selected.new_zeros(targets.shape[0]).index_copy(0, rows, selected)

@@ -1,0 +1,133 @@
+"""The SPIN loss (DPO's loss with chosen = real, rejected = generated), and its fused head version.
+
+    z = beta * [(log p(y) - log p_opp(y)) - (log p(y') - log p_opp(y'))]
+    loss = mean over pairs of log(1 + exp(-z))   ("sigmoid")  or  max(0, 1 - z)   ("hinge")
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_loss_type, check_pair_logps, check_sequence_inputs
+from .linear_logprobs import linear_logprobs
+
+
+class SpinLossOutput(NamedTuple):
+    """loss: scalar mean over pairs. The per-pair metrics [P] are detached from the graph."""
+
+    loss: torch.Tensor
+    rewards_real: torch.Tensor  # beta * (log p(y) - log p_opp(y))
+    rewards_generated: torch.Tensor  # beta * (log p(y') - log p_opp(y'))
+    margins: torch.Tensor  # rewards_real - rewards_generated
+    accuracy: torch.Tensor  # 1.0 where rewards_real > rewards_generated
+
+
+class FusedSpinLossOutput(NamedTuple):
+    """As SpinLossOutput, plus policy_logps [2P]: summed log-probs of each sequence (with grad)."""
+
+    loss: torch.Tensor
+    policy_logps: torch.Tensor
+    rewards_real: torch.Tensor
+    rewards_generated: torch.Tensor
+    margins: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def spin_loss(
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+    opponent_real_logps: torch.Tensor,
+    opponent_generated_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+) -> SpinLossOutput:
+    """SPIN's loss over P pairs from sequence log-probs [P] (sums over response tokens).
+
+    It is DPO's loss with chosen = real and rejected = generated, reference = opponent.
+    """
+    check_loss_type(loss_type)
+    names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
+    values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
+    check_pair_logps(names, values)
+    dtype = torch.promote_types(policy_real_logps.dtype, torch.float32)
+    real_ratio = policy_real_logps.to(dtype) - opponent_real_logps.to(dtype)
+    generated_ratio = policy_generated_logps.to(dtype) - opponent_generated_logps.to(dtype)
+    z = beta * (real_ratio - generated_ratio)
+    # -logsigmoid, not softplus(-z): softplus cuts to z beyond |z| > 20 and loses float64 digits.
+    losses = -F.logsigmoid(z) if loss_type == "sigmoid" else torch.relu(1.0 - z)
+    rewards_real = (beta * real_ratio).detach()
+    rewards_generated = (beta * generated_ratio).detach()
+    return SpinLossOutput(
+        loss=losses.mean(),
+        rewards_real=rewards_real,
+        rewards_generated=rewards_generated,
+        margins=rewards_real - rewards_generated,
+        accuracy=(rewards_real > rewards_generated).to(dtype),
+    )
+
+
+def fused_linear_spin_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    opponent_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> FusedSpinLossOutput:
+    """From the hidden states of a packed batch to the SPIN loss in one call.
+
+    hidden [N, H], weight [V, H], targets [N]; sequence_ids [N] puts each token in sequence
+    i < P (real response of pair i) or P + i (its generated response); opponent_logps [2P] in the
+    same order. Tokens whose target is ignore_index carry no loss and may have any sequence id.
+    """
+    check_loss_type(loss_type)
+    n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
+    token_logps = linear_logprobs(
+        hidden, weight, targets, bias=bias, ignore_index=ignore_index, backend=backend
+    )
+    # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
+    safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
+    policy_logps = token_logps.new_zeros(2 * n_pairs).index_add(0, safe_ids, token_logps)
+    opponent = opponent_logps.to(policy_logps.dtype)
+    out = spin_loss(
+        policy_logps[:n_pairs], policy_logps[n_pairs:], opponent[:n_pairs], opponent[n_pairs:],
+        beta=beta, loss_type=loss_type,
+    )
+    return FusedSpinLossOutput(out.loss, policy_logps, *out[1:])
+
+
+class FusedLinearSPINLoss(torch.nn.Module):
+    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, ignore_index, backend."""
+
+    def __init__(
+        self, beta: float = 0.1, loss_type: str = "sigmoid", ignore_index: int = -100, backend: str = "auto"
+    ):
+        super().__init__()
+        check_loss_type(loss_type)
+        self.beta, self.loss_type, self.ignore_index, self.backend = beta, loss_type, ignore_index, backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        sequence_ids: torch.Tensor,
+        opponent_logps: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> FusedSpinLossOutput:
+        return fused_linear_spin_loss(
+            hidden, weight, targets, sequence_ids, opponent_logps, beta=self.beta,
+            loss_type=self.loss_type, bias=bias, ignore_index=self.ignore_index, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, loss_type={self.loss_type!r}, backend={self.backend!r}"

@@ -1,0 +1,65 @@
+"""Float64 truth written plainly, independent of spin_kernels, and dtype-aware comparison."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Relative tolerances by input dtype (DESIGN.md: fp32 ~1e-5, bf16 ~1e-2).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-10}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 scale: float | None = None, tol: float | None = None) -> None:
+    """|actual - expected| <= tol * (|expected| + scale), elementwise, and never NaN.
+
+    scale defaults to max|expected|; pass the magnitude of the inputs for quantities that are
+    differences of large numbers (margins), whose error follows the inputs, not the result.
+    """
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual, expected = actual.double(), expected.double()
+    tol = TOLERANCE[dtype] if tol is None else tol
+    scale = expected.abs().max().clamp_min(1e-30) if scale is None else scale
+    error = (actual - expected).abs()
+    bound = tol * (expected.abs() + scale)
+    worst = (error / bound).max().item() if error.numel() else 0.0
+    assert worst <= 1.0, f"{what}: error {error.max().item():.3g} exceeds tolerance ({worst:.2f}x, {dtype})"
+
+
+def truth_token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100) -> torch.Tensor:
+    """float64 log softmax(hidden @ weight.T + bias)[targets], 0 at ignored tokens, full logits."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, 0)
+    logps = logits.log_softmax(-1).gather(1, safe[:, None]).squeeze(1)
+    return torch.where(keep, logps, torch.zeros_like(logps))
+
+
+def truth_spin_loss(policy_real, policy_generated, opponent_real, opponent_generated, beta, loss_type):
+    """The paper's per-pair loss, one pair at a time in Python floats, averaged."""
+    losses = []
+    for pr, pg, orl, og in zip(policy_real, policy_generated, opponent_real, opponent_generated):
+        z = beta * ((pr - orl) - (pg - og))
+        losses.append(math.log1p(math.exp(-z)) if loss_type == "sigmoid" else max(0.0, 1.0 - z))
+    return sum(losses) / len(losses)
+
+
+def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: torch.dtype,
+                        prompt_fraction: float = 0.35, max_len: int = 23):
+    """A packed batch like the trainer's: per pair, prompt (no loss) + real, prompt + generated.
+
+    Returns hidden [N, H], targets [N] (prompts ignored), sequence_ids [N] (-1 on prompts).
+    """
+    targets, sequence_ids = [], []
+    for pair in range(n_pairs):
+        for sequence in (pair, n_pairs + pair):
+            prompt = int(torch.randint(1, max_len, ()) * prompt_fraction) + 1
+            response = int(torch.randint(1, max_len, ()))  # uneven response lengths
+            targets += [-100] * prompt + torch.randint(0, vocab_size, (response,)).tolist()
+            sequence_ids += [-1] * prompt + [sequence] * response
+    hidden = torch.randn(len(targets), hidden_size, dtype=torch.float64).to(dtype)
+    return hidden, torch.tensor(targets), torch.tensor(sequence_ids)

@@ -1,0 +1,91 @@
+"""Bad input raises ValueError naming the argument, before anything is computed."""
+
+import pytest
+import spin_kernels
+import torch
+
+
+def good():
+    targets = torch.tensor([1, 2, -100, 3, 4, 5])
+    return dict(hidden=torch.randn(6, 8), weight=torch.randn(20, 8), targets=targets)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(targets=torch.tensor([1, 2, -100, 3, 4, 20])), r"targets\[5\] = 20 is outside \[0, 20\)"),
+        (dict(targets=torch.tensor([1, -5, -100, 3, 4, 5])), r"targets\[1\] = -5"),
+        (dict(weight=torch.randn(20, 9)), "weight must be .V, H. with H=8"),
+        (dict(targets=torch.tensor([1, 2, 3])), "targets must have N=6"),
+        (dict(targets=torch.ones(6)), "targets must be an integer tensor"),
+        (dict(hidden=torch.randn(6, 8, dtype=torch.bfloat16)), "weight dtype torch.float32 differs"),
+        (dict(hidden=torch.randn(6, 8).int()), "hidden dtype must be one of"),
+        (dict(hidden=torch.randn(2, 6, 8)), "hidden must have 2 dimension"),
+        (dict(weight=torch.randn(20, 8, device="meta")), "weight is on meta but hidden is on cpu"),
+        (dict(hidden=[[1.0]]), "hidden must be a torch.Tensor"),
+    ],
+)
+def test_linear_logprobs_errors(change, message):
+    args = good() | change
+    with pytest.raises(ValueError, match=message):
+        spin_kernels.linear_logprobs(args["hidden"], args["weight"], args["targets"])
+
+
+def test_bias_and_backend_errors(monkeypatch):
+    args = good()
+    with pytest.raises(ValueError, match="bias must have V=20"):
+        spin_kernels.linear_logprobs(**args, bias=torch.randn(19))
+    with pytest.raises(ValueError, match="bias dtype"):
+        spin_kernels.linear_logprobs(**args, bias=torch.randn(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        spin_kernels.linear_logprobs(**args, backend="cuda")
+    with pytest.raises(ValueError, match="hidden dtype must be one of"):  # triton takes no float64
+        spin_kernels.linear_logprobs(args["hidden"].double(), args["weight"].double(), args["targets"],
+                                     backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        spin_kernels.linear_logprobs(**args, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(sequence_ids=torch.tensor([0, 1, -1, 2, 3, 4])), r"sequence_ids\[5\] = 4 is outside \[0, 4\)"),
+        (dict(sequence_ids=torch.tensor([0, -1, 0, 2, 3, 1])), r"sequence_ids\[1\] = -1"),
+        (dict(sequence_ids=torch.tensor([0, 1, 2])), "sequence_ids must have one entry per token"),
+        (dict(sequence_ids=torch.zeros(6)), "sequence_ids must be an integer tensor"),
+        (dict(opponent_logps=torch.zeros(3)), "opponent_logps must hold 2P entries"),
+        (dict(opponent_logps=torch.zeros(0)), "opponent_logps must hold 2P entries"),
+        (dict(opponent_logps=torch.zeros(4, dtype=torch.long)), "opponent_logps must be a floating"),
+        (dict(loss_type="ipo"), "loss_type must be one of"),
+    ],
+)
+def test_fused_loss_errors(change, message):
+    kwargs = dict(sequence_ids=torch.tensor([0, 1, -1, 2, 3, 3]), opponent_logps=torch.zeros(4)) | change
+    loss_type = kwargs.pop("loss_type", "sigmoid")
+    with pytest.raises(ValueError, match=message):
+        spin_kernels.fused_linear_spin_loss(**good(), **kwargs, loss_type=loss_type)
+
+
+def test_spin_loss_errors():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match="opponent_generated_logps has shape"):
+        spin_kernels.spin_loss(p, p, p, torch.zeros(4))
+    with pytest.raises(ValueError, match="policy_real_logps is empty"):
+        spin_kernels.spin_loss(*(torch.zeros(0),) * 4)
+    with pytest.raises(ValueError, match="policy_generated_logps must be a floating"):
+        spin_kernels.spin_loss(p, torch.zeros(3, dtype=torch.long), p, p)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        spin_kernels.spin_loss(p, p, p, p, loss_type="relu")
+
+
+def test_kernels_folder_is_not_importable_as_kernels():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", "import kernels"], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "import spin_kernels" in result.stderr

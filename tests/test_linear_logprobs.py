@@ -1,0 +1,110 @@
+"""linear_logprobs on every backend against the float64 truth: values and every gradient."""
+
+import pytest
+import spin_kernels
+import torch
+from helpers import TOLERANCE, assert_close, truth_token_logprobs
+from spin_kernels import chunked
+
+BACKENDS = ["torch", "triton", "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(n, h, v, dtype, bias=True, ignore_fraction=0.3, scale=1.0):
+    hidden = (torch.randn(n, h, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, dtype=torch.float64) / h**0.5).to(dtype).requires_grad_()
+    b = torch.randn(v, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,))
+    targets[torch.rand(n) < ignore_fraction] = -100
+    return hidden, weight, b, targets
+
+
+def check_against_truth(backend, hidden, weight, bias, targets, dtype, requires=(True, True, True), tol=None):
+    leaves = [hidden, weight] + ([bias] if bias is not None else [])
+    for leaf, needed in zip(leaves, requires):
+        leaf.requires_grad_(needed)
+    upstream = torch.randn(targets.shape[0], dtype=torch.float64)
+    out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == targets.shape
+    if any(leaf.requires_grad for leaf in leaves):
+        (out.double() * upstream).sum().backward()
+
+    truth_leaves = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    truth_bias = truth_leaves[2] if bias is not None else None
+    truth = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_bias)
+    (truth * upstream).sum().backward()
+    assert_close(out, truth, dtype, f"{backend} logprobs", tol=tol)
+    assert (out[targets == -100] == 0).all()
+    for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
+        if leaf.requires_grad:
+            assert leaf.grad.dtype == leaf.dtype
+            assert_close(leaf.grad, truth_leaf.grad, dtype, f"{backend} d{name}", tol=tol)
+        else:
+            assert leaf.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(150, 72, 1009), (37, 40, 515)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64_truth(backend, dtype, shape, bias):
+    check_against_truth(backend, *make_inputs(*shape, dtype, bias=bias), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires", [(True, False, False), (False, True, True), (False, False, True)])
+def test_gradient_subsets(backend, requires):
+    """Only the gradients asked for are computed (frozen head, frozen body)."""
+    check_against_truth(backend, *make_inputs(41, 32, 300, torch.float32), torch.float32, requires)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_many_chunks_and_noncontiguous_inputs(backend, monkeypatch):
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 300 * 4 * 7)  # 7 tokens per chunk
+    hidden, weight, bias, targets = make_inputs(90, 48, 300, torch.float32)
+    hidden_t = hidden.detach().T.contiguous().T.requires_grad_()  # column-major view
+    weight_t = weight.detach()[:, :].T.contiguous().T.requires_grad_()
+    check_against_truth(backend, hidden_t, weight_t, bias, targets, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_tokens_ignored(backend):
+    hidden, weight, bias, targets = make_inputs(19, 32, 200, torch.float32, ignore_fraction=1.0)
+    out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    out.sum().backward()
+    assert (out == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all() and (bias.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token(backend):
+    check_against_truth(backend, *make_inputs(1, 24, 77, torch.float32, ignore_fraction=0.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_logits_stay_finite(backend, dtype):
+    """Logits of magnitude ~1e4: the online max keeps exp() in range, no inf or NaN."""
+    hidden, weight, bias, targets = make_inputs(33, 64, 333, dtype, bias=False, scale=1e4 / 3)
+    with torch.no_grad():
+        logits = hidden.double() @ weight.double().T
+    assert logits.abs().max() > 5e3
+    # fp32 rounding of logits ~1e4 alone (1e4 * 2^-24 * sqrt(H)) moves the softmax by ~1e-4 relative:
+    # the gradients cannot be closer than that to the float64 truth, whatever the kernel.
+    check_against_truth(backend, hidden, weight, None, targets, dtype, tol=max(TOLERANCE[dtype], 1e-3))
+
+
+def test_backends_agree_on_a_large_vocab():
+    """Vocabulary far bigger than the tile and not a multiple of any block."""
+    hidden, weight, bias, targets = make_inputs(40, 64, 4099, torch.float32)
+    outs = [spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=b) for b in BACKENDS]
+    for other in outs[1:]:
+        assert_close(other, outs[0], torch.float32, "backend agreement")
+
+
+def test_float64_is_computed_in_float64():
+    hidden, weight, bias, targets = make_inputs(20, 16, 50, torch.float64)
+    for backend in ("torch", "reference"):
+        out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+        assert out.dtype == torch.float64
+        assert_close(out, truth_token_logprobs(hidden, weight, targets, bias), torch.float64, backend)

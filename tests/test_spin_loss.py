@@ -1,0 +1,104 @@
+"""spin_loss and fused_linear_spin_loss against the paper's formula computed in float64."""
+
+import pytest
+import spin_kernels
+import torch
+from helpers import assert_close, random_packed_batch, truth_spin_loss, truth_token_logprobs
+
+LOSS_TYPES = ["sigmoid", "hinge"]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("n_pairs", [1, 7])
+def test_spin_loss_formula_and_metrics(loss_type, n_pairs):
+    logps = [(torch.randn(n_pairs, dtype=torch.float64) * 20 - 60).requires_grad_() for _ in range(4)]
+    beta = float(torch.empty(()).uniform_(0.05, 0.5))
+    out = spin_kernels.spin_loss(*logps, beta=beta, loss_type=loss_type)
+    expected = truth_spin_loss(*[x.tolist() for x in logps], beta, loss_type)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    real, generated = beta * (logps[0] - logps[2]), beta * (logps[1] - logps[3])
+    assert torch.allclose(out.rewards_real, real) and torch.allclose(out.rewards_generated, generated)
+    assert torch.allclose(out.margins, real - generated)
+    assert torch.equal(out.accuracy, (real > generated).double())
+    assert not out.margins.requires_grad
+    # Gradient: d loss / d policy_real = -beta * l'(z) / P, against autograd of the truth formula.
+    out.loss.backward()
+    z = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3])).detach()
+    dl_dz = -torch.sigmoid(-z) if loss_type == "sigmoid" else -(z < 1).double()
+    assert torch.allclose(logps[0].grad, beta * dl_dz / n_pairs)
+    assert torch.allclose(logps[1].grad, -beta * dl_dz / n_pairs)
+
+
+def test_spin_loss_is_dpo_loss():
+    """With chosen = real and rejected = generated, SPIN's sigmoid loss is DPO's -logsigmoid(beta*h)."""
+    pr, pg, orl, og = (torch.randn(5) * 10 for _ in range(4))
+    dpo = -torch.nn.functional.logsigmoid(0.1 * ((pr - pg) - (orl - og))).mean()
+    assert torch.allclose(spin_kernels.spin_loss(pr, pg, orl, og).loss, dpo)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("n_pairs", [1, 5])
+def test_fused_loss_matches_float64_truth(backend, dtype, loss_type, n_pairs):
+    vocab, hidden_size = 611, 56
+    hidden, targets, sequence_ids = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
+    weight = (torch.randn(vocab, hidden_size, dtype=torch.float64) / hidden_size**0.5).to(dtype)
+    bias = torch.randn(vocab, dtype=torch.float64).to(dtype) * 0.1
+    # Opponent log-probs near the policy's, so the loss sits in its interesting range.
+    with torch.no_grad():
+        token_truth = truth_token_logprobs(hidden, weight, targets, bias)
+        seq_truth = torch.zeros(2 * n_pairs, dtype=torch.float64).index_add(
+            0, torch.where(targets != -100, sequence_ids, 0), token_truth
+        )
+    opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64) * 3).float()
+    beta = 0.1
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = spin_kernels.fused_linear_spin_loss(
+        *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
+        backend=backend,
+    )
+    out.loss.backward()
+
+    truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    token = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_leaves[2])
+    seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
+    opp = opponent.double()
+    z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
+    loss = torch.nn.functional.softplus(-z).mean() if loss_type == "sigmoid" else torch.relu(1 - z).mean()
+    loss.backward()
+
+    assert_close(out.policy_logps, seq.detach(), dtype, "policy_logps")
+    # z is a difference of sums of ~100: its error follows their size (and |dl/dz| <= 1).
+    input_scale = beta * float(seq.detach().abs().max())
+    assert_close(out.margins, z.detach(), dtype, "margins", scale=input_scale)
+    assert_close(out.loss, loss.detach(), dtype, "loss", scale=input_scale)
+    for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
+        assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}")
+    assert out.accuracy.shape == (n_pairs,)
+
+
+def test_module_wrapper_matches_function():
+    hidden, targets, sequence_ids = random_packed_batch(3, 32, 100, torch.float32)
+    weight = torch.randn(100, 32)
+    opponent = torch.randn(6) - 40
+    module = spin_kernels.FusedLinearSPINLoss(beta=0.2, loss_type="hinge", backend="torch")
+    a = module(hidden, weight, targets, sequence_ids, opponent)
+    b = spin_kernels.fused_linear_spin_loss(
+        hidden, weight, targets, sequence_ids, opponent, beta=0.2, loss_type="hinge", backend="torch"
+    )
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert "hinge" in repr(module)
+
+
+def test_pair_with_no_loss_tokens_counts_zero():
+    """A sequence whose tokens are all ignored has log-prob 0 and does not break the loss."""
+    hidden = torch.randn(6, 16)
+    weight = torch.randn(50, 16)
+    targets = torch.tensor([3, 4, -100, -100, 7, 8])
+    sequence_ids = torch.tensor([0, 0, 1, 1, 2, 2])  # pairs: (0, 2) and (1, 3); sequence 3 has no tokens
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, torch.zeros(4))
+    assert out.policy_logps[1] == 0 and out.policy_logps[3] == 0
+    assert torch.isfinite(out.loss)
