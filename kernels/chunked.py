@@ -2,13 +2,16 @@
 
 The forward keeps only each token's logsumexp; the backward recomputes the logits chunk by chunk
 and forms g * (onehot - softmax) in place, so the extra memory is O(chunk x V), never O(N x V).
+The helpers below are shared with the eager fused SPIN loss (chunked_spin_loss.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-# Bytes of one chunk's fp32 logits; the softmax temporaries of a chunk cost about as much again.
+# Bytes of one chunk's logits buffer, the only [chunk, V] block alive at any time.
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -16,61 +19,126 @@ def chunk_tokens(vocab_size: int, element_size: int) -> int:
     return max(1, CHUNK_BYTES // (vocab_size * element_size))
 
 
+@dataclass
+class Head:
+    """The LM head in the compute dtype (fp32, or float64 for float64 inputs), and its inputs."""
+
+    hidden: torch.Tensor  # [N, H] as given
+    weight: torch.Tensor  # [V, H] compute dtype
+    bias: torch.Tensor | None  # [V] compute dtype
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Head:
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        # One upcast copy of the head for half inputs: O(V x H), the size of its fp32 gradient.
+        return cls(hidden, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def step(self) -> int:
+        return chunk_tokens(self.weight.shape[0], self.weight.element_size())
+
+    def buffer(self, n_rows: int) -> torch.Tensor:
+        # One buffer for every chunk: a fresh [chunk, V] allocation per chunk costs page faults.
+        return torch.empty(min(n_rows, self.step()), self.weight.shape[0], dtype=self.dtype,
+                           device=self.weight.device)
+
+    def logits(self, rows: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        chunk_hidden = self.hidden.index_select(0, rows).to(self.dtype)
+        out = buffer[: rows.shape[0]]
+        if self.bias is None:
+            return torch.matmul(chunk_hidden, self.weight.T, out=out)
+        return torch.addmm(self.bias, chunk_hidden, self.weight.T, out=out)
+
+
+def exp_logits_in_place(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Turns logits into exp(logits - row max) in place.
+
+    Returns the target log-probs, the logsumexp, and log(sum(exp(logits - row max))).
+    """
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    row_max = logits.amax(dim=1)
+    log_sum = logits.sub_(row_max[:, None]).exp_().sum(dim=1).log()
+    lse = row_max + log_sum
+    return target_logits - lse, lse, log_sum
+
+
+@dataclass
+class Grads:
+    """fp32 (or float64) gradient accumulators; None where no gradient is wanted."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, head: Head, need: tuple[bool, bool, bool]) -> Grads:
+        hidden = torch.zeros_like(head.hidden) if need[0] else None
+        weight = torch.zeros_like(head.weight) if need[1] else None
+        bias = torch.zeros_like(head.bias) if need[2] else None
+        return cls(hidden, weight, bias)
+
+    def add(self, head: Head, rows: torch.Tensor, dlogits: torch.Tensor) -> None:
+        """Accumulate the gradients of a chunk whose dL/dlogits is dlogits [chunk, V]."""
+        if self.hidden is not None:
+            self.hidden.index_add_(0, rows, (dlogits @ head.weight).to(self.hidden.dtype))
+        if self.weight is not None:
+            self.weight.addmm_(dlogits.T, head.hidden.index_select(0, rows).to(head.dtype))
+        if self.bias is not None:
+            self.bias += dlogits.sum(0)
+
+    def cast(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        return (
+            self.hidden,
+            None if self.weight is None else self.weight.to(weight.dtype),
+            None if self.bias is None else self.bias.to(bias.dtype),
+        )
+
+
+def softmax_grad_in_place(exp_shifted: torch.Tensor, log_sum: torch.Tensor, targets: torch.Tensor,
+                          grad: torch.Tensor) -> torch.Tensor:
+    """exp(logits - max) (from exp_logits_in_place) -> grad * (onehot - softmax), in the same buffer."""
+    exp_shifted.mul_((-grad * torch.exp(-log_sum))[:, None])
+    return exp_shifted.scatter_add_(1, targets[:, None], grad[:, None])
+
+
+def chunked_logprobs(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Target log-probs and logsumexp of the given rows, one chunk at a time."""
+    logps = torch.empty(rows.shape[0], dtype=head.dtype, device=head.weight.device)
+    lse = torch.empty_like(logps)
+    step, buffer = head.step(), head.buffer(rows.shape[0])
+    for start in range(0, rows.shape[0], step):
+        end = min(start + step, rows.shape[0])
+        logits = head.logits(rows[start:end], buffer)
+        logps[start:end], lse[start:end], _ = exp_logits_in_place(logits, targets[start:end])
+    return logps, lse
+
+
+def chunked_grads(head: Head, rows: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                  grad: torch.Tensor, grads: Grads) -> None:
+    """Recompute each chunk's logits and add grad * (onehot - softmax) into grads."""
+    step, buffer = head.step(), head.buffer(rows.shape[0])
+    for start in range(0, rows.shape[0], step):
+        end = min(start + step, rows.shape[0])
+        dlogits = head.logits(rows[start:end], buffer)
+        dlogits.sub_(lse[start:end, None]).exp_().mul_(-grad[start:end, None])
+        dlogits.scatter_add_(1, targets[start:end, None], grad[start:end, None])
+        grads.add(head, rows[start:end], dlogits)
+
+
 class ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets):
-        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        # One upcast copy of the head for half inputs: O(V x H), the size of its fp32 gradient.
-        weight_c = weight.to(compute_dtype)
-        bias_c = None if bias is None else bias.to(compute_dtype)
-        n_rows = rows.shape[0]
-        lse = torch.empty(n_rows, dtype=compute_dtype, device=hidden.device)
-        logps = torch.empty(n_rows, dtype=compute_dtype, device=hidden.device)
-        step = chunk_tokens(weight.shape[0], weight_c.element_size())
-        for start in range(0, n_rows, step):
-            end = min(start + step, n_rows)
-            logits = _chunk_logits(hidden, weight_c, bias_c, rows[start:end])
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
-            logps[start:end] = target_logits - lse[start:end]
+        logps, lse = chunked_logprobs(Head.of(hidden, weight, bias), rows, targets)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        compute_dtype = lse.dtype
-        weight_c = weight.to(compute_dtype)
-        bias_c = None if bias is None else bias.to(compute_dtype)
-        grad = grad_logps.to(compute_dtype)
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight_c) if need_weight else None
-        grad_bias = torch.zeros_like(bias_c) if need_bias else None
-        step = chunk_tokens(weight.shape[0], weight_c.element_size())
-        for start in range(0, rows.shape[0], step):
-            end = min(start + step, rows.shape[0])
-            chunk_rows, g = rows[start:end], grad[start:end]
-            # dlogits = g * (onehot - softmax), built in the logits buffer itself.
-            dlogits = _chunk_logits(hidden, weight_c, bias_c, chunk_rows)
-            dlogits.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])
-            dlogits.scatter_add_(1, targets[start:end, None], g[:, None])
-            if need_hidden:
-                grad_hidden.index_copy_(0, chunk_rows, (dlogits @ weight_c).to(hidden.dtype))
-            if need_weight:
-                chunk_hidden = hidden.index_select(0, chunk_rows).to(compute_dtype)
-                grad_weight.addmm_(dlogits.T, chunk_hidden)
-            if need_bias:
-                grad_bias += dlogits.sum(0)
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_bias:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def _chunk_logits(hidden, weight_c, bias_c, chunk_rows):
-    chunk_hidden = hidden.index_select(0, chunk_rows).to(weight_c.dtype)
-    if bias_c is None:
-        return chunk_hidden @ weight_c.T
-    return torch.addmm(bias_c, chunk_hidden, weight_c.T)
+        head = Head.of(hidden, weight, bias)
+        grads = Grads.zeros(head, ctx.needs_input_grad[:3])
+        chunked_grads(head, rows, targets, lse, grad_logps.to(head.dtype), grads)
+        return (*grads.cast(weight, bias), None, None)

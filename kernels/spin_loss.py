@@ -6,13 +6,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_loss_type, check_pair_logps, check_sequence_inputs
-from .linear_logprobs import linear_logprobs
+from ._checks import (
+    check_backend,
+    check_linear_inputs,
+    check_loss_type,
+    check_pair_logps,
+    check_sequence_inputs,
+)
+from .chunked_spin_loss import ChunkedFusedSpinLoss
+from .linear_logprobs import linear_logprobs, resolve_backend
 
 
 class SpinLossOutput(NamedTuple):
@@ -36,6 +44,13 @@ class FusedSpinLossOutput(NamedTuple):
     accuracy: torch.Tensor
 
 
+def pair_losses(policy_real, policy_generated, opponent_real, opponent_generated, *, beta, loss_type):
+    """Per-pair SPIN losses [P], l(beta * [(pr - or) - (pg - og)])."""
+    z = beta * ((policy_real - opponent_real) - (policy_generated - opponent_generated))
+    # -logsigmoid, not softplus(-z): softplus cuts to z beyond |z| > 20 and loses float64 digits.
+    return -F.logsigmoid(z) if loss_type == "sigmoid" else torch.relu(1.0 - z)
+
+
 def spin_loss(
     policy_real_logps: torch.Tensor,
     policy_generated_logps: torch.Tensor,
@@ -54,15 +69,11 @@ def spin_loss(
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
     dtype = torch.promote_types(policy_real_logps.dtype, torch.float32)
-    real_ratio = policy_real_logps.to(dtype) - opponent_real_logps.to(dtype)
-    generated_ratio = policy_generated_logps.to(dtype) - opponent_generated_logps.to(dtype)
-    z = beta * (real_ratio - generated_ratio)
-    # -logsigmoid, not softplus(-z): softplus cuts to z beyond |z| > 20 and loses float64 digits.
-    losses = -F.logsigmoid(z) if loss_type == "sigmoid" else torch.relu(1.0 - z)
-    rewards_real = (beta * real_ratio).detach()
-    rewards_generated = (beta * generated_ratio).detach()
+    values = tuple(v.to(dtype) for v in values)
+    rewards_real = (beta * (values[0] - values[2])).detach()
+    rewards_generated = (beta * (values[1] - values[3])).detach()
     return SpinLossOutput(
-        loss=losses.mean(),
+        loss=pair_losses(*values, beta=beta, loss_type=loss_type).mean(),
         rewards_real=rewards_real,
         rewards_generated=rewards_generated,
         margins=rewards_real - rewards_generated,
@@ -90,19 +101,32 @@ def fused_linear_spin_loss(
     same order. Tokens whose target is ignore_index carry no loss and may have any sequence id.
     """
     check_loss_type(loss_type)
+    check_backend(backend)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton")
     n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
-    token_logps = linear_logprobs(
-        hidden, weight, targets, bias=bias, ignore_index=ignore_index, backend=backend
-    )
-    # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
-    safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
-    policy_logps = token_logps.new_zeros(2 * n_pairs).index_add(0, safe_ids, token_logps)
+    if resolve_backend(backend, hidden) == "torch":
+        # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once.
+        rows = (targets != ignore_index).nonzero().squeeze(1)
+        grad_on = torch.is_grad_enabled()
+        need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias))
+        loss, policy_logps = ChunkedFusedSpinLoss.apply(
+            hidden, weight, bias, rows, targets[rows], sequence_ids[rows], opponent_logps,
+            functools.partial(pair_losses, beta=beta, loss_type=loss_type), need,
+        )
+    else:
+        token_logps = linear_logprobs(
+            hidden, weight, targets, bias=bias, ignore_index=ignore_index, backend=backend
+        )
+        # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
+        safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
+        policy_logps = token_logps.new_zeros(2 * n_pairs).index_add(0, safe_ids, token_logps)
+        loss = None
     opponent = opponent_logps.to(policy_logps.dtype)
     out = spin_loss(
         policy_logps[:n_pairs], policy_logps[n_pairs:], opponent[:n_pairs], opponent[n_pairs:],
         beta=beta, loss_type=loss_type,
     )
-    return FusedSpinLossOutput(out.loss, policy_logps, *out[1:])
+    return FusedSpinLossOutput(out.loss if loss is None else loss, policy_logps, *out[1:])
 
 
 class FusedLinearSPINLoss(torch.nn.Module):

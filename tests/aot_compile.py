@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 import triton
-from spin_kernels import triton_logprobs as tk
 from triton.backends.compiler import GPUTarget
+
+from spin_kernels import triton_logprobs as tk
 
 TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -11,10 +11,10 @@ for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TORCH_EXTENSIONS_DIR
     os.environ.setdefault(var, str(_cache / sub))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton caches parts of its configuration at first import: import it now, under the interpreter.
 import spin_kernels.triton_logprobs  # noqa: E402, F401
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

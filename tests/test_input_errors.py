@@ -1,8 +1,9 @@
 """Bad input raises ValueError naming the argument, before anything is computed."""
 
 import pytest
-import spin_kernels
 import torch
+
+import spin_kernels
 
 
 def good():

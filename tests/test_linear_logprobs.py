@@ -1,8 +1,9 @@
 """linear_logprobs on every backend against the float64 truth: values and every gradient."""
 
 import pytest
-import spin_kernels
 import torch
+
+import spin_kernels
 from helpers import TOLERANCE, assert_close, truth_token_logprobs
 from spin_kernels import chunked
 

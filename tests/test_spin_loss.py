@@ -1,9 +1,11 @@
 """spin_loss and fused_linear_spin_loss against the paper's formula computed in float64."""
 
 import pytest
-import spin_kernels
 import torch
+
+import spin_kernels
 from helpers import assert_close, random_packed_batch, truth_spin_loss, truth_token_logprobs
+from spin_kernels import chunked
 
 LOSS_TYPES = ["sigmoid", "hinge"]
 
@@ -36,11 +38,8 @@ def test_spin_loss_is_dpo_loss():
     assert torch.allclose(spin_kernels.spin_loss(pr, pg, orl, og).loss, dpo)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("n_pairs", [1, 5])
-def test_fused_loss_matches_float64_truth(backend, dtype, loss_type, n_pairs):
+def check_fused_against_truth(backend, dtype, loss_type, n_pairs, nll_weight=0.0):
+    """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd."""
     vocab, hidden_size = 611, 56
     hidden, targets, sequence_ids = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
     weight = (torch.randn(vocab, hidden_size, dtype=torch.float64) / hidden_size**0.5).to(dtype)
@@ -59,7 +58,7 @@ def test_fused_loss_matches_float64_truth(backend, dtype, loss_type, n_pairs):
         *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
         backend=backend,
     )
-    out.loss.backward()
+    (out.loss + nll_weight * out.policy_logps.sum()).backward()
 
     truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
     token = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_leaves[2])
@@ -67,7 +66,7 @@ def test_fused_loss_matches_float64_truth(backend, dtype, loss_type, n_pairs):
     opp = opponent.double()
     z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
     loss = torch.nn.functional.softplus(-z).mean() if loss_type == "sigmoid" else torch.relu(1 - z).mean()
-    loss.backward()
+    (loss + nll_weight * seq.sum()).backward()
 
     assert_close(out.policy_logps, seq.detach(), dtype, "policy_logps")
     # z is a difference of sums of ~100: its error follows their size (and |dl/dz| <= 1).
@@ -77,6 +76,44 @@ def test_fused_loss_matches_float64_truth(backend, dtype, loss_type, n_pairs):
     for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
         assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}")
     assert out.accuracy.shape == (n_pairs,)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("n_pairs", [1, 5])
+def test_fused_loss_matches_float64_truth(backend, dtype, loss_type, n_pairs):
+    check_fused_against_truth(backend, dtype, loss_type, n_pairs)
+
+
+@pytest.mark.parametrize("chunk_tokens", [9, 40, 100])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_torch_backend_pair_chunking(chunk_tokens, loss_type, monkeypatch):
+    """Pairs grouped into chunks, and pairs longer than a chunk (two-pass path), give the truth."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    check_fused_against_truth("torch", torch.float32, loss_type, n_pairs=6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("chunk_tokens", [9, 1000])
+def test_gradient_through_policy_logps(backend, chunk_tokens, monkeypatch):
+    """An extra term on the sequence log-probs (an NLL term, say) gets its gradient too."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=4, nll_weight=0.01)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_no_grad_gives_the_same_values(backend):
+    hidden, targets, sequence_ids = random_packed_batch(3, 32, 100, torch.float32)
+    weight = torch.randn(100, 32, requires_grad=True)
+    opponent = torch.randn(6) - 40
+    args = (hidden, weight, targets, sequence_ids, opponent)
+    with_grad = spin_kernels.fused_linear_spin_loss(*args, backend=backend)
+    with torch.no_grad():
+        without = spin_kernels.fused_linear_spin_loss(*args, backend=backend)
+    assert not without.loss.requires_grad
+    for a, b in zip(with_grad, without):
+        assert torch.allclose(a, b)
 
 
 def test_module_wrapper_matches_function():

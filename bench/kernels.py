@@ -1,0 +1,394 @@
+"""Kernel bench: forward + backward time and peak memory of the SPIN loss head, against the peers.
+
+Two jobs are measured on one realistic packed batch (P pairs; each pair's prompt, about a third of
+the tokens, carries no loss; responses of uneven length):
+  spin_head  hidden states -> SPIN loss (what fused_linear_spin_loss does)
+  logprobs   hidden states -> per-token target log-probs (what linear_logprobs does)
+Every (job, method) runs in its own subprocess, so compile caches and allocator state never leak
+from one method into the next. Run: python -m bench.kernels [--preset cpu|gpu].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench.common import (
+    format_table,
+    machine_info,
+    peak_extra_memory_mib,
+    summarize,
+    synchronize,
+    time_runs,
+    worker_env,
+    write_json,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    device: str
+    dtype: torch.dtype
+    tokens: int
+    hidden: int
+    vocabs: tuple[int, ...]
+    pairs: int
+    warmup: int
+    repeats: int
+
+
+PRESETS = {
+    "cpu": Preset("cpu", "cpu", torch.float32, 4096, 1024, (32000,), 8, warmup=1, repeats=3),
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, 16384, 4096, (32000, 128256), 32, warmup=3, repeats=10),
+    "tiny": Preset("tiny", "cpu", torch.float32, 256, 64, (1000,), 3, warmup=1, repeats=2),  # for tests
+}
+BETA = 0.1
+SEED = 1234
+
+
+class Missing(Exception):
+    """A peer that cannot run here; reported as missing with its reason, never silently dropped."""
+
+
+# ----------------------------------------------------------------------------------------- batch
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # [N, H] packed, requires grad
+    weight: torch.Tensor  # [V, H] requires grad
+    targets: torch.Tensor  # [N], -100 on prompt tokens
+    sequence_ids: torch.Tensor  # [N], -1 on prompt tokens
+    opponent_logps: torch.Tensor  # [2P] computed with opponent_weight
+    opponent_weight: torch.Tensor  # [V, H] the opponent's head (Liger recomputes its log-probs)
+    padded_hidden: torch.Tensor  # [2P, T, H] the same tokens padded, real rows first (Liger)
+    padded_targets: torch.Tensor  # [2P, T]
+    upstream: torch.Tensor  # [N] random gradient for the logprobs job
+    n_pairs: int
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.hidden, self.weight, self.padded_hidden]
+
+
+def sequence_layout(preset: Preset, seed: int) -> list[tuple[int, int, int]]:
+    """(prompt, real, generated) lengths per pair: prompts ~1/3 of the tokens, uneven responses."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.rand(preset.pairs, 3, generator=gen) + 0.5
+    raw[:, 1:] *= 2.0
+    per_pair = raw[:, 0] * 2 + raw[:, 1] + raw[:, 2]
+    scale = preset.tokens / float(per_pair.sum())
+    return [tuple(max(1, round(float(x) * scale)) for x in row) for row in raw]
+
+
+def make_batch(preset: Preset, vocab: int, seed: int = SEED) -> Batch:
+    device, dtype, hidden_size = torch.device(preset.device), preset.dtype, preset.hidden
+    layout = sequence_layout(preset, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n_pairs = len(layout)
+    targets, sequence_ids, rows = [], [], []  # rows: (padded row, length) of each sequence, packed order
+    for pair, (prompt, real, generated) in enumerate(layout):
+        for sequence, response in ((pair, real), (n_pairs + pair, generated)):
+            targets += [-100] * prompt + torch.randint(0, vocab, (response,), generator=gen).tolist()
+            sequence_ids += [-1] * prompt + [sequence] * response
+            rows.append((sequence, prompt + response))
+    n_tokens = len(targets)
+    hidden = torch.randn(n_tokens, hidden_size, generator=gen).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / math.sqrt(hidden_size)).to(device, dtype)
+    opponent_weight = weight + (torch.randn(vocab, hidden_size, generator=gen) * 0.1 / math.sqrt(hidden_size)).to(
+        device, dtype
+    )
+    targets_t = torch.tensor(targets, device=device)
+    sequence_ids_t = torch.tensor(sequence_ids, device=device)
+
+    longest = max(length for _, length in rows)
+    padded_hidden = torch.zeros(2 * n_pairs, longest, hidden_size, device=device, dtype=dtype)
+    padded_targets = torch.full((2 * n_pairs, longest), -100, device=device, dtype=torch.long)
+    start = 0
+    for row, length in rows:
+        padded_hidden[row, :length] = hidden[start : start + length]
+        padded_targets[row, :length] = targets_t[start : start + length]
+        start += length
+
+    with torch.no_grad():
+        opponent_logps = naive_sequence_logps(hidden, opponent_weight, targets_t, sequence_ids_t, 2 * n_pairs)
+    return Batch(
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        targets=targets_t,
+        sequence_ids=sequence_ids_t,
+        opponent_logps=opponent_logps,
+        opponent_weight=opponent_weight,
+        padded_hidden=padded_hidden.requires_grad_(),
+        padded_targets=padded_targets,
+        upstream=torch.randn(n_tokens, generator=gen).to(device),
+        n_pairs=n_pairs,
+    )
+
+
+# --------------------------------------------------------------------------------------- methods
+def naive_token_logps(hidden, weight, targets):
+    """What plain PyTorch code does: full logits for every token, fp32 log-softmax, gather, mask."""
+    logits = (hidden @ weight.T).float()
+    keep = targets != -100
+    logps = logits.log_softmax(-1).gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1)
+    return logps * keep
+
+
+def naive_sequence_logps(hidden, weight, targets, sequence_ids, n_sequences):
+    logps = naive_token_logps(hidden, weight, targets)
+    return logps.new_zeros(n_sequences).index_add(0, sequence_ids.clamp_min(0), logps)
+
+
+def sequence_loss(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-token log-probs -> per-sequence sums -> SPIN sigmoid loss, as any peer would finish."""
+    from spin_kernels import spin_loss
+
+    policy = token_logps.new_zeros(2 * batch.n_pairs).index_add(0, batch.sequence_ids.clamp_min(0), token_logps)
+    opponent, p = batch.opponent_logps, batch.n_pairs
+    return spin_loss(policy[:p], policy[p:], opponent[:p], opponent[p:], beta=BETA).loss
+
+
+def _spin_fast(backend: str):
+    def head(batch: Batch) -> torch.Tensor:
+        from spin_kernels import fused_linear_spin_loss
+
+        return fused_linear_spin_loss(
+            batch.hidden, batch.weight, batch.targets, batch.sequence_ids, batch.opponent_logps,
+            beta=BETA, backend=backend,
+        ).loss
+
+    def logprobs(batch: Batch) -> torch.Tensor:
+        from spin_kernels import linear_logprobs
+
+        return linear_logprobs(batch.hidden, batch.weight, batch.targets, backend=backend)
+
+    return head, logprobs
+
+
+def _naive():
+    head = lambda b: sequence_loss(naive_token_logps(b.hidden, b.weight, b.targets), b)
+    logprobs = lambda b: naive_token_logps(b.hidden, b.weight, b.targets)
+    return head, logprobs
+
+
+def _compiled():
+    compiled = torch.compile(naive_token_logps, dynamic=False)
+    return (lambda b: sequence_loss(compiled(b.hidden, b.weight, b.targets), b),
+            lambda b: compiled(b.hidden, b.weight, b.targets))
+
+
+def _torch_linear_cross_entropy():
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy"):
+        raise Missing(f"torch {torch.__version__} has no F.linear_cross_entropy")
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def logprobs(b: Batch) -> torch.Tensor:
+        return -F.linear_cross_entropy(b.hidden, b.weight, b.targets, reduction="none", options=options)
+
+    return (lambda b: sequence_loss(logprobs(b), b)), logprobs
+
+
+def _cut_cross_entropy():
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as error:
+        raise Missing(f"cut-cross-entropy is not installed ({error})") from None
+    if not torch.cuda.is_available():
+        raise Missing("cut-cross-entropy's kernel is Triton on CUDA only")
+
+    def logprobs(b: Batch) -> torch.Tensor:
+        return -linear_cross_entropy(b.hidden, b.weight, b.targets, reduction="none", impl="cce").float()
+
+    return (lambda b: sequence_loss(logprobs(b), b)), logprobs
+
+
+def _liger():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError as error:
+        raise Missing(f"liger-kernel is not installed ({error})") from None
+    loss_fn = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True)
+
+    def head(b: Batch) -> torch.Tensor:
+        # Liger takes a padded [2P, T, H] batch (chosen rows first) and the reference model's hidden
+        # states and head: it recomputes the opponent's log-probs itself on every call.
+        out = loss_fn(b.weight, b.padded_hidden, b.padded_targets,
+                      ref_input=b.padded_hidden.detach(), ref_weight=b.opponent_weight)
+        return out[0] if isinstance(out, tuple) else out
+
+    return head, None
+
+
+METHODS: dict[str, Callable] = {
+    "naive PyTorch": _naive,
+    "torch.compile": _compiled,
+    "spin-fast torch": lambda: _spin_fast("torch"),
+    "spin-fast triton": lambda: _spin_fast("triton"),
+    "Liger DPO loss": _liger,
+    "F.linear_cross_entropy": _torch_linear_cross_entropy,
+    "Cut Cross-Entropy": _cut_cross_entropy,
+}
+JOBS = ("spin_head", "logprobs")
+
+
+# ---------------------------------------------------------------------------------------- worker
+def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
+    device = torch.device(preset.device)
+    if method == "spin-fast triton" and device.type != "cuda":
+        raise Missing("Triton backend needs CUDA (the CPU tests run it through the interpreter)")
+    head, logprobs = METHODS[method]()
+    fn = head if job == "spin_head" else logprobs
+    if fn is None:
+        raise Missing(f"{method} has no {job} entry point")
+    batch = make_batch(preset, vocab)
+
+    def objective() -> torch.Tensor:
+        out = fn(batch)
+        return out if job == "spin_head" else (out.float() * batch.upstream).sum()
+
+    def step() -> None:
+        for leaf in batch.leaves:
+            leaf.grad = None
+        objective().backward()
+
+    times = time_runs(step, device, preset.warmup, preset.repeats)
+    for leaf in batch.leaves:
+        leaf.grad = None
+    peak = peak_extra_memory_mib(step, device)
+    with torch.no_grad():
+        value = float(objective())
+    n_loss_tokens = int((batch.targets != -100).sum())
+    stats = summarize(times)
+    if method.startswith("spin-fast"):
+        # FLOPs it actually performs on the loss tokens (2·M·H·V per pass): forward, recomputed
+        # logits, dhidden, dweight; the torch backend's fused loss skips the recomputation.
+        passes = 3 if (job == "spin_head" and method == "spin-fast torch") else 4
+        flops = passes * 2 * n_loss_tokens * preset.hidden * vocab
+        stats["achieved_tflops"] = flops / (stats["median_ms"] / 1e3) / 1e12
+    return {
+        **stats,
+        "peak_extra_mib": peak,
+        "value": value,
+        "tokens": batch.targets.numel(),
+        "loss_tokens": n_loss_tokens,
+        "padded_tokens": batch.padded_targets.numel(),
+    }
+
+
+def matmul_tflops(preset: Preset, vocab: int) -> float:
+    """Measured dense matmul rate of this device and dtype at the head's shape (the FLOP ceiling)."""
+    device = torch.device(preset.device)
+    a = torch.randn(preset.tokens, preset.hidden, device=device, dtype=preset.dtype)
+    b = torch.randn(preset.hidden, vocab, device=device, dtype=preset.dtype)
+    times = time_runs(lambda: a @ b, device, warmup=2, repeats=5)
+    synchronize(device)
+    return 2 * preset.tokens * preset.hidden * vocab / sorted(times)[len(times) // 2] / 1e12
+
+
+# ---------------------------------------------------------------------------------- orchestrator
+def run_one(preset: Preset, vocab: int, job: str, method: str) -> dict:
+    cmd = [sys.executable, "-m", "bench.kernels", "--worker", "--preset", preset.name,
+           "--vocab", str(vocab), "--job", job, "--method", method]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=1800)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of methods to run")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+
+    if args.worker:
+        try:
+            result = measure(preset, args.vocab, args.job, args.method)
+        except Missing as reason:
+            result = {"missing": str(reason)}
+        print(json.dumps(result), flush=True)
+        return 0
+
+    device = torch.device(preset.device)
+    report = {"bench": "kernels", "preset": preset.name, "machine": machine_info(device),
+              "shape": {"tokens": preset.tokens, "hidden": preset.hidden, "dtype": str(preset.dtype),
+                        "pairs": preset.pairs, "beta": BETA},
+              "results": []}
+    for vocab in preset.vocabs:
+        ceiling = matmul_tflops(preset, vocab)
+        print(f"\n== vocab {vocab}: {preset.tokens} tokens, H={preset.hidden}, {preset.dtype}, "
+              f"{device}; dense matmul {ceiling:.2f} TFLOP/s", flush=True)
+        for job in JOBS:
+            for method in args.methods:
+                print(f"  {job:9s} {method:24s} ...", end=" ", flush=True)
+                result = run_one(preset, vocab, job, method)
+                result.update(vocab=vocab, job=job, method=method, matmul_tflops=ceiling)
+                report["results"].append(result)
+                print(_one_line(result), flush=True)
+    _add_ratios(report["results"])
+    path = write_json(f"kernels-{preset.name}", report)
+    print("\n" + summary_table(report["results"]))
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def _one_line(result: dict) -> str:
+    if "missing" in result:
+        return f"missing: {result['missing']}"
+    if "error" in result:
+        return f"ERROR: {result['error']}"
+    return f"{result['median_ms']:.0f} ms, peak +{result['peak_extra_mib']:.0f} MiB"
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """Time and memory as multiples of naive PyTorch's, and the value's agreement with it."""
+    for result in results:
+        base = next((r for r in results if r["method"] == "naive PyTorch" and r["vocab"] == result["vocab"]
+                     and r["job"] == result["job"] and "median_ms" in r), None)
+        if base is None or "median_ms" not in result:
+            continue
+        result["time_vs_naive"] = result["median_ms"] / base["median_ms"]
+        result["memory_vs_naive"] = result["peak_extra_mib"] / base["peak_extra_mib"]
+        result["value_rel_diff"] = abs(result["value"] - base["value"]) / max(abs(base["value"]), 1e-12)
+        if "achieved_tflops" in result:
+            result["fraction_of_matmul_rate"] = result["achieved_tflops"] / result["matmul_tflops"]
+
+
+def summary_table(results: list[dict]) -> str:
+    headers = ["vocab", "job", "method", "fwd+bwd ms (min-max)", "x naive time", "peak MiB", "x naive mem",
+               "value diff"]
+    rows = []
+    for r in results:
+        if "median_ms" not in r:
+            note = r.get("missing") or f"error: {r.get('error')}"
+            rows.append([str(r["vocab"]), r["job"], r["method"], "missing" if "missing" in r else "ERROR",
+                         "", "", "", note[:60]])
+            continue
+        rows.append([
+            str(r["vocab"]), r["job"], r["method"],
+            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
+            f"{r.get('time_vs_naive', float('nan')):.2f}",
+            f"{r['peak_extra_mib']:.0f}",
+            f"{r.get('memory_vs_naive', float('nan')):.3f}",
+            f"{r.get('value_rel_diff', float('nan')):.1e}",
+        ])
+    return format_table(headers, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
