@@ -153,6 +153,17 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    """Text columns left-aligned, numbers right-aligned. A row whose later cells are all empty is a
+    note (e.g. "missing: ..."): its last text spills to the right instead of widening its column."""
+
+    def is_note(row: list[str], i: int) -> bool:
+        return i >= 3 and not any(row[i + 1 :])
+
+    widths = [max([len(h)] + [len(r[i]) for r in rows if not is_note(r, i)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.ljust(w) if i < 3 or is_note(cells, i) else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(padded).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])

@@ -46,7 +46,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset("cpu", "cpu", torch.float32, 4096, 1024, (32000,), 8, warmup=1, repeats=3),
+    "cpu": Preset("cpu", "cpu", torch.float32, 4096, 1024, (32000,), 8, warmup=1, repeats=5),
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 16384, 4096, (32000, 128256), 32, warmup=3, repeats=10),
     "tiny": Preset("tiny", "cpu", torch.float32, 256, 64, (1000,), 3, warmup=1, repeats=2),  # for tests
 }
@@ -371,13 +371,12 @@ def _add_ratios(results: list[dict]) -> None:
 
 def summary_table(results: list[dict]) -> str:
     headers = ["vocab", "job", "method", "fwd+bwd ms (min-max)", "x naive time", "peak MiB", "x naive mem",
-               "value diff"]
+               "value vs naive"]
     rows = []
     for r in results:
         if "median_ms" not in r:
-            note = r.get("missing") or f"error: {r.get('error')}"
-            rows.append([str(r["vocab"]), r["job"], r["method"], "missing" if "missing" in r else "ERROR",
-                         "", "", "", note[:60]])
+            status = f"missing: {r['missing']}" if "missing" in r else f"ERROR: {r.get('error')}"
+            rows.append([str(r["vocab"]), r["job"], r["method"], status, "", "", "", ""])
             continue
         rows.append([
             str(r["vocab"]), r["job"], r["method"],

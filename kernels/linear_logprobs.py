@@ -54,7 +54,11 @@ def linear_logprobs(
     """
     check_backend(backend)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton")
-    backend = resolve_backend(backend, hidden)
+    return checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, resolve_backend(backend, hidden))
+
+
+def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, backend: str) -> torch.Tensor:
+    """linear_logprobs on inputs already checked, with a resolved backend name."""
     # Tokens without loss are dropped here, before any backend sees them: they cost nothing.
     rows = (targets != ignore_index).nonzero().squeeze(1)
     selected_targets = targets.index_select(0, rows)

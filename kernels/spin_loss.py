@@ -20,7 +20,7 @@ from ._checks import (
     check_sequence_inputs,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
-from .linear_logprobs import linear_logprobs, resolve_backend
+from .linear_logprobs import checked_linear_logprobs, resolve_backend
 
 
 class SpinLossOutput(NamedTuple):
@@ -104,7 +104,8 @@ def fused_linear_spin_loss(
     check_backend(backend)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton")
     n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
-    if resolve_backend(backend, hidden) == "torch":
+    backend = resolve_backend(backend, hidden)
+    if backend == "torch":
         # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once.
         rows = (targets != ignore_index).nonzero().squeeze(1)
         grad_on = torch.is_grad_enabled()
@@ -114,9 +115,7 @@ def fused_linear_spin_loss(
             functools.partial(pair_losses, beta=beta, loss_type=loss_type), need,
         )
     else:
-        token_logps = linear_logprobs(
-            hidden, weight, targets, bias=bias, ignore_index=ignore_index, backend=backend
-        )
+        token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend)
         # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
         safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
         policy_logps = token_logps.new_zeros(2 * n_pairs).index_add(0, safe_ids, token_logps)
