@@ -7,23 +7,27 @@
 """
 
 if __name__ != "spin_kernels":
-    # transformers probes for an unrelated package called `kernels`; never pose as it.
-    raise ImportError("this folder is the package spin_kernels: `import spin_kernels`, not `import kernels`")
+    # Found as `kernels` because the checkout root is on sys.path (python run from there).
+    # transformers probes for Hugging Face's unrelated `kernels` package and imports whatever
+    # it finds: look like a stray namespace folder (no __file__, no version) so that it
+    # concludes that package is absent, and export nothing. The real name is spin_kernels.
+    del __file__
+    __all__: list[str] = []
+else:
+    from .linear_logprobs import linear_logprobs
+    from .spin_loss import (
+        FusedLinearSPINLoss,
+        FusedSpinLossOutput,
+        SpinLossOutput,
+        fused_linear_spin_loss,
+        spin_loss,
+    )
 
-from .linear_logprobs import linear_logprobs
-from .spin_loss import (
-    FusedLinearSPINLoss,
-    FusedSpinLossOutput,
-    SpinLossOutput,
-    fused_linear_spin_loss,
-    spin_loss,
-)
-
-__all__ = [
-    "FusedLinearSPINLoss",
-    "FusedSpinLossOutput",
-    "SpinLossOutput",
-    "fused_linear_spin_loss",
-    "linear_logprobs",
-    "spin_loss",
-]
+    __all__ = [
+        "FusedLinearSPINLoss",
+        "FusedSpinLossOutput",
+        "SpinLossOutput",
+        "fused_linear_spin_loss",
+        "linear_logprobs",
+        "spin_loss",
+    ]

@@ -1,0 +1,107 @@
+"""The policy model: any transformers causal LM, run as a body that returns hidden states.
+
+The LM head is never applied here: spin_kernels computes the log-probs straight from the hidden
+states and the head's weight, so no [tokens x vocab] logits exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def pick_attention(device: torch.device, requested: str = "auto") -> str:
+    """flash_attention_2 (varlen, from packed position_ids) on CUDA when flash-attn is installed,
+    else SDPA, which isolates packed sequences with a block-diagonal mask."""
+    if requested not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention: str = "auto",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory or a hub name, ready for packed training."""
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise ValueError(f"{name_or_path}: the model ships its own code (auto_map); pass trust_remote_code=True "
+                         "if you trust it")
+    check_head_is_plain(config, str(name_or_path))
+    attn = pick_attention(device, attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+    ).to(device)
+    log.info("loaded %s (%s, %.1fM parameters) with %s attention on %s", name_or_path,
+             type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, attn, device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
+    """The fused head computes log softmax(h @ W.T + b): a model that rescales or soft-caps its
+    logits would silently get the wrong loss, so it is refused."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if softcap:
+        raise ValueError(f"{name}: final_logit_softcapping={softcap} is not supported by the fused head")
+    if scale not in (None, 1, 1.0):
+        raise ValueError(f"{name}: logit_scale={scale} is not supported by the fused head")
+
+
+def body(model: PreTrainedModel) -> torch.nn.Module:
+    """The decoder stack without the LM head (LlamaModel inside LlamaForCausalLM, ...)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if decoder is not None else model.base_model
+
+
+def head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight [V, H] and bias (None for most models); tied heads share the embedding."""
+    output = model.get_output_embeddings()
+    return output.weight, getattr(output, "bias", None)
+
+
+def packed_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [T, H] of one packed row of sequences (input_ids, position_ids [T]).
+
+    No attention_mask and no cache: transformers then detects the packing from the position ids
+    restarting at 0 and keeps every sequence to itself (with a cache or an all-ones mask the
+    sequences would attend to each other).
+    """
+    out = body(model)(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
+    return out.last_hidden_state[0]
+
+
+def tiny_config(family: str = "llama", vocab_size: int = 512, hidden_size: int = 64, layers: int = 2,
+                heads: int = 2, tie_word_embeddings: bool = False, max_positions: int = 2048) -> PretrainedConfig:
+    """A small config of a real architecture (head dim hidden/heads, 32 by default, which the vLLM CPU
+    build serves), for tests and the demo: no download needed."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+    if family not in classes:
+        raise ValueError(f"family must be one of {sorted(classes)}, got {family!r}")
+    return classes[family](
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+    )
