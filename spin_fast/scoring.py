@@ -1,0 +1,98 @@
+"""Opponent scoring: θt's log-probs of every real and generated response, in packed no-grad passes.
+
+They are computed once per iteration and stored with the pairs, so training never holds a second
+model (DESIGN.md, decision 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence as Seq
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import spin_kernels
+from spin_fast.model import head, packed_hidden_states
+from spin_fast.packing import Sequence, pack_groups
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A SPIN pair as token ids: shared prompt, human (real) response, opponent's (generated) one."""
+
+    prompt_ids: tuple[int, ...]
+    real_ids: tuple[int, ...]
+    generated_ids: tuple[int, ...]
+
+    def sequences(self) -> list[Sequence]:
+        return [Sequence(self.prompt_ids, self.real_ids), Sequence(self.prompt_ids, self.generated_ids)]
+
+
+@dataclass(frozen=True)
+class ScoredPair(TokenizedPair):
+    """A pair with the opponent's summed log-probs of both responses (EOS included, prompt excluded)."""
+
+    opponent_real: float = 0.0
+    opponent_generated: float = 0.0
+
+
+@torch.no_grad()
+def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, backend: str = "auto",
+                      progress: bool = False) -> torch.Tensor:
+    """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes."""
+    was_training = model.training
+    model.eval()
+    weight, bias = head(model)
+    device = weight.device
+    batches = pack_groups(groups, token_budget)
+    result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids)
+        token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias, backend=backend)
+        n_groups = batch.group_indices.numel()
+        sums = torch.zeros(batch.group_size * n_groups, dtype=torch.float64, device=device)
+        sums.index_add_(0, batch.sequence_ids.clamp_min(0), token_logps.double())
+        result[batch.group_indices.cpu()] = sums.view(batch.group_size, n_groups).T.cpu()
+    model.train(was_training)
+    return result
+
+
+def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend: str = "auto",
+                progress: bool = False) -> list[ScoredPair]:
+    """The opponent's (this model's) log-probs of each pair's real and generated responses."""
+    scores = sequence_logprobs(model, [p.sequences() for p in pairs], token_budget, backend=backend,
+                               progress=progress)
+    return [
+        ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, float(real), float(generated))
+        for p, (real, generated) in zip(pairs, scores.tolist())
+    ]
+
+
+def save_scored_pairs(path: str | Path, pairs: Seq[ScoredPair]) -> None:
+    """JSON lines, written to a temporary file and renamed: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as out:
+        for pair in pairs:
+            out.write(json.dumps(asdict(pair)) + "\n")
+    os.replace(tmp, path)
+
+
+def load_scored_pairs(path: str | Path) -> list[ScoredPair]:
+    pairs = []
+    with Path(path).open() as lines:
+        for row, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+                pairs.append(ScoredPair(
+                    tuple(record["prompt_ids"]), tuple(record["real_ids"]), tuple(record["generated_ids"]),
+                    float(record["opponent_real"]), float(record["opponent_generated"]),
+                ))
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"{path} row {row}: not a scored pair ({error!r})") from None
+    return pairs

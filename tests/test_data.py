@@ -1,0 +1,323 @@
+"""spin_fast.data and spin_fast.tokenizer: loading SFT sets from real files, validation, tokenization."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from spin_fast import data as data_module
+from spin_fast.data import DataError, Example, load_examples, render_prompt, tokenize_example
+from spin_fast.tokenizer import build_local_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_local_tokenizer()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+CHAT = [system("Be brief."), user("Hi"), assistant("Hello!"), user("Why is the sky blue?"), assistant("Scattering.")]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+def test_messages_jsonl_default_takes_first_assistant_turn(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT, "prompt_id": "a"}, {"messages": CHAT[1:3]}])
+    result = load_examples(path)
+    assert result.skipped == 0
+    first, second = result.examples
+    assert first == Example((system("Be brief."), user("Hi")), "Hello!", None, origin=f"{path}:0")
+    assert second.prompt == (user("Hi"),) and second.response == "Hello!" and second.origin == f"{path}:1"
+
+
+def test_messages_keep_history_takes_last_assistant_turn(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT}])
+    (example,) = load_examples(path, keep_history=True).examples
+    assert example.prompt == tuple(CHAT[:-1]) and example.response == "Scattering."
+
+
+def test_extra_message_keys_are_dropped(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{**user("Hi"), "name": "x"}, assistant("Yo")]}])
+    assert load_examples(path).examples[0].prompt == (user("Hi"),)
+
+
+def test_prompt_response_json_list_and_data_wrapper(tmp_path):
+    rows = [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "Name a colour.", "response": "Blue."}]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    for name in ("list.json", "wrapped.json"):
+        result = load_examples(tmp_path / name)
+        assert [e.prompt for e in result.examples] == [(user("What is 2+2?"),), (user("Name a colour."),)]
+        assert [e.response for e in result.examples] == ["4", "Blue."]
+
+
+def spin_row(prompt, real, generated):
+    return {"real": [user(prompt), assistant(real)], "generated": [user(prompt), assistant(generated)]}
+
+
+def test_spin_pairs_parquet(tmp_path):
+    rows = [spin_row("Tell a joke.", "Why did the chicken...", "I am a model."), spin_row("Hi", "Hello!", "")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    result = load_examples(tmp_path / "pairs.parquet")
+    assert [(e.prompt, e.response, e.generated) for e in result.examples] == [
+        ((user("Tell a joke."),), "Why did the chicken...", "I am a model."),
+        ((user("Hi"),), "Hello!", ""),  # an empty generation is a legitimate model output
+    ]
+
+
+def test_spin_pairs_multi_turn_prompt(tmp_path):
+    history = [user("Hi"), assistant("Hello!"), user("And?")]
+    row = {"real": [*history, assistant("Real.")], "generated": [*history, assistant("Fake.")]}
+    (example,) = load_examples(write_jsonl(tmp_path / "p.jsonl", [row])).examples
+    assert example.prompt == tuple(history) and example.response == "Real." and example.generated == "Fake."
+
+
+def test_directory_of_mixed_files_in_sorted_order(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p0", "response": "r0"}])
+    (tmp_path / "b.json").write_text(json.dumps([{"prompt": "p1", "response": "r1"}]))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p2", "response": "r2"}]), tmp_path / "c.parquet")
+    (tmp_path / "notes.txt").write_text("ignored")
+    result = load_examples(tmp_path)
+    assert [e.response for e in result.examples] == ["r0", "r1", "r2"]
+    assert result.examples[2].origin == f"{tmp_path / 'c.parquet'}:0"
+
+
+def test_auto_detection_and_forced_schema(tmp_path):
+    both = {"messages": [user("Q"), assistant("from messages")], "prompt": "Q", "response": "from columns"}
+    path = write_jsonl(tmp_path / "t.jsonl", [both])
+    assert load_examples(path).examples[0].response == "from messages"  # UltraChat also has a 'prompt' column
+    assert load_examples(path, schema="prompt_response").examples[0].response == "from columns"
+    with pytest.raises(DataError, match=r"t\.jsonl row 0: cannot detect the schema from \['question'\]"):
+        load_examples(write_jsonl(tmp_path / "t.jsonl", [{"question": "Q"}]))
+    with pytest.raises(ValueError, match="schema: expected"):
+        load_examples(path, schema="alpaca")
+
+
+def test_other_sources_go_to_datasets_lazily(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        if name == "org/sft":
+            return datasets.Dataset.from_list([{"messages": [user("Q"), assistant("A")]}])
+        raise FileNotFoundError("not on the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    result = load_examples("org/sft", split="train_sft")
+    assert calls == [("org/sft", "train_sft")] and result.examples[0].origin == "org/sft:0"
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"data\.csv: an existing file of unknown type .*not on the hub"):
+        load_examples(tmp_path / "data.csv")
+    with pytest.raises(DataError, match=r"org/missing: not a local path .*not on the hub"):
+        load_examples("org/missing")
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_examples(tmp_path / "missing.jsonl")
+    assert calls == []  # a local-looking path never reaches the Hub
+
+
+# ------------------------------------------------------------------------------------------------ bad rows
+
+GOOD = {"messages": [user("Q"), assistant("A")]}
+GOOD_ROWS = {"messages": GOOD, "prompt_response": {"prompt": "Q", "response": "A"},
+             "spin_pairs": spin_row("Q", "A", "B")}
+BAD_ROWS = [
+    ({"text": "hi"}, "messages", r"field 'messages': missing"),
+    ({"messages": "hi"}, "messages", r"field 'messages': expected a list of \{role, content\} dicts, got str"),
+    ({"messages": [user("Q"), "A"]}, "messages", r"field 'messages\[1\]': expected a \{role, content\} dict, got str"),
+    ({"messages": [{"role": "bot", "content": "A"}]}, "messages", r"field 'messages\[0\].role': expected one of"),
+    ({"messages": [user("Q"), {"role": "assistant", "content": None}]}, "messages",
+     r"field 'messages\[1\].content': expected a string, got None"),
+    ({"messages": [user("Q"), assistant("  \n")]}, "messages", r"field 'messages\[1\].content': expected a non-empty"),
+    ({"messages": [user("Q"), assistant("")]}, "messages", r"field 'messages\[1\].content': expected a non-empty"),
+    ({"messages": [user("Q")]}, "messages", r"field 'messages': expected an assistant turn"),
+    ({"messages": [system("S"), assistant("A")]}, "messages", r"field 'messages': expected a user turn"),
+    (["not", "an", "object"], "messages", r"expected an object with the messages fields, got list"),
+    ({"prompt": "Q"}, "prompt_response", r"field 'response': missing"),
+    ({"prompt": 3, "response": "A"}, "prompt_response", r"field 'prompt': expected a string, got int"),
+    ({"prompt": " ", "response": "A"}, "prompt_response", r"field 'prompt': expected a non-empty string"),
+    ({"prompt": "Q", "response": "\t"}, "prompt_response", r"field 'response': expected a non-empty string"),
+    ({"real": [user("Q"), assistant("A")]}, "spin_pairs", r"field 'generated': missing"),
+    ({"real": [user("Q")], "generated": [user("Q"), assistant("B")]}, "spin_pairs",
+     r"field 'real': expected the last turn to be the assistant's"),
+    ({"real": [assistant("A")], "generated": [assistant("B")]}, "spin_pairs", r"field 'real': expected a user turn"),
+    ({"real": [user("Q"), assistant(" ")], "generated": [user("Q"), assistant("B")]}, "spin_pairs",
+     r"field 'real\[1\].content': expected a non-empty"),
+    ({"real": [user("Q"), assistant("A")], "generated": [user("Other"), assistant("B")]}, "spin_pairs",
+     r"field 'generated': expected the same prompt as 'real'"),
+]
+
+
+@pytest.mark.parametrize("row, schema, message", BAD_ROWS)
+def test_bad_row_names_file_row_and_field(tmp_path, row, schema, message):
+    (tmp_path / "data").mkdir()
+    path = write_jsonl(tmp_path / "data" / "train.jsonl", [GOOD_ROWS[schema]] * 2 + [row])
+    with pytest.raises(DataError, match=rf"data/train\.jsonl row 2: {message}"):
+        load_examples(path, schema=schema)
+    result = load_examples(path, schema=schema, skip_invalid=True)
+    assert result.skipped == 1 and len(result.examples) == 2
+
+
+def test_invalid_json_line_is_a_bad_row(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n{oops\n")
+    with pytest.raises(DataError, match=r"t\.jsonl row 2: expected a JSON object, got invalid JSON"):
+        load_examples(path)
+    assert load_examples(path, skip_invalid=True).skipped == 1
+
+
+def test_skip_invalid_counts_and_logs(tmp_path, caplog):
+    rows = [GOOD, {"messages": [user("Q")]}, GOOD, {"messages": "x"}, {"messages": [user("Q"), assistant(" ")]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        result = load_examples(path, skip_invalid=True)
+    assert result.skipped == 3 and [e.origin for e in result.examples] == [f"{path}:0", f"{path}:2"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("t.jsonl row 1: field 'messages': expected an assistant turn" in m for m in messages)
+    assert any("t.jsonl row 3: field 'messages'" in m for m in messages)
+    assert any("skipped 3 invalid rows, kept 2" in m for m in messages)
+
+
+def test_empty_or_all_invalid_file_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no rows"):
+        load_examples(tmp_path / "empty.jsonl")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match=r"empty\.json: no rows"):
+        load_examples(tmp_path / "empty.json")
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [user("Q")]}] * 3)
+    with pytest.raises(DataError, match=r"bad\.jsonl: all 3 rows are invalid"):
+        load_examples(path, skip_invalid=True)
+    (tmp_path / "scalar.json").write_text('{"rows": []}')
+    with pytest.raises(DataError, match=r"scalar\.json: expected a list of objects"):
+        load_examples(tmp_path / "scalar.json")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match=r"nothing: directory has no"):
+        load_examples(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_round_trip_and_special_tokens(tokenizer, tmp_path):
+    text = "Why is the sky blue? Ünïcødé & emoji 🙂 work too."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.encode(text, add_special_tokens=False) == ids
+    assert render_prompt(reloaded, CHAT[:2]) == render_prompt(tokenizer, CHAT[:2])
+    assert reloaded.eos_token_id == tokenizer.eos_token_id
+
+
+def test_tokenizer_is_deterministic_across_processes(tokenizer):
+    code = ("from spin_fast.tokenizer import build_local_tokenizer as b; "
+            "print(b().backend_tokenizer.to_str())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(other) == json.loads(tokenizer.backend_tokenizer.to_str())
+    corpus = ["alpha beta gamma"] * 5 + ["delta epsilon"] * 3
+    assert build_local_tokenizer(corpus, 300).encode("alpha delta") == build_local_tokenizer(corpus, 300).encode(
+        "alpha delta")
+
+
+def test_chat_template_ends_assistant_turns_with_eos(tokenizer):
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert text.count(tokenizer.eos_token) == 2
+    assert "Hello!" + tokenizer.eos_token in text and "Scattering." + tokenizer.eos_token in text
+    assert text.startswith(tokenizer.bos_token + "<|system|>")
+    with pytest.raises(Exception, match="unknown role"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_render_prompt_matches_template_and_ends_with_assistant_marker(tokenizer):
+    prompt = CHAT[:4]
+    ids = render_prompt(tokenizer, tuple(prompt))
+    assert isinstance(ids, list) and all(type(i) is int for i in ids)
+    expected = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert ids == list(expected)
+    marker = tokenizer.encode("<|assistant|>\n", add_special_tokens=False)
+    assert ids[-len(marker):] == marker
+    assert tokenizer.decode(ids).endswith("Why is the sky blue?\n<|assistant|>\n")
+
+
+# ------------------------------------------------------------------------------------------- tokenization
+
+def test_tokenize_example_appends_eos_to_each_response(tokenizer):
+    example = Example((user("Hi"),), "Hello there.", "Go away.")
+    out = tokenize_example(tokenizer, example, max_length=512, max_prompt_length=256)
+    eos = tokenizer.eos_token_id
+    assert out.prompt_ids == tuple(render_prompt(tokenizer, example.prompt))
+    assert out.response_ids == (*tokenizer.encode("Hello there.", add_special_tokens=False), eos)
+    assert out.generated_ids == (*tokenizer.encode("Go away.", add_special_tokens=False), eos)
+    # Prompt + response decode to the same text the template gives the whole conversation.
+    full = tokenizer.apply_chat_template([user("Hi"), assistant("Hello there.")], tokenize=False)
+    assert full.startswith(tokenizer.decode(out.prompt_ids + out.response_ids))
+    assert tokenize_example(tokenizer, Example((user("Hi"),), "A"), max_length=9, max_prompt_length=8).generated_ids \
+        is None
+
+
+def test_tokenize_example_truncates_like_spin(tokenizer):
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    example = Example((user(long_prompt),), "The answer is long. " * 40, "Short.")
+    full_prompt = render_prompt(tokenizer, example.prompt)
+    out = tokenize_example(tokenizer, example, max_length=64, max_prompt_length=24)
+    eos = tokenizer.eos_token_id
+    assert out.prompt_ids == tuple(full_prompt[-24:])  # the prompt keeps its end: the question and the marker
+    assert len(out.prompt_ids) + len(out.response_ids) == 64 and out.response_ids[-1] == eos
+    full_response = tokenizer.encode(example.response, add_special_tokens=False)
+    assert out.response_ids[:-1] == tuple(full_response[:39])
+    assert out.generated_ids == (*tokenizer.encode("Short.", add_special_tokens=False), eos)  # fits: untouched
+    # A prompt shorter than the limit is kept whole; every response still fits and ends with EOS.
+    short = Example((user("Hi"),), "The answer is long. " * 40)
+    out = tokenize_example(tokenizer, short, max_length=20, max_prompt_length=10)
+    assert len(out.prompt_ids) < 10 and len(out.prompt_ids) + len(out.response_ids) == 20
+    assert out.response_ids[-1] == eos
+
+
+@pytest.mark.parametrize("max_length, max_prompt_length", [(10, 10), (10, 20), (0, -1), (10, 0)])
+def test_tokenize_example_rejects_bad_lengths(tokenizer, max_length, max_prompt_length):
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        tokenize_example(tokenizer, Example((user("Hi"),), "A"), max_length=max_length,
+                         max_prompt_length=max_prompt_length)
+
+
+def test_tokenization_is_deterministic(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": CHAT}])
+    (example,) = load_examples(path, keep_history=True).examples
+    first = tokenize_example(tokenizer, example, max_length=128, max_prompt_length=64)
+    assert tokenize_example(tokenizer, example, max_length=128, max_prompt_length=64) == first
+    again = build_local_tokenizer()
+    assert tokenize_example(again, example, max_length=128, max_prompt_length=64) == first
+
+
+def test_module_imports_datasets_lazily():
+    code = "import sys, spin_fast.data; print('datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert data_module.load_examples is load_examples

@@ -1,0 +1,177 @@
+"""The training loop against a naive SPIN reference, resume equivalence, SFT mode and failures."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from spin_fast.config import TrainConfig
+from spin_fast.model import tiny_config
+from spin_fast.packing import Sequence
+from spin_fast.scoring import TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
+from spin_fast.training import Trainer, TrainingDiverged, step_items
+
+VOCAB, EOS = 300, 2
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=VOCAB), attn_implementation="sdpa")
+
+
+def random_pairs(n):
+    def ids(low, high):
+        return tuple(torch.randint(3, VOCAB, (int(torch.randint(low, high, ())),)).tolist())
+
+    return [TokenizedPair(ids(3, 9), ids(1, 9) + (EOS,), ids(1, 9) + (EOS,)) for _ in range(n)]
+
+
+def config(**overrides):
+    base = dict(mode="spin", optimizer="adamw", learning_rate=1e-3, schedule="constant", warmup_ratio=0.0,
+                epochs=2, global_batch=4, micro_batch_tokens=48, max_grad_norm=1.0, seed=7, backend="torch",
+                progress=False)
+    return TrainConfig(**(base | overrides))
+
+
+# ------------------------------------------------------------------------ the naive reference
+def padded_sequence_logps(model, sequences):
+    """Sum of response-token log-probs per sequence: right-padded batch, full logits, fp32."""
+    longest = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        tokens = list(prompt) + list(response)
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        attention[row, : len(tokens)] = 1
+        loss_mask[row, len(prompt) : len(tokens)] = True
+    logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+    logps = logits[:, :-1].log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return (logps * loss_mask[:, 1:]).sum(1)
+
+
+def naive_spin_training(model, pairs, cfg, steps):
+    """SPIN written plainly: a second model as opponent, padded batches, AdamW, clipping."""
+    opponent = copy.deepcopy(model).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.optimizer_eps,
+                                  weight_decay=cfg.weight_decay)
+    for step in range(steps):
+        batch = [pairs[i] for i in step_items(len(pairs), cfg, step)]
+        sequences = [(p.prompt_ids, p.real_ids) for p in batch] + [(p.prompt_ids, p.generated_ids) for p in batch]
+        with torch.no_grad():
+            opp = padded_sequence_logps(opponent, sequences)
+        policy = padded_sequence_logps(model, sequences)
+        n = len(batch)
+        z = cfg.beta * ((policy[:n] - opp[:n]) - (policy[n:] - opp[n:]))
+        loss = -F.logsigmoid(z).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+    return model
+
+
+def test_matches_naive_reference_spin(tmp_path):
+    pairs = random_pairs(6)  # 2 steps per epoch, the second with 2 pairs; micro-batches of <= 48 tokens
+    cfg = config(optimizer_eps=1.0)  # a large eps keeps Adam's update linear in the gradient: a strict test
+    initial = make_model()
+    ours = make_model()
+    reference = naive_spin_training(make_model(), pairs, cfg, steps=4)
+    scored = score_pairs(ours, pairs, token_budget=64)
+    result = Trainer(ours, None, cfg, tmp_path, scored).train()
+    assert result.steps == 4 and max(m["micro_batches"] for m in result.history) > 1
+    # Compare what training changed, parameter by parameter, relative to the change itself.
+    for (name, p), q, p0 in zip(ours.named_parameters(), reference.parameters(), initial.parameters()):
+        ours_delta, reference_delta = (p - p0).double(), (q - p0).double()
+        assert reference_delta.norm() > 0, name
+        error = (ours_delta - reference_delta).norm() / reference_delta.norm()
+        assert error < 1e-4, (name, error.item())
+    first = result.history[0]
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == opponent at step 0
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_default_optimizer_settings_track_the_reference(tmp_path):
+    pairs = random_pairs(6)
+    cfg = config()
+    ours = make_model()
+    reference = naive_spin_training(make_model(), pairs, cfg, steps=4)
+    Trainer(ours, None, cfg, tmp_path, score_pairs(ours, pairs, token_budget=64)).train()
+    deltas = [(p - q).abs().max().item() for p, q in zip(ours.parameters(), reference.parameters())]
+    # Adam normalizes each update to ~lr, so fp32 noise can flip the sign of near-zero gradients only.
+    assert max(deltas) < 4 * 2 * cfg.learning_rate
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    pairs = random_pairs(6)
+    scored = score_pairs(make_model(), pairs, token_budget=64)
+    cfg = config(save_every=2)
+    straight = make_model()
+    Trainer(straight, None, cfg, tmp_path / "straight", scored).train()
+
+    interrupted = make_model()
+    trainer = Trainer(interrupted, None, cfg, tmp_path / "killed", scored)
+    original_step, calls = Trainer.train_step, []
+
+    def dying_step(self):
+        calls.append(1)
+        if len(calls) == 4:  # killed during step 4: checkpoint-2 exists, step 3 is lost
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    assert [p.name for p in trainer.checkpoint_dirs()] == ["checkpoint-2"]
+
+    resumed = make_model(seed=123)  # fresh process, other weights: the checkpoint must restore everything
+    result = Trainer(resumed, None, cfg, tmp_path / "killed", scored).train()
+    assert [m["step"] for m in result.history] == [3, 4]
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+    final = AutoModelForCausalLM.from_pretrained(result.final_dir)  # a plain HF checkpoint
+    assert all(torch.equal(p, q) for p, q in zip(final.parameters(), straight.parameters()))
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 3, 4]  # step 3 redone after the kill
+
+
+def test_sft_mode_loss_is_token_mean_cross_entropy_and_falls(tmp_path):
+    model = make_model()
+    examples = [Sequence(p.prompt_ids, p.real_ids) for p in random_pairs(4)]
+    cfg = config(mode="sft", global_batch=4, epochs=15, learning_rate=3e-3, micro_batch_tokens=24)
+    with torch.no_grad():  # HF's own loss on the padded batch: mean CE over response tokens
+        hf = padded_sequence_logps(model, [(e.prompt_ids, e.response_ids) for e in examples])
+        expected = -hf.sum().item() / sum(len(e.response_ids) for e in examples)
+    history = Trainer(model, None, cfg, tmp_path, examples).train().history
+    assert history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    model = make_model()
+    scored = score_pairs(model, random_pairs(4), token_budget=64)
+    broken = [type(p)(p.prompt_ids, p.real_ids, p.generated_ids, float("nan"), p.opponent_generated) for p in scored]
+    with pytest.raises(TrainingDiverged, match="step 1: the loss is nan"):
+        Trainer(model, None, config(), tmp_path, broken).train()
+
+
+def test_wrong_items_and_bad_config_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="mode='spin' trains on ScoredPair items"):
+        Trainer(make_model(), None, config(), tmp_path, [Sequence((1,), (2,))])
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="warmup_ratio must be in"):
+        TrainConfig(warmup_ratio=1.5)
+
+
+def test_scored_pairs_round_trip(tmp_path):
+    scored = score_pairs(make_model(), random_pairs(3), token_budget=30)
+    save_scored_pairs(tmp_path / "pairs.jsonl", scored)
+    assert load_scored_pairs(tmp_path / "pairs.jsonl") == scored
+    (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl row 0: not a scored pair"):
+        load_scored_pairs(tmp_path / "bad.jsonl")
