@@ -11,6 +11,7 @@ CHOICES = {
     "schedule": ("linear", "cosine", "constant"),
     "dtype": ("float32", "bfloat16", "float16"),
     "backend": ("auto", "triton", "torch", "reference"),
+    "attention": ("auto", "sdpa", "eager", "flash_attention_2", "spin_varlen"),
 }
 
 
@@ -33,8 +34,11 @@ class TrainConfig:
     micro_batch_tokens: int = 4096
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
-    dtype: str = "float32"  # parameters' dtype; bf16 autocast on GPU is the training loop's
+    dtype: str = "float32"  # parameters' dtype
+    bf16_autocast: bool = False  # body in bf16 autocast over fp32 weights (the usual GPU setting)
     gradient_checkpointing: bool = False
+    liger_kernels: bool = False  # Liger-Kernel's RMSNorm/RoPE/SwiGLU in the body (CUDA)
+    attention: str = "auto"
     backend: str = "auto"  # spin_kernels backend for the head
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2

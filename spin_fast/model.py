@@ -7,26 +7,29 @@ states and the head's weight, so no [tokens x vocab] logits exist.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from spin_fast import attention
+
 log = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", attention.NAME)
 
 
 def pick_attention(device: torch.device, requested: str = "auto") -> str:
-    """flash_attention_2 (varlen, from packed position_ids) on CUDA when flash-attn is installed,
-    else SDPA, which isolates packed sequences with a block-diagonal mask."""
+    """On CUDA, varlen FlashAttention: the flash_attn package's when installed, else PyTorch's own
+    (spin_varlen). On the CPU, SDPA, which isolates packed sequences with a block-diagonal mask."""
     if requested not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {requested!r}")
     if requested != "auto":
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if device.type == "cuda":
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else attention.NAME
     return "sdpa"
 
 
@@ -35,26 +38,53 @@ def load_causal_lm(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-    attention: str = "auto",
+    attention_impl: str = "auto",
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
+    liger_kernels: bool = False,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local directory or a hub name, ready for packed training."""
+    """Load a causal LM from a local directory or a hub name, ready for packed training.
+
+    liger_kernels: Liger-Kernel's RMSNorm, RoPE and SwiGLU in the body (CUDA only; the head and
+    loss stay spin_kernels').
+    """
     device = torch.device(device)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise ValueError(f"{name_or_path}: the model ships its own code (auto_map); pass trust_remote_code=True "
                          "if you trust it")
     check_head_is_plain(config, str(name_or_path))
-    attn = pick_attention(device, attention)
+    attn = pick_attention(device, attention_impl)
+    if attn == attention.NAME:
+        attention.register()
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
     ).to(device)
     log.info("loaded %s (%s, %.1fM parameters) with %s attention on %s", name_or_path,
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, attn, device)
+    if liger_kernels:
+        apply_liger_kernels(model, device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def apply_liger_kernels(model: PreTrainedModel, device: torch.device) -> None:
+    """Swap the body's RMSNorm, RoPE and SwiGLU for Liger-Kernel's Triton ones, in place."""
+    if device.type != "cuda":
+        raise ValueError("liger_kernels needs CUDA: its kernels are Triton GPU kernels")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as error:
+        raise ValueError(f"liger_kernels needs the liger-kernel package ({error})") from None
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"Liger-Kernel has no kernels for model type {model_type!r}")
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]
+    # cross_entropy and the fused linear CE stay off: spin_kernels computes the head and the loss.
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    accepted = inspect.signature(apply).parameters
+    apply(model=model, **{k: v for k, v in wanted.items() if k in accepted})
 
 
 def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
@@ -80,14 +110,20 @@ def head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     return output.weight, getattr(output, "bias", None)
 
 
-def packed_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def packed_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     """Final hidden states [T, H] of one packed row of sequences (input_ids, position_ids [T]).
 
     No attention_mask and no cache: transformers then detects the packing from the position ids
     restarting at 0 and keeps every sequence to itself (with a cache or an all-ones mask the
-    sequences would attend to each other).
+    sequences would attend to each other). cu_seqlens/max_seqlen, when known, spare the varlen
+    kernels from deriving them again in every layer.
     """
-    out = body(model)(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
+    varlen = {}
+    if cu_seqlens is not None:
+        varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                      max_length_k=max_seqlen)
+    out = body(model)(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False, **varlen)
     return out.last_hidden_state[0]
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import spin_kernels
+from spin_fast.data import TokenizedExample
 from spin_fast.model import head, packed_hidden_states
 from spin_fast.packing import Sequence, pack_groups
 
@@ -30,6 +31,13 @@ class TokenizedPair:
 
     def sequences(self) -> list[Sequence]:
         return [Sequence(self.prompt_ids, self.real_ids), Sequence(self.prompt_ids, self.generated_ids)]
+
+    @classmethod
+    def of(cls, example: TokenizedExample) -> TokenizedPair:
+        """The pair of a tokenized example that has a generated response (data.tokenize_example)."""
+        if example.generated_ids is None:
+            raise ValueError("this example has no generated response yet: generate one before scoring")
+        return cls(example.prompt_ids, example.response_ids, example.generated_ids)
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
         batch = batch.to(device)
-        hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids)
+        hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias, backend=backend)
         n_groups = batch.group_indices.numel()
         sums = torch.zeros(batch.group_size * n_groups, dtype=torch.float64, device=device)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast.config import TrainConfig
 from spin_fast.model import head, packed_hidden_states
-from spin_fast.packing import MicroBatch, Sequence, pack_groups
+from spin_fast.packing import MicroBatch, Sequence, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ class Trainer:
         count = totals.pop("count")
         metrics = {name: value / count for name, value in totals.items()}
         return {"step": self.step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
-                "micro_batches": len(batches)}
+                "micro_batches": len(batches),
+                "packing_efficiency": packing_efficiency(batches, self.config.micro_batch_tokens)}
 
     def groups(self, indices: list[int]) -> list[list[Sequence]]:
         if self.config.mode == "spin":
@@ -174,9 +175,17 @@ class Trainer:
         loss_tokens = sum(int((b.targets != -100).sum()) for b in batches)
         return lambda batch: int((batch.targets != -100).sum()) / loss_tokens
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
+
     def micro_batch_loss(self, batch: MicroBatch, item_indices: list[int]) -> tuple[torch.Tensor, dict]:
-        hidden = packed_hidden_states(self.model, batch.input_ids, batch.position_ids)
+        with self.autocast():
+            hidden = packed_hidden_states(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens,
+                                          batch.max_seqlen)
         weight, bias = head(self.model)
+        if hidden.dtype != weight.dtype:  # autocast: the head runs in the body's precision, as nn.Linear would
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
         if self.config.mode == "sft":
             token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias,
                                                         backend=self.config.backend)

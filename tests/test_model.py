@@ -64,3 +64,48 @@ def test_refuses_heads_the_kernel_cannot_compute(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         spin_model.load_causal_lm(tmp_path)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
+    """Stand-in for PyTorch's CUDA-only varlen kernel: causal SDPA sequence by sequence."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    out = torch.empty_like(q)
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        ).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("pass_cu_seqlens", [True, False])
+def test_torch_varlen_attention_plumbing(monkeypatch, kv_heads, pass_cu_seqlens):
+    """The spin_varlen attention (PyTorch's varlen kernel, for CUDA without flash-attn) gets the
+    right layout, boundaries and GQA flag: with the kernel replaced by a per-sequence SDPA, the
+    packed hidden states equal the SDPA path's."""
+    from spin_fast import attention
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)
+    attention.register()
+    config = spin_model.tiny_config("llama", vocab_size=300, hidden_size=128, heads=4)
+    config.num_key_value_heads = kv_heads
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    lengths = [5, 11, 1, 8]
+    ids = torch.randint(0, 300, (sum(lengths),))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, 5, 16, 17, 25], dtype=torch.int32)
+    with torch.no_grad():
+        expected = spin_model.packed_hidden_states(model, ids, positions)
+        model.set_attn_implementation(attention.NAME)
+        extra = (cu, max(lengths)) if pass_cu_seqlens else ()
+        got = spin_model.packed_hidden_states(model, ids, positions, *extra)
+    assert torch.allclose(got, expected, atol=1e-5)
+    derived_cu, derived_max = attention.cu_seqlens_from_positions(positions)
+    assert torch.equal(derived_cu, cu) and derived_max == max(lengths)
+
+
+def test_liger_kernels_need_cuda(saved_model):
+    path, _ = saved_model
+    with pytest.raises(ValueError, match="liger_kernels needs CUDA"):
+        spin_model.load_causal_lm(path, liger_kernels=True)

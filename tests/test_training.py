@@ -175,3 +175,34 @@ def test_scored_pairs_round_trip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1]}\n')
     with pytest.raises(ValueError, match="bad.jsonl row 0: not a scored pair"):
         load_scored_pairs(tmp_path / "bad.jsonl")
+
+
+def test_bf16_autocast_step_tracks_fp32(tmp_path):
+    pairs = random_pairs(4)
+    scored = score_pairs(make_model(), pairs, token_budget=64)
+    fp32 = Trainer(make_model(), None, config(epochs=1), tmp_path / "fp32", scored).train().history
+    bf16 = Trainer(make_model(), None, config(epochs=1, bf16_autocast=True), tmp_path / "bf16", scored).train()
+    assert bf16.history[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=2e-2)
+    assert bf16.history[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=5e-2)
+
+
+def test_official_spin_pair_file_trains_end_to_end(tmp_path):
+    """An official SPIN data file (real / generated message lists) -> tokens -> scores -> one step."""
+    from spin_fast.data import load_examples, tokenize_example
+    from spin_fast.scoring import TokenizedPair
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    tokenizer = build_local_tokenizer(vocab_size=300)
+    rows = [{"real": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"It is {2 * i}."}],
+             "generated": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"Maybe {i + 1}."}]} for i in range(5)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    examples = load_examples(path).examples
+    pairs = [TokenizedPair.of(tokenize_example(tokenizer, e, max_length=64, max_prompt_length=32)) for e in examples]
+    model = make_model()
+    scored = score_pairs(model, pairs, token_budget=256)
+    history = Trainer(model, tokenizer, config(epochs=1, micro_batch_tokens=256), tmp_path / "run", scored).train()
+    assert history.steps == 2 and 0 < history.history[0]["packing_efficiency"] <= 1
+    assert (history.final_dir / "tokenizer_config.json").exists()
