@@ -105,8 +105,10 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.writer = None
         if config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     # ------------------------------------------------------------------------------------ loop

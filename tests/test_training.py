@@ -76,7 +76,9 @@ def naive_spin_training(model, pairs, cfg, steps):
 
 def test_matches_naive_reference_spin(tmp_path):
     pairs = random_pairs(6)  # 2 steps per epoch, the second with 2 pairs; micro-batches of <= 48 tokens
-    cfg = config(optimizer_eps=1.0)  # a large eps keeps Adam's update linear in the gradient: a strict test
+    # A large eps keeps Adam's update linear in the gradient, and a large lr makes each update much bigger
+    # than the fp32 rounding of the weights: a strict test of the gradients themselves.
+    cfg = config(optimizer_eps=1.0, learning_rate=0.1)
     initial = make_model()
     ours = make_model()
     reference = naive_spin_training(make_model(), pairs, cfg, steps=4)
@@ -206,3 +208,23 @@ def test_official_spin_pair_file_trains_end_to_end(tmp_path):
     history = Trainer(model, tokenizer, config(epochs=1, micro_batch_tokens=256), tmp_path / "run", scored).train()
     assert history.steps == 2 and 0 < history.history[0]["packing_efficiency"] <= 1
     assert (history.final_dir / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_learning_rate_schedules(schedule):
+    from spin_fast.training import lr_factor
+
+    cfg = config(schedule=schedule, warmup_ratio=0.1)
+    factors = [lr_factor(step, 100, cfg) for step in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warmup over 10% of steps
+    assert factors[10] == pytest.approx(1.0)
+    tail = {"linear": 1 - 89 / 90, "cosine": 0.5 * (1 + __import__("math").cos(__import__("math").pi * 89 / 90)),
+            "constant": 1.0}[schedule]
+    assert factors[-1] == pytest.approx(tail)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # never rises after warmup
+
+
+def test_hinge_loss_trains(tmp_path):
+    scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
+    history = Trainer(make_model(), None, config(loss_type="hinge", epochs=1), tmp_path, scored).train().history
+    assert history[0]["loss"] == pytest.approx(1.0, abs=1e-4)  # max(0, 1 - z) at z = 0
