@@ -278,7 +278,17 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = state["step"]
+        self.forget_metrics_after(self.step)
         log.info("resumed from %s at step %d of %d", latest, self.step, self.steps)
+
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop the log lines of steps the kill interrupted before their checkpoint: they are redone."""
+        path = self.output_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
 
 def _is_tied(model, name: str) -> bool:
