@@ -78,15 +78,39 @@ def _malloc_trim() -> None:
         pass
 
 
-def worker_env() -> dict[str, str]:
-    """Environment of a measurement subprocess: glibc returns freed blocks above 64 KiB at once."""
+def worker_env(measure: str = "memory") -> dict[str, str]:
+    """Environment of a measurement subprocess. For memory, glibc returns every freed block above
+    64 KiB at once, so the RSS follows live memory exactly; that costs page faults, so timed runs
+    keep the ordinary allocator."""
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if measure == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cache = Path(__file__).resolve().parent.parent / ".cache"
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     env.pop("TRITON_INTERPRET", None)
     return env
+
+
+def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict:
+    """Run `python -m module --worker ... --measure time|memory` twice, each in a fresh process, and
+    merge the two JSON results; a worker's last stdout line that starts with { is its result."""
+    import subprocess
+    import sys
+
+    result: dict = {}
+    for measure in ("time", "memory"):
+        cmd = [sys.executable, "-m", module, "--worker", *worker_args, "--measure", measure]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(measure), timeout=timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+        part = json.loads(lines[-1])
+        if "missing" in part:
+            return part
+        result.update(part)
+    return result
 
 
 def package_version(name: str) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from bench.common import (
     format_table,
     machine_info,
     peak_extra_memory_mib,
+    run_worker,
     summarize,
     synchronize,
     time_runs,
-    worker_env,
     write_json,
 )
 
@@ -241,7 +240,8 @@ JOBS = ("spin_head", "logprobs")
 
 
 # ---------------------------------------------------------------------------------------- worker
-def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
+def measure(preset: Preset, vocab: int, job: str, method: str, what: str) -> dict:
+    """what: "time" (median of repeats after warm-up) or "memory" (peak of one step after warm-up)."""
     device = torch.device(preset.device)
     if method == "spin-fast triton" and device.type != "cuda":
         raise Missing("Triton backend needs CUDA (the CPU tests run it through the interpreter)")
@@ -260,10 +260,12 @@ def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
             leaf.grad = None
         objective().backward()
 
+    if what == "memory":
+        time_runs(step, device, preset.warmup, 0)  # compiles and warms caches outside the measurement
+        for leaf in batch.leaves:
+            leaf.grad = None
+        return {"peak_extra_mib": peak_extra_memory_mib(step, device)}
     times = time_runs(step, device, preset.warmup, preset.repeats)
-    for leaf in batch.leaves:
-        leaf.grad = None
-    peak = peak_extra_memory_mib(step, device)
     with torch.no_grad():
         value = float(objective())
     n_loss_tokens = int((batch.targets != -100).sum())
@@ -276,7 +278,6 @@ def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
         stats["achieved_tflops"] = flops / (stats["median_ms"] / 1e3) / 1e12
     return {
         **stats,
-        "peak_extra_mib": peak,
         "value": value,
         "tokens": batch.targets.numel(),
         "loss_tokens": n_loss_tokens,
@@ -296,13 +297,8 @@ def matmul_tflops(preset: Preset, vocab: int) -> float:
 
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, vocab: int, job: str, method: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.kernels", "--worker", "--preset", preset.name,
-           "--vocab", str(vocab), "--job", job, "--method", method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
-    return json.loads(lines[-1])
+    args = ["--preset", preset.name, "--vocab", str(vocab), "--job", job, "--method", method]
+    return run_worker("bench.kernels", args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,12 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
 
     if args.worker:
         try:
-            result = measure(preset, args.vocab, args.job, args.method)
+            result = measure(preset, args.vocab, args.job, args.method, args.measure)
         except Missing as reason:
             result = {"missing": str(reason)}
         print(json.dumps(result), flush=True)

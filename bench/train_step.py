@@ -1,0 +1,409 @@
+"""Train-step bench: tokens per second and peak memory of ONE SPIN optimizer step, spin-fast against TRL.
+
+The workload is the same for every method: a Llama-shaped model built from a seeded LlamaConfig (no
+download) and P pairs of random token ids, each a prompt shared by a real and a generated response
+(each response ending with EOS), of uneven lengths reaching up to `max_seq` tokens (prompt + response).
+SPIN is DPO with chosen = real, rejected = generated and reference = the opponent (the model itself
+at the start of the iteration), so TRL's DPOTrainer set up that way is the peer:
+
+  spin-fast                  spin_fast.training.Trainer (mode "spin", RMSprop) on pairs scored once with
+                             spin_fast.scoring.score_pairs before the timed region (by design the opponent's
+                             log-probs are computed once per iteration). Packed, padding-free micro-batches
+                             cut at `micro_batch_tokens`, fused head + loss. One step = trainer.train_step().
+  TRL DPO, live reference    trl.DPOTrainer (sigmoid loss, beta 0.1, RMSprop, one batch of P pairs, no
+                             gradient accumulation) with a second copy of the model as reference, which it
+                             runs forward on every step.
+  TRL DPO, precomputed ref   the same with precompute_ref_log_probs=True: TRL computes the reference
+                             log-probs over the dataset in its constructor (outside the timed region, like
+                             spin-fast's scoring) and keeps no reference model.
+
+TRL gets text rows (prompt, chosen, rejected) and tokenizes and collates them itself: a word-level
+tokenizer whose word i is token id i (built here, vocabulary of the model's size) makes its token ids
+exactly the pairs' ids, which the worker checks. Its padding (each batch padded to its longest
+sequence) is part of what it costs.
+
+One TRL optimizer step is timed as transformers.Trainer's inner loop does it, without train()'s set-up
+(callbacks, logging, dataloader and accelerator preparation): fetch the batch from
+trainer.get_train_dataloader() (collation included, as spin-fast's step includes its packing), then
+trainer.training_step(model, batch) (forward of policy [and reference], loss, backward), gradient
+clipping at max_grad_norm 1.0 (spin-fast clips too), optimizer.step(), lr_scheduler.step() and
+model.zero_grad(). Gradient checkpointing is off for every method (TRL's default turns it on; it would
+trade time for memory, and spin-fast runs without it here).
+
+Tokens per second count the same real tokens for every method: over the pairs, (prompt + real) +
+(prompt + generated), no padding, divided by the median step time. Peak memory is what one step adds
+on top of what is held before it (weights of every model in memory, optimizer state; gradients are
+released before the measurement for every method): the CUDA allocator's peak, or the process's peak
+RSS on the CPU. `held_mib` reports what is held before the step. Every method runs in its own
+subprocesses: one times it with the ordinary allocator, one measures its memory with worker_env()'s
+low mmap threshold (exact RSS, but on the CPU it makes a step about 3x slower from page faults, so it
+never runs under the clock). Run: python -m bench.train_step [--preset cpu|gpu].
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import (
+    format_table,
+    machine_info,
+    peak_extra_memory_mib,
+    run_worker,
+    summarize,
+    time_runs,
+    write_json,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    device: str
+    dtype: torch.dtype
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    pairs: int
+    max_seq: int  # longest prompt + response
+    micro_batch_tokens: int  # spin-fast's token budget per micro-batch
+    warmup: int
+    repeats: int
+
+
+PRESETS = {
+    # ~52M parameters, fp32, 8 pairs of up to 512 tokens per sequence.
+    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 6, 8, 1376, 8, 512, 2048, warmup=1, repeats=3),
+    # ~1.2B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens. Untested.
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=5),
+    "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 3, 64, 256, warmup=1, repeats=1),  # tests
+}
+BETA = 0.1
+LEARNING_RATE = 5e-7
+SEED = 1234
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+FIRST_WORD_ID = 4  # random content tokens are drawn from [FIRST_WORD_ID, vocab)
+
+
+class Missing(Exception):
+    """A peer that cannot run here; reported as missing with its reason, never silently dropped."""
+
+
+# -------------------------------------------------------------------------------------- workload
+def pair_layout(preset: Preset, seed: int = SEED) -> list[tuple[int, int, int]]:
+    """(prompt, real, generated) lengths per pair: uneven, each sequence at most max_seq tokens, and the
+    first pair's real sequence exactly max_seq long."""
+    gen = torch.Generator().manual_seed(seed)
+    longest = preset.max_seq
+    layout = []
+    for pair in range(preset.pairs):
+        prompt = int(torch.randint(longest // 16, longest // 3 + 1, (1,), generator=gen))
+        real, generated = (int(x) for x in torch.randint(longest // 16, longest - prompt + 1, (2,), generator=gen))
+        if pair == 0:
+            real = longest - prompt
+        layout.append((prompt, real, generated))
+    return layout
+
+
+def make_pairs(preset: Preset, seed: int = SEED):
+    """The P pairs as spin_fast TokenizedPairs: random token ids, responses ending with EOS."""
+    from spin_fast.scoring import TokenizedPair
+
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def ids(n: int, eos: bool) -> tuple[int, ...]:
+        body = torch.randint(FIRST_WORD_ID, preset.vocab, (n - int(eos),), generator=gen).tolist()
+        return tuple(body + [EOS_ID] * int(eos))
+
+    return [TokenizedPair(ids(p, False), ids(r, True), ids(g, True)) for p, r, g in pair_layout(preset, seed)]
+
+
+def real_tokens(pairs) -> int:
+    """(prompt + real) + (prompt + generated) over the pairs: the tokens every method is credited with."""
+    return sum(2 * len(p.prompt_ids) + len(p.real_ids) + len(p.generated_ids) for p in pairs)
+
+
+def build_model(preset: Preset, seed: int = SEED):
+    """A seeded, randomly initialised Llama of the preset's shape (SDPA attention)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=preset.vocab, hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers, num_attention_heads=preset.heads, num_key_value_heads=preset.heads,
+        max_position_embeddings=max(2048, preset.max_seq), tie_word_embeddings=False,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype)
+    return model.to(preset.device).train()
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer where word i of the text is token id i: "w17 w5 </s>" -> [17, 5, 2]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
+    words.update({f"w{i}": i for i in range(FIRST_WORD_ID, vocab)})
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def as_text(ids) -> str:
+    return " ".join("</s>" if i == EOS_ID else f"w{i}" for i in ids)
+
+
+def held_mib(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+# --------------------------------------------------------------------------------------- methods
+@dataclass
+class Runner:
+    step: Callable[[], float]  # one optimizer step; returns its loss
+    release_grads: Callable[[], None]
+    held: Callable[[], float]  # MiB held between steps: weights of every model, optimizer state
+    info: dict
+
+
+def _spin_fast(preset: Preset, workdir: Path) -> Runner:
+    from spin_fast.config import TrainConfig
+    from spin_fast.packing import pack_groups, packing_efficiency
+    from spin_fast.scoring import score_pairs
+    from spin_fast.training import Trainer, step_items
+
+    model = build_model(preset)
+    pairs = make_pairs(preset)
+    scored = score_pairs(model, pairs, preset.micro_batch_tokens, backend="torch")  # once, before timing
+    config = TrainConfig(mode="spin", optimizer="rmsprop", learning_rate=LEARNING_RATE, beta=BETA,
+                         loss_type="sigmoid", global_batch=len(pairs), epochs=1,
+                         micro_batch_tokens=preset.micro_batch_tokens, backend="torch", progress=False,
+                         dtype=str(preset.dtype).removeprefix("torch."))
+    trainer = Trainer(model, None, config, workdir, scored)
+    batches = pack_groups(trainer.groups(step_items(len(scored), config, 0)), preset.micro_batch_tokens)
+    info = {
+        "micro_batch_tokens": preset.micro_batch_tokens,
+        "micro_batches": len(batches),
+        "packing_efficiency": packing_efficiency(batches, preset.micro_batch_tokens),
+        "tokens_computed": sum(b.n_tokens for b in batches),
+        "loss_tokens": sum(int((b.targets != -100).sum()) for b in batches),
+    }
+    return Runner(
+        step=lambda: trainer.train_step()["loss"],
+        release_grads=lambda: model.zero_grad(set_to_none=True),
+        held=lambda: held_mib([*model.parameters(), *optimizer_state(trainer.optimizer)]),
+        info=info,
+    )
+
+
+def _trl(precompute: bool):
+    def make(preset: Preset, workdir: Path) -> Runner:
+        try:
+            from datasets import Dataset
+            from trl import DPOConfig, DPOTrainer
+        except ImportError as error:
+            raise Missing(f"trl is not installed ({error})") from None
+
+        model = build_model(preset)
+        ref_model = None if precompute else copy.deepcopy(model)
+        pairs = make_pairs(preset)
+        rows = [{"prompt": as_text(p.prompt_ids), "chosen": " " + as_text(p.real_ids),
+                 "rejected": " " + as_text(p.generated_ids)} for p in pairs]
+        args = DPOConfig(
+            output_dir=str(workdir), loss_type=["sigmoid"], beta=BETA, learning_rate=LEARNING_RATE,
+            optim="rmsprop", lr_scheduler_type="linear", per_device_train_batch_size=len(pairs),
+            gradient_accumulation_steps=1, max_length=max(1024, preset.max_seq), max_grad_norm=1.0,
+            precompute_ref_log_probs=precompute, gradient_checkpointing=False,
+            bf16=False, fp16=False, use_cpu=preset.device == "cpu", report_to="none", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
+        )
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=word_tokenizer(preset.vocab))
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 1
+        loader = trainer.get_train_dataloader()
+        model = trainer.model
+
+        batch = next(iter(loader))
+        _check_same_tokens(batch, pairs)
+        info = {
+            "tokens_computed": int(batch["input_ids"].numel()),  # padded
+            "loss_tokens": int(batch["completion_mask"].sum()),
+            "tokens_in_batch": int(batch["attention_mask"].sum()),
+        }
+
+        def step() -> float:
+            inputs = next(iter(loader))
+            loss = trainer.training_step(model, inputs, None)
+            trainer._clip_grad_norm(model)
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            model.zero_grad()
+            return float(loss)
+
+        models = [model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+        return Runner(
+            step=step,
+            release_grads=lambda: model.zero_grad(set_to_none=True),
+            held=lambda: held_mib([p for m in models for p in m.parameters()] + optimizer_state(trainer.optimizer)),
+            info=info,
+        )
+
+    return make
+
+
+def _check_same_tokens(batch: dict, pairs) -> None:
+    """TRL's collated rows (chosen rows first, then rejected) hold exactly the pairs' token ids."""
+    expected = [p.prompt_ids + p.real_ids for p in pairs] + [p.prompt_ids + p.generated_ids for p in pairs]
+    got = [tuple(row[mask.bool()].tolist()) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    if sorted(got) != sorted(expected):
+        raise RuntimeError("TRL's tokenized batch differs from the pairs' token ids")
+
+
+METHODS: dict[str, Callable[[Preset, Path], Runner]] = {
+    "spin-fast": _spin_fast,
+    "TRL DPO, live reference": _trl(precompute=False),
+    "TRL DPO, precomputed reference": _trl(precompute=True),
+}
+BASELINES = {"live": "TRL DPO, live reference", "precomputed": "TRL DPO, precomputed reference"}
+
+
+# ---------------------------------------------------------------------------------------- worker
+def measure(preset: Preset, method: str, what: str) -> dict:
+    """what="time": first-step loss and step times; what="memory": peak extra memory of one step (after a
+    warm-up step, so that the optimizer state exists) and what is held before it."""
+    device = torch.device(preset.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Missing("the preset needs CUDA")
+    with tempfile.TemporaryDirectory(prefix="spin-bench-") as workdir:
+        runner = METHODS[method](preset, Path(workdir))
+        if what == "memory":
+            runner.step()
+            runner.release_grads()
+            held = runner.held()
+            return {"peak_extra_mib": peak_extra_memory_mib(runner.step, device), "held_mib": held}
+        losses: list[float] = []
+        times = time_runs(lambda: losses.append(runner.step()), device, max(1, preset.warmup), preset.repeats)
+    tokens = real_tokens(make_pairs(preset))
+    stats = summarize(times)
+    return {**stats, "tokens": tokens, "tokens_per_s": tokens / (stats["median_ms"] / 1e3),
+            "first_loss": losses[0], **runner.info}
+
+
+# ---------------------------------------------------------------------------------- orchestrator
+def run_one(preset: Preset, method: str) -> dict:
+    """Time and memory, each in a fresh subprocess (see bench.common.run_worker)."""
+    return run_worker("bench.train_step", ["--preset", preset.name, "--method", method])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of methods to run")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+
+    if args.worker:
+        try:
+            result = measure(preset, args.method, args.measure)
+        except Missing as reason:
+            result = {"missing": str(reason)}
+        print(json.dumps(result), flush=True)
+        return 0
+
+    device = torch.device(preset.device)
+    pairs = make_pairs(preset)
+    shape = {"vocab": preset.vocab, "hidden": preset.hidden, "layers": preset.layers, "heads": preset.heads,
+             "intermediate": preset.intermediate, "dtype": str(preset.dtype), "pairs": preset.pairs,
+             "max_seq": preset.max_seq, "tokens": real_tokens(pairs), "beta": BETA, "learning_rate": LEARNING_RATE,
+             "micro_batch_tokens": preset.micro_batch_tokens, "warmup": preset.warmup, "repeats": preset.repeats,
+             "layout": pair_layout(preset)}
+    report = {"bench": "train_step", "preset": preset.name, "machine": machine_info(device), "shape": shape,
+              "results": []}
+    print(f"\n== one SPIN optimizer step: {preset.pairs} pairs, {shape['tokens']} tokens, Llama H={preset.hidden} "
+          f"L={preset.layers} V={preset.vocab}, {preset.dtype}, {device}", flush=True)
+    for method in args.methods:
+        print(f"  {method:32s} ...", end=" ", flush=True)
+        result = run_one(preset, method)
+        result["method"] = method
+        report["results"].append(result)
+        print(_one_line(result), flush=True)
+    _add_ratios(report["results"])
+    path = write_json(f"train_step-{preset.name}", report)
+    print("\n" + summary_table(report["results"]))
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def _one_line(result: dict) -> str:
+    if "missing" in result:
+        return f"missing: {result['missing']}"
+    if "error" in result:
+        return f"ERROR: {result['error']}"
+    return (f"{result['median_ms']:.0f} ms, {result['tokens_per_s']:.0f} tokens/s, "
+            f"peak +{result['peak_extra_mib']:.0f} MiB, loss {result['first_loss']:.6f}")
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """Speed and memory as multiples of each TRL set-up's, and the first-step loss against TRL-live's."""
+    for key, name in BASELINES.items():
+        base = next((r for r in results if r["method"] == name and "median_ms" in r), None)
+        if base is None:
+            continue
+        for result in results:
+            if "median_ms" not in result:
+                continue
+            result[f"speed_vs_trl_{key}"] = result["tokens_per_s"] / base["tokens_per_s"]
+            result[f"memory_vs_trl_{key}"] = result["peak_extra_mib"] / base["peak_extra_mib"]
+            result[f"held_plus_peak_vs_trl_{key}"] = ((result["held_mib"] + result["peak_extra_mib"])
+                                                      / (base["held_mib"] + base["peak_extra_mib"]))
+            if key == "live":
+                result["first_loss_diff_vs_trl_live"] = abs(result["first_loss"] - base["first_loss"])
+
+
+def summary_table(results: list[dict]) -> str:
+    headers = ["method", "step ms (min-max)", "tokens/s", "x TRL-live", "x TRL-pre", "peak MiB", "x TRL-live mem",
+               "x TRL-pre mem", "held MiB", "first loss"]
+    rows = []
+    for r in results:
+        if "median_ms" not in r:
+            status = f"missing: {r['missing']}" if "missing" in r else f"ERROR: {r.get('error')}"
+            rows.append([r["method"], "", "", status] + [""] * (len(headers) - 4))
+            continue
+        nan = float("nan")
+        rows.append([
+            r["method"],
+            f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r.get('speed_vs_trl_live', nan):.2f}",
+            f"{r.get('speed_vs_trl_precomputed', nan):.2f}",
+            f"{r['peak_extra_mib']:.0f}",
+            f"{r.get('memory_vs_trl_live', nan):.2f}",
+            f"{r.get('memory_vs_trl_precomputed', nan):.2f}",
+            f"{r['held_mib']:.0f}",
+            f"{r['first_loss']:.6f}",
+        ])
+    return format_table(headers, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

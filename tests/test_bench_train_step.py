@@ -1,0 +1,55 @@
+"""The train-step bench's harness on a tiny preset: every method runs one SPIN optimizer step on the same
+tokens, and at step 0 (policy == reference) spin-fast's loss is TRL's, log 2.
+
+This checks the bench's plumbing and fairness, not its speed."""
+
+import json
+import math
+
+import pytest
+
+from bench import train_step
+
+
+def test_workload_is_uneven_and_bounded():
+    preset = train_step.PRESETS["cpu"]
+    pairs = train_step.make_pairs(preset)
+    lengths = [len(p.prompt_ids) + len(r) for p in pairs for r in (p.real_ids, p.generated_ids)]
+    assert max(lengths) == preset.max_seq and len(set(lengths)) > len(lengths) // 2
+    assert all(p.real_ids[-1] == p.generated_ids[-1] == train_step.EOS_ID for p in pairs)
+    assert train_step.real_tokens(pairs) == sum(lengths)
+
+
+def test_word_tokenizer_maps_words_to_ids():
+    tokenizer = train_step.word_tokenizer(100)
+    ids = (5, 99, 4, train_step.EOS_ID)
+    assert tokenizer(train_step.as_text(ids))["input_ids"] == list(ids)
+
+
+@pytest.mark.slow
+def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    monkeypatch.setattr(train_step, "write_json", lambda name, payload: _write(tmp_path, name, payload))
+    assert train_step.main(["--preset", "tiny"]) == 0
+    report = json.loads((tmp_path / "train_step-tiny.json").read_text())
+    by_method = {r["method"]: r for r in report["results"]}
+    assert set(by_method) == set(train_step.METHODS)
+    tokens = report["shape"]["tokens"]
+    for method, result in by_method.items():
+        assert "median_ms" in result and "peak_extra_mib" in result, (method, result)
+        assert result["tokens"] == tokens and result["tokens_per_s"] > 0
+        assert result["peak_extra_mib"] >= 0 and result["held_mib"] > 0
+        assert abs(result["first_loss"] - math.log(2)) < 1e-4, (method, result["first_loss"])
+    spin, live = by_method["spin-fast"], by_method["TRL DPO, live reference"]
+    assert abs(spin["first_loss"] - live["first_loss"]) < 1e-4
+    # Same real tokens and loss tokens; TRL's padded batch holds the same tokens plus padding.
+    assert spin["tokens_computed"] == live["tokens_in_batch"] == tokens
+    assert spin["loss_tokens"] == live["loss_tokens"] == by_method["TRL DPO, precomputed reference"]["loss_tokens"]
+    assert live["tokens_computed"] >= tokens
+    assert live["held_mib"] > by_method["TRL DPO, precomputed reference"]["held_mib"]  # the reference model
+
+
+def _write(directory, name, payload):
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(payload))
+    return path
