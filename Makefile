@@ -1,6 +1,7 @@
 # spin-fast entry points. `make install` builds an idempotent virtualenv in .venv:
 # without CUDA it takes the pinned CPU builds of torch and triton first (a bare `torch` would pull
-# a multi-GB CUDA build), then the project in editable mode with its dev tools.
+# a multi-GB CUDA build), then the project in editable mode with its dev tools and the bench peers
+# (the tests run the benches' harness on tiny shapes, peers included).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export HF_HOME ?= $(CURDIR)/.cache/hf
 
-.PHONY: install install-bench test bench lint clean
+.PHONY: install test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -21,20 +22,13 @@ $(VENV)/.installed: pyproject.toml
 ifneq ($(HAS_CUDA),1)
 	$(PY) -m pip install --quiet $(CPU_TORCH)
 endif
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@
-
-# The bench peers (Liger-Kernel, Cut Cross-Entropy, TRL, matplotlib) are only needed by `make bench`.
-install-bench: $(VENV)/.installed-bench
-
-$(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 test: install
 	$(PY) -m pytest
 
-bench: install-bench
+bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 lint: install

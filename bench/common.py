@@ -167,6 +167,23 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def problem(result: dict) -> str | None:
+    """Why a result has no figures ("missing: ..." or "ERROR: ..."), or None when it has them."""
+    if "missing" in result:
+        return f"missing: {result['missing']}"
+    if "error" in result:
+        return f"ERROR: {result['error']}"
+    return None
+
+
+def publish(name: str, report: dict, table: str) -> Path:
+    """Write the report as bench/results/<name>.json and print the summary table last."""
+    path = write_json(name, report)
+    print("\n" + table)
+    print(f"\nwritten: {path}")
+    return path
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"

@@ -23,11 +23,12 @@ from bench.common import (
     format_table,
     machine_info,
     peak_extra_memory_mib,
+    problem,
+    publish,
     run_worker,
     summarize,
     synchronize,
     time_runs,
-    write_json,
 )
 
 
@@ -338,17 +339,13 @@ def main(argv: list[str] | None = None) -> int:
                 report["results"].append(result)
                 print(_one_line(result), flush=True)
     _add_ratios(report["results"])
-    path = write_json(f"kernels-{preset.name}", report)
-    print("\n" + summary_table(report["results"]))
-    print(f"\nwritten: {path}")
+    publish(f"kernels-{preset.name}", report, summary_table(report["results"]))
     return 0
 
 
 def _one_line(result: dict) -> str:
-    if "missing" in result:
-        return f"missing: {result['missing']}"
-    if "error" in result:
-        return f"ERROR: {result['error']}"
+    if problem(result):
+        return problem(result)
     return f"{result['median_ms']:.0f} ms, peak +{result['peak_extra_mib']:.0f} MiB"
 
 
@@ -372,7 +369,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "median_ms" not in r:
-            status = f"missing: {r['missing']}" if "missing" in r else f"ERROR: {r.get('error')}"
+            status = problem(r)
             rows.append([str(r["vocab"]), r["job"], r["method"], status, "", "", "", ""])
             continue
         rows.append([

@@ -57,10 +57,11 @@ from bench.common import (
     format_table,
     machine_info,
     peak_extra_memory_mib,
+    problem,
+    publish,
     run_worker,
     summarize,
     time_runs,
-    write_json,
 )
 
 
@@ -348,17 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].append(result)
         print(_one_line(result), flush=True)
     _add_ratios(report["results"])
-    path = write_json(f"train_step-{preset.name}", report)
-    print("\n" + summary_table(report["results"]))
-    print(f"\nwritten: {path}")
+    publish(f"train_step-{preset.name}", report, summary_table(report["results"]))
     return 0
 
 
 def _one_line(result: dict) -> str:
-    if "missing" in result:
-        return f"missing: {result['missing']}"
-    if "error" in result:
-        return f"ERROR: {result['error']}"
+    if problem(result):
+        return problem(result)
     return (f"{result['median_ms']:.0f} ms, {result['tokens_per_s']:.0f} tokens/s, "
             f"peak +{result['peak_extra_mib']:.0f} MiB, loss {result['first_loss']:.6f}")
 
@@ -386,7 +383,7 @@ def summary_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "median_ms" not in r:
-            status = f"missing: {r['missing']}" if "missing" in r else f"ERROR: {r.get('error')}"
+            status = problem(r)
             rows.append([r["method"], "", "", status] + [""] * (len(headers) - 4))
             continue
         nan = float("nan")

@@ -176,13 +176,3 @@ def packing_efficiency(batches: abc.Sequence[MicroBatch], token_budget: int) -> 
     if not batches:
         return 0.0
     return sum(batch.n_tokens for batch in batches) / (len(batches) * token_budget)
-
-
-def plan_order(group_lengths: abc.Sequence[int], *, seed: int | None) -> list[int]:
-    """Order in which to pack the groups: a reproducible shuffle when seed is given, else identity."""
-    n_groups = len(group_lengths)
-    if seed is None:
-        return list(range(n_groups))
-    # A private generator: reproducible from the seed alone, and the global RNG stays untouched.
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_groups, generator=generator).tolist()

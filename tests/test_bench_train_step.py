@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from bench import train_step
+from bench import common, train_step
 
 
 def test_workload_is_uneven_and_bounded():
@@ -29,7 +29,7 @@ def test_word_tokenizer_maps_words_to_ids():
 @pytest.mark.slow
 def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
     pytest.importorskip("trl")
-    monkeypatch.setattr(train_step, "write_json", lambda name, payload: _write(tmp_path, name, payload))
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
     assert train_step.main(["--preset", "tiny"]) == 0
     report = json.loads((tmp_path / "train_step-tiny.json").read_text())
     by_method = {r["method"]: r for r in report["results"]}
@@ -47,9 +47,3 @@ def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
     assert spin["loss_tokens"] == live["loss_tokens"] == by_method["TRL DPO, precomputed reference"]["loss_tokens"]
     assert live["tokens_computed"] >= tokens
     assert live["held_mib"] > by_method["TRL DPO, precomputed reference"]["held_mib"]  # the reference model
-
-
-def _write(directory, name, payload):
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(payload))
-    return path
