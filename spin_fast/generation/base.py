@@ -1,0 +1,51 @@
+"""The engine interface shared by the transformers and vLLM engines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the opponent samples (the paper: temperature 1.0, top_p 1.0, 256 new tokens)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    seed: int = 0
+    n: int = 1  # completions per prompt
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        for name in ("max_new_tokens", "n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated response: its token ids (without the final EOS), and whether EOS ended it."""
+
+    token_ids: tuple[int, ...]
+    finished: bool
+
+
+class Engine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """n completions for each prompt (token ids, rendered by data.render_prompt), in prompt order."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model's weights in memory (Hugging Face parameter names)."""
+
+    def close(self) -> None:
+        """Free the engine (processes, memory)."""

@@ -1,0 +1,78 @@
+"""The embedded engine: transformers' generate, batched by length with left padding and a KV cache.
+
+The default where vLLM is absent. load_weights copies new tensors into the model it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from spin_fast.generation.base import Completion, SamplingConfig
+
+
+class TransformersEngine:
+    def __init__(self, model, *, eos_token_id: int, pad_token_id: int | None = None, batch_size: int = 16,
+                 progress: bool = True):
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order."""
+        requests = [(p, k) for p in range(len(prompts)) for k in range(sampling.n)]
+        # Similar lengths share a batch, so left padding wastes little.
+        requests.sort(key=lambda request: len(prompts[request[0]]))
+        results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
+        was_training = self.model.training
+        self.model.eval()
+        starts = range(0, len(requests), self.batch_size)
+        for batch_number, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=not self.progress)):
+            batch = requests[start : start + self.batch_size]
+            outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, sampling.seed + batch_number)
+            for (prompt_index, k), completion in zip(batch, outputs):
+                results[prompt_index][k] = completion
+        self.model.train(was_training)
+        return results
+
+    def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        sample = sampling.temperature > 0
+        options = dict(do_sample=sample, max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id,
+                       pad_token_id=self.pad_token_id, use_cache=True)
+        if sample:
+            # top_k=0 switches the top-k filter off (None would fall back to generation_config, often 50).
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        # A private RNG stream per batch: reproducible from the seed, and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      **options)
+        completions = []
+        for row in out[:, width:].tolist():
+            finished = self.eos_token_id in row
+            completions.append(Completion(tuple(row[: row.index(self.eos_token_id)] if finished else row), finished))
+        return completions
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the tensors into the model's parameters and buffers, by Hugging Face name."""
+        state = self.model.state_dict()
+        for name, tensor in weights:
+            if name not in state:
+                raise KeyError(f"load_weights: the model has no parameter or buffer named {name!r}")
+            state[name].copy_(tensor)
+
+    def close(self) -> None:
+        self.model = None

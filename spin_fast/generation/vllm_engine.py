@@ -1,0 +1,144 @@
+"""The vLLM engine: one vllm.LLM for the whole run, new weights hot-swapped in memory (no restart, no reload).
+
+Weights travel to the engine process as a safetensors file in /dev/shm (RAM): tensors passed as collective_rpc
+arguments arrive as lists in vLLM's default multi-process mode. The worker then re-runs the model loader on them
+(reload_weights); the model's own load_weights fails on the CPU build, whose linear weights are repacked.
+On GPUs, vLLM's weight-transfer API (NCCL / CUDA IPC) would skip the copy through RAM; this path works everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from spin_fast.generation.base import Completion, SamplingConfig
+
+_SHM = Path("/dev/shm")
+
+
+class WeightSwapExtension:
+    """Mixed into each vLLM worker (worker_extension_cls): methods that collective_rpc calls by name."""
+
+    def spin_load_weights_file(self, path: str) -> None:
+        """Reload the model's weights from a safetensors file, in place."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            # A generator: one tensor in memory at a time beyond the model itself.
+            pairs: Iterator[tuple[str, torch.Tensor]] = ((name, f.get_tensor(name)) for name in f.keys())
+            self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
+
+    def spin_pid(self) -> int:
+        """The worker's process id (tests check that a swap does not restart the engine)."""
+        return os.getpid()
+
+
+_EXTENSION = f"{__name__}.{WeightSwapExtension.__qualname__}"
+
+
+class VllmEngine:
+    """spin_fast.generation.Engine on vLLM: token-id prompts in, completions out, weights swapped in memory."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
+                 enable_sleep_mode: bool | None = None, seed: int = 0) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self._on_cpu = current_platform.is_cpu()
+        if self._on_cpu:
+            # The CPU build reserves its KV cache up front (4 GiB by default); 1 GiB serves the opponent's batches.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Sleep mode frees GPU memory while training runs; the CPU build refuses it.
+        self._sleep_mode = bool(enable_sleep_mode) and not self._on_cpu
+        self._llm = LLM(
+            model=str(model_dir), dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self._sleep_mode, seed=seed,
+            enforce_eager=self._on_cpu,  # no CUDA graphs / torch.compile warm-up on the CPU build
+            worker_extension_cls=_EXTENSION,
+        )
+        self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
+        self._eos = self._llm.get_tokenizer().eos_token_id
+        self._closed = False
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
+        """n completions for each prompt (token ids), in prompt order."""
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        # One seed per prompt: a shared seed would give duplicate prompts identical completions.
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed + i)
+                  for i in range(len(prompts))]
+        inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
+        outputs = self._llm.generate(inputs, params, use_tqdm=True)  # type: ignore[arg-type]
+        return [[self._completion(o.token_ids, o.finish_reason) for o in out.outputs] for out in outputs]
+
+    def _completion(self, token_ids: Sequence[int], finish_reason: str | None) -> Completion:
+        ids = tuple(int(t) for t in token_ids)
+        finished = finish_reason == "stop"
+        if finished and ids and ids[-1] == self._eos:
+            ids = ids[:-1]
+        return Completion(token_ids=ids, finished=finished)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model's weights in memory (Hugging Face parameter names); the engine keeps running."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in weights:
+            t = tensor.detach().to("cpu")
+            if t.is_floating_point():
+                t = t.to(self._dtype)  # half the bytes through RAM when training in fp32 and serving in bf16
+            t = t.contiguous()
+            if t.data_ptr() in seen:  # tied weights: safetensors refuses tensors that share memory
+                t = t.clone()
+            seen.add(t.data_ptr())
+            tensors[name] = t
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        directory = _SHM if _SHM.is_dir() and shutil.disk_usage(_SHM).free > 2 * size else None
+        fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="spin-weights-", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, path)
+            del tensors
+            self._llm.collective_rpc("spin_load_weights_file", args=(path,))
+        finally:
+            os.unlink(path)
+        # Prefix caching would otherwise serve KV computed with the old weights.
+        self._llm.reset_prefix_cache()
+
+    def worker_pids(self) -> list[int]:
+        """The process id of each worker: unchanged across swaps, since the engine is never restarted."""
+        return self._llm.collective_rpc("spin_pid")
+
+    def sleep(self) -> None:
+        """Free the weights and KV cache (GPU, sleep mode on) while training runs; a no-op otherwise."""
+        if self._sleep_mode:
+            self._llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Undo sleep(); a no-op without sleep mode."""
+        if self._sleep_mode:
+            self._llm.wake_up()
+
+    def close(self) -> None:
+        """Shut the engine (and its processes) down; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        # There is no LLM.shutdown(): ending the engine core stops its processes.
+        self._llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

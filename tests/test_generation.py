@@ -1,0 +1,91 @@
+"""The transformers engine: batching with left padding changes nothing, weights swap in memory."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spin_fast.data import render_prompt
+from spin_fast.generation import SamplingConfig
+from spin_fast.generation.hf_engine import TransformersEngine
+from spin_fast.model import tiny_config
+from spin_fast.tokenizer import build_local_tokenizer
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_local_tokenizer(vocab_size=300)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300)).eval()
+
+
+def prompts(tokenizer, n=5):
+    questions = ["What is two plus two?", "Why is the sky blue during the day?", "Hi", "Tell me a fun fact.",
+                 "Describe a busy city street in the morning, please, in detail."]
+    return [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions[:n]]
+
+
+def one_by_one(model, prompts, eos, max_new_tokens):
+    """Greedy generation of each prompt alone: no padding anywhere."""
+    outs = []
+    for prompt in prompts:
+        ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=eos)[0, len(prompt) :].tolist()
+        outs.append(tuple(ids[: ids.index(eos)]) if eos in ids else tuple(ids))
+    return outs
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer):
+    model = make_model()
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, batch_size=3, progress=False)
+    batch = prompts(tokenizer)
+    got = [c[0].token_ids for c in engine.generate(batch, GREEDY)]
+    assert got == one_by_one(model, batch, tokenizer.eos_token_id, GREEDY.max_new_tokens)
+
+
+def test_load_weights_swaps_the_model_in_memory(tokenizer):
+    model, other = make_model(seed=0), make_model(seed=1)
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
+    batch = prompts(tokenizer)
+    before = [c[0].token_ids for c in engine.generate(batch, GREEDY)]
+    engine.load_weights(other.state_dict().items())
+    after = [c[0].token_ids for c in engine.generate(batch, GREEDY)]
+    assert engine.model is model  # same object, new weights
+    assert after == one_by_one(other, batch, tokenizer.eos_token_id, GREEDY.max_new_tokens)
+    assert after != before
+    with pytest.raises(KeyError, match="no parameter or buffer named 'nope'"):
+        engine.load_weights([("nope", torch.zeros(1))])
+
+
+def test_sampling_is_seeded_and_gives_n_completions(tokenizer):
+    engine = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, batch_size=4, progress=False)
+    batch = prompts(tokenizer, 3)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=5, n=2)
+    state = torch.get_rng_state()
+    first, second = engine.generate(batch, sampling), engine.generate(batch, sampling)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is left alone
+    assert first == second and all(len(c) == 2 for c in first)
+    assert engine.generate(batch, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=6, n=2)) != first
+    short = engine.generate(batch, SamplingConfig(temperature=1.0, max_new_tokens=2, seed=1))
+    for (completion,) in short:  # unfinished: cut at exactly 2 tokens; finished: EOS came before that
+        assert len(completion.token_ids) == 2 if not completion.finished else len(completion.token_ids) < 2
+
+
+def test_sampling_config_errors():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingConfig(temperature=-1)
+
+
+def test_engine_leaves_the_model_mode_alone(tokenizer):
+    model = make_model().train()
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
+    engine.generate(prompts(tokenizer, 1), GREEDY)
+    assert model.training
