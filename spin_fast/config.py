@@ -1,8 +1,20 @@
-"""Training settings, as one dataclass whose defaults are the official SPIN recipe's."""
+"""Settings: TrainConfig (one training run) and RunConfig (a whole SPIN run), from YAML + overrides.
+
+Defaults are the official SPIN recipe's. Unknown keys, wrong types and impossible values are
+errors naming the key (and the closest valid one).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
 
 CHOICES = {
     "mode": ("spin", "sft"),
@@ -61,3 +73,172 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    dtype: str = "float32"
+    attention: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = ""
+    split: str = "train"
+    schema: str = "auto"
+    keep_history: bool = False
+    skip_invalid: bool = False
+    max_prompts: int | None = None  # the paper's recipe takes 50k prompts
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    eval_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be >= 1 and below max_length "
+                             f"({self.max_length})")
+
+
+@dataclass
+class GenerationConfig:
+    engine: str = "auto"  # auto: vLLM when installed, else transformers
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 16  # transformers engine
+    tensor_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float = 0.5  # vLLM
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("auto", "vllm", "transformers"):
+            raise ValueError(f"engine must be one of ('auto', 'vllm', 'transformers'), got {self.engine!r}")
+        self.sampling()  # checks temperature, top_p, top_k, max_new_tokens
+
+    def sampling(self, n: int = 1):
+        from spin_fast.generation.base import SamplingConfig
+
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, seed=self.seed, n=n)
+
+
+@dataclass
+class RunConfig:
+    """A whole SPIN run: SFT model and data in, `iterations` rounds of generate -> score -> train."""
+
+    output_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    iterations: int = 3
+    mix_previous: int = 1  # iteration t also trains on the pairs of the t-1 .. t-mix_previous
+    score_batch_tokens: int = 16384
+    # Per-iteration changes of any setting, e.g. {1: {"train.learning_rate": 1e-7}}.
+    iteration_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.mix_previous < 0:
+            raise ValueError(f"mix_previous must be >= 0, got {self.mix_previous}")
+
+    def for_iteration(self, iteration: int) -> RunConfig:
+        """This config with the overrides of `iteration` applied (the paper lowers lr later on)."""
+        changes = self.iteration_overrides.get(iteration, self.iteration_overrides.get(str(iteration), {}))
+        data = self.to_dict()
+        for key, value in changes.items():
+            _set_dotted(data, key, value, where=f"iteration_overrides[{iteration}]")
+        try:
+            return from_dict(RunConfig, data)
+        except ConfigError as error:
+            raise ConfigError(f"iteration_overrides[{iteration}]: {error}") from None
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in a config; the message names the key and suggests the closest one."""
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML file (or defaults when None), then `key.sub=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(loaded).__name__}")
+        data = loaded
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {override!r}: expected key=value, e.g. train.learning_rate=1e-7")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw), where=f"--set {override}")
+    return from_dict(RunConfig, data)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown setting {name!r}{hint}")
+        values[key] = _coerce(hints[key], value, name)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a dataclass's own validation, e.g. TrainConfig's choices
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
+
+
+def _coerce(hint, value, name: str):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict | None):
+            raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}")
+        return from_dict(hint, value or {}, prefix=f"{name}.")
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # YAML 1.1 reads 1e-7 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option in (int, str, bool, dict) and type(value) is option:
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"setting {name!r} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _set_dotted(data: dict, key: str, value, where: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _to_dict(obj) -> dict:
+    return {f.name: (_to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v) for f in fields(obj)}
