@@ -1,0 +1,221 @@
+"""The self-play loop: for t = 0..T-1, generate -> score -> train -> new weights into the engine.
+
+Every stage of every iteration writes its output into the run directory and, last, a small
+manifest (config hash, inputs, counts, seconds). A stage with a manifest is done and is never
+redone, so a run killed at any point and started again with the same command resumes where it
+stopped; training resumes from its own checkpoints.
+
+    run_dir/config.yaml            the resolved config
+    run_dir/iter-<t>/generate/     pairs.jsonl: prompt, real and generated token ids
+    run_dir/iter-<t>/score/        scored.jsonl: the pairs of t and earlier, with θt's log-probs
+    run_dir/iter-<t>/train/        checkpoints of θt+1 (Hugging Face folders) and metrics.jsonl
+    run_dir/summary.jsonl          one line per finished iteration
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from spin_fast.config import RunConfig
+from spin_fast.data import TokenizedExample, load_examples, tokenize_example
+from spin_fast.generation.base import Engine
+from spin_fast.model import load_causal_lm
+from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
+from spin_fast.training import Trainer
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def config_hash(config: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_manifest(stage_dir: Path, **fields) -> None:
+    tmp = stage_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(fields, indent=2, default=str) + "\n")
+    os.replace(tmp, stage_dir / MANIFEST)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cut_response(ids: Seq[int], budget: int, eos: int) -> tuple[int, ...]:
+    """A response (ending with EOS) fitted to `budget` tokens, still ending with EOS."""
+    ids = list(ids)
+    return tuple(ids if len(ids) <= budget else [*ids[: budget - 1], eos])
+
+
+class SelfPlay:
+    """One SPIN run. The engine is created once by `make_engine(model, tokenizer)` and kept."""
+
+    def __init__(self, config: RunConfig, make_engine=None):
+        if not config.output_dir:
+            raise ValueError("output_dir is not set: the run needs a directory for its stages")
+        if not config.model.name_or_path:
+            raise ValueError("model.name_or_path is not set: the SFT model to start from")
+        if not config.data.source:
+            raise ValueError("data.source is not set: the SFT set of (prompt, human response) pairs")
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.make_engine = make_engine or default_engine
+        self.engine: Engine | None = None
+        self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self) -> list[dict]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_same_config()
+        tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
+        examples = self.load_examples(tokenizer)
+        summaries = []
+        try:
+            for t in range(self.config.iterations):
+                summaries.append(self.iteration(t, tokenizer, examples))
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+        return summaries
+
+    def iteration(self, t: int, tokenizer, examples: list[TokenizedExample]) -> dict:
+        config = self.config.for_iteration(t)
+        iter_dir = self.run_dir / f"iter-{t}"
+        train_dir = iter_dir / "train"
+        done = read_manifest(train_dir)
+        if done is not None:
+            return done["summary"]
+        times = {}
+        if self.model is None:
+            self.model = load_causal_lm(
+                self.model_path(t), dtype=getattr(torch, config.train.dtype), device=self.device(),
+                attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
+                gradient_checkpointing=config.train.gradient_checkpointing, liger_kernels=config.train.liger_kernels,
+            )
+        model = self.model
+
+        start = time.perf_counter()
+        pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
+        times["generate_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scored = self.score(t, iter_dir / "score", model, pairs, config)
+        times["score_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        result = Trainer(model, tokenizer, config.train, train_dir, scored).train()
+        times["train_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        if self.engine is not None:  # θt+1 into the running engine, in memory
+            self.engine.load_weights(model.state_dict().items())
+        times["weight_transfer_s"] = time.perf_counter() - start
+
+        last = result.history[-1] if result.history else {}
+        summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
+                   **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
+                                           "rewards/accuracies") if k in last},
+                   **times, "checkpoint": str(result.final_dir)}
+        with (self.run_dir / "summary.jsonl").open("a") as out:
+            out.write(json.dumps(summary) + "\n")
+        write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config), summary=summary)
+        log.info("iteration %d: %s", t, summary)
+        return summary
+
+    # -------------------------------------------------------------------------------- stages
+    def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> list[TokenizedPair]:
+        """θt's response to every prompt, paired with the human one."""
+        pairs_file = stage_dir / "pairs.jsonl"
+        if read_manifest(stage_dir) is None:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            if self.engine is None:
+                self.engine = self.make_engine(model, tokenizer, config)
+            sampling = config.generation.sampling()
+            sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
+            completions = self.engine.generate([e.prompt_ids for e in examples], sampling)
+            eos = tokenizer.eos_token_id
+            pairs = [
+                TokenizedPair(e.prompt_ids, e.response_ids,
+                              cut_response((*c[0].token_ids, eos), config.data.max_length - len(e.prompt_ids), eos))
+                for e, c in zip(examples, completions)
+            ]
+            save_scored_pairs(pairs_file, [ScoredPair(*asdict(p).values()) for p in pairs])
+            write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
+                           pairs=len(pairs), finished=sum(c[0].finished for c in completions))
+        return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
+
+    def score(self, t, stage_dir: Path, model, pairs, config) -> list[ScoredPair]:
+        """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it."""
+        scored_file = stage_dir / "scored.jsonl"
+        if read_manifest(stage_dir) is None:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            mixed = list(pairs)
+            for earlier in range(max(0, t - config.mix_previous), t):
+                mixed += load_scored_pairs(self.run_dir / f"iter-{earlier}" / "generate" / "pairs.jsonl")
+            mixed = [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in mixed]
+            scored = score_pairs(model, mixed, config.score_batch_tokens, backend=config.train.backend,
+                                 progress=config.train.progress)
+            save_scored_pairs(scored_file, scored)
+            write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(scored),
+                           from_iterations=list(range(max(0, t - config.mix_previous), t + 1)))
+        return load_scored_pairs(scored_file)
+
+    # ------------------------------------------------------------------------------- helpers
+    def load_examples(self, tokenizer) -> list[TokenizedExample]:
+        data = self.config.data
+        examples = load_examples(data.source, split=data.split, schema=data.schema, keep_history=data.keep_history,
+                                 skip_invalid=data.skip_invalid).examples
+        if data.max_prompts is not None:
+            examples = examples[: data.max_prompts]
+        return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+                for e in examples]
+
+    def model_path(self, t: int) -> str:
+        """θt: the SFT model for t = 0, else the last checkpoint of iteration t-1's training."""
+        if t == 0:
+            return self.config.model.name_or_path
+        summary = read_manifest(self.run_dir / f"iter-{t - 1}" / "train")["summary"]
+        return summary["checkpoint"]
+
+    def device(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _check_same_config(self) -> None:
+        """A run directory belongs to one config: resuming with another would mix two experiments."""
+        path = self.run_dir / "config.yaml"
+        resolved = self.config.to_dict()
+        if path.exists():
+            before = yaml.safe_load(path.read_text())
+            if before != json.loads(json.dumps(resolved, default=str)):
+                raise ValueError(f"{path} holds another config: use a new output_dir, or the same settings")
+            return
+        path.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
+
+
+def default_engine(model, tokenizer, config: RunConfig) -> Engine:
+    """vLLM when installed (and asked or auto), else the embedded transformers engine."""
+    from spin_fast.generation.hf_engine import TransformersEngine
+
+    choice = config.generation.engine
+    if choice in ("auto", "vllm"):
+        try:
+            from spin_fast.generation.vllm_engine import VllmEngine  # noqa: F401
+        except ImportError as error:
+            if choice == "vllm":
+                raise ValueError(f"generation.engine=vllm but vLLM cannot be imported ({error})") from None
+        else:
+            log.info("vLLM is installed but the loop's vLLM wiring is not done yet: using transformers")
+    return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              batch_size=config.generation.batch_size, progress=config.train.progress)

@@ -1,0 +1,98 @@
+"""The self-play loop end to end on a tiny model: stages, data mixing, and resume after kills."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from spin_fast.config import load_run_config
+from spin_fast.generation.hf_engine import TransformersEngine
+from spin_fast.model import tiny_config
+from spin_fast.selfplay import SelfPlay
+from spin_fast.tokenizer import build_local_tokenizer
+from spin_fast.training import Trainer
+
+QA = [("What is two plus two?", "Two plus two is four."), ("What is the capital of France?", "It is Paris."),
+      ("How many legs does a spider have?", "A spider has eight legs."), ("Why is the sky blue?", "Scattering."),
+      ("Say hello in Spanish.", "Hola."), ("Name a planet.", "Mars.")]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """A tiny Llama and the local tokenizer, saved like any SFT checkpoint, plus a prompt/response file."""
+    path = tmp_path_factory.mktemp("sft")
+    tokenizer = build_local_tokenizer(vocab_size=300)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300)).save_pretrained(path / "model")
+    tokenizer.save_pretrained(path / "model")
+    (path / "train.jsonl").write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA))
+    return path
+
+
+def run_config(sft_model, out, *extra):
+    return load_run_config(None, [
+        f"output_dir={out}", f"model.name_or_path={sft_model / 'model'}", f"data.source={sft_model / 'train.jsonl'}",
+        "data.max_length=64", "data.max_prompt_length=32", "iterations=2", "generation.engine=transformers",
+        "generation.max_new_tokens=8", "train.optimizer=adamw", "train.learning_rate=1e-3", "train.schedule=constant",
+        "train.warmup_ratio=0", "train.global_batch=4", "train.epochs=1", "train.micro_batch_tokens=256",
+        "train.backend=torch", "train.progress=false", "score_batch_tokens=512", *extra,
+    ])
+
+
+def final_weights(summaries):
+    return load_file(f"{summaries[-1]['checkpoint']}/model.safetensors")
+
+
+def test_two_iterations_mix_the_previous_pairs(sft_model, tmp_path):
+    summaries = SelfPlay(run_config(sft_model, tmp_path / "run")).run()
+    assert [s["iteration"] for s in summaries] == [0, 1]
+    assert summaries[0]["pairs"] == len(QA) and summaries[1]["pairs"] == 2 * len(QA)  # t and t-1
+    first_step = json.loads((tmp_path / "run" / "iter-0" / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first_step["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == opponent θ0 at the first step
+    for t in (0, 1):
+        for stage in ("generate", "score", "train"):
+            assert (tmp_path / "run" / f"iter-{t}" / stage / "manifest.json").exists()
+    assert len((tmp_path / "run" / "summary.jsonl").read_text().splitlines()) == 2
+    # Started again when finished: nothing is redone.
+    assert SelfPlay(run_config(sft_model, tmp_path / "run")).run() == summaries
+
+
+def test_resume_after_kills_in_generation_and_training_matches(sft_model, tmp_path, monkeypatch):
+    reference = final_weights(SelfPlay(run_config(sft_model, tmp_path / "straight")).run())
+
+    config = run_config(sft_model, tmp_path / "killed", "train.save_every=1")
+    real_generate, real_step = TransformersEngine.generate, Trainer.train_step
+    calls = {"generate": 0, "step": 0}
+
+    def generate_then_die(self, *args):
+        calls["generate"] += 1
+        if calls["generate"] == 1:  # iteration 1's (iteration 0 generated before the first kill)
+            raise KeyboardInterrupt
+        return real_generate(self, *args)
+
+    def step_then_die(self):
+        calls["step"] += 1
+        if calls["step"] == 2:  # the second step of iteration 0's training, after checkpoint-1
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        SelfPlay(config).run()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.setattr(TransformersEngine, "generate", generate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        SelfPlay(config).run()
+    monkeypatch.setattr(TransformersEngine, "generate", real_generate)
+    resumed = final_weights(SelfPlay(config).run())
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
+    SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
+    with pytest.raises(ValueError, match="holds another config"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2")).run()
