@@ -36,6 +36,7 @@ from spin_fast.training import Trainer
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+STAGES = ("generate", "score", "train")
 
 
 def config_hash(config: RunConfig) -> str:
@@ -76,21 +77,29 @@ class SelfPlay:
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
 
     # ------------------------------------------------------------------------------ the loop
-    def run(self) -> list[dict]:
+    def run(self, until: tuple[int, str] | None = None) -> list[dict]:
+        """All iterations, or up to and including stage until=(iteration, "generate"|"score"|"train")."""
+        if until is not None and (until[1] not in STAGES or not 0 <= until[0] < self.config.iterations):
+            raise ValueError(f"until must be (iteration in [0, {self.config.iterations}), one of {STAGES}), "
+                             f"got {until}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_config()
         tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
         examples = self.load_examples(tokenizer)
         summaries = []
         try:
-            for t in range(self.config.iterations):
-                summaries.append(self.iteration(t, tokenizer, examples))
+            for t in range(self.config.iterations if until is None else until[0] + 1):
+                stop = until[1] if until is not None and t == until[0] else None
+                summary = self.iteration(t, tokenizer, examples, stop_after=stop)
+                if summary is not None:
+                    summaries.append(summary)
         finally:
             if self.engine is not None:
                 self.engine.close()
         return summaries
 
-    def iteration(self, t: int, tokenizer, examples: list[TokenizedExample]) -> dict:
+    def iteration(self, t: int, tokenizer, examples: list[TokenizedExample], stop_after: str | None = None):
+        """Runs iteration t's stages that are not done yet; returns its summary (None if stopped early)."""
         config = self.config.for_iteration(t)
         iter_dir = self.run_dir / f"iter-{t}"
         train_dir = iter_dir / "train"
@@ -109,10 +118,14 @@ class SelfPlay:
         start = time.perf_counter()
         pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
         times["generate_s"] = time.perf_counter() - start
+        if stop_after == "generate":
+            return None
 
         start = time.perf_counter()
         scored = self.score(t, iter_dir / "score", model, pairs, config)
         times["score_s"] = time.perf_counter() - start
+        if stop_after == "score":
+            return None
 
         start = time.perf_counter()
         result = Trainer(model, tokenizer, config.train, train_dir, scored).train()

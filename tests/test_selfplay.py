@@ -96,3 +96,53 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
     with pytest.raises(ValueError, match="holds another config"):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2")).run()
+
+
+def write_yaml(sft_model, path, out):
+    path.write_text(
+        f"output_dir: {out}\n"
+        f"model: {{name_or_path: {sft_model / 'model'}}}\n"
+        f"data: {{source: {sft_model / 'train.jsonl'}, max_length: 64, max_prompt_length: 32}}\n"
+        "iterations: 2\n"
+        "generation: {engine: transformers, max_new_tokens: 8}\n"
+        "train: {optimizer: adamw, learning_rate: 1.0e-3, global_batch: 4, epochs: 1, micro_batch_tokens: 256,"
+        " backend: torch, progress: false}\n"
+    )
+    return path
+
+
+def test_cli_stage_commands_then_run(sft_model, tmp_path, capsys):
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main(["generate", str(config), "--iteration", "0"]) == 0
+    stages = sorted(p.parent.name for p in (tmp_path / "run").glob("iter-*/*/manifest.json"))
+    assert stages == ["generate"]
+    assert main(["run", str(config), "--set", "score_batch_tokens=512"]) == 2  # another config than the run dir's
+    assert "holds another config" in capsys.readouterr().err
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "iteration=0" in out and "iteration=1" in out
+
+
+def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main(["sft", str(config), "--set", "train.epochs=2"]) == 0
+    assert (tmp_path / "run" / "sft" / "checkpoint-4" / "model.safetensors").exists()
+    assert main(["run", str(config), "--set", "train.lerning_rate=1"]) == 2
+    assert "did you mean 'train.learning_rate'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(SystemExit):
+        main(["fly", str(config)])
+
+
+def test_console_script_is_installed():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "spin-fast"
+    result = subprocess.run([str(script), "run", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--set KEY=VALUE" in result.stdout

@@ -54,8 +54,10 @@ class VllmEngine:
         if self._on_cpu:
             # The CPU build reserves its KV cache up front (4 GiB by default); 1 GiB serves the opponent's batches.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # Sleep mode frees GPU memory while training runs; the CPU build refuses it.
-        self._sleep_mode = bool(enable_sleep_mode) and not self._on_cpu
+        # Sleep mode frees GPU memory while training runs (None: on where vLLM supports it, CUDA); the CPU build
+        # refuses it.
+        cuda = current_platform.is_cuda()
+        self._sleep_mode = cuda if enable_sleep_mode is None else enable_sleep_mode and cuda
         self._llm = LLM(
             model=str(model_dir), dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self._sleep_mode, seed=seed,
@@ -78,12 +80,15 @@ class VllmEngine:
                   for i in range(len(prompts))]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
         outputs = self._llm.generate(inputs, params, use_tqdm=True)  # type: ignore[arg-type]
-        return [[self._completion(o.token_ids, o.finish_reason) for o in out.outputs] for out in outputs]
+        return [[self._completion(o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs]
+                for out in outputs]
 
-    def _completion(self, token_ids: Sequence[int], finish_reason: str | None) -> Completion:
+    def _completion(self, token_ids: Sequence[int], finish_reason: str | None, stop_reason: int | str | None
+                    ) -> Completion:
         ids = tuple(int(t) for t in token_ids)
         finished = finish_reason == "stop"
-        if finished and ids and ids[-1] == self._eos:
+        # vLLM keeps the token that stopped it: the tokenizer's EOS, or another EOS id of the generation config.
+        if finished and ids and ids[-1] in (self._eos, stop_reason):
             ids = ids[:-1]
         return Completion(token_ids=ids, finished=finished)
 
@@ -98,9 +103,9 @@ class VllmEngine:
             if t.is_floating_point():
                 t = t.to(self._dtype)  # half the bytes through RAM when training in fp32 and serving in bf16
             t = t.contiguous()
-            if t.data_ptr() in seen:  # tied weights: safetensors refuses tensors that share memory
+            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
                 t = t.clone()
-            seen.add(t.data_ptr())
+            seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         directory = _SHM if _SHM.is_dir() and shutil.disk_usage(_SHM).free > 2 * size else None

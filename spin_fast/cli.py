@@ -1,0 +1,100 @@
+"""The `spin-fast` command: run a whole SPIN experiment, or one stage of it, from one YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+spin-fast trains a language model with SPIN (Self-Play Fine-Tuning): in each iteration the model
+(the opponent) answers every prompt of an SFT set, then learns to prefer the human answers to its
+own. Everything is set in one YAML file (see configs/); any setting can be changed on the command
+line with --set section.key=value, e.g. --set train.learning_rate=1e-7.
+
+commands:
+  run        all iterations: generate -> score -> train, resuming where a previous run stopped
+  sft        plain supervised fine-tuning on the SFT set (the usual starting point and baseline)
+  generate   run up to and including one iteration's generation stage
+  score      run up to and including one iteration's scoring stage
+  train      run up to and including one iteration's training stage
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spin-fast", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "run": "run every iteration (resumes a stopped run: same command, same output_dir)",
+        "sft": "supervised fine-tuning on data.source into output_dir/sft",
+        "generate": "stop after the generation stage of --iteration",
+        "score": "stop after the scoring stage of --iteration",
+        "train": "stop after the training stage of --iteration",
+    }
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("config", type=Path, help="YAML config file (the settings of spin_fast.config.RunConfig)")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting, e.g. --set train.beta=0.2 (repeatable)")
+        if name in ("generate", "score", "train"):
+            sub.add_argument("--iteration", type=int, default=0, help="which iteration (default 0)")
+        sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from spin_fast.config import ConfigError, load_run_config
+
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except (ConfigError, OSError) as error:
+        print(f"spin-fast: {error}", file=sys.stderr)
+        return 2
+    if args.command == "sft":
+        return run_sft(config)
+    from spin_fast.selfplay import SelfPlay
+
+    until = None if args.command == "run" else (args.iteration, args.command)
+    try:
+        summaries = SelfPlay(config).run(until=until)
+    except ValueError as error:
+        print(f"spin-fast: {error}", file=sys.stderr)
+        return 2
+    for summary in summaries:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def run_sft(config) -> int:
+    """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from spin_fast.data import load_examples, tokenize_example
+    from spin_fast.model import load_causal_lm
+    from spin_fast.packing import Sequence
+    from spin_fast.training import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+    data = config.data
+    examples = load_examples(data.source, split=data.split, schema=data.schema, keep_history=data.keep_history,
+                             skip_invalid=data.skip_invalid).examples[: data.max_prompts]
+    sequences = []
+    for example in examples:
+        tokens = tokenize_example(tokenizer, example, max_length=data.max_length,
+                                  max_prompt_length=data.max_prompt_length)
+        sequences.append(Sequence(tokens.prompt_ids, tokens.response_ids))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(config.model.name_or_path, dtype=getattr(torch, config.train.dtype), device=device,
+                           attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
+                           gradient_checkpointing=config.train.gradient_checkpointing)
+    result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
+                     sequences).train()
+    print(f"sft: {result.steps} steps, model in {result.final_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

