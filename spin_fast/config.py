@@ -80,8 +80,7 @@ class TrainConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = ""
-    dtype: str = "float32"
+    name_or_path: str = ""  # its dtype in training is train.dtype
     attention: str = "auto"
     trust_remote_code: bool = False
 

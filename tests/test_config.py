@@ -9,13 +9,13 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "output_dir: runs/x\n"
-        "model: {name_or_path: my/sft-model, dtype: bfloat16}\n"
+        "model: {name_or_path: my/sft-model}\n"
         "train: {learning_rate: 5.0e-7, beta: 0.1, global_batch: 64}\n"
         "iteration_overrides:\n  1: {train.learning_rate: 1e-7}\n"
     )
     config = load_run_config(path, ["train.learning_rate=2e-7", "data.source=data/train.jsonl", "iterations=4"])
     assert isinstance(config, RunConfig)
-    assert config.train.learning_rate == 2e-7 and config.iterations == 4 and config.model.dtype == "bfloat16"
+    assert config.train.learning_rate == 2e-7 and config.iterations == 4 and config.model.name_or_path == "my/sft-model"
     assert config.data.source == "data/train.jsonl" and config.train.global_batch == 64
     assert config.for_iteration(1).train.learning_rate == 1e-7  # YAML's "1e-7" string becomes a float
     assert config.for_iteration(2).train.learning_rate == 2e-7
