@@ -19,6 +19,8 @@ commands:
   generate   run up to and including one iteration's generation stage
   score      run up to and including one iteration's scoring stage
   train      run up to and including one iteration's training stage
+  eval       held-out log-likelihood of the human responses under the SFT model and every finished
+             iteration, and each iteration's reward margins against its opponent (data.eval_source)
 """
 
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": "stop after the generation stage of --iteration",
         "score": "stop after the scoring stage of --iteration",
         "train": "stop after the training stage of --iteration",
+        "eval": "evaluate the SFT model and every finished iteration on data.eval_source",
     }
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text)
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_sft(config)
     from spin_fast.selfplay import SelfPlay
 
+    if args.command == "eval":
+        return run_eval(SelfPlay(config))
+
     until = None if args.command == "run" else (args.iteration, args.command)
     try:
         summaries = SelfPlay(config).run(until=until)
@@ -64,6 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for summary in summaries:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def run_eval(selfplay) -> int:
+    """Evaluate what the run has finished so far; the table also lands in output_dir/eval.jsonl."""
+    from spin_fast.evaluation import evaluate_run
+
+    source = selfplay.config.data.eval_source
+    if not source:
+        print("spin-fast: data.eval_source is not set: eval needs held-out (prompt, response) data", file=sys.stderr)
+        return 2
+    rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
+    for row in rows:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
 
 

@@ -160,3 +160,41 @@ def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
         hf = (tmp_path / "hf" / f"iter-{t}" / "generate" / "pairs.jsonl").read_text()
         vllm = (tmp_path / "vllm" / f"iter-{t}" / "generate" / "pairs.jsonl").read_text()
         assert hf == vllm, t
+
+
+def test_eval_reports_loglik_and_margins(sft_model, tmp_path, capsys):
+    from spin_fast.cli import main
+    from spin_fast.data import TokenizedExample
+    from spin_fast.evaluation import heldout_loglik, reward_margins
+    from spin_fast.scoring import TokenizedPair
+
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA[:3]))
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main(["eval", str(config)]) == 2  # no eval_source
+    assert "eval_source is not set" in capsys.readouterr().err
+    assert main(["run", str(config), "--set", f"data.eval_source={held_out}"]) == 0
+    assert main(["eval", str(config), "--set", f"data.eval_source={held_out}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
+    assert all(r["loglik_per_token"] < 0 for r in rows) and rows[1]["pairs"] == 3
+
+    # The margins are beta * the log-prob differences, computed here by hand for one pair.
+    model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
+    first_iteration = json.loads((tmp_path / "run" / "summary.jsonl").read_text().splitlines()[0])
+    other = AutoModelForCausalLM.from_pretrained(first_iteration["checkpoint"])
+    pair = TokenizedPair((1, 5, 9), (7, 8, 2), (9, 2))
+    got = reward_margins(other, model, [pair], beta=0.1, token_budget=64, backend="torch")
+
+    def logp(m, prompt, response):
+        ids = torch.tensor([prompt + response])
+        logps = m(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+        return float(logps[len(prompt) - 1 :].sum())
+
+    with torch.no_grad():
+        real = 0.1 * (logp(other, [1, 5, 9], [7, 8, 2]) - logp(model, [1, 5, 9], [7, 8, 2]))
+        generated = 0.1 * (logp(other, [1, 5, 9], [9, 2]) - logp(model, [1, 5, 9], [9, 2]))
+    assert got["rewards/margins"] == pytest.approx(real - generated, abs=1e-5)
+    ll = heldout_loglik(model, [TokenizedExample((1, 5, 9), (7, 8, 2), None)], 64)
+    with torch.no_grad():
+        assert ll["loglik_per_token"] == pytest.approx(logp(model, [1, 5, 9], [7, 8, 2]) / 3, abs=1e-5)
