@@ -144,7 +144,7 @@ class SelfPlay:
         summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
                    **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
                                            "rewards/accuracies") if k in last},
-                   **times, "checkpoint": str(result.final_dir)}
+                   **self.heldout(model, tokenizer, config), **times, "checkpoint": str(result.final_dir)}
         with (self.run_dir / "summary.jsonl").open("a") as out:
             out.write(json.dumps(summary) + "\n")
         write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config), summary=summary)
@@ -198,6 +198,19 @@ class SelfPlay:
             examples = examples[: data.max_prompts]
         return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
                 for e in examples]
+
+    def heldout(self, model, tokenizer, config: RunConfig) -> dict:
+        """θt+1's log-likelihood of the held-out human responses, when data.eval_source is set."""
+        if not config.data.eval_source:
+            return {}
+        from spin_fast.evaluation import heldout_loglik
+
+        data = config.data
+        examples = [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+                    for e in load_examples(data.eval_source, split=data.split, schema=data.schema,
+                                           keep_history=data.keep_history, skip_invalid=data.skip_invalid).examples]
+        result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend)
+        return {"heldout_loglik_per_token": result["loglik_per_token"]}
 
     def model_path(self, t: int) -> str:
         """θt: the SFT model for t = 0, else the last checkpoint of iteration t-1's training."""

@@ -178,6 +178,9 @@ def test_eval_reports_loglik_and_margins(sft_model, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
     assert all(r["loglik_per_token"] < 0 for r in rows) and rows[1]["pairs"] == 3
+    summary = [json.loads(line) for line in (tmp_path / "run" / "summary.jsonl").read_text().splitlines()]
+    # The run's own summary line has θt+1's held-out log-likelihood, the same figure eval reports.
+    assert summary[1]["heldout_loglik_per_token"] == pytest.approx(rows[2]["loglik_per_token"], abs=1e-5)
 
     # The margins are beta * the log-prob differences, computed here by hand for one pair.
     model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
