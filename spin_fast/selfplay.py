@@ -9,7 +9,7 @@ stopped; training resumes from its own checkpoints.
     run_dir/iter-<t>/generate/     pairs.jsonl: prompt, real and generated token ids
     run_dir/iter-<t>/score/        scored.jsonl: the pairs of t and earlier, with θt's log-probs
     run_dir/iter-<t>/train/        checkpoints of θt+1 (Hugging Face folders) and metrics.jsonl
-    run_dir/summary.jsonl          one line per finished iteration
+    run_dir/summary.jsonl, .md     one line / table row per finished iteration
 """
 
 from __future__ import annotations
@@ -140,22 +140,45 @@ class SelfPlay:
             self.engine.load_weights(model.state_dict().items())
         times["weight_transfer_s"] = time.perf_counter() - start
 
-        last = result.history[-1] if result.history else {}
+        # The log, not this call's history: a run resumed after its last step has no history.
+        lines = (train_dir / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
         summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
                    **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
                                            "rewards/accuracies") if k in last},
                    **self.heldout(model, tokenizer, config), **times, "checkpoint": str(result.final_dir)}
-        with (self.run_dir / "summary.jsonl").open("a") as out:
-            out.write(json.dumps(summary) + "\n")
-        write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config), summary=summary)
+        write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
+                       inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
+                       summary=summary)
+        self.write_summary_table()
         log.info("iteration %d: %s", t, summary)
         return summary
+
+    def write_summary_table(self) -> None:
+        """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests."""
+        rows = []
+        for t in range(self.config.iterations):
+            manifest = read_manifest(self.run_dir / f"iter-{t}" / "train")
+            if manifest is None:
+                break
+            rows.append(manifest["summary"])
+        columns = [k for k in rows[0] if k != "checkpoint"]
+        table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for row in rows:
+            table.append("| " + " | ".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float)
+                                           else str(row.get(c, "")) for c in columns) + " |")
+        for name, text in (("summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
+                           ("summary.md", "\n".join(table) + "\n")):
+            tmp = self.run_dir / (name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.run_dir / name)
 
     # -------------------------------------------------------------------------------- stages
     def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> list[TokenizedPair]:
         """θt's response to every prompt, paired with the human one."""
         pairs_file = stage_dir / "pairs.jsonl"
         if read_manifest(stage_dir) is None:
+            start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
             if self.engine is None:
                 self.engine = self.make_engine(model, tokenizer, config, self.model_path(t))
@@ -170,23 +193,29 @@ class SelfPlay:
             ]
             save_scored_pairs(pairs_file, [ScoredPair(*asdict(p).values()) for p in pairs])
             write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
-                           pairs=len(pairs), finished=sum(c[0].finished for c in completions))
+                           inputs={"model": self.model_path(t), "data": config.data.source},
+                           pairs=len(pairs), finished=sum(c[0].finished for c in completions),
+                           seconds=time.perf_counter() - start, sampling=asdict(sampling))
         return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
 
     def score(self, t, stage_dir: Path, model, pairs, config) -> list[ScoredPair]:
         """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it."""
         scored_file = stage_dir / "scored.jsonl"
         if read_manifest(stage_dir) is None:
+            start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
             mixed = list(pairs)
-            for earlier in range(max(0, t - config.mix_previous), t):
-                mixed += load_scored_pairs(self.run_dir / f"iter-{earlier}" / "generate" / "pairs.jsonl")
+            sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
+                       for i in range(max(0, t - config.mix_previous), t + 1)]
+            for earlier in sources[:-1]:
+                mixed += load_scored_pairs(earlier)
             mixed = [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in mixed]
             scored = score_pairs(model, mixed, config.score_batch_tokens, backend=config.train.backend,
                                  progress=config.train.progress)
             save_scored_pairs(scored_file, scored)
             write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(scored),
-                           from_iterations=list(range(max(0, t - config.mix_previous), t + 1)))
+                           inputs={"model": self.model_path(t), "pairs": [str(s) for s in sources]},
+                           seconds=time.perf_counter() - start)
         return load_scored_pairs(scored_file)
 
     # ------------------------------------------------------------------------------- helpers

@@ -55,6 +55,10 @@ def test_two_iterations_mix_the_previous_pairs(sft_model, tmp_path):
         for stage in ("generate", "score", "train"):
             assert (tmp_path / "run" / f"iter-{t}" / stage / "manifest.json").exists()
     assert len((tmp_path / "run" / "summary.jsonl").read_text().splitlines()) == 2
+    table = (tmp_path / "run" / "summary.md").read_text().splitlines()
+    assert len(table) == 4 and "rewards/margins" in table[0] and "train_s" in table[0]
+    manifest = json.loads((tmp_path / "run" / "iter-1" / "score" / "manifest.json").read_text())
+    assert manifest["seconds"] > 0 and len(manifest["inputs"]["pairs"]) == 2
     # Started again when finished: nothing is redone.
     assert SelfPlay(run_config(sft_model, tmp_path / "run")).run() == summaries
 
