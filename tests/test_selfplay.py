@@ -205,3 +205,35 @@ def test_eval_reports_loglik_and_margins(sft_model, tmp_path, capsys):
     ll = heldout_loglik(model, [TokenizedExample((1, 5, 9), (7, 8, 2), None)], 64)
     with torch.no_grad():
         assert ll["loglik_per_token"] == pytest.approx(logp(model, [1, 5, 9], [7, 8, 2]) / 3, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["iter-0/train/checkpoint-1/trainer_state.pt", "iter-1/generate"])
+def test_sigkill_of_a_real_run_resumes_to_the_same_weights(sft_model, tmp_path, kill_when):
+    """`spin-fast run` in its own process, SIGKILLed mid-training or mid-generation, then started
+    again with the same command, ends with the weights of an uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    reference = final_weights(SelfPlay(run_config(sft_model, tmp_path / "straight")).run())
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "killed")
+    extra = ["--set", "train.save_every=1", "--set", "train.optimizer=adamw", "--set", "train.learning_rate=1e-3",
+             "--set", "train.schedule=constant", "--set", "train.warmup_ratio=0", "--set", "score_batch_tokens=512"]
+    command = [str(Path(sys.executable).parent / "spin-fast"), "run", str(config), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / kill_when).exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("iter-*/*/manifest.json")}
+    assert finished, "some stage had finished before the kill"
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())  # finished work is not redone
+    summary = [json.loads(line) for line in (tmp_path / "killed" / "summary.jsonl").read_text().splitlines()]
+    resumed = load_file(f"{summary[-1]['checkpoint']}/model.safetensors")
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
