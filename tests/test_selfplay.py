@@ -217,12 +217,18 @@ def test_sigkill_of_a_real_run_resumes_to_the_same_weights(sft_model, tmp_path, 
     import time
     from pathlib import Path
 
-    reference = final_weights(SelfPlay(run_config(sft_model, tmp_path / "straight")).run())
-    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "killed")
-    extra = ["--set", "train.save_every=1", "--set", "train.optimizer=adamw", "--set", "train.learning_rate=1e-3",
-             "--set", "train.schedule=constant", "--set", "train.warmup_ratio=0", "--set", "score_batch_tokens=512"]
-    command = [str(Path(sys.executable).parent / "spin-fast"), "run", str(config), *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def command(name):
+        # Both runs in fresh processes: the test process's thread settings (vLLM changes them) stay out.
+        config = write_yaml(sft_model, tmp_path / f"{name}.yaml", tmp_path / name)
+        return [str(Path(sys.executable).parent / "spin-fast"), "run", str(config), "--set", "train.save_every=1"]
+
+    def weights(name):
+        summary = [json.loads(line) for line in (tmp_path / name / "summary.jsonl").read_text().splitlines()]
+        return load_file(f"{summary[-1]['checkpoint']}/model.safetensors")
+
+    assert subprocess.run(command("straight"), capture_output=True).returncode == 0
+    reference = weights("straight")
+    process = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "killed" / kill_when).exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before the kill point"
@@ -231,9 +237,9 @@ def test_sigkill_of_a_real_run_resumes_to_the_same_weights(sft_model, tmp_path, 
     process.wait()
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("iter-*/*/manifest.json")}
     assert finished, "some stage had finished before the kill"
-    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert subprocess.run(command("killed"), capture_output=True).returncode == 0
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())  # finished work is not redone
-    summary = [json.loads(line) for line in (tmp_path / "killed" / "summary.jsonl").read_text().splitlines()]
-    resumed = load_file(f"{summary[-1]['checkpoint']}/model.safetensors")
+    resumed = weights("killed")
+    assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
