@@ -89,27 +89,16 @@ def run_eval(selfplay) -> int:
 
 def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
-    import torch
     from transformers import AutoTokenizer
 
-    from spin_fast.data import load_examples, tokenize_example
-    from spin_fast.model import load_causal_lm
     from spin_fast.packing import Sequence
+    from spin_fast.selfplay import load_policy, tokenized_examples
     from spin_fast.training import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
-    data = config.data
-    examples = load_examples(data.source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                             skip_invalid=data.skip_invalid).examples[: data.max_prompts]
-    sequences = []
-    for example in examples:
-        tokens = tokenize_example(tokenizer, example, max_length=data.max_length,
-                                  max_prompt_length=data.max_prompt_length)
-        sequences.append(Sequence(tokens.prompt_ids, tokens.response_ids))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(config.model.name_or_path, dtype=getattr(torch, config.train.dtype), device=device,
-                           attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
-                           gradient_checkpointing=config.train.gradient_checkpointing)
+    examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
+    sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
+    model = load_policy(config.model.name_or_path, config)
     result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
                      sequences).train()
     print(f"sft: {result.steps} steps, model in {result.final_dir}")

@@ -268,6 +268,13 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list
     return [int(i) for i in out]
 
 
+def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
+    """A response (ending with EOS) fitted to `budget` tokens; a cut one still ends with EOS, so the
+    model still learns where answers stop."""
+    ids = list(ids)
+    return tuple(ids if len(ids) <= budget else [*ids[: budget - 1], eos])
+
+
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int) -> TokenizedExample:
     """Prompt ids (keeping the prompt's end) and EOS-terminated response ids, cut to fit max_length (SPIN recipe)."""
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
@@ -280,9 +287,7 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_p
     budget = max_length - len(prompt)
 
     def response(text: str) -> tuple[int, ...]:
-        ids = [*tokenizer.encode(text, add_special_tokens=False), eos]
-        # A cut response still ends with EOS, so the model still learns where answers stop.
-        return tuple(ids if len(ids) <= budget else [*ids[:budget - 1], eos])
+        return cut_response([*tokenizer.encode(text, add_special_tokens=False), eos], budget, eos)
 
     generated = None if example.generated is None else response(example.generated)
     return TokenizedExample(tuple(prompt), response(example.response), generated)

@@ -13,8 +13,6 @@ import os
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-import torch
-
 from spin_fast.data import TokenizedExample
 from spin_fast.packing import Sequence
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
@@ -47,25 +45,16 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None) -> list
     iteration's margins against its opponent, on held-out pairs the opponent answers itself."""
     from transformers import AutoTokenizer
 
-    from spin_fast.data import load_examples, tokenize_example
     from spin_fast.generation.hf_engine import TransformersEngine
-    from spin_fast.model import load_causal_lm
-    from spin_fast.selfplay import cut_response, read_manifest
+    from spin_fast.selfplay import answered_pairs, load_policy, read_manifest, tokenized_examples
 
     config = selfplay.config
-    data, budget, backend = config.data, config.score_batch_tokens, config.train.backend
+    budget, backend = config.score_batch_tokens, config.train.backend
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
-    examples = [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-                for e in load_examples(eval_source, split=data.split, schema=data.schema,
-                                       keep_history=data.keep_history, skip_invalid=data.skip_invalid).examples]
-    device = selfplay.device()
-
-    def load(path):
-        return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device,
-                              attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code)
+    examples = tokenized_examples(tokenizer, config.data, eval_source)
 
     rows = []
-    opponent = load(config.model.name_or_path)
+    opponent = load_policy(config.model.name_or_path, config)
     rows.append({"model": "sft", **heldout_loglik(opponent, examples, budget, backend)})
     for t in range(config.iterations):
         manifest = read_manifest(selfplay.run_dir / f"iter-{t}" / "train")
@@ -76,11 +65,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None) -> list
                                     pad_token_id=tokenizer.pad_token_id, progress=False)
         sampling = config.for_iteration(t).generation.sampling()
         completions = engine.generate([e.prompt_ids for e in examples], sampling)
-        eos = tokenizer.eos_token_id
-        pairs = [TokenizedPair(e.prompt_ids, e.response_ids,
-                               cut_response((*c[0].token_ids, eos), data.max_length - len(e.prompt_ids), eos))
-                 for e, c in zip(examples, completions)]
-        policy = load(manifest["summary"]["checkpoint"])
+        pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, config.data.max_length)
+        policy = load_policy(manifest["summary"]["checkpoint"], config)
         beta = config.for_iteration(t).train.beta
         rows.append({"model": f"iter-{t}", **heldout_loglik(policy, examples, budget, backend),
                      **reward_margins(policy, opponent, pairs, beta, budget, backend)})

@@ -27,8 +27,8 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from spin_fast.config import RunConfig
-from spin_fast.data import TokenizedExample, load_examples, tokenize_example
+from spin_fast.config import DataConfig, RunConfig
+from spin_fast.data import TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
@@ -54,10 +54,31 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def cut_response(ids: Seq[int], budget: int, eos: int) -> tuple[int, ...]:
-    """A response (ending with EOS) fitted to `budget` tokens, still ending with EOS."""
-    ids = list(ids)
-    return tuple(ids if len(ids) <= budget else [*ids[: budget - 1], eos])
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
+    """The examples of `source`, read and tokenized with the run's data settings."""
+    examples = load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
+                             skip_invalid=data.skip_invalid).examples[:limit]
+    return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+            for e in examples]
+
+
+def load_policy(path: str, config: RunConfig):
+    """A model of the run (SFT model or checkpoint) with the run's model and training settings."""
+    return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device(),
+                          attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
+                          gradient_checkpointing=config.train.gradient_checkpointing,
+                          liger_kernels=config.train.liger_kernels)
+
+
+def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, max_length: int) -> list[TokenizedPair]:
+    """Each example's human response paired with the engine's first completion (EOS-closed, cut to fit)."""
+    return [TokenizedPair(e.prompt_ids, e.response_ids,
+                          cut_response((*c[0].token_ids, eos), max_length - len(e.prompt_ids), eos))
+            for e, c in zip(examples, completions)]
 
 
 class SelfPlay:
@@ -75,6 +96,7 @@ class SelfPlay:
         self.make_engine = make_engine or default_engine
         self.engine: Engine | None = None
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
+        self.eval_examples: list[TokenizedExample] | None = None
 
     # ------------------------------------------------------------------------------ the loop
     def run(self, until: tuple[int, str] | None = None) -> list[dict]:
@@ -85,7 +107,8 @@ class SelfPlay:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_config()
         tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
-        examples = self.load_examples(tokenizer)
+        examples = tokenized_examples(tokenizer, self.config.data, self.config.data.source,
+                                      self.config.data.max_prompts)
         summaries = []
         try:
             for t in range(self.config.iterations if until is None else until[0] + 1):
@@ -108,11 +131,7 @@ class SelfPlay:
             return done["summary"]
         times = {}
         if self.model is None:
-            self.model = load_causal_lm(
-                self.model_path(t), dtype=getattr(torch, config.train.dtype), device=self.device(),
-                attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
-                gradient_checkpointing=config.train.gradient_checkpointing, liger_kernels=config.train.liger_kernels,
-            )
+            self.model = load_policy(self.model_path(t), config)
         model = self.model
 
         start = time.perf_counter()
@@ -185,12 +204,7 @@ class SelfPlay:
             sampling = config.generation.sampling()
             sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
             completions = self.engine.generate([e.prompt_ids for e in examples], sampling)
-            eos = tokenizer.eos_token_id
-            pairs = [
-                TokenizedPair(e.prompt_ids, e.response_ids,
-                              cut_response((*c[0].token_ids, eos), config.data.max_length - len(e.prompt_ids), eos))
-                for e, c in zip(examples, completions)
-            ]
+            pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, config.data.max_length)
             save_scored_pairs(pairs_file, [ScoredPair(*asdict(p).values()) for p in pairs])
             write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
                            inputs={"model": self.model_path(t), "data": config.data.source},
@@ -219,26 +233,15 @@ class SelfPlay:
         return load_scored_pairs(scored_file)
 
     # ------------------------------------------------------------------------------- helpers
-    def load_examples(self, tokenizer) -> list[TokenizedExample]:
-        data = self.config.data
-        examples = load_examples(data.source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                                 skip_invalid=data.skip_invalid).examples
-        if data.max_prompts is not None:
-            examples = examples[: data.max_prompts]
-        return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-                for e in examples]
-
     def heldout(self, model, tokenizer, config: RunConfig) -> dict:
         """θt+1's log-likelihood of the held-out human responses, when data.eval_source is set."""
         if not config.data.eval_source:
             return {}
         from spin_fast.evaluation import heldout_loglik
 
-        data = config.data
-        examples = [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-                    for e in load_examples(data.eval_source, split=data.split, schema=data.schema,
-                                           keep_history=data.keep_history, skip_invalid=data.skip_invalid).examples]
-        result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend)
+        if self.eval_examples is None:  # read once per run, not once per iteration
+            self.eval_examples = tokenized_examples(tokenizer, config.data, config.data.eval_source)
+        result = heldout_loglik(model, self.eval_examples, config.score_batch_tokens, backend=config.train.backend)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}
 
     def model_path(self, t: int) -> str:
@@ -247,9 +250,6 @@ class SelfPlay:
             return self.config.model.name_or_path
         summary = read_manifest(self.run_dir / f"iter-{t - 1}" / "train")["summary"]
         return summary["checkpoint"]
-
-    def device(self) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def _check_same_config(self) -> None:
         """A run directory belongs to one config: resuming with another would mix two experiments."""
