@@ -96,6 +96,8 @@ class DataConfig:
     max_length: int = 1024
     max_prompt_length: int = 512
     eval_source: str | None = None
+    # "package.module:function" grading a held-out answer: f(prompt, response, reference) -> [0, 1] (eval)
+    checker: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_prompt_length < self.max_length:
@@ -128,6 +130,28 @@ class GenerationConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Training under DeepSpeed ZeRO, used when the run is launched with several processes (torchrun or the
+    deepspeed launcher) or when enabled is true. spin-fast derives DeepSpeed's JSON from these settings and
+    `train`; config_file takes a user's JSON as is (a setting that contradicts spin-fast's is an error)."""
+
+    enabled: bool | None = None  # None: when WORLD_SIZE > 1
+    zero_stage: int | None = None  # None: config_file's stage, else 2
+    offload_optimizer: bool = False  # optimizer state in CPU memory
+    offload_params: bool = False  # parameters in CPU memory (ZeRO-3 only)
+    config_file: str | None = None
+    timeout_minutes: float = 30.0  # a collective that waits longer (a dead rank) fails with an error
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be one of (0, 1, 2, 3), got {self.zero_stage!r}")
+        if self.offload_params and self.zero_stage not in (None, 3):
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if not self.timeout_minutes > 0:
+            raise ValueError(f"timeout_minutes must be > 0, got {self.timeout_minutes!r}")
+
+
+@dataclass
 class RunConfig:
     """A whole SPIN run: SFT model and data in, `iterations` rounds of generate -> score -> train."""
 
@@ -136,6 +160,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     iterations: int = 3
     mix_previous: int = 1  # iteration t also trains on the pairs of the t-1 .. t-mix_previous
     score_batch_tokens: int = 16384

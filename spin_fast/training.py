@@ -1,8 +1,13 @@
-"""The training loop: packed micro-batches -> model body -> fused head + loss, on one process.
+"""The training loop: packed micro-batches -> model body -> fused head + loss, on one process or many.
 
 One optimizer step takes `global_batch` pairs (SPIN) or examples (SFT) in a seeded order, packs
 them into micro-batches cut by tokens, and accumulates gradients weighted so that the step's loss
 is the mean over its pairs (SPIN) or over its response tokens (SFT), whatever the packing.
+
+On several processes (DeepSpeed ZeRO, spin_fast.zero) the step's pairs are dealt to the ranks by
+tokens, each rank packs its share, and the weights are scaled so that DeepSpeed's average over ranks
+gives the same gradient as one process on the whole batch: the global batch does not depend on the
+world size.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import spin_kernels
-from spin_fast.config import TrainConfig
+from spin_fast import distributed
+from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import head, packed_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
@@ -83,11 +89,69 @@ def lr_factor(step: int, steps: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class PackedLoss(torch.nn.Module):
+    """One micro-batch's loss: model body -> fused LM head + SPIN (or SFT) loss, never the logits.
+
+    A module, so that under DeepSpeed ZeRO-3 the head's weight, read here and not through the head's own
+    forward, is gathered while this forward runs and for its backward.
+    """
+
+    # The sums each forward returns besides the loss; a step's metrics are their totals over micro-batches.
+    METRICS = {"sft": ("loss", "count"),
+               "spin": ("loss", "count", "rewards/real", "rewards/generated", "rewards/margins", "rewards/accuracies")}
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, sequence_ids, opponent_logps=None):
+        device_type = input_ids.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast):
+            hidden = packed_hidden_states(self.model, input_ids, position_ids, cu_seqlens, max_seqlen)
+        weight, bias = head(self.model)
+        if hidden.dtype != weight.dtype:  # autocast: the head runs in the body's precision, as nn.Linear would
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        if self.config.mode == "sft":
+            token_logps = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=self.config.backend)
+            n_loss = (targets != -100).sum()
+            loss = -token_logps.sum() / n_loss.clamp_min(1)
+            return loss, {"loss": loss.detach() * n_loss, "count": n_loss}
+        out = spin_kernels.fused_linear_spin_loss(
+            hidden, weight, targets, sequence_ids, opponent_logps, beta=self.config.beta,
+            loss_type=self.config.loss_type, bias=bias, backend=self.config.backend,
+        )
+        n = out.margins.numel()
+        return out.loss, {
+            "loss": out.loss.detach() * n, "count": torch.tensor(n),
+            "rewards/real": out.rewards_real.sum(), "rewards/generated": out.rewards_generated.sum(),
+            "rewards/margins": out.margins.sum(), "rewards/accuracies": out.accuracy.sum(),
+        }
+
+
+def uses_deepspeed(settings: DeepSpeedConfig | None) -> bool:
+    """DeepSpeed when asked for, or by default when launched with several processes."""
+    if settings is None:
+        if distributed.launched_distributed():
+            raise ValueError("launched with several processes but no DeepSpeed settings were given: multi-process "
+                             "training is DeepSpeed ZeRO (pass deepspeed=DeepSpeedConfig())")
+        return False
+    if settings.enabled is False and distributed.launched_distributed():
+        raise ValueError("launched with several processes but deepspeed.enabled is false: multi-process training "
+                         "is DeepSpeed ZeRO; set deepspeed.enabled to true (or null) or launch one process")
+    return settings.enabled is True or (settings.enabled is None and distributed.launched_distributed())
+
+
 class Trainer:
-    """Trains `model` in place on SPIN pairs (with opponent log-probs) or SFT sequences."""
+    """Trains `model` in place on SPIN pairs (with opponent log-probs) or SFT sequences.
+
+    With DeepSpeed (`deepspeed` settings, used by default when launched with several processes) every
+    rank constructs a Trainer with the same items; under ZeRO-3 `model` ends partitioned across ranks,
+    and the trained weights are in the consolidated checkpoint `train()` returns.
+    """
 
     def __init__(self, model, tokenizer, config: TrainConfig, output_dir: str | Path,
-                 items: Seq[ScoredPair] | Seq[Sequence]):
+                 items: Seq[ScoredPair] | Seq[Sequence], deepspeed: DeepSpeedConfig | None = None):
         if not items:
             raise ValueError("nothing to train on: the item list is empty")
         expected = ScoredPair if config.mode == "spin" else Sequence
@@ -97,14 +161,27 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.steps = total_steps(len(self.items), config)
-        self.optimizer = make_optimizer(model, config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.steps, config)
-        )
+        self.loss_module = PackedLoss(model, config)
+        optimizer = make_optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.steps, config))
+        self.engine = None  # the DeepSpeed engine, when training under ZeRO
+        if uses_deepspeed(deepspeed):
+            import deepspeed as ds
+
+            from spin_fast.zero import deepspeed_config
+
+            distributed.init(deepspeed.timeout_minutes)
+            ds_config = deepspeed_config(config, deepspeed, distributed.world_size())
+            self.engine, optimizer, _, scheduler = ds.initialize(model=self.loss_module, optimizer=optimizer,
+                                                                 lr_scheduler=scheduler, config=ds_config)
+            log.info("DeepSpeed ZeRO stage %d on %d processes", ds_config["zero_optimization"]["stage"],
+                     distributed.world_size())
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self.step = 0
         self.device = next(model.parameters()).device
         self.writer = None
-        if config.tensorboard:
+        if config.tensorboard and self.rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -116,9 +193,9 @@ class Trainer:
         """Run (or resume) to the last step; returns the per-step metrics of this call."""
         self.resume()
         result = TrainResult(steps=self.steps)
-        self.model.train()
+        self.loss_module.train()
         bar = tqdm(total=self.steps, initial=self.step, desc=f"{self.config.mode} training", unit="step",
-                   disable=not self.config.progress)
+                   disable=not self.config.progress or self.rank != 0)
         while self.step < self.steps:
             metrics = self.train_step()
             result.history.append(metrics)
@@ -134,35 +211,56 @@ class Trainer:
     def train_step(self) -> dict:
         start = time.perf_counter()
         indices = step_items(len(self.items), self.config, self.step)
-        batches = pack_groups(self.groups(indices), self.config.micro_batch_tokens)
+        groups = self.groups(indices)
+        # This rank's share of the step's items (all of them on one process), balanced by tokens.
+        mine = distributed.balance([sum(s.length for s in g) for g in groups], self.world)[self.rank]
+        batches = pack_groups([groups[i] for i in mine], self.config.micro_batch_tokens)
         weight_of = self.loss_weights(batches, len(indices))
-        totals: dict[str, float] = {}
+        # ZeRO reduces gradients in every backward, so every rank runs as many micro-batches as the busiest
+        # one: the others repeat a micro-batch with weight 0.
+        n_batches = max(distributed.all_gather_objects(len(batches), "micro-batch counts"))
+        filler = batches[0] if batches else pack_groups(groups[:1], 2**62)[0]
+        names = PackedLoss.METRICS[self.config.mode]
+        totals = dict.fromkeys(names, 0.0)  # every rank sums the same names, even one without items
         tokens = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        for batch in batches:
-            batch_indices = [indices[i] for i in batch.group_indices.tolist()]
-            batch = batch.to(self.device)
-            loss, metrics = self.micro_batch_loss(batch, batch_indices)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"step {self.step + 1}: the loss is {loss.item()}; the last good checkpoint is "
-                    f"{self.latest_checkpoint() or 'none (no checkpoint written yet)'}"
-                )
-            (loss * weight_of(batch)).backward()
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value
-            tokens += batch.n_tokens
-        grad_norm = self.clip_gradients()
-        self.optimizer.step()
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for k in range(n_batches):
+            batch = batches[k] if k < len(batches) else filler
+            batch_items = [indices[mine[i]] for i in batch.group_indices.tolist()] if batches else [indices[0]]
+            weight = weight_of(batch) if k < len(batches) else 0.0
+            loss, metrics = self.micro_batch_loss(batch.to(self.device), batch_items)
+            if self.engine is not None:
+                self.engine.backward(loss * weight, scale_wrt_gas=False)
+            else:
+                (loss * weight).backward()
+            if k < len(batches):
+                for name in names:
+                    totals[name] += float(metrics[name])
+                tokens += batch.n_tokens
+        summed = distributed.all_reduce_sum(torch.tensor([*(totals[n] for n in names), float(tokens)]),
+                                            "step metrics")
+        totals = dict(zip(names, summed.tolist()))
+        if not math.isfinite(totals["loss"]):
+            raise TrainingDiverged(
+                f"step {self.step + 1}: the loss is {totals['loss']}; the last good checkpoint is "
+                f"{self.latest_checkpoint() or 'none (no checkpoint written yet)'}"
+            )
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        if self.engine is not None:
+            self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
+            grad_norm = float(self.engine.get_global_grad_norm())
+        else:
+            grad_norm = self.clip_gradients()
+            self.optimizer.step()
+            self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - start
         count = totals.pop("count")
         metrics = {name: value / count for name, value in totals.items()}
-        return {"step": self.step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
-                "micro_batches": len(batches),
-                "packing_efficiency": packing_efficiency(batches, self.config.micro_batch_tokens)}
+        return {"step": self.step, **metrics, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": float(summed[-1]) / elapsed, "micro_batches": len(batches),
+                "packing_efficiency": packing_efficiency(batches, self.config.micro_batch_tokens) if batches else 0.0}
 
     def groups(self, indices: list[int]) -> list[list[Sequence]]:
         if self.config.mode == "spin":
@@ -170,43 +268,24 @@ class Trainer:
         return [[self.items[i]] for i in indices]
 
     def loss_weights(self, batches: list[MicroBatch], n_items: int):
-        """Each micro-batch's share of the step's loss: its pairs / all pairs (SPIN), its loss
-        tokens / all loss tokens (SFT), so accumulation gives the same gradient as one big batch."""
+        """Each micro-batch's share of the step's loss: its pairs / all pairs (SPIN), its loss tokens / all loss
+        tokens (SFT), so accumulation gives the same gradient as one big batch; times the world size, since
+        DeepSpeed averages the ranks' gradients."""
         if self.config.mode == "spin":
-            return lambda batch: batch.group_indices.numel() / n_items
-        loss_tokens = sum(int((b.targets != -100).sum()) for b in batches)
-        return lambda batch: int((batch.targets != -100).sum()) / loss_tokens
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
+            return lambda batch: batch.group_indices.numel() / n_items * self.world
+        local = sum(int((b.targets != -100).sum()) for b in batches)
+        loss_tokens = float(distributed.all_reduce_sum(torch.tensor([local]), "loss tokens")[0])
+        return lambda batch: int((batch.targets != -100).sum()) / loss_tokens * self.world
 
     def micro_batch_loss(self, batch: MicroBatch, item_indices: list[int]) -> tuple[torch.Tensor, dict]:
-        with self.autocast():
-            hidden = packed_hidden_states(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens,
-                                          batch.max_seqlen)
-        weight, bias = head(self.model)
-        if hidden.dtype != weight.dtype:  # autocast: the head runs in the body's precision, as nn.Linear would
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
-        if self.config.mode == "sft":
-            token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias,
-                                                        backend=self.config.backend)
-            n_loss = int((batch.targets != -100).sum())
-            loss = -token_logps.sum() / max(n_loss, 1)
-            return loss, {"loss": loss.item() * n_loss, "count": n_loss}
-        pairs = [self.items[i] for i in item_indices]
-        opponent = torch.tensor([p.opponent_real for p in pairs] + [p.opponent_generated for p in pairs],
-                                dtype=torch.float32, device=self.device)
-        out = spin_kernels.fused_linear_spin_loss(
-            hidden, weight, batch.targets, batch.sequence_ids, opponent, beta=self.config.beta,
-            loss_type=self.config.loss_type, bias=bias, backend=self.config.backend,
-        )
-        n = len(pairs)
-        return out.loss, {
-            "loss": out.loss.item() * n, "count": n,
-            "rewards/real": out.rewards_real.sum().item(), "rewards/generated": out.rewards_generated.sum().item(),
-            "rewards/margins": out.margins.sum().item(), "rewards/accuracies": out.accuracy.sum().item(),
-        }
+        opponent = None
+        if self.config.mode == "spin":
+            pairs = [self.items[i] for i in item_indices]
+            opponent = torch.tensor([p.opponent_real for p in pairs] + [p.opponent_generated for p in pairs],
+                                    dtype=torch.float32, device=self.device)
+        run = self.engine if self.engine is not None else self.loss_module
+        return run(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.targets,
+                   batch.sequence_ids, opponent)
 
     def clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -214,6 +293,8 @@ class Trainer:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def log(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
         with (self.output_dir / "metrics.jsonl").open("a") as out:
             out.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
@@ -231,30 +312,44 @@ class Trainer:
         return dirs[-1] if dirs else None
 
     def save_checkpoint(self) -> Path:
-        """HF weights + tokenizer (loadable by transformers and vLLM as is) and the trainer state,
-        written to a temporary folder and renamed, so a kill never leaves half a checkpoint."""
+        """HF weights + tokenizer (loadable by transformers and vLLM as is) and the trainer state, written to a
+        temporary folder and renamed, so a kill never leaves half a checkpoint. Under DeepSpeed, rank 0 writes
+        the consolidated HF weights and every rank its shard of the training state (output_dir must then be
+        on a filesystem all ranks share)."""
         final = self.output_dir / f"checkpoint-{self.step}"
         if (final / STATE_FILE).exists():
             return final
         tmp = self.output_dir / f".tmp-checkpoint-{self.step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "config": self.config.to_dict(),
-            "n_items": len(self.items),
-        }
-        torch.save(state, tmp / STATE_FILE)
-        os.replace(tmp, final)
-        for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("saved %s", final)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier("checkpoint folder")
+        state = {"step": self.step, "config": self.config.to_dict(), "n_items": len(self.items),
+                 "world_size": self.world}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        if self.engine is None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng)
+        else:
+            from spin_fast.zero import full_weights
+
+            weights = dict(full_weights(self.model))  # every rank gathers; rank 0 writes
+            if self.rank == 0:
+                self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            del weights
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+            torch.save(rng, tmp / f"rng-rank{self.rank}.pt")
+            distributed.barrier("checkpoint written")
+        if self.rank == 0:
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete checkpoint
+            os.replace(tmp, final)
+            for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved %s", final)
+        distributed.barrier("checkpoint renamed")
         return final
 
     def resume(self) -> None:
@@ -265,20 +360,33 @@ class Trainer:
         state = torch.load(latest / STATE_FILE, weights_only=False)
         if state["n_items"] != len(self.items):
             raise ValueError(f"{latest}: it trained on {state['n_items']} items, this run has {len(self.items)}")
-        weights = {}
-        for shard in sorted(latest.glob("*.safetensors")):
-            weights.update(load_file(shard))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or any(not _is_tied(self.model, name) for name in missing):
-            raise ValueError(f"{latest}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        written_by = state.get("world_size", 1)
+        if written_by != self.world or (self.engine is None) != ("optimizer" in state):
+            how = "without" if "optimizer" in state else "with"
+            raise ValueError(f"{latest}: written by {written_by} process(es) {how} DeepSpeed; resume it the same "
+                             f"way, or start a new run from its Hugging Face weights")
+        if self.engine is None:
+            weights = {}
+            for shard in sorted(latest.glob("*.safetensors")):
+                weights.update(load_file(shard))
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            if unexpected or any(not _is_tied(self.model, name) for name in missing):
+                raise ValueError(f"{latest}: weights do not match the model (missing {missing}, "
+                                 f"unexpected {unexpected})")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+        else:
+            self.engine.load_checkpoint(str(latest / "deepspeed"), tag="state", load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+            rng = torch.load(latest / f"rng-rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = state["step"]
-        self.forget_metrics_after(self.step)
+        if self.rank == 0:
+            self.forget_metrics_after(self.step)
         log.info("resumed from %s at step %d of %d", latest, self.step, self.steps)
 
     def forget_metrics_after(self, step: int) -> None:

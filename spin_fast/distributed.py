@@ -1,0 +1,115 @@
+"""Processes working together: who am I, how work is split across ranks, and how results come back.
+
+A run is distributed when it is launched with several processes (torchrun, the deepspeed launcher, SLURM
+through either): WORLD_SIZE > 1 in the environment. On one process every helper here is a no-op, so the
+same code runs both ways. Collectives go through torch.distributed (NCCL on GPUs, gloo on the CPU),
+initialised by DeepSpeed, with a timeout: a rank that dies makes the others fail with an error, not hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def launched_distributed() -> bool:
+    """Started by a launcher with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(timeout_minutes: float = 30.0) -> None:
+    """Join the process group set up by the launcher (idempotent). The timeout bounds every collective."""
+    if initialized():
+        return
+    import deepspeed
+
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(timeout=timeout, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier(what: str) -> None:
+    """Wait for every rank; on a timeout or a dead peer, say where this rank was waiting."""
+    if not initialized():
+        return
+    try:
+        dist.barrier()
+    except Exception as error:  # noqa: BLE001 - gloo and NCCL raise different types
+        raise RuntimeError(f"rank {rank()}: waiting for the other ranks at '{what}' failed: {error}") from error
+
+
+def all_reduce_sum(values: torch.Tensor, what: str) -> torch.Tensor:
+    """Element-wise sum over ranks (a copy; float64 on the CPU for exact counts and sums)."""
+    total = values.detach().to(torch.float64).clone()
+    if not initialized():
+        return total
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    try:
+        dist.all_reduce(total)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"rank {rank()}: summing '{what}' across ranks failed: {error}") from error
+    return total.cpu()
+
+
+def all_gather_objects(obj: Any, what: str) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not initialized():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    try:
+        dist.all_gather_object(gathered, obj)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"rank {rank()}: gathering '{what}' from the other ranks failed: {error}") from error
+    return gathered
+
+
+def balance(costs: Sequence[int], ranks: int) -> list[list[int]]:
+    """Indices of `costs` split into `ranks` lists with near-equal total cost: longest first, each to the
+    least-loaded rank (ties to the lowest rank), so every rank computes the same split."""
+    loads = [0] * ranks
+    shares: list[list[int]] = [[] for _ in range(ranks)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        target = min(range(ranks), key=lambda r: (loads[r], r))
+        shares[target].append(index)
+        loads[target] += costs[index]
+    return [sorted(share) for share in shares]
+
+
+def gather_in_order(local: Sequence[Any], indices: Sequence[int], total: int, what: str) -> list[Any]:
+    """Rebuild a list of `total` results computed by the ranks: this rank computed `local[k]` for item
+    `indices[k]`. The result is the same on every rank and independent of the world size."""
+    result: list[Any] = [None] * total
+    for share_indices, share in all_gather_objects((list(indices), list(local)), what):
+        for index, item in zip(share_indices, share):
+            result[index] = item
+    missing = [i for i, item in enumerate(result) if item is None]
+    if missing:
+        raise RuntimeError(f"{what}: no rank returned items {missing[:10]}")
+    return result

@@ -1,0 +1,73 @@
+"""One SPIN (or SFT) training run on a small model and seeded random pairs, on one process or under a launcher.
+
+    python tests/distributed_train.py OUT [--zero-stage 2] [--mode spin] [--die-at-step K]
+    torchrun --nproc_per_node 2 tests/distributed_train.py OUT --zero-stage 3
+
+Every process builds the same model and data from fixed seeds; one process trains without DeepSpeed, several
+under DeepSpeed ZeRO. --die-at-step K makes the last rank exit abruptly in the middle of step K (after the
+checkpoint of step K-1), as a killed node would. test_distributed.py compares the checkpoints the runs write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from spin_fast.config import DeepSpeedConfig, TrainConfig
+from spin_fast.model import tiny_config
+from spin_fast.packing import Sequence
+from spin_fast.scoring import ScoredPair
+from spin_fast.training import Trainer
+
+
+def random_items(mode: str, n: int, vocab: int, seed: int):
+    rng = random.Random(seed)
+
+    def ids(low, high):
+        return tuple(rng.randrange(vocab) for _ in range(rng.randint(low, high)))
+
+    if mode == "sft":
+        return [Sequence(ids(2, 8), ids(1, 20)) for _ in range(n)]
+    return [ScoredPair(ids(2, 8), ids(1, 20), ids(1, 20), -rng.uniform(20, 80), -rng.uniform(20, 80))
+            for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--mode", default="spin")
+    parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--die-at-step", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", vocab_size=256, hidden_size=64, layers=2, tie_word_embeddings=args.tied)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    items = random_items(args.mode, args.pairs, config.vocab_size, seed=1)
+    # A batch of 8 pairs in micro-batches of ~3 pairs: ranks get uneven numbers of micro-batches.
+    # eps 1: RMSprop's update is then about lr * gradient, not its sign, so rounding differences stay small.
+    train = TrainConfig(mode=args.mode, learning_rate=0.05, optimizer_eps=1.0, global_batch=8, epochs=2,
+                        micro_batch_tokens=96, warmup_ratio=0.25, save_every=1, keep_checkpoints=10, progress=False,
+                        seed=3)
+    trainer = Trainer(model, None, train, args.output_dir, items,
+                      deepspeed=DeepSpeedConfig(zero_stage=args.zero_stage, timeout_minutes=2))
+    if args.die_at_step:
+        step = trainer.train_step
+
+        def dying_step():
+            if trainer.step + 1 == args.die_at_step and trainer.rank == trainer.world - 1:
+                os._exit(3)
+            return step()
+
+        trainer.train_step = dying_step
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()

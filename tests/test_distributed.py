@@ -1,0 +1,188 @@
+"""DeepSpeed ZeRO on 2 CPU processes (gloo) against one process: same parameters, resume after a dead rank,
+and the pieces (DeepSpeed JSON, work split, gathering) on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spin_fast import distributed
+from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
+from spin_fast.zero import deepspeed_config
+
+SCRIPT = Path(__file__).with_name("distributed_train.py")
+ROOT = SCRIPT.parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(output: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """tests/distributed_train.py under torchrun (several processes) or plain python (one)."""
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT), str(output), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={free_port()}", str(SCRIPT), str(output), *args]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoint-4" / "model.safetensors")
+
+
+def assert_same_weights(actual: dict, expected: dict, start: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    moved = max((expected[k] - start[k]).abs().max().item() for k in expected)
+    assert moved > 1e-3, "training did not move the weights: the comparison would prove nothing"
+    worst = max((actual[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 1e-6, f"weights differ by {worst:.3g} (training moved them by up to {moved:.3g})"
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, Path]:
+    """The single-process references, SPIN with a separate and a tied head, and SFT."""
+    runs = {}
+    for name, args in {"spin": (), "tied": ("--tied",), "sft": ("--mode", "sft")}.items():
+        runs[name] = tmp_path_factory.mktemp(f"one-{name}")
+        done = launch(runs[name], *args, processes=1)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return runs
+
+
+@pytest.mark.parametrize("stage,reference,args", [
+    (2, "spin", ()), (3, "spin", ()), (3, "tied", ("--tied",)), (2, "sft", ("--mode", "sft")),
+])
+def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
+    done = launch(tmp_path, "--zero-stage", str(stage), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = final_weights(one_process[reference])
+    start = load_file(one_process[reference] / "checkpoint-1" / "model.safetensors")
+    assert_same_weights(final_weights(tmp_path), expected, start)
+    ours = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (one_process[reference] / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-6)
+    assert (tmp_path / "checkpoint-4" / "deepspeed").is_dir()  # the sharded state, for resuming
+    assert (tmp_path / "checkpoint-4" / "config.json").exists()  # and a Hugging Face folder
+
+
+def test_resume_after_a_rank_dies(tmp_path, one_process):
+    """Rank 1 exits in the middle of step 3: the launcher stops the job; the same command then resumes from
+    checkpoint-2 and ends where an uninterrupted run ends."""
+    died = launch(tmp_path, "--zero-stage", "3", "--tied", "--die-at-step", "3")
+    assert died.returncode != 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    done = launch(tmp_path, "--zero-stage", "3", "--tied")
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = load_file(one_process["tied"] / "checkpoint-1" / "model.safetensors")
+    assert_same_weights(final_weights(tmp_path), final_weights(one_process["tied"]), start)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+PEER_DIES = """
+import os, sys
+from spin_fast import distributed
+distributed.init(timeout_minutes=0.5)
+if distributed.rank() == 1:
+    os._exit(0)
+try:
+    distributed.barrier("end of step 7")
+except RuntimeError as error:
+    print(error)
+    sys.exit(5)
+"""
+
+
+def test_a_dead_peer_is_an_error_naming_the_rank():
+    """No launcher to tear the job down: the survivor's collective fails (timeout or closed connection)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", PEER_DIES], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 5, err[-2000:]
+    assert "rank 0: waiting for the other ranks at 'end of step 7' failed" in out
+
+
+# ----------------------------------------------------------------------------- the pieces, one process
+def test_deepspeed_config_derived_from_spin_fast_settings():
+    train = TrainConfig(max_grad_norm=0.5, dtype="bfloat16")
+    config = deepspeed_config(train, DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_params=True), 8)
+    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                           "offload_param": {"device": "cpu"}}
+    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
+    assert config["managed_gradient_accumulation"] is False and config["train_batch_size"] == 8
+    assert deepspeed_config(TrainConfig(), DeepSpeedConfig(), 2)["zero_optimization"] == {"stage": 2}
+
+
+def test_user_deepspeed_json_is_taken_unless_it_conflicts(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_clipping": 1.0,
+                                "train_micro_batch_size_per_gpu": "auto", "communication_data_type": "fp32"}))
+    config = deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path)), 4)
+    assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert config["communication_data_type"] == "fp32" and config["train_micro_batch_size_per_gpu"] == 1
+
+    conflicts = {
+        "'gradient_clipping' is 2.0 but spin-fast needs 1.0 (train.max_grad_norm)": {"gradient_clipping": 2.0},
+        "zero_optimization.stage is 3 but deepspeed.zero_stage is 2": {"zero_optimization": {"stage": 3}},
+        "'optimizer' conflicts with spin-fast's train.optimizer": {"optimizer": {"type": "Adam"}},
+        "'bf16' is {'enabled': True} but spin-fast needs {'enabled': False} (train.dtype)": {"bf16": {"enabled": True}},
+    }
+    for message, user in conflicts.items():
+        path.write_text(json.dumps(user))
+        settings = DeepSpeedConfig(config_file=str(path), zero_stage=2 if "stage" in message else None)
+        with pytest.raises(ConfigError) as error:
+            deepspeed_config(TrainConfig(), settings, 4)
+        assert str(path) in str(error.value) and message in str(error.value)
+
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path)), 4)
+    with pytest.raises(ConfigError, match="offload_params needs ZeRO stage 3"):
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+        deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path), offload_params=True), 4)
+
+
+def test_balance_splits_by_cost_deterministically():
+    costs = [torch.randint(1, 500, ()).item() for _ in range(37)]
+    shares = distributed.balance(costs, 4)
+    assert sorted(i for share in shares for i in share) == list(range(37))
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(costs)  # greedy longest-first bound
+    assert shares == distributed.balance(costs, 4)
+    assert distributed.balance([5, 1], 3) == [[0], [1], []]  # more ranks than items: some get none
+
+
+def test_gather_in_order_on_one_process():
+    assert distributed.gather_in_order(["b", "a"], [1, 0], 2, "letters") == ["a", "b"]
+    with pytest.raises(RuntimeError, match="no rank returned items \\[2\\]"):
+        distributed.gather_in_order(["a", "b"], [0, 1], 3, "letters")
+
+
+def test_several_processes_need_deepspeed(monkeypatch):
+    from spin_fast.training import uses_deepspeed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="deepspeed.enabled is false"):
+        uses_deepspeed(DeepSpeedConfig(enabled=False))
+    assert uses_deepspeed(DeepSpeedConfig())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not uses_deepspeed(DeepSpeedConfig()) and uses_deepspeed(DeepSpeedConfig(enabled=True))
