@@ -20,7 +20,8 @@ commands:
   score      run up to and including one iteration's scoring stage
   train      run up to and including one iteration's training stage
   eval       held-out log-likelihood of the human responses under the SFT model and every finished
-             iteration, and each iteration's reward margins against its opponent (data.eval_source)
+             iteration, each iteration's reward margins against its opponent (data.eval_source), and
+             the score of greedy answers by data.checker when it is set
 """
 
 
@@ -81,7 +82,13 @@ def run_eval(selfplay) -> int:
     if not source:
         print("spin-fast: data.eval_source is not set: eval needs held-out (prompt, response) data", file=sys.stderr)
         return 2
-    rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
+    from spin_fast.config import ConfigError
+
+    try:
+        rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
+    except ConfigError as error:  # a bad data.checker
+        print(f"spin-fast: {error}", file=sys.stderr)
+        return 2
     for row in rows:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
