@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--iteration", type=int, default=0, help="which iteration (default 0)")
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    # Under a launcher (torchrun, deepspeed) every rank logs; its rank starts each line.
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
 
     from spin_fast.config import ConfigError, load_run_config
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"spin-fast: {error}", file=sys.stderr)
         return 2
-    for summary in summaries:
+    for summary in summaries if os.environ.get("RANK", "0") == "0" else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 
@@ -107,8 +110,9 @@ def run_sft(config) -> int:
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     model = load_policy(config.model.name_or_path, config)
     result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
-                     sequences).train()
-    print(f"sft: {result.steps} steps, model in {result.final_dir}")
+                     sequences, deepspeed=config.deepspeed).train()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"sft: {result.steps} steps, model in {result.final_dir}")
     return 0
 
 

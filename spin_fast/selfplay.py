@@ -10,6 +10,11 @@ stopped; training resumes from its own checkpoints.
     run_dir/iter-<t>/score/        scored.jsonl: the pairs of t and earlier, with θt's log-probs
     run_dir/iter-<t>/train/        checkpoints of θt+1 (Hugging Face folders) and metrics.jsonl
     run_dir/summary.jsonl, .md     one line / table row per finished iteration
+
+Launched with several processes (torchrun, the deepspeed launcher), every rank runs this loop: each
+generates for and scores its share of the pairs (gathered into one file, in the order of one process),
+training runs under DeepSpeed ZeRO, and the trained weights are gathered bucket by bucket into each
+rank's engine. Rank 0 writes the files; the others wait for it.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
+from spin_fast import distributed
 from spin_fast.config import DataConfig, RunConfig
 from spin_fast.data import TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
-from spin_fast.training import Trainer
+from spin_fast.training import Trainer, uses_deepspeed
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -92,6 +98,7 @@ class SelfPlay:
         if not config.data.source:
             raise ValueError("data.source is not set: the SFT set of (prompt, human response) pairs")
         self.config = config
+        self.distributed = uses_deepspeed(config.deepspeed)
         self.run_dir = Path(config.output_dir)
         self.make_engine = make_engine or default_engine
         self.engine: Engine | None = None
@@ -104,8 +111,11 @@ class SelfPlay:
         if until is not None and (until[1] not in STAGES or not 0 <= until[0] < self.config.iterations):
             raise ValueError(f"until must be (iteration in [0, {self.config.iterations}), one of {STAGES}), "
                              f"got {until}")
+        if self.distributed:
+            distributed.init(self.config.deepspeed.timeout_minutes)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_config()
+        distributed.barrier("run directory")
         tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
         examples = tokenized_examples(tokenizer, self.config.data, self.config.data.source,
                                       self.config.data.max_prompts)
@@ -149,29 +159,42 @@ class SelfPlay:
         start = time.perf_counter()
         if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
             self.engine.sleep()
-        result = Trainer(model, tokenizer, config.train, train_dir, scored).train()
+        result = Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed).train()
         times["train_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         if self.engine is not None:  # θt+1 into the running engine, in memory
             if hasattr(self.engine, "wake_up"):
                 self.engine.wake_up()
-            self.engine.load_weights(model.state_dict().items())
+            self.engine.load_weights(self.trained_weights(model))
         times["weight_transfer_s"] = time.perf_counter() - start
+        if self.distributed:
+            # ZeRO left `model` sharded: θt+1 continues as a whole model, from the consolidated checkpoint.
+            self.model = model = load_policy(str(result.final_dir), config)
 
         # The log, not this call's history: a run resumed after its last step has no history.
         lines = (train_dir / "metrics.jsonl").read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
         summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
                    **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
-                                           "rewards/accuracies") if k in last},
-                   **self.heldout(model, tokenizer, config), **times, "checkpoint": str(result.final_dir)}
-        write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
-                       inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
-                       summary=summary)
-        self.write_summary_table()
-        log.info("iteration %d: %s", t, summary)
-        return summary
+                                           "rewards/accuracies") if k in last}}
+        if distributed.is_main():
+            summary.update(**self.heldout(model, tokenizer, config), **times, checkpoint=str(result.final_dir))
+            write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
+                           inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
+                           summary=summary)
+            self.write_summary_table()
+            log.info("iteration %d: %s", t, summary)
+        distributed.barrier(f"end of iteration {t}")
+        return read_manifest(train_dir)["summary"]
+
+    def trained_weights(self, model):
+        """θt+1's named tensors for the engine: under ZeRO gathered a bucket at a time on every rank."""
+        if not self.distributed:
+            return model.state_dict().items()
+        from spin_fast.zero import full_weights
+
+        return full_weights(model)
 
     def write_summary_table(self) -> None:
         """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests."""
@@ -200,16 +223,24 @@ class SelfPlay:
             start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
             if self.engine is None:
-                self.engine = self.make_engine(model, tokenizer, config, self.model_path(t))
+                # Under ZeRO the training model ends sharded: the embedded engine gets a copy of its own.
+                engine_model = load_policy(self.model_path(t), config) if self.distributed else model
+                self.engine = self.make_engine(engine_model, tokenizer, config, self.model_path(t))
             sampling = config.generation.sampling()
             sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
-            completions = self.engine.generate([e.prompt_ids for e in examples], sampling)
-            pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, config.data.max_length)
-            save_scored_pairs(pairs_file, [ScoredPair(*asdict(p).values()) for p in pairs])
-            write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
-                           inputs={"model": self.model_path(t), "data": config.data.source},
-                           pairs=len(pairs), finished=sum(c[0].finished for c in completions),
-                           seconds=time.perf_counter() - start, sampling=asdict(sampling))
+            share = distributed.balance([len(e.prompt_ids) for e in examples], distributed.world_size())
+            mine = share[distributed.rank()]
+            completions = self.engine.generate([examples[i].prompt_ids for i in mine], sampling, indices=mine)
+            completions = distributed.gather_in_order(completions, mine, len(examples), "generated responses")
+            if distributed.is_main():
+                pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, config.data.max_length)
+                save_scored_pairs(pairs_file, [ScoredPair(*asdict(p).values()) for p in pairs])
+                write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
+                               inputs={"model": self.model_path(t), "data": config.data.source},
+                               pairs=len(pairs), finished=sum(c[0].finished for c in completions),
+                               seconds=time.perf_counter() - start, sampling=asdict(sampling),
+                               processes=distributed.world_size())
+            distributed.barrier(f"iteration {t} generation written")
         return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
 
     def score(self, t, stage_dir: Path, model, pairs, config) -> list[ScoredPair]:
@@ -224,12 +255,19 @@ class SelfPlay:
             for earlier in sources[:-1]:
                 mixed += load_scored_pairs(earlier)
             mixed = [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in mixed]
-            scored = score_pairs(model, mixed, config.score_batch_tokens, backend=config.train.backend,
-                                 progress=config.train.progress)
-            save_scored_pairs(scored_file, scored)
-            write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(scored),
-                           inputs={"model": self.model_path(t), "pairs": [str(s) for s in sources]},
-                           seconds=time.perf_counter() - start)
+            share = distributed.balance([sum(s.length for s in p.sequences()) for p in mixed],
+                                        distributed.world_size())
+            mine = share[distributed.rank()]
+            scored = score_pairs(model, [mixed[i] for i in mine], config.score_batch_tokens,
+                                 backend=config.train.backend, progress=config.train.progress)
+            scored = distributed.gather_in_order(scored, mine, len(mixed), "opponent log-probs")
+            if distributed.is_main():
+                save_scored_pairs(scored_file, scored)
+                write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config),
+                               pairs=len(scored), inputs={"model": self.model_path(t),
+                                                          "pairs": [str(s) for s in sources]},
+                               seconds=time.perf_counter() - start, processes=distributed.world_size())
+            distributed.barrier(f"iteration {t} scores written")
         return load_scored_pairs(scored_file)
 
     # ------------------------------------------------------------------------------- helpers
@@ -254,13 +292,14 @@ class SelfPlay:
     def _check_same_config(self) -> None:
         """A run directory belongs to one config: resuming with another would mix two experiments."""
         path = self.run_dir / "config.yaml"
-        resolved = self.config.to_dict()
+        resolved = json.loads(json.dumps(self.config.to_dict(), default=str))
         if path.exists():
-            before = yaml.safe_load(path.read_text())
-            if before != json.loads(json.dumps(resolved, default=str)):
+            if yaml.safe_load(path.read_text()) != resolved:
                 raise ValueError(f"{path} holds another config: use a new output_dir, or the same settings")
-            return
-        path.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
+        elif distributed.is_main():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+            os.replace(tmp, path)
 
 
 def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:

@@ -1,10 +1,15 @@
-"""Float64 truth written plainly, independent of spin_kernels, and dtype-aware comparison."""
+"""Float64 truth written plainly, independent of spin_kernels, dtype-aware comparison, and a tiny SFT set."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+# A tiny SFT set (prompt, human response) for end-to-end runs.
+QA = [("What is two plus two?", "Two plus two is four."), ("What is the capital of France?", "It is Paris."),
+      ("How many legs does a spider have?", "A spider has eight legs."), ("Why is the sky blue?", "Scattering."),
+      ("Say hello in Spanish.", "Hola."), ("Name a planet.", "Mars.")]
 
 # Relative tolerances by input dtype (DESIGN.md: fp32 ~1e-5, bf16 ~1e-2).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-10}

@@ -35,8 +35,17 @@ def launch(output: Path, *args: str, processes: int = 2) -> subprocess.Completed
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={free_port()}", str(SCRIPT), str(output), *args]
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return run_launched(command)
+
+
+def run_launched(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a (torchrun) command; once more on a fresh port if another process took the one picked."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if done.returncode != 0 and "address already in use" in done.stderr.lower():
+        command = [f"--master_port={free_port()}" if arg.startswith("--master_port=") else arg for arg in command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return done
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -186,3 +195,43 @@ def test_several_processes_need_deepspeed(monkeypatch):
     assert uses_deepspeed(DeepSpeedConfig())
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not uses_deepspeed(DeepSpeedConfig()) and uses_deepspeed(DeepSpeedConfig(enabled=True))
+
+
+# ------------------------------------------------------------------------- the whole loop, 2 processes
+def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    settings = [
+        f"output_dir={run}", f"model.name_or_path={sft_model / 'model'}", f"data.source={sft_model / 'train.jsonl'}",
+        "data.max_length=64", "data.max_prompt_length=32", "iterations=2", "generation.engine=transformers",
+        "generation.temperature=0", "generation.max_new_tokens=8", "generation.batch_size=2",
+        "train.learning_rate=0.05", "train.optimizer_eps=1.0", "train.global_batch=4", "train.epochs=1",
+        "train.micro_batch_tokens=96", "train.backend=torch", "train.progress=false", "score_batch_tokens=96",
+        "deepspeed.zero_stage=3", *extra,
+    ]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "spin_fast.cli", "run", "/dev/null"]
+    for setting in settings:
+        command += ["--set", setting]
+    return run_launched(command)
+
+
+def test_two_process_run_gives_the_same_pair_files_and_weights(tmp_path, sft_model):
+    """`spin-fast run` under torchrun: each rank generates and scores its share and trains under ZeRO-3; the pair
+    files equal one process's (greedy generation), the scores and weights agree to rounding."""
+    for name, processes in (("one", 1), ("two", 2)):
+        done = spin_fast_command(tmp_path / name, sft_model, processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for t in range(2):  # iteration 1's generation ran on weights gathered into each rank's engine
+        pairs = f"iter-{t}/generate/pairs.jsonl"
+        assert (two / pairs).read_text() == (one / pairs).read_text()
+        scored = [[json.loads(line) for line in (run / f"iter-{t}/score/scored.jsonl").read_text().splitlines()]
+                  for run in (one, two)]
+        assert [p["real_ids"] for p in scored[1]] == [p["real_ids"] for p in scored[0]]
+        for key in ("opponent_real", "opponent_generated"):
+            assert [p[key] for p in scored[1]] == pytest.approx([p[key] for p in scored[0]], rel=1e-5)
+        assert json.loads((two / f"iter-{t}/score/manifest.json").read_text())["processes"] == 2
+    summaries = [[json.loads(line) for line in (run / "summary.jsonl").read_text().splitlines()] for run in (one, two)]
+    final = [load_file(Path(s[-1]["checkpoint"]) / "model.safetensors") for s in summaries]
+    start = load_file(sft_model / "model" / "model.safetensors")
+    assert_same_weights(final[1], final[0], start)
+    assert done.stdout.count("iteration=") == 2  # rank 0 prints the summaries, once

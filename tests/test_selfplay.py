@@ -7,28 +7,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import QA
 from spin_fast.config import load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
-from spin_fast.model import tiny_config
 from spin_fast.selfplay import SelfPlay
-from spin_fast.tokenizer import build_local_tokenizer
 from spin_fast.training import Trainer
-
-QA = [("What is two plus two?", "Two plus two is four."), ("What is the capital of France?", "It is Paris."),
-      ("How many legs does a spider have?", "A spider has eight legs."), ("Why is the sky blue?", "Scattering."),
-      ("Say hello in Spanish.", "Hola."), ("Name a planet.", "Mars.")]
-
-
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A tiny Llama and the local tokenizer, saved like any SFT checkpoint, plus a prompt/response file."""
-    path = tmp_path_factory.mktemp("sft")
-    tokenizer = build_local_tokenizer(vocab_size=300)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300)).save_pretrained(path / "model")
-    tokenizer.save_pretrained(path / "model")
-    (path / "train.jsonl").write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA))
-    return path
 
 
 def run_config(sft_model, out, *extra):
@@ -70,11 +53,11 @@ def test_resume_after_kills_in_generation_and_training_matches(sft_model, tmp_pa
     real_generate, real_step = TransformersEngine.generate, Trainer.train_step
     calls = {"generate": 0, "step": 0}
 
-    def generate_then_die(self, *args):
+    def generate_then_die(self, *args, **kwargs):
         calls["generate"] += 1
         if calls["generate"] == 1:  # iteration 1's (iteration 0 generated before the first kill)
             raise KeyboardInterrupt
-        return real_generate(self, *args)
+        return real_generate(self, *args, **kwargs)
 
     def step_then_die(self):
         calls["step"] += 1

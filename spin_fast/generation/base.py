@@ -41,8 +41,12 @@ class Completion:
 
 
 class Engine(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        """n completions for each prompt (token ids, rendered by data.render_prompt), in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """n completions for each prompt (token ids, rendered by data.render_prompt), in prompt order.
+        indices: each prompt's position in the whole prompt set (default 0, 1, ...), which its sampling seed
+        derives from where the engine seeds per prompt: a rank that generates a share of the prompts then
+        samples what one process would."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the model's weights in memory (Hugging Face parameter names)."""

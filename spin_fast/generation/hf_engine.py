@@ -23,8 +23,10 @@ class TransformersEngine:
         self.progress = progress
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        """n completions per prompt, in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order. transformers samples a whole batch from one seed, so
+        sampled completions depend on the batching (indices is not used); greedy ones do not."""
         requests = [(p, k) for p in range(len(prompts)) for k in range(sampling.n)]
         # Similar lengths share a batch, so left padding wastes little.
         requests.sort(key=lambda request: len(prompts[request[0]]))

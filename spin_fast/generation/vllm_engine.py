@@ -68,16 +68,19 @@ class VllmEngine:
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._closed = False
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        """n completions for each prompt (token ids), in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """n completions for each prompt (token ids), in prompt order; prompt i samples with seed
+        sampling.seed + indices[i] (its index in the whole set), whichever rank or batch it is in."""
         from vllm import SamplingParams
 
         if not prompts:
             return []
+        indices = range(len(prompts)) if indices is None else indices
         # One seed per prompt: a shared seed would give duplicate prompts identical completions.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed + i)
-                  for i in range(len(prompts))]
+                  for i in indices]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
         outputs = self._llm.generate(inputs, params, use_tqdm=True)  # type: ignore[arg-type]
         return [[self._completion(o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs]
