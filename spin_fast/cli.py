@@ -29,6 +29,8 @@ commands:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spin-fast", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes each rank --local_rank first; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "run every iteration (resumes a stopped run: same command, same output_dir)",

@@ -198,7 +198,8 @@ def test_several_processes_need_deepspeed(monkeypatch):
 
 
 # ------------------------------------------------------------------------- the whole loop, 2 processes
-def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str,
+                      launcher: str = "torchrun") -> subprocess.CompletedProcess:
     settings = [
         f"output_dir={run}", f"model.name_or_path={sft_model / 'model'}", f"data.source={sft_model / 'train.jsonl'}",
         "data.max_length=64", "data.max_prompt_length=32", "iterations=2", "generation.engine=transformers",
@@ -207,8 +208,15 @@ def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str) -
         "train.micro_batch_tokens=96", "train.backend=torch", "train.progress=false", "score_batch_tokens=96",
         "deepspeed.zero_stage=3", *extra,
     ]
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
-    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "spin_fast.cli", "run", "/dev/null"]
+    if processes == 1:
+        command = [sys.executable, "-m", "spin_fast.cli"]
+    elif launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={free_port()}", "-m", "spin_fast.cli"]
+    else:  # the deepspeed launcher (on the CPU, --num_gpus counts processes)
+        command = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={processes}",
+                   f"--master_port={free_port()}", "--module", "spin_fast.cli"]
+    command += ["run", "/dev/null"]
     for setting in settings:
         command += ["--set", setting]
     return run_launched(command)
@@ -235,3 +243,21 @@ def test_two_process_run_gives_the_same_pair_files_and_weights(tmp_path, sft_mod
     start = load_file(sft_model / "model" / "model.safetensors")
     assert_same_weights(final[1], final[0], start)
     assert done.stdout.count("iteration=") == 2  # rank 0 prints the summaries, once
+
+
+def test_deepspeed_launcher_and_resume_with_the_same_command(tmp_path, sft_model):
+    """The deepspeed launcher (which passes --local_rank) runs spin-fast too; run again, the finished run is
+    left as it is."""
+    done = spin_fast_command(tmp_path, sft_model, 2, "iterations=1", launcher="deepspeed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "iter-0/generate/manifest.json").read_text())
+    assert manifest["processes"] == 2
+    again = spin_fast_command(tmp_path, sft_model, 2, "iterations=1", launcher="deepspeed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "iter-0/generate/manifest.json").read_text()) == manifest
+
+
+def test_slurm_example_is_valid_bash():
+    script = ROOT / "configs" / "launch" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "spin_fast.cli run" in script.read_text()
