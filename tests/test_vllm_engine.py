@@ -122,3 +122,16 @@ def test_sampling_seeded_n_and_finished(setup):
     assert all(len(c.token_ids) <= 3 for c in flat)
     assert sum(not c.finished for c in flat) > len(flat) // 2
     assert all(len(c.token_ids) == 3 for c in flat if not c.finished)
+
+
+def test_sampling_many_seeded_prompts_beyond_one_step(setup):
+    """More prompt tokens than one engine step takes (4096 on the CPU build), sampled with a seed per prompt,
+    twice (the second time with a warm prefix cache): no prompt is cut across steps, where the CPU build's
+    seeded sampling fails, and a prompt's sample does not depend on the batch around it."""
+    engine, _, _, prompts, _ = setup
+    many = [prompts[i % len(prompts)] for i in range(240)]
+    assert sum(map(len, many)) > 4 * 4096
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)
+    first = engine.generate(many, sampling)
+    assert engine.generate(many, sampling) == first
+    assert engine.generate([many[100]], SamplingConfig(temperature=1.0, max_new_tokens=8, seed=103)) == [first[100]]

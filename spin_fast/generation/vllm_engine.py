@@ -62,6 +62,10 @@ class VllmEngine:
             model=str(model_dir), dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self._sleep_mode, seed=seed,
             enforce_eager=self._on_cpu,  # no CUDA graphs / torch.compile warm-up on the CPU build
+            # The CPU build's seeded sampling fails on a prompt cut across engine steps ("CPU Generator does not use
+            # offset": it rewinds the generator of the cut request, which only CUDA generators allow). Unchunked,
+            # every prompt is prefilled whole.
+            enable_chunked_prefill=False if self._on_cpu else None,
             worker_extension_cls=_EXTENSION,
         )
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
