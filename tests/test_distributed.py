@@ -261,3 +261,17 @@ def test_slurm_example_is_valid_bash():
     script = ROOT / "configs" / "launch" / "slurm.sbatch"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     assert "spin_fast.cli run" in script.read_text()
+
+
+@pytest.mark.slow
+def test_vllm_engine_per_rank_samples_what_one_process_samples(tmp_path, sft_model):
+    """One vLLM engine per rank, each answering its share with seeds by prompt index: the sampled pair files
+    equal one process's, in iteration 1 too (after the ZeRO-3 weights were gathered into both engines)."""
+    pytest.importorskip("vllm")
+    for name, processes in (("one", 1), ("two", 2)):
+        done = spin_fast_command(tmp_path / name, sft_model, processes, "generation.engine=vllm",
+                                 "generation.temperature=1.0")
+        assert done.returncode == 0, done.stderr[-3000:]
+    for t in range(2):
+        pairs = f"iter-{t}/generate/pairs.jsonl"
+        assert (tmp_path / "two" / pairs).read_text() == (tmp_path / "one" / pairs).read_text()
