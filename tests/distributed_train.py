@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--die-at-step", type=int, default=0)
+    parser.add_argument("--offload", action="store_true", help="optimizer state (and ZeRO-3 parameters) on the CPU")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -55,8 +56,9 @@ def main() -> None:
     train = TrainConfig(mode=args.mode, learning_rate=0.05, optimizer_eps=1.0, global_batch=8, epochs=2,
                         micro_batch_tokens=96, warmup_ratio=0.25, save_every=1, keep_checkpoints=10, progress=False,
                         seed=3)
-    trainer = Trainer(model, None, train, args.output_dir, items,
-                      deepspeed=DeepSpeedConfig(zero_stage=args.zero_stage, timeout_minutes=2))
+    deepspeed = DeepSpeedConfig(zero_stage=args.zero_stage, timeout_minutes=2, offload_optimizer=args.offload,
+                                offload_params=args.offload and args.zero_stage == 3)
+    trainer = Trainer(model, None, train, args.output_dir, items, deepspeed=deepspeed)
     if args.die_at_step:
         step = trainer.train_step
 

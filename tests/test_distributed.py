@@ -73,6 +73,7 @@ def one_process(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("stage,reference,args", [
     (2, "spin", ()), (3, "spin", ()), (3, "tied", ("--tied",)), (2, "sft", ("--mode", "sft")),
+    (3, "spin", ("--offload",)),  # optimizer state and parameters in CPU memory
 ])
 def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
     done = launch(tmp_path, "--zero-stage", str(stage), *args)
