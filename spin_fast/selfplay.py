@@ -223,9 +223,9 @@ class SelfPlay:
             start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
             if self.engine is None:
-                # Under ZeRO the training model ends sharded: the embedded engine gets a copy of its own.
-                engine_model = load_policy(self.model_path(t), config) if self.distributed else model
-                self.engine = self.make_engine(engine_model, tokenizer, config, self.model_path(t))
+                # Under ZeRO the training model ends sharded: no engine may generate with it (None).
+                self.engine = self.make_engine(None if self.distributed else model, tokenizer, config,
+                                               self.model_path(t))
             sampling = config.generation.sampling()
             sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
             share = distributed.balance([len(e.prompt_ids) for e in examples], distributed.world_size())
@@ -304,7 +304,8 @@ class SelfPlay:
 
 def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
     """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
-    transformers engine, which generates with the training model itself (no second copy)."""
+    transformers engine, which generates with the training model itself (no second copy), or with a
+    copy of its own when `model` is None (training shards it under ZeRO)."""
     from spin_fast.generation.hf_engine import TransformersEngine
 
     choice = config.generation.engine
@@ -324,5 +325,7 @@ def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engi
                               tensor_parallel_size=gen.tensor_parallel_size,
                               gpu_memory_utilization=gen.gpu_memory_utilization)
     log.info("generation engine: transformers")
+    if model is None:
+        model = load_policy(model_path, config)
     return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               batch_size=config.generation.batch_size, progress=config.train.progress)
