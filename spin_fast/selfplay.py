@@ -157,16 +157,11 @@ class SelfPlay:
             return None
 
         start = time.perf_counter()
-        if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
-            self.engine.sleep()
-        result = Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed).train()
+        result = self.train(train_dir, model, tokenizer, scored, config)
         times["train_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        if self.engine is not None:  # θt+1 into the running engine, in memory
-            if hasattr(self.engine, "wake_up"):
-                self.engine.wake_up()
-            self.engine.load_weights(self.trained_weights(model))
+        self.transfer_weights(model)
         times["weight_transfer_s"] = time.perf_counter() - start
         if self.distributed:
             # ZeRO left `model` sharded: θt+1 continues as a whole model, from the consolidated checkpoint.
@@ -187,6 +182,20 @@ class SelfPlay:
             log.info("iteration %d: %s", t, summary)
         distributed.barrier(f"end of iteration {t}")
         return read_manifest(train_dir)["summary"]
+
+    def train(self, train_dir: Path, model, tokenizer, scored: list[ScoredPair], config: RunConfig):
+        """θt -> θt+1 on the scored pairs (resuming from train_dir's checkpoints)."""
+        if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
+            self.engine.sleep()
+        return Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed).train()
+
+    def transfer_weights(self, model) -> None:
+        """θt+1 into the running engine, in memory."""
+        if self.engine is None:
+            return
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up()
+        self.engine.load_weights(self.trained_weights(model))
 
     def trained_weights(self, model):
         """θt+1's named tensors for the engine: under ZeRO gathered a bucket at a time on every rank."""
