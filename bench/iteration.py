@@ -1,0 +1,217 @@
+"""Whole-iteration profile: where the wall time and the memory of SPIN iterations go, from a short real run.
+
+A small Llama built from a config, the local tokenizer and the demo's sorting task (spin_fast.sorting) go
+through `SelfPlay` for 2 iterations with the default engine (vLLM when installed, else transformers), as
+`spin-fast run` would run them. Each stage is wrapped and measured:
+
+  engine_start      creating the generation engine (once per run; vLLM starts its own processes)
+  generate          the opponent answers every prompt (engine start not included)
+  score             the opponent's log-probs of the pairs of t and t-1, once, no grad
+  train             the SPIN training of θt+1, checkpoints included
+  weight_transfer   θt+1 into the running engine, in memory
+
+Reported per iteration: seconds and share of the iteration's wall time; peak memory each stage adds in the
+training process (CUDA allocator peak, or the process's peak RSS reset at the stage's start, under the
+low-mmap-threshold allocator of bench.common.worker_env); and the resident memory of the engine's own
+processes (vLLM's engine core and workers), which the training process's figures do not include.
+Iteration 1 is the steady state (iteration 0 also starts the engine). Times and memory come from two
+separate runs, like the other benches. Run: python -m bench.iteration [--preset cpu|gpu].
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import format_table, machine_info, peak_extra_memory_mib, publish, run_worker
+
+STAGES = ("engine_start", "generate", "score", "train", "weight_transfer")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    prompts: int
+    max_new_tokens: int
+    global_batch: int
+    micro_batch_tokens: int
+    dtype: str
+
+
+PRESETS = {
+    "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=256, max_new_tokens=32, global_batch=32,
+                  micro_batch_tokens=2048, dtype="float32"),
+    "gpu": Preset("gpu", hidden=2048, layers=16, heads=16, prompts=4096, max_new_tokens=64, global_batch=64,
+                  micro_batch_tokens=16384, dtype="bfloat16"),
+    "tiny": Preset("tiny", hidden=64, layers=2, heads=2, prompts=16, max_new_tokens=8, global_batch=8,
+                   micro_batch_tokens=512, dtype="float32"),
+}
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found
+
+
+def engine_rss_mib() -> float:
+    """Peak resident memory (VmHWM) of this process's descendants: the engine's processes."""
+    total = 0.0
+    for pid in _descendants(os.getpid()):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
+
+
+def profiled_selfplay(config, measure: str):
+    """A SelfPlay whose stages record their seconds (measure="time") or peak memory (measure="memory")."""
+    from spin_fast.selfplay import SelfPlay, default_engine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    class Profiled(SelfPlay):
+        def measured(self, stage: str, call):
+            key = f"iter-{self.current}/{stage}"
+            if measure == "memory":
+                result = []
+                self.records[key] = peak_extra_memory_mib(lambda: result.append(call()), device)
+                if stage == "generate":
+                    self.records[f"iter-{self.current}/engine_rss"] = engine_rss_mib()
+                return result[0]
+            gc.collect()
+            start = time.perf_counter()
+            result = call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.records[key] = time.perf_counter() - start
+            return result
+
+        def iteration(self, t, *args, **kwargs):
+            self.current = t
+            return super().iteration(t, *args, **kwargs)
+
+        def generate(self, *args, **kwargs):
+            return self.measured("generate", lambda: super(Profiled, self).generate(*args, **kwargs))
+
+        def score(self, *args, **kwargs):
+            return self.measured("score", lambda: super(Profiled, self).score(*args, **kwargs))
+
+        def train(self, *args, **kwargs):
+            return self.measured("train", lambda: super(Profiled, self).train(*args, **kwargs))
+
+        def transfer_weights(self, *args, **kwargs):
+            return self.measured("weight_transfer", lambda: super(Profiled, self).transfer_weights(*args, **kwargs))
+
+    selfplay = Profiled(config)
+    selfplay.records, selfplay.current = {}, 0
+    selfplay.make_engine = lambda *args: selfplay.measured("engine_start", lambda: default_engine(*args))
+    return selfplay
+
+
+def worker(preset: Preset, measure: str, engine: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from spin_fast.config import load_run_config
+    from spin_fast.model import tiny_config
+    from spin_fast.sorting import make_splits, write_jsonl
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    workdir = Path(tempfile.mkdtemp(prefix="spin-bench-iteration-"))
+    rows, _ = make_splits(preset.prompts, 0, seed=0)
+    write_jsonl(workdir / "train.jsonl", rows)
+    tokenizer = build_local_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=400)
+    torch.manual_seed(0)
+    model_config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=preset.hidden, layers=preset.layers,
+                               heads=preset.heads)
+    AutoModelForCausalLM.from_config(model_config).save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+    config = load_run_config(None, [
+        f"output_dir={workdir / 'run'}", f"model.name_or_path={workdir / 'model'}",
+        f"data.source={workdir / 'train.jsonl'}", "data.max_length=96", "data.max_prompt_length=64",
+        f"generation.max_new_tokens={preset.max_new_tokens}", "generation.batch_size=64", "iterations=2",
+        f"generation.engine={engine}",
+        f"train.global_batch={preset.global_batch}", f"train.micro_batch_tokens={preset.micro_batch_tokens}",
+        "train.epochs=1", f"train.dtype={preset.dtype}", "train.learning_rate=1e-5", "train.progress=false",
+        f"score_batch_tokens={4 * preset.micro_batch_tokens}",
+    ])
+    selfplay = profiled_selfplay(config, measure)
+    summaries = selfplay.run()
+    engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
+    return {measure: selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
+            "parameters_m": sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters()) / 1e6}
+
+
+def profile_rows(result: dict) -> list[dict]:
+    """One row per (iteration, stage): seconds, share of the iteration's time, peak MiB."""
+    rows = []
+    for t in (0, 1):
+        seconds_of = {s: result["time"][f"iter-{t}/{s}"] for s in STAGES if f"iter-{t}/{s}" in result["time"]}
+        if "engine_start" in seconds_of:  # the engine starts inside the first generate stage
+            seconds_of["generate"] -= seconds_of["engine_start"]
+        total = sum(seconds_of.values())
+        for stage, seconds in seconds_of.items():
+            rows.append({"iteration": t, "stage": stage, "seconds": seconds, "share": seconds / total,
+                         "peak_extra_mib": result.get("memory", {}).get(f"iter-{t}/{stage}")})
+    return rows
+
+
+def summary_table(result: dict) -> str:
+    headers = ["iteration", "stage", "seconds", "share of iteration", "peak extra MiB (trainer)"]
+    table = [[str(r["iteration"]), r["stage"], f"{r['seconds']:.2f}", f"{100 * r['share']:.0f}%",
+              "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"] for r in result["rows"]]
+    engine = result.get("memory", {}).get("iter-1/engine_rss")
+    note = f"engine: {result['engine']}"
+    if engine:
+        note += f", its processes' peak RSS {engine:.0f} MiB (not in the trainer's figures)"
+    return format_table(headers, table) + "\n" + note + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
+    parser.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
+                        help="generation engine (default: vLLM when installed)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
+    if args.worker:
+        print(json.dumps(worker(preset, args.measure, args.engine)))
+        return 0
+    result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600)
+    if "error" in result:
+        print(f"iteration profile failed: {result['error']}", file=sys.stderr)
+        return 1
+    result["rows"] = profile_rows(result)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"bench": "iteration", "preset": asdict(preset), "machine": machine_info(device), **result}
+    table = summary_table(result)
+    publish(f"iteration-{preset.name}", report, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
