@@ -1,0 +1,109 @@
+"""PNG plots of the bench results in bench/results/: one figure per bench and preset, drawn from its JSON.
+
+  kernels-<preset>.png      per job: forward+backward time and peak memory against vocabulary size,
+                            one line per method (spin-fast backends and peers)
+  train_step-<preset>.png   tokens/s and peak memory of one SPIN optimizer step per method
+  iteration-<preset>.png    seconds per stage of each iteration of the whole-iteration profile
+
+Run: python -m bench.plots [RESULTS_DIR] (python -m bench draws them after the benches).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bench import common
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kernels(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    results = [r for r in report["results"] if "median_ms" in r]
+    jobs = sorted({r["job"] for r in results})
+    methods = sorted({r["method"] for r in results})
+    fig, axes = plt.subplots(len(jobs), 2, figsize=(11, 4 * len(jobs)), squeeze=False)
+    for row, job in enumerate(jobs):
+        for col, (key, label) in enumerate((("median_ms", "forward + backward, ms"),
+                                            ("peak_extra_mib", "peak extra memory, MiB"))):
+            ax = axes[row][col]
+            for color, method in enumerate(methods):  # one color per method in every panel
+                points = sorted((r["vocab"], r[key]) for r in results if r["job"] == job and r["method"] == method)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{color}",
+                            label=method)
+            ax.set(xlabel="vocabulary size", ylabel=label, title=f"{job}: {label.split(',')[0]}")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
+    fig.suptitle(f"kernels, {report['preset']} preset, {report['machine']['device']}, "
+                 f"{report['shape']['tokens']} tokens")
+    return _save(fig, path)
+
+
+def plot_train_step(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    results = [r for r in report["results"] if "tokens_per_s" in r]
+    methods = [r["method"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(methods, [r["tokens_per_s"] for r in results])
+    axes[0].set(ylabel="training tokens / s", title="one SPIN optimizer step: throughput")
+    axes[1].bar(methods, [r["peak_extra_mib"] for r in results])
+    axes[1].set(ylabel="MiB", title="peak memory the step adds")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(f"train step, {report['preset']} preset, {report['machine']['device']}")
+    return _save(fig, path)
+
+
+def plot_iteration(report: dict, path: Path) -> Path:
+    plt = _pyplot()
+    rows = report["rows"]
+    iterations = sorted({r["iteration"] for r in rows})
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * len(iterations)
+    for stage in stages:
+        heights = [next((r["seconds"] for r in rows if r["iteration"] == t and r["stage"] == stage), 0.0)
+                   for t in iterations]
+        ax.bar([f"iteration {t}" for t in iterations], heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set(ylabel="seconds", title=f"one SPIN iteration, {report['preset']['name']} preset, engine "
+                                   f"{report['engine']}, {report['machine']['device']}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+PLOTTERS = {"kernels": plot_kernels, "train_step": plot_train_step, "iteration": plot_iteration}
+
+
+def plot_all(results_dir: Path | None = None) -> list[Path]:
+    """A PNG beside every bench JSON that has a plotter; returns the files written."""
+    results_dir = Path(results_dir or common.RESULTS_DIR)
+    written = []
+    for source in sorted(results_dir.glob("*.json")):
+        report = json.loads(source.read_text())
+        plotter = PLOTTERS.get(report.get("bench"))
+        if plotter is not None:
+            written.append(plotter(report, source.with_suffix(".png")))
+    return written
+
+
+if __name__ == "__main__":
+    for written in plot_all(Path(sys.argv[1]) if len(sys.argv) > 1 else None):
+        print(f"written: {written}")
