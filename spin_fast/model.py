@@ -23,14 +23,15 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", attention.NAM
 
 def pick_attention(device: torch.device, requested: str = "auto") -> str:
     """On CUDA, varlen FlashAttention: the flash_attn package's when installed, else PyTorch's own
-    (spin_varlen). On the CPU, SDPA, which isolates packed sequences with a block-diagonal mask."""
+    (spin_varlen). On the CPU, spin_varlen's per-sequence SDPA (plain SDPA would build a [T, T]
+    block-diagonal mask and spend T^2 on every packed row)."""
     if requested not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {requested!r}")
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else attention.NAME
-    return "sdpa"
+    return attention.NAME
 
 
 def load_causal_lm(

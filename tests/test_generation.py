@@ -47,6 +47,22 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer):
     assert got == one_by_one(model, batch, tokenizer.eos_token_id, GREEDY.max_new_tokens)
 
 
+def test_a_model_trained_with_packed_attention_generates_through_sdpa(tokenizer):
+    """spin_varlen (the default for packed training) serves one packed row only: the engine generates with
+    SDPA and gives the model back with its packed attention."""
+    from spin_fast import attention
+
+    attention.register()
+    model = make_model()
+    model.set_attn_implementation(attention.NAME)
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, batch_size=3, progress=False)
+    batch = prompts(tokenizer)
+    got = [c[0].token_ids for c in engine.generate(batch, GREEDY)]
+    assert model.config._attn_implementation == attention.NAME
+    model.set_attn_implementation("sdpa")
+    assert got == one_by_one(model, batch, tokenizer.eos_token_id, GREEDY.max_new_tokens)
+
+
 def test_load_weights_swaps_the_model_in_memory(tokenizer):
     model, other = make_model(seed=0), make_model(seed=1)
     engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)

@@ -47,8 +47,8 @@ def test_gradient_checkpointing_and_attention_choice(saved_model):
     path, _ = saved_model
     model = spin_model.load_causal_lm(path, gradient_checkpointing=True)
     assert model.is_gradient_checkpointing
-    assert model.config._attn_implementation == "sdpa"
-    assert spin_model.pick_attention(torch.device("cpu")) == "sdpa"
+    assert model.config._attn_implementation == "spin_varlen"
+    assert spin_model.pick_attention(torch.device("cpu")) == "spin_varlen"
     assert spin_model.pick_attention(torch.device("cpu"), "eager") == "eager"
     with pytest.raises(ValueError, match="attention must be one of"):
         spin_model.pick_attention(torch.device("cpu"), "flash")
@@ -66,30 +66,31 @@ def test_refuses_heads_the_kernel_cannot_compute(tmp_path):
         spin_model.load_causal_lm(tmp_path)
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
-    """Stand-in for PyTorch's CUDA-only varlen kernel: causal SDPA sequence by sequence."""
-    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-    out = torch.empty_like(q)
-    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa
-        ).transpose(0, 1)
-    return out
+def checked(kernel):
+    """The kernel, asserting the call has varlen_attn's layout: [T, H, D] tensors, shared int32 boundaries."""
+
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+        assert q.dim() == 3 and q.shape[1] in (k.shape[1], 2 * k.shape[1]) and torch.equal(cu_q, cu_k)
+        assert cu_q.dtype == torch.int32 and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        return kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+
+    return call
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("family,kv_heads,window", [("llama", 4, None), ("llama", 2, None), ("mistral", 4, 6)],
+                         ids=["mha", "gqa", "sliding-window"])
 @pytest.mark.parametrize("pass_cu_seqlens", [True, False])
-def test_torch_varlen_attention_plumbing(monkeypatch, kv_heads, pass_cu_seqlens):
-    """The spin_varlen attention (PyTorch's varlen kernel, for CUDA without flash-attn) gets the
-    right layout, boundaries and GQA flag: with the kernel replaced by a per-sequence SDPA, the
-    packed hidden states equal the SDPA path's."""
+def test_spin_varlen_attention_equals_block_diagonal_sdpa(monkeypatch, family, kv_heads, window, pass_cu_seqlens):
+    """spin_varlen (per-sequence SDPA on the CPU; PyTorch's varlen kernel, same call, on CUDA) gives the packed
+    hidden states of plain SDPA with its block-diagonal mask, boundaries given or derived from the positions."""
     from spin_fast import attention
 
-    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda device: checked(attention.per_sequence_sdpa))
     attention.register()
-    config = spin_model.tiny_config("llama", vocab_size=300, hidden_size=128, heads=4)
+    config = spin_model.tiny_config(family, vocab_size=300, hidden_size=128, heads=4)
     config.num_key_value_heads = kv_heads
+    if family == "mistral":
+        config.sliding_window = window  # shorter than the longest sequences: the window must cut them
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     lengths = [5, 11, 1, 8]
     ids = torch.randint(0, 300, (sum(lengths),))
@@ -100,7 +101,7 @@ def test_torch_varlen_attention_plumbing(monkeypatch, kv_heads, pass_cu_seqlens)
         model.set_attn_implementation(attention.NAME)
         extra = (cu, max(lengths)) if pass_cu_seqlens else ()
         got = spin_model.packed_hidden_states(model, ids, positions, *extra)
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     derived_cu, derived_max = attention.cu_seqlens_from_positions(positions)
     assert torch.equal(derived_cu, cu) and derived_max == max(lengths)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from spin_fast.attention import NAME as PACKED_ONLY
 from spin_fast.generation.base import Completion, SamplingConfig
 
 
@@ -31,15 +32,22 @@ class TransformersEngine:
         # Similar lengths share a batch, so left padding wastes little.
         requests.sort(key=lambda request: len(prompts[request[0]]))
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
-        was_training = self.model.training
+        was_training, attention = self.model.training, self.model.config._attn_implementation
         self.model.eval()
-        starts = range(0, len(requests), self.batch_size)
-        for batch_number, start in enumerate(tqdm(starts, desc="generating", unit="batch", disable=not self.progress)):
-            batch = requests[start : start + self.batch_size]
-            outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, sampling.seed + batch_number)
-            for (prompt_index, k), completion in zip(batch, outputs):
-                results[prompt_index][k] = completion
-        self.model.train(was_training)
+        if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
+            self.model.set_attn_implementation("sdpa")
+        try:
+            starts = tqdm(range(0, len(requests), self.batch_size), desc="generating", unit="batch",
+                          disable=not self.progress)
+            for batch_number, start in enumerate(starts):
+                batch = requests[start : start + self.batch_size]
+                outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling,
+                                               sampling.seed + batch_number)
+                for (prompt_index, k), completion in zip(batch, outputs):
+                    results[prompt_index][k] = completion
+        finally:
+            self.model.train(was_training)
+            self.model.set_attn_implementation(attention)
         return results
 
     def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
