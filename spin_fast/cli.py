@@ -103,10 +103,13 @@ def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
     from transformers import AutoTokenizer
 
+    from spin_fast import distributed
     from spin_fast.packing import Sequence
     from spin_fast.selfplay import load_policy, tokenized_examples
-    from spin_fast.training import Trainer
+    from spin_fast.training import Trainer, uses_deepspeed
 
+    if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
+        distributed.init(config.deepspeed.timeout_minutes)
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
     examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]

@@ -35,10 +35,10 @@ def init(timeout_minutes: float = 30.0) -> None:
         return
     import deepspeed
 
+    if torch.cuda.is_available():  # before NCCL starts, or every rank would talk from GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(timeout=timeout, verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
 
 

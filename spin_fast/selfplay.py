@@ -329,7 +329,11 @@ def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engi
 
             gen, data = config.generation, config.data
             log.info("generation engine: vLLM, started once from %s", model_path)
-            return VllmEngine(model_path, dtype=config.train.dtype, seed=gen.seed,
+            # Under a launcher on GPUs, each rank's engine joins the launcher's process group on its own GPU
+            # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
+            # build, engines start their own processes.
+            executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
+            return VllmEngine(model_path, dtype=config.train.dtype, seed=gen.seed, executor=executor,
                               max_model_len=max(data.max_length, data.max_prompt_length + gen.max_new_tokens),
                               tensor_parallel_size=gen.tensor_parallel_size,
                               gpu_memory_utilization=gen.gpu_memory_utilization)

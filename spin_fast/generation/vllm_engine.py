@@ -46,7 +46,7 @@ class VllmEngine:
 
     def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 enable_sleep_mode: bool | None = None, seed: int = 0) -> None:
+                 enable_sleep_mode: bool | None = None, seed: int = 0, executor: str | None = None) -> None:
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -67,6 +67,7 @@ class VllmEngine:
             # every prompt is prefilled whole.
             enable_chunked_prefill=False if self._on_cpu else None,
             worker_extension_cls=_EXTENSION,
+            distributed_executor_backend=executor,  # None: vLLM's choice
         )
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
