@@ -119,7 +119,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     def opponent_pairs(opponent, t: int) -> list[TokenizedPair]:
         # θt answers the held-out prompts, as it answered the training prompts in iteration t.
         engine = TransformersEngine(opponent, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, progress=False)
+                                    pad_token_id=tokenizer.pad_token_id, batch_size=config.generation.batch_size,
+                                    progress=False)
         completions = engine.generate([e.prompt_ids for e in examples], config.for_iteration(t).generation.sampling())
         return answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
 

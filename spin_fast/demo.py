@@ -1,0 +1,392 @@
+"""`make demo`: a whole, real SPIN experiment on a small built-in task, on the CPU, with nothing downloaded.
+
+    python -m spin_fast.demo [--config configs/demo.yaml] [--output DIR] [--set key=value ...]
+
+Stages, each resumable (a stage whose manifest exists is done and is skipped on a rerun):
+
+    data/            the sorting task (spin_fast.sorting), train.jsonl and eval.jsonl, from a fixed seed
+    base/            a tokenizer trained on the task's text and a randomly initialised small Llama
+    sft/             SFT of the base model on the whole training split: the SFT model θ0
+    spin/            `iterations` SPIN iterations from θ0 on the first data.max_prompts training prompts
+                     (spin_fast.selfplay: generate -> score -> train -> hot-swap)
+    continued-sft/   the paper's baseline: SFT from θ0 on the same prompts for as many optimizer steps as
+                     SPIN took in all, with SPIN's optimizer settings (only the objective differs)
+    eval/            every model on the held-out prompts: the checker's score of greedy answers, the
+                     log-likelihood of the human responses, reward margins (spin_fast.evaluation)
+    results.md, results.jsonl, training_curves.png, scores.png   the report, rebuilt on every run
+
+The config is a RunConfig YAML plus a `demo:` mapping for what RunConfig does not hold (task and model
+size, the SFT stage's settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from spin_fast.config import ConfigError, RunConfig, TrainConfig, from_dict
+
+log = logging.getLogger("spin_fast.demo")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+STAGES = ("data", "base", "sft", "spin", "continued-sft", "eval")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass
+class TaskSettings:
+    n_train: int = 3000
+    n_eval: int = 500
+    seed: int = 0
+    min_items: int = 4
+    max_items: int = 7
+    max_value: int = 99
+
+
+@dataclass
+class ModelSettings:
+    vocab_size: int = 400  # BPE trained on the task's text
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4  # head dim hidden_size / heads: >= 32 for the vLLM CPU build
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.heads or self.hidden_size // self.heads < 32:
+            raise ValueError(f"hidden_size / heads must be a whole number >= 32 (vLLM's CPU build refuses smaller "
+                             f"heads), got {self.hidden_size} / {self.heads}")
+
+
+@dataclass
+class DemoSettings:
+    task: TaskSettings = field(default_factory=TaskSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sft: dict = field(default_factory=dict)  # TrainConfig settings of the SFT stage, over the run's `train`
+    continued_sft: dict = field(default_factory=dict)  # likewise for the baseline (default: SPIN's own)
+
+
+def load_demo_config(path: str | Path, overrides: list[str] = (), output: str | None = None
+                     ) -> tuple[RunConfig, DemoSettings]:
+    """The run's RunConfig and the demo's own settings from one YAML file, then key=value overrides
+    (`demo.` keys go to the demo's settings, the rest to the RunConfig)."""
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    demo_data = loaded.pop("demo", None) or {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {override!r}: expected key=value, e.g. demo.task.n_train=500")
+        key = key.strip()
+        target, key = (demo_data, key.removeprefix("demo.")) if key.startswith("demo.") else (loaded, key)
+        *parents, last = key.split(".")
+        node = target
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override}: {part!r} is a value, not a section")
+        node[last] = yaml.safe_load(raw)
+    if output is not None:
+        loaded["output_dir"] = output
+    run_dir = Path(loaded.get("output_dir") or "runs/demo")
+    data = loaded.setdefault("data", {})
+    # Where the demo puts things; a config may not point them elsewhere.
+    for key, value in (("source", run_dir / "data" / "train.jsonl"), ("eval_source", run_dir / "data" / "eval.jsonl")):
+        data[key] = str(value)
+    loaded.setdefault("model", {})["name_or_path"] = str(run_dir / "sft" / "model")
+    loaded["output_dir"] = str(run_dir / "spin")
+    config = from_dict(RunConfig, loaded)
+    demo = from_dict(DemoSettings, demo_data, prefix="demo.")
+    stage_config(config, demo.sft, "demo.sft")
+    stage_config(config, demo.continued_sft, "demo.continued_sft")
+    return config, demo
+
+
+def stage_config(config: RunConfig, changes: dict, name: str) -> TrainConfig:
+    """An SFT TrainConfig: the run's `train` with a stage's changes, checked like any setting."""
+    return from_dict(TrainConfig, {**config.train.to_dict(), "mode": "sft", **changes}, prefix=f"{name}.")
+
+
+# -------------------------------------------------------------------------------------------- the stages
+class Demo:
+    def __init__(self, config: RunConfig, demo: DemoSettings):
+        self.config, self.demo = config, demo
+        self.run_dir = Path(config.output_dir).parent
+
+    def run(self, until: str | None = None) -> list[dict]:
+        """Every stage not done yet, then the report; or the stages up to and including `until`."""
+        if until is not None and until not in STAGES:
+            raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_same_settings()
+        start = time.perf_counter()
+        for number, stage in enumerate(STAGES, 1):
+            done = self.manifest(stage)
+            if done is not None:
+                log.info("[%d/%d] %s: done before (%.0f s), skipped", number, len(STAGES), stage,
+                         done["seconds"])
+                if stage == until:
+                    return []
+                continue
+            log.info("[%d/%d] %s ...", number, len(STAGES), stage)
+            began = time.perf_counter()
+            fields = getattr(self, "stage_" + stage.replace("-", "_"))()
+            self.write_manifest(stage, seconds=time.perf_counter() - began, **fields)
+            if stage == until:
+                return []
+        rows = self.report()
+        log.info("demo finished in %.0f s (this run); results in %s", time.perf_counter() - start, self.run_dir)
+        return rows
+
+    # Each stage returns the fields of its manifest, written once its outputs are complete.
+    def stage_data(self) -> dict:
+        from spin_fast.sorting import make_splits, write_jsonl
+
+        task = self.demo.task
+        train, held_out = make_splits(task.n_train, task.n_eval, seed=task.seed, min_items=task.min_items,
+                                      max_items=task.max_items, max_value=task.max_value)
+        (self.run_dir / "data").mkdir(exist_ok=True)
+        write_jsonl(self.config.data.source, train)
+        write_jsonl(self.config.data.eval_source, held_out)
+        return {"train": len(train), "eval": len(held_out)}
+
+    def stage_base(self) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from spin_fast.data import load_examples
+        from spin_fast.model import tiny_config
+        from spin_fast.tokenizer import build_local_tokenizer
+
+        settings, data, generation = self.demo.model, self.config.data, self.config.generation
+        examples = load_examples(data.source).examples
+        tokenizer = build_local_tokenizer([e.prompt[-1]["content"] + " " + e.response for e in examples],
+                                          vocab_size=settings.vocab_size)
+        positions = max(data.max_length, data.max_prompt_length + generation.max_new_tokens)
+        model_config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
+                                   layers=settings.layers, heads=settings.heads, max_positions=positions)
+        torch.manual_seed(settings.seed)
+        model = AutoModelForCausalLM.from_config(model_config)
+        model.save_pretrained(self.run_dir / "base")
+        tokenizer.save_pretrained(self.run_dir / "base")
+        return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+
+    def stage_sft(self) -> dict:
+        """θ0: SFT on the whole training split (SPIN later uses the first data.max_prompts of it)."""
+        shutil.rmtree(self.config.model.name_or_path, ignore_errors=True)  # a kill after the rename below
+        result = self.train_sft(self.run_dir / "base", self.run_dir / "sft",
+                                stage_config(self.config, self.demo.sft, "demo.sft"), limit=None)
+        # A fixed path for θ0, whatever the step count: the run config points at it.
+        result.final_dir.rename(self.config.model.name_or_path)
+        return {"steps": result.steps, "checkpoint": self.config.model.name_or_path}
+
+    def stage_spin(self) -> dict:
+        from spin_fast.selfplay import SelfPlay
+
+        summaries = SelfPlay(self.config).run()
+        return {"steps": sum(s["steps"] for s in summaries), "iterations": len(summaries)}
+
+    def stage_continued_sft(self) -> dict:
+        """The baseline: SFT from θ0 on SPIN's prompts, exactly as many optimizer steps as SPIN took."""
+        steps = self.manifest("spin")["steps"]
+        config = stage_config(self.config, self.demo.continued_sft, "demo.continued_sft").replace(epochs=1)
+        result = self.train_sft(self.config.model.name_or_path, self.run_dir / "continued-sft", config,
+                                limit=self.config.data.max_prompts, steps=steps)
+        if result.steps != steps:
+            raise RuntimeError(f"continued SFT took {result.steps} steps, SPIN {steps}")
+        return {"steps": result.steps, "checkpoint": str(result.final_dir)}
+
+    def stage_eval(self) -> dict:
+        from spin_fast.evaluation import evaluate_run
+        from spin_fast.selfplay import SelfPlay
+
+        (self.run_dir / "eval").mkdir(exist_ok=True)
+        rows = evaluate_run(SelfPlay(self.config), self.config.data.eval_source,
+                            output=self.run_dir / "eval" / "eval.jsonl",
+                            baselines={"continued-sft": self.manifest("continued-sft")["checkpoint"]})
+        return {"models": [row["model"] for row in rows]}
+
+    def train_sft(self, model_path, output_dir: Path, config: TrainConfig, limit: int | None,
+                  steps: int | None = None):
+        """SFT with the packed trainer; with `steps`, on the examples repeated to fill exactly that many
+        steps of config.global_batch (one epoch over the repeats, shuffled by the trainer)."""
+        from transformers import AutoTokenizer
+
+        from spin_fast.packing import Sequence
+        from spin_fast.selfplay import load_policy, tokenized_examples
+        from spin_fast.training import Trainer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        examples = tokenized_examples(tokenizer, self.config.data, self.config.data.source, limit)
+        sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
+        if steps is not None:
+            sequences = [sequences[i % len(sequences)] for i in range(steps * config.global_batch)]
+        model = load_policy(str(model_path), self.config)
+        return Trainer(model, tokenizer, config, output_dir, sequences).train()
+
+    # ------------------------------------------------------------------------------------- manifests
+    def manifest(self, stage: str) -> dict | None:
+        from spin_fast.selfplay import read_manifest
+
+        return read_manifest(self.run_dir / stage)
+
+    def write_manifest(self, stage: str, **fields) -> None:
+        from spin_fast.selfplay import write_manifest
+
+        (self.run_dir / stage).mkdir(parents=True, exist_ok=True)
+        write_manifest(self.run_dir / stage, stage=stage, **fields)
+
+    def _check_same_settings(self) -> None:
+        """One run directory, one experiment: resuming with other settings would mix two."""
+        resolved = json.loads(json.dumps({"run": self.config.to_dict(), "demo": _as_dict(self.demo)}, default=str))
+        path = self.run_dir / "demo-config.yaml"
+        if path.exists():
+            if yaml.safe_load(path.read_text()) != resolved:
+                raise ConfigError(f"{path} holds other settings: use another --output, or the same settings")
+            return
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    # ---------------------------------------------------------------------------------------- report
+    def report(self) -> list[dict]:
+        """The table (printed, results.md, results.jsonl) and the plots, from the stages' outputs."""
+        rows = self.result_rows()
+        table = results_table(rows)
+        header = (f"SPIN demo: sort {self.demo.task.min_items}-{self.demo.task.max_items} numbers; "
+                  f"{self.manifest('base')['parameters'] / 1e6:.2f}M-parameter Llama; "
+                  f"{self.manifest('data')['eval']} held-out prompts; SFT {self.manifest('sft')['steps']} steps "
+                  f"({self.manifest('sft')['seconds']:.0f} s)")
+        (self.run_dir / "results.md").write_text(header + "\n\n" + table + "\n")
+        (self.run_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        self.plots(rows)
+        print("\n" + header + "\n\n" + table + "\n")
+        print(f"tables and plots: {self.run_dir}/results.md, training_curves.png, scores.png")
+        return rows
+
+    def result_rows(self) -> list[dict]:
+        evaluated = {row["model"]: row for row in _read_jsonl(self.run_dir / "eval" / "eval.jsonl")}
+        summaries = _read_jsonl(Path(self.config.output_dir) / "summary.jsonl")
+        rows, steps = [], 0
+        stages = [("sft", 0, self.manifest("sft")["seconds"], None)]
+        for summary in summaries:
+            steps += summary["steps"]
+            times = {k.removesuffix("_s"): summary[k]
+                     for k in ("generate_s", "score_s", "train_s", "weight_transfer_s")}
+            stages.append((f"iter-{summary['iteration']}", steps, sum(times.values()), times))
+        stages.append(("continued-sft", self.manifest("continued-sft")["steps"],
+                       self.manifest("continued-sft")["seconds"], None))
+        for name, steps_after_sft, seconds, times in stages:
+            row = {"model": name, "steps_after_sft": steps_after_sft, **evaluated[name], "seconds": seconds}
+            if times:
+                row["seconds_by_stage"] = times
+            rows.append(row)
+        return rows
+
+    def plots(self, rows: list[dict]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+
+        sft = _read_jsonl(self.run_dir / "sft" / "metrics.jsonl")
+        continued = _read_jsonl(self.run_dir / "continued-sft" / "metrics.jsonl")
+        spin, boundaries = [], []
+        for t in range(self.config.iterations):
+            metrics = _read_jsonl(Path(self.config.output_dir) / f"iter-{t}" / "train" / "metrics.jsonl")
+            offset = len(spin)
+            spin += [{**m, "step": offset + m["step"]} for m in metrics]
+            boundaries.append(len(spin))
+
+        figure, axes = plt.subplots(2, 2, figsize=(11, 7))
+        ax = axes[0, 0]
+        ax.plot([m["step"] for m in sft], [m["loss"] for m in sft], lw=0.8, label="SFT")
+        ax.plot([len(sft) + m["step"] for m in continued], [m["loss"] for m in continued], lw=0.8,
+                label="continued SFT")
+        ax.set(title="SFT loss (NLL per response token)", xlabel="optimizer step", yscale="log")
+        ax.legend()
+        for ax, key, title in ((axes[0, 1], "loss", "SPIN loss"),
+                               (axes[1, 0], "rewards/margins", "SPIN reward margin (real - generated)"),
+                               (axes[1, 1], "rewards/accuracies", "SPIN accuracy (margin > 0)")):
+            ax.plot([m["step"] for m in spin], [m[key] for m in spin], lw=0.8, color="C2")
+            for b in boundaries[:-1]:
+                ax.axvline(b, color="grey", ls=":", lw=0.8)
+            ax.set(title=title, xlabel="optimizer step after SFT (dotted: next iteration)")
+        figure.tight_layout()
+        figure.savefig(self.run_dir / "training_curves.png", dpi=100)
+        plt.close(figure)
+
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        path = [r for r in rows if r["model"] == "sft" or r["model"].startswith("iter-")]
+        baseline = next(r for r in rows if r["model"] == "continued-sft")
+        for ax, key, title in ((axes[0], "score", "checker score, greedy answers (held-out)"),
+                               (axes[1], "loglik_per_token", "log-likelihood per token of held-out answers")):
+            if key not in baseline:
+                continue
+            ax.plot(range(len(path)), [r[key] for r in path], marker="o", color="C2", label="SPIN")
+            ax.axhline(path[0][key], color="C0", ls="--", lw=1, label="SFT model")
+            ax.axhline(baseline[key], color="C1", ls="--", lw=1, label="continued SFT (same steps)")
+            ax.set_xticks(range(len(path)), ["SFT"] + [f"iter {t}" for t in range(len(path) - 1)])
+            ax.set(title=title, xlabel="after SPIN iteration")
+            ax.legend()
+        figure.tight_layout()
+        figure.savefig(self.run_dir / "scores.png", dpi=100)
+        plt.close(figure)
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table: one row per model."""
+    def number(row, key, digits):
+        value = row.get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| model | steps after SFT | checker score | exact | held-out log-lik/token | reward margin "
+             "| margin > 0 | wall time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['steps_after_sft']} | {number(row, 'score', 3)} "
+                     f"| {number(row, 'score_perfect', 3)} | {number(row, 'loglik_per_token', 4)} "
+                     f"| {number(row, 'rewards/margins', 3)} | {number(row, 'rewards/accuracies', 3)} "
+                     f"| {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _as_dict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spin_fast.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="demo YAML (default configs/demo.yaml)")
+    parser.add_argument("--output", help="run directory (default: the config's output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set demo.task.n_train=1000 or --set train.beta=0.2")
+    parser.add_argument("--until", choices=STAGES, help="stop after this stage (a rerun goes on from there)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, demo = load_demo_config(args.config, args.overrides, args.output)
+    except (ConfigError, OSError) as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+    try:
+        Demo(config, demo).run(until=args.until)
+    except ConfigError as error:  # a run directory that holds another experiment
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # vLLM's CPU build starts its engine process by re-importing the main module
+    sys.exit(main())

