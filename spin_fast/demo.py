@@ -258,10 +258,12 @@ class Demo:
         """The table (printed, results.md, results.jsonl) and the plots, from the stages' outputs."""
         rows = self.result_rows()
         table = results_table(rows)
+        seconds = {stage: self.manifest(stage)["seconds"] for stage in STAGES}
         header = (f"SPIN demo: sort {self.demo.task.min_items}-{self.demo.task.max_items} numbers; "
                   f"{self.manifest('base')['parameters'] / 1e6:.2f}M-parameter Llama; "
-                  f"{self.manifest('data')['eval']} held-out prompts; SFT {self.manifest('sft')['steps']} steps "
-                  f"({self.manifest('sft')['seconds']:.0f} s)")
+                  f"{self.manifest('data')['eval']} held-out prompts; SFT {self.manifest('sft')['steps']} steps. "
+                  f"Wall time: {sum(seconds.values()):.0f} s in all, of which "
+                  + ", ".join(f"{stage} {value:.0f} s" for stage, value in seconds.items() if value >= 0.5))
         (self.run_dir / "results.md").write_text(header + "\n\n" + table + "\n")
         (self.run_dir / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         self.plots(rows)
