@@ -14,7 +14,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export HF_HOME ?= $(CURDIR)/.cache/hf
 
-.PHONY: install test bench lint clean
+.PHONY: install test demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ endif
 
 test: install
 	$(PY) -m pytest
+
+# A whole SPIN run on a small built-in task, on the CPU (configs/demo.yaml); results in runs/demo.
+demo: install
+	$(PY) -m spin_fast.demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
