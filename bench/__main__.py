@@ -1,12 +1,12 @@
-"""python -m bench [--preset cpu|gpu] [--only kernels|train_step|generate]: every bench in turn (the GPU preset
+"""python -m bench [--preset cpu|gpu] [--only kernels|train_step|generate|scaling]: every bench in turn (the GPU preset
 when CUDA is present)."""
 
 import argparse
 import sys
 
-from bench import generate, kernels, train_step
+from bench import generate, kernels, scaling, train_step
 
-BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate}
+BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "scaling": scaling}
 
 
 def main(argv: list[str]) -> int:

@@ -183,8 +183,18 @@ class Runner:
     info: dict
 
 
-def _spin_fast(preset: Preset, workdir: Path) -> Runner:
+def train_config(preset: Preset, n_pairs: int, **changes):
+    """spin-fast's TrainConfig for the bench: SPIN, RMSprop, one step = all n_pairs pairs, one epoch unless
+    `changes` say otherwise."""
     from spin_fast.config import TrainConfig
+
+    settings = dict(mode="spin", optimizer="rmsprop", learning_rate=LEARNING_RATE, beta=BETA, loss_type="sigmoid",
+                    global_batch=n_pairs, epochs=1, micro_batch_tokens=preset.micro_batch_tokens, backend="torch",
+                    progress=False, dtype=str(preset.dtype).removeprefix("torch."))
+    return TrainConfig(**{**settings, **changes})
+
+
+def _spin_fast(preset: Preset, workdir: Path) -> Runner:
     from spin_fast.packing import pack_groups, packing_efficiency
     from spin_fast.scoring import score_pairs
     from spin_fast.training import Trainer, step_items
@@ -192,10 +202,7 @@ def _spin_fast(preset: Preset, workdir: Path) -> Runner:
     model = build_model(preset)
     pairs = make_pairs(preset)
     scored = score_pairs(model, pairs, preset.micro_batch_tokens, backend="torch")  # once, before timing
-    config = TrainConfig(mode="spin", optimizer="rmsprop", learning_rate=LEARNING_RATE, beta=BETA,
-                         loss_type="sigmoid", global_batch=len(pairs), epochs=1,
-                         micro_batch_tokens=preset.micro_batch_tokens, backend="torch", progress=False,
-                         dtype=str(preset.dtype).removeprefix("torch."))
+    config = train_config(preset, len(pairs))
     trainer = Trainer(model, None, config, workdir, scored)
     batches = pack_groups(trainer.groups(step_items(len(scored), config, 0)), preset.micro_batch_tokens)
     info = {

@@ -1,0 +1,55 @@
+"""The scaling bench's harness on a tiny preset, end to end: the plain baseline and ZeRO-3 on 1 and 2 processes
+(torchrun, gloo), each training the same global batch, with the report's structure and figures checked.
+
+This checks the bench's plumbing, not its speed: no timing thresholds."""
+
+import json
+import math
+
+import pytest
+
+from bench import common, scaling
+
+
+def test_configurations_and_threads():
+    configs = scaling.configurations([2, 3], [1, 2])
+    assert [(c["config"], c["stage"], c["processes"]) for c in configs] == [
+        (scaling.PLAIN, None, 1), ("ZeRO-2", 2, 1), ("ZeRO-2", 2, 2), ("ZeRO-3", 3, 1), ("ZeRO-3", 3, 2)]
+    assert scaling.default_world_sizes(scaling.PRESETS["cpu"]) == [1, 2]
+    cores = scaling.usable_cores()
+    for processes in (1, 2):
+        env = scaling.launch_env(scaling.PRESETS["tiny"], processes)
+        assert env["OMP_NUM_THREADS"] == str(max(1, cores // processes))
+
+
+def test_table_lists_a_failed_configuration():
+    rows = [{"config": "ZeRO-2", "stage": 2, "processes": 2, "error": "RuntimeError: boom"}]
+    assert "ERROR: RuntimeError: boom" in scaling.summary_table(rows)
+
+
+def test_tiny_scaling_bench_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
+    assert scaling.main(["--preset", "tiny", "--stages", "3", "--world-sizes", "1", "2"]) == 0
+    report = json.loads((tmp_path / "scaling-tiny.json").read_text())
+    assert report["bench"] == "scaling" and report["machine"]["versions"]["deepspeed"]
+    assert report["notes"] and report["table"].splitlines()[0].startswith("configuration")
+    results = report["results"]
+    assert [(r["config"], r["processes"]) for r in results] == [(scaling.PLAIN, 1), ("ZeRO-3", 1), ("ZeRO-3", 2)]
+    preset = scaling.PRESETS["tiny"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["deepspeed"] == (r["stage"] is not None)
+        assert r["tokens"] == report["shape"]["tokens"]
+        assert r["runs"] == preset.repeats and len(r["losses"]) == preset.warmup + preset.repeats
+        for key in ("median_ms", "min_ms", "max_ms", "tokens_per_s", "tokens_per_s_per_process", "speed_vs_plain",
+                    "speed_vs_1_process"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["config"], key, r[key])
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["other_work_cores"] >= 0
+        assert r["tokens_per_s_per_process"] * r["processes"] == pytest.approx(r["tokens_per_s"])
+        assert len(r["step_ms_per_rank"]) == len(r["threads_per_process"]) == r["processes"]
+        assert r["threads_per_process"] == [max(1, scaling.usable_cores() // r["processes"])] * r["processes"]
+        assert all(n >= 1 for n in r["micro_batches_per_rank"])
+        # Same weights, same tokens: every configuration's first step is SPIN's step-0 loss, log 2.
+        assert abs(r["first_loss"] - math.log(2)) < 1e-4, (r["config"], r["first_loss"])
+        assert r["loss_diff_vs_plain"] < 1e-4, (r["config"], r["losses"])  # and the same training after it
+    assert results[1]["speed_vs_1_process"] == 1.0 and results[0]["speed_vs_plain"] == 1.0
