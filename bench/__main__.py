@@ -1,20 +1,28 @@
-"""python -m bench [--preset cpu|gpu] [--only kernels|train_step|generate|scaling]: every bench in turn (the GPU preset
-when CUDA is present)."""
+"""python -m bench [--preset cpu|gpu] [--only NAME]: every bench in turn (the GPU preset when CUDA is present), then
+one summary table of their headline ratios, and PNG plots, in bench/results/."""
 
 import argparse
 import sys
 
-from bench import generate, kernels, scaling, train_step
+import torch
 
-BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "scaling": scaling}
+from bench import generate, iteration, kernels, plots, scaling, summary, train_step
+
+BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "scaling": scaling,
+           "iteration": iteration}
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=sorted(BENCHES), help="run one bench only")
+    parser.add_argument("--preset", default="gpu" if torch.cuda.is_available() else "cpu")
     args, rest = parser.parse_known_args(argv)
     names = [args.only] if args.only else list(BENCHES)
-    return max(BENCHES[name].main(rest) for name in names)
+    status = max(BENCHES[name].main(["--preset", args.preset, *rest]) for name in names)
+    for path in plots.plot_all():
+        print(f"plot: {path}")
+    print("\n" + summary.summary_table(names, args.preset))
+    return status
 
 
 if __name__ == "__main__":

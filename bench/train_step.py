@@ -195,11 +195,17 @@ def train_config(preset: Preset, n_pairs: int, **changes):
 
 
 def _spin_fast(preset: Preset, workdir: Path) -> Runner:
+    from spin_fast import attention
+    from spin_fast.model import pick_attention
     from spin_fast.packing import pack_groups, packing_efficiency
     from spin_fast.scoring import score_pairs
     from spin_fast.training import Trainer, step_items
 
     model = build_model(preset)
+    # spin-fast's own attention for packed rows (varlen FlashAttention on CUDA, per-sequence SDPA on the CPU);
+    # the peers keep SDPA, which serves their padded batches.
+    attention.register()
+    model.set_attn_implementation(pick_attention(model.device))
     pairs = make_pairs(preset)
     scored = score_pairs(model, pairs, preset.micro_batch_tokens, backend="torch")  # once, before timing
     config = train_config(preset, len(pairs))

@@ -1,0 +1,93 @@
+"""The one table `python -m bench` prints last: each bench's headline ratios, read back from its JSON.
+
+A bench that did not run, a peer that is missing and a figure that failed all show as such, with the
+reason, never as a silently shorter table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import common
+
+
+def _load(name: str, preset: str) -> dict | None:
+    path = Path(common.RESULTS_DIR) / f"{name}-{preset}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def kernel_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report["results"]:
+        if r["job"] != "spin_head" or r["method"] == "naive PyTorch":
+            continue
+        where = f"SPIN head, V={r['vocab']}: {r['method']}"
+        reason = common.problem(r)
+        rows.append([where, reason] if reason else
+                    [where, f"time {_x(r.get('time_vs_naive'))}, memory {_x(r.get('memory_vs_naive'))} of naive"])
+    return rows
+
+
+def train_step_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report["results"]:
+        reason = common.problem(r)
+        if reason:
+            rows.append([f"train step: {r['method']}", reason])
+        elif r["method"] == "spin-fast":
+            rows.append(["train step: spin-fast", f"{r['tokens_per_s']:.0f} tokens/s, "
+                         f"{_x(r.get('speed_vs_trl_live'))} TRL live, {_x(r.get('speed_vs_trl_precomputed'))} "
+                         f"TRL precomputed; memory {_x(r.get('memory_vs_trl_live'))} TRL live"])
+    return rows
+
+
+def generate_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report["results"]:
+        reason = common.problem(r)
+        text = reason or f"{r['tokens_per_s']:.0f} tokens/s, weight swap {r['swap_ms']:.0f} ms"
+        if not reason and "restart_ms" in r:
+            text += f" (restart from disk {r['restart_ms'] / 1e3:.1f} s: {r['restart_vs_swap']:.0f}x)"
+        rows.append([f"generation: {r.get('engine', '?')}", text])
+    return rows
+
+
+def scaling_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for r in report["results"]:
+        reason = common.problem(r)
+        where = f"scaling: {r['config']}, {r['processes']} process(es)"
+        rows.append([where, reason or f"{r['tokens_per_s']:.0f} tokens/s, {_x(r.get('speed_vs_1_process'))} "
+                                      f"1 process, {_x(r.get('speed_vs_plain'))} plain"])
+    return rows
+
+
+def iteration_rows(report: dict) -> list[list[str]]:
+    steady = [r for r in report["rows"] if r["iteration"] == 1]
+    shares = ", ".join(f"{r['stage']} {100 * r['share']:.0f}%" for r in steady)
+    return [[f"iteration profile ({report['engine']})", f"{sum(r['seconds'] for r in steady):.1f} s: {shares}"]]
+
+
+ROWS = {"kernels": kernel_rows, "train_step": train_step_rows, "generate": generate_rows,
+        "scaling": scaling_rows, "iteration": iteration_rows}
+
+
+def summary_table(names: list[str], preset: str) -> str:
+    rows = []
+    for name in names:
+        report = _load(name, preset)
+        if report is None:
+            rows.append([name, f"no results: bench/results/{name}-{preset}.json was not written (see its output)"])
+            continue
+        try:
+            rows += ROWS[name](report)
+        except (KeyError, TypeError) as error:  # a report from an older layout
+            rows.append([name, f"unreadable report ({error!r})"])
+    device = next((r["machine"]["device"] for n in names if (r := _load(n, preset))), preset)
+    return f"summary ({preset} preset, {device}; ratios from runs side by side)\n" + common.format_table(
+        ["bench", "headline"], rows)
