@@ -51,7 +51,7 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=256, max_new_tokens=32, global_batch=32,
+    "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=128, max_new_tokens=32, global_batch=32,
                   micro_batch_tokens=2048, dtype="float32"),
     "gpu": Preset("gpu", hidden=2048, layers=16, heads=16, prompts=4096, max_new_tokens=64, global_batch=64,
                   micro_batch_tokens=16384, dtype="bfloat16"),

@@ -84,7 +84,7 @@ class Preset:
 
 PRESETS = {
     # ~52M parameters, fp32, 8 pairs of up to 512 tokens per sequence.
-    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 6, 8, 1376, 8, 512, 2048, warmup=1, repeats=3),
+    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 6, 8, 1376, 4, 512, 2048, warmup=1, repeats=3),
     # ~1.2B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens. Untested.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=5),
     "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 3, 64, 256, warmup=1, repeats=1),  # tests
