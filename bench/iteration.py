@@ -146,7 +146,10 @@ def worker(preset: Preset, measure: str, engine: str) -> dict:
     torch.manual_seed(0)
     model_config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=preset.hidden, layers=preset.layers,
                                heads=preset.heads)
-    AutoModelForCausalLM.from_config(model_config).save_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_config(model_config)
+    parameters_m = sum(p.numel() for p in model.parameters()) / 1e6
+    model.save_pretrained(workdir / "model")
+    del model  # the run loads θ0 from disk, as `spin-fast run` does
     tokenizer.save_pretrained(workdir / "model")
     config = load_run_config(None, [
         f"output_dir={workdir / 'run'}", f"model.name_or_path={workdir / 'model'}",
@@ -161,7 +164,7 @@ def worker(preset: Preset, measure: str, engine: str) -> dict:
     summaries = selfplay.run()
     engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
     return {measure: selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
-            "parameters_m": sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config).parameters()) / 1e6}
+            "parameters_m": parameters_m}
 
 
 def profile_rows(result: dict) -> list[dict]:

@@ -79,8 +79,8 @@ ROWS = {"kernels": kernel_rows, "train_step": train_step_rows, "generate": gener
 
 def summary_table(names: list[str], preset: str) -> str:
     rows = []
-    for name in names:
-        report = _load(name, preset)
+    reports = {name: _load(name, preset) for name in names}
+    for name, report in reports.items():
         if report is None:
             rows.append([name, f"no results: bench/results/{name}-{preset}.json was not written (see its output)"])
             continue
@@ -88,6 +88,6 @@ def summary_table(names: list[str], preset: str) -> str:
             rows += ROWS[name](report)
         except (KeyError, TypeError) as error:  # a report from an older layout
             rows.append([name, f"unreadable report ({error!r})"])
-    device = next((r["machine"]["device"] for n in names if (r := _load(n, preset))), preset)
+    device = next((r["machine"]["device"] for r in reports.values() if r), preset)
     return f"summary ({preset} preset, {device}; ratios from runs side by side)\n" + common.format_table(
         ["bench", "headline"], rows)

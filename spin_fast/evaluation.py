@@ -94,19 +94,16 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     like iteration 0's model: their margins are against the SFT model, on the SFT model's answers."""
     from transformers import AutoTokenizer
 
-    from spin_fast.data import load_examples, tokenize_example
     from spin_fast.generation.hf_engine import TransformersEngine
-    from spin_fast.selfplay import answered_pairs, load_policy, read_manifest
+    from spin_fast.selfplay import answered_pairs, load_policy, read_examples, read_manifest, tokenize_examples
 
     config = selfplay.config
     data = config.data
     budget, backend = config.score_batch_tokens, config.train.backend
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
-    raw = load_examples(eval_source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                        skip_invalid=data.skip_invalid).examples
-    examples = [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-                for e in raw]
+    raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
+    examples = tokenize_examples(tokenizer, data, raw)
 
     def measure(model) -> dict:
         row = heldout_loglik(model, examples, budget, backend)

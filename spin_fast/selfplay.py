@@ -34,7 +34,7 @@ from transformers import AutoTokenizer
 
 from spin_fast import distributed
 from spin_fast.config import DataConfig, RunConfig
-from spin_fast.data import TokenizedExample, cut_response, load_examples, tokenize_example
+from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
@@ -64,12 +64,20 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
-    """The examples of `source`, read and tokenized with the run's data settings."""
-    examples = load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                             skip_invalid=data.skip_invalid).examples[:limit]
+def read_examples(data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
+    """The examples of `source`, read with the run's data settings (schema, history, bad rows)."""
+    return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
+                         skip_invalid=data.skip_invalid).examples[:limit]
+
+
+def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example]) -> list[TokenizedExample]:
     return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
             for e in examples]
+
+
+def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
+    """The examples of `source`, read and tokenized with the run's data settings."""
+    return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
 
 
 def load_policy(path: str, config: RunConfig):
