@@ -3,13 +3,15 @@
 transformers hands every attention layer the packed row's cu_seqlens (passed in by
 packed_hidden_states), so each sequence attends only to itself and its cost is the sum of its
 sequences' squared lengths, not the row's squared length:
-  CUDA   PyTorch's own varlen FlashAttention kernel (torch.nn.attention.varlen), for machines
-         without the flash_attn package
-  CPU    one causal SDPA call per sequence (the block-diagonal mask of plain SDPA would cost
+  CUDA   PyTorch's own varlen FlashAttention kernel (torch.nn.attention.varlen, fp16/bf16), for
+         machines without the flash_attn package
+  else   one causal SDPA call per sequence (the block-diagonal mask of plain SDPA would cost
          T^2 per row: 16x more at 8192 tokens in sequences of 512)
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import AttentionInterface
@@ -18,14 +20,40 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 NAME = "spin_varlen"
 
 
-def varlen_kernel(device: torch.device):
-    """PyTorch's varlen FlashAttention on CUDA (fp16/bf16), per-sequence SDPA elsewhere; a function so tests can
-    stand in for it."""
-    if device.type != "cuda":
+def varlen_kernel(device: torch.device, dtype: torch.dtype):
+    """PyTorch's varlen FlashAttention on CUDA in fp16/bf16 (its only dtypes), per-sequence SDPA otherwise; a
+    function so tests can stand in for it."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return per_sequence_sdpa
-    from torch.nn.attention.varlen import varlen_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10: SDPA's own FlashAttention, one sequence at a time
+        return per_sequence_sdpa
+    return adapt_varlen(varlen_attn)
 
-    return varlen_attn
+
+def adapt_varlen(varlen_attn):
+    """varlen_attn behind the newest call (window_size, enable_gqa) whatever this torch's version: torch 2.10 took
+    is_causal instead of window_size, and torch 2.11 has no enable_gqa."""
+    accepted = inspect.signature(varlen_attn).parameters
+    if "window_size" in accepted and "enable_gqa" in accepted:
+        return varlen_attn
+
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
+        options = {}
+        if "window_size" in accepted:
+            options["window_size"] = window_size
+        elif tuple(window_size) == (-1, 0):
+            options["is_causal"] = True
+        else:  # a sliding window that this torch's kernel cannot express
+            return per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                     enable_gqa=enable_gqa)
+        if enable_gqa:  # this torch wants one key/value head per query head: share each with its query group
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **options)
+
+    return call
 
 
 def per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
@@ -55,7 +83,7 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
         cu_seqlens, max_seqlen = cu_seqlens_from_positions(kwargs["position_ids"][0])
     # Mistral and Qwen2 layers pass their window as an argument (None on full-attention layers).
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    out = varlen_kernel(query.device)(
+    out = varlen_kernel(query.device, query.dtype)(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
         cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
         window_size=(window - 1, 0) if window else (-1, 0),  # (-1, 0): causal

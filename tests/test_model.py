@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import spin_kernels
+from spin_fast import attention
 from spin_fast import model as spin_model
 
 
@@ -77,15 +78,29 @@ def checked(kernel):
     return call
 
 
+def torch_2_10_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+    """torch 2.10's varlen_attn call: is_causal, no window, one key/value head per query head."""
+    assert is_causal and q.shape[1] == k.shape[1]
+    return attention.per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+
+
+def torch_2_11_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """torch 2.11's: window_size, but still one key/value head per query head."""
+    assert window_size[1] == 0 and q.shape[1] == k.shape[1]
+    return attention.per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
 @pytest.mark.parametrize("family,kv_heads,window", [("llama", 4, None), ("llama", 2, None), ("mistral", 4, 6)],
                          ids=["mha", "gqa", "sliding-window"])
 @pytest.mark.parametrize("pass_cu_seqlens", [True, False])
-def test_spin_varlen_attention_equals_block_diagonal_sdpa(monkeypatch, family, kv_heads, window, pass_cu_seqlens):
+@pytest.mark.parametrize("kernel", [attention.per_sequence_sdpa, torch_2_11_varlen, torch_2_10_varlen],
+                         ids=["newest-call", "torch-2.11-call", "torch-2.10-call"])
+def test_spin_varlen_attention_equals_block_diagonal_sdpa(monkeypatch, family, kv_heads, window, pass_cu_seqlens,
+                                                          kernel):
     """spin_varlen (per-sequence SDPA on the CPU; PyTorch's varlen kernel, same call, on CUDA) gives the packed
-    hidden states of plain SDPA with its block-diagonal mask, boundaries given or derived from the positions."""
-    from spin_fast import attention
-
-    monkeypatch.setattr(attention, "varlen_kernel", lambda device: checked(attention.per_sequence_sdpa))
+    hidden states of plain SDPA with its block-diagonal mask, boundaries given or derived from the positions, also
+    through the calls of older torch releases' varlen_attn (which adapt_varlen makes up for)."""
+    monkeypatch.setattr(attention, "varlen_kernel", lambda device, dtype: checked(attention.adapt_varlen(kernel)))
     attention.register()
     config = spin_model.tiny_config(family, vocab_size=300, hidden_size=128, heads=4)
     config.num_key_value_heads = kv_heads
