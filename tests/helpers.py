@@ -1,10 +1,13 @@
-"""Float64 truth written plainly, independent of spin_kernels, dtype-aware comparison, and a tiny SFT set."""
+"""Float64 truth written plainly, independent of spin_kernels, dtype-aware comparison, a check of the fused loss
+against that truth, and a tiny SFT set."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+import spin_kernels
 
 # A tiny SFT set (prompt, human response) for end-to-end runs.
 QA = [("What is two plus two?", "Two plus two is four."), ("What is the capital of France?", "It is Paris."),
@@ -68,3 +71,44 @@ def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: 
             sequence_ids += [-1] * prompt + [sequence] * response
     hidden = torch.randn(len(targets), hidden_size, dtype=torch.float64).to(dtype)
     return hidden, torch.tensor(targets), torch.tensor(sequence_ids)
+
+
+def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, n_pairs: int, nll_weight: float = 0.0,
+                              vocab: int = 611, hidden_size: int = 56, device: str = "cpu") -> None:
+    """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd."""
+    batch = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
+    hidden, targets, sequence_ids = (t.to(device) for t in batch)
+    weight = (torch.randn(vocab, hidden_size, dtype=torch.float64, device=device) / hidden_size**0.5).to(dtype)
+    bias = torch.randn(vocab, dtype=torch.float64, device=device).to(dtype) * 0.1
+    # Opponent log-probs near the policy's, so the loss sits in its interesting range.
+    with torch.no_grad():
+        token_truth = truth_token_logprobs(hidden, weight, targets, bias)
+        seq_truth = torch.zeros(2 * n_pairs, dtype=torch.float64, device=device).index_add(
+            0, torch.where(targets != -100, sequence_ids, 0), token_truth
+        )
+    opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3).float()
+    beta = 0.1
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = spin_kernels.fused_linear_spin_loss(
+        *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
+        backend=backend,
+    )
+    (out.loss + nll_weight * out.policy_logps.sum()).backward()
+
+    truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    token = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_leaves[2])
+    seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
+    opp = opponent.double()
+    z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
+    loss = torch.nn.functional.softplus(-z).mean() if loss_type == "sigmoid" else torch.relu(1 - z).mean()
+    (loss + nll_weight * seq.sum()).backward()
+
+    assert_close(out.policy_logps, seq.detach(), dtype, "policy_logps")
+    # z is a difference of sums of ~100: its error follows their size (and |dl/dz| <= 1).
+    input_scale = beta * float(seq.detach().abs().max())
+    assert_close(out.margins, z.detach(), dtype, "margins", scale=input_scale)
+    assert_close(out.loss, loss.detach(), dtype, "loss", scale=input_scale)
+    for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
+        assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}")
+    assert out.accuracy.shape == (n_pairs,)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spin_kernels
-from helpers import assert_close, random_packed_batch, truth_spin_loss, truth_token_logprobs
+from helpers import check_fused_against_truth, random_packed_batch, truth_spin_loss
 from spin_kernels import chunked
 
 LOSS_TYPES = ["sigmoid", "hinge"]
@@ -36,46 +36,6 @@ def test_spin_loss_is_dpo_loss():
     pr, pg, orl, og = (torch.randn(5) * 10 for _ in range(4))
     dpo = -torch.nn.functional.logsigmoid(0.1 * ((pr - pg) - (orl - og))).mean()
     assert torch.allclose(spin_kernels.spin_loss(pr, pg, orl, og).loss, dpo)
-
-
-def check_fused_against_truth(backend, dtype, loss_type, n_pairs, nll_weight=0.0):
-    """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd."""
-    vocab, hidden_size = 611, 56
-    hidden, targets, sequence_ids = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
-    weight = (torch.randn(vocab, hidden_size, dtype=torch.float64) / hidden_size**0.5).to(dtype)
-    bias = torch.randn(vocab, dtype=torch.float64).to(dtype) * 0.1
-    # Opponent log-probs near the policy's, so the loss sits in its interesting range.
-    with torch.no_grad():
-        token_truth = truth_token_logprobs(hidden, weight, targets, bias)
-        seq_truth = torch.zeros(2 * n_pairs, dtype=torch.float64).index_add(
-            0, torch.where(targets != -100, sequence_ids, 0), token_truth
-        )
-    opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64) * 3).float()
-    beta = 0.1
-
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = spin_kernels.fused_linear_spin_loss(
-        *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
-        backend=backend,
-    )
-    (out.loss + nll_weight * out.policy_logps.sum()).backward()
-
-    truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    token = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_leaves[2])
-    seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
-    opp = opponent.double()
-    z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
-    loss = torch.nn.functional.softplus(-z).mean() if loss_type == "sigmoid" else torch.relu(1 - z).mean()
-    (loss + nll_weight * seq.sum()).backward()
-
-    assert_close(out.policy_logps, seq.detach(), dtype, "policy_logps")
-    # z is a difference of sums of ~100: its error follows their size (and |dl/dz| <= 1).
-    input_scale = beta * float(seq.detach().abs().max())
-    assert_close(out.margins, z.detach(), dtype, "margins", scale=input_scale)
-    assert_close(out.loss, loss.detach(), dtype, "loss", scale=input_scale)
-    for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
-        assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}")
-    assert out.accuracy.shape == (n_pairs,)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
