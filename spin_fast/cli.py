@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_eval(selfplay) -> int:
-    """Evaluate what the run has finished so far; the table also lands in output_dir/eval.jsonl."""
+    """Evaluate what the run has finished so far; the table also lands in output_dir/eval.jsonl. Under a
+    launcher the ranks share the work and rank 0 writes and prints the table."""
+    from spin_fast import distributed
     from spin_fast.evaluation import evaluate_run
 
     source = selfplay.config.data.eval_source
@@ -94,7 +96,7 @@ def run_eval(selfplay) -> int:
     except ConfigError as error:  # a bad data.checker
         print(f"spin-fast: {error}", file=sys.stderr)
         return 2
-    for row in rows:
+    for row in rows if distributed.is_main() else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
 

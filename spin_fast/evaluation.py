@@ -7,6 +7,11 @@ and how each iteration's model separates human from opponent responses (the rewa
     score            with data.checker set: the checker's mean grade of the model's greedy answers,
                      and the share graded 1 (score_perfect); free-running, so a model's early mistakes
                      count here while teacher forcing (the log-likelihood) hides them
+
+Under a launcher (torchrun, the deepspeed launcher) the ranks share the work: each runs its share of the
+micro-batches and generation batches that one process would run, cut exactly as one process cuts them
+(balanced by tokens), and the results come back in one-process order. Every forward pass is then the one
+a single process makes, so the figures equal one process's; rank 0 writes the file.
 """
 
 from __future__ import annotations
@@ -16,18 +21,72 @@ import json
 import os
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from spin_fast import distributed
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
-from spin_fast.packing import Sequence
+from spin_fast.generation.base import Completion, SamplingConfig
+from spin_fast.packing import Sequence, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
+
+
+def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backend: str,
+                    what: str) -> list[torch.Tensor]:
+    """sequence_logprobs of every group under each model, the ranks sharing the micro-batches.
+
+    The micro-batches are one process's (pack_groups cuts consecutive groups, so a batch's groups packed
+    again make the very same row): each rank's forward passes are ones a single process makes, and the
+    sums are bit for bit one process's. The models must be whole on every rank (no ZeRO-3 partitioning):
+    the ranks then run different numbers of forward passes without any collective inside them."""
+    chunks = [batch.group_indices.tolist() for batch in pack_groups(groups, token_budget)]
+    costs = [sum(s.length for i in chunk for s in groups[i]) for chunk in chunks]
+    mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
+    local = [[sequence_logprobs(model, [groups[i] for i in chunks[c]], token_budget, backend=backend)
+              for model in models] for c in mine]
+    per_chunk = distributed.gather_in_order(local, mine, len(chunks), what)
+    results = [torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64) for _ in models]
+    for chunk, sums in zip(chunks, per_chunk):
+        for result, chunk_sums in zip(results, sums):
+            result[chunk] = chunk_sums
+    return results
+
+
+def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: SamplingConfig, batch_size: int,
+                    what: str) -> list[list[Completion]]:
+    """One completion per prompt (engine layout: a list per prompt), the ranks sharing the batches.
+
+    TransformersEngine sorts the prompts by length (stably), cuts batches of batch_size and samples batch b
+    from seed + b. Those batches are dealt out here, each generated alone with its own seed, so even sampled
+    completions are one process's, whatever the number of ranks."""
+    from spin_fast.generation.hf_engine import TransformersEngine
+
+    if sampling.n != 1:
+        raise ValueError(f"shared_generate makes one completion per prompt, got n={sampling.n}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    # Cost: the padded tokens of the batch's last decoding step (its longest prompt is its last).
+    costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
+    mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                batch_size=batch_size, progress=False)
+    local = [engine.generate([prompts[i] for i in batches[b]], replace(sampling, seed=sampling.seed + b))
+             for b in mine]
+    per_batch = distributed.gather_in_order(local, mine, len(batches), what)
+    completions: list[list[Completion]] = [[] for _ in prompts]
+    for batch, batch_completions in zip(batches, per_batch):
+        for index, completion in zip(batch, batch_completions):
+            completions[index] = completion
+    return completions
 
 
 def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto") -> dict:
     """Mean log-prob per response token, and per response, of the human responses."""
     groups = [[Sequence(e.prompt_ids, e.response_ids)] for e in examples]
-    sums = sequence_logprobs(model, groups, token_budget, backend=backend)[:, 0]
+    sums = shared_logprobs([model], groups, token_budget, backend, "held-out log-likelihoods")[0][:, 0]
     tokens = sum(len(e.response_ids) for e in examples)
     return {"loglik_per_token": float(sums.sum()) / tokens, "loglik_per_response": float(sums.mean()),
             "responses": len(examples)}
@@ -37,8 +96,7 @@ def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, tok
                    backend: str = "auto") -> dict:
     """SPIN's implicit rewards of the policy against its opponent, averaged over the pairs."""
     groups = [p.sequences() for p in pairs]
-    ours = sequence_logprobs(policy, groups, token_budget, backend=backend)
-    theirs = sequence_logprobs(opponent, groups, token_budget, backend=backend)
+    ours, theirs = shared_logprobs([policy, opponent], groups, token_budget, backend, "reward margins")
     rewards = beta * (ours - theirs)  # [pairs, (real, generated)]
     margins = rewards[:, 0] - rewards[:, 1]
     return {"rewards/real": float(rewards[:, 0].mean()), "rewards/generated": float(rewards[:, 1].mean()),
@@ -64,13 +122,9 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
 def greedy_answers(model, tokenizer, examples: Seq[TokenizedExample], max_new_tokens: int,
                    batch_size: int = 16) -> list[str]:
     """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
-    from spin_fast.generation.base import SamplingConfig
-    from spin_fast.generation.hf_engine import TransformersEngine
-
-    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                batch_size=batch_size, progress=False)
-    completions = engine.generate([e.prompt_ids for e in examples],
-                                  SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))
+    completions = shared_generate(model, tokenizer, [e.prompt_ids for e in examples],
+                                  SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens), batch_size,
+                                  "greedy answers")
     return [tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
 
 
@@ -94,13 +148,14 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     like iteration 0's model: their margins are against the SFT model, on the SFT model's answers."""
     from transformers import AutoTokenizer
 
-    from spin_fast.generation.hf_engine import TransformersEngine
     from spin_fast.selfplay import answered_pairs, load_policy, read_examples, read_manifest, tokenize_examples
 
     config = selfplay.config
     data = config.data
     budget, backend = config.score_batch_tokens, config.train.backend
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
+    if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
+        distributed.init(config.deepspeed.timeout_minutes)
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
     raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)
@@ -110,29 +165,35 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         if check is not None:
             answers = greedy_answers(model, tokenizer, examples, config.generation.max_new_tokens,
                                      config.generation.batch_size)
-            row.update(checker_score(check, raw, answers))
+            row.update(checker_score(check, raw, answers))  # every rank grades all answers: cheap, and alike
         return row
 
     def opponent_pairs(opponent, t: int) -> list[TokenizedPair]:
         # θt answers the held-out prompts, as it answered the training prompts in iteration t.
-        engine = TransformersEngine(opponent, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, batch_size=config.generation.batch_size,
-                                    progress=False)
-        completions = engine.generate([e.prompt_ids for e in examples], config.for_iteration(t).generation.sampling())
+        completions = shared_generate(opponent, tokenizer, [e.prompt_ids for e in examples],
+                                      config.for_iteration(t).generation.sampling(), config.generation.batch_size,
+                                      f"iteration {t}'s held-out answers")
         return answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
+
+    # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
+    # ranks evaluate different models (and wait forever for each other).
+    checkpoints = []
+    for t in range(config.iterations):
+        manifest = read_manifest(selfplay.run_dir / f"iter-{t}" / "train")
+        if manifest is None:
+            break
+        checkpoints.append(manifest["summary"]["checkpoint"])
+    checkpoints = distributed.all_gather_objects(checkpoints, "finished iterations")[0]
 
     rows = []
     opponent = load_policy(config.model.name_or_path, config)
     sft, sft_pairs = (opponent, None) if baselines else (None, None)  # kept only when baselines need it
     rows.append({"model": "sft", **measure(opponent)})
-    for t in range(config.iterations):
-        manifest = read_manifest(selfplay.run_dir / f"iter-{t}" / "train")
-        if manifest is None:
-            break
+    for t, checkpoint in enumerate(checkpoints):
         pairs = opponent_pairs(opponent, t)
         if t == 0 and sft is not None:
             sft_pairs = pairs
-        policy = load_policy(manifest["summary"]["checkpoint"], config)
+        policy = load_policy(checkpoint, config)
         beta = config.for_iteration(t).train.beta
         rows.append({"model": f"iter-{t}", **measure(policy),
                      **reward_margins(policy, opponent, pairs, beta, budget, backend)})
@@ -143,7 +204,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         beta = config.for_iteration(0).train.beta
         rows.append({"model": name, **measure(model), **reward_margins(model, sft, sft_pairs, beta, budget, backend)})
     if output is not None:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, output)
+        if distributed.is_main():
+            tmp = output.with_name(output.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            os.replace(tmp, output)
+        distributed.barrier("evaluation written")  # the file is there when any rank returns
     return rows

@@ -181,8 +181,9 @@ class SelfPlay:
         summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
                    **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
                                            "rewards/accuracies") if k in last}}
+        heldout = self.heldout(model, tokenizer, config)  # every rank scores its share
         if distributed.is_main():
-            summary.update(**self.heldout(model, tokenizer, config), **times, checkpoint=str(result.final_dir))
+            summary.update(**heldout, **times, checkpoint=str(result.final_dir))
             write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
                            inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
                            summary=summary)
@@ -289,7 +290,9 @@ class SelfPlay:
 
     # ------------------------------------------------------------------------------- helpers
     def heldout(self, model, tokenizer, config: RunConfig) -> dict:
-        """θt+1's log-likelihood of the held-out human responses, when data.eval_source is set."""
+        """θt+1's log-likelihood of the held-out human responses, when data.eval_source is set. Under a
+        launcher each rank scores its share of the micro-batches (evaluation.shared_logprobs). `model` is
+        whole on every rank, the checkpoint reloaded after ZeRO, so the shares need no weight-0 filler."""
         if not config.data.eval_source:
             return {}
         from spin_fast.evaluation import heldout_loglik

@@ -199,8 +199,18 @@ def test_several_processes_need_deepspeed(monkeypatch):
 
 
 # ------------------------------------------------------------------------- the whole loop, 2 processes
-def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str,
-                      launcher: str = "torchrun") -> subprocess.CompletedProcess:
+# Held-out rows for the iteration summaries and `spin-fast eval`: enough for several micro-batches and
+# generation batches per rank.
+HELD_OUT = [("What is three plus four?", "Seven."), ("Name a colour.", "Blue."),
+            ("Say goodbye in French.", "Au revoir."),
+            ("What do bees make?", "Bees make honey."), ("How many days are in a week?", "Seven days."),
+            ("What is the opposite of hot?", "Cold."), ("Name a fruit.", "An apple."),
+            ("Where do fish live?", "In water."), ("What colour is grass?", "Grass is green."),
+            ("What is ice made of?", "Frozen water.")]
+
+
+def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, launcher: str = "torchrun",
+                      command: str = "run") -> subprocess.CompletedProcess:
     settings = [
         f"output_dir={run}", f"model.name_or_path={sft_model / 'model'}", f"data.source={sft_model / 'train.jsonl'}",
         "data.max_length=64", "data.max_prompt_length=32", "iterations=2", "generation.engine=transformers",
@@ -210,26 +220,44 @@ def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str,
         "deepspeed.zero_stage=3", *extra,
     ]
     if processes == 1:
-        command = [sys.executable, "-m", "spin_fast.cli"]
+        argv = [sys.executable, "-m", "spin_fast.cli"]
     elif launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_port={free_port()}", "-m", "spin_fast.cli"]
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                f"--master_port={free_port()}", "-m", "spin_fast.cli"]
     else:  # the deepspeed launcher (on the CPU, --num_gpus counts processes)
-        command = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={processes}",
-                   f"--master_port={free_port()}", "--module", "spin_fast.cli"]
-    command += ["run", "/dev/null"]
+        argv = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={processes}",
+                f"--master_port={free_port()}", "--module", "spin_fast.cli"]
+    argv += [command, "/dev/null"]
     for setting in settings:
-        command += ["--set", setting]
-    return run_launched(command)
+        argv += ["--set", setting]
+    return run_launched(argv)
 
 
-def test_two_process_run_gives_the_same_pair_files_and_weights(tmp_path, sft_model):
-    """`spin-fast run` under torchrun: each rank generates and scores its share and trains under ZeRO-3; the pair
-    files equal one process's (greedy generation), the scores and weights agree to rounding."""
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("held-out") / "eval.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in HELD_OUT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sft_model, held_out) -> dict:
+    """`spin-fast run` on one process and under torchrun on two (with held-out log-likelihoods), and the
+    second's stdout; two iterations each."""
+    result = {}
     for name, processes in (("one", 1), ("two", 2)):
-        done = spin_fast_command(tmp_path / name, sft_model, processes)
+        result[name] = tmp_path_factory.mktemp(f"run-{name}")
+        done = spin_fast_command(result[name], sft_model, processes, f"data.eval_source={held_out}")
         assert done.returncode == 0, done.stderr[-3000:]
-    one, two = tmp_path / "one", tmp_path / "two"
+    result["two_stdout"] = done.stdout
+    return result
+
+
+def test_two_process_run_gives_the_same_pair_files_and_weights(runs, sft_model):
+    """`spin-fast run` under torchrun: each rank generates and scores its share and trains under ZeRO-3; the pair
+    files equal one process's (greedy generation), the scores and weights agree to rounding, and so does the
+    held-out log-likelihood in the summaries, which the ranks compute in shares."""
+    one, two = runs["one"], runs["two"]
     for t in range(2):  # iteration 1's generation ran on weights gathered into each rank's engine
         pairs = f"iter-{t}/generate/pairs.jsonl"
         assert (two / pairs).read_text() == (one / pairs).read_text()
@@ -243,7 +271,35 @@ def test_two_process_run_gives_the_same_pair_files_and_weights(tmp_path, sft_mod
     final = [load_file(Path(s[-1]["checkpoint"]) / "model.safetensors") for s in summaries]
     start = load_file(sft_model / "model" / "model.safetensors")
     assert_same_weights(final[1], final[0], start)
-    assert done.stdout.count("iteration=") == 2  # rank 0 prints the summaries, once
+    heldout = [[row["heldout_loglik_per_token"] for row in s] for s in summaries]
+    assert heldout[1] == pytest.approx(heldout[0], rel=1e-5)  # the weights agree to 1e-6, not bit for bit
+    assert heldout[0][0] != heldout[0][1]  # each iteration's own model: a real comparison
+    assert runs["two_stdout"].count("iteration=") == 2  # rank 0 prints the summaries, once
+
+
+def test_two_process_eval_writes_the_one_process_file(runs, sft_model, held_out, tmp_path, monkeypatch):
+    """`spin-fast eval` under torchrun, with sampled opponent answers and a checker: the ranks share the
+    micro-batches and generation batches one process runs, so eval.jsonl is byte for byte one process's."""
+    (tmp_path / "length_checker.py").write_text(
+        "def grade(prompt, response, reference):\n"
+        "    return min(1.0, len(response) / len(reference))\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    settings = (f"data.eval_source={held_out}", "generation.temperature=1.0", "data.checker=length_checker:grade")
+    outputs = {}
+    for processes in (1, 2):
+        # A run directory of its own for each eval: the finished iterations' manifests, the one run's checkpoints.
+        out = outputs[processes] = tmp_path / f"eval-{processes}"
+        for t in range(2):
+            manifest = f"iter-{t}/train/manifest.json"
+            (out / manifest).parent.mkdir(parents=True)
+            (out / manifest).write_text((runs["one"] / manifest).read_text())
+        done = spin_fast_command(out, sft_model, processes, *settings, command="eval")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("model=") == 3  # rank 0 prints the table, once
+    rows = [json.loads(line) for line in (outputs[1] / "eval.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
+    assert rows[1]["pairs"] == len(HELD_OUT) and all("score" in r for r in rows)
+    assert (outputs[2] / "eval.jsonl").read_text() == (outputs[1] / "eval.jsonl").read_text()
 
 
 def test_deepspeed_launcher_and_resume_with_the_same_command(tmp_path, sft_model):

@@ -151,3 +151,87 @@ def test_eval_with_a_bad_checker_fails_before_loading_models(sorting_run, tmp_pa
     yaml_path.write_text(json.dumps(config.to_dict()))  # JSON is YAML
     assert main(["eval", str(yaml_path)]) == 2
     assert "data.checker 'spin_fast.sorting:scroe'" in capsys.readouterr().err
+
+
+def held_out_examples(sorting_run):
+    from transformers import AutoTokenizer
+
+    from spin_fast.selfplay import tokenized_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
+    config = eval_config(sorting_run, sorting_run / "unused")
+    return tokenizer, tokenized_examples(tokenizer, config.data, str(sorting_run / "eval.jsonl"))
+
+
+def test_shared_work_on_one_process_is_the_engine_and_scorer_output(sorting_run):
+    """On one process the shared helpers run one process's batches themselves: sampled completions equal
+    the engine's over all prompts (same batches, same seeds), log-probs equal sequence_logprobs' bit for bit."""
+    from spin_fast.evaluation import shared_generate, shared_logprobs
+    from spin_fast.generation.base import SamplingConfig
+    from spin_fast.generation.hf_engine import TransformersEngine
+    from spin_fast.packing import Sequence
+    from spin_fast.scoring import sequence_logprobs
+
+    tokenizer, examples = held_out_examples(sorting_run)
+    model = AutoModelForCausalLM.from_pretrained(sorting_run / "model")
+    prompts = [e.prompt_ids for e in examples]
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, seed=5)
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                batch_size=2, progress=False)
+    assert shared_generate(model, tokenizer, prompts, sampling, 2, "answers") == engine.generate(prompts, sampling)
+    groups = [[Sequence(e.prompt_ids, e.response_ids)] for e in examples]
+    budget = 2 * max(s.length for g in groups for s in g)  # a few micro-batches
+    assert torch.equal(shared_logprobs([model], groups, budget, "torch", "sums")[0],
+                       sequence_logprobs(model, groups, budget, backend="torch"))
+
+
+def as_ranks(monkeypatch, call, ranks: int = 2):
+    """`call` (one gather inside) as rank 0 of `ranks` would run it, in this one process: a first pass per
+    rank records what that rank hands the gather, then rank 0 runs with every rank's share gathered."""
+    from spin_fast import distributed
+
+    class Gathered(Exception):
+        pass
+
+    shares = []
+
+    def record(obj, what):
+        shares.append(obj)
+        raise Gathered
+
+    monkeypatch.setattr(distributed, "world_size", lambda: ranks)
+    monkeypatch.setattr(distributed, "all_gather_objects", record)
+    for r in range(ranks):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        with pytest.raises(Gathered):
+            call()
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, what: list(shares))
+    return call(), [indices for indices, _ in shares]
+
+
+def test_ranks_share_the_batches_and_rebuild_one_process_results(sorting_run, monkeypatch):
+    """Each of 2 ranks runs a part of the micro-batches and generation batches, none twice; gathered, the
+    held-out log-likelihood, the margins and the sampled answers are one process's exactly."""
+    from spin_fast.evaluation import heldout_loglik, reward_margins, shared_generate
+    from spin_fast.generation.base import SamplingConfig
+    from spin_fast.scoring import TokenizedPair
+
+    tokenizer, examples = held_out_examples(sorting_run)
+    model = AutoModelForCausalLM.from_pretrained(sorting_run / "model")
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(model.config)
+    budget = 2 * max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    pairs = [TokenizedPair(e.prompt_ids, e.response_ids, e.response_ids[::-1]) for e in examples]
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, seed=5)
+    calls = {
+        "loglik": lambda: heldout_loglik(model, examples, budget, "torch"),
+        "margins": lambda: reward_margins(other, model, pairs, 0.1, 2 * budget, "torch"),
+        "answers": lambda: shared_generate(model, tokenizer, [e.prompt_ids for e in examples], sampling, 2, "a"),
+    }
+    alone = {name: call() for name, call in calls.items()}
+    for name, call in calls.items():
+        shared, shares = as_ranks(monkeypatch, call)
+        assert all(shares) and sorted(sum(shares, [])) == list(range(len(sum(shares, [])))), (name, shares)
+        assert shared == alone[name], name
+        monkeypatch.undo()
