@@ -1,7 +1,8 @@
 """One SPIN (or SFT) training run on a small model and seeded random pairs, on one process or under a launcher.
 
-    python tests/distributed_train.py OUT [--zero-stage 2] [--mode spin] [--die-at-step K]
+    python tests/distributed_train.py OUT [--zero-stage 2] [--mode spin] [--die-at-step K] [--device cuda]
     torchrun --nproc_per_node 2 tests/distributed_train.py OUT --zero-stage 3
+    torchrun --nproc_per_node 1 tests/distributed_train.py OUT --deepspeed --device cuda
 
 Every process builds the same model and data from fixed seeds; one process trains without DeepSpeed, several
 under DeepSpeed ZeRO. --die-at-step K makes the last rank exit abruptly in the middle of step K (after the
@@ -45,18 +46,21 @@ def main() -> None:
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--die-at-step", type=int, default=0)
     parser.add_argument("--offload", action="store_true", help="optimizer state (and ZeRO-3 parameters) on the CPU")
+    parser.add_argument("--deepspeed", action="store_true", help="DeepSpeed even on one process")
+    parser.add_argument("--device", default="cpu", help="where a run without DeepSpeed trains (DeepSpeed: its own)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     config = tiny_config("llama", vocab_size=256, hidden_size=64, layers=2, tie_word_embeddings=args.tied)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(args.device)
     items = random_items(args.mode, args.pairs, config.vocab_size, seed=1)
     # A batch of 8 pairs in micro-batches of ~3 pairs: ranks get uneven numbers of micro-batches.
     # eps 1: RMSprop's update is then about lr * gradient, not its sign, so rounding differences stay small.
     train = TrainConfig(mode=args.mode, learning_rate=0.05, optimizer_eps=1.0, global_batch=8, epochs=2,
                         micro_batch_tokens=96, warmup_ratio=0.25, save_every=1, keep_checkpoints=10, progress=False,
                         seed=3)
-    deepspeed = DeepSpeedConfig(zero_stage=args.zero_stage, timeout_minutes=2, offload_optimizer=args.offload,
+    deepspeed = DeepSpeedConfig(enabled=True if args.deepspeed else None, zero_stage=args.zero_stage,
+                                timeout_minutes=2, offload_optimizer=args.offload,
                                 offload_params=args.offload and args.zero_stage == 3)
     trainer = Trainer(model, None, train, args.output_dir, items, deepspeed=deepspeed)
     if args.die_at_step:
@@ -69,6 +73,8 @@ def main() -> None:
 
         trainer.train_step = dying_step
     trainer.train()
+    if torch.distributed.is_initialized():
+        print(f"collective backend: {torch.distributed.get_backend()}")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(output: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """tests/distributed_train.py under torchrun (several processes) or plain python (one)."""
-    if processes == 1:
+def launch(output: Path, *args: str, processes: int = 2, torchrun: bool | None = None) -> subprocess.CompletedProcess:
+    """tests/distributed_train.py under torchrun (by default when several processes) or plain python."""
+    if not (processes > 1 if torchrun is None else torchrun):
         command = [sys.executable, str(SCRIPT), str(output), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",

@@ -199,3 +199,19 @@ def test_training_on_cuda_triton_head_tracks_torch_head(tmp_path, monkeypatch, a
         assert relative_error(p - p0, (q - p0).double()) < tolerance, name
     flash = [kernel is not attention.per_sequence_sdpa for kernel in picked]
     assert any(flash) if autocast else not any(flash)  # bf16 runs FlashAttention; fp32 cannot
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_over_nccl_matches_plain_training(tmp_path, stage):
+    """ZeRO on one GPU, launched by torchrun (NCCL), ends where training without DeepSpeed on that GPU ends."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    from safetensors.torch import load_file
+    from test_distributed import assert_same_weights, final_weights, launch
+
+    plain = launch(tmp_path / "plain", "--device", "cuda", processes=1)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    zero = launch(tmp_path / "zero", "--deepspeed", "--zero-stage", str(stage), processes=1, torchrun=True)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert "collective backend: nccl" in zero.stdout, zero.stdout[-2000:]
+    start = load_file(tmp_path / "plain" / "checkpoint-1" / "model.safetensors")
+    assert_same_weights(final_weights(tmp_path / "zero"), final_weights(tmp_path / "plain"), start)
