@@ -93,14 +93,23 @@ def worker_env(measure: str = "memory") -> dict[str, str]:
     return env
 
 
-def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict:
-    """Run `python -m module --worker ... --measure time|memory` twice, each in a fresh process, and
-    merge the two JSON results; a worker's last stdout line that starts with { is its result."""
+def worker_measures(device: str | torch.device) -> tuple[str, ...]:
+    """How a bench splits its measurements between worker processes. CPU: time and memory in two processes, since
+    the memory one runs under a low mmap threshold that slows it down. CUDA: the allocator's peak does not depend on
+    glibc's settings, so one process measures both ("both"): half the process starts, model builds and compiles,
+    which is most of a GPU bench's wall time."""
+    return ("both",) if torch.device(device).type == "cuda" else ("time", "memory")
+
+
+def run_worker(module: str, worker_args: list[str], timeout: int = 3600,
+               measures: tuple[str, ...] = ("time", "memory")) -> dict:
+    """Run `python -m module --worker ... --measure M` once per M in measures, each in a fresh process, and
+    merge the JSON results; a worker's last stdout line that starts with { is its result."""
     import subprocess
     import sys
 
     result: dict = {}
-    for measure in ("time", "memory"):
+    for measure in measures:
         cmd = [sys.executable, "-m", module, "--worker", *worker_args, "--measure", measure]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(measure), timeout=timeout)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -168,7 +177,9 @@ def _nvidia_driver() -> str | None:
 
 
 def problem(result: dict) -> str | None:
-    """Why a result has no figures ("missing: ..." or "ERROR: ..."), or None when it has them."""
+    """Why a result has no figures ("missing: ...", "skipped: ..." or "ERROR: ..."), or None when it has them."""
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
     if "missing" in result:
         return f"missing: {result['missing']}"
     if "error" in result:
@@ -182,6 +193,12 @@ def publish(name: str, report: dict, table: str) -> Path:
     print("\n" + table)
     print(f"\nwritten: {path}")
     return path
+
+
+def save_partial(name: str, report: dict) -> Path:
+    """The report so far, written after each measurement: a bench stopped by a time limit (bench/gpu/check.sh gives
+    each one a slot) still leaves what it measured. publish() overwrites it with the whole report."""
+    return write_json(name, {**report, "partial": "written while the bench ran; it stopped before its end"})
 
 
 def write_json(name: str, payload: dict) -> Path:

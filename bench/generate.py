@@ -25,9 +25,10 @@ New weights (a perturbed copy of the model's state dict, as after a training ite
                  (median of `restart_runs`). Writing that checkpoint (save_pretrained + tokenizer) is timed apart
                  (`checkpoint_save_ms`) and not in the restart time, so the restart figure is a lower bound.
 
-Memory (a separate worker process run with worker_env("memory"), see bench.common.run_worker):
-  transformers   peak_extra_mib: the peak RSS that one generate() call adds on top of what is held before it,
-                 in the process that runs it; held_mib: the model's parameter bytes.
+Memory (on the CPU a separate worker process run with worker_env("memory"); on CUDA the timing process, after
+its timings: see bench.common.run_worker and worker_measures):
+  transformers   peak_extra_mib: the peak that one generate() call adds on top of what is held before it, in the
+                 process that runs it (RSS, or the CUDA allocator's peak); held_mib: the model's parameter bytes.
   vLLM           the model and KV cache live in vLLM's worker process, not in the bench's, whose RSS would say
                  nothing. Measured there instead, through /proc/<worker pid>: peak_extra_mib is its peak RSS
                  during one generate() call above its RSS before it, engine_rss_mib its RSS before the call
@@ -35,8 +36,8 @@ Memory (a separate worker process run with worker_env("memory"), see bench.commo
                  The engine-core and front-end processes are not counted. On CUDA (gpu preset) the KV cache is in
                  GPU memory and this RSS does not see it: the GPU memory is then reported as not measured.
 
-Presets: cpu (checked on a 2-core CPU), tiny (tests), gpu (bf16, ~1.2B parameters; UNTESTED: no GPU was
-available when this bench was written). Run: python -m bench.generate [--preset cpu|gpu|tiny].
+Presets: cpu (checked on a 2-core CPU), tiny (tests), gpu (bf16, ~1.2B parameters, sized for one H200 in
+bench/gpu/check.sh's slot; not yet run on a GPU). Run: python -m bench.generate [--preset cpu|gpu|tiny].
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ from bench.common import (
     problem,
     publish,
     run_worker,
+    save_partial,
     summarize,
     time_runs,
+    worker_measures,
 )
 
 
@@ -91,9 +94,14 @@ PRESETS = {
     # ~45M parameters (vocabulary 32000, head dim 64), fp32; 32 prompts of 16-128 tokens, 64 new tokens each.
     "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 4, 8, 1376, 32, 16, 128, 64, 16,
                   warmup=1, repeats=3, swap_repeats=3, restart_runs=1),
-    # ~1.2B parameters in bf16, 256 prompts of 64-512 tokens, 256 new tokens (the paper's). UNTESTED.
-    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 256, 64, 512, 256, 64,
-                  warmup=1, repeats=3, swap_repeats=5, restart_runs=2),
+    # One H200: ~1.2B parameters in bf16, 64 prompts of 64-512 tokens, 128 new tokens each, in bench/gpu/check.sh's
+    # slot of 70 s. Decoding is bound by reading the weights (2.4 GB: ~0.6 ms a step at 4 TB/s) and, for
+    # transformers, by its Python per step (~15-25 ms for 16 layers): one batch of 64 x 128 steps ~3 s a call;
+    # 1 warm-up + 2 timed + 1 memory call ~12 s. A swap copies 2.4 GB into the engine (~0.5 s, x3). The rest is
+    # the process (~10 s: imports, CUDA context, the tokenizer, saving and loading the 2.4 GB model): about 35 s
+    # for transformers. vLLM, where installed, adds its start-up (~60 s) and a restart: give it more time.
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 64, 64, 512, 128, 64,
+                  warmup=1, repeats=2, swap_repeats=3, restart_runs=1),
     "tiny": Preset("tiny", "cpu", torch.float32, 512, 64, 2, 2, 128, 6, 4, 24, 8, 4,
                    warmup=1, repeats=1, swap_repeats=1, restart_runs=1),  # tests
 }
@@ -130,8 +138,9 @@ def make_prompts(preset: Preset, tokenizer, seed: int = SEED) -> list[list[int]]
     return [torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (n,), generator=gen).tolist() for n in lengths]
 
 
-def build_model(preset: Preset, tokenizer, seed: int = SEED):
-    """A seeded, randomly initialised Llama of the preset's shape, its special ids the tokenizer's."""
+def build_model(preset: Preset, tokenizer, seed: int = SEED, device: str | None = None):
+    """A seeded, randomly initialised Llama of the preset's shape, its special ids the tokenizer's, built on
+    `device` (default: the preset's; "meta" to count parameters without building them)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
@@ -141,20 +150,24 @@ def build_model(preset: Preset, tokenizer, seed: int = SEED):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype).eval()
+    # On CUDA built on the GPU: initialising 1.2B parameters on the CPU takes seconds in every worker process.
+    with torch.device(device or preset.device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
 def perturbed_state(model, seed: int = SEED + 1) -> dict[str, torch.Tensor]:
-    """The model's state dict with every floating tensor nudged: the "new weights" of a training iteration."""
-    gen = torch.Generator().manual_seed(seed)
+    """The model's state dict with every floating tensor nudged, on the CPU: the "new weights" of a training
+    iteration. The noise is drawn where the model is (a CPU generator takes seconds for 1.2B values)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
     out = {}
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu", copy=True)
+        t = tensor.detach().clone()
         if t.is_floating_point():
-            t += 1e-3 * torch.randn(t.shape, generator=gen).to(t.dtype)
-        out[name] = t
+            t += 1e-3 * torch.randn(t.shape, generator=gen, device=device).to(t.dtype)
+        out[name] = t.to("cpu")
     return out
 
 
@@ -207,6 +220,7 @@ def _time_swaps(engine, state: dict[str, torch.Tensor], repeats: int) -> dict:
 
 
 def _transformers(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -> dict:
+    """what: "time", "memory", or "both" (the two in turn, in this process: CUDA)."""
     from transformers import AutoModelForCausalLM
 
     from spin_fast.generation.hf_engine import TransformersEngine
@@ -219,23 +233,31 @@ def _transformers(preset: Preset, what: str, workdir: Path, model, tokenizer, pr
                                 batch_size=preset.hf_batch_size, progress=False)
     startup = time.perf_counter() - start
     del model
-    if what == "memory":
+    result: dict = {}
+    if what in ("time", "both"):
+        result = {"startup_ms": startup * 1e3, **_time_generation(engine, prompts, preset, device)}
+        result.update(_time_swaps(engine, perturbed_state(loaded), preset.swap_repeats))
+    if what in ("memory", "both"):
         config = sampling(preset)
-        engine.generate(prompts, config)  # warm-up
+        if what == "memory":
+            engine.generate(prompts, config)  # warm-up
         held = param_mib(loaded)
-        return {"peak_extra_mib": peak_extra_memory_mib(lambda: engine.generate(prompts, config), device),
-                "held_mib": held}
-    result = {"startup_ms": startup * 1e3, **_time_generation(engine, prompts, preset, device)}
-    result.update(_time_swaps(engine, perturbed_state(loaded), preset.swap_repeats))
+        result.update(peak_extra_mib=peak_extra_memory_mib(lambda: engine.generate(prompts, config), device),
+                      held_mib=held)
     engine.close()
     return result
 
 
-def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -> dict:
+def _require_vllm() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError as error:
         raise Missing(f"vLLM is not installed ({error})") from None
+
+
+def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -> dict:
+    """what: "time", "memory", or "both" (the timings, and on CUDA the note that memory is not measured)."""
+    _require_vllm()
     from spin_fast.generation.vllm_engine import VllmEngine
 
     device = torch.device(preset.device)
@@ -245,13 +267,18 @@ def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -
     def start_engine(directory: Path) -> VllmEngine:
         return VllmEngine(directory, dtype=dtype, max_model_len=max_model_len, seed=0)
 
+    # On CUDA the weights and KV cache are in GPU memory, in vLLM's process: said so, not Missing (that would drop
+    # the timings too). "both" is asked for on CUDA only (bench.common.worker_measures).
+    not_measured = {"memory_not_measured": "the KV cache and weights are in GPU memory, in another process"}
+    if what == "both" and device.type != "cuda":
+        raise ValueError("--measure both is for CUDA presets: on the CPU, memory is measured in its own process")
     start = time.perf_counter()
     engine = start_engine(workdir / "model")
     startup = time.perf_counter() - start
     try:
+        if what == "memory" and device.type == "cuda":
+            return not_measured
         if what == "memory":
-            if device.type == "cuda":  # not Missing: that would drop the timings too
-                return {"memory_not_measured": "the KV cache and weights are in GPU memory, in another process"}
             config = sampling(preset)
             engine.generate(prompts, config)  # warm-up
             pids = engine.worker_pids()
@@ -281,6 +308,8 @@ def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -
         # The restarted engine serves: one short request.
         if count_tokens(engine.generate(prompts[:1], sampling(preset))) < 1:
             raise RuntimeError("the restarted engine generated nothing")
+        if what == "both":
+            result.update(not_measured)
         return result
     finally:
         engine.close()
@@ -293,9 +322,13 @@ def measure(preset: Preset, engine: str, what: str) -> dict:
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Missing("the preset needs CUDA")
+    if engine == "vLLM":
+        _require_vllm()  # before building and saving a model for nothing
     tokenizer = build_tokenizer(preset)
     prompts = make_prompts(preset, tokenizer)
-    model = build_model(preset, tokenizer)
+    # vLLM takes most of the GPU's memory for its own process: the copy here, only saved and perturbed, stays on the
+    # CPU then.
+    model = build_model(preset, tokenizer, device="cpu" if engine == "vLLM" else None)
     with tempfile.TemporaryDirectory(prefix="spin-bench-gen-") as workdir:
         save(model, tokenizer, Path(workdir) / "model")
         return RUNNERS[engine](preset, what, Path(workdir), model, tokenizer, prompts)
@@ -304,7 +337,8 @@ def measure(preset: Preset, engine: str, what: str) -> dict:
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, engine: str) -> dict:
     """Time and memory, each in a fresh subprocess (see bench.common.run_worker)."""
-    return run_worker("bench.generate", ["--preset", preset.name, "--engine", engine], timeout=1800)
+    return run_worker("bench.generate", ["--preset", preset.name, "--engine", engine], timeout=1800,
+                      measures=worker_measures(preset.device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="*", choices=ENGINES, default=list(ENGINES), help="subset of engines")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
 
@@ -328,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(preset.device)
     tokenizer = build_tokenizer(preset)
     prompts = make_prompts(preset, tokenizer)
-    model = build_model(preset, tokenizer)
+    model = build_model(preset, tokenizer, device="meta")  # only counted here: the workers build their own
     shape = {"vocab": preset.vocab, "tokenizer_tokens": len(tokenizer), "hidden": preset.hidden,
              "layers": preset.layers, "heads": preset.heads, "intermediate": preset.intermediate,
              "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(preset.dtype),
@@ -349,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_one(preset, engine)
         result["engine"] = engine
         report["results"].append(result)
+        save_partial(f"generate-{preset.name}", report)
         print(_one_line(result), flush=True)
     publish(f"generate-{preset.name}", report, summary_table(report["results"]))
     return 0

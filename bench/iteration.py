@@ -15,7 +15,8 @@ training process (CUDA allocator peak, or the process's peak RSS reset at the st
 low-mmap-threshold allocator of bench.common.worker_env); and the resident memory of the engine's own
 processes (vLLM's engine core and workers), which the training process's figures do not include.
 Iteration 1 is the steady state (iteration 0 also starts the engine). Times and memory come from two
-separate runs, like the other benches. Run: python -m bench.iteration [--preset cpu|gpu].
+separate runs on the CPU, like the other benches, and from one run on CUDA, where the allocator's peak needs no
+special allocator. Run: python -m bench.iteration [--preset cpu|gpu].
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from pathlib import Path
 
 import torch
 
-from bench.common import format_table, machine_info, peak_extra_memory_mib, publish, run_worker
+from bench.common import (
+    format_table,
+    machine_info,
+    peak_extra_memory_mib,
+    publish,
+    run_worker,
+    synchronize,
+    worker_measures,
+)
 
 STAGES = ("engine_start", "generate", "score", "train", "weight_transfer")
 
@@ -53,7 +62,12 @@ class Preset:
 PRESETS = {
     "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=128, max_new_tokens=32, global_batch=32,
                   micro_batch_tokens=2048, dtype="float32"),
-    "gpu": Preset("gpu", hidden=2048, layers=16, heads=16, prompts=4096, max_new_tokens=64, global_batch=64,
+    # One H200, slot 70 s in bench/gpu/check.sh: a ~0.34B-parameter Llama in bf16, 256 prompts, 2 iterations. Without
+    # vLLM (not on that machine) transformers generates: 4 batches of 64 x 64 decoding steps at ~15 ms (Python-bound)
+    # ~4 s an iteration; training 4 then 8 steps of 64 pairs (~8k tokens, ~2e13 FLOP: < 0.1 s of matmuls each, a few
+    # tenths of a second with packing and the optimizer) plus a checkpoint (~1.4 GB) each; scoring < 1 s. With the
+    # process (~10 s: imports, CUDA context, building and saving the model): about 40 s.
+    "gpu": Preset("gpu", hidden=2048, layers=8, heads=16, prompts=256, max_new_tokens=64, global_batch=64,
                   micro_batch_tokens=16384, dtype="bfloat16"),
     "tiny": Preset("tiny", hidden=64, layers=2, heads=2, prompts=16, max_new_tokens=8, global_batch=8,
                    micro_batch_tokens=512, dtype="float32"),
@@ -87,7 +101,8 @@ def engine_rss_mib() -> float:
 
 
 def profiled_selfplay(config, measure: str):
-    """A SelfPlay whose stages record their seconds (measure="time") or peak memory (measure="memory")."""
+    """A SelfPlay whose stages record their seconds (measure="time", in selfplay.records["time"]), peak memory
+    (measure="memory", in records["memory"]) or both (CUDA, see bench.common.worker_measures)."""
     from spin_fast.selfplay import SelfPlay, default_engine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,19 +110,23 @@ def profiled_selfplay(config, measure: str):
     class Profiled(SelfPlay):
         def measured(self, stage: str, call):
             key = f"iter-{self.current}/{stage}"
-            if measure == "memory":
-                result = []
-                self.records[key] = peak_extra_memory_mib(lambda: result.append(call()), device)
+            result = []
+
+            def timed():
+                start = time.perf_counter()
+                result.append(call())
+                synchronize(device)
+                if measure != "memory":
+                    self.records["time"][key] = time.perf_counter() - start
+
+            if measure == "time":
+                gc.collect()
+                timed()
+            else:  # the timing inside the memory measurement: its set-up (gc, emptying the cache) stays outside
+                self.records["memory"][key] = peak_extra_memory_mib(timed, device)
                 if stage == "generate":
-                    self.records[f"iter-{self.current}/engine_rss"] = engine_rss_mib()
-                return result[0]
-            gc.collect()
-            start = time.perf_counter()
-            result = call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            self.records[key] = time.perf_counter() - start
-            return result
+                    self.records["memory"][f"iter-{self.current}/engine_rss"] = engine_rss_mib()
+            return result[0]
 
         def iteration(self, t, *args, **kwargs):
             self.current = t
@@ -126,7 +145,8 @@ def profiled_selfplay(config, measure: str):
             return self.measured("weight_transfer", lambda: super(Profiled, self).transfer_weights(*args, **kwargs))
 
     selfplay = Profiled(config)
-    selfplay.records, selfplay.current = {}, 0
+    selfplay.records = {kind: {} for kind in ("time", "memory") if measure in (kind, "both")}
+    selfplay.current = 0
     selfplay.make_engine = lambda *args: selfplay.measured("engine_start", lambda: default_engine(*args))
     return selfplay
 
@@ -163,7 +183,7 @@ def worker(preset: Preset, measure: str, engine: str) -> dict:
     selfplay = profiled_selfplay(config, measure)
     summaries = selfplay.run()
     engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
-    return {measure: selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
+    return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
             "parameters_m": parameters_m}
 
 
@@ -198,18 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
                         help="generation engine (default: vLLM when installed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory", "both"), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
     if args.worker:
         print(json.dumps(worker(preset, args.measure, args.engine)))
         return 0
-    result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600,
+                        measures=worker_measures(device))
     if "error" in result:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
         return 1
     result["rows"] = profile_rows(result)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"bench": "iteration", "preset": asdict(preset), "machine": machine_info(device), **result}
     table = summary_table(result)
     publish(f"iteration-{preset.name}", report, table)

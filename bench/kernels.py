@@ -4,8 +4,9 @@ Two jobs are measured on one realistic packed batch (P pairs; each pair's prompt
 the tokens, carries no loss; responses of uneven length):
   spin_head  hidden states -> SPIN loss (what fused_linear_spin_loss does)
   logprobs   hidden states -> per-token target log-probs (what linear_logprobs does)
-Every (job, method) runs in its own subprocess, so compile caches and allocator state never leak
-from one method into the next. Run: python -m bench.kernels [--preset cpu|gpu].
+Every (job, method) runs in its own subprocesses (on CUDA one, which times it and then measures
+its memory), so compile caches and allocator state never leak from one method into the next.
+Run: python -m bench.kernels [--preset cpu|gpu].
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from bench.common import (
     problem,
     publish,
     run_worker,
+    save_partial,
     summarize,
     synchronize,
     time_runs,
+    worker_measures,
 )
 
 
@@ -43,12 +46,26 @@ class Preset:
     pairs: int
     warmup: int
     repeats: int
+    jobs: tuple[str, ...] = ("spin_head", "logprobs")
+    methods: tuple[str, ...] = ()  # the order to run them in (most telling first); () = every method, METHODS' order
 
 
 PRESETS = {
     # `make bench` on 2 cores in under 15 minutes: 2048 tokens, 3 timed runs.
     "cpu": Preset("cpu", "cpu", torch.float32, 2048, 1024, (8000, 32000), 8, warmup=1, repeats=3),
-    "gpu": Preset("gpu", "cuda", torch.bfloat16, 16384, 4096, (32000, 128256), 32, warmup=3, repeats=10),
+    # One H200, bf16, Llama-3's head (V=128256, H=4096) on 16384 packed tokens, the SPIN head only (--jobs adds
+    # logprobs, --vocabs 32000 a second point), in bench/gpu/check.sh's slot of 160 s. Work: one pass over the
+    # ~11k loss tokens is 2*11k*4096*128256 = 1.2e13 FLOP; spin-fast does 4 (~0.1 s at ~40% of 700 TFLOP/s),
+    # naive 3 over all 16384 tokens (5.2e13, ~0.2 s, ~35 GB of fp32 logits and their gradient), Liger about 5x
+    # naive (padded rows, and it recomputes the opponent's head). 2 warm-ups + 5 timed + 1 memory call: under
+    # 10 s of GPU work per method. The wall time is elsewhere: one process per method (~6 s: Python, torch,
+    # CUDA context, the batch) plus compiles (torch.compile and Liger's ~30 s each, Triton and CCE ~10 s):
+    # about 130 s. Most telling first, so a cut-off run loses the least: naive (the baseline of every ratio),
+    # spin-fast's Triton head, then the peers.
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, 16384, 4096, (128256,), 32, warmup=2, repeats=5,
+                  jobs=("spin_head",),
+                  methods=("naive PyTorch", "spin-fast triton", "Cut Cross-Entropy", "Liger DPO loss",
+                           "torch.compile", "spin-fast torch", "F.linear_cross_entropy")),
     "tiny": Preset("tiny", "cpu", torch.float32, 256, 64, (1000,), 3, warmup=1, repeats=2),  # for tests
 }
 BETA = 0.1
@@ -100,11 +117,14 @@ def make_batch(preset: Preset, vocab: int, seed: int = SEED) -> Batch:
             sequence_ids += [-1] * prompt + [sequence] * response
             rows.append((sequence, prompt + response))
     n_tokens = len(targets)
-    hidden = torch.randn(n_tokens, hidden_size, generator=gen).to(device, dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=gen) / math.sqrt(hidden_size)).to(device, dtype)
-    opponent_weight = weight + (torch.randn(vocab, hidden_size, generator=gen) * 0.1 / math.sqrt(hidden_size)).to(
-        device, dtype
-    )
+    # The large tensors are drawn where they live: on the CPU from `gen` as always, on CUDA from a CUDA generator
+    # (the CPU's generator takes seconds for a [128256, 4096] head, in every worker process).
+    big = gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed + 2)
+    hidden = torch.randn(n_tokens, hidden_size, generator=big, device=big.device).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=big, device=big.device) / math.sqrt(hidden_size)).to(
+        device, dtype)
+    opponent_weight = weight + (torch.randn(vocab, hidden_size, generator=big, device=big.device) * 0.1
+                                / math.sqrt(hidden_size)).to(device, dtype)
     targets_t = torch.tensor(targets, device=device)
     sequence_ids_t = torch.tensor(sequence_ids, device=device)
 
@@ -128,7 +148,7 @@ def make_batch(preset: Preset, vocab: int, seed: int = SEED) -> Batch:
         opponent_weight=opponent_weight,
         padded_hidden=padded_hidden.requires_grad_(),
         padded_targets=padded_targets,
-        upstream=torch.randn(n_tokens, generator=gen).to(device),
+        upstream=torch.randn(n_tokens, generator=big, device=big.device).to(device),
         n_pairs=n_pairs,
     )
 
@@ -190,7 +210,14 @@ def _torch_linear_cross_entropy():
 
     if not hasattr(F, "linear_cross_entropy"):
         raise Missing(f"torch {torch.__version__} has no F.linear_cross_entropy")
-    options = torch.nn.LinearCrossEntropyOptions()
+    # The chunked path is the one worth measuring; without its options class (older torch) the call would be the
+    # plain full-logits path, which is naive PyTorch again.
+    options_class = getattr(torch.nn, "LinearCrossEntropyOptions", None) or getattr(F, "LinearCrossEntropyOptions",
+                                                                                   None)
+    if options_class is None:
+        raise Missing(f"torch {torch.__version__} has F.linear_cross_entropy but no LinearCrossEntropyOptions "
+                      "(its chunked path)")
+    options = options_class()
 
     def logprobs(b: Batch) -> torch.Tensor:
         return -F.linear_cross_entropy(b.hidden, b.weight, b.targets, reduction="none", options=options)
@@ -243,7 +270,8 @@ JOBS = ("spin_head", "logprobs")
 
 # ---------------------------------------------------------------------------------------- worker
 def measure(preset: Preset, vocab: int, job: str, method: str, what: str) -> dict:
-    """what: "time" (median of repeats after warm-up) or "memory" (peak of one step after warm-up)."""
+    """what: "time" (median of repeats after warm-up), "memory" (peak of one step after warm-up) or "both" (time,
+    then memory in the same process: CUDA, see bench.common.worker_measures)."""
     device = torch.device(preset.device)
     if method == "spin-fast triton" and device.type != "cuda":
         raise Missing("Triton backend needs CUDA (the CPU tests run it through the interpreter)")
@@ -262,12 +290,20 @@ def measure(preset: Preset, vocab: int, job: str, method: str, what: str) -> dic
             leaf.grad = None
         objective().backward()
 
-    if what == "memory":
-        time_runs(step, device, preset.warmup, 0)  # compiles and warms caches outside the measurement
+    result: dict = {}
+    if what in ("time", "both"):
+        result = _timed(preset, vocab, job, method, batch, step, objective)
+    if what in ("memory", "both"):
+        if what == "memory":
+            time_runs(step, device, preset.warmup, 0)  # compiles and warms caches outside the measurement
         for leaf in batch.leaves:
             leaf.grad = None
-        return {"peak_extra_mib": peak_extra_memory_mib(step, device)}
-    times = time_runs(step, device, preset.warmup, preset.repeats)
+        result["peak_extra_mib"] = peak_extra_memory_mib(step, device)
+    return result
+
+
+def _timed(preset: Preset, vocab: int, job: str, method: str, batch: Batch, step, objective) -> dict:
+    times = time_runs(step, torch.device(preset.device), preset.warmup, preset.repeats)
     with torch.no_grad():
         value = float(objective())
     n_loss_tokens = int((batch.targets != -100).sum())
@@ -300,20 +336,25 @@ def matmul_tflops(preset: Preset, vocab: int) -> float:
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, vocab: int, job: str, method: str) -> dict:
     args = ["--preset", preset.name, "--vocab", str(vocab), "--job", job, "--method", method]
-    return run_worker("bench.kernels", args)
+    return run_worker("bench.kernels", args, measures=worker_measures(preset.device))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of methods to run")
+    parser.add_argument("--methods", nargs="*", choices=list(METHODS),
+                        help="methods to run, in this order (default: the preset's)")
+    parser.add_argument("--jobs", nargs="+", choices=JOBS, help="jobs to run (default: the preset's)")
+    parser.add_argument("--vocabs", nargs="+", type=int, help="vocabulary sizes (default: the preset's)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    methods = args.methods if args.methods is not None else list(preset.methods or METHODS)
+    jobs, vocabs = args.jobs or list(preset.jobs), args.vocabs or list(preset.vocabs)
 
     if args.worker:
         try:
@@ -328,16 +369,17 @@ def main(argv: list[str] | None = None) -> int:
               "shape": {"tokens": preset.tokens, "hidden": preset.hidden, "dtype": str(preset.dtype),
                         "pairs": preset.pairs, "beta": BETA},
               "results": []}
-    for vocab in preset.vocabs:
+    for vocab in vocabs:
         ceiling = matmul_tflops(preset, vocab)
         print(f"\n== vocab {vocab}: {preset.tokens} tokens, H={preset.hidden}, {preset.dtype}, "
               f"{device}; dense matmul {ceiling:.2f} TFLOP/s", flush=True)
-        for job in JOBS:
-            for method in args.methods:
+        for job in jobs:
+            for method in methods:
                 print(f"  {job:9s} {method:24s} ...", end=" ", flush=True)
                 result = run_one(preset, vocab, job, method)
                 result.update(vocab=vocab, job=job, method=method, matmul_tflops=ceiling)
                 report["results"].append(result)
+                save_partial(f"kernels-{preset.name}", report)
                 print(_one_line(result), flush=True)
     _add_ratios(report["results"])
     publish(f"kernels-{preset.name}", report, summary_table(report["results"]))

@@ -26,9 +26,11 @@ def _pyplot():
     return plt
 
 
-def plot_kernels(report: dict, path: Path) -> Path:
+def plot_kernels(report: dict, path: Path) -> Path | None:
     plt = _pyplot()
     results = [r for r in report["results"] if "median_ms" in r]
+    if not results:  # a bench stopped before its first figure, or every method missing
+        return None
     jobs = sorted({r["job"] for r in results})
     methods = sorted({r["method"] for r in results})
     fig, axes = plt.subplots(len(jobs), 2, figsize=(11, 4 * len(jobs)), squeeze=False)
@@ -49,9 +51,11 @@ def plot_kernels(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_train_step(report: dict, path: Path) -> Path:
+def plot_train_step(report: dict, path: Path) -> Path | None:
     plt = _pyplot()
     results = [r for r in report["results"] if "tokens_per_s" in r]
+    if not results:
+        return None
     methods = [r["method"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].bar(methods, [r["tokens_per_s"] for r in results])
@@ -93,14 +97,15 @@ PLOTTERS = {"kernels": plot_kernels, "train_step": plot_train_step, "iteration":
 
 
 def plot_all(results_dir: Path | None = None) -> list[Path]:
-    """A PNG beside every bench JSON that has a plotter; returns the files written."""
+    """A PNG beside every bench JSON that has a plotter and figures to draw; returns the files written."""
     results_dir = Path(results_dir or common.RESULTS_DIR)
     written = []
     for source in sorted(results_dir.glob("*.json")):
         report = json.loads(source.read_text())
         plotter = PLOTTERS.get(report.get("bench"))
-        if plotter is not None:
-            written.append(plotter(report, source.with_suffix(".png")))
+        path = plotter(report, source.with_suffix(".png")) if plotter is not None else None
+        if path is not None:
+            written.append(path)
     return written
 
 

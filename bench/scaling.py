@@ -11,11 +11,12 @@ steps are timed on every rank; a step's time is the slowest rank's, and rank 0 w
 
 Configurations: the single-process plain path (no DeepSpeed, the baseline: DeepSpeed's own cost on one process
 shows against it), then for ZeRO stage 2 and 3 each world size: 1 and 2 processes on the CPU (gloo), 1 and
-torch.cuda.device_count() on CUDA (NCCL, one GPU per process; a duplicate is run once). Reported per
-configuration: tokens/s in total and per process (per GPU on CUDA), step time median and spread (min-max),
-and the ratio of tokens/s against 1 process of the same stage and against the plain baseline. Every step's
-loss is reported too: every configuration trains on the same tokens from the same weights, so the losses are
-the same everywhere (log 2 at step 0, where policy == opponent; loss_diff_vs_plain is the largest difference).
+torch.cuda.device_count() on CUDA (NCCL, one GPU per process; with one GPU, 2 processes are listed as skipped,
+with the reason). Reported per configuration: tokens/s in total and per process (per GPU on CUDA), step time
+median and spread (min-max), and the ratio of tokens/s against 1 process of the same stage and against the plain
+baseline. Every step's loss is reported too: every configuration trains on the same tokens from the same
+weights, so the losses are the same everywhere (log 2 at step 0, where policy == opponent; loss_diff_vs_plain
+is the largest difference).
 
 Threads on the CPU: OMP_NUM_THREADS (and MKL_NUM_THREADS) = usable cores // N, so every configuration uses the
 same cores: on a 2-core machine one process has both cores and each of 2 processes has one. Two processes
@@ -26,13 +27,15 @@ processes do: the bench measures how many cores other processes kept busy while 
 /proc/stat less its own CPU time, `other_work_cores`, the table's last column) and says so in its notes.
 
 CPU preset: a small Llama (fp32) so that the whole bench ends in a few minutes on 2 cores. GPU preset:
-train_step's GPU model (~1.2B parameters, bf16 weights, DeepSpeed's bf16 mode keeping fp32 master weights).
+train_step's GPU model with half its layers (~0.6B parameters, bf16 weights, DeepSpeed's bf16 mode keeping fp32
+master weights).
 Run: python -m bench.scaling [--preset cpu|gpu] [--stages 2 3] [--world-sizes 1 2].
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +49,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import format_table, machine_info, package_version, problem, publish, summarize, time_runs, worker_env
+from bench.common import (
+    format_table,
+    machine_info,
+    package_version,
+    problem,
+    publish,
+    save_partial,
+    summarize,
+    time_runs,
+    worker_env,
+)
 from bench.train_step import PRESETS as TRAIN_STEP_PRESETS
 from bench.train_step import Preset, build_model, make_pairs, pair_layout, real_tokens, train_config
 
@@ -54,7 +67,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     # ~7.3M parameters, fp32, 8 pairs of up to 256 tokens per sequence (2704 tokens): ~1 s per step on 2 cores.
     "cpu": Preset("cpu", "cpu", torch.float32, 8000, 256, 4, 4, 688, 8, 256, 1024, warmup=2, repeats=5),
-    "gpu": TRAIN_STEP_PRESETS["gpu"],  # ~1.2B parameters, bf16. Untested.
+    # One H200 (the machine bench/gpu/check.sh runs on), slot 90 s: train_step's GPU model with 8 of its 16 layers
+    # (~0.6B parameters, bf16), 16 pairs (~21k tokens, ~8e13 FLOP a step: ~0.3 s at ~40% of 700 TFLOP/s), 1 warm-up
+    # + 3 timed steps. Each configuration is a torchrun job (~20 s: imports with DeepSpeed's, CUDA context, model,
+    # scoring, ZeRO's set-up): plain, ZeRO-2 and ZeRO-3 on 1 GPU, about 60 s. The world sizes above the GPU count
+    # (2 with one GPU) are reported as skipped: NCCL runs one process per GPU.
+    "gpu": dataclasses.replace(TRAIN_STEP_PRESETS["gpu"], layers=8, warmup=1, repeats=3),
     "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 4, 64, 128, warmup=1, repeats=2),  # tests
 }
 STAGES = (2, 3)
@@ -67,10 +85,21 @@ def usable_cores() -> int:
 
 
 def default_world_sizes(preset: Preset) -> list[int]:
-    """1 and 2 processes on the CPU; 1 and every GPU on CUDA (once when there is one GPU)."""
+    """1 and 2 processes on the CPU; 1 and every GPU on CUDA (1 and 2 when there is one GPU: 2 is then skipped)."""
     if preset.device == "cuda":
-        return sorted({1, max(1, torch.cuda.device_count())})
+        return sorted({1, max(2, torch.cuda.device_count())})
     return [1, 2]
+
+
+def why_not(preset: Preset, processes: int) -> str | None:
+    """Why a configuration cannot run here (reported as skipped), or None."""
+    if preset.device != "cuda":
+        return None
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        return (f"{processes} processes need {processes} GPUs and this machine has {gpus}: NCCL runs one process "
+                "per GPU, and processes sharing a GPU would measure contention, not scaling")
+    return None
 
 
 def configurations(stages: list[int], world_sizes: list[int]) -> list[dict]:
@@ -243,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         n = config["processes"]
         label = f"{config['config']}, {n} {unit}{'' if n == 1 else 'es' if unit == 'process' else 's'}"
         print(f"  {label:36s} ...", end=" ", flush=True)
-        result = {**config, **run_one(preset, config["stage"], n)}
+        reason = why_not(preset, n)
+        result = {**config, **({"skipped": reason} if reason else run_one(preset, config["stage"], n))}
         report["results"].append(result)
+        save_partial(f"scaling-{preset.name}", report)
         print(_one_line(result), flush=True)
     machine["load_average_after"] = list(os.getloadavg())
     _add_ratios(report["results"])
@@ -252,13 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     table = summary_table(report["results"], unit)
     report["table"] = table
     publish(f"scaling-{preset.name}", report, table + "\n\n" + "\n".join(report["notes"]))
-    return 0 if all(not problem(r) for r in report["results"]) else 1
+    return 0 if all(not problem(r) or "skipped" in r for r in report["results"]) else 1
 
 
 def notes(preset: Preset, results: list[dict], machine: dict) -> list[str]:
     lines = ["Every configuration trains one optimizer step on the same global batch (all pairs), whatever the "
              "number of processes; tokens/s = real tokens per step / median step time (slowest rank)."]
     cores = machine["usable_cores"]
+    if any("skipped" in r for r in results):
+        lines.append("Skipped configurations need more GPUs than this machine has; the ratio against 1 process is "
+                     "then not measured, only DeepSpeed's cost on one GPU against the plain trainer.")
     if preset.device == "cpu":
         lines.append(f"OMP_NUM_THREADS = {cores} cores // processes: 1 process uses all {cores} cores, each of N "
                      f"processes {cores}//N. The processes share the cores one process had, so the ratio against "

@@ -84,6 +84,8 @@ def summary_table(names: list[str], preset: str) -> str:
         if report is None:
             rows.append([name, f"no results: bench/results/{name}-{preset}.json was not written (see its output)"])
             continue
+        if "partial" in report:  # stopped by a time limit or a crash: what it measured is below
+            rows.append([name, f"partial: {report['partial']}"])
         try:
             rows += ROWS[name](report)
         except (KeyError, TypeError) as error:  # a report from an older layout

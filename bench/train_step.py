@@ -37,7 +37,8 @@ released before the measurement for every method): the CUDA allocator's peak, or
 RSS on the CPU. `held_mib` reports what is held before the step. Every method runs in its own
 subprocesses: one times it with the ordinary allocator, one measures its memory with worker_env()'s
 low mmap threshold (exact RSS, but on the CPU it makes a step about 3x slower from page faults, so it
-never runs under the clock). Run: python -m bench.train_step [--preset cpu|gpu].
+never runs under the clock; on CUDA the allocator's peak needs no such setting, and one process measures
+both). Run: python -m bench.train_step [--preset cpu|gpu].
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ from bench.common import (
     problem,
     publish,
     run_worker,
+    save_partial,
     summarize,
     time_runs,
+    worker_measures,
 )
 
 
@@ -85,8 +88,13 @@ class Preset:
 PRESETS = {
     # ~52M parameters, fp32, 8 pairs of up to 512 tokens per sequence.
     "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 6, 8, 1376, 4, 512, 2048, warmup=1, repeats=3),
-    # ~1.2B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens. Untested.
-    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=5),
+    # One H200: ~1.2B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens (~21k real
+    # tokens a step), in bench/gpu/check.sh's slot of 100 s. One step is ~6 x 1.2e9 FLOP a token: spin-fast's ~21k
+    # packed tokens ~1.6e14 FLOP (~0.6 s at ~40% of 700 TFLOP/s); TRL pads 32 rows to ~1024 (~33k tokens) and runs
+    # the reference forward too: ~3e14 FLOP (~1.1 s). 2 warm-ups + 3 timed + 1 memory step: < 10 s of GPU work per
+    # method; each method's process adds ~15-20 s (imports, CUDA context, the model built on the GPU, TRL's set-up):
+    # about 60 s in all.
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=3),
     "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 3, 64, 256, warmup=1, repeats=1),  # tests
 }
 BETA = 0.1
@@ -145,7 +153,9 @@ def build_model(preset: Preset, seed: int = SEED):
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype)
+    # Built where it runs: initialising 1.2B parameters on the CPU takes seconds in every worker process.
+    with torch.device(preset.device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype)
     return model.to(preset.device).train()
 
 
@@ -188,8 +198,9 @@ def train_config(preset: Preset, n_pairs: int, **changes):
     `changes` say otherwise."""
     from spin_fast.config import TrainConfig
 
+    # backend "auto": the Triton head on CUDA, the chunked torch one on the CPU (as `spin-fast run` picks).
     settings = dict(mode="spin", optimizer="rmsprop", learning_rate=LEARNING_RATE, beta=BETA, loss_type="sigmoid",
-                    global_batch=n_pairs, epochs=1, micro_batch_tokens=preset.micro_batch_tokens, backend="torch",
+                    global_batch=n_pairs, epochs=1, micro_batch_tokens=preset.micro_batch_tokens, backend="auto",
                     progress=False, dtype=str(preset.dtype).removeprefix("torch."))
     return TrainConfig(**{**settings, **changes})
 
@@ -207,7 +218,7 @@ def _spin_fast(preset: Preset, workdir: Path) -> Runner:
     attention.register()
     model.set_attn_implementation(pick_attention(model.device))
     pairs = make_pairs(preset)
-    scored = score_pairs(model, pairs, preset.micro_batch_tokens, backend="torch")  # once, before timing
+    scored = score_pairs(model, pairs, preset.micro_batch_tokens)  # once, before timing
     config = train_config(preset, len(pairs))
     trainer = Trainer(model, None, config, workdir, scored)
     batches = pack_groups(trainer.groups(step_items(len(scored), config, 0)), preset.micro_batch_tokens)
@@ -301,29 +312,35 @@ BASELINES = {"live": "TRL DPO, live reference", "precomputed": "TRL DPO, precomp
 # ---------------------------------------------------------------------------------------- worker
 def measure(preset: Preset, method: str, what: str) -> dict:
     """what="time": first-step loss and step times; what="memory": peak extra memory of one step (after a
-    warm-up step, so that the optimizer state exists) and what is held before it."""
+    warm-up step, so that the optimizer state exists) and what is held before it; "both": the two in turn, in
+    this process (CUDA, see bench.common.worker_measures)."""
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Missing("the preset needs CUDA")
+    result: dict = {}
     with tempfile.TemporaryDirectory(prefix="spin-bench-") as workdir:
         runner = METHODS[method](preset, Path(workdir))
-        if what == "memory":
-            runner.step()
+        if what in ("time", "both"):
+            losses: list[float] = []
+            times = time_runs(lambda: losses.append(runner.step()), device, max(1, preset.warmup), preset.repeats)
+            tokens = real_tokens(make_pairs(preset))
+            stats = summarize(times)
+            result = {**stats, "tokens": tokens, "tokens_per_s": tokens / (stats["median_ms"] / 1e3),
+                      "first_loss": losses[0], **runner.info}
+        if what in ("memory", "both"):
+            if what == "memory":
+                runner.step()  # the optimizer state exists before the measured step
             runner.release_grads()
             held = runner.held()
-            return {"peak_extra_mib": peak_extra_memory_mib(runner.step, device), "held_mib": held}
-        losses: list[float] = []
-        times = time_runs(lambda: losses.append(runner.step()), device, max(1, preset.warmup), preset.repeats)
-    tokens = real_tokens(make_pairs(preset))
-    stats = summarize(times)
-    return {**stats, "tokens": tokens, "tokens_per_s": tokens / (stats["median_ms"] / 1e3),
-            "first_loss": losses[0], **runner.info}
+            result.update(peak_extra_mib=peak_extra_memory_mib(runner.step, device), held_mib=held)
+    return result
 
 
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, method: str) -> dict:
-    """Time and memory, each in a fresh subprocess (see bench.common.run_worker)."""
-    return run_worker("bench.train_step", ["--preset", preset.name, "--method", method])
+    """Time and memory in fresh subprocesses (see bench.common.run_worker)."""
+    return run_worker("bench.train_step", ["--preset", preset.name, "--method", method],
+                      measures=worker_measures(preset.device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of methods to run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
 
@@ -360,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_one(preset, method)
         result["method"] = method
         report["results"].append(result)
+        save_partial(f"train_step-{preset.name}", report)
         print(_one_line(result), flush=True)
     _add_ratios(report["results"])
     publish(f"train_step-{preset.name}", report, summary_table(report["results"]))
