@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The one command a GPU session runs on the GPU machine, from the repository root, with the wheels that
+# bench/gpu/wheels.sh put in .whl/ carried along (timeout_s 570: the run ends within its 530 s budget):
+#
+#     bash bench/gpu/check.sh
+#
+# Stages, in order, each under its own time limit (so one slow stage cannot eat the others' time) and all of them
+# inside the budget, each logging to its own file:
+#   install     the carried wheels into a private folder on PYTHONPATH (nothing can be fetched there), then their
+#               requirements checked against what is really installed
+#   facts       GPU, driver, CUDA, versions, which modules import (facts.json; nvidia-smi -q and pip list in logs)
+#   tests       pytest -m gpu: the compiled Triton kernels and the CUDA paths (TRITON_INTERPRET=0)
+#   kernels, train_step, iteration, generate, scaling: the benches' GPU presets, the most valuable first
+# At the end, whatever happened (a stage failed, timed out, or found no time left): plots and a summary, packed into
+# $OUT as 5 files: summary.txt (printed too), summary.json, facts.json, results.tar.gz (bench/results/*-gpu.*: untar
+# into bench/results) and logs.tar.gz (each stage's log, pytest's junit XML, nvidia-smi -q, pip list).
+#
+# The project is not pip-installed there: spin_kernels and spin_fast are symlinks to kernels/ and spin_fast/ in a
+# folder on PYTHONPATH, with the repository root for `bench` (imported as `kernels`, the kernels' folder exports
+# nothing, by design). Settings (environment), for other runs and the CPU smoke test (tests/test_gpu_kit.py):
+#   SPIN_GPU_CHECK_PRESET     bench preset (gpu; tiny for a CPU smoke run)
+#   SPIN_GPU_CHECK_STAGES     stages to run, in order (all of the above)
+#   SPIN_GPU_CHECK_BUDGET_S   wall-clock budget of the whole run in seconds (530)
+#   SPIN_GPU_CHECK_CAP_<stage>  one stage's time limit in seconds (the defaults in CAP below)
+#   SPIN_GPU_CHECK_ARGS_<stage> extra arguments of a bench, shell-quoted (e.g. "--methods 'naive PyTorch'")
+#   SPIN_GPU_CHECK_TESTS      what pytest collects (tests)
+#   SPIN_GPU_CHECK_WHEELS     the wheels' folder (.whl)
+#   OUT                       where the packed files go (the device sets it; else a folder under /tmp)
+#   PYTHON                    the interpreter (python3)
+set -uo pipefail  # no -e: a stage that fails is recorded, and the next one runs
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SELF=$ROOT/bench/gpu/check.sh
+cd "$ROOT" || exit 1
+PY=${PYTHON:-python3}
+
+# ------------------------------------------------------------------ stage bodies (run by `timeout`, through $SELF)
+step_install() {
+  shopt -s nullglob
+  local wheels=("$SPIN_GPU_CHECK_WHEELS"/*.whl)
+  if (( ${#wheels[@]} == 0 )); then
+    echo "no wheels in $SPIN_GPU_CHECK_WHEELS (bench/gpu/wheels.sh makes them; carry .whl)"
+    return 99
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    "${wheels[@]}" || return 1
+  "$PY" -m bench.gpu.check_wheels "$SPIN_GPU_CHECK_WHEELS" --installed
+}
+
+step_facts() {
+  nvidia-smi -q >"$WORK/logs/nvidia-smi-q.txt" 2>&1 || echo "nvidia-smi -q failed (no GPU, or no driver)"
+  "$PY" -m pip list >"$WORK/logs/pip-list.txt" 2>&1
+  "$PY" -m bench.gpu.facts "$WORK/facts.json"
+}
+
+step_tests() {
+  local tests args=(-m gpu -p no:cacheprovider -v --durations=15 --junitxml="$WORK/logs/pytest.xml")
+  read -ra tests <<<"${SPIN_GPU_CHECK_TESTS:-tests}"
+  # -v: each test's outcome is in the log as it ends, even if the slot runs out; a per-test limit where the
+  # pytest-timeout plugin is installed (the GPU image has it), so that one hung test cannot take the whole slot.
+  "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=90)
+  TRITON_INTERPRET=0 "$PY" -m pytest "${args[@]}" "${tests[@]}"
+  local rc=$?
+  if (( rc == 5 )); then
+    echo "no test is marked gpu"
+    return 99
+  fi
+  return $rc
+}
+
+if [[ ${1:-} == --step ]]; then
+  "step_$2"
+  exit
+fi
+
+# ------------------------------------------------------------------------------------------------------- set-up
+START=$SECONDS
+BUDGET=${SPIN_GPU_CHECK_BUDGET_S:-530}
+RESERVE=25   # seconds kept for the report (plots, summary) and the packing
+MIN_SLOT=15  # a stage is not started with less time than this left
+PRESET=${SPIN_GPU_CHECK_PRESET:-gpu}
+STAGES=${SPIN_GPU_CHECK_STAGES:-install facts tests kernels train_step iteration generate scaling}
+# Each stage's time limit. Expected times on one H200 (each preset's comment gives its estimate): install ~10 s,
+# facts ~15 s, tests ~60 s, kernels ~130 s, train_step ~60 s, iteration ~40 s, generate ~35 s, scaling ~60 s.
+declare -A CAP=([install]=60 [facts]=45 [tests]=120 [kernels]=160 [train_step]=100 [iteration]=70 [generate]=70
+                [scaling]=90)
+
+WORK=$(mktemp -d /tmp/spin-gpu-check.XXXXXX)
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK/logs" "$WORK/results" "$WORK/path" "$WORK/site" "$OUT"
+ln -s "$ROOT/kernels" "$WORK/path/spin_kernels"
+ln -s "$ROOT/spin_fast" "$WORK/path/spin_fast"
+export WORK PYTHON=$PY SPIN_GPU_CHECK_WHEELS=${SPIN_GPU_CHECK_WHEELS:-$ROOT/.whl}
+export PYTHONPATH=$WORK/site:$WORK/path:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 SPIN_BENCH_RESULTS=$WORK/results MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
+# Caches in /tmp, never in the checkout or the home folder; nothing can be downloaded there, so no one tries.
+export TRITON_CACHE_DIR=$WORK/cache/triton TORCHINDUCTOR_CACHE_DIR=$WORK/cache/inductor HF_HOME=$WORK/cache/hf \
+  TORCH_EXTENSIONS_DIR=$WORK/cache/torch_extensions
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+
+record() {  # record STAGE STATUS SECONDS LIMIT NOTE: one line of $WORK/stages.tsv, which the report reads
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5//$'\t'/ }" >>"$WORK/stages.tsv"
+}
+
+run_stage() {  # run_stage NAME LIMIT COMMAND...: COMMAND under min(LIMIT, what the budget has left)
+  local name=$1 limit=$2
+  shift 2
+  local override="SPIN_GPU_CHECK_CAP_$name"
+  limit=${!override:-$limit}
+  local left=$(( BUDGET - RESERVE - (SECONDS - START) ))
+  if (( left < MIN_SLOT )); then
+    echo "== $name: skipped, ${left} s left in the budget"
+    record "$name" skipped 0 "$left" "no time left in the budget"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  printf '== %-10s (limit %3s s) ... ' "$name" "$limit"
+  local t0=$SECONDS rc status note=""
+  # timeout signals the whole process group, so a bench's worker processes end with it; -k: KILL 5 s later.
+  timeout -k 5 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    99) status=skipped; note=$(tail -n 1 "$WORK/logs/$name.log") ;;
+    124|137) status="timed out" ;;
+    *) status=failed; note="exit status $rc" ;;
+  esac
+  echo "$status ($(( SECONDS - t0 )) s)"
+  [[ $status == ok ]] || tail -n 4 "$WORK/logs/$name.log" | cut -c1-300 | sed 's/^/    /'
+  record "$name" "$status" "$(( SECONDS - t0 ))" "$limit" "$note"
+}
+
+pack() {  # plots and summary, then at most 8 files into $OUT
+  trap - TERM INT
+  timeout -k 3 20 "$PY" -m bench.gpu.report --preset "$PRESET" --stages "$WORK/stages.tsv" \
+    --facts "$WORK/facts.json" --json "$OUT/summary.json" >"$OUT/summary.txt" 2>"$WORK/logs/report.log" \
+    || echo "the report failed or timed out: see logs/report.log" >>"$OUT/summary.txt"
+  echo
+  cat "$OUT/summary.txt"
+  [[ -f $WORK/facts.json ]] && cp "$WORK/facts.json" "$OUT/"
+  find "$WORK/results" -maxdepth 1 -name "*-$PRESET.*" -printf '%f\n' | sort \
+    | tar -czf "$OUT/results.tar.gz" -C "$WORK/results" -T -
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+  echo
+  echo "in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')($(( SECONDS - START )) s in all)"
+}
+trap 'pack; exit 1' TERM INT
+
+# -------------------------------------------------------------------------------------------------------- stages
+echo "spin-fast GPU check: preset $PRESET, budget $BUDGET s, stages: $STAGES"
+for name in $STAGES; do
+  case $name in
+    install|facts|tests)
+      run_stage "$name" "${CAP[$name]}" bash "$SELF" --step "$name" ;;
+    kernels|train_step|iteration|generate|scaling)
+      args="SPIN_GPU_CHECK_ARGS_$name"
+      eval "extra=(${!args:-})"  # shell-quoted, so that method names with spaces survive
+      run_stage "$name" "${CAP[$name]}" "$PY" -m "bench.$name" --preset "$PRESET" "${extra[@]}" ;;
+    *)
+      echo "== $name: unknown stage"
+      record "$name" failed 0 0 "unknown stage" ;;
+  esac
+done
+pack

@@ -1,0 +1,151 @@
+"""The GPU kit (bench/gpu/) on the CPU: the wheel checker on hand-made wheels, and check.sh end to end in its smoke
+mode (tiny preset, a dummy wheel, one stage cut off by its time limit), packing what the GPU session gets back.
+
+No GPU, no network, no timing assertion: the GPU run itself can only be checked on the GPU machine."""
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+from bench.gpu import check_wheels
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU = ROOT / "bench" / "gpu"
+
+
+def make_wheel(folder: Path, name: str, version: str, requires: list[str] = (), tag: str = "py3-none-any") -> Path:
+    """A minimal installable wheel: one module, METADATA with Requires-Dist lines, WHEEL and RECORD."""
+    module = name.replace("-", "_")
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": "\n".join(["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+                                       *(f"Requires-Dist: {r}" for r in requires)]) + "\n",
+        f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n",
+    }
+
+    def digest(text: str) -> str:
+        raw = hashlib.sha256(text.encode()).digest()
+        return "sha256=" + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    record = "".join(f"{path},{digest(text)},{len(text.encode())}\n" for path, text in files.items())
+    files[f"{info}/RECORD"] = record + f"{info}/RECORD,,\n"
+    path = folder / f"{module}-{version}-{tag}.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for member, text in files.items():
+            wheel.writestr(member, text)
+    return path
+
+
+def test_scripts_parse():
+    for script in ("check.sh", "wheels.sh"):
+        subprocess.run(["bash", "-n", str(GPU / script)], check=True)
+
+
+def test_wheel_pins_are_one_version_each():
+    pins = [word for line in (GPU / "wheels.sh").read_text().splitlines() if not line.lstrip().startswith("#")
+            for word in line.split("#")[0].split() if "==" in word]
+    names = [pin.split("==")[0].split("=")[-1].lstrip("(").lower().replace("_", "-") for pin in pins]
+    assert "deepspeed" in names and "datasets" in names and "trl" in names
+    assert len(names) == len(set(names)), names
+
+
+def test_image_list_has_what_the_project_takes_from_the_image():
+    image = check_wheels.read_image_list(GPU / "image-packages.txt")
+    for name in ("torch", "triton", "transformers", "numpy", "safetensors", "pyyaml", "tqdm", "pytest", "matplotlib"):
+        assert name in image, name
+    assert str(image["torch"]) == "2.11.0" and str(image["transformers"]) == "5.17.0"
+    for name in ("deepspeed", "datasets", "trl", "liger-kernel", "vllm", "flash-attn", "pydantic"):
+        assert name not in image, name  # what has to travel (or cannot)
+
+
+def test_check_wheels_against_the_image(tmp_path):
+    image_list = tmp_path / "image.txt"
+    image_list.write_text("# the image\ntorch==2.11.0\npyyaml\n")
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    make_wheel(wheels, "alpha", "1.0", ["torch>=2.6", "pyyaml>=5", "beta<2", "gpu-only; sys_platform == 'win32'",
+                                        "docs-tool; extra == 'docs'"])
+    make_wheel(wheels, "beta", "1.5")
+    args = [str(wheels), "--image", str(image_list)]
+    assert check_wheels.main(args) == 0  # torch and pyyaml from the image, beta carried; markers skip the rest
+
+    make_wheel(wheels, "gamma", "1.0", ["torch>=2.12", "missing-one"], tag="cp311-cp311-manylinux_2_17_x86_64")
+    make_wheel(wheels, "beta", "2.0")
+    problems, _ = check_wheels.check(wheels, check_wheels.read_image_list(image_list))
+    text = "\n".join(problems)
+    assert "beta: two wheels" in text
+    assert "gamma needs torch>=2.12: image torch is 2.11.0" in text
+    assert "gamma needs missing-one: neither carried nor in the image" in text
+    assert "not installable by CPython 3.12" in text
+    assert check_wheels.main(args) == 1
+
+
+def _run_check(tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SPIN_GPU_CHECK_PRESET": "tiny", **settings}
+    done = subprocess.run(["bash", str(GPU / "check.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, out
+
+
+def test_check_sh_smoke_run_packs_every_stage(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    make_wheel(wheels, "spin-kit-dummy", "1.0", ["packaging"])
+    tests = "tests/test_gpu.py" if (ROOT / "tests" / "test_gpu.py").exists() else "tests/test_gpu_kit.py"
+    done, out = _run_check(
+        tmp_path, SPIN_GPU_CHECK_WHEELS=str(wheels), SPIN_GPU_CHECK_TESTS=tests,
+        SPIN_GPU_CHECK_STAGES="install facts tests kernels train_step",
+        SPIN_GPU_CHECK_ARGS_kernels="--methods 'naive PyTorch' --jobs spin_head",
+        SPIN_GPU_CHECK_CAP_train_step="2",  # cut off: the stages after it and the packing must not care
+    )
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["facts.json", "logs.tar.gz", "results.tar.gz", "summary.json", "summary.txt"]
+
+    stages = {s["stage"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert [stages[s]["status"] for s in ("install", "facts", "kernels", "train_step")] == [
+        "ok", "ok", "ok", "timed out"], stages
+    assert stages["tests"]["status"] in ("ok", "skipped")  # no CUDA: skipped tests, or none marked gpu
+    assert "train_step" in done.stdout and "timed out" in (out / "summary.txt").read_text()
+
+    with tarfile.open(out / "results.tar.gz") as results:
+        names = results.getnames()
+    assert "kernels-tiny.json" in names and "kernels-tiny.png" in names
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        names = logs.getnames()
+        install_log = logs.extractfile("logs/install.log").read().decode()
+    for log in ("install", "facts", "tests", "kernels", "train_step"):
+        assert f"logs/{log}.log" in names
+    assert "requirements met" in install_log  # the dummy wheel's needs, checked against what is installed
+
+    facts = json.loads((out / "facts.json").read_text())
+    site, links = facts["pythonpath"][:2]
+    # The project comes from the symlink folder, not from an installed copy; the carried wheel from the site folder.
+    assert facts["imports"]["spin_kernels"].startswith("ok") and f"{links}/spin_kernels/" in facts["imports"][
+        "spin_kernels"]
+    assert (Path(site) / "spin_kit_dummy" / "__init__.py").exists()
+    assert facts["torch"]["cuda_available"] is False and facts["python"]
+
+
+def test_check_sh_packs_even_when_no_stage_has_time(tmp_path):
+    # A budget below the packing reserve: every stage is skipped, and the summary still says so.
+    _, out = _run_check(tmp_path, SPIN_GPU_CHECK_BUDGET_S="20", SPIN_GPU_CHECK_STAGES="facts kernels")
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert [(s["stage"], s["status"]) for s in stages] == [("facts", "skipped"), ("kernels", "skipped")]
+    assert "no time left" in (out / "summary.txt").read_text()
+    with tarfile.open(out / "results.tar.gz") as results:
+        assert results.getnames() == []
+
+
+def test_check_sh_names_an_unknown_stage(tmp_path):
+    done, out = _run_check(tmp_path, SPIN_GPU_CHECK_STAGES="bogus")
+    assert "unknown stage" in done.stdout
+    assert json.loads((out / "summary.json").read_text())["stages"][0]["status"] == "failed"
