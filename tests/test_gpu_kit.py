@@ -13,6 +13,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from bench.gpu import check_wheels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,3 +151,78 @@ def test_check_sh_names_an_unknown_stage(tmp_path):
     done, out = _run_check(tmp_path, SPIN_GPU_CHECK_STAGES="bogus")
     assert "unknown stage" in done.stdout
     assert json.loads((out / "summary.json").read_text())["stages"][0]["status"] == "failed"
+
+
+# ------------------------------------------------------------------ the benches' GPU-only paths, run on the CPU
+@pytest.mark.parametrize("module,args", [
+    ("bench.kernels", ["--vocab", "1000", "--job", "spin_head", "--method", "spin-fast torch"]),
+    ("bench.train_step", ["--method", "spin-fast"]),
+    ("bench.generate", ["--engine", "transformers"]),
+    ("bench.iteration", ["--engine", "transformers"]),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_one_worker_measures_time_then_memory(module, args):
+    # On CUDA one worker process does both ("--measure both", bench.common.worker_measures): the same code here.
+    done = subprocess.run([sys.executable, "-m", module, "--worker", "--preset", "tiny", *args, "--measure", "both"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    if module == "bench.iteration":
+        assert set(result["time"]) == set(result["memory"]) - {"iter-0/engine_rss", "iter-1/engine_rss"}
+    else:
+        assert result["median_ms"] > 0 and result["peak_extra_mib"] >= 0
+
+
+def test_vllm_absent_is_reported_missing(tmp_path, monkeypatch):
+    from bench import common, generate
+
+    blocker = tmp_path / "blocker" / "vllm"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no vLLM on this machine')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert generate.main(["--preset", "tiny", "--engines", "vLLM"]) == 0
+    (result,) = json.loads((tmp_path / "generate-tiny.json").read_text())["results"]
+    assert "no vLLM on this machine" in result["missing"]
+
+
+def test_linear_cross_entropy_without_its_options_is_missing(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from bench import kernels
+
+    for owner in (torch.nn, F):
+        monkeypatch.delattr(owner, "LinearCrossEntropyOptions", raising=False)
+    with pytest.raises(kernels.Missing, match="no LinearCrossEntropyOptions"):
+        kernels._torch_linear_cross_entropy()
+    monkeypatch.delattr(F, "linear_cross_entropy", raising=False)
+    with pytest.raises(kernels.Missing, match="has no F.linear_cross_entropy"):
+        kernels._torch_linear_cross_entropy()
+
+
+def test_scaling_on_one_gpu_runs_one_process_and_skips_two(tmp_path, monkeypatch):
+    import torch
+
+    from bench import common, scaling
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(scaling, "machine_info", lambda device: {"device": str(device), "versions": {}})
+    ran = []
+
+    def fake_run(preset, stage, processes):
+        ran.append((stage, processes))
+        return {"median_ms": 100.0, "min_ms": 90.0, "max_ms": 110.0, "tokens": 1000, "tokens_per_s": 10000.0,
+                "tokens_per_s_per_process": 10000.0, "threads_per_process": [16], "first_loss": 0.693,
+                "losses": [0.693, 0.69], "processes": processes, "other_work_cores": 0.0}
+
+    monkeypatch.setattr(scaling, "run_one", fake_run)
+    preset = scaling.PRESETS["gpu"]
+    assert scaling.default_world_sizes(preset) == [1, 2]
+    assert scaling.main(["--preset", "gpu"]) == 0  # skipped is not a failure
+    assert ran == [(None, 1), (2, 1), (3, 1)]
+    report = json.loads((tmp_path / "scaling-gpu.json").read_text())
+    skipped = [r for r in report["results"] if "skipped" in r]
+    assert [(r["config"], r["processes"]) for r in skipped] == [("ZeRO-2", 2), ("ZeRO-3", 2)]
+    assert "NCCL runs one process per GPU" in skipped[0]["skipped"] and "partial" not in report
+    assert "skipped:" in report["table"] and any("more GPUs" in line for line in report["notes"])
