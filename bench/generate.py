@@ -36,7 +36,7 @@ its timings: see bench.common.run_worker and worker_measures):
                  The engine-core and front-end processes are not counted. On CUDA (gpu preset) the KV cache is in
                  GPU memory and this RSS does not see it: the GPU memory is then reported as not measured.
 
-Presets: cpu (checked on a 2-core CPU), tiny (tests), gpu (bf16, ~1.2B parameters, sized for one H200 in
+Presets: cpu (checked on a 2-core CPU), tiny (tests), gpu (bf16, 0.94B parameters, sized for one H200 in
 bench/gpu/check.sh's slot; not yet run on a GPU). Run: python -m bench.generate [--preset cpu|gpu|tiny].
 """
 
@@ -94,11 +94,11 @@ PRESETS = {
     # ~45M parameters (vocabulary 32000, head dim 64), fp32; 32 prompts of 16-128 tokens, 64 new tokens each.
     "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 4, 8, 1376, 32, 16, 128, 64, 16,
                   warmup=1, repeats=3, swap_repeats=3, restart_runs=1),
-    # One H200: ~1.2B parameters in bf16, 64 prompts of 64-512 tokens, 128 new tokens each, in bench/gpu/check.sh's
-    # slot of 70 s. Decoding is bound by reading the weights (2.4 GB: ~0.6 ms a step at 4 TB/s) and, for
+    # One H200: 0.94B parameters in bf16, 64 prompts of 64-512 tokens, 128 new tokens each, in bench/gpu/check.sh's
+    # slot of 70 s. Decoding is bound by reading the weights (1.9 GB: ~0.5 ms a step at 4 TB/s) and, for
     # transformers, by its Python per step (~15-25 ms for 16 layers): one batch of 64 x 128 steps ~3 s a call;
-    # 1 warm-up + 2 timed + 1 memory call ~12 s. A swap copies 2.4 GB into the engine (~0.5 s, x3). The rest is
-    # the process (~10 s: imports, CUDA context, the tokenizer, saving and loading the 2.4 GB model): about 35 s
+    # 1 warm-up + 2 timed + 1 memory call ~12 s. A swap copies 1.9 GB into the engine (~0.5 s, x3). The rest is
+    # the process (~10 s: imports, CUDA context, the tokenizer, saving and loading the 1.9 GB model): about 35 s
     # for transformers. vLLM, where installed, adds its start-up (~60 s) and a restart: give it more time.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 64, 64, 512, 128, 64,
                   warmup=1, repeats=2, swap_repeats=3, restart_runs=1),
@@ -150,7 +150,7 @@ def build_model(preset: Preset, tokenizer, seed: int = SEED, device: str | None 
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    # On CUDA built on the GPU: initialising 1.2B parameters on the CPU takes seconds in every worker process.
+    # On CUDA built on the GPU: initialising ~1B parameters on the CPU takes seconds in every worker process.
     with torch.device(device or preset.device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -159,7 +159,7 @@ def build_model(preset: Preset, tokenizer, seed: int = SEED, device: str | None 
 
 def perturbed_state(model, seed: int = SEED + 1) -> dict[str, torch.Tensor]:
     """The model's state dict with every floating tensor nudged, on the CPU: the "new weights" of a training
-    iteration. The noise is drawn where the model is (a CPU generator takes seconds for 1.2B values)."""
+    iteration. The noise is drawn where the model is (a CPU generator takes seconds for ~1B values)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     out = {}

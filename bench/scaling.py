@@ -27,7 +27,7 @@ processes do: the bench measures how many cores other processes kept busy while 
 /proc/stat less its own CPU time, `other_work_cores`, the table's last column) and says so in its notes.
 
 CPU preset: a small Llama (fp32) so that the whole bench ends in a few minutes on 2 cores. GPU preset:
-train_step's GPU model with half its layers (~0.6B parameters, bf16 weights, DeepSpeed's bf16 mode keeping fp32
+train_step's GPU model with half its layers (0.54B parameters, bf16 weights, DeepSpeed's bf16 mode keeping fp32
 master weights).
 Run: python -m bench.scaling [--preset cpu|gpu] [--stages 2 3] [--world-sizes 1 2].
 """
@@ -68,7 +68,7 @@ PRESETS = {
     # ~7.3M parameters, fp32, 8 pairs of up to 256 tokens per sequence (2704 tokens): ~1 s per step on 2 cores.
     "cpu": Preset("cpu", "cpu", torch.float32, 8000, 256, 4, 4, 688, 8, 256, 1024, warmup=2, repeats=5),
     # One H200 (the machine bench/gpu/check.sh runs on), slot 90 s: train_step's GPU model with 8 of its 16 layers
-    # (~0.6B parameters, bf16), 16 pairs (~21k tokens, ~8e13 FLOP a step: ~0.3 s at ~40% of 700 TFLOP/s), 1 warm-up
+    # (0.54B parameters, bf16), 16 pairs (20746 tokens, ~7e13 FLOP a step: ~0.25 s at ~40% of 700 TFLOP/s), 1 warm-up
     # + 3 timed steps. Each configuration is a torchrun job (~20 s: imports with DeepSpeed's, CUDA context, model,
     # scoring, ZeRO's set-up): plain, ZeRO-2 and ZeRO-3 on 1 GPU, about 60 s. The world sizes above the GPU count
     # (2 with one GPU) are reported as skipped: NCCL runs one process per GPU.

@@ -88,10 +88,10 @@ class Preset:
 PRESETS = {
     # ~52M parameters, fp32, 8 pairs of up to 512 tokens per sequence.
     "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 6, 8, 1376, 4, 512, 2048, warmup=1, repeats=3),
-    # One H200: ~1.2B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens (~21k real
-    # tokens a step), in bench/gpu/check.sh's slot of 100 s. One step is ~6 x 1.2e9 FLOP a token: spin-fast's ~21k
-    # packed tokens ~1.6e14 FLOP (~0.6 s at ~40% of 700 TFLOP/s); TRL pads 32 rows to ~1024 (~33k tokens) and runs
-    # the reference forward too: ~3e14 FLOP (~1.1 s). 2 warm-ups + 3 timed + 1 memory step: < 10 s of GPU work per
+    # One H200: 0.94B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens (20746 real
+    # tokens a step), in bench/gpu/check.sh's slot of 100 s. One step is ~6 x 0.94e9 FLOP a token: spin-fast's packed
+    # tokens ~1.2e14 FLOP (~0.4 s at ~40% of 700 TFLOP/s); TRL pads 32 rows to 1024 (32768 tokens) and runs the
+    # reference forward too: ~2.5e14 FLOP (~0.9 s). 2 warm-ups + 3 timed + 1 memory step: < 10 s of GPU work per
     # method; each method's process adds ~15-20 s (imports, CUDA context, the model built on the GPU, TRL's set-up):
     # about 60 s in all.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=3),
@@ -153,7 +153,7 @@ def build_model(preset: Preset, seed: int = SEED):
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )
     torch.manual_seed(seed)
-    # Built where it runs: initialising 1.2B parameters on the CPU takes seconds in every worker process.
+    # Built where it runs: initialising ~1B parameters on the CPU takes seconds in every worker process.
     with torch.device(preset.device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=preset.dtype)
     return model.to(preset.device).train()
