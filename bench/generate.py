@@ -64,6 +64,7 @@ from bench.common import (
     run_worker,
     save_partial,
     summarize,
+    synchronize,
     time_runs,
     worker_measures,
 )
@@ -210,11 +211,12 @@ def _time_generation(engine, prompts, preset: Preset, device: torch.device) -> d
             "tokens_per_s": tokens / (stats["median_ms"] / 1e3)}
 
 
-def _time_swaps(engine, state: dict[str, torch.Tensor], repeats: int) -> dict:
+def _time_swaps(engine, state: dict[str, torch.Tensor], repeats: int, device: torch.device) -> dict:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         engine.load_weights(state.items())
+        synchronize(device)  # the copies into the GPU have landed
         times.append(time.perf_counter() - start)
     return {"swap_ms": _median_ms(times), "swap_runs": len(times)}
 
@@ -236,7 +238,7 @@ def _transformers(preset: Preset, what: str, workdir: Path, model, tokenizer, pr
     result: dict = {}
     if what in ("time", "both"):
         result = {"startup_ms": startup * 1e3, **_time_generation(engine, prompts, preset, device)}
-        result.update(_time_swaps(engine, perturbed_state(loaded), preset.swap_repeats))
+        result.update(_time_swaps(engine, perturbed_state(loaded), preset.swap_repeats, device))
     if what in ("memory", "both"):
         config = sampling(preset)
         if what == "memory":
@@ -291,7 +293,7 @@ def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -
 
         result = {"startup_ms": startup * 1e3, **_time_generation(engine, prompts, preset, device)}
         new_state = perturbed_state(model)
-        result.update(_time_swaps(engine, new_state, preset.swap_repeats))
+        result.update(_time_swaps(engine, new_state, preset.swap_repeats, device))
         # The same new weights as a checkpoint on disk, then a restart on it.
         model.load_state_dict(new_state)
         new_dir = workdir / "model-new"

@@ -168,9 +168,12 @@ def naive_sequence_logps(hidden, weight, targets, sequence_ids, n_sequences):
 
 
 def sequence_loss(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Per-token log-probs -> per-sequence sums -> SPIN sigmoid loss, as any peer would finish."""
+    """Per-token log-probs -> per-sequence sums -> SPIN sigmoid loss, as any peer would finish. The sums are fp32:
+    a peer that returns bf16 log-probs (F.linear_cross_entropy on a bf16 batch) would otherwise be charged for a
+    bf16 accumulator (steps of 16 at a sequence's log-prob of ~-3000), not for its own error."""
     from spin_kernels import spin_loss
 
+    token_logps = token_logps.float()
     policy = token_logps.new_zeros(2 * batch.n_pairs).index_add(0, batch.sequence_ids.clamp_min(0), token_logps)
     opponent, p = batch.opponent_logps, batch.n_pairs
     return spin_loss(policy[:p], policy[p:], opponent[:p], opponent[p:], beta=BETA).loss
