@@ -106,13 +106,14 @@ def facts() -> dict:
 def main(argv: list[str]) -> int:
     found = facts()
     Path(argv[0]).write_text(json.dumps(found, indent=2) + "\n")
-    gpus = found["nvidia_smi"].get("gpus") or [{"name": found["nvidia_smi"].get("error", "no GPU")}]
-    print(f"GPU: {gpus[0].get('name')}, driver {gpus[0].get('driver_version', '-')}; torch {found['torch']['version']}"
-          f" (CUDA {found['torch']['cuda']}), triton {found['versions']['triton']}, transformers "
-          f"{found['versions']['transformers']}, deepspeed {found['versions']['deepspeed']}")
     for name, state in found["imports"].items():
         print(f"  import {name}: {state}")
-    return 1 if any(state.startswith("ERROR") for state in found["imports"].values()) else 0
+    failed = [name for name, state in found["imports"].items() if state.startswith("ERROR")]
+    gpus = found["nvidia_smi"].get("gpus") or [{"name": found["nvidia_smi"].get("error", "no GPU")}]
+    print(f"{gpus[0].get('name')}, driver {gpus[0].get('driver_version', '-')}, torch {found['torch']['version']}"
+          f" (CUDA {found['torch']['cuda']}), deepspeed {found['versions']['deepspeed']}"
+          + (f"; import failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
