@@ -60,7 +60,7 @@ PRESETS = {
     # naive (padded rows, and it recomputes the opponent's head). 2 warm-ups + 5 timed + 1 memory call: under
     # 10 s of GPU work per method. The wall time is elsewhere: one process per method (~6 s: Python, torch,
     # CUDA context, the batch) plus compiles (torch.compile and Liger's ~30 s each, Triton and CCE ~10 s):
-    # about 130 s. Most telling first, so a cut-off run loses the least: naive (the baseline of every ratio),
+    # about 130-150 s. Most telling first, so a cut-off run loses the least: naive (the baseline of every ratio),
     # spin-fast's Triton head, then the peers.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 16384, 4096, (128256,), 32, warmup=2, repeats=5,
                   jobs=("spin_head",),
