@@ -60,8 +60,11 @@ step_tests() {
   local tests args=(-m gpu -p no:cacheprovider -v --durations=15 --junitxml="$WORK/logs/pytest.xml")
   read -ra tests <<<"${SPIN_GPU_CHECK_TESTS:-tests}"
   # -v: each test's outcome is in the log as it ends, even if the slot runs out; a per-test limit where the
-  # pytest-timeout plugin is installed (the GPU image has it), so that one hung test cannot take the whole slot.
-  "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=90)
+  # pytest-timeout plugin is installed (the GPU image has it), so that one hung test cannot take the whole slot;
+  # 4 workers where pytest-xdist is (the image has it too): Triton's compiles and the DeepSpeed tests' process
+  # starts are CPU time, and 16 cores sit idle otherwise (the tests' GPU memory, ~35 GB at most each, fits 4 times).
+  "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=150)
+  "$PY" -c "import xdist" 2>/dev/null && args+=(-n 4)
   TRITON_INTERPRET=0 "$PY" -m pytest "${args[@]}" "${tests[@]}"
   local rc=$?
   if (( rc == 5 )); then
