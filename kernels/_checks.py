@@ -6,7 +6,7 @@ import torch
 
 HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch", "reference")
-LOSS_TYPES = ("sigmoid", "hinge")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
 def check_backend(backend: str) -> None:

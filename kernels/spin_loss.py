@@ -1,7 +1,11 @@
 """The SPIN loss (DPO's loss with chosen = real, rejected = generated), and its fused head version.
 
     z = beta * [(log p(y) - log p_opp(y)) - (log p(y') - log p_opp(y'))]
-    loss = mean over pairs of log(1 + exp(-z))   ("sigmoid")  or  max(0, 1 - z)   ("hinge")
+    loss = mean over pairs of log(1 + exp(-z))   ("sigmoid", the paper's and DPO's)
+                           or max(0, 1 - z)       ("hinge", the paper's other choice)
+                           or (z / beta - 1 / (2 beta))^2   ("ipo", Azar et al. 2023: the log-ratio
+                              difference regressed onto 1 / (2 beta); on summed log-probs, as the
+                              paper writes it, where TRL's "ipo" averages them over tokens)
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ class FusedSpinLossOutput(NamedTuple):
 
 
 def pair_losses(policy_real, policy_generated, opponent_real, opponent_generated, *, beta, loss_type):
-    """Per-pair SPIN losses [P], l(beta * [(pr - or) - (pg - og)])."""
-    z = beta * ((policy_real - opponent_real) - (policy_generated - opponent_generated))
+    """Per-pair SPIN losses [P] of the log-ratio difference h = (pr - or) - (pg - og)."""
+    h = (policy_real - opponent_real) - (policy_generated - opponent_generated)
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    z = beta * h
     # -logsigmoid, not softplus(-z): softplus cuts to z beyond |z| > 20 and loses float64 digits.
     return -F.logsigmoid(z) if loss_type == "sigmoid" else torch.relu(1.0 - z)
 

@@ -18,7 +18,7 @@ import yaml
 
 CHOICES = {
     "mode": ("spin", "sft"),
-    "loss_type": ("sigmoid", "hinge"),
+    "loss_type": ("sigmoid", "hinge", "ipo"),
     "optimizer": ("rmsprop", "adamw"),
     "schedule": ("linear", "cosine", "constant"),
     "dtype": ("float32", "bfloat16", "float16"),

@@ -89,7 +89,7 @@ def test_triton_head_never_holds_the_logits():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
 def test_fused_spin_loss_on_cuda_matches_float64(dtype, loss_type):
     check_fused_against_truth("triton", dtype, loss_type, n_pairs=64, vocab=32000, hidden_size=2048, device="cuda")
 

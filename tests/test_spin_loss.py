@@ -7,7 +7,7 @@ import spin_kernels
 from helpers import check_fused_against_truth, random_packed_batch, truth_spin_loss
 from spin_kernels import chunked
 
-LOSS_TYPES = ["sigmoid", "hinge"]
+LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -23,10 +23,11 @@ def test_spin_loss_formula_and_metrics(loss_type, n_pairs):
     assert torch.allclose(out.margins, real - generated)
     assert torch.equal(out.accuracy, (real > generated).double())
     assert not out.margins.requires_grad
-    # Gradient: d loss / d policy_real = -beta * l'(z) / P, against autograd of the truth formula.
+    # Gradient: d loss / d policy_real = beta * l'(z) / P, l' written out by hand.
     out.loss.backward()
     z = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3])).detach()
-    dl_dz = -torch.sigmoid(-z) if loss_type == "sigmoid" else -(z < 1).double()
+    dl_dz = {"sigmoid": -torch.sigmoid(-z), "hinge": -(z < 1).double(),
+             "ipo": 2 * (z / beta - 1 / (2 * beta)) / beta}[loss_type]
     assert torch.allclose(logps[0].grad, beta * dl_dz / n_pairs)
     assert torch.allclose(logps[1].grad, -beta * dl_dz / n_pairs)
 

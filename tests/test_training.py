@@ -224,7 +224,10 @@ def test_learning_rate_schedules(schedule):
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # never rises after warmup
 
 
-def test_hinge_loss_trains(tmp_path):
+@pytest.mark.parametrize("loss_type,first_loss", [("hinge", 1.0), ("ipo", 25.0)])
+def test_other_loss_types_train(tmp_path, loss_type, first_loss):
+    """At step 0 the policy is its opponent (z = 0): hinge max(0, 1 - 0) = 1, IPO (0 - 1 / (2 * 0.1))^2 = 25."""
     scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
-    history = Trainer(make_model(), None, config(loss_type="hinge", epochs=1), tmp_path, scored).train().history
-    assert history[0]["loss"] == pytest.approx(1.0, abs=1e-4)  # max(0, 1 - z) at z = 0
+    history = Trainer(make_model(), None, config(loss_type=loss_type, epochs=2), tmp_path, scored).train().history
+    assert history[0]["loss"] == pytest.approx(first_loss, rel=1e-4)
+    assert history[-1]["loss"] < history[0]["loss"]
