@@ -71,7 +71,9 @@ def load_causal_lm(
 
 
 def apply_liger_kernels(model: PreTrainedModel, device: torch.device) -> None:
-    """Swap the body's RMSNorm, RoPE and SwiGLU for Liger-Kernel's Triton ones, in place."""
+    """Swap the body's RMSNorm, RoPE and SwiGLU for Liger-Kernel's Triton ones, in place. Liger patches the
+    transformers modeling module too (RoPE is a module function there): models of the same family built later
+    in this process get its kernels as well."""
     if device.type != "cuda":
         raise ValueError("liger_kernels needs CUDA: its kernels are Triton GPU kernels")
     try:
