@@ -58,7 +58,7 @@ def test_bias_and_backend_errors(monkeypatch):
         (dict(opponent_logps=torch.zeros(3)), "opponent_logps must hold 2P entries"),
         (dict(opponent_logps=torch.zeros(0)), "opponent_logps must hold 2P entries"),
         (dict(opponent_logps=torch.zeros(4, dtype=torch.long)), "opponent_logps must be a floating"),
-        (dict(loss_type="ipo"), "loss_type must be one of"),
+        (dict(loss_type="kto"), "loss_type must be one of"),
     ],
 )
 def test_fused_loss_errors(change, message):
