@@ -11,6 +11,7 @@ sequences' squared lengths, not the row's squared length:
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -32,6 +33,7 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype):
     return adapt_varlen(varlen_attn)
 
 
+@functools.cache  # every attention layer asks, in every forward
 def adapt_varlen(varlen_attn):
     """varlen_attn behind the newest call (window_size, enable_gqa) whatever this torch's version: torch 2.10 took
     is_causal instead of window_size, and torch 2.11 has no enable_gqa."""
