@@ -59,20 +59,19 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
                     what: str) -> list[list[Completion]]:
     """One completion per prompt (engine layout: a list per prompt), the ranks sharing the batches.
 
-    TransformersEngine sorts the prompts by length (stably), cuts batches of batch_size and samples batch b
-    from seed + b. Those batches are dealt out here, each generated alone with its own seed, so even sampled
-    completions are one process's, whatever the number of ranks."""
+    TransformersEngine.batches() gives the batches one process runs, batch b sampled from seed + b. They are
+    dealt out here, each generated alone with its own seed, so even sampled completions are one process's,
+    whatever the number of ranks."""
     from spin_fast.generation.hf_engine import TransformersEngine
 
     if sampling.n != 1:
         raise ValueError(f"shared_generate makes one completion per prompt, got n={sampling.n}")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                batch_size=batch_size, progress=False)
+    batches = [[p for p, _ in batch] for batch in engine.batches(prompts)]
     # Cost: the padded tokens of the batch's last decoding step (its longest prompt is its last).
     costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
-    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                batch_size=batch_size, progress=False)
     local = [engine.generate([prompts[i] for i in batches[b]], replace(sampling, seed=sampling.seed + b))
              for b in mine]
     per_batch = distributed.gather_in_order(local, mine, len(batches), what)

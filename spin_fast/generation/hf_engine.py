@@ -23,24 +23,28 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.progress = progress
 
+    def batches(self, prompts: Sequence[Sequence[int]], n: int = 1) -> list[list[tuple[int, int]]]:
+        """The batches generate() runs, in order: (prompt index, completion number) requests sorted by prompt
+        length (stably), so that similar lengths share a batch and left padding wastes little. Batch b samples
+        from sampling.seed + b."""
+        requests = sorted(((p, k) for p in range(len(prompts)) for k in range(n)),
+                          key=lambda request: len(prompts[request[0]]))
+        return [requests[start : start + self.batch_size] for start in range(0, len(requests), self.batch_size)]
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions per prompt, in prompt order. transformers samples a whole batch from one seed, so
         sampled completions depend on the batching (indices is not used); greedy ones do not."""
-        requests = [(p, k) for p in range(len(prompts)) for k in range(sampling.n)]
-        # Similar lengths share a batch, so left padding wastes little.
-        requests.sort(key=lambda request: len(prompts[request[0]]))
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
         self.model.eval()
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
         try:
-            starts = tqdm(range(0, len(requests), self.batch_size), desc="generating", unit="batch",
-                          disable=not self.progress)
-            for batch_number, start in enumerate(starts):
-                batch = requests[start : start + self.batch_size]
+            batches = tqdm(self.batches(prompts, sampling.n), desc="generating", unit="batch",
+                           disable=not self.progress)
+            for batch_number, batch in enumerate(batches):
                 outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling,
                                                sampling.seed + batch_number)
                 for (prompt_index, k), completion in zip(batch, outputs):
