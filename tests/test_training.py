@@ -85,12 +85,15 @@ def test_matches_naive_reference_spin(tmp_path):
     scored = score_pairs(ours, pairs, token_budget=64)
     result = Trainer(ours, None, cfg, tmp_path, scored).train()
     assert result.steps == 4 and max(m["micro_batches"] for m in result.history) > 1
-    # Compare what training changed, parameter by parameter, relative to the change itself.
+    # Compare what training changed, parameter by parameter, relative to the change itself. The floor: each of the
+    # 4 updates rounds the weights to fp32 (half an ulp, 6e-8 relative; independent roundings add up as sqrt(4)):
+    # a norm weight near 1 whose gradient happens to be small moves by little more than that rounding.
     for (name, p), q, p0 in zip(ours.named_parameters(), reference.parameters(), initial.parameters()):
         ours_delta, reference_delta = (p - p0).double(), (q - p0).double()
         assert reference_delta.norm() > 0, name
         error = (ours_delta - reference_delta).norm() / reference_delta.norm()
-        assert error < 1e-4, (name, error.item())
+        rounding = 2 * 2**-24 * p0.double().norm() / reference_delta.norm()
+        assert error < 1e-4 + rounding, (name, error.item(), rounding.item())
     first = result.history[0]
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == opponent at step 0
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
