@@ -114,7 +114,7 @@ class GenerationConfig:
     max_new_tokens: int = 256
     seed: int = 0
     batch_size: int = 16  # transformers engine
-    tensor_parallel_size: int = 1  # vLLM
+    tensor_parallel_size: int = 1  # vLLM; under a launcher, this many consecutive ranks share one engine
     gpu_memory_utilization: float = 0.5  # vLLM
 
     def __post_init__(self) -> None:
@@ -136,9 +136,12 @@ class DeepSpeedConfig:
     `train`; config_file takes a user's JSON as is (a setting that contradicts spin-fast's is an error)."""
 
     enabled: bool | None = None  # None: when WORLD_SIZE > 1
-    zero_stage: int | None = None  # None: config_file's stage, else 2
+    zero_stage: int | None = None  # None: config_file's stage, else 2 (3 with zero3_init)
     offload_optimizer: bool = False  # optimizer state in CPU memory
     offload_params: bool = False  # parameters in CPU memory (ZeRO-3 only)
+    # ZeRO-3 from the first load on, for models larger than one GPU: loaded partitioned (zero.Init), and
+    # generation (transformers engine), scoring and evaluation run on the partitioned model, every rank in step.
+    zero3_init: bool = False
     config_file: str | None = None
     timeout_minutes: float = 30.0  # a collective that waits longer (a dead rank) fails with an error
 
@@ -147,6 +150,8 @@ class DeepSpeedConfig:
             raise ValueError(f"zero_stage must be one of (0, 1, 2, 3), got {self.zero_stage!r}")
         if self.offload_params and self.zero_stage not in (None, 3):
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.zero3_init and self.zero_stage not in (None, 3):
+            raise ValueError(f"zero3_init needs zero_stage 3, got zero_stage {self.zero_stage}")
         if not self.timeout_minutes > 0:
             raise ValueError(f"timeout_minutes must be > 0, got {self.timeout_minutes!r}")
 

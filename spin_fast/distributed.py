@@ -90,6 +90,13 @@ def all_gather_objects(obj: Any, what: str) -> list[Any]:
     return gathered
 
 
+def in_step(items: Sequence[Any], what: str) -> list[Any]:
+    """`items` padded with None to the longest list of any rank: for loops whose every pass is a collective
+    (a ZeRO-3 partitioned model's forward), where a rank with fewer items runs filler passes."""
+    most = max(all_gather_objects(len(items), what))
+    return [*items, *[None] * (most - len(items))]
+
+
 def balance(costs: Sequence[int], ranks: int) -> list[list[int]]:
     """Indices of `costs` split into `ranks` lists with near-equal total cost: longest first, each to the
     least-loaded rank (ties to the lowest rank), so every rank computes the same split."""

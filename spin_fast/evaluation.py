@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from spin_fast import distributed
+from spin_fast import distributed, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.generation.base import Completion, SamplingConfig
@@ -40,13 +40,17 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
 
     The micro-batches are one process's (pack_groups cuts consecutive groups, so a batch's groups packed
     again make the very same row): each rank's forward passes are ones a single process makes, and the
-    sums are bit for bit one process's. The models must be whole on every rank (no ZeRO-3 partitioning):
-    the ranks then run different numbers of forward passes without any collective inside them."""
+    sums are bit for bit one process's. With ZeRO-3 partitioned models every forward pass is a collective,
+    so a rank with fewer micro-batches runs fillers."""
     chunks = [batch.group_indices.tolist() for batch in pack_groups(groups, token_budget)]
     costs = [sum(s.length for i in chunk for s in groups[i]) for chunk in chunks]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
-    local = [[sequence_logprobs(model, [groups[i] for i in chunks[c]], token_budget, backend=backend)
-              for model in models] for c in mine]
+    local = []
+    for c in _in_step(models, mine, what):
+        chunk = [groups[i] for i in chunks[c]] if c is not None else [[Sequence((0,), (0,))]]  # None: a filler
+        sums = [sequence_logprobs(model, chunk, token_budget, backend=backend) for model in models]
+        if c is not None:
+            local.append(sums)
     per_chunk = distributed.gather_in_order(local, mine, len(chunks), what)
     results = [torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64) for _ in models]
     for chunk, sums in zip(chunks, per_chunk):
@@ -72,14 +76,25 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     # Cost: the padded tokens of the batch's last decoding step (its longest prompt is its last).
     costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
-    local = [engine.generate([prompts[i] for i in batches[b]], replace(sampling, seed=sampling.seed + b))
-             for b in mine]
+    local = []
+    for b in _in_step([model], mine, what):
+        batch = [prompts[i] for i in batches[b]] if b is not None else [[tokenizer.eos_token_id]]  # None: a filler
+        completions = engine.generate(batch, replace(sampling, seed=sampling.seed + (b or 0)))
+        if b is not None:
+            local.append(completions)
     per_batch = distributed.gather_in_order(local, mine, len(batches), what)
     completions: list[list[Completion]] = [[] for _ in prompts]
     for batch, batch_completions in zip(batches, per_batch):
         for index, completion in zip(batch, batch_completions):
             completions[index] = completion
     return completions
+
+
+def _in_step(models, mine: list[int], what: str) -> list[int | None]:
+    """This rank's share, padded with None (fillers) to the busiest rank's when the models are partitioned."""
+    if any(zero.is_partitioned_model(model) for model in models):
+        return distributed.in_step(mine, what)
+    return mine
 
 
 def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto") -> dict:

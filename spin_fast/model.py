@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from spin_fast import attention
+from spin_fast.zero import is_partitioned_model
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,14 @@ def load_causal_lm(
         attention.register()
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
-    ).to(device)
-    log.info("loaded %s (%s, %.1fM parameters) with %s attention on %s", name_or_path,
-             type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, attn, device)
+    )
+    # Under zero3_init (spin_fast.zero.partitioned_loading) DeepSpeed has placed each rank's partitions already.
+    partitioned = is_partitioned_model(model)
+    if not partitioned:
+        model.to(device)
+    log.info("loaded %s (%s, %.1fM parameters%s) with %s attention on %s", name_or_path, type(model).__name__,
+             sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
+             ", partitioned by ZeRO-3" if partitioned else "", attn, device)
     if liger_kernels:
         apply_liger_kernels(model, device)
     if gradient_checkpointing:

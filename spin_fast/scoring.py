@@ -6,6 +6,7 @@ model (DESIGN.md, decision 1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence as Seq
@@ -16,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 import spin_kernels
+from spin_fast import distributed, zero
 from spin_fast.data import TokenizedExample
 from spin_fast.model import head, packed_hidden_states
-from spin_fast.packing import Sequence, pack_groups
+from spin_fast.packing import MicroBatch, Sequence, pack_groups
 
 
 @dataclass(frozen=True)
@@ -51,23 +53,35 @@ class ScoredPair(TokenizedPair):
 @torch.no_grad()
 def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, backend: str = "auto",
                       progress: bool = False) -> torch.Tensor:
-    """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes."""
+    """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes.
+
+    A ZeRO-3 partitioned model (deepspeed.zero3_init) is run a module at a time, every rank in step: a rank
+    with fewer micro-batches runs filler passes, so each rank must call this as often as the others."""
     was_training = model.training
     model.eval()
     weight, bias = head(model)
     device = weight.device
     batches = pack_groups(groups, token_budget)
+    partitioned = zero.is_partitioned_model(model)
+    passes = distributed.in_step(batches, "scoring micro-batch counts") if partitioned else batches
+    filler = batches[0] if batches else pack_groups([[Sequence((0,), (0,))]], token_budget)[0]
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
-    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias, backend=backend)
-        n_groups = batch.group_indices.numel()
-        sums = torch.zeros(batch.group_size * n_groups, dtype=torch.float64, device=device)
-        sums.index_add_(0, batch.sequence_ids.clamp_min(0), token_logps.double())
-        result[batch.group_indices.cpu()] = sums.view(batch.group_size, n_groups).T.cpu()
+    with zero.gathered_per_module(model) if partitioned else contextlib.nullcontext():
+        for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress):
+            sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend)
+            if batch is not None:
+                result[batch.group_indices] = sums.view(batch.group_size, -1).T.cpu()
     model.train(was_training)
     return result
+
+
+def _summed_logprobs(model, batch: MicroBatch, weight, bias, backend: str) -> torch.Tensor:
+    """Each sequence's summed response log-prob, in the batch's order [all first ones, all second ones, ...]."""
+    hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    with zero.gathered([weight, bias]):  # the head's weight is read by the kernel, outside the head's forward
+        token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias, backend=backend)
+    sums = torch.zeros(batch.group_size * batch.group_indices.numel(), dtype=torch.float64, device=hidden.device)
+    return sums.index_add_(0, batch.sequence_ids.clamp_min(0), token_logps.double())
 
 
 def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend: str = "auto",

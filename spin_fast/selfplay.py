@@ -14,11 +14,13 @@ stopped; training resumes from its own checkpoints.
 Launched with several processes (torchrun, the deepspeed launcher), every rank runs this loop: each
 generates for and scores its share of the pairs (gathered into one file, in the order of one process),
 training runs under DeepSpeed ZeRO, and the trained weights are gathered bucket by bucket into each
-rank's engine. Rank 0 writes the files; the others wait for it.
+rank's engine. Rank 0 writes the files; the others wait for it. With deepspeed.zero3_init the model is
+ZeRO-3 partitioned from its first load on and stays so: no rank ever holds it whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -80,12 +82,25 @@ def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | No
     return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
 
 
+def partitioned(config: RunConfig) -> bool:
+    """deepspeed.zero3_init in a DeepSpeed run: the model is partitioned from its first load on."""
+    return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
+
+
 def load_policy(path: str, config: RunConfig):
-    """A model of the run (SFT model or checkpoint) with the run's model and training settings."""
-    return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device(),
-                          attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
-                          gradient_checkpointing=config.train.gradient_checkpointing,
-                          liger_kernels=config.train.liger_kernels)
+    """A model of the run (SFT model or checkpoint) with the run's model and training settings; under
+    deepspeed.zero3_init, loaded straight into each rank's ZeRO-3 partitions."""
+    loading = contextlib.nullcontext()
+    if partitioned(config):
+        from spin_fast.zero import partitioned_loading
+
+        distributed.init(config.deepspeed.timeout_minutes)  # zero.Init partitions across the process group
+        loading = partitioned_loading(config.train, config.deepspeed, distributed.world_size())
+    with loading:
+        return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device(),
+                              attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
+                              gradient_checkpointing=config.train.gradient_checkpointing,
+                              liger_kernels=config.train.liger_kernels)
 
 
 def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, max_length: int) -> list[TokenizedPair]:
@@ -106,12 +121,20 @@ class SelfPlay:
         if not config.data.source:
             raise ValueError("data.source is not set: the SFT set of (prompt, human response) pairs")
         self.config = config
-        self.distributed = uses_deepspeed(config.deepspeed)
         self.run_dir = Path(config.output_dir)
         self.make_engine = make_engine or default_engine
         self.engine: Engine | None = None
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
         self.eval_examples: list[TokenizedExample] | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """Training under DeepSpeed ZeRO; asked here, not at construction: `spin-fast eval` trains nothing."""
+        return uses_deepspeed(self.config.deepspeed)
+
+    @property
+    def partitioned(self) -> bool:
+        return partitioned(self.config)
 
     # ------------------------------------------------------------------------------ the loop
     def run(self, until: tuple[int, str] | None = None) -> list[dict]:
@@ -171,7 +194,7 @@ class SelfPlay:
         start = time.perf_counter()
         self.transfer_weights(model)
         times["weight_transfer_s"] = time.perf_counter() - start
-        if self.distributed:
+        if self.distributed and not self.partitioned:
             # ZeRO left `model` sharded: θt+1 continues as a whole model, from the consolidated checkpoint.
             self.model = model = load_policy(str(result.final_dir), config)
 
@@ -196,11 +219,15 @@ class SelfPlay:
         """θt -> θt+1 on the scored pairs (resuming from train_dir's checkpoints)."""
         if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
             self.engine.sleep()
-        return Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed).train()
+        trainer = Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed)
+        try:
+            return trainer.train()
+        finally:
+            trainer.release()  # θt+1 leaves the DeepSpeed engine: sharded under zero3_init, it goes on as it is
 
     def transfer_weights(self, model) -> None:
         """θt+1 into the running engine, in memory."""
-        if self.engine is None:
+        if self.engine is None or getattr(self.engine, "model", None) is model:  # it generates with θt+1 itself
             return
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up()
@@ -241,9 +268,10 @@ class SelfPlay:
             start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
             if self.engine is None:
-                # Under ZeRO the training model ends sharded: no engine may generate with it (None).
-                self.engine = self.make_engine(None if self.distributed else model, tokenizer, config,
-                                               self.model_path(t))
+                # Under ZeRO the training model ends sharded: no engine may generate with it (None), unless it
+                # is sharded from the start (zero3_init), when the transformers engine runs it in step.
+                shared = model if self.partitioned or not self.distributed else None
+                self.engine = self.make_engine(shared, tokenizer, config, self.model_path(t))
             sampling = config.generation.sampling()
             sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
             share = distributed.balance([len(e.prompt_ids) for e in examples], distributed.world_size())
@@ -291,8 +319,8 @@ class SelfPlay:
     # ------------------------------------------------------------------------------- helpers
     def heldout(self, model, tokenizer, config: RunConfig) -> dict:
         """θt+1's log-likelihood of the held-out human responses, when data.eval_source is set. Under a
-        launcher each rank scores its share of the micro-batches (evaluation.shared_logprobs). `model` is
-        whole on every rank, the checkpoint reloaded after ZeRO, so the shares need no weight-0 filler."""
+        launcher each rank scores its share of the micro-batches (evaluation.shared_logprobs), with fillers
+        where the model is partitioned (zero3_init)."""
         if not config.data.eval_source:
             return {}
         from spin_fast.evaluation import heldout_loglik

@@ -147,7 +147,8 @@ class Trainer:
 
     With DeepSpeed (`deepspeed` settings, used by default when launched with several processes) every
     rank constructs a Trainer with the same items; under ZeRO-3 `model` ends partitioned across ranks,
-    and the trained weights are in the consolidated checkpoint `train()` returns.
+    and the trained weights are in the consolidated checkpoint `train()` returns. `release()` then frees
+    the model from DeepSpeed's engine.
     """
 
     def __init__(self, model, tokenizer, config: TrainConfig, output_dir: str | Path,
@@ -207,6 +208,13 @@ class Trainer:
         bar.close()
         result.final_dir = self.save_checkpoint()
         return result
+
+    def release(self) -> None:
+        """Take the model out of DeepSpeed (its hooks and its optimizer's state go), so that it can be used
+        outside this trainer and trained again by another one. Under ZeRO-3 it stays partitioned."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
 
     def train_step(self) -> dict:
         start = time.perf_counter()

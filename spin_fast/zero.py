@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO for spin-fast's trainer: the DeepSpeed JSON, and whole weights out of sharded ones.
+"""DeepSpeed ZeRO for spin-fast's trainer: the DeepSpeed JSON, whole weights out of sharded ones, and
+models that stay partitioned outside training (deepspeed.zero3_init).
 
 spin-fast owns batching (a global batch counted in pairs, packed into micro-batches cut by tokens, so
 their number varies from step to step), so DeepSpeed runs with managed_gradient_accumulation off: every
@@ -8,8 +9,9 @@ spin-fast's (train.optimizer, train.schedule), handed to DeepSpeed as client obj
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,12 +29,15 @@ def deepspeed_config(train: TrainConfig, settings: DeepSpeedConfig, world_size: 
     where = settings.config_file or "deepspeed"
     zero = dict(user.get("zero_optimization", {}))
     stage = _agree(where, "zero_optimization.stage", zero.get("stage"), "deepspeed.zero_stage", settings.zero_stage)
-    stage = DEFAULT_STAGE if stage is None else stage
+    if stage is None:
+        stage = 3 if settings.zero3_init else DEFAULT_STAGE
     zero["stage"] = stage
     if settings.offload_optimizer:
         _agree(where, "zero_optimization.offload_optimizer.device", zero.get("offload_optimizer", {}).get("device"),
                "deepspeed.offload_optimizer", "cpu")
         zero["offload_optimizer"] = {**zero.get("offload_optimizer", {}), "device": "cpu"}
+    if settings.zero3_init and stage != 3:
+        raise ConfigError(f"deepspeed.zero3_init needs ZeRO stage 3; {where} has stage {stage}")
     if settings.offload_params:
         if stage != 3:
             raise ConfigError(f"deepspeed.offload_params needs ZeRO stage 3; {where} has stage {stage}")
@@ -134,3 +139,69 @@ def full_weights(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES) -> It
     for name, buffer in model.named_buffers():
         if name in persistent:
             yield name, buffer.detach().to("cpu", copy=True)
+
+
+def is_partitioned_model(model: torch.nn.Module) -> bool:
+    return any(is_partitioned(p) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def partitioned_loading(train: TrainConfig, settings: DeepSpeedConfig, world_size: int) -> Iterator[None]:
+    """transformers' from_pretrained inside this context builds the model under deepspeed.zero.Init and loads
+    each weight into its partitions: no rank ever holds the whole model, not even while loading."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers keeps only a weak reference: the model is partitioned while this object lives.
+    keep = HfDeepSpeedConfig(deepspeed_config(train, settings, world_size))
+    try:
+        yield
+    finally:
+        del keep
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter | None]) -> Iterator[None]:
+    """The whole tensors of these ZeRO-3 parameters for the duration (a collective: every rank must enter).
+    Parameters that are not partitioned pass through, without importing DeepSpeed."""
+    partitioned = [p for p in params if p is not None and is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
+def gathered_per_module(model: torch.nn.Module) -> Iterator[None]:
+    """Forward passes of a partitioned model outside a DeepSpeed engine (scoring, generation, evaluation):
+    each module's own parameters are gathered just before it runs and partitioned again just after, so a
+    rank holds its shards plus one module. Each gather is a collective: every rank must make the same
+    forward passes (pad with filler batches; generate with synced_gpus)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    active: dict[int, GatheredParameters] = {}
+
+    def before(module, args):
+        params = [p for p in module.parameters(recurse=False) if is_partitioned(p)]
+        if params:
+            active[id(module)] = context = GatheredParameters(params, modifier_rank=None)
+            context.__enter__()
+
+    def after(module, args, output):
+        context = active.pop(id(module), None)
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for context in active.values():  # a forward that raised: release what it had gathered
+            context.__exit__(None, None, None)
+        active.clear()

@@ -131,6 +131,45 @@ def test_a_dead_peer_is_an_error_naming_the_rank():
     assert "rank 0: waiting for the other ranks at 'end of step 7' failed" in out
 
 
+SHARE_REQUESTS = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from spin_fast.generation.vllm_engine import share_requests, tensor_parallel_group
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+report = {}
+try:
+    tensor_parallel_group(3)
+except ValueError as error:
+    report["error"] = str(error)
+prompts = [[rank, k] for k in range(rank + 1)]  # rank r asks for r + 1 completions
+every_prompt, every_index, mine = share_requests(prompts, [10 * rank + k for k in range(rank + 1)],
+                                                 tensor_parallel_group(2))
+report.update(prompts=every_prompt, indices=every_index, mine=every_prompt[mine])
+Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(report))
+dist.barrier()
+dist.destroy_process_group()  # gloo with subgroups aborts at exit without it
+"""
+
+
+def test_tensor_parallel_ranks_share_their_prompts(tmp_path):
+    """vLLM under the external launcher with tensor_parallel_size 2: ranks 0-1 and 2-3 each drive one engine, so
+    each pair submits the union of its prompts (with their seeding indices) and keeps its own completions."""
+    script = tmp_path / "share_requests.py"
+    script.write_text(SHARE_REQUESTS)
+    done = run_launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
+                         f"--master_port={free_port()}", str(script), str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(4):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["error"] == "generation.tensor_parallel_size=3 must divide the number of processes (4)"
+        group = (rank - rank % 2, rank - rank % 2 + 1)  # consecutive ranks, as vLLM groups them
+        assert report["prompts"] == [[r, k] for r in group for k in range(r + 1)]
+        assert report["indices"] == [10 * r + k for r in group for k in range(r + 1)]
+        assert report["mine"] == [[rank, k] for k in range(rank + 1)]
+
+
 # ----------------------------------------------------------------------------- the pieces, one process
 def test_deepspeed_config_derived_from_spin_fast_settings():
     train = TrainConfig(max_grad_norm=0.5, dtype="bfloat16")
@@ -171,6 +210,17 @@ def test_user_deepspeed_json_is_taken_unless_it_conflicts(tmp_path):
         deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path), offload_params=True), 4)
 
 
+def test_zero3_init_needs_stage_3(tmp_path):
+    train = TrainConfig()
+    assert deepspeed_config(train, DeepSpeedConfig(zero3_init=True), 2)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="zero3_init needs zero_stage 3, got zero_stage 2"):
+        DeepSpeedConfig(zero_stage=2, zero3_init=True)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=f"deepspeed.zero3_init needs ZeRO stage 3; {path} has stage 2"):
+        deepspeed_config(train, DeepSpeedConfig(config_file=str(path), zero3_init=True), 2)
+
+
 def test_balance_splits_by_cost_deterministically():
     costs = [torch.randint(1, 500, ()).item() for _ in range(37)]
     shares = distributed.balance(costs, 4)
@@ -196,6 +246,19 @@ def test_several_processes_need_deepspeed(monkeypatch):
     assert uses_deepspeed(DeepSpeedConfig())
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not uses_deepspeed(DeepSpeedConfig()) and uses_deepspeed(DeepSpeedConfig(enabled=True))
+
+
+def test_eval_under_a_launcher_does_not_need_deepspeed(monkeypatch, tmp_path):
+    """`spin-fast eval` trains nothing: launched with DeepSpeed off, it may build its SelfPlay; `run` may not train."""
+    from spin_fast.config import load_run_config
+    from spin_fast.selfplay import SelfPlay
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = load_run_config(None, [f"output_dir={tmp_path}", "model.name_or_path=sft", "data.source=train.jsonl",
+                                    "deepspeed.enabled=false"])
+    selfplay = SelfPlay(config)
+    with pytest.raises(ValueError, match="deepspeed.enabled is false"):
+        selfplay.run()
 
 
 # ------------------------------------------------------------------------- the whole loop, 2 processes
@@ -257,7 +320,11 @@ def test_two_process_run_gives_the_same_pair_files_and_weights(runs, sft_model):
     """`spin-fast run` under torchrun: each rank generates and scores its share and trains under ZeRO-3; the pair
     files equal one process's (greedy generation), the scores and weights agree to rounding, and so does the
     held-out log-likelihood in the summaries, which the ranks compute in shares."""
-    one, two = runs["one"], runs["two"]
+    assert_same_run(runs["two"], runs["one"], sft_model)
+    assert runs["two_stdout"].count("iteration=") == 2  # rank 0 prints the summaries, once
+
+
+def assert_same_run(two: Path, one: Path, sft_model: Path) -> None:
     for t in range(2):  # iteration 1's generation ran on weights gathered into each rank's engine
         pairs = f"iter-{t}/generate/pairs.jsonl"
         assert (two / pairs).read_text() == (one / pairs).read_text()
@@ -274,7 +341,35 @@ def test_two_process_run_gives_the_same_pair_files_and_weights(runs, sft_model):
     heldout = [[row["heldout_loglik_per_token"] for row in s] for s in summaries]
     assert heldout[1] == pytest.approx(heldout[0], rel=1e-5)  # the weights agree to 1e-6, not bit for bit
     assert heldout[0][0] != heldout[0][1]  # each iteration's own model: a real comparison
-    assert runs["two_stdout"].count("iteration=") == 2  # rank 0 prints the summaries, once
+
+
+def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft_model):
+    """deepspeed.zero3_init on 2 processes: each rank loads half of every weight, and scoring, greedy generation and
+    the shared held-out log-likelihood on the partitioned model equal the whole model's. Rank 1 has twice rank
+    0's work, so rank 0 runs filler passes to keep the collectives inside each forward in step."""
+    out = tmp_path / "report.json"
+    done = run_launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                         f"--master_port={free_port()}", str(SCRIPT.with_name("partitioned_inference.py")),
+                         str(sft_model / "model"), str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(out.read_text())
+    assert [r["rank"] for r in reports] == [0, 1] and reports[1]["n_groups"] > reports[0]["n_groups"]
+    for report in reports:
+        assert report["largest_share"] <= 0.5, report  # no rank holds more than its half of any weight
+        assert report["scores_finite"] and report["score_diff"] < 1e-4, report  # sums of ~100; observed 0
+        assert report["answers_equal"] and report["shared_answers_equal"], report
+        assert report["heldout"][0] == pytest.approx(report["heldout"][1], rel=1e-6), report
+
+
+def test_zero3_init_run_never_holds_the_whole_model(runs, sft_model, held_out, tmp_path):
+    """`spin-fast run` with deepspeed.zero3_init under torchrun: each rank loads the model once, partitioned, and
+    generates (transformers engine), scores, trains and evaluates on it; the run equals one process's."""
+    run = tmp_path / "run-zero3-init"
+    done = spin_fast_command(run, sft_model, 2, f"data.eval_source={held_out}", "deepspeed.zero3_init=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    loads = [line for line in (done.stdout + done.stderr).splitlines() if "spin_fast.model: loaded" in line]
+    assert len(loads) == 2 and all("partitioned by ZeRO-3" in line for line in loads), loads
+    assert_same_run(run, runs["one"], sft_model)
 
 
 def test_two_process_eval_writes_the_one_process_file(runs, sft_model, held_out, tmp_path, monkeypatch):

@@ -5,11 +5,13 @@ The default where vLLM is absent. load_weights copies new tensors into the model
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from spin_fast import distributed, zero
 from spin_fast.attention import NAME as PACKED_ONLY
 from spin_fast.generation.base import Completion, SamplingConfig
 
@@ -35,26 +37,37 @@ class TransformersEngine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions per prompt, in prompt order. transformers samples a whole batch from one seed, so
-        sampled completions depend on the batching (indices is not used); greedy ones do not."""
+        sampled completions depend on the batching (indices is not used); greedy ones do not.
+
+        A ZeRO-3 partitioned model (deepspeed.zero3_init) generates a module at a time with every rank in step:
+        as many batches on each rank (fillers where it has fewer) and as many decoding steps (synced_gpus)."""
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
+        partitioned = zero.is_partitioned_model(self.model)
+        batches = self.batches(prompts, sampling.n)
+        if partitioned:
+            batches = distributed.in_step(batches, "generation batch counts")
         self.model.eval()
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
         try:
-            batches = tqdm(self.batches(prompts, sampling.n), desc="generating", unit="batch",
-                           disable=not self.progress)
-            for batch_number, batch in enumerate(batches):
-                outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling,
-                                               sampling.seed + batch_number)
-                for (prompt_index, k), completion in zip(batch, outputs):
-                    results[prompt_index][k] = completion
+            with zero.gathered_per_module(self.model) if partitioned else contextlib.nullcontext():
+                for batch_number, batch in enumerate(tqdm(batches, desc="generating", unit="batch",
+                                                          disable=not self.progress)):
+                    if batch is None:  # a filler: its tokens are thrown away
+                        self._generate_batch([[self.eos_token_id]], sampling, 0, synced=True)
+                        continue
+                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling,
+                                                   sampling.seed + batch_number, synced=partitioned)
+                    for (prompt_index, k), completion in zip(batch, outputs):
+                        results[prompt_index][k] = completion
         finally:
             self.model.train(was_training)
             self.model.set_attn_implementation(attention)
         return results
 
-    def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seed: int,
+                        synced: bool = False) -> list[Completion]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -64,7 +77,7 @@ class TransformersEngine:
             attention_mask[row, width - len(prompt) :] = 1
         sample = sampling.temperature > 0
         options = dict(do_sample=sample, max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id,
-                       pad_token_id=self.pad_token_id, use_cache=True)
+                       pad_token_id=self.pad_token_id, use_cache=True, synced_gpus=synced)
         if sample:
             # top_k=0 switches the top-k filter off (None would fall back to generation_config, often 50).
             options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)

@@ -41,6 +41,32 @@ class WeightSwapExtension:
 _EXTENSION = f"{__name__}.{WeightSwapExtension.__qualname__}"
 
 
+def tensor_parallel_group(size: int):
+    """This rank's torch.distributed group of `size` consecutive ranks: those that run one vLLM engine together
+    under vLLM's external launcher (which groups tensor-parallel ranks the same way)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if world % size:
+        raise ValueError(f"generation.tensor_parallel_size={size} must divide the number of processes ({world})")
+    group, _ = dist.new_subgroups_by_enumeration([list(range(start, start + size)) for start in range(0, world, size)])
+    return group
+
+
+def share_requests(prompts: Sequence[Sequence[int]], indices: Sequence[int], group
+                   ) -> tuple[list[list[int]], list[int], slice]:
+    """The requests of every rank of `group`, in group-rank order, and where this rank's own ones lie among them:
+    ranks that drive one tensor-parallel engine generate the union of their prompts, each keeping its share."""
+    import torch.distributed as dist
+
+    shares: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(shares, ([list(map(int, p)) for p in prompts], [int(i) for i in indices]), group=group)
+    start = sum(len(share_prompts) for share_prompts, _ in shares[: dist.get_rank(group)])
+    every_prompt = [p for share_prompts, _ in shares for p in share_prompts]
+    every_index = [i for _, share_indices in shares for i in share_indices]
+    return every_prompt, every_index, slice(start, start + len(prompts))
+
+
 class VllmEngine:
     """spin_fast.generation.Engine on vLLM: token-id prompts in, completions out, weights swapped in memory."""
 
@@ -72,16 +98,26 @@ class VllmEngine:
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._closed = False
+        # Under the external launcher, tensor_parallel_size consecutive ranks run one engine together.
+        self._group = (tensor_parallel_group(tensor_parallel_size)
+                       if executor == "external_launcher" and tensor_parallel_size > 1 else None)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions for each prompt (token ids), in prompt order; prompt i samples with seed
         sampling.seed + indices[i] (its index in the whole set), whichever rank or batch it is in."""
+        indices = range(len(prompts)) if indices is None else indices
+        if self._group is not None:  # every rank of the engine's group must submit the same requests
+            prompts, indices, mine = share_requests(prompts, indices, self._group)
+            return self._generate(prompts, sampling, indices)[mine]
+        return self._generate(prompts, sampling, indices)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                     indices: Sequence[int]) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         if not prompts:
             return []
-        indices = range(len(prompts)) if indices is None else indices
         # One seed per prompt: a shared seed would give duplicate prompts identical completions.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed + i)
