@@ -89,11 +89,9 @@ def run_eval(selfplay) -> int:
     if not source:
         print("spin-fast: data.eval_source is not set: eval needs held-out (prompt, response) data", file=sys.stderr)
         return 2
-    from spin_fast.config import ConfigError
-
     try:
         rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
-    except ConfigError as error:  # a bad data.checker
+    except ValueError as error:  # a bad data.checker or data row, settings that contradict each other (as `run`)
         print(f"spin-fast: {error}", file=sys.stderr)
         return 2
     for row in rows if distributed.is_main() else ():

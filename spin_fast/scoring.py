@@ -64,7 +64,7 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     batches = pack_groups(groups, token_budget)
     partitioned = zero.is_partitioned_model(model)
     passes = distributed.in_step(batches, "scoring micro-batch counts") if partitioned else batches
-    filler = batches[0] if batches else pack_groups([[Sequence((0,), (0,))]], token_budget)[0]
+    filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
     with zero.gathered_per_module(model) if partitioned else contextlib.nullcontext():
         for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress):

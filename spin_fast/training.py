@@ -12,6 +12,7 @@ world size.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -213,8 +214,13 @@ class Trainer:
         """Take the model out of DeepSpeed (its hooks and its optimizer's state go), so that it can be used
         outside this trainer and trained again by another one. Under ZeRO-3 it stays partitioned."""
         if self.engine is not None:
-            self.engine.destroy()
-            self.engine = None
+            from spin_fast.zero import release
+
+            release(self.engine)
+            self.engine = self.optimizer = self.scheduler = None
+            gc.collect()  # the engine's reference cycles hold its optimizer state (GPU memory)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def train_step(self) -> dict:
         start = time.perf_counter()
@@ -342,7 +348,9 @@ class Trainer:
         else:
             from spin_fast.zero import full_weights
 
-            weights = dict(full_weights(self.model))  # every rank gathers; rank 0 writes
+            # Every rank takes part in the gathers; only rank 0, which writes, keeps the tensors (a whole copy
+            # per rank would need the model's size in host memory times the ranks on a node).
+            weights = {name: tensor for name, tensor in full_weights(self.model) if self.rank == 0}
             if self.rank == 0:
                 self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             del weights

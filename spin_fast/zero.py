@@ -205,3 +205,22 @@ def gathered_per_module(model: torch.nn.Module) -> Iterator[None]:
         for context in active.values():  # a forward that raised: release what it had gathered
             context.__exit__(None, None, None)
         active.clear()
+
+
+def release(engine) -> None:
+    """Take the model out of a DeepSpeed engine for good, so that the engine and its optimizer state are freed and
+    a later engine starts clean. DeepSpeed's destroy() removes the ZeRO hooks but leaves references that keep the
+    engine alive: a global stack of module roots, backward closures stored on each module (which a later engine
+    would reuse, along with this engine's parameter coordinator), and each parameter's link to its optimizer."""
+    engine.destroy()
+    for hook in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)):
+        if hook is not None:
+            hook.remove()
+    from deepspeed.runtime.zero import parameter_offload
+
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not engine.module]
+    for module in engine.module.modules():
+        for name in ("pre_bwd_fn", "post_bwd_fn", "ds_grads_remaining", "applied_pre_backward_ref_cnt"):
+            module.__dict__.pop(name, None)
+    for param in engine.module.parameters():
+        param.__dict__.pop("_z3_optimizer", None)

@@ -1,5 +1,6 @@
 """Scoring, generation and held-out log-likelihood with a model loaded under deepspeed.zero3_init, on ranks
-given different amounts of work, against the whole model on every rank.
+given different amounts of work, against the whole model on every rank; then two trainings on it, as two
+iterations run them, after which no DeepSpeed engine may be left alive.
 
     torchrun --nproc_per_node 2 tests/partitioned_inference.py MODEL_DIR OUT_JSON
 
@@ -10,9 +11,12 @@ the collectives inside its forward passes would pair up wrongly and hang. Rank 0
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import sys
+import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -25,8 +29,9 @@ from spin_fast.generation.base import SamplingConfig
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.model import load_causal_lm
 from spin_fast.packing import Sequence
-from spin_fast.scoring import sequence_logprobs
+from spin_fast.scoring import ScoredPair, sequence_logprobs
 from spin_fast.selfplay import load_policy
+from spin_fast.training import Trainer
 from spin_fast.zero import is_partitioned
 
 
@@ -73,6 +78,23 @@ def main(model_dir: str, output: str) -> None:
               "answers_equal": answers[0] == answers[1], "n_prompts": len(prompts),
               "shared_answers_equal": shared_answers[0] == shared_answers[1],
               "heldout": heldout}
+    # Two trainings on the partitioned model, as two SPIN iterations run: the first engine, released, is freed.
+    pairs = random.Random(11)
+    items = [ScoredPair(*[tuple(pairs.randrange(3, vocab) for _ in range(pairs.randint(1, 4))) for _ in range(3)],
+                        -10.0, -10.0) for _ in range(4)]
+    train = config.train.replace(global_batch=4, micro_batch_tokens=64, backend="torch")
+    released = []
+    for k in range(2):
+        trainer = Trainer(partitioned, None, train, Path(output).parent / f"train-{k}", items,
+                          deepspeed=config.deepspeed)
+        trainer.train()
+        released.append((weakref.ref(trainer.engine), weakref.ref(trainer.engine.optimizer)))
+        trainer.release()
+        del trainer
+    gc.collect()
+    report["engines_alive"] = sum(ref() is not None for pair in released for ref in pair)
+    report["backward_closures_left"] = sum("pre_bwd_fn" in m.__dict__ for m in partitioned.modules())
+
     reports = distributed.all_gather_objects(report, "reports")
     if rank == 0:
         with open(output, "w") as out:

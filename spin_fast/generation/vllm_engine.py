@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from spin_fast import distributed
 from spin_fast.generation.base import Completion, SamplingConfig
 
 _SHM = Path("/dev/shm")
@@ -137,12 +139,17 @@ class VllmEngine:
         return Completion(token_ids=ids, finished=finished)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the model's weights in memory (Hugging Face parameter names); the engine keeps running."""
-        from safetensors.torch import save_file
+        """Replace the model's weights in memory (Hugging Face parameter names); the engine keeps running.
 
+        Under a launcher every rank iterates `weights` (gathering ZeRO-3 shards is a collective), but only the
+        first rank of each node keeps the tensors and writes the file, which every engine on the node loads:
+        one copy of the model in host memory per node, not one per rank."""
+        writer = int(os.environ.get("LOCAL_RANK", "0")) == 0 or not distributed.initialized()
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in weights:
+            if not writer:
+                continue
             t = tensor.detach().to("cpu")
             if t.is_floating_point():
                 t = t.to(self._dtype)  # half the bytes through RAM when training in fp32 and serving in bf16
@@ -151,18 +158,36 @@ class VllmEngine:
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
+        path = self._write_weights(tensors) if writer else None
+        del tensors
+        try:
+            if distributed.initialized():  # each rank loads the file written on its node
+                node = socket.gethostname()
+                written = distributed.all_gather_objects((node, path), "weight file paths")
+                path = next(p for host, p in written if host == node and p is not None)
+            self._llm.collective_rpc("spin_load_weights_file", args=(path,))
+        finally:
+            distributed.barrier("new weights loaded")  # every engine on the node has read the file
+            if writer:
+                os.unlink(path)
+        # Prefix caching would otherwise serve KV computed with the old weights.
+        self._llm.reset_prefix_cache()
+
+    @staticmethod
+    def _write_weights(tensors: dict[str, torch.Tensor]) -> str:
+        """A safetensors file in RAM (/dev/shm) when there is room, else in the temporary directory."""
+        from safetensors.torch import save_file
+
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         directory = _SHM if _SHM.is_dir() and shutil.disk_usage(_SHM).free > 2 * size else None
         fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="spin-weights-", dir=directory)
         os.close(fd)
         try:
             save_file(tensors, path)
-            del tensors
-            self._llm.collective_rpc("spin_load_weights_file", args=(path,))
-        finally:
+        except BaseException:
             os.unlink(path)
-        # Prefix caching would otherwise serve KV computed with the old weights.
-        self._llm.reset_prefix_cache()
+            raise
+        return path
 
     def worker_pids(self) -> list[int]:
         """The process id of each worker: unchanged across swaps, since the engine is never restarted."""
