@@ -46,9 +46,9 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     costs = [sum(s.length for i in chunk for s in groups[i]) for chunk in chunks]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
-    for c in _in_step(models, mine, what):
-        chunk = [groups[i] for i in chunks[c]] if c is not None else [[Sequence((0,), (0,))]]  # None: a filler
-        sums = [sequence_logprobs(model, chunk, token_budget, backend=backend) for model in models]
+    for c in zero.in_step(models, mine, what):  # None: no groups, a filler pass inside sequence_logprobs
+        sums = [sequence_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
+                                  backend=backend) for model in models]
         if c is not None:
             local.append(sums)
     per_chunk = distributed.gather_in_order(local, mine, len(chunks), what)
@@ -77,8 +77,8 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
-    for b in _in_step([model], mine, what):
-        batch = [prompts[i] for i in batches[b]] if b is not None else [[tokenizer.eos_token_id]]  # None: a filler
+    for b in zero.in_step([model], mine, what):  # None: no prompts, a filler pass inside engine.generate
+        batch = [prompts[i] for i in batches[b]] if b is not None else []
         completions = engine.generate(batch, replace(sampling, seed=sampling.seed + (b or 0)))
         if b is not None:
             local.append(completions)
@@ -88,13 +88,6 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
         for index, completion in zip(batch, batch_completions):
             completions[index] = completion
     return completions
-
-
-def _in_step(models, mine: list[int], what: str) -> list[int | None]:
-    """This rank's share, padded with None (fillers) to the busiest rank's when the models are partitioned."""
-    if any(zero.is_partitioned_model(model) for model in models):
-        return distributed.in_step(mine, what)
-    return mine
 
 
 def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto") -> dict:

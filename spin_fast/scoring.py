@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import spin_kernels
-from spin_fast import distributed, zero
+from spin_fast import zero
 from spin_fast.data import TokenizedExample
 from spin_fast.model import head, packed_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups
@@ -62,11 +62,10 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     weight, bias = head(model)
     device = weight.device
     batches = pack_groups(groups, token_budget)
-    partitioned = zero.is_partitioned_model(model)
-    passes = distributed.in_step(batches, "scoring micro-batch counts") if partitioned else batches
+    passes = zero.in_step([model], batches, "scoring micro-batch counts")
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
-    with zero.gathered_per_module(model) if partitioned else contextlib.nullcontext():
+    with zero.gathered_per_module(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
         for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress):
             sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend)
             if batch is not None:

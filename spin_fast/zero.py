@@ -145,6 +145,16 @@ def is_partitioned_model(model: torch.nn.Module) -> bool:
     return any(is_partitioned(p) for p in model.parameters())
 
 
+def in_step(models: Iterable[torch.nn.Module], items: list, what: str) -> list:
+    """`items` as they are, or, when a model is partitioned (every forward pass then a collective), padded with
+    None to the longest list of any rank: a None is a filler pass."""
+    if any(is_partitioned_model(model) for model in models):
+        from spin_fast import distributed
+
+        return distributed.in_step(items, what)
+    return list(items)
+
+
 @contextlib.contextmanager
 def partitioned_loading(train: TrainConfig, settings: DeepSpeedConfig, world_size: int) -> Iterator[None]:
     """transformers' from_pretrained inside this context builds the model under deepspeed.zero.Init and loads

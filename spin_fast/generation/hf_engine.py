@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from spin_fast import distributed, zero
+from spin_fast import zero
 from spin_fast.attention import NAME as PACKED_ONLY
 from spin_fast.generation.base import Completion, SamplingConfig
 
@@ -44,9 +44,7 @@ class TransformersEngine:
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
         partitioned = zero.is_partitioned_model(self.model)
-        batches = self.batches(prompts, sampling.n)
-        if partitioned:
-            batches = distributed.in_step(batches, "generation batch counts")
+        batches = zero.in_step([self.model], self.batches(prompts, sampling.n), "generation batch counts")
         self.model.eval()
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
