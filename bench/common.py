@@ -53,7 +53,8 @@ def peak_extra_memory_mib(step: Callable[[], None], device: torch.device) -> flo
     """Peak memory that one call of step adds on top of what is allocated before it.
 
     CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset just
-    before the call; run with MALLOC_MMAP_THRESHOLD_ set low so freed tensors leave the RSS.
+    before the call; exact only in a process started with worker_env(), whose glibc returns every freed
+    block above 64 KiB at once, and before ordinary_allocator() ends that.
     """
     gc.collect()
     if device.type == "cuda":
@@ -71,6 +72,21 @@ def peak_extra_memory_mib(step: Callable[[], None], device: torch.device) -> flo
     return _rss_mib("VmHWM") - base
 
 
+def memory_then_time(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,
+                     release: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
+    """(peak extra MiB of one call of step, wall seconds of `repeats` calls), in one worker process.
+
+    Memory first, while the allocator of worker_env() holds (it is exact only in a heap that was never used
+    otherwise): at least one untimed call (compiles, caches, optimizer state), release() (what the measured call
+    should not find held: gradients), the measured call. Then glibc's ordinary allocator, whose heap reuse is
+    what a user's process runs with, `warmup` untimed calls and the timed ones."""
+    time_runs(step, device, max(1, warmup), 0)
+    release()
+    peak = peak_extra_memory_mib(step, device)
+    ordinary_allocator()
+    return peak, time_runs(step, device, warmup, repeats)
+
+
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -78,14 +94,18 @@ def _malloc_trim() -> None:
         pass
 
 
-def worker_env(measure: str = "memory") -> dict[str, str]:
-    """Environment of a measurement subprocess. For memory, glibc returns every freed block above
-    64 KiB at once, so the RSS follows live memory exactly; that costs page faults, so timed runs
-    keep the ordinary allocator."""
+EXACT_MMAP_THRESHOLD = 64 * 2**10
+# glibc's own limit for its dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit), and its trim threshold then.
+ORDINARY_MMAP_THRESHOLD = 32 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of a measurement worker. It starts with glibc returning every freed block above 64 KiB at
+    once (MALLOC_MMAP_THRESHOLD_), so that the RSS follows live memory exactly for its memory measurement; that
+    costs a page fault per fresh page, so ordinary_allocator() ends it before the timings."""
     env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if measure == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["MALLOC_MMAP_THRESHOLD_"] = str(EXACT_MMAP_THRESHOLD)
     cache = Path(__file__).resolve().parent.parent / ".cache"
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
@@ -93,33 +113,38 @@ def worker_env(measure: str = "memory") -> dict[str, str]:
     return env
 
 
-def worker_measures(device: str | torch.device) -> tuple[str, ...]:
-    """How a bench splits its measurements between worker processes. CPU: time and memory in two processes, since
-    the memory one runs under a low mmap threshold that slows it down. CUDA: the allocator's peak does not depend on
-    glibc's settings, so one process measures both ("both"): half the process starts, model builds and compiles,
-    which is most of a GPU bench's wall time."""
-    return ("both",) if torch.device(device).type == "cuda" else ("time", "memory")
+def timing_env() -> dict[str, str]:
+    """worker_env() with glibc's ordinary allocator from the start: for processes that only run timed work."""
+    env = worker_env()
+    env.pop("MALLOC_MMAP_THRESHOLD_")
+    return env
 
 
-def run_worker(module: str, worker_args: list[str], timeout: int = 3600,
-               measures: tuple[str, ...] = ("time", "memory")) -> dict:
-    """Run `python -m module --worker ... --measure M` once per M in measures, each in a fresh process, and
-    merge the JSON results; a worker's last stdout line that starts with { is its result."""
+def ordinary_allocator() -> None:
+    """From here on, glibc as a user's process has it after a warm-up: blocks under 32 MiB reused from the heap
+    (its dynamic mmap threshold settles there), larger ones mapped. Processes started from here on (vLLM's engine)
+    get glibc's defaults. Nothing to do on CUDA, or off glibc."""
+    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, ORDINARY_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * ORDINARY_MMAP_THRESHOLD)
+
+
+def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict:
+    """Run `python -m module --worker ...` in a fresh process started with worker_env() (it measures memory
+    first, then time); its last stdout line that starts with { is its result."""
     import subprocess
     import sys
 
-    result: dict = {}
-    for measure in measures:
-        cmd = [sys.executable, "-m", module, "--worker", *worker_args, "--measure", measure]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(measure), timeout=timeout)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
-        part = json.loads(lines[-1])
-        if "missing" in part:
-            return part
-        result.update(part)
-    return result
+    cmd = [sys.executable, "-m", module, "--worker", *worker_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(lines[-1])
 
 
 def package_version(name: str) -> str | None:

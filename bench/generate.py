@@ -11,11 +11,16 @@ with SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens, seed=0):
   vLLM           spin_fast.generation.vllm_engine.VllmEngine in vLLM's default multi-process mode (the production
                  path: the model runs in an engine process), model dtype served as is (fp32 on the CPU preset).
 
+Each engine runs in one worker process, which measures memory first, under bench.common.worker_env()'s exact-RSS
+allocator, and then times under glibc's ordinary one (bench.common.memory_then_time; vLLM's processes inherit the
+allocator of the moment they start, so its timings run in the engine started by the restart below).
+
 Tokens per second = tokens actually generated (over all completions: their tokens, plus 1 for the EOS of each
 completion that EOS ended) / the median wall time of one generate() call over `repeats` calls after `warmup`
 untimed ones. The engines sample differently, so each is credited with its own count (with a random model
 EOS is rare and both generate about prompts x max_new_tokens). Start-up is reported apart and is not in
-tokens/s: transformers' is from_pretrained of the folder plus the engine; vLLM's is VllmEngine(folder).
+tokens/s: transformers' is from_pretrained of the folder plus the engine; vLLM's is the first VllmEngine(folder)
+(both while the exact-RSS allocator holds).
 
 New weights (a perturbed copy of the model's state dict, as after a training iteration):
   hot swap       engine.load_weights(state dict), median of `swap_repeats` calls; for vLLM this includes writing
@@ -25,16 +30,16 @@ New weights (a perturbed copy of the model's state dict, as after a training ite
                  (median of `restart_runs`). Writing that checkpoint (save_pretrained + tokenizer) is timed apart
                  (`checkpoint_save_ms`) and not in the restart time, so the restart figure is a lower bound.
 
-Memory (on the CPU a separate worker process run with worker_env("memory"); on CUDA the timing process, after
-its timings: see bench.common.run_worker and worker_measures):
+Memory:
   transformers   peak_extra_mib: the peak that one generate() call adds on top of what is held before it, in the
                  process that runs it (RSS, or the CUDA allocator's peak); held_mib: the model's parameter bytes.
   vLLM           the model and KV cache live in vLLM's worker process, not in the bench's, whose RSS would say
-                 nothing. Measured there instead, through /proc/<worker pid>: peak_extra_mib is its peak RSS
-                 during one generate() call above its RSS before it, engine_rss_mib its RSS before the call
-                 (weights, the KV cache vLLM reserves up front (VLLM_CPU_KVCACHE_SPACE, 1 GiB here), libraries).
-                 The engine-core and front-end processes are not counted. On CUDA (gpu preset) the KV cache is in
-                 GPU memory and this RSS does not see it: the GPU memory is then reported as not measured.
+                 nothing. Measured there instead, through /proc/<worker pid>, in the first engine: peak_extra_mib
+                 is its peak RSS during one generate() call above its RSS before it, engine_rss_mib its RSS before
+                 the call (weights, the KV cache vLLM reserves up front (VLLM_CPU_KVCACHE_SPACE, 1 GiB here),
+                 libraries). The engine-core and front-end processes are not counted. On CUDA (gpu preset) the KV
+                 cache is in GPU memory and this RSS does not see it: the GPU memory is then reported as not
+                 measured.
 
 Presets: cpu (checked on a 2-core CPU), tiny (tests), gpu (bf16, 0.94B parameters, sized for one H200 in
 bench/gpu/check.sh's slot; not yet run on a GPU). Run: python -m bench.generate [--preset cpu|gpu|tiny].
@@ -57,8 +62,9 @@ import torch
 from bench.common import (
     format_table,
     machine_info,
+    memory_then_time,
+    ordinary_allocator,
     package_version,
-    peak_extra_memory_mib,
     problem,
     publish,
     run_worker,
@@ -66,7 +72,6 @@ from bench.common import (
     summarize,
     synchronize,
     time_runs,
-    worker_measures,
 )
 
 
@@ -92,15 +97,15 @@ class Preset:
 
 
 PRESETS = {
-    # ~45M parameters (vocabulary 32000, head dim 64), fp32; 32 prompts of 16-128 tokens, 64 new tokens each.
-    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 4, 8, 1376, 32, 16, 128, 64, 16,
+    # ~45M parameters (vocabulary 32000, head dim 64), fp32; 32 prompts of 16-128 tokens, 32 new tokens each.
+    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 4, 8, 1376, 32, 16, 128, 32, 16,
                   warmup=1, repeats=3, swap_repeats=3, restart_runs=1),
     # One H200: 0.94B parameters in bf16, 64 prompts of 64-512 tokens, 128 new tokens each, in bench/gpu/check.sh's
     # slot of 70 s. Decoding is bound by reading the weights (1.9 GB: ~0.5 ms a step at 4 TB/s) and, for
     # transformers, by its Python per step (~15-25 ms for 16 layers): one batch of 64 x 128 steps ~3 s a call;
-    # 1 warm-up + 2 timed + 1 memory call ~12 s. A swap copies 1.9 GB into the engine (~0.5 s, x3). The rest is
-    # the process (~10 s: imports, CUDA context, the tokenizer, saving and loading the 1.9 GB model): about 35 s
-    # for transformers. vLLM, where installed, adds its start-up (~60 s) and a restart: give it more time.
+    # 1 warm-up + 1 memory + 1 warm-up + 2 timed calls ~15 s. A swap copies 1.9 GB into the engine (~0.5 s, x3).
+    # The rest is the process (~10 s: imports, CUDA context, the tokenizer, saving and loading the 1.9 GB model):
+    # about 40 s for transformers. vLLM, where installed, adds its start-up (~60 s) and a restart: give it more time.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 64, 64, 512, 128, 64,
                   warmup=1, repeats=2, swap_repeats=3, restart_runs=1),
     "tiny": Preset("tiny", "cpu", torch.float32, 512, 64, 2, 2, 128, 6, 4, 24, 8, 4,
@@ -199,16 +204,21 @@ def _median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
+def _generation_figures(times: list[float], counts: list[int]) -> dict:
+    """Median time of the timed generate() calls (the last len(times) of counts) and the tokens they made."""
+    timed = counts[-len(times):]
+    stats = summarize(times)
+    tokens = statistics.median(timed)
+    return {**stats, "generated_tokens": tokens, "generated_tokens_per_run": timed,
+            "tokens_per_s": tokens / (stats["median_ms"] / 1e3)}
+
+
 def _time_generation(engine, prompts, preset: Preset, device: torch.device) -> dict:
     counts: list[int] = []
     config = sampling(preset)
     times = time_runs(lambda: counts.append(count_tokens(engine.generate(prompts, config))), device,
                       max(1, preset.warmup), preset.repeats)
-    timed = counts[-preset.repeats:]
-    stats = summarize(times)
-    tokens = statistics.median(timed)
-    return {**stats, "generated_tokens": tokens, "generated_tokens_per_run": timed,
-            "tokens_per_s": tokens / (stats["median_ms"] / 1e3)}
+    return _generation_figures(times, counts)
 
 
 def _time_swaps(engine, state: dict[str, torch.Tensor], repeats: int, device: torch.device) -> dict:
@@ -221,8 +231,8 @@ def _time_swaps(engine, state: dict[str, torch.Tensor], repeats: int, device: to
     return {"swap_ms": _median_ms(times), "swap_runs": len(times)}
 
 
-def _transformers(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -> dict:
-    """what: "time", "memory", or "both" (the two in turn, in this process: CUDA)."""
+def _transformers(preset: Preset, workdir: Path, model, tokenizer, prompts) -> dict:
+    """Memory of one generate() call, then its time (bench.common.memory_then_time), then weight swaps."""
     from transformers import AutoModelForCausalLM
 
     from spin_fast.generation.hf_engine import TransformersEngine
@@ -235,17 +245,13 @@ def _transformers(preset: Preset, what: str, workdir: Path, model, tokenizer, pr
                                 batch_size=preset.hf_batch_size, progress=False)
     startup = time.perf_counter() - start
     del model
-    result: dict = {}
-    if what in ("time", "both"):
-        result = {"startup_ms": startup * 1e3, **_time_generation(engine, prompts, preset, device)}
-        result.update(_time_swaps(engine, perturbed_state(loaded), preset.swap_repeats, device))
-    if what in ("memory", "both"):
-        config = sampling(preset)
-        if what == "memory":
-            engine.generate(prompts, config)  # warm-up
-        held = param_mib(loaded)
-        result.update(peak_extra_mib=peak_extra_memory_mib(lambda: engine.generate(prompts, config), device),
-                      held_mib=held)
+    config = sampling(preset)
+    counts: list[int] = []
+    peak, times = memory_then_time(lambda: counts.append(count_tokens(engine.generate(prompts, config))), device,
+                                   preset.warmup, preset.repeats)
+    result = {"startup_ms": startup * 1e3, **_generation_figures(times, counts), "peak_extra_mib": peak,
+              "held_mib": param_mib(loaded)}
+    result.update(_time_swaps(engine, perturbed_state(loaded), preset.swap_repeats, device))
     engine.close()
     return result
 
@@ -257,8 +263,10 @@ def _require_vllm() -> None:
         raise Missing(f"vLLM is not installed ({error})") from None
 
 
-def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -> dict:
-    """what: "time", "memory", or "both" (the timings, and on CUDA the note that memory is not measured)."""
+def _vllm(preset: Preset, workdir: Path, model, tokenizer, prompts) -> dict:
+    """The first engine, started under worker_env()'s exact-RSS allocator (its processes inherit it), measures
+    the memory of a generate() call; the restart on the new weights' checkpoint starts the second one under glibc's
+    ordinary allocator, which is timed: generation and weight swaps."""
     _require_vllm()
     from spin_fast.generation.vllm_engine import VllmEngine
 
@@ -269,19 +277,16 @@ def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -
     def start_engine(directory: Path) -> VllmEngine:
         return VllmEngine(directory, dtype=dtype, max_model_len=max_model_len, seed=0)
 
-    # On CUDA the weights and KV cache are in GPU memory, in vLLM's process: said so, not Missing (that would drop
-    # the timings too). "both" is asked for on CUDA only (bench.common.worker_measures).
-    not_measured = {"memory_not_measured": "the KV cache and weights are in GPU memory, in another process"}
-    if what == "both" and device.type != "cuda":
-        raise ValueError("--measure both is for CUDA presets: on the CPU, memory is measured in its own process")
+    config = sampling(preset)
     start = time.perf_counter()
     engine = start_engine(workdir / "model")
-    startup = time.perf_counter() - start
+    result: dict = {"startup_ms": (time.perf_counter() - start) * 1e3}
     try:
-        if what == "memory" and device.type == "cuda":
-            return not_measured
-        if what == "memory":
-            config = sampling(preset)
+        if device.type == "cuda":
+            # The weights and KV cache are in GPU memory, in vLLM's process: said so, not Missing (that would drop
+            # the timings too).
+            result["memory_not_measured"] = "the KV cache and weights are in GPU memory, in another process"
+        else:
             engine.generate(prompts, config)  # warm-up
             pids = engine.worker_pids()
             for pid in pids:
@@ -289,29 +294,24 @@ def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -
             before = sum(_proc_mib(pid, "VmRSS") for pid in pids)
             engine.generate(prompts, config)
             peak = sum(_proc_mib(pid, "VmHWM") for pid in pids)
-            return {"peak_extra_mib": peak - before, "engine_rss_mib": before, "engine_worker_processes": len(pids)}
+            result.update(peak_extra_mib=peak - before, engine_rss_mib=before, engine_worker_processes=len(pids))
 
-        result = {"startup_ms": startup * 1e3, **_time_generation(engine, prompts, preset, device)}
-        new_state = perturbed_state(model)
-        result.update(_time_swaps(engine, new_state, preset.swap_repeats, device))
-        # The same new weights as a checkpoint on disk, then a restart on it.
-        model.load_state_dict(new_state)
+        # The new weights as a checkpoint on disk, then restarts on it.
+        model.load_state_dict(perturbed_state(model))
         new_dir = workdir / "model-new"
         result["checkpoint_save_ms"] = save(model, tokenizer, new_dir) * 1e3
+        ordinary_allocator()  # for the engines started from here on, and this process
         restarts = []
         for _ in range(preset.restart_runs):
             start = time.perf_counter()
             engine.close()
             engine = start_engine(new_dir)
             restarts.append(time.perf_counter() - start)
-        result["restart_ms"] = _median_ms(restarts)
-        result["restart_runs"] = len(restarts)
+        result.update(restart_ms=_median_ms(restarts), restart_runs=len(restarts))
+
+        result.update(_time_generation(engine, prompts, preset, device))
+        result.update(_time_swaps(engine, perturbed_state(model, seed=SEED + 2), preset.swap_repeats, device))
         result["restart_vs_swap"] = result["restart_ms"] / result["swap_ms"]
-        # The restarted engine serves: one short request.
-        if count_tokens(engine.generate(prompts[:1], sampling(preset))) < 1:
-            raise RuntimeError("the restarted engine generated nothing")
-        if what == "both":
-            result.update(not_measured)
         return result
     finally:
         engine.close()
@@ -320,7 +320,7 @@ def _vllm(preset: Preset, what: str, workdir: Path, model, tokenizer, prompts) -
 RUNNERS = {"transformers": _transformers, "vLLM": _vllm}
 
 
-def measure(preset: Preset, engine: str, what: str) -> dict:
+def measure(preset: Preset, engine: str) -> dict:
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Missing("the preset needs CUDA")
@@ -333,14 +333,13 @@ def measure(preset: Preset, engine: str, what: str) -> dict:
     model = build_model(preset, tokenizer, device="cpu" if engine == "vLLM" else None)
     with tempfile.TemporaryDirectory(prefix="spin-bench-gen-") as workdir:
         save(model, tokenizer, Path(workdir) / "model")
-        return RUNNERS[engine](preset, what, Path(workdir), model, tokenizer, prompts)
+        return RUNNERS[engine](preset, Path(workdir), model, tokenizer, prompts)
 
 
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, engine: str) -> dict:
-    """Time and memory, each in a fresh subprocess (see bench.common.run_worker)."""
-    return run_worker("bench.generate", ["--preset", preset.name, "--engine", engine], timeout=1800,
-                      measures=worker_measures(preset.device))
+    """Memory and time in one fresh subprocess (see bench.common.run_worker)."""
+    return run_worker("bench.generate", ["--preset", preset.name, "--engine", engine], timeout=1800)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,13 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="*", choices=ENGINES, default=list(ENGINES), help="subset of engines")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
 
     if args.worker:
         try:
-            result = measure(preset, args.engine, args.measure)
+            result = measure(preset, args.engine)
         except Missing as reason:
             result = {"missing": str(reason)}
         print(json.dumps(result), flush=True)

@@ -1,22 +1,23 @@
 """Whole-iteration profile: where the wall time and the memory of SPIN iterations go, from a short real run.
 
 A small Llama built from a config, the local tokenizer and the demo's sorting task (spin_fast.sorting) go
-through `SelfPlay` for 2 iterations with the default engine (vLLM when installed, else transformers), as
+through `SelfPlay` for 3 iterations with the default engine (vLLM when installed, else transformers), as
 `spin-fast run` would run them. Each stage is wrapped and measured:
 
-  engine_start      creating the generation engine (once per run; vLLM starts its own processes)
+  engine_start      creating the generation engine (once per run, in iteration 0; vLLM starts its own processes)
   generate          the opponent answers every prompt (engine start not included)
   score             the opponent's log-probs of the pairs of t and t-1, once, no grad
   train             the SPIN training of θt+1, checkpoints included
   weight_transfer   θt+1 into the running engine, in memory
 
-Reported per iteration: seconds and share of the iteration's wall time; peak memory each stage adds in the
-training process (CUDA allocator peak, or the process's peak RSS reset at the stage's start, under the
-low-mmap-threshold allocator of bench.common.worker_env); and the resident memory of the engine's own
-processes (vLLM's engine core and workers), which the training process's figures do not include.
-Iteration 1 is the steady state (iteration 0 also starts the engine). Times and memory come from two
-separate runs on the CPU, like the other benches, and from one run on CUDA, where the allocator's peak needs no
-special allocator. Run: python -m bench.iteration [--preset cpu|gpu].
+One worker process runs the whole run, memory first (as bench.common.memory_then_time does for a step):
+iterations 0 and 1 under bench.common.worker_env()'s exact-RSS allocator give each stage's peak memory in the
+training process (CUDA allocator peak, or the process's peak RSS reset at the stage's start) and the resident
+memory of the engine's own processes (vLLM's engine core and workers), which the training process's figures do not
+include; then glibc's ordinary allocator, and iteration 2 gives each stage's seconds and share of the iteration's
+wall time. Iterations 1 and 2 are the steady state (each trains on the pairs of t and t-1); the engine's start
+is timed in iteration 0 (its processes start with glibc's ordinary allocator). Run: python -m bench.iteration
+[--preset cpu|gpu].
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ import torch
 from bench.common import (
     format_table,
     machine_info,
+    ordinary_allocator,
     peak_extra_memory_mib,
     publish,
     run_worker,
     synchronize,
-    worker_measures,
 )
 
 STAGES = ("engine_start", "generate", "score", "train", "weight_transfer")
+MEMORY_ITERATIONS = (0, 1)  # under the exact-RSS allocator the worker starts with
+TIMED_ITERATION = 2  # under glibc's ordinary one
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,14 @@ class Preset:
 
 
 PRESETS = {
-    "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=128, max_new_tokens=32, global_batch=32,
+    # 2 cores: vLLM's start (~35 s) and 3 iterations of ~5-8 s: under 2 minutes with the process.
+    "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=64, max_new_tokens=32, global_batch=32,
                   micro_batch_tokens=2048, dtype="float32"),
-    # One H200, slot 70 s in bench/gpu/check.sh: a ~0.34B-parameter Llama in bf16, 256 prompts, 2 iterations. Without
+    # One H200, slot 70 s in bench/gpu/check.sh: a ~0.34B-parameter Llama in bf16, 256 prompts, 3 iterations. Without
     # vLLM (not on that machine) transformers generates: 4 batches of 64 x 64 decoding steps at ~15 ms (Python-bound)
-    # ~4 s an iteration; training 4 then 8 steps of 64 pairs (~8k tokens, ~2e13 FLOP: < 0.1 s of matmuls each, a few
-    # tenths of a second with packing and the optimizer) plus a checkpoint (~1.4 GB) each; scoring < 1 s. With the
-    # process (~10 s: imports, CUDA context, building and saving the model): about 40 s.
+    # ~4 s an iteration; training 4, 8 and 8 steps of 64 pairs (~8k tokens, ~2e13 FLOP: < 0.1 s of matmuls each, a
+    # few tenths of a second with packing and the optimizer) plus a checkpoint (~1.4 GB) each; scoring < 1 s. With the
+    # process (~10 s: imports, CUDA context, building and saving the model): about 50 s.
     "gpu": Preset("gpu", hidden=2048, layers=8, heads=16, prompts=256, max_new_tokens=64, global_batch=64,
                   micro_batch_tokens=16384, dtype="bfloat16"),
     "tiny": Preset("tiny", hidden=64, layers=2, heads=2, prompts=16, max_new_tokens=8, global_batch=8,
@@ -100,9 +104,9 @@ def engine_rss_mib() -> float:
     return total
 
 
-def profiled_selfplay(config, measure: str):
-    """A SelfPlay whose stages record their seconds (measure="time", in selfplay.records["time"]), peak memory
-    (measure="memory", in records["memory"]) or both (CUDA, see bench.common.worker_measures)."""
+def profiled_selfplay(config):
+    """A SelfPlay whose stages record their peak memory in the memory iterations (selfplay.records["memory"]) and
+    their seconds in the timed one (records["time"]); the engine's start is timed wherever it happens."""
     from spin_fast.selfplay import SelfPlay, default_engine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,16 +114,17 @@ def profiled_selfplay(config, measure: str):
     class Profiled(SelfPlay):
         def measured(self, stage: str, call):
             key = f"iter-{self.current}/{stage}"
+            timed_here = self.current == TIMED_ITERATION or stage == "engine_start"
             result = []
 
             def timed():
                 start = time.perf_counter()
                 result.append(call())
                 synchronize(device)
-                if measure != "memory":
+                if timed_here:
                     self.records["time"][key] = time.perf_counter() - start
 
-            if measure == "time":
+            if self.current == TIMED_ITERATION:
                 gc.collect()
                 timed()
             else:  # the timing inside the memory measurement: its set-up (gc, emptying the cache) stays outside
@@ -130,6 +135,8 @@ def profiled_selfplay(config, measure: str):
 
         def iteration(self, t, *args, **kwargs):
             self.current = t
+            if t == TIMED_ITERATION:
+                ordinary_allocator()
             return super().iteration(t, *args, **kwargs)
 
         def generate(self, *args, **kwargs):
@@ -145,13 +152,13 @@ def profiled_selfplay(config, measure: str):
             return self.measured("weight_transfer", lambda: super(Profiled, self).transfer_weights(*args, **kwargs))
 
     selfplay = Profiled(config)
-    selfplay.records = {kind: {} for kind in ("time", "memory") if measure in (kind, "both")}
+    selfplay.records = {"time": {}, "memory": {}}
     selfplay.current = 0
     selfplay.make_engine = lambda *args: selfplay.measured("engine_start", lambda: default_engine(*args))
     return selfplay
 
 
-def worker(preset: Preset, measure: str, engine: str) -> dict:
+def worker(preset: Preset, engine: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from spin_fast.config import load_run_config
@@ -174,13 +181,17 @@ def worker(preset: Preset, measure: str, engine: str) -> dict:
     config = load_run_config(None, [
         f"output_dir={workdir / 'run'}", f"model.name_or_path={workdir / 'model'}",
         f"data.source={workdir / 'train.jsonl'}", "data.max_length=96", "data.max_prompt_length=64",
-        f"generation.max_new_tokens={preset.max_new_tokens}", "generation.batch_size=64", "iterations=2",
+        f"generation.max_new_tokens={preset.max_new_tokens}", "generation.batch_size=64",
+        f"iterations={TIMED_ITERATION + 1}",
         f"generation.engine={engine}",
         f"train.global_batch={preset.global_batch}", f"train.micro_batch_tokens={preset.micro_batch_tokens}",
         "train.epochs=1", f"train.dtype={preset.dtype}", "train.learning_rate=1e-5", "train.progress=false",
         f"score_batch_tokens={4 * preset.micro_batch_tokens}",
     ])
-    selfplay = profiled_selfplay(config, measure)
+    # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
+    # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
+    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    selfplay = profiled_selfplay(config)
     summaries = selfplay.run()
     engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
     return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
@@ -188,25 +199,32 @@ def worker(preset: Preset, measure: str, engine: str) -> dict:
 
 
 def profile_rows(result: dict) -> list[dict]:
-    """One row per (iteration, stage): seconds, share of the iteration's time, peak MiB."""
+    """The engine's start (once per run), then one row per stage of the steady state: seconds and share of the
+    timed iteration's wall time, peak MiB in the last memory iteration."""
+    time_of, memory_of = result["time"], result.get("memory", {})
     rows = []
-    for t in (0, 1):
-        seconds_of = {s: result["time"][f"iter-{t}/{s}"] for s in STAGES if f"iter-{t}/{s}" in result["time"]}
-        if "engine_start" in seconds_of:  # the engine starts inside the first generate stage
-            seconds_of["generate"] -= seconds_of["engine_start"]
-        total = sum(seconds_of.values())
-        for stage, seconds in seconds_of.items():
-            rows.append({"iteration": t, "stage": stage, "seconds": seconds, "share": seconds / total,
-                         "peak_extra_mib": result.get("memory", {}).get(f"iter-{t}/{stage}")})
+    if "iter-0/engine_start" in time_of:
+        rows.append({"stage": "engine_start", "iteration": 0, "seconds": time_of["iter-0/engine_start"],
+                     "share": None, "peak_extra_mib": memory_of.get("iter-0/engine_start"), "memory_iteration": 0})
+    seconds_of = {s: time_of[f"iter-{TIMED_ITERATION}/{s}"] for s in STAGES
+                  if f"iter-{TIMED_ITERATION}/{s}" in time_of}
+    total = sum(seconds_of.values())
+    steady = MEMORY_ITERATIONS[-1]
+    for stage, seconds in seconds_of.items():
+        rows.append({"stage": stage, "iteration": TIMED_ITERATION, "seconds": seconds, "share": seconds / total,
+                     "peak_extra_mib": memory_of.get(f"iter-{steady}/{stage}"), "memory_iteration": steady})
     return rows
 
 
 def summary_table(result: dict) -> str:
-    headers = ["iteration", "stage", "seconds", "share of iteration", "peak extra MiB (trainer)"]
-    table = [[str(r["iteration"]), r["stage"], f"{r['seconds']:.2f}", f"{100 * r['share']:.0f}%",
+    headers = ["stage", "seconds", "share of iteration", "peak extra MiB (trainer)"]
+    table = [[r["stage"] + (" (once per run)" if r["share"] is None else ""), f"{r['seconds']:.2f}",
+              "-" if r["share"] is None else f"{100 * r['share']:.0f}%",
               "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"] for r in result["rows"]]
-    engine = result.get("memory", {}).get("iter-1/engine_rss")
-    note = f"engine: {result['engine']}"
+    steady = MEMORY_ITERATIONS[-1]
+    note = (f"seconds: iteration {TIMED_ITERATION}; memory: iteration {steady} (engine start: iteration 0); "
+            f"engine: {result['engine']}")
+    engine = result.get("memory", {}).get(f"iter-{steady}/engine_rss")
     if engine:
         note += f", its processes' peak RSS {engine:.0f} MiB (not in the trainer's figures)"
     return format_table(headers, table) + "\n" + note + "\n"
@@ -218,15 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
                         help="generation engine (default: vLLM when installed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory", "both"), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
     if args.worker:
-        print(json.dumps(worker(preset, args.measure, args.engine)))
+        print(json.dumps(worker(preset, args.engine)))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600,
-                        measures=worker_measures(device))
+    result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600)
     if "error" in result:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
         return 1

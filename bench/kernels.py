@@ -4,9 +4,10 @@ Two jobs are measured on one realistic packed batch (P pairs; each pair's prompt
 the tokens, carries no loss; responses of uneven length):
   spin_head  hidden states -> SPIN loss (what fused_linear_spin_loss does)
   logprobs   hidden states -> per-token target log-probs (what linear_logprobs does)
-Every (job, method) runs in its own subprocesses (on CUDA one, which times it and then measures
-its memory), so compile caches and allocator state never leak from one method into the next.
-Run: python -m bench.kernels [--preset cpu|gpu].
+Every (vocabulary, job, method) runs in a fresh subprocess, which measures the peak memory of one call and then
+times calls (bench.common.memory_then_time), so compile caches and allocator state never leak from one
+measurement into the next. A method that cannot run here (CUDA only, no such entry point) is reported as missing
+without starting one. Run: python -m bench.kernels [--preset cpu|gpu] [--jobs spin_head logprobs].
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from bench.common import (
     format_table,
     machine_info,
-    peak_extra_memory_mib,
+    memory_then_time,
     problem,
     publish,
     run_worker,
@@ -31,7 +32,6 @@ from bench.common import (
     summarize,
     synchronize,
     time_runs,
-    worker_measures,
 )
 
 
@@ -51,14 +51,17 @@ class Preset:
 
 
 PRESETS = {
-    # `make bench` on 2 cores in under 15 minutes: 2048 tokens, 3 timed runs.
-    "cpu": Preset("cpu", "cpu", torch.float32, 2048, 1024, (8000, 32000), 8, warmup=1, repeats=3),
+    # Part of `make bench`'s 15 minutes on 2 cores (~3.5 min): 2048 tokens, H=512, the SPIN head only (--jobs adds
+    # logprobs), 3 timed runs. A worker's wall time is mostly fixed costs: ~4 s to start and build the batch,
+    # ~20 s of compiling for torch.compile and ~25 s for Liger, at each vocabulary size.
+    "cpu": Preset("cpu", "cpu", torch.float32, 2048, 512, (8000, 16000), 8, warmup=1, repeats=3,
+                  jobs=("spin_head",)),
     # One H200, bf16, Llama-3's head (V=128256, H=4096) on 16384 packed tokens, the SPIN head only (--jobs adds
     # logprobs, --vocabs 32000 a second point), in bench/gpu/check.sh's slot of 160 s. Work: one pass over the
     # ~11k loss tokens is 2*11k*4096*128256 = 1.2e13 FLOP; spin-fast does 4 (~0.1 s at ~40% of 700 TFLOP/s),
     # naive 3 over all 16384 tokens (5.2e13, ~0.2 s, ~35 GB of fp32 logits and their gradient), Liger about 5x
-    # naive (padded rows, and it recomputes the opponent's head). 2 warm-ups + 5 timed + 1 memory call: under
-    # 10 s of GPU work per method. The wall time is elsewhere: one process per method (~6 s: Python, torch,
+    # naive (padded rows, and it recomputes the opponent's head). 2 warm-ups + 1 memory call + 2 warm-ups + 5 timed:
+    # under 10 s of GPU work per method. The wall time is elsewhere: one process per method (~6 s: Python, torch,
     # CUDA context, the batch) plus compiles (torch.compile and Liger's ~30 s each, Triton and CCE ~10 s):
     # about 130-150 s. Most telling first, so a cut-off run loses the least: naive (the baseline of every ratio),
     # spin-fast's Triton head, then the peers.
@@ -233,8 +236,6 @@ def _cut_cross_entropy():
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as error:
         raise Missing(f"cut-cross-entropy is not installed ({error})") from None
-    if not torch.cuda.is_available():
-        raise Missing("cut-cross-entropy's kernel is Triton on CUDA only")
 
     def logprobs(b: Batch) -> torch.Tensor:
         return -linear_cross_entropy(b.hidden, b.weight, b.targets, reduction="none", impl="cce").float()
@@ -269,44 +270,48 @@ METHODS: dict[str, Callable] = {
     "Cut Cross-Entropy": _cut_cross_entropy,
 }
 JOBS = ("spin_head", "logprobs")
+CUDA_ONLY = {"spin-fast triton": "Triton backend needs CUDA (the CPU tests run it through the interpreter)",
+             "Cut Cross-Entropy": "cut-cross-entropy's kernel is Triton on CUDA only"}
+
+
+def unavailable(preset: Preset, job: str, method: str) -> str | None:
+    """Why a method cannot run a job here, known without starting its worker (which costs seconds)."""
+    if method in CUDA_ONLY and preset.device != "cuda":
+        return CUDA_ONLY[method]
+    if job == "logprobs" and method == "Liger DPO loss":
+        return f"{method} has no logprobs entry point"
+    return None
 
 
 # ---------------------------------------------------------------------------------------- worker
-def measure(preset: Preset, vocab: int, job: str, method: str, what: str) -> dict:
-    """what: "time" (median of repeats after warm-up), "memory" (peak of one step after warm-up) or "both" (time,
-    then memory in the same process: CUDA, see bench.common.worker_measures)."""
-    device = torch.device(preset.device)
-    if method == "spin-fast triton" and device.type != "cuda":
-        raise Missing("Triton backend needs CUDA (the CPU tests run it through the interpreter)")
+def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
+    """Peak memory of one forward + backward, then the median time of repeats after warm-up (bench.common
+    .memory_then_time), and the objective's value."""
+    reason = unavailable(preset, job, method)
+    if reason:
+        raise Missing(reason)
     head, logprobs = METHODS[method]()
     fn = head if job == "spin_head" else logprobs
-    if fn is None:
-        raise Missing(f"{method} has no {job} entry point")
     batch = make_batch(preset, vocab)
 
     def objective() -> torch.Tensor:
         out = fn(batch)
         return out if job == "spin_head" else (out.float() * batch.upstream).sum()
 
-    def step() -> None:
+    def release_grads() -> None:
         for leaf in batch.leaves:
             leaf.grad = None
+
+    def step() -> None:
+        release_grads()
         objective().backward()
 
-    result: dict = {}
-    if what in ("time", "both"):
-        result = _timed(preset, vocab, job, method, batch, step, objective)
-    if what in ("memory", "both"):
-        if what == "memory":
-            time_runs(step, device, preset.warmup, 0)  # compiles and warms caches outside the measurement
-        for leaf in batch.leaves:
-            leaf.grad = None
-        result["peak_extra_mib"] = peak_extra_memory_mib(step, device)
-    return result
+    device = torch.device(preset.device)
+    peak, times = memory_then_time(step, device, preset.warmup, preset.repeats, release=release_grads)
+    return {**_figures(preset, vocab, job, method, batch, times, objective), "peak_extra_mib": peak}
 
 
-def _timed(preset: Preset, vocab: int, job: str, method: str, batch: Batch, step, objective) -> dict:
-    times = time_runs(step, torch.device(preset.device), preset.warmup, preset.repeats)
+def _figures(preset: Preset, vocab: int, job: str, method: str, batch: Batch, times: list[float], objective) -> dict:
     with torch.no_grad():
         value = float(objective())
     n_loss_tokens = int((batch.targets != -100).sum())
@@ -331,15 +336,18 @@ def matmul_tflops(preset: Preset, vocab: int) -> float:
     device = torch.device(preset.device)
     a = torch.randn(preset.tokens, preset.hidden, device=device, dtype=preset.dtype)
     b = torch.randn(preset.hidden, vocab, device=device, dtype=preset.dtype)
-    times = time_runs(lambda: a @ b, device, warmup=2, repeats=5)
+    times = time_runs(lambda: a @ b, device, warmup=1, repeats=3)
     synchronize(device)
     return 2 * preset.tokens * preset.hidden * vocab / sorted(times)[len(times) // 2] / 1e12
 
 
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, vocab: int, job: str, method: str) -> dict:
-    args = ["--preset", preset.name, "--vocab", str(vocab), "--job", job, "--method", method]
-    return run_worker("bench.kernels", args, measures=worker_measures(preset.device))
+    reason = unavailable(preset, job, method)
+    if reason:
+        return {"missing": reason}
+    return run_worker("bench.kernels", ["--preset", preset.name, "--vocab", str(vocab), "--job", job,
+                                        "--method", method])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     methods = args.methods if args.methods is not None else list(preset.methods or METHODS)
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         try:
-            result = measure(preset, args.vocab, args.job, args.method, args.measure)
+            result = measure(preset, args.vocab, args.job, args.method)
         except Missing as reason:
             result = {"missing": str(reason)}
         print(json.dumps(result), flush=True)

@@ -3,7 +3,7 @@
   kernels-<preset>.png      per job: forward+backward time and peak memory against vocabulary size,
                             one line per method (spin-fast backends and peers)
   train_step-<preset>.png   tokens/s and peak memory of one SPIN optimizer step per method
-  iteration-<preset>.png    seconds per stage of each iteration of the whole-iteration profile
+  iteration-<preset>.png    seconds and peak memory per stage of the whole-iteration profile
 
 Run: python -m bench.plots [RESULTS_DIR] (python -m bench draws them after the benches).
 """
@@ -71,18 +71,16 @@ def plot_train_step(report: dict, path: Path) -> Path | None:
 def plot_iteration(report: dict, path: Path) -> Path:
     plt = _pyplot()
     rows = report["rows"]
-    iterations = sorted({r["iteration"] for r in rows})
-    stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bottom = [0.0] * len(iterations)
-    for stage in stages:
-        heights = [next((r["seconds"] for r in rows if r["iteration"] == t and r["stage"] == stage), 0.0)
-                   for t in iterations]
-        ax.bar([f"iteration {t}" for t in iterations], heights, bottom=bottom, label=stage)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set(ylabel="seconds", title=f"one SPIN iteration, {report['preset']['name']} preset, engine "
-                                   f"{report['engine']}, {report['machine']['device']}")
-    ax.legend(fontsize=8)
+    labels = [r["stage"] + ("\n(once per run)" if r["share"] is None else "") for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(labels, [r["seconds"] for r in rows], color=["C7" if r["share"] is None else "C0" for r in rows])
+    axes[0].set(ylabel="seconds", title="wall time per stage (steady-state iteration)")
+    axes[1].bar(labels, [r["peak_extra_mib"] or 0.0 for r in rows])
+    axes[1].set(ylabel="MiB", title="peak memory a stage adds (training process)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"one SPIN iteration, {report['preset']['name']} preset, engine {report['engine']}, "
+                 f"{report['machine']['device']}")
     return _save(fig, path)
 
 

@@ -58,7 +58,7 @@ from bench.common import (
     save_partial,
     summarize,
     time_runs,
-    worker_env,
+    timing_env,
 )
 from bench.train_step import PRESETS as TRAIN_STEP_PRESETS
 from bench.train_step import Preset, build_model, make_pairs, pair_layout, real_tokens, train_config
@@ -66,7 +66,7 @@ from bench.train_step import Preset, build_model, make_pairs, pair_layout, real_
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     # ~7.3M parameters, fp32, 8 pairs of up to 256 tokens per sequence (2704 tokens): ~1 s per step on 2 cores.
-    "cpu": Preset("cpu", "cpu", torch.float32, 8000, 256, 4, 4, 688, 8, 256, 1024, warmup=2, repeats=5),
+    "cpu": Preset("cpu", "cpu", torch.float32, 8000, 256, 4, 4, 688, 8, 256, 1024, warmup=1, repeats=3),
     # One H200 (the machine bench/gpu/check.sh runs on), slot 90 s: train_step's GPU model with 8 of its 16 layers
     # (0.54B parameters, bf16), 16 pairs (20746 tokens, ~7e13 FLOP a step: ~0.25 s at ~40% of 700 TFLOP/s), 1 warm-up
     # + 3 timed steps. Each configuration is a torchrun job (~20 s: imports with DeepSpeed's, CUDA context, model,
@@ -180,9 +180,9 @@ def free_port() -> int:
 
 
 def launch_env(preset: Preset, processes: int) -> dict[str, str]:
-    """The ordinary allocator (worker_env's time setting), and the machine's cores split between the processes
+    """glibc's ordinary allocator (bench.common.timing_env), and the machine's cores split between the processes
     on the CPU."""
-    env = worker_env("time")
+    env = timing_env()
     threads = max(1, usable_cores() // processes)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

@@ -68,7 +68,7 @@ def scaling_rows(report: dict) -> list[list[str]]:
 
 
 def iteration_rows(report: dict) -> list[list[str]]:
-    steady = [r for r in report["rows"] if r["iteration"] == 1]
+    steady = [r for r in report["rows"] if r["share"] is not None]
     shares = ", ".join(f"{r['stage']} {100 * r['share']:.0f}%" for r in steady)
     return [[f"iteration profile ({report['engine']})", f"{sum(r['seconds'] for r in steady):.1f} s: {shares}"]]
 

@@ -35,10 +35,9 @@ Tokens per second count the same real tokens for every method: over the pairs, (
 on top of what is held before it (weights of every model in memory, optimizer state; gradients are
 released before the measurement for every method): the CUDA allocator's peak, or the process's peak
 RSS on the CPU. `held_mib` reports what is held before the step. Every method runs in its own
-subprocesses: one times it with the ordinary allocator, one measures its memory with worker_env()'s
-low mmap threshold (exact RSS, but on the CPU it makes a step about 3x slower from page faults, so it
-never runs under the clock; on CUDA the allocator's peak needs no such setting, and one process measures
-both). Run: python -m bench.train_step [--preset cpu|gpu].
+subprocess, which measures the memory of a step first, under worker_env()'s exact-RSS allocator, and then
+times steps under glibc's ordinary one (bench.common.memory_then_time).
+Run: python -m bench.train_step [--preset cpu|gpu].
 """
 
 from __future__ import annotations
@@ -57,14 +56,12 @@ import torch
 from bench.common import (
     format_table,
     machine_info,
-    peak_extra_memory_mib,
+    memory_then_time,
     problem,
     publish,
     run_worker,
     save_partial,
     summarize,
-    time_runs,
-    worker_measures,
 )
 
 
@@ -86,12 +83,13 @@ class Preset:
 
 
 PRESETS = {
-    # ~52M parameters, fp32, 8 pairs of up to 512 tokens per sequence.
-    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 6, 8, 1376, 4, 512, 2048, warmup=1, repeats=3),
+    # ~29M parameters, fp32, 4 pairs of up to 256 tokens per sequence (1427 real tokens): one step takes ~2 s for
+    # spin-fast and 6-7 s for TRL on 2 cores, ~2.5 min for the bench.
+    "cpu": Preset("cpu", "cpu", torch.float32, 16000, 512, 4, 8, 1376, 4, 256, 2048, warmup=1, repeats=3),
     # One H200: 0.94B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens (20746 real
     # tokens a step), in bench/gpu/check.sh's slot of 100 s. One step is ~6 x 0.94e9 FLOP a token: spin-fast's packed
     # tokens ~1.2e14 FLOP (~0.4 s at ~40% of 700 TFLOP/s); TRL pads 32 rows to 1024 (32768 tokens) and runs the
-    # reference forward too: ~2.5e14 FLOP (~0.9 s). 2 warm-ups + 3 timed + 1 memory step: < 10 s of GPU work per
+    # reference forward too: ~2.5e14 FLOP (~0.9 s). 2 warm-ups + 1 memory + 2 warm-ups + 3 timed: ~10 s of GPU work per
     # method; each method's process adds ~15-20 s (imports, CUDA context, the model built on the GPU, TRL's set-up):
     # about 60 s in all.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=3),
@@ -310,37 +308,34 @@ BASELINES = {"live": "TRL DPO, live reference", "precomputed": "TRL DPO, precomp
 
 
 # ---------------------------------------------------------------------------------------- worker
-def measure(preset: Preset, method: str, what: str) -> dict:
-    """what="time": first-step loss and step times; what="memory": peak extra memory of one step (after a
-    warm-up step, so that the optimizer state exists) and what is held before it; "both": the two in turn, in
-    this process (CUDA, see bench.common.worker_measures)."""
+def measure(preset: Preset, method: str) -> dict:
+    """One worker process (bench.common.memory_then_time): the peak extra memory of one step (after a warm-up
+    step, so that the optimizer state exists) and what is held before it, then the step times; the loss of the
+    first step of all."""
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Missing("the preset needs CUDA")
-    result: dict = {}
     with tempfile.TemporaryDirectory(prefix="spin-bench-") as workdir:
         runner = METHODS[method](preset, Path(workdir))
-        if what in ("time", "both"):
-            losses: list[float] = []
-            times = time_runs(lambda: losses.append(runner.step()), device, max(1, preset.warmup), preset.repeats)
-            tokens = real_tokens(make_pairs(preset))
-            stats = summarize(times)
-            result = {**stats, "tokens": tokens, "tokens_per_s": tokens / (stats["median_ms"] / 1e3),
-                      "first_loss": losses[0], **runner.info}
-        if what in ("memory", "both"):
-            if what == "memory":
-                runner.step()  # the optimizer state exists before the measured step
+        losses: list[float] = []
+        held: list[float] = []
+
+        def release() -> None:
             runner.release_grads()
-            held = runner.held()
-            result.update(peak_extra_mib=peak_extra_memory_mib(runner.step, device), held_mib=held)
-    return result
+            held.append(runner.held())
+
+        peak, times = memory_then_time(lambda: losses.append(runner.step()), device, preset.warmup, preset.repeats,
+                                       release=release)
+        tokens = real_tokens(make_pairs(preset))
+        stats = summarize(times)
+        return {**stats, "tokens": tokens, "tokens_per_s": tokens / (stats["median_ms"] / 1e3),
+                "first_loss": losses[0], "peak_extra_mib": peak, "held_mib": held[0], **runner.info}
 
 
 # ---------------------------------------------------------------------------------- orchestrator
 def run_one(preset: Preset, method: str) -> dict:
-    """Time and memory in fresh subprocesses (see bench.common.run_worker)."""
-    return run_worker("bench.train_step", ["--preset", preset.name, "--method", method],
-                      measures=worker_measures(preset.device))
+    """Memory and time in one fresh subprocess (see bench.common.run_worker)."""
+    return run_worker("bench.train_step", ["--preset", preset.name, "--method", method])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,13 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of methods to run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=("time", "memory", "both"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
 
     if args.worker:
         try:
-            result = measure(preset, args.method, args.measure)
+            result = measure(preset, args.method)
         except Missing as reason:
             result = {"missing": str(reason)}
         print(json.dumps(result), flush=True)

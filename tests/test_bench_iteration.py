@@ -11,11 +11,11 @@ def test_iteration_profile_tiny(tmp_path, monkeypatch, capsys):
     assert iteration.main(["--preset", "tiny", "--engine", "transformers"]) == 0
     report = json.loads((tmp_path / "iteration-tiny.json").read_text())
     rows = report["rows"]
-    for t in (0, 1):
-        stages = [r["stage"] for r in rows if r["iteration"] == t]
-        assert stages == (["engine_start"] if t == 0 else []) + ["generate", "score", "train", "weight_transfer"]
-        assert math.isclose(sum(r["share"] for r in rows if r["iteration"] == t), 1.0)
+    assert [r["stage"] for r in rows] == ["engine_start", "generate", "score", "train", "weight_transfer"]
+    assert rows[0]["share"] is None and rows[0]["iteration"] == 0  # once per run, apart from the steady state
+    assert {r["iteration"] for r in rows[1:]} == {iteration.TIMED_ITERATION}
+    assert math.isclose(sum(r["share"] for r in rows[1:]), 1.0)
     assert all(r["seconds"] >= 0 and math.isfinite(r["peak_extra_mib"]) for r in rows)
-    assert report["pairs"] == [16, 32]  # iteration 1 also trains on iteration 0's pairs
+    assert report["pairs"] == [16, 32, 32]  # iterations 1 and 2 also train on the previous iteration's pairs
     assert report["engine"] == "TransformersEngine" and report["machine"]["versions"]["torch"]
     assert "weight_transfer" in capsys.readouterr().out

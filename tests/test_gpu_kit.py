@@ -160,14 +160,20 @@ def test_check_sh_names_an_unknown_stage(tmp_path):
     ("bench.generate", ["--engine", "transformers"]),
     ("bench.iteration", ["--engine", "transformers"]),
 ], ids=lambda x: x if isinstance(x, str) else None)
-def test_one_worker_measures_time_then_memory(module, args):
-    # On CUDA one worker process does both ("--measure both", bench.common.worker_measures): the same code here.
-    done = subprocess.run([sys.executable, "-m", module, "--worker", "--preset", "tiny", *args, "--measure", "both"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+def test_one_worker_measures_memory_then_time(module, args):
+    # One worker process per measurement on the CPU and on CUDA alike (bench.common.run_worker).
+    from bench import common
+
+    result = common.run_worker(module, ["--preset", "tiny", *args], timeout=300)
+    assert "error" not in result, result
     if module == "bench.iteration":
-        assert set(result["time"]) == set(result["memory"]) - {"iter-0/engine_rss", "iter-1/engine_rss"}
+        from bench import iteration
+
+        stages = {"generate", "score", "train", "weight_transfer"}
+        assert set(result["memory"]) == {f"iter-{t}/{s}" for t in iteration.MEMORY_ITERATIONS
+                                         for s in stages | {"engine_rss"}} | {"iter-0/engine_start"}
+        assert set(result["time"]) == {f"iter-{iteration.TIMED_ITERATION}/{s}" for s in stages
+                                       } | {"iter-0/engine_start"}
     else:
         assert result["median_ms"] > 0 and result["peak_extra_mib"] >= 0
 
