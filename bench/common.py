@@ -123,7 +123,7 @@ def timing_env() -> dict[str, str]:
 def ordinary_allocator() -> None:
     """From here on, glibc as a user's process has it after a warm-up: blocks under 32 MiB reused from the heap
     (its dynamic mmap threshold settles there), larger ones mapped. Processes started from here on (vLLM's engine)
-    get glibc's defaults. Nothing to do on CUDA, or off glibc."""
+    get glibc's defaults. On CUDA only the host's allocator changes; off glibc nothing does."""
     os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     try:
         libc = ctypes.CDLL("libc.so.6")
