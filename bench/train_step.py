@@ -84,7 +84,7 @@ class Preset:
 
 PRESETS = {
     # ~29M parameters, fp32, 4 pairs of up to 256 tokens per sequence (1427 real tokens): one step takes ~2 s for
-    # spin-fast and 6-7 s for TRL on 2 cores, ~2.5 min for the bench.
+    # spin-fast and 5-8 s for TRL on 2 cores: ~2.5 min for the bench.
     "cpu": Preset("cpu", "cpu", torch.float32, 16000, 512, 4, 8, 1376, 4, 256, 2048, warmup=1, repeats=3),
     # One H200: 0.94B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens (20746 real
     # tokens a step), in bench/gpu/check.sh's slot of 100 s. One step is ~6 x 0.94e9 FLOP a token: spin-fast's packed
