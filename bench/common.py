@@ -100,12 +100,15 @@ ORDINARY_MMAP_THRESHOLD = 32 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
+_EXACT_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
 def worker_env() -> dict[str, str]:
     """Environment of a measurement worker. It starts with glibc returning every freed block above 64 KiB at
     once (MALLOC_MMAP_THRESHOLD_), so that the RSS follows live memory exactly for its memory measurement; that
     costs a page fault per fresh page, so ordinary_allocator() ends it before the timings."""
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(EXACT_MMAP_THRESHOLD)
+    env[_EXACT_ENV] = str(EXACT_MMAP_THRESHOLD)
     cache = Path(__file__).resolve().parent.parent / ".cache"
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
@@ -116,15 +119,20 @@ def worker_env() -> dict[str, str]:
 def timing_env() -> dict[str, str]:
     """worker_env() with glibc's ordinary allocator from the start: for processes that only run timed work."""
     env = worker_env()
-    env.pop("MALLOC_MMAP_THRESHOLD_")
+    env.pop(_EXACT_ENV)
     return env
+
+
+def ordinary_allocator_for_new_processes() -> None:
+    """Processes started from here on (vLLM's engine) get glibc's defaults; this one keeps its allocator."""
+    os.environ.pop(_EXACT_ENV, None)
 
 
 def ordinary_allocator() -> None:
     """From here on, glibc as a user's process has it after a warm-up: blocks under 32 MiB reused from the heap
-    (its dynamic mmap threshold settles there), larger ones mapped. Processes started from here on (vLLM's engine)
-    get glibc's defaults. On CUDA only the host's allocator changes; off glibc nothing does."""
-    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    (its dynamic mmap threshold settles there), larger ones mapped, in this process and those it starts. On CUDA
+    only the host's allocator changes; off glibc nothing does."""
+    ordinary_allocator_for_new_processes()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

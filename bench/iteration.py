@@ -38,6 +38,7 @@ from bench.common import (
     format_table,
     machine_info,
     ordinary_allocator,
+    ordinary_allocator_for_new_processes,
     peak_extra_memory_mib,
     publish,
     run_worker,
@@ -190,7 +191,7 @@ def worker(preset: Preset, engine: str) -> dict:
     ])
     # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
     # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
-    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    ordinary_allocator_for_new_processes()
     selfplay = profiled_selfplay(config)
     summaries = selfplay.run()
     engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
