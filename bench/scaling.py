@@ -163,13 +163,12 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
 
 
 def worker(preset: Preset, stage: int | None, out: Path) -> None:
-    import torch.distributed as dist
+    from spin_fast import distributed
 
     result = measure(preset, stage)
     if result is not None:
         out.write_text(json.dumps(result))
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.shutdown()
 
 
 # ---------------------------------------------------------------------------------- orchestrator

@@ -61,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"spin-fast: {error}", file=sys.stderr)
         return 2
+    status = run_command(args, config)
+    if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
+        from spin_fast import distributed
+
+        distributed.shutdown()
+    return status
+
+
+def run_command(args, config) -> int:
+    """The command's work; 0, or 2 after an error it has reported."""
     if args.command == "sft":
         return run_sft(config)
     from spin_fast.selfplay import SelfPlay

@@ -42,6 +42,16 @@ def init(timeout_minutes: float = 30.0) -> None:
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a launched program (a no-op on one process): every rank waits for
+    the others, then destroys it. Left to the interpreter's exit, gloo with subgroups (DeepSpeed's, the vLLM
+    tensor-parallel groups) sometimes aborts a process that has finished all its work ("terminate called without
+    an active exception", exit status -6)."""
+    if initialized():
+        barrier("end of the program")
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if initialized() else 0
 

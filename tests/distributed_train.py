@@ -18,6 +18,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM
 
+from spin_fast import distributed
 from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import tiny_config
 from spin_fast.packing import Sequence
@@ -77,6 +78,7 @@ def main() -> None:
     trainer.train()
     if torch.distributed.is_initialized():
         print(f"collective backend: {torch.distributed.get_backend()}")
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

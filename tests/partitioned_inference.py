@@ -99,6 +99,7 @@ def main(model_dir: str, output: str) -> None:
     if rank == 0:
         with open(output, "w") as out:
             json.dump(reports, out)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

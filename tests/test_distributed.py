@@ -135,6 +135,7 @@ SHARE_REQUESTS = """
 import json, sys
 from pathlib import Path
 import torch.distributed as dist
+from spin_fast import distributed
 from spin_fast.generation.vllm_engine import share_requests, tensor_parallel_group
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -148,8 +149,7 @@ every_prompt, every_index, mine = share_requests(prompts, [10 * rank + k for k i
                                                  tensor_parallel_group(2))
 report.update(prompts=every_prompt, indices=every_index, mine=every_prompt[mine])
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(report))
-dist.barrier()
-dist.destroy_process_group()  # gloo with subgroups aborts at exit without it
+distributed.shutdown()
 """
 
 
