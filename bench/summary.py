@@ -42,7 +42,8 @@ def train_step_rows(report: dict) -> list[list[str]]:
         elif r["method"] == "spin-fast":
             rows.append(["train step: spin-fast", f"{r['tokens_per_s']:.0f} tokens/s, "
                          f"{_x(r.get('speed_vs_trl_live'))} TRL live, {_x(r.get('speed_vs_trl_precomputed'))} "
-                         f"TRL precomputed; memory {_x(r.get('memory_vs_trl_live'))} TRL live"])
+                         f"TRL precomputed, {_x(r.get('speed_vs_whole_sequences'))} without shared prompts; "
+                         f"memory {_x(r.get('memory_vs_trl_live'))} TRL live"])
     return rows
 
 

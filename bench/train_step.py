@@ -9,7 +9,10 @@ at the start of the iteration), so TRL's DPOTrainer set up that way is the peer:
   spin-fast                  spin_fast.training.Trainer (mode "spin", RMSprop) on pairs scored once with
                              spin_fast.scoring.score_pairs before the timed region (by design the opponent's
                              log-probs are computed once per iteration). Packed, padding-free micro-batches
-                             cut at `micro_batch_tokens`, fused head + loss. One step = trainer.train_step().
+                             cut at `micro_batch_tokens`, each pair's prompt held once for both responses,
+                             fused head + loss. One step = trainer.train_step().
+  spin-fast, whole sequences the same with train.share_prompts off: each pair's prompt computed twice, as
+                             plain packing does; the ratio between the two is what sharing the prompt buys.
   TRL DPO, live reference    trl.DPOTrainer (sigmoid loss, beta 0.1, RMSprop, one batch of P pairs, no
                              gradient accumulation) with a second copy of the model as reference, which it
                              runs forward on every step.
@@ -203,36 +206,41 @@ def train_config(preset: Preset, n_pairs: int, **changes):
     return TrainConfig(**{**settings, **changes})
 
 
-def _spin_fast(preset: Preset, workdir: Path) -> Runner:
-    from spin_fast import attention
-    from spin_fast.model import pick_attention
-    from spin_fast.packing import pack_groups, packing_efficiency
-    from spin_fast.scoring import score_pairs
-    from spin_fast.training import Trainer, step_items
+def _spin_fast(share_prompts: bool):
+    def make(preset: Preset, workdir: Path) -> Runner:
+        from spin_fast import attention
+        from spin_fast.model import pick_attention
+        from spin_fast.packing import pack_groups, packing_efficiency
+        from spin_fast.scoring import score_pairs
+        from spin_fast.training import Trainer, step_items
 
-    model = build_model(preset)
-    # spin-fast's own attention for packed rows (varlen FlashAttention on CUDA, per-sequence SDPA on the CPU);
-    # the peers keep SDPA, which serves their padded batches.
-    attention.register()
-    model.set_attn_implementation(pick_attention(model.device))
-    pairs = make_pairs(preset)
-    scored = score_pairs(model, pairs, preset.micro_batch_tokens)  # once, before timing
-    config = train_config(preset, len(pairs))
-    trainer = Trainer(model, None, config, workdir, scored)
-    batches = pack_groups(trainer.groups(step_items(len(scored), config, 0)), preset.micro_batch_tokens)
-    info = {
-        "micro_batch_tokens": preset.micro_batch_tokens,
-        "micro_batches": len(batches),
-        "packing_efficiency": packing_efficiency(batches, preset.micro_batch_tokens),
-        "tokens_computed": sum(b.n_tokens for b in batches),
-        "loss_tokens": sum(int((b.targets != -100).sum()) for b in batches),
-    }
-    return Runner(
-        step=lambda: trainer.train_step()["loss"],
-        release_grads=lambda: model.zero_grad(set_to_none=True),
-        held=lambda: held_mib([*model.parameters(), *optimizer_state(trainer.optimizer)]),
-        info=info,
-    )
+        model = build_model(preset)
+        # spin-fast's own attention for packed rows (varlen FlashAttention on CUDA, per-sequence SDPA on the CPU);
+        # the peers keep SDPA, which serves their padded batches.
+        attention.register()
+        model.set_attn_implementation(pick_attention(model.device))
+        pairs = make_pairs(preset)
+        scored = score_pairs(model, pairs, preset.micro_batch_tokens)  # once, before timing
+        config = train_config(preset, len(pairs), share_prompts=share_prompts)
+        trainer = Trainer(model, None, config, workdir, scored)
+        batches = pack_groups(trainer.groups(step_items(len(scored), config, 0)), preset.micro_batch_tokens,
+                              share_prompts=trainer.share_prompts)
+        info = {
+            "micro_batch_tokens": preset.micro_batch_tokens,
+            "share_prompts": trainer.share_prompts,
+            "micro_batches": len(batches),
+            "packing_efficiency": packing_efficiency(batches, preset.micro_batch_tokens),
+            "tokens_computed": sum(b.n_tokens for b in batches),
+            "loss_tokens": sum(b.targets.numel() for b in batches),
+        }
+        return Runner(
+            step=lambda: trainer.train_step()["loss"],
+            release_grads=lambda: model.zero_grad(set_to_none=True),
+            held=lambda: held_mib([*model.parameters(), *optimizer_state(trainer.optimizer)]),
+            info=info,
+        )
+
+    return make
 
 
 def _trl(precompute: bool):
@@ -300,7 +308,8 @@ def _check_same_tokens(batch: dict, pairs) -> None:
 
 
 METHODS: dict[str, Callable[[Preset, Path], Runner]] = {
-    "spin-fast": _spin_fast,
+    "spin-fast": _spin_fast(share_prompts=True),
+    "spin-fast, whole sequences": _spin_fast(share_prompts=False),
     "TRL DPO, live reference": _trl(precompute=False),
     "TRL DPO, precomputed reference": _trl(precompute=True),
 }
@@ -381,7 +390,13 @@ def _one_line(result: dict) -> str:
 
 
 def _add_ratios(results: list[dict]) -> None:
-    """Speed and memory as multiples of each TRL set-up's, and the first-step loss against TRL-live's."""
+    """Speed and memory as multiples of each TRL set-up's, and the first-step loss against TRL-live's; spin-fast's
+    against its own run without shared prompts."""
+    measured = {r["method"]: r for r in results if "median_ms" in r}
+    if "spin-fast" in measured and "spin-fast, whole sequences" in measured:
+        shared, whole = measured["spin-fast"], measured["spin-fast, whole sequences"]
+        shared["speed_vs_whole_sequences"] = shared["tokens_per_s"] / whole["tokens_per_s"]
+        shared["memory_vs_whole_sequences"] = shared["peak_extra_mib"] / whole["peak_extra_mib"]
     for key, name in BASELINES.items():
         base = next((r for r in results if r["method"] == name and "median_ms" in r), None)
         if base is None:

@@ -34,6 +34,7 @@ def check_linear_inputs(
     bias: torch.Tensor | None,
     ignore_index: int,
     allow_float64: bool,
+    hidden_index: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes, devices and target range of linear_logprobs' inputs."""
     _check_tensor("hidden", hidden, 2)
@@ -46,7 +47,7 @@ def check_linear_inputs(
             f"weight must be [V, H] with H={hidden_size} as in hidden [N, H]; "
             f"got weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)}"
         )
-    if targets.shape[0] != n_tokens:
+    if hidden_index is None and targets.shape[0] != n_tokens:
         raise ValueError(f"targets must have N={n_tokens} entries like hidden, got {targets.shape[0]}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
@@ -63,6 +64,9 @@ def check_linear_inputs(
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
         tensors["bias"] = bias
+    if hidden_index is not None:
+        _check_hidden_index(hidden_index, targets, n_tokens)
+        tensors["hidden_index"] = hidden_index
     for name, tensor in tensors.items():
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
@@ -73,6 +77,21 @@ def check_linear_inputs(
             f"targets[{row}] = {int(targets[row])} is outside [0, {vocab_size}) "
             f"and is not ignore_index ({ignore_index})"
         )
+
+
+def _check_hidden_index(hidden_index: torch.Tensor, targets: torch.Tensor, n_tokens: int) -> None:
+    """hidden_index [M]: one row of hidden [N, H] per target."""
+    _check_tensor("hidden_index", hidden_index, 1)
+    if hidden_index.dtype != torch.int64:
+        raise ValueError(f"hidden_index must be an int64 tensor, got {hidden_index.dtype}")
+    if hidden_index.shape != targets.shape:
+        raise ValueError(f"hidden_index must have one entry per target like targets {tuple(targets.shape)}, "
+                         f"got {tuple(hidden_index.shape)}")
+    bad = (hidden_index < 0) | (hidden_index >= n_tokens)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"hidden_index[{row}] = {int(hidden_index[row])} is outside [0, {n_tokens}) "
+                         f"(the rows of hidden)")
 
 
 def check_pair_logps(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -> None:

@@ -44,6 +44,7 @@ def linear_logprobs(
     *,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    hidden_index: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """fp32 log softmax(hidden @ weight.T + bias)[targets] per token, 0 where targets == ignore_index.
@@ -51,17 +52,30 @@ def linear_logprobs(
     hidden [N, H], weight [V, H] (the LM head), targets [N] -> [N]. Differentiable w.r.t. hidden,
     weight and bias. backend: "auto", "triton", "torch" (chunked) or "reference" (full logits).
     Float64 inputs (torch and reference backends) give a float64 result.
+    hidden_index [M] (optional): the row of hidden that predicts each target; targets and the result
+    are then [M], and a row may predict several targets (a prompt shared by two responses).
     """
     check_backend(backend)
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton")
-    return checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, resolve_backend(backend, hidden))
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
+                        hidden_index=hidden_index)
+    return checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, resolve_backend(backend, hidden),
+                                   hidden_index)
 
 
-def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, backend: str) -> torch.Tensor:
+def loss_rows(targets: torch.Tensor, ignore_index: int,
+              hidden_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in targets of the tokens with loss, the hidden row each of them reads)."""
+    kept = (targets != ignore_index).nonzero().squeeze(1)
+    return kept, kept if hidden_index is None else hidden_index.index_select(0, kept)
+
+
+def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, backend: str,
+                            hidden_index: torch.Tensor | None = None) -> torch.Tensor:
     """linear_logprobs on inputs already checked, with a resolved backend name."""
-    # Tokens without loss are dropped here, before any backend sees them: they cost nothing.
-    rows = (targets != ignore_index).nonzero().squeeze(1)
-    selected_targets = targets.index_select(0, rows)
+    # Tokens without loss are dropped here, before any backend sees them: they cost nothing. Every backend
+    # accumulates the gradient of a row that several targets read.
+    kept, rows = loss_rows(targets, ignore_index, hidden_index)
+    selected_targets = targets.index_select(0, kept)
     if backend == "reference":
         selected = reference_linear_logprobs(hidden, weight, bias, rows, selected_targets)
     elif backend == "torch":
@@ -70,4 +84,4 @@ def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, ba
         from .triton_logprobs import TritonLinearLogprobs
 
         selected = TritonLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
-    return selected.new_zeros(targets.shape[0]).index_copy(0, rows, selected)
+    return selected.new_zeros(targets.shape[0]).index_copy(0, kept, selected)

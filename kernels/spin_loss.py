@@ -24,7 +24,7 @@ from ._checks import (
     check_sequence_inputs,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
-from .linear_logprobs import checked_linear_logprobs, resolve_backend
+from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend
 
 
 class SpinLossOutput(NamedTuple):
@@ -99,6 +99,7 @@ def fused_linear_spin_loss(
     loss_type: str = "sigmoid",
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    hidden_index: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> FusedSpinLossOutput:
     """From the hidden states of a packed batch to the SPIN loss in one call.
@@ -106,23 +107,27 @@ def fused_linear_spin_loss(
     hidden [N, H], weight [V, H], targets [N]; sequence_ids [N] puts each token in sequence
     i < P (real response of pair i) or P + i (its generated response); opponent_logps [2P] in the
     same order. Tokens whose target is ignore_index carry no loss and may have any sequence id.
+    hidden_index [M] (optional): the row of hidden that predicts each target; targets and sequence_ids
+    are then [M]. With a prompt shared by a pair's two responses, its last row predicts the first
+    token of each.
     """
     check_loss_type(loss_type)
     check_backend(backend)
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton")
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
+                        hidden_index=hidden_index)
     n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
     backend = resolve_backend(backend, hidden)
     if backend == "torch":
         # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once.
-        rows = (targets != ignore_index).nonzero().squeeze(1)
+        kept, rows = loss_rows(targets, ignore_index, hidden_index)
         grad_on = torch.is_grad_enabled()
         need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias))
         loss, policy_logps = ChunkedFusedSpinLoss.apply(
-            hidden, weight, bias, rows, targets[rows], sequence_ids[rows], opponent_logps,
+            hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps,
             functools.partial(pair_losses, beta=beta, loss_type=loss_type), need,
         )
     else:
-        token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend)
+        token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
         # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
         safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
         policy_logps = token_logps.new_zeros(2 * n_pairs).index_add(0, safe_ids, token_logps)
@@ -153,10 +158,12 @@ class FusedLinearSPINLoss(torch.nn.Module):
         sequence_ids: torch.Tensor,
         opponent_logps: torch.Tensor,
         bias: torch.Tensor | None = None,
+        hidden_index: torch.Tensor | None = None,
     ) -> FusedSpinLossOutput:
         return fused_linear_spin_loss(
             hidden, weight, targets, sequence_ids, opponent_logps, beta=self.beta,
-            loss_type=self.loss_type, bias=bias, ignore_index=self.ignore_index, backend=self.backend,
+            loss_type=self.loss_type, bias=bias, ignore_index=self.ignore_index, hidden_index=hidden_index,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

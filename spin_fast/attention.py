@@ -3,10 +3,13 @@
 transformers hands every attention layer the packed row's cu_seqlens (passed in by
 packed_hidden_states), so each sequence attends only to itself and its cost is the sum of its
 sequences' squared lengths, not the row's squared length:
-  CUDA   PyTorch's own varlen FlashAttention kernel (torch.nn.attention.varlen, fp16/bf16), for
-         machines without the flash_attn package
+  CUDA   varlen FlashAttention (fp16/bf16): the flash_attn package's when installed, else PyTorch's
+         own (torch.nn.attention.varlen)
   else   one causal SDPA call per sequence (the block-diagonal mask of plain SDPA would cost
          T^2 per row: 16x more at 8192 tokens in sequences of 512)
+A row whose pairs share their prompts (spin_fast.packing, share_prompts) also passes the expanded layout:
+attention runs on the whole sequences gathered from the row (a shared prompt's queries, keys and values
+once per response) and each row token keeps its own sequence's output.
 """
 
 from __future__ import annotations
@@ -19,13 +22,21 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 NAME = "spin_varlen"
+# The keyword arguments that carry a shared-prompt row's layout (spin_fast.packing.MicroBatch) to every layer.
+EXPAND_INDEX, COLLAPSE_INDEX = "spin_expand_index", "spin_collapse_index"
 
 
 def varlen_kernel(device: torch.device, dtype: torch.dtype):
-    """PyTorch's varlen FlashAttention on CUDA in fp16/bf16 (its only dtypes), per-sequence SDPA otherwise; a
-    function so tests can stand in for it."""
+    """Varlen FlashAttention on CUDA in fp16/bf16 (its only dtypes): flash_attn's, else PyTorch's; per-sequence
+    SDPA otherwise; a function so tests can stand in for it."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return per_sequence_sdpa
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        pass
+    else:
+        return adapt_flash_attn(flash_attn_varlen_func)
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10: SDPA's own FlashAttention, one sequence at a time
@@ -58,6 +69,18 @@ def adapt_varlen(varlen_attn):
     return call
 
 
+@functools.cache
+def adapt_flash_attn(flash_attn_varlen_func):
+    """flash_attn's varlen kernel behind varlen_attn's call: it takes grouped key/value heads as they are, and a
+    causal sliding window as (left, 0) with causal=True."""
+
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
+                                      window_size=tuple(window_size))
+
+    return call
+
+
 def per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
     """varlen_attn's contract (q, k, v [T, H, D], shared boundaries cu_q) by causal SDPA sequence by sequence."""
     out = torch.empty_like(q)
@@ -81,16 +104,23 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
     if dropout:
         raise ValueError(f"{NAME} attention has no dropout; set the model's attention_dropout to 0")
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    expand, collapse = kwargs.get(EXPAND_INDEX), kwargs.get(COLLAPSE_INDEX)
     if cu_seqlens is None:
+        if expand is not None:
+            raise ValueError(f"{NAME} attention: a row with shared prompts needs its cu_seq_lens_q")
         cu_seqlens, max_seqlen = cu_seqlens_from_positions(kwargs["position_ids"][0])
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
+    if expand is not None:  # shared prompts: each sequence whole, a shared prompt once per response
+        q, k, v = (t.index_select(0, expand) for t in (q, k, v))
     # Mistral and Qwen2 layers pass their window as an argument (None on full-attention layers).
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     out = varlen_kernel(query.device, query.dtype)(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-        cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
         window_size=(window - 1, 0) if window else (-1, 0),  # (-1, 0): causal
         enable_gqa=query.shape[1] != key.shape[1],
     )
+    if collapse is not None:  # each row token keeps one result: a shared prompt's from its first sequence
+        out = out.index_select(0, collapse)
     return out[None], None
 
 

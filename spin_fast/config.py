@@ -52,6 +52,7 @@ class TrainConfig:
     liger_kernels: bool = False  # Liger-Kernel's RMSNorm/RoPE/SwiGLU in the body (CUDA)
     attention: str = "auto"
     backend: str = "auto"  # spin_kernels backend for the head
+    share_prompts: bool = True  # a pair's prompt computed once for both responses (needs spin_varlen attention)
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
     tensorboard: bool = False

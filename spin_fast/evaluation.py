@@ -30,7 +30,8 @@ from spin_fast import distributed, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.generation.base import Completion, SamplingConfig
-from spin_fast.packing import Sequence, pack_groups
+from spin_fast.model import can_share_prompts
+from spin_fast.packing import Sequence, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
 
 
@@ -42,8 +43,9 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     again make the very same row): each rank's forward passes are ones a single process makes, and the
     sums are bit for bit one process's. With ZeRO-3 partitioned models every forward pass is a collective,
     so a rank with fewer micro-batches runs fillers."""
-    chunks = [batch.group_indices.tolist() for batch in pack_groups(groups, token_budget)]
-    costs = [sum(s.length for i in chunk for s in groups[i]) for chunk in chunks]
+    share = all(can_share_prompts(model) for model in models)
+    chunks = [batch.group_indices.tolist() for batch in pack_groups(groups, token_budget, share_prompts=share)]
+    costs = [sum(group_tokens(groups[i], share) for i in chunk) for chunk in chunks]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
     for c in zero.in_step(models, mine, what):  # None: no groups, a filler pass inside sequence_logprobs

@@ -6,7 +6,6 @@ states and the head's weight, so no [tokens x vocab] logits exist.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from spin_fast import attention
+from spin_fast.packing import MicroBatch
 from spin_fast.zero import is_partitioned_model
 
 log = logging.getLogger(__name__)
@@ -23,16 +23,17 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", attention.NAM
 
 
 def pick_attention(device: torch.device, requested: str = "auto") -> str:
-    """On CUDA, varlen FlashAttention: the flash_attn package's when installed, else PyTorch's own
-    (spin_varlen). On the CPU, spin_varlen's per-sequence SDPA (plain SDPA would build a [T, T]
-    block-diagonal mask and spend T^2 on every packed row)."""
+    """spin_varlen: on CUDA varlen FlashAttention (the flash_attn package's when installed, else PyTorch's
+    own), on the CPU per-sequence SDPA (plain SDPA would build a [T, T] block-diagonal mask and spend T^2 on
+    every packed row). It is the attention that lets a pair's responses share their prompt."""
     if requested not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else attention.NAME
-    return attention.NAME
+    return attention.NAME if requested == "auto" else requested
+
+
+def can_share_prompts(model: PreTrainedModel) -> bool:
+    """Whether packed rows may hold a pair's prompt once: only spin_varlen attention follows that layout."""
+    return model.config._attn_implementation == attention.NAME
 
 
 def load_causal_lm(
@@ -132,6 +133,23 @@ def packed_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, positi
     if cu_seqlens is not None:
         varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                       max_length_k=max_seqlen)
+    return _body_hidden_states(model, input_ids, position_ids, varlen)
+
+
+def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch) -> torch.Tensor:
+    """Final hidden states [T, H] of a packed micro-batch (spin_fast.packing), its shared prompts included."""
+    varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
+                  max_length_k=batch.max_seqlen)
+    if batch.expand_index is not None:
+        if not can_share_prompts(model):
+            raise ValueError(f"this micro-batch holds shared prompts, which only {attention.NAME} attention "
+                             f"follows; the model runs {model.config._attn_implementation!r}")
+        varlen.update({attention.EXPAND_INDEX: batch.expand_index, attention.COLLAPSE_INDEX: batch.collapse_index})
+    return _body_hidden_states(model, batch.input_ids, batch.position_ids, varlen)
+
+
+def _body_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        varlen: dict) -> torch.Tensor:
     out = body(model)(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False, **varlen)
     return out.last_hidden_state[0]
 

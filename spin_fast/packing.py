@@ -4,6 +4,11 @@ A group is the set of sequences that must share a micro-batch: a SPIN pair (real
 response, same prompt) is a group of 2, a plain SFT example a group of 1. Micro-batches are cut by a
 token budget. Sequence ids follow the layout of spin_kernels.fused_linear_spin_loss: with G groups of
 k sequences, sequence j of group g has id j * G + g (for pairs: real -> g, generated -> G + g).
+
+With share_prompts, a group whose sequences have one prompt holds it once: [prompt, response 1, response 2],
+each response's positions continuing from the prompt's end, so the body computes the prompt once for the
+pair (a prompt does not see its responses). Attention runs on the row expanded into whole sequences and each
+row token keeps one result; the prompt's last token predicts the first token of every response.
 """
 
 from __future__ import annotations
@@ -13,9 +18,6 @@ from collections import abc
 from dataclasses import dataclass
 
 import torch
-
-IGNORE_INDEX = -100  # targets without loss, spin_kernels' default ignore_index
-NO_SEQUENCE = -1  # sequence id of tokens without loss: the kernels accept any id there
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,26 @@ class Sequence:
 
 @dataclass
 class MicroBatch:
-    """One packed row: sequences concatenated without padding, plus what attention and the loss need."""
+    """One packed row: the groups' tokens concatenated without padding, plus what attention and the loss need.
+
+    The loss tensors (hidden_index, targets, sequence_ids) hold the M loss tokens only: response tokens,
+    EOS included, each predicted by the row position hidden_index points at.
+    """
 
     input_ids: torch.Tensor  # [T] int64
-    position_ids: torch.Tensor  # [T] int64, 0..len-1 within each sequence
-    targets: torch.Tensor  # [T] int64, next token where it is a response token, else -100
-    sequence_ids: torch.Tensor  # [T] int64, j * G + g on loss tokens, -1 elsewhere
-    cu_seqlens: torch.Tensor  # [S + 1] int32, sequence boundaries (varlen FlashAttention)
+    position_ids: torch.Tensor  # [T] int64, 0..len-1 along each sequence (a response after its shared prompt)
+    hidden_index: torch.Tensor  # [M] int64, the row position that predicts each target
+    targets: torch.Tensor  # [M] int64, the response tokens
+    sequence_ids: torch.Tensor  # [M] int64, j * G + g
+    cu_seqlens: torch.Tensor  # [S + 1] int32, boundaries of the whole sequences (varlen FlashAttention)
     max_seqlen: int
+    n_sequence_tokens: int  # tokens of the whole sequences: T plus each prompt shared beyond its first use
     group_indices: torch.Tensor  # [G] int64, indices of the groups in the caller's list
     group_size: int  # k, sequences per group
+    # With shared prompts (None otherwise): the row position of each token of the whole sequences laid end to
+    # end [S tokens], and for each row token the place in that layout whose attention output it keeps [T].
+    expand_index: torch.Tensor | None = None
+    collapse_index: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -73,8 +85,21 @@ class MicroBatch:
         return dataclasses.replace(self, **moved)
 
 
-def _group_lengths(groups: abc.Sequence[abc.Sequence[Sequence]]) -> tuple[int, list[int]]:
-    """The common group size k and each group's token count; ValueError on a ragged or empty group."""
+def shares_prompt(group: abc.Sequence[Sequence]) -> bool:
+    """Whether the group's sequences (two or more) all have one prompt, which a shared layout holds once."""
+    return len(group) > 1 and all(sequence.prompt_ids == group[0].prompt_ids for sequence in group)
+
+
+def group_tokens(group: abc.Sequence[Sequence], share_prompts: bool) -> int:
+    """The tokens a group takes in a row: each sequence whole, or a shared prompt once."""
+    whole = sum(sequence.length for sequence in group)
+    if share_prompts and shares_prompt(group):
+        return whole - (len(group) - 1) * len(group[0].prompt_ids)
+    return whole
+
+
+def _group_lengths(groups: abc.Sequence[abc.Sequence[Sequence]], share_prompts: bool) -> tuple[int, list[int]]:
+    """The common group size k and each group's row tokens; ValueError on a ragged or empty group."""
     group_size = len(groups[0])
     lengths = []
     for index, group in enumerate(groups):
@@ -85,7 +110,7 @@ def _group_lengths(groups: abc.Sequence[abc.Sequence[Sequence]]) -> tuple[int, l
                 f"group {index} has {len(group)} sequences, expected {group_size} like group 0 "
                 "(all groups must have the same size k)"
             )
-        lengths.append(sum(sequence.length for sequence in group))
+        lengths.append(group_tokens(group, share_prompts))
     return group_size, lengths
 
 
@@ -97,41 +122,58 @@ def _check_order(order: abc.Sequence[int], n_groups: int) -> list[int]:
     return order
 
 
-def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int], group_size: int) -> MicroBatch:
-    """Lays out the chosen groups in sequence-id order: id 0, 1, ..., k * G - 1."""
+def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int], group_size: int,
+           share_prompts: bool) -> MicroBatch:
+    """Lays out the chosen groups one after the other, each group's sequences in order (ids g, G + g, ...)."""
     n_groups = len(group_indices)
     input_ids: list[int] = []
     position_ids: list[int] = []
+    hidden_index: list[int] = []
     targets: list[int] = []
     sequence_ids: list[int] = []
+    expand: list[int] = []  # the whole sequences end to end, as row positions
+    collapse: list[int] = []  # each row token's place in `expand`
     cu_seqlens = [0]
-    for j in range(group_size):
-        for g, index in enumerate(group_indices):
-            sequence = groups[index][j]
+    for g, index in enumerate(group_indices):
+        group = groups[index]
+        shared = share_prompts and shares_prompt(group)
+        for j, sequence in enumerate(group):
             n_prompt, n_response = len(sequence.prompt_ids), len(sequence.response_ids)
-            input_ids += sequence.prompt_ids
+            if j == 0 or not shared:
+                prompt_start = len(input_ids)
+                input_ids += sequence.prompt_ids
+                position_ids += range(n_prompt)
+                collapse += range(len(expand), len(expand) + n_prompt)
+            expand += range(prompt_start, prompt_start + n_prompt)
+            response_start = len(input_ids)
             input_ids += sequence.response_ids
-            position_ids += range(sequence.length)
-            # Position p predicts token p + 1: the last prompt token predicts the first response token,
-            # and the last token (EOS) predicts nothing inside this sequence.
-            targets += [IGNORE_INDEX] * (n_prompt - 1)
+            position_ids += range(n_prompt, sequence.length)
+            collapse += range(len(expand), len(expand) + n_response)
+            expand += range(response_start, response_start + n_response)
+            cu_seqlens.append(len(expand))
+            # Position p predicts token p + 1: the last prompt token predicts the first response token, and
+            # the last token (EOS) predicts nothing inside this sequence.
+            hidden_index.append(prompt_start + n_prompt - 1)
+            hidden_index += range(response_start, response_start + n_response - 1)
             targets += sequence.response_ids
-            targets.append(IGNORE_INDEX)
-            sequence_id = j * n_groups + g
-            sequence_ids += [NO_SEQUENCE] * (n_prompt - 1)
-            sequence_ids += [sequence_id] * n_response
-            sequence_ids.append(NO_SEQUENCE)
-            cu_seqlens.append(cu_seqlens[-1] + sequence.length)
+            sequence_ids += [j * n_groups + g] * n_response
     lengths = [end - start for start, end in zip(cu_seqlens, cu_seqlens[1:])]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+    # Nothing shared: the whole sequences are the row itself, and attention needs no gathering.
+    identity = len(expand) == len(input_ids)
     return MicroBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64),
-        position_ids=torch.tensor(position_ids, dtype=torch.int64),
-        targets=torch.tensor(targets, dtype=torch.int64),
-        sequence_ids=torch.tensor(sequence_ids, dtype=torch.int64),
+        input_ids=as_tensor(input_ids),
+        position_ids=as_tensor(position_ids),
+        hidden_index=as_tensor(hidden_index),
+        targets=as_tensor(targets),
+        sequence_ids=as_tensor(sequence_ids),
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
         max_seqlen=max(lengths),
-        group_indices=torch.tensor(group_indices, dtype=torch.int64),
+        n_sequence_tokens=len(expand),
+        group_indices=as_tensor(group_indices),
         group_size=group_size,
+        expand_index=None if identity else as_tensor(expand),
+        collapse_index=None if identity else as_tensor(collapse),
     )
 
 
@@ -140,16 +182,19 @@ def pack_groups(
     token_budget: int,
     *,
     order: abc.Sequence[int] | None = None,
+    share_prompts: bool = False,
 ) -> list[MicroBatch]:
     """Greedily packs whole groups, walked in `order` (default 0..n-1), into rows of at most token_budget tokens.
 
     A group joins the current micro-batch if it fits, else starts a new one; a group never spans two.
+    share_prompts: a group whose sequences have one prompt holds it once (the model's attention must be
+    spin_fast.attention's, which follows the expanded layout).
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     if not groups:
         return []
-    group_size, lengths = _group_lengths(groups)
+    group_size, lengths = _group_lengths(groups, share_prompts)
     order = list(range(len(groups))) if order is None else _check_order(order, len(groups))
     # First pass decides the cut on lengths alone, so a too-long group fails before any tensor is built.
     chunks: list[list[int]] = []
@@ -166,7 +211,7 @@ def pack_groups(
             used = 0
         chunks[-1].append(index)
         used += length
-    return [_build(groups, chunk, group_size) for chunk in chunks]
+    return [_build(groups, chunk, group_size, share_prompts) for chunk in chunks]
 
 
 def packing_efficiency(batches: abc.Sequence[MicroBatch], token_budget: int) -> float:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import zero
 from spin_fast.data import TokenizedExample
-from spin_fast.model import head, packed_hidden_states
+from spin_fast.model import can_share_prompts, head, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups
 
 
@@ -53,7 +53,8 @@ class ScoredPair(TokenizedPair):
 @torch.no_grad()
 def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, backend: str = "auto",
                       progress: bool = False) -> torch.Tensor:
-    """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes.
+    """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes (a group's
+    sequences hold their common prompt once where the model's attention allows: model.can_share_prompts).
 
     A ZeRO-3 partitioned model (deepspeed.zero3_init) is run a module at a time, every rank in step: a rank
     with fewer micro-batches runs filler passes, so each rank must call this as often as the others."""
@@ -61,7 +62,7 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     model.eval()
     weight, bias = head(model)
     device = weight.device
-    batches = pack_groups(groups, token_budget)
+    batches = pack_groups(groups, token_budget, share_prompts=can_share_prompts(model))
     passes = zero.in_step([model], batches, "scoring micro-batch counts")
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
@@ -76,11 +77,12 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
 
 def _summed_logprobs(model, batch: MicroBatch, weight, bias, backend: str) -> torch.Tensor:
     """Each sequence's summed response log-prob, in the batch's order [all first ones, all second ones, ...]."""
-    hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    hidden = micro_batch_hidden_states(model, batch)
     with zero.gathered([weight, bias]):  # the head's weight is read by the kernel, outside the head's forward
-        token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias, backend=backend)
+        token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias,
+                                                   hidden_index=batch.hidden_index, backend=backend)
     sums = torch.zeros(batch.group_size * batch.group_indices.numel(), dtype=torch.float64, device=hidden.device)
-    return sums.index_add_(0, batch.sequence_ids.clamp_min(0), token_logps.double())
+    return sums.index_add_(0, batch.sequence_ids, token_logps.double())
 
 
 def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend: str = "auto",

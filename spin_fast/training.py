@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import distributed
 from spin_fast.config import DeepSpeedConfig, TrainConfig
-from spin_fast.model import head, packed_hidden_states
-from spin_fast.packing import MicroBatch, Sequence, pack_groups, packing_efficiency
+from spin_fast.model import can_share_prompts, head, micro_batch_hidden_states
+from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
 
 log = logging.getLogger(__name__)
@@ -105,22 +105,22 @@ class PackedLoss(torch.nn.Module):
         super().__init__()
         self.model, self.config = model, config
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, sequence_ids, opponent_logps=None):
-        device_type = input_ids.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast):
-            hidden = packed_hidden_states(self.model, input_ids, position_ids, cu_seqlens, max_seqlen)
+    def forward(self, batch: MicroBatch, opponent_logps: torch.Tensor | None = None):
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast):
+            hidden = micro_batch_hidden_states(self.model, batch)
         weight, bias = head(self.model)
         if hidden.dtype != weight.dtype:  # autocast: the head runs in the body's precision, as nn.Linear would
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
         if self.config.mode == "sft":
-            token_logps = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=self.config.backend)
-            n_loss = (targets != -100).sum()
-            loss = -token_logps.sum() / n_loss.clamp_min(1)
-            return loss, {"loss": loss.detach() * n_loss, "count": n_loss}
+            token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias,
+                                                       hidden_index=batch.hidden_index, backend=self.config.backend)
+            n_loss = batch.targets.numel()
+            loss = -token_logps.sum() / max(n_loss, 1)
+            return loss, {"loss": loss.detach() * n_loss, "count": torch.tensor(n_loss)}
         out = spin_kernels.fused_linear_spin_loss(
-            hidden, weight, targets, sequence_ids, opponent_logps, beta=self.config.beta,
-            loss_type=self.config.loss_type, bias=bias, backend=self.config.backend,
+            hidden, weight, batch.targets, batch.sequence_ids, opponent_logps, beta=self.config.beta,
+            loss_type=self.config.loss_type, bias=bias, hidden_index=batch.hidden_index, backend=self.config.backend,
         )
         n = out.margins.numel()
         return out.loss, {
@@ -163,6 +163,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.steps = total_steps(len(self.items), config)
+        self.share_prompts = config.share_prompts and can_share_prompts(model)
         self.loss_module = PackedLoss(model, config)
         optimizer = make_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.steps, config))
@@ -227,13 +228,14 @@ class Trainer:
         indices = step_items(len(self.items), self.config, self.step)
         groups = self.groups(indices)
         # This rank's share of the step's items (all of them on one process), balanced by tokens.
-        mine = distributed.balance([sum(s.length for s in g) for g in groups], self.world)[self.rank]
-        batches = pack_groups([groups[i] for i in mine], self.config.micro_batch_tokens)
+        mine = distributed.balance([group_tokens(g, self.share_prompts) for g in groups], self.world)[self.rank]
+        batches = pack_groups([groups[i] for i in mine], self.config.micro_batch_tokens,
+                              share_prompts=self.share_prompts)
         weight_of = self.loss_weights(batches, len(indices))
         # ZeRO reduces gradients in every backward, so every rank runs as many micro-batches as the busiest
         # one: the others repeat a micro-batch with weight 0.
         n_batches = max(distributed.all_gather_objects(len(batches), "micro-batch counts"))
-        filler = batches[0] if batches else pack_groups(groups[:1], 2**62)[0]
+        filler = batches[0] if batches else pack_groups(groups[:1], 2**62, share_prompts=self.share_prompts)[0]
         names = PackedLoss.METRICS[self.config.mode]
         totals = dict.fromkeys(names, 0.0)  # every rank sums the same names, even one without items
         tokens = 0
@@ -251,7 +253,7 @@ class Trainer:
             if k < len(batches):
                 for name in names:
                     totals[name] += float(metrics[name])
-                tokens += batch.n_tokens
+                tokens += batch.n_sequence_tokens  # every sequence whole: comparable with or without sharing
         summed = distributed.all_reduce_sum(torch.tensor([*(totals[n] for n in names), float(tokens)]),
                                             "step metrics")
         totals = dict(zip(names, summed.tolist()))
@@ -287,9 +289,9 @@ class Trainer:
         DeepSpeed averages the ranks' gradients."""
         if self.config.mode == "spin":
             return lambda batch: batch.group_indices.numel() / n_items * self.world
-        local = sum(int((b.targets != -100).sum()) for b in batches)
+        local = sum(b.targets.numel() for b in batches)
         loss_tokens = float(distributed.all_reduce_sum(torch.tensor([local]), "loss tokens")[0])
-        return lambda batch: int((batch.targets != -100).sum()) / loss_tokens * self.world
+        return lambda batch: batch.targets.numel() / loss_tokens * self.world
 
     def micro_batch_loss(self, batch: MicroBatch, item_indices: list[int]) -> tuple[torch.Tensor, dict]:
         opponent = None
@@ -298,8 +300,7 @@ class Trainer:
             opponent = torch.tensor([p.opponent_real for p in pairs] + [p.opponent_generated for p in pairs],
                                     dtype=torch.float32, device=self.device)
         run = self.engine if self.engine is not None else self.loss_module
-        return run(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.targets,
-                   batch.sequence_ids, opponent)
+        return run(batch, opponent)
 
     def clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

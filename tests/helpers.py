@@ -78,15 +78,23 @@ def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: 
 
 
 def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, n_pairs: int, nll_weight: float = 0.0,
-                              vocab: int = 611, hidden_size: int = 56, device: str = "cpu") -> None:
-    """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd."""
+                              vocab: int = 611, hidden_size: int = 56, device: str = "cpu",
+                              shared_rows: bool = False) -> None:
+    """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd.
+
+    shared_rows: the tokens read half as many hidden rows through hidden_index, most rows twice."""
     batch = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
     hidden, targets, sequence_ids = (t.to(device) for t in batch)
+    hidden_index = None
+    if shared_rows:
+        hidden = hidden[: hidden.shape[0] // 2 + 1]
+        hidden_index = torch.randint(0, hidden.shape[0], targets.shape, device=device)
+    rows = (lambda h: h) if hidden_index is None else (lambda h: h[hidden_index])
     weight = (torch.randn(vocab, hidden_size, dtype=torch.float64, device=device) / hidden_size**0.5).to(dtype)
     bias = torch.randn(vocab, dtype=torch.float64, device=device).to(dtype) * 0.1
     # Opponent log-probs near the policy's, so the loss sits in its interesting range.
     with torch.no_grad():
-        token_truth = truth_token_logprobs(hidden, weight, targets, bias)
+        token_truth = truth_token_logprobs(rows(hidden), weight, targets, bias)
         seq_truth = torch.zeros(2 * n_pairs, dtype=torch.float64, device=device).index_add(
             0, torch.where(targets != -100, sequence_ids, 0), token_truth
         )
@@ -96,12 +104,12 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     out = spin_kernels.fused_linear_spin_loss(
         *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
-        backend=backend,
+        hidden_index=hidden_index, backend=backend,
     )
     (out.loss + nll_weight * out.policy_logps.sum()).backward()
 
     truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    token = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_leaves[2])
+    token = truth_token_logprobs(rows(truth_leaves[0]), truth_leaves[1], targets, truth_leaves[2])
     seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
     opp = opponent.double()
     z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))

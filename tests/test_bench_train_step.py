@@ -41,9 +41,15 @@ def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
         assert result["peak_extra_mib"] >= 0 and result["held_mib"] > 0
         assert abs(result["first_loss"] - math.log(2)) < 1e-4, (method, result["first_loss"])
     spin, live = by_method["spin-fast"], by_method["TRL DPO, live reference"]
+    whole = by_method["spin-fast, whole sequences"]
     assert abs(spin["first_loss"] - live["first_loss"]) < 1e-4
-    # Same real tokens and loss tokens; TRL's padded batch holds the same tokens plus padding.
-    assert spin["tokens_computed"] == live["tokens_in_batch"] == tokens
-    assert spin["loss_tokens"] == live["loss_tokens"] == by_method["TRL DPO, precomputed reference"]["loss_tokens"]
+    # Same real tokens and loss tokens; TRL's padded batch holds the same tokens plus padding, spin-fast's rows
+    # each pair's prompt once, or twice without sharing.
+    prompts = sum(len(p.prompt_ids) for p in train_step.make_pairs(train_step.PRESETS["tiny"]))
+    assert spin["share_prompts"] and not whole["share_prompts"]
+    assert spin["tokens_computed"] + prompts == whole["tokens_computed"] == live["tokens_in_batch"] == tokens
+    assert spin["loss_tokens"] == whole["loss_tokens"] == live["loss_tokens"]
+    assert live["loss_tokens"] == by_method["TRL DPO, precomputed reference"]["loss_tokens"]
+    assert spin["speed_vs_whole_sequences"] > 0
     assert live["tokens_computed"] >= tokens
     assert live["held_mib"] > by_method["TRL DPO, precomputed reference"]["held_mib"]  # the reference model

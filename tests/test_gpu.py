@@ -18,7 +18,8 @@ import spin_kernels
 from helpers import assert_close, check_fused_against_truth, truth_token_logprobs
 from spin_fast import attention
 from spin_fast.config import TrainConfig
-from spin_fast.model import apply_liger_kernels, body, packed_hidden_states, tiny_config
+from spin_fast.model import apply_liger_kernels, body, micro_batch_hidden_states, packed_hidden_states, tiny_config
+from spin_fast.packing import Sequence, pack_groups
 from spin_fast.scoring import TokenizedPair, score_pairs
 from spin_fast.training import Trainer
 
@@ -94,6 +95,13 @@ def test_fused_spin_loss_on_cuda_matches_float64(dtype, loss_type):
     check_fused_against_truth("triton", dtype, loss_type, n_pairs=64, vocab=32000, hidden_size=2048, device="cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_spin_loss_with_shared_rows_on_cuda_matches_float64(dtype):
+    """hidden_index reading rows twice (shared prompts): the Triton backward's atomics add both reads."""
+    check_fused_against_truth("triton", dtype, "sigmoid", n_pairs=64, vocab=32000, hidden_size=2048, device="cuda",
+                              shared_rows=True)
+
+
 def kernels_used(monkeypatch) -> list:
     """Records which attention kernel each spin_varlen call picks."""
     picked, pick = [], attention.varlen_kernel
@@ -139,6 +147,42 @@ def test_packed_rows_through_varlen_flash_attention_match_float64(monkeypatch, f
     assert picked and all(kernel is not attention.per_sequence_sdpa for kernel in picked)  # FlashAttention ran
     assert relative_error(packed, alone.detach()) < 2e-2
     for (name, p), truth_p in zip(body(packed_model).named_parameters(), body(truth_model).parameters()):
+        assert relative_error(p.grad, truth_p.grad) < 5e-2, name
+
+
+@pytest.mark.parametrize("family,kv_heads,window", [("llama", 8, None), ("llama", 2, None), ("mistral", 8, 48)],
+                         ids=["mha", "gqa", "sliding-window"])
+def test_shared_prompt_rows_through_varlen_flash_attention_match_float64(monkeypatch, family, kv_heads, window):
+    """Pairs holding their prompt once, in bf16 through varlen FlashAttention: each row's hidden state and the
+    gradients against each whole sequence run alone in float64."""
+    picked = kernels_used(monkeypatch)
+    attention.register()
+    config = tiny_config(family, vocab_size=1000, hidden_size=512, layers=2, heads=8)
+    config.num_key_value_heads = kv_heads
+    if window:
+        config.sliding_window = window
+    truth_model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float64).to(CUDA)
+    shared_model = copy.deepcopy(truth_model).to(torch.bfloat16)
+    shared_model.set_attn_implementation(attention.NAME)
+
+    def ids(n):
+        return tuple(torch.randint(0, 1000, (n,)).tolist())
+
+    groups = [[Sequence(prompt, ids(r1)), Sequence(prompt, ids(r2))]
+              for prompt, r1, r2 in ((ids(300), 200, 37), (ids(1), 90, 512), (ids(64), 1, 5))]
+    (batch,) = pack_groups(groups, 10**6, share_prompts=True)
+    batch = batch.to(CUDA)
+    hidden = micro_batch_hidden_states(shared_model, batch)
+    upstream = torch.randn(hidden.shape, device=CUDA, dtype=torch.float64)
+    (hidden.double() * upstream).sum().backward()
+    whole = [torch.tensor(s.prompt_ids + s.response_ids, device=CUDA) for group in groups for s in group]
+    alone = torch.cat([body(truth_model)(input_ids=seq[None], use_cache=False).last_hidden_state[0] for seq in whole])
+    expected = alone[batch.collapse_index]
+    (expected * upstream).sum().backward()
+
+    assert picked and all(kernel is not attention.per_sequence_sdpa for kernel in picked)  # FlashAttention ran
+    assert relative_error(hidden, expected.detach()) < 2e-2
+    for (name, p), truth_p in zip(body(shared_model).named_parameters(), body(truth_model).parameters()):
         assert relative_error(p.grad, truth_p.grad) < 5e-2, name
 
 

@@ -32,6 +32,31 @@ def test_linear_logprobs_errors(change, message):
         spin_kernels.linear_logprobs(args["hidden"], args["weight"], args["targets"])
 
 
+@pytest.mark.parametrize(
+    "hidden_index, message",
+    [
+        (torch.tensor([0, 1, 2, 3, 4, 6]), r"hidden_index\[5\] = 6 is outside \[0, 6\)"),
+        (torch.tensor([0, 1, -1, 3, 4, 5]), r"hidden_index\[2\] = -1"),
+        (torch.tensor([0, 1, 2]), "hidden_index must have one entry per target"),
+        (torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32), "hidden_index must be an int64 tensor"),
+        (torch.zeros(6, 1, dtype=torch.int64), "hidden_index must have 1 dimension"),
+    ],
+)
+def test_hidden_index_errors(hidden_index, message):
+    with pytest.raises(ValueError, match=message):
+        spin_kernels.linear_logprobs(**good(), hidden_index=hidden_index)
+    args = good() | dict(sequence_ids=torch.zeros(6, dtype=torch.int64), opponent_logps=torch.zeros(2))
+    with pytest.raises(ValueError, match=message):
+        spin_kernels.fused_linear_spin_loss(**args, hidden_index=hidden_index)
+
+
+def test_hidden_index_lets_targets_outnumber_rows():
+    """With hidden_index, targets count the predictions, not the rows of hidden."""
+    out = spin_kernels.linear_logprobs(torch.randn(2, 8), torch.randn(20, 8), torch.tensor([1, 2, 3]),
+                                       hidden_index=torch.tensor([0, 1, 1]))
+    assert out.shape == (3,)
+
+
 def test_bias_and_backend_errors(monkeypatch):
     args = good()
     with pytest.raises(ValueError, match="bias must have V=20"):

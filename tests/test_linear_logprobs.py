@@ -20,19 +20,22 @@ def make_inputs(n, h, v, dtype, bias=True, ignore_fraction=0.3, scale=1.0):
     return hidden, weight, b, targets
 
 
-def check_against_truth(backend, hidden, weight, bias, targets, dtype, requires=(True, True, True), tol=None):
+def check_against_truth(backend, hidden, weight, bias, targets, dtype, requires=(True, True, True), tol=None,
+                        hidden_index=None):
     leaves = [hidden, weight] + ([bias] if bias is not None else [])
     for leaf, needed in zip(leaves, requires):
         leaf.requires_grad_(needed)
     upstream = torch.randn(targets.shape[0], dtype=torch.float64)
-    out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend)
+    out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, hidden_index=hidden_index,
+                                       backend=backend)
     assert out.dtype == torch.float32 and out.shape == targets.shape
     if any(leaf.requires_grad for leaf in leaves):
         (out.double() * upstream).sum().backward()
 
     truth_leaves = [leaf.detach().double().requires_grad_() for leaf in leaves]
     truth_bias = truth_leaves[2] if bias is not None else None
-    truth = truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_bias)
+    truth_hidden = truth_leaves[0] if hidden_index is None else truth_leaves[0][hidden_index]
+    truth = truth_token_logprobs(truth_hidden, truth_leaves[1], targets, truth_bias)
     (truth * upstream).sum().backward()
     assert_close(out, truth, dtype, f"{backend} logprobs", tol=tol)
     assert (out[targets == -100] == 0).all()
@@ -57,6 +60,20 @@ def test_matches_float64_truth(backend, dtype, shape, bias):
 def test_gradient_subsets(backend, requires):
     """Only the gradients asked for are computed (frozen head, frozen body)."""
     check_against_truth(backend, *make_inputs(41, 32, 300, torch.float32), torch.float32, requires)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hidden_index_reads_rows_several_times(backend, dtype, monkeypatch):
+    """targets [M] read hidden rows through hidden_index [M], some rows by several targets (a shared prompt's
+    last token): values, and gradients summed over the targets that read a row, as float64 autograd gives."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 300 * 4 * 11)  # 11 tokens per chunk: duplicates across chunks
+    hidden, weight, bias, _ = make_inputs(40, 48, 300, dtype)
+    hidden_index = torch.randint(0, 40, (70,))
+    targets = torch.randint(0, 300, (70,))
+    targets[torch.rand(70) < 0.2] = -100
+    check_against_truth(backend, hidden, weight, bias, targets, dtype, hidden_index=hidden_index)
+    assert (hidden.grad[torch.isin(torch.arange(40), hidden_index[targets != -100], invert=True)] == 0).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -1,12 +1,16 @@
 """The model body on packed rows: per-sequence log-probs equal those of each sequence run alone."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import spin_kernels
+from helpers import assert_close
 from spin_fast import attention
 from spin_fast import model as spin_model
+from spin_fast.packing import Sequence, pack_groups
 
 
 @pytest.fixture(scope="module", params=[("llama", False), ("mistral", False), ("qwen2", True)],
@@ -119,6 +123,78 @@ def test_spin_varlen_attention_equals_block_diagonal_sdpa(monkeypatch, family, k
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     derived_cu, derived_max = attention.cu_seqlens_from_positions(positions)
     assert torch.equal(derived_cu, cu) and derived_max == max(lengths)
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                      softmax_scale=None, causal=False, window_size=(-1, -1), **unused):
+    """flash_attn.flash_attn_varlen_func's documented contract, written plainly: grouped key/value heads taken as
+    they are, window_size (left, right) in tokens, -1 for unlimited."""
+    assert causal and window_size[1] in (0, -1) and not dropout_p
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        i = torch.arange(end - start)
+        visible = i[:, None] >= i[None, :]
+        if window_size[0] >= 0:
+            visible &= i[:, None] - i[None, :] <= window_size[0]
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=visible, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1)
+    return out
+
+
+KERNELS = {"newest-call": lambda: attention.per_sequence_sdpa, "flash-attn": lambda: attention.adapt_flash_attn(
+    flash_attn_varlen), "torch-2.10-call": lambda: attention.adapt_varlen(torch_2_10_varlen)}
+
+
+@pytest.mark.parametrize("family,kv_heads,window", [("llama", 4, None), ("llama", 2, None), ("mistral", 2, 6)],
+                         ids=["mha", "gqa", "sliding-window"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_shared_prompts_equal_each_sequence_alone(monkeypatch, family, kv_heads, window, kernel):
+    """Pairs whose prompt is held once in the row (packing's share_prompts): every row's hidden state, and every
+    parameter's gradient, equal those of each sequence run alone (float64; the row keeps a shared prompt's states
+    from the pair's first sequence, which are the second's too)."""
+    monkeypatch.setattr(attention, "varlen_kernel", lambda device, dtype: checked(KERNELS[kernel]()))
+    attention.register()
+    config = spin_model.tiny_config(family, vocab_size=300, hidden_size=128, heads=4)
+    config.num_key_value_heads = kv_heads
+    if family == "mistral":
+        config.sliding_window = window  # shorter than most sequences: the window must cut them
+    alone_model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float64)
+    shared_model = copy.deepcopy(alone_model)
+    shared_model.set_attn_implementation(attention.NAME)
+
+    def ids(n):
+        return tuple(torch.randint(0, 300, (n,)).tolist())
+
+    groups = [[Sequence(prompt, ids(r1)), Sequence(prompt, ids(r2))]
+              for prompt, r1, r2 in ((ids(4), 7, 2), (ids(9), 1, 12), (ids(1), 5, 5))]
+    (batch,) = pack_groups(groups, 10_000, share_prompts=True)
+    assert batch.n_tokens == 14 + 32 and batch.expand_index is not None
+    hidden = spin_model.micro_batch_hidden_states(shared_model, batch)
+    whole = [torch.tensor(s.prompt_ids + s.response_ids) for group in groups for s in group]  # the layout's order
+    alone = torch.cat([spin_model.body(alone_model)(input_ids=seq[None], use_cache=False).last_hidden_state[0]
+                       for seq in whole])
+    expected = alone[batch.collapse_index]  # row token r belongs to the whole sequence at collapse_index[r]
+    upstream = torch.randn_like(hidden)
+    (hidden * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    assert torch.allclose(hidden, expected, atol=1e-10), (hidden - expected).abs().max()
+    # The forward is the same arithmetic; the backward sums a shared prompt's two gradients before its RMSNorms,
+    # which transformers computes in float32 whatever the dtype: float32 rounding, not float64's.
+    for (name, p), q in zip(shared_model.named_parameters(), alone_model.parameters()):
+        if q.grad is not None:
+            assert_close(p.grad, q.grad, torch.float32, name)
+
+
+def test_shared_prompts_need_spin_varlen(saved_model):
+    path, _ = saved_model
+    model = spin_model.load_causal_lm(path, attention_impl="sdpa")
+    assert not spin_model.can_share_prompts(model)
+    (batch,) = pack_groups([[Sequence((1, 2), (3,)), Sequence((1, 2), (4,))]], 100, share_prompts=True)
+    with pytest.raises(ValueError, match="shared prompts, which only spin_varlen attention follows; the model runs "
+                                         "'sdpa'"):
+        spin_model.micro_batch_hidden_states(model, batch)
 
 
 def test_liger_kernels_need_cuda(saved_model):

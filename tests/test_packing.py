@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import spin_kernels
-from spin_fast.packing import MicroBatch, Sequence, pack_groups, packing_efficiency
+from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
 
 VOCAB = 50
 
@@ -17,12 +17,16 @@ def _ids(low: int, high: int) -> tuple[int, ...]:
     return tuple(torch.randint(0, VOCAB, (length,)).tolist())
 
 
-def random_groups(n_groups: int, group_size: int, max_prompt: int = 9, max_response: int = 9) -> list[list[Sequence]]:
-    """Groups sharing a prompt within each group, as SPIN pairs do."""
+def random_groups(n_groups: int, group_size: int, max_prompt: int = 9, max_response: int = 9,
+                  own_prompts: float = 0.0) -> list[list[Sequence]]:
+    """Groups sharing a prompt within each group, as SPIN pairs do; a share own_prompts of the groups give each
+    sequence a prompt of its own."""
     groups = []
     for _ in range(n_groups):
         prompt = _ids(1, max_prompt)
-        groups.append([Sequence(prompt, _ids(1, max_response)) for _ in range(group_size)])
+        own = bool(torch.rand(()) < own_prompts)
+        groups.append([Sequence(_ids(1, max_prompt) if own else prompt, _ids(1, max_response))
+                       for _ in range(group_size)])
     return groups
 
 
@@ -30,7 +34,8 @@ def group_length(group: list[Sequence]) -> int:
     return sum(sequence.length for sequence in group)
 
 
-def check_invariants(groups: list[list[Sequence]], batches: list[MicroBatch], budget: int) -> None:
+def check_invariants(groups: list[list[Sequence]], batches: list[MicroBatch], budget: int,
+                     share_prompts: bool = False) -> None:
     """Every property packing promises, checked against the groups themselves."""
     k = len(groups[0])
     seen = []
@@ -38,52 +43,60 @@ def check_invariants(groups: list[list[Sequence]], batches: list[MicroBatch], bu
         G = mb.group_indices.numel()
         seen += mb.group_indices.tolist()
         assert mb.group_size == k
-        for name in ("input_ids", "position_ids", "targets", "sequence_ids", "group_indices"):
+        for name in ("input_ids", "position_ids", "hidden_index", "targets", "sequence_ids", "group_indices"):
             assert getattr(mb, name).dtype == torch.int64, name
         assert mb.cu_seqlens.dtype == torch.int32
-        assert mb.input_ids.shape == mb.position_ids.shape == mb.targets.shape == mb.sequence_ids.shape
+        assert mb.input_ids.shape == mb.position_ids.shape
+        assert mb.hidden_index.shape == mb.targets.shape == mb.sequence_ids.shape
         assert 0 < mb.n_tokens <= budget, "budget respected"
-        assert mb.cu_seqlens.numel() == k * G + 1
-        assert mb.cu_seqlens[0] == 0 and mb.cu_seqlens[-1] == mb.n_tokens
         members = [groups[g] for g in mb.group_indices.tolist()]
-        # No padding: the row holds exactly the tokens of its groups' sequences.
-        assert sum(group_length(group) for group in members) == mb.n_tokens
+        # No padding: the row holds the tokens of its groups' sequences, a shared prompt once.
+        shared = [share_prompts and len(set(s.prompt_ids for s in group)) == 1 and k > 1 for group in members]
+        row_tokens = sum(group_length(group) - (k - 1) * len(group[0].prompt_ids) * is_shared
+                         for group, is_shared in zip(members, shared))
+        assert mb.n_tokens == row_tokens
+        assert mb.n_sequence_tokens == sum(group_length(group) for group in members)
+        assert (mb.expand_index is None) == (not any(shared))
+        expand = torch.arange(mb.n_tokens) if mb.expand_index is None else mb.expand_index
+        collapse = torch.arange(mb.n_tokens) if mb.collapse_index is None else mb.collapse_index
+        assert expand.numel() == mb.n_sequence_tokens and collapse.numel() == mb.n_tokens
+        # Each row token keeps an attention output computed for itself, and every row token is used.
+        assert torch.equal(expand[collapse], torch.arange(mb.n_tokens))
+        assert mb.cu_seqlens.numel() == k * G + 1
+        assert mb.cu_seqlens[0] == 0 and mb.cu_seqlens[-1] == mb.n_sequence_tokens
         assert mb.max_seqlen == max(s.length for group in members for s in group)
-        # Sequences laid out in id order: id j * G + g is sequence j of the g-th group here.
-        for j in range(k):
-            for g, group in enumerate(members):
+        assert mb.targets.numel() == sum(len(s.response_ids) for group in members for s in group)
+        # Groups one after the other; sequence j of the g-th group here has id j * G + g.
+        for g, group in enumerate(members):
+            for j, sequence in enumerate(group):
                 sid = j * G + g
-                sequence = group[j]
-                start, end = int(mb.cu_seqlens[sid]), int(mb.cu_seqlens[sid + 1])
+                start, end = int(mb.cu_seqlens[g * k + j]), int(mb.cu_seqlens[g * k + j + 1])
                 assert end - start == sequence.length
+                rows = expand[start:end]  # the whole sequence, gathered from the row
                 tokens = list(sequence.prompt_ids + sequence.response_ids)
-                assert mb.input_ids[start:end].tolist() == tokens
-                assert mb.position_ids[start:end].tolist() == list(range(sequence.length))
-                targets = mb.targets[start:end]
-                ids = mb.sequence_ids[start:end]
-                loss = targets != -100
-                assert int(loss.sum()) == len(sequence.response_ids)
-                assert not bool(loss[-1]), "the last position of a sequence predicts nothing"
-                # Each loss target is the next token, and only response tokens are targets.
-                positions = loss.nonzero().squeeze(1)
-                assert targets[positions].tolist() == [tokens[p + 1] for p in positions.tolist()]
-                assert all(p + 1 >= len(sequence.prompt_ids) for p in positions.tolist())
-                assert (ids[loss] == sid).all() and (ids[~loss] == -1).all()
+                assert mb.input_ids[rows].tolist() == tokens
+                assert mb.position_ids[rows].tolist() == list(range(sequence.length))
+                # Its loss tokens: the response, each predicted by the row of the token before it.
+                mine = mb.sequence_ids == sid
+                n_prompt = len(sequence.prompt_ids)
+                assert mb.targets[mine].tolist() == list(sequence.response_ids)
+                assert mb.hidden_index[mine].tolist() == rows[n_prompt - 1 : -1].tolist()
     # Every group exactly once (so its k sequences all sit in one micro-batch).
     assert sorted(seen) == list(range(len(groups)))
 
 
+@pytest.mark.parametrize("share_prompts", [False, True], ids=["whole", "shared-prompts"])
 @pytest.mark.parametrize("group_size", [1, 2, 3])
-def test_random_groups_invariants(group_size):
+def test_random_groups_invariants(group_size, share_prompts):
     for _ in range(5):
-        groups = random_groups(int(torch.randint(1, 40, ())), group_size)
+        groups = random_groups(int(torch.randint(1, 40, ())), group_size, own_prompts=0.3)
         longest = max(group_length(group) for group in groups)
         budget = longest + int(torch.randint(0, 3 * longest, ()))
-        batches = pack_groups(groups, budget)
-        check_invariants(groups, batches, budget)
+        batches = pack_groups(groups, budget, share_prompts=share_prompts)
+        check_invariants(groups, batches, budget, share_prompts)
         # Greedy: a micro-batch was closed only because the next group did not fit.
         for mb, nxt in zip(batches, batches[1:]):
-            assert mb.n_tokens + group_length(groups[int(nxt.group_indices[0])]) > budget
+            assert mb.n_tokens + group_tokens(groups[int(nxt.group_indices[0])], share_prompts) > budget
 
 
 def test_positions_restart_at_each_boundary():
@@ -97,31 +110,56 @@ def test_positions_restart_at_each_boundary():
         assert (mb.position_ids[1:][inside[1:]] == mb.position_ids[:-1][inside[1:]] + 1).all()
 
 
-def test_pair_sequence_ids_match_fused_spin_loss():
+@pytest.mark.parametrize("share_prompts", [False, True], ids=["whole", "shared-prompts"])
+def test_pair_sequence_ids_match_fused_spin_loss(share_prompts):
     """policy_logps[g] / [G + g] = log p(real / generated response of group g), computed by hand."""
     hidden_size = 8
     groups = random_groups(3, 2)
-    (mb,) = pack_groups(groups, 10_000)
+    (mb,) = pack_groups(groups, 10_000, share_prompts=share_prompts)
     G = 3
     hidden = torch.randn(mb.n_tokens, hidden_size, dtype=torch.float64)
     weight = torch.randn(VOCAB, hidden_size, dtype=torch.float64)
     opponent_logps = -torch.rand(2 * G, dtype=torch.float64) * 10
-    out = spin_kernels.fused_linear_spin_loss(hidden, weight, mb.targets, mb.sequence_ids, opponent_logps)
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, mb.targets, mb.sequence_ids, opponent_logps,
+                                              hidden_index=mb.hidden_index)
     logps = torch.log_softmax(hidden @ weight.T, dim=-1)
     offset = 0
     expected = {}
-    # Walk the row in the documented layout without using targets or sequence_ids.
-    for j in range(2):
-        for g in range(G):
+    # Walk the row in the documented layout without using hidden_index, targets or sequence_ids: group after
+    # group, each sequence whole, or a shared prompt once and then each response.
+    for g in range(G):
+        for j in range(2):
             sequence = groups[g][j]
             n_prompt = len(sequence.prompt_ids)
-            expected[j * G + g] = sum(
-                logps[offset + n_prompt - 1 + i, token] for i, token in enumerate(sequence.response_ids)
-            )
-            offset += sequence.length
+            if j == 0 or not share_prompts:
+                last_prompt_row = offset + n_prompt - 1
+                offset += n_prompt
+            predictors = [last_prompt_row] + list(range(offset, offset + len(sequence.response_ids) - 1))
+            expected[j * G + g] = sum(logps[row, token] for row, token in zip(predictors, sequence.response_ids))
+            offset += len(sequence.response_ids)
+    assert offset == mb.n_tokens
     for g in range(G):
         torch.testing.assert_close(out.policy_logps[g], expected[g], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out.policy_logps[G + g], expected[G + g], rtol=1e-10, atol=1e-10)
+
+
+def test_shared_prompt_layout_by_hand():
+    """Pair 0 (prompt 1 2 3; responses 4 5 and 6 7 8) holds its prompt once; pair 1 too; 11 row tokens, not 15."""
+    groups = [[Sequence((1, 2, 3), (4, 5)), Sequence((1, 2, 3), (6, 7, 8))],
+              [Sequence((9,), (10,)), Sequence((9,), (11,))]]
+    with pytest.raises(ValueError, match="group 0 has 11 tokens"):  # whole, pair 0 alone is over 10 tokens
+        pack_groups(groups, 10)
+    (mb,) = pack_groups(groups, 11, share_prompts=True)
+    assert mb.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 1]
+    # The prompt's last token (row 2) predicts 4 and 6; the generated response 6 7 8 continues from it.
+    assert mb.hidden_index.tolist() == [2, 3, 2, 5, 6, 8, 8]
+    assert mb.targets.tolist() == [4, 5, 6, 7, 8, 10, 11]
+    assert mb.sequence_ids.tolist() == [0, 0, 2, 2, 2, 1, 3]
+    assert mb.expand_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9, 8, 10]
+    assert mb.collapse_index.tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 14]
+    assert mb.cu_seqlens.tolist() == [0, 5, 11, 13, 15] and mb.max_seqlen == 6
+    assert mb.n_tokens == 11 and mb.n_sequence_tokens == 15
 
 
 def test_sft_groups_of_one():
@@ -130,8 +168,8 @@ def test_sft_groups_of_one():
     batches = pack_groups(groups, budget)
     check_invariants(groups, batches, budget)
     for mb in batches:
-        loss = mb.targets != -100
-        assert mb.sequence_ids[loss].unique().tolist() == list(range(mb.group_indices.numel()))
+        assert mb.sequence_ids.unique().tolist() == list(range(mb.group_indices.numel()))
+    assert pack_groups(groups, budget, share_prompts=True)[0].expand_index is None, "a group of one shares nothing"
 
 
 def test_empty_input():
@@ -201,15 +239,17 @@ def test_order_changes_packing_deterministically():
     assert torch.cat([mb.group_indices for mb in first]).tolist() == order
     assert len(first) == len(second)
     for a, b in zip(first, second):
-        for name in ("input_ids", "position_ids", "targets", "sequence_ids", "cu_seqlens", "group_indices"):
+        for name in ("input_ids", "position_ids", "hidden_index", "targets", "sequence_ids", "cu_seqlens",
+                     "group_indices"):
             assert torch.equal(getattr(a, name), getattr(b, name))
 
 
 def test_microbatch_to():
-    (mb,) = pack_groups(random_groups(3, 2), 10_000)
+    (mb,) = pack_groups(random_groups(3, 2), 10_000, share_prompts=True)
     moved = mb.to("meta")
     assert moved is not mb
-    for name in ("input_ids", "position_ids", "targets", "sequence_ids", "cu_seqlens", "group_indices"):
+    for name in ("input_ids", "position_ids", "hidden_index", "targets", "sequence_ids", "cu_seqlens",
+                 "group_indices", "expand_index", "collapse_index"):
         tensor = getattr(moved, name)
         assert tensor.device.type == "meta" and tensor.dtype == getattr(mb, name).dtype
         assert getattr(mb, name).device.type == "cpu", "the original stays where it was"

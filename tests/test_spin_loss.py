@@ -55,6 +55,16 @@ def test_torch_backend_pair_chunking(chunk_tokens, loss_type, monkeypatch):
     check_fused_against_truth("torch", torch.float32, loss_type, n_pairs=6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("chunk_tokens", [9, 1000])
+@pytest.mark.parametrize("nll_weight", [0.0, 0.01])
+def test_hidden_index_shares_rows(backend, chunk_tokens, nll_weight, monkeypatch):
+    """Tokens that read one hidden row through hidden_index (a prompt shared by both responses of a pair):
+    the row's gradient sums theirs, on the one-pass and the recomputing torch paths."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=4, nll_weight=nll_weight, shared_rows=True)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("chunk_tokens", [9, 1000])
 def test_gradient_through_policy_logps(backend, chunk_tokens, monkeypatch):

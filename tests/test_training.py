@@ -2,12 +2,14 @@
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from spin_fast import attention as spin_attention
 from spin_fast.config import TrainConfig
 from spin_fast.model import tiny_config
 from spin_fast.packing import Sequence
@@ -17,9 +19,11 @@ from spin_fast.training import Trainer, TrainingDiverged, step_items
 VOCAB, EOS = 300, 2
 
 
-def make_model(seed=0):
+def make_model(seed=0, attention="sdpa"):
+    """The tiny Llama, with plain SDPA (rows hold every sequence whole) or spin_varlen (pairs share prompts)."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=VOCAB), attn_implementation="sdpa")
+    spin_attention.register()
+    return AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=VOCAB), attn_implementation=attention)
 
 
 def random_pairs(n):
@@ -74,29 +78,64 @@ def naive_spin_training(model, pairs, cfg, steps):
     return model
 
 
-def test_matches_naive_reference_spin(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "spin_varlen"], ids=["whole-sequences", "shared-prompts"])
+def test_matches_naive_reference_spin(tmp_path, attention):
     pairs = random_pairs(6)  # 2 steps per epoch, the second with 2 pairs; micro-batches of <= 48 tokens
     # A large eps keeps Adam's update linear in the gradient, and a large lr makes each update much bigger
     # than the fp32 rounding of the weights: a strict test of the gradients themselves.
     cfg = config(optimizer_eps=1.0, learning_rate=0.1)
     initial = make_model()
-    ours = make_model()
+    ours = make_model(attention=attention)
     reference = naive_spin_training(make_model(), pairs, cfg, steps=4)
     scored = score_pairs(ours, pairs, token_budget=64)
-    result = Trainer(ours, None, cfg, tmp_path, scored).train()
+    trainer = Trainer(ours, None, cfg, tmp_path, scored)
+    assert trainer.share_prompts == (attention == "spin_varlen")
+    result = trainer.train()
     assert result.steps == 4 and max(m["micro_batches"] for m in result.history) > 1
-    # Compare what training changed, parameter by parameter, relative to the change itself. The floor: each of the
-    # 4 updates rounds the weights to fp32 (half an ulp, 6e-8 relative; independent roundings add up as sqrt(4)):
-    # a norm weight near 1 whose gradient happens to be small moves by little more than that rounding.
+    assert_same_updates(ours, reference, initial)
+    first = result.history[0]
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == opponent at step 0
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def assert_same_updates(ours, reference, initial, steps=4):
+    """What training changed, parameter by parameter, relative to the change itself. The floor: each update
+    rounds the weights to fp32 (half an ulp, 6e-8 relative; independent roundings add up as sqrt(steps)): a norm
+    weight near 1 whose gradient happens to be small moves by little more than that rounding."""
     for (name, p), q, p0 in zip(ours.named_parameters(), reference.parameters(), initial.parameters()):
         ours_delta, reference_delta = (p - p0).double(), (q - p0).double()
         assert reference_delta.norm() > 0, name
         error = (ours_delta - reference_delta).norm() / reference_delta.norm()
-        rounding = 2 * 2**-24 * p0.double().norm() / reference_delta.norm()
+        rounding = steps**0.5 * 2**-24 * p0.double().norm() / reference_delta.norm()
         assert error < 1e-4 + rounding, (name, error.item(), rounding.item())
-    first = result.history[0]
-    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == opponent at step 0
-    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_shared_prompts_train_like_whole_sequences(tmp_path, monkeypatch):
+    """The same run with pairs holding their prompt once and with every sequence whole: the same metrics and
+    updates (to fp32 rounding), fewer tokens through the body, and tokens/s counted in whole sequences."""
+    from spin_fast import training
+
+    clock = iter(range(10**6))  # every step lasts exactly one second: tokens_per_s counts the step's tokens
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    pairs = random_pairs(6)
+    scored = score_pairs(make_model(attention="spin_varlen"), pairs, token_budget=64)
+    cfg = config(optimizer_eps=1.0, learning_rate=0.1, micro_batch_tokens=1000)
+    models, histories = {}, {}
+    for share in (False, True):
+        models[share] = make_model(attention="spin_varlen")
+        trainer = Trainer(models[share], None, cfg.replace(share_prompts=share), tmp_path / str(share), scored)
+        histories[share] = trainer.train().history
+    assert_same_updates(models[True], models[False], make_model())
+    for shared, whole in zip(histories[True], histories[False]):
+        for name in ("loss", "rewards/real", "rewards/generated", "rewards/margins", "grad_norm"):
+            assert shared[name] == pytest.approx(whole[name], rel=1e-4, abs=1e-5), name
+        # One micro-batch per step: the rows hold the step's tokens, a prompt once per pair when shared.
+        assert shared["packing_efficiency"] < whole["packing_efficiency"]
+    step_pairs = [pairs[i] for i in step_items(len(pairs), cfg, 0)]
+    shared_tokens = sum(len(p.prompt_ids) + len(p.real_ids) + len(p.generated_ids) for p in step_pairs)
+    assert histories[True][0]["packing_efficiency"] == pytest.approx(shared_tokens / 1000)
+    whole_tokens = shared_tokens + sum(len(p.prompt_ids) for p in step_pairs)
+    assert histories[True][0]["tokens_per_s"] == histories[False][0]["tokens_per_s"] == whole_tokens
 
 
 def test_default_optimizer_settings_track_the_reference(tmp_path):
@@ -171,6 +210,20 @@ def test_wrong_items_and_bad_config_are_refused(tmp_path):
         TrainConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="warmup_ratio must be in"):
         TrainConfig(warmup_ratio=1.5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "spin_varlen"], ids=["whole-sequences", "shared-prompts"])
+def test_scores_are_the_padded_batch_log_probs(attention):
+    """The opponent's scores, packed (a pair's prompt held once with spin_varlen), against a padded batch with
+    full logits."""
+    pairs = random_pairs(7)
+    model = make_model(attention=attention)
+    scored = score_pairs(model, pairs, token_budget=40)
+    with torch.no_grad():
+        padded = padded_sequence_logps(make_model(), [(p.prompt_ids, p.real_ids) for p in pairs] +
+                                       [(p.prompt_ids, p.generated_ids) for p in pairs])
+    got = torch.tensor([s.opponent_real for s in scored] + [s.opponent_generated for s in scored], dtype=torch.float64)
+    assert torch.allclose(got, padded.double(), rtol=1e-5, atol=1e-4), (got - padded.double()).abs().max()
 
 
 def test_scored_pairs_round_trip(tmp_path):
