@@ -72,6 +72,12 @@ def peak_extra_memory_mib(step: Callable[[], None], device: torch.device) -> flo
     return _rss_mib("VmHWM") - base
 
 
+# The CPU presets' warm-ups after the memory call: none. Its own warm-up already compiled and built every cache;
+# what the first timed call still pays, the growth of glibc's ordinary heap, the median of 3 leaves out, and each
+# call saved is seconds of `make bench`'s 15 minutes on 2 cores.
+CPU_WARMUP = 0
+
+
 def memory_then_time(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,
                      release: Callable[[], None] = lambda: None) -> tuple[float, list[float]]:
     """(peak extra MiB of one call of step, wall seconds of `repeats` calls), in one worker process.

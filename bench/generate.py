@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    CPU_WARMUP,
     format_table,
     machine_info,
     memory_then_time,
@@ -99,7 +100,7 @@ class Preset:
 PRESETS = {
     # ~45M parameters (vocabulary 32000, head dim 64), fp32; 32 prompts of 16-128 tokens, 32 new tokens each.
     "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 4, 8, 1376, 32, 16, 128, 32, 16,
-                  warmup=1, repeats=3, swap_repeats=3, restart_runs=1),
+                  warmup=CPU_WARMUP, repeats=3, swap_repeats=3, restart_runs=1),
     # One H200: 0.94B parameters in bf16, 64 prompts of 64-512 tokens, 128 new tokens each, in bench/gpu/check.sh's
     # slot of 70 s. Decoding is bound by reading the weights (1.9 GB: ~0.5 ms a step at 4 TB/s) and, for
     # transformers, by its Python per step (~15-25 ms for 16 layers): one batch of 64 x 128 steps ~3 s a call;

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import (
+    CPU_WARMUP,
     format_table,
     machine_info,
     memory_then_time,
@@ -51,10 +52,11 @@ class Preset:
 
 
 PRESETS = {
-    # Part of `make bench`'s 15 minutes on 2 cores (~3.5 min): 2048 tokens, H=512, the SPIN head only (--jobs adds
+    # Part of `make bench`'s 15 minutes on 2 cores (~3.5-4 min): 2048 tokens, H=512, the SPIN head only (--jobs adds
     # logprobs), 3 timed runs. A worker's wall time is mostly fixed costs: ~4 s to start and build the batch,
-    # ~20 s of compiling for torch.compile and ~25 s for Liger, at each vocabulary size.
-    "cpu": Preset("cpu", "cpu", torch.float32, 2048, 512, (8000, 16000), 8, warmup=1, repeats=3,
+    # ~20 s of compiling for torch.compile and ~25 s for Liger, at each vocabulary size. No warm-up after the memory
+    # call (CPU_WARMUP).
+    "cpu": Preset("cpu", "cpu", torch.float32, 2048, 512, (8000, 16000), 8, warmup=CPU_WARMUP, repeats=3,
                   jobs=("spin_head",)),
     # One H200, bf16, Llama-3's head (V=128256, H=4096) on 16384 packed tokens, the SPIN head only (--jobs adds
     # logprobs, --vocabs 32000 a second point), in bench/gpu/check.sh's slot of 160 s. Work: one pass over the
