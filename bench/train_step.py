@@ -98,7 +98,7 @@ PRESETS = {
     # tokens ~1.2e14 FLOP (~0.4 s at ~40% of 700 TFLOP/s); TRL pads 32 rows to 1024 (32768 tokens) and runs the
     # reference forward too: ~2.5e14 FLOP (~0.9 s). 2 warm-ups + 1 memory + 2 warm-ups + 3 timed: ~10 s of GPU work per
     # method; each method's process adds ~15-20 s (imports, CUDA context, the model built on the GPU, TRL's set-up):
-    # about 60 s in all.
+    # about 80 s in all for the 4 methods.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=3),
     "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 3, 64, 256, warmup=1, repeats=1),  # tests
 }
@@ -313,9 +313,9 @@ def _check_same_tokens(batch: dict, pairs) -> None:
 
 METHODS: dict[str, Callable[[Preset, Path], Runner]] = {
     "spin-fast": _spin_fast(share_prompts=True),
-    "spin-fast, whole sequences": _spin_fast(share_prompts=False),
     "TRL DPO, live reference": _trl(precompute=False),
     "TRL DPO, precomputed reference": _trl(precompute=True),
+    "spin-fast, whole sequences": _spin_fast(share_prompts=False),  # last: a run cut off by a time limit keeps the peers
 }
 BASELINES = {"live": "TRL DPO, live reference", "precomputed": "TRL DPO, precomputed reference"}
 
