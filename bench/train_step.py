@@ -311,11 +311,12 @@ def _check_same_tokens(batch: dict, pairs) -> None:
         raise RuntimeError("TRL's tokenized batch differs from the pairs' token ids")
 
 
+# The ablation runs last: a run cut off by a time limit keeps the peers.
 METHODS: dict[str, Callable[[Preset, Path], Runner]] = {
     "spin-fast": _spin_fast(share_prompts=True),
     "TRL DPO, live reference": _trl(precompute=False),
     "TRL DPO, precomputed reference": _trl(precompute=True),
-    "spin-fast, whole sequences": _spin_fast(share_prompts=False),  # last: a run cut off by a time limit keeps the peers
+    "spin-fast, whole sequences": _spin_fast(share_prompts=False),
 }
 BASELINES = {"live": "TRL DPO, live reference", "precomputed": "TRL DPO, precomputed reference"}
 
@@ -421,6 +422,11 @@ def _add_ratios(results: list[dict]) -> None:
                 result["first_loss_diff_vs_trl_live"] = abs(result["first_loss"] - base["first_loss"])
 
 
+def _ratio(result: dict, key: str) -> str:
+    """A ratio to TRL, or "-" where TRL did not run (--methods without it)."""
+    return f"{result[key]:.2f}" if key in result else "-"
+
+
 def summary_table(results: list[dict]) -> str:
     headers = ["method", "step ms (min-max)", "tokens/s", "x TRL-live", "x TRL-pre", "peak MiB", "x TRL-live mem",
                "x TRL-pre mem", "held MiB", "first loss"]
@@ -430,16 +436,15 @@ def summary_table(results: list[dict]) -> str:
             status = problem(r)
             rows.append([r["method"], "", "", status] + [""] * (len(headers) - 4))
             continue
-        nan = float("nan")
         rows.append([
             r["method"],
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
             f"{r['tokens_per_s']:.0f}",
-            f"{r.get('speed_vs_trl_live', nan):.2f}",
-            f"{r.get('speed_vs_trl_precomputed', nan):.2f}",
+            _ratio(r, "speed_vs_trl_live"),
+            _ratio(r, "speed_vs_trl_precomputed"),
             f"{r['peak_extra_mib']:.0f}",
-            f"{r.get('memory_vs_trl_live', nan):.2f}",
-            f"{r.get('memory_vs_trl_precomputed', nan):.2f}",
+            _ratio(r, "memory_vs_trl_live"),
+            _ratio(r, "memory_vs_trl_precomputed"),
             f"{r['held_mib']:.0f}",
             f"{r['first_loss']:.6f}",
         ])
