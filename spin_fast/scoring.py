@@ -56,7 +56,7 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes (a group's
     sequences hold their common prompt once where the model's attention allows: model.can_share_prompts).
 
-    A ZeRO-3 partitioned model (deepspeed.zero3_init) is run a module at a time, every rank in step: a rank
+    A ZeRO-3 partitioned model (deepspeed.zero3_init) is run a layer at a time, every rank in step: a rank
     with fewer micro-batches runs filler passes, so each rank must call this as often as the others."""
     was_training = model.training
     model.eval()
@@ -66,7 +66,7 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     passes = zero.in_step([model], batches, "scoring micro-batch counts")
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
-    with zero.gathered_per_module(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
+    with zero.gathered_per_layer(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
         for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress):
             sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend)
             if batch is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +20,9 @@ from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
 
 DEFAULT_STAGE = 2
 BUCKET_BYTES = 256 * 2**20  # ZeRO-3 gathers weights this many bytes at a time
+# Forward passes of a partitioned model gather a decoder layer at once up to this size (a Llama-70B layer in bf16
+# is 1.6 GiB), beyond it a module at a time.
+LAYER_BYTES = 4 * 2**30
 
 
 def deepspeed_config(train: TrainConfig, settings: DeepSpeedConfig, world_size: int) -> dict:
@@ -183,21 +186,49 @@ def gathered(params: Iterable[torch.nn.Parameter | None]) -> Iterator[None]:
         yield
 
 
+def gather_units(model: torch.nn.Module, *, limit_bytes: int = LAYER_BYTES,
+                 partitioned: Callable[[torch.nn.Parameter], bool] = is_partitioned,
+                 ) -> list[tuple[torch.nn.Module, list[torch.nn.Parameter]]]:
+    """The modules whose partitioned parameters a forward pass outside training gathers at once, each with those
+    parameters: every block of a ModuleList (a decoder layer) whole, in one collective, when its full weights fit
+    in limit_bytes; every other module with parameters of its own, alone (a block over the limit is split so)."""
+    units, covered = [], set()
+    for module in model.modules():  # outer modules first: a block is claimed before anything inside it
+        if id(module) in covered:
+            continue
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                params = [p for p in block.parameters() if partitioned(p)]
+                if params and sum(_full_bytes(p) for p in params) <= limit_bytes:
+                    units.append((block, params))
+                    covered.update(id(m) for m in block.modules())
+            continue
+        own = [p for p in module.parameters(recurse=False) if partitioned(p)]
+        if own:
+            units.append((module, own))
+    return units
+
+
+def _full_bytes(param: torch.nn.Parameter) -> int:
+    return getattr(param, "ds_numel", param.numel()) * param.element_size()
+
+
 @contextlib.contextmanager
-def gathered_per_module(model: torch.nn.Module) -> Iterator[None]:
-    """Forward passes of a partitioned model outside a DeepSpeed engine (scoring, generation, evaluation):
-    each module's own parameters are gathered just before it runs and partitioned again just after, so a
-    rank holds its shards plus one module. Each gather is a collective: every rank must make the same
-    forward passes (pad with filler batches; generate with synced_gpus)."""
+def gathered_per_layer(model: torch.nn.Module) -> Iterator[None]:
+    """Forward passes of a partitioned model outside a DeepSpeed engine (scoring, generation, evaluation): each
+    unit of gather_units (a decoder layer, or a module outside the layers such as the embedding) is gathered just
+    before it runs and partitioned again just after, so a rank holds its shards plus one layer, and a layer costs
+    one collective, not one per linear layer and norm (9 in a Llama layer). Every rank must make the same forward
+    passes (pad with filler batches; generate with synced_gpus)."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
+    units = gather_units(model)
+    params_of = {id(module): params for module, params in units}
     active: dict[int, GatheredParameters] = {}
 
     def before(module, args):
-        params = [p for p in module.parameters(recurse=False) if is_partitioned(p)]
-        if params:
-            active[id(module)] = context = GatheredParameters(params, modifier_rank=None)
-            context.__enter__()
+        active[id(module)] = context = GatheredParameters(params_of[id(module)], modifier_rank=None)
+        context.__enter__()
 
     def after(module, args, output):
         context = active.pop(id(module), None)
@@ -205,7 +236,7 @@ def gathered_per_module(model: torch.nn.Module) -> Iterator[None]:
             context.__exit__(None, None, None)
 
     handles = []
-    for module in model.modules():
+    for module, _ in units:
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         yield

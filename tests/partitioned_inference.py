@@ -21,13 +21,13 @@ from types import SimpleNamespace
 
 import torch
 
-from spin_fast import distributed
+from spin_fast import distributed, zero
 from spin_fast.config import load_run_config
 from spin_fast.data import TokenizedExample
 from spin_fast.evaluation import heldout_loglik, shared_generate
 from spin_fast.generation.base import SamplingConfig
 from spin_fast.generation.hf_engine import TransformersEngine
-from spin_fast.model import load_causal_lm
+from spin_fast.model import body, load_causal_lm
 from spin_fast.packing import Sequence
 from spin_fast.scoring import ScoredPair, sequence_logprobs
 from spin_fast.selfplay import load_policy
@@ -53,6 +53,23 @@ def main(model_dir: str, output: str) -> None:
     groups = [[Sequence(ids(2, 6), ids(1, 8)), Sequence(ids(2, 6), ids(1, 8))] for _ in range(3 * (rank + 1))]
     scores = (sequence_logprobs(partitioned, groups, 28), sequence_logprobs(whole, groups, 28))
 
+    # The collectives of one forward pass: one per decoder layer, one each for the embedding and the final norm.
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    gathers, enter = [], GatheredParameters.__enter__
+
+    def counting_enter(context):
+        gathers.append(len(context.params))
+        return enter(context)
+
+    GatheredParameters.__enter__ = counting_enter
+    try:
+        with torch.no_grad(), zero.gathered_per_layer(partitioned):
+            body(partitioned)(input_ids=torch.tensor([[3, 4, 5]]), position_ids=torch.tensor([[0, 1, 2]]),
+                              use_cache=False)
+    finally:
+        GatheredParameters.__enter__ = enter
+
     # Generation: one prompt per batch, greedy.
     prompts = [ids(2, 6) for _ in range(2 * (rank + 1))]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
@@ -77,7 +94,7 @@ def main(model_dir: str, output: str) -> None:
               "scores_finite": bool(torch.isfinite(scores[0]).all()),
               "answers_equal": answers[0] == answers[1], "n_prompts": len(prompts),
               "shared_answers_equal": shared_answers[0] == shared_answers[1],
-              "heldout": heldout}
+              "heldout": heldout, "gathers": gathers, "layers": partitioned.config.num_hidden_layers}
     # Two trainings on the partitioned model, as two SPIN iterations run: the first engine, released, is freed.
     pairs = random.Random(11)
     items = [ScoredPair(*[tuple(pairs.randrange(3, vocab) for _ in range(pairs.randint(1, 4))) for _ in range(3)],

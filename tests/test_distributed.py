@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
-from spin_fast.zero import deepspeed_config
+from spin_fast.zero import deepspeed_config, gather_units
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
 ROOT = SCRIPT.parent.parent
@@ -221,6 +222,25 @@ def test_zero3_init_needs_stage_3(tmp_path):
         deepspeed_config(train, DeepSpeedConfig(config_file=str(path), zero3_init=True), 2)
 
 
+def test_a_partitioned_forward_gathers_a_decoder_layer_at_once():
+    """gather_units: each Llama decoder layer is one gather (its 9 weights), the embedding, the final norm and the
+    head one each; a layer over the size limit is gathered a module at a time; only partitioned weights count."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    everything = lambda param: True  # noqa: E731 (as if every weight were partitioned)
+    units = gather_units(model, partitioned=everything)
+    assert [module for module, _ in units] == [model.model.embed_tokens, *model.model.layers, model.model.norm,
+                                               model.lm_head]
+    for layer, (_, params) in zip(model.model.layers, units[1:4]):
+        assert len(params) == 9 and {id(p) for p in params} == {id(p) for p in layer.parameters()}
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    split = gather_units(model, partitioned=everything, limit_bytes=layer_bytes - 1)
+    assert len(split) == 3 * 9 + 3 and all(len(params) == 1 for _, params in split)
+    assert sorted(id(p) for _, params in split for p in params) == sorted(id(p) for p in model.parameters())
+    assert gather_units(model) == []  # nothing partitioned: nothing to gather
+
+
 def test_balance_splits_by_cost_deterministically():
     costs = [torch.randint(1, 500, ()).item() for _ in range(37)]
     shares = distributed.balance(costs, 4)
@@ -346,8 +366,9 @@ def assert_same_run(two: Path, one: Path, sft_model: Path) -> None:
 def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft_model):
     """deepspeed.zero3_init on 2 processes: each rank loads half of every weight, and scoring, greedy generation and
     the shared held-out log-likelihood on the partitioned model equal the whole model's. Rank 1 has twice rank
-    0's work, so rank 0 runs filler passes to keep the collectives inside each forward in step. Then the model
-    is trained twice, and each released DeepSpeed engine is freed."""
+    0's work, so rank 0 runs filler passes to keep the collectives inside each forward in step; a forward pass
+    gathers a decoder layer in one collective. Then the model is trained twice, and each released DeepSpeed
+    engine is freed."""
     out = tmp_path / "report.json"
     done = run_launched([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                          f"--master_port={free_port()}", str(SCRIPT.with_name("partitioned_inference.py")),
@@ -360,6 +381,8 @@ def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft
         assert report["scores_finite"] and report["score_diff"] < 1e-4, report  # sums of ~100; observed 0
         assert report["answers_equal"] and report["shared_answers_equal"], report
         assert report["heldout"][0] == pytest.approx(report["heldout"][1], rel=1e-6), report
+        # One gather per decoder layer (its 9 weights at once), then the final norm, after the embedding.
+        assert report["gathers"] == [1] + [9] * report["layers"] + [1], report
         # Two trainings, each engine released: none is left holding its optimizer state (with DeepSpeed's own
         # destroy() alone, both engines and both optimizers stayed alive, and 33 modules kept its closures).
         assert report["engines_alive"] == 0 and report["backward_closures_left"] == 0, report

@@ -39,7 +39,7 @@ class TransformersEngine:
         """n completions per prompt, in prompt order. transformers samples a whole batch from one seed, so
         sampled completions depend on the batching (indices is not used); greedy ones do not.
 
-        A ZeRO-3 partitioned model (deepspeed.zero3_init) generates a module at a time with every rank in step:
+        A ZeRO-3 partitioned model (deepspeed.zero3_init) generates a layer at a time with every rank in step:
         as many batches on each rank (fillers where it has fewer) and as many decoding steps (synced_gpus)."""
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
@@ -49,7 +49,7 @@ class TransformersEngine:
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
         try:
-            with zero.gathered_per_module(self.model) if partitioned else contextlib.nullcontext():
+            with zero.gathered_per_layer(self.model) if partitioned else contextlib.nullcontext():
                 for batch_number, batch in enumerate(tqdm(batches, desc="generating", unit="batch",
                                                           disable=not self.progress)):
                     if batch is None:  # a filler: its tokens are thrown away
