@@ -1,7 +1,8 @@
 """Scaling bench: train-step throughput of spin-fast's trainer on 1 and N processes under DeepSpeed ZeRO-2 and -3.
 
 The workload is bench.train_step's (its Preset, make_pairs, build_model, real_tokens): a seeded Llama-shaped
-model and P pairs of random token ids, scored once with spin_fast.scoring.score_pairs before the timed region.
+model on spin-fast's own attention (pairs sharing their prompts in the packed rows, as in training) and P pairs
+of random token ids, scored once with spin_fast.scoring.score_pairs before the timed region.
 Every configuration runs as its own job under `python -m torch.distributed.run --nproc_per_node=N`; every rank
 builds the same model and pairs from the same seeds and constructs spin_fast.training.Trainer with
 DeepSpeedConfig(enabled=True, zero_stage=S). One timed step is one trainer.train_step(): one optimizer step
@@ -61,7 +62,15 @@ from bench.common import (
     timing_env,
 )
 from bench.train_step import PRESETS as TRAIN_STEP_PRESETS
-from bench.train_step import Preset, build_model, make_pairs, pair_layout, real_tokens, train_config
+from bench.train_step import (
+    Preset,
+    build_model,
+    make_pairs,
+    pair_layout,
+    real_tokens,
+    train_config,
+    with_spin_fast_attention,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -124,7 +133,7 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
             raise RuntimeError("the preset needs CUDA")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)  # build_model's "cuda" is this rank's GPU
-    model = build_model(preset)
+    model = with_spin_fast_attention(build_model(preset))
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     pairs = make_pairs(preset)
     scored = score_pairs(model, pairs, preset.micro_batch_tokens, backend="torch")  # before the Trainer (ZeRO-3)

@@ -164,6 +164,17 @@ def build_model(preset: Preset, seed: int = SEED):
     return model.to(preset.device).train()
 
 
+def with_spin_fast_attention(model):
+    """The model on spin-fast's own attention for packed rows, as spin-fast loads it (varlen FlashAttention on
+    CUDA, per-sequence SDPA on the CPU; pairs share their prompts); the peers keep SDPA for their padded batches."""
+    from spin_fast import attention
+    from spin_fast.model import pick_attention
+
+    attention.register()
+    model.set_attn_implementation(pick_attention(model.device))
+    return model
+
+
 def word_tokenizer(vocab: int):
     """A word-level tokenizer where word i of the text is token id i: "w17 w5 </s>" -> [17, 5, 2]."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -212,17 +223,11 @@ def train_config(preset: Preset, n_pairs: int, **changes):
 
 def _spin_fast(share_prompts: bool):
     def make(preset: Preset, workdir: Path) -> Runner:
-        from spin_fast import attention
-        from spin_fast.model import pick_attention
         from spin_fast.packing import pack_groups, packing_efficiency
         from spin_fast.scoring import score_pairs
         from spin_fast.training import Trainer, step_items
 
-        model = build_model(preset)
-        # spin-fast's own attention for packed rows (varlen FlashAttention on CUDA, per-sequence SDPA on the CPU);
-        # the peers keep SDPA, which serves their padded batches.
-        attention.register()
-        model.set_attn_implementation(pick_attention(model.device))
+        model = with_spin_fast_attention(build_model(preset))
         pairs = make_pairs(preset)
         scored = score_pairs(model, pairs, preset.micro_batch_tokens)  # once, before timing
         config = train_config(preset, len(pairs), share_prompts=share_prompts)
