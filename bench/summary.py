@@ -40,10 +40,12 @@ def train_step_rows(report: dict) -> list[list[str]]:
         if reason:
             rows.append([f"train step: {r['method']}", reason])
         elif r["method"] == "spin-fast":
+            # The run without shared prompts is compared only where it ran (the GPU preset, or on request).
+            ablation = (f", {_x(r['speed_vs_whole_sequences'])} without shared prompts"
+                        if "speed_vs_whole_sequences" in r else "")
             rows.append(["train step: spin-fast", f"{r['tokens_per_s']:.0f} tokens/s, "
                          f"{_x(r.get('speed_vs_trl_live'))} TRL live, {_x(r.get('speed_vs_trl_precomputed'))} "
-                         f"TRL precomputed, {_x(r.get('speed_vs_whole_sequences'))} without shared prompts; "
-                         f"memory {_x(r.get('memory_vs_trl_live'))} TRL live"])
+                         f"TRL precomputed{ablation}; memory {_x(r.get('memory_vs_trl_live'))} TRL live"])
     return rows
 
 
