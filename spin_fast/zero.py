@@ -132,7 +132,7 @@ def full_weights(model: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES) -> It
             yield name, param.detach().to("cpu", copy=True)
             continue
         bucket.append((name, param))
-        size += param.ds_numel * param.element_size()
+        size += _full_bytes(param)
         if size >= bucket_bytes:
             yield from flush()
             size = 0

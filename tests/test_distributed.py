@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
+from spin_fast.model import tiny_config
 from spin_fast.zero import deepspeed_config, gather_units
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
@@ -225,9 +226,7 @@ def test_zero3_init_needs_stage_3(tmp_path):
 def test_a_partitioned_forward_gathers_a_decoder_layer_at_once():
     """gather_units: each Llama decoder layer is one gather (its 9 weights), the embedding, the final norm and the
     head one each; a layer over the size limit is gathered a module at a time; only partitioned weights count."""
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64, hidden_size=32, layers=3))
     everything = lambda param: True  # noqa: E731 (as if every weight were partitioned)
     units = gather_units(model, partitioned=everything)
     assert [module for module, _ in units] == [model.model.embed_tokens, *model.model.layers, model.model.norm,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, truth_token_logprobs
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -30,12 +30,10 @@ def test_readme_padded_dpo_recipe_is_dpo():
     scope: dict = {"torch": torch, "spin_kernels": spin_kernels}
     exec(compile(readme_python_block("repeat_interleave"), "README.md", "exec"), scope)
     hidden = scope["hidden"].detach().double().requires_grad_()
-    weight, labels, B, beta = scope["weight"].detach().double(), scope["labels"], scope["B"], 0.1
-    logps = torch.log_softmax(hidden[:, :-1] @ weight.T, dim=-1)
-    targets = labels[:, 1:]
-    mask = targets != -100
-    token_logps = logps.gather(-1, targets.clamp_min(0)[..., None])[..., 0] * mask
-    policy = token_logps.sum(-1)
+    labels, B, H, beta = scope["labels"], scope["B"], scope["H"], 0.1
+    token_logps = truth_token_logprobs(hidden[:, :-1].reshape(-1, H), scope["weight"].detach(),
+                                       labels[:, 1:].reshape(-1))
+    policy = token_logps.view(2 * B, -1).sum(-1)
     reference = scope["reference_logps"].double()
     margin = (policy[:B] - reference[:B]) - (policy[B:] - reference[B:])
     loss = -torch.nn.functional.logsigmoid(beta * margin).mean()
