@@ -170,6 +170,9 @@ class RunConfig:
     iterations: int = 3
     mix_previous: int = 1  # iteration t also trains on the pairs of the t-1 .. t-mix_previous
     score_batch_tokens: int = 16384
+    # Generation and scoring save their results every this many prompts (pairs, in scoring): a killed run redoes
+    # at most one part of a stage. 0: each stage saves once, at its end.
+    save_every_prompts: int = 4096
     # Per-iteration changes of any setting, e.g. {1: {"train.learning_rate": 1e-7}}.
     iteration_overrides: dict = field(default_factory=dict)
 
@@ -178,6 +181,8 @@ class RunConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.mix_previous < 0:
             raise ValueError(f"mix_previous must be >= 0, got {self.mix_previous}")
+        if self.save_every_prompts < 0:
+            raise ValueError(f"save_every_prompts must be >= 0, got {self.save_every_prompts}")
 
     def for_iteration(self, iteration: int) -> RunConfig:
         """This config with the overrides of `iteration` applied (the paper lowers lr later on)."""

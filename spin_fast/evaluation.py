@@ -21,7 +21,6 @@ import json
 import os
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -65,9 +64,9 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
                     what: str) -> list[list[Completion]]:
     """One completion per prompt (engine layout: a list per prompt), the ranks sharing the batches.
 
-    TransformersEngine.batches() gives the batches one process runs, batch b sampled from seed + b. They are
-    dealt out here, each generated alone with its own seed, so even sampled completions are one process's,
-    whatever the number of ranks."""
+    TransformersEngine.batches() gives the batches one process runs. They are dealt out here, each generated
+    alone with its prompts' indices in the whole set (which set its seed), so even sampled completions are one
+    process's, whatever the number of ranks."""
     from spin_fast.generation.hf_engine import TransformersEngine
 
     if sampling.n != 1:
@@ -80,8 +79,8 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
     for b in zero.in_step([model], mine, what):  # None: no prompts, a filler pass inside engine.generate
-        batch = [prompts[i] for i in batches[b]] if b is not None else []
-        completions = engine.generate(batch, replace(sampling, seed=sampling.seed + (b or 0)))
+        batch = batches[b] if b is not None else []
+        completions = engine.generate([prompts[i] for i in batch], sampling, indices=batch)
         if b is not None:
             local.append(completions)
     per_batch = distributed.gather_in_order(local, mine, len(batches), what)

@@ -8,6 +8,7 @@ stopped; training resumes from its own checkpoints.
     run_dir/config.yaml            the resolved config
     run_dir/iter-<t>/generate/     pairs.jsonl: prompt, real and generated token ids
     run_dir/iter-<t>/score/        scored.jsonl: the pairs of t and earlier, with θt's log-probs
+    run_dir/iter-<t>/<stage>/parts/  generation's and scoring's work so far, save_every_prompts at a time
     run_dir/iter-<t>/train/        checkpoints of θt+1 (Hugging Face folders) and metrics.jsonl
     run_dir/summary.jsonl, .md     one line / table row per finished iteration
 
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
@@ -35,7 +37,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from spin_fast import distributed
-from spin_fast.config import DataConfig, RunConfig
+from spin_fast.config import ConfigError, DataConfig, RunConfig, from_dict
 from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
@@ -60,6 +62,45 @@ def write_manifest(stage_dir: Path, **fields) -> None:
 def read_manifest(stage_dir: Path) -> dict | None:
     path = stage_dir / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def in_parts(stage_dir: Path, n_items: int, part_size: int, make_part, what: str) -> tuple[list[ScoredPair], dict]:
+    """A stage's rows for items [0, n_items), computed `part_size` items at a time (0: all at once), each part
+    saved in stage_dir/parts/ as soon as it is done: a stage killed midway resumes at its first unsaved part.
+
+    Every rank calls this; make_part(start, end) -> (rows, info) runs on every rank (it may be collective) and
+    its result counts on rank 0, which saves it. Returns, on rank 0, all the rows in order and the parts'
+    infos (numbers) summed, with the seconds spent on them, this call's and earlier calls'."""
+    parts_dir = stage_dir / "parts"
+    size = part_size or max(n_items, 1)
+    bounds = [(start, min(start + size, n_items)) for start in range(0, n_items, size)]
+    # Rank 0's view of the saved parts decides for every rank: a filesystem shared by several nodes may show
+    # another node a new file late, and ranks that skipped different parts would wait for each other forever.
+    saved = set(parts_dir.glob("*.jsonl")) if distributed.is_main() else set()
+    saved = distributed.all_gather_objects(saved, f"{what}: saved parts")[0]
+    if distributed.is_main():
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    for number, (start, end) in enumerate(bounds):
+        part = parts_dir / f"{start:09d}-{end:09d}.jsonl"
+        if part in saved:
+            continue
+        began = time.perf_counter()
+        rows, info = make_part(start, end)
+        if distributed.is_main():
+            info = {**info, "seconds": time.perf_counter() - began}
+            part.with_suffix(".json").write_text(json.dumps(info))  # before the rows: they mark the part done
+            save_scored_pairs(part, rows)
+            if len(bounds) > 1:
+                log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(bounds), start,
+                         end, n_items)
+    rows, totals = [], {}
+    if distributed.is_main():
+        for start, end in bounds:
+            part = parts_dir / f"{start:09d}-{end:09d}.jsonl"
+            rows += load_scored_pairs(part)
+            for key, value in json.loads(part.with_suffix(".json").read_text()).items():
+                totals[key] = totals.get(key, 0) + value
+    return rows, totals
 
 
 def device() -> str:
@@ -265,27 +306,35 @@ class SelfPlay:
         """θt's response to every prompt, paired with the human one."""
         pairs_file = stage_dir / "pairs.jsonl"
         if read_manifest(stage_dir) is None:
-            start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
-            if self.engine is None:
-                # Under ZeRO the training model ends sharded: no engine may generate with it (None), unless it
-                # is sharded from the start (zero3_init), when the transformers engine runs it in step.
-                shared = model if self.partitioned or not self.distributed else None
-                self.engine = self.make_engine(shared, tokenizer, config, self.model_path(t))
             sampling = config.generation.sampling()
             sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
-            share = distributed.balance([len(e.prompt_ids) for e in examples], distributed.world_size())
-            mine = share[distributed.rank()]
-            completions = self.engine.generate([examples[i].prompt_ids for i in mine], sampling, indices=mine)
-            completions = distributed.gather_in_order(completions, mine, len(examples), "generated responses")
+
+            def generate_part(start: int, end: int):
+                if self.engine is None:  # started at the first prompt left to answer, once per run
+                    # Under ZeRO the training model ends sharded: no engine may generate with it (None), unless
+                    # it is sharded from the start (zero3_init), when the transformers engine runs it in step.
+                    shared = model if self.partitioned or not self.distributed else None
+                    self.engine = self.make_engine(shared, tokenizer, config, self.model_path(t))
+                share = distributed.balance([len(e.prompt_ids) for e in examples[start:end]], distributed.world_size())
+                mine = [start + i for i in share[distributed.rank()]]  # indices in the whole set: they seed sampling
+                completions = self.engine.generate([examples[i].prompt_ids for i in mine], sampling, indices=mine)
+                completions = distributed.gather_in_order(completions, [i - start for i in mine], end - start,
+                                                          "generated responses")
+                pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id,
+                                       config.data.max_length)
+                return [ScoredPair(*asdict(p).values()) for p in pairs], {"finished": sum(c[0].finished
+                                                                                       for c in completions)}
+
+            pairs, totals = in_parts(stage_dir, len(examples), config.save_every_prompts, generate_part,
+                                     f"iteration {t} generation")
             if distributed.is_main():
-                pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, config.data.max_length)
-                save_scored_pairs(pairs_file, [ScoredPair(*asdict(p).values()) for p in pairs])
+                save_scored_pairs(pairs_file, pairs)
                 write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
                                inputs={"model": self.model_path(t), "data": config.data.source},
-                               pairs=len(pairs), finished=sum(c[0].finished for c in completions),
-                               seconds=time.perf_counter() - start, sampling=asdict(sampling),
-                               processes=distributed.world_size())
+                               pairs=len(pairs), finished=totals.get("finished", 0), seconds=totals.get("seconds", 0.0),
+                               sampling=asdict(sampling), processes=distributed.world_size())
+                shutil.rmtree(stage_dir / "parts")
             distributed.barrier(f"iteration {t} generation written")
         return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
 
@@ -293,7 +342,6 @@ class SelfPlay:
         """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it."""
         scored_file = stage_dir / "scored.jsonl"
         if read_manifest(stage_dir) is None:
-            start = time.perf_counter()
             stage_dir.mkdir(parents=True, exist_ok=True)
             mixed = list(pairs)
             sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
@@ -301,18 +349,25 @@ class SelfPlay:
             for earlier in sources[:-1]:
                 mixed += load_scored_pairs(earlier)
             mixed = [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in mixed]
-            share = distributed.balance([sum(s.length for s in p.sequences()) for p in mixed],
-                                        distributed.world_size())
-            mine = share[distributed.rank()]
-            scored = score_pairs(model, [mixed[i] for i in mine], config.score_batch_tokens,
-                                 backend=config.train.backend, progress=config.train.progress)
-            scored = distributed.gather_in_order(scored, mine, len(mixed), "opponent log-probs")
+
+            def score_part(start: int, end: int):
+                part = mixed[start:end]
+                share = distributed.balance([sum(s.length for s in p.sequences()) for p in part],
+                                            distributed.world_size())
+                mine = share[distributed.rank()]
+                scored = score_pairs(model, [part[i] for i in mine], config.score_batch_tokens,
+                                     backend=config.train.backend, progress=config.train.progress)
+                return distributed.gather_in_order(scored, mine, len(part), "opponent log-probs"), {}
+
+            scored, totals = in_parts(stage_dir, len(mixed), config.save_every_prompts, score_part,
+                                      f"iteration {t} scoring")
             if distributed.is_main():
                 save_scored_pairs(scored_file, scored)
                 write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config),
                                pairs=len(scored), inputs={"model": self.model_path(t),
                                                           "pairs": [str(s) for s in sources]},
-                               seconds=time.perf_counter() - start, processes=distributed.world_size())
+                               seconds=totals.get("seconds", 0.0), processes=distributed.world_size())
+                shutil.rmtree(stage_dir / "parts")
             distributed.barrier(f"iteration {t} scores written")
         return load_scored_pairs(scored_file)
 
@@ -342,7 +397,12 @@ class SelfPlay:
         path = self.run_dir / "config.yaml"
         resolved = json.loads(json.dumps(self.config.to_dict(), default=str))
         if path.exists():
-            if yaml.safe_load(path.read_text()) != resolved:
+            try:  # read as a config, so that a setting added to spin-fast since, at its default, changes nothing
+                saved = json.loads(json.dumps(from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict(),
+                                              default=str))
+            except ConfigError:
+                saved = None
+            if saved != resolved:
                 raise ValueError(f"{path} holds another config: use a new output_dir, or the same settings")
         elif distributed.is_main():
             tmp = path.with_name(path.name + ".tmp")

@@ -389,12 +389,15 @@ def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft
 
 def test_zero3_init_run_never_holds_the_whole_model(runs, sft_model, held_out, tmp_path):
     """`spin-fast run` with deepspeed.zero3_init under torchrun: each rank loads the model once, partitioned, and
-    generates (transformers engine), scores, trains and evaluates on it; the run equals one process's."""
+    generates (transformers engine), scores, trains and evaluates on it; the run equals one process's. Generation
+    and scoring save their work 4 prompts at a time: each part is shared out and gathered, the ranks in step."""
     run = tmp_path / "run-zero3-init"
-    done = spin_fast_command(run, sft_model, 2, f"data.eval_source={held_out}", "deepspeed.zero3_init=true")
+    done = spin_fast_command(run, sft_model, 2, f"data.eval_source={held_out}", "deepspeed.zero3_init=true",
+                             "save_every_prompts=4")
     assert done.returncode == 0, done.stderr[-3000:]
     loads = [line for line in (done.stdout + done.stderr).splitlines() if "spin_fast.model: loaded" in line]
     assert len(loads) == 2 and all("partitioned by ZeRO-3" in line for line in loads), loads
+    assert "iteration 1 scoring: part 3 of 3 saved (items 8 to 12 of 12)" in done.stderr
     assert_same_run(run, runs["one"], sft_model)
 
 

@@ -91,6 +91,18 @@ def test_sampling_is_seeded_and_gives_n_completions(tokenizer):
         assert len(completion.token_ids) == 2 if not completion.finished else len(completion.token_ids) < 2
 
 
+def test_a_set_sampled_in_parts_with_its_indices_equals_one_call(tokenizer):
+    """A batch samples from the seed plus its first prompt's index in the whole set: a set generated in parts
+    (or shared out to ranks) with its indices samples as one call does, when their batches are the same."""
+    engine = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, batch_size=1, progress=False)
+    batch = prompts(tokenizer, 4)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)
+    whole = engine.generate(batch, sampling)
+    parts = engine.generate(batch[:2], sampling, indices=[0, 1]) + engine.generate(batch[2:], sampling, indices=[2, 3])
+    assert parts == whole
+    assert engine.generate(batch[2:], sampling) != whole[2:]  # the same prompts at other places: other seeds
+
+
 def test_sampling_config_errors():
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingConfig(top_p=0)

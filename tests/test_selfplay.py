@@ -79,10 +79,72 @@ def test_resume_after_kills_in_generation_and_training_matches(sft_model, tmp_pa
         assert torch.equal(resumed[name], reference[name]), name
 
 
+def test_generation_and_scoring_killed_midway_resume_at_their_first_unsaved_part(sft_model, tmp_path, monkeypatch):
+    """With save_every_prompts=4, iteration 0 generates its 6 prompts in 2 parts and iteration 1 scores its 12
+    pairs in 3. Killed in the second part of each, the run redoes only that part and what follows, and ends as
+    an uninterrupted run does: the same pairs and scores, byte for byte, and the same weights."""
+    import spin_fast.selfplay
+
+    def config(name):
+        return run_config(sft_model, tmp_path / name, "save_every_prompts=4")
+
+    reference = final_weights(SelfPlay(config("straight")).run())
+    assert not (tmp_path / "straight" / "iter-0" / "generate" / "parts").exists()  # gone once the stage is done
+    real_generate, real_score = TransformersEngine.generate, spin_fast.selfplay.score_pairs
+    prompts_generated, pairs_scored = [], []
+
+    def generate(die_at):
+        def wrapped(self, prompts, *args, **kwargs):
+            if len(prompts_generated) == die_at:
+                raise KeyboardInterrupt
+            prompts_generated.append(len(prompts))
+            return real_generate(self, prompts, *args, **kwargs)
+        return wrapped
+
+    def score(die_at):
+        def wrapped(model, pairs, *args, **kwargs):
+            if len(pairs_scored) == die_at:
+                raise KeyboardInterrupt
+            pairs_scored.append(len(pairs))
+            return real_score(model, pairs, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(TransformersEngine, "generate", generate(die_at=1))  # in iteration 0's second part
+    with pytest.raises(KeyboardInterrupt):
+        SelfPlay(config("killed")).run()
+    assert [p.name for p in sorted((tmp_path / "killed" / "iter-0" / "generate" / "parts").glob("*.jsonl"))] == [
+        "000000000-000000004.jsonl"]
+    prompts_generated.clear()
+    monkeypatch.setattr(TransformersEngine, "generate", generate(die_at=None))
+    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", score(die_at=3))  # in iteration 1's second part
+    with pytest.raises(KeyboardInterrupt):
+        SelfPlay(config("killed")).run()
+    assert prompts_generated == [2, 4, 2]  # iteration 0's second part, then iteration 1's two
+    assert pairs_scored == [4, 2, 4]  # iteration 0's two parts, iteration 1's first
+    prompts_generated.clear(), pairs_scored.clear()
+    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", score(die_at=None))
+    resumed = final_weights(SelfPlay(config("killed")).run())
+    assert prompts_generated == [] and pairs_scored == [4, 4]  # iteration 1's second and third scoring parts
+    for t in (0, 1):
+        for stage, name in (("generate", "pairs.jsonl"), ("score", "scored.jsonl")):
+            assert ((tmp_path / "killed" / f"iter-{t}" / stage / name).read_bytes()
+                    == (tmp_path / "straight" / f"iter-{t}" / stage / name).read_bytes()), (t, stage)
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+
+
 def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
     with pytest.raises(ValueError, match="holds another config"):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2")).run()
+    # A run started before a setting existed goes on under a newer spin-fast while the setting is at its default.
+    saved = tmp_path / "run" / "config.yaml"
+    lines = saved.read_text().splitlines(keepends=True)
+    saved.write_text("".join(line for line in lines if not line.startswith("save_every_prompts:")))
+    assert len(saved.read_text().splitlines()) == len(lines) - 1
+    SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
+    with pytest.raises(ValueError, match="holds another config"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "save_every_prompts=2")).run()
 
 
 def write_yaml(sft_model, path, out):

@@ -27,8 +27,7 @@ class TransformersEngine:
 
     def batches(self, prompts: Sequence[Sequence[int]], n: int = 1) -> list[list[tuple[int, int]]]:
         """The batches generate() runs, in order: (prompt index, completion number) requests sorted by prompt
-        length (stably), so that similar lengths share a batch and left padding wastes little. Batch b samples
-        from sampling.seed + b."""
+        length (stably), so that similar lengths share a batch and left padding wastes little."""
         requests = sorted(((p, k) for p in range(len(prompts)) for k in range(n)),
                           key=lambda request: len(prompts[request[0]]))
         return [requests[start : start + self.batch_size] for start in range(0, len(requests), self.batch_size)]
@@ -37,10 +36,13 @@ class TransformersEngine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions per prompt, in prompt order. transformers samples a whole batch from one seed, so
-        sampled completions depend on the batching (indices is not used); greedy ones do not.
+        sampled completions depend on the batching; greedy ones do not. A batch's seed is sampling.seed plus
+        the place of its first request (prompt p, completion k) in the whole set, indices[p] * n + k: batches
+        of different calls (the parts of a set, its shares on several ranks) never sample from the same seed.
 
         A ZeRO-3 partitioned model (deepspeed.zero3_init) generates a layer at a time with every rank in step:
         as many batches on each rank (fillers where it has fewer) and as many decoding steps (synced_gpus)."""
+        indices = range(len(prompts)) if indices is None else indices
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
         partitioned = zero.is_partitioned_model(self.model)
@@ -50,13 +52,13 @@ class TransformersEngine:
             self.model.set_attn_implementation("sdpa")
         try:
             with zero.gathered_per_layer(self.model) if partitioned else contextlib.nullcontext():
-                for batch_number, batch in enumerate(tqdm(batches, desc="generating", unit="batch",
-                                                          disable=not self.progress)):
+                for batch in tqdm(batches, desc="generating", unit="batch", disable=not self.progress):
                     if batch is None:  # a filler: its tokens are thrown away
                         self._generate_batch([[self.eos_token_id]], sampling, 0, synced=True)
                         continue
-                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling,
-                                                   sampling.seed + batch_number, synced=partitioned)
+                    first_prompt, first_k = batch[0]
+                    seed = sampling.seed + indices[first_prompt] * sampling.n + first_k
+                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, seed, synced=partitioned)
                     for (prompt_index, k), completion in zip(batch, outputs):
                         results[prompt_index][k] = completion
         finally:
