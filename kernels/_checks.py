@@ -19,6 +19,16 @@ def check_loss_type(loss_type: str) -> None:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
+def check_beta(beta: float) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < float("inf"):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _check_index_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an int64 (or int32) tensor, got {tensor.dtype}")
+
+
 def _check_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -49,8 +59,7 @@ def check_linear_inputs(
         )
     if hidden_index is None and targets.shape[0] != n_tokens:
         raise ValueError(f"targets must have N={n_tokens} entries like hidden, got {targets.shape[0]}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    _check_index_dtype("targets", targets)
     allowed = HALF_AND_SINGLE + ((torch.float64,) if allow_float64 else ())
     if hidden.dtype not in allowed:
         raise ValueError(f"hidden dtype must be one of {allowed}, got {hidden.dtype}")
@@ -127,8 +136,7 @@ def check_sequence_inputs(
         )
     if not opponent_logps.dtype.is_floating_point:
         raise ValueError(f"opponent_logps must be a floating tensor, got {opponent_logps.dtype}")
-    if sequence_ids.dtype.is_floating_point or sequence_ids.dtype == torch.bool:
-        raise ValueError(f"sequence_ids must be an integer tensor, got {sequence_ids.dtype}")
+    _check_index_dtype("sequence_ids", sequence_ids)
     if sequence_ids.shape != targets.shape:
         raise ValueError(
             f"sequence_ids must have one entry per token like targets {tuple(targets.shape)}, "

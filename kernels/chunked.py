@@ -89,6 +89,10 @@ class Grads:
         if self.bias is not None:
             self.bias += dlogits.sum(0)
 
+    def scaled(self, scale: torch.Tensor | float) -> Grads:
+        """New tensors: these stay as they are (a retained graph may run its backward again)."""
+        return Grads(*(None if g is None else g * scale for g in (self.hidden, self.weight, self.bias)))
+
     def cast(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
         return (
             self.hidden,

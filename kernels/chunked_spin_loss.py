@@ -40,6 +40,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         head = Head.of(hidden, weight, bias)
         n_pairs = opponent_logps.shape[0] // 2
         opponent = opponent_logps.to(head.dtype)
+        ctx.opponent_dtype = opponent_logps.dtype
         order = torch.argsort(sequence_ids % n_pairs, stable=True)  # tokens grouped pair by pair
         rows, targets, sequence_ids = rows[order], targets[order], sequence_ids[order]
         tokens_per_pair = torch.bincount(sequence_ids % n_pairs, minlength=n_pairs).tolist()
@@ -73,22 +74,23 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         loss = pair_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]).mean()
         ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse)
         ctx.grads = grads
+        ctx.opponent_grad = None
+        if ctx.needs_input_grad[6]:  # the loss reads the opponent through (pr - or) - (pg - og) only
+            ctx.opponent_grad = -_pair_loss_grad(policy, opponent, 0, n_pairs, pair_loss)
         return loss, policy
 
     @staticmethod
     def backward(ctx, grad_loss, grad_policy):
         hidden, weight, bias, rows, targets, sequence_ids, lse = ctx.saved_tensors
-        grads = ctx.grads
         scale = 0.0 if grad_loss is None else grad_loss
-        for name in ("hidden", "weight", "bias"):
-            if getattr(grads, name) is not None:
-                getattr(grads, name).mul_(scale)
+        grads = ctx.grads.scaled(scale)
         if grad_policy is not None and bool(grad_policy.any()):
             # The sequence log-probs feed another term too (an NLL term, say): its gradient takes the
             # general recomputing path.
             head = Head.of(hidden, weight, bias)
             chunked_grads(head, rows, targets, lse, grad_policy.to(head.dtype)[sequence_ids], grads)
-        return (*grads.cast(weight, bias), None, None, None, None, None, None)
+        opponent_grad = None if ctx.opponent_grad is None else (ctx.opponent_grad * scale).to(ctx.opponent_dtype)
+        return (*grads.cast(weight, bias), None, None, None, opponent_grad, None, None)
 
 
 def _pair_loss_grad(policy, opponent, first, end, pair_loss) -> torch.Tensor:

@@ -76,12 +76,19 @@ def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, ba
     # accumulates the gradient of a row that several targets read.
     kept, rows = loss_rows(targets, ignore_index, hidden_index)
     selected_targets = targets.index_select(0, kept)
-    if backend == "reference":
-        selected = reference_linear_logprobs(hidden, weight, bias, rows, selected_targets)
-    elif backend == "torch":
-        selected = ChunkedLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
-    else:
-        from .triton_logprobs import TritonLinearLogprobs
+    with without_autocast(hidden):
+        if backend == "reference":
+            selected = reference_linear_logprobs(hidden, weight, bias, rows, selected_targets)
+        elif backend == "torch":
+            selected = ChunkedLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
+        else:
+            from .triton_logprobs import TritonLinearLogprobs
 
-        selected = TritonLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
+            selected = TritonLinearLogprobs.apply(hidden, weight, bias, rows, selected_targets)
     return selected.new_zeros(targets.shape[0]).index_copy(0, kept, selected)
+
+
+def without_autocast(hidden: torch.Tensor) -> torch.autocast:
+    """The kernels compute in their inputs' dtypes, accumulating in fp32: inside an autocast region, their
+    matmuls must not be recast to half precision (cast hidden and weight to choose it)."""
+    return torch.autocast(hidden.device.type, enabled=False)

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 
 from ._checks import (
     check_backend,
+    check_beta,
     check_linear_inputs,
     check_loss_type,
     check_pair_logps,
     check_sequence_inputs,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
-from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend
+from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend, without_autocast
 
 
 class SpinLossOutput(NamedTuple):
@@ -72,6 +73,7 @@ def spin_loss(
     It is DPO's loss with chosen = real and rejected = generated, reference = opponent.
     """
     check_loss_type(loss_type)
+    check_beta(beta)
     names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
@@ -112,6 +114,7 @@ def fused_linear_spin_loss(
     token of each.
     """
     check_loss_type(loss_type)
+    check_beta(beta)
     check_backend(backend)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
                         hidden_index=hidden_index)
@@ -122,10 +125,11 @@ def fused_linear_spin_loss(
         kept, rows = loss_rows(targets, ignore_index, hidden_index)
         grad_on = torch.is_grad_enabled()
         need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias))
-        loss, policy_logps = ChunkedFusedSpinLoss.apply(
-            hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps,
-            functools.partial(pair_losses, beta=beta, loss_type=loss_type), need,
-        )
+        with without_autocast(hidden):
+            loss, policy_logps = ChunkedFusedSpinLoss.apply(
+                hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps,
+                functools.partial(pair_losses, beta=beta, loss_type=loss_type), need,
+            )
     else:
         token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
         # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
@@ -148,6 +152,8 @@ class FusedLinearSPINLoss(torch.nn.Module):
     ):
         super().__init__()
         check_loss_type(loss_type)
+        check_beta(beta)
+        check_backend(backend)
         self.beta, self.loss_type, self.ignore_index, self.backend = beta, loss_type, ignore_index, backend
 
     def forward(

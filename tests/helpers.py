@@ -79,10 +79,13 @@ def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: 
 
 def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, n_pairs: int, nll_weight: float = 0.0,
                               vocab: int = 611, hidden_size: int = 56, device: str = "cpu",
-                              shared_rows: bool = False) -> None:
+                              shared_rows: bool = False, opponent_grad: bool = False,
+                              autocast: bool = False) -> None:
     """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd.
 
-    shared_rows: the tokens read half as many hidden rows through hidden_index, most rows twice."""
+    shared_rows: the tokens read half as many hidden rows through hidden_index, most rows twice.
+    opponent_grad: the opponent's log-probs require grad too, and their gradient is checked.
+    autocast: the kernel's forward runs inside a bf16 autocast region (the backward after it, as PyTorch advises)."""
     batch = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
     hidden, targets, sequence_ids = (t.to(device) for t in batch)
     hidden_index = None
@@ -99,19 +102,21 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
             0, torch.where(targets != -100, sequence_ids, 0), token_truth
         )
     opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3).float()
+    opponent.requires_grad_(opponent_grad)
     beta = 0.1
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = spin_kernels.fused_linear_spin_loss(
-        *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
-        hidden_index=hidden_index, backend=backend,
-    )
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        out = spin_kernels.fused_linear_spin_loss(
+            *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
+            hidden_index=hidden_index, backend=backend,
+        )
     (out.loss + nll_weight * out.policy_logps.sum()).backward()
 
     truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
     token = truth_token_logprobs(rows(truth_leaves[0]), truth_leaves[1], targets, truth_leaves[2])
     seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
-    opp = opponent.double()
+    opp = opponent.detach().double().requires_grad_(opponent_grad)
     z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
     loss = {"sigmoid": lambda: torch.nn.functional.softplus(-z), "hinge": lambda: torch.relu(1 - z),
             "ipo": lambda: (z / beta - 1 / (2 * beta)) ** 2}[loss_type]().mean()
@@ -130,4 +135,6 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
         scale = None if conditioning is None else float(conditioning * truth_leaf.grad.abs().max()) + 1e-30
         assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}", scale=scale)
+    if opponent_grad:  # its gradient is minus the policy's, and carries the same rounding
+        assert_close(opponent.grad, opp.grad, dtype, "dopponent_logps", scale=scale)
     assert out.accuracy.shape == (n_pairs,)

@@ -18,7 +18,8 @@ def good():
         (dict(targets=torch.tensor([1, -5, -100, 3, 4, 5])), r"targets\[1\] = -5"),
         (dict(weight=torch.randn(20, 9)), "weight must be .V, H. with H=8"),
         (dict(targets=torch.tensor([1, 2, 3])), "targets must have N=6"),
-        (dict(targets=torch.ones(6)), "targets must be an integer tensor"),
+        (dict(targets=torch.ones(6)), "targets must be an int64 .or int32. tensor, got torch.float32"),
+        (dict(targets=torch.tensor([1, 2, 0, 3, 4, 5], dtype=torch.int8)), "targets must be an int64"),
         (dict(hidden=torch.randn(6, 8, dtype=torch.bfloat16)), "weight dtype torch.float32 differs"),
         (dict(hidden=torch.randn(6, 8).int()), "hidden dtype must be one of"),
         (dict(hidden=torch.randn(2, 6, 8)), "hidden must have 2 dimension"),
@@ -79,18 +80,29 @@ def test_bias_and_backend_errors(monkeypatch):
         (dict(sequence_ids=torch.tensor([0, 1, -1, 2, 3, 4])), r"sequence_ids\[5\] = 4 is outside \[0, 4\)"),
         (dict(sequence_ids=torch.tensor([0, -1, 0, 2, 3, 1])), r"sequence_ids\[1\] = -1"),
         (dict(sequence_ids=torch.tensor([0, 1, 2])), "sequence_ids must have one entry per token"),
-        (dict(sequence_ids=torch.zeros(6)), "sequence_ids must be an integer tensor"),
+        (dict(sequence_ids=torch.zeros(6)), "sequence_ids must be an int64 .or int32. tensor"),
+        (dict(sequence_ids=torch.zeros(6, dtype=torch.uint8)), "sequence_ids must be an int64 .or int32. tensor"),
         (dict(opponent_logps=torch.zeros(3)), "opponent_logps must hold 2P entries"),
         (dict(opponent_logps=torch.zeros(0)), "opponent_logps must hold 2P entries"),
         (dict(opponent_logps=torch.zeros(4, dtype=torch.long)), "opponent_logps must be a floating"),
         (dict(loss_type="kto"), "loss_type must be one of"),
+        (dict(beta=0.0, loss_type="ipo"), "beta must be a finite number > 0, got 0.0"),
+        (dict(beta=-0.5), "beta must be a finite number > 0, got -0.5"),
+        (dict(beta=float("nan")), "beta must be a finite number > 0, got nan"),
     ],
 )
 def test_fused_loss_errors(change, message):
     kwargs = dict(sequence_ids=torch.tensor([0, 1, -1, 2, 3, 3]), opponent_logps=torch.zeros(4)) | change
-    loss_type = kwargs.pop("loss_type", "sigmoid")
+    options = dict(loss_type=kwargs.pop("loss_type", "sigmoid"), beta=kwargs.pop("beta", 0.1))
     with pytest.raises(ValueError, match=message):
-        spin_kernels.fused_linear_spin_loss(**good(), **kwargs, loss_type=loss_type)
+        spin_kernels.fused_linear_spin_loss(**good(), **kwargs, **options)
+
+
+def test_the_loss_module_checks_its_settings_when_built():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        spin_kernels.FusedLinearSPINLoss(backend="cuda")
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        spin_kernels.FusedLinearSPINLoss(beta=0)
 
 
 def test_spin_loss_errors():
@@ -103,6 +115,8 @@ def test_spin_loss_errors():
         spin_kernels.spin_loss(p, torch.zeros(3, dtype=torch.long), p, p)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         spin_kernels.spin_loss(p, p, p, p, loss_type="relu")
+    with pytest.raises(ValueError, match="beta must be a finite number > 0, got inf"):
+        spin_kernels.spin_loss(p, p, p, p, beta=float("inf"))
 
 
 def test_kernels_folder_never_poses_as_the_kernels_package():

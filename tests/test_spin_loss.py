@@ -74,6 +74,41 @@ def test_gradient_through_policy_logps(backend, chunk_tokens, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_opponent_logps_that_require_grad_get_it(backend, loss_type):
+    check_fused_against_truth(backend, torch.float32, loss_type, n_pairs=3, opponent_grad=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])  # float64; triton's backward keeps no state
+def test_a_retained_graph_gives_the_same_gradients_twice(backend):
+    """The torch backend keeps the gradients it computed in the forward: a second backward through a retained
+    graph (a term's own gradient taken first, say, to log its norm) must find them as they were."""
+    hidden, targets, sequence_ids = random_packed_batch(3, 32, 100, torch.float64)
+    leaves = [hidden.requires_grad_(), (torch.randn(100, 32, dtype=torch.float64) / 6).requires_grad_()]
+    opponent = -torch.rand(6, dtype=torch.float64) * 9
+    out = spin_kernels.fused_linear_spin_loss(*leaves, targets, sequence_ids, opponent, backend=backend)
+    nll = -out.policy_logps.sum()
+    first = torch.autograd.grad(nll, leaves, retain_graph=True)
+    both = torch.autograd.grad(out.loss + nll, leaves, retain_graph=True)
+    twice = torch.autograd.grad(2 * out.loss, leaves)
+    loss_only = [b - f for b, f in zip(both, first)]
+    for got, doubled in zip(loss_only, twice):
+        torch.testing.assert_close(2 * got, doubled, rtol=1e-10, atol=1e-12)
+    assert all(bool(g.abs().max() > 0) for g in loss_only)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_autocast_leaves_the_kernels_in_their_inputs_dtype(backend):
+    """Under torch.autocast (bf16) float32 inputs stay float32: the result and the gradients keep fp32
+    accuracy (an autocast matmul inside would round them to bf16's 3 digits)."""
+    check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=3, autocast=True)
+    hidden, targets, _ = random_packed_batch(3, 32, 100, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = spin_kernels.linear_logprobs(hidden, torch.randn(100, 32), targets, backend=backend)
+    assert logps.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
 def test_no_grad_gives_the_same_values(backend):
     hidden, targets, sequence_ids = random_packed_batch(3, 32, 100, torch.float32)
     weight = torch.randn(100, 32, requires_grad=True)
