@@ -54,14 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
 
-    from spin_fast.config import ConfigError, load_run_config
+    import yaml
 
+    from spin_fast.config import load_run_config
+
+    # What a user can fix: a setting (ConfigError), a data row (DataError), a missing file or model, bad YAML. One
+    # line says which; --verbose adds the traceback. Anything else is a bug and keeps its traceback.
     try:
-        config = load_run_config(args.config, args.overrides)
-    except (ConfigError, OSError) as error:
+        status = run_command(args, load_run_config(args.config, args.overrides))
+    except (ValueError, OSError, yaml.YAMLError) as error:
+        logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
         print(f"spin-fast: {error}", file=sys.stderr)
         return 2
-    status = run_command(args, config)
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         from spin_fast import distributed
 
@@ -79,11 +83,7 @@ def run_command(args, config) -> int:
         return run_eval(SelfPlay(config))
 
     until = None if args.command == "run" else (args.iteration, args.command)
-    try:
-        summaries = SelfPlay(config).run(until=until)
-    except ValueError as error:
-        print(f"spin-fast: {error}", file=sys.stderr)
-        return 2
+    summaries = SelfPlay(config).run(until=until)
     for summary in summaries if os.environ.get("RANK", "0") == "0" else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
@@ -99,11 +99,8 @@ def run_eval(selfplay) -> int:
     if not source:
         print("spin-fast: data.eval_source is not set: eval needs held-out (prompt, response) data", file=sys.stderr)
         return 2
-    try:
-        rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
-    except ValueError as error:  # a bad data.checker or data row, settings that contradict each other (as `run`)
-        print(f"spin-fast: {error}", file=sys.stderr)
-        return 2
+    selfplay.run_dir.mkdir(parents=True, exist_ok=True)  # a run not started yet: the SFT model's row alone
+    rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
     for row in rows if distributed.is_main() else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return 0
@@ -118,6 +115,10 @@ def run_sft(config) -> int:
     from spin_fast.selfplay import load_policy, tokenized_examples
     from spin_fast.training import Trainer, uses_deepspeed
 
+    for name, value in (("output_dir", config.output_dir), ("model.name_or_path", config.model.name_or_path),
+                        ("data.source", config.data.source)):
+        if not value:
+            raise ValueError(f"{name} is not set: sft needs the model to start from, its data and an output_dir")
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)

@@ -64,8 +64,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ("learning_rate", "epochs", "global_batch", "micro_batch_tokens", "beta", "keep_checkpoints")
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         for name in ("max_grad_norm", "weight_decay", "save_every"):
@@ -85,6 +85,10 @@ class ModelConfig:
     attention: str = "auto"
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.attention not in CHOICES["attention"]:
+            raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
+
 
 @dataclass
 class DataConfig:
@@ -101,6 +105,12 @@ class DataConfig:
     checker: str | None = None
 
     def __post_init__(self) -> None:
+        from spin_fast.data import SCHEMAS
+
+        if self.schema not in ("auto", *SCHEMAS):
+            raise ValueError(f"schema must be 'auto' or one of {SCHEMAS}, got {self.schema!r}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1 (or null: every prompt), got {self.max_prompts}")
         if not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be >= 1 and below max_length "
                              f"({self.max_length})")
@@ -121,6 +131,11 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be one of ('auto', 'vllm', 'transformers'), got {self.engine!r}")
+        for name in ("batch_size", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         self.sampling()  # checks temperature, top_p, top_k, max_new_tokens
 
     def sampling(self, n: int = 1):
@@ -173,7 +188,7 @@ class RunConfig:
     # Generation and scoring save their results every this many prompts (pairs, in scoring): a killed run redoes
     # at most one part of a stage. 0: each stage saves once, at its end.
     save_every_prompts: int = 4096
-    # Per-iteration changes of any setting, e.g. {1: {"train.learning_rate": 1e-7}}.
+    # Per-iteration changes of settings, e.g. {1: {"train.learning_rate": 1e-7}} (or {1: {"train": {...}}}).
     iteration_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -183,17 +198,25 @@ class RunConfig:
             raise ValueError(f"mix_previous must be >= 0, got {self.mix_previous}")
         if self.save_every_prompts < 0:
             raise ValueError(f"save_every_prompts must be >= 0, got {self.save_every_prompts}")
+        if self.score_batch_tokens < 1:
+            raise ValueError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
+        self.iteration_overrides = {int(t): flat for t, flat in ((t, _dotted_changes(t, changes, self.iterations))
+                                                                 for t, changes in self.iteration_overrides.items())}
+        for iteration in self.iteration_overrides:  # every iteration's settings checked now, not when it starts
+            self.for_iteration(iteration)
 
     def for_iteration(self, iteration: int) -> RunConfig:
         """This config with the overrides of `iteration` applied (the paper lowers lr later on)."""
-        changes = self.iteration_overrides.get(iteration, self.iteration_overrides.get(str(iteration), {}))
         data = self.to_dict()
-        for key, value in changes.items():
+        data["iteration_overrides"] = {}
+        for key, value in self.iteration_overrides.get(iteration, {}).items():
             _set_dotted(data, key, value, where=f"iteration_overrides[{iteration}]")
         try:
-            return from_dict(RunConfig, data)
+            config = from_dict(RunConfig, data)
         except ConfigError as error:
             raise ConfigError(f"iteration_overrides[{iteration}]: {error}") from None
+        config.iteration_overrides = self.iteration_overrides
+        return config
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -262,6 +285,35 @@ def _coerce(hint, value, name: str):
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"setting {name!r} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+# Settings that belong to the whole run: an iteration cannot change them.
+RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_overrides")
+
+
+def _dotted_changes(iteration, changes, iterations: int) -> dict:
+    """One iteration's overrides as {"section.key": value}: a nested mapping changes only the settings it names."""
+    where = f"iteration_overrides[{iteration}]"
+    if not (isinstance(iteration, int) and not isinstance(iteration, bool) or str(iteration).isdigit()):
+        raise ValueError(f"{where}: the key must be an iteration number, got {iteration!r}")
+    if not 0 <= int(iteration) < iterations:
+        raise ValueError(f"{where}: the run has iterations 0 to {iterations - 1}")
+    if not isinstance(changes, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, e.g. {{train.learning_rate: 1.0e-7}}, "
+                         f"got {changes!r}")
+
+    def flatten(mapping: dict, prefix: str) -> dict:
+        flat = {}
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            flat.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+        return flat
+
+    flat = flatten(changes, "")
+    for key in flat:
+        if key.split(".")[0] in RUN_WIDE:
+            raise ValueError(f"{where}: {key} is set for the whole run, not per iteration")
+    return flat
 
 
 def _set_dotted(data: dict, key: str, value, where: str) -> None:

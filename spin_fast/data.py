@@ -46,33 +46,58 @@ class TokenizedExample:
 # ---------------------------------------------------------------------------------------------- reading files
 
 @dataclass(frozen=True)
-class _BadJSON:
-    error: str
+class _BadLine:
+    error: str  # what is wrong with the line, as a _RowError would say it
+
+
+def _parse_line(line: str) -> Any:
+    try:
+        line.encode("utf-8")  # undecodable bytes were kept as lone surrogates (surrogateescape)
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00
+        return _BadLine(f"expected UTF-8 text, got byte 0x{byte:02x} at character {e.start}")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return _BadLine(f"expected a JSON object, got invalid JSON ({e})")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rows.append((index, json.loads(line)))
-            except json.JSONDecodeError as e:
-                # Kept as a row so that skip_invalid can count it like any other bad row.
-                rows.append((index, _BadJSON(str(e))))
-    return rows
+    # Bad lines (invalid JSON or not UTF-8) are kept as rows so that skip_invalid can count them like any
+    # other bad row; utf-8-sig, because editors on Windows start files with a BOM.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+        return [(index, _parse_line(line)) for index, line in enumerate(f) if line.strip()]
+
+
+def _whole_file_hint(name: str, rows: list[tuple[int, Any]]) -> str:
+    """For a .jsonl file that is one multi-line JSON document (its first line is then never valid alone):
+    a hint to rename it. Only called on the way to an error: it reads the whole file."""
+    if not (name.endswith(".jsonl") and rows and isinstance(rows[0][1], _BadLine)):
+        return ""
+    try:
+        json.loads(Path(name).read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return ""
+    return f"; the file as a whole is one JSON document: rename it to {Path(name).with_suffix('.json').name}"
+
+
+class _NotRows(DataError):
+    """A .json file that parses but holds no list of rows (metadata such as a dataset_info.json)."""
 
 
 def _read_json(path: Path) -> list[tuple[int, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: expected UTF-8 text ({e})") from e
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON: {e}") from e
+        lines = "; if it holds one JSON object a line, rename it to .jsonl" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}: invalid JSON: {e}{lines}") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {_kind(data)}")
+        got = f"a JSON object (keys {sorted(data)[:5]})" if isinstance(data, dict) else _kind(data)
+        raise _NotRows(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {got}, not a list of rows")
     return list(enumerate(data))
 
 
@@ -91,16 +116,36 @@ def _read_source(source: str | Path, split: str) -> list[tuple[str, list[tuple[i
     """(file name, [(row index, row)]) for each file of a local source, or for a `datasets` dataset."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS)
-        if not files:
-            raise DataError(f"{path}: directory has no {', '.join(_READERS)} files")
-        return [(str(f), _READERS[f.suffix.lower()](f)) for f in files]
+        return [(str(f), _read_file(f, in_folder=True)) for f in _folder_files(path)]
     if path.is_file() and path.suffix.lower() in _READERS:
-        return [(str(path), _READERS[path.suffix.lower()](path))]
+        return [(str(path), _read_file(path))]
     if not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
         # Clearly meant as a local file: never send it to the Hub.
         raise FileNotFoundError(f"{source}: no such file or directory")
     return [(str(source), _load_with_datasets(source, split))]
+
+
+def _folder_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS)
+    # Hidden files and folders (.ipynb_checkpoints, .cache) hold copies of the data: reading them would
+    # silently duplicate rows.
+    hidden = {f for f in files if any(part.startswith(".") for part in f.relative_to(path).parts)}
+    if hidden:
+        logger.info("%s: ignored %d data files in hidden files or folders, such as %s", path, len(hidden),
+                    min(hidden))
+    files = [f for f in files if f not in hidden]
+    if not files:
+        note = f" (besides {len(hidden)} in hidden files or folders)" if hidden else ""
+        raise DataError(f"{path}: directory has no {', '.join(_READERS)} files{note}")
+    return files
+
+
+def _read_file(path: Path, *, in_folder: bool = False) -> list[tuple[int, Any]]:
+    try:
+        return _READERS[path.suffix.lower()](path)
+    except _NotRows as e:  # re-raised as a plain DataError: the subclass is only a marker
+        hint = "; move it out of the data folder, or name the data file itself as the source" if in_folder else ""
+        raise DataError(f"{e}{hint}") from None
 
 
 def _load_with_datasets(source: str | Path, split: str) -> list[tuple[int, Any]]:
@@ -211,45 +256,72 @@ def _detect_schema(row: Any, where: str) -> str:
                     f"'response', or 'real' and 'generated' (or pass schema= one of {', '.join(SCHEMAS)})")
 
 
+def _file_schema(name: str, rows: list[tuple[int, Any]]) -> str:
+    # Each file's first object row decides, so that a folder may mix formats and a leading broken line can
+    # still be skipped.
+    index, row = next(((i, r) for i, r in rows if isinstance(r, Mapping)), rows[0])
+    if isinstance(row, _BadLine):
+        raise DataError(f"{name} row {index}: {row.error}{_whole_file_hint(name, rows)}")
+    return _detect_schema(row, f"{name} row {index}")
+
+
+def _check_kind(kinds: dict[bool, tuple[str, str]], name: str, schema: str) -> None:
+    # Pair files give examples with a generated response, the others SFT examples without: never both.
+    pairs = schema == "spin_pairs"
+    if (not pairs) in kinds:
+        other, other_schema = kinds[not pairs]
+        raise DataError(f"{name}: {schema} rows, but {other} has {other_schema} rows: one source holds either "
+                        f"SPIN pairs (real, generated) or SFT examples (messages, prompt/response), not both")
+    kinds.setdefault(pairs, (name, schema))
+
+
+def _parse_rows(name: str, rows: list[tuple[int, Any]], schema: str, keep_history: bool,
+                skip_invalid: bool) -> tuple[list[Example], int]:
+    parse = _PARSERS[schema]
+    examples, first_error = [], None
+    for index, row in rows:
+        try:
+            if isinstance(row, _BadLine):
+                raise _RowError(None, row.error)
+            if not isinstance(row, Mapping):
+                raise _RowError(None, f"expected an object with the {schema} fields, got {_kind(row)}")
+            prompt, response, generated = parse(row, keep_history)
+        except _RowError as e:
+            message = f"{name} row {index}: {e}"
+            if not skip_invalid:
+                raise DataError(message + _whole_file_hint(name, rows)) from None
+            logger.warning("skipped %s", message)
+            first_error = first_error or f"row {index}: {e}"
+            continue
+        examples.append(Example(prompt, response, generated, origin=f"{name}:{index}"))
+    if not examples:
+        raise DataError(f"{name}: all {len(rows)} rows are invalid (schema {schema!r}); the first: {first_error}"
+                        f"{_whole_file_hint(name, rows)}")
+    return examples, len(rows) - len(examples)
+
+
 # ------------------------------------------------------------------------------------------------ public API
 
 def load_examples(source: str | Path, *, split: str = "train", schema: str = "auto", keep_history: bool = False,
                   skip_invalid: bool = False) -> LoadResult:
     """Load a .jsonl / .json / .parquet file, a directory of them, or a `datasets` dataset as Examples.
 
-    A bad row raises DataError, or with skip_invalid=True is skipped, logged and counted.
+    In a directory, files and folders whose name starts with "." are ignored, and schema="auto" detects each
+    file's schema on its own. A bad row raises DataError, or with skip_invalid=True is skipped, logged and counted.
     """
     if schema != "auto" and schema not in SCHEMAS:
         raise ValueError(f"schema: expected 'auto' or one of {', '.join(SCHEMAS)}, got {schema!r}")
     examples: list[Example] = []
     skipped = 0
+    kinds: dict[bool, tuple[str, str]] = {}
     for name, rows in _read_source(source, split):
         if not rows:
             raise DataError(f"{name}: no rows")
-        if schema == "auto":
-            # The first object row decides, so that a leading broken line can still be skipped.
-            index, row = next(((i, r) for i, r in rows if isinstance(r, Mapping)), rows[0])
-            schema = _detect_schema(row, f"{name} row {index}")
-        parse = _PARSERS[schema]
-        kept = 0
-        for index, row in rows:
-            try:
-                if isinstance(row, _BadJSON):
-                    raise _RowError(None, f"expected a JSON object, got invalid JSON ({row.error})")
-                if not isinstance(row, Mapping):
-                    raise _RowError(None, f"expected an object with the {schema} fields, got {_kind(row)}")
-                prompt, response, generated = parse(row, keep_history)
-            except _RowError as e:
-                message = f"{name} row {index}: {e}"
-                if not skip_invalid:
-                    raise DataError(message) from None
-                logger.warning("skipped %s", message)
-                skipped += 1
-                continue
-            examples.append(Example(prompt, response, generated, origin=f"{name}:{index}"))
-            kept += 1
-        if kept == 0:
-            raise DataError(f"{name}: all {len(rows)} rows are invalid (schema {schema!r})")
+        file_schema = _file_schema(name, rows) if schema == "auto" else schema
+        _check_kind(kinds, name, file_schema)
+        kept, bad = _parse_rows(name, rows, file_schema, keep_history, skip_invalid)
+        examples += kept
+        skipped += bad
     if skipped:
         logger.warning("%s: skipped %d invalid rows, kept %d", source, skipped, len(examples))
     return LoadResult(examples, skipped)

@@ -166,7 +166,7 @@ class SelfPlay:
         self.make_engine = make_engine or default_engine
         self.engine: Engine | None = None
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
-        self.eval_examples: list[TokenizedExample] | None = None
+        self._examples: dict[str, list[TokenizedExample]] = {}  # read and tokenized once per run, per data setting
 
     @property
     def distributed(self) -> bool:
@@ -185,17 +185,29 @@ class SelfPlay:
                              f"got {until}")
         if self.distributed:
             distributed.init(self.config.deepspeed.timeout_minutes)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._check_same_config()
-        distributed.barrier("run directory")
+        saved_config = self._saved_config()
+        # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
         tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
-        examples = tokenized_examples(tokenizer, self.config.data, self.config.data.source,
-                                      self.config.data.max_prompts)
+        iterations = range(self.config.iterations if until is None else until[0] + 1)
+        for t in iterations:
+            data = self.config.for_iteration(t).data
+            self.examples(tokenizer, data, data.source, data.max_prompts)
+            if data.eval_source:
+                self.examples(tokenizer, data, data.eval_source)
+        if _plain(saved_config) != _plain(self.config.to_dict()) and distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path = self.run_dir / "config.yaml"
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
+            os.replace(tmp, path)
+        distributed.barrier("run directory")
         summaries = []
         try:
-            for t in range(self.config.iterations if until is None else until[0] + 1):
+            for t in iterations:
                 stop = until[1] if until is not None and t == until[0] else None
-                summary = self.iteration(t, tokenizer, examples, stop_after=stop)
+                data = self.config.for_iteration(t).data
+                summary = self.iteration(t, tokenizer, self.examples(tokenizer, data, data.source, data.max_prompts),
+                                         stop_after=stop)
                 if summary is not None:
                     summaries.append(summary)
         finally:
@@ -218,13 +230,12 @@ class SelfPlay:
 
         start = time.perf_counter()
         pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
-        times["generate_s"] = time.perf_counter() - start
+        times["generate_s"] = read_manifest(iter_dir / "generate")["seconds"]  # every attempt's work, if resumed
         if stop_after == "generate":
             return None
 
-        start = time.perf_counter()
         scored = self.score(t, iter_dir / "score", model, pairs, config)
-        times["score_s"] = time.perf_counter() - start
+        times["score_s"] = read_manifest(iter_dir / "score")["seconds"]
         if stop_after == "score":
             return None
 
@@ -380,10 +391,16 @@ class SelfPlay:
             return {}
         from spin_fast.evaluation import heldout_loglik
 
-        if self.eval_examples is None:  # read once per run, not once per iteration
-            self.eval_examples = tokenized_examples(tokenizer, config.data, config.data.eval_source)
-        result = heldout_loglik(model, self.eval_examples, config.score_batch_tokens, backend=config.train.backend)
+        examples = self.examples(tokenizer, config.data, config.data.eval_source)
+        result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}
+
+    def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
+        """The examples of `source` read with the data settings `data` (an iteration may override them), once."""
+        key = json.dumps([asdict(data), source, limit], sort_keys=True)
+        if key not in self._examples:
+            self._examples[key] = tokenized_examples(tokenizer, data, source, limit)
+        return self._examples[key]
 
     def model_path(self, t: int) -> str:
         """θt: the SFT model for t = 0, else the last checkpoint of iteration t-1's training."""
@@ -392,22 +409,42 @@ class SelfPlay:
         summary = read_manifest(self.run_dir / f"iter-{t - 1}" / "train")["summary"]
         return summary["checkpoint"]
 
-    def _check_same_config(self) -> None:
-        """A run directory belongs to one config: resuming with another would mix two experiments."""
+    def _saved_config(self) -> dict | None:
+        """The settings the run directory was started with (None for a new run). A run directory belongs to one
+        experiment: resuming with other settings is an error naming them, except for those that change no result
+        (CHANGEABLE: more or fewer iterations, progress bars, the collectives' timeout)."""
         path = self.run_dir / "config.yaml"
-        resolved = json.loads(json.dumps(self.config.to_dict(), default=str))
-        if path.exists():
-            try:  # read as a config, so that a setting added to spin-fast since, at its default, changes nothing
-                saved = json.loads(json.dumps(from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict(),
-                                              default=str))
-            except ConfigError:
-                saved = None
-            if saved != resolved:
-                raise ValueError(f"{path} holds another config: use a new output_dir, or the same settings")
-        elif distributed.is_main():
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-            os.replace(tmp, path)
+        if not path.exists():
+            return None
+        try:  # read as a config, so that a setting added to spin-fast since, at its default, changes nothing
+            saved = from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
+        except (ConfigError, yaml.YAMLError) as error:
+            raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
+        differences = [f"{key} (saved {value!r}, now {now!r})"
+                       for (key, value), now in zip(_flat(saved).items(), _flat(self.config.to_dict()).values())
+                       if _plain(value) != _plain(now) and key not in CHANGEABLE]
+        if differences:
+            raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
+                             f"output_dir, or the same settings")
+        return saved
+
+
+# Settings a run directory may be resumed with changed: they change no finished stage's result.
+CHANGEABLE = ("iterations", "train.progress", "deepspeed.timeout_minutes")
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """{"section.key": value} of a RunConfig's dict (iteration_overrides stays one value)."""
+    flat = {}
+    for key, value in config.items():
+        nested = isinstance(value, dict) and key != "iteration_overrides"
+        flat.update(_flat(value, f"{prefix}{key}.") if nested else {f"{prefix}{key}": value})
+    return flat
+
+
+def _plain(value):
+    """A value as YAML and JSON write it: tuples become lists, iteration numbers strings."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:

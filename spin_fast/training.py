@@ -37,6 +37,8 @@ from spin_fast.scoring import ScoredPair
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+# Settings a checkpoint may be resumed with changed: how progress is shown and saved, not what is trained.
+RESUMABLE_CHANGES = ("progress", "tensorboard", "save_every", "keep_checkpoints")
 
 
 class TrainingDiverged(RuntimeError):
@@ -377,6 +379,12 @@ class Trainer:
         state = torch.load(latest / STATE_FILE, weights_only=False)
         if state["n_items"] != len(self.items):
             raise ValueError(f"{latest}: it trained on {state['n_items']} items, this run has {len(self.items)}")
+        now = self.config.to_dict()
+        changed = [f"{key} (saved {value!r}, now {now.get(key)!r})" for key, value in state["config"].items()
+                   if value != now.get(key) and key not in RESUMABLE_CHANGES]
+        if changed:  # the optimizer, schedule and data order come back from the checkpoint: they would not change
+            raise ValueError(f"{latest}: written with other training settings: {'; '.join(changed)}. Resume with "
+                             f"the same settings, or train in a new output folder")
         written_by = state.get("world_size", 1)
         if written_by != self.world or (self.engine is None) != ("optimizer" in state):
             how = "without" if "optimizer" in state else "with"

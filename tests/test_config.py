@@ -33,16 +33,40 @@ def test_yaml_then_overrides(tmp_path):
     ("data.max_prompt_length=2048", r"max_prompt_length \(2048\) must be >= 1 and below max_length \(1024\)"),
     ("generation.engine=sglang", "engine must be one of"),
     ("generation.top_p=1.5", r"top_p must be in \(0, 1\]"),
+    ("generation.batch_size=0", "generation: batch_size must be >= 1, got 0"),
+    ("train.learning_rate=.inf", "train: learning_rate must be a finite number > 0, got inf"),
+    ("data.max_prompts=0", "data: max_prompts must be >= 1"),
+    ("model.attention=flashh", "model: attention must be one of"),
+    ("data.schema=chat", "data: schema must be 'auto' or one of"),
+    ("score_batch_tokens=0", "score_batch_tokens must be >= 1"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, [override])
 
 
-def test_iteration_override_with_a_bad_key():
-    config = load_run_config(None, ["iteration_overrides={2: {train.learning_rat: 1.0e-7}}"])
-    with pytest.raises(ConfigError, match=r"iteration_overrides\[2\]: .*did you mean 'train.learning_rate'"):
-        config.for_iteration(2)
+@pytest.mark.parametrize("overrides, message", [
+    ("{2: {train.learning_rat: 1.0e-7}}", r"iteration_overrides\[2\]: .*did you mean 'train.learning_rate'"),
+    ("{1: 5}", r"iteration_overrides\[1\]: expected a mapping of settings"),
+    ("{3: {train.beta: 0.2}}", r"iteration_overrides\[3\]: the run has iterations 0 to 2"),
+    ("{one: {train.beta: 0.2}}", r"iteration_overrides\[one\]: the key must be an iteration number"),
+    ("{1: {model.name_or_path: other}}", "model.name_or_path is set for the whole run, not per iteration"),
+    ("{1: {train.epochs: 0}}", r"iteration_overrides\[1\]: train: epochs must be"),
+])
+def test_iteration_overrides_are_checked_when_the_config_loads(overrides, message):
+    """Every iteration's settings are checked before anything runs, not when the iteration starts."""
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [f"iteration_overrides={overrides}"])
+
+
+def test_a_nested_iteration_override_changes_only_the_settings_it_names():
+    for override in ("iteration_overrides.1.train.learning_rate=1.0e-5",
+                     "iteration_overrides={1: {train: {learning_rate: 1.0e-5}}}",
+                     "iteration_overrides={'1': {train.learning_rate: 1.0e-5}}"):
+        config = load_run_config(None, ["train.global_batch=2", "train.epochs=1", override])
+        changed = config.for_iteration(1).train
+        assert changed.learning_rate == 1e-5 and (changed.global_batch, changed.epochs) == (2, 1), override
+        assert config.for_iteration(0).train.learning_rate == 5e-7
 
 
 def test_top_level_must_be_a_mapping(tmp_path):

@@ -221,6 +221,88 @@ def test_empty_or_all_invalid_file_is_an_error(tmp_path):
         load_examples(tmp_path / "nothing")
 
 
+
+def test_non_utf8_line_is_a_bad_row_and_a_bom_is_ignored(tmp_path):
+    good = json.dumps(GOOD).encode()
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good.replace(b'"Q"', b'"caf\xe9"') + b"\n" + good + b"\n")
+    with pytest.raises(DataError, match=r"t\.jsonl row 1: expected UTF-8 text, got byte 0xe9 at character \d+"):
+        load_examples(path)
+    result = load_examples(path, skip_invalid=True)  # the BOM does not spoil row 0
+    assert result.skipped == 1 and [e.origin for e in result.examples] == [f"{path}:0", f"{path}:2"]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
+    assert len(load_examples(tmp_path / "bom.json").examples) == 1
+    (tmp_path / "latin1.json").write_bytes(json.dumps([GOOD]).replace('"Q"', '"caf\\u00e9"').encode()
+                                           .replace(b"\\u00e9", b"\xe9"))
+    with pytest.raises(DataError, match=r"latin1\.json: expected UTF-8 text"):
+        load_examples(tmp_path / "latin1.json")
+
+
+def test_multi_line_json_in_a_jsonl_file_names_row_and_suggests_json(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps([GOOD, GOOD], indent=2))
+    rename = r"the file as a whole is one JSON document: rename it to t\.json$"
+    with pytest.raises(DataError, match=rf"^{path} row 0: expected a JSON object, got invalid JSON \(.*\); {rename}"):
+        load_examples(path)
+    with pytest.raises(DataError, match=rf"t\.jsonl row 0: .*; {rename}"):
+        load_examples(path, skip_invalid=True)  # no row is an object: there is no schema to read the file with
+    with pytest.raises(DataError, match=rf"t\.jsonl row 0: .*; {rename}"):
+        load_examples(path, schema="messages")
+    with pytest.raises(DataError, match=rf"t\.jsonl: all \d+ rows are invalid .*the first: row 0: .*; {rename}"):
+        load_examples(path, schema="messages", skip_invalid=True)
+    path.write_text("{oops\n" + json.dumps(GOOD) + "\n")  # not one JSON document: no hint
+    with pytest.raises(DataError, match=r"t\.jsonl row 0: expected a JSON object, got invalid JSON") as raised:
+        load_examples(path)
+    assert "rename" not in str(raised.value)
+    (tmp_path / "lines.json").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=r"lines\.json: invalid JSON: Extra data.*rename it to \.jsonl"):
+        load_examples(tmp_path / "lines.json")
+
+
+def test_hidden_files_and_folders_in_a_directory_are_ignored(tmp_path, caplog):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}])
+    for hidden in (".ipynb_checkpoints/a-checkpoint.jsonl", ".cache/sub/a.jsonl", ".a.jsonl"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / hidden, [{"prompt": "p", "response": "r"}])
+    with caplog.at_level(logging.INFO, logger="spin_fast.data"):
+        assert [e.origin for e in load_examples(tmp_path).examples] == [f"{tmp_path / 'a.jsonl'}:0"]
+    assert any("ignored 3 data files in hidden files or folders" in r.getMessage() for r in caplog.records)
+    assert len(load_examples(tmp_path / ".a.jsonl").examples) == 1  # a file named directly is read
+    (tmp_path / "a.jsonl").unlink()
+    with pytest.raises(DataError, match=r"directory has no .* files \(besides 3 in hidden files or folders\)"):
+        load_examples(tmp_path)
+
+
+def test_directory_detects_the_schema_of_each_file(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Q", "response": "from columns"}])
+    write_jsonl(tmp_path / "b.jsonl", [GOOD, {"messages": [user("Q2"), assistant("from messages")]}])
+    result = load_examples(tmp_path)
+    assert [(e.prompt, e.response) for e in result.examples] == [
+        ((user("Q"),), "from columns"), ((user("Q"),), "A"), ((user("Q2"),), "from messages")]
+    write_jsonl(tmp_path / "b.jsonl", [GOOD, {"prompt": "Q", "response": "A"}])  # a file keeps its first schema
+    with pytest.raises(DataError, match=r"b\.jsonl row 1: field 'messages': missing"):
+        load_examples(tmp_path)
+    with pytest.raises(DataError, match=r"b\.jsonl row 0: field 'prompt': missing"):
+        load_examples(tmp_path, schema="prompt_response")  # a forced schema holds for every file
+    write_jsonl(tmp_path / "b.jsonl", [spin_row("Q", "A", "B")])
+    with pytest.raises(DataError, match=r"b\.jsonl: spin_pairs rows, but .*a\.jsonl has prompt_response rows: "
+                                        r"one source holds either SPIN pairs .* or SFT examples"):
+        load_examples(tmp_path)
+
+
+def test_json_object_in_a_directory_names_the_file_and_says_it_holds_no_rows(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"description": "my dataset", "license": "mit"}))
+    no_rows = r"dataset_info\.json: expected a list of objects .*, got a JSON object \(keys \['description', " \
+              r"'license'\]\), not a list of rows"
+    with pytest.raises(DataError, match=rf"{no_rows}; move it out of the data folder, or name the data file"):
+        load_examples(tmp_path)
+    with pytest.raises(DataError, match=rf"{no_rows}$") as raised:
+        load_examples(info)
+    assert type(raised.value) is DataError
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_round_trip_and_special_tokens(tokenizer, tmp_path):

@@ -134,17 +134,34 @@ def test_generation_and_scoring_killed_midway_resume_at_their_first_unsaved_part
 
 
 def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
+    missing = f"data.eval_source={tmp_path}/nope.jsonl"
+    with pytest.raises(FileNotFoundError):  # an input that cannot be read leaves no config behind
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", missing)).run()
+    assert not (tmp_path / "run" / "config.yaml").exists()
     SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
-    with pytest.raises(ValueError, match="holds another config"):
-        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2")).run()
+    differences = r"differs in generation.top_k \(saved 0, now 5\); train.beta \(saved 0.1, now 0.2\)"
+    with pytest.raises(ValueError, match=differences):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2", "generation.top_k=5")).run()
+    # More iterations (and progress bars) change no finished stage: the run goes on, and its config says so.
+    summaries = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "train.progress=true")).run()
+    assert len(summaries) == 2 and "iterations: 2" in (tmp_path / "run" / "config.yaml").read_text()
     # A run started before a setting existed goes on under a newer spin-fast while the setting is at its default.
     saved = tmp_path / "run" / "config.yaml"
     lines = saved.read_text().splitlines(keepends=True)
     saved.write_text("".join(line for line in lines if not line.startswith("save_every_prompts:")))
     assert len(saved.read_text().splitlines()) == len(lines) - 1
-    SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
+    SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2")).run()
     with pytest.raises(ValueError, match="holds another config"):
-        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "save_every_prompts=2")).run()
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "save_every_prompts=2")).run()
+
+
+def test_an_iteration_can_override_the_data_settings(sft_model, tmp_path):
+    """Iteration 1 answers only the prompts its own data settings select; the pairs of iteration 0 still join."""
+    config = run_config(sft_model, tmp_path / "run", "iteration_overrides={1: {data.max_prompts: 2}}")
+    summaries = SelfPlay(config).run()
+    generated = [len((tmp_path / "run" / f"iter-{t}" / "generate" / "pairs.jsonl").read_text().splitlines())
+                 for t in (0, 1)]
+    assert generated == [len(QA), 2] and summaries[1]["pairs"] == len(QA) + 2
 
 
 def write_yaml(sft_model, path, out):
@@ -185,6 +202,22 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     with pytest.raises(SystemExit):
         main(["fly", str(config)])
+    # What a user can fix is one line naming it, exit status 2, never a traceback.
+    (tmp_path / "bad.yaml").write_text("train: {beta: [\n")
+    (tmp_path / "bad_row.jsonl").write_text('{"prompt": "Hi"}\n')
+    for command, message in [
+        (["run", str(tmp_path / "bad.yaml")], "while parsing"),
+        (["run", str(config), "--set", "train.beta=["], "while parsing"),
+        (["generate", str(config), "--set", f"data.source={tmp_path}/nope.jsonl"], "nope.jsonl"),
+        (["sft", str(config), "--set", f"data.source={tmp_path}/bad_row.jsonl"], "bad_row.jsonl row 0"),
+        (["sft", str(config), "--set", "data.source=''"], "data.source is not set"),
+        (["eval", str(config), "--set", "output_dir=''", "--set", "data.eval_source=x"], "output_dir is not set"),
+        (["run", str(config), "--set", f"model.name_or_path={tmp_path}/no-model"], "no-model"),
+    ]:
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("spin-fast: ") and message in err and "Traceback" not in err, (command, err)
 
 
 def test_console_script_is_installed():

@@ -172,8 +172,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", original_step)
     assert [p.name for p in trainer.checkpoint_dirs()] == ["checkpoint-2"]
 
+    # Other training settings would be silently overruled by the checkpoint's optimizer and schedule state.
+    with pytest.raises(ValueError, match=r"checkpoint-2: written with other training settings: learning_rate "
+                                         r"\(saved 0.001, now 0.5\)"):
+        Trainer(make_model(), None, cfg.replace(learning_rate=0.5), tmp_path / "killed", scored).train()
     resumed = make_model(seed=123)  # fresh process, other weights: the checkpoint must restore everything
-    result = Trainer(resumed, None, cfg, tmp_path / "killed", scored).train()
+    result = Trainer(resumed, None, cfg.replace(progress=not cfg.progress), tmp_path / "killed", scored).train()
     assert [m["step"] for m in result.history] == [3, 4]
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(p, q)
