@@ -320,7 +320,9 @@ def _set_dotted(data: dict, key: str, value, where: str) -> None:
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the YAML (`train:` alone)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child

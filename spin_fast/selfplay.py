@@ -239,9 +239,8 @@ class SelfPlay:
         if stop_after == "score":
             return None
 
-        start = time.perf_counter()
         result = self.train(train_dir, model, tokenizer, scored, config)
-        times["train_s"] = time.perf_counter() - start
+        times["train_s"] = result.seconds
 
         start = time.perf_counter()
         self.transfer_weights(model)

@@ -50,6 +50,7 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)
     final_dir: Path | None = None
+    seconds: float = 0.0  # wall time of the whole training, earlier interrupted calls included (to their checkpoint)
 
 
 def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
@@ -184,6 +185,8 @@ class Trainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.step = 0
+        self.seconds_before = 0.0  # training time up to the checkpoint this call resumed from
+        self.started = time.perf_counter()
         self.device = next(model.parameters()).device
         self.writer = None
         if config.tensorboard and self.rank == 0:
@@ -197,6 +200,7 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run (or resume) to the last step; returns the per-step metrics of this call."""
         self.resume()
+        self.started = time.perf_counter()
         result = TrainResult(steps=self.steps)
         self.loss_module.train()
         bar = tqdm(total=self.steps, initial=self.step, desc=f"{self.config.mode} training", unit="step",
@@ -211,6 +215,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         result.final_dir = self.save_checkpoint()
+        result.seconds = self.seconds_so_far()
         return result
 
     def release(self) -> None:
@@ -342,7 +347,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         distributed.barrier("checkpoint folder")
         state = {"step": self.step, "config": self.config.to_dict(), "n_items": len(self.items),
-                 "world_size": self.world}
+                 "world_size": self.world, "seconds": self.seconds_so_far()}
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         if self.engine is None:
@@ -370,6 +375,9 @@ class Trainer:
             log.info("saved %s", final)
         distributed.barrier("checkpoint renamed")
         return final
+
+    def seconds_so_far(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
 
     def resume(self) -> None:
         """Continue from the latest complete checkpoint in output_dir, if there is one."""
@@ -410,6 +418,7 @@ class Trainer:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = state["step"]
+        self.seconds_before = state.get("seconds", 0.0)
         if self.rank == 0:
             self.forget_metrics_after(self.step)
         log.info("resumed from %s at step %d of %d", latest, self.step, self.steps)

@@ -69,6 +69,11 @@ def test_a_nested_iteration_override_changes_only_the_settings_it_names():
         assert config.for_iteration(0).train.learning_rate == 5e-7
 
 
+def test_an_empty_section_takes_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("train:\n")
+    assert load_run_config(tmp_path / "run.yaml", ["train.beta=0.2"]).train.beta == 0.2
+
+
 def test_top_level_must_be_a_mapping(tmp_path):
     (tmp_path / "bad.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):

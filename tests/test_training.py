@@ -179,6 +179,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     resumed = make_model(seed=123)  # fresh process, other weights: the checkpoint must restore everything
     result = Trainer(resumed, None, cfg.replace(progress=not cfg.progress), tmp_path / "killed", scored).train()
     assert [m["step"] for m in result.history] == [3, 4]
+    saved_seconds = torch.load(tmp_path / "killed" / "checkpoint-2" / "trainer_state.pt", weights_only=False)["seconds"]
+    assert 0 < saved_seconds < result.seconds  # the training's time counts the interrupted call's, to its checkpoint
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(p, q)
     final = AutoModelForCausalLM.from_pretrained(result.final_dir)  # a plain HF checkpoint
