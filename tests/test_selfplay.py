@@ -93,36 +93,32 @@ def test_generation_and_scoring_killed_midway_resume_at_their_first_unsaved_part
     real_generate, real_score = TransformersEngine.generate, spin_fast.selfplay.score_pairs
     prompts_generated, pairs_scored = [], []
 
-    def generate(die_at):
-        def wrapped(self, prompts, *args, **kwargs):
-            if len(prompts_generated) == die_at:
+    def counting(real, sizes, die_at=None):
+        """`real` (a method or a function whose second argument is a list), recording each call's list length;
+        the call after `die_at` calls dies as a kill would."""
+        def wrapped(first, items, *args, **kwargs):
+            if len(sizes) == die_at:
                 raise KeyboardInterrupt
-            prompts_generated.append(len(prompts))
-            return real_generate(self, prompts, *args, **kwargs)
+            sizes.append(len(items))
+            return real(first, items, *args, **kwargs)
         return wrapped
 
-    def score(die_at):
-        def wrapped(model, pairs, *args, **kwargs):
-            if len(pairs_scored) == die_at:
-                raise KeyboardInterrupt
-            pairs_scored.append(len(pairs))
-            return real_score(model, pairs, *args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(TransformersEngine, "generate", generate(die_at=1))  # in iteration 0's second part
+    # Killed in iteration 0's second generation part.
+    monkeypatch.setattr(TransformersEngine, "generate", counting(real_generate, prompts_generated, die_at=1))
     with pytest.raises(KeyboardInterrupt):
         SelfPlay(config("killed")).run()
     assert [p.name for p in sorted((tmp_path / "killed" / "iter-0" / "generate" / "parts").glob("*.jsonl"))] == [
         "000000000-000000004.jsonl"]
     prompts_generated.clear()
-    monkeypatch.setattr(TransformersEngine, "generate", generate(die_at=None))
-    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", score(die_at=3))  # in iteration 1's second part
+    monkeypatch.setattr(TransformersEngine, "generate", counting(real_generate, prompts_generated))
+    # Then in iteration 1's second scoring part.
+    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", counting(real_score, pairs_scored, die_at=3))
     with pytest.raises(KeyboardInterrupt):
         SelfPlay(config("killed")).run()
     assert prompts_generated == [2, 4, 2]  # iteration 0's second part, then iteration 1's two
     assert pairs_scored == [4, 2, 4]  # iteration 0's two parts, iteration 1's first
     prompts_generated.clear(), pairs_scored.clear()
-    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", score(die_at=None))
+    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", counting(real_score, pairs_scored))
     resumed = final_weights(SelfPlay(config("killed")).run())
     assert prompts_generated == [] and pairs_scored == [4, 4]  # iteration 1's second and third scoring parts
     for t in (0, 1):
