@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Sequence
@@ -294,10 +295,10 @@ RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_over
 def _dotted_changes(iteration, changes, iterations: int) -> dict:
     """One iteration's overrides as {"section.key": value}: a nested mapping changes only the settings it names."""
     where = f"iteration_overrides[{iteration}]"
-    if not (isinstance(iteration, int) and not isinstance(iteration, bool) or str(iteration).isdigit()):
+    if isinstance(iteration, bool) or not str(iteration).isdigit():  # 2 or "2" (as YAML or JSON wrote it)
         raise ValueError(f"{where}: the key must be an iteration number, got {iteration!r}")
-    if not 0 <= int(iteration) < iterations:
-        raise ValueError(f"{where}: the run has iterations 0 to {iterations - 1}")
+    if int(iteration) >= iterations:  # kept and checked: a run may be extended to more iterations later
+        logging.getLogger(__name__).warning("%s: unused while the run has iterations 0 to %d", where, iterations - 1)
     if not isinstance(changes, dict):
         raise ValueError(f"{where}: expected a mapping of settings, e.g. {{train.learning_rate: 1.0e-7}}, "
                          f"got {changes!r}")

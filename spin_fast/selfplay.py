@@ -228,7 +228,6 @@ class SelfPlay:
             self.model = load_policy(self.model_path(t), config)
         model = self.model
 
-        start = time.perf_counter()
         pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
         times["generate_s"] = read_manifest(iter_dir / "generate")["seconds"]  # every attempt's work, if resumed
         if stop_after == "generate":

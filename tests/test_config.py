@@ -48,7 +48,8 @@ def test_errors_name_the_key(override, message):
 @pytest.mark.parametrize("overrides, message", [
     ("{2: {train.learning_rat: 1.0e-7}}", r"iteration_overrides\[2\]: .*did you mean 'train.learning_rate'"),
     ("{1: 5}", r"iteration_overrides\[1\]: expected a mapping of settings"),
-    ("{3: {train.beta: 0.2}}", r"iteration_overrides\[3\]: the run has iterations 0 to 2"),
+    ("{3: {train.bta: 0.2}}", r"iteration_overrides\[3\]: unknown setting 'train.bta'"),  # checked, if beyond
+    ("{-1: {train.beta: 0.2}}", r"iteration_overrides\[-1\]: the key must be an iteration number"),
     ("{one: {train.beta: 0.2}}", r"iteration_overrides\[one\]: the key must be an iteration number"),
     ("{1: {model.name_or_path: other}}", "model.name_or_path is set for the whole run, not per iteration"),
     ("{1: {train.epochs: 0}}", r"iteration_overrides\[1\]: train: epochs must be"),
@@ -57,6 +58,13 @@ def test_iteration_overrides_are_checked_when_the_config_loads(overrides, messag
     """Every iteration's settings are checked before anything runs, not when the iteration starts."""
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, [f"iteration_overrides={overrides}"])
+
+
+def test_an_override_beyond_the_last_iteration_is_kept_for_a_longer_run(caplog):
+    config = load_run_config(None, ["iterations=2", "iteration_overrides={3: {train.beta: 0.2}}"])
+    assert "iteration_overrides[3]: unused while the run has iterations 0 to 1" in caplog.text
+    assert load_run_config(None, ["iterations=4", "iteration_overrides={3: {train.beta: 0.2}}"]).for_iteration(
+        3).train.beta == 0.2 and config.iteration_overrides == {3: {"train.beta": 0.2}}
 
 
 def test_a_nested_iteration_override_changes_only_the_settings_it_names():
