@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
@@ -20,7 +22,7 @@ def check_loss_type(loss_type: str) -> None:
 
 
 def check_beta(beta: float) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 < beta < float("inf"):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < float("inf"):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
