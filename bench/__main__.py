@@ -1,5 +1,6 @@
-"""python -m bench [--preset cpu|gpu] [--only NAME]: every bench in turn (the GPU preset when CUDA is present), then
-one summary table of their headline ratios, and PNG plots, in bench/results/."""
+"""python -m bench [--preset cpu|gpu] [--only NAME [options of that bench]]: every bench in turn (the GPU preset when
+CUDA is present), then one summary table of their headline ratios, and PNG plots, in bench/results/. A bench's own
+options (python -m bench.NAME --help) go with --only NAME."""
 
 import argparse
 import sys
@@ -14,9 +15,14 @@ BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=sorted(BENCHES), help="run one bench only")
-    parser.add_argument("--preset", default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=sorted(BENCHES), help="run one bench only, with its own options after it")
+    parser.add_argument("--preset", choices=sorted(kernels.PRESETS), help="cpu, gpu (needs CUDA; the default with it) "
+                        "or tiny (seconds; for tests)", default="gpu" if torch.cuda.is_available() else "cpu")
     args, rest = parser.parse_known_args(argv)
+    if rest and not args.only:  # each bench has options of its own: passed to all, the second would refuse them
+        parser.error(f"{' '.join(rest)}: a bench's own options go with --only NAME (see python -m bench.NAME --help)")
+    if args.preset == "gpu" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs CUDA, and this torch sees no GPU")
     names = [args.only] if args.only else list(BENCHES)
     status = max(BENCHES[name].main(["--preset", args.preset, *rest]) for name in names)
     for path in plots.plot_all():

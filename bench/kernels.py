@@ -352,13 +352,19 @@ def run_one(preset: Preset, vocab: int, job: str, method: str) -> dict:
                                         "--method", method])
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="*", choices=list(METHODS),
                         help="methods to run, in this order (default: the preset's)")
     parser.add_argument("--jobs", nargs="+", choices=JOBS, help="jobs to run (default: the preset's)")
-    parser.add_argument("--vocabs", nargs="+", type=int, help="vocabulary sizes (default: the preset's)")
+    parser.add_argument("--vocabs", nargs="+", type=positive_int, help="vocabulary sizes (default: the preset's)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)

@@ -10,8 +10,8 @@ Run: python -m bench.plots [RESULTS_DIR] (python -m bench draws them after the b
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from bench import common
@@ -108,5 +108,10 @@ def plot_all(results_dir: Path | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for written in plot_all(Path(sys.argv[1]) if len(sys.argv) > 1 else None):
+    parser = argparse.ArgumentParser(description="PNG plots of the bench JSONs in a results folder.")
+    parser.add_argument("results_dir", nargs="?", type=Path, help=f"default: {common.RESULTS_DIR}")
+    folder = parser.parse_args().results_dir
+    if folder is not None and not folder.is_dir():
+        parser.error(f"{folder}: no such folder")
+    for written in plot_all(folder):
         print(f"written: {written}")

@@ -355,7 +355,8 @@ def run_one(preset: Preset, method: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="*", help="methods to run (default: every one the preset runs)")
+    parser.add_argument("--methods", nargs="*", choices=list(METHODS),
+                        help="methods to run (default: every one the preset runs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

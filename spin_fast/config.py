@@ -51,7 +51,7 @@ class TrainConfig:
     bf16_autocast: bool = False  # body in bf16 autocast over fp32 weights (the usual GPU setting)
     gradient_checkpointing: bool = False
     liger_kernels: bool = False  # Liger-Kernel's RMSNorm/RoPE/SwiGLU in the body (CUDA)
-    attention: str = "auto"
+    attention: str = "auto"  # unused, kept so that older configs load: the attention is model.attention
     backend: str = "auto"  # spin_kernels backend for the head
     share_prompts: bool = True  # a pair's prompt computed once for both responses (needs spin_varlen attention)
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
@@ -60,18 +60,23 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("learning_rate", "epochs", "global_batch", "micro_batch_tokens", "beta", "keep_checkpoints")
+        if self.attention != "auto":
+            raise ValueError(f"attention: set model.attention instead (train.attention is unused), got "
+                             f"{self.attention!r}")
+        positive = ("learning_rate", "epochs", "global_batch", "micro_batch_tokens", "beta", "keep_checkpoints",
+                    "optimizer_eps")
         for name in positive:
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         for name in ("max_grad_norm", "weight_decay", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -87,6 +92,7 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.attention not in CHOICES["attention"]:
             raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
 
@@ -106,6 +112,7 @@ class DataConfig:
     checker: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         from spin_fast.data import SCHEMAS
 
         if self.schema not in ("auto", *SCHEMAS):
@@ -130,6 +137,7 @@ class GenerationConfig:
     gpu_memory_utilization: float = 0.5  # vLLM
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be one of ('auto', 'vllm', 'transformers'), got {self.engine!r}")
         for name in ("batch_size", "tensor_parallel_size"):
@@ -163,6 +171,7 @@ class DeepSpeedConfig:
     timeout_minutes: float = 30.0  # a collective that waits longer (a dead rank) fails with an error
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"zero_stage must be one of (0, 1, 2, 3), got {self.zero_stage!r}")
         if self.offload_params and self.zero_stage not in (None, 3):
@@ -193,6 +202,7 @@ class RunConfig:
     iteration_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.mix_previous < 0:
@@ -264,6 +274,14 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise
     except ValueError as error:  # a dataclass's own validation, e.g. TrainConfig's choices
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
+
+
+def check_field_types(config) -> None:
+    """Each setting of a config dataclass against its type, as from_dict checks a YAML file's: a config built in
+    Python (TrainConfig(epochs=1.5)) fails here, not steps later. A section is checked by its own dataclass."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        if not dataclasses.is_dataclass(hint):
+            setattr(config, name, _coerce(hint, getattr(config, name), name))
 
 
 def _coerce(hint, value, name: str):

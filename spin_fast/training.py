@@ -13,6 +13,7 @@ world size.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -157,16 +158,14 @@ class Trainer:
 
     def __init__(self, model, tokenizer, config: TrainConfig, output_dir: str | Path,
                  items: Seq[ScoredPair] | Seq[Sequence], deepspeed: DeepSpeedConfig | None = None):
-        if not items:
-            raise ValueError("nothing to train on: the item list is empty")
-        expected = ScoredPair if config.mode == "spin" else Sequence
-        if not isinstance(items[0], expected):
-            raise ValueError(f"mode={config.mode!r} trains on {expected.__name__} items, got {type(items[0]).__name__}")
         self.model, self.tokenizer, self.config, self.items = model, tokenizer, config, list(items)
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.steps = total_steps(len(self.items), config)
+        if config.gradient_checkpointing and not model.is_gradient_checkpointing:  # a model not loaded by spin-fast
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.share_prompts = config.share_prompts and can_share_prompts(model)
+        self.check_items()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.loss_module = PackedLoss(model, config)
         optimizer = make_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.steps, config))
@@ -195,6 +194,31 @@ class Trainer:
             except ImportError:
                 raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def check_items(self) -> None:
+        """Every item up front, named by its index: a bad one found at its step would end a run hours in."""
+        if not self.items:
+            raise ValueError("nothing to train on: the item list is empty")
+        expected = ScoredPair if self.config.mode == "spin" else Sequence
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for index, item in enumerate(self.items):
+            if not isinstance(item, expected):
+                raise ValueError(f"item {index}: mode={self.config.mode!r} trains on {expected.__name__} items, "
+                                 f"got {type(item).__name__}")
+            group = self.groups([index])[0]
+            tokens = group_tokens(group, self.share_prompts)
+            if tokens > self.config.micro_batch_tokens:
+                raise ValueError(f"item {index} takes {tokens} tokens, more than train.micro_batch_tokens="
+                                 f"{self.config.micro_batch_tokens}: raise it (a pair's sequences share a "
+                                 f"micro-batch) or cut the data shorter (data.max_length)")
+            parts = [part for sequence in group for part in (sequence.prompt_ids, sequence.response_ids) if part]
+            lowest, highest = min(map(min, parts)), max(map(max, parts))
+            if lowest < 0 or highest >= vocab:
+                raise ValueError(f"item {index}: token id {highest if highest >= vocab else lowest} is outside the "
+                                 f"model's vocabulary [0, {vocab}) (a tokenizer larger than the model?)")
+            if expected is ScoredPair and not math.isfinite(item.opponent_real + item.opponent_generated):
+                raise ValueError(f"item {index}: the opponent's log-probs are not finite ({item.opponent_real}, "
+                                 f"{item.opponent_generated})")
 
     # ------------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -326,7 +350,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_dirs(self) -> list[Path]:
-        found = [p for p in self.output_dir.glob("checkpoint-*") if (p / STATE_FILE).exists()]
+        found = [p for p in self.output_dir.glob("checkpoint-*")
+                 if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()]  # not a user's checkpoint-best
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def latest_checkpoint(self) -> Path | None:
@@ -347,7 +372,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         distributed.barrier("checkpoint folder")
         state = {"step": self.step, "config": self.config.to_dict(), "n_items": len(self.items),
-                 "world_size": self.world, "seconds": self.seconds_so_far()}
+                 "world_size": self.world, "seconds": self.seconds_so_far(), "items": items_fingerprint(self.items)}
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         if self.engine is None:
@@ -385,8 +410,9 @@ class Trainer:
         if latest is None or self.step:
             return
         state = torch.load(latest / STATE_FILE, weights_only=False)
-        if state["n_items"] != len(self.items):
-            raise ValueError(f"{latest}: it trained on {state['n_items']} items, this run has {len(self.items)}")
+        if state["n_items"] != len(self.items) or state.get("items", "") not in ("", items_fingerprint(self.items)):
+            raise ValueError(f"{latest}: written by a training on other items ({state['n_items']}; this one has "
+                             f"{len(self.items)}): train in a new output folder, or give it the same items")
         now = self.config.to_dict()
         changed = [f"{key} (saved {value!r}, now {now.get(key)!r})" for key, value in state["config"].items()
                    if value != now.get(key) and key not in RESUMABLE_CHANGES]
@@ -431,6 +457,19 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
+
+
+def items_fingerprint(items: Seq[ScoredPair] | Seq[Sequence]) -> str:
+    """A short digest of what a training run trains on (lengths, first tokens, opponent log-probs of every item):
+    a checkpoint of another run in the same folder is told apart without hashing every token."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item in items:
+        fields = [getattr(item, name) for name in ("prompt_ids", "real_ids", "generated_ids", "response_ids")
+                  if hasattr(item, name)]
+        digest.update(repr([(len(ids), ids[:4]) for ids in fields] + [getattr(item, "opponent_real", None),
+                                                                        getattr(item, "opponent_generated", None)]
+                           ).encode())
+    return digest.hexdigest()
 
 
 def _is_tied(model, name: str) -> bool:

@@ -5,6 +5,7 @@ This checks the bench's plumbing and fairness (same batch, same value), not its 
 import json
 
 import pytest
+import torch
 
 from bench import common, kernels
 
@@ -84,3 +85,25 @@ def test_memory_is_exact_first_then_the_allocator_is_ordinary():
     # heap, as a user's process does, and processes started from then on no longer get the exact setting.
     assert result["exact_free"] > 3.9 and result["ordinary_free"] < 0.5, result
     assert not result["inherited"]
+
+
+def test_bench_command_line_errors_come_before_any_bench_runs(capsys):
+    """A bench's own options reach that bench only (passed to every bench, the second refused them after the first
+    had run), and names and values are checked before anything runs."""
+    import subprocess
+    import sys
+
+    import bench.__main__ as bench_main
+    from bench import train_step
+
+    for run, argv, message in [
+        (bench_main.main, ["--methods", "naive PyTorch"], "a bench's own options go with --only NAME"),
+        (bench_main.main, ["--preset", "gpu"] if not torch.cuda.is_available() else ["--preset", "x"], "preset"),
+        (train_step.main, ["--preset", "tiny", "--methods", "bogus"], "invalid choice: 'bogus'"),
+        (kernels.main, ["--preset", "tiny", "--vocabs", "0"], "expected a whole number >= 1, got '0'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            run(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
+    plots = subprocess.run([sys.executable, "-m", "bench.plots", "--help"], capture_output=True, text=True)
+    assert plots.returncode == 0 and "results_dir" in plots.stdout  # was taken for a results folder

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import shutil
+from dataclasses import astuple
 from types import SimpleNamespace
 
 import pytest
@@ -204,18 +206,61 @@ def test_sft_mode_loss_is_token_mean_cross_entropy_and_falls(tmp_path):
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     model = make_model()
     scored = score_pairs(model, random_pairs(4), token_budget=64)
-    broken = [type(p)(p.prompt_ids, p.real_ids, p.generated_ids, float("nan"), p.opponent_generated) for p in scored]
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")  # a model gone bad: every token's logsumexp is nan
     with pytest.raises(TrainingDiverged, match="step 1: the loss is nan"):
-        Trainer(model, None, config(), tmp_path, broken).train()
+        Trainer(model, None, config(), tmp_path, scored).train()
 
 
-def test_wrong_items_and_bad_config_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="mode='spin' trains on ScoredPair items"):
-        Trainer(make_model(), None, config(), tmp_path, [Sequence((1,), (2,))])
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        TrainConfig(optimizer="sgd")
-    with pytest.raises(ValueError, match="warmup_ratio must be in"):
-        TrainConfig(warmup_ratio=1.5)
+def test_bad_items_are_refused_before_training_names_them(tmp_path):
+    """Each item is checked when the trainer is built, named by its index: found at its step, it would end a
+    run hours in."""
+    model = make_model()
+    scored = score_pairs(model, random_pairs(4), token_budget=64)
+    long = TokenizedPair((5,) * 30, (6,) * 20, (7,) * 20)
+    for items, message in [
+        ([], "nothing to train on"),
+        ([*scored, Sequence((1,), (2,))], "item 4: mode='spin' trains on ScoredPair items, got Sequence"),
+        ([*scored, *score_pairs(model, [long], token_budget=128)],
+         r"item 4 takes 100 tokens, more than train.micro_batch_tokens=48"),
+        ([*scored[:2], type(scored[2])(scored[2].prompt_ids + (VOCAB,), *astuple(scored[2])[1:])],
+         rf"item 2: token id {VOCAB} is outside the model's vocabulary \[0, {VOCAB}\)"),
+        ([*scored[:3], type(scored[3])(*astuple(scored[3])[:3], float("nan"), -1.0)],
+         r"item 3: the opponent's log-probs are not finite \(nan, -1.0\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Trainer(model, None, config(), tmp_path, items)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_checkpoint_of_other_items_or_not_named_by_step_is_not_resumed(tmp_path):
+    scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
+    Trainer(make_model(), None, config(epochs=1), tmp_path, scored).train()
+    (tmp_path / "checkpoint-best").mkdir()  # a user's copy: not one of the trainer's checkpoints
+    shutil.copy(tmp_path / "checkpoint-1" / "trainer_state.pt", tmp_path / "checkpoint-best")
+    assert [p.name for p in Trainer(make_model(), None, config(epochs=1), tmp_path, scored).checkpoint_dirs()] == [
+        "checkpoint-1"]
+    other = score_pairs(make_model(seed=1), random_pairs(4), token_budget=64)  # as many items, other ones
+    with pytest.raises(ValueError, match="checkpoint-1: written by a training on other items"):
+        Trainer(make_model(), None, config(epochs=1), tmp_path, other).train()
+
+
+def test_bad_config_is_refused():
+    for kwargs, message in [(dict(optimizer="sgd"), "optimizer must be one of"),
+                            (dict(warmup_ratio=1.5), "warmup_ratio must be in"),
+                            (dict(epochs=1.5), "setting 'epochs' must be int, got 1.5"),  # built in Python too
+                            (dict(share_prompts="no"), "setting 'share_prompts' must be bool"),
+                            (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number >= 0"),
+                            (dict(optimizer_eps=0.0), "optimizer_eps must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kwargs)
+
+
+def test_gradient_checkpointing_is_switched_on_for_a_model_loaded_elsewhere(tmp_path):
+    model = make_model()
+    scored = score_pairs(model, random_pairs(4), token_budget=64)
+    Trainer(model, None, config(gradient_checkpointing=True, epochs=1), tmp_path, scored)
+    assert model.is_gradient_checkpointing
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "spin_varlen"], ids=["whole-sequences", "shared-prompts"])
