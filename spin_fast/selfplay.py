@@ -64,24 +64,26 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def in_parts(stage_dir: Path, n_items: int, part_size: int, make_part, what: str) -> tuple[list[ScoredPair], dict]:
+def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -> dict:
     """A stage's rows for items [0, n_items), computed `part_size` items at a time (0: all at once), each part
-    saved in stage_dir/parts/ as soon as it is done: a stage killed midway resumes at its first unsaved part.
+    saved in output's folder, in parts/, as soon as it is done: a stage killed midway resumes at its first
+    unsaved part. At the end rank 0 writes `output`, the parts end to end (the caller removes parts/ once its
+    manifest is written).
 
     Every rank calls this; make_part(start, end) -> (rows, info) runs on every rank (it may be collective) and
-    its result counts on rank 0, which saves it. Returns, on rank 0, all the rows in order and the parts'
-    infos (numbers) summed, with the seconds spent on them, this call's and earlier calls'."""
-    parts_dir = stage_dir / "parts"
+    its result counts on rank 0, which saves it. Returns, on rank 0, the parts' infos (numbers) summed, with the
+    seconds spent on them, this call's and earlier calls'."""
+    parts_dir = output.parent / "parts"
     size = part_size or max(n_items, 1)
-    bounds = [(start, min(start + size, n_items)) for start in range(0, n_items, size)]
+    parts = [(start, min(start + size, n_items), parts_dir / f"{start:09d}-{min(start + size, n_items):09d}.jsonl")
+             for start in range(0, n_items, size)]
     # Rank 0's view of the saved parts decides for every rank: a filesystem shared by several nodes may show
     # another node a new file late, and ranks that skipped different parts would wait for each other forever.
     saved = set(parts_dir.glob("*.jsonl")) if distributed.is_main() else set()
     saved = distributed.all_gather_objects(saved, f"{what}: saved parts")[0]
     if distributed.is_main():
         parts_dir.mkdir(parents=True, exist_ok=True)
-    for number, (start, end) in enumerate(bounds):
-        part = parts_dir / f"{start:09d}-{end:09d}.jsonl"
+    for number, (start, end, part) in enumerate(parts):
         if part in saved:
             continue
         began = time.perf_counter()
@@ -90,17 +92,19 @@ def in_parts(stage_dir: Path, n_items: int, part_size: int, make_part, what: str
             info = {**info, "seconds": time.perf_counter() - began}
             part.with_suffix(".json").write_text(json.dumps(info))  # before the rows: they mark the part done
             save_scored_pairs(part, rows)
-            if len(bounds) > 1:
-                log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(bounds), start,
+            if len(parts) > 1:
+                log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start,
                          end, n_items)
-    rows, totals = [], {}
+    totals: dict = {}
     if distributed.is_main():
-        for start, end in bounds:
-            part = parts_dir / f"{start:09d}-{end:09d}.jsonl"
-            rows += load_scored_pairs(part)
-            for key, value in json.loads(part.with_suffix(".json").read_text()).items():
-                totals[key] = totals.get(key, 0) + value
-    return rows, totals
+        tmp = output.with_name(output.name + ".tmp")
+        with tmp.open("wb") as out:
+            for _, _, part in parts:
+                out.write(part.read_bytes())  # JSON lines: the parts' files end to end are the stage's file
+                for key, value in json.loads(part.with_suffix(".json").read_text()).items():
+                    totals[key] = totals.get(key, 0) + value
+        os.replace(tmp, output)
+    return totals
 
 
 def device() -> str:
@@ -189,9 +193,10 @@ class SelfPlay:
         # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
         tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
         iterations = range(self.config.iterations if until is None else until[0] + 1)
+        examples = {}
         for t in iterations:
             data = self.config.for_iteration(t).data
-            self.examples(tokenizer, data, data.source, data.max_prompts)
+            examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)
             if data.eval_source:
                 self.examples(tokenizer, data, data.eval_source)
         if _plain(saved_config) != _plain(self.config.to_dict()) and distributed.is_main():
@@ -205,9 +210,7 @@ class SelfPlay:
         try:
             for t in iterations:
                 stop = until[1] if until is not None and t == until[0] else None
-                data = self.config.for_iteration(t).data
-                summary = self.iteration(t, tokenizer, self.examples(tokenizer, data, data.source, data.max_prompts),
-                                         stop_after=stop)
+                summary = self.iteration(t, tokenizer, examples[t], stop_after=stop)
                 if summary is not None:
                     summaries.append(summary)
         finally:
@@ -335,14 +338,14 @@ class SelfPlay:
                 return [ScoredPair(*asdict(p).values()) for p in pairs], {"finished": sum(c[0].finished
                                                                                        for c in completions)}
 
-            pairs, totals = in_parts(stage_dir, len(examples), config.save_every_prompts, generate_part,
-                                     f"iteration {t} generation")
+            totals = in_parts(pairs_file, len(examples), config.save_every_prompts, generate_part,
+                              f"iteration {t} generation")
             if distributed.is_main():
-                save_scored_pairs(pairs_file, pairs)
                 write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
                                inputs={"model": self.model_path(t), "data": config.data.source},
-                               pairs=len(pairs), finished=totals.get("finished", 0), seconds=totals.get("seconds", 0.0),
-                               sampling=asdict(sampling), processes=distributed.world_size())
+                               pairs=len(examples), finished=totals.get("finished", 0),
+                               seconds=totals.get("seconds", 0.0), sampling=asdict(sampling),
+                               processes=distributed.world_size())
                 shutil.rmtree(stage_dir / "parts")
             distributed.barrier(f"iteration {t} generation written")
         return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
@@ -368,12 +371,11 @@ class SelfPlay:
                                      backend=config.train.backend, progress=config.train.progress)
                 return distributed.gather_in_order(scored, mine, len(part), "opponent log-probs"), {}
 
-            scored, totals = in_parts(stage_dir, len(mixed), config.save_every_prompts, score_part,
-                                      f"iteration {t} scoring")
+            totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part,
+                              f"iteration {t} scoring")
             if distributed.is_main():
-                save_scored_pairs(scored_file, scored)
                 write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config),
-                               pairs=len(scored), inputs={"model": self.model_path(t),
+                               pairs=len(mixed), inputs={"model": self.model_path(t),
                                                           "pairs": [str(s) for s in sources]},
                                seconds=totals.get("seconds", 0.0), processes=distributed.world_size())
                 shutil.rmtree(stage_dir / "parts")
@@ -418,9 +420,9 @@ class SelfPlay:
             saved = from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
         except (ConfigError, yaml.YAMLError) as error:
             raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
-        differences = [f"{key} (saved {value!r}, now {now!r})"
-                       for (key, value), now in zip(_flat(saved).items(), _flat(self.config.to_dict()).values())
-                       if _plain(value) != _plain(now) and key not in CHANGEABLE]
+        now = _flat(self.config.to_dict())
+        differences = [f"{key} (saved {value!r}, now {now[key]!r})" for key, value in _flat(saved).items()
+                       if _plain(value) != _plain(now[key]) and key not in CHANGEABLE]
         if differences:
             raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
                              f"output_dir, or the same settings")
