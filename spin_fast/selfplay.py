@@ -319,8 +319,7 @@ class SelfPlay:
         pairs_file = stage_dir / "pairs.jsonl"
         if read_manifest(stage_dir) is None:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            sampling = config.generation.sampling()
-            sampling = type(sampling)(**{**asdict(sampling), "seed": sampling.seed + t})  # new samples each t
+            sampling = config.generation.sampling().for_iteration(t)
 
             def generate_part(start: int, end: int):
                 if self.engine is None:  # started at the first prompt left to answer, once per run

@@ -103,9 +103,24 @@ def test_a_set_sampled_in_parts_with_its_indices_equals_one_call(tokenizer):
     assert engine.generate(batch[2:], sampling) != whole[2:]  # the same prompts at other places: other seeds
 
 
+def test_no_two_iterations_sample_from_the_same_seed(tokenizer):
+    """Iteration t + 1's first prompt does not reuse the seed of iteration t's second one (it did with the
+    iteration's seed offset by t), and a seed past 2**32 works."""
+    engine = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, batch_size=1, progress=False)
+    prompt = prompts(tokenizer, 1)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)
+    later = sampling.for_iteration(1)
+    assert later.seed >= 2**32
+    assert engine.generate(prompt, later, indices=[0]) == engine.generate(prompt, later, indices=[0])
+    assert engine.generate(prompt, later, indices=[0]) != engine.generate(prompt, sampling.for_iteration(0),
+                                                                          indices=[1])
+
+
 def test_sampling_config_errors():
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*62\)"):
+        SamplingConfig(seed=-1)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):

@@ -124,6 +124,16 @@ def test_sampling_seeded_n_and_finished(setup):
     assert all(len(c.token_ids) == 3 for c in flat if not c.finished)
 
 
+def test_iterations_sample_from_seeds_of_their_own(setup):
+    """A prompt sampled at index 0 in iteration 1 and at index 1 in iteration 0 draws other numbers (with the
+    iteration's seed offset by t, both were seed + 1); vLLM takes seeds past 2**32."""
+    engine, _, _, prompts, _ = setup
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=5)
+    later = engine.generate(prompts[:1], sampling.for_iteration(1), indices=[0])
+    assert later == engine.generate(prompts[:1], sampling.for_iteration(1), indices=[0])
+    assert later != engine.generate(prompts[:1], sampling.for_iteration(0), indices=[1])
+
+
 def test_sampling_many_seeded_prompts_beyond_one_step(setup):
     """More prompt tokens than one engine step takes (4096 on the CPU build), sampled with a seed per prompt,
     twice (the second time with a warm prefix cache): no prompt is cut across steps, where the CPU build's

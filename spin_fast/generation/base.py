@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+
+# Iteration t samples from seeds in [seed + t * SEEDS_PER_ITERATION, seed + (t + 1) * SEEDS_PER_ITERATION): the
+# engines add each prompt's index (times n) to the seed, so with a stride of 1 prompt i + 1 of iteration t would
+# draw the same random numbers as prompt i of iteration t + 1.
+SEEDS_PER_ITERATION = 2**32
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,12 @@ class SamplingConfig:
         for name in ("max_new_tokens", "n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**62:  # torch generators take seeds below 2**64; room left for the offsets
+            raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
+
+    def for_iteration(self, t: int) -> SamplingConfig:
+        """The sampling of SPIN iteration t: seeds no other iteration uses."""
+        return replace(self, seed=self.seed + t * SEEDS_PER_ITERATION)
 
 
 @dataclass(frozen=True)
