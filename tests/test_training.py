@@ -3,7 +3,7 @@
 import copy
 import json
 import shutil
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from types import SimpleNamespace
 
 import pytest
@@ -243,6 +243,11 @@ def test_a_checkpoint_of_other_items_or_not_named_by_step_is_not_resumed(tmp_pat
     other = score_pairs(make_model(seed=1), random_pairs(4), token_budget=64)  # as many items, other ones
     with pytest.raises(ValueError, match="checkpoint-1: written by a training on other items"):
         Trainer(make_model(), None, config(epochs=1), tmp_path, other).train()
+    real = list(scored[1].real_ids)
+    real[len(real) // 2] = (real[len(real) // 2] + 1) % VOCAB  # one token deep inside one item
+    one_token_off = [scored[0], replace(scored[1], real_ids=tuple(real)), *scored[2:]]
+    with pytest.raises(ValueError, match="4 items, as this one, but other tokens"):
+        Trainer(make_model(), None, config(epochs=1), tmp_path, one_token_off).train()
 
 
 def test_bad_config_is_refused():
