@@ -136,8 +136,10 @@ def packed_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, positi
     return _body_hidden_states(model, input_ids, position_ids, varlen)
 
 
-def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch) -> torch.Tensor:
-    """Final hidden states [T, H] of a packed micro-batch (spin_fast.packing), its shared prompts included."""
+def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch, bf16_autocast: bool = False) -> torch.Tensor:
+    """Final hidden states [T, H] of a packed micro-batch (spin_fast.packing), its shared prompts included;
+    with bf16_autocast the body runs under bf16 autocast (train.bf16_autocast). Training and opponent scoring
+    both pass the run's setting, so that at step 0 the opponent's log-probs are the policy's own."""
     varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
                   max_length_k=batch.max_seqlen)
     if batch.expand_index is not None:
@@ -145,7 +147,17 @@ def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch) -> torc
             raise ValueError(f"this micro-batch holds shared prompts, which only {attention.NAME} attention "
                              f"follows; the model runs {model.config._attn_implementation!r}")
         varlen.update({attention.EXPAND_INDEX: batch.expand_index, attention.COLLAPSE_INDEX: batch.collapse_index})
-    return _body_hidden_states(model, batch.input_ids, batch.position_ids, varlen)
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        return _body_hidden_states(model, batch.input_ids, batch.position_ids, varlen)
+
+
+def head_like(hidden: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias in the hidden states' dtype: under autocast the head runs in the body's
+    precision, as nn.Linear would."""
+    if hidden.dtype == weight.dtype:
+        return weight, bias
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
 def _body_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import zero
 from spin_fast.data import TokenizedExample
-from spin_fast.model import can_share_prompts, head, micro_batch_hidden_states
+from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups
 
 
@@ -52,9 +52,11 @@ class ScoredPair(TokenizedPair):
 
 @torch.no_grad()
 def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, backend: str = "auto",
-                      progress: bool = False) -> torch.Tensor:
+                      bf16_autocast: bool = False, progress: bool = False) -> torch.Tensor:
     """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes (a group's
     sequences hold their common prompt once where the model's attention allows: model.can_share_prompts).
+    bf16_autocast must be the training's setting (train.bf16_autocast): the opponent's log-probs are then
+    the policy's own at step 0, and the SPIN loss starts at log 2.
 
     A ZeRO-3 partitioned model (deepspeed.zero3_init) is run a layer at a time, every rank in step: a rank
     with fewer micro-batches runs filler passes, so each rank must call this as often as the others."""
@@ -68,17 +70,19 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
     with zero.gathered_per_layer(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
         for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress):
-            sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend)
+            sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend,
+                                    bf16_autocast)
             if batch is not None:
                 result[batch.group_indices] = sums.view(batch.group_size, -1).T.cpu()
     model.train(was_training)
     return result
 
 
-def _summed_logprobs(model, batch: MicroBatch, weight, bias, backend: str) -> torch.Tensor:
+def _summed_logprobs(model, batch: MicroBatch, weight, bias, backend: str, bf16_autocast: bool) -> torch.Tensor:
     """Each sequence's summed response log-prob, in the batch's order [all first ones, all second ones, ...]."""
-    hidden = micro_batch_hidden_states(model, batch)
+    hidden = micro_batch_hidden_states(model, batch, bf16_autocast)
     with zero.gathered([weight, bias]):  # the head's weight is read by the kernel, outside the head's forward
+        weight, bias = head_like(hidden, weight, bias)
         token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias,
                                                    hidden_index=batch.hidden_index, backend=backend)
     sums = torch.zeros(batch.group_size * batch.group_indices.numel(), dtype=torch.float64, device=hidden.device)
@@ -86,10 +90,11 @@ def _summed_logprobs(model, batch: MicroBatch, weight, bias, backend: str) -> to
 
 
 def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend: str = "auto",
-                progress: bool = False) -> list[ScoredPair]:
-    """The opponent's (this model's) log-probs of each pair's real and generated responses."""
+                bf16_autocast: bool = False, progress: bool = False) -> list[ScoredPair]:
+    """The opponent's (this model's) log-probs of each pair's real and generated responses, in the training's
+    precision (bf16_autocast: train.bf16_autocast)."""
     scores = sequence_logprobs(model, [p.sequences() for p in pairs], token_budget, backend=backend,
-                               progress=progress)
+                               bf16_autocast=bf16_autocast, progress=progress)
     return [
         ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, float(real), float(generated))
         for p, (real, generated) in zip(pairs, scores.tolist())

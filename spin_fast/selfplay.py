@@ -367,7 +367,8 @@ class SelfPlay:
                                             distributed.world_size())
                 mine = share[distributed.rank()]
                 scored = score_pairs(model, [part[i] for i in mine], config.score_batch_tokens,
-                                     backend=config.train.backend, progress=config.train.progress)
+                                     backend=config.train.backend, bf16_autocast=config.train.bf16_autocast,
+                                     progress=config.train.progress)
                 return distributed.gather_in_order(scored, mine, len(part), "opponent log-probs"), {}
 
             totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part,

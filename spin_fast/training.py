@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import distributed
 from spin_fast.config import DeepSpeedConfig, TrainConfig
-from spin_fast.model import can_share_prompts, head, micro_batch_hidden_states
+from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
 
@@ -112,12 +112,8 @@ class PackedLoss(torch.nn.Module):
         self.model, self.config = model, config
 
     def forward(self, batch: MicroBatch, opponent_logps: torch.Tensor | None = None):
-        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.config.bf16_autocast):
-            hidden = micro_batch_hidden_states(self.model, batch)
-        weight, bias = head(self.model)
-        if hidden.dtype != weight.dtype:  # autocast: the head runs in the body's precision, as nn.Linear would
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
+        hidden = micro_batch_hidden_states(self.model, batch, self.config.bf16_autocast)
+        weight, bias = head_like(hidden, *head(self.model))
         if self.config.mode == "sft":
             token_logps = spin_kernels.linear_logprobs(hidden, weight, batch.targets, bias=bias,
                                                        hidden_index=batch.hidden_index, backend=self.config.backend)

@@ -228,7 +228,8 @@ def test_training_on_cuda_triton_head_tracks_torch_head(tmp_path, monkeypatch, a
     attention.register()
     config = tiny_config("llama", vocab_size=32000, hidden_size=256, layers=2, heads=4)
     initial = AutoModelForCausalLM.from_config(config, attn_implementation=attention.NAME).to(CUDA)
-    scored = score_pairs(initial, random_pairs(32, config.vocab_size), token_budget=4096, backend="triton")
+    scored = score_pairs(initial, random_pairs(32, config.vocab_size), token_budget=4096, backend="triton",
+                         bf16_autocast=autocast)
     # eps 1: AdamW's update is about lr x gradient, so the weights' changes compare the gradients themselves.
     train = TrainConfig(optimizer="adamw", optimizer_eps=1.0, learning_rate=1e-3, schedule="constant",
                         warmup_ratio=0.0, epochs=1, global_batch=8, micro_batch_tokens=1024, bf16_autocast=autocast,

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from helpers import QA
 from spin_fast.config import load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
+from spin_fast.scoring import TokenizedPair, score_pairs
 from spin_fast.selfplay import SelfPlay
 from spin_fast.training import Trainer
 
@@ -128,6 +129,18 @@ def test_generation_and_scoring_killed_midway_resume_at_their_first_unsaved_part
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
 
+
+
+def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
+    """With train.bf16_autocast the opponent's log-probs are computed under bf16 autocast, as the policy's are in
+    training: at step 0 the two are then the same numbers and the SPIN loss starts at log 2."""
+    config = run_config(sft_model, tmp_path / "run", "train.bf16_autocast=true")
+    model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
+    ids = torch.randint(3, model.config.vocab_size, (6, 3, 5)).tolist()
+    pairs = [TokenizedPair(*map(tuple, triple)) for triple in ids]
+    scored = SelfPlay(config).score(0, tmp_path / "run" / "iter-0" / "score", model, pairs, config)
+    assert scored == score_pairs(model, pairs, config.score_batch_tokens, backend="torch", bf16_autocast=True)
+    assert scored != score_pairs(model, pairs, config.score_batch_tokens, backend="torch")
 
 def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     missing = f"data.eval_source={tmp_path}/nope.jsonl"

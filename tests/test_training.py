@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import shutil
 from dataclasses import astuple, replace
 from types import SimpleNamespace
@@ -299,6 +300,17 @@ def test_bf16_autocast_step_tracks_fp32(tmp_path):
     assert bf16.history[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=2e-2)
     assert bf16.history[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=5e-2)
 
+
+
+def test_bf16_autocast_scores_start_the_loss_at_log_2(tmp_path):
+    """The opponent is scored in the training's precision, so at step 0 (policy == opponent) the margin is 0 and
+    the loss log 2. Scored in fp32 under a bf16 training, the margin was off by ~1e-4 even on this tiny model."""
+    pairs = random_pairs(1)  # one pair, one step: scoring and training pack the very same row
+    scored = score_pairs(make_model(), pairs, token_budget=48, bf16_autocast=True)
+    cfg = config(epochs=1, global_batch=1, bf16_autocast=True)
+    first = Trainer(make_model(), None, cfg, tmp_path, scored).train().history[0]
+    assert first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
 
 def test_official_spin_pair_file_trains_end_to_end(tmp_path):
     """An official SPIN data file (real / generated message lists) -> tokens -> scores -> one step."""
