@@ -116,6 +116,19 @@ def test_no_two_iterations_sample_from_the_same_seed(tokenizer):
                                                                           indices=[1])
 
 
+
+def test_the_models_generation_config_does_not_change_the_samples(tokenizer):
+    """A checkpoint's generation_config.json (repetition penalty, n-gram bans, ...) is not a SamplingConfig
+    setting: the engine samples as vLLM does with explicit SamplingParams, and leaves the model's config alone."""
+    batch = prompts(tokenizer)
+    clean = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, progress=False)
+    model = make_model()
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=4, top_k=5)
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
+    for sampling in (GREEDY, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)):
+        assert engine.generate(batch, sampling) == clean.generate(batch, sampling)
+    assert model.generation_config.repetition_penalty == 3.0
+
 def test_sampling_config_errors():
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingConfig(top_p=0)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from spin_fast import zero
 from spin_fast.attention import NAME as PACKED_ONLY
@@ -40,14 +41,19 @@ class TransformersEngine:
         the place of its first request (prompt p, completion k) in the whole set, indices[p] * n + k: batches
         of different calls (the parts of a set, its shares on several ranks) never sample from the same seed.
 
+        Only `sampling` decides how tokens are drawn, as in vLLM given explicit SamplingParams: the model's own
+        generation_config (a checkpoint's repetition penalty, n-gram bans, top-k, ...) is set aside meanwhile.
+
         A ZeRO-3 partitioned model (deepspeed.zero3_init) generates a layer at a time with every rank in step:
         as many batches on each rank (fillers where it has fewer) and as many decoding steps (synced_gpus)."""
         indices = range(len(prompts)) if indices is None else indices
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
+        model_generation_config = self.model.generation_config
         partitioned = zero.is_partitioned_model(self.model)
         batches = zero.in_step([self.model], self.batches(prompts, sampling.n), "generation batch counts")
         self.model.eval()
+        self.model.generation_config = GenerationConfig()
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
         try:
@@ -64,6 +70,7 @@ class TransformersEngine:
         finally:
             self.model.train(was_training)
             self.model.set_attn_implementation(attention)
+            self.model.generation_config = model_generation_config
         return results
 
     def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seed: int,
