@@ -5,6 +5,7 @@ render_prompt is the only way prompt messages become ids, for training and gener
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -328,16 +329,54 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Prompt messages -> token ids through the chat template, ending with the assistant marker."""
-    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    # transformers returns a BatchEncoding (v5), a list, or a tensor depending on version and arguments.
-    if isinstance(out, Mapping):
-        out = out["input_ids"]
-    if hasattr(out, "tolist"):
-        out = out.tolist()
-    if out and isinstance(out[0], (list, tuple)):
-        out = out[0]
-    return [int(i) for i in out]
+    """Prompt messages -> token ids through the chat template, ending with the assistant marker. They start with
+    BOS where the tokenizer's own encoding starts with it and the template leaves it out (zephyr's template has
+    no BOS; its model was trained on text the tokenizer gave one)."""
+    return _with_bos(tokenizer, _encode(tokenizer, _prompt_text(tokenizer, messages)))
+
+
+def _prompt_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Text -> ids, as apply_chat_template(tokenize=True) encodes a rendered conversation: no special tokens added."""
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+
+def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    bos = tokenizer.bos_token_id
+    if bos is None or ids[:1] == [bos] or tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]:
+        return ids
+    return [bos, *ids]
+
+
+def _response_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, prompt_ids: list[int],
+                  text: str) -> list[int]:
+    """A response's ids (no EOS) as they follow the prompt in the templated conversation: the ids the model
+    reads in training and writes when it answers. Tokenized on its own, a response can differ at its start
+    (a SentencePiece tokenizer gives the text's first word a leading '▁' that it has not after the assistant
+    marker); real responses would then differ from the model's own by that token, and SPIN would learn it.
+
+    The response's text in context is the template's (a template may strip it or put a space before it); a
+    template whose generation prompt does not begin the templated conversation, or a boundary where prompt and
+    response tokens merge, leaves the response tokenized on its own (with a warning, once)."""
+    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
+    for piece in (text, text.strip()) if whole.startswith(prompt_text) else ():
+        at = whole.find(piece, len(prompt_text))
+        if at >= 0:
+            ids = _encode(tokenizer, whole[: at + len(piece)])
+            if ids[: len(prompt_ids)] == prompt_ids:
+                return ids[len(prompt_ids) :]
+            break
+    _warn_tokenized_alone()
+    return _encode(tokenizer, text)
+
+
+@functools.cache  # once per process
+def _warn_tokenized_alone() -> None:
+    logger.warning("a response does not follow the chat template's generation prompt in the templated conversation "
+                   "(or their tokens merge): such responses are tokenized on their own")
 
 
 def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
@@ -348,18 +387,22 @@ def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
 
 
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int) -> TokenizedExample:
-    """Prompt ids (keeping the prompt's end) and EOS-terminated response ids, cut to fit max_length (SPIN recipe)."""
+    """Prompt ids (render_prompt's, keeping the prompt's end) and EOS-terminated response ids as they follow the prompt
+    in the templated conversation, cut to fit max_length (SPIN recipe)."""
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token: responses must end with one")
-    prompt = render_prompt(tokenizer, example.prompt)[-max_prompt_length:]
+    prompt_text = _prompt_text(tokenizer, example.prompt)
+    prompt_ids = _encode(tokenizer, prompt_text)  # as render_prompt, before BOS: responses follow these
+    prompt = _with_bos(tokenizer, prompt_ids)[-max_prompt_length:]
     budget = max_length - len(prompt)
 
     def response(text: str) -> tuple[int, ...]:
-        return cut_response([*tokenizer.encode(text, add_special_tokens=False), eos], budget, eos)
+        ids = _response_ids(tokenizer, example.prompt, prompt_text, prompt_ids, text)
+        return cut_response([*ids, eos], budget, eos)
 
     generated = None if example.generated is None else response(example.generated)
     return TokenizedExample(tuple(prompt), response(example.response), generated)

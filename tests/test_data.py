@@ -10,11 +10,12 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from spin_fast import data as data_module
 from spin_fast.data import DataError, Example, load_examples, render_prompt, tokenize_example
-from spin_fast.tokenizer import build_local_tokenizer
+from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +364,60 @@ def test_tokenize_example_appends_eos_to_each_response(tokenizer):
     assert tokenize_example(tokenizer, Example((user("Hi"),), "A"), max_length=9, max_prompt_length=8).generated_ids \
         is None
 
+
+
+# Chat templates of two layouts: zephyr's (no BOS; the response right after the assistant marker's newline) and
+# Llama 2's (BOS in the template; the response stripped, after a space).
+ZEPHYR_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+LLAMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+               "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def sentencepiece_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+    """Mistral's tokenizer layout, trained locally: a Metaspace pre-tokenizer (a text's first word gets a leading
+    '▁', as after a space) and BOS added by the tokenizer itself."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator([*DEFAULT_CORPUS, "<|user|>\n<|assistant|>\n[INST] [/INST]"], trainer=trainer)
+    bos = ("<s>", bpe.token_to_id("<s>"))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.mark.parametrize("template", [ZEPHYR_LIKE, LLAMA2_LIKE], ids=["zephyr", "llama2"])
+def test_a_pair_is_the_tokens_of_the_whole_conversation(template):
+    """Prompt + response ids are the templated conversation's own, as the tokenizer encodes it (BOS once): the model
+    writes its answers in these tokens. On its own, a SentencePiece tokenizer starts a response with '▁Air', not
+    the 'Air' that follows the assistant marker's newline, and the real responses differed from generated ones there."""
+    tokenizer = sentencepiece_tokenizer(template)
+    example = Example((user("Why is the sky blue?"),), "Air molecules scatter blue light.", " The sea.  ")
+    out = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    assert out.prompt_ids[0] == tokenizer.bos_token_id != out.prompt_ids[1]
+    for text, ids in ((example.response, out.response_ids), (example.generated, out.generated_ids)):
+        whole = tokenizer.apply_chat_template([*example.prompt, assistant(text)], tokenize=False)
+        conversation = tokenizer.encode(whole, add_special_tokens=not whole.startswith(tokenizer.bos_token))
+        assert out.prompt_ids + ids[:-1] == tuple(conversation[: len(out.prompt_ids) + len(ids) - 1])
+        assert ids[-1] == tokenizer.eos_token_id
+    if template == ZEPHYR_LIKE:
+        assert tokenizer.convert_ids_to_tokens(out.response_ids[0]) == "A"
+        assert tokenizer.convert_ids_to_tokens(tokenizer.encode(example.response, add_special_tokens=False)[0]) == "▁A"
+
+
+def test_a_response_whose_first_token_merges_with_the_prompt_is_tokenized_alone(caplog):
+    """The generation prompt ends with '|>' and the conversation goes on with '|>\\n', one token: the prompt's ids
+    are not the conversation's first ids, so the response cannot be cut from it."""
+    tokenizer = sentencepiece_tokenizer(ZEPHYR_LIKE.replace("'<|assistant|>\\n'", "'<|assistant|>'"))
+    data_module._warn_tokenized_alone.cache_clear()  # it warns once per process
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        out = tokenize_example(tokenizer, Example((user("Hi"),), "Air."), max_length=200, max_prompt_length=100)
+    assert out.response_ids == (*tokenizer.encode("Air.", add_special_tokens=False), tokenizer.eos_token_id)
+    assert "tokenized on their own" in caplog.text
 
 def test_tokenize_example_truncates_like_spin(tokenizer):
     long_prompt = " ".join(f"word{i}" for i in range(200))
