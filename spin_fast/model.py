@@ -151,6 +151,17 @@ def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch, bf16_au
         return _body_hidden_states(model, batch.input_ids, batch.position_ids, varlen)
 
 
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (nn.Dropout modules and the attention layers' own rate), as the official SPIN
+    trainer and TRL's DPO do by default: the opponent's log-probs are computed without dropout, so at step 0 the
+    policy's must be the same numbers for the loss to start at log 2."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
 def head_like(hidden: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's weight and bias in the hidden states' dtype: under autocast the head runs in the body's

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import distributed
 from spin_fast.config import DeepSpeedConfig, TrainConfig
-from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
+from spin_fast.model import can_share_prompts, disable_dropout, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
 
@@ -161,6 +161,8 @@ class Trainer:
         self.steps = total_steps(len(self.items), config)
         if config.gradient_checkpointing and not model.is_gradient_checkpointing:  # a model not loaded by spin-fast
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.mode == "spin":
+            disable_dropout(model)
         self.share_prompts = config.share_prompts and can_share_prompts(model)
         self.check_items()
         self.output_dir.mkdir(parents=True, exist_ok=True)

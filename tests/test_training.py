@@ -22,11 +22,13 @@ from spin_fast.training import Trainer, TrainingDiverged, step_items
 VOCAB, EOS = 300, 2
 
 
-def make_model(seed=0, attention="sdpa"):
+def make_model(seed=0, attention="sdpa", attention_dropout=0.0):
     """The tiny Llama, with plain SDPA (rows hold every sequence whole) or spin_varlen (pairs share prompts)."""
     torch.manual_seed(seed)
     spin_attention.register()
-    return AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=VOCAB), attn_implementation=attention)
+    model_config = tiny_config("llama", vocab_size=VOCAB)
+    model_config.attention_dropout = attention_dropout
+    return AutoModelForCausalLM.from_config(model_config, attn_implementation=attention)
 
 
 def random_pairs(n):
@@ -311,6 +313,18 @@ def test_bf16_autocast_scores_start_the_loss_at_log_2(tmp_path):
     first = Trainer(make_model(), None, cfg, tmp_path, scored).train().history[0]
     assert first["rewards/margins"] == 0.0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "spin_varlen"])
+def test_spin_trains_without_dropout(tmp_path, attention):
+    """As the official SPIN trainer: the policy's log-probs are compared with the opponent's, computed without
+    dropout, so a model with attention dropout starts at log 2 too (and spin_varlen, which has none, can train it)."""
+    pairs = random_pairs(1)
+    scored = score_pairs(make_model(attention=attention, attention_dropout=0.5), pairs, token_budget=48)
+    model = make_model(attention=attention, attention_dropout=0.5)
+    first = Trainer(model, None, config(epochs=1, global_batch=1), tmp_path, scored).train().history[0]
+    assert first["rewards/margins"] == 0.0
+    assert model.config.attention_dropout == 0.5  # the saved model keeps its own settings
 
 def test_official_spin_pair_file_trains_end_to_end(tmp_path):
     """An official SPIN data file (real / generated message lists) -> tokens -> scores -> one step."""
