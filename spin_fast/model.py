@@ -151,7 +151,6 @@ def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch, bf16_au
         return _body_hidden_states(model, batch.input_ids, batch.position_ids, varlen)
 
 
-
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere (nn.Dropout modules and the attention layers' own rate), as the official SPIN
     trainer and TRL's DPO do by default: the opponent's log-probs are computed without dropout, so at step 0 the
@@ -161,6 +160,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
 
 def head_like(hidden: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
