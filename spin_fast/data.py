@@ -1,6 +1,6 @@
 """SFT sets -> (prompt, human response[, generated response]) examples -> token ids.
 
-render_prompt is the only way prompt messages become ids, for training and generation alike.
+render_prompt (_rendered_prompt) is the only way prompt messages become ids, for training and generation alike.
 """
 
 from __future__ import annotations
@@ -332,23 +332,23 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list
     """Prompt messages -> token ids through the chat template, ending with the assistant marker. They start with
     BOS where the tokenizer's own encoding starts with it and the template leaves it out (zephyr's template has
     no BOS; its model was trained on text the tokenizer gave one)."""
-    return _with_bos(tokenizer, _encode(tokenizer, _prompt_text(tokenizer, messages)))
+    return _rendered_prompt(tokenizer, messages)[2]
 
 
-def _prompt_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+def _rendered_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int], list[int]]:
+    """The prompt's text; its ids as they start the templated conversation's (responses follow these); and the
+    ids the model is given (render_prompt's)."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    ids = _encode(tokenizer, text)
+    bos = tokenizer.bos_token_id
+    if bos is None or ids[:1] == [bos] or tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]:
+        return text, ids, ids
+    return text, ids, [bos, *ids]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     """Text -> ids, as apply_chat_template(tokenize=True) encodes a rendered conversation: no special tokens added."""
     return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
-
-
-def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
-    bos = tokenizer.bos_token_id
-    if bos is None or ids[:1] == [bos] or tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]:
-        return ids
-    return [bos, *ids]
 
 
 def _response_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, prompt_ids: list[int],
@@ -395,9 +395,8 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_p
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token: responses must end with one")
-    prompt_text = _prompt_text(tokenizer, example.prompt)
-    prompt_ids = _encode(tokenizer, prompt_text)  # as render_prompt, before BOS: responses follow these
-    prompt = _with_bos(tokenizer, prompt_ids)[-max_prompt_length:]
+    prompt_text, prompt_ids, model_prompt = _rendered_prompt(tokenizer, example.prompt)
+    prompt = model_prompt[-max_prompt_length:]
     budget = max_length - len(prompt)
 
     def response(text: str) -> tuple[int, ...]:

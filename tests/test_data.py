@@ -45,6 +45,7 @@ def write_jsonl(path, rows):
 
 # ----------------------------------------------------------------------------------------------- formats
 
+
 def test_messages_jsonl_default_takes_first_assistant_turn(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT, "prompt_id": "a"}, {"messages": CHAT[1:3]}])
     result = load_examples(path)
@@ -222,7 +223,6 @@ def test_empty_or_all_invalid_file_is_an_error(tmp_path):
         load_examples(tmp_path / "nothing")
 
 
-
 def test_non_utf8_line_is_a_bad_row_and_a_bom_is_ignored(tmp_path):
     good = json.dumps(GOOD).encode()
     path = tmp_path / "t.jsonl"
@@ -306,6 +306,7 @@ def test_json_object_in_a_directory_names_the_file_and_says_it_holds_no_rows(tmp
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
+
 def test_tokenizer_round_trip_and_special_tokens(tokenizer, tmp_path):
     text = "Why is the sky blue? Ünïcødé & emoji 🙂 work too."
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -351,6 +352,7 @@ def test_render_prompt_matches_template_and_ends_with_assistant_marker(tokenizer
 
 # ------------------------------------------------------------------------------------------- tokenization
 
+
 def test_tokenize_example_appends_eos_to_each_response(tokenizer):
     example = Example((user("Hi"),), "Hello there.", "Go away.")
     out = tokenize_example(tokenizer, example, max_length=512, max_prompt_length=256)
@@ -363,7 +365,6 @@ def test_tokenize_example_appends_eos_to_each_response(tokenizer):
     assert full.startswith(tokenizer.decode(out.prompt_ids + out.response_ids))
     assert tokenize_example(tokenizer, Example((user("Hi"),), "A"), max_length=9, max_prompt_length=8).generated_ids \
         is None
-
 
 
 # Chat templates of two layouts: zephyr's (no BOS; the response right after the assistant marker's newline) and
@@ -418,6 +419,7 @@ def test_a_response_whose_first_token_merges_with_the_prompt_is_tokenized_alone(
         out = tokenize_example(tokenizer, Example((user("Hi"),), "Air."), max_length=200, max_prompt_length=100)
     assert out.response_ids == (*tokenizer.encode("Air.", add_special_tokens=False), tokenizer.eos_token_id)
     assert "tokenized on their own" in caplog.text
+
 
 def test_tokenize_example_truncates_like_spin(tokenizer):
     long_prompt = " ".join(f"word{i}" for i in range(200))

@@ -116,7 +116,6 @@ def test_no_two_iterations_sample_from_the_same_seed(tokenizer):
                                                                           indices=[1])
 
 
-
 def test_the_models_generation_config_does_not_change_the_samples(tokenizer):
     """A checkpoint's generation_config.json (repetition penalty, n-gram bans, ...) is not a SamplingConfig
     setting: the engine samples as vLLM does with explicit SamplingParams, and leaves the model's config alone."""
@@ -128,6 +127,7 @@ def test_the_models_generation_config_does_not_change_the_samples(tokenizer):
     for sampling in (GREEDY, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)):
         assert engine.generate(batch, sampling) == clean.generate(batch, sampling)
     assert model.generation_config.repetition_penalty == 3.0
+
 
 def test_sampling_config_errors():
     with pytest.raises(ValueError, match="top_p must be in"):

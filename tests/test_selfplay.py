@@ -130,7 +130,6 @@ def test_generation_and_scoring_killed_midway_resume_at_their_first_unsaved_part
         assert torch.equal(resumed[name], reference[name]), name
 
 
-
 def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
     """With train.bf16_autocast the opponent's log-probs are computed under bf16 autocast, as the policy's are in
     training: at step 0 the two are then the same numbers and the SPIN loss starts at log 2."""
@@ -141,6 +140,7 @@ def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
     scored = SelfPlay(config).score(0, tmp_path / "run" / "iter-0" / "score", model, pairs, config)
     assert scored == score_pairs(model, pairs, config.score_batch_tokens, backend="torch", bf16_autocast=True)
     assert scored != score_pairs(model, pairs, config.score_batch_tokens, backend="torch")
+
 
 def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     missing = f"data.eval_source={tmp_path}/nope.jsonl"

@@ -303,7 +303,6 @@ def test_bf16_autocast_step_tracks_fp32(tmp_path):
     assert bf16.history[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=5e-2)
 
 
-
 def test_bf16_autocast_scores_start_the_loss_at_log_2(tmp_path):
     """The opponent is scored in the training's precision, so at step 0 (policy == opponent) the rewards are 0 and
     the loss log 2, up to the rounding of bf16 kernels run with and without gradients (at most 8e-7 over 25 draws).
@@ -329,6 +328,7 @@ def test_spin_trains_without_dropout(tmp_path, attention):
     assert first["rewards/real"] == pytest.approx(0.0, abs=2e-6)
     assert first["rewards/generated"] == pytest.approx(0.0, abs=2e-6)
     assert model.config.attention_dropout == 0.5  # the saved model keeps its own settings
+
 
 def test_official_spin_pair_file_trains_end_to_end(tmp_path):
     """An official SPIN data file (real / generated message lists) -> tokens -> scores -> one step."""
