@@ -30,6 +30,7 @@ import shutil
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.training import Trainer, uses_deepspeed
+from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -54,8 +56,9 @@ def config_hash(config: RunConfig) -> str:
 
 
 def write_manifest(stage_dir: Path, **fields) -> None:
+    """The stage's record, with the code that made it; written last and atomically: it marks the stage done."""
     tmp = stage_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(fields, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps({**fields, "code": code_version()}, indent=2, default=str) + "\n")
     os.replace(tmp, stage_dir / MANIFEST)
 
 
@@ -205,6 +208,8 @@ class SelfPlay:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
             os.replace(tmp, path)
+        if distributed.is_main():
+            self._record_session(until)
         distributed.barrier("run directory")
         summaries = []
         try:
@@ -408,6 +413,26 @@ class SelfPlay:
             return self.config.model.name_or_path
         summary = read_manifest(self.run_dir / f"iter-{t - 1}" / "train")["summary"]
         return summary["checkpoint"]
+
+    def _record_session(self, until: tuple[int, str] | None) -> None:
+        """Append this start of the run to run_dir/sessions.jsonl; warn when the run's finished work was made
+        by other spin-fast code, which it keeps as it is."""
+        path = self.run_dir / "sessions.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        before = f"spin-fast {json.loads(lines[-1])['code']}" if lines else "an older spin-fast (no version recorded)"
+        done = sorted(str(p.parent.relative_to(self.run_dir)) for p in self.run_dir.glob(f"iter-*/*/{MANIFEST}"))
+        started = [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/*/parts")]
+        started += [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/train/checkpoint-*")
+                    if not (p.parent / MANIFEST).exists()]
+        if before != f"spin-fast {code_version()}" and (done or started):
+            log.warning("%s was run before by %s; this is spin-fast %s. Its finished stages (%s) and unfinished "
+                        "work (%s) stay as that code made them, and the rest is made by this code: for results "
+                        "from one code throughout, use a new output_dir", self.run_dir, before, code_version(),
+                        ", ".join(done) or "none", ", ".join(sorted(started)) or "none")
+        record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
+                  "processes": distributed.world_size(), "until": list(until) if until else None}
+        with path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
 
     def _saved_config(self) -> dict | None:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one

@@ -37,6 +37,7 @@ from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import can_share_prompts, disable_dropout, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
+from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -158,6 +159,7 @@ class Trainer:
                  items: Seq[ScoredPair] | Seq[Sequence], deepspeed: DeepSpeedConfig | None = None):
         self.model, self.tokenizer, self.config, self.items = model, tokenizer, config, list(items)
         self.output_dir = Path(output_dir)
+        self.start_model = getattr(model, "name_or_path", "")  # where the weights were loaded from, if from disk
         self.steps = total_steps(len(self.items), config)
         if config.gradient_checkpointing and not model.is_gradient_checkpointing:  # a model not loaded by spin-fast
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -373,7 +375,7 @@ class Trainer:
         distributed.barrier("checkpoint folder")
         state = {"step": self.step, "config": self.config.to_dict(), "n_items": len(self.items),
                  "world_size": self.world, "seconds": self.seconds_so_far(),
-                 "items_digest": self.items_digest}
+                 "items_digest": self.items_digest, "start_model": self.start_model, "code": code_version()}
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         if self.engine is None:
@@ -422,6 +424,16 @@ class Trainer:
                     else f"{len(self.items)} items, as this one, but other tokens or opponent log-probs")
             raise ValueError(f"{latest}: written by a training on other items ({what}): train in a new output "
                              "folder, or give it the same items")
+        # SPIN items carry the opponent's log-probs, so the digest tells another starting model apart; SFT items
+        # do not (checkpoints written before the starting model was saved are trusted).
+        started_from = state.get("start_model")
+        if self.config.mode == "sft" and started_from and self.start_model and started_from != self.start_model:
+            raise ValueError(f"{latest}: written by a training that started from {started_from}; this one starts "
+                             f"from {self.start_model}: train in a new output folder, or start from the same model")
+        if state.get("code") != code_version():
+            log.warning("%s was written by %s; this is spin-fast %s: the steps done so far stay as that code made "
+                        "them", latest, f"spin-fast {state['code']}" if state.get("code") else "an older spin-fast",
+                        code_version())
         now = self.config.to_dict()
         changed = [f"{key} (saved {value!r}, now {now.get(key)!r})" for key, value in state["config"].items()
                    if value != now.get(key) and key not in RESUMABLE_CHANGES]

@@ -164,6 +164,24 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "save_every_prompts=2")).run()
 
 
+def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, tmp_path, monkeypatch, caplog):
+    config = run_config(sft_model, tmp_path / "run", "iterations=1")
+    SelfPlay(config).run(until=(0, "generate"))
+    made_by = json.loads((tmp_path / "run" / "iter-0" / "generate" / "manifest.json").read_text())["code"]
+    caplog.set_level("WARNING", logger="spin_fast.selfplay")
+    SelfPlay(config).run(until=(0, "score"))
+    assert not caplog.records  # the same code goes on silently
+    monkeypatch.setattr("spin_fast.selfplay.code_version", lambda: "0.1.0+another")
+    SelfPlay(config).run()
+    assert f"was run before by spin-fast {made_by}; this is spin-fast 0.1.0+another" in caplog.text
+    assert "finished stages (iter-0/generate, iter-0/score)" in caplog.text
+    sessions = [json.loads(line) for line in (tmp_path / "run" / "sessions.jsonl").read_text().splitlines()]
+    assert [(s["code"], s["until"]) for s in sessions] == [
+        (made_by, [0, "generate"]), (made_by, [0, "score"]), ("0.1.0+another", None)]
+    assert json.loads((tmp_path / "run" / "iter-0" / "train" / "manifest.json").read_text())["code"] == \
+        "0.1.0+another"
+
+
 def test_an_iteration_can_override_the_data_settings(sft_model, tmp_path):
     """Iteration 1 answers only the prompts its own data settings select; the pairs of iteration 0 still join."""
     config = run_config(sft_model, tmp_path / "run", "iteration_overrides={1: {data.max_prompts: 2}}")

@@ -253,6 +253,29 @@ def test_a_checkpoint_of_other_items_or_not_named_by_step_is_not_resumed(tmp_pat
         Trainer(make_model(), None, config(epochs=1), tmp_path, one_token_off).train()
 
 
+def test_an_sft_checkpoint_of_another_starting_model_is_not_resumed(tmp_path, monkeypatch, caplog):
+    """SFT items hold no trace of the model (SPIN's opponent log-probs do): the checkpoint names where it started."""
+    for seed in (0, 1):
+        make_model(seed).save_pretrained(tmp_path / f"model-{seed}")
+    examples = [Sequence(p.prompt_ids, p.real_ids) for p in random_pairs(4)]
+    cfg = config(mode="sft", epochs=1)
+
+    def sft(seed):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"model-{seed}")
+        return Trainer(model, None, cfg, tmp_path / "sft", examples).train()
+
+    sft(0)
+    with pytest.raises(ValueError, match=rf"checkpoint-1: written by a training that started from "
+                                         rf"{tmp_path / 'model-0'}; this one starts from {tmp_path / 'model-1'}"):
+        sft(1)
+    caplog.set_level("WARNING", logger="spin_fast.training")
+    assert sft(0).steps == 1 and not caplog.records  # the same model and code: resumed, silently
+    monkeypatch.setattr("spin_fast.training.code_version", lambda: "0.1.0+another")
+    sft(0)
+    assert "checkpoint-1 was written by spin-fast 0.1.0+" in caplog.text and "this is spin-fast 0.1.0+another" in \
+        caplog.text
+
+
 def test_bad_config_is_refused():
     for kwargs, message in [(dict(optimizer="sgd"), "optimizer must be one of"),
                             (dict(warmup_ratio=1.5), "warmup_ratio must be in"),
