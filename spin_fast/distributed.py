@@ -100,6 +100,20 @@ def all_gather_objects(obj: Any, what: str) -> list[Any]:
     return gathered
 
 
+def from_main(obj: Any, what: str) -> Any:
+    """Rank 0's `obj` on every rank. For decisions read from files (is this stage done? which checkpoint is the
+    latest?): on a filesystem shared by several nodes another node may see a new file late (NFS caches a name's
+    absence for up to a minute), and ranks that decided differently would wait for each other forever."""
+    if not initialized():
+        return obj
+    box = [obj if is_main() else None]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"rank {rank()}: receiving '{what}' from rank 0 failed: {error}") from error
+    return box[0]
+
+
 def in_step(items: Sequence[Any], what: str) -> list[Any]:
     """`items` padded with None to the longest list of any rank: for loops whose every pass is a collective
     (a ZeRO-3 partitioned model's forward), where a rank with fewer items runs filler passes."""

@@ -186,12 +186,12 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
     # ranks evaluate different models (and wait forever for each other).
     checkpoints = []
-    for t in range(config.iterations):
+    for t in range(config.iterations if distributed.is_main() else 0):
         manifest = read_manifest(selfplay.run_dir / f"iter-{t}" / "train")
         if manifest is None:
             break
         checkpoints.append(manifest["summary"]["checkpoint"])
-    checkpoints = distributed.all_gather_objects(checkpoints, "finished iterations")[0]
+    checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     rows = []
     opponent = load_policy(config.model.name_or_path, config)

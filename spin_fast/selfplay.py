@@ -67,6 +67,11 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def shared_manifest(stage_dir: Path) -> dict | None:
+    """read_manifest as rank 0 sees it, on every rank (a collective): whether a stage is done is decided once."""
+    return distributed.from_main(read_manifest(stage_dir) if distributed.is_main() else None, f"{stage_dir} manifest")
+
+
 def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -> dict:
     """A stage's rows for items [0, n_items), computed `part_size` items at a time (0: all at once), each part
     saved in output's folder, in parts/, as soon as it is done: a stage killed midway resumes at its first
@@ -80,10 +85,8 @@ def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -
     size = part_size or max(n_items, 1)
     parts = [(start, min(start + size, n_items), parts_dir / f"{start:09d}-{min(start + size, n_items):09d}.jsonl")
              for start in range(0, n_items, size)]
-    # Rank 0's view of the saved parts decides for every rank: a filesystem shared by several nodes may show
-    # another node a new file late, and ranks that skipped different parts would wait for each other forever.
-    saved = set(parts_dir.glob("*.jsonl")) if distributed.is_main() else set()
-    saved = distributed.all_gather_objects(saved, f"{what}: saved parts")[0]
+    saved = distributed.from_main(set(parts_dir.glob("*.jsonl")) if distributed.is_main() else None,
+                                  f"{what}: saved parts")
     if distributed.is_main():
         parts_dir.mkdir(parents=True, exist_ok=True)
     for number, (start, end, part) in enumerate(parts):
@@ -192,7 +195,14 @@ class SelfPlay:
                              f"got {until}")
         if self.distributed:
             distributed.init(self.config.deepspeed.timeout_minutes)
-        saved_config = self._saved_config()
+        # Rank 0 reads the run directory; a config it refuses stops every rank at once, with its message.
+        try:
+            checked = (self._saved_config(), None) if distributed.is_main() else None
+        except ValueError as error:
+            checked = (None, str(error))
+        saved_config, refused = distributed.from_main(checked, "the run directory's config")
+        if refused:
+            raise ValueError(refused)
         # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
         tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
         iterations = range(self.config.iterations if until is None else until[0] + 1)
@@ -202,13 +212,13 @@ class SelfPlay:
             examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)
             if data.eval_source:
                 self.examples(tokenizer, data, data.eval_source)
-        if _plain(saved_config) != _plain(self.config.to_dict()) and distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            path = self.run_dir / "config.yaml"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
-            os.replace(tmp, path)
         if distributed.is_main():
+            if _plain(saved_config) != _plain(self.config.to_dict()):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                path = self.run_dir / "config.yaml"
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
+                os.replace(tmp, path)
             self._record_session(until)
         distributed.barrier("run directory")
         summaries = []
@@ -228,7 +238,7 @@ class SelfPlay:
         config = self.config.for_iteration(t)
         iter_dir = self.run_dir / f"iter-{t}"
         train_dir = iter_dir / "train"
-        done = read_manifest(train_dir)
+        done = shared_manifest(train_dir)
         if done is not None:
             return done["summary"]
         times = {}
@@ -237,12 +247,12 @@ class SelfPlay:
         model = self.model
 
         pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
-        times["generate_s"] = read_manifest(iter_dir / "generate")["seconds"]  # every attempt's work, if resumed
+        times["generate_s"] = shared_manifest(iter_dir / "generate")["seconds"]  # every attempt's work, if resumed
         if stop_after == "generate":
             return None
 
         scored = self.score(t, iter_dir / "score", model, pairs, config)
-        times["score_s"] = read_manifest(iter_dir / "score")["seconds"]
+        times["score_s"] = shared_manifest(iter_dir / "score")["seconds"]
         if stop_after == "score":
             return None
 
@@ -256,22 +266,21 @@ class SelfPlay:
             # ZeRO left `model` sharded: θt+1 continues as a whole model, from the consolidated checkpoint.
             self.model = model = load_policy(str(result.final_dir), config)
 
-        # The log, not this call's history: a run resumed after its last step has no history.
-        lines = (train_dir / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-        summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
-                   **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
-                                           "rewards/accuracies") if k in last}}
         heldout = self.heldout(model, tokenizer, config)  # every rank scores its share
         if distributed.is_main():
-            summary.update(**heldout, **times, checkpoint=str(result.final_dir))
+            # Rank 0's log (it writes it), not this call's history: a run resumed after its last step has none.
+            lines = (train_dir / "metrics.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+            summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
+                       **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
+                                               "rewards/accuracies") if k in last},
+                       **heldout, **times, "checkpoint": str(result.final_dir)}
             write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
                            inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
                            summary=summary)
             self.write_summary_table()
             log.info("iteration %d: %s", t, summary)
-        distributed.barrier(f"end of iteration {t}")
-        return read_manifest(train_dir)["summary"]
+        return shared_manifest(train_dir)["summary"]
 
     def train(self, train_dir: Path, model, tokenizer, scored: list[ScoredPair], config: RunConfig):
         """θt -> θt+1 on the scored pairs (resuming from train_dir's checkpoints)."""
@@ -322,7 +331,7 @@ class SelfPlay:
     def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> list[TokenizedPair]:
         """θt's response to every prompt, paired with the human one."""
         pairs_file = stage_dir / "pairs.jsonl"
-        if read_manifest(stage_dir) is None:
+        if shared_manifest(stage_dir) is None:
             stage_dir.mkdir(parents=True, exist_ok=True)
             sampling = config.generation.sampling().for_iteration(t)
 
@@ -357,7 +366,7 @@ class SelfPlay:
     def score(self, t, stage_dir: Path, model, pairs, config) -> list[ScoredPair]:
         """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it."""
         scored_file = stage_dir / "scored.jsonl"
-        if read_manifest(stage_dir) is None:
+        if shared_manifest(stage_dir) is None:
             stage_dir.mkdir(parents=True, exist_ok=True)
             mixed = list(pairs)
             sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"

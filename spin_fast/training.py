@@ -357,8 +357,10 @@ class Trainer:
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def latest_checkpoint(self) -> Path | None:
-        dirs = self.checkpoint_dirs()
-        return dirs[-1] if dirs else None
+        """The last complete checkpoint, as rank 0 sees it (a collective under DeepSpeed): every rank resumes
+        from the same one, even where a shared filesystem shows another node a new folder late."""
+        dirs = self.checkpoint_dirs() if self.rank == 0 else None
+        return distributed.from_main(dirs[-1] if dirs else None, "the latest checkpoint")
 
     def save_checkpoint(self) -> Path:
         """HF weights + tokenizer (loadable by transformers and vLLM as is) and the trainer state, written to a
@@ -366,7 +368,8 @@ class Trainer:
         the consolidated HF weights and every rank its shard of the training state (output_dir must then be
         on a filesystem all ranks share)."""
         final = self.output_dir / f"checkpoint-{self.step}"
-        if (final / STATE_FILE).exists():
+        # Rank 0 decides, and only it looks the name up before it exists: NFS caches a name's absence.
+        if distributed.from_main(self.rank == 0 and (final / STATE_FILE).exists(), "checkpoint written before"):
             return final
         tmp = self.output_dir / f".tmp-checkpoint-{self.step}"
         if self.rank == 0:

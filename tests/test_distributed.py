@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -173,6 +174,19 @@ def test_tensor_parallel_ranks_share_their_prompts(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the pieces, one process
+def test_tensor_parallel_engines_stay_within_a_node_unless_larger_than_one(caplog):
+    from spin_fast.generation.vllm_engine import check_tensor_parallel_layout
+
+    check_tensor_parallel_layout(4, world=16, per_node=8)
+    assert not caplog.records
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide the processes per node \(8\)"):
+        check_tensor_parallel_layout(3, world=24, per_node=8)  # ranks 6-8 would span two nodes
+    with pytest.raises(ValueError, match=r"must divide the number of processes \(16\)"):
+        check_tensor_parallel_layout(3, world=16, per_node=8)
+    check_tensor_parallel_layout(16, world=32, per_node=8)  # a model larger than a node: allowed, said
+    assert "each vLLM engine spans nodes" in caplog.text
+
+
 def test_deepspeed_config_derived_from_spin_fast_settings():
     train = TrainConfig(max_grad_norm=0.5, dtype="bfloat16")
     config = deepspeed_config(train, DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_params=True), 8)
@@ -292,7 +306,9 @@ HELD_OUT = [("What is three plus four?", "Seven."), ("Name a colour.", "Blue."),
 
 
 def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, launcher: str = "torchrun",
-                      command: str = "run") -> subprocess.CompletedProcess:
+                      command: str = "run", script: Path | None = None) -> subprocess.CompletedProcess:
+    """`spin-fast COMMAND` on the test settings, on one process or under a launcher (torchrun runs `script` in
+    place of spin-fast's module when given)."""
     settings = [
         f"output_dir={run}", f"model.name_or_path={sft_model / 'model'}", f"data.source={sft_model / 'train.jsonl'}",
         "data.max_length=64", "data.max_prompt_length=32", "iterations=2", "generation.engine=transformers",
@@ -305,7 +321,7 @@ def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, l
         argv = [sys.executable, "-m", "spin_fast.cli"]
     elif launcher == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                f"--master_port={free_port()}", "-m", "spin_fast.cli"]
+                f"--master_port={free_port()}", *([str(script)] if script else ["-m", "spin_fast.cli"])]
     else:  # the deepspeed launcher (on the CPU, --num_gpus counts processes)
         argv = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={processes}",
                 f"--master_port={free_port()}", "--module", "spin_fast.cli"]
@@ -360,6 +376,44 @@ def assert_same_run(two: Path, one: Path, sft_model: Path) -> None:
     heldout = [[row["heldout_loglik_per_token"] for row in s] for s in summaries]
     assert heldout[1] == pytest.approx(heldout[0], rel=1e-5)  # the weights agree to 1e-6, not bit for bit
     assert heldout[0][0] != heldout[0][1]  # each iteration's own model: a real comparison
+
+
+LAGGING_NODE = """
+import os, pathlib, sys
+# Rank 1 plays a node whose view of the shared filesystem lags (NFS caches a name's absence): it never sees the
+# files that mark a stage or checkpoint done. Every such decision must come from rank 0.
+if os.environ["RANK"] != "0":
+    exists = pathlib.Path.exists
+    pathlib.Path.exists = lambda path, *args, **kwargs: (
+        path.name not in ("manifest.json", "trainer_state.pt") and exists(path, *args, **kwargs))
+from spin_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_sees_files_late_follows_rank_0(runs, sft_model, tmp_path):
+    """A run whose rank 1 never sees rank 0's manifests and checkpoint markers finishes like any other, and
+    resumes from rank 0's latest checkpoint (with a 1-minute collective timeout, a rank that decided alone
+    fails fast instead of hanging)."""
+    script = tmp_path / "lagging_node.py"
+    script.write_text(LAGGING_NODE)
+    run = tmp_path / "run"
+    settings = ("iterations=1", "train.save_every=1", "deepspeed.timeout_minutes=1")
+    done = spin_fast_command(run, sft_model, 2, *settings, script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = "iter-0/generate/pairs.jsonl"
+    assert (run / pairs).read_text() == (runs["one"] / pairs).read_text()
+    one_process = json.loads((runs["one"] / "summary.jsonl").read_text().splitlines()[0])["checkpoint"]
+    expected = load_file(Path(one_process) / "model.safetensors")
+    start = load_file(sft_model / "model" / "model.safetensors")
+    assert_same_weights(load_file(run / "iter-0/train/checkpoint-2/model.safetensors"), expected, start)
+    # Killed after checkpoint-1: rank 1 alone would see no checkpoint and no finished stage, and start over.
+    shutil.rmtree(run / "iter-0/train/checkpoint-2")
+    (run / "iter-0/train/manifest.json").unlink()
+    again = spin_fast_command(run, sft_model, 2, *settings, script=script)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "at step 1 of 2" in again.stderr
+    assert_same_weights(load_file(run / "iter-0/train/checkpoint-2/model.safetensors"), expected, start)
 
 
 def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft_model):

@@ -8,6 +8,7 @@ On GPUs, vLLM's weight-transfer API (NCCL / CUDA IPC) would skip the copy throug
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -40,7 +41,21 @@ class WeightSwapExtension:
         return os.getpid()
 
 
+log = logging.getLogger(__name__)
 _EXTENSION = f"{__name__}.{WeightSwapExtension.__qualname__}"
+
+
+def check_tensor_parallel_layout(size: int, world: int, per_node: int) -> None:
+    """Groups of `size` consecutive ranks must tile the `world` ranks, `per_node` to a node, without a group
+    straddling two nodes needlessly: its every decoding step would wait on the network between them."""
+    if world % size:
+        raise ValueError(f"generation.tensor_parallel_size={size} must divide the number of processes ({world})")
+    if size <= per_node and per_node % size:
+        raise ValueError(f"generation.tensor_parallel_size={size} must divide the processes per node ({per_node}): "
+                         "otherwise some engines would span two nodes")
+    if size > per_node:
+        log.warning("generation.tensor_parallel_size=%d is more than the %d processes per node: each vLLM engine "
+                    "spans nodes, and its tensor-parallel traffic crosses the network", size, per_node)
 
 
 def tensor_parallel_group(size: int):
@@ -49,8 +64,7 @@ def tensor_parallel_group(size: int):
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    if world % size:
-        raise ValueError(f"generation.tensor_parallel_size={size} must divide the number of processes ({world})")
+    check_tensor_parallel_layout(size, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     group, _ = dist.new_subgroups_by_enumeration([list(range(start, start + size)) for start in range(0, world, size)])
     return group
 
