@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import spin_kernels
-from spin_fast import zero
+from spin_fast import distributed, zero
 from spin_fast.data import TokenizedExample
 from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups
@@ -69,7 +69,8 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
     with zero.gathered_per_layer(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
-        for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress):
+        # One bar, rank 0's (its share is as long as the others'), not one per rank garbling the terminal.
+        for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress or not distributed.is_main()):
             sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend,
                                     bf16_autocast)
             if batch is not None:

@@ -394,13 +394,15 @@ sys.exit(main(sys.argv[1:]))
 def test_a_rank_that_sees_files_late_follows_rank_0(runs, sft_model, tmp_path):
     """A run whose rank 1 never sees rank 0's manifests and checkpoint markers finishes like any other, and
     resumes from rank 0's latest checkpoint (with a 1-minute collective timeout, a rank that decided alone
-    fails fast instead of hanging)."""
+    fails fast instead of hanging). Only rank 0 shows progress bars."""
     script = tmp_path / "lagging_node.py"
     script.write_text(LAGGING_NODE)
     run = tmp_path / "run"
-    settings = ("iterations=1", "train.save_every=1", "deepspeed.timeout_minutes=1")
+    settings = ("iterations=1", "train.save_every=1", "deepspeed.timeout_minutes=1", "train.progress=true")
     done = spin_fast_command(run, sft_model, 2, *settings, script=script)
     assert done.returncode == 0, done.stderr[-3000:]
+    bars = [done.stderr.count(f"{stage}:   0%") for stage in ("generating", "scoring", "spin training")]
+    assert bars == [1, 1, 1], done.stderr[-3000:]  # rank 0's progress bars alone
     pairs = "iter-0/generate/pairs.jsonl"
     assert (run / pairs).read_text() == (runs["one"] / pairs).read_text()
     one_process = json.loads((runs["one"] / "summary.jsonl").read_text().splitlines()[0])["checkpoint"]

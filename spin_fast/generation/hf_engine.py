@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from spin_fast import zero
+from spin_fast import distributed, zero
 from spin_fast.attention import NAME as PACKED_ONLY
 from spin_fast.generation.base import Completion, SamplingConfig
 
@@ -57,8 +57,9 @@ class TransformersEngine:
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
         try:
+            bar = tqdm(batches, desc="generating", unit="batch", disable=not self.progress or not distributed.is_main())
             with zero.gathered_per_layer(self.model) if partitioned else contextlib.nullcontext():
-                for batch in tqdm(batches, desc="generating", unit="batch", disable=not self.progress):
+                for batch in bar:
                     if batch is None:  # a filler: its tokens are thrown away
                         self._generate_batch([[self.eos_token_id]], sampling, 0, synced=True)
                         continue

@@ -139,7 +139,7 @@ class VllmEngine:
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed + i)
                   for i in indices]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
-        outputs = self._llm.generate(inputs, params, use_tqdm=True)  # type: ignore[arg-type]
+        outputs = self._llm.generate(inputs, params, use_tqdm=distributed.is_main())  # type: ignore[arg-type]
         return [[self._completion(o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs]
                 for out in outputs]
 
