@@ -49,26 +49,30 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--iteration", type=int, default=0, help="which iteration (default 0)")
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    # Under a launcher (torchrun, deepspeed) every rank logs; its rank starts each line.
-    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Under a launcher (torchrun, deepspeed) its rank starts each line; the other ranks would repeat rank 0's
+    # progress, so they say only warnings and errors (all, with --verbose).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if launched else ""
+    quiet = launched and os.environ.get("RANK", "0") != "0" and not args.verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
 
     import yaml
 
+    from spin_fast import distributed
     from spin_fast.config import load_run_config
 
-    # What a user can fix: a setting (ConfigError), a data row (DataError), a missing file or model, bad YAML. One
-    # line says which; --verbose adds the traceback. Anything else is a bug and keeps its traceback.
+    # What a user can fix: a setting (ConfigError), a data row (DataError), a missing file or model, bad YAML, a
+    # start without a launcher. One line says which; --verbose adds the traceback. Anything else is a bug and keeps
+    # its traceback.
     try:
+        distributed.check_launch()
         status = run_command(args, load_run_config(args.config, args.overrides))
     except (ValueError, OSError, yaml.YAMLError) as error:
         logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
         print(f"spin-fast: {error}", file=sys.stderr)
         return 2
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
-        from spin_fast import distributed
-
         distributed.shutdown()
     return status
 

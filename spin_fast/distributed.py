@@ -25,6 +25,25 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_timeout: datetime.timedelta | None = None  # init's, for the groups made later (torch's default for NCCL: 10 min)
+
+
+def check_launch() -> None:
+    """Refuse the starts that would make every process run the whole job alone in one output_dir: several copies
+    started by srun or mpirun without a launcher (no WORLD_SIZE), or a launch missing a variable the process
+    group needs."""
+    copies = {name: int(os.environ.get(name, "1")) for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")}
+    many = [f"{name}={count}" for name, count in copies.items() if count > 1]
+    if many and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"started as several processes ({', '.join(many)}) without a launcher: each would run the "
+                         "whole job; start one torchrun per node (configs/launch/slurm.sbatch) or use the deepspeed "
+                         "launcher")
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if launched_distributed() and missing:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start spin-fast "
+                         "with torchrun or the deepspeed launcher, which set them all")
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -37,9 +56,21 @@ def init(timeout_minutes: float = 30.0) -> None:
 
     if torch.cuda.is_available():  # before NCCL starts, or every rank would talk from GPU 0
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(minutes=timeout_minutes)
+    global _timeout
+    timeout = _timeout = datetime.timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(timeout=timeout, verbose=False)
+    # ZeRO's collectives run on DeepSpeed's clone of the world group, which it would make without a timeout
+    # (torch's default: 10 min on NCCL); made here first, the clone has this one.
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", False) is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """The timeout `init` gave the launcher's group (None: not started by `init`), for subgroups to share."""
+    return _timeout
 
 
 def shutdown() -> None:

@@ -177,6 +177,7 @@ class SelfPlay:
         self.engine: Engine | None = None
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
         self._examples: dict[str, list[TokenizedExample]] = {}  # read and tokenized once per run, per data setting
+        self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
 
     @property
     def distributed(self) -> bool:
@@ -240,6 +241,7 @@ class SelfPlay:
         train_dir = iter_dir / "train"
         done = shared_manifest(train_dir)
         if done is not None:
+            self._trained[t] = done["summary"]["checkpoint"]
             return done["summary"]
         times = {}
         if self.model is None:
@@ -280,7 +282,9 @@ class SelfPlay:
                            summary=summary)
             self.write_summary_table()
             log.info("iteration %d: %s", t, summary)
-        return shared_manifest(train_dir)["summary"]
+        summary = shared_manifest(train_dir)["summary"]
+        self._trained[t] = summary["checkpoint"]
+        return summary
 
     def train(self, train_dir: Path, model, tokenizer, scored: list[ScoredPair], config: RunConfig):
         """θt -> θt+1 on the scored pairs (resuming from train_dir's checkpoints)."""
@@ -418,10 +422,7 @@ class SelfPlay:
 
     def model_path(self, t: int) -> str:
         """θt: the SFT model for t = 0, else the last checkpoint of iteration t-1's training."""
-        if t == 0:
-            return self.config.model.name_or_path
-        summary = read_manifest(self.run_dir / f"iter-{t - 1}" / "train")["summary"]
-        return summary["checkpoint"]
+        return self.config.model.name_or_path if t == 0 else self._trained[t - 1]
 
     def _record_session(self, until: tuple[int, str] | None) -> None:
         """Append this start of the run to run_dir/sessions.jsonl; warn when the run's finished work was made

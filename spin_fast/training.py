@@ -380,7 +380,8 @@ class Trainer:
                  "world_size": self.world, "seconds": self.seconds_so_far(),
                  "items_digest": self.items_digest, "start_model": self.start_model, "code": code_version()}
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+               # This rank's GPU only: a run resumed on nodes with other GPU counts sees other devices.
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         if self.engine is None:
             self.model.save_pretrained(tmp, safe_serialization=True)
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng)
@@ -465,8 +466,12 @@ class Trainer:
             rng = torch.load(latest / f"rng-rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        cuda_state = rng["cuda"]
+        if isinstance(cuda_state, list):  # written before: every visible GPU's state; this rank's is its device's
+            index = self.device.index or 0
+            cuda_state = cuda_state[index] if index < len(cuda_state) else None
+        if cuda_state is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_state, self.device)
         self.step = state["step"]
         self.seconds_before = state.get("seconds", 0.0)
         if self.rank == 0:

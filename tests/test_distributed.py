@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -109,6 +110,7 @@ PEER_DIES = """
 import os, sys
 from spin_fast import distributed
 distributed.init(timeout_minutes=0.5)
+assert distributed.collective_timeout().total_seconds() == 30  # what subgroups (vLLM's tensor-parallel) get too
 if distributed.rank() == 1:
     os._exit(0)
 try:
@@ -132,6 +134,38 @@ def test_a_dead_peer_is_an_error_naming_the_rank():
     procs[1].communicate(timeout=120)
     assert procs[0].returncode == 5, err[-2000:]
     assert "rank 0: waiting for the other ranks at 'end of step 7' failed" in out
+
+
+LATE_PEER = """
+import sys, time
+from deepspeed.utils import groups
+from spin_fast import distributed
+distributed.init(timeout_minutes=0.05)
+zero_group = groups._get_data_parallel_group()  # where ZeRO's all-gathers and reduce-scatters run
+if distributed.rank() == 1:
+    time.sleep(8)
+try:
+    import torch.distributed as dist
+    dist.barrier(group=zero_group)
+except Exception as error:
+    print(error)
+    sys.exit(5)
+"""
+
+
+def test_the_timeout_bounds_zeros_collectives_too():
+    """ZeRO's group times out after deepspeed.timeout_minutes (3 s here), not torch's default (30 min on gloo,
+    10 on NCCL): rank 0 gives up on a peer 8 s late."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", LATE_PEER], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 5, err[-2000:]
 
 
 SHARE_REQUESTS = """
@@ -177,13 +211,19 @@ def test_tensor_parallel_ranks_share_their_prompts(tmp_path):
 def test_tensor_parallel_engines_stay_within_a_node_unless_larger_than_one(caplog):
     from spin_fast.generation.vllm_engine import check_tensor_parallel_layout
 
-    check_tensor_parallel_layout(4, world=16, per_node=8)
+    def nodes(*sizes):  # each rank's node, named by its first rank, as tensor_parallel_group gathers them
+        return [first for first, size in zip(np.cumsum([0, *sizes]), sizes) for _ in range(size)]
+
+    check_tensor_parallel_layout(4, nodes(8, 8))
     assert not caplog.records
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide the processes per node \(8\)"):
-        check_tensor_parallel_layout(3, world=24, per_node=8)  # ranks 6-8 would span two nodes
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 must divide the processes of every node \(8\): "
+                                         r"the engine of ranks 6 to 8 would span two nodes"):
+        check_tensor_parallel_layout(3, nodes(8, 8, 8))
+    with pytest.raises(ValueError, match=r"must divide the processes of every node \(4, 8\)"):
+        check_tensor_parallel_layout(8, nodes(4, 8, 4))  # unequal nodes: ranks 0-7 span the first two
     with pytest.raises(ValueError, match=r"must divide the number of processes \(16\)"):
-        check_tensor_parallel_layout(3, world=16, per_node=8)
-    check_tensor_parallel_layout(16, world=32, per_node=8)  # a model larger than a node: allowed, said
+        check_tensor_parallel_layout(3, nodes(8, 8))
+    check_tensor_parallel_layout(16, nodes(8, 8, 8, 8))  # a model larger than a node: allowed, said
     assert "each vLLM engine spans nodes" in caplog.text
 
 
@@ -281,6 +321,24 @@ def test_several_processes_need_deepspeed(monkeypatch):
     assert not uses_deepspeed(DeepSpeedConfig()) and uses_deepspeed(DeepSpeedConfig(enabled=True))
 
 
+def test_copies_started_without_a_launcher_are_refused(monkeypatch, capsys, tmp_path):
+    """srun or mpirun without torchrun starts copies that would each run the whole job in one output_dir."""
+    from spin_fast.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\n")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    assert main(["run", str(config)]) == 2
+    assert "several processes (SLURM_STEP_NUM_TASKS=16) without a launcher" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "16")  # a launcher of its own that sets part of what the group needs
+    monkeypatch.setenv("RANK", "3")
+    assert main(["run", str(config)]) == 2
+    assert "WORLD_SIZE=16 but LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_under_a_launcher_does_not_need_deepspeed(monkeypatch, tmp_path):
     """`spin-fast eval` trains nothing: launched with DeepSpeed off, it may build its SelfPlay; `run` may not train."""
     from spin_fast.config import load_run_config
@@ -306,9 +364,10 @@ HELD_OUT = [("What is three plus four?", "Seven."), ("Name a colour.", "Blue."),
 
 
 def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, launcher: str = "torchrun",
-                      command: str = "run", script: Path | None = None) -> subprocess.CompletedProcess:
+                      command: str = "run", script: Path | None = None, verbose: bool = False
+                      ) -> subprocess.CompletedProcess:
     """`spin-fast COMMAND` on the test settings, on one process or under a launcher (torchrun runs `script` in
-    place of spin-fast's module when given)."""
+    place of spin-fast's module when given); verbose: every rank logs, not only rank 0."""
     settings = [
         f"output_dir={run}", f"model.name_or_path={sft_model / 'model'}", f"data.source={sft_model / 'train.jsonl'}",
         "data.max_length=64", "data.max_prompt_length=32", "iterations=2", "generation.engine=transformers",
@@ -325,7 +384,7 @@ def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, l
     else:  # the deepspeed launcher (on the CPU, --num_gpus counts processes)
         argv = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={processes}",
                 f"--master_port={free_port()}", "--module", "spin_fast.cli"]
-    argv += [command, "/dev/null"]
+    argv += [command, "/dev/null", *(["--verbose"] if verbose else [])]
     for setting in settings:
         argv += ["--set", setting]
     return run_launched(argv)
@@ -393,16 +452,17 @@ sys.exit(main(sys.argv[1:]))
 
 def test_a_rank_that_sees_files_late_follows_rank_0(runs, sft_model, tmp_path):
     """A run whose rank 1 never sees rank 0's manifests and checkpoint markers finishes like any other, and
-    resumes from rank 0's latest checkpoint (with a 1-minute collective timeout, a rank that decided alone
-    fails fast instead of hanging). Only rank 0 shows progress bars."""
+    resumes from rank 0's latest checkpoint into a further iteration (with a 3-minute collective timeout, a
+    rank that decided alone fails fast instead of hanging). Only rank 0 shows progress bars and messages."""
     script = tmp_path / "lagging_node.py"
     script.write_text(LAGGING_NODE)
     run = tmp_path / "run"
-    settings = ("iterations=1", "train.save_every=1", "deepspeed.timeout_minutes=1", "train.progress=true")
+    settings = ("iterations=1", "train.save_every=1", "deepspeed.timeout_minutes=3", "train.progress=true")
     done = spin_fast_command(run, sft_model, 2, *settings, script=script)
     assert done.returncode == 0, done.stderr[-3000:]
     bars = [done.stderr.count(f"{stage}:   0%") for stage in ("generating", "scoring", "spin training")]
     assert bars == [1, 1, 1], done.stderr[-3000:]  # rank 0's progress bars alone
+    assert "[rank 0] INFO" in done.stderr and "[rank 1] INFO" not in done.stderr  # and its progress messages
     pairs = "iter-0/generate/pairs.jsonl"
     assert (run / pairs).read_text() == (runs["one"] / pairs).read_text()
     one_process = json.loads((runs["one"] / "summary.jsonl").read_text().splitlines()[0])["checkpoint"]
@@ -412,10 +472,15 @@ def test_a_rank_that_sees_files_late_follows_rank_0(runs, sft_model, tmp_path):
     # Killed after checkpoint-1: rank 1 alone would see no checkpoint and no finished stage, and start over.
     shutil.rmtree(run / "iter-0/train/checkpoint-2")
     (run / "iter-0/train/manifest.json").unlink()
-    again = spin_fast_command(run, sft_model, 2, *settings, script=script)
+    # Resumed with one more iteration: iteration 1 starts from the checkpoint rank 0's manifest names.
+    again = spin_fast_command(run, sft_model, 2, *settings, "iterations=2", script=script)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr and "at step 1 of 2" in again.stderr
     assert_same_weights(load_file(run / "iter-0/train/checkpoint-2/model.safetensors"), expected, start)
+    pairs = "iter-1/generate/pairs.jsonl"
+    assert (run / pairs).read_text() == (runs["one"] / pairs).read_text()
+    finals = [json.loads((r / "summary.jsonl").read_text().splitlines()[1])["checkpoint"] for r in (run, runs["one"])]
+    assert_same_weights(*(load_file(Path(final) / "model.safetensors") for final in finals), start)
 
 
 def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft_model):
@@ -449,7 +514,7 @@ def test_zero3_init_run_never_holds_the_whole_model(runs, sft_model, held_out, t
     and scoring save their work 4 prompts at a time: each part is shared out and gathered, the ranks in step."""
     run = tmp_path / "run-zero3-init"
     done = spin_fast_command(run, sft_model, 2, f"data.eval_source={held_out}", "deepspeed.zero3_init=true",
-                             "save_every_prompts=4")
+                             "save_every_prompts=4", verbose=True)
     assert done.returncode == 0, done.stderr[-3000:]
     loads = [line for line in (done.stdout + done.stderr).splitlines() if "spin_fast.model: loaded" in line]
     assert len(loads) == 2 and all("partitioned by ZeRO-3" in line for line in loads), loads

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -45,17 +45,21 @@ log = logging.getLogger(__name__)
 _EXTENSION = f"{__name__}.{WeightSwapExtension.__qualname__}"
 
 
-def check_tensor_parallel_layout(size: int, world: int, per_node: int) -> None:
-    """Groups of `size` consecutive ranks must tile the `world` ranks, `per_node` to a node, without a group
-    straddling two nodes needlessly: its every decoding step would wait on the network between them."""
+def check_tensor_parallel_layout(size: int, node_of_rank: Sequence[int]) -> None:
+    """Groups of `size` consecutive ranks must tile the ranks without a group straddling two nodes needlessly
+    (its every decoding step would wait on the network). node_of_rank[r]: the first rank of rank r's node."""
+    world = len(node_of_rank)
     if world % size:
         raise ValueError(f"generation.tensor_parallel_size={size} must divide the number of processes ({world})")
-    if size <= per_node and per_node % size:
-        raise ValueError(f"generation.tensor_parallel_size={size} must divide the processes per node ({per_node}): "
-                         "otherwise some engines would span two nodes")
-    if size > per_node:
-        log.warning("generation.tensor_parallel_size=%d is more than the %d processes per node: each vLLM engine "
-                    "spans nodes, and its tensor-parallel traffic crosses the network", size, per_node)
+    straddling = [start for start in range(0, world, size) if node_of_rank[start] != node_of_rank[start + size - 1]]
+    per_node = sorted(Counter(node_of_rank).values())
+    if straddling and size <= per_node[-1]:
+        raise ValueError(f"generation.tensor_parallel_size={size} must divide the processes of every node "
+                         f"({', '.join(map(str, sorted(set(per_node))))}): the engine of ranks {straddling[0]} to "
+                         f"{straddling[0] + size - 1} would span two nodes")
+    if straddling:
+        log.warning("generation.tensor_parallel_size=%d is more than the processes of a node (%d): each vLLM engine "
+                    "spans nodes, and its tensor-parallel traffic crosses the network", size, per_node[-1])
 
 
 def tensor_parallel_group(size: int):
@@ -63,9 +67,12 @@ def tensor_parallel_group(size: int):
     under vLLM's external launcher (which groups tensor-parallel ranks the same way)."""
     import torch.distributed as dist
 
+    # Launchers number the ranks node by node: rank - LOCAL_RANK is the first rank of this rank's node.
+    node = dist.get_rank() - int(os.environ.get("LOCAL_RANK", "0"))
+    check_tensor_parallel_layout(size, distributed.all_gather_objects(node, "the ranks' nodes"))
     world = dist.get_world_size()
-    check_tensor_parallel_layout(size, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    group, _ = dist.new_subgroups_by_enumeration([list(range(start, start + size)) for start in range(0, world, size)])
+    group, _ = dist.new_subgroups_by_enumeration([list(range(start, start + size)) for start in range(0, world, size)],
+                                                 timeout=distributed.collective_timeout())
     return group
 
 
@@ -100,6 +107,10 @@ class VllmEngine:
         # refuses it.
         cuda = current_platform.is_cuda()
         self._sleep_mode = cuda if enable_sleep_mode is None else enable_sleep_mode and cuda
+        # Under the external launcher, tensor_parallel_size consecutive ranks run one engine together (checked
+        # before the engine is built).
+        self._group = (tensor_parallel_group(tensor_parallel_size)
+                       if executor == "external_launcher" and tensor_parallel_size > 1 else None)
         self._llm = LLM(
             model=str(model_dir), dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self._sleep_mode, seed=seed,
@@ -114,9 +125,6 @@ class VllmEngine:
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._closed = False
-        # Under the external launcher, tensor_parallel_size consecutive ranks run one engine together.
-        self._group = (tensor_parallel_group(tensor_parallel_size)
-                       if executor == "external_launcher" and tensor_parallel_size > 1 else None)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
@@ -158,7 +166,8 @@ class VllmEngine:
         Under a launcher every rank iterates `weights` (gathering ZeRO-3 shards is a collective), but only the
         first rank of each node keeps the tensors and writes the file, which every engine on the node loads:
         one copy of the model in host memory per node, not one per rank."""
-        writer = int(os.environ.get("LOCAL_RANK", "0")) == 0 or not distributed.initialized()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        writer = local_rank == 0 or not distributed.initialized()
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in weights:
@@ -175,15 +184,16 @@ class VllmEngine:
         path = self._write_weights(tensors) if writer else None
         del tensors
         try:
-            if distributed.initialized():  # each rank loads the file written on its node
-                node = socket.gethostname()
-                written = distributed.all_gather_objects((node, path), "weight file paths")
-                path = next(p for host, p in written if host == node and p is not None)
+            if distributed.initialized():  # each rank loads the file of its node's first rank: launchers number
+                # the ranks node by node, so that is rank - LOCAL_RANK (hostnames may repeat across containers)
+                path = distributed.all_gather_objects(path, "weight file paths")[distributed.rank() - local_rank]
             self._llm.collective_rpc("spin_load_weights_file", args=(path,))
         finally:
-            distributed.barrier("new weights loaded")  # every engine on the node has read the file
-            if writer:
-                os.unlink(path)
+            try:
+                distributed.barrier("new weights loaded")  # every engine on the node has read the file
+            finally:  # even when a peer failed: the file holds a copy of the model in RAM (/dev/shm)
+                if writer:
+                    os.unlink(path)
         # Prefix caching would otherwise serve KV computed with the old weights.
         self._llm.reset_prefix_cache()
 
