@@ -116,7 +116,7 @@ def run_sft(config) -> int:
 
     from spin_fast import distributed
     from spin_fast.packing import Sequence
-    from spin_fast.selfplay import load_policy, tokenized_examples
+    from spin_fast.selfplay import fetch_model, load_policy, tokenized_examples
     from spin_fast.training import Trainer, uses_deepspeed
 
     for name, value in (("output_dir", config.output_dir), ("model.name_or_path", config.model.name_or_path),
@@ -125,8 +125,10 @@ def run_sft(config) -> int:
             raise ValueError(f"{name} is not set: sft needs the model to start from, its data and an output_dir")
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
-    examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
+    with distributed.main_first("the model and data, from the Hub"):
+        tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+        fetch_model(config.model.name_or_path)
+        examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     model = load_policy(config.model.name_or_path, config)
     result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",

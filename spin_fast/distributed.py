@@ -8,10 +8,11 @@ initialised by DeepSpeed, with a timeout: a rank that dies makes the others fail
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -143,6 +144,25 @@ def from_main(obj: Any, what: str) -> Any:
     except Exception as error:  # noqa: BLE001
         raise RuntimeError(f"rank {rank()}: receiving '{what}' from rank 0 failed: {error}") from error
     return box[0]
+
+
+@contextlib.contextmanager
+def main_first(what: str) -> Iterator[None]:
+    """Rank 0 runs the block first, then every other rank at once: for downloads into a shared cache, which
+    the others then only read (16 processes fetching the same files contend on the cache's file locks, which
+    network filesystems may not even provide). Rank 0 releases the others after an error too: they then meet
+    it themselves instead of waiting for the timeout."""
+    if not initialized():
+        yield
+        return
+    if is_main():
+        try:
+            yield
+        finally:
+            from_main(True, what)
+    else:
+        from_main(None, what)
+        yield
 
 
 def in_step(items: Sequence[Any], what: str) -> list[Any]:

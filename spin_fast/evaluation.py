@@ -156,7 +156,14 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     like iteration 0's model: their margins are against the SFT model, on the SFT model's answers."""
     from transformers import AutoTokenizer
 
-    from spin_fast.selfplay import answered_pairs, load_policy, read_examples, read_manifest, tokenize_examples
+    from spin_fast.selfplay import (
+        answered_pairs,
+        fetch_model,
+        load_policy,
+        read_examples,
+        read_manifest,
+        tokenize_examples,
+    )
 
     config = selfplay.config
     data = config.data
@@ -164,8 +171,10 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
-    raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
+    with distributed.main_first("the model and data, from the Hub"):
+        tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+        fetch_model(config.model.name_or_path)
+        raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)
 
     def measure(model) -> dict:

@@ -138,6 +138,17 @@ def partitioned(config: RunConfig) -> bool:
     return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
 
 
+def fetch_model(name_or_path: str) -> None:
+    """A Hub model's config, tokenizer and safetensors weights into the local cache (a folder: nothing to do), so
+    that the ranks loading it after rank 0 read the cache instead of all downloading at once."""
+    if Path(name_or_path).exists():
+        return
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
+    snapshot_download(name_or_path, allow_patterns=patterns)
+
+
 def load_policy(path: str, config: RunConfig):
     """A model of the run (SFT model or checkpoint) with the run's model and training settings; under
     deepspeed.zero3_init, loaded straight into each rank's ZeRO-3 partitions."""
@@ -205,14 +216,16 @@ class SelfPlay:
         if refused:
             raise ValueError(refused)
         # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
-        tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
         iterations = range(self.config.iterations if until is None else until[0] + 1)
         examples = {}
-        for t in iterations:
-            data = self.config.for_iteration(t).data
-            examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)
-            if data.eval_source:
-                self.examples(tokenizer, data, data.eval_source)
+        with distributed.main_first("the model and data, from the Hub"):
+            tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
+            fetch_model(self.config.model.name_or_path)
+            for t in iterations:
+                data = self.config.for_iteration(t).data
+                examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)
+                if data.eval_source:
+                    self.examples(tokenizer, data, data.eval_source)
         if distributed.is_main():
             if _plain(saved_config) != _plain(self.config.to_dict()):
                 self.run_dir.mkdir(parents=True, exist_ok=True)

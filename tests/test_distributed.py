@@ -168,6 +168,42 @@ def test_the_timeout_bounds_zeros_collectives_too():
     assert procs[0].returncode == 5, err[-2000:]
 
 
+MAIN_FIRST = """
+import sys, time
+from pathlib import Path
+from spin_fast import distributed
+distributed.init(timeout_minutes=0.5)
+flag = Path(sys.argv[1])
+with distributed.main_first("the flag"):
+    if distributed.is_main():
+        time.sleep(2)
+        flag.write_text("written")
+    else:
+        print("rank 1 saw the flag" if flag.exists() else "rank 1 ran first")
+try:
+    with distributed.main_first("bad input"):
+        if distributed.is_main():
+            raise ValueError("rank 0 failed")
+        print("rank 1 released", flush=True)
+except ValueError:
+    sys.exit(5)
+"""
+
+
+def test_rank_0_downloads_first_and_releases_the_others_after_an_error(tmp_path):
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", MAIN_FIRST, str(tmp_path / "flag")], env=env, cwd=ROOT,
+                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    _, err = procs[0].communicate(timeout=120)
+    out, _ = procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 5, err[-2000:]
+    assert "rank 1 saw the flag" in out and "rank 1 released" in out, out
+
+
 SHARE_REQUESTS = """
 import json, sys
 from pathlib import Path
