@@ -19,14 +19,12 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+_timeout: datetime.timedelta | None = None  # init's, for the groups made later (torch's default for NCCL: 10 min)
 
 
 def launched_distributed() -> bool:
     """Started by a launcher with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-_timeout: datetime.timedelta | None = None  # init's, for the groups made later (torch's default for NCCL: 10 min)
 
 
 def check_launch() -> None:
