@@ -52,6 +52,23 @@ def run_launched(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
+def two_ranks(script: str, *args: str) -> list[subprocess.CompletedProcess]:
+    """`python -c script args` as ranks 0 and 1 of one process group, with no launcher to stop the other when one
+    fails; each one's exit status and output."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoint-4" / "model.safetensors")
 
@@ -123,17 +140,9 @@ except RuntimeError as error:
 
 def test_a_dead_peer_is_an_error_naming_the_rank():
     """No launcher to tear the job down: the survivor's collective fails (timeout or closed connection)."""
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", PEER_DIES], env=env, cwd=ROOT, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    out, err = procs[0].communicate(timeout=120)
-    procs[1].communicate(timeout=120)
-    assert procs[0].returncode == 5, err[-2000:]
-    assert "rank 0: waiting for the other ranks at 'end of step 7' failed" in out
+    survivor, _ = two_ranks(PEER_DIES)
+    assert survivor.returncode == 5, survivor.stderr[-2000:]
+    assert "rank 0: waiting for the other ranks at 'end of step 7' failed" in survivor.stdout
 
 
 LATE_PEER = """
@@ -156,16 +165,8 @@ except Exception as error:
 def test_the_timeout_bounds_zeros_collectives_too():
     """ZeRO's group times out after deepspeed.timeout_minutes (3 s here), not torch's default (30 min on gloo,
     10 on NCCL): rank 0 gives up on a peer 8 s late."""
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", LATE_PEER], env=env, cwd=ROOT, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    out, err = procs[0].communicate(timeout=120)
-    procs[1].communicate(timeout=120)
-    assert procs[0].returncode == 5, err[-2000:]
+    waiting, _ = two_ranks(LATE_PEER)
+    assert waiting.returncode == 5, waiting.stderr[-2000:]
 
 
 MAIN_FIRST = """
@@ -191,17 +192,9 @@ except ValueError:
 
 
 def test_rank_0_downloads_first_and_releases_the_others_after_an_error(tmp_path):
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", MAIN_FIRST, str(tmp_path / "flag")], env=env, cwd=ROOT,
-                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    _, err = procs[0].communicate(timeout=120)
-    out, _ = procs[1].communicate(timeout=120)
-    assert procs[0].returncode == 5, err[-2000:]
-    assert "rank 1 saw the flag" in out and "rank 1 released" in out, out
+    first, second = two_ranks(MAIN_FIRST, str(tmp_path / "flag"))
+    assert first.returncode == 5, first.stderr[-2000:]
+    assert "rank 1 saw the flag" in second.stdout and "rank 1 released" in second.stdout, second.stdout
 
 
 SHARE_REQUESTS = """
