@@ -90,6 +90,11 @@ def world_size() -> int:
     return dist.get_world_size() if initialized() else 1
 
 
+def node_first_rank() -> int:
+    """The rank of this rank's node's first process (LOCAL_RANK 0): launchers number the ranks node by node."""
+    return rank() - int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -148,8 +153,8 @@ def from_main(obj: Any, what: str) -> Any:
 def main_first(what: str) -> Iterator[None]:
     """Rank 0 runs the block first, then every other rank at once: for downloads into a shared cache, which
     the others then only read (16 processes fetching the same files contend on the cache's file locks, which
-    network filesystems may not even provide). Rank 0 releases the others after an error too: they then meet
-    it themselves instead of waiting for the timeout."""
+    network filesystems may not even provide). Rank 0 releases the others after an error too, so they fail at
+    once (on the same error, or on rank 0's exit) instead of waiting for the timeout."""
     if not initialized():
         yield
         return

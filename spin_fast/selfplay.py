@@ -256,23 +256,20 @@ class SelfPlay:
         if done is not None:
             self._trained[t] = done["summary"]["checkpoint"]
             return done["summary"]
-        times = {}
         if self.model is None:
             self.model = load_policy(self.model_path(t), config)
         model = self.model
 
         pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
-        times["generate_s"] = shared_manifest(iter_dir / "generate")["seconds"]  # every attempt's work, if resumed
         if stop_after == "generate":
             return None
 
         scored = self.score(t, iter_dir / "score", model, pairs, config)
-        times["score_s"] = shared_manifest(iter_dir / "score")["seconds"]
         if stop_after == "score":
             return None
 
         result = self.train(train_dir, model, tokenizer, scored, config)
-        times["train_s"] = result.seconds
+        times = {"train_s": result.seconds}
 
         start = time.perf_counter()
         self.transfer_weights(model)
@@ -282,8 +279,11 @@ class SelfPlay:
             self.model = model = load_policy(str(result.final_dir), config)
 
         heldout = self.heldout(model, tokenizer, config)  # every rank scores its share
-        if distributed.is_main():
-            # Rank 0's log (it writes it), not this call's history: a run resumed after its last step has none.
+        summary = None
+        if distributed.is_main():  # rank 0 wrote the stages' manifests and the training log
+            times = {"generate_s": read_manifest(iter_dir / "generate")["seconds"],  # every attempt's work, if
+                     "score_s": read_manifest(iter_dir / "score")["seconds"], **times}  # resumed
+            # The log, not this call's history: a run resumed after its last step has none.
             lines = (train_dir / "metrics.jsonl").read_text().splitlines()
             last = json.loads(lines[-1]) if lines else {}
             summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
@@ -295,7 +295,7 @@ class SelfPlay:
                            summary=summary)
             self.write_summary_table()
             log.info("iteration %d: %s", t, summary)
-        summary = shared_manifest(train_dir)["summary"]
+        summary = distributed.from_main(summary, f"iteration {t}'s summary")  # once written: the iteration is done
         self._trained[t] = summary["checkpoint"]
         return summary
 
@@ -442,15 +442,16 @@ class SelfPlay:
         by other spin-fast code, which it keeps as it is."""
         path = self.run_dir / "sessions.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
-        before = f"spin-fast {json.loads(lines[-1])['code']}" if lines else "an older spin-fast (no version recorded)"
+        before = json.loads(lines[-1])["code"] if lines else None
         done = sorted(str(p.parent.relative_to(self.run_dir)) for p in self.run_dir.glob(f"iter-*/*/{MANIFEST}"))
         started = [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/*/parts")]
         started += [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/train/checkpoint-*")
                     if not (p.parent / MANIFEST).exists()]
-        if before != f"spin-fast {code_version()}" and (done or started):
+        if before != code_version() and (done or started):
             log.warning("%s was run before by %s; this is spin-fast %s. Its finished stages (%s) and unfinished "
                         "work (%s) stay as that code made them, and the rest is made by this code: for results "
-                        "from one code throughout, use a new output_dir", self.run_dir, before, code_version(),
+                        "from one code throughout, use a new output_dir", self.run_dir,
+                        f"spin-fast {before}" if before else "an older spin-fast (no version recorded)", code_version(),
                         ", ".join(done) or "none", ", ".join(sorted(started)) or "none")
         record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
                   "processes": distributed.world_size(), "until": list(until) if until else None}

@@ -181,13 +181,16 @@ with distributed.main_first("the flag"):
         flag.write_text("written")
     else:
         print("rank 1 saw the flag" if flag.exists() else "rank 1 ran first")
+failed = False
 try:
     with distributed.main_first("bad input"):
         if distributed.is_main():
             raise ValueError("rank 0 failed")
         print("rank 1 released", flush=True)
 except ValueError:
-    sys.exit(5)
+    failed = True
+distributed.barrier("end")  # rank 0 stays until rank 1 has its release: exiting could cut the message short
+sys.exit(5 if failed else 0)
 """
 
 

@@ -67,9 +67,8 @@ def tensor_parallel_group(size: int):
     under vLLM's external launcher (which groups tensor-parallel ranks the same way)."""
     import torch.distributed as dist
 
-    # Launchers number the ranks node by node: rank - LOCAL_RANK is the first rank of this rank's node.
-    node = dist.get_rank() - int(os.environ.get("LOCAL_RANK", "0"))
-    check_tensor_parallel_layout(size, distributed.all_gather_objects(node, "the ranks' nodes"))
+    nodes = distributed.all_gather_objects(distributed.node_first_rank(), "the ranks' nodes")
+    check_tensor_parallel_layout(size, nodes)
     world = dist.get_world_size()
     group, _ = dist.new_subgroups_by_enumeration([list(range(start, start + size)) for start in range(0, world, size)],
                                                  timeout=distributed.collective_timeout())
@@ -166,8 +165,7 @@ class VllmEngine:
         Under a launcher every rank iterates `weights` (gathering ZeRO-3 shards is a collective), but only the
         first rank of each node keeps the tensors and writes the file, which every engine on the node loads:
         one copy of the model in host memory per node, not one per rank."""
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        writer = local_rank == 0 or not distributed.initialized()
+        writer = distributed.node_first_rank() == distributed.rank() or not distributed.initialized()
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in weights:
@@ -184,9 +182,8 @@ class VllmEngine:
         path = self._write_weights(tensors) if writer else None
         del tensors
         try:
-            if distributed.initialized():  # each rank loads the file of its node's first rank: launchers number
-                # the ranks node by node, so that is rank - LOCAL_RANK (hostnames may repeat across containers)
-                path = distributed.all_gather_objects(path, "weight file paths")[distributed.rank() - local_rank]
+            if distributed.initialized():  # each rank loads the file of its node's first rank
+                path = distributed.all_gather_objects(path, "weight file paths")[distributed.node_first_rank()]
             self._llm.collective_rpc("spin_load_weights_file", args=(path,))
         finally:
             try:
