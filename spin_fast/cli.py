@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,21 +58,39 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
 
+    if quiet:  # the data's warnings (skipped rows) are the same on every rank
+        logging.getLogger("spin_fast.data").setLevel(logging.ERROR)
+
     import yaml
 
-    from spin_fast import distributed
+    from spin_fast import distributed, stopping
     from spin_fast.config import load_run_config
 
     # What a user can fix: a setting (ConfigError), a data row (DataError), a missing file or model, bad YAML, a
     # start without a launcher. One line says which; --verbose adds the traceback. Anything else is a bug and keeps
     # its traceback.
-    try:
-        distributed.check_launch()
-        status = run_command(args, load_run_config(args.config, args.overrides))
-    except (ValueError, OSError, yaml.YAMLError) as error:
-        logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
-        print(f"spin-fast: {error}", file=sys.stderr)
-        return 2
+    with stopping.signals_handled():
+        try:
+            distributed.check_launch()
+            status = run_command(args, load_run_config(args.config, args.overrides))
+        except stopping.Stopped as stop:  # SIGTERM or SIGUSR1: the work up to `stop.where` is saved
+            if distributed.is_main() or not stop.agreed:
+                print(f"spin-fast: {stop}; the same command resumes the run", file=sys.stderr)
+            if stop.agreed:  # every rank is here
+                distributed.shutdown()
+            return stop.exit_status
+        except Exception as error:
+            logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
+            signum = stopping.pending()
+            if signum:  # sent to the process group, the signal ended helpers too (vLLM's engine core): their end
+                # surfaced here as an error, before the next safe point
+                print(f"spin-fast: stopped by {signal.Signals(signum).name} ({type(error).__name__}: {error}); the "
+                      "same command resumes the run", file=sys.stderr)
+                return 128 + signum
+            if not isinstance(error, (ValueError, OSError, yaml.YAMLError)):
+                raise
+            print(f"spin-fast: {error}", file=sys.stderr)
+            return 2
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status

@@ -111,16 +111,24 @@ def barrier(what: str) -> None:
 
 def all_reduce_sum(values: torch.Tensor, what: str) -> torch.Tensor:
     """Element-wise sum over ranks (a copy; float64 on the CPU for exact counts and sums)."""
-    total = values.detach().to(torch.float64).clone()
+    return _all_reduce(values.detach().to(torch.float64).clone(), dist.ReduceOp.SUM, "summing", what)
+
+
+def all_reduce_max(value: int, what: str) -> int:
+    """The largest of every rank's `value`."""
+    return int(_all_reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX, "comparing", what).item())
+
+
+def _all_reduce(values: torch.Tensor, op, doing: str, what: str) -> torch.Tensor:
     if not initialized():
-        return total
+        return values
     if dist.get_backend() == "nccl":
-        total = total.cuda()
+        values = values.cuda()
     try:
-        dist.all_reduce(total)
+        dist.all_reduce(values, op=op)
     except Exception as error:  # noqa: BLE001
-        raise RuntimeError(f"rank {rank()}: summing '{what}' across ranks failed: {error}") from error
-    return total.cpu()
+        raise RuntimeError(f"rank {rank()}: {doing} '{what}' across ranks failed: {error}") from error
+    return values.cpu()
 
 
 def all_gather_objects(obj: Any, what: str) -> list[Any]:

@@ -37,7 +37,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from spin_fast import distributed
+from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, from_dict
 from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.generation.base import Engine
@@ -89,18 +89,23 @@ def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -
                                   f"{what}: saved parts")
     if distributed.is_main():
         parts_dir.mkdir(parents=True, exist_ok=True)
-    for number, (start, end, part) in enumerate(parts):
-        if part in saved:
-            continue
-        began = time.perf_counter()
-        rows, info = make_part(start, end)
-        if distributed.is_main():
-            info = {**info, "seconds": time.perf_counter() - began}
-            part.with_suffix(".json").write_text(json.dumps(info))  # before the rows: they mark the part done
-            save_scored_pairs(part, rows)
-            if len(parts) > 1:
-                log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start,
-                         end, n_items)
+    with stopping.safe_points(what):
+        for number, (start, end, part) in enumerate(parts):
+            if part in saved:
+                continue
+            began = time.perf_counter()
+            rows, info = make_part(start, end)
+            if distributed.is_main():
+                info = {**info, "seconds": time.perf_counter() - began}
+                part.with_suffix(".json").write_text(json.dumps(info))  # before the rows: they mark the part done
+                save_scored_pairs(part, rows)
+                if len(parts) > 1:
+                    log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start,
+                             end, n_items)
+            signum = stopping.reached()
+            if signum:
+                raise stopping.Stopped(signum, f"after part {number + 1} of {len(parts)} of {what}, saved in "
+                                               f"{parts_dir}", agreed=True)
     totals: dict = {}
     if distributed.is_main():
         tmp = output.with_name(output.name + ".tmp")

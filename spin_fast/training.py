@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import spin_kernels
-from spin_fast import distributed
+from spin_fast import distributed, stopping
 from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import can_share_prompts, disable_dropout, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
@@ -231,16 +231,23 @@ class Trainer:
         self.loss_module.train()
         bar = tqdm(total=self.steps, initial=self.step, desc=f"{self.config.mode} training", unit="step",
                    disable=not self.config.progress or self.rank != 0)
-        while self.step < self.steps:
-            metrics = self.train_step()
-            result.history.append(metrics)
-            self.log(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.steps:
-                self.save_checkpoint()
-        bar.close()
-        result.final_dir = self.save_checkpoint()
+        with stopping.safe_points(f"{self.config.mode} training"):
+            while self.step < self.steps:
+                metrics = self.train_step()
+                result.history.append(metrics)
+                self.log(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                signum = stopping.reached()
+                if signum:  # a scheduler's warning: this step's checkpoint, then leave
+                    bar.close()
+                    saved = self.save_checkpoint()
+                    raise stopping.Stopped(signum, f"after {self.config.mode} training step {self.step} of "
+                                                   f"{self.steps}, saved in {saved}", agreed=True)
+                if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.steps:
+                    self.save_checkpoint()
+            bar.close()
+            result.final_dir = self.save_checkpoint()
         result.seconds = self.seconds_so_far()
         return result
 

@@ -6,7 +6,8 @@
 
 Every process builds the same model and data from fixed seeds; one process trains without DeepSpeed, several
 under DeepSpeed ZeRO. --die-at-step K makes the last rank exit abruptly in the middle of step K (after the
-checkpoint of step K-1), as a killed node would. test_distributed.py compares the checkpoints the runs write.
+checkpoint of step K-1), as a killed node would; --signal-at-step K sends the last rank alone SIGTERM in step K,
+as a scheduler stopping the job would. test_distributed.py compares the checkpoints the runs write.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from spin_fast import distributed
+from spin_fast import distributed, stopping
 from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import tiny_config
 from spin_fast.packing import Sequence
@@ -46,6 +49,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--die-at-step", type=int, default=0)
+    parser.add_argument("--signal-at-step", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=1)
     parser.add_argument("--offload", action="store_true", help="optimizer state (and ZeRO-3 parameters) on the CPU")
     parser.add_argument("--deepspeed", action="store_true", help="DeepSpeed even on one process")
     parser.add_argument("--device", default="cpu", help="where a run without DeepSpeed trains (DeepSpeed: its own)")
@@ -60,22 +65,30 @@ def main() -> None:
     # A batch of 8 pairs in micro-batches of ~3 pairs: ranks get uneven numbers of micro-batches.
     # eps 1: RMSprop's update is then about lr * gradient, not its sign, so rounding differences stay small.
     train = TrainConfig(mode=args.mode, learning_rate=0.05, optimizer_eps=1.0, global_batch=8, epochs=2,
-                        micro_batch_tokens=96, warmup_ratio=0.25, save_every=1, keep_checkpoints=10, progress=False,
-                        seed=3, dtype=args.dtype)
+                        micro_batch_tokens=96, warmup_ratio=0.25, save_every=args.save_every, keep_checkpoints=10,
+                        progress=False, seed=3, dtype=args.dtype)
     deepspeed = DeepSpeedConfig(enabled=True if args.deepspeed else None, zero_stage=args.zero_stage,
                                 timeout_minutes=2, offload_optimizer=args.offload,
                                 offload_params=args.offload and args.zero_stage == 3)
     trainer = Trainer(model, None, train, args.output_dir, items, deepspeed=deepspeed)
-    if args.die_at_step:
-        step = trainer.train_step
+    step = trainer.train_step
 
-        def dying_step():
-            if trainer.step + 1 == args.die_at_step and trainer.rank == trainer.world - 1:
+    def step_or_end():
+        if trainer.rank == trainer.world - 1:
+            if trainer.step + 1 == args.die_at_step:
                 os._exit(3)
-            return step()
+            if trainer.step + 1 == args.signal_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return step()
 
-        trainer.train_step = dying_step
-    trainer.train()
+    trainer.train_step = step_or_end
+    try:
+        with stopping.signals_handled():
+            trainer.train()
+    except stopping.Stopped as stop:
+        print(f"rank {trainer.rank}: {stop}")
+        distributed.shutdown()
+        sys.exit(stop.exit_status)
     if torch.distributed.is_initialized():
         print(f"collective backend: {torch.distributed.get_backend()}")
     distributed.shutdown()

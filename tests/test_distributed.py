@@ -123,6 +123,25 @@ def test_resume_after_a_rank_dies(tmp_path, one_process):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, one_process):
+    """Rank 1 alone gets SIGTERM in step 2 (without save_every, no checkpoint is due before the end): both ranks
+    finish the step, write checkpoint-2 and exit with 128 + 15; the same command resumes from it and ends where
+    an uninterrupted run ends."""
+    stopped = launch(tmp_path, "--zero-stage", "3", "--tied", "--save-every", "0", "--signal-at-step", "2")
+    assert stopped.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: stopped by SIGTERM after spin training step 2 of 4, saved in" in stopped.stdout, (
+            stopped.stdout + stopped.stderr[-3000:])
+    assert "exitcode  : 143" in stopped.stderr  # torchrun's report of each rank
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    done = launch(tmp_path, "--zero-stage", "3", "--tied", "--save-every", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = load_file(one_process["tied"] / "checkpoint-1" / "model.safetensors")
+    assert_same_weights(final_weights(tmp_path), final_weights(one_process["tied"]), start)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 PEER_DIES = """
 import os, sys
 from spin_fast import distributed

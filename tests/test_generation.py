@@ -1,4 +1,8 @@
-"""The transformers engine: batching with left padding changes nothing, weights swap in memory."""
+"""The transformers engine: batching with left padding changes nothing, weights swap in memory. And the vLLM
+engine's weight files, which need no vLLM."""
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +149,39 @@ def test_engine_leaves_the_model_mode_alone(tokenizer):
     engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
     engine.generate(prompts(tokenizer, 1), GREEDY)
     assert model.training
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+import torch
+from spin_fast.generation import vllm_engine
+vllm_engine.weight_dirs = lambda: [Path(sys.argv[1])]
+path, lock = vllm_engine.write_weight_file({"w": torch.ones(1000)})
+print(path, flush=True)
+time.sleep(120)
+"""
+
+
+def test_weight_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """A process killed (SIGKILL) while it swaps weights leaves its weight file, a copy of the model, in RAM: the
+    next engine removes it, and only it (its lock went with the process), not a live process's file."""
+    import subprocess
+    import sys
+
+    from spin_fast.generation import vllm_engine
+
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    theirs = Path(writer.stdout.readline().strip())
+    monkeypatch.setattr(vllm_engine, "weight_dirs", lambda: [tmp_path])
+    mine, lock = vllm_engine.write_weight_file({"w": torch.zeros(10)})
+    vllm_engine.remove_orphaned_weight_files([tmp_path])
+    assert theirs.exists() and Path(mine).exists()  # both writers alive
+    writer.kill()
+    writer.wait()
+    vllm_engine.remove_orphaned_weight_files([tmp_path])
+    assert theirs.exists()  # just written: its writer may not have locked it yet
+    vllm_engine.remove_orphaned_weight_files([tmp_path], quiet_seconds=0)
+    assert not theirs.exists() and Path(mine).exists()
+    os.unlink(mine)
+    os.close(lock)

@@ -247,6 +247,84 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
         assert err.startswith("spin-fast: ") and message in err and "Traceback" not in err, (command, err)
 
 
+def test_sigterm_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_model, tmp_path, capsys,
+                                                                             monkeypatch):
+    """SIGTERM in iteration 0's first generation part (of 2: save_every_prompts=4): `spin-fast run` saves the part
+    and exits with 128 + 15. Started again, SIGTERM in the first training step (of 2; without save_every no
+    checkpoint is due before the end): it saves checkpoint-1 and exits. The third start finishes, with the pairs,
+    byte for byte, and the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from spin_fast.cli import main
+
+    def command(name):
+        return ["run", str(write_yaml(sft_model, tmp_path / f"{name}.yaml", tmp_path / name)),
+                "--set", "save_every_prompts=4"]
+
+    assert main(command("straight")) == 0
+    real_generate, real_step = TransformersEngine.generate, Trainer.train_step
+
+    def signalled(real):
+        def wrapped(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once (the main thread), in the middle of the work
+            return real(*args, **kwargs)
+        return wrapped
+
+    capsys.readouterr()
+    monkeypatch.setattr(TransformersEngine, "generate", signalled(real_generate))
+    assert main(command("stopped")) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after part 1 of 2 of iteration 0 generation" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "stopped" / "iter-0" / "generate" / "parts").glob("*.jsonl")] == [
+        "000000000-000000004.jsonl"]
+    monkeypatch.setattr(TransformersEngine, "generate", real_generate)
+    monkeypatch.setattr(Trainer, "train_step", signalled(real_step))
+    assert main(command("stopped")) == 128 + signal.SIGTERM
+    train_dir = tmp_path / "stopped" / "iter-0" / "train"
+    assert f"after spin training step 1 of 2, saved in {train_dir / 'checkpoint-1'}" in capsys.readouterr().err
+    assert [p.name for p in train_dir.glob("checkpoint-*")] == ["checkpoint-1"]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(command("stopped")) == 0
+    for t in (0, 1):
+        assert ((tmp_path / "stopped" / f"iter-{t}" / "generate" / "pairs.jsonl").read_bytes()
+                == (tmp_path / "straight" / f"iter-{t}" / "generate" / "pairs.jsonl").read_bytes())
+    steps = [json.loads(line)["step"] for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the stopped step is not redone
+    weights = {}
+    for name in ("straight", "stopped"):
+        summary = json.loads((tmp_path / name / "summary.jsonl").read_text().splitlines()[-1])
+        weights[name] = load_file(f"{summary['checkpoint']}/model.safetensors")
+    for name in weights["straight"]:
+        assert torch.equal(weights["stopped"][name], weights["straight"][name]), name
+
+
+def test_an_error_after_a_signal_is_reported_as_the_stop(sft_model, tmp_path, capsys, monkeypatch):
+    """Sent to the whole process group, the signal also ends vLLM's engine core, whose end reaches the run as an
+    error before any safe point: that is reported as the stop (exit 128 + 15), not as a crash. Without a signal
+    the same error stays a crash, with its traceback."""
+    import os
+    import signal
+
+    from spin_fast.cli import main
+
+    config = str(write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run"))
+
+    def engine_ended(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("EngineCore encountered an issue")  # what vLLM raises when its engine core is gone
+
+    monkeypatch.setattr(TransformersEngine, "generate", engine_ended)
+    assert main(["run", config]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM (RuntimeError: EngineCore encountered an issue)" in capsys.readouterr().err
+
+    def engine_failed(self, *args, **kwargs):
+        raise RuntimeError("EngineCore encountered an issue")
+
+    monkeypatch.setattr(TransformersEngine, "generate", engine_failed)
+    with pytest.raises(RuntimeError, match="EngineCore"):
+        main(["run", config])
+
+
 def test_console_script_is_installed():
     import subprocess
     import sys

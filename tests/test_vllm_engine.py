@@ -8,7 +8,10 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +148,20 @@ def test_sampling_many_seeded_prompts_beyond_one_step(setup):
     first = engine.generate(many, sampling)
     assert engine.generate(many, sampling) == first
     assert engine.generate([many[100]], SamplingConfig(temperature=1.0, max_new_tokens=8, seed=103)) == [first[100]]
+
+
+def test_the_engine_outlives_a_warning_sent_to_the_process_group(setup):
+    """Slurm's SIGUSR1 warning goes to every process of the job step (torchrun's forwarding too, to each worker's
+    group), vLLM's engine processes included. They block it and go on generating; the run itself stops at its
+    next safe point. (Last in the module: without the block, the engine would be gone.)"""
+    engine, model, _, prompts, eos = setup
+    usr1, pids = 1 << (signal.SIGUSR1 - 1), engine.worker_pids()
+    for pid in pids:
+        blocked = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("SigBlk:"))
+        assert int(blocked.split()[1], 16) & usr1, blocked
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)
+    for pid in pids:  # generation would wait forever on a dead engine: checked alive first
+        assert Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    assert vllm_greedy(engine, prompts) == hf_greedy(model, prompts, eos)

@@ -8,17 +8,20 @@ On GPUs, vLLM's weight-transfer API (NCCL / CUDA IPC) would skip the copy throug
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from spin_fast import distributed
+from spin_fast import distributed, stopping
 from spin_fast.generation.base import Completion, SamplingConfig
 
 _SHM = Path("/dev/shm")
@@ -89,6 +92,55 @@ def share_requests(prompts: Sequence[Sequence[int]], indices: Sequence[int], gro
     return every_prompt, every_index, slice(start, start + len(prompts))
 
 
+def weight_dirs() -> list[Path]:
+    """Where weight files go: RAM (/dev/shm) when it has room, else the temporary directory."""
+    return [_SHM, Path(tempfile.gettempdir())] if _SHM.is_dir() else [Path(tempfile.gettempdir())]
+
+
+def write_weight_file(tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """A safetensors file in RAM (/dev/shm) when there is room, else in the temporary directory, and an open
+    descriptor holding a shared lock on it until the caller removes the file and closes the descriptor."""
+    from safetensors.torch import save_file
+
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    dirs = weight_dirs()
+    directory = dirs[0] if shutil.disk_usage(dirs[0]).free > 2 * size else dirs[-1]
+    fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="spin-weights-", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, path)  # a new file under the name: locked once written
+        lock = os.open(path, os.O_RDONLY)
+    except BaseException:
+        os.unlink(path)
+        raise
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    return path, lock
+
+
+def remove_orphaned_weight_files(directories: Sequence[Path], quiet_seconds: float = 60.0) -> None:
+    """Remove the weight files of processes killed while they swapped weights (SIGKILL, the OOM killer), each a
+    copy of a model left in RAM: those no process holds a lock on (a lock goes with its process, however it ends)
+    and, so as to spare a file written a moment ago and not yet locked, unchanged for `quiet_seconds`."""
+    for path in (p for directory in directories for p in directory.glob("spin-weights-*.safetensors")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # removed meanwhile (by its writer, by another rank's sweep), or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its writer is alive
+            continue
+        else:
+            status = os.fstat(fd)
+            if time.time() - status.st_mtime > quiet_seconds:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    log.warning("removed %s (%.1f GB), left by a process killed while it swapped weights", path,
+                                status.st_size / 1e9)
+        finally:
+            os.close(fd)
+
+
 class VllmEngine:
     """spin_fast.generation.Engine on vLLM: token-id prompts in, completions out, weights swapped in memory."""
 
@@ -110,17 +162,20 @@ class VllmEngine:
         # before the engine is built).
         self._group = (tensor_parallel_group(tensor_parallel_size)
                        if executor == "external_launcher" and tensor_parallel_size > 1 else None)
-        self._llm = LLM(
-            model=str(model_dir), dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self._sleep_mode, seed=seed,
-            enforce_eager=self._on_cpu,  # no CUDA graphs / torch.compile warm-up on the CPU build
-            # The CPU build's seeded sampling fails on a prompt cut across engine steps ("CPU Generator does not use
-            # offset": it rewinds the generator of the cut request, which only CUDA generators allow). Unchunked,
-            # every prompt is prefilled whole.
-            enable_chunked_prefill=False if self._on_cpu else None,
-            worker_extension_cls=_EXTENSION,
-            distributed_executor_backend=executor,  # None: vLLM's choice
-        )
+        remove_orphaned_weight_files(weight_dirs())
+        with stopping.warning_blocked():  # the engine's processes, started here, inherit the block
+            self._llm = LLM(
+                model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
+                tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=self._sleep_mode, seed=seed,
+                enforce_eager=self._on_cpu,  # no CUDA graphs / torch.compile warm-up on the CPU build
+                # The CPU build's seeded sampling fails on a prompt cut across engine steps ("CPU Generator does not
+                # use offset": it rewinds the generator of the cut request, which only CUDA generators allow).
+                # Unchunked, every prompt is prefilled whole.
+                enable_chunked_prefill=False if self._on_cpu else None,
+                worker_extension_cls=_EXTENSION,
+                distributed_executor_backend=executor,  # None: vLLM's choice
+            )
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._closed = False
@@ -179,7 +234,7 @@ class VllmEngine:
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
-        path = self._write_weights(tensors) if writer else None
+        path, lock = write_weight_file(tensors) if writer else (None, None)
         del tensors
         try:
             if distributed.initialized():  # each rank loads the file of its node's first rank
@@ -191,24 +246,9 @@ class VllmEngine:
             finally:  # even when a peer failed: the file holds a copy of the model in RAM (/dev/shm)
                 if writer:
                     os.unlink(path)
+                    os.close(lock)
         # Prefix caching would otherwise serve KV computed with the old weights.
         self._llm.reset_prefix_cache()
-
-    @staticmethod
-    def _write_weights(tensors: dict[str, torch.Tensor]) -> str:
-        """A safetensors file in RAM (/dev/shm) when there is room, else in the temporary directory."""
-        from safetensors.torch import save_file
-
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        directory = _SHM if _SHM.is_dir() and shutil.disk_usage(_SHM).free > 2 * size else None
-        fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="spin-weights-", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, path)
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path
 
     def worker_pids(self) -> list[int]:
         """The process id of each worker: unchanged across swaps, since the engine is never restarted."""

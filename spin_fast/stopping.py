@@ -1,0 +1,109 @@
+"""Stopping a run early without losing its work: SIGTERM (what schedulers send before they kill: Slurm at the
+time limit, scancel or preemption; Kubernetes on eviction; torchrun and the deepspeed launcher pass it on) and
+SIGUSR1 (Slurm's `--signal=USR1@<seconds>` warning) end the run at its next safe point, with that point's work
+saved, and the same command resumes it.
+
+Safe points are where the ranks are in step: after each training step (a checkpoint is saved there) and after
+each saved part of generation and scoring. While the run is between safe points (a `safe_points()` block), the
+signal handler only records the signal, and at each safe point the ranks agree, in one collective, whether any
+of them got one, so that a signal to a single rank stops them all at the same point. Elsewhere (loading a model,
+writing a stage's file) and on a second signal, the handler raises at once: the `finally` blocks still run (the
+engine shuts down, the weight file leaves /dev/shm), as they would not on the signal's default action.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+from spin_fast import distributed
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received: list[int] = []  # this process's signals, in order
+_depth = 0  # nesting of safe_points() blocks
+
+
+class Stopped(BaseException):
+    """The run stopped on a signal. A BaseException, like KeyboardInterrupt: no `except Exception` on the way
+    up takes it for an error. `agreed`: every rank stopped at the same safe point (and can leave together)."""
+
+    def __init__(self, signum: int, where: str, agreed: bool):
+        self.signum, self.where, self.agreed = signum, where, agreed
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by the signal
+
+
+@contextlib.contextmanager
+def signals_handled() -> Iterator[None]:
+    """Handle SIGNALS as this module says for the block (the main thread only: Python allows no other), then
+    put the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()
+
+
+def _handle(signum: int, frame) -> None:
+    _received.append(signum)
+    name = signal.Signals(signum).name
+    if _depth == 0:
+        raise Stopped(signum, "while no safe point was near (its work since the last saved part or checkpoint is "
+                              "redone)", agreed=False)
+    if len(_received) > 1:
+        raise Stopped(signum, "at once (a second signal)", agreed=False)
+    log.warning("%s: stopping at the next safe point (the end of this training step or of this part of the stage) "
+                "with its work saved; a second signal stops at once", name)
+
+
+@contextlib.contextmanager
+def safe_points(what: str) -> Iterator[None]:
+    """A loop whose passes end at safe points (each calls `reached()`), run in step by every rank: a signal in
+    the block waits for the next one. The block's end is one more: a signal after the last pass's stops there."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+    signum = reached() if _depth == 0 else 0
+    if signum:
+        raise Stopped(signum, f"at the end of {what}", agreed=True)
+
+
+def reached() -> int:
+    """At a safe point, on every rank: the signal any rank got (its number; the largest when several), else 0."""
+    return distributed.all_reduce_max(pending(), "the ranks' stop signals")
+
+
+def pending() -> int:
+    """The signal this process got (its number), else 0."""
+    return _received[0] if _received else 0
+
+
+@contextlib.contextmanager
+def warning_blocked() -> Iterator[None]:
+    """SIGUSR1 blocked in this thread for the block. Processes started in it inherit the block and outlive a
+    warning sent to the whole process group (Slurm's, or torchrun's to each worker's group), which would end them
+    on the spot: vLLM's engine core, whose end nobody would then report to the generation waiting on it. Here
+    the signal waits for the block's end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -1,0 +1,45 @@
+"""Signals that stop a run: where they take effect, on one process (two ranks: test_distributed.py)."""
+
+import os
+import signal
+
+import pytest
+
+from spin_fast import stopping
+
+
+def send(signum: int) -> None:
+    os.kill(os.getpid(), signum)  # Python runs the handler in the main thread before the next line
+
+
+def test_away_from_safe_points_a_signal_stops_at_once_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped) as stopped:
+            send(signal.SIGTERM)
+    assert not stopped.value.agreed and stopped.value.exit_status == 143
+    assert "stopped by SIGTERM while no safe point was near" in str(stopped.value)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_between_safe_points_a_signal_waits_for_the_next_one_and_a_second_stops_at_once():
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped, match="stopped by SIGTERM at once"):
+        with stopping.safe_points("the test's loop"):
+            assert stopping.reached() == 0
+            send(signal.SIGUSR1)
+            assert stopping.reached() == signal.SIGUSR1  # recorded, not raised
+            send(signal.SIGTERM)
+
+
+def test_a_signal_after_the_last_safe_point_stops_at_the_end_of_the_block():
+    with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped, match="stopped by SIGUSR1 at the end of the test's loop") as stopped:
+            with stopping.safe_points("the test's loop"):
+                send(signal.SIGUSR1)
+        assert stopped.value.agreed
+
+
+def test_without_handlers_the_safe_points_find_no_signal():
+    """Code that uses the Trainer without the command's handlers (bench/, a user's script) runs as before."""
+    with stopping.safe_points("a loop"):
+        assert stopping.reached() == 0
