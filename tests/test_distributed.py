@@ -414,9 +414,14 @@ HELD_OUT = [("What is three plus four?", "Seven."), ("Name a colour.", "Blue."),
             ("What is ice made of?", "Frozen water.")]
 
 
-def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, launcher: str = "torchrun",
-                      command: str = "run", script: Path | None = None, verbose: bool = False
+def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, **options
                       ) -> subprocess.CompletedProcess:
+    """`spin-fast COMMAND` on the test settings, run to its end (spin_fast_argv's options)."""
+    return run_launched(spin_fast_argv(run, sft_model, processes, *extra, **options))
+
+
+def spin_fast_argv(run: Path, sft_model: Path, processes: int, *extra: str, launcher: str = "torchrun",
+                   command: str = "run", script: Path | None = None, verbose: bool = False) -> list[str]:
     """`spin-fast COMMAND` on the test settings, on one process or under a launcher (torchrun runs `script` in
     place of spin-fast's module when given); verbose: every rank logs, not only rank 0."""
     settings = [
@@ -438,7 +443,7 @@ def spin_fast_command(run: Path, sft_model: Path, processes: int, *extra: str, l
     argv += [command, "/dev/null", *(["--verbose"] if verbose else [])]
     for setting in settings:
         argv += ["--set", setting]
-    return run_launched(argv)
+    return argv
 
 
 @pytest.fixture(scope="module")
@@ -608,6 +613,38 @@ def test_deepspeed_launcher_and_resume_with_the_same_command(tmp_path, sft_model
     again = spin_fast_command(tmp_path, sft_model, 2, "iterations=1", launcher="deepspeed")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "iter-0/generate/manifest.json").read_text()) == manifest
+
+
+def test_the_slurm_warning_through_torchrun_stops_both_ranks_and_the_run_resumes(tmp_path, sft_model, held_out,
+                                                                                   runs):
+    """SIGUSR1 to torchrun, as slurm.sbatch's `--signal=USR1@600` sends it, with the script's torchrun settings:
+    torchrun passes it on, both ranks stop at one safe point with exit status 128 + 10, and the same command
+    resumes the run to the results of an uninterrupted one."""
+    import re
+    import signal
+    import time
+
+    script = (ROOT / "configs" / "launch" / "slurm.sbatch").read_text()
+    settings = dict(re.findall(r"(PET_\w+)=(\S+)", script))
+    assert set(settings) == {"PET_SIGNALS_TO_HANDLE", "PET_SHUTDOWN_TIMEOUT"} and "--signal=USR1@" in script
+    argv = spin_fast_argv(tmp_path, sft_model, 2, f"data.eval_source={held_out}", "save_every_prompts=1")
+    env = {**os.environ, **settings, "OMP_NUM_THREADS": "1"}
+    torchrun = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("iter-0/generate/parts/*.jsonl")):  # one prompt's part of six saved
+        assert torchrun.poll() is None and time.time() < deadline, torchrun.communicate()[1][-3000:]
+        time.sleep(0.05)
+    torchrun.send_signal(signal.SIGUSR1)
+    out, err = torchrun.communicate(timeout=300)
+    assert torchrun.returncode != 0
+    for rank in (0, 1):  # each rank got the signal from torchrun ...
+        assert f"[rank {rank}] WARNING spin_fast.stopping: SIGUSR1: stopping at the next safe point" in err, err
+    assert "spin-fast: stopped by SIGUSR1" in err, err  # ... and stopped (at one point: tested above)
+    assert "Unable to shutdown process" not in err  # on their own, before torchrun's SIGKILL
+    assert not (tmp_path / "summary.jsonl").exists() or len((tmp_path / "summary.jsonl").read_text().splitlines()) < 2
+    done = spin_fast_command(tmp_path, sft_model, 2, f"data.eval_source={held_out}", "save_every_prompts=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path, runs["one"], sft_model)
 
 
 def test_slurm_example_is_valid_bash():
