@@ -108,12 +108,12 @@ def write_weight_file(tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
     fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="spin-weights-", dir=directory)
     os.close(fd)
     try:
-        save_file(tensors, path)  # a new file under the name: locked once written
+        save_file(tensors, path)  # safetensors puts a new file under the name: it is locked once written
         lock = os.open(path, os.O_RDONLY)
+        fcntl.flock(lock, fcntl.LOCK_SH)
     except BaseException:
         os.unlink(path)
         raise
-    fcntl.flock(lock, fcntl.LOCK_SH)
     return path, lock
 
 
