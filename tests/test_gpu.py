@@ -276,3 +276,23 @@ def test_deepspeed_zero_over_nccl_matches_plain_training(tmp_path, stage, dtype)
         losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                   for run in ("zero", "plain")]
         assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-2)
+
+
+def test_a_signal_stops_zero_over_nccl_at_a_checkpoint_it_resumes_from(tmp_path):
+    """The stop's agreement is an all-reduce on a CUDA tensor under NCCL: SIGTERM in step 2 gives checkpoint-2,
+    from which the same command ends with the weights of plain training on the GPU."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    from safetensors.torch import load_file
+    from test_distributed import assert_same_weights, final_weights, launch
+
+    plain = launch(tmp_path / "plain", "--device", "cuda", processes=1)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    args = ("--deepspeed", "--zero-stage", "3", "--save-every", "0")
+    stopped = launch(tmp_path / "zero", *args, "--signal-at-step", "2", processes=1, torchrun=True)
+    assert stopped.returncode != 0
+    assert "rank 0: stopped by SIGTERM after spin training step 2 of 4" in stopped.stdout, stopped.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "zero").glob("checkpoint-*")] == ["checkpoint-2"]
+    done = launch(tmp_path / "zero", *args, processes=1, torchrun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = load_file(tmp_path / "plain" / "checkpoint-1" / "model.safetensors")
+    assert_same_weights(final_weights(tmp_path / "zero"), final_weights(tmp_path / "plain"), start)
