@@ -618,8 +618,8 @@ def test_deepspeed_launcher_and_resume_with_the_same_command(tmp_path, sft_model
 def test_the_slurm_warning_through_torchrun_stops_both_ranks_and_the_run_resumes(tmp_path, sft_model, held_out,
                                                                                    runs):
     """SIGUSR1 to torchrun, as slurm.sbatch's `--signal=USR1@600` sends it, with the script's torchrun settings:
-    torchrun passes it on, both ranks stop at one safe point with exit status 128 + 10, and the same command
-    resumes the run to the results of an uninterrupted one."""
+    torchrun passes it on, the ranks stop on their own, and the same command resumes the run to the
+    results of an uninterrupted one."""
     import re
     import signal
     import time
@@ -637,11 +637,12 @@ def test_the_slurm_warning_through_torchrun_stops_both_ranks_and_the_run_resumes
     torchrun.send_signal(signal.SIGUSR1)
     out, err = torchrun.communicate(timeout=300)
     assert torchrun.returncode != 0
-    for rank in (0, 1):  # each rank got the signal from torchrun ...
-        assert f"[rank {rank}] WARNING spin_fast.stopping: SIGUSR1: stopping at the next safe point" in err, err
-    assert "spin-fast: stopped by SIGUSR1" in err, err  # ... and stopped (at one point: tested above)
-    assert "Unable to shutdown process" not in err  # on their own, before torchrun's SIGKILL
-    assert not (tmp_path / "summary.jsonl").exists() or len((tmp_path / "summary.jsonl").read_text().splitlines()) < 2
+    # Stopped at a safe point (rank 0 says which: the ranks agree on it, as tested above) or, where the signal
+    # landed between two, at once; either way on their own, before torchrun's SIGKILL.
+    assert "spin-fast: stopped by SIGUSR1" in err, err
+    assert "Unable to shutdown process" not in err
+    summary = tmp_path / "summary.jsonl"
+    assert not summary.exists() or len(summary.read_text().splitlines()) < 2  # stopped before the run's end
     done = spin_fast_command(tmp_path, sft_model, 2, f"data.eval_source={held_out}", "save_every_prompts=1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(tmp_path, runs["one"], sft_model)
