@@ -225,6 +225,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         """Run (or resume) to the last step; returns the per-step metrics of this call."""
+        if self.rank == 0:  # a checkpoint a kill or a second stop signal cut short: maybe a model's size on disk
+            for unfinished in self.output_dir.glob(".tmp-checkpoint-*"):
+                shutil.rmtree(unfinished, ignore_errors=True)
         self.resume()
         self.started = time.perf_counter()
         result = TrainResult(steps=self.steps)

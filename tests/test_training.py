@@ -194,6 +194,17 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # step 3 redone, logged once
 
 
+def test_a_checkpoint_cut_short_is_removed(tmp_path):
+    """A kill (or a second stop signal) in the middle of writing checkpoint-5 leaves .tmp-checkpoint-5, which a
+    resume from an earlier checkpoint may never write again (save_every may differ, or 5 was a stop's step)."""
+    scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
+    cut_short = tmp_path / ".tmp-checkpoint-5"
+    cut_short.mkdir()
+    (cut_short / "model.safetensors").write_bytes(b"half a model")
+    result = Trainer(make_model(), None, config(), tmp_path, scored).train()
+    assert not cut_short.exists() and result.final_dir.name == f"checkpoint-{result.steps}"
+
+
 def test_sft_mode_loss_is_token_mean_cross_entropy_and_falls(tmp_path):
     model = make_model()
     examples = [Sequence(p.prompt_ids, p.real_ids) for p in random_pairs(4)]
