@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -73,20 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
-        except stopping.Stopped as stop:  # SIGTERM or SIGUSR1: the work up to `stop.where` is saved
-            if distributed.is_main() or not stop.agreed:
-                print(f"spin-fast: {stop}; the same command resumes the run", file=sys.stderr)
-            if stop.agreed:  # every rank is here
-                distributed.shutdown()
-            return stop.exit_status
+        except stopping.Stopped as stop:  # SIGTERM or SIGUSR1: the work its message names is saved
+            return report_stop(stop)
         except Exception as error:
             logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
-            signum = stopping.pending()
-            if signum:  # sent to the process group, the signal ended helpers too (vLLM's engine core): their end
-                # surfaced here as an error, before the next safe point
-                print(f"spin-fast: stopped by {signal.Signals(signum).name} ({type(error).__name__}: {error}); the "
-                      "same command resumes the run", file=sys.stderr)
-                return 128 + signum
+            if stopping.pending():  # sent to the process group, the signal ended helpers too (vLLM's engine
+                # core): their end surfaced here as an error, before the next safe point
+                return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
+                                                    agreed=False))
             if not isinstance(error, (ValueError, OSError, yaml.YAMLError)):
                 raise
             print(f"spin-fast: {error}", file=sys.stderr)
@@ -94,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status
+
+
+def report_stop(stop) -> int:
+    """Say where the run stopped (rank 0 alone when every rank stopped at one safe point); the exit status."""
+    from spin_fast import distributed
+
+    if distributed.is_main() or not stop.agreed:
+        print(f"spin-fast: {stop}; the same command resumes the run", file=sys.stderr)
+    if stop.agreed:  # every rank is here
+        distributed.shutdown()
+    return stop.exit_status
 
 
 def run_command(args, config) -> int:

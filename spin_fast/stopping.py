@@ -32,7 +32,7 @@ class Stopped(BaseException):
     up takes it for an error. `agreed`: every rank stopped at the same safe point (and can leave together)."""
 
     def __init__(self, signum: int, where: str, agreed: bool):
-        self.signum, self.where, self.agreed = signum, where, agreed
+        self.signum, self.agreed = signum, agreed
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
 
     @property

@@ -92,6 +92,11 @@ def share_requests(prompts: Sequence[Sequence[int]], indices: Sequence[int], gro
     return every_prompt, every_index, slice(start, start + len(prompts))
 
 
+def writes_node_files() -> bool:
+    """This rank writes its node's weight files: the node's first rank (every process, when not launched)."""
+    return distributed.node_first_rank() == distributed.rank() or not distributed.initialized()
+
+
 def weight_dirs() -> list[Path]:
     """Where weight files go: RAM (/dev/shm) when it has room, else the temporary directory."""
     return [_SHM, Path(tempfile.gettempdir())] if _SHM.is_dir() else [Path(tempfile.gettempdir())]
@@ -162,7 +167,8 @@ class VllmEngine:
         # before the engine is built).
         self._group = (tensor_parallel_group(tensor_parallel_size)
                        if executor == "external_launcher" and tensor_parallel_size > 1 else None)
-        remove_orphaned_weight_files(weight_dirs())
+        if writes_node_files():  # one sweep per node
+            remove_orphaned_weight_files(weight_dirs())
         with stopping.warning_blocked():  # the engine's processes, started here, inherit the block
             self._llm = LLM(
                 model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
@@ -220,7 +226,7 @@ class VllmEngine:
         Under a launcher every rank iterates `weights` (gathering ZeRO-3 shards is a collective), but only the
         first rank of each node keeps the tensors and writes the file, which every engine on the node loads:
         one copy of the model in host memory per node, not one per rank."""
-        writer = distributed.node_first_rank() == distributed.rank() or not distributed.initialized()
+        writer = writes_node_files()
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in weights:
