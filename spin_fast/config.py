@@ -56,7 +56,8 @@ class TrainConfig:
     share_prompts: bool = True  # a pair's prompt computed once for both responses (needs spin_varlen attention)
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
-    tensorboard: bool = False
+    tensorboard: bool = False  # metrics also to TensorBoard, in the training's folder
+    wandb: bool = False  # metrics also to Weights & Biases (its WANDB_* environment settings apply)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -155,6 +155,20 @@ def from_main(obj: Any, what: str) -> Any:
     except Exception as error:  # noqa: BLE001
         raise RuntimeError(f"rank {rank()}: receiving '{what}' from rank 0 failed: {error}") from error
     return box[0]
+
+
+def checked_on_main(check: Callable[[], Any], what: str) -> Any:
+    """`check()` run on rank 0 alone, its result on every rank; a ValueError it raises is raised on every rank, so
+    that a refusal rank 0 alone can see (its files, its login) stops them all at once instead of leaving the
+    others waiting in their next collective."""
+    try:
+        checked = (check() if is_main() else None, None)
+    except ValueError as error:
+        checked = (None, str(error))
+    result, refused = from_main(checked, what)
+    if refused:
+        raise ValueError(refused)
+    return result
 
 
 @contextlib.contextmanager

@@ -43,7 +43,8 @@ from spin_fast.data import Example, TokenizedExample, cut_response, load_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
-from spin_fast.training import Trainer, uses_deepspeed
+from spin_fast.tracking import check_trackers
+from spin_fast.training import RESUMABLE_CHANGES, Trainer, uses_deepspeed
 from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
@@ -212,16 +213,13 @@ class SelfPlay:
                              f"got {until}")
         if self.distributed:
             distributed.init(self.config.deepspeed.timeout_minutes)
-        # Rank 0 reads the run directory; a config it refuses stops every rank at once, with its message.
-        try:
-            checked = (self._saved_config(), None) if distributed.is_main() else None
-        except ValueError as error:
-            checked = (None, str(error))
-        saved_config, refused = distributed.from_main(checked, "the run directory's config")
-        if refused:
-            raise ValueError(refused)
         # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
         iterations = range(self.config.iterations if until is None else until[0] + 1)
+        # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
+        # generation; what it refuses stops every rank at once.
+        saved_config = distributed.checked_on_main(self._saved_config, "the run directory's config")
+        trainings = [self.config.for_iteration(t).train for t in iterations]
+        distributed.checked_on_main(lambda: [check_trackers(train) for train in trainings], "the trackers' check")
         examples = {}
         with distributed.main_first("the model and data, from the Hub"):
             tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
@@ -308,7 +306,8 @@ class SelfPlay:
         """θt -> θt+1 on the scored pairs (resuming from train_dir's checkpoints)."""
         if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
             self.engine.sleep()
-        trainer = Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed)
+        trainer = Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed,
+                          name=f"{self.run_dir.resolve().name}/{train_dir.parent.name}")
         try:
             return trainer.train()
         finally:
@@ -484,7 +483,7 @@ class SelfPlay:
 
 
 # Settings a run directory may be resumed with changed: they change no finished stage's result.
-CHANGEABLE = ("iterations", "train.progress", "deepspeed.timeout_minutes")
+CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", *(f"train.{name}" for name in RESUMABLE_CHANGES))
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

@@ -12,9 +12,9 @@ world size.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
-import json
 import logging
 import math
 import os
@@ -37,12 +37,13 @@ from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import can_share_prompts, disable_dropout, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
+from spin_fast.tracking import MetricsLog, check_trackers
 from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 # Settings a checkpoint may be resumed with changed: how progress is shown and saved, not what is trained.
-RESUMABLE_CHANGES = ("progress", "tensorboard", "save_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("progress", "tensorboard", "wandb", "save_every", "keep_checkpoints")
 
 
 class TrainingDiverged(RuntimeError):
@@ -152,11 +153,12 @@ class Trainer:
     With DeepSpeed (`deepspeed` settings, used by default when launched with several processes) every
     rank constructs a Trainer with the same items; under ZeRO-3 `model` ends partitioned across ranks,
     and the trained weights are in the consolidated checkpoint `train()` returns. `release()` then frees
-    the model from DeepSpeed's engine.
+    the model from DeepSpeed's engine. `name` is the training's in W&B ("<group>/<run>", default: output_dir).
     """
 
     def __init__(self, model, tokenizer, config: TrainConfig, output_dir: str | Path,
-                 items: Seq[ScoredPair] | Seq[Sequence], deepspeed: DeepSpeedConfig | None = None):
+                 items: Seq[ScoredPair] | Seq[Sequence], deepspeed: DeepSpeedConfig | None = None,
+                 name: str | None = None):
         self.model, self.tokenizer, self.config, self.items = model, tokenizer, config, list(items)
         self.output_dir = Path(output_dir)
         self.start_model = getattr(model, "name_or_path", "")  # where the weights were loaded from, if from disk
@@ -189,13 +191,11 @@ class Trainer:
         self.seconds_before = 0.0  # training time up to the checkpoint this call resumed from
         self.started = time.perf_counter()
         self.device = next(model.parameters()).device
-        self.writer = None
-        if config.tensorboard and self.rank == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        # Rank 0 keeps the metrics: metrics.jsonl, and TensorBoard or W&B when the config asks.
+        distributed.checked_on_main(lambda: check_trackers(config), "the trackers' check")
+        details = {"items": len(self.items), "steps": self.steps, "world_size": self.world}
+        self.metrics_log = (MetricsLog(self.output_dir, config, name or str(self.output_dir), details)
+                            if self.rank == 0 else None)
 
     def check_items(self) -> None:
         """Every item up front, named by its index: a bad one found at its step would end a run hours in."""
@@ -234,11 +234,12 @@ class Trainer:
         self.loss_module.train()
         bar = tqdm(total=self.steps, initial=self.step, desc=f"{self.config.mode} training", unit="step",
                    disable=not self.config.progress or self.rank != 0)
-        with stopping.safe_points(f"{self.config.mode} training"):
+        with stopping.safe_points(f"{self.config.mode} training"), self.closing_metrics_log():
             while self.step < self.steps:
                 metrics = self.train_step()
                 result.history.append(metrics)
-                self.log(metrics)
+                if self.metrics_log is not None:
+                    self.metrics_log.write(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 signum = stopping.reached()
@@ -350,15 +351,13 @@ class Trainer:
         max_norm = self.config.max_grad_norm or float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def log(self, metrics: dict) -> None:
-        if self.rank != 0:
-            return
-        with (self.output_dir / "metrics.jsonl").open("a") as out:
-            out.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if name != "step":
-                    self.writer.add_scalar(f"train/{name}", value, metrics["step"])
+    @contextlib.contextmanager
+    def closing_metrics_log(self):
+        try:
+            yield
+        finally:  # a stop or an error too: W&B's run is finished, TensorBoard's file flushed
+            if self.metrics_log is not None:
+                self.metrics_log.close()
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_dirs(self) -> list[Path]:
@@ -484,18 +483,10 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_state, self.device)
         self.step = state["step"]
         self.seconds_before = state.get("seconds", 0.0)
-        if self.rank == 0:
-            self.forget_metrics_after(self.step)
+        if self.metrics_log is not None:
+            self.metrics_log.forget_after(self.step)
         log.info("resumed from %s at step %d of %d", latest, self.step, self.steps)
 
-    def forget_metrics_after(self, step: int) -> None:
-        """Drop the log lines of steps the kill interrupted before their checkpoint: they are redone."""
-        path = self.output_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
 
 
 def items_fingerprint(items: Seq[ScoredPair] | Seq[Sequence]) -> str:

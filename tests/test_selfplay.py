@@ -151,8 +151,10 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     differences = r"differs in generation.top_k \(saved 0, now 5\); train.beta \(saved 0.1, now 0.2\)"
     with pytest.raises(ValueError, match=differences):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2", "generation.top_k=5")).run()
-    # More iterations (and progress bars) change no finished stage: the run goes on, and its config says so.
-    summaries = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "train.progress=true")).run()
+    # More iterations, progress bars, checkpoints and trackers change no finished stage: the run goes on, and its
+    # config says so.
+    summaries = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "train.progress=true",
+                                    "train.save_every=1", "train.keep_checkpoints=3", "train.tensorboard=true")).run()
     assert len(summaries) == 2 and "iterations: 2" in (tmp_path / "run" / "config.yaml").read_text()
     # A run started before a setting existed goes on under a newer spin-fast while the setting is at its default.
     saved = tmp_path / "run" / "config.yaml"

@@ -1,0 +1,154 @@
+"""Where a training's per-step metrics go, on rank 0: metrics.jsonl in its output folder (always: the run's own
+record, trimmed on resume to the checkpoint it resumes from), TensorBoard (train.tensorboard) and Weights & Biases
+(train.wandb).
+
+W&B keeps its usual environment settings (WANDB_PROJECT, default "spin-fast"; WANDB_ENTITY, WANDB_MODE,
+WANDB_DIR, ...). Each training is one W&B run: named "<SPIN run>/iter-<t>" (or "<SPIN run>/sft"), grouped by its
+SPIN run, with the training settings as its config; its id is kept in the output folder, so a resumed training
+goes on in the same W&B run. A tracker that fails midway (its service killed, the network gone) is dropped with
+a warning, not the training: metrics.jsonl still has every step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from packaging.version import Version
+
+from spin_fast.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb-id"
+WANDB_MIN = "0.30"
+# W&B modes that need no login: they write locally (offline) or nothing at all (disabled).
+LOCAL_WANDB_MODES = ("offline", "dryrun", "disabled")
+
+
+def check_trackers(config: TrainConfig) -> None:
+    """The trackers' packages, and a W&B login unless WANDB_MODE keeps W&B local: checked when a run starts, not
+    when its first training does, an hour of generation later."""
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    if config.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(f"train.wandb=true needs the wandb package: pip install 'wandb>={WANDB_MIN}'") from None
+        if Version(wandb.__version__) < Version(WANDB_MIN):  # login's prompt=False
+            raise ValueError(f"train.wandb=true needs wandb>={WANDB_MIN}, this is {wandb.__version__}: pip install "
+                             f"-U 'wandb>={WANDB_MIN}'")
+        # The key from WANDB_API_KEY, W&B's settings or the netrc, unchecked: no prompt, no network.
+        if os.environ.get("WANDB_MODE", "online") not in LOCAL_WANDB_MODES and not wandb.login(verify=False,
+                                                                                               prompt=False):
+            raise ValueError("train.wandb=true, but W&B has no API key here: run `wandb login`, set WANDB_API_KEY, "
+                             "or set WANDB_MODE=offline to keep the W&B runs on disk")
+
+
+class MetricsLog:
+    """One training's metrics: `write` each step's dict (it has "step"); `close` at the end or on the way out.
+    The trackers open at the first write, so a training resumed after its last step opens none. `name` is the
+    W&B run's, "<group>/<run>"; the packages are checked by check_trackers before."""
+
+    def __init__(self, output_dir: Path, config: TrainConfig, name: str, details: dict):
+        self.output_dir, self.config, self.name, self.details = Path(output_dir), config, name, details
+        self.path = self.output_dir / METRICS_FILE
+        self.tensorboard = None
+        self.wandb_run = None
+        self.opened = False
+
+    def forget_after(self, step: int) -> None:
+        """Drop the lines of steps a kill interrupted before their checkpoint: they are redone."""
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(metrics) + "\n")
+        if not self.opened:
+            self.open(first_step=metrics["step"])
+        step = metrics["step"]
+        scalars = {f"train/{name}": value for name, value in metrics.items() if name != "step"}
+        if self.tensorboard is not None:
+            try:
+                for name, value in scalars.items():
+                    self.tensorboard.add_scalar(name, value, step)
+            except Exception as error:  # e.g. its folder's disk full
+                self.drop_tensorboard(error)
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({"train/step": step, **scalars})
+            except Exception as error:  # e.g. its service process killed
+                self.drop_wandb(error)
+
+    def open(self, first_step: int) -> None:
+        self.opened = True
+        if self.config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides what an earlier attempt logged from this step on (it is redone)
+            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=first_step)
+        if self.config.wandb:
+            try:
+                self.wandb_run = self.start_wandb()
+            except Exception as error:  # e.g. W&B's server out of reach
+                self.drop_wandb(error)
+
+    def start_wandb(self):
+        import wandb
+
+        id_file = self.output_dir / WANDB_ID_FILE
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(8) + "\n")  # W&B's id rules: letters and digits
+        group = self.name.rpartition("/")[0]
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-fast"), name=self.name,
+                         group=os.environ.get("WANDB_RUN_GROUP", group or None), id=id_file.read_text().strip(),
+                         resume="allow", config={"train": self.config.to_dict(), **self.details},
+                         dir=os.environ.get("WANDB_DIR", str(self.output_dir)))
+        # The x axis is the training's own step: a resumed run's steps go on from its checkpoint's. Steps a kill
+        # cut off before their checkpoint are logged again when redone (the same values: resuming is exact).
+        run.define_metric("train/*", step_metric="train/step")
+        return run
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.close()
+            except Exception as error:
+                self.drop_tensorboard(error)
+            self.tensorboard = None
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as error:
+                self.drop_wandb(error)
+            self.wandb_run = None
+
+    def drop_tensorboard(self, error: Exception) -> None:
+        self.tensorboard = None
+        self.warn_dropped("TensorBoard", error)
+
+    def drop_wandb(self, error: Exception) -> None:
+        import wandb
+
+        self.wandb_run = None
+        self.warn_dropped("W&B", error)
+        try:  # W&B keeps one service per process: a broken one is forgotten, so the next training starts anew
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - it reports the same broken connection
+            pass
+
+    def warn_dropped(self, tracker: str, error: Exception) -> None:
+        log.warning("%s stopped taking metrics (%s: %s); the training goes on, and %s has every step", tracker,
+                    type(error).__name__, error, self.path)

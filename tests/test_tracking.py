@@ -1,0 +1,167 @@
+"""Metrics to TensorBoard and W&B (offline, its real service): every step of metrics.jsonl, across a kill and its
+resume; a tracker failing midway leaves the training going; a missing W&B login stops a run before its work."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+
+import pytest
+from test_selfplay import run_config, write_yaml
+from test_training import config, make_model, random_pairs
+
+from spin_fast.scoring import score_pairs
+from spin_fast.selfplay import SelfPlay
+from spin_fast.training import Trainer
+
+pytest.importorskip("wandb")
+pytest.importorskip("tensorboard")
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(folder, tag):
+    """(step, value) of one tag, as TensorBoard shows it: what a restart purged is left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def wandb_records(run_file):
+    """The records of an offline W&B run file: a LevelDB-style log (32 KiB blocks; each chunk a 7-byte header of
+    CRC, length, type: full 1, first 2, middle 3, last 4) after the 7-byte ":W&B" header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, chunks, block = run_file.read_bytes(), 7, [], 32768
+    assert data[:4] == b":W&B", run_file
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # a block's zero-filled tail
+            position += left
+            continue
+        chunks.append(data[position + 7:position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record
+
+
+def wandb_runs(folder):
+    """Each offline W&B run in folder/wandb (one per start, oldest first): its run record and its history."""
+    runs = []
+    for run_dir in sorted((folder / "wandb").glob("offline-run-*")):
+        (run_file,) = run_dir.glob("run-*.wandb")
+        records = list(wandb_records(run_file))
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        runs.append((run, history))
+    return runs
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("WANDB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    import wandb
+
+    wandb.teardown()  # W&B keeps its settings (offline) for the process: later tests start from none
+
+
+def test_tensorboard_and_wandb_get_every_step_and_a_resume_goes_on_in_the_same_runs(tmp_path, monkeypatch,
+                                                                                   wandb_offline):
+    scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
+    cfg = config(save_every=2, tensorboard=True, wandb=True)  # 4 steps
+    folder = tmp_path / "train"
+    original_step, calls = Trainer.train_step, []
+
+    def dying_step(self):
+        calls.append(1)
+        if len(calls) == 4:  # killed in step 4: checkpoint-2 exists, step 3 is lost and redone
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_model(), None, cfg, folder, scored, name="my-run/iter-0").train()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    Trainer(make_model(), None, cfg, folder, scored, name="my-run/iter-0").train()
+
+    metrics = read_metrics(folder)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # TensorBoard: the first attempt's step 3 purged, the redone one kept (float32 values).
+    for name in ("loss", "rewards/margins", "lr", "grad_norm"):
+        assert tensorboard_scalars(folder / "tensorboard", f"train/{name}") == [
+            (m["step"], pytest.approx(m[name], rel=1e-6, abs=1e-12)) for m in metrics], name
+
+    # W&B: both starts are one run (its id kept in the folder), named and grouped, with the settings.
+    (first, first_history), (second, second_history) = wandb_runs(folder)
+    run_id = (folder / "wandb-id").read_text().strip()
+    assert first.run_id == second.run_id == run_id and second.resume
+    assert (second.project, second.run_group, second.display_name) == ("spin-fast", "my-run", "my-run/iter-0")
+    settings = {update.key: json.loads(update.value_json) for update in first.config.update}
+    assert settings["train"]["beta"] == cfg.beta and settings["steps"] == 4 and settings["items"] == 6
+    logged = first_history + second_history
+    assert [h["train/step"] for h in logged] == [1, 2, 3, 3, 4]  # step 3 logged again when redone
+    by_step = {h["train/step"]: h for h in logged}
+    for m in metrics:
+        assert by_step[m["step"]]["train/loss"] == pytest.approx(m["loss"], rel=1e-12)
+        assert by_step[m["step"]]["train/rewards/accuracies"] == pytest.approx(m["rewards/accuracies"], rel=1e-12)
+
+
+def test_a_spin_run_and_its_sft_name_their_trainings_in_one_wandb_group(sft_model, tmp_path, wandb_offline):
+    from spin_fast.cli import main
+
+    run_dir = tmp_path / "my-run"
+    SelfPlay(run_config(sft_model, run_dir, "train.wandb=true")).run()  # 2 iterations
+    assert main(["sft", str(write_yaml(sft_model, tmp_path / "run.yaml", run_dir)), "--set", "train.wandb=true"]) == 0
+    for stage, folder in [("iter-0", "iter-0/train"), ("iter-1", "iter-1/train"), ("sft", "sft")]:
+        ((run, history),) = wandb_runs(run_dir / folder)
+        assert (run.run_group, run.display_name) == ("my-run", f"my-run/{stage}")
+        assert [h["train/step"] for h in history] == [m["step"] for m in read_metrics(run_dir / folder)], stage
+
+
+def test_a_tracker_that_fails_midway_is_dropped_and_the_training_goes_on(tmp_path, monkeypatch, wandb_offline,
+                                                                         caplog):
+    scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
+    original_step, calls = Trainer.train_step, []
+
+    def step_then_kill_wandb(self):
+        if len(calls) == 1:  # W&B's service process dies (the OOM killer, a scheduler) after step 1
+            (core,) = subprocess.run(["pgrep", "-P", str(os.getpid()), "wandb-core"], capture_output=True,
+                                     text=True).stdout.split()
+            os.kill(int(core), signal.SIGKILL)
+        calls.append(1)
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_kill_wandb)
+    caplog.set_level("WARNING", logger="spin_fast.tracking")
+    result = Trainer(make_model(), None, config(wandb=True), tmp_path, scored).train()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4] and result.final_dir.exists()
+    assert "W&B stopped taking metrics" in caplog.text and "metrics.jsonl has every step" in caplog.text
+
+
+def test_without_a_wandb_login_a_run_stops_before_it_starts(sft_model, tmp_path, monkeypatch, capsys):
+    from spin_fast.cli import main
+
+    for name in [n for n in os.environ if n.startswith("WANDB_") or n == "NETRC"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no W&B key anywhere
+    run_dir = tmp_path / "run"
+    arguments = ["run", "--set", f"output_dir={run_dir}", "--set", f"model.name_or_path={sft_model / 'model'}",
+                 "--set", f"data.source={sft_model / 'train.jsonl'}", "--set", "train.wandb=true"]
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    assert main([*arguments[:1], str(tmp_path / "empty.yaml"), *arguments[1:]]) == 2
+    error = capsys.readouterr().err
+    assert "train.wandb=true, but W&B has no API key here" in error and "WANDB_MODE=offline" in error
+    assert not (run_dir / "config.yaml").exists()  # refused before the run directory is claimed
