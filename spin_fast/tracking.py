@@ -115,7 +115,10 @@ class MetricsLog:
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-fast"), name=self.name,
                          group=os.environ.get("WANDB_RUN_GROUP", group or None), id=id_file.read_text().strip(),
                          resume="allow", config={"train": self.config.to_dict(), **self.details},
-                         dir=os.environ.get("WANDB_DIR", str(self.output_dir)))
+                         dir=os.environ.get("WANDB_DIR", str(self.output_dir)),
+                         # Off unless asked: W&B's copy of the console hooks sys.stdout, and once its service is
+                         # gone every print of the process would log an error.
+                         settings=wandb.Settings(console=os.environ.get("WANDB_CONSOLE", "off")))
         # The x axis is the training's own step: a resumed run's steps go on from its checkpoint's. Steps a kill
         # cut off before their checkpoint are logged again when redone (the same values: resuming is exact).
         run.define_metric("train/*", step_metric="train/step")

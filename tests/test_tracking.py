@@ -2,10 +2,13 @@
 resume; a tracker failing midway leaves the training going; a missing W&B login stops a run before its work."""
 
 import json
+import logging
 import os
 import signal
 import struct
 import subprocess
+import sys
+import time
 
 import pytest
 from test_selfplay import run_config, write_yaml
@@ -149,6 +152,11 @@ def test_a_tracker_that_fails_midway_is_dropped_and_the_training_goes_on(tmp_pat
     result = Trainer(make_model(), None, config(wandb=True), tmp_path, scored).train()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4] and result.final_dir.exists()
     assert "W&B stopped taking metrics" in caplog.text and "metrics.jsonl has every step" in caplog.text
+    caplog.clear()
+    print("the process goes on printing")  # nothing of W&B still hooked to the console, sending to a dead service
+    sys.stderr.write("and writing to stderr\n")
+    time.sleep(0.5)  # W&B sends from a thread of its own
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 def test_without_a_wandb_login_a_run_stops_before_it_starts(sft_model, tmp_path, monkeypatch, capsys):
