@@ -102,8 +102,9 @@ class MetricsLog:
         if self.config.wandb:
             try:
                 self.wandb_run = self.start_wandb()
-            except Exception as error:  # e.g. W&B's server out of reach
-                self.drop_wandb(error)
+            except Exception as error:  # e.g. W&B's server out of reach, after its 90 s of retries
+                self.drop_wandb(error, advice=" (on nodes without network, set WANDB_MODE=offline and `wandb sync` "
+                                              "the runs later)")
 
     def start_wandb(self):
         import wandb
@@ -142,16 +143,16 @@ class MetricsLog:
         self.tensorboard = None
         self.warn_dropped("TensorBoard", error)
 
-    def drop_wandb(self, error: Exception) -> None:
+    def drop_wandb(self, error: Exception, advice: str = "") -> None:
         import wandb
 
         self.wandb_run = None
-        self.warn_dropped("W&B", error)
+        self.warn_dropped("W&B", error, advice)
         try:  # W&B keeps one service per process: a broken one is forgotten, so the next training starts anew
             wandb.teardown()
         except Exception:  # noqa: BLE001 - it reports the same broken connection
             pass
 
-    def warn_dropped(self, tracker: str, error: Exception) -> None:
-        log.warning("%s stopped taking metrics (%s: %s); the training goes on, and %s has every step", tracker,
-                    type(error).__name__, error, self.path)
+    def warn_dropped(self, tracker: str, error: Exception, advice: str = "") -> None:
+        log.warning("%s stopped taking metrics (%s: %s); the training goes on, and %s has every step%s", tracker,
+                    type(error).__name__, error, self.path, advice)
