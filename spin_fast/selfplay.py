@@ -11,6 +11,8 @@ stopped; training resumes from its own checkpoints.
     run_dir/iter-<t>/<stage>/parts/  generation's and scoring's work so far, save_every_prompts at a time
     run_dir/iter-<t>/train/        checkpoints of θt+1 (Hugging Face folders) and metrics.jsonl
     run_dir/summary.jsonl, .md     one line / table row per finished iteration
+    run_dir/tensorboard, wandb/    the summaries as curves, with train.tensorboard / train.wandb (so are the
+                                   training steps, in each train/ folder)
 
 Launched with several processes (torchrun, the deepspeed launcher), every rank runs this loop: each
 generates for and scores its share of the pairs (gathered into one file, in the order of one process),
@@ -43,7 +45,7 @@ from spin_fast.data import Example, TokenizedExample, cut_response, load_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
-from spin_fast.tracking import check_trackers
+from spin_fast.tracking import check_trackers, track_iteration
 from spin_fast.training import RESUMABLE_CHANGES, Trainer, uses_deepspeed
 from spin_fast.version import code_version
 
@@ -293,6 +295,7 @@ class SelfPlay:
                        **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
                                                "rewards/accuracies") if k in last},
                        **heldout, **times, "checkpoint": str(result.final_dir)}
+            track_iteration(self.run_dir, config.train, summary)  # before the manifest: a kill may redo it, not skip
             write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
                            inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
                            summary=summary)

@@ -1,12 +1,12 @@
-"""Where a training's per-step metrics go, on rank 0: metrics.jsonl in its output folder (always: the run's own
-record, trimmed on resume to the checkpoint it resumes from), TensorBoard (train.tensorboard) and Weights & Biases
-(train.wandb).
+"""Where the metrics go, on rank 0: each training step's to metrics.jsonl in the training's folder (always: the
+run's own record, trimmed on resume to the checkpoint it resumes from), and, with each SPIN iteration's summary,
+to TensorBoard (train.tensorboard) and Weights & Biases (train.wandb).
 
 W&B keeps its usual environment settings (WANDB_PROJECT, default "spin-fast"; WANDB_ENTITY, WANDB_MODE,
-WANDB_DIR, ...). Each training is one W&B run: named "<SPIN run>/iter-<t>" (or "<SPIN run>/sft"), grouped by its
-SPIN run, with the training settings as its config; its id is kept in the output folder, so a resumed training
-goes on in the same W&B run. A tracker that fails midway (its service killed, the network gone) is dropped with
-a warning, not the training: metrics.jsonl still has every step.
+WANDB_DIR, ...). Each training is one W&B run, named "<SPIN run>/iter-<t>" (or "<SPIN run>/sft"), and the
+iterations' summaries one more, "<SPIN run>/iterations", all grouped by their SPIN run; a run's id is kept in its
+folder, so a resumed training goes on in the same W&B run. A tracker that fails midway (its service killed, the
+network gone) is dropped with a warning, not the training: metrics.jsonl and summary.jsonl have everything.
 """
 
 from __future__ import annotations
@@ -53,52 +53,42 @@ def check_trackers(config: TrainConfig) -> None:
                              "or set WANDB_MODE=offline to keep the W&B runs on disk")
 
 
-class MetricsLog:
-    """One training's metrics: `write` each step's dict (it has "step"); `close` at the end or on the way out.
-    The trackers open at the first write, so a training resumed after its last step opens none. `name` is the
-    W&B run's, "<group>/<run>"; the packages are checked by check_trackers before."""
+class Trackers:
+    """TensorBoard and W&B, as the config asks, for one series of scalars: `log(x, scalars)` with x growing (a
+    step, an iteration), under "<prefix>/"; `close` at the end or on the way out. They open at the first log, so
+    a training resumed after its last step opens none. `name` is the W&B run's, "<group>/<run>"; `details` join
+    its config. The packages are checked by check_trackers before."""
 
-    def __init__(self, output_dir: Path, config: TrainConfig, name: str, details: dict):
-        self.output_dir, self.config, self.name, self.details = Path(output_dir), config, name, details
-        self.path = self.output_dir / METRICS_FILE
+    def __init__(self, folder: Path, config: TrainConfig, name: str, details: dict, prefix: str, axis: str):
+        self.folder, self.config, self.name, self.details = Path(folder), config, name, details
+        self.prefix, self.axis = prefix, f"{prefix}/{axis}"
         self.tensorboard = None
         self.wandb_run = None
         self.opened = False
 
-    def forget_after(self, step: int) -> None:
-        """Drop the lines of steps a kill interrupted before their checkpoint: they are redone."""
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-
-    def write(self, metrics: dict) -> None:
-        with self.path.open("a") as out:
-            out.write(json.dumps(metrics) + "\n")
+    def log(self, x: int, scalars: dict) -> None:
         if not self.opened:
-            self.open(first_step=metrics["step"])
-        step = metrics["step"]
-        scalars = {f"train/{name}": value for name, value in metrics.items() if name != "step"}
+            self.open(first_x=x)
+        scalars = {f"{self.prefix}/{name}": value for name, value in scalars.items()}
         if self.tensorboard is not None:
             try:
                 for name, value in scalars.items():
-                    self.tensorboard.add_scalar(name, value, step)
+                    self.tensorboard.add_scalar(name, value, x)
             except Exception as error:  # e.g. its folder's disk full
                 self.drop_tensorboard(error)
         if self.wandb_run is not None:
             try:
-                self.wandb_run.log({"train/step": step, **scalars})
+                self.wandb_run.log({self.axis: x, **scalars})
             except Exception as error:  # e.g. its service process killed
                 self.drop_wandb(error)
 
-    def open(self, first_step: int) -> None:
+    def open(self, first_x: int) -> None:
         self.opened = True
         if self.config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: TensorBoard hides what an earlier attempt logged from this step on (it is redone)
-            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=first_step)
+            # purge_step: TensorBoard hides what an earlier attempt logged from this x on (it is redone)
+            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"), purge_step=first_x)
         if self.config.wandb:
             try:
                 self.wandb_run = self.start_wandb()
@@ -109,20 +99,20 @@ class MetricsLog:
     def start_wandb(self):
         import wandb
 
-        id_file = self.output_dir / WANDB_ID_FILE
+        id_file = self.folder / WANDB_ID_FILE
         if not id_file.exists():
             id_file.write_text(secrets.token_hex(8) + "\n")  # W&B's id rules: letters and digits
         group = self.name.rpartition("/")[0]
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-fast"), name=self.name,
                          group=os.environ.get("WANDB_RUN_GROUP", group or None), id=id_file.read_text().strip(),
                          resume="allow", config={"train": self.config.to_dict(), **self.details},
-                         dir=os.environ.get("WANDB_DIR", str(self.output_dir)),
+                         dir=os.environ.get("WANDB_DIR", str(self.folder)),
                          # Off unless asked: W&B's copy of the console hooks sys.stdout, and once its service is
                          # gone every print of the process would log an error.
                          settings=wandb.Settings(console=os.environ.get("WANDB_CONSOLE", "off")))
-        # The x axis is the training's own step: a resumed run's steps go on from its checkpoint's. Steps a kill
-        # cut off before their checkpoint are logged again when redone (the same values: resuming is exact).
-        run.define_metric("train/*", step_metric="train/step")
+        # The x axis is the series' own: a resumed training's steps go on from its checkpoint's. Steps a kill cut
+        # off before their checkpoint are logged again when redone (the same values: resuming is exact).
+        run.define_metric(f"{self.prefix}/*", step_metric=self.axis)
         return run
 
     def close(self) -> None:
@@ -154,5 +144,44 @@ class MetricsLog:
             pass
 
     def warn_dropped(self, tracker: str, error: Exception, advice: str = "") -> None:
-        log.warning("%s stopped taking metrics (%s: %s); the training goes on, and %s has every step%s", tracker,
-                    type(error).__name__, error, self.path, advice)
+        log.warning("%s stopped taking %s metrics (%s: %s); the run goes on without it: metrics.jsonl and "
+                    "summary.jsonl have every figure%s", tracker, self.prefix, type(error).__name__, error, advice)
+
+
+class MetricsLog:
+    """One training's metrics: `write` each step's dict (it has "step") to metrics.jsonl and the trackers;
+    `close` at the end or on the way out."""
+
+    def __init__(self, output_dir: Path, config: TrainConfig, name: str, details: dict):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.trackers = Trackers(output_dir, config, name, details, prefix="train", axis="step")
+
+    def forget_after(self, step: int) -> None:
+        """Drop the lines of steps a kill interrupted before their checkpoint: they are redone."""
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(metrics) + "\n")
+        self.trackers.log(metrics["step"], {name: value for name, value in metrics.items() if name != "step"})
+
+    def close(self) -> None:
+        self.trackers.close()
+
+
+def track_iteration(run_dir: Path, config: TrainConfig, summary: dict) -> None:
+    """An iteration's summary (held-out log-likelihood, rewards, time per stage, ...; its numbers) to the trackers
+    the iteration's config asks for, at x = the iteration: the SPIN run's own curves."""
+    if not (config.tensorboard or config.wandb):
+        return
+    trackers = Trackers(run_dir, config, f"{Path(run_dir).resolve().name}/iterations", {}, prefix="iteration",
+                        axis="number")
+    try:
+        trackers.log(summary["iteration"], {key: value for key, value in summary.items() if key != "iteration"
+                                            and isinstance(value, (int, float)) and not isinstance(value, bool)})
+    finally:
+        trackers.close()

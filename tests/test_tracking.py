@@ -122,16 +122,28 @@ def test_tensorboard_and_wandb_get_every_step_and_a_resume_goes_on_in_the_same_r
         assert by_step[m["step"]]["train/rewards/accuracies"] == pytest.approx(m["rewards/accuracies"], rel=1e-12)
 
 
-def test_a_spin_run_and_its_sft_name_their_trainings_in_one_wandb_group(sft_model, tmp_path, wandb_offline):
+def test_a_spin_run_tracks_its_trainings_and_iterations_and_its_sft_in_one_wandb_group(sft_model, tmp_path,
+                                                                                        wandb_offline):
     from spin_fast.cli import main
 
     run_dir = tmp_path / "my-run"
-    SelfPlay(run_config(sft_model, run_dir, "train.wandb=true")).run()  # 2 iterations
+    heldout = f"data.eval_source={sft_model / 'train.jsonl'}"
+    SelfPlay(run_config(sft_model, run_dir, "train.wandb=true", "train.tensorboard=true", heldout)).run()
     assert main(["sft", str(write_yaml(sft_model, tmp_path / "run.yaml", run_dir)), "--set", "train.wandb=true"]) == 0
     for stage, folder in [("iter-0", "iter-0/train"), ("iter-1", "iter-1/train"), ("sft", "sft")]:
         ((run, history),) = wandb_runs(run_dir / folder)
         assert (run.run_group, run.display_name) == ("my-run", f"my-run/{stage}")
         assert [h["train/step"] for h in history] == [m["step"] for m in read_metrics(run_dir / folder)], stage
+    # The iterations' summaries: one W&B run (opened once per iteration) and the run folder's TensorBoard.
+    summaries = [json.loads(line) for line in (run_dir / "summary.jsonl").read_text().splitlines()]
+    segments = wandb_runs(run_dir)
+    assert [(run.display_name, run.run_group) for run, _ in segments] == [("my-run/iterations", "my-run")] * 2
+    logged = [point for _, history in segments for point in history]
+    assert [point["iteration/number"] for point in logged] == [0, 1]
+    for name in ("heldout_loglik_per_token", "rewards/margins", "pairs", "train_s"):
+        assert [point[f"iteration/{name}"] for point in logged] == [pytest.approx(s[name]) for s in summaries]
+        assert tensorboard_scalars(run_dir / "tensorboard", f"iteration/{name}") == [
+            (s["iteration"], pytest.approx(s[name], rel=1e-6)) for s in summaries]
 
 
 def test_a_tracker_that_fails_midway_is_dropped_and_the_training_goes_on(tmp_path, monkeypatch, wandb_offline,
@@ -151,7 +163,7 @@ def test_a_tracker_that_fails_midway_is_dropped_and_the_training_goes_on(tmp_pat
     caplog.set_level("WARNING", logger="spin_fast.tracking")
     result = Trainer(make_model(), None, config(wandb=True), tmp_path, scored).train()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4] and result.final_dir.exists()
-    assert "W&B stopped taking metrics" in caplog.text and "metrics.jsonl has every step" in caplog.text
+    assert "W&B stopped taking train metrics" in caplog.text and "metrics.jsonl and summary.jsonl" in caplog.text
     caplog.clear()
     print("the process goes on printing")  # nothing of W&B still hooked to the console, sending to a dead service
     sys.stderr.write("and writing to stderr\n")
