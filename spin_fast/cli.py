@@ -140,6 +140,7 @@ def run_sft(config) -> int:
     from spin_fast import distributed
     from spin_fast.packing import Sequence
     from spin_fast.selfplay import fetch_model, load_policy, tokenized_examples
+    from spin_fast.tracking import tracked_name
     from spin_fast.training import Trainer, uses_deepspeed
 
     for name, value in (("output_dir", config.output_dir), ("model.name_or_path", config.model.name_or_path),
@@ -154,9 +155,8 @@ def run_sft(config) -> int:
         examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     model = load_policy(config.model.name_or_path, config)
-    output_dir = Path(config.output_dir)
-    result = Trainer(model, tokenizer, config.train.replace(mode="sft"), output_dir / "sft", sequences,
-                     deepspeed=config.deepspeed, name=f"{output_dir.resolve().name}/sft").train()
+    result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
+                     sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()
     if os.environ.get("RANK", "0") == "0":
         print(f"sft: {result.steps} steps, model in {result.final_dir}")
     return 0

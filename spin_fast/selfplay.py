@@ -45,7 +45,7 @@ from spin_fast.data import Example, TokenizedExample, cut_response, load_example
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
-from spin_fast.tracking import check_trackers, track_iteration
+from spin_fast.tracking import check_trackers, track_iteration, tracked_name
 from spin_fast.training import RESUMABLE_CHANGES, Trainer, uses_deepspeed
 from spin_fast.version import code_version
 
@@ -221,7 +221,9 @@ class SelfPlay:
         # generation; what it refuses stops every rank at once.
         saved_config = distributed.checked_on_main(self._saved_config, "the run directory's config")
         trainings = [self.config.for_iteration(t).train for t in iterations]
-        distributed.checked_on_main(lambda: [check_trackers(train) for train in trainings], "the trackers' check")
+        tracked = [train for train in trainings if train.tensorboard or train.wandb]
+        if tracked:  # the same on every rank: all of them take part, or none
+            distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         examples = {}
         with distributed.main_first("the model and data, from the Hub"):
             tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
@@ -310,7 +312,7 @@ class SelfPlay:
         if hasattr(self.engine, "sleep"):  # a vLLM engine on the training GPU frees its memory meanwhile
             self.engine.sleep()
         trainer = Trainer(model, tokenizer, config.train, train_dir, scored, deepspeed=config.deepspeed,
-                          name=f"{self.run_dir.resolve().name}/{train_dir.parent.name}")
+                          name=tracked_name(self.run_dir, train_dir.parent.name))
         try:
             return trainer.train()
         finally:

@@ -30,6 +30,11 @@ WANDB_MIN = "0.30"
 LOCAL_WANDB_MODES = ("offline", "dryrun", "disabled")
 
 
+def tracked_name(run_dir: Path, stage: str) -> str:
+    """A W&B run's name, "<SPIN run>/<stage>": its group is the run folder's name."""
+    return f"{Path(run_dir).resolve().name}/{stage}"
+
+
 def check_trackers(config: TrainConfig) -> None:
     """The trackers' packages, and a W&B login unless WANDB_MODE keeps W&B local: checked when a run starts, not
     when its first training does, an hour of generation later."""
@@ -178,8 +183,7 @@ def track_iteration(run_dir: Path, config: TrainConfig, summary: dict) -> None:
     the iteration's config asks for, at x = the iteration: the SPIN run's own curves."""
     if not (config.tensorboard or config.wandb):
         return
-    trackers = Trackers(run_dir, config, f"{Path(run_dir).resolve().name}/iterations", {}, prefix="iteration",
-                        axis="number")
+    trackers = Trackers(run_dir, config, tracked_name(run_dir, "iterations"), {}, prefix="iteration", axis="number")
     try:
         trackers.log(summary["iteration"], {key: value for key, value in summary.items() if key != "iteration"
                                             and isinstance(value, (int, float)) and not isinstance(value, bool)})

@@ -192,7 +192,8 @@ class Trainer:
         self.started = time.perf_counter()
         self.device = next(model.parameters()).device
         # Rank 0 keeps the metrics: metrics.jsonl, and TensorBoard or W&B when the config asks.
-        distributed.checked_on_main(lambda: check_trackers(config), "the trackers' check")
+        if config.tensorboard or config.wandb:  # the same on every rank: all of them take part, or none
+            distributed.checked_on_main(lambda: check_trackers(config), "the trackers' check")
         details = {"items": len(self.items), "steps": self.steps, "world_size": self.world}
         self.metrics_log = (MetricsLog(self.output_dir, config, name or str(self.output_dir), details)
                             if self.rank == 0 else None)
