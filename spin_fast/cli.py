@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         "generate": "stop after the generation stage of --iteration",
         "score": "stop after the scoring stage of --iteration",
         "train": "stop after the training stage of --iteration",
-        "eval": "evaluate the SFT model and every finished iteration on data.eval_source",
+        "eval": "evaluate the SFT model and every finished iteration on data.eval_source (what an earlier eval "
+                "saved is kept: only new models are evaluated)",
     }
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text)

@@ -12,7 +12,8 @@ Stages, each resumable (a stage whose manifest exists is done and is skipped on 
     continued-sft/   the paper's baseline: SFT from θ0 on the same prompts for as many optimizer steps as
                      SPIN took in all, with SPIN's optimizer settings (only the objective differs)
     eval/            every model on the held-out prompts: the checker's score of greedy answers, the
-                     log-likelihood of the human responses, reward margins (spin_fast.evaluation)
+                     log-likelihood of the human responses, reward margins (spin_fast.evaluation), in
+                     eval.jsonl; eval-parts/ keeps each model's graded answers (answers-<model>.jsonl)
     results.md, results.jsonl, training_curves.png, scores.png   the report, rebuilt on every run
 
 The config is a RunConfig YAML plus a `demo:` mapping for what RunConfig does not hold (task and model

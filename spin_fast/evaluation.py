@@ -16,22 +16,28 @@ a single process makes, so the figures equal one process's; rank 0 writes the fi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from spin_fast import distributed, zero
+from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.generation.base import Completion, SamplingConfig
 from spin_fast.model import can_share_prompts
 from spin_fast.packing import Sequence, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
+
+log = logging.getLogger(__name__)
 
 
 def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backend: str,
@@ -136,16 +142,86 @@ def greedy_answers(model, tokenizer, examples: Seq[TokenizedExample], max_new_to
     return [tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
 
 
-def checker_score(check: Callable[[str, str, str], float], examples: Seq[Example], answers: Seq[str]) -> dict:
-    """Mean grade of the answers against the human responses, and the share graded 1 (exactly right)."""
-    scores = []
+def checker_grades(check: Callable[[str, str, str], float], examples: Seq[Example], answers: Seq[str]) -> list[float]:
+    """The checker's grade of each answer against its human response, in [0, 1]."""
+    grades = []
     for example, answer in zip(examples, answers, strict=True):
-        prompt = next(m["content"] for m in reversed(example.prompt) if m["role"] == "user")
-        value = float(check(prompt, answer, example.response))
-        if not 0.0 <= value <= 1.0:  # NaN fails too
-            raise ValueError(f"{example.origin}: the checker graded an answer {value}, outside [0, 1]")
-        scores.append(value)
-    return {"score": sum(scores) / len(scores), "score_perfect": sum(v == 1.0 for v in scores) / len(scores)}
+        grade = float(check(user_prompt(example), answer, example.response))
+        if not 0.0 <= grade <= 1.0:  # NaN fails too
+            raise ValueError(f"{example.origin}: the checker graded an answer {grade}, outside [0, 1]")
+        grades.append(grade)
+    return grades
+
+
+def checker_score(grades: Seq[float]) -> dict:
+    """The mean of the checker's grades, and the share graded 1 (exactly right)."""
+    return {"score": sum(grades) / len(grades), "score_perfect": sum(g == 1.0 for g in grades) / len(grades)}
+
+
+def user_prompt(example: Example) -> str:
+    return next(m["content"] for m in reversed(example.prompt) if m["role"] == "user")
+
+
+def path_identity(name: str) -> object:
+    """What tells whether a model folder or data file has changed: each file's name, size and modification time.
+    A name that is not a local path (a Hub id) stands for itself."""
+    path = Path(name)
+    if not path.exists():
+        return name
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+class SavedWork:
+    """evaluate_run's finished pieces (each model's row, each opponent's held-out answers), saved in `folder` as
+    soon as each is done, under a key of everything it depends on (the models' files, the held-out data, the
+    settings). Evaluating again, after a stop or once more iterations have finished, computes only what is new or
+    changed. Each piece's end is a safe point (spin_fast.stopping). Rank 0 reads and writes; what it finds is
+    sent to every rank. folder None: nothing is kept."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        if folder is not None and distributed.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def get_or_make(self, name: str, key: dict, make: Callable[[], object], what: str):
+        """The value saved as `name` under `key`, else make()'s, saved (a JSON value)."""
+        key = json.loads(json.dumps(key))  # as it reads back from the file
+        found = distributed.from_main(self._read(name, key, what) if distributed.is_main() else None,
+                                      f"{what}: saved")
+        if found is not None:
+            return found["value"]
+        log.info("%s ...", what)
+        began = time.perf_counter()
+        value = make()
+        if self.folder is None:
+            return value
+        if distributed.is_main():
+            self.write(f"{name}.json", json.dumps({"key": key, "value": value}))
+            log.info("%s: done in %.0f s, saved in %s", what, time.perf_counter() - began, self.folder)
+        signum = stopping.reached()
+        if signum:
+            raise stopping.Stopped(signum, f"after {what}, saved in {self.folder}", agreed=True)
+        return value
+
+    def _read(self, name: str, key: dict, what: str) -> dict | None:
+        if self.folder is None or not (self.folder / f"{name}.json").exists():
+            return None
+        path = self.folder / f"{name}.json"
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            log.info("%s: saved in %s with other models, data or settings: evaluated again", what, path)
+            return None
+        log.info("%s: saved by an earlier evaluation (%s)", what, path)
+        return saved
+
+    def write(self, name: str, text: str) -> None:
+        """A file of the folder, atomically (rank 0)."""
+        if self.folder is not None:
+            tmp = self.folder / (name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.folder / name)
 
 
 def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
@@ -153,7 +229,12 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     """Held-out log-likelihood of the SFT model and of every finished iteration, each iteration's
     margins against its opponent on held-out pairs the opponent answers itself, and the checker's
     score when data.checker is set. baselines (name -> model path, e.g. continued SFT) are evaluated
-    like iteration 0's model: their margins are against the SFT model, on the SFT model's answers."""
+    like iteration 0's model: their margins are against the SFT model, on the SFT model's answers.
+
+    With `output` (eval.jsonl), each model's row, its greedy answers (answers-<model>.jsonl, graded) and each
+    opponent's held-out answers are saved as they finish in the folder beside it, `<output stem>-parts/`
+    (SavedWork): a stopped evaluation resumes there, and evaluating again after more iterations have finished
+    evaluates only the new models."""
     from transformers import AutoTokenizer
 
     from spin_fast.selfplay import (
@@ -177,21 +258,6 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)
 
-    def measure(model) -> dict:
-        row = heldout_loglik(model, examples, budget, backend)
-        if check is not None:
-            answers = greedy_answers(model, tokenizer, examples, config.generation.max_new_tokens,
-                                     config.generation.batch_size)
-            row.update(checker_score(check, raw, answers))  # every rank grades all answers: cheap, and alike
-        return row
-
-    def opponent_pairs(opponent, t: int) -> list[TokenizedPair]:
-        # θt answers the held-out prompts, as it answered the training prompts in iteration t.
-        completions = shared_generate(opponent, tokenizer, [e.prompt_ids for e in examples],
-                                      config.for_iteration(t).generation.sampling(), config.generation.batch_size,
-                                      f"iteration {t}'s held-out answers")
-        return answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
-
     # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
     # ranks evaluate different models (and wait forever for each other).
     checkpoints = []
@@ -202,24 +268,77 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         checkpoints.append(manifest["summary"]["checkpoint"])
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
-    rows = []
-    opponent = load_policy(config.model.name_or_path, config)
-    sft, sft_pairs = (opponent, None) if baselines else (None, None)  # kept only when baselines need it
-    rows.append({"model": "sft", **measure(opponent)})
-    for t, checkpoint in enumerate(checkpoints):
-        pairs = opponent_pairs(opponent, t)
-        if t == 0 and sft is not None:
-            sft_pairs = pairs
-        policy = load_policy(checkpoint, config)
-        beta = config.for_iteration(t).train.beta
-        rows.append({"model": f"iter-{t}", **measure(policy),
-                     **reward_margins(policy, opponent, pairs, beta, budget, backend)})
-        opponent = policy
-    for name, path in (baselines or {}).items():
-        sft_pairs = sft_pairs or opponent_pairs(sft, 0)
-        model = load_policy(path, config)
-        beta = config.for_iteration(0).train.beta
-        rows.append({"model": name, **measure(model), **reward_margins(model, sft, sft_pairs, beta, budget, backend)})
+    saved = SavedWork(output.with_name(output.stem + "-parts") if output is not None else None)
+    # What every figure depends on besides the models. Settings that change nothing here (the training set,
+    # the number of iterations, the trackers) are left out, so that changing them keeps the saved work.
+    settings = distributed.from_main({
+        "eval_source": path_identity(eval_source) if distributed.is_main() else None,
+        "data": {k: v for k, v in asdict(data).items() if k not in ("source", "max_prompts", "eval_source", "checker")},
+        "model": {k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
+        "generation": {"max_new_tokens": config.generation.max_new_tokens, "batch_size": config.generation.batch_size},
+        "score_batch_tokens": budget,
+        "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
+    }, "the evaluation's settings")
+    identities = distributed.from_main(
+        {path: path_identity(path) if distributed.is_main() else None
+         for path in [config.model.name_or_path, *checkpoints, *(baselines or {}).values()]}, "the models' files")
+
+    loaded: dict[str, object] = {}
+
+    def model_at(path: str):
+        """The model at `path`; at most two are kept: an iteration's policy and its opponent."""
+        if path not in loaded:
+            while len(loaded) >= 2:
+                loaded.pop(next(iter(loaded)))
+            loaded[path] = load_policy(path, config)
+        return loaded[path]
+
+    def held_out_pairs(t: int, opponent: str) -> list[TokenizedPair]:
+        # θt answers the held-out prompts, as it answered the training prompts in iteration t.
+        sampling = config.for_iteration(t).generation.sampling()
+
+        def make():
+            completions = shared_generate(model_at(opponent), tokenizer, [e.prompt_ids for e in examples], sampling,
+                                          config.generation.batch_size, f"iteration {t}'s held-out answers")
+            pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
+            return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
+
+        key = {"answers of": identities[opponent], "sampling": asdict(sampling), **settings}
+        pairs = saved.get_or_make(f"held-out-pairs-{t}", key, make, f"iteration {t}'s opponent's held-out answers")
+        return [TokenizedPair(*(tuple(ids) for ids in pair)) for pair in pairs]
+
+    def model_row(name: str, path: str, opponent: tuple[int, str] | None = None) -> dict:
+        """The row of the model at `path`; with opponent (t, its path), its margins against θt on θt's answers."""
+        beta = config.for_iteration(opponent[0] if opponent else 0).train.beta
+
+        def make():
+            model = model_at(path)
+            row = {"model": name, **heldout_loglik(model, examples, budget, backend)}
+            if check is not None:
+                answers = greedy_answers(model, tokenizer, examples, config.generation.max_new_tokens,
+                                         config.generation.batch_size)
+                grades = checker_grades(check, raw, answers)  # every rank grades all answers: cheap, and alike
+                row.update(checker_score(grades))
+                if distributed.is_main():
+                    saved.write(f"answers-{name}.jsonl", "".join(
+                        json.dumps({"prompt": user_prompt(e), "answer": a, "reference": e.response, "grade": g}) + "\n"
+                        for e, a, g in zip(raw, answers, grades)))
+            if opponent is not None:
+                pairs = held_out_pairs(*opponent)
+                row.update(reward_margins(model_at(path), model_at(opponent[1]), pairs, beta, budget, backend))
+            return row
+
+        key = {"model": identities[path], "checker": data.checker, **settings}
+        if opponent is not None:
+            key.update({"opponent": identities[opponent[1]], "beta": beta,
+                        "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
+        return saved.get_or_make(name, key, make, f"{name}'s evaluation")
+
+    with stopping.safe_points("the evaluation") if output is not None else contextlib.nullcontext():
+        rows = [model_row("sft", config.model.name_or_path)]
+        opponents = [config.model.name_or_path, *checkpoints]  # θt, the opponent of iteration t
+        rows += [model_row(f"iter-{t}", checkpoint, (t, opponents[t])) for t, checkpoint in enumerate(checkpoints)]
+        rows += [model_row(name, path, (0, config.model.name_or_path)) for name, path in (baselines or {}).items()]
     if output is not None:
         if distributed.is_main():
             tmp = output.with_name(output.name + ".tmp")

@@ -3,12 +3,13 @@ time limit, scancel or preemption; Kubernetes on eviction; torchrun and the deep
 SIGUSR1 (Slurm's `--signal=USR1@<seconds>` warning) end the run at its next safe point, with that point's work
 saved, and the same command resumes it.
 
-Safe points are where the ranks are in step: after each training step (a checkpoint is saved there) and after
-each saved part of generation and scoring. While the run is between safe points (a `safe_points()` block), the
-signal handler only records the signal, and at each safe point the ranks agree, in one collective, whether any
-of them got one, so that a signal to a single rank stops them all at the same point. Elsewhere (loading a model,
-writing a stage's file) and on a second signal, the handler raises at once: the `finally` blocks still run (the
-engine shuts down, the weight file leaves /dev/shm), as they would not on the signal's default action.
+Safe points are where the ranks are in step: after each training step (a checkpoint is saved there), after
+each saved part of generation and scoring, and after each saved piece of an evaluation (spin_fast.evaluation).
+While the run is between safe points (a `safe_points()` block), the signal handler only records the signal, and
+at each safe point the ranks agree, in one collective, whether any of them got one, so that a signal to a single
+rank stops them all at the same point. Elsewhere (loading a model, writing a stage's file) and on a second
+signal, the handler raises at once: the `finally` blocks still run (the engine shuts down, the weight file
+leaves /dev/shm), as they would not on the signal's default action.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def _handle(signum: int, frame) -> None:
                               "redone)", agreed=False)
     if len(_received) > 1:
         raise Stopped(signum, "at once (a second signal)", agreed=False)
-    log.warning("%s: stopping at the next safe point (the end of this training step or of this part of the stage) "
-                "with its work saved; a second signal stops at once", name)
+    log.warning("%s: stopping at the next safe point (the end of this training step, of this part of the stage or of "
+                "this model's evaluation) with its work saved; a second signal stops at once", name)
 
 
 @contextlib.contextmanager

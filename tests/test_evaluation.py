@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from spin_fast import sorting
 from spin_fast.config import ConfigError, load_run_config
 from spin_fast.data import Example, load_examples
-from spin_fast.evaluation import checker_score, evaluate_run, load_checker
+from spin_fast.evaluation import checker_grades, checker_score, evaluate_run, load_checker
 from spin_fast.model import tiny_config
 from spin_fast.selfplay import SelfPlay
 from spin_fast.tokenizer import build_local_tokenizer
@@ -57,15 +57,15 @@ def test_checker_score_by_hand():
     examples = [Example(({"role": "user", "content": "Sort: 42, 7, 19, 88, 3."},), REFERENCE, origin="f:0"),
                 Example(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 2, 1."}),
                         "In order: 1, 2.", origin="f:1")]
-    got = checker_score(sorting.score, examples, ["In order: 3, 7, 42, 88.", "1, 2"])
+    got = checker_score(checker_grades(sorting.score, examples, ["In order: 3, 7, 42, 88.", "1, 2"]))
     assert got == pytest.approx({"score": (0.4 + 1.0) / 2, "score_perfect": 0.5}, abs=1e-12)
     seen = []
-    checker_score(lambda prompt, response, reference: seen.append(prompt) or 0.0, examples, ["", ""])
+    checker_grades(lambda prompt, response, reference: seen.append(prompt) or 0.0, examples, ["", ""])
     assert seen == ["Sort: 42, 7, 19, 88, 3.", "Sort: 2, 1."]  # the last user turn is the prompt
     with pytest.raises(ValueError, match=r"f:0: the checker graded an answer 1.5"):
-        checker_score(lambda *args: 1.5, examples, ["", ""])
+        checker_grades(lambda *args: 1.5, examples, ["", ""])
     with pytest.raises(ValueError, match="outside"):
-        checker_score(lambda *args: math.nan, examples, ["", ""])
+        checker_grades(lambda *args: math.nan, examples, ["", ""])
 
 
 @pytest.mark.parametrize("spec, message", [

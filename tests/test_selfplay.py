@@ -392,6 +392,84 @@ def test_eval_reports_loglik_and_margins(sft_model, tmp_path, capsys):
         assert ll["loglik_per_token"] == pytest.approx(logp(model, [1, 5, 9], [7, 8, 2]) / 3, abs=1e-5)
 
 
+def test_eval_resumes_after_a_signal_and_evaluates_again_only_what_changed(sft_model, tmp_path, capsys,
+                                                                           monkeypatch):
+    """SIGTERM while `spin-fast eval` computes iter-0's margins: it stops once that row is saved (exit 143). The same
+    command then evaluates iter-1 alone, and eval.jsonl equals, byte for byte, that of an evaluation never stopped.
+    Run again, it computes nothing; with another checker, it grades again but reuses the opponents' answers."""
+    import os
+    import signal
+
+    from spin_fast import evaluation
+    from spin_fast.cli import main
+    from spin_fast.evaluation import evaluate_run
+
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA[:5]))
+    (tmp_path / "checkers.py").write_text(
+        "def length(prompt, response, reference):\n    return min(1.0, len(response) / len(reference))\n"
+        "def words(prompt, response, reference):\n    return float(set(response.split()) <= set(reference.split()))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    settings = ["--set", f"data.eval_source={held_out}", "--set", "data.checker=checkers:length"]
+    assert main(["run", str(config), *settings]) == 0
+    straight = tmp_path / "straight" / "eval.jsonl"
+    evaluate_run(SelfPlay(load_run_config(config, [s for s in settings if s != "--set"])), str(held_out), straight)
+
+    calls = {"loglik": 0, "generate": 0}
+    real_loglik, real_generate, real_margins = (evaluation.heldout_loglik, evaluation.shared_generate,
+                                                evaluation.reward_margins)
+
+    def counted(name, real):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in the middle of iter-0's row
+        return real_margins(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "heldout_loglik", counted("loglik", real_loglik))
+    monkeypatch.setattr(evaluation, "shared_generate", counted("generate", real_generate))
+    monkeypatch.setattr(evaluation, "reward_margins", signalled)
+    capsys.readouterr()
+    assert main(["eval", str(config), *settings]) == 128 + signal.SIGTERM
+    parts = tmp_path / "run" / "eval-parts"
+    assert f"stopped by SIGTERM after iter-0's evaluation, saved in {parts}" in capsys.readouterr().err
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "answers-iter-0.jsonl", "answers-sft.jsonl", "held-out-pairs-0.json", "iter-0.json", "sft.json"]
+    assert not (tmp_path / "run" / "eval.jsonl").exists()
+    assert calls == {"loglik": 2, "generate": 3}  # sft and iter-0: greedy answers each, θ0's sampled answers
+
+    monkeypatch.setattr(evaluation, "reward_margins", real_margins)
+    calls.update(loglik=0, generate=0)
+    assert main(["eval", str(config), *settings]) == 0
+    assert calls == {"loglik": 1, "generate": 2}  # iter-1 alone: its greedy answers, θ1's sampled answers
+    assert (tmp_path / "run" / "eval.jsonl").read_text() == straight.read_text()
+    rows = [json.loads(line) for line in straight.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
+    for row in rows:  # the graded answers behind each score
+        answers = [json.loads(line) for line in (parts / f"answers-{row['model']}.jsonl").read_text().splitlines()]
+        assert [a["reference"] for a in answers] == [a for _, a in QA[:5]]
+        assert sum(a["grade"] for a in answers) / 5 == pytest.approx(row["score"], abs=1e-12)
+
+    calls.update(loglik=0, generate=0)
+    assert main(["eval", str(config), *settings]) == 0
+    assert calls == {"loglik": 0, "generate": 0}
+    assert (tmp_path / "run" / "eval.jsonl").read_text() == straight.read_text()
+
+    assert main(["eval", str(config), *settings, "--set", "data.checker=checkers:words"]) == 0
+    assert calls == {"loglik": 3, "generate": 3}  # every row again, the opponents' answers kept
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    for row, before in zip(rows, [json.loads(line) for line in straight.read_text().splitlines()]):
+        assert {k: v for k, v in row.items() if not k.startswith("score")} == {
+            k: v for k, v in before.items() if not k.startswith("score")}
+        answers = [json.loads(line) for line in (parts / f"answers-{row['model']}.jsonl").read_text().splitlines()]
+        assert [a["grade"] for a in answers] == [float(set(a["answer"].split()) <= set(a["reference"].split()))
+                                                 for a in answers]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_when", ["iter-0/train/checkpoint-1/trainer_state.pt", "iter-1/generate"])
 def test_sigkill_of_a_real_run_resumes_to_the_same_weights(sft_model, tmp_path, kill_when):
