@@ -470,7 +470,8 @@ class SelfPlay:
     def _saved_config(self) -> dict | None:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one
         experiment: resuming with other settings is an error naming them, except for those that change no result
-        (CHANGEABLE: more or fewer iterations, progress bars, the collectives' timeout)."""
+        (CHANGEABLE: more or fewer iterations, progress bars, checkpoints, trackers, the collectives' timeout, batch
+        sizes)."""
         path = self.run_dir / "config.yaml"
         if not path.exists():
             return None
@@ -487,8 +488,10 @@ class SelfPlay:
         return saved
 
 
-# Settings a run directory may be resumed with changed: they change no finished stage's result.
-CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", *(f"train.{name}" for name in RESUMABLE_CHANGES))
+# Settings a run directory may be resumed with changed: they change no finished stage's result, and the rest's
+# by rounding at most (how generation, scoring and training are cut into batches to fit in memory).
+CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "generation.batch_size",
+              "generation.gpu_memory_utilization", *(f"train.{name}" for name in RESUMABLE_CHANGES))
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

@@ -42,8 +42,10 @@ from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
-# Settings a checkpoint may be resumed with changed: how progress is shown and saved, not what is trained.
-RESUMABLE_CHANGES = ("progress", "tensorboard", "wandb", "save_every", "keep_checkpoints")
+# Settings a checkpoint may be resumed with changed: how progress is shown and saved, and how a step is cut to
+# fit in memory (after an out-of-memory error), which changes its figures by rounding only; not what is trained.
+RESUMABLE_CHANGES = ("progress", "tensorboard", "wandb", "save_every", "keep_checkpoints", "micro_batch_tokens",
+                     "gradient_checkpointing")
 
 
 class TrainingDiverged(RuntimeError):

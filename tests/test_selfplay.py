@@ -151,10 +151,13 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     differences = r"differs in generation.top_k \(saved 0, now 5\); train.beta \(saved 0.1, now 0.2\)"
     with pytest.raises(ValueError, match=differences):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.beta=0.2", "generation.top_k=5")).run()
-    # More iterations, progress bars, checkpoints and trackers change no finished stage: the run goes on, and its
-    # config says so.
+    # More iterations, progress bars, checkpoints, trackers and how work is cut to fit in memory change no finished
+    # stage: the run goes on, and its config says so.
     summaries = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "train.progress=true",
-                                    "train.save_every=1", "train.keep_checkpoints=3", "train.tensorboard=true")).run()
+                                    "train.save_every=1", "train.keep_checkpoints=3", "train.tensorboard=true",
+                                    "train.micro_batch_tokens=128", "train.gradient_checkpointing=true",
+                                    "score_batch_tokens=256", "generation.batch_size=2",
+                                    "generation.gpu_memory_utilization=0.3")).run()
     assert len(summaries) == 2 and "iterations: 2" in (tmp_path / "run" / "config.yaml").read_text()
     # A run started before a setting existed goes on under a newer spin-fast while the setting is at its default.
     saved = tmp_path / "run" / "config.yaml"
@@ -213,7 +216,7 @@ def test_cli_stage_commands_then_run(sft_model, tmp_path, capsys):
     assert main(["generate", str(config), "--iteration", "0"]) == 0
     stages = sorted(p.parent.name for p in (tmp_path / "run").glob("iter-*/*/manifest.json"))
     assert stages == ["generate"]
-    assert main(["run", str(config), "--set", "score_batch_tokens=512"]) == 2  # another config than the run dir's
+    assert main(["run", str(config), "--set", "train.beta=0.2"]) == 2  # another config than the run dir's
     assert "holds another config" in capsys.readouterr().err
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out

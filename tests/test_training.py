@@ -161,20 +161,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = make_model()
     Trainer(straight, None, cfg, tmp_path / "straight", scored).train()
 
-    interrupted = make_model()
-    trainer = Trainer(interrupted, None, cfg, tmp_path / "killed", scored)
-    original_step, calls = Trainer.train_step, []
-
-    def dying_step(self):
-        calls.append(1)
-        if len(calls) == 4:  # killed during step 4: checkpoint-2 exists, step 3 is lost
-            raise KeyboardInterrupt
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    trainer = Trainer(make_model(), None, cfg, tmp_path / "killed", scored)
+    killed_in_step(4, trainer, monkeypatch)  # checkpoint-2 exists, step 3 is lost
     assert [p.name for p in trainer.checkpoint_dirs()] == ["checkpoint-2"]
 
     # Other training settings would be silently overruled by the checkpoint's optimizer and schedule state.
@@ -192,6 +180,42 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(final.parameters(), straight.parameters()))
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # step 3 redone, logged once
+
+
+def killed_in_step(step: int, trainer, monkeypatch) -> None:
+    """trainer.train(), killed (KeyboardInterrupt) as the given step starts."""
+    original_step, calls = Trainer.train_step, []
+
+    def dying_step(self):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+
+
+def test_a_checkpoint_resumes_with_smaller_micro_batches_and_gradient_checkpointing(tmp_path, monkeypatch):
+    """Out of memory after a checkpoint, a training goes on from it with smaller micro-batches and gradient
+    checkpointing: the same steps cut otherwise, so the weights of an uninterrupted run up to rounding."""
+    scored = score_pairs(make_model(), random_pairs(12), token_budget=64)
+    cfg = config(save_every=1, epochs=1)
+    straight = make_model()
+    Trainer(straight, None, cfg, tmp_path / "straight", scored).train()
+    trainer = Trainer(make_model(), None, cfg, tmp_path / "oom", scored)
+    killed_in_step(3, trainer, monkeypatch)
+    assert trainer.latest_checkpoint().name == "checkpoint-2"
+    smaller = cfg.replace(micro_batch_tokens=34, gradient_checkpointing=True)  # 34: the longest pair's tokens
+    resumed = make_model(seed=123)
+    result = Trainer(resumed, None, smaller, tmp_path / "oom", scored).train()
+    assert [m["step"] for m in result.history] == [3]
+    assert result.history[0]["packing_efficiency"] != json.loads(
+        (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[2])["packing_efficiency"]
+    deltas = [(p - q).abs().max().item() for p, q in zip(resumed.parameters(), straight.parameters())]
+    assert max(deltas) < 1e-6  # 7e-9 when written
 
 
 def test_a_checkpoint_cut_short_is_removed(tmp_path):
