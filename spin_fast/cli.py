@@ -121,16 +121,19 @@ def run_eval(selfplay) -> int:
     """Evaluate what the run has finished so far; the table also lands in output_dir/eval.jsonl. Under a
     launcher the ranks share the work and rank 0 writes and prints the table."""
     from spin_fast import distributed
-    from spin_fast.evaluation import evaluate_run
+    from spin_fast.evaluation import evaluate_run, parts_folder
 
     source = selfplay.config.data.eval_source
     if not source:
         print("spin-fast: data.eval_source is not set: eval needs held-out (prompt, response) data", file=sys.stderr)
         return 2
     selfplay.run_dir.mkdir(parents=True, exist_ok=True)  # a run not started yet: the SFT model's row alone
-    rows = evaluate_run(selfplay, source, output=selfplay.run_dir / "eval.jsonl")
+    output = selfplay.run_dir / "eval.jsonl"
+    rows = evaluate_run(selfplay, source, output=output)
     for row in rows if distributed.is_main() else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if selfplay.config.data.checker and distributed.is_main():
+        print(f"each model's answers, graded: {parts_folder(output)}/answers-<model>.jsonl")
     return 0
 
 

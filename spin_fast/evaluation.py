@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backend: str,
-                    what: str) -> list[torch.Tensor]:
+                    what: str, progress: bool = False) -> list[torch.Tensor]:
     """sequence_logprobs of every group under each model, the ranks sharing the micro-batches.
 
     The micro-batches are one process's (pack_groups cuts consecutive groups, so a batch's groups packed
@@ -53,7 +54,7 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     costs = [sum(group_tokens(groups[i], share) for i in chunk) for chunk in chunks]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
-    for c in zero.in_step(models, mine, what):  # None: no groups, a filler pass inside sequence_logprobs
+    for c in progress_bar(zero.in_step(models, mine, what), what, progress):  # None: a filler pass
         sums = [sequence_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
                                   backend=backend) for model in models]
         if c is not None:
@@ -67,7 +68,7 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
 
 
 def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: SamplingConfig, batch_size: int,
-                    what: str) -> list[list[Completion]]:
+                    what: str, progress: bool = False) -> list[list[Completion]]:
     """One completion per prompt (engine layout: a list per prompt), the ranks sharing the batches.
 
     TransformersEngine.batches() gives the batches one process runs. They are dealt out here, each generated
@@ -84,7 +85,7 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
-    for b in zero.in_step([model], mine, what):  # None: no prompts, a filler pass inside engine.generate
+    for b in progress_bar(zero.in_step([model], mine, what), what, progress):  # None: a filler pass
         batch = batches[b] if b is not None else []
         completions = engine.generate([prompts[i] for i in batch], sampling, indices=batch)
         if b is not None:
@@ -97,20 +98,26 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     return completions
 
 
-def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto") -> dict:
+def progress_bar(batches: list, what: str, shown: bool):
+    """The batches, with a progress bar on rank 0 when `shown`."""
+    return tqdm(batches, desc=what, unit="batch", disable=not shown or not distributed.is_main())
+
+
+def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto",
+                   progress: bool = False) -> dict:
     """Mean log-prob per response token, and per response, of the human responses."""
     groups = [[Sequence(e.prompt_ids, e.response_ids)] for e in examples]
-    sums = shared_logprobs([model], groups, token_budget, backend, "held-out log-likelihoods")[0][:, 0]
+    sums = shared_logprobs([model], groups, token_budget, backend, "held-out log-likelihoods", progress)[0][:, 0]
     tokens = sum(len(e.response_ids) for e in examples)
     return {"loglik_per_token": float(sums.sum()) / tokens, "loglik_per_response": float(sums.mean()),
             "responses": len(examples)}
 
 
 def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, token_budget: int,
-                   backend: str = "auto") -> dict:
+                   backend: str = "auto", progress: bool = False) -> dict:
     """SPIN's implicit rewards of the policy against its opponent, averaged over the pairs."""
     groups = [p.sequences() for p in pairs]
-    ours, theirs = shared_logprobs([policy, opponent], groups, token_budget, backend, "reward margins")
+    ours, theirs = shared_logprobs([policy, opponent], groups, token_budget, backend, "reward margins", progress)
     rewards = beta * (ours - theirs)  # [pairs, (real, generated)]
     margins = rewards[:, 0] - rewards[:, 1]
     return {"rewards/real": float(rewards[:, 0].mean()), "rewards/generated": float(rewards[:, 1].mean()),
@@ -134,11 +141,11 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
 
 
 def greedy_answers(model, tokenizer, examples: Seq[TokenizedExample], max_new_tokens: int,
-                   batch_size: int = 16) -> list[str]:
+                   batch_size: int = 16, progress: bool = False) -> list[str]:
     """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
     completions = shared_generate(model, tokenizer, [e.prompt_ids for e in examples],
                                   SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens), batch_size,
-                                  "greedy answers")
+                                  "greedy answers", progress)
     return [tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
 
 
@@ -171,6 +178,11 @@ def path_identity(name: str) -> object:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
             for p in files]
+
+
+def parts_folder(output: Path) -> Path:
+    """Where evaluate_run keeps its finished pieces, beside its output file: eval.jsonl -> eval-parts/."""
+    return output.with_name(output.stem + "-parts")
 
 
 class SavedWork:
@@ -248,7 +260,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
 
     config = selfplay.config
     data = config.data
-    budget, backend = config.score_batch_tokens, config.train.backend
+    budget, backend, progress = config.score_batch_tokens, config.train.backend, config.train.progress
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
@@ -268,7 +280,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         checkpoints.append(manifest["summary"]["checkpoint"])
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
-    saved = SavedWork(output.with_name(output.stem + "-parts") if output is not None else None)
+    saved = SavedWork(parts_folder(output) if output is not None else None)
     # What every figure depends on besides the models. Settings that change nothing here (the training set,
     # the number of iterations, the trackers) are left out, so that changing them keeps the saved work.
     settings = distributed.from_main({
@@ -299,7 +311,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
 
         def make():
             completions = shared_generate(model_at(opponent), tokenizer, [e.prompt_ids for e in examples], sampling,
-                                          config.generation.batch_size, f"iteration {t}'s held-out answers")
+                                          config.generation.batch_size, f"iteration {t}'s held-out answers",
+                                          progress)
             pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
@@ -313,10 +326,10 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
 
         def make():
             model = model_at(path)
-            row = {"model": name, **heldout_loglik(model, examples, budget, backend)}
+            row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
             if check is not None:
                 answers = greedy_answers(model, tokenizer, examples, config.generation.max_new_tokens,
-                                         config.generation.batch_size)
+                                         config.generation.batch_size, progress)
                 grades = checker_grades(check, raw, answers)  # every rank grades all answers: cheap, and alike
                 row.update(checker_score(grades))
                 if distributed.is_main():
@@ -325,7 +338,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                         for e, a, g in zip(raw, answers, grades)))
             if opponent is not None:
                 pairs = held_out_pairs(*opponent)
-                row.update(reward_margins(model_at(path), model_at(opponent[1]), pairs, beta, budget, backend))
+                row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress))
             return row
 
         key = {"model": identities[path], "checker": data.checker, **settings}

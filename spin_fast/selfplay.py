@@ -432,7 +432,8 @@ class SelfPlay:
         from spin_fast.evaluation import heldout_loglik
 
         examples = self.examples(tokenizer, config.data, config.data.eval_source)
-        result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend)
+        result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend,
+                                progress=config.train.progress)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}
 
     def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:

@@ -105,16 +105,18 @@ def eval_config(path, out, *extra):
         "generation.max_new_tokens=12", "train.backend=torch", *extra])
 
 
-def test_eval_scores_greedy_answers_with_the_checker(sorting_run, tmp_path, monkeypatch):
+def test_eval_scores_greedy_answers_with_the_checker(sorting_run, tmp_path, monkeypatch, capsys):
     """The score is the checker's mean over greedy answers, which are recomputed here one prompt at a
     time with transformers' generate (no batching, no padding) and graded by a checker the test writes."""
     (tmp_path / "length_checker.py").write_text(
         "def grade(prompt, response, reference):\n"
         "    return min(1.0, len(response) / len(reference))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = eval_config(sorting_run, tmp_path / "run", "data.checker=length_checker:grade")
+    config = eval_config(sorting_run, tmp_path / "run", "data.checker=length_checker:grade", "train.progress=true")
     rows = evaluate_run(SelfPlay(config), config.data.eval_source)
     assert [r["model"] for r in rows] == ["sft"]  # no iteration has run
+    shown = capsys.readouterr().err
+    assert "held-out log-likelihoods: 100%" in shown and "greedy answers: 100%" in shown  # the progress bars
 
     from transformers import AutoTokenizer
 

@@ -449,6 +449,7 @@ def test_eval_resumes_after_a_signal_and_evaluates_again_only_what_changed(sft_m
     calls.update(loglik=0, generate=0)
     assert main(["eval", str(config), *settings]) == 0
     assert calls == {"loglik": 1, "generate": 2}  # iter-1 alone: its greedy answers, θ1's sampled answers
+    assert f"each model's answers, graded: {parts}/answers-<model>.jsonl" in capsys.readouterr().out
     assert (tmp_path / "run" / "eval.jsonl").read_text() == straight.read_text()
     rows = [json.loads(line) for line in straight.read_text().splitlines()]
     assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
