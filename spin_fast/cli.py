@@ -139,9 +139,8 @@ def run_eval(selfplay) -> int:
 
 def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
-    from transformers import AutoTokenizer
-
     from spin_fast import distributed
+    from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence
     from spin_fast.selfplay import fetch_model, load_policy, tokenized_examples
     from spin_fast.tracking import tracked_name
@@ -154,7 +153,8 @@ def run_sft(config) -> int:
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
-        tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+        tokenizer = load_tokenizer(config.model.name_or_path, config.model.template_text(),
+                                   config.model.trust_remote_code)
         fetch_model(config.model.name_or_path)
         examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]

@@ -91,11 +91,28 @@ class ModelConfig:
     name_or_path: str = ""  # its dtype in training is train.dtype
     attention: str = "auto"
     trust_remote_code: bool = False
+    # A Jinja chat template, or the path of a file holding one, for a tokenizer without one (a base model, e.g.
+    # before `spin-fast sft`) or in place of its own: every prompt is rendered with it, and checkpoints keep it.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
         if self.attention not in CHOICES["attention"]:
             raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
+        if self.chat_template is not None:
+            self.template_text()  # a missing file fails here, before anything runs
+
+    def template_text(self) -> str | None:
+        """chat_template's Jinja text: as given, or read from the file it names."""
+        value = self.chat_template
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"chat_template {value!r} is neither a Jinja template (it has no '{{{{' or '{{%') nor a "
+                             "file: give the template, or the path of a file holding one (e.g. "
+                             "configs/templates/zephyr.jinja)")
+        return path.read_text()
 
 
 @dataclass

@@ -34,7 +34,7 @@ from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.generation.base import Completion, SamplingConfig
-from spin_fast.model import can_share_prompts
+from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
 
@@ -225,7 +225,7 @@ class SavedWork:
         if saved["key"] != key:
             log.info("%s: saved in %s with other models, data or settings: evaluated again", what, path)
             return None
-        log.info("%s: saved by an earlier evaluation (%s)", what, path)
+        log.info("%s: already saved (%s)", what, path)
         return saved
 
     def write(self, name: str, text: str) -> None:
@@ -247,8 +247,6 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     opponent's held-out answers are saved as they finish in the folder beside it, `<output stem>-parts/`
     (SavedWork): a stopped evaluation resumes there, and evaluating again after more iterations have finished
     evaluates only the new models."""
-    from transformers import AutoTokenizer
-
     from spin_fast.selfplay import (
         answered_pairs,
         fetch_model,
@@ -265,7 +263,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
-        tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+        tokenizer = load_tokenizer(config.model.name_or_path, config.model.template_text(),
+                                   config.model.trust_remote_code)
         fetch_model(config.model.name_or_path)
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)

@@ -36,6 +36,23 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
     return model.config._attn_implementation == attention.NAME
 
 
+def load_tokenizer(name_or_path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer, with `chat_template` (Jinja text) in place of its own when given. Every prompt is
+    rendered through the template (data.render_prompt), so a tokenizer with none is refused here, by name."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        if tokenizer.chat_template and tokenizer.chat_template != chat_template:
+            log.info("%s: model.chat_template replaces the tokenizer's own chat template", name_or_path)
+        tokenizer.chat_template = chat_template
+    elif not tokenizer.chat_template:
+        raise ValueError(f"{name_or_path}: its tokenizer has no chat template (a base model?), and every prompt is "
+                         "rendered with one: set model.chat_template to a Jinja template or the path of a file "
+                         "holding one (configs/templates/zephyr.jinja is the template of the SPIN paper's models)")
+    return tokenizer
+
+
 def load_causal_lm(
     name_or_path: str | Path,
     *,

@@ -37,13 +37,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoTokenizer
 
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, from_dict
 from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.generation.base import Engine
-from spin_fast.model import load_causal_lm
+from spin_fast.model import load_causal_lm, load_tokenizer
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
 from spin_fast.training import RESUMABLE_CHANGES, Trainer, uses_deepspeed
@@ -226,7 +225,8 @@ class SelfPlay:
             distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         examples = {}
         with distributed.main_first("the model and data, from the Hub"):
-            tokenizer = AutoTokenizer.from_pretrained(self.config.model.name_or_path)
+            settings = self.config.model
+            tokenizer = load_tokenizer(settings.name_or_path, settings.template_text(), settings.trust_remote_code)
             fetch_model(self.config.model.name_or_path)
             for t in iterations:
                 data = self.config.for_iteration(t).data

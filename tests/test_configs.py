@@ -45,3 +45,23 @@ def test_demo_config_loads_with_its_own_settings(tmp_path):
     assert demo.task.n_train == 100 and demo.model.hidden_size // demo.model.heads >= 32
     assert config.output_dir == str(tmp_path / "spin") and config.data.checker == "spin_fast.sorting:score"
     assert config.data.source == str(tmp_path / "data" / "train.jsonl")
+
+
+def test_the_zephyr_chat_template_renders_the_zephyr_format():
+    """configs/templates/zephyr.jinja, for base models (model.chat_template), renders what zephyr-7b-sft-full's
+    tokenizer renders: each turn as <|role|>, a newline, the text, EOS and a newline."""
+    from spin_fast.config import ModelConfig
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    template = ModelConfig(chat_template=str(CONFIG_DIR / "templates" / "zephyr.jinja")).template_text()
+    assert ModelConfig(chat_template=template).template_text() == template  # the template itself, as text
+    tokenizer = build_local_tokenizer(vocab_size=300)
+    eos = tokenizer.eos_token
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sort 2, 1."}]
+    text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+    assert text == (f"<|system|>\nBe brief.{eos}\n<|user|>\nHi{eos}\n<|assistant|>\nHello.{eos}\n"
+                    f"<|user|>\nSort 2, 1.{eos}\n")
+    prompt = tokenizer.apply_chat_template(conversation[:2], chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == f"<|system|>\nBe brief.{eos}\n<|user|>\nHi{eos}\n<|assistant|>\n"

@@ -330,6 +330,47 @@ def test_an_error_after_a_signal_is_reported_as_the_stop(sft_model, tmp_path, ca
         main(["run", config])
 
 
+def test_a_base_model_without_a_chat_template_takes_model_chat_template(sft_model, tmp_path, capsys):
+    """A tokenizer without a chat template (a base model's) stops `spin-fast run` and `sft` before they start,
+    naming model.chat_template. Given the template in a file, the run renders every prompt with it: its pairs are
+    byte for byte those of the same model whose tokenizer holds that template, and its checkpoints keep it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from spin_fast.cli import main
+    from spin_fast.tokenizer import CHAT_TEMPLATE
+
+    base = tmp_path / "base"
+    shutil.copytree(sft_model / "model", base)
+    (base / "chat_template.jinja").unlink()
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    on_base = ["--set", f"model.name_or_path={base}"]
+    for command in ("run", "sft"):
+        assert main([command, str(config), *on_base]) == 2
+        err = capsys.readouterr().err
+        assert f"{base}: its tokenizer has no chat template (a base model?)" in err and "model.chat_template" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert main(["run", str(config), *on_base, "--set", "model.chat_template=nope.jinja"]) == 2
+    assert "model: chat_template 'nope.jinja' is neither a Jinja template" in capsys.readouterr().err
+
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    with_template = [*on_base, "--set", f"model.chat_template={template}"]
+    assert main(["run", str(config), *with_template, "--set", "iterations=1"]) == 0
+    assert main(["run", str(write_yaml(sft_model, tmp_path / "same.yaml", tmp_path / "same")), "--set",
+                 "iterations=1"]) == 0
+    assert ((tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").read_bytes()
+            == (tmp_path / "same" / "iter-0" / "generate" / "pairs.jsonl").read_bytes())
+    checkpoint = json.loads((tmp_path / "run" / "summary.jsonl").read_text())["checkpoint"]
+    assert AutoTokenizer.from_pretrained(checkpoint).chat_template == CHAT_TEMPLATE
+    capsys.readouterr()
+    assert main(["sft", str(config), *with_template, "--set", f"output_dir={tmp_path / 'sft'}"]) == 0
+    sft_dir = capsys.readouterr().out.split("model in ")[1].strip()
+    assert AutoTokenizer.from_pretrained(sft_dir).chat_template == CHAT_TEMPLATE
+
+
 def test_console_script_is_installed():
     import subprocess
     import sys
