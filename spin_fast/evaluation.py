@@ -37,6 +37,7 @@ from spin_fast.generation.base import Completion, SamplingConfig
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
+from spin_fast.tracking import check_trackers, track_point, tracked_name
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     saved = SavedWork(parts_folder(output) if output is not None else None)
+    if output is not None and (config.train.tensorboard or config.train.wandb):  # now, not after the first model
+        distributed.checked_on_main(lambda: check_trackers(config.train), "the trackers' check")
     # What every figure depends on besides the models. Settings that change nothing here (the training set,
     # the number of iterations, the trackers) are left out, so that changing them keeps the saved work.
     settings = distributed.from_main({
@@ -319,8 +322,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         pairs = saved.get_or_make(f"held-out-pairs-{t}", key, make, f"iteration {t}'s opponent's held-out answers")
         return [TokenizedPair(*(tuple(ids) for ids in pair)) for pair in pairs]
 
-    def model_row(name: str, path: str, opponent: tuple[int, str] | None = None) -> dict:
-        """The row of the model at `path`; with opponent (t, its path), its margins against θt on θt's answers."""
+    def model_row(name: str, path: str, x: int | None, opponent: tuple[int, str] | None = None) -> dict:
+        """The row of the model at `path`; with opponent (t, its path), its margins against θt on θt's answers.
+        x: its place in the run for the trackers (0 the SFT model, t + 1 iteration t's; None a baseline)."""
         beta = config.for_iteration(opponent[0] if opponent else 0).train.beta
 
         def make():
@@ -338,6 +342,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             if opponent is not None:
                 pairs = held_out_pairs(*opponent)
                 row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress))
+            if x is not None and saved.folder is not None and distributed.is_main():  # before the row is saved: a
+                # kill may make it be sent again, never skipped; a saved row is not sent again
+                track_point(saved.folder, config.train, tracked_name(selfplay.run_dir, "eval"), "eval", "model", x, row)
             return row
 
         key = {"model": identities[path], "checker": data.checker, **settings}
@@ -347,10 +354,11 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         return saved.get_or_make(name, key, make, f"{name}'s evaluation")
 
     with stopping.safe_points("the evaluation") if output is not None else contextlib.nullcontext():
-        rows = [model_row("sft", config.model.name_or_path)]
-        opponents = [config.model.name_or_path, *checkpoints]  # θt, the opponent of iteration t
-        rows += [model_row(f"iter-{t}", checkpoint, (t, opponents[t])) for t, checkpoint in enumerate(checkpoints)]
-        rows += [model_row(name, path, (0, config.model.name_or_path)) for name, path in (baselines or {}).items()]
+        sft = config.model.name_or_path
+        rows = [model_row("sft", sft, 0)]
+        opponents = [sft, *checkpoints]  # θt, the opponent of iteration t
+        rows += [model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(checkpoints)]
+        rows += [model_row(name, path, None, (0, sft)) for name, path in (baselines or {}).items()]
     if output is not None:
         if distributed.is_main():
             tmp = output.with_name(output.name + ".tmp")

@@ -1,13 +1,13 @@
 """Where the metrics go, on rank 0: each training step's to metrics.jsonl in the training's folder (always: the
-run's own record, trimmed on resume to the checkpoint it resumes from), and, with each SPIN iteration's summary,
-to TensorBoard (train.tensorboard) and Weights & Biases (train.wandb).
+run's own record, trimmed on resume to the checkpoint it resumes from), and, with each SPIN iteration's summary and
+each model's evaluation, to TensorBoard (train.tensorboard) and Weights & Biases (train.wandb).
 
 W&B keeps its usual environment settings (WANDB_PROJECT, default "spin-fast"; WANDB_ENTITY, WANDB_MODE,
-WANDB_DIR, ...). Each training is one W&B run, named "<SPIN run>/iter-<t>" (or "<SPIN run>/sft"), and the
-iterations' summaries one more, "<SPIN run>/iterations", all grouped by their SPIN run; a run's id is kept in its
-folder, so a resumed training goes on in the same W&B run. A tracker that fails midway (its service killed, the
-network gone) is dropped with a warning, not the training: metrics.jsonl and summary.jsonl have everything.
-"""
+WANDB_DIR, ...). Each training is one W&B run, named "<SPIN run>/iter-<t>" (or "<SPIN run>/sft"), the
+iterations' summaries one more, "<SPIN run>/iterations", and the evaluations' rows another, "<SPIN run>/eval",
+all grouped by their SPIN run; a run's id is kept in its folder, so a resumed training goes on in the same W&B
+run. A tracker that fails midway (its service killed, the network gone) is dropped with a warning, not the
+training: metrics.jsonl, summary.jsonl and eval.jsonl have everything."""
 
 from __future__ import annotations
 
@@ -149,8 +149,9 @@ class Trackers:
             pass
 
     def warn_dropped(self, tracker: str, error: Exception, advice: str = "") -> None:
-        log.warning("%s stopped taking %s metrics (%s: %s); the run goes on without it: metrics.jsonl and "
-                    "summary.jsonl have every figure%s", tracker, self.prefix, type(error).__name__, error, advice)
+        log.warning("%s stopped taking %s metrics (%s: %s); the run goes on without it: metrics.jsonl, "
+                    "summary.jsonl and eval.jsonl have every figure%s", tracker, self.prefix, type(error).__name__,
+                    error, advice)
 
 
 class MetricsLog:
@@ -178,14 +179,21 @@ class MetricsLog:
         self.trackers.close()
 
 
-def track_iteration(run_dir: Path, config: TrainConfig, summary: dict) -> None:
-    """An iteration's summary (held-out log-likelihood, rewards, time per stage, ...; its numbers) to the trackers
-    the iteration's config asks for, at x = the iteration: the SPIN run's own curves."""
+def track_point(folder: Path, config: TrainConfig, name: str, prefix: str, axis: str, x: int, values: dict) -> None:
+    """One point of a series (the numbers of `values`) to the trackers `config` asks for, opened and closed around
+    it: the W&B run `name`, whose id is kept in `folder`, and folder/tensorboard."""
     if not (config.tensorboard or config.wandb):
         return
-    trackers = Trackers(run_dir, config, tracked_name(run_dir, "iterations"), {}, prefix="iteration", axis="number")
+    trackers = Trackers(folder, config, name, {}, prefix=prefix, axis=axis)
     try:
-        trackers.log(summary["iteration"], {key: value for key, value in summary.items() if key != "iteration"
-                                            and isinstance(value, (int, float)) and not isinstance(value, bool)})
+        trackers.log(x, {key: value for key, value in values.items()
+                         if isinstance(value, (int, float)) and not isinstance(value, bool)})
     finally:
         trackers.close()
+
+
+def track_iteration(run_dir: Path, config: TrainConfig, summary: dict) -> None:
+    """An iteration's summary (held-out log-likelihood, rewards, time per stage, ...) to the trackers the
+    iteration's config asks for, at x = the iteration: the SPIN run's own curves."""
+    track_point(run_dir, config, tracked_name(run_dir, "iterations"), "iteration", "number", summary["iteration"],
+                {key: value for key, value in summary.items() if key != "iteration"})

@@ -145,6 +145,25 @@ def test_a_spin_run_tracks_its_trainings_and_iterations_and_its_sft_in_one_wandb
         assert tensorboard_scalars(run_dir / "tensorboard", f"iteration/{name}") == [
             (s["iteration"], pytest.approx(s[name], rel=1e-6)) for s in summaries]
 
+    # `spin-fast eval`'s rows: one more W&B run (opened for each row), x = 0 for the SFT model and t + 1 for
+    # iteration t's. Run again, eval computes nothing new and sends nothing again.
+    evaluate = ["eval", str(tmp_path / "run.yaml"), "--set", heldout, "--set", "train.wandb=true", "--set",
+                "train.tensorboard=true"]
+    assert main(evaluate) == 0
+    segments = wandb_runs(run_dir / "eval-parts")
+    assert main(evaluate) == 0
+    assert len(wandb_runs(run_dir / "eval-parts")) == len(segments) == 3
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert {(run.display_name, run.run_group, run.run_id) for run, _ in segments} == {
+        ("my-run/eval", "my-run", (run_dir / "eval-parts" / "wandb-id").read_text().strip())}
+    history = [point for _, points in segments for point in points]
+    assert [point["eval/model"] for point in history] == [0, 1, 2]
+    assert [point["eval/loglik_per_token"] for point in history] == [pytest.approx(r["loglik_per_token"]) for r in rows]
+    assert [point["eval/rewards/margins"] for point in history[1:]] == [
+        pytest.approx(r["rewards/margins"]) for r in rows[1:]]
+    assert tensorboard_scalars(run_dir / "eval-parts" / "tensorboard", "eval/loglik_per_token") == [
+        (x, pytest.approx(r["loglik_per_token"], rel=1e-6)) for x, r in enumerate(rows)]
+
 
 def test_a_tracker_that_fails_midway_is_dropped_and_the_training_goes_on(tmp_path, monkeypatch, wandb_offline,
                                                                          caplog):
@@ -163,7 +182,8 @@ def test_a_tracker_that_fails_midway_is_dropped_and_the_training_goes_on(tmp_pat
     caplog.set_level("WARNING", logger="spin_fast.tracking")
     result = Trainer(make_model(), None, config(wandb=True), tmp_path, scored).train()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4] and result.final_dir.exists()
-    assert "W&B stopped taking train metrics" in caplog.text and "metrics.jsonl and summary.jsonl" in caplog.text
+    assert "W&B stopped taking train metrics" in caplog.text
+    assert "metrics.jsonl, summary.jsonl and eval.jsonl have every figure" in caplog.text
     caplog.clear()
     print("the process goes on printing")  # nothing of W&B still hooked to the console, sending to a dead service
     sys.stderr.write("and writing to stderr\n")
