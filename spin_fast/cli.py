@@ -166,5 +166,22 @@ def run_sft(config) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `spin-fast` program (and `python -m spin_fast.cli`): main's status is the exit status. Under a launcher
+    the process then leaves at once, as os._exit does, without the interpreter's teardown: there gloo's worker
+    threads, held by process groups that torch or DeepSpeed destroy last, sometimes abort a process that has
+    finished and saved all its work (exit -6, "terminate called without an active exception"), and the launcher
+    reports the whole job failed."""
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(status)
+    if "wandb" in sys.modules:  # its service process, which the skipped exit handlers would have stopped
+        sys.modules["wandb"].teardown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
