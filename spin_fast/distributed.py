@@ -76,7 +76,8 @@ def shutdown() -> None:
     """Leave the process group at the end of a launched program (a no-op on one process): every rank waits for
     the others, then destroys it. Left to the interpreter's exit, gloo with subgroups (DeepSpeed's, the vLLM
     tensor-parallel groups) sometimes aborts a process that has finished all its work ("terminate called without
-    an active exception", exit status -6)."""
+    an active exception", exit status -6); it still did once after this, so the program then skips the
+    interpreter's teardown too (cli.entry)."""
     if initialized():
         barrier("end of the program")
         dist.destroy_process_group()

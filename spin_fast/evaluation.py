@@ -37,7 +37,7 @@ from spin_fast.generation.base import Completion, SamplingConfig
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
-from spin_fast.tracking import check_trackers, track_point, tracked_name
+from spin_fast.tracking import Trackers, check_trackers, tracked_name
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +281,20 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     saved = SavedWork(parts_folder(output) if output is not None else None)
-    if output is not None and (config.train.tensorboard or config.train.wandb):  # now, not after the first model
+    tracked = output is not None and (config.train.tensorboard or config.train.wandb)
+    if tracked:  # now, not after the first model
         distributed.checked_on_main(lambda: check_trackers(config.train), "the trackers' check")
+    # One W&B run for every evaluation of the run, and the parts folder's TensorBoard, opened at the first row this
+    # call computes: they get each row once, when it is computed (a saved row was sent by the call that made it).
+    trackers = Trackers(saved.folder, config.train, tracked_name(selfplay.run_dir, "eval"), {}, prefix="eval",
+                        axis="model") if tracked and distributed.is_main() else None
     # What every figure depends on besides the models. Settings that change nothing here (the training set,
     # the number of iterations, the trackers) are left out, so that changing them keeps the saved work.
     settings = distributed.from_main({
         "eval_source": path_identity(eval_source) if distributed.is_main() else None,
         "data": {k: v for k, v in asdict(data).items() if k not in ("source", "max_prompts", "eval_source", "checker")},
-        "model": {k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
+        "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
+                  "chat_template": config.model.template_text()},  # the template, not the name of its file
         "generation": {"max_new_tokens": config.generation.max_new_tokens, "batch_size": config.generation.batch_size},
         "score_batch_tokens": budget,
         "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
@@ -342,9 +348,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             if opponent is not None:
                 pairs = held_out_pairs(*opponent)
                 row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress))
-            if x is not None and saved.folder is not None and distributed.is_main():  # before the row is saved: a
-                # kill may make it be sent again, never skipped; a saved row is not sent again
-                track_point(saved.folder, config.train, tracked_name(selfplay.run_dir, "eval"), "eval", "model", x, row)
+            if trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
+                trackers.log(x, row)  # again, never skipped
             return row
 
         key = {"model": identities[path], "checker": data.checker, **settings}
@@ -353,12 +358,16 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                         "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
         return saved.get_or_make(name, key, make, f"{name}'s evaluation")
 
-    with stopping.safe_points("the evaluation") if output is not None else contextlib.nullcontext():
-        sft = config.model.name_or_path
-        rows = [model_row("sft", sft, 0)]
-        opponents = [sft, *checkpoints]  # θt, the opponent of iteration t
-        rows += [model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(checkpoints)]
-        rows += [model_row(name, path, None, (0, sft)) for name, path in (baselines or {}).items()]
+    try:
+        with stopping.safe_points("the evaluation") if output is not None else contextlib.nullcontext():
+            sft = config.model.name_or_path
+            rows = [model_row("sft", sft, 0)]
+            opponents = [sft, *checkpoints]  # θt, the opponent of iteration t
+            rows += [model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(checkpoints)]
+            rows += [model_row(name, path, None, (0, sft)) for name, path in (baselines or {}).items()]
+    finally:
+        if trackers is not None:
+            trackers.close()
     if output is not None:
         if distributed.is_main():
             tmp = output.with_name(output.name + ".tmp")

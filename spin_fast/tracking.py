@@ -64,17 +64,21 @@ class Trackers:
     a training resumed after its last step opens none. `name` is the W&B run's, "<group>/<run>"; `details` join
     its config. The packages are checked by check_trackers before."""
 
-    def __init__(self, folder: Path, config: TrainConfig, name: str, details: dict, prefix: str, axis: str):
+    def __init__(self, folder: Path, config: TrainConfig, name: str, details: dict, prefix: str, axis: str,
+                 purge: bool = True):
         self.folder, self.config, self.name, self.details = Path(folder), config, name, details
+        self.purge = purge
         self.prefix, self.axis = prefix, f"{prefix}/{axis}"
         self.tensorboard = None
         self.wandb_run = None
         self.opened = False
 
-    def log(self, x: int, scalars: dict) -> None:
+    def log(self, x: int, values: dict) -> None:
+        """The numbers of `values` at x (other values, e.g. a row's name, are left out)."""
         if not self.opened:
             self.open(first_x=x)
-        scalars = {f"{self.prefix}/{name}": value for name, value in scalars.items()}
+        scalars = {f"{self.prefix}/{name}": value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tensorboard is not None:
             try:
                 for name, value in scalars.items():
@@ -93,7 +97,8 @@ class Trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard hides what an earlier attempt logged from this x on (it is redone)
-            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"), purge_step=first_x)
+            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"),
+                                             purge_step=first_x if self.purge else None)
         if self.config.wandb:
             try:
                 self.wandb_run = self.start_wandb()
@@ -184,10 +189,12 @@ def track_point(folder: Path, config: TrainConfig, name: str, prefix: str, axis:
     it: the W&B run `name`, whose id is kept in `folder`, and folder/tensorboard."""
     if not (config.tensorboard or config.wandb):
         return
-    trackers = Trackers(folder, config, name, {}, prefix=prefix, axis=axis)
+    # No purge: TensorBoard reads a folder's writers in the order of their files' names, which only tell the second
+    # a writer started apart (a counter's digits break ties, as text), so one point's purge could hide the next
+    # point's, written within that second. A point sent again after a kill shows twice instead, with one value.
+    trackers = Trackers(folder, config, name, {}, prefix=prefix, axis=axis, purge=False)
     try:
-        trackers.log(x, {key: value for key, value in values.items()
-                         if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        trackers.log(x, values)
     finally:
         trackers.close()
 

@@ -145,14 +145,14 @@ def test_a_spin_run_tracks_its_trainings_and_iterations_and_its_sft_in_one_wandb
         assert tensorboard_scalars(run_dir / "tensorboard", f"iteration/{name}") == [
             (s["iteration"], pytest.approx(s[name], rel=1e-6)) for s in summaries]
 
-    # `spin-fast eval`'s rows: one more W&B run (opened for each row), x = 0 for the SFT model and t + 1 for
-    # iteration t's. Run again, eval computes nothing new and sends nothing again.
+    # `spin-fast eval`'s rows: one more W&B run, x = 0 for the SFT model and t + 1 for iteration t's. Run again,
+    # eval computes nothing new and sends nothing again.
     evaluate = ["eval", str(tmp_path / "run.yaml"), "--set", heldout, "--set", "train.wandb=true", "--set",
                 "train.tensorboard=true"]
     assert main(evaluate) == 0
     segments = wandb_runs(run_dir / "eval-parts")
     assert main(evaluate) == 0
-    assert len(wandb_runs(run_dir / "eval-parts")) == len(segments) == 3
+    assert len(wandb_runs(run_dir / "eval-parts")) == len(segments) == 1
     rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert {(run.display_name, run.run_group, run.run_id) for run, _ in segments} == {
         ("my-run/eval", "my-run", (run_dir / "eval-parts" / "wandb-id").read_text().strip())}
