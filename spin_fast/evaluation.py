@@ -17,7 +17,9 @@ a single process makes, so the figures equal one process's; rank 0 writes the fi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -141,13 +143,51 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
     return check
 
 
-def greedy_answers(model, tokenizer, examples: Seq[TokenizedExample], max_new_tokens: int,
-                   batch_size: int = 16, progress: bool = False) -> list[str]:
-    """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
-    completions = shared_generate(model, tokenizer, [e.prompt_ids for e in examples],
-                                  SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens), batch_size,
-                                  "greedy answers", progress)
-    return [tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
+class Answering:
+    """The answers of the evaluated models to the held-out prompts. With vLLM (generation.engine, resolved as the
+    run resolves it), one engine serves the whole evaluation: started from the first model that answers, it takes
+    each next model's weights from its folder in memory, and the ranks each answer their share (one seed per
+    prompt, by its index in the whole set). With the transformers engine, each model answers itself, the ranks
+    sharing one process's batches (shared_generate)."""
+
+    def __init__(self, config, tokenizer, model_at: Callable[[str], object], folders: dict[str, str]):
+        from spin_fast.selfplay import chosen_engine
+
+        self.config, self.tokenizer, self.model_at, self.folders = config, tokenizer, model_at, folders
+        self.engine = chosen_engine(config)
+        self._vllm = None
+        self._serving: str | None = None  # the folder whose weights the vLLM engine holds
+
+    def generate(self, path: str, prompts: Seq[Seq[int]], sampling: SamplingConfig, what: str
+                 ) -> list[list[Completion]]:
+        """One completion per prompt from the model at `path`, in prompt order, on every rank."""
+        if self.engine == "transformers":
+            return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
+                                   self.config.generation.batch_size, what, self.config.train.progress)
+        from spin_fast.selfplay import start_vllm
+
+        folder = self.folders.get(path, path)  # a Hub model's local snapshot
+        if self._vllm is None:
+            self._vllm = start_vllm(self.config, folder)
+        elif folder != self._serving:
+            log.info("%s: the vLLM engine takes the weights of %s", what, folder)
+            self._vllm.load_weights_from(folder)
+        self._serving = folder
+        costs = [len(p) + sampling.max_new_tokens for p in prompts]
+        mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
+        log.info("%s (vLLM) ...", what)
+        completions = self._vllm.generate([prompts[i] for i in mine], sampling, indices=mine)
+        return distributed.gather_in_order(completions, mine, len(prompts), what)
+
+    def greedy(self, path: str, examples: Seq[TokenizedExample]) -> list[str]:
+        """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
+        completions = self.generate(path, [e.prompt_ids for e in examples], sampling, "greedy answers")
+        return [self.tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
+
+    def close(self) -> None:
+        if self._vllm is not None:
+            self._vllm.close()
 
 
 def checker_grades(check: Callable[[str, str, str], float], examples: Seq[Example], answers: Seq[str]) -> list[float]:
@@ -179,6 +219,22 @@ def path_identity(name: str) -> object:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
             for p in files]
+
+
+def model_identity(name: str, folder: str) -> object:
+    """path_identity of a model folder; for a Hub model (`folder` its local snapshot), its id and the revision of
+    the snapshot (the commit the folder is named after)."""
+    if folder != name:
+        return {"hub": name, "revision": Path(folder).name}
+    return path_identity(name)
+
+
+def source_hash(function: Callable) -> str | None:
+    """A hash of the source file that defines `function` (None when it has none): a changed checker grades again."""
+    try:
+        return hashlib.sha256(Path(inspect.getsourcefile(function) or "").read_bytes()).hexdigest()[:16]
+    except (TypeError, OSError):
+        return None
 
 
 def parts_folder(output: Path) -> Path:
@@ -261,12 +317,13 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     data = config.data
     budget, backend, progress = config.score_batch_tokens, config.train.backend, config.train.progress
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
+    checker_code = source_hash(check) if check is not None else None
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
         tokenizer = load_tokenizer(config.model.name_or_path, config.model.template_text(),
                                    config.model.trust_remote_code)
-        fetch_model(config.model.name_or_path)
+        sft_folder = fetch_model(config.model.name_or_path)
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)
 
@@ -281,6 +338,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     saved = SavedWork(parts_folder(output) if output is not None else None)
+    answering = Answering(config, tokenizer, lambda path: model_at(path), {config.model.name_or_path: sft_folder})
     tracked = output is not None and (config.train.tensorboard or config.train.wandb)
     if tracked:  # now, not after the first model
         distributed.checked_on_main(lambda: check_trackers(config.train), "the trackers' check")
@@ -295,12 +353,14 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         "data": {k: v for k, v in asdict(data).items() if k not in ("source", "max_prompts", "eval_source", "checker")},
         "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
                   "chat_template": config.model.template_text()},  # the template, not the name of its file
-        "generation": {"max_new_tokens": config.generation.max_new_tokens, "batch_size": config.generation.batch_size},
+        "generation": {"engine": answering.engine, "max_new_tokens": config.generation.max_new_tokens,
+                       **({"batch_size": config.generation.batch_size} if answering.engine == "transformers" else {})},
         "score_batch_tokens": budget,
         "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
     }, "the evaluation's settings")
     identities = distributed.from_main(
-        {path: path_identity(path) if distributed.is_main() else None
+        {path: model_identity(path, sft_folder if path == config.model.name_or_path else path)
+         if distributed.is_main() else None
          for path in [config.model.name_or_path, *checkpoints, *(baselines or {}).values()]}, "the models' files")
 
     loaded: dict[str, object] = {}
@@ -318,9 +378,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         sampling = config.for_iteration(t).generation.sampling()
 
         def make():
-            completions = shared_generate(model_at(opponent), tokenizer, [e.prompt_ids for e in examples], sampling,
-                                          config.generation.batch_size, f"iteration {t}'s held-out answers",
-                                          progress)
+            completions = answering.generate(opponent, [e.prompt_ids for e in examples], sampling,
+                                             f"iteration {t}'s held-out answers")
             pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
@@ -334,25 +393,25 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         beta = config.for_iteration(opponent[0] if opponent else 0).train.beta
 
         def make():
+            # The opponent's answers first: a vLLM engine still holds its weights from the row before.
+            pairs = held_out_pairs(*opponent) if opponent is not None else None
             model = model_at(path)
             row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
             if check is not None:
-                answers = greedy_answers(model, tokenizer, examples, config.generation.max_new_tokens,
-                                         config.generation.batch_size, progress)
+                answers = answering.greedy(path, examples)
                 grades = checker_grades(check, raw, answers)  # every rank grades all answers: cheap, and alike
                 row.update(checker_score(grades))
                 if distributed.is_main():
                     saved.write(f"answers-{name}.jsonl", "".join(
                         json.dumps({"prompt": user_prompt(e), "answer": a, "reference": e.response, "grade": g}) + "\n"
                         for e, a, g in zip(raw, answers, grades)))
-            if opponent is not None:
-                pairs = held_out_pairs(*opponent)
+            if pairs is not None:
                 row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress))
             if trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
                 trackers.log(x, row)  # again, never skipped
             return row
 
-        key = {"model": identities[path], "checker": data.checker, **settings}
+        key = {"model": identities[path], "checker": data.checker, "checker code": checker_code, **settings}
         if opponent is not None:
             key.update({"opponent": identities[opponent[1]], "beta": beta,
                         "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
@@ -366,6 +425,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             rows += [model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(checkpoints)]
             rows += [model_row(name, path, None, (0, sft)) for name, path in (baselines or {}).items()]
     finally:
+        answering.close()
         if trackers is not None:
             trackers.close()
     if output is not None:

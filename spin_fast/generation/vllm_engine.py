@@ -256,6 +256,14 @@ class VllmEngine:
         # Prefix caching would otherwise serve KV computed with the old weights.
         self._llm.reset_prefix_cache()
 
+    def load_weights_from(self, model_dir: str | os.PathLike[str]) -> None:
+        """Replace the model's weights with those saved in a model folder (a checkpoint of the same architecture),
+        in memory: each worker reads the files itself with vLLM's own loader, nothing passes through this process."""
+        if not any(Path(model_dir).glob("*.safetensors")):
+            raise FileNotFoundError(f"{model_dir}: no .safetensors weights to load into the vLLM engine")
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self._llm.reset_prefix_cache()
+
     def worker_pids(self) -> list[int]:
         """The process id of each worker: unchanged across swaps, since the engine is never restarted."""
         return self._llm.collective_rpc("spin_pid")
