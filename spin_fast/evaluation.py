@@ -11,7 +11,8 @@ and how each iteration's model separates human from opponent responses (the rewa
 Under a launcher (torchrun, the deepspeed launcher) the ranks share the work: each runs its share of the
 micro-batches and generation batches that one process would run, cut exactly as one process cuts them
 (balanced by tokens), and the results come back in one-process order. Every forward pass is then the one
-a single process makes, so the figures equal one process's; rank 0 writes the file.
+a single process makes, so the figures equal one process's; rank 0 writes the file. With vLLM, each rank's
+engine answers its share of the prompts, each prompt seeded by its index in the whole set.
 """
 
 from __future__ import annotations
