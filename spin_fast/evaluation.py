@@ -339,7 +339,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     saved = SavedWork(parts_folder(output) if output is not None else None)
-    answering = Answering(config, tokenizer, lambda path: model_at(path), {config.model.name_or_path: sft_folder})
+    answering = Answering(config, tokenizer, lambda path: model_at(path),  # model_at: below, on first use
+                          {config.model.name_or_path: sft_folder})
     tracked = output is not None and (config.train.tensorboard or config.train.wandb)
     if tracked:  # now, not after the first model
         distributed.checked_on_main(lambda: check_trackers(config.train), "the trackers' check")

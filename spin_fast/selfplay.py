@@ -511,7 +511,8 @@ def _plain(value):
 
 
 def chosen_engine(config: RunConfig) -> str:
-    """"vllm" or "transformers": generation.engine, auto resolved to vLLM when it can be imported."""
+    """The engine that generates, "vllm" or "transformers": generation.engine, auto resolved to vLLM when it can
+    be imported."""
     choice = config.generation.engine
     if choice in ("auto", "vllm"):
         try:
