@@ -29,6 +29,9 @@ New weights (a perturbed copy of the model's state dict, as after a training ite
   restart        vLLM only: engine.close() and a new VllmEngine on a folder that already holds the new weights
                  (median of `restart_runs`). Writing that checkpoint (save_pretrained + tokenizer) is timed apart
                  (`checkpoint_save_ms`) and not in the restart time, so the restart figure is a lower bound.
+  folder reload  vLLM only: engine.load_weights_from(a checkpoint folder), the running engine's workers reading the
+                 saved weights themselves (how `spin-fast eval` moves from one model to the next), median of
+                 `swap_repeats` calls alternating between the two folders.
 
 Memory:
   transformers   peak_extra_mib: the peak that one generate() call adds on top of what is held before it, in the
@@ -313,6 +316,12 @@ def _vllm(preset: Preset, workdir: Path, model, tokenizer, prompts) -> dict:
         result.update(_time_generation(engine, prompts, preset, device))
         result.update(_time_swaps(engine, perturbed_state(model, seed=SEED + 2), preset.swap_repeats, device))
         result["restart_vs_swap"] = result["restart_ms"] / result["swap_ms"]
+        reloads = []
+        for i in range(preset.swap_repeats):
+            start = time.perf_counter()
+            engine.load_weights_from(workdir / ("model" if i % 2 == 0 else "model-new"))
+            reloads.append(time.perf_counter() - start)
+        result.update(folder_reload_ms=_median_ms(reloads), folder_reload_runs=len(reloads))
         return result
     finally:
         engine.close()
@@ -399,7 +408,7 @@ def _one_line(result: dict) -> str:
 
 def summary_table(results: list[dict]) -> str:
     headers = ["engine", "generate ms (min-max)", "tokens", "tokens/s", "start-up ms", "swap ms", "restart ms",
-               "restart/swap", "peak extra MiB", "held MiB"]
+               "restart/swap", "folder reload ms", "peak extra MiB", "held MiB"]
     rows = []
     for r in results:
         if "median_ms" not in r:
@@ -419,6 +428,7 @@ def summary_table(results: list[dict]) -> str:
             fmt("swap_ms"),
             fmt("restart_ms"),
             fmt("restart_vs_swap", ".1f"),
+            fmt("folder_reload_ms"),
             fmt("peak_extra_mib"),
             held,
         ])

@@ -56,6 +56,8 @@ def generate_rows(report: dict) -> list[list[str]]:
         text = reason or f"{r['tokens_per_s']:.0f} tokens/s, weight swap {r['swap_ms']:.0f} ms"
         if not reason and "restart_ms" in r:
             text += f" (restart from disk {r['restart_ms'] / 1e3:.1f} s: {r['restart_vs_swap']:.0f}x)"
+        if not reason and "folder_reload_ms" in r:
+            text += f", reload from a checkpoint folder {r['folder_reload_ms']:.0f} ms"
         rows.append([f"generation: {r.get('engine', '?')}", text])
     return rows
 

@@ -170,14 +170,19 @@ class Answering:
         folder = self.folders.get(path, path)  # a Hub model's local snapshot
         if self._vllm is None:
             self._vllm = start_vllm(self.config, folder)
-        elif folder != self._serving:
-            log.info("%s: the vLLM engine takes the weights of %s", what, folder)
-            self._vllm.load_weights_from(folder)
+        else:
+            self._vllm.wake_up()
+            if folder != self._serving:
+                log.info("%s: the vLLM engine takes the weights of %s", what, folder)
+                self._vllm.load_weights_from(folder)
         self._serving = folder
         costs = [len(p) + sampling.max_new_tokens for p in prompts]
         mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
         log.info("%s (vLLM) ...", what)
         completions = self._vllm.generate([prompts[i] for i in mine], sampling, indices=mine)
+        # On a GPU the engine sleeps while the models score (their log-likelihoods and margins), as it does while
+        # the loop trains: its weights and KV cache would otherwise sit beside two models (a no-op on the CPU build).
+        self._vllm.sleep()
         return distributed.gather_in_order(completions, mine, len(prompts), what)
 
     def greedy(self, path: str, examples: Seq[TokenizedExample]) -> list[str]:

@@ -61,3 +61,4 @@ def test_tiny_bench_vllm(tmp_path, monkeypatch):
     assert result["engine_rss_mib"] > 0 and result["engine_worker_processes"] >= 1
     assert result["restart_ms"] > 0 and result["checkpoint_save_ms"] > 0
     assert result["restart_vs_swap"] > 1  # a restart costs more than an in-memory swap
+    assert result["folder_reload_ms"] > 0 and result["folder_reload_runs"] == 1
