@@ -80,7 +80,19 @@ def shutdown() -> None:
     interpreter's teardown too (cli.entry)."""
     if initialized():
         barrier("end of the program")
+        me = rank()
         dist.destroy_process_group()
+        remove_deepspeed_cpu_buffer(me)
+
+
+def remove_deepspeed_cpu_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (every rank on one machine, no GPU) gives each rank a 66 MiB file in /dev/shm,
+    named by user, MASTER_ADDR, MASTER_PORT and rank, and never removes it: memory lost until the machine reboots.
+    Each rank removes its own once every rank is past the last collective (a peer's mapping outlives the name)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def rank() -> int:

@@ -616,6 +616,9 @@ def test_deepspeed_launcher_and_resume_with_the_same_command(tmp_path, sft_model
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((tmp_path / "iter-0/generate/manifest.json").read_text())
     assert manifest["processes"] == 2
+    # DeepSpeed's CPU all-reduce made a 66 MiB file in /dev/shm per rank; each rank removed its own at the end.
+    port = next(arg.split("=")[1] for arg in done.args if arg.startswith("--master_port="))
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     again = spin_fast_command(tmp_path, sft_model, 2, "iterations=1", launcher="deepspeed")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "iter-0/generate/manifest.json").read_text()) == manifest
