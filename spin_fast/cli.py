@@ -153,8 +153,7 @@ def run_sft(config) -> int:
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
-        tokenizer = load_tokenizer(config.model.name_or_path, config.model.template_text(),
-                                   config.model.trust_remote_code)
+        tokenizer = load_tokenizer(config.model)
         fetch_model(config.model.name_or_path)
         examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
@@ -172,8 +171,10 @@ def entry() -> None:
     threads, held by process groups that torch or DeepSpeed destroy last, sometimes abort a process that has
     finished and saved all its work (exit -6, "terminate called without an active exception"), and the launcher
     reports the whole job failed."""
+    from spin_fast.distributed import launched_distributed
+
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_distributed():
         sys.exit(status)
     if "wandb" in sys.modules:  # its service process, which the skipped exit handlers would have stopped
         sys.modules["wandb"].teardown()

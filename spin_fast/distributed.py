@@ -95,6 +95,14 @@ def remove_deepspeed_cpu_buffer(rank: int) -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
+def progress_bar(batches, what: str, shown: bool):
+    """The batches, with a progress bar when `shown`, on rank 0 only: every rank's share is as long, and one bar
+    per rank would garble the terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=what, unit="batch", disable=not shown or not is_main())
+
+
 def rank() -> int:
     return dist.get_rank() if initialized() else 0
 

@@ -31,7 +31,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
@@ -58,7 +57,7 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     costs = [sum(group_tokens(groups[i], share) for i in chunk) for chunk in chunks]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
-    for c in progress_bar(zero.in_step(models, mine, what), what, progress):  # None: a filler pass
+    for c in distributed.progress_bar(zero.in_step(models, mine, what), what, progress):  # None: a filler pass
         sums = [sequence_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
                                   backend=backend) for model in models]
         if c is not None:
@@ -89,7 +88,7 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
-    for b in progress_bar(zero.in_step([model], mine, what), what, progress):  # None: a filler pass
+    for b in distributed.progress_bar(zero.in_step([model], mine, what), what, progress):  # None: a filler pass
         batch = batches[b] if b is not None else []
         completions = engine.generate([prompts[i] for i in batch], sampling, indices=batch)
         if b is not None:
@@ -100,11 +99,6 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
         for index, completion in zip(batch, batch_completions):
             completions[index] = completion
     return completions
-
-
-def progress_bar(batches: list, what: str, shown: bool):
-    """The batches, with a progress bar on rank 0 when `shown`."""
-    return tqdm(batches, desc=what, unit="batch", disable=not shown or not distributed.is_main())
 
 
 def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto",
@@ -327,8 +321,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
-        tokenizer = load_tokenizer(config.model.name_or_path, config.model.template_text(),
-                                   config.model.trust_remote_code)
+        tokenizer = load_tokenizer(config.model)
         sft_folder = fetch_model(config.model.name_or_path)
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from spin_fast import attention
+from spin_fast.config import ModelConfig
 from spin_fast.packing import MicroBatch
 from spin_fast.zero import is_partitioned_model
 
@@ -36,12 +37,13 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
     return model.config._attn_implementation == attention.NAME
 
 
-def load_tokenizer(name_or_path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer, with `chat_template` (Jinja text) in place of its own when given. Every prompt is
-    rendered through the template (data.render_prompt), so a tokenizer with none is refused here, by name."""
+def load_tokenizer(settings: ModelConfig):
+    """The run's model's tokenizer, with model.chat_template in place of its own when set. Every prompt is rendered
+    through the template (data.render_prompt), so a tokenizer with none is refused here, by name."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    name_or_path, chat_template = settings.name_or_path, settings.template_text()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=settings.trust_remote_code)
     if chat_template is not None:
         if tokenizer.chat_template and tokenizer.chat_template != chat_template:
             log.info("%s: model.chat_template replaces the tokenizer's own chat template", name_or_path)

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import spin_kernels
 from spin_fast import distributed, zero
@@ -69,8 +68,7 @@ def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, b
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
     with zero.gathered_per_layer(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
-        # One bar, rank 0's (its share is as long as the others'), not one per rank garbling the terminal.
-        for batch in tqdm(passes, desc="scoring", unit="batch", disable=not progress or not distributed.is_main()):
+        for batch in distributed.progress_bar(passes, "scoring", progress):
             sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend,
                                     bf16_autocast)
             if batch is not None:

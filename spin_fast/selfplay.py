@@ -226,8 +226,7 @@ class SelfPlay:
             distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         examples = {}
         with distributed.main_first("the model and data, from the Hub"):
-            settings = self.config.model
-            tokenizer = load_tokenizer(settings.name_or_path, settings.template_text(), settings.trust_remote_code)
+            tokenizer = load_tokenizer(self.config.model)
             fetch_model(self.config.model.name_or_path)
             for t in iterations:
                 data = self.config.for_iteration(t).data

@@ -184,23 +184,17 @@ class MetricsLog:
         self.trackers.close()
 
 
-def track_point(folder: Path, config: TrainConfig, name: str, prefix: str, axis: str, x: int, values: dict) -> None:
-    """One point of a series (the numbers of `values`) to the trackers `config` asks for, opened and closed around
-    it: the W&B run `name`, whose id is kept in `folder`, and folder/tensorboard."""
+def track_iteration(run_dir: Path, config: TrainConfig, summary: dict) -> None:
+    """An iteration's summary (held-out log-likelihood, rewards, time per stage, ...) to the trackers the
+    iteration's config asks for, at x = the iteration: the SPIN run's own curves."""
     if not (config.tensorboard or config.wandb):
         return
     # No purge: TensorBoard reads a folder's writers in the order of their files' names, which only tell the second
     # a writer started apart (a counter's digits break ties, as text), so one point's purge could hide the next
     # point's, written within that second. A point sent again after a kill shows twice instead, with one value.
-    trackers = Trackers(folder, config, name, {}, prefix=prefix, axis=axis, purge=False)
+    trackers = Trackers(run_dir, config, tracked_name(run_dir, "iterations"), {}, prefix="iteration", axis="number",
+                        purge=False)
     try:
-        trackers.log(x, values)
+        trackers.log(summary["iteration"], {key: value for key, value in summary.items() if key != "iteration"})
     finally:
         trackers.close()
-
-
-def track_iteration(run_dir: Path, config: TrainConfig, summary: dict) -> None:
-    """An iteration's summary (held-out log-likelihood, rewards, time per stage, ...) to the trackers the
-    iteration's config asks for, at x = the iteration: the SPIN run's own curves."""
-    track_point(run_dir, config, tracked_name(run_dir, "iterations"), "iteration", "number", summary["iteration"],
-                {key: value for key, value in summary.items() if key != "iteration"})

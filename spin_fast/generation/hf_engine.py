@@ -9,7 +9,6 @@ import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from spin_fast import distributed, zero
@@ -57,7 +56,7 @@ class TransformersEngine:
         if attention == PACKED_ONLY:  # packed-row attention cannot serve padded batches with a KV cache
             self.model.set_attn_implementation("sdpa")
         try:
-            bar = tqdm(batches, desc="generating", unit="batch", disable=not self.progress or not distributed.is_main())
+            bar = distributed.progress_bar(batches, "generating", self.progress)
             with zero.gathered_per_layer(self.model) if partitioned else contextlib.nullcontext():
                 for batch in bar:
                     if batch is None:  # a filler: its tokens are thrown away
