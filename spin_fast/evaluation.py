@@ -243,8 +243,8 @@ def check_baseline_names(baselines: dict[str, str]) -> None:
         if not BASELINE_NAME.fullmatch(name):
             raise ConfigError(f"baseline {name!r}: a name of letters, digits, '.', '_' and '-' (it names the row and "
                               "its files)")
-        if name == "sft" or re.fullmatch(r"iter-\d+", name):
-            raise ConfigError(f"baseline {name!r}: the name of one of the run's own models; choose another")
+        if re.fullmatch(r"sft|iter-\d+|held-out-pairs-\d+", name):
+            raise ConfigError(f"baseline {name!r}: the name of one of the run's own models or files; choose another")
 
 
 def check_baseline_fits(name: str, folder: str, sft_folder: str, tokenizer, engine: str,
@@ -265,7 +265,7 @@ def check_baseline_fits(name: str, folder: str, sft_folder: str, tokenizer, engi
                               f"not the SFT model's ({len(ours)} tokens): the held-out data is tokenized once, with "
                               "the SFT model's tokenizer")
     if engine == "vllm":
-        ours, theirs = (json.loads((Path(f) / "config.json").read_text()) for f in (sft_folder, folder))
+        ours, theirs = json.loads((Path(sft_folder) / "config.json").read_text()), json.loads(config_file.read_text())
         for key in ARCHITECTURE_KEYS:
             if ours.get(key) != theirs.get(key):
                 raise ConfigError(

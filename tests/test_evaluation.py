@@ -330,7 +330,8 @@ def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(s
     config = eval_config(sorting_run, tmp_path / "run")
     other_words = build_local_tokenizer(["a different vocabulary, learned from other text"] * 4, vocab_size=300)
     refused = {
-        "iter-0": (ConfigError, "baseline 'iter-0': the name of one of the run's own models"),
+        "iter-0": (ConfigError, "baseline 'iter-0': the name of one of the run's own models or files"),
+        "held-out-pairs-0": (ConfigError, "baseline 'held-out-pairs-0': the name of one of the run's own models or"),
         "a/b": (ConfigError, "baseline 'a/b': a name of letters, digits"),
         "gone": (FileNotFoundError, "baseline 'gone' '/nonexistent/checkpoint-9': no such model folder"),
         "words": (ConfigError, r"baseline 'words' .*: its tokenizer's vocabulary \(\d+ tokens\) is not the SFT model's "
@@ -338,6 +339,7 @@ def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(s
         "empty": (FileNotFoundError, "baseline 'empty': .* has no config.json: not a model folder"),
     }
     paths = {"iter-0": str(sorting_run / "model"), "a/b": str(sorting_run / "model"),
+             "held-out-pairs-0": str(sorting_run / "model"),
              "gone": "/nonexistent/checkpoint-9", "words": str(save_model(tmp_path / "words", other_words, seed=2)),
              "empty": str((tmp_path / "empty").mkdir() or tmp_path / "empty")}
     for name, (error, message) in refused.items():
