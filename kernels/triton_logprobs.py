@@ -13,6 +13,7 @@ copied, computed or written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -123,8 +124,10 @@ def _backward_kernel(
     onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
     dlogits = grad[:, None] * (onehot - softmax)
     dlogits = tl.where(row_mask[:, None] & col_mask[None, :], dlogits, 0.0)
+    # Relaxed atomics: the sums are read only after the kernel ends. The default (acq_rel) puts a GPU-wide
+    # barrier and an L1 invalidation beside every add (tests/test_triton_aot.py counts them).
     if NEED_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dlogits, axis=0), mask=col_mask)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dlogits, axis=0), mask=col_mask, sem="relaxed")
     if not UPCAST:  # tensor cores take the inputs' precision; accumulation stays fp32
         dlogits = dlogits.to(hidden_ptr.dtype.element_ty)
 
@@ -142,7 +145,7 @@ def _backward_kernel(
             partial = tl.dot(dlogits, w, input_precision=PRECISION)
             tl.atomic_add(
                 grad_hidden_ptr + rows[:, None] * stride_grad_hidden + k[None, :], partial,
-                mask=row_mask[:, None] & k_mask[None, :],
+                mask=row_mask[:, None] & k_mask[None, :], sem="relaxed",
             )
         if NEED_WEIGHT:
             h = tl.load(
@@ -154,7 +157,7 @@ def _backward_kernel(
             partial = tl.dot(tl.trans(dlogits), h, input_precision=PRECISION)
             tl.atomic_add(
                 grad_weight_ptr + cols.to(tl.int64)[:, None] * stride_grad_weight + k[None, :],
-                partial, mask=col_mask[:, None] & k_mask[None, :],
+                partial, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed",
             )
 
 
@@ -207,6 +210,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device, not on the inputs': make theirs current (a model spread over
+    several GPUs may keep its LM head on another one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _vocab_splits(n_blocks: int, v_tiles: int, device: torch.device) -> int:
     """Split the vocabulary across programs when there are too few token blocks to fill the GPU."""
     if INTERPRETING:
@@ -233,14 +242,15 @@ class TritonLinearLogprobs(torch.autograd.Function):
             splits = triton.cdiv(v_tiles, tiles_per_split)
             partial_lse = torch.empty(splits, n_rows, dtype=torch.float32, device=hidden.device)
             partial_target = torch.empty_like(partial_lse)
-            _forward_kernel[(n_blocks, splits)](
-                hidden, weight, bias if bias is not None else weight, rows, targets,
-                partial_lse, partial_target,
-                n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), tiles_per_split,
-                HAS_BIAS=bias is not None, UPCAST=INTERPRETING, PRECISION=dot_precision(hidden.dtype),
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            with on_device(hidden.device):
+                _forward_kernel[(n_blocks, splits)](
+                    hidden, weight, bias if bias is not None else weight, rows, targets,
+                    partial_lse, partial_target,
+                    n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0), tiles_per_split,
+                    HAS_BIAS=bias is not None, UPCAST=INTERPRETING, PRECISION=dot_precision(hidden.dtype),
+                    BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )
             lse = torch.logsumexp(partial_lse, dim=0)
             logps = partial_target.sum(0) - lse
         ctx.save_for_backward(hidden, weight, bias, rows, targets, lse)
@@ -258,18 +268,19 @@ class TritonLinearLogprobs(torch.autograd.Function):
         if n_rows and (need_hidden or need_weight or need_bias):
             cfg = launch_configs(hidden.dtype, device_arch(device))[1]
             grid = (triton.cdiv(n_rows, cfg.block_n) * triton.cdiv(vocab_size, cfg.block_v),)
-            _backward_kernel[grid](
-                hidden, weight, bias if bias is not None else weight, rows, targets, lse,
-                grad_logps.float().contiguous(),
-                grad_hidden if need_hidden else lse, grad_weight if need_weight else lse,
-                grad_bias if need_bias else lse,
-                n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
-                hidden_size, hidden_size,
-                HAS_BIAS=bias is not None, UPCAST=INTERPRETING, PRECISION=dot_precision(hidden.dtype),
-                NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
-                GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            with on_device(device):
+                _backward_kernel[grid](
+                    hidden, weight, bias if bias is not None else weight, rows, targets, lse,
+                    grad_logps.float().contiguous(),
+                    grad_hidden if need_hidden else lse, grad_weight if need_weight else lse,
+                    grad_bias if need_bias else lse,
+                    n_rows, vocab_size, hidden_size, hidden.stride(0), weight.stride(0),
+                    hidden_size, hidden_size,
+                    HAS_BIAS=bias is not None, UPCAST=INTERPRETING, PRECISION=dot_precision(hidden.dtype),
+                    NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias,
+                    GROUP_N=cfg.group_n, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),

@@ -2,7 +2,7 @@
 
 Run as a script (never under TRITON_INTERPRET): python tests/aot_compile.py [ARCH [DTYPE]], e.g.
 `90 bfloat16` (default: 80 and 90, every dtype); prints one JSON line per kernel with its
-registers, spill bytes, tensor-core instruction counts and shared memory.
+registers, spill bytes, tensor-core instruction counts, atomics and GPU-wide barriers, and shared memory.
 """
 
 from __future__ import annotations
@@ -98,6 +98,10 @@ def _inspect(compiled, arch: int) -> dict:
         spill_loads=int(spills.group(2)),
         hgmma=sass.count("HGMMA"),
         mma=len(re.findall(r"\bHMMA\b", sass)),
+        # Gradient accumulation: atomic adds (REDG when the old value is unused), and what an atomic with acquire/
+        # release semantics adds around each one, a GPU-wide memory barrier and an L1 invalidation.
+        atomics=len(re.findall(r"\b(?:REDG|ATOMG|RED|ATOM)\.", sass)),
+        gpu_barriers=len(re.findall(r"\bMEMBAR\.\w+\.GPU\b|\bCCTL\.IVALL\b", sass)),
         shared_bytes=compiled.metadata.shared,
     )
 

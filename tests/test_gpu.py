@@ -62,6 +62,21 @@ def test_triton_head_at_full_size_matches_float64(n, h, v, bias, dtype):
         assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_head_runs_on_its_inputs_device_not_the_current_one():
+    """A model spread over GPUs may keep its LM head on another GPU than the current one: Triton launches on the
+    current device, so the kernels must make the inputs' device current."""
+    hidden, weight, b, targets = (t.to("cuda:1") if t is not None else None
+                                  for t in random_head(300, 256, 1000, torch.float32, bias=True))
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    with torch.cuda.device(0):
+        out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=b, backend="triton")
+        out.sum().backward()
+    truth = truth_token_logprobs(*(t.detach().double() for t in (hidden, weight)), targets, b.detach().double())
+    assert_close(out, truth, torch.float32, "logprobs on cuda:1")
+    assert all(leaf.grad is not None and leaf.grad.device == hidden.device for leaf in leaves)
+
+
 def test_triton_head_never_holds_the_logits():
     """16384 tokens x V=128256 would be 4 GiB of bf16 logits: the forward holds per-token vectors only, the
     backward its fp32 gradient buffers and their bf16 copies."""
