@@ -249,6 +249,7 @@ class SelfPlay:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
                 os.replace(tmp, path)
+            self._tidy_what_a_kill_left()
             self._record_session(until)
         distributed.barrier("run directory")
         summaries = []
@@ -455,6 +456,16 @@ class SelfPlay:
     def model_path(self, t: int) -> str:
         """θt: the SFT model for t = 0, else the last checkpoint of iteration t-1's training."""
         return self.config.model.name_or_path if t == 0 else self._trained[t - 1]
+
+    def _tidy_what_a_kill_left(self) -> None:
+        """A kill between a stage's manifest and what follows it leaves the stage done, so nothing would come back
+        to finish: remove its parts/ (a copy of its output), and rebuild the summary table (it may lack the
+        iteration)."""
+        for parts in self.run_dir.glob("iter-*/*/parts"):
+            if (parts.parent / MANIFEST).exists():
+                shutil.rmtree(parts, ignore_errors=True)
+        if (self.run_dir / "iter-0" / "train" / MANIFEST).exists():
+            self.write_summary_table()
 
     def _record_session(self, until: tuple[int, str] | None) -> None:
         """Append this start of the run to run_dir/sessions.jsonl; warn when the run's finished work was made

@@ -430,7 +430,11 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the latest complete checkpoint in output_dir, if there is one."""
         latest = self.latest_checkpoint()
-        if latest is None or self.step:
+        if self.step:
+            return
+        if latest is None:  # a kill before the first checkpoint: every step is redone, and logged again
+            if self.metrics_log is not None:
+                self.metrics_log.forget_after(0)
             return
         state = torch.load(latest / STATE_FILE, weights_only=False)
         # Checkpoints written before the digest existed are trusted on their item count alone.

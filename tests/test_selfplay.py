@@ -45,8 +45,17 @@ def test_two_iterations_mix_the_previous_pairs(sft_model, tmp_path):
     assert len(table) == 4 and "rewards/margins" in table[0] and "train_s" in table[0]
     manifest = json.loads((tmp_path / "run" / "iter-1" / "score" / "manifest.json").read_text())
     assert manifest["seconds"] > 0 and len(manifest["inputs"]["pairs"]) == 2
-    # Started again when finished: nothing is redone.
+    # Started again when finished: nothing is redone. What a kill between a stage's manifest and its tidying
+    # leaves, a finished stage's parts/ (a copy of its output) and a summary table short of the last iteration,
+    # is tidied then.
+    leftover = tmp_path / "run" / "iter-1" / "generate" / "parts"
+    leftover.mkdir()
+    (leftover / "000000000-000000006.jsonl").write_text("")
+    summary = tmp_path / "run" / "summary.jsonl"
+    lines = summary.read_text().splitlines()
+    summary.write_text(lines[0] + "\n")
     assert SelfPlay(run_config(sft_model, tmp_path / "run")).run() == summaries
+    assert not leftover.exists() and summary.read_text().splitlines() == lines
 
 
 def test_resume_after_kills_in_generation_and_training_matches(sft_model, tmp_path, monkeypatch):

@@ -182,6 +182,18 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # step 3 redone, logged once
 
 
+def test_a_kill_before_the_first_checkpoint_redoes_every_step_and_logs_it_once(tmp_path, monkeypatch):
+    scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
+    cfg = config(save_every=0)  # a checkpoint at the end only
+    trainer = Trainer(make_model(), None, cfg, tmp_path, scored)
+    killed_in_step(3, trainer, monkeypatch)
+    assert trainer.checkpoint_dirs() == []
+    result = Trainer(make_model(), None, cfg, tmp_path, scored).train()
+    assert [m["step"] for m in result.history] == [1, 2, 3, 4]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
 def killed_in_step(step: int, trainer, monkeypatch) -> None:
     """trainer.train(), killed (KeyboardInterrupt) as the given step starts."""
     original_step, calls = Trainer.train_step, []
