@@ -179,12 +179,12 @@ def from_main(obj: Any, what: str) -> Any:
 
 
 def checked_on_main(check: Callable[[], Any], what: str) -> Any:
-    """`check()` run on rank 0 alone, its result on every rank; a ValueError it raises is raised on every rank, so
-    that a refusal rank 0 alone can see (its files, its login) stops them all at once instead of leaving the
-    others waiting in their next collective."""
+    """`check()` run on rank 0 alone, its result on every rank; a ValueError or OSError it raises is raised on every
+    rank as a ValueError, so that a refusal rank 0 alone can see (its files, its login) stops them all at once
+    instead of leaving the others waiting in their next collective."""
     try:
         checked = (check() if is_main() else None, None)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         checked = (None, str(error))
     result, refused = from_main(checked, what)
     if refused:

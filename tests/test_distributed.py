@@ -219,6 +219,26 @@ def test_rank_0_downloads_first_and_releases_the_others_after_an_error(tmp_path)
     assert "rank 1 saw the flag" in second.stdout and "rank 1 released" in second.stdout, second.stdout
 
 
+CHECKED_ON_MAIN = """
+import sys
+import torch.distributed as dist
+from spin_fast import distributed
+dist.init_process_group("gloo")
+try:
+    distributed.checked_on_main(lambda: open(sys.argv[1]).read(), "the file's check")  # rank 0's: a missing file
+except ValueError as error:
+    print(f"rank {dist.get_rank()} refused: {error}")
+distributed.shutdown()
+"""
+
+
+def test_a_file_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+    ranks = two_ranks(CHECKED_ON_MAIN, str(tmp_path / "missing.yaml"))
+    for rank, result in enumerate(ranks):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"rank {rank} refused: [Errno 2] No such file or directory" in result.stdout, result.stdout
+
+
 SHARE_REQUESTS = """
 import json, sys
 from pathlib import Path
