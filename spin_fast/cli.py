@@ -173,11 +173,12 @@ def run_sft(config) -> int:
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
     with distributed.main_first("the model and data, from the Hub"):
-        fetch_model(config.model.name_or_path)  # first: a missing model is named before its tokenizer fails
-        tokenizer = load_tokenizer(config.model)
+        # First: a missing model is named before its tokenizer fails.
+        folder = fetch_model(config.model.name_or_path, revision=config.model.revision or None)
+        tokenizer = load_tokenizer(config.model, folder)
         examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
-    model = load_policy(config.model.name_or_path, config)
+    model = load_policy(folder, config)
     result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
                      sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()
     if os.environ.get("RANK", "0") == "0":

@@ -89,6 +89,8 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # its dtype in training is train.dtype
+    # A Hub model's revision (branch, tag or commit); "" its main branch. A run keeps the commit it started from.
+    revision: str = ""
     attention: str = "auto"
     trust_remote_code: bool = False
     # A Jinja chat template, or the path of a file holding one, for a tokenizer without one (a base model, e.g.

@@ -37,13 +37,14 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
     return model.config._attn_implementation == attention.NAME
 
 
-def load_tokenizer(settings: ModelConfig):
-    """The run's model's tokenizer, with model.chat_template in place of its own when set. Every prompt is rendered
-    through the template (data.render_prompt), so a tokenizer with none is refused here, by name."""
+def load_tokenizer(settings: ModelConfig, folder: str | None = None):
+    """The run's model's tokenizer (from `folder`, its local copy, when given), with model.chat_template in place of
+    its own when set. Every prompt is rendered through the template (data.render_prompt), so a tokenizer with none
+    is refused here, by name."""
     from transformers import AutoTokenizer
 
     name_or_path, chat_template = settings.name_or_path, settings.template_text()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=settings.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder or name_or_path, trust_remote_code=settings.trust_remote_code)
     if chat_template is not None:
         if tokenizer.chat_template and tokenizer.chat_template != chat_template:
             log.info("%s: model.chat_template replaces the tokenizer's own chat template", name_or_path)

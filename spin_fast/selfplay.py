@@ -145,11 +145,14 @@ def partitioned(config: RunConfig) -> bool:
     return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
 
 
-def fetch_model(name_or_path: str, setting: str = "model.name_or_path") -> str:
-    """A Hub model's config, tokenizer and safetensors weights into the local cache, so that the ranks loading it
-    after rank 0 read the cache instead of all downloading at once; its local folder (a snapshot named after the
-    revision's commit). A folder is its own. A name that is neither is an error naming `setting`."""
+def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision: str | None = None) -> str:
+    """A Hub model's config, tokenizer and safetensors weights (at `revision`, else its main branch) into the local
+    cache, so that the ranks loading it after rank 0 read the cache instead of all downloading at once; its local
+    folder (a snapshot named after the revision's commit). A folder is its own. A name that is neither is an error
+    naming `setting`."""
     if Path(name_or_path).exists():
+        if revision:
+            raise ValueError(f"{setting} {name_or_path!r} is a local folder: model.revision is for Hub models")
         return name_or_path
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -160,10 +163,30 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path") -> str:
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
     try:
-        return snapshot_download(name_or_path, allow_patterns=patterns)
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder, and not fetched as a Hub model "
                                 f"id ({type(error).__name__}: {error})") from None
+
+
+SFT_MODEL_FILE = "sft-model.json"
+
+
+def sft_revision(run_dir: Path, config: RunConfig) -> str | None:
+    """The revision a run fetches its SFT model at, when the model is named by a Hub id: the commit the run started
+    from, kept in run_dir/sft-model.json (so that a run resumed after the model's repository moved on goes on with
+    the same θ0, and its evaluation scores that θ0), else model.revision (None: the main branch)."""
+    path = run_dir / SFT_MODEL_FILE
+    if path.exists():
+        return json.loads(path.read_text())["revision"]
+    return config.model.revision or None
+
+
+def keep_sft_revision(run_dir: Path, config: RunConfig, folder: str) -> None:
+    """At a run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""
+    path = run_dir / SFT_MODEL_FILE
+    if folder != config.model.name_or_path and not path.exists():
+        path.write_text(json.dumps({"name": config.model.name_or_path, "revision": Path(folder).name}) + "\n")
 
 
 def load_policy(path: str, config: RunConfig):
@@ -206,6 +229,7 @@ class SelfPlay:
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
         self._examples: dict[str, list[TokenizedExample]] = {}  # read and tokenized once per run, per data setting
         self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
+        self.sft_folder = config.model.name_or_path  # θ0; a Hub model's local snapshot once fetched
 
     @property
     def distributed(self) -> bool:
@@ -234,9 +258,12 @@ class SelfPlay:
         if tracked:  # the same on every rank: all of them take part, or none
             distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         examples = {}
+        revision = distributed.from_main(sft_revision(self.run_dir, self.config) if distributed.is_main() else None,
+                                         "the SFT model's revision")
         with distributed.main_first("the model and data, from the Hub"):
-            fetch_model(self.config.model.name_or_path)  # first: a missing model is named before its tokenizer fails
-            tokenizer = load_tokenizer(self.config.model)
+            # First: a missing model is named before its tokenizer fails.
+            self.sft_folder = fetch_model(self.config.model.name_or_path, revision=revision)
+            tokenizer = load_tokenizer(self.config.model, self.sft_folder)
             for t in iterations:
                 data = self.config.for_iteration(t).data
                 examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)
@@ -249,6 +276,7 @@ class SelfPlay:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
                 os.replace(tmp, path)
+            keep_sft_revision(self.run_dir, self.config, self.sft_folder)
             self._tidy_what_a_kill_left()
             self._record_session(until)
         distributed.barrier("run directory")
@@ -454,8 +482,8 @@ class SelfPlay:
         return self._examples[key]
 
     def model_path(self, t: int) -> str:
-        """θt: the SFT model for t = 0, else the last checkpoint of iteration t-1's training."""
-        return self.config.model.name_or_path if t == 0 else self._trained[t - 1]
+        """θt: the SFT model (its folder) for t = 0, else the last checkpoint of iteration t-1's training."""
+        return self.sft_folder if t == 0 else self._trained[t - 1]
 
     def _tidy_what_a_kill_left(self) -> None:
         """A kill between a stage's manifest and what follows it leaves the stage done, so nothing would come back

@@ -198,6 +198,48 @@ def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, t
         "0.1.0+another"
 
 
+def test_a_hub_sft_model_stays_at_the_revision_the_run_started_from(sft_model, tmp_path, monkeypatch):
+    """Resumed after the model's repository moved on, a run goes on with the θ0 it started from (and ends with the
+    weights of a run from that θ0's folder), and its evaluation scores that θ0; model.revision picks one."""
+    import shutil
+
+    from spin_fast.evaluation import evaluate_run
+    from spin_fast.selfplay import fetch_model
+
+    publish = offline_hub(monkeypatch, tmp_path / "hub")
+    first = publish("org/sft", "a" * 40, sft_model / "model")
+    hub = ("model.name_or_path=org/sft", "iterations=1", f"data.eval_source={sft_model / 'train.jsonl'}")
+    SelfPlay(run_config(sft_model, tmp_path / "run", *hub)).run(until=(0, "generate"))
+    assert json.loads((tmp_path / "run" / "sft-model.json").read_text()) == {"name": "org/sft", "revision": "a" * 40}
+
+    moved = tmp_path / "moved"  # the repository's next commit: other weights
+    shutil.copytree(sft_model / "model", moved)
+    model = AutoModelForCausalLM.from_pretrained(moved)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    model.save_pretrained(moved)
+    publish("org/sft", "b" * 40, moved)
+    assert fetch_model("org/sft") != str(first)
+
+    resumed = SelfPlay(run_config(sft_model, tmp_path / "run", *hub)).run()
+    score = json.loads((tmp_path / "run" / "iter-0" / "score" / "manifest.json").read_text())
+    assert score["inputs"]["model"] == str(first)
+    local = ("iterations=1", f"data.eval_source={sft_model / 'train.jsonl'}")
+    straight = SelfPlay(run_config(sft_model, tmp_path / "straight", *local)).run()
+    assert all(torch.equal(final_weights(resumed)[k], v) for k, v in final_weights(straight).items())
+    rows = evaluate_run(SelfPlay(run_config(sft_model, tmp_path / "run", *hub)), str(sft_model / "train.jsonl"))
+    expected = evaluate_run(SelfPlay(run_config(sft_model, tmp_path / "straight", *local)),
+                            str(sft_model / "train.jsonl"))
+    assert rows[0]["loglik_per_token"] == expected[0]["loglik_per_token"]
+
+    SelfPlay(run_config(sft_model, tmp_path / "pinned", *hub, "model.revision=" + "a" * 40)).run(until=(0, "generate"))
+    generate = json.loads((tmp_path / "pinned" / "iter-0" / "generate" / "manifest.json").read_text())
+    assert generate["inputs"]["model"] == str(first)
+    with pytest.raises(ValueError, match="is a local folder: model.revision is for Hub models"):
+        fetch_model(str(sft_model / "model"), revision="a" * 40)
+
+
 def test_an_iteration_can_override_the_data_settings(sft_model, tmp_path):
     """Iteration 1 answers only the prompts its own data settings select; the pairs of iteration 0 still join."""
     config = run_config(sft_model, tmp_path / "run", "iteration_overrides={1: {data.max_prompts: 2}}")
