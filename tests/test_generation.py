@@ -107,6 +107,39 @@ def test_a_set_sampled_in_parts_with_its_indices_equals_one_call(tokenizer):
     assert engine.generate(batch[2:], sampling) != whole[2:]  # the same prompts at other places: other seeds
 
 
+def test_each_request_samples_from_its_own_seed_whatever_its_batch(tokenizer):
+    """A request's samples depend on its seed alone (transformers by itself draws a whole batch from one
+    generator): batches of 1, 2 or 5 prompts, or the prompts in another order with their indices, sample alike."""
+    model, batch = make_model(), prompts(tokenizer)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=8, seed=3, n=2)
+    results = [TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, batch_size=size,
+                                  progress=False).generate(batch, sampling) for size in (1, 2, 5)]
+    assert results[0] == results[1] == results[2]
+    order = [3, 0, 4, 1, 2]
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, batch_size=2, progress=False)
+    shuffled = engine.generate([batch[i] for i in order], sampling, indices=order)
+    assert [shuffled[order.index(i)] for i in range(len(batch))] == results[0]
+
+
+def test_sampled_tokens_follow_the_warped_distribution(tokenizer):
+    """The first token of 4000 requests against the float64 distribution written out by hand: logits / T, the
+    top k kept, then the smallest set of most likely tokens whose mass reaches top_p."""
+    model, prompt = make_model(), prompts(tokenizer, 1)[0]
+    sampling = SamplingConfig(temperature=0.7, top_k=6, top_p=0.8, max_new_tokens=1, seed=11)
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, batch_size=4000, progress=False)
+    drawn = [c[0].token_ids[0] if c[0].token_ids else tokenizer.eos_token_id
+             for c in engine.generate([prompt] * 4000, sampling, indices=range(4000))]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].double() / sampling.temperature
+    top = logits.topk(sampling.top_k)
+    probs = top.values.softmax(0)  # sorted, most likely first
+    kept = int((probs.cumsum(0) < sampling.top_p).sum()) + 1  # up to and including the token that reaches top_p
+    expected = dict(zip(top.indices[:kept].tolist(), (probs[:kept] / probs[:kept].sum()).tolist()))
+    assert set(drawn) == set(expected)
+    for token, p in expected.items():
+        assert abs(drawn.count(token) / len(drawn) - p) < 0.03, (token, p)
+
+
 def test_no_two_iterations_sample_from_the_same_seed(tokenizer):
     """Iteration t + 1's first prompt does not reuse the seed of iteration t's second one (it did with the
     iteration's seed offset by t), and a seed past 2**32 works."""

@@ -1,6 +1,8 @@
 """The embedded engine: transformers' generate, batched by length with left padding and a KV cache.
 
-The default where vLLM is absent. load_weights copies new tensors into the model it holds.
+The default where vLLM is absent. load_weights copies new tensors into the model it holds. Each request samples
+from its own seed, as in vLLM: transformers would draw a whole batch from one generator, so a request's tokens
+would depend on the batch it happens to share (its size, the ranks' shares, a resume with smaller batches).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from spin_fast import distributed, zero
 from spin_fast.attention import NAME as PACKED_ONLY
@@ -35,10 +38,9 @@ class TransformersEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
-        """n completions per prompt, in prompt order. transformers samples a whole batch from one seed, so
-        sampled completions depend on the batching; greedy ones do not. A batch's seed is sampling.seed plus
-        the place of its first request (prompt p, completion k) in the whole set, indices[p] * n + k: batches
-        of different calls (the parts of a set, its shares on several ranks) never sample from the same seed.
+        """n completions per prompt, in prompt order. Request (prompt p, completion k) samples from seed
+        sampling.seed + indices[p] * n + k, its place in the whole set, whatever batch it is in: a set generated in
+        parts, or shared out to ranks, with its indices samples what one call does.
 
         Only `sampling` decides how tokens are drawn, as in vLLM given explicit SamplingParams: the model's own
         generation_config (a checkpoint's repetition penalty, n-gram bans, top-k, ...) is set aside meanwhile.
@@ -60,11 +62,10 @@ class TransformersEngine:
             with zero.gathered_per_layer(self.model) if partitioned else contextlib.nullcontext():
                 for batch in bar:
                     if batch is None:  # a filler: its tokens are thrown away
-                        self._generate_batch([[self.eos_token_id]], sampling, 0, synced=True)
+                        self._generate_batch([[self.eos_token_id]], sampling, [0], synced=True)
                         continue
-                    first_prompt, first_k = batch[0]
-                    seed = sampling.seed + indices[first_prompt] * sampling.n + first_k
-                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, seed, synced=partitioned)
+                    seeds = [sampling.seed + indices[p] * sampling.n + k for p, k in batch]
+                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, seeds, synced=partitioned)
                     for (prompt_index, k), completion in zip(batch, outputs):
                         results[prompt_index][k] = completion
         finally:
@@ -73,7 +74,7 @@ class TransformersEngine:
             self.model.generation_config = model_generation_config
         return results
 
-    def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seed: int,
+    def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seeds: list[int],
                         synced: bool = False) -> list[Completion]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -82,17 +83,13 @@ class TransformersEngine:
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
-        sample = sampling.temperature > 0
-        options = dict(do_sample=sample, max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id,
-                       pad_token_id=self.pad_token_id, use_cache=True, synced_gpus=synced)
-        if sample:
-            # top_k=0 switches the top-k filter off (None would fall back to generation_config, often 50).
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        # A private RNG stream per batch: reproducible from the seed, and the caller's RNG is untouched.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                      **options)
+        # Greedy decoding throughout: when sampling, the last logits processor has drawn each row's token already
+        # and left it the only one possible. No global RNG is used: the caller's is untouched.
+        processors = sampling_processors(sampling, seeds, device) if sampling.temperature > 0 else []
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  do_sample=False, logits_processor=LogitsProcessorList(processors),
+                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id,
+                                  pad_token_id=self.pad_token_id, use_cache=True, synced_gpus=synced)
         completions = []
         for row in out[:, width:].tolist():
             finished = self.eos_token_id in row
@@ -110,3 +107,26 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+class SampleEachRow(LogitsProcessor):
+    """Draws each row's next token from the row's own generator (seeded once per request) and leaves it the only
+    token possible: a request's tokens depend on its seed alone, not on the rows it shares a batch with."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = scores.float().softmax(dim=-1)
+        drawn = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+
+def sampling_processors(sampling: SamplingConfig, seeds: Sequence[int], device: torch.device) -> list:
+    """transformers' own warpers, in the order its sampling applies them (temperature, top-k, top-p), then the draw."""
+    warpers: list = [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1.0 else []
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return [*warpers, SampleEachRow(seeds, device)]
