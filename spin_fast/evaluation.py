@@ -23,7 +23,6 @@ import importlib
 import inspect
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import torch
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
+from spin_fast.files import write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, group_tokens, pack_groups
@@ -333,9 +333,7 @@ class SavedWork:
     def write(self, name: str, text: str) -> None:
         """A file of the folder, atomically (rank 0)."""
         if self.folder is not None:
-            tmp = self.folder / (name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.folder / name)
+            write_atomically(self.folder / name, text)
 
 
 def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
@@ -484,8 +482,6 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             trackers.close()
     if output is not None:
         if distributed.is_main():
-            tmp = output.with_name(output.name + ".tmp")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            os.replace(tmp, output)
+            write_atomically(output, "".join(json.dumps(row) + "\n" for row in rows))
         distributed.barrier("evaluation written")  # the file is there when any rank returns
     return rows

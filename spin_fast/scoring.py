@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Sequence as Seq
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import spin_kernels
 from spin_fast import distributed, zero
 from spin_fast.data import TokenizedExample
+from spin_fast.files import replacing
 from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups
 
@@ -101,13 +101,10 @@ def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend:
 
 
 def save_scored_pairs(path: str | Path, pairs: Seq[ScoredPair]) -> None:
-    """JSON lines, written to a temporary file and renamed: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as out:
+    """JSON lines, whole or not at all (spin_fast.files): a reader never sees half a file."""
+    with replacing(path) as out:
         for pair in pairs:
             out.write(json.dumps(asdict(pair)) + "\n")
-    os.replace(tmp, path)
 
 
 def load_scored_pairs(path: str | Path) -> list[ScoredPair]:

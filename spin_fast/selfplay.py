@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence as Seq
@@ -41,6 +40,7 @@ import yaml
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, from_dict
 from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
+from spin_fast.files import replacing, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm, load_tokenizer
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
@@ -59,9 +59,7 @@ def config_hash(config: RunConfig) -> str:
 
 def write_manifest(stage_dir: Path, **fields) -> None:
     """The stage's record, with the code that made it; written last and atomically: it marks the stage done."""
-    tmp = stage_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({**fields, "code": code_version()}, indent=2, default=str) + "\n")
-    os.replace(tmp, stage_dir / MANIFEST)
+    write_atomically(stage_dir / MANIFEST, json.dumps({**fields, "code": code_version()}, indent=2, default=str) + "\n")
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
@@ -99,7 +97,7 @@ def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -
             rows, info = make_part(start, end)
             if distributed.is_main():
                 info = {**info, "seconds": time.perf_counter() - began}
-                part.with_suffix(".json").write_text(json.dumps(info))  # before the rows: they mark the part done
+                write_atomically(part.with_suffix(".json"), json.dumps(info))  # before the rows: they mark it done
                 save_scored_pairs(part, rows)
                 if len(parts) > 1:
                     log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start,
@@ -110,13 +108,11 @@ def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -
                                                f"{parts_dir}", agreed=True)
     totals: dict = {}
     if distributed.is_main():
-        tmp = output.with_name(output.name + ".tmp")
-        with tmp.open("wb") as out:
+        with replacing(output, "wb") as out:
             for _, _, part in parts:
                 out.write(part.read_bytes())  # JSON lines: the parts' files end to end are the stage's file
                 for key, value in json.loads(part.with_suffix(".json").read_text()).items():
                     totals[key] = totals.get(key, 0) + value
-        os.replace(tmp, output)
     return totals
 
 
@@ -186,7 +182,7 @@ def keep_sft_revision(run_dir: Path, config: RunConfig, folder: str) -> None:
     """At a run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""
     path = run_dir / SFT_MODEL_FILE
     if folder != config.model.name_or_path and not path.exists():
-        path.write_text(json.dumps({"name": config.model.name_or_path, "revision": Path(folder).name}) + "\n")
+        write_atomically(path, json.dumps({"name": config.model.name_or_path, "revision": Path(folder).name}) + "\n")
 
 
 def load_policy(path: str, config: RunConfig):
@@ -272,10 +268,8 @@ class SelfPlay:
         if distributed.is_main():
             if _plain(saved_config) != _plain(self.config.to_dict()):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                path = self.run_dir / "config.yaml"
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
-                os.replace(tmp, path)
+                write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(_plain(self.config.to_dict()),
+                                                                              sort_keys=False))
             keep_sft_revision(self.run_dir, self.config, self.sft_folder)
             self._tidy_what_a_kill_left()
             self._record_session(until)
@@ -385,11 +379,8 @@ class SelfPlay:
         for row in rows:
             table.append("| " + " | ".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float)
                                            else str(row.get(c, "")) for c in columns) + " |")
-        for name, text in (("summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
-                           ("summary.md", "\n".join(table) + "\n")):
-            tmp = self.run_dir / (name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.run_dir / name)
+        write_atomically(self.run_dir / "summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomically(self.run_dir / "summary.md", "\n".join(table) + "\n")
 
     # -------------------------------------------------------------------------------- stages
     def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> list[TokenizedPair]:

@@ -12,10 +12,11 @@ position, so both the exact answers and the near misses show.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
+
+from spin_fast.files import write_atomically
 
 PROMPTS = (
     "Sort these numbers from smallest to largest: {}.",
@@ -50,11 +51,8 @@ def make_splits(n_train: int, n_eval: int, seed: int = 0, **sizes) -> tuple[list
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Rows in the `prompt`/`response` schema that spin_fast.data reads; written whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-    return path
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
 
 
 def numbers(text: str) -> list[int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from spin_fast.config import TrainConfig
+from spin_fast.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,7 @@ class MetricsLog:
         """Drop the lines of steps a kill interrupted before their checkpoint: they are redone."""
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a") as out:

@@ -1,0 +1,35 @@
+"""spin_fast.files: a file is replaced whole or not at all, flushed to the disk before its rename, and the rename
+flushed after it."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from spin_fast.files import replacing, write_atomically
+
+
+def test_a_file_is_replaced_whole_and_flushed_before_and_after_its_rename(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        events.append(("replace", Path(target).name))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    write_atomically(path, "new")
+    assert path.read_text() == "new"
+    assert events == [("fsync", "manifest.json.tmp"), ("replace", "manifest.json"), ("fsync", tmp_path.name)]
+
+    with pytest.raises(RuntimeError, match="killed"), replacing(path, "wb") as out:
+        out.write(b"half of it")
+        raise RuntimeError("killed")
+    assert path.read_text() == "new" and not (tmp_path / "manifest.json.tmp").exists()
