@@ -46,8 +46,9 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype):
 
 @functools.cache  # every attention layer asks, in every forward
 def adapt_varlen(varlen_attn):
-    """varlen_attn behind the newest call (window_size, enable_gqa) whatever this torch's version: torch 2.10 took
-    is_causal instead of window_size, and torch 2.11 has no enable_gqa."""
+    """varlen_attn behind the newest call (scale, window_size, enable_gqa) whatever this torch's version: torch 2.10
+    took is_causal instead of window_size and no scale (always 1/sqrt(head_dim)), and torch 2.11 has no
+    enable_gqa."""
     accepted = inspect.signature(varlen_attn).parameters
     if "window_size" in accepted and "enable_gqa" in accepted:
         return varlen_attn
@@ -58,13 +59,17 @@ def adapt_varlen(varlen_attn):
             options["window_size"] = window_size
         elif tuple(window_size) == (-1, 0):
             options["is_causal"] = True
-        else:  # a sliding window that this torch's kernel cannot express
+        if "scale" in accepted:
+            options["scale"] = scale
+        inexpressible = ("window_size" not in options and "is_causal" not in options  # a sliding window
+                         or "scale" not in accepted and scale is not None and scale != q.shape[-1] ** -0.5)
+        if inexpressible:  # by this torch's kernel
             return per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
                                      enable_gqa=enable_gqa)
         if enable_gqa:  # this torch wants one key/value head per query head: share each with its query group
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **options)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
 
     return call
 
@@ -103,6 +108,12 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
         raise ValueError(f"{NAME} attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout:
         raise ValueError(f"{NAME} attention has no dropout; set the model's attention_dropout to 0")
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # Under autocast, rotary embeddings (products that autocast leaves alone) hand back fp32 queries and keys
+        # beside bf16 values: attention runs in the autocast dtype, as transformers' flash attention does, so that
+        # the varlen FlashAttention kernel takes it.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     expand, collapse = kwargs.get(EXPAND_INDEX), kwargs.get(COLLAPSE_INDEX)
     if cu_seqlens is None:

@@ -82,10 +82,11 @@ def checked(kernel):
     return call
 
 
-def torch_2_10_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
-    """torch 2.10's varlen_attn call: is_causal, no window, one key/value head per query head."""
+def torch_2_10_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's varlen_attn call: is_causal, no window, no scale (1/sqrt(head_dim)), one key/value head per
+    query head."""
     assert is_causal and q.shape[1] == k.shape[1]
-    return attention.per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale)
+    return attention.per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k)
 
 
 def torch_2_11_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
@@ -123,6 +124,47 @@ def test_spin_varlen_attention_equals_block_diagonal_sdpa(monkeypatch, family, k
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     derived_cu, derived_max = attention.cu_seqlens_from_positions(positions)
     assert torch.equal(derived_cu, cu) and derived_max == max(lengths)
+
+
+def test_torch_2_10_varlen_takes_no_scale_and_other_scales_run_per_sequence():
+    """torch 2.10's varlen_attn has no scale argument (always 1/sqrt(head_dim)): the default scale goes to its kernel
+    without the argument, another one runs per-sequence SDPA."""
+    calls = []
+
+    def kernel(*args, **options):
+        calls.append(options)
+        return torch_2_10_varlen(*args, **options)
+
+    q, k, v = (torch.randn(9, 2, 16, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    call = attention.adapt_varlen(kernel)
+    for scale in (None, 16**-0.5, 0.3):
+        got = call(q, k, v, cu, cu, 5, 5, scale=scale)
+        assert torch.allclose(got, attention.per_sequence_sdpa(q, k, v, cu, cu, 5, 5, scale=scale)), scale
+    assert calls == [{"is_causal": True}, {"is_causal": True}]  # 0.3 never reached the kernel
+
+
+def test_under_bf16_autocast_attention_takes_queries_keys_and_values_in_bf16():
+    """Rotary embeddings under autocast give fp32 queries and keys beside bf16 values: the varlen kernel, which is
+    FlashAttention on CUDA in fp16/bf16 only, must get all three in bf16 (the hidden states are unchanged)."""
+    seen = []
+
+    def recording(device, dtype):
+        def call(q, k, v, *args, **options):
+            seen.append((dtype, q.dtype, k.dtype, v.dtype))
+            return attention.per_sequence_sdpa(q, k, v, *args, **options)
+
+        return call
+
+    attention.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(spin_model.tiny_config("llama", vocab_size=300),
+                                             attn_implementation=attention.NAME).eval()
+    batch = next(iter(pack_groups([[Sequence([1, 2, 3], [4, 5])], [Sequence([6, 7], [8, 9, 10])]], 64)))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "varlen_kernel", recording)
+        spin_model.micro_batch_hidden_states(model, batch, bf16_autocast=True)
+    assert seen and all(dtypes == (torch.bfloat16,) * 4 for dtypes in seen), seen
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
