@@ -434,6 +434,19 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
+def test_vllm_serves_in_the_dtype_the_model_computes_in(sft_model, tmp_path, monkeypatch):
+    """bf16 under train.bf16_autocast (fp32 master weights would double the engine's memory on a GPU and keep it
+    off FlashAttention), else the weights' dtype."""
+    from spin_fast.generation import vllm_engine
+    from spin_fast.selfplay import start_vllm
+
+    served = []
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **options: served.append(options["dtype"]))
+    for settings in ((), ("train.bf16_autocast=true",), ("train.dtype=bfloat16",)):
+        start_vllm(run_config(sft_model, tmp_path, *settings), str(sft_model / "model"))
+    assert served == ["float32", "bfloat16", "bfloat16"]
+
+
 def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
     """Greedy generation: the loop with vLLM (started once, θ1 hot-swapped in) writes the same pairs
     as with the transformers engine, in both iterations."""

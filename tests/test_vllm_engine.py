@@ -120,6 +120,10 @@ def test_sampling_seeded_n_and_finished(setup):
     assert first == engine.generate(prompts, sampling)
     assert [len(r) for r in first] == [2] * len(prompts)
     assert first != engine.generate(prompts, SamplingConfig(max_new_tokens=16, seed=8, n=2))
+    # Completion k of prompt i draws from seed + i * n + k: the second completion of the first copy of a prompt
+    # and the first of the second copy (seed + 1 both, before) differ.
+    twice = engine.generate([prompts[0]] * 2, sampling)
+    assert len({completion for completions in twice for completion in completions}) == 4
     short = engine.generate(prompts, SamplingConfig(max_new_tokens=3, seed=1, n=2))
     flat = [c for r in short for c in r]
     assert all(len(c.token_ids) <= 3 for c in flat)

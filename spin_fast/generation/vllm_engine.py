@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import shutil
@@ -188,8 +189,9 @@ class VllmEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
-        """n completions for each prompt (token ids), in prompt order; prompt i samples with seed
-        sampling.seed + indices[i] (its index in the whole set), whichever rank or batch it is in."""
+        """n completions for each prompt (token ids), in prompt order; completion k of prompt i samples with seed
+        sampling.seed + indices[i] * n + k (indices[i]: its index in the whole set), whichever rank or batch it is
+        in, as in the transformers engine."""
         indices = range(len(prompts)) if indices is None else indices
         if self._group is not None:  # every rank of the engine's group must submit the same requests
             prompts, indices, mine = share_requests(prompts, indices, self._group)
@@ -202,10 +204,11 @@ class VllmEngine:
 
         if not prompts:
             return []
-        # One seed per prompt: a shared seed would give duplicate prompts identical completions.
+        # One seed per prompt: a shared seed would give duplicate prompts identical completions. vLLM seeds a
+        # request's completion k with seed + k: prompts n seeds apart never share one.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed + i)
-                  for i in indices]
+                                 top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+                                 seed=sampling.seed + i * sampling.n) for i in indices]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
         outputs = self._llm.generate(inputs, params, use_tqdm=distributed.is_main())  # type: ignore[arg-type]
         return [[self._completion(o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs]
@@ -276,6 +279,10 @@ class VllmEngine:
     def wake_up(self) -> None:
         """Undo sleep(); a no-op without sleep mode."""
         if self._sleep_mode:
+            # The engine allocates its weights and KV cache again, in its own process: this process's allocator
+            # first gives back the blocks it keeps cached (training's peak, on one GPU without DeepSpeed).
+            gc.collect()
+            torch.cuda.empty_cache()
             self._llm.wake_up()
 
     def close(self) -> None:
