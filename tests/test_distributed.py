@@ -601,7 +601,7 @@ def test_zero3_init_run_never_holds_the_whole_model(runs, sft_model, held_out, t
 
 @pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
 def test_two_process_eval_writes_the_one_process_file(runs, sft_model, held_out, tmp_path, monkeypatch, engine):
-    """`spin-fast eval` under torchrun, with sampled opponent answers and a checker: the ranks share the
+    """`spin-fast eval` under torchrun, with sampled opponent answers, a checker and a baseline: the ranks share the
     micro-batches and generation batches one process runs (the transformers engine), or each rank's vLLM engine
     answers its share of the prompts with seeds by prompt index, so eval.jsonl is byte for byte one process's."""
     if engine == "vllm":
@@ -612,6 +612,7 @@ def test_two_process_eval_writes_the_one_process_file(runs, sft_model, held_out,
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     settings = (f"data.eval_source={held_out}", "generation.temperature=1.0", "data.checker=length_checker:grade",
                 f"generation.engine={engine}")
+    first = json.loads((runs["one"] / "iter-0/train/manifest.json").read_text())["summary"]["checkpoint"]
     outputs = {}
     for processes in (1, 2):
         # A run directory of its own for each eval: the finished iterations' manifests, the one run's checkpoints.
@@ -620,12 +621,14 @@ def test_two_process_eval_writes_the_one_process_file(runs, sft_model, held_out,
             manifest = f"iter-{t}/train/manifest.json"
             (out / manifest).parent.mkdir(parents=True)
             (out / manifest).write_text((runs["one"] / manifest).read_text())
-        done = spin_fast_command(out, sft_model, processes, *settings, command="eval")
+        done = run_launched([*spin_fast_argv(out, sft_model, processes, *settings, command="eval"),
+                             "--baseline", f"first={first}"])  # iteration 0's model, from outside this folder
         assert done.returncode == 0, done.stderr[-3000:]
     # Rank 0 prints the table, once (vLLM's own log lines mention model= too).
-    assert sum(line.startswith("model=") for line in done.stdout.splitlines()) == 3
+    assert sum(line.startswith("model=") for line in done.stdout.splitlines()) == 4
     rows = [json.loads(line) for line in (outputs[1] / "eval.jsonl").read_text().splitlines()]
-    assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
+    assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1", "first"]
+    assert rows[3]["loglik_per_token"] == rows[1]["loglik_per_token"]  # the same weights as iteration 0's
     assert rows[1]["pairs"] == len(HELD_OUT) and all("score" in r for r in rows)
     assert (outputs[2] / "eval.jsonl").read_text() == (outputs[1] / "eval.jsonl").read_text()
 
