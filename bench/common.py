@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from spin_fast.files import write_atomically
+
 RESULTS_DIR = Path(os.environ.get("SPIN_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
@@ -243,9 +245,7 @@ def save_partial(name: str, report: dict) -> Path:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(payload, indent=2) + "\n")
     return path
 
 

@@ -353,7 +353,6 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         load_policy,
         read_examples,
         read_manifest,
-        sft_revision,
         tokenize_examples,
     )
 
@@ -366,8 +365,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checker_code = source_hash(check) if check is not None else None
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
-    revision = distributed.from_main(sft_revision(selfplay.run_dir, config) if distributed.is_main() else None,
-                                     "the SFT model's revision")
+    revision = selfplay.sft_revision()
     with distributed.main_first("the models and data, from the Hub"):
         # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).
         folders = {config.model.name_or_path: fetch_model(config.model.name_or_path, revision=revision)}

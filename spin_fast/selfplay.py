@@ -168,23 +168,6 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
 SFT_MODEL_FILE = "sft-model.json"
 
 
-def sft_revision(run_dir: Path, config: RunConfig) -> str | None:
-    """The revision a run fetches its SFT model at, when the model is named by a Hub id: the commit the run started
-    from, kept in run_dir/sft-model.json (so that a run resumed after the model's repository moved on goes on with
-    the same θ0, and its evaluation scores that θ0), else model.revision (None: the main branch)."""
-    path = run_dir / SFT_MODEL_FILE
-    if path.exists():
-        return json.loads(path.read_text())["revision"]
-    return config.model.revision or None
-
-
-def keep_sft_revision(run_dir: Path, config: RunConfig, folder: str) -> None:
-    """At a run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""
-    path = run_dir / SFT_MODEL_FILE
-    if folder != config.model.name_or_path and not path.exists():
-        write_atomically(path, json.dumps({"name": config.model.name_or_path, "revision": Path(folder).name}) + "\n")
-
-
 def load_policy(path: str, config: RunConfig):
     """A model of the run (SFT model or checkpoint) with the run's model and training settings; under
     deepspeed.zero3_init, loaded straight into each rank's ZeRO-3 partitions."""
@@ -254,8 +237,7 @@ class SelfPlay:
         if tracked:  # the same on every rank: all of them take part, or none
             distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         examples = {}
-        revision = distributed.from_main(sft_revision(self.run_dir, self.config) if distributed.is_main() else None,
-                                         "the SFT model's revision")
+        revision = self.sft_revision()
         with distributed.main_first("the model and data, from the Hub"):
             # First: a missing model is named before its tokenizer fails.
             self.sft_folder = fetch_model(self.config.model.name_or_path, revision=revision)
@@ -270,7 +252,7 @@ class SelfPlay:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(_plain(self.config.to_dict()),
                                                                               sort_keys=False))
-            keep_sft_revision(self.run_dir, self.config, self.sft_folder)
+            self._keep_sft_revision()
             self._tidy_what_a_kill_left()
             self._record_session(until)
         distributed.barrier("run directory")
@@ -475,6 +457,22 @@ class SelfPlay:
     def model_path(self, t: int) -> str:
         """θt: the SFT model (its folder) for t = 0, else the last checkpoint of iteration t-1's training."""
         return self.sft_folder if t == 0 else self._trained[t - 1]
+
+    def sft_revision(self) -> str | None:
+        """The revision the SFT model is fetched at, when it is named by a Hub id, as rank 0 finds it: the commit the
+        run started from, kept in run_dir/sft-model.json (so that a run resumed after the model's repository moved
+        on goes on with the same θ0, and its evaluation scores that θ0), else model.revision (None: main)."""
+        path = self.run_dir / SFT_MODEL_FILE
+        found = None
+        if distributed.is_main():
+            found = json.loads(path.read_text())["revision"] if path.exists() else self.config.model.revision or None
+        return distributed.from_main(found, "the SFT model's revision")
+
+    def _keep_sft_revision(self) -> None:
+        """At the run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""
+        path, name = self.run_dir / SFT_MODEL_FILE, self.config.model.name_or_path
+        if self.sft_folder != name and not path.exists():
+            write_atomically(path, json.dumps({"name": name, "revision": Path(self.sft_folder).name}) + "\n")
 
     def _tidy_what_a_kill_left(self) -> None:
         """A kill between a stage's manifest and what follows it leaves the stage done, so nothing would come back
