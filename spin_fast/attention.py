@@ -3,8 +3,8 @@
 transformers hands every attention layer the packed row's cu_seqlens (passed in by
 packed_hidden_states), so each sequence attends only to itself and its cost is the sum of its
 sequences' squared lengths, not the row's squared length:
-  CUDA   varlen FlashAttention (fp16/bf16): the flash_attn package's when installed, else PyTorch's
-         own (torch.nn.attention.varlen)
+  CUDA   varlen FlashAttention (fp16/bf16, head dim <= 256): the flash_attn package's when installed, else
+         PyTorch's own (torch.nn.attention.varlen)
   else   one causal SDPA call per sequence (the block-diagonal mask of plain SDPA would cost
          T^2 per row: 16x more at 8192 tokens in sequences of 512)
 A row whose pairs share their prompts (spin_fast.packing, share_prompts) also passes the expanded layout:
@@ -26,20 +26,26 @@ NAME = "spin_varlen"
 EXPAND_INDEX, COLLAPSE_INDEX = "spin_expand_index", "spin_collapse_index"
 
 
-def varlen_kernel(device: torch.device, dtype: torch.dtype):
-    """Varlen FlashAttention on CUDA in fp16/bf16 (its only dtypes): flash_attn's, else PyTorch's; per-sequence
-    SDPA otherwise; a function so tests can stand in for it."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+# FlashAttention's kernels (flash_attn's and PyTorch's copy of them) stop at this head dimension.
+FLASH_MAX_HEAD_DIM = 256
+
+
+def varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """Varlen FlashAttention on CUDA in fp16/bf16 (its only dtypes) up to head dim 256: flash_attn's, else
+    PyTorch's; per-sequence SDPA otherwise; a function so tests can stand in for it."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim > FLASH_MAX_HEAD_DIM:
         return per_sequence_sdpa
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         pass
-    else:
+    else:  # its Python wrapper pads a head dim to a multiple of 8
         return adapt_flash_attn(flash_attn_varlen_func)
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10: SDPA's own FlashAttention, one sequence at a time
+        return per_sequence_sdpa
+    if head_dim % 8:  # PyTorch's varlen kernel takes multiples of 8 only, and does not pad
         return per_sequence_sdpa
     return adapt_varlen(varlen_attn)
 
@@ -77,11 +83,18 @@ def adapt_varlen(varlen_attn):
 @functools.cache
 def adapt_flash_attn(flash_attn_varlen_func):
     """flash_attn's varlen kernel behind varlen_attn's call: it takes grouped key/value heads as they are, and a
-    causal sliding window as (left, 0) with causal=True."""
+    causal sliding window as (left, 0) with causal=True; before flash_attn 2.3 it had no window, and a sliding
+    window runs per sequence."""
+    has_window = "window_size" in inspect.signature(flash_attn_varlen_func).parameters
 
     def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
-        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
-                                      window_size=tuple(window_size))
+        if has_window:
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
+                                          window_size=tuple(window_size))
+        if window_size[0] >= 0:
+            return per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                     enable_gqa=enable_gqa)
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
 
     return call
 
@@ -125,7 +138,7 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
         q, k, v = (t.index_select(0, expand) for t in (q, k, v))
     # Mistral and Qwen2 layers pass their window as an argument (None on full-attention layers).
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    out = varlen_kernel(query.device, query.dtype)(
+    out = varlen_kernel(query.device, query.dtype, query.shape[-1])(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
         window_size=(window - 1, 0) if window else (-1, 0),  # (-1, 0): causal
         enable_gqa=query.shape[1] != key.shape[1],

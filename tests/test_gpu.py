@@ -121,8 +121,8 @@ def kernels_used(monkeypatch) -> list:
     """Records which attention kernel each spin_varlen call picks."""
     picked, pick = [], attention.varlen_kernel
 
-    def recording(device, dtype):
-        picked.append(pick(device, dtype))
+    def recording(device, dtype, head_dim):
+        picked.append(pick(device, dtype, head_dim))
         return picked[-1]
 
     monkeypatch.setattr(attention, "varlen_kernel", recording)

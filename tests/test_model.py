@@ -1,6 +1,8 @@
 """The model body on packed rows: per-sequence log-probs equal those of each sequence run alone."""
 
 import copy
+import sys
+import types
 
 import pytest
 import torch
@@ -105,7 +107,7 @@ def test_spin_varlen_attention_equals_block_diagonal_sdpa(monkeypatch, family, k
     """spin_varlen (per-sequence SDPA on the CPU; PyTorch's varlen kernel, same call, on CUDA) gives the packed
     hidden states of plain SDPA with its block-diagonal mask, boundaries given or derived from the positions, also
     through the calls of older torch releases' varlen_attn (which adapt_varlen makes up for)."""
-    monkeypatch.setattr(attention, "varlen_kernel", lambda device, dtype: checked(attention.adapt_varlen(kernel)))
+    monkeypatch.setattr(attention, "varlen_kernel", lambda *unused: checked(attention.adapt_varlen(kernel)))
     attention.register()
     config = spin_model.tiny_config(family, vocab_size=300, hidden_size=128, heads=4)
     config.num_key_value_heads = kv_heads
@@ -149,7 +151,7 @@ def test_under_bf16_autocast_attention_takes_queries_keys_and_values_in_bf16():
     FlashAttention on CUDA in fp16/bf16 only, must get all three in bf16 (the hidden states are unchanged)."""
     seen = []
 
-    def recording(device, dtype):
+    def recording(device, dtype, head_dim):
         def call(q, k, v, *args, **options):
             seen.append((dtype, q.dtype, k.dtype, v.dtype))
             return attention.per_sequence_sdpa(q, k, v, *args, **options)
@@ -185,8 +187,16 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return out
 
 
+def flash_attn_2_2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                          softmax_scale=None, causal=False, return_attn_probs=False):
+    """flash_attn before 2.3: no window_size argument."""
+    return flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             softmax_scale, causal)
+
+
 KERNELS = {"newest-call": lambda: attention.per_sequence_sdpa, "flash-attn": lambda: attention.adapt_flash_attn(
-    flash_attn_varlen), "torch-2.10-call": lambda: attention.adapt_varlen(torch_2_10_varlen)}
+    flash_attn_varlen), "flash-attn-2.2": lambda: attention.adapt_flash_attn(flash_attn_2_2_varlen),
+           "torch-2.10-call": lambda: attention.adapt_varlen(torch_2_10_varlen)}
 
 
 @pytest.mark.parametrize("family,kv_heads,window", [("llama", 4, None), ("llama", 2, None), ("mistral", 2, 6)],
@@ -196,7 +206,7 @@ def test_shared_prompts_equal_each_sequence_alone(monkeypatch, family, kv_heads,
     """Pairs whose prompt is held once in the row (packing's share_prompts): every row's hidden state, and every
     parameter's gradient, equal those of each sequence run alone (float64; the row keeps a shared prompt's states
     from the pair's first sequence, which are the second's too)."""
-    monkeypatch.setattr(attention, "varlen_kernel", lambda device, dtype: checked(KERNELS[kernel]()))
+    monkeypatch.setattr(attention, "varlen_kernel", lambda *unused: checked(KERNELS[kernel]()))
     attention.register()
     config = spin_model.tiny_config(family, vocab_size=300, hidden_size=128, heads=4)
     config.num_key_value_heads = kv_heads
@@ -227,6 +237,22 @@ def test_shared_prompts_equal_each_sequence_alone(monkeypatch, family, kv_heads,
     for (name, p), q in zip(shared_model.named_parameters(), alone_model.parameters()):
         if q.grad is not None:
             assert_close(p.grad, q.grad, torch.float32, name)
+
+
+def test_flash_attention_is_picked_only_for_what_its_kernels_take(monkeypatch):
+    """Varlen FlashAttention on CUDA in fp16/bf16 up to head dim 256, and PyTorch's kernel (which does not pad) for
+    multiples of 8 only; per-sequence SDPA for the rest (asked on the CPU too: only the device's type is read)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # flash_attn absent: PyTorch's own varlen kernel
+    torch_varlen = attention.varlen_kernel(cuda, torch.bfloat16, 128)
+    assert torch_varlen is not attention.per_sequence_sdpa
+    for device, dtype, head_dim in ((cpu, torch.bfloat16, 128), (cuda, torch.float32, 128),
+                                    (cuda, torch.bfloat16, 512), (cuda, torch.float16, 100)):
+        assert attention.varlen_kernel(device, dtype, head_dim) is attention.per_sequence_sdpa, (device, dtype,
+                                                                                                head_dim)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen))
+    assert attention.varlen_kernel(cuda, torch.float16, 100) is attention.adapt_flash_attn(flash_attn_varlen)
+    assert attention.varlen_kernel(cuda, torch.bfloat16, 512) is attention.per_sequence_sdpa
 
 
 def test_shared_prompts_need_spin_varlen(saved_model):
