@@ -218,3 +218,28 @@ def test_weight_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_pat
     assert not theirs.exists() and Path(mine).exists()
     os.unlink(mine)
     os.close(lock)
+
+
+def test_starting_a_vllm_worker_in_process_keeps_the_trainers_random_streams():
+    """A vLLM worker in the trainer's process (external_launcher, on GPUs) seeds the global generators with the
+    engine's seed as it starts (vLLM's set_random_seed): around the engine's start, the trainer's streams go on
+    where they were."""
+    import random
+
+    import numpy as np
+
+    set_random_seed = pytest.importorskip("vllm.utils.torch_utils").set_random_seed
+    from spin_fast.generation import vllm_engine
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    draws()
+    expected = draws()
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    draws()
+    with vllm_engine.global_rng_kept():
+        set_random_seed(0)
+        draws()
+    assert draws() == expected

@@ -13,6 +13,7 @@ import fcntl
 import gc
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from spin_fast import distributed, stopping
@@ -147,6 +149,20 @@ def remove_orphaned_weight_files(directories: Sequence[Path], quiet_seconds: flo
             os.close(fd)
 
 
+@contextlib.contextmanager
+def global_rng_kept() -> Iterator[None]:
+    """Restores the global random generators that the block reseeds: a vLLM worker running in this process
+    (external_launcher) seeds Python's, NumPy's, torch's and every GPU's with the engine's seed as it starts, which
+    would reset the trainer's streams (dropout, anything drawing from the global generators) at each start and
+    resume. The current GPU's is kept; reading every GPU's would open a CUDA context on each."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
 class VllmEngine:
     """spin_fast.generation.Engine on vLLM: token-id prompts in, completions out, weights swapped in memory."""
 
@@ -170,7 +186,8 @@ class VllmEngine:
                        if executor == "external_launcher" and tensor_parallel_size > 1 else None)
         if writes_node_files():  # one sweep per node
             remove_orphaned_weight_files(weight_dirs())
-        with stopping.warning_blocked():  # the engine's processes, started here, inherit the block
+        # The engine's processes, started here, inherit the block.
+        with stopping.warning_blocked(), global_rng_kept():
             self._llm = LLM(
                 model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
