@@ -121,6 +121,7 @@ def worker_env() -> dict[str, str]:
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     env.pop("TRITON_INTERPRET", None)
+    env["SPIN_BENCH_RESULTS"] = str(RESULTS_DIR)  # a worker that saves its progress saves it where its bench writes
     return env
 
 
@@ -149,6 +150,9 @@ def ordinary_allocator() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 2 * ORDINARY_MMAP_THRESHOLD)
 
 
+WORKER_OUTPUT_KEPT = 60  # lines of a failed worker's output kept in its record
+
+
 def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict:
     """Run `python -m module --worker ...` in a fresh process started with worker_env() (it measures memory
     first, then time); its last stdout line that starts with { is its result."""
@@ -159,7 +163,9 @@ def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict
     proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+        output = (proc.stderr or proc.stdout).strip().splitlines()
+        # The last line names the error for the tables; the lines before it, kept in the JSON, say where it came from.
+        return {"error": output[-1:] or ["no output"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     return json.loads(lines[-1])
 
 

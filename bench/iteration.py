@@ -42,6 +42,7 @@ from bench.common import (
     peak_extra_memory_mib,
     publish,
     run_worker,
+    save_partial,
     synchronize,
 )
 
@@ -105,9 +106,10 @@ def engine_rss_mib() -> float:
     return total
 
 
-def profiled_selfplay(config):
+def profiled_selfplay(config, on_record=None):
     """A SelfPlay whose stages record their peak memory in the memory iterations (selfplay.records["memory"]) and
-    their seconds in the timed one (records["time"]); the engine's start is timed wherever it happens."""
+    their seconds in the timed one (records["time"]); the engine's start is timed wherever it happens.
+    on_record(selfplay), when given, is called after each stage's record."""
     from spin_fast.selfplay import SelfPlay, default_engine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +134,8 @@ def profiled_selfplay(config):
                 self.records["memory"][key] = peak_extra_memory_mib(timed, device)
                 if stage == "generate":
                     self.records["memory"][f"iter-{self.current}/engine_rss"] = engine_rss_mib()
+            if on_record is not None:
+                on_record(self)
             return result[0]
 
         def iteration(self, t, *args, **kwargs):
@@ -192,11 +196,24 @@ def worker(preset: Preset, engine: str) -> dict:
     # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
     # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
     ordinary_allocator_for_new_processes()
-    selfplay = profiled_selfplay(config)
+    machine = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def result_of(selfplay, summaries=()) -> dict:
+        engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
+        return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
+                "parameters_m": parameters_m}
+
+    def save_progress(selfplay) -> None:  # a run that a time limit cuts off (bench/gpu/check.sh) keeps its stages
+        save_partial(f"iteration-{preset.name}", report_of(preset, machine, result_of(selfplay)))
+
+    selfplay = profiled_selfplay(config, on_record=save_progress)
     summaries = selfplay.run()
-    engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
-    return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
-            "parameters_m": parameters_m}
+    return result_of(selfplay, summaries)
+
+
+def report_of(preset: Preset, machine: dict, result: dict) -> dict:
+    return {"bench": "iteration", "preset": asdict(preset), "machine": machine, **result,
+            "rows": profile_rows(result)}
 
 
 def profile_rows(result: dict) -> list[dict]:
@@ -246,11 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600)
     if "error" in result:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
+        print("\n".join(result["output_tail"]), file=sys.stderr)
         return 1
-    result["rows"] = profile_rows(result)
-    report = {"bench": "iteration", "preset": asdict(preset), "machine": machine_info(device), **result}
-    table = summary_table(result)
-    publish(f"iteration-{preset.name}", report, table)
+    report = report_of(preset, machine_info(device), result)
+    publish(f"iteration-{preset.name}", report, summary_table(report))
     return 0
 
 

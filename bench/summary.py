@@ -74,6 +74,8 @@ def scaling_rows(report: dict) -> list[list[str]]:
 
 def iteration_rows(report: dict) -> list[list[str]]:
     steady = [r for r in report["rows"] if r["share"] is not None]
+    if not steady:  # a partial report, cut off before its timed iteration
+        return [[f"iteration profile ({report['engine']})", "no timed iteration: see the report's memory figures"]]
     shares = ", ".join(f"{r['stage']} {100 * r['share']:.0f}%" for r in steady)
     return [[f"iteration profile ({report['engine']})", f"{sum(r['seconds'] for r in steady):.1f} s: {shares}"]]
 

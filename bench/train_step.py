@@ -268,7 +268,8 @@ def _trl(precompute: bool):
         args = DPOConfig(
             output_dir=str(workdir), loss_type=["sigmoid"], beta=BETA, learning_rate=LEARNING_RATE,
             optim="rmsprop", lr_scheduler_type="linear", per_device_train_batch_size=len(pairs),
-            gradient_accumulation_steps=1, max_length=max(1024, preset.max_seq), max_grad_norm=1.0,
+            # Room to spare: at exactly max_seq, one token TRL added would cut a sequence, and the check below fail.
+            gradient_accumulation_steps=1, max_length=2 * max(1024, preset.max_seq), max_grad_norm=1.0,
             precompute_ref_log_probs=precompute, gradient_checkpointing=False,
             bf16=False, fp16=False, use_cpu=preset.device == "cpu", report_to="none", save_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,

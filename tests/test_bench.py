@@ -107,3 +107,14 @@ def test_bench_command_line_errors_come_before_any_bench_runs(capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
     plots = subprocess.run([sys.executable, "-m", "bench.plots", "--help"], capture_output=True, text=True)
     assert plots.returncode == 0 and "results_dir" in plots.stdout  # was taken for a results folder
+
+
+def test_a_failed_worker_keeps_its_traceback():
+    """A worker that fails (on the GPU machine, there is one run to read it from) leaves the error's line for the
+    tables and the output before it, traceback included, in its record."""
+    from bench import common
+
+    result = common.run_worker("bench.kernels", ["--preset", "tiny", "--vocab", "1000", "--job", "spin_head",
+                                                 "--method", "no such method"], timeout=300)
+    assert result["error"] == ["KeyError: 'no such method'"]
+    assert result["output_tail"][0].startswith("Traceback") and "bench/kernels.py" in "\n".join(result["output_tail"])

@@ -18,4 +18,14 @@ def test_iteration_profile_tiny(tmp_path, monkeypatch, capsys):
     assert all(r["seconds"] >= 0 and math.isfinite(r["peak_extra_mib"]) for r in rows)
     assert report["pairs"] == [16, 32, 32]  # iterations 1 and 2 also train on the previous iteration's pairs
     assert report["engine"] == "TransformersEngine" and report["machine"]["versions"]["torch"]
+    assert "partial" not in report  # the worker's saved progress, overwritten by the whole report
     assert "weight_transfer" in capsys.readouterr().out
+
+
+def test_a_report_cut_off_before_its_timed_iteration_has_a_summary_row():
+    from bench import summary
+
+    rows = iteration.profile_rows({"time": {"iter-0/engine_start": 2.0}, "memory": {"iter-0/generate": 10.0}})
+    assert [r["stage"] for r in rows] == ["engine_start"]
+    assert summary.iteration_rows({"engine": "TransformersEngine", "rows": rows}) == [
+        ["iteration profile (TransformersEngine)", "no timed iteration: see the report's memory figures"]]

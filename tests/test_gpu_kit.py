@@ -4,12 +4,15 @@ mode (tiny preset, a dummy wheel, one stage cut off by its time limit), packing 
 No GPU, no network, no timing assertion: the GPU run itself can only be checked on the GPU machine."""
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -110,7 +113,7 @@ def test_check_sh_smoke_run_packs_every_stage(tmp_path):
         SPIN_GPU_CHECK_CAP_train_step="2",  # cut off: the stages after it and the packing must not care
     )
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["facts.json", "logs.tar.gz", "results.tar.gz", "summary.json", "summary.txt"]
+    assert files == ["facts.json", "logs.tar.gz", "results.tar.gz", "stages.tsv", "summary.json", "summary.txt"]
 
     stages = {s["stage"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
     assert [stages[s]["status"] for s in ("install", "facts", "kernels", "train_step")] == [
@@ -147,6 +150,61 @@ def test_check_sh_packs_even_when_no_stage_has_time(tmp_path):
         assert results.getnames() == []
 
 
+LEAVES_A_PROCESS = """
+import os, subprocess, pytest
+
+@pytest.mark.gpu
+def test_leaves_a_process():  # in a session of its own, as torchrun starts its ranks: out of timeout's reach
+    left = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    with open(os.environ["LEFT_PID_FILE"], "w") as out:
+        out.write(str(left.pid))
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_check_sh_ends_what_a_stage_leaves_and_when_stopped_brings_back_what_ran(tmp_path):
+    """A process a stage leaves running is killed before the next stage starts; a TERM to check.sh midway (the
+    device's own limit) stops the running stage with its processes and still packs what the finished stages left:
+    after each stage, it is in $OUT already."""
+    (tmp_path / "test_leaves.py").write_text(LEAVES_A_PROCESS)
+    out, left_pid = tmp_path / "out", tmp_path / "left.pid"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "SPIN_GPU_CHECK_PRESET": "tiny",
+           "SPIN_GPU_CHECK_STAGES": "tests kernels", "SPIN_GPU_CHECK_TESTS": str(tmp_path / "test_leaves.py"),
+           "LEFT_PID_FILE": str(left_pid)}
+    check = subprocess.Popen(["bash", str(GPU / "check.sh")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "stages.tsv").exists() and "tests\t" in (out / "stages.tsv").read_text()):
+            assert check.poll() is None and time.monotonic() < deadline, "the tests stage did not end"
+            time.sleep(0.5)
+        assert not running(int(left_pid.read_text()))  # killed as its stage ended
+        with tarfile.open(out / "logs.tar.gz") as logs:  # the snapshot after the first stage
+            assert "logs/tests.log" in logs.getnames()
+        time.sleep(3)  # the kernels bench is under way
+        check.send_signal(signal.SIGTERM)
+        output, _ = check.communicate(timeout=120)
+    finally:
+        check.kill()
+    assert check.returncode == 1, output
+    stages = {s["stage"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert stages == {"tests": "ok", "kernels": "stopped"}, output
+    work = output.split("work folder ", 1)[1].split()[0]
+    marker = f"SPIN_GPU_CHECK_RUN={work}".encode()
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if marker in environ.read_bytes().split(b"\0") and running(int(environ.parent.name)):
+                left.append(environ.parent.name)
+    assert not left, f"the kernels stage's processes outlived the stop: {left}"
+
+
 def test_check_sh_names_an_unknown_stage(tmp_path):
     done, out = _run_check(tmp_path, SPIN_GPU_CHECK_STAGES="bogus")
     assert "unknown stage" in done.stdout
@@ -160,10 +218,11 @@ def test_check_sh_names_an_unknown_stage(tmp_path):
     ("bench.generate", ["--engine", "transformers"]),
     ("bench.iteration", ["--engine", "transformers"]),
 ], ids=lambda x: x if isinstance(x, str) else None)
-def test_one_worker_measures_memory_then_time(module, args):
+def test_one_worker_measures_memory_then_time(module, args, tmp_path, monkeypatch):
     # One worker process per measurement on the CPU and on CUDA alike (bench.common.run_worker).
     from bench import common
 
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # where a worker saves its progress, too
     result = common.run_worker(module, ["--preset", "tiny", *args], timeout=300)
     assert "error" not in result, result
     if module == "bench.iteration":
@@ -174,6 +233,11 @@ def test_one_worker_measures_memory_then_time(module, args):
                                          for s in stages | {"engine_rss"}} | {"iter-0/engine_start"}
         assert set(result["time"]) == {f"iter-{iteration.TIMED_ITERATION}/{s}" for s in stages
                                        } | {"iter-0/engine_start"}
+        # Saved after each stage, so that a time limit that cuts the run keeps what it measured: the last save has
+        # every stage's figures, and the report's layout.
+        partial = json.loads((tmp_path / "iteration-tiny.json").read_text())
+        assert "partial" in partial and partial["time"] == result["time"] and partial["memory"] == result["memory"]
+        assert [r["stage"] for r in partial["rows"]] == ["engine_start", *iteration.STAGES[1:]]
     else:
         assert result["median_ms"] > 0 and result["peak_extra_mib"] >= 0
 

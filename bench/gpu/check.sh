@@ -9,11 +9,13 @@
 #   install     the carried wheels into a private folder on PYTHONPATH (nothing can be fetched there), then their
 #               requirements checked against what is really installed
 #   facts       GPU, driver, CUDA, versions, which modules import (facts.json; nvidia-smi -q and pip list in logs)
-#   tests       pytest -m gpu: the compiled Triton kernels and the CUDA paths (TRITON_INTERPRET=0)
+#   tests       pytest -m gpu tests/test_gpu.py: the compiled Triton kernels and the CUDA paths (TRITON_INTERPRET=0)
 #   kernels, train_step, iteration, generate, scaling: the benches' GPU presets, the most valuable first
 # At the end, whatever happened (a stage failed, timed out, or found no time left): plots and a summary, packed into
-# $OUT as 5 files: summary.txt (printed too), summary.json, facts.json, results.tar.gz (bench/results/*-gpu.*: untar
-# into bench/results) and logs.tar.gz (each stage's log, pytest's junit XML, nvidia-smi -q, pip list).
+# $OUT as 6 files: summary.txt (printed too), summary.json, stages.tsv, facts.json, results.tar.gz
+# (bench/results/*-gpu.*: untar into bench/results) and logs.tar.gz (each stage's log, pytest's junit XML,
+# nvidia-smi -q, pip list). After every stage, what the stages have left so far is already in $OUT (all but the
+# summary): a run that the device's own limit cuts off, or kills, still brings back what it measured.
 #
 # The project is not pip-installed there: spin_kernels and spin_fast are symlinks to kernels/ and spin_fast/ in a
 # folder on PYTHONPATH, with the repository root for `bench` (imported as `kernels`, the kernels' folder exports
@@ -23,7 +25,9 @@
 #   SPIN_GPU_CHECK_BUDGET_S   wall-clock budget of the whole run in seconds (530)
 #   SPIN_GPU_CHECK_CAP_<stage>  one stage's time limit in seconds (the defaults in CAP below)
 #   SPIN_GPU_CHECK_ARGS_<stage> extra arguments of a bench, shell-quoted (e.g. "--methods 'naive PyTorch'")
-#   SPIN_GPU_CHECK_TESTS      what pytest collects (tests)
+#   SPIN_GPU_CHECK_TESTS      what pytest collects (tests/test_gpu.py, where every gpu-marked test is: collecting
+#                             the other modules would import them for nothing, and one that fails to import under the
+#                             image's versions would stop pytest before any test)
 #   SPIN_GPU_CHECK_WHEELS     the wheels' folder (.whl)
 #   OUT                       where the packed files go (the device sets it; else a folder under /tmp)
 #   PYTHON                    the interpreter (python3)
@@ -42,12 +46,23 @@ step_install() {
     echo "no wheels in $SPIN_GPU_CHECK_WHEELS (bench/gpu/wheels.sh makes them; carry .whl)"
     return 99
   fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
-    "${wheels[@]}" || return 1
+  local install=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+                 --target "$WORK/site") wheel failed=()
+  # All in one pip call; if that fails, one at a time, so that one bad wheel costs only its own package.
+  if ! "${install[@]}" "${wheels[@]}"; then
+    echo "installing the wheels together failed: one at a time"
+    for wheel in "${wheels[@]}"; do
+      "${install[@]}" "$wheel" || failed+=("${wheel##*/}")
+    done
+  fi
   # A requirement that the machine's own packages miss is reported, not fatal: the facts stage shows whether the
   # modules import all the same.
   "$PY" -m bench.gpu.check_wheels "$SPIN_GPU_CHECK_WHEELS" --installed \
     || echo "installed ${#wheels[@]} wheels; some requirements are not met (PROBLEM lines above)"
+  if (( ${#failed[@]} )); then
+    echo "not installed: ${failed[*]}"
+    return 1
+  fi
 }
 
 step_facts() {
@@ -58,7 +73,7 @@ step_facts() {
 
 step_tests() {
   local tests args=(-m gpu -p no:cacheprovider -v --durations=15 --junitxml="$WORK/logs/pytest.xml")
-  read -ra tests <<<"${SPIN_GPU_CHECK_TESTS:-tests}"
+  read -ra tests <<<"${SPIN_GPU_CHECK_TESTS:-tests/test_gpu.py}"
   # -v: each test's outcome is in the log as it ends, even if the slot runs out; a per-test limit where the
   # pytest-timeout plugin is installed (the GPU image has it), so that one hung test cannot take the whole slot;
   # 4 workers where pytest-xdist is (the image has it too): Triton's compiles and the DeepSpeed tests' process
@@ -91,6 +106,7 @@ STAGES=${SPIN_GPU_CHECK_STAGES:-install facts tests kernels train_step iteration
 # train_step ~80 s, iteration ~50 s, generate ~40 s, scaling ~60 s: ~515 s against the 505 s the stages may use. A
 # late stage gets what is left when the earlier ones overrun, down to MIN_SLOT: scaling, last, matters least on one
 # GPU, and a cut-off bench keeps what it measured.
+STAGE=""  # the running stage's pid (its process group's too)
 declare -A CAP=([install]=60 [facts]=45 [tests]=180 [kernels]=160 [train_step]=110 [iteration]=70 [generate]=70
                 [scaling]=90)
 
@@ -101,6 +117,7 @@ ln -s "$ROOT/kernels" "$WORK/path/spin_kernels"
 ln -s "$ROOT/spin_fast" "$WORK/path/spin_fast"
 export WORK PYTHON=$PY SPIN_GPU_CHECK_WHEELS=${SPIN_GPU_CHECK_WHEELS:-$ROOT/.whl}
 export PYTHONPATH=$WORK/site:$WORK/path:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export SPIN_GPU_CHECK_RUN=$WORK  # marks every process a stage starts (end_leftovers)
 export PYTHONUNBUFFERED=1 SPIN_BENCH_RESULTS=$WORK/results MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
 # Caches in /tmp, never in the checkout or the home folder; nothing can be downloaded there, so no one tries.
 export TRITON_CACHE_DIR=$WORK/cache/triton TORCHINDUCTOR_CACHE_DIR=$WORK/cache/inductor HF_HOME=$WORK/cache/hf \
@@ -125,9 +142,13 @@ run_stage() {  # run_stage NAME LIMIT COMMAND...: COMMAND under min(LIMIT, what 
   (( limit > left )) && limit=$left
   printf '== %-10s (limit %3s s) ... ' "$name" "$limit"
   local t0=$SECONDS rc status note=""
-  # timeout signals the whole process group, so a bench's worker processes end with it; -k: KILL 5 s later.
-  timeout -k 5 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
+  # timeout signals the whole process group, so a bench's worker processes end with it; -k: KILL 5 s later. In the
+  # background, waited for, so that a TERM sent to this script runs its trap at once, not after the stage.
+  timeout -k 5 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1 &
+  STAGE=$! STAGE_NAME=$name STAGE_T0=$t0
+  wait "$STAGE"
   rc=$?
+  STAGE=""
   case $rc in
     0) status=ok ;;
     99) status=skipped ;;
@@ -140,7 +161,35 @@ run_stage() {  # run_stage NAME LIMIT COMMAND...: COMMAND under min(LIMIT, what 
   fi
   echo "$status ($(( SECONDS - t0 )) s)"
   [[ $status == ok ]] || tail -n 4 "$WORK/logs/$name.log" | cut -c1-300 | sed 's/^/    /'
+  end_leftovers "$name"
   record "$name" "$status" "$(( SECONDS - t0 ))" "$limit" "$note"
+  snapshot
+}
+
+end_leftovers() {  # end_leftovers STAGE: kill the processes a stage left running
+  # torchrun starts each rank in a session of its own, out of reach of timeout's signal to its process group: a rank
+  # that outlived its stage would hold GPU memory and skew the next stage's figures. Every process a stage starts
+  # inherits SPIN_GPU_CHECK_RUN; between stages, none of this run's should be left.
+  local pid left=()
+  for pid in $(grep -lsxz "SPIN_GPU_CHECK_RUN=$WORK" /proc/[0-9]*/environ | cut -d/ -f3); do
+    [[ $pid != "$$" && -d /proc/$pid ]] && left+=("$pid")  # grep and cut themselves are gone
+  done
+  (( ${#left[@]} )) || return 0
+  kill -KILL "${left[@]}" 2>/dev/null
+  echo "    $1 left processes running: killed ${left[*]}" | tee -a "$WORK/logs/$1.log"
+  sleep 1  # their GPU memory is freed as they go
+}
+
+pack_results() {
+  find "$WORK/results" -maxdepth 1 -name "*-$PRESET.*" -printf '%f\n' | sort \
+    | tar -czf "$OUT/results.tar.gz" -C "$WORK/results" -T -
+}
+
+snapshot() {  # what the stages have left so far, into $OUT (a second or so): pack() completes it at the end
+  cp "$WORK/stages.tsv" "$OUT/"
+  [[ -f $WORK/facts.json ]] && cp "$WORK/facts.json" "$OUT/"
+  pack_results
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
 }
 
 pack() {  # plots and summary, then at most 8 files into $OUT
@@ -150,17 +199,24 @@ pack() {  # plots and summary, then at most 8 files into $OUT
     || echo "the report failed or timed out: see logs/report.log" >>"$OUT/summary.txt"
   echo
   cat "$OUT/summary.txt"
-  [[ -f $WORK/facts.json ]] && cp "$WORK/facts.json" "$OUT/"
-  find "$WORK/results" -maxdepth 1 -name "*-$PRESET.*" -printf '%f\n' | sort \
-    | tar -czf "$OUT/results.tar.gz" -C "$WORK/results" -T -
-  tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+  touch "$WORK/stages.tsv"
+  snapshot
   echo
   echo "in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')($(( SECONDS - START )) s in all)"
 }
-trap 'pack; exit 1' TERM INT
+
+stop_stage() {  # the stage running when this script is told to stop, and its process group, with it
+  [[ -n ${STAGE:-} ]] || return 0
+  kill -TERM -- "-$STAGE" "$STAGE" 2>/dev/null
+  sleep 2
+  kill -KILL -- "-$STAGE" "$STAGE" 2>/dev/null
+  end_leftovers "$STAGE_NAME"
+  record "$STAGE_NAME" stopped "$(( SECONDS - STAGE_T0 ))" - "this script was told to stop (TERM or INT) midway"
+}
+trap 'stop_stage; snapshot; pack; exit 1' TERM INT
 
 # -------------------------------------------------------------------------------------------------------- stages
-echo "spin-fast GPU check: preset $PRESET, budget $BUDGET s, stages: $STAGES"
+echo "spin-fast GPU check: preset $PRESET, budget $BUDGET s, stages: $STAGES; work folder $WORK"
 for name in $STAGES; do
   case $name in
     install|facts|tests)
