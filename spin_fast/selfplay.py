@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Sequence as Seq
@@ -158,6 +159,12 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
     except HFValidationError:  # a path, never a Hub id ("runs/x/final", "./model")
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        # A commit never changes: its snapshot in the cache is the model, with no Hub call (a resumed run asks for the
+        # commit it started from, often on nodes without network). huggingface_hub 1.x lists a commit's files on
+        # the Hub even with HF_HUB_OFFLINE set, and fails there although the snapshot is cached.
+        with contextlib.suppress(OSError, ValueError):  # not in the cache (or only part of it): fetched below
+            return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, local_files_only=True)
     try:
         return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache

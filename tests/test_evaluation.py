@@ -262,6 +262,31 @@ def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypa
     assert model_identity(str(folder), str(folder)) == [["model.safetensors", 5, mtime]]
 
 
+def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
+    """A commit (what a resumed run asks for) already in the cache is its snapshot, with no Hub call, whatever the
+    network: huggingface_hub 1.x (the GPU image has 1.33) listed a commit's files on the Hub even offline, and failed
+    although the snapshot was cached. A commit not in the cache is fetched."""
+    from huggingface_hub import HfApi, constants
+
+    from spin_fast.selfplay import fetch_model
+
+    publish = offline_hub(monkeypatch, tmp_path / "hub")
+    first = publish("org/tiny", "a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def no_network(self, *args, **kwargs):
+        calls.append(kwargs)
+        raise OSError("the Hub is out of reach")
+
+    for method in ("list_repo_tree", "repo_info", "model_info"):
+        monkeypatch.setattr(HfApi, method, no_network)
+    assert fetch_model("org/tiny", revision="a" * 40) == str(first) and not calls
+    with pytest.raises(FileNotFoundError, match="the Hub is out of reach"):
+        fetch_model("org/tiny", revision="c" * 40)
+    assert calls  # an uncached commit goes to the Hub
+
+
 def test_a_model_that_is_neither_a_folder_nor_on_the_hub_is_named_with_its_setting(tmp_path, monkeypatch):
     from spin_fast.selfplay import fetch_model
 
