@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # The deepspeed launcher passes each rank --local_rank first; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and an error's traceback")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "run": "run every iteration (resumes a stopped run: same command, same output_dir)",
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                              help="evaluate MODEL too (a model folder or Hub id with the SFT model's tokenizer, e.g. "
                                   "a continued-SFT checkpoint) in a row named NAME, its margins against the SFT model "
                                   "on the SFT model's held-out answers (repeatable)")
-        sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        # Also after the command; SUPPRESS: absent there, it leaves the value given before the command.
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     args = parser.parse_args(argv)
     # Under a launcher (torchrun, deepspeed) its rank starts each line; the other ranks would repeat rank 0's
     # progress, so they say only warnings and errors (all, with --verbose).
@@ -117,6 +119,9 @@ def run_command(args, config) -> int:
         return run_eval(SelfPlay(config), parse_baselines(args.baselines))
 
     until = None if args.command == "run" else (args.iteration, args.command)
+    if until is not None and not 0 <= args.iteration < config.iterations:
+        raise ValueError(f"--iteration {args.iteration}: the run has iterations 0 to {config.iterations - 1} "
+                         f"(iterations: {config.iterations})")
     summaries = SelfPlay(config).run(until=until)
     for summary in summaries if os.environ.get("RANK", "0") == "0" else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import types
 import typing
@@ -101,6 +102,10 @@ class ModelConfig:
         check_field_types(self)
         if self.attention not in CHOICES["attention"]:
             raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
+        if self.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attention flash_attention_2 needs the flash_attn package (CUDA only: pip install "
+                             "flash-attn); 'auto' (spin_varlen) runs FlashAttention's varlen kernel without it, "
+                             "through PyTorch's own")
         if self.chat_template is not None:
             self.template_text()  # a missing file fails here, before anything runs
 
@@ -200,6 +205,8 @@ class DeepSpeedConfig:
             raise ValueError(f"zero3_init needs zero_stage 3, got zero_stage {self.zero_stage}")
         if not self.timeout_minutes > 0:
             raise ValueError(f"timeout_minutes must be > 0, got {self.timeout_minutes!r}")
+        if self.config_file is not None and not Path(self.config_file).is_file():
+            raise ValueError(f"config_file {self.config_file!r}: no such file (a DeepSpeed JSON config)")
 
 
 @dataclass
@@ -257,20 +264,52 @@ class ConfigError(ValueError):
     """A bad key, type or value in a config; the message names the key and suggests the closest one."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: yaml.safe_load keeps the last one, so a
+    section written twice (two `train:` blocks) silently lost the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text's value; a syntax error or a key given twice is a one-line ConfigError naming `where` (a file, a
+    --set option) and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context = getattr(error, "context", None)
+        raise ConfigError(f"{where}{line}: {problem}{f' ({context})' if context else ''}") from None
+
+
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """A RunConfig from a YAML file (or defaults when None), then `key.sub=value` overrides."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = parse_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(loaded).__name__}")
+        if "demo" in loaded:
+            raise ConfigError(f"{path}: its 'demo' section holds the demo's own settings: run it with "
+                              f"`python -m spin_fast.demo --config {path}` (or `make demo`)")
         data = loaded
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep:
             raise ConfigError(f"--set {override!r}: expected key=value, e.g. train.learning_rate=1e-7")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw), where=f"--set {override}")
+        _set_dotted(data, key.strip(), parse_yaml(raw, f"--set {override}"), where=f"--set {override}")
     return from_dict(RunConfig, data)
 
 
@@ -366,6 +405,15 @@ def _set_dotted(data: dict, key: str, value, where: str) -> None:
             raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict:
+    """{"section.key": value} of a config's nested dict (iteration_overrides stays one value)."""
+    flat = {}
+    for key, value in config.items():
+        nested = isinstance(value, dict) and key != "iteration_overrides"
+        flat.update(flat_settings(value, f"{prefix}{key}.") if nested else {f"{prefix}{key}": value})
+    return flat
 
 
 def _to_dict(obj) -> dict:

@@ -118,7 +118,10 @@ def _read_source(source: str | Path, split: str) -> list[tuple[str, list[tuple[i
     path = Path(source)
     if path.is_dir():
         return [(str(f), _read_file(f, in_folder=True)) for f in _folder_files(path)]
-    if path.is_file() and path.suffix.lower() in _READERS:
+    if path.is_file():  # a local file is never a Hub dataset's name
+        if path.suffix.lower() not in _READERS:
+            raise DataError(f"{source}: a file of unknown type {path.suffix or '(no suffix)'}: expected "
+                            f"{', '.join(_READERS)} (or a directory of them, or a Hub dataset's name)")
         return [(str(path), _read_file(path))]
     if not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
         # Clearly meant as a local file: never send it to the Hub.
@@ -155,8 +158,7 @@ def _load_with_datasets(source: str | Path, split: str) -> list[tuple[int, Any]]
     try:
         dataset = datasets.load_dataset(str(source), split=split)
     except Exception as e:
-        local = "an existing file of unknown type" if Path(source).exists() else "not a local path"
-        raise DataError(f"{source}: {local} (expected .jsonl, .json, .parquet or a directory of them), "
+        raise DataError(f"{source}: not a local path (expected .jsonl, .json, .parquet or a directory of them), "
                         f"and datasets.load_dataset(split={split!r}) failed: {type(e).__name__}: {e}") from e
     return list(enumerate(dataset))
 
@@ -203,8 +205,10 @@ def _messages(value: Any, field: str) -> list[dict]:
 
 
 def _prompt(messages: list[dict], field: str) -> tuple[dict, ...]:
-    if not any(m["role"] == "user" for m in messages):
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
         raise _RowError(field, "expected a user turn before the response, found none")
+    _string(messages[users[-1]]["content"], f"{field}[{users[-1]}].content")  # the question the response answers
     return tuple(messages)
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from spin_fast.config import ConfigError, RunConfig, TrainConfig, from_dict
+from spin_fast.config import ConfigError, RunConfig, TrainConfig, flat_settings, from_dict, parse_yaml
+from spin_fast.sorting import distinct_lists
 
 log = logging.getLogger("spin_fast.demo")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -49,6 +50,18 @@ class TaskSettings:
     min_items: int = 4
     max_items: int = 7
     max_value: int = 99
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_eval", "min_items", "max_value"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.min_items <= self.max_items <= self.max_value + 1:  # a list's numbers are distinct, 0..max_value
+            raise ValueError(f"the lists' lengths need min_items <= max_items <= max_value + 1, got {self.min_items}, "
+                             f"{self.max_items} and {self.max_value}")
+        lists = distinct_lists(self.min_items, self.max_items, self.max_value)
+        if lists < self.n_train + self.n_eval:  # the held-out lists are ones training does not have
+            raise ValueError(f"the task has {lists} distinct lists ({self.min_items} to {self.max_items} numbers up to "
+                             f"{self.max_value}), fewer than n_train + n_eval = {self.n_train + self.n_eval}")
 
 
 @dataclass
@@ -77,7 +90,7 @@ def load_demo_config(path: str | Path, overrides: list[str] = (), output: str | 
                      ) -> tuple[RunConfig, DemoSettings]:
     """The run's RunConfig and the demo's own settings from one YAML file, then key=value overrides
     (`demo.` keys go to the demo's settings, the rest to the RunConfig)."""
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    loaded = parse_yaml(Path(path).read_text(), str(path)) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     demo_data = loaded.pop("demo", None) or {}
@@ -93,7 +106,7 @@ def load_demo_config(path: str | Path, overrides: list[str] = (), output: str | 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {override}: {part!r} is a value, not a section")
-        node[last] = yaml.safe_load(raw)
+        node[last] = parse_yaml(raw, f"--set {override}")
     if output is not None:
         loaded["output_dir"] = output
     run_dir = Path(loaded.get("output_dir") or "runs/demo")
@@ -249,8 +262,13 @@ class Demo:
         resolved = json.loads(json.dumps({"run": self.config.to_dict(), "demo": _as_dict(self.demo)}, default=str))
         path = self.run_dir / "demo-config.yaml"
         if path.exists():
-            if yaml.safe_load(path.read_text()) != resolved:
-                raise ConfigError(f"{path} holds other settings: use another --output, or the same settings")
+            saved = flat_settings(yaml.safe_load(path.read_text()))
+            now = flat_settings(resolved)
+            differences = [f"{key} (saved {saved.get(key)!r}, now {now.get(key)!r})"
+                           for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+            if differences:
+                raise ConfigError(f"{path} holds other settings, which differ in {'; '.join(differences)}: use "
+                                  "another --output, or the same settings")
             return
         path.write_text(yaml.safe_dump(resolved, sort_keys=False))
 

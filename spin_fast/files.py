@@ -18,6 +18,7 @@ def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
     after an error, `path` is as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with tmp.open(mode) as out:
             yield out

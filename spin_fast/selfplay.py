@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from spin_fast import distributed, stopping
-from spin_fast.config import ConfigError, DataConfig, RunConfig, from_dict
+from spin_fast.config import ConfigError, DataConfig, RunConfig, flat_settings, from_dict
 from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.files import replacing, write_atomically
 from spin_fast.generation.base import Engine
@@ -524,8 +524,8 @@ class SelfPlay:
             saved = from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
         except (ConfigError, yaml.YAMLError) as error:
             raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
-        now = _flat(self.config.to_dict())
-        differences = [f"{key} (saved {value!r}, now {now[key]!r})" for key, value in _flat(saved).items()
+        now = flat_settings(self.config.to_dict())
+        differences = [f"{key} (saved {value!r}, now {now[key]!r})" for key, value in flat_settings(saved).items()
                        if _plain(value) != _plain(now[key]) and key not in CHANGEABLE]
         if differences:
             raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
@@ -537,15 +537,6 @@ class SelfPlay:
 # by rounding at most (how generation, scoring and training are cut into batches to fit in memory).
 CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "generation.batch_size",
               "generation.gpu_memory_utilization", *(f"train.{name}" for name in RESUMABLE_CHANGES))
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """{"section.key": value} of a RunConfig's dict (iteration_overrides stays one value)."""
-    flat = {}
-    for key, value in config.items():
-        nested = isinstance(value, dict) and key != "iteration_overrides"
-        flat.update(_flat(value, f"{prefix}{key}.") if nested else {f"{prefix}{key}": value})
-    return flat
 
 
 def _plain(value):

@@ -12,6 +12,7 @@ position, so both the exact answers and the near misses show.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -34,11 +35,23 @@ def make_example(rng: random.Random, min_items: int = 4, max_items: int = 7, max
     return {"prompt": prompt, "response": RESPONSE.format(", ".join(map(str, sorted(numbers))))}
 
 
-def make_splits(n_train: int, n_eval: int, seed: int = 0, **sizes) -> tuple[list[dict], list[dict]]:
+def distinct_lists(min_items: int, max_items: int, max_value: int) -> int:
+    """How many different sorted answers the task has: sets of min_items to max_items numbers in [0, max_value]."""
+    return sum(math.comb(max_value + 1, k) for k in range(min_items, max_items + 1))
+
+
+def make_splits(n_train: int, n_eval: int, seed: int = 0, min_items: int = 4, max_items: int = 7,
+                max_value: int = 99) -> tuple[list[dict], list[dict]]:
     """Training and held-out rows from one seeded stream; no held-out list of numbers occurs in training."""
     rng = random.Random(seed)
+    sizes = dict(min_items=min_items, max_items=max_items, max_value=max_value)
     train = [make_example(rng, **sizes) for _ in range(n_train)]
     seen = {tuple(sorted(numbers(row["response"]))) for row in train}
+    lists = distinct_lists(min_items, max_items, max_value)
+    if lists - len(seen) < n_eval:  # the loop below would never end
+        raise ValueError(f"the task has {lists} lists of {min_items} to {max_items} distinct numbers up to "
+                         f"{max_value}, the training rows take {len(seen)}: fewer than n_eval={n_eval} are left for "
+                         "the held-out set (raise max_value or max_items, or lower n_train or n_eval)")
     held_out: list[dict] = []
     while len(held_out) < n_eval:
         row = make_example(rng, **sizes)

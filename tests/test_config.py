@@ -40,6 +40,10 @@ def test_yaml_then_overrides(tmp_path):
     ("data.schema=chat", "data: schema must be 'auto' or one of"),
     ("train.attention=sdpa", r"train: attention: set model.attention instead \(train.attention is unused\)"),
     ("score_batch_tokens=0", "score_batch_tokens must be >= 1"),
+    ("generation.temperature=.nan", r"generation: temperature must be a finite number >= 0 \(0: greedy\), got nan"),
+    ("generation.temperature=.inf", "temperature must be a finite number >= 0"),
+    ("train.beta=[1", r"^--set train.beta=\[1, line 1: expected ',' or '\]', but got '<stream end>'"),
+    ("deepspeed.config_file=/no/such/ds.json", "deepspeed: config_file '/no/such/ds.json': no such file"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -81,6 +85,44 @@ def test_a_nested_iteration_override_changes_only_the_settings_it_names():
 def test_an_empty_section_takes_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text("train:\n")
     assert load_run_config(tmp_path / "run.yaml", ["train.beta=0.2"]).train.beta == 0.2
+
+
+def test_a_config_file_with_a_key_twice_or_bad_yaml_is_named_with_its_line(tmp_path):
+    """yaml.safe_load keeps the last of two `train:` sections: the first one's settings were silently lost."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {learning_rate: 1.0e-4, beta: 0.5}\nmodel: {name_or_path: m}\ntrain: {global_batch: 2}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line 3: 'train' is given twice \(first on line 1\)$"):
+        load_run_config(path)
+    path.write_text("train:\n  beta: 0.1\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match="line 3: 'beta' is given twice"):
+        load_run_config(path)
+    path.write_text("model: {name_or_path: m}\ntrain: {beta: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line 3: expected ',' or '}}'"):
+        load_run_config(path)
+    # YAML's merge keys stay: a merged key set again is an override, not a repeat.
+    path.write_text("base: &b {beta: 0.3, epochs: 2}\n")
+    from spin_fast.config import parse_yaml
+
+    assert parse_yaml("base: &b {beta: 0.3, epochs: 2}\ntrain:\n  <<: *b\n  beta: 0.2\n", "x")["train"] == {
+        "beta": 0.2, "epochs": 2}
+
+
+def test_the_demo_config_is_named_for_what_runs_it(tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError, match=r"its 'demo' section holds the demo's own settings: run it with "
+                                          r"`python -m spin_fast.demo --config"):
+        load_run_config(demo)
+
+
+def test_flash_attention_2_without_its_package_is_refused_when_the_config_loads(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ConfigError, match="model: attention flash_attention_2 needs the flash_attn package"):
+        load_run_config(None, ["model.attention=flash_attention_2"])
 
 
 def test_top_level_must_be_a_mapping(tmp_path):

@@ -132,12 +132,12 @@ def test_other_sources_go_to_datasets_lazily(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     result = load_examples("org/sft", split="train_sft")
     assert calls == [("org/sft", "train_sft")] and result.examples[0].origin == "org/sft:0"
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"data\.csv: an existing file of unknown type .*not on the hub"):
-        load_examples(tmp_path / "data.csv")
     with pytest.raises(DataError, match=r"org/missing: not a local path .*not on the hub"):
         load_examples("org/missing")
     calls.clear()
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"data\.csv: a file of unknown type \.csv: expected \.jsonl, \.json"):
+        load_examples(tmp_path / "data.csv")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_examples(tmp_path / "missing.jsonl")
     assert calls == []  # a local-looking path never reaches the Hub
@@ -159,6 +159,9 @@ BAD_ROWS = [
     ({"messages": [user("Q"), assistant("")]}, "messages", r"field 'messages\[1\].content': expected a non-empty"),
     ({"messages": [user("Q")]}, "messages", r"field 'messages': expected an assistant turn"),
     ({"messages": [system("S"), assistant("A")]}, "messages", r"field 'messages': expected a user turn"),
+    ({"messages": [user(""), assistant("A")]}, "messages", r"field 'messages\[0\].content': expected a non-empty"),
+    ({"messages": [user("Q"), assistant("A"), user(" "), assistant("B")]}, "messages",
+     r"field 'messages\[2\].content': expected a non-empty"),  # with keep_history (below), the last question
     (["not", "an", "object"], "messages", r"expected an object with the messages fields, got list"),
     ({"prompt": "Q"}, "prompt_response", r"field 'response': missing"),
     ({"prompt": 3, "response": "A"}, "prompt_response", r"field 'prompt': expected a string, got int"),
@@ -168,6 +171,8 @@ BAD_ROWS = [
     ({"real": [user("Q")], "generated": [user("Q"), assistant("B")]}, "spin_pairs",
      r"field 'real': expected the last turn to be the assistant's"),
     ({"real": [assistant("A")], "generated": [assistant("B")]}, "spin_pairs", r"field 'real': expected a user turn"),
+    ({"real": [user(""), assistant("A")], "generated": [user(""), assistant("B")]}, "spin_pairs",
+     r"field 'real\[0\].content': expected a non-empty"),
     ({"real": [user("Q"), assistant(" ")], "generated": [user("Q"), assistant("B")]}, "spin_pairs",
      r"field 'real\[1\].content': expected a non-empty"),
     ({"real": [user("Q"), assistant("A")], "generated": [user("Other"), assistant("B")]}, "spin_pairs",
@@ -180,8 +185,8 @@ def test_bad_row_names_file_row_and_field(tmp_path, row, schema, message):
     (tmp_path / "data").mkdir()
     path = write_jsonl(tmp_path / "data" / "train.jsonl", [GOOD_ROWS[schema]] * 2 + [row])
     with pytest.raises(DataError, match=rf"data/train\.jsonl row 2: {message}"):
-        load_examples(path, schema=schema)
-    result = load_examples(path, schema=schema, skip_invalid=True)
+        load_examples(path, schema=schema, keep_history=True)
+    result = load_examples(path, schema=schema, skip_invalid=True, keep_history=True)
     assert result.skipped == 1 and len(result.examples) == 2
 
 

@@ -89,6 +89,16 @@ def test_demo_settings_errors_name_the_key(tmp_path):
         load_demo_config(DEFAULT_CONFIG, ["demo.model.heads=8"], str(tmp_path))  # head dim 16
     with pytest.raises(ConfigError, match="did you mean 'train.beta'"):
         load_demo_config(DEFAULT_CONFIG, ["train.bta=0.2"], str(tmp_path))
+    for override, message in (("demo.task.max_items=200", "min_items <= max_items <= max_value [+] 1, got 4, 200"),
+                              ("demo.task.min_items=9", "min_items <= max_items"),
+                              ("demo.task.n_train=0", "n_train must be >= 1, got 0"),
+                              ("demo.task.n_eval=-3", "n_eval must be >= 1, got -3"),
+                              ("demo.task.max_value=7", "the task has 162 distinct lists .* fewer than n_train [+] "
+                                                        "n_eval = 3500")):
+        with pytest.raises(ConfigError, match=f"^demo.task: .*{message}"):
+            load_demo_config(DEFAULT_CONFIG, [override], str(tmp_path))
+    with pytest.raises(ConfigError, match=r"--set demo.task.n_train=\[1, line 1"):
+        load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=[1"], str(tmp_path))
 
 
 def test_a_demo_directory_keeps_its_settings(tmp_path):
@@ -97,6 +107,7 @@ def test_a_demo_directory_keeps_its_settings(tmp_path):
     assert len((tmp_path / "data" / "train.jsonl").read_text().splitlines()) == 20
     assert (tmp_path / "data" / "manifest.json").exists() and not (tmp_path / "base").exists()
     config, demo = load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=30", "demo.task.n_eval=4"], str(tmp_path))
-    with pytest.raises(ValueError, match="holds other settings"):
+    with pytest.raises(ValueError, match=r"holds other settings, which differ in demo.task.n_train \(saved 20, now "
+                                         r"30\): use another --output"):
         Demo(config, demo).run(until="data")
     assert main(["--output", str(tmp_path), "--set", "demo.task.n_train=30", "--until", "data"]) == 2

@@ -9,6 +9,11 @@ import pytest
 from spin_fast.files import replacing, write_atomically
 
 
+def test_a_file_in_a_new_folder_creates_the_folder(tmp_path):
+    write_atomically(tmp_path / "runs" / "iter0" / "pairs.jsonl", "{}\n")  # README's API example writes there
+    assert (tmp_path / "runs" / "iter0" / "pairs.jsonl").read_text() == "{}\n"
+
+
 def test_a_file_is_replaced_whole_and_flushed_before_and_after_its_rename(tmp_path, monkeypatch):
     path = tmp_path / "manifest.json"
     path.write_text("old")

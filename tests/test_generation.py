@@ -173,7 +173,7 @@ def test_sampling_config_errors():
         SamplingConfig(seed=-1)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         SamplingConfig(max_new_tokens=0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         SamplingConfig(temperature=-1)
 
 

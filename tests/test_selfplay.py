@@ -291,8 +291,10 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("train: {beta: [\n")
     (tmp_path / "bad_row.jsonl").write_text('{"prompt": "Hi"}\n')
     for command, message in [
-        (["run", str(tmp_path / "bad.yaml")], "while parsing"),
-        (["run", str(config), "--set", "train.beta=["], "while parsing"),
+        (["run", str(tmp_path / "bad.yaml")], "bad.yaml, line 2: expected the node content"),
+        (["run", str(config), "--set", "train.beta=["], "--set train.beta=[, line 1"),
+        (["generate", str(config), "--iteration", "5"], "--iteration 5: the run has iterations 0 to 1 (iterations: 2)"),
+        (["-v", "score", str(config), "--iteration", "-1"], "--iteration -1: the run has iterations 0 to 1"),
         (["generate", str(config), "--set", f"data.source={tmp_path}/nope.jsonl"], "nope.jsonl"),
         (["sft", str(config), "--set", f"data.source={tmp_path}/bad_row.jsonl"], "bad_row.jsonl row 0"),
         (["sft", str(config), "--set", "data.source=''"], "data.source is not set"),
