@@ -21,8 +21,8 @@ from pathlib import Path
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "accelerate", "huggingface-hub", "safetensors", "numpy",
             "pyarrow", "fsspec", "typing-extensions", "deepspeed", "pydantic", "datasets", "trl", "liger-kernel",
             "cut-cross-entropy", "vllm", "flash-attn", "pytest", "matplotlib")
-# Imported: what the tests and benches need. Looked up only: the optional ones that cannot travel (their import
-# would cost seconds for nothing where they are absent).
+# Imported: what the tests and benches need. Looked up first: the optional ones that cannot travel, imported only
+# where present (one built for another torch installs fine and fails to import: spin-fast then does without it).
 IMPORTS = ("spin_kernels", "spin_fast.training", "spin_fast.zero", "bench.kernels", "deepspeed", "datasets", "trl",
            "liger_kernel.chunked_loss", "cut_cross_entropy")
 LOOKED_UP = ("vllm", "flash_attn")
@@ -71,18 +71,21 @@ def torch_facts() -> dict:
     return facts
 
 
+def import_state(name: str) -> str:
+    """"ok (seconds) file", or "ERROR" and the error's last line."""
+    start = time.perf_counter()
+    try:
+        module = importlib.import_module(name)
+    except Exception as error:  # noqa: BLE001 - any failure to import is the fact
+        return f"ERROR {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"
+    return f"ok ({time.perf_counter() - start:.1f} s) {getattr(module, '__file__', '')}"
+
+
 def imports() -> dict:
     """module -> "ok (seconds)" with its file, or the error's last line."""
-    found = {}
-    for name in IMPORTS:
-        start = time.perf_counter()
-        try:
-            module = importlib.import_module(name)
-            found[name] = f"ok ({time.perf_counter() - start:.1f} s) {getattr(module, '__file__', '')}"
-        except Exception as error:  # noqa: BLE001 - any failure to import is the fact
-            found[name] = f"ERROR {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"
+    found = {name: import_state(name) for name in IMPORTS}
     for name in LOOKED_UP:
-        found[name] = "present (not imported)" if importlib.util.find_spec(name) else "absent"
+        found[name] = import_state(name) if importlib.util.find_spec(name) else "absent"
     return found
 
 
