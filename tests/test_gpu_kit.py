@@ -296,3 +296,15 @@ def test_scaling_on_one_gpu_runs_one_process_and_skips_two(tmp_path, monkeypatch
     assert [(r["config"], r["processes"]) for r in skipped] == [("ZeRO-2", 2), ("ZeRO-3", 2)]
     assert "NCCL runs one process per GPU" in skipped[0]["skipped"] and "partial" not in report
     assert "skipped:" in report["table"] and any("more GPUs" in line for line in report["notes"])
+
+
+def test_facts_import_an_optional_module_where_it_is_present(tmp_path, monkeypatch):
+    """flash_attn built for another torch installs fine and fails to import: the facts say so, not "present"."""
+    from bench.gpu import facts
+
+    (tmp_path / "spin_broken_extension.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(facts, "IMPORTS", ())
+    monkeypatch.setattr(facts, "LOOKED_UP", ("spin_broken_extension", "spin_surely_absent"))
+    assert facts.imports() == {"spin_broken_extension": "ERROR ImportError: undefined symbol: _ZN3c10",
+                               "spin_surely_absent": "absent"}
