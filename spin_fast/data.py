@@ -280,6 +280,15 @@ def _check_kind(kinds: dict[bool, tuple[str, str]], name: str, schema: str) -> N
     kinds.setdefault(pairs, (name, schema))
 
 
+def _other_format_hint(row: Any, schema: str) -> str:
+    """For a row of another format than its file's (a file's first row sets it): a hint that says so."""
+    try:
+        other = _detect_schema(row, "")
+    except DataError:
+        return ""
+    return f" (a {other} row among {schema} rows: one file holds one format)" if other != schema else ""
+
+
 def _parse_rows(name: str, rows: list[tuple[int, Any]], schema: str, keep_history: bool,
                 skip_invalid: bool) -> tuple[list[Example], int]:
     parse = _PARSERS[schema]
@@ -292,7 +301,7 @@ def _parse_rows(name: str, rows: list[tuple[int, Any]], schema: str, keep_histor
                 raise _RowError(None, f"expected an object with the {schema} fields, got {_kind(row)}")
             prompt, response, generated = parse(row, keep_history)
         except _RowError as e:
-            message = f"{name} row {index}: {e}"
+            message = f"{name} row {index}: {e}{_other_format_hint(row, schema)}"
             if not skip_invalid:
                 raise DataError(message + _whole_file_hint(name, rows)) from None
             logger.warning("skipped %s", message)

@@ -286,9 +286,11 @@ def test_directory_detects_the_schema_of_each_file(tmp_path):
     assert [(e.prompt, e.response) for e in result.examples] == [
         ((user("Q"),), "from columns"), ((user("Q"),), "A"), ((user("Q2"),), "from messages")]
     write_jsonl(tmp_path / "b.jsonl", [GOOD, {"prompt": "Q", "response": "A"}])  # a file keeps its first schema
-    with pytest.raises(DataError, match=r"b\.jsonl row 1: field 'messages': missing"):
+    with pytest.raises(DataError, match=r"b\.jsonl row 1: field 'messages': missing \(a prompt_response row among "
+                                        r"messages rows: one file holds one format\)$"):
         load_examples(tmp_path)
-    with pytest.raises(DataError, match=r"b\.jsonl row 0: field 'prompt': missing"):
+    with pytest.raises(DataError, match=r"b\.jsonl row 0: field 'prompt': missing \(a messages row among "
+                                        r"prompt_response rows"):
         load_examples(tmp_path, schema="prompt_response")  # a forced schema holds for every file
     write_jsonl(tmp_path / "b.jsonl", [spin_row("Q", "A", "B")])
     with pytest.raises(DataError, match=r"b\.jsonl: spin_pairs rows, but .*a\.jsonl has prompt_response rows: "
