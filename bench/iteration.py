@@ -201,19 +201,18 @@ def worker(preset: Preset, engine: str) -> dict:
     def result_of(selfplay, summaries=()) -> dict:
         engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
         return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
-                "parameters_m": parameters_m}
+                "parameters_m": parameters_m, "machine": machine}
 
     def save_progress(selfplay) -> None:  # a run that a time limit cuts off (bench/gpu/check.sh) keeps its stages
-        save_partial(f"iteration-{preset.name}", report_of(preset, machine, result_of(selfplay)))
+        save_partial(f"iteration-{preset.name}", report_of(preset, result_of(selfplay)))
 
     selfplay = profiled_selfplay(config, on_record=save_progress)
     summaries = selfplay.run()
     return result_of(selfplay, summaries)
 
 
-def report_of(preset: Preset, machine: dict, result: dict) -> dict:
-    return {"bench": "iteration", "preset": asdict(preset), "machine": machine, **result,
-            "rows": profile_rows(result)}
+def report_of(preset: Preset, result: dict) -> dict:
+    return {"bench": "iteration", "preset": asdict(preset), **result, "rows": profile_rows(result)}
 
 
 def profile_rows(result: dict) -> list[dict]:
@@ -259,13 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(preset, args.engine)))
         return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600)
     if "error" in result:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
         print("\n".join(result["output_tail"]), file=sys.stderr)
         return 1
-    report = report_of(preset, machine_info(device), result)
+    report = report_of(preset, result)
     publish(f"iteration-{preset.name}", report, summary_table(report))
     return 0
 

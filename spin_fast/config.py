@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import logging
 import types
 import typing
@@ -414,6 +415,18 @@ def flat_settings(config: dict, prefix: str = "") -> dict:
         nested = isinstance(value, dict) and key != "iteration_overrides"
         flat.update(flat_settings(value, f"{prefix}{key}.") if nested else {f"{prefix}{key}": value})
     return flat
+
+
+def differing_settings(saved: dict, now: dict, ignored: Sequence[str] = ()) -> list[str]:
+    """"key (saved x, now y)" for each setting, but the ignored ones, whose value differs between two nested config
+    dicts, compared as JSON writes them (tuples as lists), in key order."""
+    saved, now = flat_settings(saved), flat_settings(now)
+
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    return [f"{key} (saved {saved.get(key)!r}, now {now.get(key)!r})" for key in sorted(saved.keys() | now.keys())
+            if key not in ignored and plain(saved.get(key)) != plain(now.get(key))]
 
 
 def _to_dict(obj) -> dict:

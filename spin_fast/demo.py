@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from spin_fast.config import ConfigError, RunConfig, TrainConfig, flat_settings, from_dict, parse_yaml
+from spin_fast.config import ConfigError, RunConfig, TrainConfig, differing_settings, from_dict, parse_yaml
 from spin_fast.sorting import distinct_lists
 
 log = logging.getLogger("spin_fast.demo")
@@ -262,10 +262,7 @@ class Demo:
         resolved = json.loads(json.dumps({"run": self.config.to_dict(), "demo": _as_dict(self.demo)}, default=str))
         path = self.run_dir / "demo-config.yaml"
         if path.exists():
-            saved = flat_settings(yaml.safe_load(path.read_text()))
-            now = flat_settings(resolved)
-            differences = [f"{key} (saved {saved.get(key)!r}, now {now.get(key)!r})"
-                           for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+            differences = differing_settings(yaml.safe_load(path.read_text()), resolved)
             if differences:
                 raise ConfigError(f"{path} holds other settings, which differ in {'; '.join(differences)}: use "
                                   "another --output, or the same settings")

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from spin_fast import distributed, stopping
-from spin_fast.config import ConfigError, DataConfig, RunConfig, flat_settings, from_dict
+from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
 from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
 from spin_fast.files import replacing, write_atomically
 from spin_fast.generation.base import Engine
@@ -524,9 +524,7 @@ class SelfPlay:
             saved = from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
         except (ConfigError, yaml.YAMLError) as error:
             raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
-        now = flat_settings(self.config.to_dict())
-        differences = [f"{key} (saved {value!r}, now {now[key]!r})" for key, value in flat_settings(saved).items()
-                       if _plain(value) != _plain(now[key]) and key not in CHANGEABLE]
+        differences = differing_settings(saved, self.config.to_dict(), ignored=CHANGEABLE)
         if differences:
             raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
                              f"output_dir, or the same settings")

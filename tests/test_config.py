@@ -100,7 +100,6 @@ def test_a_config_file_with_a_key_twice_or_bad_yaml_is_named_with_its_line(tmp_p
     with pytest.raises(ConfigError, match=rf"^{path}, line 3: expected ',' or '}}'"):
         load_run_config(path)
     # YAML's merge keys stay: a merged key set again is an override, not a repeat.
-    path.write_text("base: &b {beta: 0.3, epochs: 2}\n")
     from spin_fast.config import parse_yaml
 
     assert parse_yaml("base: &b {beta: 0.3, epochs: 2}\ntrain:\n  <<: *b\n  beta: 0.2\n", "x")["train"] == {
