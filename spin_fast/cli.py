@@ -192,22 +192,11 @@ def run_sft(config) -> int:
 
 
 def entry() -> None:
-    """The `spin-fast` program (and `python -m spin_fast.cli`): main's status is the exit status. Under a launcher
-    the process then leaves at once, as os._exit does, without the interpreter's teardown: there gloo's worker
-    threads, held by process groups that torch or DeepSpeed destroy last, sometimes abort a process that has
-    finished and saved all its work (exit -6, "terminate called without an active exception"), and the launcher
-    reports the whole job failed."""
-    from spin_fast.distributed import launched_distributed
+    """The `spin-fast` program (and `python -m spin_fast.cli`): main's status is the exit status (under a launcher,
+    without the interpreter's teardown: distributed.leave)."""
+    from spin_fast.distributed import leave
 
-    status = main()
-    if not launched_distributed():
-        sys.exit(status)
-    if "wandb" in sys.modules:  # its service process, which the skipped exit handlers would have stopped
-        sys.modules["wandb"].teardown()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    leave(main())
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -77,12 +78,27 @@ def shutdown() -> None:
     the others, then destroys it. Left to the interpreter's exit, gloo with subgroups (DeepSpeed's, the vLLM
     tensor-parallel groups) sometimes aborts a process that has finished all its work ("terminate called without
     an active exception", exit status -6); it still did once after this, so the program then skips the
-    interpreter's teardown too (cli.entry)."""
+    interpreter's teardown too (leave)."""
     if initialized():
         barrier("end of the program")
         me = rank()
         dist.destroy_process_group()
         remove_deepspeed_cpu_buffer(me)
+
+
+def leave(status: int) -> NoReturn:
+    """End the program with `status`. Under a launcher the process leaves at once, as os._exit does, without the
+    interpreter's teardown: there gloo's worker threads, held by process groups that torch or DeepSpeed destroy
+    last, sometimes abort a process that has finished and saved all its work (exit -6, "terminate called without an
+    active exception"), and the launcher reports the whole job failed."""
+    if not launched_distributed():
+        sys.exit(status)
+    if "wandb" in sys.modules:  # its service process, which the skipped exit handlers would have stopped
+        sys.modules["wandb"].teardown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def remove_deepspeed_cpu_buffer(rank: int) -> None:
