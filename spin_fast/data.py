@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ class Example:
     prompt: tuple[dict, ...]  # chat messages before the response, each {"role": str, "content": str}
     response: str  # the human ("real") response
     generated: str | None = None  # an opponent response (SPIN pair files)
-    origin: str = ""  # "path:row", for messages
+    origin: str = ""  # "path line N" (.jsonl, from 1) or "path row N" (from 0), for messages
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,23 @@ def _parse_line(line: str) -> Any:
         return _BadLine(f"expected a JSON object, got invalid JSON ({e})")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+# A row is (where, value). `where` names it in messages: "line N" in a .jsonl file, counted from 1 with blank lines as
+# an editor shows it; "row N" elsewhere, counted from 0 as an index into the list, table or dataset.
+Rows = list[tuple[str, Any]]
+
+
+def _indexed(values: Iterable[Any]) -> Rows:
+    return [(f"row {index}", value) for index, value in enumerate(values)]
+
+
+def _read_jsonl(path: Path) -> Rows:
     # Bad lines (invalid JSON or not UTF-8) are kept as rows so that skip_invalid can count them like any
     # other bad row; utf-8-sig, because editors on Windows start files with a BOM.
     with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
-        return [(index, _parse_line(line)) for index, line in enumerate(f) if line.strip()]
+        return [(f"line {number}", _parse_line(line)) for number, line in enumerate(f, 1) if line.strip()]
 
 
-def _whole_file_hint(name: str, rows: list[tuple[int, Any]]) -> str:
+def _whole_file_hint(name: str, rows: Rows) -> str:
     """For a .jsonl file that is one multi-line JSON document (its first line is then never valid alone):
     a hint to rename it. Only called on the way to an error: it reads the whole file."""
     if not (name.endswith(".jsonl") and rows and isinstance(rows[0][1], _BadLine)):
@@ -86,7 +95,7 @@ class _NotRows(DataError):
     """A .json file that parses but holds no list of rows (metadata such as a dataset_info.json)."""
 
 
-def _read_json(path: Path) -> list[tuple[int, Any]]:
+def _read_json(path: Path) -> Rows:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -99,22 +108,22 @@ def _read_json(path: Path) -> list[tuple[int, Any]]:
     if not isinstance(data, list):
         got = f"a JSON object (keys {sorted(data)[:5]})" if isinstance(data, dict) else _kind(data)
         raise _NotRows(f"{path}: expected a list of objects or {{\"data\": [...]}}, got {got}, not a list of rows")
-    return list(enumerate(data))
+    return _indexed(data)
 
 
-def _read_parquet(path: Path) -> list[tuple[int, Any]]:
+def _read_parquet(path: Path) -> Rows:
     import pyarrow.parquet as pq
 
-    return list(enumerate(pq.read_table(path).to_pylist()))
+    return _indexed(pq.read_table(path).to_pylist())
 
 
-_READERS: dict[str, Callable[[Path], list[tuple[int, Any]]]] = {
+_READERS: dict[str, Callable[[Path], Rows]] = {
     ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
 }
 
 
-def _read_source(source: str | Path, split: str) -> list[tuple[str, list[tuple[int, Any]]]]:
-    """(file name, [(row index, row)]) for each file of a local source, or for a `datasets` dataset."""
+def _read_source(source: str | Path, split: str) -> list[tuple[str, Rows]]:
+    """(file name, rows) for each file of a local source, or for a `datasets` dataset."""
     path = Path(source)
     if path.is_dir():
         return [(str(f), _read_file(f, in_folder=True)) for f in _folder_files(path)]
@@ -144,7 +153,7 @@ def _folder_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_file(path: Path, *, in_folder: bool = False) -> list[tuple[int, Any]]:
+def _read_file(path: Path, *, in_folder: bool = False) -> Rows:
     try:
         return _READERS[path.suffix.lower()](path)
     except _NotRows as e:  # re-raised as a plain DataError: the subclass is only a marker
@@ -152,7 +161,7 @@ def _read_file(path: Path, *, in_folder: bool = False) -> list[tuple[int, Any]]:
         raise DataError(f"{e}{hint}") from None
 
 
-def _load_with_datasets(source: str | Path, split: str) -> list[tuple[int, Any]]:
+def _load_with_datasets(source: str | Path, split: str) -> Rows:
     import datasets  # lazily: slow to import and only needed for sources that are not local files
 
     try:
@@ -160,7 +169,7 @@ def _load_with_datasets(source: str | Path, split: str) -> list[tuple[int, Any]]
     except Exception as e:
         raise DataError(f"{source}: not a local path (expected .jsonl, .json, .parquet or a directory of them), "
                         f"and datasets.load_dataset(split={split!r}) failed: {type(e).__name__}: {e}") from e
-    return list(enumerate(dataset))
+    return _indexed(dataset)
 
 
 # ------------------------------------------------------------------------------------------ validating rows
@@ -261,13 +270,13 @@ def _detect_schema(row: Any, where: str) -> str:
                     f"'response', or 'real' and 'generated' (or pass schema= one of {', '.join(SCHEMAS)})")
 
 
-def _file_schema(name: str, rows: list[tuple[int, Any]]) -> str:
+def _file_schema(name: str, rows: Rows) -> str:
     # Each file's first object row decides, so that a folder may mix formats and a leading broken line can
     # still be skipped.
-    index, row = next(((i, r) for i, r in rows if isinstance(r, Mapping)), rows[0])
+    where, row = next(((w, r) for w, r in rows if isinstance(r, Mapping)), rows[0])
     if isinstance(row, _BadLine):
-        raise DataError(f"{name} row {index}: {row.error}{_whole_file_hint(name, rows)}")
-    return _detect_schema(row, f"{name} row {index}")
+        raise DataError(f"{name} {where}: {row.error}{_whole_file_hint(name, rows)}")
+    return _detect_schema(row, f"{name} {where}")
 
 
 def _check_kind(kinds: dict[bool, tuple[str, str]], name: str, schema: str) -> None:
@@ -289,11 +298,11 @@ def _other_format_hint(row: Any, schema: str) -> str:
     return f" (a {other} row among {schema} rows: one file holds one format)" if other != schema else ""
 
 
-def _parse_rows(name: str, rows: list[tuple[int, Any]], schema: str, keep_history: bool,
+def _parse_rows(name: str, rows: Rows, schema: str, keep_history: bool,
                 skip_invalid: bool) -> tuple[list[Example], int]:
     parse = _PARSERS[schema]
     examples, first_error = [], None
-    for index, row in rows:
+    for where, row in rows:
         try:
             if isinstance(row, _BadLine):
                 raise _RowError(None, row.error)
@@ -301,13 +310,13 @@ def _parse_rows(name: str, rows: list[tuple[int, Any]], schema: str, keep_histor
                 raise _RowError(None, f"expected an object with the {schema} fields, got {_kind(row)}")
             prompt, response, generated = parse(row, keep_history)
         except _RowError as e:
-            message = f"{name} row {index}: {e}{_other_format_hint(row, schema)}"
+            message = f"{name} {where}: {e}{_other_format_hint(row, schema)}"
             if not skip_invalid:
                 raise DataError(message + _whole_file_hint(name, rows)) from None
             logger.warning("skipped %s", message)
-            first_error = first_error or f"row {index}: {e}"
+            first_error = first_error or f"{where}: {e}"
             continue
-        examples.append(Example(prompt, response, generated, origin=f"{name}:{index}"))
+        examples.append(Example(prompt, response, generated, origin=f"{name} {where}"))
     if not examples:
         raise DataError(f"{name}: all {len(rows)} rows are invalid (schema {schema!r}); the first: {first_error}"
                         f"{_whole_file_hint(name, rows)}")

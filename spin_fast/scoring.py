@@ -110,7 +110,7 @@ def save_scored_pairs(path: str | Path, pairs: Seq[ScoredPair]) -> None:
 def load_scored_pairs(path: str | Path) -> list[ScoredPair]:
     pairs = []
     with Path(path).open() as lines:
-        for row, line in enumerate(lines):
+        for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
                 pairs.append(ScoredPair(
@@ -118,5 +118,5 @@ def load_scored_pairs(path: str | Path) -> list[ScoredPair]:
                     float(record["opponent_real"]), float(record["opponent_generated"]),
                 ))
             except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path} row {row}: not a scored pair ({error!r})") from None
+                raise ValueError(f"{path} line {number}: not a scored pair ({error!r})") from None
     return pairs

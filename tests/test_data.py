@@ -51,8 +51,8 @@ def test_messages_jsonl_default_takes_first_assistant_turn(tmp_path):
     result = load_examples(path)
     assert result.skipped == 0
     first, second = result.examples
-    assert first == Example((system("Be brief."), user("Hi")), "Hello!", None, origin=f"{path}:0")
-    assert second.prompt == (user("Hi"),) and second.response == "Hello!" and second.origin == f"{path}:1"
+    assert first == Example((system("Be brief."), user("Hi")), "Hello!", None, origin=f"{path} line 1")
+    assert second.prompt == (user("Hi"),) and second.response == "Hello!" and second.origin == f"{path} line 2"
 
 
 def test_messages_keep_history_takes_last_assistant_turn(tmp_path):
@@ -104,7 +104,7 @@ def test_directory_of_mixed_files_in_sorted_order(tmp_path):
     (tmp_path / "notes.txt").write_text("ignored")
     result = load_examples(tmp_path)
     assert [e.response for e in result.examples] == ["r0", "r1", "r2"]
-    assert result.examples[2].origin == f"{tmp_path / 'c.parquet'}:0"
+    assert result.examples[2].origin == f"{tmp_path / 'c.parquet'} row 0"
 
 
 def test_auto_detection_and_forced_schema(tmp_path):
@@ -112,7 +112,7 @@ def test_auto_detection_and_forced_schema(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [both])
     assert load_examples(path).examples[0].response == "from messages"  # UltraChat also has a 'prompt' column
     assert load_examples(path, schema="prompt_response").examples[0].response == "from columns"
-    with pytest.raises(DataError, match=r"t\.jsonl row 0: cannot detect the schema from \['question'\]"):
+    with pytest.raises(DataError, match=r"t\.jsonl line 1: cannot detect the schema from \['question'\]"):
         load_examples(write_jsonl(tmp_path / "t.jsonl", [{"question": "Q"}]))
     with pytest.raises(ValueError, match="schema: expected"):
         load_examples(path, schema="alpaca")
@@ -131,7 +131,7 @@ def test_other_sources_go_to_datasets_lazily(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     result = load_examples("org/sft", split="train_sft")
-    assert calls == [("org/sft", "train_sft")] and result.examples[0].origin == "org/sft:0"
+    assert calls == [("org/sft", "train_sft")] and result.examples[0].origin == "org/sft row 0"
     with pytest.raises(DataError, match=r"org/missing: not a local path .*not on the hub"):
         load_examples("org/missing")
     calls.clear()
@@ -184,7 +184,7 @@ BAD_ROWS = [
 def test_bad_row_names_file_row_and_field(tmp_path, row, schema, message):
     (tmp_path / "data").mkdir()
     path = write_jsonl(tmp_path / "data" / "train.jsonl", [GOOD_ROWS[schema]] * 2 + [row])
-    with pytest.raises(DataError, match=rf"data/train\.jsonl row 2: {message}"):
+    with pytest.raises(DataError, match=rf"data/train\.jsonl line 3: {message}"):
         load_examples(path, schema=schema, keep_history=True)
     result = load_examples(path, schema=schema, skip_invalid=True, keep_history=True)
     assert result.skipped == 1 and len(result.examples) == 2
@@ -193,7 +193,7 @@ def test_bad_row_names_file_row_and_field(tmp_path, row, schema, message):
 def test_invalid_json_line_is_a_bad_row(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n{oops\n")
-    with pytest.raises(DataError, match=r"t\.jsonl row 2: expected a JSON object, got invalid JSON"):
+    with pytest.raises(DataError, match=r"t\.jsonl line 3: expected a JSON object, got invalid JSON"):
         load_examples(path)
     assert load_examples(path, skip_invalid=True).skipped == 1
 
@@ -203,10 +203,10 @@ def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     path = write_jsonl(tmp_path / "t.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         result = load_examples(path, skip_invalid=True)
-    assert result.skipped == 3 and [e.origin for e in result.examples] == [f"{path}:0", f"{path}:2"]
+    assert result.skipped == 3 and [e.origin for e in result.examples] == [f"{path} line 1", f"{path} line 3"]
     messages = [r.getMessage() for r in caplog.records]
-    assert any("t.jsonl row 1: field 'messages': expected an assistant turn" in m for m in messages)
-    assert any("t.jsonl row 3: field 'messages'" in m for m in messages)
+    assert any("t.jsonl line 2: field 'messages': expected an assistant turn" in m for m in messages)
+    assert any("t.jsonl line 4: field 'messages'" in m for m in messages)
     assert any("skipped 3 invalid rows, kept 2" in m for m in messages)
 
 
@@ -232,10 +232,10 @@ def test_non_utf8_line_is_a_bad_row_and_a_bom_is_ignored(tmp_path):
     good = json.dumps(GOOD).encode()
     path = tmp_path / "t.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good.replace(b'"Q"', b'"caf\xe9"') + b"\n" + good + b"\n")
-    with pytest.raises(DataError, match=r"t\.jsonl row 1: expected UTF-8 text, got byte 0xe9 at character \d+"):
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: expected UTF-8 text, got byte 0xe9 at character \d+"):
         load_examples(path)
-    result = load_examples(path, skip_invalid=True)  # the BOM does not spoil row 0
-    assert result.skipped == 1 and [e.origin for e in result.examples] == [f"{path}:0", f"{path}:2"]
+    result = load_examples(path, skip_invalid=True)  # the BOM does not spoil line 1
+    assert result.skipped == 1 and [e.origin for e in result.examples] == [f"{path} line 1", f"{path} line 3"]
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
     assert len(load_examples(tmp_path / "bom.json").examples) == 1
     (tmp_path / "latin1.json").write_bytes(json.dumps([GOOD]).replace('"Q"', '"caf\\u00e9"').encode()
@@ -248,16 +248,16 @@ def test_multi_line_json_in_a_jsonl_file_names_row_and_suggests_json(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps([GOOD, GOOD], indent=2))
     rename = r"the file as a whole is one JSON document: rename it to t\.json$"
-    with pytest.raises(DataError, match=rf"^{path} row 0: expected a JSON object, got invalid JSON \(.*\); {rename}"):
+    with pytest.raises(DataError, match=rf"^{path} line 1: expected a JSON object, got invalid JSON \(.*\); {rename}"):
         load_examples(path)
-    with pytest.raises(DataError, match=rf"t\.jsonl row 0: .*; {rename}"):
+    with pytest.raises(DataError, match=rf"t\.jsonl line 1: .*; {rename}"):
         load_examples(path, skip_invalid=True)  # no row is an object: there is no schema to read the file with
-    with pytest.raises(DataError, match=rf"t\.jsonl row 0: .*; {rename}"):
+    with pytest.raises(DataError, match=rf"t\.jsonl line 1: .*; {rename}"):
         load_examples(path, schema="messages")
-    with pytest.raises(DataError, match=rf"t\.jsonl: all \d+ rows are invalid .*the first: row 0: .*; {rename}"):
+    with pytest.raises(DataError, match=rf"t\.jsonl: all \d+ rows are invalid .*the first: line 1: .*; {rename}"):
         load_examples(path, schema="messages", skip_invalid=True)
     path.write_text("{oops\n" + json.dumps(GOOD) + "\n")  # not one JSON document: no hint
-    with pytest.raises(DataError, match=r"t\.jsonl row 0: expected a JSON object, got invalid JSON") as raised:
+    with pytest.raises(DataError, match=r"t\.jsonl line 1: expected a JSON object, got invalid JSON") as raised:
         load_examples(path)
     assert "rename" not in str(raised.value)
     (tmp_path / "lines.json").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
@@ -271,7 +271,7 @@ def test_hidden_files_and_folders_in_a_directory_are_ignored(tmp_path, caplog):
         (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(tmp_path / hidden, [{"prompt": "p", "response": "r"}])
     with caplog.at_level(logging.INFO, logger="spin_fast.data"):
-        assert [e.origin for e in load_examples(tmp_path).examples] == [f"{tmp_path / 'a.jsonl'}:0"]
+        assert [e.origin for e in load_examples(tmp_path).examples] == [f"{tmp_path / 'a.jsonl'} line 1"]
     assert any("ignored 3 data files in hidden files or folders" in r.getMessage() for r in caplog.records)
     assert len(load_examples(tmp_path / ".a.jsonl").examples) == 1  # a file named directly is read
     (tmp_path / "a.jsonl").unlink()
@@ -286,10 +286,10 @@ def test_directory_detects_the_schema_of_each_file(tmp_path):
     assert [(e.prompt, e.response) for e in result.examples] == [
         ((user("Q"),), "from columns"), ((user("Q"),), "A"), ((user("Q2"),), "from messages")]
     write_jsonl(tmp_path / "b.jsonl", [GOOD, {"prompt": "Q", "response": "A"}])  # a file keeps its first schema
-    with pytest.raises(DataError, match=r"b\.jsonl row 1: field 'messages': missing \(a prompt_response row among "
+    with pytest.raises(DataError, match=r"b\.jsonl line 2: field 'messages': missing \(a prompt_response row among "
                                         r"messages rows: one file holds one format\)$"):
         load_examples(tmp_path)
-    with pytest.raises(DataError, match=r"b\.jsonl row 0: field 'prompt': missing \(a messages row among "
+    with pytest.raises(DataError, match=r"b\.jsonl line 1: field 'prompt': missing \(a messages row among "
                                         r"prompt_response rows"):
         load_examples(tmp_path, schema="prompt_response")  # a forced schema holds for every file
     write_jsonl(tmp_path / "b.jsonl", [spin_row("Q", "A", "B")])

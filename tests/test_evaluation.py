@@ -55,15 +55,15 @@ def test_splits_are_seeded_disjoint_and_loadable(tmp_path):
 
 
 def test_checker_score_by_hand():
-    examples = [Example(({"role": "user", "content": "Sort: 42, 7, 19, 88, 3."},), REFERENCE, origin="f:0"),
+    examples = [Example(({"role": "user", "content": "Sort: 42, 7, 19, 88, 3."},), REFERENCE, origin="f line 1"),
                 Example(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 2, 1."}),
-                        "In order: 1, 2.", origin="f:1")]
+                        "In order: 1, 2.", origin="f line 2")]
     got = checker_score(checker_grades(sorting.score, examples, ["In order: 3, 7, 42, 88.", "1, 2"]))
     assert got == pytest.approx({"score": (0.4 + 1.0) / 2, "score_perfect": 0.5}, abs=1e-12)
     seen = []
     checker_grades(lambda prompt, response, reference: seen.append(prompt) or 0.0, examples, ["", ""])
     assert seen == ["Sort: 42, 7, 19, 88, 3.", "Sort: 2, 1."]  # the last user turn is the prompt
-    with pytest.raises(ValueError, match=r"f:0: the checker graded an answer 1.5"):
+    with pytest.raises(ValueError, match=r"f line 1: the checker graded an answer 1.5"):
         checker_grades(lambda *args: 1.5, examples, ["", ""])
     with pytest.raises(ValueError, match="outside"):
         checker_grades(lambda *args: math.nan, examples, ["", ""])

@@ -296,7 +296,7 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
         (["generate", str(config), "--iteration", "5"], "--iteration 5: the run has iterations 0 to 1 (iterations: 2)"),
         (["-v", "score", str(config), "--iteration", "-1"], "--iteration -1: the run has iterations 0 to 1"),
         (["generate", str(config), "--set", f"data.source={tmp_path}/nope.jsonl"], "nope.jsonl"),
-        (["sft", str(config), "--set", f"data.source={tmp_path}/bad_row.jsonl"], "bad_row.jsonl row 0"),
+        (["sft", str(config), "--set", f"data.source={tmp_path}/bad_row.jsonl"], "bad_row.jsonl line 1"),
         (["sft", str(config), "--set", "data.source=''"], "data.source is not set"),
         (["eval", str(config), "--set", "output_dir=''", "--set", "data.eval_source=x"], "output_dir is not set"),
         (["run", str(config), "--set", f"model.name_or_path={tmp_path}/no-model"], "no-model"),

@@ -360,7 +360,7 @@ def test_scored_pairs_round_trip(tmp_path):
     save_scored_pairs(tmp_path / "pairs.jsonl", scored)
     assert load_scored_pairs(tmp_path / "pairs.jsonl") == scored
     (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1]}\n')
-    with pytest.raises(ValueError, match="bad.jsonl row 0: not a scored pair"):
+    with pytest.raises(ValueError, match="bad.jsonl line 1: not a scored pair"):
         load_scored_pairs(tmp_path / "bad.jsonl")
 
 
