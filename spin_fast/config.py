@@ -133,16 +133,22 @@ class DataConfig:
     max_prompts: int | None = None  # the paper's recipe takes 50k prompts
     max_length: int = 1024
     max_prompt_length: int = 512
+    # How a long prompt is cut (data.fit_to_length): "always" to its last max_prompt_length tokens, in generation
+    # and training; "when_too_long", the official SPIN code's rule: answered whole, and cut only in a pair too
+    # long for max_length.
+    cut_prompt: str = "always"
     eval_source: str | None = None
     # "package.module:function" grading a held-out answer: f(prompt, response, reference) -> [0, 1] (eval)
     checker: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        from spin_fast.data import SCHEMAS
+        from spin_fast.data import CUT_PROMPT, SCHEMAS
 
         if self.schema not in ("auto", *SCHEMAS):
             raise ValueError(f"schema must be 'auto' or one of {SCHEMAS}, got {self.schema!r}")
+        if self.cut_prompt not in CUT_PROMPT:
+            raise ValueError(f"cut_prompt must be one of {CUT_PROMPT}, got {self.cut_prompt!r}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 (or null: every prompt), got {self.max_prompts}")
         if not 1 <= self.max_prompt_length < self.max_length:

@@ -9,7 +9,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,17 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    prompt_ids: tuple[int, ...]
+    prompt_ids: tuple[int, ...]  # as trained on: fitted to max_length (fit_to_length)
     response_ids: tuple[int, ...]
     generated_ids: tuple[int, ...] | None
+    # Under cut_prompt "when_too_long", the example as it was before fitting cut it (else None): the opponent
+    # answers its whole prompt, and its pair is fitted from it.
+    unfitted: TokenizedExample | None = None
+
+    @property
+    def answered_prompt_ids(self) -> tuple[int, ...]:
+        """The prompt that generation answers."""
+        return (self.unfitted or self).prompt_ids
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -401,6 +409,9 @@ def _warn_tokenized_alone() -> None:
                    "(or their tokens merge): such responses are tokenized on their own")
 
 
+CUT_PROMPT = ("always", "when_too_long")
+
+
 def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
     """A response (ending with EOS) fitted to `budget` tokens; a cut one still ends with EOS, so the
     model still learns where answers stop."""
@@ -408,9 +419,32 @@ def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
     return tuple(ids if len(ids) <= budget else [*ids[: budget - 1], eos])
 
 
-def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int) -> TokenizedExample:
-    """Prompt ids (render_prompt's, keeping the prompt's end) and EOS-terminated response ids as they follow the prompt
-    in the templated conversation, cut to fit max_length (SPIN recipe)."""
+def fit_to_length(prompt: Sequence[int], responses: Sequence[Sequence[int]], *, max_length: int,
+                  max_prompt_length: int, cut_prompt: str, eos: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """A prompt and its EOS-ended responses (one, or a pair's two) cut so that the prompt and each response fit in
+    max_length. A prompt keeps its end (the question often follows a long text).
+
+    "always": the prompt keeps its last max_prompt_length tokens, and each response the room left, still ending
+    with EOS. "when_too_long", the official SPIN code's rule (TRL's 2023 DPO collator): the prompt is cut only if
+    it and the longer response exceed max_length; if they still do, each response keeps its first
+    max_length - max_prompt_length tokens (a cut one loses its EOS there)."""
+    if cut_prompt == "always":
+        prompt = prompt[-max_prompt_length:]
+        return tuple(prompt), [cut_response(r, max_length - len(prompt), eos) for r in responses]
+    if cut_prompt != "when_too_long":
+        raise ValueError(f"cut_prompt: expected one of {CUT_PROMPT}, got {cut_prompt!r}")
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longest > max_length:
+        responses = [r[: max_length - max_prompt_length] for r in responses]
+    return tuple(prompt), [tuple(r) for r in responses]
+
+
+def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int,
+                     cut_prompt: str = "always") -> TokenizedExample:
+    """Prompt ids (render_prompt's) and EOS-ended response ids as they follow the prompt in the templated
+    conversation, fitted to max_length by the `cut_prompt` rule (fit_to_length)."""
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
@@ -418,12 +452,14 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_p
     if eos is None:
         raise ValueError("the tokenizer has no eos token: responses must end with one")
     prompt_text, prompt_ids, model_prompt = _rendered_prompt(tokenizer, example.prompt)
-    prompt = model_prompt[-max_prompt_length:]
-    budget = max_length - len(prompt)
 
-    def response(text: str) -> tuple[int, ...]:
-        ids = _response_ids(tokenizer, example.prompt, prompt_text, prompt_ids, text)
-        return cut_response([*ids, eos], budget, eos)
+    def response(text: str | None) -> tuple[int, ...] | None:
+        return None if text is None else (*_response_ids(tokenizer, example.prompt, prompt_text, prompt_ids, text), eos)
 
-    generated = None if example.generated is None else response(example.generated)
-    return TokenizedExample(tuple(prompt), response(example.response), generated)
+    whole = TokenizedExample(tuple(model_prompt), response(example.response), response(example.generated))
+    prompt, responses = fit_to_length(whole.prompt_ids, [r for r in (whole.response_ids, whole.generated_ids) if r],
+                                      max_length=max_length, max_prompt_length=max_prompt_length,
+                                      cut_prompt=cut_prompt, eos=eos)
+    fitted = TokenizedExample(prompt, responses[0], responses[1] if whole.generated_ids else None)
+    # Under "always", a pair fits from the fitted example as from the whole one: no need to keep it.
+    return fitted if cut_prompt == "always" or fitted == whole else replace(fitted, unfitted=whole)

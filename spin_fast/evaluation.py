@@ -183,7 +183,7 @@ class Answering:
     def greedy(self, path: str, examples: Seq[TokenizedExample]) -> list[str]:
         """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
-        completions = self.generate(path, [e.prompt_ids for e in examples], sampling, "greedy answers")
+        completions = self.generate(path, [e.answered_prompt_ids for e in examples], sampling, "greedy answers")
         return [self.tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
 
     def close(self) -> None:
@@ -427,9 +427,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         sampling = config.for_iteration(t).generation.sampling()
 
         def make():
-            completions = answering.generate(opponent, [e.prompt_ids for e in examples], sampling,
+            completions = answering.generate(opponent, [e.answered_prompt_ids for e in examples], sampling,
                                              f"iteration {t}'s held-out answers")
-            pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data.max_length)
+            pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
         key = {"answers of": identities[opponent], "sampling": asdict(sampling), **settings}

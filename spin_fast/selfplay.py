@@ -40,7 +40,7 @@ import yaml
 
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
-from spin_fast.data import Example, TokenizedExample, cut_response, load_examples, tokenize_example
+from spin_fast.data import Example, TokenizedExample, fit_to_length, load_examples, tokenize_example
 from spin_fast.files import replacing, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm, load_tokenizer
@@ -128,8 +128,8 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None) -> li
 
 
 def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example]) -> list[TokenizedExample]:
-    return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-            for e in examples]
+    return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                             cut_prompt=data.cut_prompt) for e in examples]
 
 
 def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
@@ -191,11 +191,17 @@ def load_policy(path: str, config: RunConfig):
                               liger_kernels=config.train.liger_kernels)
 
 
-def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, max_length: int) -> list[TokenizedPair]:
-    """Each example's human response paired with the engine's first completion (EOS-closed, cut to fit)."""
-    return [TokenizedPair(e.prompt_ids, e.response_ids,
-                          cut_response((*c[0].token_ids, eos), max_length - len(e.prompt_ids), eos))
-            for e, c in zip(examples, completions)]
+def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, data: DataConfig) -> list[TokenizedPair]:
+    """Each example's human response paired with the engine's first completion (EOS-closed), fitted to
+    data.max_length by data.cut_prompt's rule."""
+    pairs = []
+    for e, c in zip(examples, completions):
+        e = e.unfitted or e  # fitted with its real response alone, it might fit otherwise than the pair
+        prompt, (real, generated) = fit_to_length(
+            e.prompt_ids, [e.response_ids, (*c[0].token_ids, eos)], max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt, eos=eos)
+        pairs.append(TokenizedPair(prompt, real, generated))
+    return pairs
 
 
 class SelfPlay:
@@ -378,6 +384,7 @@ class SelfPlay:
         if shared_manifest(stage_dir) is None:
             stage_dir.mkdir(parents=True, exist_ok=True)
             sampling = config.generation.sampling().for_iteration(t)
+            prompts = [e.answered_prompt_ids for e in examples]
 
             def generate_part(start: int, end: int):
                 if self.engine is None:  # started at the first prompt left to answer, once per run
@@ -385,13 +392,12 @@ class SelfPlay:
                     # it is sharded from the start (zero3_init), when the transformers engine runs it in step.
                     shared = model if self.partitioned or not self.distributed else None
                     self.engine = self.make_engine(shared, tokenizer, config, self.model_path(t))
-                share = distributed.balance([len(e.prompt_ids) for e in examples[start:end]], distributed.world_size())
+                share = distributed.balance([len(p) for p in prompts[start:end]], distributed.world_size())
                 mine = [start + i for i in share[distributed.rank()]]  # indices in the whole set: they seed sampling
-                completions = self.engine.generate([examples[i].prompt_ids for i in mine], sampling, indices=mine)
+                completions = self.engine.generate([prompts[i] for i in mine], sampling, indices=mine)
                 completions = distributed.gather_in_order(completions, [i - start for i in mine], end - start,
                                                           "generated responses")
-                pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id,
-                                       config.data.max_length)
+                pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id, config.data)
                 return [ScoredPair(*asdict(p).values()) for p in pairs], {"finished": sum(c[0].finished
                                                                                        for c in completions)}
 
@@ -570,8 +576,10 @@ def start_vllm(config: RunConfig, model_path: str):
     # It serves in the dtype the model computes in: bf16 under train.bf16_autocast (fp32 master weights would
     # double its memory and keep it off FlashAttention), else the weights' own.
     dtype = "bfloat16" if config.train.bf16_autocast else config.train.dtype
-    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor,
-                      max_model_len=max(data.max_length, data.max_prompt_length + gen.max_new_tokens),
+    # A prompt answered whole (data.cut_prompt when_too_long) may be as long as the model's context allows.
+    longest = None if data.cut_prompt == "when_too_long" else max(data.max_length,
+                                                                  data.max_prompt_length + gen.max_new_tokens)
+    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=longest,
                       tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization)
 

@@ -1,5 +1,5 @@
 """Float64 truth written plainly, independent of spin_kernels, dtype-aware comparison, a check of the fused loss
-against that truth, a tiny SFT set, and an offline Hugging Face Hub cache."""
+against that truth, a tiny SFT set, the official SPIN code's truncation, and an offline Hugging Face Hub cache."""
 
 from __future__ import annotations
 
@@ -164,3 +164,16 @@ def offline_hub(monkeypatch, cache: Path):
         return snapshot
 
     return publish
+
+
+def official_spin_fit(prompt, chosen, rejected, eos, max_length, max_prompt_length):
+    """The official SPIN code's truncation (spin/alignment/utils.py, tokenize_batch_element), step by step as it
+    does it: EOS appended to each response, then the prompt cut (keep_end) if the prompt and the longer response
+    exceed max_length, then both responses cut to max_length - max_prompt_length if they still do."""
+    chosen, rejected = [*chosen, eos], [*rejected, eos]
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longer > max_length:
+        chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
+    return prompt, chosen, rejected

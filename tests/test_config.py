@@ -38,6 +38,7 @@ def test_yaml_then_overrides(tmp_path):
     ("data.max_prompts=0", "data: max_prompts must be >= 1"),
     ("model.attention=flashh", "model: attention must be one of"),
     ("data.schema=chat", "data: schema must be 'auto' or one of"),
+    ("data.cut_prompt=sometimes", r"data: cut_prompt must be one of \('always', 'when_too_long'\), got 'sometimes'"),
     ("train.attention=sdpa", r"train: attention: set model.attention instead \(train.attention is unused\)"),
     ("score_batch_tokens=0", "score_batch_tokens must be >= 1"),
     ("generation.temperature=.nan", r"generation: temperature must be a finite number >= 0 \(0: greedy\), got nan"),

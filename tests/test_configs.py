@@ -31,7 +31,8 @@ def test_zephyr_recipe_is_the_papers():
     assert config.model.name_or_path == "alignment-handbook/zephyr-7b-sft-full"
     assert (config.data.source, config.data.split, config.data.max_prompts) == ("HuggingFaceH4/ultrachat_200k",
                                                                                  "train_sft", 50000)
-    assert (config.data.max_length, config.data.max_prompt_length) == (1024, 512)
+    data = config.data
+    assert (data.max_length, data.max_prompt_length, data.cut_prompt) == (1024, 512, "when_too_long")
     train = config.train
     assert (train.beta, train.optimizer, train.schedule, train.warmup_ratio, train.global_batch) == (
         0.1, "rmsprop", "linear", 0.1, 64)

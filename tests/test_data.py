@@ -10,11 +10,13 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from helpers import official_spin_fit
 from spin_fast import data as data_module
-from spin_fast.data import DataError, Example, load_examples, render_prompt, tokenize_example
+from spin_fast.data import DataError, Example, fit_to_length, load_examples, render_prompt, tokenize_example
 from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer
 
 
@@ -444,6 +446,60 @@ def test_tokenize_example_truncates_like_spin(tokenizer):
     out = tokenize_example(tokenizer, short, max_length=20, max_prompt_length=10)
     assert len(out.prompt_ids) < 10 and len(out.prompt_ids) + len(out.response_ids) == 20
     assert out.response_ids[-1] == eos
+
+
+def random_ids(n):
+    return [int(i) for i in torch.randint(3, 500, (n,))]
+
+
+def test_when_too_long_fits_as_the_official_spin_code(tokenizer):
+    eos = 2
+    for _ in range(300):
+        max_length = int(torch.randint(8, 64, ()))
+        max_prompt_length = int(torch.randint(1, max_length, ()))
+        prompt, chosen, rejected = (random_ids(int(torch.randint(1, 80, ()))) for _ in range(3))
+        want = official_spin_fit(prompt, chosen, rejected, eos, max_length, max_prompt_length)
+        got_prompt, (got_chosen, got_rejected) = fit_to_length(
+            prompt, [(*chosen, eos), (*rejected, eos)], max_length=max_length, max_prompt_length=max_prompt_length,
+            cut_prompt="when_too_long", eos=eos)
+        assert [list(got_prompt), list(got_chosen), list(got_rejected)] == [list(x) for x in want]
+        assert len(got_prompt) + max(len(got_chosen), len(got_rejected)) <= max_length
+
+
+def test_always_fits_a_pair_after_its_real_response_as_the_whole_pair():
+    """answered_pairs fits the opponent's answer to an example fitted with its real response alone: under "always"
+    that is the same (under "when_too_long" it is not: a long real response cuts the generated one too)."""
+    eos = 2
+    for _ in range(300):
+        max_length = int(torch.randint(8, 64, ()))
+        lengths = dict(max_length=max_length, max_prompt_length=int(torch.randint(1, max_length, ())),
+                       cut_prompt="always", eos=eos)
+        prompt, real, generated = ((*random_ids(int(torch.randint(1, 80, ()))), eos) for _ in range(3))
+        fitted_prompt, (fitted_real,) = fit_to_length(prompt, [real], **lengths)
+        assert fit_to_length(fitted_prompt, [fitted_real, generated], **lengths) == fit_to_length(
+            prompt, [real, generated], **lengths)
+
+
+def test_tokenize_example_when_too_long_answers_the_whole_prompt(tokenizer):
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    full_prompt = tuple(render_prompt(tokenizer, [user(long_prompt)]))
+    eos = tokenizer.eos_token_id
+    assert len(full_prompt) > 24
+    # The pair fits in max_length: the prompt stays whole, although it is longer than max_prompt_length.
+    out = tokenize_example(tokenizer, Example((user(long_prompt),), "Short.", "Hi."), max_length=len(full_prompt) + 8,
+                           max_prompt_length=24, cut_prompt="when_too_long")
+    assert out.prompt_ids == full_prompt and out.answered_prompt_ids == full_prompt and out.unfitted is None
+    assert out.response_ids == (*tokenizer.encode("Short.", add_special_tokens=False), eos)
+    # It does not: the prompt keeps its last 24 tokens, and the responses still too long their first 64 - 24, without
+    # EOS; the opponent still answers the whole prompt.
+    example = Example((user(long_prompt),), "The answer is long. " * 40, "Short.")
+    out = tokenize_example(tokenizer, example, max_length=64, max_prompt_length=24, cut_prompt="when_too_long")
+    assert out.prompt_ids == full_prompt[-24:] and out.answered_prompt_ids == full_prompt
+    assert out.response_ids == tuple(tokenizer.encode(example.response, add_special_tokens=False)[:40])
+    assert out.generated_ids == (*tokenizer.encode("Short.", add_special_tokens=False), eos)
+    # Under "always" the opponent answers the prompt as trained on.
+    out = tokenize_example(tokenizer, example, max_length=64, max_prompt_length=24)
+    assert out.answered_prompt_ids == out.prompt_ids == full_prompt[-24:] and out.unfitted is None
 
 
 @pytest.mark.parametrize("max_length, max_prompt_length", [(10, 10), (10, 20), (0, -1), (10, 0)])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import QA, offline_hub
+from helpers import QA, official_spin_fit, offline_hub
 from spin_fast.config import load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.scoring import TokenizedPair, score_pairs
@@ -249,6 +249,90 @@ def test_an_iteration_can_override_the_data_settings(sft_model, tmp_path):
     assert generated == [len(QA), 2] and summaries[1]["pairs"] == len(QA) + 2
 
 
+def test_when_too_long_answers_whole_prompts_and_cuts_pairs_as_the_official_code(sft_model, tmp_path, monkeypatch):
+    """data.cut_prompt=when_too_long: the opponent answers each prompt whole, even one over max_prompt_length, and
+    each pair is cut as the official SPIN code cuts it: the prompt only when the pair is too long, and the responses
+    by the longer one (a long human response cuts the generated one too)."""
+    from transformers import AutoTokenizer
+
+    from spin_fast.data import Example, render_prompt, tokenize_example
+
+    question = " ".join(f"word{i}" for i in range(4))  # 26 tokens with the template
+    rows = [(f"{question} one?", "Yes."), (f"{question} two?", "The answer is long. " * 6), ("Hi?", "Hello."),
+            ("Hey?", "The answer is long. " * 12)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in rows))
+    answered = []
+    real_generate = TransformersEngine.generate
+
+    def recorded(self, prompts, *args, **kwargs):
+        completions = real_generate(self, prompts, *args, **kwargs)
+        answered.extend(zip(map(tuple, prompts), (c[0].token_ids for c in completions)))
+        return completions
+
+    monkeypatch.setattr(TransformersEngine, "generate", recorded)
+    config = run_config(sft_model, tmp_path / "run", f"data.source={data}", "data.cut_prompt=when_too_long",
+                        "data.max_prompt_length=12", "data.max_length=40", "iterations=1")
+    SelfPlay(config).run()
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_model / "model")
+    eos = tokenizer.eos_token_id
+    whole = [tokenize_example(tokenizer, Example(({"role": "user", "content": q},), a), max_length=10**6,
+                              max_prompt_length=10**6 - 1) for q, a in rows]
+    assert len(whole[0].prompt_ids) > 12, "the long prompt must be over max_prompt_length"
+    assert sorted(prompt for prompt, _ in answered) == sorted(
+        tuple(render_prompt(tokenizer, [{"role": "user", "content": q}])) for q, _ in rows)
+    answers = dict(answered)
+    pairs = [json.loads(line) for line in (tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").read_text()
+             .splitlines()]
+    cut = 0
+    for pair, example in zip(pairs, whole):
+        prompt, real, generated = official_spin_fit(list(example.prompt_ids), list(example.response_ids[:-1]),
+                                                    list(answers[example.prompt_ids]), eos, 40, 12)
+        assert (pair["prompt_ids"], pair["real_ids"], pair["generated_ids"]) == (prompt, real, generated)
+        cut += len(prompt) < len(example.prompt_ids)
+    assert len(pairs[0]["prompt_ids"]) > 12 and cut >= 1  # one long prompt kept whole, one cut
+
+
+@pytest.mark.parametrize("cut_prompt", ["always", "when_too_long"])
+def test_answered_pairs_cut_as_the_rule_says(sft_model, cut_prompt):
+    """Random prompts, human responses and answers, cut as the rule cuts the whole pair; under when_too_long, as the
+    official SPIN code does: a long human response cuts the generated one too, though the example was fitted
+    with its human response alone."""
+    from transformers import AutoTokenizer
+
+    from spin_fast.config import DataConfig
+    from spin_fast.data import Example, cut_response, tokenize_example
+    from spin_fast.generation.base import Completion
+    from spin_fast.selfplay import answered_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_model / "model")
+    eos = tokenizer.eos_token_id
+    words = [f"w{int(i)}" for i in torch.randint(0, 1000, (400,))]
+    # The first case has it for sure: a prompt shorter than max_prompt_length, a human response too long for
+    # max_length (cut to 60 - 30 = 30 tokens), and an answer of 40 tokens, which would fit beside the prompt.
+    cases = [(60, 30, 1, 40, 40)] + [(int(torch.randint(40, 120, ())), int(torch.randint(10, 39, ())),
+                                      *torch.randint(1, 40, (2,)).tolist(), int(torch.randint(1, 100, ())))
+                                     for _ in range(100)]
+    for max_length, max_prompt_length, prompt_words, response_words, answer_length in cases:
+        data = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length, cut_prompt=cut_prompt)
+        example = Example(({"role": "user", "content": " ".join(words[:prompt_words])},),
+                          " ".join(words[-response_words:]))
+        whole = tokenize_example(tokenizer, example, max_length=10**6, max_prompt_length=10**6 - 1)
+        answer = tuple(int(i) for i in torch.randint(3, 290, (answer_length,)))
+        fitted = tokenize_example(tokenizer, example, max_length=data.max_length,
+                                  max_prompt_length=data.max_prompt_length, cut_prompt=cut_prompt)
+        (pair,) = answered_pairs([fitted], [[Completion(answer, True)]], eos, data)
+        if cut_prompt == "when_too_long":
+            want = official_spin_fit(list(whole.prompt_ids), list(whole.response_ids[:-1]), list(answer), eos,
+                                     data.max_length, data.max_prompt_length)
+        else:
+            prompt = whole.prompt_ids[-data.max_prompt_length:]
+            room = data.max_length - len(prompt)
+            want = (prompt, cut_response(whole.response_ids, room, eos), cut_response((*answer, eos), room, eos))
+        assert (list(pair.prompt_ids), list(pair.real_ids), list(pair.generated_ids)) == tuple(list(x) for x in want)
+
+
 def write_yaml(sft_model, path, out):
     path.write_text(
         f"output_dir: {out}\n"
@@ -443,10 +527,12 @@ def test_vllm_serves_in_the_dtype_the_model_computes_in(sft_model, tmp_path, mon
     from spin_fast.selfplay import start_vllm
 
     served = []
-    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **options: served.append(options["dtype"]))
-    for settings in ((), ("train.bf16_autocast=true",), ("train.dtype=bfloat16",)):
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **options: served.append(options))
+    for settings in ((), ("train.bf16_autocast=true",), ("train.dtype=bfloat16", "data.cut_prompt=when_too_long")):
         start_vllm(run_config(sft_model, tmp_path, *settings), str(sft_model / "model"))
-    assert served == ["float32", "bfloat16", "bfloat16"]
+    assert [options["dtype"] for options in served] == ["float32", "bfloat16", "bfloat16"]
+    # Prompts answered whole may be as long as the model's context (vLLM's default length) allows.
+    assert [options["max_model_len"] for options in served] == [64, 64, None]
 
 
 def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):

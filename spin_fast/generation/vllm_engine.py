@@ -168,7 +168,7 @@ def global_rng_kept() -> Iterator[None]:
 class VllmEngine:
     """spin_fast.generation.Engine on vLLM: token-id prompts in, completions out, weights swapped in memory."""
 
-    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int,
+    def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int | None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool | None = None, seed: int = 0, executor: str | None = None) -> None:
         from vllm import LLM
