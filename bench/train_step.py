@@ -331,7 +331,7 @@ BASELINES = {"live": "TRL DPO, live reference", "precomputed": "TRL DPO, precomp
 def measure(preset: Preset, method: str) -> dict:
     """One worker process (bench.common.memory_then_time): the peak extra memory of one step (after a warm-up
     step, so that the optimizer state exists) and what is held before it, then the step times; the loss of the
-    first step of all."""
+    first step of all, and of the second (after one update: the methods' updates agree)."""
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Missing("the preset needs CUDA")
@@ -344,7 +344,8 @@ def measure(preset: Preset, method: str) -> dict:
         stats = summarize(times)
         # Weights and optimizer state: the same before every step once the first has made the state.
         return {**stats, "tokens": tokens, "tokens_per_s": tokens / (stats["median_ms"] / 1e3),
-                "first_loss": losses[0], "peak_extra_mib": peak, "held_mib": runner.held(), **runner.info}
+                "first_loss": losses[0], "second_loss": losses[1], "peak_extra_mib": peak, "held_mib": runner.held(),
+                **runner.info}
 
 
 # ---------------------------------------------------------------------------------- orchestrator
@@ -427,6 +428,7 @@ def _add_ratios(results: list[dict]) -> None:
                                                       / (base["held_mib"] + base["peak_extra_mib"]))
             if key == "live":
                 result["first_loss_diff_vs_trl_live"] = abs(result["first_loss"] - base["first_loss"])
+                result["second_loss_diff_vs_trl_live"] = abs(result["second_loss"] - base["second_loss"])
 
 
 def _ratio(result: dict, key: str) -> str:
@@ -436,7 +438,7 @@ def _ratio(result: dict, key: str) -> str:
 
 def summary_table(results: list[dict]) -> str:
     headers = ["method", "step ms (min-max)", "tokens/s", "x TRL-live", "x TRL-pre", "peak MiB", "x TRL-live mem",
-               "x TRL-pre mem", "held MiB", "first loss"]
+               "x TRL-pre mem", "held MiB", "first loss", "second loss"]
     rows = []
     for r in results:
         if "median_ms" not in r:
@@ -454,6 +456,7 @@ def summary_table(results: list[dict]) -> str:
             _ratio(r, "memory_vs_trl_precomputed"),
             f"{r['held_mib']:.0f}",
             f"{r['first_loss']:.6f}",
+            f"{r['second_loss']:.6f}",
         ])
     return format_table(headers, rows)
 

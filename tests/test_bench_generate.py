@@ -4,6 +4,7 @@ counts are what was asked for, and the timings and memory figures are positive.
 This checks the bench's plumbing, not its speed. The vLLM test starts three engines (~60 s on 2 CPU cores)."""
 
 import json
+import math
 
 import pytest
 
@@ -60,5 +61,5 @@ def test_tiny_bench_vllm(tmp_path, monkeypatch):
     result = _run(tmp_path, monkeypatch, "vLLM")
     assert result["engine_rss_mib"] > 0 and result["engine_worker_processes"] >= 1
     assert result["restart_ms"] > 0 and result["checkpoint_save_ms"] > 0
-    assert result["restart_vs_swap"] > 1  # a restart costs more than an in-memory swap
+    assert math.isfinite(result["restart_vs_swap"]) and result["restart_vs_swap"] > 0  # a ratio, never a timed claim
     assert result["folder_reload_ms"] > 0 and result["folder_reload_runs"] == 1
