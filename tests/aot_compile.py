@@ -53,15 +53,16 @@ def _aligned(fn, signature: dict) -> dict:
 
 def compile_kernels(arch: int, dtype: torch.dtype) -> list[dict]:
     target = GPUTarget("cuda", arch, 32)
-    common = dict(HAS_BIAS=True, UPCAST=False, PRECISION=tk.dot_precision(dtype))
     forward_cfg, backward_cfg = tk.launch_configs(dtype, arch)
-    jobs = [
-        (tk._forward_kernel, forward_cfg, {}),
-        (tk._backward_kernel, backward_cfg, dict(NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True)),
-    ]
+    # With a bias and without one: Llama, Mistral and Qwen heads have none, and take other code.
+    jobs = [job for bias in (True, False) for job in (
+        (tk._forward_kernel, forward_cfg, dict(HAS_BIAS=bias)),
+        (tk._backward_kernel, backward_cfg, dict(HAS_BIAS=bias, NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=bias)),
+    )]
     results = []
     for fn, cfg, extra in jobs:
-        constexprs = dict(common, **extra, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k)
+        constexprs = dict(extra, UPCAST=False, PRECISION=tk.dot_precision(dtype), BLOCK_N=cfg.block_n,
+                          BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k)
         if "GROUP_N" in fn.arg_names:
             constexprs["GROUP_N"] = cfg.group_n
         signature = _signature(fn, "*" + TYPE_NAMES[dtype], constexprs)
@@ -71,7 +72,8 @@ def compile_kernels(arch: int, dtype: torch.dtype) -> list[dict]:
         compiled = triton.compile(
             src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         )
-        results.append(dict(kernel=fn.__name__, arch=arch, dtype=str(dtype), **_inspect(compiled, arch)))
+        results.append(dict(kernel=fn.__name__, arch=arch, dtype=str(dtype), bias=extra["HAS_BIAS"],
+                            **_inspect(compiled, arch)))
     return results
 
 

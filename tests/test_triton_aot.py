@@ -24,8 +24,8 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_every_arch_and_dtype(compiled):
-    seen = {(row["kernel"], row["arch"], row["dtype"]) for row in compiled}
-    assert len(seen) == 2 * 2 * 3, seen
+    seen = {(row["kernel"], row["arch"], row["dtype"], row["bias"]) for row in compiled}
+    assert len(seen) == 2 * 2 * 3 * 2, seen  # kernels, archs, dtypes, with and without a bias
 
 
 def test_no_register_spills(compiled):
