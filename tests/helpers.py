@@ -136,6 +136,10 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     slope = float(2 * gap / beta) if loss_type == "ipo" else 1.0
     conditioning = float(seq.detach().abs().max() / gap) if loss_type == "ipo" else 0.0
     assert_close(out.margins, z.detach(), dtype, "margins", scale=input_scale)
+    rewards_real = beta * (seq[:n_pairs] - opp[:n_pairs]).detach()
+    rewards_generated = beta * (seq[n_pairs:] - opp[n_pairs:]).detach()
+    assert_close(out.rewards_real, rewards_real, dtype, "rewards_real", scale=input_scale)
+    assert_close(out.rewards_generated, rewards_generated, dtype, "rewards_generated", scale=input_scale)
     assert_close(out.loss, loss.detach(), dtype, "loss", scale=input_scale * slope)
     amplified = 1 + conditioning * TOLERANCE[torch.float32] / TOLERANCE[dtype]
     for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
@@ -143,7 +147,10 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
         assert_close(leaf.grad, truth_leaf.grad, dtype, f"d{name}", scale=scale)
     if opponent_grad:  # its gradient is minus the policy's, and carries the same rounding
         assert_close(opponent.grad, opp.grad, dtype, "dopponent_logps", scale=scale)
+    # Where the margin is clear of rounding, the kernel's accuracy is the truth's.
+    clear = (z.detach().abs() > 2 * TOLERANCE[dtype] * input_scale)
     assert out.accuracy.shape == (n_pairs,)
+    assert torch.equal(out.accuracy.double()[clear], (z.detach() > 0).double()[clear])
 
 
 def offline_hub(monkeypatch, cache: Path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import spin_kernels
+from helpers import truth_token_logprobs
 
 
 def good():
@@ -53,9 +54,11 @@ def test_hidden_index_errors(hidden_index, message):
 
 def test_hidden_index_lets_targets_outnumber_rows():
     """With hidden_index, targets count the predictions, not the rows of hidden."""
-    out = spin_kernels.linear_logprobs(torch.randn(2, 8), torch.randn(20, 8), torch.tensor([1, 2, 3]),
-                                       hidden_index=torch.tensor([0, 1, 1]))
+    hidden, weight = torch.randn(2, 8), torch.randn(20, 8)
+    targets, rows = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 1])
+    out = spin_kernels.linear_logprobs(hidden, weight, targets, hidden_index=rows)
     assert out.shape == (3,)
+    torch.testing.assert_close(out.double(), truth_token_logprobs(hidden[rows], weight, targets), rtol=1e-5, atol=1e-5)
 
 
 def test_bias_and_backend_errors(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spin_kernels
-from helpers import check_fused_against_truth, random_packed_batch, truth_spin_loss
+from helpers import check_fused_against_truth, random_packed_batch, truth_spin_loss, truth_token_logprobs
 from spin_kernels import chunked
 
 LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
@@ -142,6 +142,12 @@ def test_pair_with_no_loss_tokens_counts_zero():
     weight = torch.randn(50, 16)
     targets = torch.tensor([3, 4, -100, -100, 7, 8])
     sequence_ids = torch.tensor([0, 0, 1, 1, 2, 2])  # pairs: (0, 2) and (1, 3); sequence 3 has no tokens
-    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, torch.zeros(4))
+    opponent = torch.randn(4)
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent)
     assert out.policy_logps[1] == 0 and out.policy_logps[3] == 0
-    assert torch.isfinite(out.loss)
+    token = truth_token_logprobs(hidden, weight, targets)
+    logps = torch.zeros(4, dtype=torch.float64).index_add(0, sequence_ids, token)
+    torch.testing.assert_close(out.policy_logps.double(), logps, rtol=1e-5, atol=1e-5)
+    want = truth_spin_loss(logps[:2].tolist(), logps[2:].tolist(), opponent[:2].tolist(), opponent[2:].tolist(),
+                           0.1, "sigmoid")
+    assert out.loss.item() == pytest.approx(want, rel=1e-5)
