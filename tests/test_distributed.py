@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -186,6 +187,7 @@ def test_the_timeout_bounds_zeros_collectives_too():
     10 on NCCL): rank 0 gives up on a peer 8 s late."""
     waiting, _ = two_ranks(LATE_PEER)
     assert waiting.returncode == 5, waiting.stderr[-2000:]
+    assert re.search(r"time(d)? ?out", waiting.stdout, re.IGNORECASE), waiting.stdout[-2000:]
 
 
 MAIN_FIRST = """

@@ -180,6 +180,8 @@ def test_check_sh_ends_what_a_stage_leaves_and_when_stopped_brings_back_what_ran
     check = subprocess.Popen(["bash", str(GPU / "check.sh")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
+        first_line = check.stdout.readline()
+        work = Path(first_line.split("work folder ", 1)[1].split()[0])
         deadline = time.monotonic() + 300
         while not ((out / "stages.tsv").exists() and "tests\t" in (out / "stages.tsv").read_text()):
             assert check.poll() is None and time.monotonic() < deadline, "the tests stage did not end"
@@ -187,15 +189,19 @@ def test_check_sh_ends_what_a_stage_leaves_and_when_stopped_brings_back_what_ran
         assert not running(int(left_pid.read_text()))  # killed as its stage ended
         with tarfile.open(out / "logs.tar.gz") as logs:  # the snapshot after the first stage
             assert "logs/tests.log" in logs.getnames()
-        time.sleep(3)  # the kernels bench is under way
+        kernels_log = work / "logs" / "kernels.log"
+        while not (kernels_log.exists() and kernels_log.stat().st_size):  # the kernels bench is under way
+            assert check.poll() is None and time.monotonic() < deadline, "the kernels bench printed nothing"
+            time.sleep(0.2)
+        assert "kernels\t" not in (work / "stages.tsv").read_text(), "the kernels bench ended before the TERM"
         check.send_signal(signal.SIGTERM)
         output, _ = check.communicate(timeout=120)
+        output = first_line + output
     finally:
         check.kill()
     assert check.returncode == 1, output
     stages = {s["stage"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
     assert stages == {"tests": "ok", "kernels": "stopped"}, output
-    work = output.split("work folder ", 1)[1].split()[0]
     marker = f"SPIN_GPU_CHECK_RUN={work}".encode()
     left = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
