@@ -1,6 +1,6 @@
-"""Scoring, generation and held-out log-likelihood with a model loaded under deepspeed.zero3_init, on ranks
-given different amounts of work, against the whole model on every rank; then two trainings on it, as two
-iterations run them, after which no DeepSpeed engine may be left alive.
+"""A model loaded under deepspeed.zero3_init: its weights gathered back, and scoring, generation and held-out
+log-likelihood on ranks given different amounts of work, against the whole model on every rank; then two trainings
+on it, as two iterations run them, after which no DeepSpeed engine may be left alive.
 
     torchrun --nproc_per_node 2 tests/partitioned_inference.py MODEL_DIR OUT_JSON
 
@@ -49,6 +49,15 @@ def main(model_dir: str, output: str) -> None:
     def ids(low: int, high: int) -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(low, high)))
 
+    # Gathered back a bucket at a time (1 byte: each weight a bucket of its own; 40 KiB: a few per bucket; the
+    # default: one bucket), the partitioned weights are the whole model's, exactly, under their state_dict names.
+    reference = whole.state_dict()
+    weights_equal = []
+    for bucket_bytes in (1, 40 * 1024, zero.BUCKET_BYTES):
+        gathered = dict(zero.full_weights(partitioned, bucket_bytes=bucket_bytes))
+        weights_equal.append(set(reference) - set(gathered) <= {"lm_head.weight"} and set(gathered) <= set(reference)
+                             and all(torch.equal(tensor, reference[name]) for name, tensor in gathered.items()))
+
     # Scoring: a token budget of one or two groups per micro-batch.
     groups = [[Sequence(ids(2, 6), ids(1, 8)), Sequence(ids(2, 6), ids(1, 8))] for _ in range(3 * (rank + 1))]
     scores = (sequence_logprobs(partitioned, groups, 28), sequence_logprobs(whole, groups, 28))
@@ -94,7 +103,8 @@ def main(model_dir: str, output: str) -> None:
               "scores_finite": bool(torch.isfinite(scores[0]).all()),
               "answers_equal": answers[0] == answers[1], "n_prompts": len(prompts),
               "shared_answers_equal": shared_answers[0] == shared_answers[1],
-              "heldout": heldout, "gathers": gathers, "layers": partitioned.config.num_hidden_layers}
+              "heldout": heldout, "gathers": gathers, "layers": partitioned.config.num_hidden_layers,
+              "full_weights_equal": weights_equal}
     # Two trainings on the partitioned model, as two SPIN iterations run: the first engine, released, is freed.
     pairs = random.Random(11)
     items = [ScoredPair(*[tuple(pairs.randrange(3, vocab) for _ in range(pairs.randint(1, 4))) for _ in range(3)],

@@ -563,7 +563,8 @@ def test_a_rank_that_sees_files_late_follows_rank_0(runs, sft_model, tmp_path):
 
 
 def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft_model):
-    """deepspeed.zero3_init on 2 processes: each rank loads half of every weight, and scoring, greedy generation and
+    """deepspeed.zero3_init on 2 processes: each rank loads half of every weight; gathered back in buckets of any size
+    they are the whole model's; and scoring, greedy generation and
     the shared held-out log-likelihood on the partitioned model equal the whole model's. Rank 1 has twice rank
     0's work, so rank 0 runs filler passes to keep the collectives inside each forward in step; a forward pass
     gathers a decoder layer in one collective. Then the model is trained twice, and each released DeepSpeed
@@ -580,6 +581,7 @@ def test_partitioned_model_scores_and_generates_like_the_whole_one(tmp_path, sft
         assert report["scores_finite"] and report["score_diff"] < 1e-4, report  # sums of ~100; observed 0
         assert report["answers_equal"] and report["shared_answers_equal"], report
         assert report["heldout"][0] == pytest.approx(report["heldout"][1], rel=1e-6), report
+        assert report["full_weights_equal"] == [True, True, True], report
         # One gather per decoder layer (its 9 weights at once), then the final norm, after the embedding.
         assert report["gathers"] == [1] + [9] * report["layers"] + [1], report
         # Two trainings, each engine released: none is left holding its optimizer state (with DeepSpeed's own
