@@ -457,6 +457,47 @@ def test_learning_rate_schedules(schedule):
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # never rises after warmup
 
 
+def test_the_trainer_steps_at_the_scheduled_learning_rates(tmp_path):
+    """What each step logs as its learning rate, and what the optimizer steps with, is lr_factor's schedule."""
+    from spin_fast.training import lr_factor
+
+    scored = score_pairs(make_model(), random_pairs(8), token_budget=64)
+    cfg = config(schedule="linear", warmup_ratio=0.25, global_batch=2, epochs=2)
+    trainer = Trainer(make_model(), None, cfg, tmp_path, scored)
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, *_: used.append(optimizer.param_groups[0]["lr"]))
+    history = trainer.train().history
+    scheduled = [cfg.learning_rate * lr_factor(k, 8, cfg) for k in range(8)]
+    assert [m["lr"] for m in history] == pytest.approx(scheduled) and used == pytest.approx(scheduled)
+    assert scheduled[:2] == pytest.approx([5e-4, 1e-3]) and scheduled[-1] == pytest.approx(1e-3 / 6)
+
+
+def test_only_the_last_checkpoints_are_kept_in_step_order(tmp_path):
+    """keep_checkpoints=3 over 12 steps: checkpoint-10 to -12 stay (in step order, not the names' order, where
+    checkpoint-9 sorts after checkpoint-12), and a folder of the user's that looks like one is left alone."""
+    (tmp_path / "checkpoint-best").mkdir()
+    scored = score_pairs(make_model(), random_pairs(12), token_budget=64)
+    cfg = config(global_batch=1, epochs=1, save_every=1, keep_checkpoints=3)
+    assert Trainer(make_model(), None, cfg, tmp_path, scored).train().steps == 12
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-10", "checkpoint-11", "checkpoint-12", "checkpoint-best"]
+
+
+def test_each_epoch_visits_every_item_once_in_its_own_order():
+    n_items = int(torch.randint(10, 40, ()))  # 10! orders and more: two epochs alike would be a bug, not chance
+    cfg = config(global_batch=int(torch.randint(1, 8, ())), seed=int(torch.randint(0, 2**31, ())))
+    per_epoch = -(-n_items // cfg.global_batch)
+
+    def epoch(e, config):
+        return [i for k in range(per_epoch) for i in step_items(n_items, config, e * per_epoch + k)]
+
+    epochs = [epoch(e, cfg) for e in range(3)]
+    assert all(sorted(order) == list(range(n_items)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3  # reshuffled each epoch
+    assert epoch(1, cfg.replace(epochs=5)) == epochs[1]  # the order is the seed's, whatever else changes
+    assert epoch(0, cfg.replace(seed=cfg.seed + 1)) != epochs[0]
+
+
 @pytest.mark.parametrize("loss_type,first_loss", [("hinge", 1.0), ("ipo", 25.0)])
 def test_other_loss_types_train(tmp_path, loss_type, first_loss):
     """At step 0 the policy is its opponent (z = 0): hinge max(0, 1 - 0) = 1, IPO (0 - 1 / (2 * 0.1))^2 = 25."""
