@@ -78,6 +78,28 @@ def total_steps(n_items: int, config: TrainConfig) -> int:
     return config.epochs * math.ceil(n_items / config.global_batch)
 
 
+# Half the spacing of representable numbers, relative to the number: an update below it rounds away.
+HALF_STEP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@torch.no_grad()
+def warn_if_updates_are_lost(model: torch.nn.Module, learning_rate: float) -> None:
+    """Without DeepSpeed the optimizer updates the weights in their own dtype: in bf16 or fp16 an update of about lr
+    (Adam's and RMSprop's size) is lost on every weight whose rounding step is larger. Said with the share of weights
+    it hits, as training starts, not after an iteration that changed nothing."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dtype = params[0].dtype if params else torch.float32
+    if dtype not in HALF_STEP:
+        return
+    lost = sum(int((p.abs() * HALF_STEP[dtype] > learning_rate).sum()) for p in params)
+    share = lost / sum(p.numel() for p in params)
+    name = str(dtype).removeprefix("torch.")
+    log.warning("training %s weights without DeepSpeed: the optimizer updates them in place, in %s, which rounds away "
+                "an update of lr %.3g on %.1f%% of them%s. For fp32 master weights, set train.dtype=float32 with "
+                "train.bf16_autocast=true (bf16 compute), or train under DeepSpeed", name, name, learning_rate,
+                100 * share, "; fp16 gradients also have no loss scaling here" if dtype == torch.float16 else "")
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "rmsprop":
@@ -187,6 +209,8 @@ class Trainer:
                                                                  lr_scheduler=scheduler, config=ds_config)
             log.info("DeepSpeed ZeRO stage %d on %d processes", ds_config["zero_optimization"]["stage"],
                      distributed.world_size())
+        else:
+            warn_if_updates_are_lost(model, config.learning_rate)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.step = 0

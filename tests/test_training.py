@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import math
 import shutil
 from dataclasses import astuple, replace
@@ -365,7 +366,7 @@ def test_scores_are_the_padded_batch_log_probs(attention):
 
 
 def test_scored_pairs_round_trip(tmp_path):
-    scored = score_pairs(make_model(), random_pairs(3), token_budget=30)
+    scored = score_pairs(make_model(), random_pairs(3), token_budget=40)  # a pair of whole sequences: up to 34 tokens
     save_scored_pairs(tmp_path / "pairs.jsonl", scored)
     assert load_scored_pairs(tmp_path / "pairs.jsonl") == scored
     (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1]}\n')
@@ -470,6 +471,26 @@ def test_the_trainer_steps_at_the_scheduled_learning_rates(tmp_path):
     scheduled = [cfg.learning_rate * lr_factor(k, 8, cfg) for k in range(8)]
     assert [m["lr"] for m in history] == pytest.approx(scheduled) and used == pytest.approx(scheduled)
     assert scheduled[:2] == pytest.approx([5e-4, 1e-3]) and scheduled[-1] == pytest.approx(1e-3 / 6)
+
+
+def test_bf16_weights_without_deepspeed_warn_of_lost_updates(tmp_path, caplog):
+    """In bf16 an update of lr 5e-7 rounds away on every weight above 5e-7 * 2^8 = 1.3e-4 in size: the warning
+    gives that share, which is counted here independently, weight by weight, as the update itself would."""
+    scored = score_pairs(make_model(), random_pairs(2), token_budget=64)
+    for dtype in (torch.float32, torch.bfloat16):
+        caplog.clear()
+        model = make_model().to(dtype)
+        with caplog.at_level(logging.WARNING, logger="spin_fast.training"):
+            Trainer(model, None, config(learning_rate=5e-7), tmp_path / str(dtype), scored)
+        warnings = [r.getMessage() for r in caplog.records if "without DeepSpeed" in r.getMessage()]
+        if dtype == torch.float32:
+            assert not warnings
+            continue
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        lost = ((weights + 5e-7).to(dtype) == weights).float().mean().item()  # an update of 5e-7 that changes nothing
+        assert len(warnings) == 1 and "set train.dtype=float32 with train.bf16_autocast=true" in warnings[0]
+        share = float(warnings[0].split("% of them")[0].rsplit(" ", 1)[1])
+        assert share == pytest.approx(100 * lost, abs=2.0), (share, lost)
 
 
 def test_only_the_last_checkpoints_are_kept_in_step_order(tmp_path):
