@@ -54,18 +54,19 @@ def main() -> int:
     parser.add_argument("--deepspeed", action="store_true", help="DeepSpeed even on one process")
     parser.add_argument("--device", default="cpu", help="where a run without DeepSpeed trains (DeepSpeed: its own)")
     parser.add_argument("--dtype", default="float32", help="the parameters' dtype (DeepSpeed: bf16 mode for bfloat16)")
+    parser.add_argument("--seed", type=int, default=0, help="of the model's weights, the items and their order")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     config = tiny_config("llama", vocab_size=256, hidden_size=64, layers=2, tie_word_embeddings=args.tied)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     model = model.to(args.device)
-    items = random_items(args.mode, args.pairs, config.vocab_size, seed=1)
+    items = random_items(args.mode, args.pairs, config.vocab_size, seed=args.seed + 1)
     # A batch of 8 pairs in micro-batches of ~3 pairs: ranks get uneven numbers of micro-batches.
     # eps 1: RMSprop's update is then about lr * gradient, not its sign, so rounding differences stay small.
     train = TrainConfig(mode=args.mode, learning_rate=0.05, optimizer_eps=1.0, global_batch=8, epochs=2,
                         micro_batch_tokens=96, warmup_ratio=0.25, save_every=args.save_every, keep_checkpoints=10,
-                        progress=False, seed=3, dtype=args.dtype)
+                        progress=False, seed=(args.seed + 3) % 2**31, dtype=args.dtype)
     deepspeed = DeepSpeedConfig(enabled=True if args.deepspeed else None, zero_stage=args.zero_stage,
                                 timeout_minutes=2, offload_optimizer=args.offload,
                                 offload_params=args.offload and args.zero_stage == 3)

@@ -25,6 +25,15 @@ from spin_fast.zero import deepspeed_config, gather_units
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
 ROOT = SCRIPT.parent.parent
+# One seed for every run of distributed_train.py in this module (its tests share the one-process references): fresh
+# each session, or SPIN_TEST_SEED's, and the one a failure names.
+SEED = int(os.environ.get("SPIN_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.fixture(autouse=True)
+def _module_seed(request, _fresh_seed):
+    """A failure names the module's seed, which reproduces its runs, not the test's own."""
+    request.node.user_properties[:] = [(k, SEED if k == "seed" else v) for k, v in request.node.user_properties]
 
 
 def free_port() -> int:
@@ -35,6 +44,7 @@ def free_port() -> int:
 
 def launch(output: Path, *args: str, processes: int = 2, torchrun: bool | None = None) -> subprocess.CompletedProcess:
     """tests/distributed_train.py under torchrun (by default when several processes) or plain python."""
+    args = (*args, f"--seed={SEED}")
     if not (processes > 1 if torchrun is None else torchrun):
         command = [sys.executable, str(SCRIPT), str(output), *args]
     else:
