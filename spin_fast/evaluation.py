@@ -157,12 +157,13 @@ class Answering:
     def generate(self, path: str, prompts: Seq[Seq[int]], sampling: SamplingConfig, what: str
                  ) -> list[list[Completion]]:
         """One completion per prompt from the model at `path`, in prompt order, on every rank."""
+        from spin_fast.selfplay import check_prompts_fit, start_vllm
+
+        folder = self.folders.get(path, path)  # a Hub model's local snapshot
+        check_prompts_fit(prompts, sampling.max_new_tokens, folder, self.config, what)
         if self.engine == "transformers":
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
-        from spin_fast.selfplay import start_vllm
-
-        folder = self.folders.get(path, path)  # a Hub model's local snapshot
         if self._vllm is None:
             self._vllm = start_vllm(self.config, folder)
         else:

@@ -191,6 +191,27 @@ def load_policy(path: str, config: RunConfig):
                               liger_kernels=config.train.liger_kernels)
 
 
+def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
+                      what: str) -> None:
+    """Under data.cut_prompt when_too_long the opponent answers whole prompts: each one and its answer must fit in the
+    model's context (max_position_embeddings). Checked before generation starts, not when the engine meets the first
+    prompt too long, part of the way through."""
+    if config.data.cut_prompt != "when_too_long":
+        return
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
+    context = getattr(model_config, "max_position_embeddings", None)
+    too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
+    if too_long:
+        first = too_long[0]
+        raise ValueError(
+            f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first prompt {first} "
+            f"(counted from 0): {len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
+            f"the model's context of {context} tokens (max_position_embeddings). Set data.cut_prompt=always to cut "
+            "prompts to data.max_prompt_length, or leave these prompts out")
+
+
 def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, data: DataConfig) -> list[TokenizedPair]:
     """Each example's human response paired with the engine's first completion (EOS-closed), fitted to
     data.max_length by data.cut_prompt's rule."""
@@ -385,6 +406,7 @@ class SelfPlay:
             stage_dir.mkdir(parents=True, exist_ok=True)
             sampling = config.generation.sampling().for_iteration(t)
             prompts = [e.answered_prompt_ids for e in examples]
+            check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source)
 
             def generate_part(start: int, end: int):
                 if self.engine is None:  # started at the first prompt left to answer, once per run

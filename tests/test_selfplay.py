@@ -294,6 +294,21 @@ def test_when_too_long_answers_whole_prompts_and_cuts_pairs_as_the_official_code
     assert len(pairs[0]["prompt_ids"]) > 12 and cut >= 1  # one long prompt kept whole, one cut
 
 
+def test_when_too_long_refuses_a_prompt_the_model_cannot_answer_whole(sft_model, tmp_path):
+    """A prompt that with its answer exceeds the model's context (the tiny model's 2048 positions) stops the run
+    before generation starts, naming it; cut to max_prompt_length ("always"), the same data runs."""
+    data = tmp_path / "long.jsonl"
+    rows = [("Hi?", "Hello."), (" ".join(f"word{i}" for i in range(700)), "Yes.")]
+    data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in rows))
+    settings = (f"data.source={data}", "iterations=1")
+    with pytest.raises(ValueError, match=r"long\.jsonl: 1 of 2 prompts are too long to answer whole, the first prompt "
+                                         r"1 \(counted from 0\): \d+ tokens and generation\.max_new_tokens=8 exceed "
+                                         r"the model's context of 2048 tokens"):
+        SelfPlay(run_config(sft_model, tmp_path / "whole", *settings, "data.cut_prompt=when_too_long")).run()
+    assert not (tmp_path / "whole" / "iter-0" / "generate" / "pairs.jsonl").exists()
+    assert SelfPlay(run_config(sft_model, tmp_path / "cut", *settings)).run()[0]["pairs"] == 2
+
+
 @pytest.mark.parametrize("cut_prompt", ["always", "when_too_long"])
 def test_answered_pairs_cut_as_the_rule_says(sft_model, cut_prompt):
     """Random prompts, human responses and answers, cut as the rule cuts the whole pair; under when_too_long, as the
