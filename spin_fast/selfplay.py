@@ -599,9 +599,9 @@ def start_vllm(config: RunConfig, model_path: str):
     # double its memory and keep it off FlashAttention), else the weights' own.
     dtype = "bfloat16" if config.train.bf16_autocast else config.train.dtype
     # A prompt answered whole (data.cut_prompt when_too_long) may be as long as the model's context allows.
-    longest = None if data.cut_prompt == "when_too_long" else max(data.max_length,
-                                                                  data.max_prompt_length + gen.max_new_tokens)
-    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=longest,
+    max_model_len = None if data.cut_prompt == "when_too_long" else max(data.max_length,
+                                                                        data.max_prompt_length + gen.max_new_tokens)
+    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=max_model_len,
                       tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization)
 
