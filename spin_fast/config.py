@@ -372,8 +372,12 @@ def _coerce(hint, value, name: str):
     raise ConfigError(f"setting {name!r} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
-# Settings that belong to the whole run: an iteration cannot change them.
-RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_overrides")
+# Settings that belong to the whole run: an iteration cannot change them (a section, or one setting). The model is
+# loaded once per run (in train.dtype, under the deepspeed settings) and so is the generation engine (serving in
+# the dtype the model computes in): an iteration's other value would be silently ignored.
+RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_overrides", "deepspeed", "train.dtype",
+            "train.bf16_autocast", "generation.engine", "generation.tensor_parallel_size",
+            "generation.gpu_memory_utilization", "generation.batch_size")
 
 
 def _dotted_changes(iteration, changes, iterations: int) -> dict:
@@ -396,7 +400,7 @@ def _dotted_changes(iteration, changes, iterations: int) -> dict:
 
     flat = flatten(changes, "")
     for key in flat:
-        if key.split(".")[0] in RUN_WIDE:
+        if any(key == name or key.startswith(f"{name}.") for name in RUN_WIDE):
             raise ValueError(f"{where}: {key} is set for the whole run, not per iteration")
     return flat
 

@@ -226,7 +226,8 @@ def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, data:
 
 
 class SelfPlay:
-    """One SPIN run. The engine is created once by `make_engine(model, tokenizer)` and kept."""
+    """One SPIN run. The engine is created once, by `make_engine(model, tokenizer, run config, model folder)`, and
+    kept for every iteration."""
 
     def __init__(self, config: RunConfig, make_engine=None):
         if not config.output_dir:
@@ -413,7 +414,8 @@ class SelfPlay:
                     # Under ZeRO the training model ends sharded: no engine may generate with it (None), unless
                     # it is sharded from the start (zero3_init), when the transformers engine runs it in step.
                     shared = model if self.partitioned or not self.distributed else None
-                    self.engine = self.make_engine(shared, tokenizer, config, self.model_path(t))
+                    # The run's settings, not iteration t's: the engine serves every iteration.
+                    self.engine = self.make_engine(shared, tokenizer, self.config, self.model_path(t))
                 share = distributed.balance([len(p) for p in prompts[start:end]], distributed.world_size())
                 mine = [start + i for i in share[distributed.rank()]]  # indices in the whole set: they seed sampling
                 completions = self.engine.generate([prompts[i] for i in mine], sampling, indices=mine)
@@ -589,7 +591,7 @@ def start_vllm(config: RunConfig, model_path: str):
     """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings."""
     from spin_fast.generation.vllm_engine import VllmEngine
 
-    gen, data = config.generation, config.data
+    gen = config.generation
     log.info("generation engine: vLLM, started once from %s", model_path)
     # Under a launcher on GPUs, each rank's engine joins the launcher's process group on its own GPU
     # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
@@ -598,12 +600,22 @@ def start_vllm(config: RunConfig, model_path: str):
     # It serves in the dtype the model computes in: bf16 under train.bf16_autocast (fp32 master weights would
     # double its memory and keep it off FlashAttention), else the weights' own.
     dtype = "bfloat16" if config.train.bf16_autocast else config.train.dtype
-    # A prompt answered whole (data.cut_prompt when_too_long) may be as long as the model's context allows.
-    max_model_len = None if data.cut_prompt == "when_too_long" else max(data.max_length,
-                                                                        data.max_prompt_length + gen.max_new_tokens)
-    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=max_model_len,
+    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=engine_context(config),
                       tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization)
+
+
+def engine_context(config: RunConfig) -> int | None:
+    """The longest sequence the engine must serve in the run's settings or any iteration's (it is started once, and
+    iterations may change the lengths); None, the model's own context, where prompts are answered whole
+    (data.cut_prompt when_too_long), as they may be as long as it allows."""
+    longest = 0
+    for settings in [config, *(config.for_iteration(t) for t in range(config.iterations))]:
+        data = settings.data
+        if data.cut_prompt == "when_too_long":
+            return None
+        longest = max(longest, data.max_length, data.max_prompt_length + settings.generation.max_new_tokens)
+    return longest
 
 
 def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:

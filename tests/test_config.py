@@ -58,6 +58,12 @@ def test_errors_name_the_key(override, message):
     ("{-1: {train.beta: 0.2}}", r"iteration_overrides\[-1\]: the key must be an iteration number"),
     ("{one: {train.beta: 0.2}}", r"iteration_overrides\[one\]: the key must be an iteration number"),
     ("{1: {model.name_or_path: other}}", "model.name_or_path is set for the whole run, not per iteration"),
+    # The model and the generation engine are loaded once per run: another value would be silently ignored.
+    ("{1: {train: {dtype: bfloat16}}}", r"iteration_overrides\[1\]: train.dtype is set for the whole run"),
+    ("{1: {train.bf16_autocast: true}}", "train.bf16_autocast is set for the whole run"),
+    ("{1: {deepspeed.zero_stage: 3}}", "deepspeed.zero_stage is set for the whole run"),
+    ("{1: {generation.engine: vllm}}", "generation.engine is set for the whole run"),
+    ("{1: {generation.batch_size: 4}}", "generation.batch_size is set for the whole run"),
     ("{1: {train.epochs: 0}}", r"iteration_overrides\[1\]: train: epochs must be"),
 ])
 def test_iteration_overrides_are_checked_when_the_config_loads(overrides, message):

@@ -550,6 +550,39 @@ def test_vllm_serves_in_the_dtype_the_model_computes_in(sft_model, tmp_path, mon
     assert [options["max_model_len"] for options in served] == [64, 64, None]
 
 
+def test_the_engine_serves_the_longest_sequence_of_any_iteration(sft_model, tmp_path):
+    """The engine is started once, so its context covers the run's lengths and every iteration's: an iteration
+    that generates longer, or answers prompts whole, must not meet a shorter engine than it needs."""
+    from spin_fast.selfplay import engine_context
+
+    def context(*settings):
+        return engine_context(run_config(sft_model, tmp_path, "iterations=3", *settings))
+
+    assert context() == 64  # max(max_length 64, max_prompt_length 32 + max_new_tokens 8)
+    assert context("iteration_overrides={2: {generation.max_new_tokens: 40}}") == 72
+    assert context("iteration_overrides={1: {data: {max_length: 100, max_prompt_length: 90}}}") == 100
+    assert context("iteration_overrides={0: {generation.max_new_tokens: 4}}") == 64  # eval uses the run's 8
+    assert context("iteration_overrides={5: {generation.max_new_tokens: 400}}") == 64  # past the last iteration
+    assert context("iteration_overrides={1: {data.cut_prompt: when_too_long}}") is None
+
+
+def test_the_loop_starts_its_engine_with_the_run_settings(sft_model, tmp_path):
+    """Iteration 0 shortens its answers, iteration 1 does not: the engine, started in iteration 0, is given the
+    run's settings, which cover both."""
+    from spin_fast.selfplay import default_engine, engine_context
+
+    contexts = []
+
+    def make_engine(model, tokenizer, config, model_path):
+        contexts.append(engine_context(config))
+        return default_engine(model, tokenizer, config, model_path)
+
+    config = run_config(sft_model, tmp_path / "run", "generation.max_new_tokens=40",
+                        "iteration_overrides={0: {generation.max_new_tokens: 4}}")
+    SelfPlay(config, make_engine=make_engine).run(until=(0, "generate"))
+    assert contexts == [72]
+
+
 def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
     """Greedy generation: the loop with vLLM (started once, θ1 hot-swapped in) writes the same pairs
     as with the transformers engine, in both iterations."""
