@@ -373,11 +373,12 @@ def _coerce(hint, value, name: str):
 
 
 # Settings that belong to the whole run: an iteration cannot change them (a section, or one setting). The model is
-# loaded once per run (in train.dtype, under the deepspeed settings) and so is the generation engine (serving in
-# the dtype the model computes in): an iteration's other value would be silently ignored.
+# loaded once per run (in train.dtype, under the deepspeed settings, patched as train.gradient_checkpointing and
+# train.liger_kernels say) and so is the generation engine (serving in the dtype the model computes in): an
+# iteration's other value would be silently ignored.
 RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_overrides", "deepspeed", "train.dtype",
-            "train.bf16_autocast", "generation.engine", "generation.tensor_parallel_size",
-            "generation.gpu_memory_utilization", "generation.batch_size")
+            "train.bf16_autocast", "train.gradient_checkpointing", "train.liger_kernels", "generation.engine",
+            "generation.tensor_parallel_size", "generation.gpu_memory_utilization", "generation.batch_size")
 
 
 def _dotted_changes(iteration, changes, iterations: int) -> dict:

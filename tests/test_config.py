@@ -61,6 +61,7 @@ def test_errors_name_the_key(override, message):
     # The model and the generation engine are loaded once per run: another value would be silently ignored.
     ("{1: {train: {dtype: bfloat16}}}", r"iteration_overrides\[1\]: train.dtype is set for the whole run"),
     ("{1: {train.bf16_autocast: true}}", "train.bf16_autocast is set for the whole run"),
+    ("{1: {train.gradient_checkpointing: true}}", "train.gradient_checkpointing is set for the whole run"),
     ("{1: {deepspeed.zero_stage: 3}}", "deepspeed.zero_stage is set for the whole run"),
     ("{1: {generation.engine: vllm}}", "generation.engine is set for the whole run"),
     ("{1: {generation.batch_size: 4}}", "generation.batch_size is set for the whole run"),
