@@ -167,7 +167,7 @@ def run_sft(config) -> int:
     from spin_fast import distributed
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence
-    from spin_fast.selfplay import fetch_model, load_policy, tokenized_examples
+    from spin_fast.selfplay import fetch_model, load_policy, read_examples, tokenize_examples
     from spin_fast.tracking import tracked_name
     from spin_fast.training import Trainer, uses_deepspeed
 
@@ -181,7 +181,8 @@ def run_sft(config) -> int:
         # First: a missing model is named before its tokenizer fails.
         folder = fetch_model(config.model.name_or_path, revision=config.model.revision or None)
         tokenizer = load_tokenizer(config.model, folder)
-        examples = tokenized_examples(tokenizer, config.data, config.data.source, config.data.max_prompts)
+        raw = read_examples(config.data, config.data.source, config.data.max_prompts)
+    examples = tokenize_examples(tokenizer, config.data, raw, config.train.progress)  # the ranks share the work
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     model = load_policy(folder, config)
     result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",

@@ -441,6 +441,13 @@ def fit_to_length(prompt: Sequence[int], responses: Sequence[Sequence[int]], *, 
     return tuple(prompt), [tuple(r) for r in responses]
 
 
+def eos_token_id(tokenizer: Any) -> int:
+    """The token every response ends with; a tokenizer without one is an error."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token: responses must end with one")
+    return tokenizer.eos_token_id
+
+
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int,
                      cut_prompt: str = "always") -> TokenizedExample:
     """Prompt ids (render_prompt's) and EOS-ended response ids as they follow the prompt in the templated
@@ -448,9 +455,7 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_p
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token: responses must end with one")
+    eos = eos_token_id(tokenizer)
     prompt_text, prompt_ids, model_prompt = _rendered_prompt(tokenizer, example.prompt)
 
     def response(text: str | None) -> tuple[int, ...] | None:

@@ -111,12 +111,12 @@ def remove_deepspeed_cpu_buffer(rank: int) -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
-def progress_bar(batches, what: str, shown: bool):
+def progress_bar(batches, what: str, shown: bool, unit: str = "batch"):
     """The batches, with a progress bar when `shown`, on rank 0 only: every rank's share is as long, and one bar
     per rank would garble the terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc=what, unit="batch", disable=not shown or not is_main())
+    return tqdm(batches, desc=what, unit=unit, disable=not shown or not is_main())
 
 
 def rank() -> int:

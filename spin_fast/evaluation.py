@@ -373,7 +373,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
         tokenizer = load_tokenizer(config.model, folders[config.model.name_or_path])
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
-    examples = tokenize_examples(tokenizer, data, raw)
+    examples = tokenize_examples(tokenizer, data, raw, progress)
 
     # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
     # ranks evaluate different models (and wait forever for each other).

@@ -40,7 +40,7 @@ import yaml
 
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
-from spin_fast.data import Example, TokenizedExample, fit_to_length, load_examples, tokenize_example
+from spin_fast.data import Example, TokenizedExample, eos_token_id, fit_to_length, load_examples, tokenize_example
 from spin_fast.files import replacing, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm, load_tokenizer
@@ -127,14 +127,38 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None) -> li
                          skip_invalid=data.skip_invalid).examples[:limit]
 
 
-def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example]) -> list[TokenizedExample]:
-    return [tokenize_example(tokenizer, e, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
-                             cut_prompt=data.cut_prompt) for e in examples]
+def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
+                      ) -> list[TokenizedExample]:
+    """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
+    must call it: each tokenizes every world_size-th example (a few ms each: minutes for 50k on one process) and
+    gathers the others'. An example the tokenizer or its chat template fails on is an error naming its row, on
+    every rank."""
+    eos_token_id(tokenizer)  # refused on every rank alike, before any work
+    share = range(distributed.rank(), len(examples), distributed.world_size())
+    done: list[TokenizedExample] = []
+    refused = None
+    for index in distributed.progress_bar(share, "tokenizing", progress and len(share) > 1000, unit="example"):
+        try:
+            done.append(tokenize_example(tokenizer, examples[index], max_length=data.max_length,
+                                         max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt))
+        except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
+            refused = f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {error}"
+            break
+    shares = distributed.all_gather_objects((done, refused), "tokenized examples")
+    for _, rank_refused in shares:
+        if rank_refused:  # the lowest rank's: the same error on every rank
+            raise ValueError(rank_refused)
+    tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
+    for rank, (rank_done, _) in enumerate(shares):
+        tokenized[rank :: len(shares)] = rank_done
+    return tokenized
 
 
-def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
-    """The examples of `source`, read and tokenized with the run's data settings."""
-    return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
+def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None,
+                       progress: bool = False) -> list[TokenizedExample]:
+    """The examples of `source`, read and tokenized with the run's data settings (on every rank: see
+    tokenize_examples)."""
+    return tokenize_examples(tokenizer, data, read_examples(data, source, limit), progress)
 
 
 def partitioned(config: RunConfig) -> bool:
@@ -241,7 +265,8 @@ class SelfPlay:
         self.make_engine = make_engine or default_engine
         self.engine: Engine | None = None
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
-        self._examples: dict[str, list[TokenizedExample]] = {}  # read and tokenized once per run, per data setting
+        self._read: dict[str, list[Example]] = {}  # read once per run, per data setting
+        self._examples: dict[str, list[TokenizedExample]] = {}  # and tokenized once
         self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
         self.sft_folder = config.model.name_or_path  # θ0; a Hub model's local snapshot once fetched
 
@@ -271,17 +296,20 @@ class SelfPlay:
         tracked = [train for train in trainings if train.tensorboard or train.wandb]
         if tracked:  # the same on every rank: all of them take part, or none
             distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
-        examples = {}
         revision = self.sft_revision()
+        sources = {}  # iteration -> (its data settings, its prompts, their limit); the held-out ones last
+        for t in iterations:
+            data = self.config.for_iteration(t).data
+            sources[t] = (data, data.source, data.max_prompts)
+            if data.eval_source:
+                sources[f"eval {t}"] = (data, data.eval_source, None)
         with distributed.main_first("the model and data, from the Hub"):
             # First: a missing model is named before its tokenizer fails.
             self.sft_folder = fetch_model(self.config.model.name_or_path, revision=revision)
             tokenizer = load_tokenizer(self.config.model, self.sft_folder)
-            for t in iterations:
-                data = self.config.for_iteration(t).data
-                examples[t] = self.examples(tokenizer, data, data.source, data.max_prompts)
-                if data.eval_source:
-                    self.examples(tokenizer, data, data.eval_source)
+            for data, source, limit in sources.values():
+                self.read(data, source, limit)
+        examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         if distributed.is_main():
             if _plain(saved_config) != _plain(self.config.to_dict()):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -484,11 +512,20 @@ class SelfPlay:
                                 progress=config.train.progress)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}
 
-    def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
+    def read(self, data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
         """The examples of `source` read with the data settings `data` (an iteration may override them), once."""
         key = json.dumps([asdict(data), source, limit], sort_keys=True)
+        if key not in self._read:
+            self._read[key] = read_examples(data, source, limit)
+        return self._read[key]
+
+    def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
+        """The examples of `source` read and tokenized with the data settings `data`, once (every rank calls it:
+        they share the tokenizing)."""
+        key = json.dumps([asdict(data), source, limit], sort_keys=True)
         if key not in self._examples:
-            self._examples[key] = tokenized_examples(tokenizer, data, source, limit)
+            self._examples[key] = tokenize_examples(tokenizer, data, self.read(data, source, limit),
+                                                    self.config.train.progress)
         return self._examples[key]
 
     def model_path(self, t: int) -> str:

@@ -523,3 +523,21 @@ def test_module_imports_datasets_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert data_module.load_examples is load_examples
+
+
+def test_a_row_the_chat_template_fails_on_is_named(tmp_path):
+    """A template's own error (here raise_exception, as templates that check roles use it) names the row it met."""
+    from spin_fast.config import DataConfig
+    from spin_fast.selfplay import read_examples, tokenize_examples
+
+    tokenizer = build_local_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
+                               "{{ raise_exception('no BOOM here') }}{% endif %}{% endfor %}" + tokenizer.chat_template)
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "Hi?", "response": "Hello."}, {"prompt": "Yes?", "response": "No."},
+            {"prompt": "Say it.", "response": "BOOM"}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    data = DataConfig(source=str(path), max_length=64, max_prompt_length=32)
+    with pytest.raises(ValueError, match=rf"^{path} line 3: cannot be tokenized: no BOOM here$"):
+        tokenize_examples(tokenizer, data, read_examples(data, str(path)))
+    assert len(tokenize_examples(tokenizer, data, read_examples(data, str(path), limit=2))) == 2

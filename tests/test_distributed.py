@@ -251,6 +251,61 @@ def test_a_file_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
         assert f"rank {rank} refused: [Errno 2] No such file or directory" in result.stdout, result.stdout
 
 
+TOKENIZE_SHARES = """
+import json, sys
+from dataclasses import asdict
+from pathlib import Path
+import torch.distributed as dist
+from spin_fast import distributed
+from spin_fast.config import DataConfig
+from spin_fast.selfplay import read_examples, tokenize_examples
+from spin_fast.tokenizer import build_local_tokenizer
+dist.init_process_group("gloo")
+tokenizer = build_local_tokenizer()
+tokenizer.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
+                           "{{ raise_exception('no BOOM here') }}{% endif %}{% endfor %}" + tokenizer.chat_template)
+data = DataConfig(source=sys.argv[1], max_length=48, max_prompt_length=16, cut_prompt=sys.argv[2])
+try:
+    report = [asdict(e) for e in tokenize_examples(tokenizer, data, read_examples(data, sys.argv[1]))]
+except ValueError as error:
+    report = str(error)
+Path(sys.argv[3], f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("cut_prompt", ["always", "when_too_long"])
+def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_prompt):
+    """Each rank tokenizes every other example and gathers the rest: both end with the one-process list, in order
+    (whole prompts kept where fitting cut them). A row the template fails on, in rank 1's share, stops both ranks
+    with its name."""
+    from dataclasses import asdict
+
+    from spin_fast.config import DataConfig
+    from spin_fast.selfplay import read_examples, tokenize_examples
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    words = "the quick brown fox jumps over a lazy dog and then it rests".split()
+
+    def text():
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (int(torch.randint(1, 30, ())),)))
+
+    rows = [{"prompt": text(), "response": text()} for _ in range(int(torch.randint(5, 12, ())))]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    bad.write_text("".join(json.dumps(row | ({"response": "BOOM"} if i == 3 else {})) + "\n"
+                           for i, row in enumerate(rows)))
+    data = DataConfig(source=str(good), max_length=48, max_prompt_length=16, cut_prompt=cut_prompt)
+    one_process = [asdict(e) for e in tokenize_examples(build_local_tokenizer(), data, read_examples(data, str(good)))]
+    for path, expected in ((good, one_process), (bad, f"{bad} line 4: cannot be tokenized: no BOOM here")):
+        out = tmp_path / path.stem
+        out.mkdir()
+        for result in two_ranks(TOKENIZE_SHARES, str(path), cut_prompt, str(out)):
+            assert result.returncode == 0, result.stderr[-2000:]
+        for rank in (0, 1):
+            assert json.loads((out / f"rank{rank}.json").read_text()) == json.loads(json.dumps(expected)), rank
+
+
 SHARE_REQUESTS = """
 import json, sys
 from pathlib import Path
