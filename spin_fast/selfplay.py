@@ -130,9 +130,8 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None) -> li
 def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
                       ) -> list[TokenizedExample]:
     """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
-    must call it: each tokenizes every world_size-th example (a few ms each: minutes for 50k on one process) and
-    gathers the others'. An example the tokenizer or its chat template fails on is an error naming its row, on
-    every rank."""
+    must call it: each tokenizes every world_size-th example and gathers the others'. An example the tokenizer or
+    its chat template fails on is an error naming its row, on every rank."""
     eos_token_id(tokenizer)  # refused on every rank alike, before any work
     share = range(distributed.rank(), len(examples), distributed.world_size())
     done: list[TokenizedExample] = []
@@ -154,11 +153,10 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     return tokenized
 
 
-def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None,
-                       progress: bool = False) -> list[TokenizedExample]:
+def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
     """The examples of `source`, read and tokenized with the run's data settings (on every rank: see
     tokenize_examples)."""
-    return tokenize_examples(tokenizer, data, read_examples(data, source, limit), progress)
+    return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
 
 
 def partitioned(config: RunConfig) -> bool:
