@@ -195,36 +195,57 @@ def from_main(obj: Any, what: str) -> Any:
 
 
 def checked_on_main(check: Callable[[], Any], what: str) -> Any:
-    """`check()` run on rank 0 alone, its result on every rank; a ValueError or OSError it raises is raised on every
-    rank as a ValueError, so that a refusal rank 0 alone can see (its files, its login) stops them all at once
-    instead of leaving the others waiting in their next collective."""
+    """`check()` run on rank 0 alone, its result on every rank; an error it raises is raised on every rank as a
+    ValueError, so that a refusal rank 0 alone can see (its files, its login) stops them all at once instead of
+    leaving the others waiting in their next collective."""
     try:
         checked = (check() if is_main() else None, None)
-    except (ValueError, OSError) as error:
-        checked = (None, str(error))
+    except Exception as error:  # noqa: BLE001 - any error: the others must not wait for a rank that left
+        checked = (None, error_message(error))
     result, refused = from_main(checked, what)
     if refused:
         raise ValueError(refused)
     return result
 
 
+def error_message(error: Exception) -> str:
+    """An error as one line for the other ranks: its message, after its type unless a ValueError or OSError (the
+    errors of bad input, whose messages say it all)."""
+    return str(error) if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {error}"
+
+
 @contextlib.contextmanager
 def main_first(what: str) -> Iterator[None]:
     """Rank 0 runs the block first, then every other rank at once: for downloads into a shared cache, which
     the others then only read (16 processes fetching the same files contend on the cache's file locks, which
-    network filesystems may not even provide). Rank 0 releases the others after an error too, so they fail at
-    once (on the same error, or on rank 0's exit) instead of waiting for the timeout."""
+    network filesystems may not even provide). An error stops every rank at once, as a ValueError on the others:
+    rank 0's before they start the block, any other rank's when every rank has run it (a path missing on one
+    node), instead of leaving them waiting in their next collective."""
     if not initialized():
         yield
         return
+    failure = None
     if is_main():
         try:
             yield
-        finally:
-            from_main(True, what)
-    else:
+        except Exception as error:
+            from_main(error_message(error), what)
+            raise
         from_main(None, what)
-        yield
+    else:
+        refused = from_main(None, what)
+        if refused:
+            raise ValueError(refused)
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - told to every rank, then raised
+            failure = error
+    failures = all_gather_objects(None if failure is None else error_message(failure), what)
+    if failure is not None:
+        raise failure
+    for other, message in enumerate(failures):
+        if message:
+            raise ValueError(f"rank {other}: {message}")
 
 
 def in_step(items: Sequence[Any], what: str) -> list[Any]:

@@ -143,12 +143,18 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
         except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
             refused = f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {error}"
             break
-    shares = distributed.all_gather_objects((done, refused), "tokenized examples")
-    for _, rank_refused in shares:
+    # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
+    # mix two data sets, or fail on some ranks only.
+    read = hashlib.sha256(repr([(e.prompt, e.response, e.generated) for e in examples]).encode()).hexdigest()
+    shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
+    if len({(n, digest) for _, _, n, digest in shares}) > 1:
+        raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "
+                         "by rank): did the data change while the run started?")
+    for _, rank_refused, _, _ in shares:
         if rank_refused:  # the lowest rank's: the same error on every rank
             raise ValueError(rank_refused)
     tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
-    for rank, (rank_done, _) in enumerate(shares):
+    for rank, (rank_done, _, _, _) in enumerate(shares):
         tokenized[rank :: len(shares)] = rank_done
     return tokenized
 

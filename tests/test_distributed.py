@@ -205,6 +205,7 @@ import sys, time
 from pathlib import Path
 from spin_fast import distributed
 distributed.init(timeout_minutes=0.5)
+rank = distributed.rank()
 flag = Path(sys.argv[1])
 with distributed.main_first("the flag"):
     if distributed.is_main():
@@ -212,23 +213,28 @@ with distributed.main_first("the flag"):
         flag.write_text("written")
     else:
         print("rank 1 saw the flag" if flag.exists() else "rank 1 ran first")
-failed = False
-try:
-    with distributed.main_first("bad input"):
-        if distributed.is_main():
-            raise ValueError("rank 0 failed")
-        print("rank 1 released", flush=True)
-except ValueError:
-    failed = True
-distributed.barrier("end")  # rank 0 stays until rank 1 has its release: exiting could cut the message short
-sys.exit(5 if failed else 0)
+for failing in (0, 1):
+    try:
+        with distributed.main_first("bad input"):
+            if rank == failing:
+                raise (ValueError if failing == 0 else KeyError)(f"rank {failing} failed")
+            print(f"rank {rank} ran the block after rank {failing} failed", flush=True)
+    except (ValueError, KeyError) as error:
+        print(f"rank {rank} stopped by {type(error).__name__}: {error}", flush=True)
+distributed.shutdown()
 """
 
 
-def test_rank_0_downloads_first_and_releases_the_others_after_an_error(tmp_path):
+def test_rank_0_downloads_first_and_an_error_on_any_rank_stops_them_all(tmp_path):
+    """Rank 0's error stops the others before they run the block; another rank's stops rank 0 when each has run it
+    (without it, rank 0 would go on to its next collective and wait there for the timeout)."""
     first, second = two_ranks(MAIN_FIRST, str(tmp_path / "flag"))
-    assert first.returncode == 5, first.stderr[-2000:]
-    assert "rank 1 saw the flag" in second.stdout and "rank 1 released" in second.stdout, second.stdout
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    said = [[line for line in result.stdout.splitlines() if line.startswith("rank ")] for result in (first, second)]
+    assert said[0] == ["rank 0 stopped by ValueError: rank 0 failed", "rank 0 ran the block after rank 1 failed",
+                       "rank 0 stopped by ValueError: rank 1: KeyError: 'rank 1 failed'"]
+    assert said[1] == ["rank 1 saw the flag", "rank 1 stopped by ValueError: rank 0 failed",
+                       "rank 1 stopped by KeyError: 'rank 1 failed'"]
 
 
 CHECKED_ON_MAIN = """
@@ -240,6 +246,10 @@ try:
     distributed.checked_on_main(lambda: open(sys.argv[1]).read(), "the file's check")  # rank 0's: a missing file
 except ValueError as error:
     print(f"rank {dist.get_rank()} refused: {error}")
+try:  # an error of any type (a tracker's login refused, say, as its own exception)
+    distributed.checked_on_main(lambda: {}["login"], "the login")
+except ValueError as error:
+    print(f"rank {dist.get_rank()} refused: {error}")
 distributed.shutdown()
 """
 
@@ -249,6 +259,7 @@ def test_a_file_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
     for rank, result in enumerate(ranks):
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"rank {rank} refused: [Errno 2] No such file or directory" in result.stdout, result.stdout
+        assert f"rank {rank} refused: KeyError: 'login'" in result.stdout, result.stdout
 
 
 TOKENIZE_SHARES = """
@@ -265,8 +276,9 @@ tokenizer = build_local_tokenizer()
 tokenizer.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
                            "{{ raise_exception('no BOOM here') }}{% endif %}{% endfor %}" + tokenizer.chat_template)
 data = DataConfig(source=sys.argv[1], max_length=48, max_prompt_length=16, cut_prompt=sys.argv[2])
+source = sys.argv[4] if dist.get_rank() == 1 and len(sys.argv) > 4 else sys.argv[1]  # rank 1 may read another file
 try:
-    report = [asdict(e) for e in tokenize_examples(tokenizer, data, read_examples(data, sys.argv[1]))]
+    report = [asdict(e) for e in tokenize_examples(tokenizer, data, read_examples(data, source))]
 except ValueError as error:
     report = str(error)
 Path(sys.argv[3], f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
@@ -278,7 +290,7 @@ distributed.shutdown()
 def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_prompt):
     """Each rank tokenizes every other example and gathers the rest: both end with the one-process list, in order
     (whole prompts kept where fitting cut them). A row the template fails on, in rank 1's share, stops both ranks
-    with its name."""
+    with its name, and so do examples that differ between the ranks (a file changed between their reads)."""
     from dataclasses import asdict
 
     from spin_fast.config import DataConfig
@@ -297,13 +309,20 @@ def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_pr
                            for i, row in enumerate(rows)))
     data = DataConfig(source=str(good), max_length=48, max_prompt_length=16, cut_prompt=cut_prompt)
     one_process = [asdict(e) for e in tokenize_examples(build_local_tokenizer(), data, read_examples(data, str(good)))]
-    for path, expected in ((good, one_process), (bad, f"{bad} line 4: cannot be tokenized: no BOOM here")):
-        out = tmp_path / path.stem
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(good.read_text().replace(rows[-1]["response"], rows[-1]["response"] + " again"))
+    for paths, expected in (((good,), one_process), ((bad,), f"{bad} line 4: cannot be tokenized: no BOOM here"),
+                            ((good, changed), f"the ranks read different examples ({len(rows)}, {len(rows)} examples")):
+        out = tmp_path / paths[-1].stem
         out.mkdir()
-        for result in two_ranks(TOKENIZE_SHARES, str(path), cut_prompt, str(out)):
+        for result in two_ranks(TOKENIZE_SHARES, str(paths[0]), cut_prompt, str(out), *map(str, paths[1:])):
             assert result.returncode == 0, result.stderr[-2000:]
         for rank in (0, 1):
-            assert json.loads((out / f"rank{rank}.json").read_text()) == json.loads(json.dumps(expected)), rank
+            report = json.loads((out / f"rank{rank}.json").read_text())
+            if isinstance(expected, str):
+                assert report.startswith(expected), (rank, report)
+            else:
+                assert report == json.loads(json.dumps(expected)), rank
 
 
 SHARE_REQUESTS = """
