@@ -194,18 +194,42 @@ def from_main(obj: Any, what: str) -> Any:
     return box[0]
 
 
-def checked_on_main(check: Callable[[], Any], what: str) -> Any:
-    """`check()` run on rank 0 alone, its result on every rank; an error it raises is raised on every rank as a
-    ValueError, so that a refusal rank 0 alone can see (its files, its login) stops them all at once instead of
-    leaving the others waiting in their next collective."""
+def on_main(work: Callable[[], Any], what: str) -> Any:
+    """`work()` run on rank 0 alone while the others wait, its result on every rank: a check only rank 0 can make
+    (its files, its login), or files it alone writes. An error it raises stops every rank at once, as a ValueError
+    (chained to the error on rank 0), instead of leaving the others waiting in their next collective until the
+    timeout."""
+    error = None
     try:
-        checked = (check() if is_main() else None, None)
-    except Exception as error:  # noqa: BLE001 - any error: the others must not wait for a rank that left
-        checked = (None, error_message(error))
-    result, refused = from_main(checked, what)
+        done = (work() if is_main() else None, None)
+    except Exception as raised:  # noqa: BLE001 - any error: the others must not wait for a rank that left
+        error, done = raised, (None, error_message(raised))
+    result, refused = from_main(done, what)
     if refused:
-        raise ValueError(refused)
+        raise ValueError(refused) from error
     return result
+
+
+def on_every_rank(work: Callable[[], Any], what: str) -> Any:
+    """`work()` run on every rank, then every rank in step (a barrier); an error on any rank stops them all at once,
+    as on_main's do. For work each rank does for itself (its shard of a checkpoint)."""
+    try:
+        result, failure = work(), None
+    except Exception as raised:  # noqa: BLE001 - told to every rank, then raised
+        result, failure = None, raised
+    _raise_any_ranks_failure(failure, what)
+    return result
+
+
+def _raise_any_ranks_failure(failure: Exception | None, what: str) -> None:
+    """Every rank tells the others whether its work failed: the one that failed raises its own error, the others
+    a ValueError naming the lowest failed rank and its error."""
+    failures = all_gather_objects(None if failure is None else error_message(failure), what)
+    if failure is not None:
+        raise failure
+    for other, message in enumerate(failures):
+        if message:
+            raise ValueError(f"rank {other}: {message}")
 
 
 def error_message(error: Exception) -> str:
@@ -240,12 +264,7 @@ def main_first(what: str) -> Iterator[None]:
             yield
         except Exception as error:  # noqa: BLE001 - told to every rank, then raised
             failure = error
-    failures = all_gather_objects(None if failure is None else error_message(failure), what)
-    if failure is not None:
-        raise failure
-    for other, message in enumerate(failures):
-        if message:
-            raise ValueError(f"rank {other}: {message}")
+    _raise_any_ranks_failure(failure, what)
 
 
 def in_step(items: Sequence[Any], what: str) -> list[Any]:

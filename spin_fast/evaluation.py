@@ -303,8 +303,7 @@ class SavedWork:
     def get_or_make(self, name: str, key: dict, make: Callable[[], object], what: str):
         """The value saved as `name` under `key`, else make()'s, saved (a JSON value)."""
         key = json.loads(json.dumps(key))  # as it reads back from the file
-        found = distributed.from_main(self._read(name, key, what) if distributed.is_main() else None,
-                                      f"{what}: saved")
+        found = distributed.on_main(lambda: self._read(name, key, what), f"{what}: saved")
         if found is not None:
             return found["value"]
         log.info("%s ...", what)
@@ -312,9 +311,9 @@ class SavedWork:
         value = make()
         if self.folder is None:
             return value
-        if distributed.is_main():
-            self.write(f"{name}.json", json.dumps({"key": key, "value": value}))
-            log.info("%s: done in %.0f s, saved in %s", what, time.perf_counter() - began, self.folder)
+        distributed.on_main(lambda: self.write(f"{name}.json", json.dumps({"key": key, "value": value})),
+                            f"{what}: saved")
+        log.info("%s: done in %.0f s, saved in %s", what, time.perf_counter() - began, self.folder)
         signum = stopping.reached()
         if signum:
             raise stopping.Stopped(signum, f"after {what}, saved in {self.folder}", agreed=True)
@@ -392,7 +391,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                             config.model.trust_remote_code)
     tracked = output is not None and (config.train.tensorboard or config.train.wandb)
     if tracked:  # now, not after the first model
-        distributed.checked_on_main(lambda: check_trackers(config.train), "the trackers' check")
+        distributed.on_main(lambda: check_trackers(config.train), "the trackers' check")
     # One W&B run for every evaluation of the run, and the parts folder's TensorBoard, opened at the first row this
     # call computes: they get each row once, when it is computed (a saved row was sent by the call that made it).
     trackers = Trackers(saved.folder, config.train, tracked_name(selfplay.run_dir, "eval"), {}, prefix="eval",
@@ -449,12 +448,15 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
             if check is not None:
                 answers = answering.greedy(path, examples)
-                grades = checker_grades(check, raw, answers)  # every rank grades all answers: cheap, and alike
-                row.update(checker_score(grades))
-                if distributed.is_main():
+
+                def grade() -> list[float]:  # rank 0 alone: a checker may call a service, or grade apart per rank
+                    grades = checker_grades(check, raw, answers)
                     saved.write(f"answers-{name}.jsonl", "".join(
                         json.dumps({"prompt": user_prompt(e), "answer": a, "reference": e.response, "grade": g}) + "\n"
                         for e, a, g in zip(raw, answers, grades)))
+                    return grades
+
+                row.update(checker_score(distributed.on_main(grade, f"{name}'s grades")))
             if pairs is not None:
                 row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress))
             if trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
@@ -480,7 +482,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         if trackers is not None:
             trackers.close()
     if output is not None:
-        if distributed.is_main():
-            write_atomically(output, "".join(json.dumps(row) + "\n" for row in rows))
-        distributed.barrier("evaluation written")  # the file is there when any rank returns
+        # The file is there when any rank returns.
+        distributed.on_main(lambda: write_atomically(output, "".join(json.dumps(row) + "\n" for row in rows)),
+                            "evaluation written")
     return rows

@@ -24,6 +24,7 @@ ZeRO-3 partitioned from its first load on and stays so: no rank ever holds it wh
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ import yaml
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
 from spin_fast.data import Example, TokenizedExample, eos_token_id, fit_to_length, load_examples, tokenize_example
-from spin_fast.files import replacing, write_atomically
+from spin_fast.files import replacing, whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm, load_tokenizer
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
@@ -63,6 +64,12 @@ def write_manifest(stage_dir: Path, **fields) -> None:
     write_atomically(stage_dir / MANIFEST, json.dumps({**fields, "code": code_version()}, indent=2, default=str) + "\n")
 
 
+def finish_stage(stage_dir: Path, **fields) -> None:
+    """A stage's manifest written (it is done), then its saved parts removed (rank 0)."""
+    write_manifest(stage_dir, **fields)
+    shutil.rmtree(stage_dir / "parts")
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
     path = stage_dir / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
@@ -70,7 +77,7 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 def shared_manifest(stage_dir: Path) -> dict | None:
     """read_manifest as rank 0 sees it, on every rank (a collective): whether a stage is done is decided once."""
-    return distributed.from_main(read_manifest(stage_dir) if distributed.is_main() else None, f"{stage_dir} manifest")
+    return distributed.on_main(lambda: read_manifest(stage_dir), f"{stage_dir} manifest")
 
 
 def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -> dict:
@@ -80,40 +87,48 @@ def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -
     manifest is written).
 
     Every rank calls this; make_part(start, end) -> (rows, info) runs on every rank (it may be collective) and
-    its result counts on rank 0, which saves it. Returns, on rank 0, the parts' infos (numbers) summed, with the
-    seconds spent on them, this call's and earlier calls'."""
+    its result counts on rank 0, which saves it. Returns the parts' infos (numbers) summed, with the seconds spent
+    on them, this call's and earlier calls'."""
     parts_dir = output.parent / "parts"
     size = part_size or max(n_items, 1)
     parts = [(start, min(start + size, n_items), parts_dir / f"{start:09d}-{min(start + size, n_items):09d}.jsonl")
              for start in range(0, n_items, size)]
-    saved = distributed.from_main(set(parts_dir.glob("*.jsonl")) if distributed.is_main() else None,
-                                  f"{what}: saved parts")
-    if distributed.is_main():
+    def saved_parts() -> set[Path]:
         parts_dir.mkdir(parents=True, exist_ok=True)
+        return set(parts_dir.glob("*.jsonl"))
+
+    saved = distributed.on_main(saved_parts, f"{what}: saved parts")
     with stopping.safe_points(what):
         for number, (start, end, part) in enumerate(parts):
             if part in saved:
                 continue
             began = time.perf_counter()
             rows, info = make_part(start, end)
-            if distributed.is_main():
-                info = {**info, "seconds": time.perf_counter() - began}
-                write_atomically(part.with_suffix(".json"), json.dumps(info))  # before the rows: they mark it done
-                save_scored_pairs(part, rows)
-                if len(parts) > 1:
-                    log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start,
-                             end, n_items)
+            info = {**info, "seconds": time.perf_counter() - began}
+            distributed.on_main(functools.partial(save_part, part, rows, info), f"{what}: part {number + 1} saved")
+            if len(parts) > 1:
+                log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start, end,
+                         n_items)
             signum = stopping.reached()
             if signum:
                 raise stopping.Stopped(signum, f"after part {number + 1} of {len(parts)} of {what}, saved in "
                                                f"{parts_dir}", agreed=True)
+    return distributed.on_main(lambda: join_parts(output, [part for _, _, part in parts]), f"{what}: written")
+
+
+def save_part(part: Path, rows: list[ScoredPair], info: dict) -> None:
+    write_atomically(part.with_suffix(".json"), json.dumps(info))  # before the rows: they mark the part done
+    save_scored_pairs(part, rows)
+
+
+def join_parts(output: Path, parts: list[Path]) -> dict:
+    """`output` written as the parts end to end (JSON lines); their infos summed."""
     totals: dict = {}
-    if distributed.is_main():
-        with replacing(output, "wb") as out:
-            for _, _, part in parts:
-                out.write(part.read_bytes())  # JSON lines: the parts' files end to end are the stage's file
-                for key, value in json.loads(part.with_suffix(".json").read_text()).items():
-                    totals[key] = totals.get(key, 0) + value
+    with replacing(output, "wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+            for key, value in json.loads(part.with_suffix(".json").read_text()).items():
+                totals[key] = totals.get(key, 0) + value
     return totals
 
 
@@ -295,11 +310,11 @@ class SelfPlay:
         iterations = range(self.config.iterations if until is None else until[0] + 1)
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
         # generation; what it refuses stops every rank at once.
-        saved_config = distributed.checked_on_main(self._saved_config, "the run directory's config")
+        saved_config = distributed.on_main(self._saved_config, "the run directory's config")
         trainings = [self.config.for_iteration(t).train for t in iterations]
         tracked = [train for train in trainings if train.tensorboard or train.wandb]
         if tracked:  # the same on every rank: all of them take part, or none
-            distributed.checked_on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
+            distributed.on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
         revision = self.sft_revision()
         sources = {}  # iteration -> (its data settings, its prompts, their limit); the held-out ones last
         for t in iterations:
@@ -314,15 +329,7 @@ class SelfPlay:
             for data, source, limit in sources.values():
                 self.read(data, source, limit)
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
-        if distributed.is_main():
-            if _plain(saved_config) != _plain(self.config.to_dict()):
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(_plain(self.config.to_dict()),
-                                                                              sort_keys=False))
-            self._keep_sft_revision()
-            self._tidy_what_a_kill_left()
-            self._record_session(until)
-        distributed.barrier("run directory")
+        distributed.on_main(lambda: self._claim_run_directory(saved_config, until), "run directory")
         summaries = []
         try:
             for t in iterations:
@@ -367,24 +374,26 @@ class SelfPlay:
             self.model = model = load_policy(str(result.final_dir), config)
 
         heldout = self.heldout(model, tokenizer, config)  # every rank scores its share
-        summary = None
-        if distributed.is_main():  # rank 0 wrote the stages' manifests and the training log
-            times = {"generate_s": read_manifest(iter_dir / "generate")["seconds"],  # every attempt's work, if
-                     "score_s": read_manifest(iter_dir / "score")["seconds"], **times}  # resumed
+
+        def summarize() -> dict:  # rank 0, which wrote the stages' manifests and the training log
+            stage_times = {"generate_s": read_manifest(iter_dir / "generate")["seconds"],  # every attempt's work,
+                           "score_s": read_manifest(iter_dir / "score")["seconds"], **times}  # if resumed
             # The log, not this call's history: a run resumed after its last step has none.
             lines = (train_dir / "metrics.jsonl").read_text().splitlines()
             last = json.loads(lines[-1]) if lines else {}
             summary = {"iteration": t, "pairs": len(scored), "steps": result.steps,
                        **{k: last[k] for k in ("loss", "rewards/real", "rewards/generated", "rewards/margins",
                                                "rewards/accuracies") if k in last},
-                       **heldout, **times, "checkpoint": str(result.final_dir)}
+                       **heldout, **stage_times, "checkpoint": str(result.final_dir)}
             track_iteration(self.run_dir, config.train, summary)  # before the manifest: a kill may redo it, not skip
             write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
                            inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
                            summary=summary)
             self.write_summary_table()
             log.info("iteration %d: %s", t, summary)
-        summary = distributed.from_main(summary, f"iteration {t}'s summary")  # once written: the iteration is done
+            return summary
+
+        summary = distributed.on_main(summarize, f"iteration {t}'s summary")  # once written: the iteration is done
         self._trained[t] = summary["checkpoint"]
         return summary
 
@@ -459,14 +468,11 @@ class SelfPlay:
 
             totals = in_parts(pairs_file, len(examples), config.save_every_prompts, generate_part,
                               f"iteration {t} generation")
-            if distributed.is_main():
-                write_manifest(stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
-                               inputs={"model": self.model_path(t), "data": config.data.source},
-                               pairs=len(examples), finished=totals.get("finished", 0),
-                               seconds=totals.get("seconds", 0.0), sampling=asdict(sampling),
-                               processes=distributed.world_size())
-                shutil.rmtree(stage_dir / "parts")
-            distributed.barrier(f"iteration {t} generation written")
+            distributed.on_main(lambda: finish_stage(
+                stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
+                inputs={"model": self.model_path(t), "data": config.data.source}, pairs=len(examples),
+                finished=totals.get("finished", 0), seconds=totals.get("seconds", 0.0), sampling=asdict(sampling),
+                processes=distributed.world_size()), f"iteration {t} generation written")
         return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
 
     def score(self, t, stage_dir: Path, model, pairs, config) -> list[ScoredPair]:
@@ -493,13 +499,11 @@ class SelfPlay:
 
             totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part,
                               f"iteration {t} scoring")
-            if distributed.is_main():
-                write_manifest(stage_dir, stage="score", iteration=t, config_hash=config_hash(config),
-                               pairs=len(mixed), inputs={"model": self.model_path(t),
-                                                          "pairs": [str(s) for s in sources]},
-                               seconds=totals.get("seconds", 0.0), processes=distributed.world_size())
-                shutil.rmtree(stage_dir / "parts")
-            distributed.barrier(f"iteration {t} scores written")
+            distributed.on_main(lambda: finish_stage(
+                stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(mixed),
+                inputs={"model": self.model_path(t), "pairs": [str(s) for s in sources]},
+                seconds=totals.get("seconds", 0.0), processes=distributed.world_size()),
+                f"iteration {t} scores written")
         return load_scored_pairs(scored_file)
 
     # ------------------------------------------------------------------------------- helpers
@@ -541,10 +545,19 @@ class SelfPlay:
         run started from, kept in run_dir/sft-model.json (so that a run resumed after the model's repository moved
         on goes on with the same θ0, and its evaluation scores that θ0), else model.revision (None: main)."""
         path = self.run_dir / SFT_MODEL_FILE
-        found = None
-        if distributed.is_main():
-            found = json.loads(path.read_text())["revision"] if path.exists() else self.config.model.revision or None
-        return distributed.from_main(found, "the SFT model's revision")
+        return distributed.on_main(lambda: json.loads(path.read_text())["revision"] if path.exists()
+                                   else self.config.model.revision or None, "the SFT model's revision")
+
+    def _claim_run_directory(self, saved_config: dict | None, until: tuple[int, str] | None) -> None:
+        """Rank 0, as the run starts: the config saved when it changed, θ0's revision, what a kill left tidied,
+        this session recorded."""
+        if _plain(saved_config) != _plain(self.config.to_dict()):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.run_dir / "config.yaml",
+                             yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
+        self._keep_sft_revision()
+        self._tidy_what_a_kill_left()
+        self._record_session(until)
 
     def _keep_sft_revision(self) -> None:
         """At the run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""
@@ -566,8 +579,9 @@ class SelfPlay:
         """Append this start of the run to run_dir/sessions.jsonl; warn when the run's finished work was made
         by other spin-fast code, which it keeps as it is."""
         path = self.run_dir / "sessions.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        before = json.loads(lines[-1])["code"] if lines else None
+        text = path.read_text() if path.exists() else ""
+        sessions = whole_json_lines(text)
+        before = sessions[-1]["code"] if sessions else None
         done = sorted(str(p.parent.relative_to(self.run_dir)) for p in self.run_dir.glob(f"iter-*/*/{MANIFEST}"))
         started = [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/*/parts")]
         started += [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/train/checkpoint-*")
@@ -581,7 +595,7 @@ class SelfPlay:
         record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
                   "processes": distributed.world_size(), "until": list(until) if until else None}
         with path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(record) + "\n")
 
     def _saved_config(self) -> dict | None:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one

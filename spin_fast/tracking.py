@@ -20,7 +20,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from spin_fast.config import TrainConfig
-from spin_fast.files import write_atomically
+from spin_fast.files import whole_json_lines, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,11 @@ class MetricsLog:
         self.trackers = Trackers(output_dir, config, name, details, prefix="train", axis="step")
 
     def forget_after(self, step: int) -> None:
-        """Drop the lines of steps a kill interrupted before their checkpoint: they are redone."""
+        """Drop the lines of steps a kill interrupted before their checkpoint (they are redone), and a line a kill
+        cut short as it was written."""
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            write_atomically(self.path, "".join(line + "\n" for line in kept))
+            kept = [record for record in whole_json_lines(self.path.read_text()) if record["step"] <= step]
+            write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, metrics: dict) -> None:
         with self.path.open("a") as out:

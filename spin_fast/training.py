@@ -219,7 +219,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         # Rank 0 keeps the metrics: metrics.jsonl, and TensorBoard or W&B when the config asks.
         if config.tensorboard or config.wandb:  # the same on every rank: all of them take part, or none
-            distributed.checked_on_main(lambda: check_trackers(config), "the trackers' check")
+            distributed.on_main(lambda: check_trackers(config), "the trackers' check")
         details = {"items": len(self.items), "steps": self.steps, "world_size": self.world}
         self.metrics_log = (MetricsLog(self.output_dir, config, name or str(self.output_dir), details)
                             if self.rank == 0 else None)
@@ -265,8 +265,9 @@ class Trainer:
             while self.step < self.steps:
                 metrics = self.train_step()
                 result.history.append(metrics)
-                if self.metrics_log is not None:
-                    self.metrics_log.write(metrics)
+                # Rank 0 logs; an error there (a full disk) stops every rank, not only rank 0.
+                distributed.on_main(lambda metrics=metrics: self.metrics_log.write(metrics),
+                                    f"step {self.step}'s metrics")
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 signum = stopping.reached()
@@ -408,10 +409,14 @@ class Trainer:
         if distributed.from_main(self.rank == 0 and (final / STATE_FILE).exists(), "checkpoint written before"):
             return final
         tmp = self.output_dir / f".tmp-checkpoint-{self.step}"
-        if self.rank == 0:
+
+        def fresh_folder() -> None:  # what a kill left of it goes
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        distributed.barrier("checkpoint folder")
+
+        # Rank 0's file work, and each rank's, is followed by a check that every rank's succeeded: a full disk on one
+        # stops them all at once instead of leaving the others in DeepSpeed's next collective until the timeout.
+        distributed.on_main(fresh_folder, "checkpoint folder")
         state = {"step": self.step, "config": self.config.to_dict(), "n_items": len(self.items),
                  "world_size": self.world, "seconds": self.seconds_so_far(),
                  "items_digest": self.items_digest, "start_model": self.start_model, "code": code_version()}
@@ -427,22 +432,24 @@ class Trainer:
             # Every rank takes part in the gathers; only rank 0, which writes, keeps the tensors (a whole copy
             # per rank would need the model's size in host memory times the ranks on a node).
             weights = {name: tensor for name, tensor in full_weights(self.model) if self.rank == 0}
-            if self.rank == 0:
-                self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            distributed.on_main(lambda: self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True),
+                                "consolidated weights written")
             del weights
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            torch.save(rng, tmp / f"rng-rank{self.rank}.pt")
-            distributed.barrier("checkpoint written")
-        if self.rank == 0:
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete checkpoint
-            os.replace(tmp, final)
-            for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("saved %s", final)
-        distributed.barrier("checkpoint renamed")
+            distributed.on_every_rank(lambda: torch.save(rng, tmp / f"rng-rank{self.rank}.pt"), "checkpoint written")
+        distributed.on_main(lambda: self.complete_checkpoint(tmp, final, state), "checkpoint renamed")
         return final
+
+    def complete_checkpoint(self, tmp: Path, final: Path, state: dict) -> None:
+        """Rank 0: the tokenizer and the trainer state into the written checkpoint, which it then names final;
+        older checkpoints beyond keep_checkpoints go."""
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete checkpoint
+        os.replace(tmp, final)
+        for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", final)
 
     @cached_property
     def items_digest(self) -> str:  # the items never change: hashed once, not at every checkpoint

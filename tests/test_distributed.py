@@ -243,23 +243,29 @@ import torch.distributed as dist
 from spin_fast import distributed
 dist.init_process_group("gloo")
 try:
-    distributed.checked_on_main(lambda: open(sys.argv[1]).read(), "the file's check")  # rank 0's: a missing file
+    distributed.on_main(lambda: open(sys.argv[1]).read(), "the file's check")  # rank 0's: a missing file
 except ValueError as error:
     print(f"rank {dist.get_rank()} refused: {error}")
 try:  # an error of any type (a tracker's login refused, say, as its own exception)
-    distributed.checked_on_main(lambda: {}["login"], "the login")
+    distributed.on_main(lambda: {}["login"], "the login")
 except ValueError as error:
     print(f"rank {dist.get_rank()} refused: {error}")
+try:  # each rank's own file work: rank 1's disk is full
+    distributed.on_every_rank(lambda: [][0] if dist.get_rank() == 1 else "written", "each rank's file")
+except (ValueError, IndexError) as error:
+    print(f"rank {dist.get_rank()} stopped: {type(error).__name__}: {error}")
 distributed.shutdown()
 """
 
 
-def test_a_file_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     ranks = two_ranks(CHECKED_ON_MAIN, str(tmp_path / "missing.yaml"))
     for rank, result in enumerate(ranks):
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"rank {rank} refused: [Errno 2] No such file or directory" in result.stdout, result.stdout
         assert f"rank {rank} refused: KeyError: 'login'" in result.stdout, result.stdout
+    assert "rank 0 stopped: ValueError: rank 1: IndexError: list index out of range" in ranks[0].stdout
+    assert "rank 1 stopped: IndexError: list index out of range" in ranks[1].stdout
 
 
 TOKENIZE_SHARES = """

@@ -188,10 +188,14 @@ def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, t
     SelfPlay(config).run(until=(0, "score"))
     assert not caplog.records  # the same code goes on silently
     monkeypatch.setattr("spin_fast.selfplay.code_version", lambda: "0.1.0+another")
+    with (tmp_path / "run" / "sessions.jsonl").open("a") as log:  # a start killed as it wrote its line
+        log.write('{"started": "2026-')
     SelfPlay(config).run()
     assert f"was run before by spin-fast {made_by}; this is spin-fast 0.1.0+another" in caplog.text
     assert "finished stages (iter-0/generate, iter-0/score)" in caplog.text
-    sessions = [json.loads(line) for line in (tmp_path / "run" / "sessions.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "sessions.jsonl").read_text().splitlines()
+    assert lines[2] == '{"started": "2026-'  # kept as it was, and the next start's line begins a line of its own
+    sessions = [json.loads(line) for line in lines[:2] + lines[3:]]
     assert [(s["code"], s["until"]) for s in sessions] == [
         (made_by, [0, "generate"]), (made_by, [0, "score"]), ("0.1.0+another", None)]
     assert json.loads((tmp_path / "run" / "iter-0" / "train" / "manifest.json").read_text())["code"] == \

@@ -178,6 +178,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     trainer = Trainer(make_model(), None, cfg, tmp_path / "killed", scored)
     killed_in_step(4, trainer, monkeypatch)  # checkpoint-2 exists, step 3 is lost
     assert [p.name for p in trainer.checkpoint_dirs()] == ["checkpoint-2"]
+    with (tmp_path / "killed" / "metrics.jsonl").open("a") as log:  # as a kill in the middle of a line leaves it
+        log.write('{"step": 4, "loss": 0.6')
 
     # Other training settings would be silently overruled by the checkpoint's optimizer and schedule state.
     with pytest.raises(ValueError, match=r"checkpoint-2: written with other training settings: learning_rate "
