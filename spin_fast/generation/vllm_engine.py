@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import logging
 import os
@@ -262,19 +263,21 @@ class VllmEngine:
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[name] = t
-        path, lock = write_weight_file(tensors) if writer else (None, None)
+        # A writer's failure (a full disk) and any engine's are told to every rank, which then stop together instead
+        # of waiting for the failed one in the next collective.
+        write = functools.partial(write_weight_file, tensors) if writer else lambda: (None, None)
+        path, lock = distributed.on_every_rank(write, "the new weights' file")
         del tensors
         try:
             if distributed.initialized():  # each rank loads the file of its node's first rank
                 path = distributed.all_gather_objects(path, "weight file paths")[distributed.node_first_rank()]
-            self._llm.collective_rpc("spin_load_weights_file", args=(path,))
-        finally:
-            try:
-                distributed.barrier("new weights loaded")  # every engine on the node has read the file
-            finally:  # even when a peer failed: the file holds a copy of the model in RAM (/dev/shm)
-                if writer:
-                    os.unlink(path)
-                    os.close(lock)
+            # Done on every rank: every engine on the node has read the file.
+            distributed.on_every_rank(lambda: self._llm.collective_rpc("spin_load_weights_file", args=(path,)),
+                                      "new weights loaded")
+        finally:  # even when an engine failed: the file holds a copy of the model in RAM (/dev/shm)
+            if writer:
+                os.unlink(path)
+                os.close(lock)
         # Prefix caching would otherwise serve KV computed with the old weights.
         self._llm.reset_prefix_cache()
 
