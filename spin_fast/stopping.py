@@ -77,9 +77,11 @@ def safe_points(what: str) -> Iterator[None]:
     _depth += 1
     try:
         yield
+        # Still inside the block: a signal arriving as a rank reaches this last point waits for it, as the others'
+        # does, instead of stopping that rank alone while they wait for it here.
+        signum = reached() if _depth == 1 else 0
     finally:
         _depth -= 1
-    signum = reached() if _depth == 0 else 0
     if signum:
         raise Stopped(signum, f"at the end of {what}", agreed=True)
 

@@ -43,3 +43,19 @@ def test_without_handlers_the_safe_points_find_no_signal():
     """Code that uses the Trainer without the command's handlers (bench/, a user's script) runs as before."""
     with stopping.safe_points("a loop"):
         assert stopping.reached() == 0
+
+
+def test_a_signal_as_a_block_reaches_its_last_point_waits_for_it(monkeypatch):
+    """A signal that arrives as a rank reaches the block's last safe point (while the ranks agree there) stops it
+    there with the others, agreed, instead of at once and alone while they wait for it."""
+    agree = stopping.reached
+
+    def signalled_while_agreeing():
+        send(signal.SIGTERM)
+        return agree()
+
+    monkeypatch.setattr(stopping, "reached", signalled_while_agreeing)
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped) as stop:
+        with stopping.safe_points("the work"):
+            pass
+    assert stop.value.agreed and str(stop.value) == "stopped by SIGTERM at the end of the work"
