@@ -167,7 +167,7 @@ def run_sft(config) -> int:
     from spin_fast import distributed
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence
-    from spin_fast.selfplay import fetch_model, load_policy, read_examples, tokenize_examples
+    from spin_fast.selfplay import config_hash, fetch_model, load_policy, read_examples, tokenize_examples
     from spin_fast.tracking import tracked_name
     from spin_fast.training import Trainer, uses_deepspeed
 
@@ -177,6 +177,7 @@ def run_sft(config) -> int:
             raise ValueError(f"{name} is not set: sft needs the model to start from, its data and an output_dir")
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
+        distributed.check_same_on_every_rank(config_hash(config), "settings")
     with distributed.main_first("the model and data, from the Hub"):
         # First: a missing model is named before its tokenizer fails.
         folder = fetch_model(config.model.name_or_path, revision=config.model.revision or None)

@@ -232,6 +232,17 @@ def _raise_any_ranks_failure(failure: Exception | None, what: str) -> None:
             raise ValueError(f"rank {other}: {message}")
 
 
+def check_same_on_every_rank(value: Any, what: str) -> None:
+    """An error on every rank when the ranks' `value`s (hashable) differ: settings each rank read for itself (its
+    config file, its --set options), which would otherwise compute apart and wait for each other in collectives
+    they do not share."""
+    values = all_gather_objects(value, what)
+    if len(set(values)) > 1:
+        ranks = [rank for rank, other in enumerate(values) if other != values[0]]
+        raise ValueError(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} read other {what} than "
+                         "rank 0: every rank must be started with the same config file and options")
+
+
 def error_message(error: Exception) -> str:
     """An error as one line for the other ranks: its message, after its type unless a ValueError or OSError (the
     errors of bad input, whose messages say it all)."""

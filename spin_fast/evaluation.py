@@ -349,6 +349,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     evaluates only the new models."""
     from spin_fast.selfplay import (
         answered_pairs,
+        config_hash,
         fetch_model,
         load_policy,
         read_examples,
@@ -365,6 +366,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     checker_code = source_hash(check) if check is not None else None
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)
+        distributed.check_same_on_every_rank(json.dumps([config_hash(config), baselines, eval_source, str(output)]),
+                                             "settings")
     revision = selfplay.sft_revision()
     with distributed.main_first("the models and data, from the Hub"):
         # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).

@@ -306,6 +306,7 @@ class SelfPlay:
                              f"got {until}")
         if self.distributed:
             distributed.init(self.config.deepspeed.timeout_minutes)
+            distributed.check_same_on_every_rank(config_hash(self.config), "settings")
         # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
         iterations = range(self.config.iterations if until is None else until[0] + 1)
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after

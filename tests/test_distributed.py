@@ -331,6 +331,31 @@ def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_pr
                 assert report == json.loads(json.dumps(expected)), rank
 
 
+SETTINGS_APART = """
+import sys
+from spin_fast.config import load_run_config
+from spin_fast.selfplay import SelfPlay
+from spin_fast import distributed
+rank = int(__import__("os").environ["RANK"])
+config = load_run_config(None, ["output_dir=" + sys.argv[1], "model.name_or_path=m", "data.source=d.jsonl",
+                                f"train.beta={0.1 if rank == 0 else 0.2}"])  # rank 1 was given another option
+try:
+    SelfPlay(config).run()
+except ValueError as error:
+    print(f"rank {rank} refused: {error}")
+distributed.shutdown()
+"""
+
+
+def test_ranks_started_with_other_settings_are_refused(tmp_path):
+    """A rank that read other settings (another config file or option on one node) stops every rank before any
+    work, instead of computing apart from them."""
+    for rank, result in enumerate(two_ranks(SETTINGS_APART, str(tmp_path / "run"))):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"rank {rank} refused: rank 1 read other settings than rank 0" in result.stdout, result.stdout
+    assert not (tmp_path / "run").exists()
+
+
 SHARE_REQUESTS = """
 import json, sys
 from pathlib import Path
