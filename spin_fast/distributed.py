@@ -196,17 +196,19 @@ def from_main(obj: Any, what: str) -> Any:
 
 def on_main(work: Callable[[], Any], what: str) -> Any:
     """`work()` run on rank 0 alone while the others wait, its result on every rank: a check only rank 0 can make
-    (its files, its login), or files it alone writes. An error it raises stops every rank at once, as a ValueError
-    (chained to the error on rank 0), instead of leaving the others waiting in their next collective until the
-    timeout."""
+    (its files, its login), or files it alone writes. An error it raises stops every rank at once (rank 0 raises
+    it, the others a ValueError with its message) instead of leaving the others waiting in their next collective
+    until the timeout."""
     error = None
     try:
         done = (work() if is_main() else None, None)
     except Exception as raised:  # noqa: BLE001 - any error: the others must not wait for a rank that left
         error, done = raised, (None, error_message(raised))
     result, refused = from_main(done, what)
+    if error is not None:
+        raise error
     if refused:
-        raise ValueError(refused) from error
+        raise ValueError(refused)
     return result
 
 

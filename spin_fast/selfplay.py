@@ -150,13 +150,13 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     eos_token_id(tokenizer)  # refused on every rank alike, before any work
     share = range(distributed.rank(), len(examples), distributed.world_size())
     done: list[TokenizedExample] = []
-    refused = None
+    refused, failure = None, None
     for index in distributed.progress_bar(share, "tokenizing", progress and len(share) > 1000, unit="example"):
         try:
             done.append(tokenize_example(tokenizer, examples[index], max_length=data.max_length,
                                          max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt))
         except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
-            refused = f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {error}"
+            refused, failure = f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {error}", error
             break
     # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
     # mix two data sets, or fail on some ranks only.
@@ -166,8 +166,8 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
         raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "
                          "by rank): did the data change while the run started?")
     for _, rank_refused, _, _ in shares:
-        if rank_refused:  # the lowest rank's: the same error on every rank
-            raise ValueError(rank_refused)
+        if rank_refused:  # the lowest rank's: the same error on every rank (its traceback on the rank it was raised)
+            raise ValueError(rank_refused) from (failure if rank_refused == refused else None)
     tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
     for rank, (rank_done, _, _, _) in enumerate(shares):
         tokenized[rank :: len(shares)] = rank_done
