@@ -93,6 +93,7 @@ def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -
     size = part_size or max(n_items, 1)
     parts = [(start, min(start + size, n_items), parts_dir / f"{start:09d}-{min(start + size, n_items):09d}.jsonl")
              for start in range(0, n_items, size)]
+
     def saved_parts() -> set[Path]:
         parts_dir.mkdir(parents=True, exist_ok=True)
         return set(parts_dir.glob("*.jsonl"))
