@@ -407,6 +407,8 @@ class Trainer:
         final = self.output_dir / f"checkpoint-{self.step}"
         # Rank 0 decides, and only it looks the name up before it exists: NFS caches a name's absence.
         if distributed.from_main(self.rank == 0 and (final / STATE_FILE).exists(), "checkpoint written before"):
+            # A kill between its rename and the removal of older ones left those: they go now.
+            distributed.on_main(self.remove_old_checkpoints, "old checkpoints removed")
             return final
         tmp = self.output_dir / f".tmp-checkpoint-{self.step}"
 
@@ -447,9 +449,13 @@ class Trainer:
             self.tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete checkpoint
         os.replace(tmp, final)
+        self.remove_old_checkpoints()
+        log.info("saved %s", final)
+
+    def remove_old_checkpoints(self) -> None:
+        """Rank 0: all but the last keep_checkpoints checkpoints."""
         for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        log.info("saved %s", final)
 
     @cached_property
     def items_digest(self) -> str:  # the items never change: hashed once, not at every checkpoint

@@ -523,6 +523,11 @@ def test_only_the_last_checkpoints_are_kept_in_step_order(tmp_path):
     assert Trainer(make_model(), None, cfg, tmp_path, scored).train().steps == 12
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
         "checkpoint-10", "checkpoint-11", "checkpoint-12", "checkpoint-best"]
+    # A kill between the last checkpoint's rename and the removal of older ones: started again, it removes them.
+    shutil.copytree(tmp_path / "checkpoint-10", tmp_path / "checkpoint-9")
+    assert Trainer(make_model(), None, cfg, tmp_path, scored).train().steps == 12
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-10", "checkpoint-11", "checkpoint-12", "checkpoint-best"]
 
 
 def test_each_epoch_visits_every_item_once_in_its_own_order():
