@@ -195,19 +195,10 @@ def run_sft(config) -> int:
 
 def entry() -> None:
     """The `spin-fast` program (and `python -m spin_fast.cli`): main's status is the exit status (under a launcher,
-    without the interpreter's teardown: distributed.leave)."""
-    import traceback
+    without the interpreter's teardown: distributed.leave_with)."""
+    from spin_fast.distributed import leave_with
 
-    from spin_fast.distributed import launched_distributed, leave
-
-    try:
-        status = main()
-    except Exception:  # a bug, or out of memory: under a launcher too, the process leaves at once (leave's reasons)
-        if not launched_distributed():
-            raise
-        traceback.print_exc()
-        status = 1
-    leave(status)
+    leave_with(main)
 
 
 if __name__ == "__main__":

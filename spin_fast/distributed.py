@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -101,6 +102,19 @@ def leave(status: int) -> NoReturn:
     os._exit(status)
 
 
+def leave_with(main: Callable[[], int]) -> NoReturn:
+    """End the program with main()'s exit status, as leave does. Under a launcher an error (a bug, out of memory)
+    leaves that way too, with its traceback and status 1, not through the teardown leave avoids."""
+    try:
+        status = main()
+    except Exception:
+        if not launched_distributed():
+            raise
+        traceback.print_exc()
+        status = 1
+    leave(status)
+
+
 def remove_deepspeed_cpu_buffer(rank: int) -> None:
     """DeepSpeed's CPU all-reduce (every rank on one machine, no GPU) gives each rank a 66 MiB file in /dev/shm,
     named by user, MASTER_ADDR, MASTER_PORT and rank, and never removes it: memory lost until the machine reboots.
@@ -151,9 +165,9 @@ def all_reduce_sum(values: torch.Tensor, what: str) -> torch.Tensor:
     return _all_reduce(values.detach().to(torch.float64).clone(), dist.ReduceOp.SUM, "summing", what)
 
 
-def all_reduce_max(value: int, what: str) -> int:
-    """The largest of every rank's `value`."""
-    return int(_all_reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX, "comparing", what).item())
+def all_reduce_max(values: list[int], what: str) -> list[int]:
+    """The largest of every rank's `values[i]`, for each i (several numbers in one collective)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.int64), dist.ReduceOp.MAX, "comparing", what).tolist()
 
 
 def _all_reduce(values: torch.Tensor, op, doing: str, what: str) -> torch.Tensor:
@@ -219,11 +233,11 @@ def on_every_rank(work: Callable[[], Any], what: str) -> Any:
         result, failure = work(), None
     except Exception as raised:  # noqa: BLE001 - told to every rank, then raised
         result, failure = None, raised
-    _raise_any_ranks_failure(failure, what)
+    raise_any_ranks_failure(failure, what)
     return result
 
 
-def _raise_any_ranks_failure(failure: Exception | None, what: str) -> None:
+def raise_any_ranks_failure(failure: Exception | None, what: str) -> None:
     """Every rank tells the others whether its work failed: the one that failed raises its own error, the others
     a ValueError naming the lowest failed rank and its error."""
     failures = all_gather_objects(None if failure is None else error_message(failure), what)
@@ -277,7 +291,7 @@ def main_first(what: str) -> Iterator[None]:
             yield
         except Exception as error:  # noqa: BLE001 - told to every rank, then raised
             failure = error
-    _raise_any_ranks_failure(failure, what)
+    raise_any_ranks_failure(failure, what)
 
 
 def in_step(items: Sequence[Any], what: str) -> list[Any]:

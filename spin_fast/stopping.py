@@ -86,9 +86,15 @@ def safe_points(what: str) -> Iterator[None]:
         raise Stopped(signum, f"at the end of {what}", agreed=True)
 
 
-def reached() -> int:
-    """At a safe point, on every rank: the signal any rank got (its number; the largest when several), else 0."""
-    return distributed.all_reduce_max(pending(), "the ranks' stop signals")
+def reached(failure: Exception | None = None, what: str = "") -> int:
+    """At a safe point, on every rank: the signal any rank got (its number; the largest when several), else 0.
+    `failure`: this rank's error in `what`, work since the last safe point that the others do not wait for (rank
+    0's metrics log). The same collective tells every rank whether any failed, and then they all stop at once (as
+    distributed.on_every_rank says), without a collective of its own at each point."""
+    signum, failed = distributed.all_reduce_max([pending(), failure is not None], "the ranks' stop signals")
+    if failed:
+        distributed.raise_any_ranks_failure(failure, what)
+    return signum
 
 
 def pending() -> int:

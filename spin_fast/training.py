@@ -265,12 +265,15 @@ class Trainer:
             while self.step < self.steps:
                 metrics = self.train_step()
                 result.history.append(metrics)
-                # Rank 0 logs; an error there (a full disk) stops every rank, not only rank 0.
-                distributed.on_main(lambda metrics=metrics: self.metrics_log.write(metrics),
-                                    f"step {self.step}'s metrics")
+                failure = None
+                if self.metrics_log is not None:  # rank 0's
+                    try:
+                        self.metrics_log.write(metrics)
+                    except Exception as error:  # noqa: BLE001 - a full disk: it stops every rank at the safe point
+                        failure = error
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                signum = stopping.reached()
+                signum = stopping.reached(failure, f"step {self.step}'s metrics")
                 if signum:  # a scheduler's warning: this step's checkpoint, then leave
                     bar.close()
                     saved = self.save_checkpoint()

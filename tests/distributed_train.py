@@ -7,12 +7,14 @@
 Every process builds the same model and data from fixed seeds; one process trains without DeepSpeed, several
 under DeepSpeed ZeRO. --die-at-step K makes the last rank exit abruptly in the middle of step K (after the
 checkpoint of step K-1), as a killed node would; --signal-at-step K sends the last rank alone SIGTERM in step K,
-as a scheduler stopping the job would. test_distributed.py compares the checkpoints the runs write.
+as a scheduler stopping the job would; --metrics-fail-at-step K makes rank 0's metrics log fail in step K, as a
+full disk would. test_distributed.py compares the checkpoints the runs write.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 import signal
@@ -49,6 +51,7 @@ def main() -> int:
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--die-at-step", type=int, default=0)
     parser.add_argument("--signal-at-step", type=int, default=0)
+    parser.add_argument("--metrics-fail-at-step", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=1)
     parser.add_argument("--offload", action="store_true", help="optimizer state (and ZeRO-3 parameters) on the CPU")
     parser.add_argument("--deepspeed", action="store_true", help="DeepSpeed even on one process")
@@ -82,6 +85,15 @@ def main() -> int:
         return step()
 
     trainer.train_step = step_or_end
+    if trainer.metrics_log is not None and args.metrics_fail_at_step:
+        write = trainer.metrics_log.write
+
+        def write_or_fail(metrics):
+            if metrics["step"] == args.metrics_fail_at_step:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.jsonl")
+            write(metrics)
+
+        trainer.metrics_log.write = write_or_fail
     try:
         with stopping.signals_handled():
             trainer.train()
@@ -96,5 +108,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # As spin-fast leaves (distributed.leave): the interpreter's teardown sometimes aborted rank 1 after all its work.
-    distributed.leave(main())
+    # As spin-fast leaves: the interpreter's teardown sometimes aborted rank 1 after all its work.
+    distributed.leave_with(main)

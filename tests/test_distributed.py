@@ -153,6 +153,20 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, one_p
     assert steps == [1, 2, 3, 4]
 
 
+def test_rank_0s_failing_metrics_log_stops_every_rank_at_that_step(tmp_path):
+    """Rank 0's disk fills in step 2: its metrics line fails, and the step's safe point (the collective the ranks
+    meet in anyway) stops both ranks with its error, instead of rank 1 going on alone into step 3's collectives
+    and waiting there for the timeout. No launcher here, which would tear rank 1 down itself."""
+    ranks = two_ranks(SCRIPT.read_text(), str(tmp_path), "--metrics-fail-at-step", "2", f"--seed={SEED}")
+    for result in ranks:
+        assert result.returncode == 1, result.stderr[-3000:]
+    assert "OSError: [Errno 28] No space left on device: 'metrics.jsonl'" in ranks[0].stderr, ranks[0].stderr[-3000:]
+    assert ("ValueError: rank 0: [Errno 28] No space left on device: 'metrics.jsonl'" in ranks[1].stderr), (
+        ranks[1].stderr[-3000:])
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
 PEER_DIES = """
 import os, sys
 from spin_fast import distributed
