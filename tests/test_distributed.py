@@ -499,6 +499,30 @@ def test_a_partitioned_forward_gathers_a_decoder_layer_at_once():
     assert gather_units(model) == []  # nothing partitioned: nothing to gather
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_layers_split_per_module_run_every_unit_whatever_the_tokens(family):
+    """A layer over the size limit (a large MoE's) is gathered a module at a time, in the hooks of the modules
+    that run: if the tokens chose which ran (experts no token was routed to, skipped), ranks with other tokens would
+    make other gathers and wait for each other. transformers' MoE blocks hold their experts as 3D tensors in one
+    module that always runs: every unit runs once per forward pass, whatever the tokens."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, moe_intermediate_size=16,
+                                  shared_expert_intermediate_size=16, num_local_experts=8, num_experts=8,
+                                  num_experts_per_tok=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    units = gather_units(model, partitioned=lambda param: True, limit_bytes=0)
+    assert sorted(id(p) for _, params in units for p in params) == sorted(id(p) for p in model.parameters())
+    calls = {id(module): 0 for module, _ in units}
+    for module, _ in units:
+        module.register_forward_pre_hook(lambda module, args: calls.__setitem__(id(module), calls[id(module)] + 1))
+    for passes in range(1, 4):  # 1, 3 and 5 tokens: most of the 8 experts get none
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, 2 * passes - 1)))
+        assert set(calls.values()) == {passes}
+
+
 def test_balance_splits_by_cost_deterministically():
     costs = [torch.randint(1, 500, ()).item() for _ in range(37)]
     shares = distributed.balance(costs, 4)
