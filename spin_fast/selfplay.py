@@ -140,7 +140,7 @@ def device() -> str:
 def read_examples(data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
     """The examples of `source`, read with the run's data settings (schema, history, bad rows)."""
     return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                         skip_invalid=data.skip_invalid).examples[:limit]
+                         skip_invalid=data.skip_invalid, limit=limit).examples
 
 
 def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
@@ -357,11 +357,11 @@ class SelfPlay:
             self.model = load_policy(self.model_path(t), config)
         model = self.model
 
-        pairs = self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
+        self.generate(t, iter_dir / "generate", model, tokenizer, examples, config)
         if stop_after == "generate":
             return None
 
-        scored = self.score(t, iter_dir / "score", model, pairs, config)
+        scored = self.score(t, iter_dir / "score", model, config)
         if stop_after == "score":
             return None
 
@@ -443,8 +443,8 @@ class SelfPlay:
         write_atomically(self.run_dir / "summary.md", "\n".join(table) + "\n")
 
     # -------------------------------------------------------------------------------- stages
-    def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> list[TokenizedPair]:
-        """θt's response to every prompt, paired with the human one."""
+    def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> None:
+        """θt's response to every prompt, paired with the human one, in stage_dir/pairs.jsonl."""
         pairs_file = stage_dir / "pairs.jsonl"
         if shared_manifest(stage_dir) is None:
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -465,8 +465,8 @@ class SelfPlay:
                 completions = distributed.gather_in_order(completions, [i - start for i in mine], end - start,
                                                           "generated responses")
                 pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id, config.data)
-                return [ScoredPair(*asdict(p).values()) for p in pairs], {"finished": sum(c[0].finished
-                                                                                       for c in completions)}
+                rows = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in pairs]
+                return rows, {"finished": sum(c[0].finished for c in completions)}
 
             totals = in_parts(pairs_file, len(examples), config.save_every_prompts, generate_part,
                               f"iteration {t} generation")
@@ -475,38 +475,40 @@ class SelfPlay:
                 inputs={"model": self.model_path(t), "data": config.data.source}, pairs=len(examples),
                 finished=totals.get("finished", 0), seconds=totals.get("seconds", 0.0), sampling=asdict(sampling),
                 processes=distributed.world_size()), f"iteration {t} generation written")
-        return [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in load_scored_pairs(pairs_file)]
 
-    def score(self, t, stage_dir: Path, model, pairs, config) -> list[ScoredPair]:
-        """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it."""
+    def score(self, t, stage_dir: Path, model, config) -> list[ScoredPair]:
+        """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it, as generated (their
+        pairs.jsonl files)."""
         scored_file = stage_dir / "scored.jsonl"
         if shared_manifest(stage_dir) is None:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            mixed = list(pairs)
-            sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
-                       for i in range(max(0, t - config.mix_previous), t + 1)]
-            for earlier in sources[:-1]:
-                mixed += load_scored_pairs(earlier)
-            mixed = [TokenizedPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in mixed]
-
-            def score_part(start: int, end: int):
-                part = mixed[start:end]
-                share = distributed.balance([sum(s.length for s in p.sequences()) for p in part],
-                                            distributed.world_size())
-                mine = share[distributed.rank()]
-                scored = score_pairs(model, [part[i] for i in mine], config.score_batch_tokens,
-                                     backend=config.train.backend, bf16_autocast=config.train.bf16_autocast,
-                                     progress=config.train.progress)
-                return distributed.gather_in_order(scored, mine, len(part), "opponent log-probs"), {}
-
-            totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part,
-                              f"iteration {t} scoring")
-            distributed.on_main(lambda: finish_stage(
-                stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(mixed),
-                inputs={"model": self.model_path(t), "pairs": [str(s) for s in sources]},
-                seconds=totals.get("seconds", 0.0), processes=distributed.world_size()),
-                f"iteration {t} scores written")
+            self._score_into(scored_file, t, model, config)  # its pairs are gone before the scored ones are read
         return load_scored_pairs(scored_file)
+
+    def _score_into(self, scored_file: Path, t: int, model, config: RunConfig) -> None:
+        stage_dir = scored_file.parent
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
+                   for i in range(max(0, t - config.mix_previous), t + 1)]
+        mixed = [pair for source in [sources[-1], *sources[:-1]] for pair in load_scored_pairs(source)]  # t's first
+
+        def score_part(start: int, end: int):
+            part = mixed[start:end]
+            share = distributed.balance([sum(s.length for s in p.sequences()) for p in part], distributed.world_size())
+            mine = share[distributed.rank()]
+            scored = score_pairs(model, [part[i] for i in mine], config.score_batch_tokens,
+                                 backend=config.train.backend, bf16_autocast=config.train.bf16_autocast,
+                                 progress=config.train.progress)
+            # The ranks share the log-probs, not the token ids: every rank holds the pairs.
+            scores = distributed.gather_in_order([(s.opponent_real, s.opponent_generated) for s in scored], mine,
+                                                 len(part), "opponent log-probs")
+            return [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, *s) for p, s in zip(part, scores)], {}
+
+        totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part, f"iteration {t} scoring")
+        distributed.on_main(lambda: finish_stage(
+            stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(mixed),
+            inputs={"model": self.model_path(t), "pairs": [str(s) for s in sources]},
+            seconds=totals.get("seconds", 0.0), processes=distributed.world_size()),
+            f"iteration {t} scores written")
 
     # ------------------------------------------------------------------------------- helpers
     def heldout(self, model, tokenizer, config: RunConfig) -> dict:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from helpers import QA, official_spin_fit, offline_hub
 from spin_fast.config import load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
-from spin_fast.scoring import TokenizedPair, score_pairs
+from spin_fast.scoring import ScoredPair, save_scored_pairs, score_pairs
 from spin_fast.selfplay import SelfPlay
 from spin_fast.training import Trainer
 
@@ -147,8 +147,10 @@ def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
     config = run_config(sft_model, tmp_path / "run", "train.bf16_autocast=true")
     model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
     ids = torch.randint(3, model.config.vocab_size, (6, 3, 5)).tolist()
-    pairs = [TokenizedPair(*map(tuple, triple)) for triple in ids]
-    scored = SelfPlay(config).score(0, tmp_path / "run" / "iter-0" / "score", model, pairs, config)
+    pairs = [ScoredPair(*map(tuple, triple)) for triple in ids]  # as the generate stage writes them
+    (tmp_path / "run" / "iter-0" / "generate").mkdir(parents=True)
+    save_scored_pairs(tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl", pairs)
+    scored = SelfPlay(config).score(0, tmp_path / "run" / "iter-0" / "score", model, config)
     assert scored == score_pairs(model, pairs, config.score_batch_tokens, backend="torch", bf16_autocast=True)
     assert scored != score_pairs(model, pairs, config.score_batch_tokens, backend="torch")
 
