@@ -6,9 +6,10 @@ render_prompt (_rendered_prompt) is the only way prompt messages become ids, for
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,25 +73,28 @@ def _parse_line(line: str) -> Any:
 
 
 # A row is (where, value). `where` names it in messages: "line N" in a .jsonl file, counted from 1 with blank lines as
-# an editor shows it; "row N" elsewhere, counted from 0 as an index into the list, table or dataset.
-Rows = list[tuple[str, Any]]
+# an editor shows it; "row N" elsewhere, counted from 0 as an index into the list, table or dataset. A file's rows
+# are read as they are parsed: a run that takes the first max_prompts examples of a large source reads no further.
+Rows = Iterator[tuple[str, Any]]
 
 
 def _indexed(values: Iterable[Any]) -> Rows:
-    return [(f"row {index}", value) for index, value in enumerate(values)]
+    return ((f"row {index}", value) for index, value in enumerate(values))
 
 
 def _read_jsonl(path: Path) -> Rows:
     # Bad lines (invalid JSON or not UTF-8) are kept as rows so that skip_invalid can count them like any
     # other bad row; utf-8-sig, because editors on Windows start files with a BOM.
     with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
-        return [(f"line {number}", _parse_line(line)) for number, line in enumerate(f, 1) if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield f"line {number}", _parse_line(line)
 
 
-def _whole_file_hint(name: str, rows: Rows) -> str:
+def _whole_file_hint(name: str, first_row: Any) -> str:
     """For a .jsonl file that is one multi-line JSON document (its first line is then never valid alone):
     a hint to rename it. Only called on the way to an error: it reads the whole file."""
-    if not (name.endswith(".jsonl") and rows and isinstance(rows[0][1], _BadLine)):
+    if not (name.endswith(".jsonl") and isinstance(first_row, _BadLine)):
         return ""
     try:
         json.loads(Path(name).read_text(encoding="utf-8-sig"))
@@ -122,7 +126,8 @@ def _read_json(path: Path) -> Rows:
 def _read_parquet(path: Path) -> Rows:
     import pyarrow.parquet as pq
 
-    return _indexed(pq.read_table(path).to_pylist())
+    table = pq.ParquetFile(path)  # opened here: a file that is no parquet fails as the source is read
+    return _indexed(row for batch in table.iter_batches() for row in batch.to_pylist())
 
 
 _READERS: dict[str, Callable[[Path], Rows]] = {
@@ -130,20 +135,22 @@ _READERS: dict[str, Callable[[Path], Rows]] = {
 }
 
 
-def _read_source(source: str | Path, split: str) -> list[tuple[str, Rows]]:
-    """(file name, rows) for each file of a local source, or for a `datasets` dataset."""
+def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
+    """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset."""
     path = Path(source)
     if path.is_dir():
-        return [(str(f), _read_file(f, in_folder=True)) for f in _folder_files(path)]
-    if path.is_file():  # a local file is never a Hub dataset's name
+        for file in _folder_files(path):
+            yield str(file), _read_file(file, in_folder=True)
+    elif path.is_file():  # a local file is never a Hub dataset's name
         if path.suffix.lower() not in _READERS:
             raise DataError(f"{source}: a file of unknown type {path.suffix or '(no suffix)'}: expected "
                             f"{', '.join(_READERS)} (or a directory of them, or a Hub dataset's name)")
-        return [(str(path), _read_file(path))]
-    if not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
+        yield str(path), _read_file(path)
+    elif not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
         # Clearly meant as a local file: never send it to the Hub.
         raise FileNotFoundError(f"{source}: no such file or directory")
-    return [(str(source), _load_with_datasets(source, split))]
+    else:
+        yield str(source), _load_with_datasets(source, split)
 
 
 def _folder_files(path: Path) -> list[Path]:
@@ -278,12 +285,12 @@ def _detect_schema(row: Any, where: str) -> str:
                     f"'response', or 'real' and 'generated' (or pass schema= one of {', '.join(SCHEMAS)})")
 
 
-def _file_schema(name: str, rows: Rows) -> str:
-    # Each file's first object row decides, so that a folder may mix formats and a leading broken line can
-    # still be skipped.
-    where, row = next(((w, r) for w, r in rows if isinstance(r, Mapping)), rows[0])
+def _file_schema(name: str, head: list[tuple[str, Any]]) -> str:
+    """The schema of a file whose rows begin with `head`: its first object row decides, so that a folder may mix
+    formats and a leading broken line can still be skipped."""
+    where, row = next(((w, r) for w, r in head if isinstance(r, Mapping)), head[0])
     if isinstance(row, _BadLine):
-        raise DataError(f"{name} {where}: {row.error}{_whole_file_hint(name, rows)}")
+        raise DataError(f"{name} {where}: {row.error}{_whole_file_hint(name, head[0][1])}")
     return _detect_schema(row, f"{name} {where}")
 
 
@@ -306,11 +313,15 @@ def _other_format_hint(row: Any, schema: str) -> str:
     return f" (a {other} row among {schema} rows: one file holds one format)" if other != schema else ""
 
 
-def _parse_rows(name: str, rows: Rows, schema: str, keep_history: bool,
-                skip_invalid: bool) -> tuple[list[Example], int]:
+def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, keep_history: bool, skip_invalid: bool,
+                limit: int | None) -> tuple[list[Example], int]:
+    """The examples of a file's rows, up to `limit` of them (None: all), and the number of bad rows skipped."""
     parse = _PARSERS[schema]
-    examples, first_error = [], None
+    examples, first_error, n_rows = [], None, 0
     for where, row in rows:
+        if len(examples) == limit:
+            break
+        n_rows += 1
         try:
             if isinstance(row, _BadLine):
                 raise _RowError(None, row.error)
@@ -320,39 +331,49 @@ def _parse_rows(name: str, rows: Rows, schema: str, keep_history: bool,
         except _RowError as e:
             message = f"{name} {where}: {e}{_other_format_hint(row, schema)}"
             if not skip_invalid:
-                raise DataError(message + _whole_file_hint(name, rows)) from None
+                raise DataError(message + _whole_file_hint(name, first_row)) from None
             logger.warning("skipped %s", message)
             first_error = first_error or f"{where}: {e}"
             continue
         examples.append(Example(prompt, response, generated, origin=f"{name} {where}"))
     if not examples:
-        raise DataError(f"{name}: all {len(rows)} rows are invalid (schema {schema!r}); the first: {first_error}"
-                        f"{_whole_file_hint(name, rows)}")
-    return examples, len(rows) - len(examples)
+        raise DataError(f"{name}: all {n_rows} rows are invalid (schema {schema!r}); the first: {first_error}"
+                        f"{_whole_file_hint(name, first_row)}")
+    return examples, n_rows - len(examples)
 
 
 # ------------------------------------------------------------------------------------------------ public API
 
 def load_examples(source: str | Path, *, split: str = "train", schema: str = "auto", keep_history: bool = False,
-                  skip_invalid: bool = False) -> LoadResult:
-    """Load a .jsonl / .json / .parquet file, a directory of them, or a `datasets` dataset as Examples.
+                  skip_invalid: bool = False, limit: int | None = None) -> LoadResult:
+    """Load a .jsonl / .json / .parquet file, a directory of them, or a `datasets` dataset as Examples: the first
+    `limit` of them (None: all), reading no row after the last of those.
 
     In a directory, files and folders whose name starts with "." are ignored, and schema="auto" detects each
     file's schema on its own. A bad row raises DataError, or with skip_invalid=True is skipped, logged and counted.
     """
     if schema != "auto" and schema not in SCHEMAS:
         raise ValueError(f"schema: expected 'auto' or one of {', '.join(SCHEMAS)}, got {schema!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: expected a number of examples >= 1 (or None: all), got {limit}")
     examples: list[Example] = []
     skipped = 0
     kinds: dict[bool, tuple[str, str]] = {}
     for name, rows in _read_source(source, split):
-        if not rows:
+        head = list(itertools.islice(rows, 1))
+        if not head:
             raise DataError(f"{name}: no rows")
-        file_schema = _file_schema(name, rows) if schema == "auto" else schema
+        if schema == "auto":  # read on to the first object row, which names the file's schema
+            while not isinstance(head[-1][1], Mapping) and (row := next(rows, None)) is not None:
+                head.append(row)
+        file_schema = _file_schema(name, head) if schema == "auto" else schema
         _check_kind(kinds, name, file_schema)
-        kept, bad = _parse_rows(name, rows, file_schema, keep_history, skip_invalid)
+        kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, keep_history,
+                                skip_invalid, None if limit is None else limit - len(examples))
         examples += kept
         skipped += bad
+        if len(examples) == limit:
+            break
     if skipped:
         logger.warning("%s: skipped %d invalid rows, kept %d", source, skipped, len(examples))
     return LoadResult(examples, skipped)

@@ -109,6 +109,32 @@ def test_directory_of_mixed_files_in_sorted_order(tmp_path):
     assert result.examples[2].origin == f"{tmp_path / 'c.parquet'} row 0"
 
 
+def test_a_limit_reads_no_row_past_the_last_example_it_takes(tmp_path):
+    """The first `limit` examples of a large source (data.max_prompts): no row after the last of them is read, so a
+    broken one there goes unnoticed, and a bad row skipped before it does not count towards the limit."""
+    rows = [{"prompt": "p0", "response": "r0"}, {"prompt": "p1"}, {"prompt": "p2", "response": "r2"},
+            {"prompt": "p3", "response": "r3"}]
+    folder = tmp_path / "source"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + "{not json\n")
+    write_jsonl(folder / "b.jsonl", [spin_row("Hi", "Hello!", "Yo.")])  # pairs after SFT rows: an error once read
+    for limit, responses in ((2, ["r0", "r2"]), (3, ["r0", "r2", "r3"])):
+        result = load_examples(folder, skip_invalid=True, limit=limit)
+        assert [e.response for e in result.examples] == responses and result.skipped == 1
+    with pytest.raises(DataError, match=r"b\.jsonl: spin_pairs rows, but .*a\.jsonl has prompt_response rows"):
+        load_examples(folder, skip_invalid=True)
+    with pytest.raises(DataError, match=r"a\.jsonl line 2: field 'response': missing"):
+        load_examples(folder, limit=2)
+    with pytest.raises(ValueError, match="limit: expected a number of examples >= 1"):
+        load_examples(folder, limit=0)
+
+    table = [{"prompt": f"p{i}", "response": f"r{i}" if i != 5 else None} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "t.parquet", row_group_size=2)
+    assert [e.response for e in load_examples(tmp_path / "t.parquet", limit=5).examples] == [f"r{i}" for i in range(5)]
+    with pytest.raises(DataError, match=r"t\.parquet row 5: field 'response': expected a string, got None"):
+        load_examples(tmp_path / "t.parquet")
+
+
 def test_auto_detection_and_forced_schema(tmp_path):
     both = {"messages": [user("Q"), assistant("from messages")], "prompt": "Q", "response": "from columns"}
     path = write_jsonl(tmp_path / "t.jsonl", [both])
