@@ -16,7 +16,7 @@ import torch
 
 import spin_kernels
 from spin_fast import distributed, zero
-from spin_fast.data import TokenizedExample
+from spin_fast.data import SharedIds, TokenizedExample
 from spin_fast.files import replacing
 from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, pack_groups
@@ -109,13 +109,13 @@ def save_scored_pairs(path: str | Path, pairs: Seq[ScoredPair]) -> None:
 
 
 def load_scored_pairs(path: str | Path) -> list[ScoredPair]:
-    pairs = []
+    pairs, ids = [], SharedIds()  # a run holds these through its training
     with Path(path).open() as lines:
         for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
                 pairs.append(ScoredPair(
-                    tuple(record["prompt_ids"]), tuple(record["real_ids"]), tuple(record["generated_ids"]),
+                    ids(record["prompt_ids"]), ids(record["real_ids"]), ids(record["generated_ids"]),
                     float(record["opponent_real"]), float(record["opponent_generated"]),
                 ))
             except (ValueError, KeyError, TypeError) as error:

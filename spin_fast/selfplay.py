@@ -41,7 +41,15 @@ import yaml
 
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
-from spin_fast.data import Example, TokenizedExample, eos_token_id, fit_to_length, load_examples, tokenize_example
+from spin_fast.data import (
+    Example,
+    SharedIds,
+    TokenizedExample,
+    eos_token_id,
+    fit_to_length,
+    load_examples,
+    tokenize_example,
+)
 from spin_fast.files import replacing, whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.model import load_causal_lm, load_tokenizer
@@ -170,8 +178,9 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
         if rank_refused:  # the lowest rank's: the same error on every rank (its traceback on the rank it was raised)
             raise ValueError(rank_refused) from (failure if rank_refused == refused else None)
     tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
+    ids = SharedIds()  # the run holds the examples to its end
     for rank, (rank_done, _, _, _) in enumerate(shares):
-        tokenized[rank :: len(shares)] = rank_done
+        tokenized[rank :: len(shares)] = [example.sharing(ids) for example in rank_done]
     return tokenized
 
 

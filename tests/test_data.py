@@ -567,3 +567,20 @@ def test_a_row_the_chat_template_fails_on_is_named(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path} line 3: cannot be tokenized: no BOOM here$"):
         tokenize_examples(tokenizer, data, read_examples(data, str(path)))
     assert len(tokenize_examples(tokenizer, data, read_examples(data, str(path), limit=2))) == 2
+
+
+def test_tokenized_examples_hold_one_int_object_per_distinct_token_id(tokenizer, tmp_path):
+    """A run holds its examples to its end: their tuples share one int per distinct id (SharedIds), the unfitted
+    prompts too, as the tokenizer gives them."""
+    from spin_fast.config import DataConfig
+    from spin_fast.selfplay import read_examples, tokenize_examples
+
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Why is the sky blue, {name}? " * 6,
+                                                  "response": f"Scattering of light by molecules, {name}."}
+                                                 for name in ("Ann", "Bob", "Eve")])
+    data = DataConfig(source=str(path), max_length=48, max_prompt_length=16, cut_prompt="when_too_long")
+    tokenized = tokenize_examples(tokenizer, data, read_examples(data, str(path)))
+    assert tokenized == [tokenize_example(tokenizer, e, max_length=48, max_prompt_length=16, cut_prompt="when_too_long")
+                         for e in read_examples(data, str(path))]
+    ids = [i for e in tokenized for part in (e.prompt_ids, e.response_ids, e.unfitted.prompt_ids) for i in part]
+    assert len({id(i) for i in ids}) == len(set(ids)) < len(ids) and max(ids) > 256

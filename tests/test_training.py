@@ -17,7 +17,7 @@ from spin_fast import attention as spin_attention
 from spin_fast.config import TrainConfig
 from spin_fast.model import tiny_config
 from spin_fast.packing import Sequence
-from spin_fast.scoring import TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
+from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.training import Trainer, TrainingDiverged, step_items
 
 VOCAB, EOS = 300, 2
@@ -378,6 +378,19 @@ def test_scored_pairs_round_trip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1]}\n')
     with pytest.raises(ValueError, match="bad.jsonl line 1: not a scored pair"):
         load_scored_pairs(tmp_path / "bad.jsonl")
+
+
+def test_loaded_pairs_hold_one_int_object_per_distinct_token_id(tmp_path):
+    """A run holds its pairs through training: their tuples share one int per distinct id (data.SharedIds), 8 bytes a
+    token where json's own ints take 36 (ids above 256, which CPython does not share itself)."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = [ScoredPair(*(tuple(torch.randint(300, 400, (20,), generator=generator).tolist()) for _ in range(3)),
+                        -1.5, -2.5) for _ in range(10)]
+    save_scored_pairs(tmp_path / "pairs.jsonl", pairs)
+    loaded = load_scored_pairs(tmp_path / "pairs.jsonl")
+    assert loaded == pairs
+    ids = [i for p in loaded for i in (*p.prompt_ids, *p.real_ids, *p.generated_ids)]
+    assert len({id(i) for i in ids}) == len(set(ids)) <= 100 < len(ids)
 
 
 def test_bf16_autocast_steps_track_fp32(tmp_path):
