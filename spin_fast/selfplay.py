@@ -169,7 +169,10 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
             break
     # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
     # mix two data sets, or fail on some ranks only.
-    read = hashlib.sha256(repr([(e.prompt, e.response, e.generated) for e in examples]).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for e in examples:  # one at a time: the repr of them all would be as large as their text
+        digest.update(repr((e.prompt, e.response, e.generated)).encode())
+    read = digest.hexdigest()
     shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
     if len({(n, digest) for _, _, n, digest in shares}) > 1:
         raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "
@@ -340,6 +343,7 @@ class SelfPlay:
             for data, source, limit in sources.values():
                 self.read(data, source, limit)
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
+        self._read.clear()  # the text: from here on the run needs its ids alone
         distributed.on_main(lambda: self._claim_run_directory(saved_config, until), "run directory")
         summaries = []
         try:
