@@ -337,8 +337,6 @@ def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, keep_history
     parse = _PARSERS[schema]
     examples, first_error, n_rows = [], None, 0
     for where, row in rows:
-        if len(examples) == limit:
-            break
         n_rows += 1
         try:
             if isinstance(row, _BadLine):
@@ -354,6 +352,8 @@ def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, keep_history
             first_error = first_error or f"{where}: {e}"
             continue
         examples.append(Example(prompt, response, generated, origin=f"{name} {where}"))
+        if len(examples) == limit:  # before the next row is read
+            break
     if not examples:
         raise DataError(f"{name}: all {n_rows} rows are invalid (schema {schema!r}); the first: {first_error}"
                         f"{_whole_file_hint(name, first_row)}")
