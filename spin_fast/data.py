@@ -145,7 +145,8 @@ def _read_parquet(path: Path) -> Rows:
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)  # opened here: a file that is no parquet fails as the source is read
-    return _indexed(row for batch in table.iter_batches() for row in batch.to_pylist())
+    # Small batches: each becomes Python objects at once (the default, 65536 rows, is more than max_prompts takes).
+    return _indexed(row for batch in table.iter_batches(batch_size=1024) for row in batch.to_pylist())
 
 
 _READERS: dict[str, Callable[[Path], Rows]] = {
