@@ -60,9 +60,9 @@ class TokenizedExample:
 
 
 class SharedIds:
-    """Makes token id tuples that share one int object per distinct id, as many tuples as it makes: 8 bytes a token
+    """Makes token-id tuples in which equal ids are one int object, across all the tuples it makes: 8 bytes a token
     in place of 36 (CPython shares only ints below 257; json, pickle and tokenizers make a new one for every
-    other id). Per rank, a run holds each of its pairs' tokens, tens of millions of them at the paper's scale."""
+    other id). Every rank holds its run's pairs, tens of millions of tokens at the paper's scale."""
 
     def __init__(self) -> None:
         self._ints: dict[int, int] = {}
