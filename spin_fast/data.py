@@ -402,18 +402,21 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list
     """Prompt messages -> token ids through the chat template, ending with the assistant marker. They start with
     BOS where the tokenizer's own encoding starts with it and the template leaves it out (zephyr's template has
     no BOS; its model was trained on text the tokenizer gave one)."""
-    return _rendered_prompt(tokenizer, messages)[2]
+    return _prompt_ids(tokenizer, _prompt_text(tokenizer, messages), functools.partial(_encode, tokenizer))[1]
 
 
-def _rendered_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int], list[int]]:
-    """The prompt's text; its ids as they start the templated conversation's (responses follow these); and the
-    ids the model is given (render_prompt's)."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    ids = _encode(tokenizer, text)
+def _prompt_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def _prompt_ids(tokenizer: Any, text: str, encode: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
+    """A prompt's ids as they start the templated conversation's (responses follow these), and the ids the model
+    is given (render_prompt's)."""
+    ids = encode(text)
     bos = tokenizer.bos_token_id
     if bos is None or ids[:1] == [bos] or tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]:
-        return text, ids, ids
-    return text, ids, [bos, *ids]
+        return ids, ids
+    return ids, [bos, *ids]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -421,26 +424,62 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
 
 
-def _response_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, prompt_ids: list[int],
-                  text: str) -> list[int]:
+def _encoder(tokenizer: Any, texts: Sequence[str]) -> Callable[[str], list[int]]:
+    """_encode with `texts` encoded ahead in one call: a fast tokenizer encodes a batch on every core."""
+    unique = list(dict.fromkeys(texts))
+    rows = tokenizer(unique, add_special_tokens=False, return_attention_mask=False)["input_ids"] if unique else []
+    encoded = {text: [int(i) for i in row] for text, row in zip(unique, rows)}
+    return lambda text: encoded[text] if text in encoded else _encode(tokenizer, text)
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """An example's texts as its chat template renders them: the prompt, and each response (the human one, then
+    the generated one if any) with the templated conversation up to its end (_in_context)."""
+
+    prompt: str
+    responses: tuple[tuple[str, str | None], ...]
+
+    def texts(self) -> list[str]:
+        """What tokenizing it encodes (but a response tokenized on its own)."""
+        return [self.prompt, *(in_context for _, in_context in self.responses if in_context is not None)]
+
+
+def _render(tokenizer: Any, example: Example) -> _Rendered:
+    prompt = _prompt_text(tokenizer, example.prompt)
+    texts = [example.response] if example.generated is None else [example.response, example.generated]
+    return _Rendered(prompt, tuple((text, _in_context(tokenizer, example.prompt, prompt, text)) for text in texts))
+
+
+def _in_context(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, text: str) -> str | None:
+    """The templated conversation of the prompt and the response `text`, up to the response's end (in the
+    template's own text of it: a template may strip it or put a space before it); None where the template's
+    generation prompt does not begin the conversation or the response is not found after it."""
+    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
+    if not whole.startswith(prompt_text):
+        return None
+    for piece in (text, text.strip()):
+        at = whole.find(piece, len(prompt_text))
+        if at >= 0:
+            return whole[: at + len(piece)]
+    return None
+
+
+def _response_ids(prompt_ids: list[int], text: str, in_context: str | None,
+                  encode: Callable[[str], list[int]]) -> list[int]:
     """A response's ids (no EOS) as they follow the prompt in the templated conversation: the ids the model
     reads in training and writes when it answers. Tokenized on its own, a response can differ at its start
     (a SentencePiece tokenizer gives the text's first word a leading '▁' that it has not after the assistant
     marker); real responses would then differ from the model's own by that token, and SPIN would learn it.
 
-    The response's text in context is the template's (a template may strip it or put a space before it); a
-    template whose generation prompt does not begin the templated conversation, or a boundary where prompt and
-    response tokens merge, leaves the response tokenized on its own (with a warning, once)."""
-    whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
-    for piece in (text, text.strip()) if whole.startswith(prompt_text) else ():
-        at = whole.find(piece, len(prompt_text))
-        if at >= 0:
-            ids = _encode(tokenizer, whole[: at + len(piece)])
-            if ids[: len(prompt_ids)] == prompt_ids:
-                return ids[len(prompt_ids) :]
-            break
+    A response not found in the conversation (in_context None), or at a boundary where prompt and response tokens
+    merge, is tokenized on its own (with a warning, once)."""
+    if in_context is not None:
+        ids = encode(in_context)
+        if ids[: len(prompt_ids)] == prompt_ids:
+            return ids[len(prompt_ids) :]
     _warn_tokenized_alone()
-    return _encode(tokenizer, text)
+    return encode(text)
 
 
 @functools.cache  # once per process
@@ -492,19 +531,27 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_p
                      cut_prompt: str = "always") -> TokenizedExample:
     """Prompt ids (render_prompt's) and EOS-ended response ids as they follow the prompt in the templated
     conversation, fitted to max_length by the `cut_prompt` rule (fit_to_length)."""
+    return tokenize_batch(tokenizer, [example], max_length=max_length, max_prompt_length=max_prompt_length,
+                          cut_prompt=cut_prompt)[0]
+
+
+def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: int, max_prompt_length: int,
+                   cut_prompt: str = "always") -> list[TokenizedExample]:
+    """tokenize_example of each example, their texts encoded in one call to the tokenizer."""
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
     eos = eos_token_id(tokenizer)
-    prompt_text, prompt_ids, model_prompt = _rendered_prompt(tokenizer, example.prompt)
-
-    def response(text: str | None) -> tuple[int, ...] | None:
-        return None if text is None else (*_response_ids(tokenizer, example.prompt, prompt_text, prompt_ids, text), eos)
-
-    whole = TokenizedExample(tuple(model_prompt), response(example.response), response(example.generated))
-    prompt, responses = fit_to_length(whole.prompt_ids, [r for r in (whole.response_ids, whole.generated_ids) if r],
-                                      max_length=max_length, max_prompt_length=max_prompt_length,
-                                      cut_prompt=cut_prompt, eos=eos)
-    fitted = TokenizedExample(prompt, responses[0], responses[1] if whole.generated_ids else None)
-    # Under "always", a pair fits from the fitted example as from the whole one: no need to keep it.
-    return fitted if cut_prompt == "always" or fitted == whole else replace(fitted, unfitted=whole)
+    rendered = [_render(tokenizer, example) for example in examples]
+    encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
+    tokenized = []
+    for r in rendered:
+        prompt_ids, model_prompt = _prompt_ids(tokenizer, r.prompt, encode)
+        responses = [(*_response_ids(prompt_ids, text, in_context, encode), eos) for text, in_context in r.responses]
+        whole = TokenizedExample(tuple(model_prompt), responses[0], responses[1] if len(responses) > 1 else None)
+        prompt, fitted = fit_to_length(whole.prompt_ids, responses, max_length=max_length,
+                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=eos)
+        example = TokenizedExample(prompt, fitted[0], fitted[1] if len(fitted) > 1 else None)
+        # Under "always", a pair fits from the fitted example as from the whole one: no need to keep it.
+        tokenized.append(example if cut_prompt == "always" or example == whole else replace(example, unfitted=whole))
+    return tokenized

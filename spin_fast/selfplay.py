@@ -48,6 +48,7 @@ from spin_fast.data import (
     eos_token_id,
     fit_to_length,
     load_examples,
+    tokenize_batch,
     tokenize_example,
 )
 from spin_fast.files import replacing, whole_json_lines, write_atomically
@@ -151,6 +152,21 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None) -> li
                          skip_invalid=data.skip_invalid, limit=limit).examples
 
 
+TOKENIZE_BATCH = 256  # examples a rank encodes in one call to its tokenizer
+
+
+def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, error: Exception
+            ) -> tuple[str, Exception]:
+    """Why the examples at `batch` cannot be tokenized: the first one that fails alone, named by its row (or the
+    batch's own error, if none does)."""
+    for index in batch:
+        try:
+            tokenize_example(tokenizer, examples[index], **fitting)
+        except Exception as alone:  # noqa: BLE001 - as the batch's
+            return f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {alone}", alone
+    return f"examples {batch[0]} to {batch[-1]}: cannot be tokenized: {error}", error
+
+
 def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
                       ) -> list[TokenizedExample]:
     """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
@@ -158,21 +174,24 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     its chat template fails on is an error naming its row, on every rank."""
     eos_token_id(tokenizer)  # refused on every rank alike, before any work
     share = range(distributed.rank(), len(examples), distributed.world_size())
+    batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
+    fitting = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+               "cut_prompt": data.cut_prompt}
     done: list[TokenizedExample] = []
     refused, failure = None, None
-    for index in distributed.progress_bar(share, "tokenizing", progress and len(share) > 1000, unit="example"):
+    for batch in distributed.progress_bar(batches, f"tokenizing ({TOKENIZE_BATCH} examples a batch)",
+                                          progress and len(share) > 1000):
         try:
-            done.append(tokenize_example(tokenizer, examples[index], max_length=data.max_length,
-                                         max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt))
+            done += tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)
         except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
-            refused, failure = f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {error}", error
+            refused, failure = refusal(tokenizer, examples, batch, fitting, error)
             break
     # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
     # mix two data sets, or fail on some ranks only.
-    digest = hashlib.sha256()
+    hasher = hashlib.sha256()
     for e in examples:  # one at a time: the repr of them all would be as large as their text
-        digest.update(repr((e.prompt, e.response, e.generated)).encode())
-    read = digest.hexdigest()
+        hasher.update(repr((e.prompt, e.response, e.generated)).encode())
+    read = hasher.hexdigest()
     shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
     if len({(n, digest) for _, _, n, digest in shares}) > 1:
         raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "

@@ -16,7 +16,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from helpers import official_spin_fit
 from spin_fast import data as data_module
-from spin_fast.data import DataError, Example, fit_to_length, load_examples, render_prompt, tokenize_example
+from spin_fast.data import (
+    CUT_PROMPT,
+    DataError,
+    Example,
+    fit_to_length,
+    load_examples,
+    render_prompt,
+    tokenize_batch,
+    tokenize_example,
+)
 from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer
 
 
@@ -409,6 +418,7 @@ ZEPHYR_LIKE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['conten
 LLAMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
                "{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
                "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MERGING = ZEPHYR_LIKE.replace("'<|assistant|>\\n'", "'<|assistant|>'")  # the prompt's last token merges with the next
 
 
 def sentencepiece_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
@@ -448,12 +458,28 @@ def test_a_pair_is_the_tokens_of_the_whole_conversation(template):
 def test_a_response_whose_first_token_merges_with_the_prompt_is_tokenized_alone(caplog):
     """The generation prompt ends with '|>' and the conversation goes on with '|>\\n', one token: the prompt's ids
     are not the conversation's first ids, so the response cannot be cut from it."""
-    tokenizer = sentencepiece_tokenizer(ZEPHYR_LIKE.replace("'<|assistant|>\\n'", "'<|assistant|>'"))
+    tokenizer = sentencepiece_tokenizer(MERGING)
     data_module._warn_tokenized_alone.cache_clear()  # it warns once per process
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         out = tokenize_example(tokenizer, Example((user("Hi"),), "Air."), max_length=200, max_prompt_length=100)
     assert out.response_ids == (*tokenizer.encode("Air.", add_special_tokens=False), tokenizer.eos_token_id)
     assert "tokenized on their own" in caplog.text
+
+
+@pytest.mark.parametrize("template", [ZEPHYR_LIKE, LLAMA2_LIKE, MERGING], ids=["zephyr", "llama2", "merging"])
+def test_a_batch_tokenizes_each_example_as_alone(template):
+    """tokenize_batch encodes a batch's texts in one call (every core of a fast tokenizer), each example as
+    tokenize_example does on its own: texts shared between examples, responses tokenized alone, fitted prompts."""
+    tokenizer = sentencepiece_tokenizer(template)
+    examples = [Example((user("Why is the sky blue?"),), "Air molecules scatter blue light.", " The sea.  "),
+                Example((user("Hi"),), "Air."), Example((user("Hi"),), "Air.", ""),
+                Example((system("Be brief."), user("Hi"), assistant("Hello!"), user("Why?")), "Because.", "No."),
+                Example((user(" ".join(DEFAULT_CORPUS)[:300]),), "A long question deserves this answer.", "Short.")]
+    for cut_prompt in CUT_PROMPT:
+        fitting = {"max_length": 48, "max_prompt_length": 24, "cut_prompt": cut_prompt}
+        alone = [tokenize_example(tokenizer, e, **fitting) for e in examples]
+        assert tokenize_batch(tokenizer, examples, **fitting) == alone
+        assert any(e.unfitted for e in alone) == (cut_prompt == "when_too_long")
 
 
 def test_tokenize_example_truncates_like_spin(tokenizer):
