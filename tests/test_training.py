@@ -375,6 +375,9 @@ def test_scored_pairs_round_trip(tmp_path):
     scored = score_pairs(make_model(), random_pairs(3), token_budget=40)  # a pair of whole sequences: up to 34 tokens
     save_scored_pairs(tmp_path / "pairs.jsonl", scored)
     assert load_scored_pairs(tmp_path / "pairs.jsonl") == scored
+    save_scored_pairs(tmp_path / "one.jsonl", [ScoredPair((1, 2), (3,), (4, 2), -1.5, -2.0)])  # the format runs keep
+    assert (tmp_path / "one.jsonl").read_text() == ('{"prompt_ids": [1, 2], "real_ids": [3], "generated_ids": [4, 2], '
+                                                    '"opponent_real": -1.5, "opponent_generated": -2.0}\n')
     (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [1]}\n')
     with pytest.raises(ValueError, match="bad.jsonl line 1: not a scored pair"):
         load_scored_pairs(tmp_path / "bad.jsonl")
