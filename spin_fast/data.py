@@ -53,10 +53,18 @@ class TokenizedExample:
         return (self.unfitted or self).prompt_ids
 
     def sharing(self, ids: SharedIds) -> TokenizedExample:
-        """The same example, its ids made by `ids` (SharedIds)."""
-        return TokenizedExample(ids(self.prompt_ids), ids(self.response_ids),
-                                None if self.generated_ids is None else ids(self.generated_ids),
-                                self.unfitted and self.unfitted.sharing(ids))
+        """The same example, its ids made by `ids` (SharedIds); a tuple it shares with its unfitted self stays one."""
+        unfitted = self.unfitted and self.unfitted.sharing(ids)
+        made = {} if unfitted is None else {id(old): new for old, new in zip(self.unfitted.parts(), unfitted.parts())}
+
+        def shared(part: tuple[int, ...] | None) -> tuple[int, ...] | None:
+            return None if part is None else made.get(id(part)) or ids(part)
+
+        return TokenizedExample(shared(self.prompt_ids), shared(self.response_ids), shared(self.generated_ids),
+                                unfitted)
+
+    def parts(self) -> tuple[tuple[int, ...] | None, ...]:
+        return self.prompt_ids, self.response_ids, self.generated_ids
 
 
 class SharedIds:

@@ -610,3 +610,4 @@ def test_tokenized_examples_hold_one_int_object_per_distinct_token_id(tokenizer,
                          for e in read_examples(data, str(path))]
     ids = [i for e in tokenized for part in (e.prompt_ids, e.response_ids, e.unfitted.prompt_ids) for i in part]
     assert len({id(i) for i in ids}) == len(set(ids)) < len(ids) and max(ids) > 256
+    assert all(e.response_ids is e.unfitted.response_ids for e in tokenized)  # uncut: one tuple, as tokenized
