@@ -1,6 +1,7 @@
 """SFT sets -> (prompt, human response[, generated response]) examples -> token ids.
 
-render_prompt (_rendered_prompt) is the only way prompt messages become ids, for training and generation alike.
+_prompt_text and _prompt_ids are the only way prompt messages become ids: render_prompt's (generation) and
+tokenize_batch's (training) ids agree.
 """
 
 from __future__ import annotations
@@ -76,7 +77,13 @@ class SharedIds:
         self._ints: dict[int, int] = {}
 
     def __call__(self, ids: Sequence[int]) -> tuple[int, ...]:
-        return tuple(map(self._ints.setdefault, ids, ids))
+        known = len(self._ints)
+        shared = tuple(map(self._ints.setdefault, ids, ids))
+        # Each distinct id is checked once, as it is first seen: a file's JSON may hold 5.0, true or "5" as well.
+        for new in itertools.islice(reversed(self._ints), len(self._ints) - known):
+            if type(new) is not int or new < 0:
+                raise ValueError(f"token ids: expected integers >= 0, got {new!r}")
+        return shared
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -150,11 +157,28 @@ def _read_json(path: Path) -> Rows:
 
 
 def _read_parquet(path: Path) -> Rows:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)  # opened here: a file that is no parquet fails as the source is read
-    # Small batches: each becomes Python objects at once (the default, 65536 rows, is more than max_prompts takes).
-    return _indexed(row for batch in table.iter_batches(batch_size=1024) for row in batch.to_pylist())
+    try:  # opened here: a file that is no parquet fails as the source is read; pyarrow's errors name no file
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from e
+
+    def rows() -> Iterator[Any]:
+        # Small batches: each becomes Python objects at once (the default, 65536 rows, is more than max_prompts
+        # takes).
+        batches = table.iter_batches(batch_size=1024)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{path}: a damaged parquet file: {e}") from e
+            if batch is None:
+                return
+            yield from batch.to_pylist()
+
+    return _indexed(rows())
 
 
 _READERS: dict[str, Callable[[Path], Rows]] = {
@@ -386,7 +410,10 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
     examples: list[Example] = []
     skipped = 0
     kinds: dict[bool, tuple[str, str]] = {}
-    for name, rows in _read_source(source, split):
+    sources: Iterable[tuple[str, Rows]] = _read_source(source, split)
+    if limit is None:  # every file is read anyway: open them all first, so a file that holds no rows fails at once
+        sources = list(sources)
+    for name, rows in sources:
         head = list(itertools.islice(rows, 1))
         if not head:
             raise DataError(f"{name}: no rows")

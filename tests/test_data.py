@@ -144,6 +144,28 @@ def test_a_limit_reads_no_row_past_the_last_example_it_takes(tmp_path):
         load_examples(tmp_path / "t.parquet")
 
 
+def test_a_file_that_is_no_parquet_is_named(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}] * 3), tmp_path / "t.parquet")
+    whole = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(whole[: len(whole) // 2])  # cut off: an interrupted download
+    with pytest.raises(DataError, match=r"t\.parquet: not a readable parquet file: .*magic bytes"):
+        load_examples(tmp_path / "t.parquet")
+    (tmp_path / "t.parquet").write_text('{"prompt": "p", "response": "r"}\n')
+    with pytest.raises(DataError, match=r"t\.parquet: not a readable parquet file"):
+        load_examples(tmp_path)
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(4000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=1000)
+    third = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(2).column(0)
+    start = third.dictionary_page_offset or third.data_page_offset
+    damaged = bytearray((tmp_path / "t.parquet").read_bytes())
+    damaged[start:start + 16] = b"\xff" * 16  # the third row group's first page header: a bad disk or copy
+    (tmp_path / "t.parquet").write_bytes(damaged)
+    assert len(load_examples(tmp_path / "t.parquet", limit=1024).examples) == 1024
+    with pytest.raises(DataError, match=r"(?s)t\.parquet: a damaged parquet file: .*page header"):
+        load_examples(tmp_path / "t.parquet")
+
+
 def test_auto_detection_and_forced_schema(tmp_path):
     both = {"messages": [user("Q"), assistant("from messages")], "prompt": "Q", "response": "from columns"}
     path = write_jsonl(tmp_path / "t.jsonl", [both])
@@ -342,6 +364,10 @@ def test_json_object_in_a_directory_names_the_file_and_says_it_holds_no_rows(tmp
     no_rows = r"dataset_info\.json: expected a list of objects .*, got a JSON object \(keys \['description', " \
               r"'license'\]\), not a list of rows"
     with pytest.raises(DataError, match=rf"{no_rows}; move it out of the data folder, or name the data file"):
+        load_examples(tmp_path)
+    # Every file is opened before any row is parsed: the metadata file, not a bad row before it, is what to fix.
+    (tmp_path / "a.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(DataError, match=rf"{no_rows}; move it out"):
         load_examples(tmp_path)
     with pytest.raises(DataError, match=rf"{no_rows}$") as raised:
         load_examples(info)
