@@ -14,6 +14,7 @@ row token keeps one result; the prompt's last token predicts the first token of 
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections import abc
 from dataclasses import dataclass
 
@@ -124,15 +125,16 @@ def _check_order(order: abc.Sequence[int], n_groups: int) -> list[int]:
 
 def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int], group_size: int,
            share_prompts: bool) -> MicroBatch:
-    """Lays out the chosen groups one after the other, each group's sequences in order (ids g, G + g, ...)."""
+    """Lays out the chosen groups one after the other, each group's sequences in order (ids g, G + g, ...).
+
+    The loop copies the token ids and notes where each piece (a prompt or a response) goes; the index tensors
+    are made from those pieces by torch, not a Python int at a time: a step packs 100k+ tokens."""
     n_groups = len(group_indices)
-    input_ids: list[int] = []
-    position_ids: list[int] = []
-    hidden_index: list[int] = []
-    targets: list[int] = []
+    input_ids = array("q")  # typed: a tensor is made from it without a Python int per token
+    row_pieces: list[tuple[int, int, int]] = []  # (first position id, length, place in the whole sequences)
+    whole_pieces: list[tuple[int, int]] = []  # (row start, length): the whole sequences end to end
+    responses: list[tuple[int, int, int]] = []  # (row start, length, row of the last prompt token)
     sequence_ids: list[int] = []
-    expand: list[int] = []  # the whole sequences end to end, as row positions
-    collapse: list[int] = []  # each row token's place in `expand`
     cu_seqlens = [0]
     for g, index in enumerate(group_indices):
         group = groups[index]
@@ -141,40 +143,45 @@ def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int
             n_prompt, n_response = len(sequence.prompt_ids), len(sequence.response_ids)
             if j == 0 or not shared:
                 prompt_start = len(input_ids)
-                input_ids += sequence.prompt_ids
-                position_ids += range(n_prompt)
-                collapse += range(len(expand), len(expand) + n_prompt)
-            expand += range(prompt_start, prompt_start + n_prompt)
+                input_ids.extend(sequence.prompt_ids)
+                row_pieces.append((0, n_prompt, cu_seqlens[-1]))
+            whole_pieces.append((prompt_start, n_prompt))
             response_start = len(input_ids)
-            input_ids += sequence.response_ids
-            position_ids += range(n_prompt, sequence.length)
-            collapse += range(len(expand), len(expand) + n_response)
-            expand += range(response_start, response_start + n_response)
-            cu_seqlens.append(len(expand))
-            # Position p predicts token p + 1: the last prompt token predicts the first response token, and
-            # the last token (EOS) predicts nothing inside this sequence.
-            hidden_index.append(prompt_start + n_prompt - 1)
-            hidden_index += range(response_start, response_start + n_response - 1)
-            targets += sequence.response_ids
-            sequence_ids += [j * n_groups + g] * n_response
-    lengths = [end - start for start, end in zip(cu_seqlens, cu_seqlens[1:])]
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+            input_ids.extend(sequence.response_ids)
+            row_pieces.append((n_prompt, n_response, cu_seqlens[-1] + n_prompt))
+            whole_pieces.append((response_start, n_response))
+            responses.append((response_start, n_response, prompt_start + n_prompt - 1))
+            sequence_ids.append(j * n_groups + g)
+            cu_seqlens.append(cu_seqlens[-1] + sequence.length)
+    row = torch.frombuffer(input_ids, dtype=torch.int64)  # keeps the array alive
+    positions, row_lengths, places = zip(*row_pieces)
+    response_starts, response_lengths, predictors = (torch.tensor(column) for column in zip(*responses))
+    # Position p predicts token p + 1: each response token is predicted by the row position before it, but the
+    # first by its prompt's last token, which is elsewhere in the row when the prompt is shared.
+    hidden_index = _ranges(response_starts - 1, response_lengths)
+    hidden_index[torch.cumsum(response_lengths, 0) - response_lengths] = predictors
     # Nothing shared: the whole sequences are the row itself, and attention needs no gathering.
-    identity = len(expand) == len(input_ids)
+    identity = cu_seqlens[-1] == len(input_ids)
     return MicroBatch(
-        input_ids=as_tensor(input_ids),
-        position_ids=as_tensor(position_ids),
-        hidden_index=as_tensor(hidden_index),
-        targets=as_tensor(targets),
-        sequence_ids=as_tensor(sequence_ids),
+        input_ids=row,
+        position_ids=_ranges(torch.tensor(positions), torch.tensor(row_lengths)),
+        hidden_index=hidden_index,
+        targets=row[_ranges(response_starts, response_lengths)],
+        sequence_ids=torch.repeat_interleave(torch.tensor(sequence_ids), response_lengths),
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
-        max_seqlen=max(lengths),
-        n_sequence_tokens=len(expand),
-        group_indices=as_tensor(group_indices),
+        max_seqlen=max(sequence.length for index in group_indices for sequence in groups[index]),
+        n_sequence_tokens=cu_seqlens[-1],
+        group_indices=torch.tensor(group_indices, dtype=torch.int64),
         group_size=group_size,
-        expand_index=None if identity else as_tensor(expand),
-        collapse_index=None if identity else as_tensor(collapse),
+        expand_index=None if identity else _ranges(*(torch.tensor(column) for column in zip(*whole_pieces))),
+        collapse_index=None if identity else _ranges(torch.tensor(places), torch.tensor(row_lengths)),
     )
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """start, start + 1, ..., start + length - 1 for each (start, length), end to end (lengths >= 1)."""
+    offsets = starts - (torch.cumsum(lengths, 0) - lengths)  # each piece's start minus where it lands
+    return torch.arange(int(lengths.sum())) + torch.repeat_interleave(offsets, lengths)
 
 
 def pack_groups(
