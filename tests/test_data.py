@@ -148,7 +148,7 @@ def test_a_file_that_is_no_parquet_is_named(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}] * 3), tmp_path / "t.parquet")
     whole = (tmp_path / "t.parquet").read_bytes()
     (tmp_path / "t.parquet").write_bytes(whole[: len(whole) // 2])  # cut off: an interrupted download
-    with pytest.raises(DataError, match=r"t\.parquet: not a readable parquet file: .*magic bytes"):
+    with pytest.raises(DataError, match=r"t\.parquet: not a readable parquet file: "):
         load_examples(tmp_path / "t.parquet")
     (tmp_path / "t.parquet").write_text('{"prompt": "p", "response": "r"}\n')
     with pytest.raises(DataError, match=r"t\.parquet: not a readable parquet file"):
@@ -162,7 +162,7 @@ def test_a_file_that_is_no_parquet_is_named(tmp_path):
     damaged[start:start + 16] = b"\xff" * 16  # the third row group's first page header: a bad disk or copy
     (tmp_path / "t.parquet").write_bytes(damaged)
     assert len(load_examples(tmp_path / "t.parquet", limit=1024).examples) == 1024
-    with pytest.raises(DataError, match=r"(?s)t\.parquet: a damaged parquet file: .*page header"):
+    with pytest.raises(DataError, match=r"t\.parquet: a damaged parquet file: "):
         load_examples(tmp_path / "t.parquet")
 
 
