@@ -1,11 +1,15 @@
-"""The README's kernel examples run as written, and the padded-DPO recipe computes DPO's loss."""
+"""The README's Python examples run as written (the training one on the CPU, with a tiny model), and the padded-DPO
+recipe computes DPO's loss."""
 
+import json
+import math
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
-from helpers import assert_close, truth_token_logprobs
+from helpers import QA, assert_close, truth_token_logprobs
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -49,3 +53,25 @@ def test_readme_run_config_is_valid(tmp_path):
     (tmp_path / "run.yaml").write_text(block)
     config = load_run_config(tmp_path / "run.yaml")
     assert config.iterations == 4 and config.for_iteration(2).train.learning_rate == 1e-7
+
+
+def test_readme_training_example_runs(sft_model, tmp_path, monkeypatch):
+    """The one-iteration example, its paths pointed at a tiny saved model and a pair file, on the CPU: the opponent
+    is the model trained, so the first step's loss is log 2; run again, it resumes and runs no step twice."""
+    code = readme_python_block("Trainer(model")
+    pairs = [{"real": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+              "generated": [{"role": "user", "content": q}, {"role": "assistant", "content": a[::-1]}]}
+             for q, a in QA]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    for written, here in (("path/to/sft-model", str(sft_model / "model")),
+                          ("path/to/spin_iter0", str(tmp_path / "data")),
+                          ('device="cuda"', 'device="cpu"'), ("global_batch=64", "global_batch=2")):
+        assert written in code
+        code = code.replace(written, here)
+    monkeypatch.chdir(tmp_path)  # its outputs go under runs/
+    for _ in range(2):
+        exec(compile(code, "README.md", "exec"), {})
+    steps = [json.loads(line) for line in (tmp_path / "runs/iter0/metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, math.ceil(len(QA) / 2) * 2 + 1))
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
