@@ -6,6 +6,7 @@ tokenize_batch's (training) ids agree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -77,12 +78,15 @@ class SharedIds:
         self._ints: dict[int, int] = {}
 
     def __call__(self, ids: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"token ids: expected a list of integers, got a string {ids[:20]!r}")
         known = len(self._ints)
         shared = tuple(map(self._ints.setdefault, ids, ids))
         # Each distinct id is checked once, as it is first seen: a file's JSON may hold 5.0, true or "5" as well.
-        for new in itertools.islice(reversed(self._ints), len(self._ints) - known):
-            if type(new) is not int or new < 0:
-                raise ValueError(f"token ids: expected integers >= 0, got {new!r}")
+        bad = [new for new in itertools.islice(reversed(self._ints), len(self._ints) - known)
+               if type(new) is not int or new < 0]
+        if bad:
+            raise ValueError(f"token ids: expected integers >= 0, got {bad[-1]!r}")  # the first seen
         return shared
 
 
@@ -160,23 +164,23 @@ def _read_parquet(path: Path) -> Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:  # opened here: a file that is no parquet fails as the source is read; pyarrow's errors name no file
-        table = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file: {e}") from e
-
-    def rows() -> Iterator[Any]:
-        # Small batches: each becomes Python objects at once (the default, 65536 rows, is more than max_prompts
-        # takes).
-        batches = table.iter_batches(batch_size=1024)
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{path}: a damaged parquet file: {e}") from e
-            if batch is None:
-                return
-            yield from batch.to_pylist()
+    def rows() -> Iterator[Any]:  # opened as it is read: a folder of thousands of shards holds one open at a time
+        try:  # pyarrow's errors name no file
+            table = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file: {e}") from e
+        with table:
+            # Small batches: each becomes Python objects at once (the default, 65536 rows, is more than
+            # max_prompts takes).
+            batches = table.iter_batches(batch_size=1024)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as e:
+                    raise DataError(f"{path}: a damaged parquet file: {e}") from e
+                if batch is None:
+                    return
+                yield from batch.to_pylist()
 
     return _indexed(rows())
 
@@ -411,19 +415,20 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
     skipped = 0
     kinds: dict[bool, tuple[str, str]] = {}
     sources: Iterable[tuple[str, Rows]] = _read_source(source, split)
-    if limit is None:  # every file is read anyway: open them all first, so a file that holds no rows fails at once
+    if limit is None:  # every file is read anyway: parse the .json ones first (a metadata .json fails at once)
         sources = list(sources)
     for name, rows in sources:
-        head = list(itertools.islice(rows, 1))
-        if not head:
-            raise DataError(f"{name}: no rows")
-        if schema == "auto":  # read on to the first object row, which names the file's schema
-            while not isinstance(head[-1][1], Mapping) and (row := next(rows, None)) is not None:
-                head.append(row)
-        file_schema = _file_schema(name, head) if schema == "auto" else schema
-        _check_kind(kinds, name, file_schema)
-        kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, keep_history,
-                                skip_invalid, None if limit is None else limit - len(examples))
+        with contextlib.closing(rows):  # else an error's traceback (kept by a notebook) keeps the file open
+            head = list(itertools.islice(rows, 1))
+            if not head:
+                raise DataError(f"{name}: no rows")
+            if schema == "auto":  # read on to the first object row, which names the file's schema
+                while not isinstance(head[-1][1], Mapping) and (row := next(rows, None)) is not None:
+                    head.append(row)
+            file_schema = _file_schema(name, head) if schema == "auto" else schema
+            _check_kind(kinds, name, file_schema)
+            kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, keep_history,
+                                    skip_invalid, None if limit is None else limit - len(examples))
         examples += kept
         skipped += bad
         if len(examples) == limit:

@@ -382,9 +382,10 @@ def test_scored_pairs_round_trip(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl line 1: not a scored pair"):
         load_scored_pairs(tmp_path / "bad.jsonl")
     line = (tmp_path / "one.jsonl").read_text()
-    for bad_ids in ("[4, 7.0]", "[false]", '"42"', "[4, -2]"):
+    for bad_ids, named in (("[4, 7.0, -3]", "integers >= 0, got 7.0"), ("[false]", "integers >= 0, got False"),
+                           ('"42"', "a list of integers, got a string '42'"), ("[4, -2]", "integers >= 0, got -2")):
         (tmp_path / "bad.jsonl").write_text(line + line.replace("[4, 2]", bad_ids))
-        with pytest.raises(ValueError, match="bad.jsonl line 2: not a scored pair .*expected integers >= 0, got"):
+        with pytest.raises(ValueError, match=f"bad.jsonl line 2: not a scored pair .*expected {named}"):
             load_scored_pairs(tmp_path / "bad.jsonl")
     (tmp_path / "equal.jsonl").write_text(line + line.replace("[4, 2]", "[4.0, true]"))  # equal to ids seen before
     assert [type(i) for i in load_scored_pairs(tmp_path / "equal.jsonl")[1].generated_ids] == [int, int]
