@@ -365,7 +365,7 @@ def test_json_object_in_a_directory_names_the_file_and_says_it_holds_no_rows(tmp
               r"'license'\]\), not a list of rows"
     with pytest.raises(DataError, match=rf"{no_rows}; move it out of the data folder, or name the data file"):
         load_examples(tmp_path)
-    # Every file is opened before any row is parsed: the metadata file, not a bad row before it, is what to fix.
+    # Every .json file is parsed before any row of the others: the metadata file, not a bad row before it, is named.
     (tmp_path / "a.jsonl").write_text('{"messages": []}\n')
     with pytest.raises(DataError, match=rf"{no_rows}; move it out"):
         load_examples(tmp_path)
