@@ -170,17 +170,12 @@ def _read_parquet(path: Path) -> Rows:
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable parquet file: {e}") from e
         with table:
-            # Small batches: each becomes Python objects at once (the default, 65536 rows, is more than
-            # max_prompts takes).
-            batches = table.iter_batches(batch_size=1024)
-            while True:
-                try:
-                    batch = next(batches, None)
-                except (pa.ArrowException, OSError) as e:
-                    raise DataError(f"{path}: a damaged parquet file: {e}") from e
-                if batch is None:
-                    return
-                yield from batch.to_pylist()
+            try:  # small batches: each becomes Python objects at once (the default, 65536 rows, is more than
+                # max_prompts takes); a reader's own errors never reach here, only pyarrow's
+                for batch in table.iter_batches(batch_size=1024):
+                    yield from batch.to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{path}: a damaged parquet file: {e}") from e
 
     return _indexed(rows())
 

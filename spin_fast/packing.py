@@ -131,7 +131,7 @@ def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int
     are made from those pieces by torch, not a Python int at a time: a step packs 100k+ tokens."""
     n_groups = len(group_indices)
     input_ids = array("q")  # typed: a tensor is made from it without a Python int per token
-    row_pieces: list[tuple[int, int, int]] = []  # (first position id, length, place in the whole sequences)
+    row_pieces: list[tuple[int, int, int]] = []  # (first position id, place in the whole sequences, length)
     whole_pieces: list[tuple[int, int]] = []  # (row start, length): the whole sequences end to end
     responses: list[tuple[int, int, int]] = []  # (row start, length, row of the last prompt token)
     sequence_ids: list[int] = []
@@ -144,17 +144,17 @@ def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int
             if j == 0 or not shared:
                 prompt_start = len(input_ids)
                 input_ids.extend(sequence.prompt_ids)
-                row_pieces.append((0, n_prompt, cu_seqlens[-1]))
+                row_pieces.append((0, cu_seqlens[-1], n_prompt))
             whole_pieces.append((prompt_start, n_prompt))
             response_start = len(input_ids)
             input_ids.extend(sequence.response_ids)
-            row_pieces.append((n_prompt, n_response, cu_seqlens[-1] + n_prompt))
+            row_pieces.append((n_prompt, cu_seqlens[-1] + n_prompt, n_response))
             whole_pieces.append((response_start, n_response))
             responses.append((response_start, n_response, prompt_start + n_prompt - 1))
             sequence_ids.append(j * n_groups + g)
             cu_seqlens.append(cu_seqlens[-1] + sequence.length)
     row = torch.frombuffer(input_ids, dtype=torch.int64)  # keeps the array alive
-    positions, row_lengths, places = zip(*row_pieces)
+    positions, places, row_lengths = (torch.tensor(column) for column in zip(*row_pieces))
     response_starts, response_lengths, predictors = (torch.tensor(column) for column in zip(*responses))
     # Position p predicts token p + 1: each response token is predicted by the row position before it, but the
     # first by its prompt's last token, which is elsewhere in the row when the prompt is shared.
@@ -164,7 +164,7 @@ def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int
     identity = cu_seqlens[-1] == len(input_ids)
     return MicroBatch(
         input_ids=row,
-        position_ids=_ranges(torch.tensor(positions), torch.tensor(row_lengths)),
+        position_ids=_ranges(positions, row_lengths),
         hidden_index=hidden_index,
         targets=row[_ranges(response_starts, response_lengths)],
         sequence_ids=torch.repeat_interleave(torch.tensor(sequence_ids), response_lengths),
@@ -174,7 +174,7 @@ def _build(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: list[int
         group_indices=torch.tensor(group_indices, dtype=torch.int64),
         group_size=group_size,
         expand_index=None if identity else _ranges(*(torch.tensor(column) for column in zip(*whole_pieces))),
-        collapse_index=None if identity else _ranges(torch.tensor(places), torch.tensor(row_lengths)),
+        collapse_index=None if identity else _ranges(places, row_lengths),
     )
 
 
