@@ -18,6 +18,14 @@ include; then glibc's ordinary allocator, and iteration 2 gives each stage's sec
 wall time. Iterations 1 and 2 are the steady state (each trains on the pairs of t and t-1); the engine's start
 is timed in iteration 0 (its processes start with glibc's ordinary allocator). Run: python -m bench.iteration
 [--preset cpu|gpu].
+
+Host memory of the pairs held (held_pairs_memory): every rank holds the iteration's scored pairs from scoring to
+the end of training, as load_scored_pairs reads them. The bench writes `held_pairs` pairs of 1,200 tokens (a
+200-token prompt and two 500-token responses, ids drawn uniformly from a 32,000-token vocabulary: the fewest ids
+shared, the worst case for SharedIds) and reads them back under tracemalloc: bytes held per token, against
+the same pairs with an int object per token (json's lists made tuples, as a reader without SharedIds holds them).
+tracemalloc counts every byte Python allocates, so one read gives the exact figure. The GPU preset leaves it out
+(see Preset.held_pairs).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import os
 import sys
 import tempfile
 import time
+import tracemalloc
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,22 +71,66 @@ class Preset:
     global_batch: int
     micro_batch_tokens: int
     dtype: str
+    # Pairs in the host-memory figure (held_pairs_memory). 0 in the GPU preset: the figure is the host's
+    # Python objects, the same on any machine, and the GPU machine's minutes are for what only it shows.
+    held_pairs: int
 
 
 PRESETS = {
     # 2 cores: vLLM's start (~35 s) and 3 iterations of ~5-8 s: under 2 minutes with the process.
     "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=64, max_new_tokens=32, global_batch=32,
-                  micro_batch_tokens=2048, dtype="float32"),
+                  micro_batch_tokens=2048, dtype="float32", held_pairs=2000),
     # One H200, slot 70 s in bench/gpu/check.sh: a ~0.34B-parameter Llama in bf16, 256 prompts, 3 iterations. Without
     # vLLM (not on that machine) transformers generates: 4 batches of 64 x 64 decoding steps at ~15 ms (Python-bound)
     # ~4 s an iteration; training 4, 8 and 8 steps of 64 pairs (~8k tokens, ~2e13 FLOP: < 0.1 s of matmuls each, a
     # few tenths of a second with packing and the optimizer) plus a checkpoint (~1.4 GB) each; scoring < 1 s. With the
     # process (~10 s: imports, CUDA context, building and saving the model): about 50 s.
     "gpu": Preset("gpu", hidden=2048, layers=8, heads=16, prompts=256, max_new_tokens=64, global_batch=64,
-                  micro_batch_tokens=16384, dtype="bfloat16"),
+                  micro_batch_tokens=16384, dtype="bfloat16", held_pairs=0),
     "tiny": Preset("tiny", hidden=64, layers=2, heads=2, prompts=16, max_new_tokens=8, global_batch=8,
-                   micro_batch_tokens=512, dtype="float32"),
+                   micro_batch_tokens=512, dtype="float32", held_pairs=20),
 }
+
+
+HELD_PROMPT_TOKENS, HELD_RESPONSE_TOKENS, HELD_VOCAB = 200, 500, 32000
+
+
+def held_pairs_memory(pairs: int, seed: int = 0) -> dict:
+    """Bytes per token of `pairs` scored pairs read as a run holds them (load_scored_pairs), and with an int object
+    per token; see the module's docstring."""
+    from spin_fast.scoring import ScoredPair, load_scored_pairs, save_scored_pairs
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(length: int) -> tuple[int, ...]:
+        return tuple(torch.randint(HELD_VOCAB, (length,), generator=generator).tolist())
+
+    def unshared(path: Path) -> list[ScoredPair]:
+        with path.open() as lines:
+            return [ScoredPair(tuple(r["prompt_ids"]), tuple(r["real_ids"]), tuple(r["generated_ids"]),
+                               r["opponent_real"], r["opponent_generated"]) for r in map(json.loads, lines)]
+
+    def held_bytes(read, path: Path) -> int:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            held = read(path)  # noqa: F841 - held while the memory is counted
+            return tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+
+    made = [ScoredPair(ids(HELD_PROMPT_TOKENS), ids(HELD_RESPONSE_TOKENS), ids(HELD_RESPONSE_TOKENS), -1.0, -2.0)
+            for _ in range(pairs)]
+    tokens = pairs * (HELD_PROMPT_TOKENS + 2 * HELD_RESPONSE_TOKENS)
+    distinct = len({i for p in made for part in (p.prompt_ids, p.real_ids, p.generated_ids) for i in part})
+    with tempfile.TemporaryDirectory(prefix="spin-bench-held-") as folder:
+        path = Path(folder) / "scored.jsonl"
+        save_scored_pairs(path, made)
+        del made
+        shared, plain = held_bytes(load_scored_pairs, path) / tokens, held_bytes(unshared, path) / tokens
+    return {"pairs": pairs, "tokens": tokens, "vocab": HELD_VOCAB, "distinct_ids": distinct, "bytes_per_token": shared,
+            "bytes_per_token_int_per_token": plain, "memory_vs_int_per_token": shared / plain}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -196,12 +249,13 @@ def worker(preset: Preset, engine: str) -> dict:
     # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
     # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
     ordinary_allocator_for_new_processes()
+    held = held_pairs_memory(preset.held_pairs) if preset.held_pairs else None
     machine = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def result_of(selfplay, summaries=()) -> dict:
         engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
         return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
-                "parameters_m": parameters_m, "machine": machine}
+                "parameters_m": parameters_m, "held_pairs": held, "machine": machine}
 
     def save_progress(selfplay) -> None:  # a run that a time limit cuts off (bench/gpu/check.sh) keeps its stages
         save_partial(f"iteration-{preset.name}", report_of(preset, result_of(selfplay)))
@@ -244,6 +298,11 @@ def summary_table(result: dict) -> str:
     engine = result.get("memory", {}).get(f"iter-{steady}/engine_rss")
     if engine:
         note += f", its processes' peak RSS {engine:.0f} MiB (not in the trainer's figures)"
+    held = result.get("held_pairs")
+    if held:
+        note += (f"\nscored pairs held per rank: {held['bytes_per_token']:.1f} bytes a token, "
+                 f"{held['bytes_per_token_int_per_token']:.1f} with an int per token "
+                 f"({held['pairs']} pairs, {held['tokens']} tokens)")
     return format_table(headers, table) + "\n" + note + "\n"
 
 

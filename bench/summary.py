@@ -74,10 +74,17 @@ def scaling_rows(report: dict) -> list[list[str]]:
 
 def iteration_rows(report: dict) -> list[list[str]]:
     steady = [r for r in report["rows"] if r["share"] is not None]
-    if not steady:  # a partial report, cut off before its timed iteration
-        return [[f"iteration profile ({report['engine']})", "no timed iteration: see the report's memory figures"]]
-    shares = ", ".join(f"{r['stage']} {100 * r['share']:.0f}%" for r in steady)
-    return [[f"iteration profile ({report['engine']})", f"{sum(r['seconds'] for r in steady):.1f} s: {shares}"]]
+    where = f"iteration profile ({report['engine']})"
+    if steady:
+        shares = ", ".join(f"{r['stage']} {100 * r['share']:.0f}%" for r in steady)
+        rows = [[where, f"{sum(r['seconds'] for r in steady):.1f} s: {shares}"]]
+    else:  # a partial report, cut off before its timed iteration
+        rows = [[where, "no timed iteration: see the report's memory figures"]]
+    held = report.get("held_pairs")
+    if held:
+        rows.append(["host memory of the held pairs", f"{held['bytes_per_token']:.1f} bytes a token, "
+                     f"{_x(held['memory_vs_int_per_token'])} of an int per token"])
+    return rows
 
 
 ROWS = {"kernels": kernel_rows, "train_step": train_step_rows, "generate": generate_rows,

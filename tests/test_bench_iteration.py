@@ -19,7 +19,22 @@ def test_iteration_profile_tiny(tmp_path, monkeypatch, capsys):
     assert report["pairs"] == [16, 32, 32]  # iterations 1 and 2 also train on the previous iteration's pairs
     assert report["engine"] == "TransformersEngine" and report["machine"]["versions"]["torch"]
     assert "partial" not in report  # the worker's saved progress, overwritten by the whole report
-    assert "weight_transfer" in capsys.readouterr().out
+    assert report["held_pairs"]["pairs"] == iteration.PRESETS["tiny"].held_pairs
+    out = capsys.readouterr().out
+    assert "weight_transfer" in out and "scored pairs held per rank" in out
+
+
+def test_held_pairs_memory_counts_one_int_per_distinct_id():
+    held = iteration.held_pairs_memory(30)
+    tokens, distinct = held["tokens"], held["distinct_ids"]
+    assert tokens == 30 * 1200 and 0 < distinct < tokens
+    # With an int per token: an 8-byte pointer and a 28-byte int (but the 257 ints CPython caches) per token, and
+    # each pair's three tuple headers and its ScoredPair.
+    assert 35.5 < held["bytes_per_token_int_per_token"] < 36.5
+    # SharedIds' pairs differ by exactly the int objects they do not make: 28 bytes for each token less the
+    # distinct ids (the cached small ints, under 1% of the ids, aside).
+    saved = (held["bytes_per_token_int_per_token"] - held["bytes_per_token"]) * tokens
+    assert math.isclose(saved, 28 * (tokens - distinct), rel_tol=0.01)
 
 
 def test_a_report_cut_off_before_its_timed_iteration_has_a_summary_row():
@@ -27,5 +42,7 @@ def test_a_report_cut_off_before_its_timed_iteration_has_a_summary_row():
 
     rows = iteration.profile_rows({"time": {"iter-0/engine_start": 2.0}, "memory": {"iter-0/generate": 10.0}})
     assert [r["stage"] for r in rows] == ["engine_start"]
-    assert summary.iteration_rows({"engine": "TransformersEngine", "rows": rows}) == [
-        ["iteration profile (TransformersEngine)", "no timed iteration: see the report's memory figures"]]
+    held = {"bytes_per_token": 8.61, "memory_vs_int_per_token": 0.239}
+    assert summary.iteration_rows({"engine": "TransformersEngine", "rows": rows, "held_pairs": held}) == [
+        ["iteration profile (TransformersEngine)", "no timed iteration: see the report's memory figures"],
+        ["host memory of the held pairs", "8.6 bytes a token, 0.24x of an int per token"]]
