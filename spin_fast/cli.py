@@ -185,6 +185,7 @@ def run_sft(config) -> int:
         raw = read_examples(config.data, config.data.source, config.data.max_prompts)
     examples = tokenize_examples(tokenizer, config.data, raw, config.train.progress)  # the ranks share the work
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
+    del raw, examples  # training needs the sequences' ids alone, not the text held to its end
     model = load_policy(folder, config)
     result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
                      sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()

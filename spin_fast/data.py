@@ -54,16 +54,17 @@ class TokenizedExample:
         """The prompt that generation answers."""
         return (self.unfitted or self).prompt_ids
 
-    def sharing(self, ids: SharedIds) -> TokenizedExample:
-        """The same example, its ids made by `ids` (SharedIds); a tuple it shares with its unfitted self stays one."""
-        unfitted = self.unfitted and self.unfitted.sharing(ids)
+    def remade(self, make: Callable[[Sequence[int]], Any]) -> TokenizedExample:
+        """The same example, each of its id sequences made anew by `make` (SharedIds, or array('q') for the ranks'
+        exchange); a part it shares with its unfitted self stays one."""
+        unfitted = self.unfitted and self.unfitted.remade(make)
         made = {} if unfitted is None else {id(old): new for old, new in zip(self.unfitted.parts(), unfitted.parts())}
 
-        def shared(part: tuple[int, ...] | None) -> tuple[int, ...] | None:
-            return None if part is None else made.get(id(part)) or ids(part)
+        def remade_part(part: Sequence[int] | None) -> Any:
+            return None if part is None else made.get(id(part)) or make(part)
 
-        return TokenizedExample(shared(self.prompt_ids), shared(self.response_ids), shared(self.generated_ids),
-                                unfitted)
+        return TokenizedExample(remade_part(self.prompt_ids), remade_part(self.response_ids),
+                                remade_part(self.generated_ids), unfitted)
 
     def parts(self) -> tuple[tuple[int, ...] | None, ...]:
         return self.prompt_ids, self.response_ids, self.generated_ids

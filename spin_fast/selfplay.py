@@ -31,6 +31,7 @@ import logging
 import re
 import shutil
 import time
+from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -177,12 +178,15 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
     fitting = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
                "cut_prompt": data.cut_prompt}
+    # A rank's examples wait for the exchange with their ids in int64 arrays: 8 bytes a token, pickled as such
+    # (a tokenizer's lists hold an int object of 28 bytes per token, and pickle makes one per token again).
     done: list[TokenizedExample] = []
     refused, failure = None, None
     for batch in distributed.progress_bar(batches, f"tokenizing ({TOKENIZE_BATCH} examples a batch)",
                                           progress and len(share) > 1000):
         try:
-            done += tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)
+            done += [example.remade(int64_array)
+                     for example in tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)]
         except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
             refused, failure = refusal(tokenizer, examples, batch, fitting, error)
             break
@@ -201,9 +205,15 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
             raise ValueError(rank_refused) from (failure if rank_refused == refused else None)
     tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
     ids = SharedIds()  # the run holds the examples to its end
-    for rank, (rank_done, _, _, _) in enumerate(shares):
-        tokenized[rank :: len(shares)] = [example.sharing(ids) for example in rank_done]
+    for rank in range(len(shares)):
+        rank_done = shares[rank][0]
+        shares[rank] = None  # each rank's arrays go as its tuples come
+        tokenized[rank :: len(shares)] = [example.remade(ids) for example in rank_done]
     return tokenized
+
+
+def int64_array(ids: Seq[int]) -> array:
+    return array("q", ids)
 
 
 def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:

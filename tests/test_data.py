@@ -637,3 +637,31 @@ def test_tokenized_examples_hold_one_int_object_per_distinct_token_id(tokenizer,
     ids = [i for e in tokenized for part in (e.prompt_ids, e.response_ids, e.unfitted.prompt_ids) for i in part]
     assert len({id(i) for i in ids}) == len(set(ids)) < len(ids) and max(ids) > 256
     assert all(e.response_ids is e.unfitted.response_ids for e in tokenized)  # uncut: one tuple, as tokenized
+
+
+def test_tokenizing_holds_a_few_bytes_a_token_at_its_peak():
+    """A tokenizer's ids are an int object per token (36 bytes a token with the tuple's pointer, 44 at the peak
+    before the exchange used arrays): tokenizing holds one batch of them at a time and the rank's share in int64
+    arrays until the exchange, so its peak is the arrays, the shared tuples they become and one batch (21)."""
+    import tracemalloc
+
+    from spin_fast.config import DataConfig
+    from spin_fast.selfplay import tokenize_examples
+
+    words = "the light of the sky is blue because air scatters the short waves of the sun more".split()
+
+    def text(n):
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (n,)))
+
+    tokenizer = build_local_tokenizer(vocab_size=2000)  # whole words: ids over 256, which CPython does not cache
+    examples = [Example((user(text(20)),), text(40)) for _ in range(3000)]
+    tracemalloc.start()
+    try:
+        tokenized = tokenize_examples(tokenizer, DataConfig(max_length=1024, max_prompt_length=512), examples)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in tokenized)
+    large = sum(i > 256 for e in tokenized for part in (e.prompt_ids, e.response_ids) for i in part)
+    assert tokens > 100_000 and large > 0.7 * tokens
+    assert peak / tokens < 30, f"{peak / tokens:.1f} bytes a token"

@@ -301,7 +301,14 @@ tokenizer.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] 
 data = DataConfig(source=sys.argv[1], max_length=48, max_prompt_length=16, cut_prompt=sys.argv[2])
 source = sys.argv[4] if dist.get_rank() == 1 and len(sys.argv) > 4 else sys.argv[1]  # rank 1 may read another file
 try:
-    report = [asdict(e) for e in tokenize_examples(tokenizer, data, read_examples(data, source))]
+    tokenized = tokenize_examples(tokenizer, data, read_examples(data, source))
+    ids = [i for e in tokenized for part in (e.prompt_ids, e.response_ids, e.answered_prompt_ids) for i in part]
+    # After the exchange as in one process: one int object per distinct id, and a response that fitting left
+    # whole is one tuple with its unfitted self's.
+    report = {"examples": [asdict(e) for e in tokenized], "shared": [
+        len({id(i) for i in ids}) == len(set(ids)) < len(ids), max(ids) > 256,
+        all(e.unfitted is None or (e.response_ids is e.unfitted.response_ids) == (e.response_ids ==
+            e.unfitted.response_ids) for e in tokenized)]}
 except ValueError as error:
     report = str(error)
 Path(sys.argv[3], f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
@@ -345,7 +352,8 @@ def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_pr
             if isinstance(expected, str):
                 assert report.startswith(expected), (rank, report)
             else:
-                assert report == json.loads(json.dumps(expected)), rank
+                assert report["examples"] == json.loads(json.dumps(expected)), rank
+                assert report["shared"] == [True, True, True], rank
 
 
 SETTINGS_APART = """
