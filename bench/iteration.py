@@ -6,7 +6,8 @@ through `SelfPlay` for 3 iterations with the default engine (vLLM when installed
 
   engine_start      creating the generation engine (once per run, in iteration 0; vLLM starts its own processes)
   generate          the opponent answers every prompt (engine start not included)
-  score             the opponent's log-probs of the pairs of t and t-1, once, no grad
+  score             the opponent's log-probs of the pairs of t and t-1, once, no grad (with reading the pairs and
+                    writing and reading back the scored ones, as in a run)
   train             the SPIN training of θt+1, checkpoints included
   weight_transfer   θt+1 into the running engine, in memory
 
