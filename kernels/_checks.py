@@ -11,6 +11,14 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
+def check_first_order() -> None:
+    """Called by the backends' backward: autograd enables grad there only for backward(create_graph=True), whose
+    second derivative they do not compute (it would be silently missing)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("spin_kernels' torch and triton backends have no second derivative "
+                           "(backward with create_graph=True); backend='reference' has one")
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -54,6 +62,10 @@ def check_linear_inputs(
     _check_tensor("targets", targets, 1)
     n_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
+    if vocab_size == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1 (the vocabulary), got {tuple(weight.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int (the target value that carries no loss), got {ignore_index!r}")
     if weight.shape[1] != hidden_size:
         raise ValueError(
             f"weight must be [V, H] with H={hidden_size} as in hidden [N, H]; "
@@ -66,7 +78,8 @@ def check_linear_inputs(
     if hidden.dtype not in allowed:
         raise ValueError(f"hidden dtype must be one of {allowed}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} "
+                         "(under autocast, pass weight.to(hidden.dtype))")
     tensors = {"hidden": hidden, "weight": weight, "targets": targets}
     if bias is not None:
         _check_tensor("bias", bias, 1)

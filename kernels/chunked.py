@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_first_order
+
 # Bytes of one chunk's logits buffer, the only [chunk, V] block alive at any time.
 CHUNK_BYTES = 64 * 2**20
 
@@ -75,7 +77,7 @@ class Grads:
 
     @classmethod
     def zeros(cls, head: Head, need: tuple[bool, bool, bool]) -> Grads:
-        hidden = torch.zeros_like(head.hidden) if need[0] else None
+        hidden = torch.zeros_like(head.hidden, dtype=head.dtype) if need[0] else None
         weight = torch.zeros_like(head.weight) if need[1] else None
         bias = torch.zeros_like(head.bias) if need[2] else None
         return cls(hidden, weight, bias)
@@ -83,7 +85,7 @@ class Grads:
     def add(self, head: Head, rows: torch.Tensor, dlogits: torch.Tensor) -> None:
         """Accumulate the gradients of a chunk whose dL/dlogits is dlogits [chunk, V]."""
         if self.hidden is not None:
-            self.hidden.index_add_(0, rows, (dlogits @ head.weight).to(self.hidden.dtype))
+            self.hidden.index_add_(0, rows, dlogits @ head.weight)
         if self.weight is not None:
             self.weight.addmm_(dlogits.T, head.hidden.index_select(0, rows).to(head.dtype))
         if self.bias is not None:
@@ -93,9 +95,10 @@ class Grads:
         """New tensors: these stay as they are (a retained graph may run its backward again)."""
         return Grads(*(None if g is None else g * scale for g in (self.hidden, self.weight, self.bias)))
 
-    def cast(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    def cast(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        """In the inputs' dtypes, each rounded once."""
         return (
-            self.hidden,
+            None if self.hidden is None else self.hidden.to(hidden.dtype),
             None if self.weight is None else self.weight.to(weight.dtype),
             None if self.bias is None else self.bias.to(bias.dtype),
         )
@@ -141,8 +144,9 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
+        check_first_order()
         hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
         head = Head.of(hidden, weight, bias)
         grads = Grads.zeros(head, ctx.needs_input_grad[:3])
         chunked_grads(head, rows, targets, lse, grad_logps.to(head.dtype), grads)
-        return (*grads.cast(weight, bias), None, None)
+        return (*grads.cast(hidden, weight, bias), None, None)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._checks import check_first_order
 from .chunked import Grads, Head, chunked_grads, chunked_logprobs, exp_logits_in_place, softmax_grad_in_place
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,6 +82,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_policy):
+        check_first_order()
         hidden, weight, bias, rows, targets, sequence_ids, lse = ctx.saved_tensors
         scale = 0.0 if grad_loss is None else grad_loss
         grads = ctx.grads.scaled(scale)
@@ -90,7 +92,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
             head = Head.of(hidden, weight, bias)
             chunked_grads(head, rows, targets, lse, grad_policy.to(head.dtype)[sequence_ids], grads)
         opponent_grad = None if ctx.opponent_grad is None else (ctx.opponent_grad * scale).to(ctx.opponent_dtype)
-        return (*grads.cast(weight, bias), None, None, None, opponent_grad, None, None)
+        return (*grads.cast(hidden, weight, bias), None, None, None, opponent_grad, None, None)
 
 
 def _pair_loss_grad(policy, opponent, first, end, pair_loss) -> torch.Tensor:

@@ -77,7 +77,7 @@ def spin_loss(
     names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
-    dtype = torch.promote_types(policy_real_logps.dtype, torch.float32)
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in values), torch.float32)
     values = tuple(v.to(dtype) for v in values)
     rewards_real = (beta * (values[0] - values[2])).detach()
     rewards_generated = (beta * (values[1] - values[3])).detach()
@@ -109,6 +109,8 @@ def fused_linear_spin_loss(
     hidden [N, H], weight [V, H], targets [N]; sequence_ids [N] puts each token in sequence
     i < P (real response of pair i) or P + i (its generated response); opponent_logps [2P] in the
     same order. Tokens whose target is ignore_index carry no loss and may have any sequence id.
+    A sequence with no loss token (all its targets ignored, or none at all) has log-prob 0: P is
+    len(opponent_logps) // 2, whatever sequence_ids hold.
     hidden_index [M] (optional): the row of hidden that predicts each target; targets and sequence_ids
     are then [M]. With a prompt shared by a pair's two responses, its last row predicts the first
     token of each.

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_first_order
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -258,6 +260,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps):
+        check_first_order()
         hidden, weight, bias, rows, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n_rows, (vocab_size, hidden_size) = rows.shape[0], weight.shape

@@ -26,12 +26,31 @@ def good():
         (dict(hidden=torch.randn(2, 6, 8)), "hidden must have 2 dimension"),
         (dict(weight=torch.randn(20, 8, device="meta")), "weight is on meta but hidden is on cpu"),
         (dict(hidden=[[1.0]]), "hidden must be a torch.Tensor"),
+        (dict(weight=torch.randn(0, 8), targets=torch.full((6,), -100)), "weight must be .V, H. with V >= 1"),
+        (dict(ignore_index=None), "ignore_index must be an int .* got None"),
+        (dict(ignore_index=-100.0), "ignore_index must be an int .* got -100.0"),
     ],
 )
 def test_linear_logprobs_errors(change, message):
     args = good() | change
     with pytest.raises(ValueError, match=message):
-        spin_kernels.linear_logprobs(args["hidden"], args["weight"], args["targets"])
+        spin_kernels.linear_logprobs(args["hidden"], args["weight"], args["targets"],
+                                     ignore_index=args.get("ignore_index", -100))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_second_derivative_is_refused_by_name(backend):
+    """create_graph=True through the fused backward would silently lose the second-order term: refused."""
+    hidden = torch.randn(6, 8, requires_grad=True)
+    args = good() | dict(hidden=hidden)
+    for loss in (spin_kernels.linear_logprobs(**args, backend=backend).sum(),
+                 spin_kernels.fused_linear_spin_loss(**args, sequence_ids=torch.tensor([0, 1, 0, 2, 3, 3]),
+                                                     opponent_logps=torch.zeros(4), backend=backend).loss):
+        with pytest.raises(RuntimeError, match="no second derivative .*backend='reference' has one"):
+            torch.autograd.grad(loss, hidden, create_graph=True)
+    (first,) = torch.autograd.grad(spin_kernels.linear_logprobs(**args, backend="reference").sum(), hidden,
+                                   create_graph=True)
+    assert first.requires_grad
 
 
 @pytest.mark.parametrize(
@@ -120,6 +139,13 @@ def test_spin_loss_errors():
         spin_kernels.spin_loss(p, p, p, p, loss_type="relu")
     with pytest.raises(ValueError, match="beta must be a finite number > 0, got inf"):
         spin_kernels.spin_loss(p, p, p, p, beta=float("inf"))
+
+
+def test_spin_loss_computes_in_the_widest_dtype_of_its_inputs():
+    """float64 opponent log-probs of -1e8 differ by 1 in the last place float32 would round away."""
+    real = torch.tensor([-1e8 - 1.0], dtype=torch.float64)
+    out = spin_kernels.spin_loss(torch.tensor([-1e8]), real, real, real, beta=1.0)
+    assert out.loss.dtype == torch.float64 and out.margins.item() == 1.0  # (pr - or) - (pg - og): 1 - 0
 
 
 def test_kernels_folder_never_poses_as_the_kernels_package():

@@ -77,6 +77,22 @@ def test_hidden_index_reads_rows_several_times(backend, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_half_row_read_by_many_targets_sums_its_gradient_in_float32(backend, monkeypatch):
+    """A bf16 row read by 400 targets over 37 chunks: its gradient is summed in fp32 and rounded to bf16 once,
+    so it is as close to the float64 truth as one rounding (summed in bf16, chunk by chunk, it was 3x further)."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 300 * 4 * 11)  # 11 tokens per chunk
+    hidden, weight, _, _ = make_inputs(4, 64, 300, torch.bfloat16, bias=False)
+    hidden_index, targets = torch.zeros(400, dtype=torch.int64), torch.randint(0, 300, (400,))
+    spin_kernels.linear_logprobs(hidden, weight, targets, hidden_index=hidden_index, backend=backend).sum().backward()
+    truth_hidden = hidden.detach().double().requires_grad_()
+    truth_token_logprobs(truth_hidden[hidden_index], weight.detach().double(), targets).sum().backward()
+    truth = truth_hidden.grad[0]
+    rounded_once = truth.to(torch.bfloat16).double()
+    error, rounding = (hidden.grad[0].double() - truth).norm(), (rounded_once - truth).norm()
+    assert error <= 1.5 * rounding, f"{error / truth.norm():.2g} against one rounding's {rounding / truth.norm():.2g}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_many_chunks_and_noncontiguous_inputs(backend, monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 300 * 4 * 7)  # 7 tokens per chunk
     hidden, weight, bias, targets = make_inputs(90, 48, 300, torch.float32)
