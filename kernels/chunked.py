@@ -95,6 +95,9 @@ class Grads:
         """New tensors: these stay as they are (a retained graph may run its backward again)."""
         return Grads(*(None if g is None else g * scale for g in (self.hidden, self.weight, self.bias)))
 
+    def to(self, dtype: torch.dtype) -> Grads:
+        return Grads(*(None if g is None else g.to(dtype) for g in (self.hidden, self.weight, self.bias)))
+
     def cast(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
         """In the inputs' dtypes, each rounded once."""
         return (

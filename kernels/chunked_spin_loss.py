@@ -74,7 +74,9 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
 
         loss = pair_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]).mean()
         ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse)
-        ctx.grads = grads
+        # Held until the backward (a retained graph's, more than once) in the inputs' dtypes: each sum is rounded
+        # once, and a bf16 model holds half what fp32 sums would take.
+        ctx.grads = Grads(*grads.cast(hidden, weight, bias))
         ctx.opponent_grad = None
         if ctx.needs_input_grad[6]:  # the loss reads the opponent through (pr - or) - (pg - og) only
             ctx.opponent_grad = -_pair_loss_grad(policy, opponent, 0, n_pairs, pair_loss)
@@ -88,8 +90,9 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         grads = ctx.grads.scaled(scale)
         if grad_policy is not None and bool(grad_policy.any()):
             # The sequence log-probs feed another term too (an NLL term, say): its gradient takes the
-            # general recomputing path.
+            # general recomputing path, summed in fp32 (float64 for float64 inputs).
             head = Head.of(hidden, weight, bias)
+            grads = grads.to(head.dtype)
             chunked_grads(head, rows, targets, lse, grad_policy.to(head.dtype)[sequence_ids], grads)
         opponent_grad = None if ctx.opponent_grad is None else (ctx.opponent_grad * scale).to(ctx.opponent_dtype)
         return (*grads.cast(hidden, weight, bias), None, None, None, opponent_grad, None, None)

@@ -55,13 +55,13 @@ class TokenizedExample:
         return (self.unfitted or self).prompt_ids
 
     def remade(self, make: Callable[[Sequence[int]], Any]) -> TokenizedExample:
-        """The same example, each of its id sequences made anew by `make` (SharedIds, or array('q') for the ranks'
+        """The same example, each of its id sequences made anew by `make` (SharedIds, or an array for the ranks'
         exchange); a part it shares with its unfitted self stays one."""
         unfitted = self.unfitted and self.unfitted.remade(make)
         made = {} if unfitted is None else {id(old): new for old, new in zip(self.unfitted.parts(), unfitted.parts())}
 
         def remade_part(part: Sequence[int] | None) -> Any:
-            return None if part is None else made.get(id(part)) or make(part)
+            return None if part is None else made[id(part)] if id(part) in made else make(part)
 
         return TokenizedExample(remade_part(self.prompt_ids), remade_part(self.response_ids),
                                 remade_part(self.generated_ids), unfitted)

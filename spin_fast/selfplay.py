@@ -178,14 +178,14 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
     fitting = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
                "cut_prompt": data.cut_prompt}
-    # A rank's examples wait for the exchange with their ids in int64 arrays: 8 bytes a token, pickled as such
-    # (a tokenizer's lists hold an int object of 28 bytes per token, and pickle makes one per token again).
+    # A rank's examples wait for the exchange with their ids in int32 arrays: 4 bytes a token, pickled as such
+    # (a tokenizer's lists hold an int object of 28 bytes per token, and unpickling makes one per token again).
     done: list[TokenizedExample] = []
     refused, failure = None, None
     for batch in distributed.progress_bar(batches, f"tokenizing ({TOKENIZE_BATCH} examples a batch)",
                                           progress and len(share) > 1000):
         try:
-            done += [example.remade(int64_array)
+            done += [example.remade(int32_array)
                      for example in tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)]
         except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
             refused, failure = refusal(tokenizer, examples, batch, fitting, error)
@@ -197,6 +197,7 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
         hasher.update(repr((e.prompt, e.response, e.generated)).encode())
     read = hasher.hexdigest()
     shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
+    del done  # this rank's arrays are in shares (copies of them under a launcher)
     if len({(n, digest) for _, _, n, digest in shares}) > 1:
         raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "
                          "by rank): did the data change while the run started?")
@@ -206,14 +207,15 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
     ids = SharedIds()  # the run holds the examples to its end
     for rank in range(len(shares)):
-        rank_done = shares[rank][0]
-        shares[rank] = None  # each rank's arrays go as its tuples come
-        tokenized[rank :: len(shares)] = [example.remade(ids) for example in rank_done]
+        rank_done, shares[rank] = shares[rank][0], None
+        for index in range(len(rank_done)):  # each example's arrays go as its tuples come
+            example, rank_done[index] = rank_done[index], None
+            tokenized[rank + index * len(shares)] = example.remade(ids)
     return tokenized
 
 
-def int64_array(ids: Seq[int]) -> array:
-    return array("q", ids)
+def int32_array(ids: Seq[int]) -> array:
+    return array("i", ids)
 
 
 def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:

@@ -329,6 +329,7 @@ class Trainer:
                 for name in names:
                     totals[name] += float(metrics[name])
                 tokens += batch.n_sequence_tokens  # every sequence whole: comparable with or without sharing
+            del loss, metrics  # the graph, with the torch backend's gradient sums, goes before the next forward
         summed = distributed.all_reduce_sum(torch.tensor([*(totals[n] for n in names), float(tokens)]),
                                             "step metrics")
         totals = dict(zip(names, summed.tolist()))

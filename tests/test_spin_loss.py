@@ -67,10 +67,12 @@ def test_hidden_index_shares_rows(backend, chunk_tokens, nll_weight, monkeypatch
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("chunk_tokens", [9, 1000])
-def test_gradient_through_policy_logps(backend, chunk_tokens, monkeypatch):
-    """An extra term on the sequence log-probs (an NLL term, say) gets its gradient too."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_through_policy_logps(backend, chunk_tokens, dtype, monkeypatch):
+    """An extra term on the sequence log-probs (an NLL term, say) gets its gradient too (in bf16, added to the
+    loss's gradient that the torch backend holds in bf16 from its forward)."""
     monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
-    check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=4, nll_weight=0.01)
+    check_fused_against_truth(backend, dtype, "sigmoid", n_pairs=4, nll_weight=0.01)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
