@@ -106,8 +106,7 @@ def check_linear_inputs(
 def _check_hidden_index(hidden_index: torch.Tensor, targets: torch.Tensor, n_tokens: int) -> None:
     """hidden_index [M]: one row of hidden [N, H] per target."""
     _check_tensor("hidden_index", hidden_index, 1)
-    if hidden_index.dtype != torch.int64:
-        raise ValueError(f"hidden_index must be an int64 tensor, got {hidden_index.dtype}")
+    _check_index_dtype("hidden_index", hidden_index)
     if hidden_index.shape != targets.shape:
         raise ValueError(f"hidden_index must have one entry per target like targets {tuple(targets.shape)}, "
                          f"got {tuple(hidden_index.shape)}")

@@ -66,7 +66,7 @@ def loss_rows(targets: torch.Tensor, ignore_index: int,
               hidden_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions in targets of the tokens with loss, the hidden row each of them reads)."""
     kept = (targets != ignore_index).nonzero().squeeze(1)
-    return kept, kept if hidden_index is None else hidden_index.index_select(0, kept)
+    return kept, kept if hidden_index is None else hidden_index.index_select(0, kept).long()  # int32 taken too
 
 
 def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, backend: str,

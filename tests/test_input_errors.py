@@ -59,7 +59,7 @@ def test_a_second_derivative_is_refused_by_name(backend):
         (torch.tensor([0, 1, 2, 3, 4, 6]), r"hidden_index\[5\] = 6 is outside \[0, 6\)"),
         (torch.tensor([0, 1, -1, 3, 4, 5]), r"hidden_index\[2\] = -1"),
         (torch.tensor([0, 1, 2]), "hidden_index must have one entry per target"),
-        (torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32), "hidden_index must be an int64 tensor"),
+        (torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int16), "hidden_index must be an int64 .or int32. tensor"),
         (torch.zeros(6, 1, dtype=torch.int64), "hidden_index must have 1 dimension"),
     ],
 )
@@ -78,6 +78,10 @@ def test_hidden_index_lets_targets_outnumber_rows():
     out = spin_kernels.linear_logprobs(hidden, weight, targets, hidden_index=rows)
     assert out.shape == (3,)
     torch.testing.assert_close(out.double(), truth_token_logprobs(hidden[rows], weight, targets), rtol=1e-5, atol=1e-5)
+    for backend in ("torch", "triton", "reference"):  # int32 indices, like targets and sequence_ids
+        assert torch.equal(spin_kernels.linear_logprobs(hidden, weight, targets, hidden_index=rows.int(),
+                                                        backend=backend),
+                           spin_kernels.linear_logprobs(hidden, weight, targets, hidden_index=rows, backend=backend))
 
 
 def test_bias_and_backend_errors(monkeypatch):
