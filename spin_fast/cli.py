@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
-        except stopping.Stopped as stop:  # SIGTERM or SIGUSR1: the work its message names is saved
+        except stopping.Stopped as stop:  # SIGTERM, SIGUSR1 or Ctrl-C: the work its message names is saved
             return report_stop(stop)
         except Exception as error:
             logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)

@@ -658,10 +658,23 @@ class SelfPlay:
         except (ConfigError, yaml.YAMLError) as error:
             raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
         differences = differing_settings(saved, self.config.to_dict(), ignored=CHANGEABLE)
+        if differences and not self._holds_work():
+            # The run stopped (on an error, say) before any stage saved a part: nothing was made with the saved
+            # settings, and the new ones (often the fix its error named) start it afresh.
+            log.info("%s: no stage has saved work here yet; the run starts again with the new settings (%s)",
+                     self.run_dir, "; ".join(differences))
+            for name in ("config.yaml", SFT_MODEL_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
+            return None
         if differences:
             raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
                              f"output_dir, or the same settings")
         return saved
+
+
+    def _holds_work(self) -> bool:
+        """Whether any stage has saved anything here: a part, an output, a manifest or a checkpoint."""
+        return any(path.is_file() for path in self.run_dir.glob("iter-*/**/*"))
 
 
 # Settings a run directory may be resumed with changed: they change no finished stage's result, and the rest's

@@ -1,7 +1,7 @@
 """Stopping a run early without losing its work: SIGTERM (what schedulers send before they kill: Slurm at the
-time limit, scancel or preemption; Kubernetes on eviction; torchrun and the deepspeed launcher pass it on) and
-SIGUSR1 (Slurm's `--signal=USR1@<seconds>` warning) end the run at its next safe point, with that point's work
-saved, and the same command resumes it.
+time limit, scancel or preemption; Kubernetes on eviction; torchrun and the deepspeed launcher pass it on),
+SIGUSR1 (Slurm's `--signal=USR1@<seconds>` warning) and SIGINT (Ctrl-C) end the run at its next safe point, with
+that point's work saved, and the same command resumes it.
 
 Safe points are where the ranks are in step: after each training step (a checkpoint is saved there), after
 each saved part of generation and scoring, and after each saved piece of an evaluation (spin_fast.evaluation).
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from spin_fast import distributed
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 _received: list[int] = []  # this process's signals, in order
 _depth = 0  # nesting of safe_points() blocks
 

@@ -312,7 +312,9 @@ def test_when_too_long_refuses_a_prompt_the_model_cannot_answer_whole(sft_model,
                                          r"the model's context of 2048 tokens"):
         SelfPlay(run_config(sft_model, tmp_path / "whole", *settings, "data.cut_prompt=when_too_long")).run()
     assert not (tmp_path / "whole" / "iter-0" / "generate" / "pairs.jsonl").exists()
-    assert SelfPlay(run_config(sft_model, tmp_path / "cut", *settings)).run()[0]["pairs"] == 2
+    # The error's fix, in the same output_dir: no stage saved anything with the refused settings, so they give way.
+    assert SelfPlay(run_config(sft_model, tmp_path / "whole", *settings)).run()[0]["pairs"] == 2
+    assert "cut_prompt: always" in (tmp_path / "whole" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("cut_prompt", ["always", "when_too_long"])
@@ -412,12 +414,12 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
         assert err.startswith("spin-fast: ") and message in err and "Traceback" not in err, (command, err)
 
 
-def test_sigterm_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_model, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_a_signal_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_model, tmp_path, capsys,
+                                                                              monkeypatch):
     """SIGTERM in iteration 0's first generation part (of 2: save_every_prompts=4): `spin-fast run` saves the part
-    and exits with 128 + 15. Started again, SIGTERM in the first training step (of 2; without save_every no
-    checkpoint is due before the end): it saves checkpoint-1 and exits. The third start finishes, with the pairs,
-    byte for byte, and the weights of an uninterrupted run."""
+    and exits with 128 + 15. Started again, Ctrl-C (SIGINT) in the first training step (of 2; without save_every no
+    checkpoint is due before the end): it saves checkpoint-1 and exits with 128 + 2. The third start finishes,
+    with the pairs, byte for byte, and the weights of an uninterrupted run."""
     import os
     import signal
 
@@ -430,23 +432,25 @@ def test_sigterm_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_
     assert main(command("straight")) == 0
     real_generate, real_step = TransformersEngine.generate, Trainer.train_step
 
-    def signalled(real):
+    def signalled(real, signum):
         def wrapped(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGTERM)  # handled at once (the main thread), in the middle of the work
+            os.kill(os.getpid(), signum)  # handled at once (the main thread), in the middle of the work
             return real(*args, **kwargs)
         return wrapped
 
     capsys.readouterr()
-    monkeypatch.setattr(TransformersEngine, "generate", signalled(real_generate))
+    monkeypatch.setattr(TransformersEngine, "generate", signalled(real_generate, signal.SIGTERM))
     assert main(command("stopped")) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM after part 1 of 2 of iteration 0 generation" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "stopped" / "iter-0" / "generate" / "parts").glob("*.jsonl")] == [
         "000000000-000000004.jsonl"]
     monkeypatch.setattr(TransformersEngine, "generate", real_generate)
-    monkeypatch.setattr(Trainer, "train_step", signalled(real_step))
-    assert main(command("stopped")) == 128 + signal.SIGTERM
+    monkeypatch.setattr(Trainer, "train_step", signalled(real_step, signal.SIGINT))
+    assert main(command("stopped")) == 128 + signal.SIGINT
     train_dir = tmp_path / "stopped" / "iter-0" / "train"
-    assert f"after spin training step 1 of 2, saved in {train_dir / 'checkpoint-1'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"stopped by SIGINT after spin training step 1 of 2, saved in {train_dir / 'checkpoint-1'}" in err
+    assert "Traceback" not in err
     assert [p.name for p in train_dir.glob("checkpoint-*")] == ["checkpoint-1"]
     monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(command("stopped")) == 0
