@@ -363,6 +363,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     check_baseline_names(baselines)
     budget, backend, progress = config.score_batch_tokens, config.train.backend, config.train.progress
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
+    selfplay.check_run_model()
     checker_code = source_hash(check) if check is not None else None
     if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
         distributed.init(config.deepspeed.timeout_minutes)

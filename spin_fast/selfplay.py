@@ -653,10 +653,7 @@ class SelfPlay:
         path = self.run_dir / "config.yaml"
         if not path.exists():
             return None
-        try:  # read as a config, so that a setting added to spin-fast since, at its default, changes nothing
-            saved = from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
-        except (ConfigError, yaml.YAMLError) as error:
-            raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
+        saved = _read_saved_config(path)
         differences = differing_settings(saved, self.config.to_dict(), ignored=CHANGEABLE)
         if differences and not self._holds_work():
             # The run stopped (on an error, say) before any stage saved a part: nothing was made with the saved
@@ -672,9 +669,29 @@ class SelfPlay:
         return saved
 
 
+    def check_run_model(self) -> None:
+        """For `spin-fast eval`: the model settings must be those the run started with, or its table would score
+        another θ0 as the run's, and the run's iterations against another opponent."""
+        path = self.run_dir / "config.yaml"
+        if not path.exists():  # no run yet: the SFT model's row alone
+            return
+        differences = [d for d in differing_settings(_read_saved_config(path)["model"], self.config.to_dict()["model"])
+                       if d.split(" ")[0] in ("name_or_path", "revision", "chat_template")]
+        if differences:
+            raise ValueError(f"{path}: the run was started with another model: model.{'; model.'.join(differences)}"
+                             ": evaluate it with its own settings")
+
     def _holds_work(self) -> bool:
         """Whether any stage has saved anything here: a part, an output, a manifest or a checkpoint."""
         return any(path.is_file() for path in self.run_dir.glob("iter-*/**/*"))
+
+
+def _read_saved_config(path: Path) -> dict:
+    """A run directory's config.yaml, read as a config: a setting added to spin-fast since is at its default."""
+    try:
+        return from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
+    except (ConfigError, yaml.YAMLError) as error:
+        raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
 
 
 # Settings a run directory may be resumed with changed: they change no finished stage's result, and the rest's

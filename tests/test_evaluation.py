@@ -156,6 +156,23 @@ def test_eval_with_a_bad_checker_fails_before_loading_models(sorting_run, tmp_pa
     assert "data.checker 'spin_fast.sorting:scroe'" in capsys.readouterr().err
 
 
+def test_eval_refuses_a_model_other_than_the_runs(sorting_run, tmp_path):
+    """The run's table scores its θ0 and its iterations against their opponents: another model.name_or_path would
+    silently score another θ0 under the run's name."""
+    import shutil
+
+    import yaml
+
+    config = eval_config(sorting_run, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config.to_dict()))))
+    shutil.copytree(sorting_run / "model", tmp_path / "model2")
+    other = eval_config(sorting_run, tmp_path / "run", f"model.name_or_path={tmp_path / 'model2'}")
+    with pytest.raises(ValueError, match=r"the run was started with another model: model\.name_or_path \(saved "):
+        evaluate_run(SelfPlay(other), other.data.eval_source)
+    assert [r["model"] for r in evaluate_run(SelfPlay(config), config.data.eval_source)] == ["sft"]
+
+
 def held_out_examples(sorting_run):
     from transformers import AutoTokenizer
 
