@@ -353,6 +353,10 @@ class SelfPlay:
             distributed.check_same_on_every_rank(config_hash(self.config), "settings")
         # Every input is read before the run directory is claimed: a typo found here leaves no config behind.
         iterations = range(self.config.iterations if until is None else until[0] + 1)
+        if self.config.data.checker:  # eval's alone, but a typo in it is named now, not after the run
+            from spin_fast.evaluation import load_checker
+
+            load_checker(self.config.data.checker)
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
         # generation; what it refuses stops every rank at once.
         saved_config = distributed.on_main(self._saved_config, "the run directory's config")
@@ -695,9 +699,10 @@ def _read_saved_config(path: Path) -> dict:
 
 
 # Settings a run directory may be resumed with changed: they change no finished stage's result, and the rest's
-# by rounding at most (how generation, scoring and training are cut into batches to fit in memory).
+# by rounding at most (how generation, scoring and training are cut into batches to fit in memory); data.checker
+# grades eval's answers only.
 CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "generation.batch_size",
-              "generation.gpu_memory_utilization", *(f"train.{name}" for name in RESUMABLE_CHANGES))
+              "generation.gpu_memory_utilization", "data.checker", *(f"train.{name}" for name in RESUMABLE_CHANGES))
 
 
 def _plain(value):

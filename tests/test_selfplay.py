@@ -160,6 +160,9 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     with pytest.raises(FileNotFoundError):  # an input that cannot be read leaves no config behind
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", missing)).run()
     assert not (tmp_path / "run" / "config.yaml").exists()
+    with pytest.raises(ValueError, match="data.checker 'nope.module:fn': cannot import module 'nope.module'"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "data.checker=nope.module:fn")).run()
+    assert not (tmp_path / "run" / "config.yaml").exists()  # eval's checker: refused before the run, not after
     SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
     differences = r"differs in generation.top_k \(saved 0, now 5\); train.beta \(saved 0.1, now 0.2\)"
     with pytest.raises(ValueError, match=differences):
@@ -170,7 +173,8 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
                                     "train.save_every=1", "train.keep_checkpoints=3", "train.tensorboard=true",
                                     "train.micro_batch_tokens=128", "train.gradient_checkpointing=true",
                                     "score_batch_tokens=256", "generation.batch_size=2",
-                                    "generation.gpu_memory_utilization=0.3")).run()
+                                    "generation.gpu_memory_utilization=0.3", "data.checker=spin_fast.sorting:score"
+                                    )).run()
     assert len(summaries) == 2 and "iterations: 2" in (tmp_path / "run" / "config.yaml").read_text()
     # A run started before a setting existed goes on under a newer spin-fast while the setting is at its default.
     saved = tmp_path / "run" / "config.yaml"
