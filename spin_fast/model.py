@@ -44,7 +44,11 @@ def load_tokenizer(settings: ModelConfig, folder: str | None = None):
     from transformers import AutoTokenizer
 
     name_or_path, chat_template = settings.name_or_path, settings.template_text()
-    tokenizer = AutoTokenizer.from_pretrained(folder or name_or_path, trust_remote_code=settings.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder or name_or_path, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as error:  # transformers' words name neither the setting nor the folder
+        raise ValueError(f"model.name_or_path {name_or_path!r}: its tokenizer cannot be loaded from "
+                         f"{folder or name_or_path} (tokenizer.json, tokenizer_config.json, ...): {error}") from error
     if chat_template is not None:
         if tokenizer.chat_template and tokenizer.chat_template != chat_template:
             log.info("%s: model.chat_template replaces the tokenizer's own chat template", name_or_path)

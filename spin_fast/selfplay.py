@@ -237,6 +237,9 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
     if Path(name_or_path).exists():
         if revision:
             raise ValueError(f"{setting} {name_or_path!r} is a local folder: model.revision is for Hub models")
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise FileNotFoundError(f"{setting} {name_or_path!r}: no config.json in it: not a model folder (one holds "
+                                    "config.json, the weights and the tokenizer's files, as save_pretrained writes)")
         return name_or_path
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -273,10 +273,12 @@ def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypa
 
     folder = tmp_path / "model"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"12345")
     assert fetch_model(str(folder)) == str(folder)
-    mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert model_identity(str(folder), str(folder)) == [["model.safetensors", 5, mtime]]
+    mtimes = [(folder / name).stat().st_mtime_ns for name in ("config.json", "model.safetensors")]
+    assert model_identity(str(folder), str(folder)) == [["config.json", 2, mtimes[0]],
+                                                        ["model.safetensors", 5, mtimes[1]]]
 
 
 def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
@@ -313,6 +315,26 @@ def test_a_model_that_is_neither_a_folder_nor_on_the_hub_is_named_with_its_setti
     with pytest.raises(FileNotFoundError, match=r"^baseline 'csft' 'org/absent': no such model folder, and not "
                                                 r"fetched as a Hub model id \(LocalEntryNotFoundError"):
         fetch_model("org/absent", "baseline 'csft'")
+
+
+def test_a_model_folder_without_its_config_or_tokenizer_is_named_with_its_setting(sorting_run, tmp_path):
+    """transformers' own words ("Unrecognized model ... model_type key", "Couldn't instantiate the backend
+    tokenizer ... install sentencepiece") name neither the setting nor what the folder lacks."""
+    import shutil
+
+    from spin_fast.config import ModelConfig
+    from spin_fast.model import load_tokenizer
+    from spin_fast.selfplay import fetch_model
+
+    shutil.copytree(sorting_run / "model", tmp_path / "no-config")
+    (tmp_path / "no-config" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"^model.name_or_path '.*no-config': no config.json in it"):
+        fetch_model(str(tmp_path / "no-config"))
+    (tmp_path / "no-tokenizer").mkdir()
+    shutil.copy(sorting_run / "model" / "config.json", tmp_path / "no-tokenizer")
+    folder = fetch_model(str(tmp_path / "no-tokenizer"))
+    with pytest.raises(ValueError, match=r"^model.name_or_path '.*no-tokenizer': its tokenizer cannot be loaded from"):
+        load_tokenizer(ModelConfig(name_or_path=folder), folder)
 
 
 def save_model(folder, tokenizer, seed: int, **shape):
@@ -378,7 +400,7 @@ def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(s
         "gone": (FileNotFoundError, "baseline 'gone' '/nonexistent/checkpoint-9': no such model folder"),
         "words": (ConfigError, r"baseline 'words' .*: its tokenizer's vocabulary \(\d+ tokens\) is not the SFT model's "
                                 r"\(320 tokens\)"),
-        "empty": (FileNotFoundError, "baseline 'empty': .* has no config.json: not a model folder"),
+        "empty": (FileNotFoundError, "baseline 'empty' '.*empty': no config.json in it: not a model folder"),
     }
     paths = {"iter-0": str(sorting_run / "model"), "a/b": str(sorting_run / "model"),
              "held-out-pairs-0": str(sorting_run / "model"),
