@@ -167,7 +167,14 @@ def run_sft(config) -> int:
     from spin_fast import distributed
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence
-    from spin_fast.selfplay import config_hash, fetch_model, load_policy, read_examples, tokenize_examples
+    from spin_fast.selfplay import (
+        check_output_dir,
+        config_hash,
+        fetch_model,
+        load_policy,
+        read_examples,
+        tokenize_examples,
+    )
     from spin_fast.tracking import tracked_name
     from spin_fast.training import Trainer, uses_deepspeed
 
@@ -175,6 +182,7 @@ def run_sft(config) -> int:
                         ("data.source", config.data.source)):
         if not value:
             raise ValueError(f"{name} is not set: sft needs the model to start from, its data and an output_dir")
+    check_output_dir(config.output_dir)
     if uses_deepspeed(config.deepspeed):  # each rank on its own GPU before the model loads
         distributed.init(config.deepspeed.timeout_minutes)
         distributed.check_same_on_every_rank(config_hash(config), "settings")

@@ -305,7 +305,13 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     """A RunConfig from a YAML file (or defaults when None), then `key.sub=value` overrides."""
     data: dict = {}
     if path is not None:
-        loaded = parse_yaml(Path(path).read_text(), str(path)) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path}: not UTF-8 text ({error})") from None
+        except OSError as error:  # missing, a folder, unreadable
+            raise ConfigError(f"config file {path}: {error.strerror or error}") from None
+        loaded = parse_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(loaded).__name__}")
         if "demo" in loaded:

@@ -333,7 +333,7 @@ def _detect_schema(row: Any, where: str) -> str:
         return "prompt_response"
     found = sorted(keys) if isinstance(row, Mapping) else _kind(row)
     raise DataError(f"{where}: cannot detect the schema from {found}; expected a 'messages' field, 'prompt' and "
-                    f"'response', or 'real' and 'generated' (or pass schema= one of {', '.join(SCHEMAS)})")
+                    f"'response', or 'real' and 'generated' (or set data.schema to one of {', '.join(SCHEMAS)})")
 
 
 def _file_schema(name: str, head: list[tuple[str, Any]]) -> str:

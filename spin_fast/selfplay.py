@@ -315,6 +315,15 @@ def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, data:
     return pairs
 
 
+def check_output_dir(path: str) -> None:
+    """Refused before any work: output_dir naming a file, or under one."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"output_dir {path!r}: {folder} is a file, not a folder")
+            return
+
+
 class SelfPlay:
     """One SPIN run. The engine is created once, by `make_engine(model, tokenizer, run config, model folder)`, and
     kept for every iteration."""
@@ -322,6 +331,7 @@ class SelfPlay:
     def __init__(self, config: RunConfig, make_engine=None):
         if not config.output_dir:
             raise ValueError("output_dir is not set: the run needs a directory for its stages")
+        check_output_dir(config.output_dir)
         if not config.model.name_or_path:
             raise ValueError("model.name_or_path is not set: the SFT model to start from")
         if not config.data.source:

@@ -114,6 +114,16 @@ def test_a_config_file_with_a_key_twice_or_bad_yaml_is_named_with_its_line(tmp_p
         "beta": 0.2, "epochs": 2}
 
 
+def test_a_config_file_that_cannot_be_read_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path / 'missing.yaml'}: No such file or directory$"):
+        load_run_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path}: Is a directory$"):
+        load_run_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("model: {name_or_path: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \('utf-8' codec can't decode byte 0xe9"):
+        load_run_config(tmp_path / "latin1.yaml")
+
+
 def test_the_demo_config_is_named_for_what_runs_it(tmp_path):
     from pathlib import Path
 

@@ -160,6 +160,10 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
     with pytest.raises(FileNotFoundError):  # an input that cannot be read leaves no config behind
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", missing)).run()
     assert not (tmp_path / "run" / "config.yaml").exists()
+    (tmp_path / "a-file").write_text("")
+    for inside in ("a-file", "a-file/run"):
+        with pytest.raises(ValueError, match=f"output_dir '.*{inside}': .*a-file is a file, not a folder"):
+            SelfPlay(run_config(sft_model, tmp_path / inside, "iterations=1"))
     with pytest.raises(ValueError, match="data.checker 'nope.module:fn': cannot import module 'nope.module'"):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "data.checker=nope.module:fn")).run()
     assert not (tmp_path / "run" / "config.yaml").exists()  # eval's checker: refused before the run, not after
@@ -411,6 +415,8 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
         (["sft", str(config), "--set", "data.source=''"], "data.source is not set"),
         (["eval", str(config), "--set", "output_dir=''", "--set", "data.eval_source=x"], "output_dir is not set"),
         (["run", str(config), "--set", f"model.name_or_path={tmp_path}/no-model"], "no-model"),
+        (["sft", str(config), "--set", f"output_dir={tmp_path / 'bad.yaml'}"], "bad.yaml is a file, not a folder"),
+        (["run", str(tmp_path / "missing.yaml")], "config file"),
     ]:
         capsys.readouterr()
         assert main(command) == 2, command
