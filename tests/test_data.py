@@ -269,6 +269,17 @@ def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     assert any("skipped 3 invalid rows, kept 2" in m for m in messages)
 
 
+def test_skip_invalid_skips_leading_rows_whose_schema_cannot_be_told(tmp_path):
+    """The file's first object row names its schema; under skip_invalid, the first whose schema can be told: rows
+    before it are bad rows like any other."""
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Hi?"}, ["a", "list"], GOOD, {"answer": "x"}, GOOD])
+    with pytest.raises(DataError, match=r"t\.jsonl line 1: cannot detect the schema from \['prompt'\]; .* set "
+                                        r"data\.schema"):
+        load_examples(path)
+    result = load_examples(path, skip_invalid=True)
+    assert result.skipped == 3 and [e.origin for e in result.examples] == [f"{path} line 3", f"{path} line 5"]
+
+
 def test_empty_or_all_invalid_file_is_an_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match=r"empty\.jsonl: no rows"):
