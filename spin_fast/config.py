@@ -6,6 +6,7 @@ errors naming the key (and the closest valid one).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -318,12 +319,34 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
             raise ConfigError(f"{path}: its 'demo' section holds the demo's own settings: run it with "
                               f"`python -m spin_fast.demo --config {path}` (or `make demo`)")
         data = loaded
+    from_file = copy.deepcopy(data)
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {override!r}: expected key=value, e.g. train.learning_rate=1e-7")
-        _set_dotted(data, key.strip(), parse_yaml(raw, f"--set {override}"), where=f"--set {override}")
-    return from_dict(RunConfig, data)
+        _apply_override(data, override)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as error:
+        raise ConfigError(f"{_blamed(path, from_file, overrides, str(error))}{error}") from None
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. train.learning_rate=1e-7")
+    _set_dotted(data, key.strip(), parse_yaml(raw, f"--set {override}"), where=f"--set {override}")
+
+
+def _blamed(path: str | Path | None, data: dict, overrides: Sequence[str], message: str) -> str:
+    """Where a config's error comes from, as a prefix for it: the file, when it alone gives the error, else the
+    first --set option after which it appears."""
+    for source in (path, *(f"--set {override}" for override in overrides)):
+        if source is not None and source != path:
+            _apply_override(data, source.removeprefix("--set "))
+        try:
+            from_dict(RunConfig, copy.deepcopy(data))
+        except ConfigError as error:
+            if str(error) == message:
+                return f"{source}: " if source is not None else ""
+    return ""
 
 
 def from_dict(cls, data: dict, prefix: str = ""):

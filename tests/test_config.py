@@ -146,3 +146,18 @@ def test_top_level_must_be_a_mapping(tmp_path):
     (tmp_path / "bad.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
         load_run_config(tmp_path / "bad.yaml")
+
+
+def test_a_bad_setting_is_named_with_where_it_was_given(tmp_path):
+    """The file, or the first --set option after which the error appears; a --set that fixes the file's value
+    is taken."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {learnig_rate: 1.0e-7}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown setting 'train.learnig_rate'; did you mean"):
+        load_run_config(path, ["iterations=2"])
+    path.write_text("train: {beta: -1}\n")
+    assert load_run_config(path, ["train.beta=0.3"]).train.beta == 0.3
+    with pytest.raises(ConfigError, match=r"^--set data.max_length=16: data: max_prompt_length \(512\) must be"):
+        load_run_config(path, ["train.beta=0.3", "data.max_length=16", "iterations=2"])
+    with pytest.raises(ConfigError, match=r"^--set iterations=x: setting 'iterations' must be int"):
+        load_run_config(None, ["iterations=x"])
