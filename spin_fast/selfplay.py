@@ -54,7 +54,8 @@ from spin_fast.data import (
 )
 from spin_fast.files import replacing, whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
-from spin_fast.model import load_causal_lm, load_tokenizer
+from spin_fast.model import can_share_prompts, load_causal_lm, load_tokenizer
+from spin_fast.packing import group_tokens
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
 from spin_fast.training import RESUMABLE_CHANGES, Trainer, uses_deepspeed
@@ -551,6 +552,7 @@ class SelfPlay:
         sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
                    for i in range(max(0, t - config.mix_previous), t + 1)]
         mixed = [pair for source in [sources[-1], *sources[:-1]] for pair in load_scored_pairs(source)]  # t's first
+        check_pairs_fit(mixed, model, config, t)
 
         def score_part(start: int, end: int):
             part = mixed[start:end]
@@ -701,6 +703,23 @@ class SelfPlay:
     def _holds_work(self) -> bool:
         """Whether any stage has saved anything here: a part, an output, a manifest or a checkpoint."""
         return any(path.is_file() for path in self.run_dir.glob("iter-*/**/*"))
+
+
+def check_pairs_fit(pairs: Seq[ScoredPair], model, config: RunConfig, t: int) -> None:
+    """Before scoring: the longest pair fits score_batch_tokens and train.micro_batch_tokens, or the error names
+    the setting now rather than after the scoring (both may change when the run resumes)."""
+    if not pairs:
+        return
+    shared = can_share_prompts(model)
+    for name, budget, share in (("score_batch_tokens", config.score_batch_tokens, shared),
+                                ("train.micro_batch_tokens", config.train.micro_batch_tokens,
+                                 shared and config.train.share_prompts)):
+        tokens = [group_tokens(pair.sequences(), share) for pair in pairs]
+        longest = max(range(len(pairs)), key=tokens.__getitem__)
+        if tokens[longest] > budget:
+            raise ValueError(f"{name}={budget}: pair {longest} of iteration {t}'s {len(pairs)} takes "
+                             f"{tokens[longest]} tokens (its prompt and both responses, in one micro-batch): raise "
+                             f"{name}, which the run may resume with")
 
 
 def _read_saved_config(path: Path) -> dict:

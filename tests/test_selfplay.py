@@ -190,6 +190,17 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "save_every_prompts=2")).run()
 
 
+def test_a_pair_longer_than_a_batch_budget_is_named_before_scoring_and_the_run_resumes_with_more(sft_model,
+                                                                                                tmp_path):
+    for setting in ("score_batch_tokens=8", "train.micro_batch_tokens=16"):
+        name, budget = setting.split("=")
+        with pytest.raises(ValueError, match=rf"^{name}={budget}: pair \d+ of iteration 0's \d+ takes \d+ tokens"):
+            SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", setting)).run()
+        assert (tmp_path / "run" / "iter-0" / "generate" / "manifest.json").exists()
+        assert not list((tmp_path / "run" / "iter-0").glob("score/*"))  # no scoring to redo
+    assert len(SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()) == 1
+
+
 def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, tmp_path, monkeypatch, caplog):
     config = run_config(sft_model, tmp_path / "run", "iterations=1")
     SelfPlay(config).run(until=(0, "generate"))
