@@ -112,6 +112,16 @@ def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, ba
             "responses": len(examples)}
 
 
+def check_examples_fit(examples: Seq[TokenizedExample], token_budget: int, source: str) -> None:
+    """Each held-out example (its prompt and human response) fits score_batch_tokens: else the error names the
+    setting before any model is scored, not packing's budget midway (after a run's training)."""
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
+    longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+    if longest is not None and lengths[longest] > token_budget:
+        raise ValueError(f"score_batch_tokens={token_budget}: {source}: example {longest} (counted from 0) takes "
+                         f"{lengths[longest]} tokens: raise score_batch_tokens")
+
+
 def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, token_budget: int,
                    backend: str = "auto", progress: bool = False) -> dict:
     """SPIN's implicit rewards of the policy against its opponent, averaged over the pairs."""
@@ -377,6 +387,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         tokenizer = load_tokenizer(config.model, folders[config.model.name_or_path])
         raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
     examples = tokenize_examples(tokenizer, data, raw, progress)
+    check_examples_fit(examples, budget, eval_source)
 
     # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
     # ranks evaluate different models (and wait forever for each other).

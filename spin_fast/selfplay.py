@@ -392,6 +392,12 @@ class SelfPlay:
             for data, source, limit in sources.values():
                 self.read(data, source, limit)
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
+        if any(isinstance(t, str) for t in sources):
+            from spin_fast.evaluation import check_examples_fit
+
+            for t, (_, source, _) in sources.items():
+                if isinstance(t, str):  # "eval t": scored after iteration t's training
+                    check_examples_fit(examples[t], self.config.score_batch_tokens, source)
         self._read.clear()  # the text: from here on the run needs its ids alone
         distributed.on_main(lambda: self._claim_run_directory(saved_config, until), "run directory")
         summaries = []

@@ -173,6 +173,23 @@ def test_eval_refuses_a_model_other_than_the_runs(sorting_run, tmp_path):
     assert [r["model"] for r in evaluate_run(SelfPlay(config), config.data.eval_source)] == ["sft"]
 
 
+def test_a_held_out_example_longer_than_score_batch_tokens_is_named_before_any_model_is_scored(sorting_run, tmp_path,
+                                                                                                 monkeypatch):
+    from spin_fast import selfplay
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(selfplay, "load_policy", no_loading)
+    config = eval_config(sorting_run, tmp_path / "run", "score_batch_tokens=8")
+    message = r"^score_batch_tokens=8: .*eval\.jsonl: example \d+ \(counted from 0\) takes \d+ tokens"
+    with pytest.raises(ValueError, match=message):
+        evaluate_run(SelfPlay(config), config.data.eval_source)
+    with pytest.raises(ValueError, match=message):  # a run's held-out scoring comes after training: named first
+        SelfPlay(config).run()
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def held_out_examples(sorting_run):
     from transformers import AutoTokenizer
 
