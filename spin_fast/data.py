@@ -337,22 +337,23 @@ def _detect_schema(row: Any, where: str) -> str:
                     f"'response', or 'real' and 'generated' (or set data.schema to one of {', '.join(SCHEMAS)})")
 
 
-def _names_schema(row: Any, skip_invalid: bool) -> bool:
-    """Whether a file's schema is taken from this row: its first object row's, or under skip_invalid its first
-    whose schema can be detected (the bad rows before it are skipped)."""
-    if not isinstance(row, Mapping):
-        return False
-    try:
-        return not skip_invalid or bool(_detect_schema(row, ""))
-    except DataError:
-        return False
-
-
-def _file_schema(name: str, head: list[tuple[str, Any]], skip_invalid: bool) -> str:
-    """The schema of a file whose rows begin with `head`: the row _names_schema picks decides (else the first
-    object row, whose error it is), so that a folder may mix formats and leading broken lines can be skipped."""
-    where, row = next(((w, r) for w, r in head if _names_schema(r, skip_invalid)),
-                      next(((w, r) for w, r in head if isinstance(r, Mapping)), head[0]))
+def _file_schema(name: str, head: list[tuple[str, Any]], rows: Rows, skip_invalid: bool) -> str:
+    """The schema of a file whose first row is head[0]: its first object row's, or under skip_invalid its first
+    whose schema can be detected within SCHEMA_ROWS rows (else the first object row's error), so that a folder
+    may mix formats and leading broken lines can be skipped. The rows read on are appended to `head`."""
+    first_object = None
+    while True:
+        row = head[-1][1]
+        if isinstance(row, Mapping):
+            first_object = first_object or head[-1]
+            if not skip_invalid:
+                break
+            with contextlib.suppress(DataError):
+                return _detect_schema(row, "")
+        if len(head) >= SCHEMA_ROWS or (following := next(rows, None)) is None:
+            break
+        head.append(following)
+    where, row = first_object or head[0]
     if isinstance(row, _BadLine):
         raise DataError(f"{name} {where}: {row.error}{_whole_file_hint(name, head[0][1])}")
     return _detect_schema(row, f"{name} {where}")
@@ -431,11 +432,7 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
             head = list(itertools.islice(rows, 1))
             if not head:
                 raise DataError(f"{name}: no rows")
-            if schema == "auto":  # read on to the row that names the file's schema (_names_schema)
-                while (not _names_schema(head[-1][1], skip_invalid) and len(head) < SCHEMA_ROWS
-                       and (row := next(rows, None)) is not None):
-                    head.append(row)
-            file_schema = _file_schema(name, head, skip_invalid) if schema == "auto" else schema
+            file_schema = _file_schema(name, head, rows, skip_invalid) if schema == "auto" else schema
             _check_kind(kinds, name, file_schema)
             kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, keep_history,
                                     skip_invalid, None if limit is None else limit - len(examples))

@@ -38,7 +38,7 @@ from spin_fast.data import Example, TokenizedExample
 from spin_fast.files import write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig
 from spin_fast.model import can_share_prompts, load_tokenizer
-from spin_fast.packing import Sequence, group_tokens, pack_groups
+from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
 from spin_fast.tracking import Trackers, check_trackers, tracked_name
 
@@ -115,11 +115,8 @@ def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, ba
 def check_examples_fit(examples: Seq[TokenizedExample], token_budget: int, source: str) -> None:
     """Each held-out example (its prompt and human response) fits score_batch_tokens: else the error names the
     setting before any model is scored, not packing's budget midway (after a run's training)."""
-    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
-    longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
-    if longest is not None and lengths[longest] > token_budget:
-        raise ValueError(f"score_batch_tokens={token_budget}: {source}: example {longest} (counted from 0) takes "
-                         f"{lengths[longest]} tokens: raise score_batch_tokens")
+    check_fits([len(e.prompt_ids) + len(e.response_ids) for e in examples], token_budget, "score_batch_tokens",
+               f"{source}: example")
 
 
 def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, token_budget: int,
@@ -447,7 +444,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
-        key = {"answers of": identities[opponent], "sampling": asdict(sampling), **settings}
+        # score_batch_tokens cuts the scoring alone: raising it (as the fit check below asks) keeps the answers.
+        key = {"answers of": identities[opponent], "sampling": asdict(sampling),
+               **{k: v for k, v in settings.items() if k != "score_batch_tokens"}}
         pairs = saved.get_or_make(f"held-out-pairs-{t}", key, make, f"iteration {t}'s opponent's held-out answers")
         return [TokenizedPair(*(tuple(ids) for ids in pair)) for pair in pairs]
 
@@ -460,6 +459,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             # The opponent's answers first: a vLLM engine still holds its weights from the row before.
             pairs = held_out_pairs(*opponent) if opponent is not None else None
             model = model_at(path)
+            if pairs is not None:  # named before this row's scoring, not by packing's budget after its first parts
+                check_fits([group_tokens(p.sequences(), can_share_prompts(model)) for p in pairs], budget,
+                           "score_batch_tokens", f"iteration {opponent[0]}'s held-out pair")
             row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
             if check is not None:
                 answers = answering.greedy(path, examples)

@@ -99,6 +99,15 @@ def group_tokens(group: abc.Sequence[Sequence], share_prompts: bool) -> int:
     return whole
 
 
+def check_fits(tokens: abc.Sequence[int], budget: int, setting: str, what: str, advice: str = "") -> None:
+    """The longest item fits `budget` (tokens: each item's row tokens), or a ValueError names the setting and the
+    item (`what` and its index): callers check before the work that would meet the budget midway."""
+    longest = max(range(len(tokens)), key=tokens.__getitem__, default=None)
+    if longest is not None and tokens[longest] > budget:
+        raise ValueError(f"{setting}={budget}: {what} {longest} (counted from 0) takes {tokens[longest]} tokens: "
+                         f"raise {setting}{advice}")
+
+
 def _group_lengths(groups: abc.Sequence[abc.Sequence[Sequence]], share_prompts: bool) -> tuple[int, list[int]]:
     """The common group size k and each group's row tokens; ValueError on a ragged or empty group."""
     group_size = len(groups[0])

@@ -55,10 +55,10 @@ from spin_fast.data import (
 from spin_fast.files import replacing, whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.model import can_share_prompts, load_causal_lm, load_tokenizer
-from spin_fast.packing import group_tokens
+from spin_fast.packing import check_fits, group_tokens
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
-from spin_fast.training import RESUMABLE_CHANGES, Trainer, uses_deepspeed
+from spin_fast.training import RESUMABLE_CHANGES, Trainer, check_items, uses_deepspeed
 from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
@@ -712,20 +712,15 @@ class SelfPlay:
 
 
 def check_pairs_fit(pairs: Seq[ScoredPair], model, config: RunConfig, t: int) -> None:
-    """Before scoring: the longest pair fits score_batch_tokens and train.micro_batch_tokens, or the error names
-    the setting now rather than after the scoring (both may change when the run resumes)."""
+    """Before scoring: each pair fits score_batch_tokens and passes the training's checks (its micro-batch budget
+    first), or the error names the setting now rather than after the scoring (both budgets may change when the
+    run resumes)."""
     if not pairs:
         return
-    shared = can_share_prompts(model)
-    for name, budget, share in (("score_batch_tokens", config.score_batch_tokens, shared),
-                                ("train.micro_batch_tokens", config.train.micro_batch_tokens,
-                                 shared and config.train.share_prompts)):
-        tokens = [group_tokens(pair.sequences(), share) for pair in pairs]
-        longest = max(range(len(pairs)), key=tokens.__getitem__)
-        if tokens[longest] > budget:
-            raise ValueError(f"{name}={budget}: pair {longest} of iteration {t}'s {len(pairs)} takes "
-                             f"{tokens[longest]} tokens (its prompt and both responses, in one micro-batch): raise "
-                             f"{name}, which the run may resume with")
+    what = f"iteration {t}'s pair"
+    check_fits([group_tokens(pair.sequences(), can_share_prompts(model)) for pair in pairs], config.score_batch_tokens,
+               "score_batch_tokens", what, " (a pair's prompt and both responses are scored in one micro-batch)")
+    check_items(pairs, model, config.train, what)
 
 
 def _read_saved_config(path: Path) -> dict:

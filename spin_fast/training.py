@@ -35,7 +35,7 @@ import spin_kernels
 from spin_fast import distributed, stopping
 from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import can_share_prompts, disable_dropout, head, head_like, micro_batch_hidden_states
-from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
+from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
 from spin_fast.tracking import MetricsLog, check_trackers
 from spin_fast.version import code_version
@@ -171,6 +171,33 @@ def uses_deepspeed(settings: DeepSpeedConfig | None) -> bool:
     return settings.enabled is True or (settings.enabled is None and distributed.launched_distributed())
 
 
+def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConfig, what: str = "item") -> None:
+    """Every item up front, named by its index (`what` says what the items are): a bad one found at its step
+    would end a run hours in. A run checks its pairs with it before scoring them too."""
+    if not items:
+        raise ValueError("nothing to train on: the item list is empty")
+    expected = ScoredPair if config.mode == "spin" else Sequence
+    for index, item in enumerate(items):
+        if not isinstance(item, expected):
+            raise ValueError(f"{what} {index}: mode={config.mode!r} trains on {expected.__name__} items, "
+                             f"got {type(item).__name__}")
+    groups = [item.sequences() if expected is ScoredPair else [item] for item in items]
+    share_prompts = config.share_prompts and can_share_prompts(model)
+    check_fits([group_tokens(group, share_prompts) for group in groups], config.micro_batch_tokens,
+               "train.micro_batch_tokens", what,
+               " (a pair's sequences share a micro-batch) or cut the data shorter (data.max_length)")
+    vocab = model.get_input_embeddings().num_embeddings
+    for index, (item, group) in enumerate(zip(items, groups)):
+        parts = [part for sequence in group for part in (sequence.prompt_ids, sequence.response_ids) if part]
+        lowest, highest = min(map(min, parts)), max(map(max, parts))
+        if lowest < 0 or highest >= vocab:
+            raise ValueError(f"{what} {index}: token id {highest if highest >= vocab else lowest} is outside the "
+                             f"model's vocabulary [0, {vocab}) (a tokenizer larger than the model?)")
+        if expected is ScoredPair and not math.isfinite(item.opponent_real + item.opponent_generated):
+            raise ValueError(f"{what} {index}: the opponent's log-probs are not finite ({item.opponent_real}, "
+                             f"{item.opponent_generated})")
+
+
 class Trainer:
     """Trains `model` in place on SPIN pairs (with opponent log-probs) or SFT sequences.
 
@@ -192,7 +219,7 @@ class Trainer:
         if config.mode == "spin":
             disable_dropout(model)
         self.share_prompts = config.share_prompts and can_share_prompts(model)
-        self.check_items()
+        check_items(self.items, model, config)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.loss_module = PackedLoss(model, config)
         optimizer = make_optimizer(model, config)
@@ -223,31 +250,6 @@ class Trainer:
         details = {"items": len(self.items), "steps": self.steps, "world_size": self.world}
         self.metrics_log = (MetricsLog(self.output_dir, config, name or str(self.output_dir), details)
                             if self.rank == 0 else None)
-
-    def check_items(self) -> None:
-        """Every item up front, named by its index: a bad one found at its step would end a run hours in."""
-        if not self.items:
-            raise ValueError("nothing to train on: the item list is empty")
-        expected = ScoredPair if self.config.mode == "spin" else Sequence
-        vocab = self.model.get_input_embeddings().num_embeddings
-        for index, item in enumerate(self.items):
-            if not isinstance(item, expected):
-                raise ValueError(f"item {index}: mode={self.config.mode!r} trains on {expected.__name__} items, "
-                                 f"got {type(item).__name__}")
-            group = self.groups([index])[0]
-            tokens = group_tokens(group, self.share_prompts)
-            if tokens > self.config.micro_batch_tokens:
-                raise ValueError(f"item {index} takes {tokens} tokens, more than train.micro_batch_tokens="
-                                 f"{self.config.micro_batch_tokens}: raise it (a pair's sequences share a "
-                                 f"micro-batch) or cut the data shorter (data.max_length)")
-            parts = [part for sequence in group for part in (sequence.prompt_ids, sequence.response_ids) if part]
-            lowest, highest = min(map(min, parts)), max(map(max, parts))
-            if lowest < 0 or highest >= vocab:
-                raise ValueError(f"item {index}: token id {highest if highest >= vocab else lowest} is outside the "
-                                 f"model's vocabulary [0, {vocab}) (a tokenizer larger than the model?)")
-            if expected is ScoredPair and not math.isfinite(item.opponent_real + item.opponent_generated):
-                raise ValueError(f"item {index}: the opponent's log-probs are not finite ({item.opponent_real}, "
-                                 f"{item.opponent_generated})")
 
     # ------------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:

@@ -190,6 +190,25 @@ def test_a_held_out_example_longer_than_score_batch_tokens_is_named_before_any_m
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_a_held_out_pair_longer_than_score_batch_tokens_is_named_before_its_scoring_and_its_answers_kept(
+        sorting_run, tmp_path):
+    """The margins' pairs (prompt, human response, the opponent's answer) are known once the opponent has answered:
+    one too long is named then, before the row's scoring; the answers stay saved for the rerun with a larger
+    score_batch_tokens."""
+    _, examples = held_out_examples(sorting_run)
+    longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)  # each example fits, its pair not
+    output, baselines = tmp_path / "run" / "eval.jsonl", {"same": str(sorting_run / "model")}
+    config = eval_config(sorting_run, tmp_path / "run", f"score_batch_tokens={longest}")
+    message = rf"^score_batch_tokens={longest}: iteration 0's held-out pair \d+ \(counted from 0\) takes \d+ tokens"
+    with pytest.raises(ValueError, match=message):
+        evaluate_run(SelfPlay(config), config.data.eval_source, output, baselines)
+    answers = tmp_path / "run" / "eval-parts" / "held-out-pairs-0.json"
+    answered = answers.stat().st_mtime_ns
+    config = eval_config(sorting_run, tmp_path / "run")
+    rows = evaluate_run(SelfPlay(config), config.data.eval_source, output, baselines)
+    assert rows[1]["pairs"] == len(examples) and answers.stat().st_mtime_ns == answered  # not answered again
+
+
 def held_out_examples(sorting_run):
     from transformers import AutoTokenizer
 

@@ -194,7 +194,8 @@ def test_a_pair_longer_than_a_batch_budget_is_named_before_scoring_and_the_run_r
                                                                                                 tmp_path):
     for setting in ("score_batch_tokens=8", "train.micro_batch_tokens=16"):
         name, budget = setting.split("=")
-        with pytest.raises(ValueError, match=rf"^{name}={budget}: pair \d+ of iteration 0's \d+ takes \d+ tokens"):
+        message = rf"^{name}={budget}: iteration 0's pair \d+ \(counted from 0\) takes \d+ tokens"
+        with pytest.raises(ValueError, match=message):
             SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", setting)).run()
         assert (tmp_path / "run" / "iter-0" / "generate" / "manifest.json").exists()
         assert not list((tmp_path / "run" / "iter-0").glob("score/*"))  # no scoring to redo

@@ -288,7 +288,7 @@ def test_bad_items_are_refused_before_training_names_them(tmp_path):
         ([], "nothing to train on"),
         ([*scored, Sequence((1,), (2,))], "item 4: mode='spin' trains on ScoredPair items, got Sequence"),
         ([*scored, *score_pairs(model, [long], token_budget=128)],
-         r"item 4 takes 100 tokens, more than train.micro_batch_tokens=48"),
+         r"^train.micro_batch_tokens=48: item 4 \(counted from 0\) takes 100 tokens: raise train.micro_batch_tokens"),
         ([*scored[:2], type(scored[2])(scored[2].prompt_ids + (VOCAB,), *astuple(scored[2])[1:])],
          rf"item 2: token id {VOCAB} is outside the model's vocabulary \[0, {VOCAB}\)"),
         ([*scored[:3], type(scored[3])(*astuple(scored[3])[:3], float("nan"), -1.0)],
