@@ -164,7 +164,8 @@ def profiled_selfplay(config, on_record=None):
     """A SelfPlay whose stages record their peak memory in the memory iterations (selfplay.records["memory"]) and
     their seconds in the timed one (records["time"]); the engine's start is timed wherever it happens.
     on_record(selfplay), when given, is called after each stage's record."""
-    from spin_fast.selfplay import SelfPlay, default_engine
+    from spin_fast.generation.choice import default_engine
+    from spin_fast.selfplay import SelfPlay
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -165,16 +165,12 @@ def run_eval(selfplay, baselines: dict[str, str]) -> int:
 def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
     from spin_fast import distributed
+    from spin_fast.examples import read_examples, tokenize_examples
+    from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence
-    from spin_fast.selfplay import (
-        check_output_dir,
-        config_hash,
-        fetch_model,
-        load_policy,
-        read_examples,
-        tokenize_examples,
-    )
+    from spin_fast.selfplay import check_output_dir
+    from spin_fast.stages import config_hash
     from spin_fast.tracking import tracked_name
     from spin_fast.training import Trainer, uses_deepspeed
 

@@ -233,8 +233,9 @@ class Demo:
         steps of config.global_batch (one epoch over the repeats, shuffled by the trainer)."""
         from transformers import AutoTokenizer
 
+        from spin_fast.examples import tokenized_examples
+        from spin_fast.loading import load_policy
         from spin_fast.packing import Sequence
-        from spin_fast.selfplay import load_policy, tokenized_examples
         from spin_fast.training import Trainer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -247,12 +248,12 @@ class Demo:
 
     # ------------------------------------------------------------------------------------- manifests
     def manifest(self, stage: str) -> dict | None:
-        from spin_fast.selfplay import read_manifest
+        from spin_fast.stages import read_manifest
 
         return read_manifest(self.run_dir / stage)
 
     def write_manifest(self, stage: str, **fields) -> None:
-        from spin_fast.selfplay import write_manifest
+        from spin_fast.stages import write_manifest
 
         (self.run_dir / stage).mkdir(parents=True, exist_ok=True)
         write_manifest(self.run_dir / stage, stage=stage, **fields)

@@ -35,11 +35,15 @@ import torch
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
+from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
 from spin_fast.files import write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig
+from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm
+from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
 from spin_fast.scoring import TokenizedPair, sequence_logprobs
+from spin_fast.stages import config_hash, read_manifest
 from spin_fast.tracking import Trackers, check_trackers, tracked_name
 
 log = logging.getLogger(__name__)
@@ -154,8 +158,6 @@ class Answering:
     sharing one process's batches (shared_generate)."""
 
     def __init__(self, config, tokenizer, model_at: Callable[[str], object], folders: dict[str, str]):
-        from spin_fast.selfplay import chosen_engine
-
         self.config, self.tokenizer, self.model_at, self.folders = config, tokenizer, model_at, folders
         self.engine = chosen_engine(config)
         self._vllm = None
@@ -164,8 +166,6 @@ class Answering:
     def generate(self, path: str, prompts: Seq[Seq[int]], sampling: SamplingConfig, what: str
                  ) -> list[list[Completion]]:
         """One completion per prompt from the model at `path`, in prompt order, on every rank."""
-        from spin_fast.selfplay import check_prompts_fit, start_vllm
-
         folder = self.folders.get(path, path)  # a Hub model's local snapshot
         check_prompts_fit(prompts, sampling.max_new_tokens, folder, self.config, what)
         if self.engine == "transformers":
@@ -354,16 +354,6 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     opponent's held-out answers are saved as they finish in the folder beside it, `<output stem>-parts/`
     (SavedWork): a stopped evaluation resumes there, and evaluating again after more iterations have finished
     evaluates only the new models."""
-    from spin_fast.selfplay import (
-        answered_pairs,
-        config_hash,
-        fetch_model,
-        load_policy,
-        read_examples,
-        read_manifest,
-        tokenize_examples,
-    )
-
     config = selfplay.config
     data = config.data
     baselines = dict(baselines or {})

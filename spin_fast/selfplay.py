@@ -23,297 +23,44 @@ ZeRO-3 partitioned from its first load on and stays so: no rank ever holds it wh
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
 import json
 import logging
-import re
 import shutil
 import time
-from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 import yaml
 
-from spin_fast import distributed, stopping
+from spin_fast import distributed
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
-from spin_fast.data import (
-    Example,
-    SharedIds,
-    TokenizedExample,
-    eos_token_id,
-    fit_to_length,
-    load_examples,
-    tokenize_batch,
-    tokenize_example,
-)
-from spin_fast.files import replacing, whole_json_lines, write_atomically
+from spin_fast.data import Example, TokenizedExample
+from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
+from spin_fast.files import whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
-from spin_fast.model import can_share_prompts, load_causal_lm, load_tokenizer
+from spin_fast.generation.choice import check_prompts_fit, default_engine
+from spin_fast.loading import fetch_model, load_policy, partitioned
+from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import check_fits, group_tokens
-from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
+from spin_fast.scoring import ScoredPair, load_scored_pairs, score_pairs
+from spin_fast.stages import (
+    MANIFEST,
+    config_hash,
+    finish_stage,
+    in_parts,
+    read_manifest,
+    shared_manifest,
+    write_manifest,
+)
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
 from spin_fast.training import RESUMABLE_CHANGES, Trainer, check_items, uses_deepspeed
 from spin_fast.version import code_version
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 STAGES = ("generate", "score", "train")
-
-
-def config_hash(config: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_manifest(stage_dir: Path, **fields) -> None:
-    """The stage's record, with the code that made it; written last and atomically: it marks the stage done."""
-    write_atomically(stage_dir / MANIFEST, json.dumps({**fields, "code": code_version()}, indent=2, default=str) + "\n")
-
-
-def finish_stage(stage_dir: Path, **fields) -> None:
-    """A stage's manifest written (it is done), then its saved parts removed (rank 0)."""
-    write_manifest(stage_dir, **fields)
-    shutil.rmtree(stage_dir / "parts")
-
-
-def read_manifest(stage_dir: Path) -> dict | None:
-    path = stage_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def shared_manifest(stage_dir: Path) -> dict | None:
-    """read_manifest as rank 0 sees it, on every rank (a collective): whether a stage is done is decided once."""
-    return distributed.on_main(lambda: read_manifest(stage_dir), f"{stage_dir} manifest")
-
-
-def in_parts(output: Path, n_items: int, part_size: int, make_part, what: str) -> dict:
-    """A stage's rows for items [0, n_items), computed `part_size` items at a time (0: all at once), each part
-    saved in output's folder, in parts/, as soon as it is done: a stage killed midway resumes at its first
-    unsaved part. At the end rank 0 writes `output`, the parts end to end (the caller removes parts/ once its
-    manifest is written).
-
-    Every rank calls this; make_part(start, end) -> (rows, info) runs on every rank (it may be collective) and
-    its result counts on rank 0, which saves it. Returns the parts' infos (numbers) summed, with the seconds spent
-    on them, this call's and earlier calls'."""
-    parts_dir = output.parent / "parts"
-    size = part_size or max(n_items, 1)
-    parts = [(start, min(start + size, n_items), parts_dir / f"{start:09d}-{min(start + size, n_items):09d}.jsonl")
-             for start in range(0, n_items, size)]
-
-    def saved_parts() -> set[Path]:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        return set(parts_dir.glob("*.jsonl"))
-
-    saved = distributed.on_main(saved_parts, f"{what}: saved parts")
-    with stopping.safe_points(what):
-        for number, (start, end, part) in enumerate(parts):
-            if part in saved:
-                continue
-            began = time.perf_counter()
-            rows, info = make_part(start, end)
-            info = {**info, "seconds": time.perf_counter() - began}
-            distributed.on_main(functools.partial(save_part, part, rows, info), f"{what}: part {number + 1} saved")
-            if len(parts) > 1:
-                log.info("%s: part %d of %d saved (items %d to %d of %d)", what, number + 1, len(parts), start, end,
-                         n_items)
-            signum = stopping.reached()
-            if signum:
-                raise stopping.Stopped(signum, f"after part {number + 1} of {len(parts)} of {what}, saved in "
-                                               f"{parts_dir}", agreed=True)
-    return distributed.on_main(lambda: join_parts(output, [part for _, _, part in parts]), f"{what}: written")
-
-
-def save_part(part: Path, rows: list[ScoredPair], info: dict) -> None:
-    write_atomically(part.with_suffix(".json"), json.dumps(info))  # before the rows: they mark the part done
-    save_scored_pairs(part, rows)
-
-
-def join_parts(output: Path, parts: list[Path]) -> dict:
-    """`output` written as the parts end to end (JSON lines); their infos summed."""
-    totals: dict = {}
-    with replacing(output, "wb") as out:
-        for part in parts:
-            out.write(part.read_bytes())
-            for key, value in json.loads(part.with_suffix(".json").read_text()).items():
-                totals[key] = totals.get(key, 0) + value
-    return totals
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def read_examples(data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
-    """The examples of `source`, read with the run's data settings (schema, history, bad rows)."""
-    return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                         skip_invalid=data.skip_invalid, limit=limit).examples
-
-
-TOKENIZE_BATCH = 256  # examples a rank encodes in one call to its tokenizer
-
-
-def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, error: Exception
-            ) -> tuple[str, Exception]:
-    """Why the examples at `batch` cannot be tokenized: the first one that fails alone, named by its row (or the
-    batch's own error, if none does)."""
-    for index in batch:
-        try:
-            tokenize_example(tokenizer, examples[index], **fitting)
-        except Exception as alone:  # noqa: BLE001 - as the batch's
-            return f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {alone}", alone
-    return f"examples {batch[0]} to {batch[-1]}: cannot be tokenized: {error}", error
-
-
-def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
-                      ) -> list[TokenizedExample]:
-    """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
-    must call it: each tokenizes every world_size-th example and gathers the others'. An example the tokenizer or
-    its chat template fails on is an error naming its row, on every rank."""
-    eos_token_id(tokenizer)  # refused on every rank alike, before any work
-    share = range(distributed.rank(), len(examples), distributed.world_size())
-    batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
-    fitting = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
-               "cut_prompt": data.cut_prompt}
-    # A rank's examples wait for the exchange with their ids in int32 arrays: 4 bytes a token, pickled as such
-    # (a tokenizer's lists hold an int object of 28 bytes per token, and unpickling makes one per token again).
-    done: list[TokenizedExample] = []
-    refused, failure = None, None
-    for batch in distributed.progress_bar(batches, f"tokenizing ({TOKENIZE_BATCH} examples a batch)",
-                                          progress and len(share) > 1000):
-        try:
-            done += [example.remade(int32_array)
-                     for example in tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)]
-        except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
-            refused, failure = refusal(tokenizer, examples, batch, fitting, error)
-            break
-    # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
-    # mix two data sets, or fail on some ranks only.
-    hasher = hashlib.sha256()
-    for e in examples:  # one at a time: the repr of them all would be as large as their text
-        hasher.update(repr((e.prompt, e.response, e.generated)).encode())
-    read = hasher.hexdigest()
-    shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
-    del done  # this rank's arrays are in shares (copies of them under a launcher)
-    if len({(n, digest) for _, _, n, digest in shares}) > 1:
-        raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "
-                         "by rank): did the data change while the run started?")
-    for _, rank_refused, _, _ in shares:
-        if rank_refused:  # the lowest rank's: the same error on every rank (its traceback on the rank it was raised)
-            raise ValueError(rank_refused) from (failure if rank_refused == refused else None)
-    tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
-    ids = SharedIds()  # the run holds the examples to its end
-    for rank in range(len(shares)):
-        rank_done, shares[rank] = shares[rank][0], None
-        for index in range(len(rank_done)):  # each example's arrays go as its tuples come
-            example, rank_done[index] = rank_done[index], None
-            tokenized[rank + index * len(shares)] = example.remade(ids)
-    return tokenized
-
-
-def int32_array(ids: Seq[int]) -> array:
-    return array("i", ids)
-
-
-def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
-    """The examples of `source`, read and tokenized with the run's data settings (on every rank: see
-    tokenize_examples)."""
-    return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
-
-
-def partitioned(config: RunConfig) -> bool:
-    """deepspeed.zero3_init in a DeepSpeed run: the model is partitioned from its first load on."""
-    return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
-
-
-def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision: str | None = None) -> str:
-    """A Hub model's config, tokenizer and safetensors weights (at `revision`, else its main branch) into the local
-    cache, so that the ranks loading it after rank 0 read the cache instead of all downloading at once; its local
-    folder (a snapshot named after the revision's commit). A folder is its own. A name that is neither is an error
-    naming `setting`."""
-    if Path(name_or_path).exists():
-        if revision:
-            raise ValueError(f"{setting} {name_or_path!r} is a local folder: model.revision is for Hub models")
-        if not (Path(name_or_path) / "config.json").is_file():
-            raise FileNotFoundError(f"{setting} {name_or_path!r}: no config.json in it: not a model folder (one holds "
-                                    "config.json, the weights and the tokenizer's files, as save_pretrained writes)")
-        return name_or_path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:  # a path, never a Hub id ("runs/x/final", "./model")
-        raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
-    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
-        # A commit never changes: its snapshot in the cache is the model, with no Hub call (a resumed run asks for the
-        # commit it started from, often on nodes without network). huggingface_hub 1.x lists a commit's files on
-        # the Hub even with HF_HUB_OFFLINE set, and fails there although the snapshot is cached.
-        with contextlib.suppress(OSError, ValueError):  # not in the cache (or only part of it): fetched below
-            return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, local_files_only=True)
-    try:
-        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
-    except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache
-        raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder, and not fetched as a Hub model "
-                                f"id ({type(error).__name__}: {error})") from None
-
-
 SFT_MODEL_FILE = "sft-model.json"
-
-
-def load_policy(path: str, config: RunConfig):
-    """A model of the run (SFT model or checkpoint) with the run's model and training settings; under
-    deepspeed.zero3_init, loaded straight into each rank's ZeRO-3 partitions."""
-    loading = contextlib.nullcontext()
-    if partitioned(config):
-        from spin_fast.zero import partitioned_loading
-
-        distributed.init(config.deepspeed.timeout_minutes)  # zero.Init partitions across the process group
-        loading = partitioned_loading(config.train, config.deepspeed, distributed.world_size())
-    with loading:
-        return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device(),
-                              attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
-                              gradient_checkpointing=config.train.gradient_checkpointing,
-                              liger_kernels=config.train.liger_kernels)
-
-
-def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
-                      what: str) -> None:
-    """Under data.cut_prompt when_too_long the opponent answers whole prompts: each one and its answer must fit in the
-    model's context (max_position_embeddings). Checked before generation starts, not when the engine meets the first
-    prompt too long, part of the way through."""
-    if config.data.cut_prompt != "when_too_long":
-        return
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
-    context = getattr(model_config, "max_position_embeddings", None)
-    too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
-    if too_long:
-        first = too_long[0]
-        raise ValueError(
-            f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first prompt {first} "
-            f"(counted from 0): {len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
-            f"the model's context of {context} tokens (max_position_embeddings). Set data.cut_prompt=always to cut "
-            "prompts to data.max_prompt_length, or leave these prompts out")
-
-
-def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, data: DataConfig) -> list[TokenizedPair]:
-    """Each example's human response paired with the engine's first completion (EOS-closed), fitted to
-    data.max_length by data.cut_prompt's rule."""
-    pairs = []
-    for e, c in zip(examples, completions):
-        e = e.unfitted or e  # fitted with its real response alone, it might fit otherwise than the pair
-        prompt, (real, generated) = fit_to_length(
-            e.prompt_ids, [e.response_ids, (*c[0].token_ids, eos)], max_length=data.max_length,
-            max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt, eos=eos)
-        pairs.append(TokenizedPair(prompt, real, generated))
-    return pairs
 
 
 def check_output_dir(path: str) -> None:
@@ -741,64 +488,3 @@ CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "
 def _plain(value):
     """A value as YAML and JSON write it: tuples become lists, iteration numbers strings."""
     return json.loads(json.dumps(value, default=str))
-
-
-def chosen_engine(config: RunConfig) -> str:
-    """The engine that generates, "vllm" or "transformers": generation.engine, auto resolved to vLLM when it can
-    be imported."""
-    choice = config.generation.engine
-    if choice in ("auto", "vllm"):
-        try:
-            import vllm  # noqa: F401
-        except ImportError as error:
-            if choice == "vllm":
-                raise ValueError(f"generation.engine=vllm but vLLM cannot be imported ({error})") from None
-        else:
-            return "vllm"
-    return "transformers"
-
-
-def start_vllm(config: RunConfig, model_path: str):
-    """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings."""
-    from spin_fast.generation.vllm_engine import VllmEngine
-
-    gen = config.generation
-    log.info("generation engine: vLLM, started once from %s", model_path)
-    # Under a launcher on GPUs, each rank's engine joins the launcher's process group on its own GPU
-    # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
-    # build, engines start their own processes.
-    executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
-    # It serves in the dtype the model computes in: bf16 under train.bf16_autocast (fp32 master weights would
-    # double its memory and keep it off FlashAttention), else the weights' own.
-    dtype = "bfloat16" if config.train.bf16_autocast else config.train.dtype
-    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=engine_context(config),
-                      tensor_parallel_size=gen.tensor_parallel_size,
-                      gpu_memory_utilization=gen.gpu_memory_utilization)
-
-
-def engine_context(config: RunConfig) -> int | None:
-    """The longest sequence the engine must serve in the run's settings or any iteration's (it is started once, and
-    iterations may change the lengths); None, the model's own context, where prompts are answered whole
-    (data.cut_prompt when_too_long), as they may be as long as it allows."""
-    longest = 0
-    for settings in [config, *(config.for_iteration(t) for t in range(config.iterations))]:
-        data = settings.data
-        if data.cut_prompt == "when_too_long":
-            return None
-        longest = max(longest, data.max_length, data.max_prompt_length + settings.generation.max_new_tokens)
-    return longest
-
-
-def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
-    """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
-    transformers engine, which generates with the training model itself (no second copy), or with a
-    copy of its own when `model` is None (training shards it under ZeRO)."""
-    from spin_fast.generation.hf_engine import TransformersEngine
-
-    if chosen_engine(config) == "vllm":
-        return start_vllm(config, model_path)
-    log.info("generation engine: transformers")
-    if model is None:
-        model = load_policy(model_path, config)
-    return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              batch_size=config.generation.batch_size, progress=config.train.progress)

@@ -27,10 +27,10 @@ from spin_fast.data import TokenizedExample
 from spin_fast.evaluation import heldout_loglik, shared_generate
 from spin_fast.generation.base import SamplingConfig
 from spin_fast.generation.hf_engine import TransformersEngine
+from spin_fast.loading import load_policy
 from spin_fast.model import body, load_causal_lm
 from spin_fast.packing import Sequence
 from spin_fast.scoring import ScoredPair, sequence_logprobs
-from spin_fast.selfplay import load_policy
 from spin_fast.training import Trainer
 from spin_fast.zero import is_partitioned
 

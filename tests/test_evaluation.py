@@ -99,6 +99,18 @@ def sorting_run(tmp_path_factory):
     return path
 
 
+def forbid_loading_models(monkeypatch):
+    """Any model loaded by a run or an evaluation from here on fails the test."""
+    from spin_fast import evaluation, selfplay
+    from spin_fast.generation import choice
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for module in (evaluation, selfplay, choice):
+        monkeypatch.setattr(module, "load_policy", no_loading)
+
+
 def eval_config(path, out, *extra):
     return load_run_config(None, [
         f"output_dir={out}", f"model.name_or_path={path / 'model'}", f"data.source={path / 'train.jsonl'}",
@@ -175,12 +187,7 @@ def test_eval_refuses_a_model_other_than_the_runs(sorting_run, tmp_path):
 
 def test_a_held_out_example_longer_than_score_batch_tokens_is_named_before_any_model_is_scored(sorting_run, tmp_path,
                                                                                                  monkeypatch):
-    from spin_fast import selfplay
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(selfplay, "load_policy", no_loading)
+    forbid_loading_models(monkeypatch)
     config = eval_config(sorting_run, tmp_path / "run", "score_batch_tokens=8")
     message = r"^score_batch_tokens=8: .*eval\.jsonl: example \d+ \(counted from 0\) takes \d+ tokens"
     with pytest.raises(ValueError, match=message):
@@ -212,7 +219,7 @@ def test_a_held_out_pair_longer_than_score_batch_tokens_is_named_before_its_scor
 def held_out_examples(sorting_run):
     from transformers import AutoTokenizer
 
-    from spin_fast.selfplay import tokenized_examples
+    from spin_fast.examples import tokenized_examples
 
     tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
     config = eval_config(sorting_run, sorting_run / "unused")
@@ -297,7 +304,7 @@ def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypa
     """fetch_model gives a Hub model's local snapshot, and the evaluation knows the model by its id and the
     snapshot's revision: a new revision of the same id is evaluated again. A local folder is known by its files."""
     from spin_fast.evaluation import model_identity
-    from spin_fast.selfplay import fetch_model
+    from spin_fast.loading import fetch_model
 
     publish = offline_hub(monkeypatch, tmp_path / "hub")
     first = publish("org/tiny", "a" * 40)
@@ -323,7 +330,7 @@ def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
     although the snapshot was cached. A commit not in the cache is fetched."""
     from huggingface_hub import HfApi, constants
 
-    from spin_fast.selfplay import fetch_model
+    from spin_fast.loading import fetch_model
 
     publish = offline_hub(monkeypatch, tmp_path / "hub")
     first = publish("org/tiny", "a" * 40)
@@ -343,7 +350,7 @@ def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
 
 
 def test_a_model_that_is_neither_a_folder_nor_on_the_hub_is_named_with_its_setting(tmp_path, monkeypatch):
-    from spin_fast.selfplay import fetch_model
+    from spin_fast.loading import fetch_model
 
     offline_hub(monkeypatch, tmp_path / "hub")
     with pytest.raises(FileNotFoundError, match=r"^model.name_or_path 'runs/x/checkpoint-9': no such model folder$"):
@@ -359,8 +366,8 @@ def test_a_model_folder_without_its_config_or_tokenizer_is_named_with_its_settin
     import shutil
 
     from spin_fast.config import ModelConfig
+    from spin_fast.loading import fetch_model
     from spin_fast.model import load_tokenizer
-    from spin_fast.selfplay import fetch_model
 
     shutil.copytree(sorting_run / "model", tmp_path / "no-config")
     (tmp_path / "no-config" / "config.json").unlink()
@@ -417,14 +424,10 @@ def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(s
                                                                                capsys):
     from transformers import AutoTokenizer
 
-    from spin_fast import selfplay
     from spin_fast.cli import main
     from spin_fast.evaluation import check_baseline_fits
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(selfplay, "load_policy", no_loading)
+    forbid_loading_models(monkeypatch)
     offline_hub(monkeypatch, tmp_path / "hub")
     tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
     config = eval_config(sorting_run, tmp_path / "run")

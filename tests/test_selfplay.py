@@ -209,7 +209,8 @@ def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, t
     caplog.set_level("WARNING", logger="spin_fast.selfplay")
     SelfPlay(config).run(until=(0, "score"))
     assert not caplog.records  # the same code goes on silently
-    monkeypatch.setattr("spin_fast.selfplay.code_version", lambda: "0.1.0+another")
+    for module in ("selfplay", "stages"):  # the run's record and the stages' manifests
+        monkeypatch.setattr(f"spin_fast.{module}.code_version", lambda: "0.1.0+another")
     with (tmp_path / "run" / "sessions.jsonl").open("a") as log:  # a start killed as it wrote its line
         log.write('{"started": "2026-')
     SelfPlay(config).run()
@@ -230,7 +231,7 @@ def test_a_hub_sft_model_stays_at_the_revision_the_run_started_from(sft_model, t
     import shutil
 
     from spin_fast.evaluation import evaluate_run
-    from spin_fast.selfplay import fetch_model
+    from spin_fast.loading import fetch_model
 
     publish = offline_hub(monkeypatch, tmp_path / "hub")
     first = publish("org/sft", "a" * 40, sft_model / "model")
@@ -346,8 +347,8 @@ def test_answered_pairs_cut_as_the_rule_says(sft_model, cut_prompt):
 
     from spin_fast.config import DataConfig
     from spin_fast.data import Example, cut_response, tokenize_example
+    from spin_fast.examples import answered_pairs
     from spin_fast.generation.base import Completion
-    from spin_fast.selfplay import answered_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(sft_model / "model")
     eos = tokenizer.eos_token_id
@@ -571,7 +572,7 @@ def test_vllm_serves_in_the_dtype_the_model_computes_in(sft_model, tmp_path, mon
     """bf16 under train.bf16_autocast (fp32 master weights would double the engine's memory on a GPU and keep it
     off FlashAttention), else the weights' dtype."""
     from spin_fast.generation import vllm_engine
-    from spin_fast.selfplay import start_vllm
+    from spin_fast.generation.choice import start_vllm
 
     served = []
     monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **options: served.append(options))
@@ -585,7 +586,7 @@ def test_vllm_serves_in_the_dtype_the_model_computes_in(sft_model, tmp_path, mon
 def test_the_engine_serves_the_longest_sequence_of_any_iteration(sft_model, tmp_path):
     """The engine is started once, so its context covers the run's lengths and every iteration's: an iteration
     that generates longer, or answers prompts whole, must not meet a shorter engine than it needs."""
-    from spin_fast.selfplay import engine_context
+    from spin_fast.generation.choice import engine_context
 
     def context(*settings):
         return engine_context(run_config(sft_model, tmp_path, "iterations=3", *settings))
@@ -601,7 +602,7 @@ def test_the_engine_serves_the_longest_sequence_of_any_iteration(sft_model, tmp_
 def test_the_loop_starts_its_engine_with_the_run_settings(sft_model, tmp_path):
     """Iteration 0 shortens its answers, iteration 1 does not: the engine, started in iteration 0, is given the
     run's settings, which cover both."""
-    from spin_fast.selfplay import default_engine, engine_context
+    from spin_fast.generation.choice import default_engine, engine_context
 
     contexts = []
 

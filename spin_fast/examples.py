@@ -1,0 +1,112 @@
+"""A run's examples: read with its data settings, tokenized by the ranks together (each its share, then
+gathered), and paired with the opponent's answers."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence as Seq
+
+from spin_fast import distributed
+from spin_fast.config import DataConfig
+from spin_fast.data import (
+    Example,
+    SharedIds,
+    TokenizedExample,
+    eos_token_id,
+    fit_to_length,
+    load_examples,
+    tokenize_batch,
+    tokenize_example,
+)
+from spin_fast.scoring import TokenizedPair
+
+
+def read_examples(data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
+    """The examples of `source`, read with the run's data settings (schema, history, bad rows)."""
+    return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
+                         skip_invalid=data.skip_invalid, limit=limit).examples
+
+
+TOKENIZE_BATCH = 256  # examples a rank encodes in one call to its tokenizer
+
+
+def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, error: Exception
+            ) -> tuple[str, Exception]:
+    """Why the examples at `batch` cannot be tokenized: the first one that fails alone, named by its row (or the
+    batch's own error, if none does)."""
+    for index in batch:
+        try:
+            tokenize_example(tokenizer, examples[index], **fitting)
+        except Exception as alone:  # noqa: BLE001 - as the batch's
+            return f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {alone}", alone
+    return f"examples {batch[0]} to {batch[-1]}: cannot be tokenized: {error}", error
+
+
+def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
+                      ) -> list[TokenizedExample]:
+    """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
+    must call it: each tokenizes every world_size-th example and gathers the others'. An example the tokenizer or
+    its chat template fails on is an error naming its row, on every rank."""
+    eos_token_id(tokenizer)  # refused on every rank alike, before any work
+    share = range(distributed.rank(), len(examples), distributed.world_size())
+    batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
+    fitting = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+               "cut_prompt": data.cut_prompt}
+    # A rank's examples wait for the exchange with their ids in int32 arrays: 4 bytes a token, pickled as such
+    # (a tokenizer's lists hold an int object of 28 bytes per token, and unpickling makes one per token again).
+    done: list[TokenizedExample] = []
+    refused, failure = None, None
+    for batch in distributed.progress_bar(batches, f"tokenizing ({TOKENIZE_BATCH} examples a batch)",
+                                          progress and len(share) > 1000):
+        try:
+            done += [example.remade(int32_array)
+                     for example in tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)]
+        except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
+            refused, failure = refusal(tokenizer, examples, batch, fitting, error)
+            break
+    # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
+    # mix two data sets, or fail on some ranks only.
+    hasher = hashlib.sha256()
+    for e in examples:  # one at a time: the repr of them all would be as large as their text
+        hasher.update(repr((e.prompt, e.response, e.generated)).encode())
+    read = hasher.hexdigest()
+    shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
+    del done  # this rank's arrays are in shares (copies of them under a launcher)
+    if len({(n, digest) for _, _, n, digest in shares}) > 1:
+        raise ValueError(f"the ranks read different examples ({', '.join(str(n) for _, _, n, _ in shares)} examples "
+                         "by rank): did the data change while the run started?")
+    for _, rank_refused, _, _ in shares:
+        if rank_refused:  # the lowest rank's: the same error on every rank (its traceback on the rank it was raised)
+            raise ValueError(rank_refused) from (failure if rank_refused == refused else None)
+    tokenized: list[TokenizedExample] = [None] * len(examples)  # type: ignore[list-item]
+    ids = SharedIds()  # the run holds the examples to its end
+    for rank in range(len(shares)):
+        rank_done, shares[rank] = shares[rank][0], None
+        for index in range(len(rank_done)):  # each example's arrays go as its tuples come
+            example, rank_done[index] = rank_done[index], None
+            tokenized[rank + index * len(shares)] = example.remade(ids)
+    return tokenized
+
+
+def int32_array(ids: Seq[int]) -> array:
+    return array("i", ids)
+
+
+def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
+    """The examples of `source`, read and tokenized with the run's data settings (on every rank: see
+    tokenize_examples)."""
+    return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
+
+
+def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int, data: DataConfig) -> list[TokenizedPair]:
+    """Each example's human response paired with the engine's first completion (EOS-closed), fitted to
+    data.max_length by data.cut_prompt's rule."""
+    pairs = []
+    for e, c in zip(examples, completions):
+        e = e.unfitted or e  # fitted with its real response alone, it might fit otherwise than the pair
+        prompt, (real, generated) = fit_to_length(
+            e.prompt_ids, [e.response_ids, (*c[0].token_ids, eos)], max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt, eos=eos)
+        pairs.append(TokenizedPair(prompt, real, generated))
+    return pairs

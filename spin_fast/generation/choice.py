@@ -1,0 +1,97 @@
+"""Which engine generates a run's responses, and starting it with the run's settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+
+import torch
+
+from spin_fast import distributed
+from spin_fast.config import RunConfig
+from spin_fast.generation.base import Engine
+from spin_fast.loading import load_policy
+
+log = logging.getLogger(__name__)
+
+
+def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
+                      what: str) -> None:
+    """Under data.cut_prompt when_too_long the opponent answers whole prompts: each one and its answer must fit in the
+    model's context (max_position_embeddings). Checked before generation starts, not when the engine meets the first
+    prompt too long, part of the way through."""
+    if config.data.cut_prompt != "when_too_long":
+        return
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
+    context = getattr(model_config, "max_position_embeddings", None)
+    too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
+    if too_long:
+        first = too_long[0]
+        raise ValueError(
+            f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first prompt {first} "
+            f"(counted from 0): {len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
+            f"the model's context of {context} tokens (max_position_embeddings). Set data.cut_prompt=always to cut "
+            "prompts to data.max_prompt_length, or leave these prompts out")
+
+
+def chosen_engine(config: RunConfig) -> str:
+    """The engine that generates, "vllm" or "transformers": generation.engine, auto resolved to vLLM when it can
+    be imported."""
+    choice = config.generation.engine
+    if choice in ("auto", "vllm"):
+        try:
+            import vllm  # noqa: F401
+        except ImportError as error:
+            if choice == "vllm":
+                raise ValueError(f"generation.engine=vllm but vLLM cannot be imported ({error})") from None
+        else:
+            return "vllm"
+    return "transformers"
+
+
+def start_vllm(config: RunConfig, model_path: str):
+    """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings."""
+    from spin_fast.generation.vllm_engine import VllmEngine
+
+    gen = config.generation
+    log.info("generation engine: vLLM, started once from %s", model_path)
+    # Under a launcher on GPUs, each rank's engine joins the launcher's process group on its own GPU
+    # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
+    # build, engines start their own processes.
+    executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
+    # It serves in the dtype the model computes in: bf16 under train.bf16_autocast (fp32 master weights would
+    # double its memory and keep it off FlashAttention), else the weights' own.
+    dtype = "bfloat16" if config.train.bf16_autocast else config.train.dtype
+    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=engine_context(config),
+                      tensor_parallel_size=gen.tensor_parallel_size,
+                      gpu_memory_utilization=gen.gpu_memory_utilization)
+
+
+def engine_context(config: RunConfig) -> int | None:
+    """The longest sequence the engine must serve in the run's settings or any iteration's (it is started once, and
+    iterations may change the lengths); None, the model's own context, where prompts are answered whole
+    (data.cut_prompt when_too_long), as they may be as long as it allows."""
+    longest = 0
+    for settings in [config, *(config.for_iteration(t) for t in range(config.iterations))]:
+        data = settings.data
+        if data.cut_prompt == "when_too_long":
+            return None
+        longest = max(longest, data.max_length, data.max_prompt_length + settings.generation.max_new_tokens)
+    return longest
+
+
+def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
+    """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
+    transformers engine, which generates with the training model itself (no second copy), or with a
+    copy of its own when `model` is None (training shards it under ZeRO)."""
+    from spin_fast.generation.hf_engine import TransformersEngine
+
+    if chosen_engine(config) == "vllm":
+        return start_vllm(config, model_path)
+    log.info("generation engine: transformers")
+    if model is None:
+        model = load_policy(model_path, config)
+    return TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              batch_size=config.generation.batch_size, progress=config.train.progress)

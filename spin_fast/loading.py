@@ -1,0 +1,73 @@
+"""A run's models: a Hub model fetched into the local cache once (rank 0 first), and loaded with the run's
+model and training settings (under deepspeed.zero3_init, straight into each rank's ZeRO-3 partitions)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+
+from spin_fast import distributed
+from spin_fast.config import RunConfig
+from spin_fast.model import load_causal_lm
+from spin_fast.training import uses_deepspeed
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def partitioned(config: RunConfig) -> bool:
+    """deepspeed.zero3_init in a DeepSpeed run: the model is partitioned from its first load on."""
+    return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)
+
+
+def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision: str | None = None) -> str:
+    """A Hub model's config, tokenizer and safetensors weights (at `revision`, else its main branch) into the local
+    cache, so that the ranks loading it after rank 0 read the cache instead of all downloading at once; its local
+    folder (a snapshot named after the revision's commit). A folder is its own. A name that is neither is an error
+    naming `setting`."""
+    if Path(name_or_path).exists():
+        if revision:
+            raise ValueError(f"{setting} {name_or_path!r} is a local folder: model.revision is for Hub models")
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise FileNotFoundError(f"{setting} {name_or_path!r}: no config.json in it: not a model folder (one holds "
+                                    "config.json, the weights and the tokenizer's files, as save_pretrained writes)")
+        return name_or_path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:  # a path, never a Hub id ("runs/x/final", "./model")
+        raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        # A commit never changes: its snapshot in the cache is the model, with no Hub call (a resumed run asks for the
+        # commit it started from, often on nodes without network). huggingface_hub 1.x lists a commit's files on
+        # the Hub even with HF_HUB_OFFLINE set, and fails there although the snapshot is cached.
+        with contextlib.suppress(OSError, ValueError):  # not in the cache (or only part of it): fetched below
+            return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, local_files_only=True)
+    try:
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
+    except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache
+        raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder, and not fetched as a Hub model "
+                                f"id ({type(error).__name__}: {error})") from None
+
+
+def load_policy(path: str, config: RunConfig):
+    """A model of the run (SFT model or checkpoint) with the run's model and training settings; under
+    deepspeed.zero3_init, loaded straight into each rank's ZeRO-3 partitions."""
+    loading = contextlib.nullcontext()
+    if partitioned(config):
+        from spin_fast.zero import partitioned_loading
+
+        distributed.init(config.deepspeed.timeout_minutes)  # zero.Init partitions across the process group
+        loading = partitioned_loading(config.train, config.deepspeed, distributed.world_size())
+    with loading:
+        return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device(),
+                              attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
+                              gradient_checkpointing=config.train.gradient_checkpointing,
+                              liger_kernels=config.train.liger_kernels)
