@@ -122,6 +122,11 @@ class SelfPlay:
         # generation; what it refuses stops every rank at once.
         saved_config = distributed.on_main(self._saved_config, "the run directory's config")
         trainings = [self.config.for_iteration(t).train for t in iterations]
+        for t, train in zip(iterations, trainings):
+            if train.mode != "spin":  # else refused by the trainer's check of the pairs, after generation
+                where = f"iteration_overrides[{t}]: " if self.config.train.mode == "spin" else ""
+                raise ConfigError(f"{where}train.mode={train.mode!r}: a run trains on SPIN pairs (mode spin); "
+                                  "`spin-fast sft` trains on the human responses")
         tracked = [train for train in trainings if train.tensorboard or train.wandb]
         if tracked:  # the same on every rank: all of them take part, or none
             distributed.on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")

@@ -75,3 +75,27 @@ def test_readme_training_example_runs(sft_model, tmp_path, monkeypatch):
     steps = [json.loads(line) for line in (tmp_path / "runs/iter0/metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, math.ceil(len(QA) / 2) * 2 + 1))
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_readme_lists_every_setting_with_its_default():
+    """The README's table of settings has a row for every setting of RunConfig, no other, and the default each
+    row gives is the code's: a setting added, renamed or changed without the table fails here."""
+    import dataclasses
+
+    import yaml
+
+    from spin_fast.config import RunConfig
+
+    section = README.read_text().split("### Every setting", 1)[1].split("\n#", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \|", section, re.M))
+    defaults = {}
+    for top in dataclasses.fields(RunConfig):
+        value = getattr(RunConfig(), top.name)
+        if dataclasses.is_dataclass(value):
+            defaults.update({f"{top.name}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)})
+        else:
+            defaults[top.name] = value
+    assert sorted(rows) == sorted(defaults)
+    for name, default in defaults.items():
+        shown = float(rows[name]) if isinstance(default, float) else yaml.safe_load(rows[name])
+        assert shown == default and type(shown) is type(default), (name, rows[name], default)

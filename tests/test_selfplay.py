@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import QA, official_spin_fit, offline_hub
-from spin_fast.config import load_run_config
+from spin_fast.config import ConfigError, load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.scoring import ScoredPair, save_scored_pairs, score_pairs
 from spin_fast.selfplay import SelfPlay
@@ -200,6 +200,15 @@ def test_a_pair_longer_than_a_batch_budget_is_named_before_scoring_and_the_run_r
         assert (tmp_path / "run" / "iter-0" / "generate" / "manifest.json").exists()
         assert not list((tmp_path / "run" / "iter-0").glob("score/*"))  # no scoring to redo
     assert len(SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()) == 1
+
+
+def test_a_run_refuses_train_mode_sft_before_any_work(sft_model, tmp_path):
+    for setting, message in (("train.mode=sft", r"^train.mode='sft': a run trains on SPIN pairs"),
+                             ("iteration_overrides={1: {train.mode: sft}}",
+                              r"^iteration_overrides\[1\]: train.mode='sft': a run trains on SPIN pairs")):
+        with pytest.raises(ConfigError, match=message):
+            SelfPlay(run_config(sft_model, tmp_path / "run", setting)).run()
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, tmp_path, monkeypatch, caplog):
