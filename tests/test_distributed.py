@@ -849,6 +849,32 @@ def test_the_slurm_warning_through_torchrun_stops_both_ranks_and_the_run_resumes
     assert_same_run(tmp_path, runs["one"], sft_model)
 
 
+def test_ctrl_c_stops_torchruns_ranks_at_a_safe_point_with_their_saved_work(tmp_path, sft_model):
+    """Ctrl-C sends SIGINT to the terminal's foreground process group, which holds torchrun but not its ranks
+    (sessions of their own): torchrun passes it on with its default settings, and the ranks stop on their own
+    at a safe point, before its SIGKILL, the parts saved so far kept for the same command to resume from."""
+    import signal
+    import time
+
+    argv = spin_fast_argv(tmp_path, sft_model, 2, "save_every_prompts=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = subprocess.Popen(argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)  # a group of its own, as a terminal's foreground job
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("iter-0/generate/parts/*.jsonl")):
+        assert torchrun.poll() is None and time.time() < deadline, torchrun.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(torchrun.pid, signal.SIGINT)
+    _, err = torchrun.communicate(timeout=300)
+    assert torchrun.returncode != 0
+    assert "spin-fast: stopped by SIGINT" in err, err[-3000:]
+    assert "Unable to shutdown process" not in err, err[-3000:]
+    # The one traceback is torchrun's own, its way of saying that it got the signal; none comes from a rank.
+    assert err.count("Traceback") == err.count("elastic.multiprocessing.api.SignalException: Process"), err[-3000:]
+    assert list(tmp_path.glob("iter-0/generate/parts/*.jsonl"))
+    assert not (tmp_path / "iter-0" / "train" / "manifest.json").exists()
+
+
 def test_slurm_example_is_valid_bash():
     script = ROOT / "configs" / "launch" / "slurm.sbatch"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
