@@ -260,7 +260,7 @@ class RunConfig:
         try:
             config = from_dict(RunConfig, data)
         except ConfigError as error:
-            raise ConfigError(f"iteration_overrides[{iteration}]: {error}") from None
+            raise ConfigError(f"iteration_overrides[{iteration}]: {error}", "iteration_overrides") from None
         config.iteration_overrides = self.iteration_overrides
         return config
 
@@ -269,7 +269,12 @@ class RunConfig:
 
 
 class ConfigError(ValueError):
-    """A bad key, type or value in a config; the message names the key and suggests the closest one."""
+    """A bad key, type or value in a config; the message names the key and suggests the closest one. `setting`:
+    the dotted key it is about, where one is (an error in a config file then names its line)."""
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -305,6 +310,7 @@ def parse_yaml(text: str, where: str):
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """A RunConfig from a YAML file (or defaults when None), then `key.sub=value` overrides."""
     data: dict = {}
+    text = ""
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -325,7 +331,10 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     try:
         return from_dict(RunConfig, data)
     except ConfigError as error:
-        raise ConfigError(f"{_blamed(path, from_file, overrides, str(error))}{error}") from None
+        source = _blamed(path, from_file, overrides, str(error))
+        line = _key_line(text, error.setting) if source == path and text and error.setting else None
+        where = "" if source is None else f"{source}{f', line {line}' if line else ''}: "
+        raise ConfigError(f"{where}{error}", error.setting) from None
 
 
 def _apply_override(data: dict, override: str) -> None:
@@ -335,9 +344,9 @@ def _apply_override(data: dict, override: str) -> None:
     _set_dotted(data, key.strip(), parse_yaml(raw, f"--set {override}"), where=f"--set {override}")
 
 
-def _blamed(path: str | Path | None, data: dict, overrides: Sequence[str], message: str) -> str:
-    """Where a config's error comes from, as a prefix for it: the file, when it alone gives the error, else the
-    first --set option after which it appears."""
+def _blamed(path: str | Path | None, data: dict, overrides: Sequence[str], message: str) -> str | Path | None:
+    """Where a config's error comes from: the file, when it alone gives the error, else the first --set option
+    after which it appears; None when neither."""
     for source in (path, *(f"--set {override}" for override in overrides)):
         if source is not None and source != path:
             _apply_override(data, source.removeprefix("--set "))
@@ -345,8 +354,20 @@ def _blamed(path: str | Path | None, data: dict, overrides: Sequence[str], messa
             from_dict(RunConfig, copy.deepcopy(data))
         except ConfigError as error:
             if str(error) == message:
-                return f"{source}: " if source is not None else ""
-    return ""
+                return source
+    return None
+
+
+def _key_line(text: str, setting: str) -> int | None:
+    """The line (from 1) where a YAML file gives the dotted key `setting`, or the nearest section of it it gives."""
+    node, line = yaml.compose(text, Loader=yaml.SafeLoader), None
+    for part in setting.split("."):
+        found = [(key, value) for key, value in getattr(node, "value", ()) if isinstance(node, yaml.MappingNode)
+                 and isinstance(key, yaml.ScalarNode) and key.value == part]
+        if not found:
+            break
+        line, node = found[0][0].start_mark.line + 1, found[0][1]
+    return line
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -361,14 +382,16 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
-            raise ConfigError(f"unknown setting {name!r}{hint}")
+            raise ConfigError(f"unknown setting {name!r}{hint}", name)
         values[key] = _coerce(hints[key], value, name)
     try:
         return cls(**values)
     except ConfigError:
         raise
     except ValueError as error:  # a dataclass's own validation, e.g. TrainConfig's choices
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
+        first_word = str(error).split(" ", 1)[0].rstrip(":")  # the setting, as its messages begin
+        setting = f"{prefix}{first_word}" if first_word in known else prefix.rstrip(".") or None
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}", setting) from None
 
 
 def check_field_types(config) -> None:
@@ -382,7 +405,8 @@ def check_field_types(config) -> None:
 def _coerce(hint, value, name: str):
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict | None):
-            raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}")
+            raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}",
+                              name)
         return from_dict(hint, value or {}, prefix=f"{name}.")
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
@@ -398,7 +422,7 @@ def _coerce(hint, value, name: str):
         if option in (int, str, bool, dict) and type(value) is option:
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"setting {name!r} must be {expected}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"setting {name!r} must be {expected}, got {value!r} ({type(value).__name__})", name)
 
 
 # Settings that belong to the whole run: an iteration cannot change them (a section, or one setting). The model is

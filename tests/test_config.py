@@ -148,12 +148,34 @@ def test_top_level_must_be_a_mapping(tmp_path):
         load_run_config(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("setting, line, message", [
+    ("  learnig_rate: 1.0e-7", 4, "unknown setting 'train.learnig_rate'; did you mean 'train.learning_rate'?"),
+    ("  beta: high", 4, "setting 'train.beta' must be float, got 'high'"),
+    ("  loss_type: dpo", 4, "train: loss_type must be one of"),
+    ("  warmup_ratio: 1.5", 4, r"train: warmup_ratio must be in \[0, 1\)"),
+    ("  attention: sdpa", 4, "train: attention: set model.attention instead"),
+    ("data: 5", 3, "setting 'data' is a section"),
+    ("data: {max_length: 100}", 3, r"data: max_prompt_length \(512\) must be >= 1 and below max_length"),
+    ("iterations: 0", 3, "config: iterations must be >= 1"),
+    ("iteration_overrides: {1: {train.beta: -1}}", 3, r"iteration_overrides\[1\]: train: beta must be"),
+])
+def test_a_bad_setting_in_a_file_is_named_with_its_line(tmp_path, setting, line, message):
+    """An error about a setting given in the file names the line that gives it (of its section, for a section's
+    own check), as YAML's syntax errors do."""
+    path = tmp_path / "run.yaml"
+    lines = ["output_dir: runs/x", "model: {name_or_path: m}", "train:", "  seed: 1", "  epochs: 1"]
+    lines.insert(line - 1, setting)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line {line}: {message}"):
+        load_run_config(path)
+
+
 def test_a_bad_setting_is_named_with_where_it_was_given(tmp_path):
     """The file, or the first --set option after which the error appears; a --set that fixes the file's value
     is taken."""
     path = tmp_path / "run.yaml"
     path.write_text("train: {learnig_rate: 1.0e-7}\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: unknown setting 'train.learnig_rate'; did you mean"):
+    with pytest.raises(ConfigError, match=rf"^{path}, line 1: unknown setting 'train.learnig_rate'; did you mean"):
         load_run_config(path, ["iterations=2"])
     path.write_text("train: {beta: -1}\n")
     assert load_run_config(path, ["train.beta=0.3"]).train.beta == 0.3
