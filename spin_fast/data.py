@@ -369,18 +369,22 @@ def _check_kind(kinds: dict[bool, tuple[str, str]], name: str, schema: str) -> N
     kinds.setdefault(pairs, (name, schema))
 
 
-def _other_format_hint(row: Any, schema: str) -> str:
-    """For a row of another format than its file's (a file's first row sets it): a hint that says so."""
+def _other_format_hint(row: Any, schema: str, detected: bool) -> str:
+    """For a row of another format than its file's (detected from its rows, or data.schema): a hint that says so."""
     try:
         other = _detect_schema(row, "")
     except DataError:
         return ""
-    return f" (a {other} row among {schema} rows: one file holds one format)" if other != schema else ""
+    if other == schema:
+        return ""
+    return f" (a {other} row among {schema} rows: one file holds one format)" if detected else \
+        f" (a {other} row, but data.schema is {schema})"
 
 
-def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, keep_history: bool, skip_invalid: bool,
-                limit: int | None) -> tuple[list[Example], int]:
-    """The examples of a file's rows, up to `limit` of them (None: all), and the number of bad rows skipped."""
+def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, detected: bool, keep_history: bool,
+                skip_invalid: bool, limit: int | None) -> tuple[list[Example], int]:
+    """The examples of a file's rows, up to `limit` of them (None: all), and the number of bad rows skipped.
+    detected: whether `schema` was detected from the file's rows, or set (data.schema)."""
     parse = _PARSERS[schema]
     examples, first_error, n_rows = [], None, 0
     for where, row in rows:
@@ -392,7 +396,7 @@ def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, keep_history
                 raise _RowError(None, f"expected an object with the {schema} fields, got {_kind(row)}")
             prompt, response, generated = parse(row, keep_history)
         except _RowError as e:
-            message = f"{name} {where}: {e}{_other_format_hint(row, schema)}"
+            message = f"{name} {where}: {e}{_other_format_hint(row, schema, detected)}"
             if not skip_invalid:
                 raise DataError(message + _whole_file_hint(name, first_row)) from None
             logger.warning("skipped %s", message)
@@ -434,8 +438,8 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
                 raise DataError(f"{name}: no rows")
             file_schema = _file_schema(name, head, rows, skip_invalid) if schema == "auto" else schema
             _check_kind(kinds, name, file_schema)
-            kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, keep_history,
-                                    skip_invalid, None if limit is None else limit - len(examples))
+            kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, schema == "auto",
+                                    keep_history, skip_invalid, None if limit is None else limit - len(examples))
         examples += kept
         skipped += bad
         if len(examples) == limit:

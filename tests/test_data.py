@@ -359,8 +359,8 @@ def test_directory_detects_the_schema_of_each_file(tmp_path):
     with pytest.raises(DataError, match=r"b\.jsonl line 2: field 'messages': missing \(a prompt_response row among "
                                         r"messages rows: one file holds one format\)$"):
         load_examples(tmp_path)
-    with pytest.raises(DataError, match=r"b\.jsonl line 1: field 'prompt': missing \(a messages row among "
-                                        r"prompt_response rows"):
+    with pytest.raises(DataError, match=r"b\.jsonl line 1: field 'prompt': missing \(a messages row, but "
+                                        r"data.schema is prompt_response\)"):
         load_examples(tmp_path, schema="prompt_response")  # a forced schema holds for every file
     write_jsonl(tmp_path / "b.jsonl", [spin_row("Q", "A", "B")])
     with pytest.raises(DataError, match=r"b\.jsonl: spin_pairs rows, but .*a\.jsonl has prompt_response rows: "
