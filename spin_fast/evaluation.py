@@ -42,7 +42,7 @@ from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
-from spin_fast.scoring import TokenizedPair, sequence_logprobs
+from spin_fast.scoring import TokenizedPair, check_pairs_fit, sequence_logprobs
 from spin_fast.stages import config_hash, read_manifest
 from spin_fast.tracking import Trackers, check_trackers, tracked_name
 
@@ -119,8 +119,8 @@ def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, ba
 def check_examples_fit(examples: Seq[TokenizedExample], token_budget: int, source: str) -> None:
     """Each held-out example (its prompt and human response) fits score_batch_tokens: else the error names the
     setting before any model is scored, not packing's budget midway (after a run's training)."""
-    check_fits([len(e.prompt_ids) + len(e.response_ids) for e in examples], token_budget, "score_batch_tokens",
-               f"{source}: example")
+    check_fits([[Sequence(e.prompt_ids, e.response_ids)] for e in examples], False, token_budget,
+               "score_batch_tokens", f"{source}: example")
 
 
 def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, token_budget: int,
@@ -331,7 +331,8 @@ class SavedWork:
             return None
         path = self.folder / f"{name}.json"
         saved = json.loads(path.read_text())
-        if saved["key"] != key:
+        # Held-out answers saved before score_batch_tokens left their key (it cuts the scoring alone) still match.
+        if saved["key"] != key and {k: v for k, v in saved["key"].items() if k != "score_batch_tokens"} != key:
             log.info("%s: saved in %s with other models, data or settings: evaluated again", what, path)
             return None
         log.info("%s: already saved (%s)", what, path)
@@ -450,8 +451,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             pairs = held_out_pairs(*opponent) if opponent is not None else None
             model = model_at(path)
             if pairs is not None:  # named before this row's scoring, not by packing's budget after its first parts
-                check_fits([group_tokens(p.sequences(), can_share_prompts(model)) for p in pairs], budget,
-                           "score_batch_tokens", f"iteration {opponent[0]}'s held-out pair")
+                # (every model here is loaded with model.attention: the policy shares prompts as its opponent does)
+                check_pairs_fit(pairs, model, budget, f"iteration {opponent[0]}'s held-out pair")
             row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
             if check is not None:
                 answers = answering.greedy(path, examples)

@@ -99,9 +99,12 @@ def group_tokens(group: abc.Sequence[Sequence], share_prompts: bool) -> int:
     return whole
 
 
-def check_fits(tokens: abc.Sequence[int], budget: int, setting: str, what: str, advice: str = "") -> None:
-    """The longest item fits `budget` (tokens: each item's row tokens), or a ValueError names the setting and the
-    item (`what` and its index): callers check before the work that would meet the budget midway."""
+def check_fits(groups: abc.Sequence[abc.Sequence[Sequence]], share_prompts: bool, budget: int, setting: str, what: str,
+               advice: str = "") -> None:
+    """Every group fits a row of `budget` tokens, laid out as pack_groups lays it out, or a ValueError names the
+    setting and the longest group (`what` and its index): callers check before the work that would meet the budget
+    midway."""
+    tokens = [group_tokens(group, share_prompts) for group in groups]
     longest = max(range(len(tokens)), key=tokens.__getitem__, default=None)
     if longest is not None and tokens[longest] > budget:
         raise ValueError(f"{setting}={budget}: {what} {longest} (counted from 0) takes {tokens[longest]} tokens: "

@@ -19,7 +19,7 @@ from spin_fast import distributed, zero
 from spin_fast.data import SharedIds, TokenizedExample
 from spin_fast.files import replacing
 from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
-from spin_fast.packing import MicroBatch, Sequence, pack_groups
+from spin_fast.packing import MicroBatch, Sequence, check_fits, pack_groups
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ class ScoredPair(TokenizedPair):
 
     opponent_real: float = 0.0
     opponent_generated: float = 0.0
+
+
+def check_pairs_fit(pairs: Seq[TokenizedPair], model, token_budget: int, what: str, advice: str = "") -> None:
+    """Each pair (its prompt and both responses, laid out as scoring packs them for `model`) fits token_budget, or
+    the error names score_batch_tokens and the pair (`what` and its index) before any of them is scored."""
+    check_fits([pair.sequences() for pair in pairs], can_share_prompts(model), token_budget, "score_batch_tokens",
+               what, advice)
 
 
 @torch.no_grad()

@@ -42,9 +42,8 @@ from spin_fast.files import whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.generation.choice import check_prompts_fit, default_engine
 from spin_fast.loading import fetch_model, load_policy, partitioned
-from spin_fast.model import can_share_prompts, load_tokenizer
-from spin_fast.packing import check_fits, group_tokens
-from spin_fast.scoring import ScoredPair, load_scored_pairs, score_pairs
+from spin_fast.model import load_tokenizer
+from spin_fast.scoring import ScoredPair, check_pairs_fit, load_scored_pairs, score_pairs
 from spin_fast.stages import (
     MANIFEST,
     config_hash,
@@ -118,15 +117,15 @@ class SelfPlay:
             from spin_fast.evaluation import load_checker
 
             load_checker(self.config.data.checker)
-        # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
-        # generation; what it refuses stops every rank at once.
-        saved_config = distributed.on_main(self._saved_config, "the run directory's config")
         trainings = [self.config.for_iteration(t).train for t in iterations]
         for t, train in zip(iterations, trainings):
             if train.mode != "spin":  # else refused by the trainer's check of the pairs, after generation
                 where = f"iteration_overrides[{t}]: " if self.config.train.mode == "spin" else ""
                 raise ConfigError(f"{where}train.mode={train.mode!r}: a run trains on SPIN pairs (mode spin); "
                                   "`spin-fast sft` trains on the human responses")
+        # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
+        # generation; what it refuses stops every rank at once.
+        saved_config = distributed.on_main(self._saved_config, "the run directory's config")
         tracked = [train for train in trainings if train.tensorboard or train.wandb]
         if tracked:  # the same on every rank: all of them take part, or none
             distributed.on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
@@ -307,10 +306,13 @@ class SelfPlay:
     def _score_into(self, scored_file: Path, t: int, model, config: RunConfig) -> None:
         stage_dir = scored_file.parent
         stage_dir.mkdir(parents=True, exist_ok=True)
-        sources = [self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
-                   for i in range(max(0, t - config.mix_previous), t + 1)]
-        mixed = [pair for source in [sources[-1], *sources[:-1]] for pair in load_scored_pairs(source)]  # t's first
-        check_pairs_fit(mixed, model, config, t)
+        sources = {i: self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
+                   for i in [t, *range(max(0, t - config.mix_previous), t)]}  # t's pairs first
+        mixed = []
+        for i, source in sources.items():
+            pairs = load_scored_pairs(source)
+            check_iteration_pairs(pairs, model, config, i)  # each named by its own iteration
+            mixed += pairs
 
         def score_part(start: int, end: int):
             part = mixed[start:end]
@@ -327,7 +329,7 @@ class SelfPlay:
         totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part, f"iteration {t} scoring")
         distributed.on_main(lambda: finish_stage(
             stage_dir, stage="score", iteration=t, config_hash=config_hash(config), pairs=len(mixed),
-            inputs={"model": self.model_path(t), "pairs": [str(s) for s in sources]},
+            inputs={"model": self.model_path(t), "pairs": [str(sources[i]) for i in sorted(sources)]},
             seconds=totals.get("seconds", 0.0), processes=distributed.world_size()),
             f"iteration {t} scores written")
 
@@ -463,16 +465,16 @@ class SelfPlay:
         return any(path.is_file() for path in self.run_dir.glob("iter-*/**/*"))
 
 
-def check_pairs_fit(pairs: Seq[ScoredPair], model, config: RunConfig, t: int) -> None:
-    """Before scoring: each pair fits score_batch_tokens and passes the training's checks (its micro-batch budget
-    first), or the error names the setting now rather than after the scoring (both budgets may change when the
-    run resumes)."""
+def check_iteration_pairs(pairs: Seq[ScoredPair], model, config: RunConfig, t: int) -> None:
+    """Before scoring: iteration t's pairs fit score_batch_tokens and pass the training's checks (config: the
+    iteration that trains on them), or the error names the setting now rather than after the scoring. Both budgets
+    may change when the run resumes; the data settings may not (the pairs are made)."""
     if not pairs:
         return
     what = f"iteration {t}'s pair"
-    check_fits([group_tokens(pair.sequences(), can_share_prompts(model)) for pair in pairs], config.score_batch_tokens,
-               "score_batch_tokens", what, " (a pair's prompt and both responses are scored in one micro-batch)")
-    check_items(pairs, model, config.train, what)
+    advice = " (a pair's prompt and both responses go in one micro-batch; the run resumes with the new value)"
+    check_pairs_fit(pairs, model, config.score_batch_tokens, what, advice)
+    check_items(pairs, model, config.train, what, advice)
 
 
 def _read_saved_config(path: Path) -> dict:

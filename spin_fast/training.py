@@ -171,9 +171,14 @@ def uses_deepspeed(settings: DeepSpeedConfig | None) -> bool:
     return settings.enabled is True or (settings.enabled is None and distributed.launched_distributed())
 
 
-def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConfig, what: str = "item") -> None:
-    """Every item up front, named by its index (`what` says what the items are): a bad one found at its step
-    would end a run hours in. A run checks its pairs with it before scoring them too."""
+MICRO_BATCH_ADVICE = " (a pair's sequences share a micro-batch) or cut the data shorter (data.max_length)"
+
+
+def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConfig, what: str = "item",
+                advice: str = MICRO_BATCH_ADVICE) -> None:
+    """Every item up front, named by its index (`what` says what the items are; of several too long, the longest):
+    a bad one found at its step would end a run hours in. A run checks its pairs with it before scoring them too
+    (with its own `advice` for an item too long)."""
     if not items:
         raise ValueError("nothing to train on: the item list is empty")
     expected = ScoredPair if config.mode == "spin" else Sequence
@@ -183,9 +188,7 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
                              f"got {type(item).__name__}")
     groups = [item.sequences() if expected is ScoredPair else [item] for item in items]
     share_prompts = config.share_prompts and can_share_prompts(model)
-    check_fits([group_tokens(group, share_prompts) for group in groups], config.micro_batch_tokens,
-               "train.micro_batch_tokens", what,
-               " (a pair's sequences share a micro-batch) or cut the data shorter (data.max_length)")
+    check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)
     vocab = model.get_input_embeddings().num_embeddings
     for index, (item, group) in enumerate(zip(items, groups)):
         parts = [part for sequence in group for part in (sequence.prompt_ids, sequence.response_ids) if part]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from helpers import QA, official_spin_fit, offline_hub
 from spin_fast.config import ConfigError, load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
-from spin_fast.scoring import ScoredPair, save_scored_pairs, score_pairs
+from spin_fast.scoring import ScoredPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.selfplay import SelfPlay
 from spin_fast.training import Trainer
 
@@ -194,12 +194,27 @@ def test_a_pair_longer_than_a_batch_budget_is_named_before_scoring_and_the_run_r
                                                                                                 tmp_path):
     for setting in ("score_batch_tokens=8", "train.micro_batch_tokens=16"):
         name, budget = setting.split("=")
-        message = rf"^{name}={budget}: iteration 0's pair \d+ \(counted from 0\) takes \d+ tokens"
+        message = rf"^{name}={budget}: iteration 0's pair \d+ \(counted from 0\) takes \d+ tokens: .*the run resumes"
         with pytest.raises(ValueError, match=message):
             SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", setting)).run()
         assert (tmp_path / "run" / "iter-0" / "generate" / "manifest.json").exists()
         assert not list((tmp_path / "run" / "iter-0").glob("score/*"))  # no scoring to redo
     assert len(SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()) == 1
+
+
+def test_a_pair_too_long_is_named_by_its_own_iteration_among_the_mixed_ones(sft_model, tmp_path):
+    """Iteration 1 scores its pairs and iteration 0's (mix_previous): one of iteration 0's too long is named as
+    iteration 0's, by its place in iteration 0's file."""
+    from spin_fast.packing import group_tokens
+
+    SelfPlay(run_config(sft_model, tmp_path / "run")).run(until=(1, "generate"))
+    files = {t: tmp_path / "run" / f"iter-{t}" / "generate" / "pairs.jsonl" for t in (0, 1)}
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    rows[2]["generated_ids"] += rows[2]["generated_ids"][:1] * 50  # made longer than any pair of iteration 1
+    files[0].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    longest = max(group_tokens(p.sequences(), True) for p in load_scored_pairs(files[1]))
+    with pytest.raises(ValueError, match=rf"^score_batch_tokens={longest}: iteration 0's pair 2 \(counted from 0\)"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", f"score_batch_tokens={longest}")).run()
 
 
 def test_a_run_refuses_train_mode_sft_before_any_work(sft_model, tmp_path):
