@@ -4,6 +4,7 @@ options (python -m bench.NAME --help) go with --only NAME."""
 
 import argparse
 import sys
+import traceback
 
 import torch
 
@@ -24,10 +25,20 @@ def main(argv: list[str]) -> int:
     if args.preset == "gpu" and not torch.cuda.is_available():
         parser.error("--preset gpu needs CUDA, and this torch sees no GPU")
     names = [args.only] if args.only else list(BENCHES)
-    status = max(BENCHES[name].main(["--preset", args.preset, *rest]) for name in names)
+    status = 0
+    for name in names:  # one bench's failure is reported, and the others still run
+        try:
+            status = max(status, BENCHES[name].main(["--preset", args.preset, *rest]))
+        except Exception:  # noqa: BLE001 - the traceback is printed; the summary shows the bench's missing figures
+            traceback.print_exc()
+            print(f"bench {name} failed (traceback above); going on with the others", file=sys.stderr)
+            status = 1
     for path in plots.plot_all():
         print(f"plot: {path}")
-    print("\n" + summary.summary_table(names, args.preset))
+    if any(option.split("=")[0] in kernels.CUSTOM_SHAPE_FLAGS for option in rest):
+        print("\n(no summary: a shape of your own is not the preset's; the bench's table above has its figures)")
+    else:
+        print("\n" + summary.summary_table(names, args.preset))
     return status
 
 

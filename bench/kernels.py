@@ -7,12 +7,15 @@ the tokens, carries no loss; responses of uneven length):
 Every (vocabulary, job, method) runs in a fresh subprocess, which measures the peak memory of one call and then
 times calls (bench.common.memory_then_time), so compile caches and allocator state never leak from one
 measurement into the next. A method that cannot run here (CUDA only, no such entry point) is reported as missing
-without starting one. Run: python -m bench.kernels [--preset cpu|gpu] [--jobs spin_head logprobs].
+without starting one. Run: python -m bench.kernels [--preset cpu|gpu] [--jobs spin_head logprobs]; your own
+shape with --vocabs, --tokens, --hidden, --pairs, --dtype (and --warmup, --repeats), written to
+kernels-<preset>-custom.json so that the preset's own file stays.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -336,19 +339,25 @@ def _figures(preset: Preset, vocab: int, job: str, method: str, batch: Batch, ti
 def matmul_tflops(preset: Preset, vocab: int) -> float:
     """Measured dense matmul rate of this device and dtype at the head's shape (the FLOP ceiling)."""
     device = torch.device(preset.device)
-    a = torch.randn(preset.tokens, preset.hidden, device=device, dtype=preset.dtype)
-    b = torch.randn(preset.hidden, vocab, device=device, dtype=preset.dtype)
-    times = time_runs(lambda: a @ b, device, warmup=1, repeats=3)
+
+    def product_times() -> list[float]:
+        a = torch.randn(preset.tokens, preset.hidden, device=device, dtype=preset.dtype)
+        b = torch.randn(preset.hidden, vocab, device=device, dtype=preset.dtype)
+        return time_runs(lambda: a @ b, device, warmup=1, repeats=3)
+
+    times = product_times()
     synchronize(device)
+    if device.type == "cuda":  # else this process keeps the product's memory cached while its workers measure
+        torch.cuda.empty_cache()
     return 2 * preset.tokens * preset.hidden * vocab / sorted(times)[len(times) // 2] / 1e12
 
 
 # ---------------------------------------------------------------------------------- orchestrator
-def run_one(preset: Preset, vocab: int, job: str, method: str) -> dict:
+def run_one(preset: Preset, vocab: int, job: str, method: str, shape_argv: list[str]) -> dict:
     reason = unavailable(preset, job, method)
     if reason:
         return {"missing": reason}
-    return run_worker("bench.kernels", ["--preset", preset.name, "--vocab", str(vocab), "--job", job,
+    return run_worker("bench.kernels", ["--preset", preset.name, *shape_argv, "--vocab", str(vocab), "--job", job,
                                         "--method", method])
 
 
@@ -358,6 +367,32 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+# A preset's shape and timing, each replaceable from the command line (the workers get the same options).
+SHAPE_OPTIONS = {"tokens": (positive_int, "packed tokens in the batch"), "hidden": (positive_int, "hidden size H"),
+                 "pairs": (positive_int, "pairs in the batch"), "warmup": (whole_number, "untimed calls first"),
+                 "repeats": (positive_int, "timed calls (the median is reported)")}
+DTYPES = ("float32", "bfloat16", "float16")
+CUSTOM_SHAPE_FLAGS = {*(f"--{name}" for name in SHAPE_OPTIONS), "--dtype"}  # they write kernels-<preset>-custom.json
+
+
+def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
+    """The preset with the command line's shape options, and those options as the workers' arguments."""
+    changes = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
+    argv = [item for name, value in changes.items() for item in (f"--{name}", str(value))]
+    if args.dtype is not None:
+        changes["dtype"], argv = getattr(torch, args.dtype), [*argv, "--dtype", args.dtype]
+    preset = dataclasses.replace(PRESETS[args.preset], **changes)
+    if preset.tokens < 4 * preset.pairs:  # each pair's prompt and responses get a token or more
+        raise SystemExit(f"--tokens {preset.tokens} is too few for {preset.pairs} pairs: give at least 4 a pair")
+    return preset, argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
@@ -365,12 +400,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods to run, in this order (default: the preset's)")
     parser.add_argument("--jobs", nargs="+", choices=JOBS, help="jobs to run (default: the preset's)")
     parser.add_argument("--vocabs", nargs="+", type=positive_int, help="vocabulary sizes (default: the preset's)")
+    for name, (kind, meaning) in SHAPE_OPTIONS.items():
+        parser.add_argument(f"--{name}", type=kind, help=f"{meaning} (default: the preset's)")
+    parser.add_argument("--dtype", choices=DTYPES, help="hidden states' and weights' dtype (default: the preset's)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset, shape_argv = chosen_preset(args)
     methods = args.methods if args.methods is not None else list(preset.methods or METHODS)
     jobs, vocabs = args.jobs or list(preset.jobs), args.vocabs or list(preset.vocabs)
 
@@ -383,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device(preset.device)
+    name = f"kernels-{preset.name}{'-custom' if shape_argv else ''}"
     report = {"bench": "kernels", "preset": preset.name, "machine": machine_info(device),
               "shape": {"tokens": preset.tokens, "hidden": preset.hidden, "dtype": str(preset.dtype),
-                        "pairs": preset.pairs, "beta": BETA},
+                        "pairs": preset.pairs, "beta": BETA, "warmup": preset.warmup, "repeats": preset.repeats},
               "results": []}
     for vocab in vocabs:
         ceiling = matmul_tflops(preset, vocab)
@@ -394,13 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             for method in methods:
                 print(f"  {job:9s} {method:24s} ...", end=" ", flush=True)
-                result = run_one(preset, vocab, job, method)
+                result = run_one(preset, vocab, job, method, shape_argv)
                 result.update(vocab=vocab, job=job, method=method, matmul_tflops=ceiling)
                 report["results"].append(result)
-                save_partial(f"kernels-{preset.name}", report)
+                save_partial(name, report)
                 print(_one_line(result), flush=True)
     _add_ratios(report["results"])
-    publish(f"kernels-{preset.name}", report, summary_table(report["results"]))
+    publish(name, report, summary_table(report["results"]))
     return 0
 
 
@@ -424,6 +463,10 @@ def _add_ratios(results: list[dict]) -> None:
             result["fraction_of_matmul_rate"] = result["achieved_tflops"] / result["matmul_tflops"]
 
 
+def _ratio(result: dict, key: str, spec: str) -> str:
+    return format(result[key], spec) if key in result else "-"
+
+
 def summary_table(results: list[dict]) -> str:
     headers = ["vocab", "job", "method", "fwd+bwd ms (min-max)", "x naive time", "peak MiB", "x naive mem",
                "value vs naive"]
@@ -436,12 +479,15 @@ def summary_table(results: list[dict]) -> str:
         rows.append([
             str(r["vocab"]), r["job"], r["method"],
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
-            f"{r.get('time_vs_naive', float('nan')):.2f}",
+            _ratio(r, "time_vs_naive", ".2f"),
             f"{r['peak_extra_mib']:.0f}",
-            f"{r.get('memory_vs_naive', float('nan')):.3f}",
-            f"{r.get('value_rel_diff', float('nan')):.1e}",
+            _ratio(r, "memory_vs_naive", ".3f"),
+            _ratio(r, "value_rel_diff", ".1e"),
         ])
-    return format_table(headers, rows)
+    note = "x naive: time or peak memory / naive PyTorch's at that vocab and job (below 1: less)"
+    if any("median_ms" in r and "time_vs_naive" not in r for r in results):
+        note += "; '-': naive PyTorch has no result there (its row says why)"
+    return format_table(headers, rows) + "\n" + note
 
 
 if __name__ == "__main__":

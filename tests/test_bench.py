@@ -42,6 +42,59 @@ def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
             assert result["peak_extra_mib"] >= 0 and result["median_ms"] > 0
 
 
+def test_a_shape_of_ones_own_reaches_every_worker_and_its_own_file(tmp_path, monkeypatch, capsys):
+    """--tokens/--hidden/--pairs/--dtype/--repeats replace the preset's, in the workers too (the FLOP rate that a
+    worker reports gives back the hidden size it ran), in kernels-<preset>-custom.json; the preset's own file is
+    left alone. A ratio with no naive result to divide by shows '-', said below the table."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    argv = ["--preset", "tiny", "--jobs", "spin_head", "--tokens", "200", "--hidden", "48", "--pairs", "5",
+            "--dtype", "float64", "--repeats", "1", "--warmup", "0"]
+    with pytest.raises(SystemExit):  # float64 is no choice: fp32, bf16 and fp16 are the peers' dtypes
+        kernels.main(argv)
+    argv[argv.index("float64")] = "float32"
+    assert kernels.main([*argv, "--methods", "spin-fast torch", "naive PyTorch"]) == 0
+    assert not (tmp_path / "kernels-tiny.json").exists()
+    report = json.loads((tmp_path / "kernels-tiny-custom.json").read_text())
+    assert report["shape"] == {"tokens": 200, "hidden": 48, "dtype": "torch.float32", "pairs": 5, "beta": 0.1,
+                               "warmup": 0, "repeats": 1}
+    ours = next(r for r in report["results"] if r["method"] == "spin-fast torch")
+    assert ours["runs"] == 1 and abs(ours["tokens"] - 200) <= 10
+    flops_per_hidden = 3 * 2 * ours["loss_tokens"] * ours["vocab"]  # the torch backend's 3 passes
+    assert ours["achieved_tflops"] * 1e12 * ours["median_ms"] / 1e3 / flops_per_hidden == pytest.approx(48)
+    assert report["machine"]["code"].startswith("0.") and "vllm" in report["machine"]["versions"]
+    with pytest.raises(SystemExit, match="too few for 5 pairs"):
+        kernels.main(["--preset", "tiny", "--tokens", "12", "--pairs", "5"])
+    capsys.readouterr()
+    assert kernels.main([*argv, "--methods", "spin-fast torch"]) == 0  # no naive PyTorch: no ratios
+    shown = capsys.readouterr().out
+    assert "'-': naive PyTorch has no result there" in shown and "nan" not in shown
+
+
+def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import bench.__main__ as bench_main
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    ran = []
+
+    def failing(argv):
+        raise RuntimeError("CUDA out of memory")
+
+    def fine(argv):
+        ran.append(argv)
+        return 0
+
+    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=failing),
+                                                "iteration": SimpleNamespace(main=fine)})
+    assert bench_main.main(["--preset", "tiny"]) == 1
+    err, out = capsys.readouterr()[::-1]
+    assert ran == [["--preset", "tiny"]] and "RuntimeError: CUDA out of memory" in err
+    assert "bench kernels failed" in err and "kernels" in out  # the summary says it has no figures
+    assert bench_main.main(["--preset", "tiny", "--only", "iteration", "--tokens", "512"]) == 0
+    assert "(no summary: a shape of your own" in capsys.readouterr().out
+
+
 ALLOCATOR_PROBE = """
 import json, os
 import torch
