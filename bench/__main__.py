@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
             status = 1
     for path in plots.plot_all():
         print(f"plot: {path}")
-    if any(option.split("=")[0] in kernels.CUSTOM_SHAPE_FLAGS for option in rest):
+    if any(option.split("=")[0] in kernels.CUSTOM_SHAPE_FLAGS | train_step.CUSTOM_SHAPE_FLAGS for option in rest):
         print("\n(no summary: a shape of your own is not the preset's; the bench's table above has its figures)")
     else:
         print("\n" + summary.summary_table(names, args.preset))

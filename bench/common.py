@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -171,6 +174,46 @@ def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict
         # The last line names the error for the tables; the lines before it, kept in the JSON, say where it came from.
         return {"error": output[-1:] or ["no output"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     return json.loads(lines[-1])
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_shape_options(parser: argparse.ArgumentParser, options: dict[str, str]) -> None:
+    """--<field> for each of a preset's shape and timing fields ({field: what it is}), and --dtype: a run at one's
+    own shape."""
+    for name, meaning in options.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=whole_number if name == "warmup" else
+                            positive_int, help=f"{meaning} (default: the preset's)")
+    parser.add_argument("--dtype", choices=DTYPES, help="the dtype of the weights and activations (default: the "
+                        "preset's)")
+
+
+def shape_flags(options: dict[str, str]) -> set[str]:
+    """The command-line flags of add_shape_options: given any, a bench writes <name>-<preset>-custom.json."""
+    return {*(f"--{name.replace('_', '-')}" for name in options), "--dtype"}
+
+
+def with_shape_options(preset, args: argparse.Namespace, options: dict[str, str]) -> tuple[Any, list[str]]:
+    """The preset (a frozen dataclass) with the command line's shape options, and those options as arguments for
+    the bench's workers (each builds its preset again from them)."""
+    changes = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    argv = [item for name, value in changes.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    if args.dtype is not None:
+        changes["dtype"], argv = getattr(torch, args.dtype), [*argv, "--dtype", args.dtype]
+    return dataclasses.replace(preset, **changes), argv
 
 
 def package_version(name: str) -> str | None:

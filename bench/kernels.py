@@ -15,7 +15,6 @@ kernels-<preset>-custom.json so that the preset's own file stays.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -26,16 +25,20 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    add_shape_options,
     format_table,
     machine_info,
     memory_then_time,
+    positive_int,
     problem,
     publish,
     run_worker,
     save_partial,
+    shape_flags,
     summarize,
     synchronize,
     time_runs,
+    with_shape_options,
 )
 
 
@@ -361,33 +364,15 @@ def run_one(preset: Preset, vocab: int, job: str, method: str, shape_argv: list[
                                         "--method", method])
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
-def whole_number(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
-# A preset's shape and timing, each replaceable from the command line (the workers get the same options).
-SHAPE_OPTIONS = {"tokens": (positive_int, "packed tokens in the batch"), "hidden": (positive_int, "hidden size H"),
-                 "pairs": (positive_int, "pairs in the batch"), "warmup": (whole_number, "untimed calls first"),
-                 "repeats": (positive_int, "timed calls (the median is reported)")}
-DTYPES = ("float32", "bfloat16", "float16")
-CUSTOM_SHAPE_FLAGS = {*(f"--{name}" for name in SHAPE_OPTIONS), "--dtype"}  # they write kernels-<preset>-custom.json
+# A preset's shape and timing, each replaceable from the command line.
+SHAPE_OPTIONS = {"tokens": "packed tokens in the batch", "hidden": "hidden size H", "pairs": "pairs in the batch",
+                 "warmup": "untimed calls first", "repeats": "timed calls (the median is reported)"}
+CUSTOM_SHAPE_FLAGS = shape_flags(SHAPE_OPTIONS)
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
     """The preset with the command line's shape options, and those options as the workers' arguments."""
-    changes = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
-    argv = [item for name, value in changes.items() for item in (f"--{name}", str(value))]
-    if args.dtype is not None:
-        changes["dtype"], argv = getattr(torch, args.dtype), [*argv, "--dtype", args.dtype]
-    preset = dataclasses.replace(PRESETS[args.preset], **changes)
+    preset, argv = with_shape_options(PRESETS[args.preset], args, SHAPE_OPTIONS)
     if preset.tokens < 4 * preset.pairs:  # each pair's prompt and responses get a token or more
         raise SystemExit(f"--tokens {preset.tokens} is too few for {preset.pairs} pairs: give at least 4 a pair")
     return preset, argv
@@ -400,9 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods to run, in this order (default: the preset's)")
     parser.add_argument("--jobs", nargs="+", choices=JOBS, help="jobs to run (default: the preset's)")
     parser.add_argument("--vocabs", nargs="+", type=positive_int, help="vocabulary sizes (default: the preset's)")
-    for name, (kind, meaning) in SHAPE_OPTIONS.items():
-        parser.add_argument(f"--{name}", type=kind, help=f"{meaning} (default: the preset's)")
-    parser.add_argument("--dtype", choices=DTYPES, help="hidden states' and weights' dtype (default: the preset's)")
+    add_shape_options(parser, SHAPE_OPTIONS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)

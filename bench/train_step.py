@@ -40,7 +40,8 @@ released before the measurement for every method): the CUDA allocator's peak, or
 RSS on the CPU. `held_mib` reports what is held before the step. Every method runs in its own
 subprocess, which measures the memory of a step first, under worker_env()'s exact-RSS allocator, and then
 times steps under glibc's ordinary one (bench.common.memory_then_time).
-Run: python -m bench.train_step [--preset cpu|gpu].
+Run: python -m bench.train_step [--preset cpu|gpu]; a shape of your own with --vocab, --hidden, --layers, --heads,
+--intermediate, --pairs, --max-seq, --micro-batch-tokens, --dtype (into train_step-<preset>-custom.json).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    add_shape_options,
     format_table,
     machine_info,
     memory_then_time,
@@ -65,7 +67,9 @@ from bench.common import (
     publish,
     run_worker,
     save_partial,
+    shape_flags,
     summarize,
+    with_shape_options,
 )
 
 
@@ -349,9 +353,32 @@ def measure(preset: Preset, method: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- orchestrator
-def run_one(preset: Preset, method: str) -> dict:
+def run_one(preset: Preset, method: str, shape_argv: list[str]) -> dict:
     """Memory and time in one fresh subprocess (see bench.common.run_worker)."""
-    return run_worker("bench.train_step", ["--preset", preset.name, "--method", method])
+    return run_worker("bench.train_step", ["--preset", preset.name, *shape_argv, "--method", method])
+
+
+# A preset's model, batch and timing, each replaceable from the command line.
+SHAPE_OPTIONS = {"vocab": "vocabulary size", "hidden": "hidden size", "layers": "decoder layers",
+                 "heads": "attention heads", "intermediate": "MLP size", "pairs": "pairs in the step",
+                 "max_seq": "longest prompt + response (the first pair's real one)",
+                 "micro_batch_tokens": "spin-fast's tokens per micro-batch", "warmup": "untimed steps first",
+                 "repeats": "timed steps (the median is reported)"}
+CUSTOM_SHAPE_FLAGS = shape_flags(SHAPE_OPTIONS)
+
+
+def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
+    """The preset with the command line's shape options, and those options as the workers' arguments."""
+    preset, argv = with_shape_options(PRESETS[args.preset], args, SHAPE_OPTIONS)
+    if preset.hidden % preset.heads:
+        raise SystemExit(f"--hidden {preset.hidden} is not a multiple of --heads {preset.heads}")
+    if preset.max_seq < 16 or preset.vocab <= FIRST_WORD_ID:
+        raise SystemExit(f"--max-seq {preset.max_seq} and --vocab {preset.vocab}: need at least 16 tokens and "
+                         f"{FIRST_WORD_ID + 1} ids")
+    if preset.micro_batch_tokens < 2 * preset.max_seq:  # a pair's prompt and responses go in one micro-batch
+        raise SystemExit(f"--micro-batch-tokens {preset.micro_batch_tokens} must hold a pair: at least 2 x --max-seq "
+                         f"({2 * preset.max_seq})")
+    return preset, argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods to run (default: every one the preset runs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    add_shape_options(parser, SHAPE_OPTIONS)
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset, shape_argv = chosen_preset(args)
+    name = f"train_step-{preset.name}{'-custom' if shape_argv else ''}"
 
     if args.worker:
         try:
@@ -390,13 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             result = {"skipped": f"left out of the {preset.name} preset to keep `make bench` short; "
                                  f"python -m bench.train_step --methods '{method}' runs it"}
         else:
-            result = run_one(preset, method)
+            result = run_one(preset, method, shape_argv)
         result["method"] = method
         report["results"].append(result)
-        save_partial(f"train_step-{preset.name}", report)
+        save_partial(name, report)
         print(_one_line(result), flush=True)
     _add_ratios(report["results"])
-    publish(f"train_step-{preset.name}", report, summary_table(report["results"]))
+    publish(name, report, summary_table(report["results"]))
     return 0
 
 

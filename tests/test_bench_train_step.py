@@ -59,3 +59,24 @@ def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
     assert spin["speed_vs_whole_sequences"] > 0
     assert live["tokens_computed"] >= tokens
     assert live["held_mib"] > by_method["TRL DPO, precomputed reference"]["held_mib"]  # the reference model
+
+
+def test_a_shape_of_ones_own_reaches_the_workers_and_its_own_file(tmp_path, monkeypatch):
+    """The model, batch and timing options replace the preset's in the workers too (their token count and budget
+    are the orchestrator's), in train_step-<preset>-custom.json; impossible shapes are refused first."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    shape = {"vocab": 500, "hidden": 32, "heads": 4, "layers": 1, "pairs": 2, "max_seq": 32, "micro_batch_tokens": 64}
+    argv = ["--preset", "tiny", "--methods", "spin-fast", "--repeats", "1", "--warmup", "0",
+            *(item for key, value in shape.items() for item in (f"--{key.replace('_', '-')}", str(value)))]
+    assert train_step.main(argv) == 0
+    assert not (tmp_path / "train_step-tiny.json").exists()
+    report = json.loads((tmp_path / "train_step-tiny-custom.json").read_text())
+    assert {key: report["shape"][key] for key in shape} == shape
+    (result,) = report["results"]
+    preset_tokens = train_step.real_tokens(train_step.make_pairs(train_step.PRESETS["tiny"]))
+    assert result["tokens"] == report["shape"]["tokens"] != preset_tokens
+    assert result["micro_batch_tokens"] == 64 and result["runs"] == 1
+    for options, message in ((["--hidden", "30", "--heads", "4"], "not a multiple of --heads 4"),
+                             (["--max-seq", "64", "--micro-batch-tokens", "100"], "must hold a pair")):
+        with pytest.raises(SystemExit, match=message):
+            train_step.main(["--preset", "tiny", *options])
