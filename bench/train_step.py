@@ -47,6 +47,7 @@ Run: python -m bench.train_step [--preset cpu|gpu]; a shape of your own with --v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -256,61 +257,84 @@ def _spin_fast(share_prompts: bool):
     return make
 
 
+TRL_TESTED = "1.16.0"  # the TRL whose DPOTrainer internals this bench drives (its batch keys, _clip_grad_norm)
+
+
+@contextlib.contextmanager
+def _trl_api(version: str):
+    """Another TRL's internals fail as KeyError: 'completion_mask' and the like: said as what they are."""
+    try:
+        yield
+    except (KeyError, AttributeError, TypeError) as error:
+        raise RuntimeError(f"TRL {version} does not run as this bench drives it ({type(error).__name__}: {error}); "
+                           f"the bench is written against TRL {TRL_TESTED}") from error
+
+
 def _trl(precompute: bool):
     def make(preset: Preset, workdir: Path) -> Runner:
         try:
-            from datasets import Dataset
-            from trl import DPOConfig, DPOTrainer
+            import datasets  # noqa: F401
+            import trl
         except ImportError as error:
             raise Missing(f"trl is not installed ({error})") from None
+        with _trl_api(trl.__version__):
+            return _trl_runner(preset, workdir, precompute)
 
-        model = build_model(preset)
-        ref_model = None if precompute else copy.deepcopy(model)
-        pairs = make_pairs(preset)
-        rows = [{"prompt": as_text(p.prompt_ids), "chosen": " " + as_text(p.real_ids),
-                 "rejected": " " + as_text(p.generated_ids)} for p in pairs]
-        args = DPOConfig(
-            output_dir=str(workdir), loss_type=["sigmoid"], beta=BETA, learning_rate=LEARNING_RATE,
-            optim="rmsprop", lr_scheduler_type="linear", per_device_train_batch_size=len(pairs),
-            # Room to spare: at exactly max_seq, one token TRL added would cut a sequence, and the check below fail.
-            gradient_accumulation_steps=1, max_length=2 * max(1024, preset.max_seq), max_grad_norm=1.0,
-            precompute_ref_log_probs=precompute, gradient_checkpointing=False,
-            bf16=False, fp16=False, use_cpu=preset.device == "cpu", report_to="none", save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
-        )
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=word_tokenizer(preset.vocab))
-        trainer.create_optimizer_and_scheduler(num_training_steps=1)
-        trainer.current_gradient_accumulation_steps = 1
-        loader = trainer.get_train_dataloader()
-        model = trainer.model
+    return make
 
-        batch = next(iter(loader))
-        _check_same_tokens(batch, pairs)
-        info = {
-            "tokens_computed": int(batch["input_ids"].numel()),  # padded
-            "loss_tokens": int(batch["completion_mask"].sum()),
-            "tokens_in_batch": int(batch["attention_mask"].sum()),
-        }
 
-        def step() -> float:
+def _trl_runner(preset: Preset, workdir: Path, precompute: bool) -> Runner:
+    """TRL's DPOTrainer set up as SPIN on the preset's pairs (one batch), stepped as its own loop steps."""
+    import trl
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model = build_model(preset)
+    ref_model = None if precompute else copy.deepcopy(model)
+    pairs = make_pairs(preset)
+    rows = [{"prompt": as_text(p.prompt_ids), "chosen": " " + as_text(p.real_ids),
+             "rejected": " " + as_text(p.generated_ids)} for p in pairs]
+    args = DPOConfig(
+        output_dir=str(workdir), loss_type=["sigmoid"], beta=BETA, learning_rate=LEARNING_RATE,
+        optim="rmsprop", lr_scheduler_type="linear", per_device_train_batch_size=len(pairs),
+        # Room to spare: at exactly max_seq, one token TRL added would cut a sequence, and the check below fail.
+        gradient_accumulation_steps=1, max_length=2 * max(1024, preset.max_seq), max_grad_norm=1.0,
+        precompute_ref_log_probs=precompute, gradient_checkpointing=False,
+        bf16=False, fp16=False, use_cpu=preset.device == "cpu", report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
+    )
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=word_tokenizer(preset.vocab))
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.current_gradient_accumulation_steps = 1
+    loader = trainer.get_train_dataloader()
+    model = trainer.model
+
+    batch = next(iter(loader))
+    _check_same_tokens(batch, pairs)
+    info = {
+        "tokens_computed": int(batch["input_ids"].numel()),  # padded
+        "loss_tokens": int(batch["completion_mask"].sum()),
+        "tokens_in_batch": int(batch["attention_mask"].sum()),
+    }
+
+    def step() -> float:
+        with _trl_api(trl.__version__):
             inputs = next(iter(loader))
             loss = trainer.training_step(model, inputs, None)
             trainer._clip_grad_norm(model)
-            trainer.optimizer.step()
-            trainer.lr_scheduler.step()
-            model.zero_grad()
-            return float(loss)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        return float(loss)
 
-        models = [model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
-        return Runner(
-            step=step,
-            release_grads=lambda: model.zero_grad(set_to_none=True),
-            held=lambda: held_mib([p for m in models for p in m.parameters()] + optimizer_state(trainer.optimizer)),
-            info=info,
-        )
-
-    return make
+    models = [model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+    return Runner(
+        step=step,
+        release_grads=lambda: model.zero_grad(set_to_none=True),
+        held=lambda: held_mib([p for m in models for p in m.parameters()] + optimizer_state(trainer.optimizer)),
+        info=info,
+    )
 
 
 def _check_same_tokens(batch: dict, pairs) -> None:
@@ -487,7 +511,8 @@ def summary_table(results: list[dict]) -> str:
             f"{r['first_loss']:.6f}",
             f"{r['second_loss']:.6f}",
         ])
-    return format_table(headers, rows)
+    note = "x TRL: tokens/s over TRL's (above 1: faster); x TRL mem: peak MiB over TRL's (below 1: less)"
+    return format_table(headers, rows) + "\n" + note
 
 
 if __name__ == "__main__":
