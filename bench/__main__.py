@@ -15,7 +15,7 @@ BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--only", choices=sorted(BENCHES), help="run one bench only, with its own options after it")
     parser.add_argument("--preset", choices=sorted(kernels.PRESETS), help="cpu, gpu (needs CUDA; the default with it) "
                         "or tiny (seconds; for tests)", default="gpu" if torch.cuda.is_available() else "cpu")
@@ -25,20 +25,21 @@ def main(argv: list[str]) -> int:
     if args.preset == "gpu" and not torch.cuda.is_available():
         parser.error("--preset gpu needs CUDA, and this torch sees no GPU")
     names = [args.only] if args.only else list(BENCHES)
-    status = 0
+    status, failed = 0, set()
     for name in names:  # one bench's failure is reported, and the others still run
         try:
             status = max(status, BENCHES[name].main(["--preset", args.preset, *rest]))
-        except Exception:  # noqa: BLE001 - the traceback is printed; the summary shows the bench's missing figures
+        except Exception:  # noqa: BLE001 - the traceback is printed; the summary says the bench failed
             traceback.print_exc()
             print(f"bench {name} failed (traceback above); going on with the others", file=sys.stderr)
-            status = 1
+            status, failed = 1, failed | {name}
     for path in plots.plot_all():
         print(f"plot: {path}")
-    if any(option.split("=")[0] in kernels.CUSTOM_SHAPE_FLAGS | train_step.CUSTOM_SHAPE_FLAGS for option in rest):
+    custom = getattr(BENCHES[args.only], "CUSTOM_SHAPE_FLAGS", set()) if args.only else set()
+    if any(option.split("=")[0] in custom for option in rest):
         print("\n(no summary: a shape of your own is not the preset's; the bench's table above has its figures)")
     else:
-        print("\n" + summary.summary_table(names, args.preset))
+        print("\n" + summary.summary_table(names, args.preset, frozenset(failed)))
     return status
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -10,6 +11,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -163,14 +165,27 @@ def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict
     import sys
 
     cmd = [sys.executable, "-m", module, "--worker", *worker_args]
+    # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU memory).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(),
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout)
-    except subprocess.TimeoutExpired as expired:  # a hung worker is one failed measurement, not the whole bench's end
-        output = (expired.stderr or b"").decode(errors="replace").strip().splitlines()
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if lines:  # its result was out; it hung on the way out (an engine's or a process group's shutdown)
+            return json.loads(lines[-1])
+        output = stderr.strip().splitlines()
         return {"error": [f"timed out after {timeout} s"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    except BaseException:  # Ctrl-C: the worker, in a session of its own, did not get it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        output = (proc.stderr or proc.stdout).strip().splitlines()
+        output = (stderr or stdout).strip().splitlines()
         # The last line names the error for the tables; the lines before it, kept in the JSON, say where it came from.
         return {"error": output[-1:] or ["no output"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     return json.loads(lines[-1])
@@ -239,7 +254,7 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": str(device),
         "command": ["python", "-m", "bench" if sys.argv[0].endswith("__main__.py") else _module_of(sys.argv[0]),
-                    *sys.argv[1:]],
+                    *(arg for arg in sys.argv[1:] if arg != "--worker")],  # a worker's: its bench's own options
         "code": code_version(),  # spin-fast's release and a digest of its sources
         "git": _git_commit(),
         "versions": {
@@ -269,8 +284,8 @@ def _git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                 capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":!bench/results"], cwd=root, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     if commit.returncode != 0:

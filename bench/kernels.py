@@ -7,8 +7,8 @@ the tokens, carries no loss; responses of uneven length):
 Every (vocabulary, job, method) runs in a fresh subprocess, which measures the peak memory of one call and then
 times calls (bench.common.memory_then_time), so compile caches and allocator state never leak from one
 measurement into the next. A method that cannot run here (CUDA only, no such entry point) is reported as missing
-without starting one. Run: python -m bench.kernels [--preset cpu|gpu] [--jobs spin_head logprobs]; your own
-shape with --vocabs, --tokens, --hidden, --pairs, --dtype (and --warmup, --repeats), written to
+without starting one. Run: python -m bench.kernels [--preset cpu|gpu] [--jobs spin_head logprobs] [--vocabs V ...];
+your own shape with --tokens, --hidden, --pairs, --dtype (and --warmup, --repeats), written to
 kernels-<preset>-custom.json so that the preset's own file stays.
 """
 
@@ -379,7 +379,8 @@ def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="*", choices=list(METHODS),
                         help="methods to run, in this order (default: the preset's)")
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.worker and (args.vocab or args.job or args.method):
+        parser.error("--vocab, --job and --method are its workers' options: use --vocabs, --jobs, --methods")
     preset, shape_argv = chosen_preset(args)
     methods = args.methods if args.methods is not None else list(preset.methods or METHODS)
     jobs, vocabs = args.jobs or list(preset.jobs), args.vocabs or list(preset.vocabs)
@@ -408,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"bench": "kernels", "preset": preset.name, "machine": machine_info(device),
               "shape": {"tokens": preset.tokens, "hidden": preset.hidden, "dtype": str(preset.dtype),
                         "pairs": preset.pairs, "beta": BETA, "warmup": preset.warmup, "repeats": preset.repeats},
-              "results": []}
+              "custom": shape_argv, "results": []}
     for vocab in vocabs:
         ceiling = matmul_tflops(preset, vocab)
         print(f"\n== vocab {vocab}: {preset.tokens} tokens, H={preset.hidden}, {preset.dtype}, "

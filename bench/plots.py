@@ -46,8 +46,7 @@ def plot_kernels(report: dict, path: Path) -> Path | None:
             ax.set(xlabel="vocabulary size", ylabel=label, title=f"{job}: {label.split(',')[0]}")
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=8)
-    fig.suptitle(f"kernels, {report['preset']} preset, {report['machine']['device']}, "
-                 f"{report['shape']['tokens']} tokens")
+    fig.suptitle(f"kernels, {_preset(report)}, {report['machine']['device']}, {report['shape']['tokens']} tokens")
     return _save(fig, path)
 
 
@@ -64,7 +63,7 @@ def plot_train_step(report: dict, path: Path) -> Path | None:
     axes[1].set(ylabel="MiB", title="peak memory the step adds")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=15)
-    fig.suptitle(f"train step, {report['preset']} preset, {report['machine']['device']}")
+    fig.suptitle(f"train step, {_preset(report)}, {report['machine']['device']}")
     return _save(fig, path)
 
 
@@ -92,6 +91,12 @@ def _save(fig, path: Path) -> Path:
 
 
 PLOTTERS = {"kernels": plot_kernels, "train_step": plot_train_step, "iteration": plot_iteration}
+
+
+def _preset(report: dict) -> str:
+    """The preset, and the shape options that replaced its own (python -m bench.NAME --tokens ...)."""
+    custom = report.get("custom")
+    return f"{report['preset']} preset" + (f" with {' '.join(custom)}" if custom else "")
 
 
 def plot_all(results_dir: Path | None = None) -> list[Path]:

@@ -91,10 +91,14 @@ ROWS = {"kernels": kernel_rows, "train_step": train_step_rows, "generate": gener
         "scaling": scaling_rows, "iteration": iteration_rows}
 
 
-def summary_table(names: list[str], preset: str) -> str:
+def summary_table(names: list[str], preset: str, failed: frozenset[str] = frozenset()) -> str:
+    """failed: benches that raised in this run (their files, if any, are older runs', and not shown)."""
     rows = []
-    reports = {name: _load(name, preset) for name in names}
+    reports = {name: None if name in failed else _load(name, preset) for name in names}
     for name, report in reports.items():
+        if name in failed:
+            rows.append([name, "failed in this run (its traceback is above); no figures"])
+            continue
         if report is None:
             rows.append([name, f"no results: bench/results/{name}-{preset}.json was not written (see its output)"])
             continue

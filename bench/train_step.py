@@ -262,10 +262,13 @@ TRL_TESTED = "1.16.0"  # the TRL whose DPOTrainer internals this bench drives (i
 
 @contextlib.contextmanager
 def _trl_api(version: str):
-    """Another TRL's internals fail as KeyError: 'completion_mask' and the like: said as what they are."""
+    """Around the bench's calls into TRL: another TRL's internals fail as KeyError: 'completion_mask' and the like,
+    said as what they are (with the tested TRL, an error is left as it is)."""
     try:
         yield
     except (KeyError, AttributeError, TypeError) as error:
+        if version == TRL_TESTED:
+            raise
         raise RuntimeError(f"TRL {version} does not run as this bench drives it ({type(error).__name__}: {error}); "
                            f"the bench is written against TRL {TRL_TESTED}") from error
 
@@ -274,11 +277,10 @@ def _trl(precompute: bool):
     def make(preset: Preset, workdir: Path) -> Runner:
         try:
             import datasets  # noqa: F401
-            import trl
+            import trl  # noqa: F401
         except ImportError as error:
             raise Missing(f"trl is not installed ({error})") from None
-        with _trl_api(trl.__version__):
-            return _trl_runner(preset, workdir, precompute)
+        return _trl_runner(preset, workdir, precompute)
 
     return make
 
@@ -294,29 +296,30 @@ def _trl_runner(preset: Preset, workdir: Path, precompute: bool) -> Runner:
     pairs = make_pairs(preset)
     rows = [{"prompt": as_text(p.prompt_ids), "chosen": " " + as_text(p.real_ids),
              "rejected": " " + as_text(p.generated_ids)} for p in pairs]
-    args = DPOConfig(
-        output_dir=str(workdir), loss_type=["sigmoid"], beta=BETA, learning_rate=LEARNING_RATE,
-        optim="rmsprop", lr_scheduler_type="linear", per_device_train_batch_size=len(pairs),
-        # Room to spare: at exactly max_seq, one token TRL added would cut a sequence, and the check below fail.
-        gradient_accumulation_steps=1, max_length=2 * max(1024, preset.max_seq), max_grad_norm=1.0,
-        precompute_ref_log_probs=precompute, gradient_checkpointing=False,
-        bf16=False, fp16=False, use_cpu=preset.device == "cpu", report_to="none", save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
-    )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=word_tokenizer(preset.vocab))
-    trainer.create_optimizer_and_scheduler(num_training_steps=1)
-    trainer.current_gradient_accumulation_steps = 1
-    loader = trainer.get_train_dataloader()
-    model = trainer.model
+    with _trl_api(trl.__version__):  # DPOConfig, DPOTrainer and its batches: where another TRL differs
+        args = DPOConfig(
+            output_dir=str(workdir), loss_type=["sigmoid"], beta=BETA, learning_rate=LEARNING_RATE,
+            optim="rmsprop", lr_scheduler_type="linear", per_device_train_batch_size=len(pairs),
+            # Room to spare: at exactly max_seq, one token TRL added would cut a sequence, and the check below fail.
+            gradient_accumulation_steps=1, max_length=2 * max(1024, preset.max_seq), max_grad_norm=1.0,
+            precompute_ref_log_probs=precompute, gradient_checkpointing=False,
+            bf16=False, fp16=False, use_cpu=preset.device == "cpu", report_to="none", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=SEED,
+        )
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=word_tokenizer(preset.vocab))
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        trainer.current_gradient_accumulation_steps = 1
+        loader = trainer.get_train_dataloader()
+        model = trainer.model
 
-    batch = next(iter(loader))
-    _check_same_tokens(batch, pairs)
-    info = {
-        "tokens_computed": int(batch["input_ids"].numel()),  # padded
-        "loss_tokens": int(batch["completion_mask"].sum()),
-        "tokens_in_batch": int(batch["attention_mask"].sum()),
-    }
+        batch = next(iter(loader))
+        _check_same_tokens(batch, pairs)
+        info = {
+            "tokens_computed": int(batch["input_ids"].numel()),  # padded
+            "loss_tokens": int(batch["completion_mask"].sum()),
+            "tokens_in_batch": int(batch["attention_mask"].sum()),
+        }
 
     def step() -> float:
         with _trl_api(trl.__version__):
@@ -394,8 +397,8 @@ CUSTOM_SHAPE_FLAGS = shape_flags(SHAPE_OPTIONS)
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
     """The preset with the command line's shape options, and those options as the workers' arguments."""
     preset, argv = with_shape_options(PRESETS[args.preset], args, SHAPE_OPTIONS)
-    if preset.hidden % preset.heads:
-        raise SystemExit(f"--hidden {preset.hidden} is not a multiple of --heads {preset.heads}")
+    if preset.hidden % preset.heads or preset.hidden // preset.heads % 2:  # RoPE rotates pairs of a head's dims
+        raise SystemExit(f"--hidden {preset.hidden} over --heads {preset.heads} must be a whole, even head size")
     if preset.max_seq < 16 or preset.vocab <= FIRST_WORD_ID:
         raise SystemExit(f"--max-seq {preset.max_seq} and --vocab {preset.vocab}: need at least 16 tokens and "
                          f"{FIRST_WORD_ID + 1} ids")
@@ -406,7 +409,8 @@ def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="*", choices=list(METHODS),
                         help="methods to run (default: every one the preset runs)")
@@ -414,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", help=argparse.SUPPRESS)
     add_shape_options(parser, SHAPE_OPTIONS)
     args = parser.parse_args(argv)
+    if args.method and not args.worker:
+        parser.error("--method is its workers' option: use --methods")
     preset, shape_argv = chosen_preset(args)
     name = f"train_step-{preset.name}{'-custom' if shape_argv else ''}"
 
@@ -433,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
              "micro_batch_tokens": preset.micro_batch_tokens, "warmup": preset.warmup, "repeats": preset.repeats,
              "layout": pair_layout(preset)}
     report = {"bench": "train_step", "preset": preset.name, "machine": machine_info(device), "shape": shape,
-              "results": []}
+              "custom": shape_argv, "results": []}
     print(f"\n== one SPIN optimizer step: {preset.pairs} pairs, {shape['tokens']} tokens, Llama H={preset.hidden} "
           f"L={preset.layers} V={preset.vocab}, {preset.dtype}, {device}", flush=True)
     methods = args.methods or list(METHODS)

@@ -87,12 +87,17 @@ def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypa
 
     monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=failing),
                                                 "iteration": SimpleNamespace(main=fine)})
+    (tmp_path / "kernels-tiny.json").write_text("{}")  # an older run's: not this run's figures
     assert bench_main.main(["--preset", "tiny"]) == 1
     err, out = capsys.readouterr()[::-1]
     assert ran == [["--preset", "tiny"]] and "RuntimeError: CUDA out of memory" in err
-    assert "bench kernels failed" in err and "kernels" in out  # the summary says it has no figures
-    assert bench_main.main(["--preset", "tiny", "--only", "iteration", "--tokens", "512"]) == 0
+    assert "bench kernels failed" in err and "failed in this run (its traceback is above); no figures" in out
+    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=fine, CUSTOM_SHAPE_FLAGS={"--tokens"}),
+                                                "iteration": SimpleNamespace(main=fine)})
+    assert bench_main.main(["--preset", "tiny", "--only", "kernels", "--tokens", "512"]) == 0
     assert "(no summary: a shape of your own" in capsys.readouterr().out
+    assert bench_main.main(["--preset", "tiny", "--only", "iteration", "--tokens", "512"]) == 0  # not its option
+    assert "(no summary" not in capsys.readouterr().out
 
 
 ALLOCATOR_PROBE = """
@@ -160,6 +165,14 @@ def test_bench_command_line_errors_come_before_any_bench_runs(capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
     plots = subprocess.run([sys.executable, "-m", "bench.plots", "--help"], capture_output=True, text=True)
     assert plots.returncode == 0 and "results_dir" in plots.stdout  # was taken for a results folder
+
+
+def test_a_worker_past_its_time_is_one_failed_measurement():
+    from bench import common
+
+    result = common.run_worker("bench.kernels", ["--preset", "tiny", "--vocab", "1000", "--job", "spin_head",
+                                                 "--method", "naive PyTorch"], timeout=1)  # its imports take longer
+    assert result["error"] == ["timed out after 1 s"]
 
 
 def test_a_failed_worker_keeps_its_traceback():

@@ -76,7 +76,8 @@ def test_a_shape_of_ones_own_reaches_the_workers_and_its_own_file(tmp_path, monk
     preset_tokens = train_step.real_tokens(train_step.make_pairs(train_step.PRESETS["tiny"]))
     assert result["tokens"] == report["shape"]["tokens"] != preset_tokens
     assert result["micro_batch_tokens"] == 64 and result["runs"] == 1
-    for options, message in ((["--hidden", "30", "--heads", "4"], "not a multiple of --heads 4"),
+    for options, message in ((["--hidden", "30", "--heads", "4"], "must be a whole, even head size"),
+                             (["--hidden", "36", "--heads", "4"], "must be a whole, even head size"),
                              (["--max-seq", "64", "--micro-batch-tokens", "100"], "must hold a pair")):
         with pytest.raises(SystemExit, match=message):
             train_step.main(["--preset", "tiny", *options])
@@ -86,4 +87,7 @@ def test_another_trls_internals_failing_are_said_to_be_that():
     with pytest.raises(RuntimeError, match=r"TRL 9.0.0 does not run as this bench drives it \(KeyError: "
                                            r"'completion_mask'\); the bench is written against TRL 1.16.0"):
         with train_step._trl_api("9.0.0"):
+            raise KeyError("completion_mask")
+    with pytest.raises(KeyError):  # the tested TRL: its error as it is
+        with train_step._trl_api(train_step.TRL_TESTED):
             raise KeyError("completion_mask")

@@ -181,7 +181,7 @@ end_leftovers() {  # end_leftovers STAGE: kill the processes a stage left runnin
 }
 
 pack_results() {
-  find "$WORK/results" -maxdepth 1 -name "*-$PRESET.*" -printf '%f\n' | sort \
+  find "$WORK/results" -maxdepth 1 \( -name "*-$PRESET.*" -o -name "*-$PRESET-custom.*" \) -printf '%f\n' | sort \
     | tar -czf "$OUT/results.tar.gz" -C "$WORK/results" -T -
 }
 
