@@ -142,8 +142,9 @@ run_stage() {  # run_stage NAME LIMIT COMMAND...: COMMAND under min(LIMIT, what 
   (( limit > left )) && limit=$left
   printf '== %-10s (limit %3s s) ... ' "$name" "$limit"
   local t0=$SECONDS rc status note=""
-  # timeout signals the whole process group, so a bench's worker processes end with it; -k: KILL 5 s later. In the
-  # background, waited for, so that a TERM sent to this script runs its trap at once, not after the stage.
+  # timeout signals the stage's process group (-k: KILL 5 s later); a bench's workers, in sessions of their own (as
+  # torchrun's ranks), are ended by end_leftovers right after. In the background, waited for, so that a TERM sent to
+  # this script runs its trap at once, not after the stage.
   timeout -k 5 "$limit" "$@" >"$WORK/logs/$name.log" 2>&1 &
   STAGE=$! STAGE_NAME=$name STAGE_T0=$t0
   wait "$STAGE"
