@@ -1,8 +1,8 @@
 """Whole-iteration profile: where the wall time and the memory of SPIN iterations go, from a short real run.
 
 A small Llama built from a config, the local tokenizer and the demo's sorting task (spin_fast.sorting) go
-through `SelfPlay` for 3 iterations with the default engine (vLLM when installed, else transformers), as
-`spin-fast run` would run them. Each stage is wrapped and measured:
+through `SelfPlay` for 2 + `timed_iterations` iterations (5 in the CPU and GPU presets) with the default engine
+(vLLM when installed, else transformers), as `spin-fast run` would run them. Each stage is wrapped and measured:
 
   engine_start      creating the generation engine (once per run, in iteration 0; vLLM starts its own processes)
   generate          the opponent answers every prompt (engine start not included)
@@ -15,10 +15,11 @@ One worker process runs the whole run, memory first (as bench.common.memory_then
 iterations 0 and 1 under bench.common.worker_env()'s exact-RSS allocator give each stage's peak memory in the
 training process (CUDA allocator peak, or the process's peak RSS reset at the stage's start) and the resident
 memory of the engine's own processes (vLLM's engine core and workers), which the training process's figures do not
-include; then glibc's ordinary allocator, and iteration 2 gives each stage's seconds and share of the iteration's
-wall time. Iterations 1 and 2 are the steady state (each trains on the pairs of t and t-1); the engine's start
-is timed in iteration 0 (its processes start with glibc's ordinary allocator). Run: python -m bench.iteration
-[--preset cpu|gpu].
+include; then glibc's ordinary allocator, and each of the iterations from 2 on times every stage once: a stage's
+seconds are the median of those iterations (min and max beside it) and its share is its median over the sum of
+the stages' medians. Every iteration from 1 on is the steady state (each trains on the pairs of t and t-1, as
+many), and iterations 0 and 1 are the timed ones' warm-up; the engine's start is timed once, in iteration 0 (its
+processes start with glibc's ordinary allocator). Run: python -m bench.iteration [--preset cpu|gpu].
 
 Host memory of the pairs held (held_pairs_memory): every rank holds the iteration's scored pairs from scoring to
 the end of training, as load_scored_pairs reads them. The bench writes `held_pairs` pairs of 1,200 tokens (a
@@ -35,6 +36,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -58,7 +60,7 @@ from bench.common import (
 
 STAGES = ("engine_start", "generate", "score", "train", "weight_transfer")
 MEMORY_ITERATIONS = (0, 1)  # under the exact-RSS allocator the worker starts with
-TIMED_ITERATION = 2  # under glibc's ordinary one
+FIRST_TIMED_ITERATION = 2  # this one and those after it are timed, under glibc's ordinary allocator
 
 
 @dataclass(frozen=True)
@@ -72,24 +74,26 @@ class Preset:
     global_batch: int
     micro_batch_tokens: int
     dtype: str
+    # Steady iterations timed after the memory ones: each stage's seconds are their median.
+    timed_iterations: int
     # Pairs in the host-memory figure (held_pairs_memory). 0 in the GPU preset: the figure is the host's
     # Python objects, the same on any machine, and the GPU machine's minutes are for what only it shows.
     held_pairs: int
 
 
 PRESETS = {
-    # 2 cores: vLLM's start (~35 s) and 3 iterations of ~5-8 s: under 2 minutes with the process.
+    # 2 cores: vLLM's start (~30 s) and 5 iterations of ~5-8 s: about 1.5 minutes with the process.
     "cpu": Preset("cpu", hidden=256, layers=4, heads=8, prompts=64, max_new_tokens=32, global_batch=32,
-                  micro_batch_tokens=2048, dtype="float32", held_pairs=2000),
-    # One H200, slot 70 s in bench/gpu/check.sh: a ~0.34B-parameter Llama in bf16, 256 prompts, 3 iterations. Without
+                  micro_batch_tokens=2048, dtype="float32", timed_iterations=3, held_pairs=2000),
+    # One H200, slot 85 s in bench/gpu/check.sh: a ~0.34B-parameter Llama in bf16, 256 prompts, 5 iterations. Without
     # vLLM (not on that machine) transformers generates: 4 batches of 64 x 64 decoding steps at ~15 ms (Python-bound)
-    # ~4 s an iteration; training 4, 8 and 8 steps of 64 pairs (~8k tokens, ~2e13 FLOP: < 0.1 s of matmuls each, a
+    # ~4 s an iteration; training 4 then 8 steps of 64 pairs (~8k tokens, ~2e13 FLOP: < 0.1 s of matmuls each, a
     # few tenths of a second with packing and the optimizer) plus a checkpoint (~1.4 GB) each; scoring < 1 s. With the
-    # process (~10 s: imports, CUDA context, building and saving the model): about 50 s.
+    # process (~10 s: imports, CUDA context, building and saving the model): about 65 s.
     "gpu": Preset("gpu", hidden=2048, layers=8, heads=16, prompts=256, max_new_tokens=64, global_batch=64,
-                  micro_batch_tokens=16384, dtype="bfloat16", held_pairs=0),
+                  micro_batch_tokens=16384, dtype="bfloat16", timed_iterations=3, held_pairs=0),
     "tiny": Preset("tiny", hidden=64, layers=2, heads=2, prompts=16, max_new_tokens=8, global_batch=8,
-                   micro_batch_tokens=512, dtype="float32", held_pairs=20),
+                   micro_batch_tokens=512, dtype="float32", timed_iterations=2, held_pairs=20),
 }
 
 
@@ -162,7 +166,7 @@ def engine_rss_mib() -> float:
 
 def profiled_selfplay(config, on_record=None):
     """A SelfPlay whose stages record their peak memory in the memory iterations (selfplay.records["memory"]) and
-    their seconds in the timed one (records["time"]); the engine's start is timed wherever it happens.
+    their seconds in the timed ones (records["time"]); the engine's start is timed wherever it happens.
     on_record(selfplay), when given, is called after each stage's record."""
     from spin_fast.generation.choice import default_engine
     from spin_fast.selfplay import SelfPlay
@@ -172,7 +176,7 @@ def profiled_selfplay(config, on_record=None):
     class Profiled(SelfPlay):
         def measured(self, stage: str, call):
             key = f"iter-{self.current}/{stage}"
-            timed_here = self.current == TIMED_ITERATION or stage == "engine_start"
+            timed_here = self.current >= FIRST_TIMED_ITERATION or stage == "engine_start"
             result = []
 
             def timed():
@@ -182,7 +186,7 @@ def profiled_selfplay(config, on_record=None):
                 if timed_here:
                     self.records["time"][key] = time.perf_counter() - start
 
-            if self.current == TIMED_ITERATION:
+            if self.current >= FIRST_TIMED_ITERATION:
                 gc.collect()
                 timed()
             else:  # the timing inside the memory measurement: its set-up (gc, emptying the cache) stays outside
@@ -195,7 +199,7 @@ def profiled_selfplay(config, on_record=None):
 
         def iteration(self, t, *args, **kwargs):
             self.current = t
-            if t == TIMED_ITERATION:
+            if t == FIRST_TIMED_ITERATION:
                 ordinary_allocator()
             return super().iteration(t, *args, **kwargs)
 
@@ -242,7 +246,7 @@ def worker(preset: Preset, engine: str) -> dict:
         f"output_dir={workdir / 'run'}", f"model.name_or_path={workdir / 'model'}",
         f"data.source={workdir / 'train.jsonl'}", "data.max_length=96", "data.max_prompt_length=64",
         f"generation.max_new_tokens={preset.max_new_tokens}", "generation.batch_size=64",
-        f"iterations={TIMED_ITERATION + 1}",
+        f"iterations={FIRST_TIMED_ITERATION + preset.timed_iterations}",
         f"generation.engine={engine}",
         f"train.global_batch={preset.global_batch}", f"train.micro_batch_tokens={preset.micro_batch_tokens}",
         "train.epochs=1", f"train.dtype={preset.dtype}", "train.learning_rate=1e-5", "train.progress=false",
@@ -271,31 +275,44 @@ def report_of(preset: Preset, result: dict) -> dict:
     return {"bench": "iteration", "preset": asdict(preset), **result, "rows": profile_rows(result)}
 
 
+def _iteration_of(key: str) -> int:
+    return int(key.split("/")[0].removeprefix("iter-"))
+
+
 def profile_rows(result: dict) -> list[dict]:
-    """The engine's start (once per run), then one row per stage of the steady state: seconds and share of the
-    timed iteration's wall time, peak MiB in the last memory iteration."""
+    """The engine's start (once per run), then one row per stage of the steady state: the median of its seconds
+    over the timed iterations (min, max and the iterations beside it), its share (its median over the sum of the
+    stages' medians) and its peak MiB in the last memory iteration. A run cut off midway has rows for the stages
+    it timed, each over the iterations that timed it."""
     time_of, memory_of = result["time"], result.get("memory", {})
     rows = []
     if "iter-0/engine_start" in time_of:
-        rows.append({"stage": "engine_start", "iteration": 0, "seconds": time_of["iter-0/engine_start"],
+        once = time_of["iter-0/engine_start"]
+        rows.append({"stage": "engine_start", "iterations": [0], "seconds": once, "min": once, "max": once,
                      "share": None, "peak_extra_mib": memory_of.get("iter-0/engine_start"), "memory_iteration": 0})
-    seconds_of = {s: time_of[f"iter-{TIMED_ITERATION}/{s}"] for s in STAGES
-                  if f"iter-{TIMED_ITERATION}/{s}" in time_of}
-    total = sum(seconds_of.values())
+    timed = sorted({_iteration_of(k) for k in time_of if _iteration_of(k) >= FIRST_TIMED_ITERATION})
+    samples = {s: {t: time_of[f"iter-{t}/{s}"] for t in timed if f"iter-{t}/{s}" in time_of} for s in STAGES}
+    median_of = {s: statistics.median(by_t.values()) for s, by_t in samples.items() if by_t}
+    total = sum(median_of.values())
     steady = MEMORY_ITERATIONS[-1]
-    for stage, seconds in seconds_of.items():
-        rows.append({"stage": stage, "iteration": TIMED_ITERATION, "seconds": seconds, "share": seconds / total,
-                     "peak_extra_mib": memory_of.get(f"iter-{steady}/{stage}"), "memory_iteration": steady})
+    for stage, seconds in median_of.items():
+        rows.append({"stage": stage, "iterations": list(samples[stage]), "seconds": seconds,
+                     "min": min(samples[stage].values()), "max": max(samples[stage].values()),
+                     "share": seconds / total, "peak_extra_mib": memory_of.get(f"iter-{steady}/{stage}"),
+                     "memory_iteration": steady})
     return rows
 
 
 def summary_table(result: dict) -> str:
-    headers = ["stage", "seconds", "share of iteration", "peak extra MiB (trainer)"]
+    headers = ["stage", "seconds", "min-max", "share of iteration", "peak extra MiB (trainer)"]
     table = [[r["stage"] + (" (once per run)" if r["share"] is None else ""), f"{r['seconds']:.2f}",
+              "-" if r["share"] is None else f"{r['min']:.2f}-{r['max']:.2f}",
               "-" if r["share"] is None else f"{100 * r['share']:.0f}%",
               "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"] for r in result["rows"]]
     steady = MEMORY_ITERATIONS[-1]
-    note = (f"seconds: iteration {TIMED_ITERATION}; memory: iteration {steady} (engine start: iteration 0); "
+    timed = sorted({t for r in result["rows"] if r["share"] is not None for t in r["iterations"]})
+    which = f"median of iterations {', '.join(map(str, timed))}" if timed else "no timed iteration"
+    note = (f"seconds: {which}; memory: iteration {steady} (engine start: iteration 0); "
             f"engine: {result['engine']}")
     engine = result.get("memory", {}).get(f"iter-{steady}/engine_rss")
     if engine:

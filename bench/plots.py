@@ -72,8 +72,12 @@ def plot_iteration(report: dict, path: Path) -> Path:
     rows = report["rows"]
     labels = [r["stage"] + ("\n(once per run)" if r["share"] is None else "") for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].bar(labels, [r["seconds"] for r in rows], color=["C7" if r["share"] is None else "C0" for r in rows])
-    axes[0].set(ylabel="seconds", title="wall time per stage (steady-state iteration)")
+    seconds = [r["seconds"] for r in rows]
+    spread = [[s - r.get("min", s) for s, r in zip(seconds, rows)],  # older reports have no min and max
+              [r.get("max", s) - s for s, r in zip(seconds, rows)]]
+    axes[0].bar(labels, seconds, yerr=spread, capsize=3,
+                color=["C7" if r["share"] is None else "C0" for r in rows])
+    axes[0].set(ylabel="seconds", title="wall time per stage (steady state: median, min-max)")
     axes[1].bar(labels, [r["peak_extra_mib"] or 0.0 for r in rows])
     axes[1].set(ylabel="MiB", title="peak memory a stage adds (training process)")
     for ax in axes:

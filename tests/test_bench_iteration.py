@@ -12,16 +12,19 @@ def test_iteration_profile_tiny(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "iteration-tiny.json").read_text())
     rows = report["rows"]
     assert [r["stage"] for r in rows] == ["engine_start", "generate", "score", "train", "weight_transfer"]
-    assert rows[0]["share"] is None and rows[0]["iteration"] == 0  # once per run, apart from the steady state
-    assert {r["iteration"] for r in rows[1:]} == {iteration.TIMED_ITERATION}
+    assert rows[0]["share"] is None and rows[0]["iterations"] == [0]  # once per run, apart from the steady state
+    assert all(r["iterations"] == [2, 3] for r in rows[1:])  # the tiny preset times 2 iterations
     assert math.isclose(sum(r["share"] for r in rows[1:]), 1.0)
+    for r in rows[1:]:  # the median of two is their mean
+        seconds = [report["time"][f"iter-{t}/{r['stage']}"] for t in (2, 3)]
+        assert (r["min"], r["max"]) == (min(seconds), max(seconds)) and math.isclose(r["seconds"], sum(seconds) / 2)
     assert all(r["seconds"] >= 0 and math.isfinite(r["peak_extra_mib"]) for r in rows)
-    assert report["pairs"] == [16, 32, 32]  # iterations 1 and 2 also train on the previous iteration's pairs
+    assert report["pairs"] == [16, 32, 32, 32]  # iterations from 1 on also train on the previous iteration's pairs
     assert report["engine"] == "TransformersEngine" and report["machine"]["versions"]["torch"]
     assert "partial" not in report  # the worker's saved progress, overwritten by the whole report
     assert report["held_pairs"]["pairs"] == iteration.PRESETS["tiny"].held_pairs
     out = capsys.readouterr().out
-    assert "weight_transfer" in out and "scored pairs held per rank" in out
+    assert "weight_transfer" in out and "scored pairs held per rank" in out and "median of iterations 2, 3" in out
 
 
 def test_held_pairs_memory_counts_one_int_per_distinct_id():
@@ -46,3 +49,20 @@ def test_a_report_cut_off_before_its_timed_iteration_has_a_summary_row():
     assert summary.iteration_rows({"engine": "TransformersEngine", "rows": rows, "held_pairs": held}) == [
         ["iteration profile (TransformersEngine)", "no timed iteration: see the report's memory figures"],
         ["host memory of the held pairs", "8.6 bytes a token, 0.24x of an int per token"]]
+
+
+def test_each_stage_is_the_median_of_the_iterations_that_timed_it():
+    # A run cut off in iteration 4's training: generate and score have three samples, train and the transfer two.
+    time_of = {"iter-0/engine_start": 30.0}
+    for t, (generate, score, train, transfer) in {2: (1.0, 2.0, 6.0, 0.5), 3: (3.0, 1.0, 4.0, 0.1),
+                                                   4: (2.0, 9.0, None, None)}.items():
+        time_of |= {f"iter-{t}/{s}": v for s, v in zip(iteration.STAGES[1:], (generate, score, train, transfer))
+                    if v is not None}
+    rows = {r["stage"]: r for r in iteration.profile_rows({"time": time_of, "memory": {"iter-1/train": 7.0}})}
+    assert rows["engine_start"]["seconds"] == 30.0 and rows["engine_start"]["share"] is None
+    assert [rows[s]["seconds"] for s in iteration.STAGES[1:]] == [2.0, 2.0, 5.0, 0.3]
+    assert (rows["score"]["min"], rows["score"]["max"], rows["score"]["iterations"]) == (1.0, 9.0, [2, 3, 4])
+    assert rows["train"]["iterations"] == [2, 3] and rows["train"]["peak_extra_mib"] == 7.0
+    assert math.isclose(rows["train"]["share"], 5.0 / 9.3)
+    assert "median of iterations 2, 3, 4" in iteration.summary_table(
+        {"rows": list(rows.values()), "engine": "TransformersEngine"})

@@ -237,8 +237,9 @@ def test_one_worker_measures_memory_then_time(module, args, tmp_path, monkeypatc
         stages = {"generate", "score", "train", "weight_transfer"}
         assert set(result["memory"]) == {f"iter-{t}/{s}" for t in iteration.MEMORY_ITERATIONS
                                          for s in stages | {"engine_rss"}} | {"iter-0/engine_start"}
-        assert set(result["time"]) == {f"iter-{iteration.TIMED_ITERATION}/{s}" for s in stages
-                                       } | {"iter-0/engine_start"}
+        timed = range(iteration.FIRST_TIMED_ITERATION,
+                      iteration.FIRST_TIMED_ITERATION + iteration.PRESETS["tiny"].timed_iterations)
+        assert set(result["time"]) == {f"iter-{t}/{s}" for t in timed for s in stages} | {"iter-0/engine_start"}
         # Saved after each stage, so that a time limit that cuts the run keeps what it measured: the last save has
         # every stage's figures, and the report's layout.
         partial = json.loads((tmp_path / "iteration-tiny.json").read_text())
