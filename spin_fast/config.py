@@ -14,11 +14,13 @@ import json
 import logging
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+T = typing.TypeVar("T")
 
 CHOICES = {
     "mode": ("spin", "sft"),
@@ -309,29 +311,38 @@ def parse_yaml(text: str, where: str):
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """A RunConfig from a YAML file (or defaults when None), then `key.sub=value` overrides."""
-    data: dict = {}
-    text = ""
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"config file {path}: not UTF-8 text ({error})") from None
-        except OSError as error:  # missing, a folder, unreadable
-            raise ConfigError(f"config file {path}: {error.strerror or error}") from None
-        loaded = parse_yaml(text, str(path)) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(loaded).__name__}")
-        if "demo" in loaded:
-            raise ConfigError(f"{path}: its 'demo' section holds the demo's own settings: run it with "
-                              f"`python -m spin_fast.demo --config {path}` (or `make demo`)")
-        data = loaded
+    data, text = read_config_file(path) if path is not None else ({}, "")
+    if "demo" in data:
+        raise ConfigError(f"{path}: its 'demo' section holds the demo's own settings: run it with "
+                          f"`python -m spin_fast.demo --config {path}` (or `make demo`)")
+    return build_config(lambda settings: from_dict(RunConfig, settings), data, overrides, path, text)
+
+
+def read_config_file(path: str | Path) -> tuple[dict, str]:
+    """A YAML config file's mapping of settings, and its text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({error})") from None
+    except OSError as error:  # missing, a folder, unreadable
+        raise ConfigError(f"config file {path}: {error.strerror or error}") from None
+    loaded = parse_yaml(text, str(path)) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(loaded).__name__}")
+    return loaded, text
+
+
+def build_config(build: Callable[[dict], T], data: dict, overrides: Sequence[str], path: str | Path | None = None,
+                 text: str = "") -> T:
+    """build(data) after the --set overrides; a ConfigError it raises is prefixed with where the bad setting was
+    given: the file and its line, or the first --set option after which the error appears."""
     from_file = copy.deepcopy(data)
     for override in overrides:
         _apply_override(data, override)
     try:
-        return from_dict(RunConfig, data)
+        return build(data)
     except ConfigError as error:
-        source = _blamed(path, from_file, overrides, str(error))
+        source = _blamed(build, path, from_file, overrides, str(error))
         line = _key_line(text, error.setting) if source == path and text and error.setting else None
         where = "" if source is None else f"{source}{f', line {line}' if line else ''}: "
         raise ConfigError(f"{where}{error}", error.setting) from None
@@ -344,14 +355,15 @@ def _apply_override(data: dict, override: str) -> None:
     _set_dotted(data, key.strip(), parse_yaml(raw, f"--set {override}"), where=f"--set {override}")
 
 
-def _blamed(path: str | Path | None, data: dict, overrides: Sequence[str], message: str) -> str | Path | None:
+def _blamed(build: Callable[[dict], object], path: str | Path | None, data: dict, overrides: Sequence[str],
+            message: str) -> str | Path | None:
     """Where a config's error comes from: the file, when it alone gives the error, else the first --set option
     after which it appears; None when neither."""
     for source in (path, *(f"--set {override}" for override in overrides)):
         if source is not None and source != path:
             _apply_override(data, source.removeprefix("--set "))
         try:
-            from_dict(RunConfig, copy.deepcopy(data))
+            build(copy.deepcopy(data))
         except ConfigError as error:
             if str(error) == message:
                 return source

@@ -33,7 +33,15 @@ from pathlib import Path
 
 import yaml
 
-from spin_fast.config import ConfigError, RunConfig, TrainConfig, differing_settings, from_dict, parse_yaml
+from spin_fast.config import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    differing_settings,
+    from_dict,
+    read_config_file,
+)
 from spin_fast.sorting import distinct_lists
 
 log = logging.getLogger("spin_fast.demo")
@@ -88,39 +96,34 @@ class DemoSettings:
 
 def load_demo_config(path: str | Path, overrides: list[str] = (), output: str | None = None
                      ) -> tuple[RunConfig, DemoSettings]:
-    """The run's RunConfig and the demo's own settings from one YAML file, then key=value overrides
-    (`demo.` keys go to the demo's settings, the rest to the RunConfig)."""
-    loaded = parse_yaml(Path(path).read_text(), str(path)) or {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    demo_data = loaded.pop("demo", None) or {}
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {override!r}: expected key=value, e.g. demo.task.n_train=500")
-        key = key.strip()
-        target, key = (demo_data, key.removeprefix("demo.")) if key.startswith("demo.") else (loaded, key)
-        *parents, last = key.split(".")
-        node = target
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {override}: {part!r} is a value, not a section")
-        node[last] = parse_yaml(raw, f"--set {override}")
+    """The run's RunConfig and the demo's own settings (its `demo` section) from one YAML file, then key=value
+    overrides (`demo.` keys go to the demo's settings); an error names the file's line or the --set option."""
+    loaded, text = read_config_file(path)
+    return build_config(lambda settings: _demo_configs(settings, output), loaded, overrides, path, text)
+
+
+def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSettings]:
+    demo_data = settings.pop("demo", None) or {}
     if output is not None:
-        loaded["output_dir"] = output
-    run_dir = Path(loaded.get("output_dir") or "runs/demo")
-    data = loaded.setdefault("data", {})
+        settings["output_dir"] = output
+    run_dir = Path(settings.get("output_dir") or "runs/demo")
     # Where the demo puts things; a config may not point them elsewhere.
-    for key, value in (("source", run_dir / "data" / "train.jsonl"), ("eval_source", run_dir / "data" / "eval.jsonl")):
-        data[key] = str(value)
-    loaded.setdefault("model", {})["name_or_path"] = str(run_dir / "sft" / "model")
-    loaded["output_dir"] = str(run_dir / "spin")
-    config = from_dict(RunConfig, loaded)
+    settings["data"] = {**_section(settings, "data"), "source": str(run_dir / "data" / "train.jsonl"),
+                        "eval_source": str(run_dir / "data" / "eval.jsonl")}
+    settings["model"] = {**_section(settings, "model"), "name_or_path": str(run_dir / "sft" / "model")}
+    settings["output_dir"] = str(run_dir / "spin")
+    config = from_dict(RunConfig, settings)
     demo = from_dict(DemoSettings, demo_data, prefix="demo.")
     stage_config(config, demo.sft, "demo.sft")
     stage_config(config, demo.continued_sft, "demo.continued_sft")
     return config, demo
+
+
+def _section(settings: dict, name: str) -> dict:
+    value = settings.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}", name)
+    return value
 
 
 def stage_config(config: RunConfig, changes: dict, name: str) -> TrainConfig:

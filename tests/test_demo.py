@@ -4,6 +4,7 @@ redoes nothing. No threshold on its score: the demo's numbers are whatever the r
 import json
 import logging
 import math
+import re
 import struct
 
 import pytest
@@ -95,10 +96,32 @@ def test_demo_settings_errors_name_the_key(tmp_path):
                               ("demo.task.n_eval=-3", "n_eval must be >= 1, got -3"),
                               ("demo.task.max_value=7", "the task has 162 distinct lists .* fewer than n_train [+] "
                                                         "n_eval = 3500")):
-        with pytest.raises(ConfigError, match=f"^demo.task: .*{message}"):
+        with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: demo.task: .*{message}"):
             load_demo_config(DEFAULT_CONFIG, [override], str(tmp_path))
     with pytest.raises(ConfigError, match=r"--set demo.task.n_train=\[1, line 1"):
         load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=[1"], str(tmp_path))
+
+
+@pytest.mark.parametrize("setting, line, message", [
+    ("  sft: {learnig_rate: 1.0e-3}", 3,
+     "unknown setting 'demo.sft.learnig_rate'; did you mean 'demo.sft.learning_rate'"),
+    ("  task: {n_train: 0}", 3, "demo.task: n_train must be >= 1, got 0"),
+    ("train: {beta: high}", 4, "setting 'train.beta' must be float, got 'high'"),
+    ("model: tiny", 4, "setting 'model' is a section: expected a mapping of its settings, got 'tiny'"),
+])
+def test_a_bad_setting_in_a_demo_file_is_named_with_its_line(tmp_path, setting, line, message):
+    path = tmp_path / "demo.yaml"
+    lines = ["output_dir: runs/x", "demo:", "  model: {hidden_size: 64, heads: 2}", "iterations: 1"]
+    lines.insert(line - 1, setting)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line {line}: {message}"):
+        load_demo_config(path, [], str(tmp_path / "run"))
+    # The same setting given by --set is named as that option.
+    path.write_text("iterations: 1\n")
+    key, value = setting.strip().split(": ", 1)
+    section = "demo." if setting.startswith("  ") else ""
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(section + key)}=.*: {message}"):
+        load_demo_config(path, [f"{section}{key}={value}"], str(tmp_path / "run"))
 
 
 def test_a_demo_directory_keeps_its_settings(tmp_path):
