@@ -158,16 +158,17 @@ def ordinary_allocator() -> None:
 WORKER_OUTPUT_KEPT = 60  # lines of a failed worker's output kept in its record
 
 
-def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict:
+def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, show_output: bool = False) -> dict:
     """Run `python -m module --worker ...` in a fresh process started with worker_env() (it measures memory
-    first, then time); its last stdout line that starts with { is its result."""
+    first, then time); its last stdout line that starts with { is its result. show_output: its stderr (logs,
+    progress bars) goes to ours as it runs, not into the result's output_tail."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", module, "--worker", *worker_args]
     # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU memory).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE, text=True,
+                            env=worker_env(), start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
@@ -177,7 +178,7 @@ def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
         if lines:  # its result was out; it hung on the way out (an engine's or a process group's shutdown)
             return json.loads(lines[-1])
-        output = stderr.strip().splitlines()
+        output = (stderr or "").strip().splitlines()
         return {"error": [f"timed out after {timeout} s"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     except BaseException:  # Ctrl-C: the worker, in a session of its own, did not get it
         with contextlib.suppress(ProcessLookupError):
@@ -186,6 +187,8 @@ def run_worker(module: str, worker_args: list[str], timeout: int = 3600) -> dict
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         output = (stderr or stdout).strip().splitlines()
+        if show_output:  # its log went to our stderr as it ran
+            output.append(f"the worker exited with status {proc.returncode}; its log is above")
         # The last line names the error for the tables; the lines before it, kept in the JSON, say where it came from.
         return {"error": output[-1:] or ["no output"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     return json.loads(lines[-1])
@@ -254,7 +257,7 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": str(device),
         "command": ["python", "-m", "bench" if sys.argv[0].endswith("__main__.py") else _module_of(sys.argv[0]),
-                    *(arg for arg in sys.argv[1:] if arg != "--worker")],  # a worker's: its bench's own options
+                    *_bench_options(sys.argv[1:])],
         "code": code_version(),  # spin-fast's release and a digest of its sources
         "git": _git_commit(),
         "versions": {
@@ -270,6 +273,16 @@ def machine_info(device: torch.device) -> dict:
         info["cuda"] = torch.version.cuda
         info["driver"] = _nvidia_driver()
     return info
+
+
+def _bench_options(argv: list[str]) -> list[str]:
+    """A worker's command line as its bench's own options: without --worker, nor --workdir and its folder."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--worker" and arg != "--workdir":
+            kept.append(arg)
+        skip = arg == "--workdir"
+    return kept
 
 
 def _module_of(script: str) -> str:

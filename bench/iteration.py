@@ -21,6 +21,12 @@ the stages' medians. Every iteration from 1 on is the steady state (each trains 
 many), and iterations 0 and 1 are the timed ones' warm-up; the engine's start is timed once, in iteration 0 (its
 processes start with glibc's ordinary allocator). Run: python -m bench.iteration [--preset cpu|gpu].
 
+Your own run: --config run.yaml [--set key=value ...] profiles that config (its model, data, engine and
+settings) the same way instead of the built-in task, in a temporary output_dir (yours is not touched) for as many
+iterations, into iteration-<preset>-custom.json, its log shown as it runs. It runs in one process, as
+`spin-fast run` without torchrun: the model has to fit one device. --set data.max_prompts=N keeps it short; the
+run keeps every iteration's model in the temporary folder until it ends (the folder goes then, or on Ctrl-C).
+
 Host memory of the pairs held (held_pairs_memory): every rank holds the iteration's scored pairs from scoring to
 the end of training, as load_scored_pairs reads them. The bench writes `held_pairs` pairs of 1,200 tokens (a
 200-token prompt and two 500-token responses, ids drawn uniformly from a 32,000-token vocabulary: the fewest ids
@@ -222,7 +228,8 @@ def profiled_selfplay(config, on_record=None):
     return selfplay
 
 
-def worker(preset: Preset, engine: str) -> dict:
+def builtin_config(preset: Preset, engine: str | None, workdir: Path):
+    """The built-in task's RunConfig (a model saved into workdir) and the model's parameters in millions."""
     from transformers import AutoModelForCausalLM
 
     from spin_fast.config import load_run_config
@@ -230,7 +237,6 @@ def worker(preset: Preset, engine: str) -> dict:
     from spin_fast.sorting import make_splits, write_jsonl
     from spin_fast.tokenizer import build_local_tokenizer
 
-    workdir = Path(tempfile.mkdtemp(prefix="spin-bench-iteration-"))
     rows, _ = make_splits(preset.prompts, 0, seed=0)
     write_jsonl(workdir / "train.jsonl", rows)
     tokenizer = build_local_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=400)
@@ -243,19 +249,65 @@ def worker(preset: Preset, engine: str) -> dict:
     del model  # the run loads θ0 from disk, as `spin-fast run` does
     tokenizer.save_pretrained(workdir / "model")
     config = load_run_config(None, [
-        f"output_dir={workdir / 'run'}", f"model.name_or_path={workdir / 'model'}",
+        f"model.name_or_path={workdir / 'model'}",
         f"data.source={workdir / 'train.jsonl'}", "data.max_length=96", "data.max_prompt_length=64",
         f"generation.max_new_tokens={preset.max_new_tokens}", "generation.batch_size=64",
-        f"iterations={FIRST_TIMED_ITERATION + preset.timed_iterations}",
-        f"generation.engine={engine}",
+        f"generation.engine={engine or 'auto'}",
         f"train.global_batch={preset.global_batch}", f"train.micro_batch_tokens={preset.micro_batch_tokens}",
         "train.epochs=1", f"train.dtype={preset.dtype}", "train.learning_rate=1e-5", "train.progress=false",
-        f"score_batch_tokens={4 * preset.micro_batch_tokens}",
+        f"score_batch_tokens={4 * preset.micro_batch_tokens}", *profile_settings(preset, workdir),
     ])
+    return config, parameters_m
+
+
+def user_config(preset: Preset, path: str, sets: list[str], engine: str | None, workdir: Path):
+    """One's own run config (and --set overrides) as the profile runs it, and the model's parameters in millions
+    (counted on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spin_fast.config import load_run_config
+
+    config = load_run_config(path, [*sets, *profile_settings(preset, workdir),
+                                    *([f"generation.engine={engine}"] if engine else [])])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model.name_or_path))
+    return config, sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def profile_settings(preset: Preset, workdir: Path) -> list[str]:
+    """What the profile sets in any config: its run in workdir (never one's own output_dir), as many iterations
+    as it measures."""
+    return [f"output_dir={workdir / 'run'}", f"iterations={FIRST_TIMED_ITERATION + preset.timed_iterations}"]
+
+
+def custom_argv(config_path: str | None, sets: list[str]) -> list[str]:
+    """The options that make a profile one's own (recorded in its report as "custom"); [] for the built-in task."""
+    return [] if config_path is None else ["--config", config_path, *(item for s in sets for item in ("--set", s))]
+
+
+def result_name(preset: Preset, custom: list[str]) -> str:
+    return f"iteration-{preset.name}{'-custom' if custom else ''}"
+
+
+def worker(preset: Preset, engine: str | None, workdir: str | None = None, config_path: str | None = None,
+           sets: list[str] = ()) -> dict:
+    """The profile's result, its run in workdir (a temporary folder of its own when None)."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="spin-bench-iteration-") as folder:  # its checkpoints go with it
+            return worker(preset, engine, folder, config_path, sets)
+    return profile(preset, engine, config_path, list(sets), Path(workdir))
+
+
+def profile(preset: Preset, engine: str | None, config_path: str | None, sets: list[str], workdir: Path) -> dict:
+    if config_path is None:
+        config, parameters_m = builtin_config(preset, engine, workdir)
+    else:
+        config, parameters_m = user_config(preset, config_path, sets, engine, workdir)
+    custom = custom_argv(config_path, sets)
     # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
     # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
     ordinary_allocator_for_new_processes()
-    held = held_pairs_memory(preset.held_pairs) if preset.held_pairs else None
+    held = held_pairs_memory(preset.held_pairs) if preset.held_pairs and not custom else None  # the same for any run
     machine = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def result_of(selfplay, summaries=()) -> dict:
@@ -264,15 +316,16 @@ def worker(preset: Preset, engine: str) -> dict:
                 "parameters_m": parameters_m, "held_pairs": held, "machine": machine}
 
     def save_progress(selfplay) -> None:  # a run that a time limit cuts off (bench/gpu/check.sh) keeps its stages
-        save_partial(f"iteration-{preset.name}", report_of(preset, result_of(selfplay)))
+        save_partial(result_name(preset, custom), report_of(preset, result_of(selfplay), custom))
 
     selfplay = profiled_selfplay(config, on_record=save_progress)
     summaries = selfplay.run()
     return result_of(selfplay, summaries)
 
 
-def report_of(preset: Preset, result: dict) -> dict:
-    return {"bench": "iteration", "preset": asdict(preset), **result, "rows": profile_rows(result)}
+def report_of(preset: Preset, result: dict, custom: list[str] = ()) -> dict:
+    return {"bench": "iteration", "preset": asdict(preset), "custom": list(custom), **result,
+            "rows": profile_rows(result)}
 
 
 def _iteration_of(key: str) -> int:
@@ -303,6 +356,9 @@ def profile_rows(result: dict) -> list[dict]:
     return rows
 
 
+CUSTOM_SHAPE_FLAGS = {"--config", "--set"}  # python -m bench --only iteration with these: no preset summary
+
+
 def summary_table(result: dict) -> str:
     headers = ["stage", "seconds", "min-max", "share of iteration", "peak extra MiB (trainer)"]
     table = [[r["stage"] + (" (once per run)" if r["share"] is None else ""), f"{r['seconds']:.2f}",
@@ -328,21 +384,46 @@ def summary_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
-    parser.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
-                        help="generation engine (default: vLLM when installed)")
+    parser.add_argument("--engine", choices=("auto", "vllm", "transformers"), default=None,
+                        help="generation engine (default: vLLM when installed; with --config, the config's)")
+    parser.add_argument("--config", metavar="FILE", help="profile your own run config (its model, data and "
+                        "settings) instead of the built-in task, in a temporary output_dir, for 2 + the preset's "
+                        "timed iterations, into iteration-<preset>-custom.json; --set data.max_prompts=N keeps it "
+                        "short. One process: no torchrun")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of --config, as spin-fast run --set does")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)  # the worker's, made and removed by its parent
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
+    if args.sets and args.config is None:
+        parser.error("--set changes a setting of --config: give --config FILE too")
     if args.worker:
-        print(json.dumps(worker(preset, args.engine)))
+        print(json.dumps(worker(preset, args.engine, args.workdir, args.config, args.sets)))
         return 0
-    result = run_worker("bench.iteration", ["--preset", preset.name, "--engine", args.engine], timeout=3600)
+    if args.workdir is not None:
+        parser.error("--workdir is the worker's own option")
+    custom = custom_argv(args.config, args.sets)
+    if custom:
+        from spin_fast.config import ConfigError, load_run_config
+
+        try:  # a bad setting is named here, before a worker starts
+            load_run_config(args.config, args.sets)
+        except ConfigError as error:
+            print(f"iteration profile: {error}", file=sys.stderr)
+            return 2
+    engine = ["--engine", args.engine] if args.engine else []
+    # One's own config may run for hours: no time limit, and its log (progress bars too) shows as it goes. The
+    # run's folder is this process's, so that it goes (checkpoints and all) even when Ctrl-C kills the worker.
+    with tempfile.TemporaryDirectory(prefix="spin-bench-iteration-") as workdir:
+        result = run_worker("bench.iteration", ["--preset", preset.name, *engine, *custom, "--workdir", workdir],
+                            timeout=None if custom else 3600, show_output=bool(custom))
     if "error" in result:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
         print("\n".join(result["output_tail"]), file=sys.stderr)
         return 1
-    report = report_of(preset, result)
-    publish(f"iteration-{preset.name}", report, summary_table(report))
+    report = report_of(preset, result, custom)
+    publish(result_name(preset, custom), report, summary_table(report))
     return 0
 
 

@@ -82,7 +82,7 @@ def plot_iteration(report: dict, path: Path) -> Path:
     axes[1].set(ylabel="MiB", title="peak memory a stage adds (training process)")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"one SPIN iteration, {report['preset']['name']} preset, engine {report['engine']}, "
+    fig.suptitle(f"one SPIN iteration, {_preset(report)}, engine {report['engine']}, "
                  f"{report['machine']['device']}")
     return _save(fig, path)
 
@@ -100,7 +100,9 @@ PLOTTERS = {"kernels": plot_kernels, "train_step": plot_train_step, "iteration":
 def _preset(report: dict) -> str:
     """The preset, and the shape options that replaced its own (python -m bench.NAME --tokens ...)."""
     custom = report.get("custom")
-    return f"{report['preset']} preset" + (f" with {' '.join(custom)}" if custom else "")
+    preset = report["preset"]  # the iteration profile's holds the whole preset
+    name = preset["name"] if isinstance(preset, dict) else preset
+    return f"{name} preset" + (f" with {' '.join(custom)}" if custom else "")
 
 
 def plot_all(results_dir: Path | None = None) -> list[Path]:

@@ -2,6 +2,10 @@
 
 import json
 import math
+import tempfile
+
+import pytest
+import yaml
 
 from bench import common, iteration
 
@@ -66,3 +70,44 @@ def test_each_stage_is_the_median_of_the_iterations_that_timed_it():
     assert math.isclose(rows["train"]["share"], 5.0 / 9.3)
     assert "median of iterations 2, 3, 4" in iteration.summary_table(
         {"rows": list(rows.values()), "engine": "TransformersEngine"})
+
+
+def test_iteration_profile_of_ones_own_config(tmp_path, monkeypatch, capsys):
+    """--config profiles a run config of one's own (here: a tiny model and the sorting task's rows, as the built-in
+    task makes them), with --set applied, its run in a temporary folder that goes at the end, one's output_dir
+    untouched."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    made = tmp_path / "made"
+    made.mkdir()
+    built, parameters_m = iteration.builtin_config(iteration.PRESETS["tiny"], "transformers", made)
+    settings = {"output_dir": str(tmp_path / "my-run"), "model": {"name_or_path": built.model.name_or_path},
+                "data": {"source": built.data.source, "max_length": 96, "max_prompt_length": 64},
+                "generation": {"engine": "transformers", "max_new_tokens": 8},
+                "train": {"global_batch": 4, "micro_batch_tokens": 512, "progress": False}}
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    scratch = tmp_path / "tmp"  # where the profile's temporary run goes, in the parent and in its worker
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+
+    assert iteration.main(["--preset", "tiny", "--config", str(config), "--set", "data.max_prompts=6"]) == 0
+    report = json.loads((tmp_path / "results" / "iteration-tiny-custom.json").read_text())
+    assert report["custom"] == ["--config", str(config), "--set", "data.max_prompts=6"]
+    assert report["pairs"] == [6, 12, 12, 12] and report["engine"] == "TransformersEngine"
+    assert [r["stage"] for r in report["rows"]] == ["engine_start", *iteration.STAGES[1:]]
+    assert math.isclose(report["parameters_m"], parameters_m) and report["held_pairs"] is None
+    assert "--workdir" not in report["machine"]["command"] and "--config" in report["machine"]["command"]
+    assert not (tmp_path / "my-run").exists() and list(scratch.iterdir()) == []
+    assert not (tmp_path / "results" / "iteration-tiny.json").exists()  # the preset's own file stays as it was
+    assert "median of iterations 2, 3" in capsys.readouterr().out
+
+
+def test_ones_own_configs_errors_come_before_the_profile(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("train: {beta: 0.1}\n")
+    assert iteration.main(["--preset", "tiny", "--config", str(config), "--set", "train.bta=1"]) == 2
+    assert "iteration profile: --set train.bta=1: unknown setting 'train.bta'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        iteration.main(["--preset", "tiny", "--set", "train.beta=1"])
+    assert "give --config FILE too" in capsys.readouterr().err
