@@ -30,6 +30,8 @@ def check_loss_type(loss_type: str) -> None:
 
 
 def check_beta(beta: float) -> None:
+    if isinstance(beta, torch.Tensor):  # refused, not read: float() of a CUDA tensor waits for the GPU
+        raise ValueError(f"beta must be a Python number, not a tensor: pass float(beta) (got {beta!r})")
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < float("inf"):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 

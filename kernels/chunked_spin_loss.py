@@ -3,8 +3,9 @@
 A pair's loss depends only on that pair's two sequence log-probs. Chunks are therefore cut along
 pairs: once a chunk holds whole pairs, their loss gradient is known in the forward, and the
 chunk's logits turn straight into dL/dlogits (6·M·H·V FLOPs in all instead of the 8 of
-forward + recomputing backward). The gradients wait in the autograd context and are only scaled
-by the incoming gradient in the backward. A pair longer than one chunk takes the two-pass path.
+forward + recomputing backward). The gradients wait in the autograd context (in the inputs' dtype, fp16's in
+fp32) and are only scaled by the incoming gradient in the backward. A pair longer than one chunk takes the
+two-pass path.
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
 
         loss = pair_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]).mean()
         ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse)
-        # Held until the backward (a retained graph's, more than once) in the inputs' dtypes: each sum is rounded
-        # once, and a bf16 model holds half what fp32 sums would take.
-        ctx.grads = Grads(*grads.cast(hidden, weight, bias))
+        # Held until the backward (a retained graph's, more than once) in the inputs' dtypes: a bf16 model holds
+        # half what fp32 sums would take. fp16's keep fp32: its range would flush small gradients to zero before
+        # the backward multiplies them by a loss scale (GradScaler's), the very thing the scale is there to save.
+        ctx.grads = grads if hidden.dtype == torch.float16 else Grads(*grads.cast(hidden, weight, bias))
         ctx.opponent_grad = None
         if ctx.needs_input_grad[6]:  # the loss reads the opponent through (pr - or) - (pg - og) only
             ctx.opponent_grad = -_pair_loss_grad(policy, opponent, 0, n_pairs, pair_loss)

@@ -115,6 +115,7 @@ def test_bias_and_backend_errors(monkeypatch):
         (dict(beta=0.0, loss_type="ipo"), "beta must be a finite number > 0, got 0.0"),
         (dict(beta=-0.5), "beta must be a finite number > 0, got -0.5"),
         (dict(beta=float("nan")), "beta must be a finite number > 0, got nan"),
+        (dict(beta=torch.tensor(0.1)), r"beta must be a Python number, not a tensor: pass float\(beta\)"),
     ],
 )
 def test_fused_loss_errors(change, message):

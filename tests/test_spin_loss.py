@@ -81,6 +81,30 @@ def test_opponent_logps_that_require_grad_get_it(backend, loss_type):
     check_fused_against_truth(backend, torch.float32, loss_type, n_pairs=3, opponent_grad=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_fp16_gradients_survive_a_loss_scale(backend):
+    """GradScaler multiplies fp16 losses by 2**16 so that small gradients do not flush to zero: the torch backend,
+    which holds its gradients from the forward to the backward, must not round them to fp16 before that scale."""
+    n_tokens, hidden_size, vocab, n_pairs, scale = 512, 32, 8000, 32, 2.0**16
+    hidden = torch.randn(n_tokens, hidden_size).half()
+    weight = (torch.randn(vocab, hidden_size) * 0.02).half()
+    targets = torch.randint(0, vocab, (n_tokens,))
+    sequence_ids = torch.arange(2 * n_pairs).repeat_interleave(n_tokens // (2 * n_pairs))
+    opponent = -torch.rand(2 * n_pairs) * 10
+    hidden64, weight64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    token_logps = (hidden64 @ weight64.T).log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    policy = torch.zeros(2 * n_pairs, dtype=torch.float64).index_add(0, sequence_ids, token_logps)
+    spin_kernels.spin_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:],
+                           beta=0.1).loss.backward()
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent, beta=0.1,
+                                              backend=backend)
+    (out.loss * scale).backward()
+    for got, truth in ((hidden.grad.double() / scale, hidden64.grad), (weight.grad.double() / scale, weight64.grad)):
+        assert ((got - truth).norm() / truth.norm()).item() < 4e-4  # fp16's own rounding: ~2e-4
+        assert not ((got == 0) & (truth != 0)).any()  # rounded to fp16 before the scale, 0.6% were flushed to 0
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])  # float64; triton's backward keeps no state
 def test_a_retained_graph_gives_the_same_gradients_twice(backend):
     """The torch backend keeps the gradients it computed in the forward: a second backward through a retained
