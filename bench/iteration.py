@@ -21,11 +21,11 @@ the stages' medians. Every iteration from 1 on is the steady state (each trains 
 many), and iterations 0 and 1 are the timed ones' warm-up; the engine's start is timed once, in iteration 0 (its
 processes start with glibc's ordinary allocator). Run: python -m bench.iteration [--preset cpu|gpu].
 
-Your own run: --config run.yaml [--set key=value ...] profiles that config (its model, data, engine and
-settings) the same way instead of the built-in task, in a temporary output_dir (yours is not touched) for as many
-iterations, into iteration-<preset>-custom.json, its log shown as it runs. It runs in one process, as
-`spin-fast run` without torchrun: the model has to fit one device. --set data.max_prompts=N keeps it short; the
-run keeps every iteration's model in the temporary folder until it ends (the folder goes then, or on Ctrl-C).
+Your own run: --config run.yaml [--set key=value ...] profiles that config (its model, data, engine and settings)
+the same way instead of the built-in task, in a temporary output_dir (yours is not touched, and no W&B run is made)
+for as many iterations, into iteration-<preset>-custom.json, its log shown as it runs. It runs in one process, as
+`spin-fast run` without torchrun: the model has to fit one device. --set data.max_prompts=N keeps it short; the run
+keeps every iteration's model in the temporary folder until it ends (the folder goes then, or on Ctrl-C).
 
 Host memory of the pairs held (held_pairs_memory): every rank holds the iteration's scored pairs from scoring to
 the end of training, as load_scored_pairs reads them. The bench writes `held_pairs` pairs of 1,200 tokens (a
@@ -276,8 +276,9 @@ def user_config(preset: Preset, path: str, sets: list[str], engine: str | None, 
 
 def profile_settings(preset: Preset, workdir: Path) -> list[str]:
     """What the profile sets in any config: its run in workdir (never one's own output_dir), as many iterations
-    as it measures."""
-    return [f"output_dir={workdir / 'run'}", f"iterations={FIRST_TIMED_ITERATION + preset.timed_iterations}"]
+    as it measures, and no Weights & Biases run (a profile is not one of one's experiments)."""
+    return [f"output_dir={workdir / 'run'}", f"iterations={FIRST_TIMED_ITERATION + preset.timed_iterations}",
+            "train.wandb=false"]
 
 
 def custom_argv(config_path: str | None, sets: list[str]) -> list[str]:

@@ -83,7 +83,7 @@ def test_iteration_profile_of_ones_own_config(tmp_path, monkeypatch, capsys):
     settings = {"output_dir": str(tmp_path / "my-run"), "model": {"name_or_path": built.model.name_or_path},
                 "data": {"source": built.data.source, "max_length": 96, "max_prompt_length": 64},
                 "generation": {"engine": "transformers", "max_new_tokens": 8},
-                "train": {"global_batch": 4, "micro_batch_tokens": 512, "progress": False}}
+                "train": {"global_batch": 4, "micro_batch_tokens": 512, "progress": False, "wandb": True}}
     config = tmp_path / "mine.yaml"
     config.write_text(yaml.safe_dump(settings))
     scratch = tmp_path / "tmp"  # where the profile's temporary run goes, in the parent and in its worker
