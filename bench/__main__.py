@@ -37,7 +37,8 @@ def main(argv: list[str]) -> int:
         print(f"plot: {path}")
     custom = getattr(BENCHES[args.only], "CUSTOM_SHAPE_FLAGS", set()) if args.only else set()
     if any(option.split("=")[0] in custom for option in rest):
-        print("\n(no summary: a shape of your own is not the preset's; the bench's table above has its figures)")
+        print("\n(no summary: a shape or config of your own is not the preset's; the bench's table above has its "
+              "figures)")
     else:
         print("\n" + summary.summary_table(names, args.preset, frozenset(failed)))
     return status

@@ -95,7 +95,7 @@ def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypa
     monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=fine, CUSTOM_SHAPE_FLAGS={"--tokens"}),
                                                 "iteration": SimpleNamespace(main=fine)})
     assert bench_main.main(["--preset", "tiny", "--only", "kernels", "--tokens", "512"]) == 0
-    assert "(no summary: a shape of your own" in capsys.readouterr().out
+    assert "(no summary: a shape or config of your own" in capsys.readouterr().out
     assert bench_main.main(["--preset", "tiny", "--only", "iteration", "--tokens", "512"]) == 0  # not its option
     assert "(no summary" not in capsys.readouterr().out
 
