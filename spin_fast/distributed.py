@@ -12,7 +12,9 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -59,14 +61,32 @@ def init(timeout_minutes: float = 30.0) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     global _timeout
     timeout = _timeout = datetime.timedelta(minutes=timeout_minutes)
-    deepspeed.init_distributed(timeout=timeout, verbose=False)
-    # ZeRO's collectives run on DeepSpeed's clone of the world group, which it would make without a timeout
-    # (torch's default: 10 min on NCCL); made here first, the clone has this one.
-    from deepspeed.utils import groups
+    with ended_by_signals():
+        deepspeed.init_distributed(timeout=timeout, verbose=False)
+        # ZeRO's collectives run on DeepSpeed's clone of the world group, which it would make without a timeout
+        # (torch's default: 10 min on NCCL); made here first, the clone has this one.
+        from deepspeed.utils import groups
 
-    if getattr(groups, "_WORLD_GROUP", False) is None:
-        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
+        if getattr(groups, "_WORLD_GROUP", False) is None:
+            groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
+
+
+@contextlib.contextmanager
+def ended_by_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 end the process at once in the block: waiting for the other ranks to
+    join, torch's C++ never returns to Python, whose handlers (spin_fast.stopping's, KeyboardInterrupt) would then
+    wait for the whole timeout. No work has started there, so none is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in
+                (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def collective_timeout() -> datetime.timedelta | None:

@@ -7,9 +7,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +255,7 @@ def test_rank_0_downloads_first_and_an_error_on_any_rank_stops_them_all(tmp_path
 
 CHECKED_ON_MAIN = """
 import sys
+import time
 import torch.distributed as dist
 from spin_fast import distributed
 dist.init_process_group("gloo")
@@ -358,6 +361,7 @@ def test_ranks_share_the_tokenizing_and_each_gets_every_example(tmp_path, cut_pr
 
 SETTINGS_APART = """
 import sys
+import time
 from spin_fast.config import load_run_config
 from spin_fast.selfplay import SelfPlay
 from spin_fast import distributed
@@ -573,6 +577,34 @@ def test_copies_started_without_a_launcher_are_refused(monkeypatch, capsys, tmp_
     monkeypatch.setenv("RANK", "3")
     assert main(["run", str(config)]) == 2
     assert "WORLD_SIZE=16 but LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_waiting_for_the_others_to_join_ends_on_a_signal(tmp_path):
+    """Rank 0 of 2 whose peer never comes waits inside torch's C++ (the TCPStore's rendezvous), where Python's
+    signal handlers cannot run: SIGTERM (a scheduler's, or timeout's) ends it at once, not after the timeout."""
+    port = free_port()
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nmodel: {{name_or_path: sft}}\ndata: {{source: train.jsonl}}\n"
+                      "deepspeed: {timeout_minutes: 2}\n")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    rank0 = subprocess.Popen([sys.executable, "-m", "spin_fast.cli", "run", str(config)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and rank0.poll() is None:  # until its store listens: it waits for rank 1
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        assert rank0.poll() is None, rank0.stderr.read()
+        time.sleep(1)
+        rank0.send_signal(signal.SIGTERM)
+        assert rank0.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        rank0.kill()
+        rank0.communicate()
     assert not (tmp_path / "out").exists()
 
 
