@@ -35,7 +35,9 @@ def check_launch() -> None:
     """Refuse the starts that would make every process run the whole job alone in one output_dir: several copies
     started by srun or mpirun without a launcher (no WORLD_SIZE), or a launch missing a variable the process
     group needs."""
-    copies = {name: int(os.environ.get(name, "1")) for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")}
+    # Slurm's, Open MPI's, MPICH's and Intel MPI's (PMI), MVAPICH's count of the copies started.
+    copies = {name: int(os.environ.get(name, "1")) for name in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE",
+                                                                 "PMI_SIZE", "MV2_COMM_WORLD_SIZE")}
     many = [f"{name}={count}" for name, count in copies.items() if count > 1]
     if many and "WORLD_SIZE" not in os.environ:
         raise ValueError(f"started as several processes ({', '.join(many)}) without a launcher: each would run the "
@@ -61,6 +63,11 @@ def init(timeout_minutes: float = 30.0) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     global _timeout
     timeout = _timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not launched_distributed():  # deepspeed.enabled on one process, started without a launcher: a group of one
+        # (without these, DeepSpeed looks for MPI's variables through mpi4py)
+        for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(name, value)
     with ended_by_signals():
         deepspeed.init_distributed(timeout=timeout, verbose=False)
         # ZeRO's collectives run on DeepSpeed's clone of the world group, which it would make without a timeout
@@ -70,6 +77,14 @@ def init(timeout_minutes: float = 30.0) -> None:
         if getattr(groups, "_WORLD_GROUP", False) is None:
             groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

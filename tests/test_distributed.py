@@ -578,6 +578,13 @@ def test_copies_started_without_a_launcher_are_refused(monkeypatch, capsys, tmp_
     assert main(["run", str(config)]) == 2
     assert "WORLD_SIZE=16 but LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    for name in ("PMI_SIZE", "MV2_COMM_WORLD_SIZE"):  # MPICH's and Intel MPI's mpirun, MVAPICH's
+        for other in ("SLURM_STEP_NUM_TASKS", "WORLD_SIZE", "RANK"):
+            monkeypatch.delenv(other, raising=False)
+        monkeypatch.setenv(name, "2")
+        assert main(["run", str(config)]) == 2
+        assert f"several processes ({name}=2) without a launcher" in capsys.readouterr().err
+        monkeypatch.delenv(name)
 
 
 def test_a_rank_waiting_for_the_others_to_join_ends_on_a_signal(tmp_path):
@@ -606,6 +613,15 @@ def test_a_rank_waiting_for_the_others_to_join_ends_on_a_signal(tmp_path):
         rank0.kill()
         rank0.communicate()
     assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_on_one_process_without_a_launcher_makes_a_group_of_one():
+    """deepspeed.enabled=true started with plain python: no launcher's variables, and no mpi4py to find MPI's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    code = "from spin_fast import distributed; distributed.init(1); print('world', distributed.world_size())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "world 1" in done.stdout, done.stderr[-3000:]
 
 
 def test_eval_under_a_launcher_does_not_need_deepspeed(monkeypatch, tmp_path):
