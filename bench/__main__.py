@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
             status, failed = 1, failed | {name}
     for path in plots.plot_all():
         print(f"plot: {path}")
-    custom = getattr(BENCHES[args.only], "CUSTOM_SHAPE_FLAGS", set()) if args.only else set()
+    custom = getattr(BENCHES[args.only], "NON_PRESET_FLAGS", set()) if args.only else set()
     if any(option.split("=")[0] in custom for option in rest):
         print("\n(no summary: a shape or config of your own is not the preset's; the bench's table above has its "
               "figures)")

@@ -357,7 +357,7 @@ def profile_rows(result: dict) -> list[dict]:
     return rows
 
 
-CUSTOM_SHAPE_FLAGS = {"--config", "--set"}  # python -m bench --only iteration with these: no preset summary
+NON_PRESET_FLAGS = {"--config", "--set"}  # python -m bench --only iteration with these: no preset summary
 
 
 def summary_table(result: dict) -> str:

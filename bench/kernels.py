@@ -367,7 +367,7 @@ def run_one(preset: Preset, vocab: int, job: str, method: str, shape_argv: list[
 # A preset's shape and timing, each replaceable from the command line.
 SHAPE_OPTIONS = {"tokens": "packed tokens in the batch", "hidden": "hidden size H", "pairs": "pairs in the batch",
                  "warmup": "untimed calls first", "repeats": "timed calls (the median is reported)"}
-CUSTOM_SHAPE_FLAGS = shape_flags(SHAPE_OPTIONS)
+NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS)
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,7 @@ from bench.train_step import (
     train_config,
     with_spin_fast_attention,
 )
+from spin_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -181,12 +181,6 @@ def worker(preset: Preset, stage: int | None, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- orchestrator
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_env(preset: Preset, processes: int) -> dict[str, str]:
     """glibc's ordinary allocator (bench.common.timing_env), and the machine's cores split between the processes
     on the CPU."""

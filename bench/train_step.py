@@ -391,7 +391,7 @@ SHAPE_OPTIONS = {"vocab": "vocabulary size", "hidden": "hidden size", "layers": 
                  "max_seq": "longest prompt + response (the first pair's real one)",
                  "micro_batch_tokens": "spin-fast's tokens per micro-batch", "warmup": "untimed steps first",
                  "repeats": "timed steps (the median is reported)"}
-CUSTOM_SHAPE_FLAGS = shape_flags(SHAPE_OPTIONS)
+NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS)
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:

@@ -414,12 +414,16 @@ def check_field_types(config) -> None:
             setattr(config, name, _coerce(hint, getattr(config, name), name))
 
 
+def section_settings(value, name: str) -> dict:
+    """A section's settings as read from a file: a mapping, or nothing (an empty or absent section)."""
+    if not isinstance(value, dict | None):
+        raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}", name)
+    return value or {}
+
+
 def _coerce(hint, value, name: str):
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict | None):
-            raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}",
-                              name)
-        return from_dict(hint, value or {}, prefix=f"{name}.")
+        return from_dict(hint, section_settings(value, name), prefix=f"{name}.")
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None

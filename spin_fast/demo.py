@@ -41,6 +41,7 @@ from spin_fast.config import (
     differing_settings,
     from_dict,
     read_config_file,
+    section_settings,
 )
 from spin_fast.sorting import distinct_lists
 
@@ -103,27 +104,21 @@ def load_demo_config(path: str | Path, overrides: list[str] = (), output: str | 
 
 
 def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSettings]:
-    demo_data = settings.pop("demo", None) or {}
+    demo_data = section_settings(settings.pop("demo", None), "demo")
     if output is not None:
         settings["output_dir"] = output
     run_dir = Path(settings.get("output_dir") or "runs/demo")
+    data, model = (section_settings(settings.get(name), name) for name in ("data", "model"))
     # Where the demo puts things; a config may not point them elsewhere.
-    settings["data"] = {**_section(settings, "data"), "source": str(run_dir / "data" / "train.jsonl"),
+    settings["data"] = {**data, "source": str(run_dir / "data" / "train.jsonl"),
                         "eval_source": str(run_dir / "data" / "eval.jsonl")}
-    settings["model"] = {**_section(settings, "model"), "name_or_path": str(run_dir / "sft" / "model")}
+    settings["model"] = {**model, "name_or_path": str(run_dir / "sft" / "model")}
     settings["output_dir"] = str(run_dir / "spin")
     config = from_dict(RunConfig, settings)
     demo = from_dict(DemoSettings, demo_data, prefix="demo.")
     stage_config(config, demo.sft, "demo.sft")
     stage_config(config, demo.continued_sft, "demo.continued_sft")
     return config, demo
-
-
-def _section(settings: dict, name: str) -> dict:
-    value = settings.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"setting {name!r} is a section: expected a mapping of its settings, got {value!r}", name)
-    return value
 
 
 def stage_config(config: RunConfig, changes: dict, name: str) -> TrainConfig:

@@ -66,7 +66,7 @@ def init(timeout_minutes: float = 30.0) -> None:
     if not launched_distributed():  # deepspeed.enabled on one process, started without a launcher: a group of one
         # (without these, DeepSpeed looks for MPI's variables through mpi4py)
         for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                            ("MASTER_PORT", str(_free_port()))):
+                            ("MASTER_PORT", str(free_port()))):
             os.environ.setdefault(name, value)
     with ended_by_signals():
         deepspeed.init_distributed(timeout=timeout, verbose=False)
@@ -79,7 +79,8 @@ def init(timeout_minutes: float = 30.0) -> None:
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this machine that no one listens on now, for a rendezvous started here."""
     import socket
 
     with socket.socket() as probe:
@@ -87,21 +88,29 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # the scheduler's, Slurm's warning, Ctrl-C
+
+
 @contextlib.contextmanager
-def ended_by_signals() -> Iterator[None]:
-    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 end the process at once in the block: waiting for the other ranks to
-    join, torch's C++ never returns to Python, whose handlers (spin_fast.stopping's, KeyboardInterrupt) would then
-    wait for the whole timeout. No work has started there, so none is lost."""
+def signals_sent_to(handler: Callable[[int, Any], None] | int) -> Iterator[None]:
+    """ENDING_SIGNALS go to `handler` in the block, then back to the previous handlers (the main thread only:
+    Python allows no other, and elsewhere the block runs with the handlers as they are)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in
-                (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    previous = {signum: signal.signal(signum, handler) for signum in ENDING_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+
+
+def ended_by_signals() -> contextlib.AbstractContextManager[None]:
+    """ENDING_SIGNALS end the process at once in the block: waiting for the other ranks to join, torch's C++
+    never returns to Python, whose handlers (spin_fast.stopping's, KeyboardInterrupt) would then wait for the
+    whole timeout. No work has started there, so none is lost."""
+    return signals_sent_to(signal.SIG_DFL)
 
 
 def collective_timeout() -> datetime.timedelta | None:

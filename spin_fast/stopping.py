@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from spin_fast import distributed
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
+SIGNALS = distributed.ENDING_SIGNALS
 _received: list[int] = []  # this process's signals, in order
 _depth = 0  # nesting of safe_points() blocks
 
@@ -45,15 +45,10 @@ class Stopped(BaseException):
 def signals_handled() -> Iterator[None]:
     """Handle SIGNALS as this module says for the block (the main thread only: Python allows no other), then
     put the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
     try:
-        yield
+        with distributed.signals_sent_to(_handle):
+            yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         _received.clear()
 
 

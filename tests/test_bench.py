@@ -92,7 +92,7 @@ def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypa
     err, out = capsys.readouterr()[::-1]
     assert ran == [["--preset", "tiny"]] and "RuntimeError: CUDA out of memory" in err
     assert "bench kernels failed" in err and "failed in this run (its traceback is above); no figures" in out
-    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=fine, CUSTOM_SHAPE_FLAGS={"--tokens"}),
+    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=fine, NON_PRESET_FLAGS={"--tokens"}),
                                                 "iteration": SimpleNamespace(main=fine)})
     assert bench_main.main(["--preset", "tiny", "--only", "kernels", "--tokens", "512"]) == 0
     assert "(no summary: a shape or config of your own" in capsys.readouterr().out

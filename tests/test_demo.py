@@ -134,3 +134,10 @@ def test_a_demo_directory_keeps_its_settings(tmp_path):
                                          r"30\): use another --output"):
         Demo(config, demo).run(until="data")
     assert main(["--output", str(tmp_path), "--set", "demo.task.n_train=30", "--until", "data"]) == 2
+
+
+def test_a_demo_section_that_is_no_mapping_is_named(tmp_path):
+    path = tmp_path / "demo.yaml"
+    path.write_text("iterations: 1\ndemo: [small]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line 2: setting 'demo' is a section: expected a mapping"):
+        load_demo_config(path, [], str(tmp_path / "run"))

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
+from spin_fast.distributed import free_port
 from spin_fast.model import tiny_config
 from spin_fast.zero import deepspeed_config, gather_units
 
@@ -36,12 +37,6 @@ SEED = int(os.environ.get("SPIN_TEST_SEED") or int.from_bytes(os.urandom(4), "li
 def _module_seed(request, _fresh_seed):
     """A failure names the module's seed, which reproduces its runs, not the test's own."""
     request.node.user_properties[:] = [(k, SEED if k == "seed" else v) for k, v in request.node.user_properties]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(output: Path, *args: str, processes: int = 2, torchrun: bool | None = None) -> subprocess.CompletedProcess:
