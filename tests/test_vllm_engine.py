@@ -5,14 +5,18 @@ One engine for the whole module, in vLLM's default multi-process mode (the produ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -152,6 +156,37 @@ def test_sampling_many_seeded_prompts_beyond_one_step(setup):
     first = engine.generate(many, sampling)
     assert engine.generate(many, sampling) == first
     assert engine.generate([many[100]], SamplingConfig(temperature=1.0, max_new_tokens=8, seed=103)) == [first[100]]
+
+
+def test_a_killed_trainer_takes_its_engine_with_it(setup, tmp_path):
+    """SIGKILL (the OOM killer's) leaves the trainer no time to close its engine: the engine's guard ends the
+    engine's processes, which would otherwise hold their memory until someone found and killed them."""
+    model_dir = setup[2]
+    script, said = tmp_path / "trainer.py", tmp_path / "said.txt"
+    script.write_text("import time\nfrom spin_fast.generation.vllm_engine import VllmEngine\n"
+                      "if __name__ == '__main__':  # vLLM starts its engine core with spawn\n"
+                      f"    engine = VllmEngine({str(model_dir)!r}, dtype='float32', max_model_len=512)\n"
+                      "    print('ready', flush=True)\n    time.sleep(600)\n")
+    with said.open("w") as out:
+        trainer = subprocess.Popen([sys.executable, str(script)], stdout=out, stderr=subprocess.STDOUT)
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while "ready" not in said.read_text() and trainer.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "ready" in said.read_text(), said.read_text()[-3000:]
+        descendants = psutil.Process(trainer.pid).children(recursive=True)
+        assert len(descendants) >= 2, descendants  # the engine core, and the guard
+        trainer.kill()
+        trainer.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=60)
+        assert not alive, f"{alive} outlived the trainer"
+        assert "died without closing its vLLM engine" in said.read_text()
+    finally:
+        trainer.kill()
+        for process in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def test_the_engine_outlives_a_warning_sent_to_the_process_group(setup):

@@ -23,9 +23,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from spin_fast import distributed, stopping
+from spin_fast.generation import engine_guard
 from spin_fast.generation.base import Completion, SamplingConfig
 
 _SHM = Path("/dev/shm")
@@ -189,6 +191,7 @@ class VllmEngine:
                        if executor == "external_launcher" and tensor_parallel_size > 1 else None)
         if writes_node_files():  # one sweep per node
             remove_orphaned_weight_files(weight_dirs())
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         # The engine's processes, started here, inherit the block.
         with stopping.warning_blocked(), global_rng_kept():
             self._llm = LLM(
@@ -203,6 +206,8 @@ class VllmEngine:
                 worker_extension_cls=_EXTENSION,
                 distributed_executor_backend=executor,  # None: vLLM's choice
             )
+        # Its processes end with this one, however it ends (a SIGKILL leaves close() no time to run).
+        self._guard = engine_guard.watch(engine_guard.engine_processes(before))
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._closed = False
@@ -314,6 +319,9 @@ class VllmEngine:
         self._closed = True
         # There is no LLM.shutdown(): ending the engine core stops its processes.
         self._llm.llm_engine.engine_core.shutdown()
+        if self._guard is not None:  # it ignores the signals that could end it otherwise
+            self._guard.kill()
+            self._guard.wait()
 
     def __enter__(self) -> VllmEngine:
         return self
