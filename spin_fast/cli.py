@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -145,16 +146,19 @@ def parse_baselines(specs: list[str]) -> dict[str, str]:
 def run_eval(selfplay, baselines: dict[str, str]) -> int:
     """Evaluate what the run has finished so far, and the baselines; the table also lands in
     output_dir/eval.jsonl. Under a launcher the ranks share the work and rank 0 writes and prints the table."""
-    from spin_fast import distributed
+    from spin_fast import distributed, locking
     from spin_fast.evaluation import evaluate_run, parts_folder
 
     source = selfplay.config.data.eval_source
     if not source:
         print("spin-fast: data.eval_source is not set: eval needs held-out (prompt, response) data", file=sys.stderr)
         return 2
-    selfplay.run_dir.mkdir(parents=True, exist_ok=True)  # a run not started yet: the SFT model's row alone
+    if distributed.launched_distributed():  # for the lock, which rank 0 takes for every rank
+        distributed.init(selfplay.config.deepspeed.timeout_minutes)
     output = selfplay.run_dir / "eval.jsonl"
-    rows = evaluate_run(selfplay, source, output=output, baselines=baselines)
+    with contextlib.ExitStack() as claim:  # (the lock makes the folder: a run not started yet has the SFT row alone)
+        distributed.on_main(lambda: claim.enter_context(locking.exclusive(selfplay.run_dir, "eval")), "eval's lock")
+        rows = evaluate_run(selfplay, source, output=output, baselines=baselines)
     for row in rows if distributed.is_main() else ():
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     if selfplay.config.data.checker and distributed.is_main():
@@ -164,7 +168,7 @@ def run_eval(selfplay, baselines: dict[str, str]) -> int:
 
 def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
-    from spin_fast import distributed
+    from spin_fast import distributed, locking
     from spin_fast.examples import read_examples, tokenize_examples
     from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
@@ -190,9 +194,12 @@ def run_sft(config) -> int:
     examples = tokenize_examples(tokenizer, config.data, raw, config.train.progress)  # the ranks share the work
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
-    model = load_policy(folder, config)
-    result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
-                     sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()
+    with contextlib.ExitStack() as claim:
+        distributed.on_main(lambda: claim.enter_context(locking.exclusive(Path(config.output_dir), "sft")),
+                            "sft's lock")
+        model = load_policy(folder, config)
+        result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
+                         sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()
     if os.environ.get("RANK", "0") == "0":
         print(f"sft: {result.steps} steps, model in {result.final_dir}")
     return 0

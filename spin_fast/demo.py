@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from spin_fast import locking
 from spin_fast.config import (
     ConfigError,
     RunConfig,
@@ -136,7 +137,10 @@ class Demo:
         """Every stage not done yet, then the report; or the stages up to and including `until`."""
         if until is not None and until not in STAGES:
             raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with locking.exclusive(self.run_dir, "demo"):  # (which makes the folder)
+            return self._run_stages(until)
+
+    def _run_stages(self, until: str | None) -> list[dict]:
         self._check_same_settings()
         start = time.perf_counter()
         for number, stage in enumerate(STAGES, 1):

@@ -23,6 +23,7 @@ ZeRO-3 partitioned from its first load on and stays so: no rank ever holds it wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from spin_fast import distributed
+from spin_fast import distributed, locking
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
@@ -150,17 +151,18 @@ class SelfPlay:
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
                     check_examples_fit(examples[t], self.config.score_batch_tokens, source)
         self._read.clear()  # the text: from here on the run needs its ids alone
-        distributed.on_main(lambda: self._claim_run_directory(saved_config, until), "run directory")
         summaries = []
-        try:
-            for t in iterations:
-                stop = until[1] if until is not None and t == until[0] else None
-                summary = self.iteration(t, tokenizer, examples[t], stop_after=stop)
-                if summary is not None:
-                    summaries.append(summary)
-        finally:
-            if self.engine is not None:
-                self.engine.close()
+        with contextlib.ExitStack() as claim:  # rank 0 holds the run directory's lock to the end
+            distributed.on_main(lambda: self._claim_run_directory(saved_config, until, claim), "run directory")
+            try:
+                for t in iterations:
+                    stop = until[1] if until is not None and t == until[0] else None
+                    summary = self.iteration(t, tokenizer, examples[t], stop_after=stop)
+                    if summary is not None:
+                        summaries.append(summary)
+            finally:
+                if self.engine is not None:
+                    self.engine.close()
         return summaries
 
     def iteration(self, t: int, tokenizer, examples: list[TokenizedExample], stop_after: str | None = None):
@@ -375,9 +377,11 @@ class SelfPlay:
         return distributed.on_main(lambda: json.loads(path.read_text())["revision"] if path.exists()
                                    else self.config.model.revision or None, "the SFT model's revision")
 
-    def _claim_run_directory(self, saved_config: dict | None, until: tuple[int, str] | None) -> None:
-        """Rank 0, as the run starts: the config saved when it changed, θ0's revision, what a kill left tidied,
-        this session recorded."""
+    def _claim_run_directory(self, saved_config: dict | None, until: tuple[int, str] | None,
+                             claim: contextlib.ExitStack) -> None:
+        """Rank 0, as the run starts: the run directory locked (in `claim`), the config saved when it changed, θ0's
+        revision, what a kill left tidied, this session recorded."""
+        claim.enter_context(locking.exclusive(self.run_dir, "run"))
         if _plain(saved_config) != _plain(self.config.to_dict()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.run_dir / "config.yaml",

@@ -1,10 +1,15 @@
 """Float64 truth written plainly, independent of spin_kernels, dtype-aware comparison, a check of the fused loss
-against that truth, a tiny SFT set, the official SPIN code's truncation, and an offline Hugging Face Hub cache."""
+against that truth, a tiny SFT set, the official SPIN code's truncation, an offline Hugging Face Hub cache, and a
+folder locked by another process."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -188,3 +193,17 @@ def official_spin_fit(prompt, chosen, rejected, eos, max_length, max_prompt_leng
     if len(prompt) + longer > max_length:
         chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
     return prompt, chosen, rejected
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path, work: str) -> Iterator[int]:
+    """Another process doing `work` in `folder` (holding its spin_fast.locking lock) for the block; its pid."""
+    code = (f"import sys, time\nfrom spin_fast.locking import exclusive\nwith exclusive({str(folder)!r}, {work!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from helpers import held_by_another_process
 from spin_fast.config import ConfigError
 from spin_fast.demo import DEFAULT_CONFIG, Demo, load_demo_config, main
 
@@ -134,6 +135,15 @@ def test_a_demo_directory_keeps_its_settings(tmp_path):
                                          r"30\): use another --output"):
         Demo(config, demo).run(until="data")
     assert main(["--output", str(tmp_path), "--set", "demo.task.n_train=30", "--until", "data"]) == 2
+
+
+def test_a_demo_directory_in_use_is_refused(tmp_path):
+    config, demo = load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=20", "demo.task.n_eval=4"], str(tmp_path))
+    with held_by_another_process(tmp_path, "demo") as pid:
+        with pytest.raises(ValueError, match=rf"^{tmp_path} is in use by another spin-fast demo: pid {pid} on "):
+            Demo(config, demo).run(until="data")
+    assert not (tmp_path / "data").exists()
+    assert Demo(config, demo).run(until="data") == []
 
 
 def test_a_demo_section_that_is_no_mapping_is_named(tmp_path):
