@@ -248,12 +248,10 @@ class SelfPlay:
         return full_weights(model)
 
     def write_summary_table(self) -> None:
-        """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests."""
+        """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests: all of them, also those
+        past `iterations` when the run is started again with fewer."""
         rows = []
-        for t in range(self.config.iterations):
-            manifest = read_manifest(self.run_dir / f"iter-{t}" / "train")
-            if manifest is None:
-                break
+        while (manifest := read_manifest(self.run_dir / f"iter-{len(rows)}" / "train")) is not None:
             rows.append(manifest["summary"])
         columns = [k for k in rows[0] if k != "checkpoint"]
         table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

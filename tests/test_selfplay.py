@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import QA, official_spin_fit, offline_hub
+from helpers import QA, held_by_another_process, official_spin_fit, offline_hub
 from spin_fast.config import ConfigError, load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.scoring import ScoredPair, load_scored_pairs, save_scored_pairs, score_pairs
@@ -426,6 +426,28 @@ def test_cli_stage_commands_then_run(sft_model, tmp_path, capsys):
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
     assert "iteration=0" in out and "iteration=1" in out
+    # Started again with fewer iterations, the finished run keeps every finished iteration in its summary.
+    summary = (tmp_path / "run" / "summary.jsonl").read_text()
+    assert main(["run", str(config), "--set", "iterations=1"]) == 0
+    assert (tmp_path / "run" / "summary.jsonl").read_text() == summary and summary.count("\n") == 2
+
+
+def test_an_output_dir_in_use_is_refused(sft_model, tmp_path, capsys):
+    """Two runs (sfts, evals) at once in one output_dir would overwrite each other's work: the second is refused
+    before it writes anything, told which process holds the folder; a run and an eval go on side by side."""
+    from spin_fast.cli import main
+
+    out, held_out = tmp_path / "run", tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA[:2]))
+    config = write_yaml(sft_model, tmp_path / "run.yaml", out)
+    for work, command in (("run", ["run"]), ("run", ["generate"]), ("sft", ["sft"]),
+                          ("eval", ["eval", "--set", f"data.eval_source={held_out}"])):
+        with held_by_another_process(out, work) as pid:
+            assert main([command[0], str(config), *command[1:]]) == 2
+            assert f"{out} is in use by another spin-fast {work}: pid {pid} on " in capsys.readouterr().err
+        assert {p.name for p in out.iterdir()} <= {".run.lock", ".sft.lock", ".eval.lock"}  # nothing written
+    with held_by_another_process(out, "run"):
+        assert main(["eval", str(config), "--set", f"data.eval_source={held_out}"]) == 0
 
 
 def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
