@@ -31,6 +31,14 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None) -> li
 TOKENIZE_BATCH = 256  # examples a rank encodes in one call to its tokenizer
 
 
+def rows_digest(examples: Seq[Example]) -> str:
+    """A digest of the rows' text: it tells a changed data file or Hub dataset apart."""
+    hasher = hashlib.sha256()
+    for e in examples:  # one at a time: the repr of them all would be as large as their text
+        hasher.update(repr((e.prompt, e.response, e.generated)).encode())
+    return hasher.hexdigest()
+
+
 def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, error: Exception
             ) -> tuple[str, Exception]:
     """Why the examples at `batch` cannot be tokenized: the first one that fails alone, named by its row (or the
@@ -67,10 +75,7 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
             break
     # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
     # mix two data sets, or fail on some ranks only.
-    hasher = hashlib.sha256()
-    for e in examples:  # one at a time: the repr of them all would be as large as their text
-        hasher.update(repr((e.prompt, e.response, e.generated)).encode())
-    read = hasher.hexdigest()
+    read = rows_digest(examples)
     shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
     del done  # this rank's arrays are in shares (copies of them under a launcher)
     if len({(n, digest) for _, _, n, digest in shares}) > 1:

@@ -38,7 +38,7 @@ import yaml
 from spin_fast import distributed, locking
 from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
 from spin_fast.data import Example, TokenizedExample
-from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
+from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine
 from spin_fast.generation.choice import check_prompts_fit, default_engine
@@ -61,6 +61,7 @@ from spin_fast.version import code_version
 log = logging.getLogger(__name__)
 STAGES = ("generate", "score", "train")
 SFT_MODEL_FILE = "sft-model.json"
+DATA_FILE = "data.json"  # what each iteration's examples were (_keep_same_data)
 
 
 def check_output_dir(path: str) -> None:
@@ -150,10 +151,17 @@ class SelfPlay:
             for t, (_, source, _) in sources.items():
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
                     check_examples_fit(examples[t], self.config.score_batch_tokens, source)
+        # What the run's work is made from, for _keep_same_data (rank 0): each source's rows, before their text goes.
+        rows = {t: self.read(*sources[t]) for t in sources} if distributed.is_main() else {}
+        digests: dict[int, str] = {}  # iterations that read one source share its rows
+        data = {str(t): {"source": sources[t][1], "examples": len(rows[t]),
+                         "digest": digests.setdefault(id(rows[t]), rows_digest(rows[t]))} for t in rows}
+        del rows
         self._read.clear()  # the text: from here on the run needs its ids alone
         summaries = []
         with contextlib.ExitStack() as claim:  # rank 0 holds the run directory's lock to the end
-            distributed.on_main(lambda: self._claim_run_directory(saved_config, until, claim), "run directory")
+            distributed.on_main(lambda: self._claim_run_directory(saved_config, until, claim, data),
+                                "run directory")
             try:
                 for t in iterations:
                     stop = until[1] if until is not None and t == until[0] else None
@@ -376,10 +384,11 @@ class SelfPlay:
                                    else self.config.model.revision or None, "the SFT model's revision")
 
     def _claim_run_directory(self, saved_config: dict | None, until: tuple[int, str] | None,
-                             claim: contextlib.ExitStack) -> None:
-        """Rank 0, as the run starts: the run directory locked (in `claim`), the config saved when it changed, θ0's
-        revision, what a kill left tidied, this session recorded."""
+                             claim: contextlib.ExitStack, data: dict[str, dict]) -> None:
+        """Rank 0, as the run starts: the run directory locked (in `claim`), its data checked, the config saved
+        when it changed, θ0's revision, what a kill left tidied, this session recorded."""
         claim.enter_context(locking.exclusive(self.run_dir, "run"))
+        self._keep_same_data(data)
         if _plain(saved_config) != _plain(self.config.to_dict()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.run_dir / "config.yaml",
@@ -387,6 +396,34 @@ class SelfPlay:
         self._keep_sft_revision()
         self._tidy_what_a_kill_left()
         self._record_session(until)
+
+    def _keep_same_data(self, now: dict[str, dict]) -> None:
+        """The rows each iteration reads (`now`: their source, number and digest, by iteration, "eval t" for the
+        held-out rows scored after iteration t), as the run made its work from them (run_dir/data.json): a data file
+        or Hub dataset changed since then is refused, or the resumed run would mix answers to the old rows with
+        answers to the new ones (a row added midway shifts every saved part) and train later iterations on other
+        data than the earlier ones. An iteration with no work yet takes the data as it is now."""
+        path = self.run_dir / DATA_FILE
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        for key, record in now.items():
+            then = saved.get(key)
+            if then is None or then["digest"] == record["digest"] or not self._has_work(key):
+                continue
+            what = f"iteration {key}'s prompts" if key.isdigit() else f"iteration {key.split()[1]}'s held-out data"
+            setting = "data.source" if key.isdigit() else "data.eval_source"
+            raise ValueError(f"{what} ({setting} {record['source']}: {record['examples']} examples) are not those "
+                             f"{self.run_dir} made its work from ({then['source']}: {then['examples']} examples, "
+                             "other rows): the run would mix answers to the old rows with the new ones. Put the data "
+                             "back as it was, or use a new output_dir")
+        if now != {key: saved.get(key) for key in now}:
+            write_atomically(path, json.dumps({**saved, **now}, indent=1) + "\n")
+
+    def _has_work(self, key: str) -> bool:
+        """Whether the work of data.json's `key` has begun: iteration t's (any file saved), or for "eval t" the
+        held-out score of iteration t (in its training's manifest)."""
+        if key.isdigit():
+            return any(p.is_file() for p in (self.run_dir / f"iter-{key}").glob("**/*"))
+        return (self.run_dir / f"iter-{key.split()[1]}" / "train" / MANIFEST).exists()
 
     def _keep_sft_revision(self) -> None:
         """At the run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""

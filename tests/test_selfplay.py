@@ -226,6 +226,32 @@ def test_a_run_refuses_train_mode_sft_before_any_work(sft_model, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_run_refuses_data_changed_under_its_work(sft_model, tmp_path):
+    """Resumed with a data file changed since an iteration's work began, the run would mix answers to the old rows
+    with answers to the new ones: refused, naming the iteration and file. An iteration with no work yet takes its
+    data as it is now."""
+    rows = [json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA]
+    train, later, held_out = (tmp_path / name for name in ("train.jsonl", "later.jsonl", "held-out.jsonl"))
+    for path, text in ((train, "".join(rows)), (later, "".join(rows[:4])), (held_out, "".join(rows[:2]))):
+        path.write_text(text)
+    config = run_config(sft_model, tmp_path / "run", f"data.source={train}", f"data.eval_source={held_out}",
+                        f"iteration_overrides={{1: {{data.source: {later}}}}}")
+    SelfPlay(config).run(until=(0, "train"))
+    later.write_text("".join(rows[1:5]))  # iteration 1 has not begun: its new rows are taken
+    SelfPlay(config).run(until=(1, "generate"))
+    for path, changed, message in (
+            (held_out, rows[2] + rows[1], rf"^iteration 0's held-out data \(data.eval_source {held_out}: 2 examples\)"),
+            (train, "".join(rows[:5]), rf"^iteration 0's prompts \(data.source {train}: 5 examples\) are not those "
+                                       rf"{tmp_path / 'run'} made its work from \({train}: 6 examples, other rows\)"),
+            (later, "".join(rows[:4]), r"^iteration 1's prompts \(data.source")):
+        before = path.read_text()
+        path.write_text(changed)
+        with pytest.raises(ValueError, match=message):
+            SelfPlay(config).run()
+        path.write_text(before)
+    assert [s["iteration"] for s in SelfPlay(config).run()] == [0, 1]
+
+
 def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, tmp_path, monkeypatch, caplog):
     config = run_config(sft_model, tmp_path / "run", "iterations=1")
     SelfPlay(config).run(until=(0, "generate"))
