@@ -248,8 +248,8 @@ class RunConfig:
             raise ValueError(f"save_every_prompts must be >= 0, got {self.save_every_prompts}")
         if self.score_batch_tokens < 1:
             raise ValueError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
-        self.iteration_overrides = {int(t): flat for t, flat in ((t, _dotted_changes(t, changes, self.iterations))
-                                                                 for t, changes in self.iteration_overrides.items())}
+        checked = [(t, _dotted_changes(t, changes)) for t, changes in self.iteration_overrides.items()]
+        self.iteration_overrides = {int(t): flat for t, flat in checked}
         for iteration in self.iteration_overrides:  # every iteration's settings checked now, not when it starts
             self.for_iteration(iteration)
 
@@ -262,7 +262,8 @@ class RunConfig:
         try:
             config = from_dict(RunConfig, data)
         except ConfigError as error:
-            raise ConfigError(f"iteration_overrides[{iteration}]: {error}", "iteration_overrides") from None
+            setting = f"iteration_overrides.{iteration}" + (f".{error.setting}" if error.setting else "")
+            raise ConfigError(f"iteration_overrides[{iteration}]: {error}", setting) from None
         config.iteration_overrides = self.iteration_overrides
         return config
 
@@ -315,7 +316,9 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     if "demo" in data:
         raise ConfigError(f"{path}: its 'demo' section holds the demo's own settings: run it with "
                           f"`python -m spin_fast.demo --config {path}` (or `make demo`)")
-    return build_config(lambda settings: from_dict(RunConfig, settings), data, overrides, path, text)
+    config = build_config(lambda settings: from_dict(RunConfig, settings), data, overrides, path, text)
+    warn_of_unused_overrides(config)
+    return config
 
 
 def read_config_file(path: str | Path) -> tuple[dict, str]:
@@ -450,16 +453,14 @@ RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_over
             "generation.tensor_parallel_size", "generation.gpu_memory_utilization", "generation.batch_size")
 
 
-def _dotted_changes(iteration, changes, iterations: int) -> dict:
+def _dotted_changes(iteration, changes) -> dict:
     """One iteration's overrides as {"section.key": value}: a nested mapping changes only the settings it names."""
-    where = f"iteration_overrides[{iteration}]"
+    where, setting = f"iteration_overrides[{iteration}]", f"iteration_overrides.{iteration}"
     if isinstance(iteration, bool) or not str(iteration).isdigit():  # 2 or "2" (as YAML or JSON wrote it)
-        raise ValueError(f"{where}: the key must be an iteration number, got {iteration!r}")
-    if int(iteration) >= iterations:  # kept and checked: a run may be extended to more iterations later
-        logging.getLogger(__name__).warning("%s: unused while the run has iterations 0 to %d", where, iterations - 1)
+        raise ConfigError(f"{where}: the key must be an iteration number, got {iteration!r}", setting)
     if not isinstance(changes, dict):
-        raise ValueError(f"{where}: expected a mapping of settings, e.g. {{train.learning_rate: 1.0e-7}}, "
-                         f"got {changes!r}")
+        raise ConfigError(f"{where}: expected a mapping of settings, e.g. {{train.learning_rate: 1.0e-7}}, "
+                          f"got {changes!r}", setting)
 
     def flatten(mapping: dict, prefix: str) -> dict:
         flat = {}
@@ -471,8 +472,16 @@ def _dotted_changes(iteration, changes, iterations: int) -> dict:
     flat = flatten(changes, "")
     for key in flat:
         if any(key == name or key.startswith(f"{name}.") for name in RUN_WIDE):
-            raise ValueError(f"{where}: {key} is set for the whole run, not per iteration")
+            raise ConfigError(f"{where}: {key} is set for the whole run, not per iteration", f"{setting}.{key}")
     return flat
+
+
+def warn_of_unused_overrides(config: RunConfig) -> None:
+    """Overrides of iterations past the last are kept and checked (the run may be extended later), and said once,
+    as the config loads."""
+    for iteration in sorted(t for t in config.iteration_overrides if t >= config.iterations):
+        logging.getLogger(__name__).warning("iteration_overrides[%d]: unused while the run has iterations 0 to %d",
+                                            iteration, config.iterations - 1)
 
 
 def _set_dotted(data: dict, key: str, value, where: str) -> None:

@@ -43,6 +43,7 @@ from spin_fast.config import (
     from_dict,
     read_config_file,
     section_settings,
+    warn_of_unused_overrides,
 )
 from spin_fast.sorting import distinct_lists
 
@@ -116,6 +117,7 @@ def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSe
     settings["model"] = {**model, "name_or_path": str(run_dir / "sft" / "model")}
     settings["output_dir"] = str(run_dir / "spin")
     config = from_dict(RunConfig, settings)
+    warn_of_unused_overrides(config)
     demo = from_dict(DemoSettings, demo_data, prefix="demo.")
     stage_config(config, demo.sft, "demo.sft")
     stage_config(config, demo.continued_sft, "demo.continued_sft")

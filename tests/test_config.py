@@ -1,8 +1,9 @@
 """Run configs from YAML and --set overrides: every bad key, type and value is named."""
 
 import pytest
+import yaml
 
-from spin_fast.config import ConfigError, RunConfig, load_run_config
+from spin_fast.config import ConfigError, RunConfig, from_dict, load_run_config
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -78,6 +79,27 @@ def test_an_override_beyond_the_last_iteration_is_kept_for_a_longer_run(caplog):
     assert "iteration_overrides[3]: unused while the run has iterations 0 to 1" in caplog.text
     assert load_run_config(None, ["iterations=4", "iteration_overrides={3: {train.beta: 0.2}}"]).for_iteration(
         3).train.beta == 0.2 and config.iteration_overrides == {3: {"train.beta": 0.2}}
+
+
+def test_an_iteration_override_error_names_its_line(tmp_path, caplog):
+    """In a file, an override's error names the line of the setting (its section's, for a section's own check);
+    an override past the last iteration is said once, also when a resumed run reads its saved config."""
+    path = tmp_path / "run.yaml"
+    head = "output_dir: runs/x\niterations: 2\niteration_overrides:\n"
+    for body, line, message in (
+            ("  1:\n    train:\n      seed: 2\n      beta: -1\n", 7, r"iteration_overrides\[1\]: train: beta must be"),
+            ("  1:\n    train: {seed: 2}\n    model:\n      name_or_path: other\n", 7,
+             r"iteration_overrides\[1\]: model.name_or_path is set for the whole run"),
+            ("  1: {train: {seed: 2}}\n  first: {train: {seed: 3}}\n", 5,
+             r"iteration_overrides\[first\]: the key must be an iteration number"),
+            ("  1: {train: {seed: 2}}\n  0: 0.1\n", 5, r"iteration_overrides\[0\]: expected a mapping of settings")):
+        path.write_text(head + body)
+        with pytest.raises(ConfigError, match=rf"^{path}, line {line}: {message}"):
+            load_run_config(path)
+    path.write_text(head + "  3: {train: {seed: 2}}\n")
+    load_run_config(path)
+    from_dict(RunConfig, yaml.safe_load(path.read_text()))  # as a resumed run reads its saved config.yaml
+    assert caplog.text.count("iteration_overrides[3]: unused while the run has iterations 0 to 1") == 1
 
 
 def test_a_nested_iteration_override_changes_only_the_settings_it_names():
