@@ -403,9 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
+    if not config.train.progress:
+        from spin_fast.loading import hide_library_progress_bars
+
+        hide_library_progress_bars()
     try:
         Demo(config, demo).run(until=args.until)
-    except ConfigError as error:  # a run directory that holds another experiment
+    except ValueError as error:  # a run directory that holds another experiment, or that another demo works in
         print(f"demo: {error}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def hide_library_progress_bars() -> None:
+    """train.progress=false: transformers' and the Hub's own bars too (loading a model's weights, writing its
+    shards, downloading), process-wide settings of those libraries."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def partitioned(config: RunConfig) -> bool:
     """deepspeed.zero3_init in a DeepSpeed run: the model is partitioned from its first load on."""
     return config.deepspeed.zero3_init and uses_deepspeed(config.deepspeed)

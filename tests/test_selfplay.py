@@ -1,6 +1,7 @@
 """The self-play loop end to end on a tiny model: stages, data mixing, and resume after kills."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -474,6 +475,18 @@ def test_an_output_dir_in_use_is_refused(sft_model, tmp_path, capsys):
         assert {p.name for p in out.iterdir()} <= {".run.lock", ".sft.lock", ".eval.lock"}  # nothing written
     with held_by_another_process(out, "run"):
         assert main(["eval", str(config), "--set", f"data.eval_source={held_out}"]) == 0
+
+
+def test_train_progress_false_hides_the_libraries_bars_too(sft_model, tmp_path):
+    """transformers' bars (loading a model's weights, writing its shards) go with spin-fast's own."""
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    bars = ("Loading weights", "Writing model shards")
+    for progress in ("false", "true"):
+        done = subprocess.run([sys.executable, "-m", "spin_fast.cli", "run", str(config), "--set", "iterations=1",
+                               "--set", f"train.progress={progress}", "--set", f"output_dir={tmp_path / progress}"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [bar in done.stderr for bar in bars] == [progress == "true"] * 2, done.stderr[-3000:]
 
 
 def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
