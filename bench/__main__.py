@@ -1,14 +1,18 @@
-"""python -m bench [--preset cpu|gpu] [--only NAME [options of that bench]]: every bench in turn (the GPU preset when
-CUDA is present), then one summary table of their headline ratios, and PNG plots, in bench/results/. A bench's own
-options (python -m bench.NAME --help) go with --only NAME."""
+"""python -m bench [--preset cpu|gpu] [--out DIR] [--only NAME [options of that bench]]: every bench in turn (the GPU
+preset when CUDA is present), then one summary table of their headline ratios, and PNG plots, in bench/results/ (or
+DIR; SPIN_BENCH_RESULTS=DIR does the same). A bench's own options (python -m bench.NAME --help) go with --only NAME;
+those that change its shape or its selection of methods write <NAME>-<preset>-custom.json, not the preset's file."""
 
 import argparse
+import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 import torch
 
-from bench import generate, iteration, kernels, plots, scaling, summary, train_step
+from bench import common, generate, iteration, kernels, plots, scaling, summary, train_step
 
 BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "scaling": scaling,
            "iteration": iteration}
@@ -17,23 +21,30 @@ BENCHES = {"kernels": kernels, "train_step": train_step, "generate": generate, "
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--only", choices=sorted(BENCHES), help="run one bench only, with its own options after it")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="write the results (JSON, PNG) into DIR, e.g. to keep "
+                        f"a run apart from the committed ones (default: {common.RESULTS_DIR})")
     parser.add_argument("--preset", choices=sorted(kernels.PRESETS), help="cpu, gpu (needs CUDA; the default with it) "
                         "or tiny (seconds; for tests)", default="gpu" if torch.cuda.is_available() else "cpu")
     args, rest = parser.parse_known_args(argv)
     if rest and not args.only:  # each bench has options of its own: passed to all, the second would refuse them
         parser.error(f"{' '.join(rest)}: a bench's own options go with --only NAME (see python -m bench.NAME --help)")
-    if args.preset == "gpu" and not torch.cuda.is_available():
-        parser.error("--preset gpu needs CUDA, and this torch sees no GPU")
+    common.refuse_gpu_preset_without_cuda(parser, args.preset)
+    if args.out is not None:  # this process's benches and the workers they start
+        common.RESULTS_DIR = args.out
+        os.environ["SPIN_BENCH_RESULTS"] = str(args.out)
     names = [args.only] if args.only else list(BENCHES)
     status, failed = 0, set()
     for name in names:  # one bench's failure is reported, and the others still run
+        began = time.time()
         try:
             status = max(status, BENCHES[name].main(["--preset", args.preset, *rest]))
         except Exception:  # noqa: BLE001 - the traceback is printed; the summary says the bench failed
             traceback.print_exc()
             print(f"bench {name} failed (traceback above); going on with the others", file=sys.stderr)
-            status, failed = 1, failed | {name}
-    for path in plots.plot_all():
+            status = 1
+        if not summary.written_since(name, args.preset, began):  # a file there is an earlier run's: not shown
+            failed.add(name)
+    for path in plots.plot_all(benches=names):
         print(f"plot: {path}")
     custom = getattr(BENCHES[args.only], "NON_PRESET_FLAGS", set()) if args.only else set()
     if any(option.split("=")[0] in custom for option in rest):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from spin_fast.distributed import signals_sent_to
 from spin_fast.files import write_atomically
 
 RESULTS_DIR = Path(os.environ.get("SPIN_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -168,9 +169,12 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
     cmd = [sys.executable, "-m", module, "--worker", *worker_args]
     # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU memory).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE, text=True,
-                            env=worker_env(), start_new_session=True)
+                            env=worker_env(), start_new_session=True, preexec_fn=_ended_with_its_parent)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        # In its own session the worker gets no Ctrl-C, nor a SIGTERM sent to ours (timeout, a scheduler): they end
+        # this process through the `except BaseException` below, which ends the worker's session first.
+        with signals_sent_to(_exit_on_signal):
+            stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -180,7 +184,7 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
             return json.loads(lines[-1])
         output = (stderr or "").strip().splitlines()
         return {"error": [f"timed out after {timeout} s"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
-    except BaseException:  # Ctrl-C: the worker, in a session of its own, did not get it
+    except BaseException:  # Ctrl-C or SIGTERM: the worker, in a session of its own, did not get it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         raise
@@ -192,6 +196,19 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
         # The last line names the error for the tables; the lines before it, kept in the JSON, say where it came from.
         return {"error": output[-1:] or ["no output"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     return json.loads(lines[-1])
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # the status a shell reports for a process ended by the signal
+
+
+def _ended_with_its_parent() -> None:
+    """In a worker, before it starts: SIGKILL when the bench that started it dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def positive_int(text: str) -> int:
@@ -217,6 +234,18 @@ def add_shape_options(parser: argparse.ArgumentParser, options: dict[str, str]) 
                             positive_int, help=f"{meaning} (default: the preset's)")
     parser.add_argument("--dtype", choices=DTYPES, help="the dtype of the weights and activations (default: the "
                         "preset's)")
+
+
+def refuse_gpu_preset_without_cuda(parser: argparse.ArgumentParser, preset: str | None) -> None:
+    """--preset gpu where torch sees no GPU: one clear line, not CUDA's assertion from deep in a worker."""
+    if preset == "gpu" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs CUDA, and this torch sees no GPU")
+
+
+def listed(flag: str, values) -> list[str]:
+    """A selection option (--methods, --vocabs, ...) as command-line arguments, [] when not given: like a shape
+    option, it makes a run not the preset's own (its figures go into <name>-<preset>-custom.json)."""
+    return [flag, *map(str, values)] if values else []
 
 
 def shape_flags(options: dict[str, str]) -> set[str]:

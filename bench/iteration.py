@@ -59,6 +59,7 @@ from bench.common import (
     ordinary_allocator_for_new_processes,
     peak_extra_memory_mib,
     publish,
+    refuse_gpu_preset_without_cuda,
     run_worker,
     save_partial,
     synchronize,
@@ -304,11 +305,12 @@ def profile(preset: Preset, engine: str | None, config_path: str | None, sets: l
         config, parameters_m = builtin_config(preset, engine, workdir)
     else:
         config, parameters_m = user_config(preset, config_path, sets, engine, workdir)
-    custom = custom_argv(config_path, sets)
+    custom = [*custom_argv(config_path, sets), *(["--engine", engine] if engine else [])]
     # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
     # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
     ordinary_allocator_for_new_processes()
-    held = held_pairs_memory(preset.held_pairs) if preset.held_pairs and not custom else None  # the same for any run
+    held = (held_pairs_memory(preset.held_pairs) if preset.held_pairs and config_path is None
+            else None)  # the same for any run
     machine = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def result_of(selfplay, summaries=()) -> dict:
@@ -357,7 +359,7 @@ def profile_rows(result: dict) -> list[dict]:
     return rows
 
 
-NON_PRESET_FLAGS = {"--config", "--set"}  # python -m bench --only iteration with these: no preset summary
+NON_PRESET_FLAGS = {"--config", "--set", "--engine"}  # python -m bench --only iteration with these: no preset summary
 
 
 def summary_table(result: dict) -> str:
@@ -383,10 +385,12 @@ def summary_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
     parser.add_argument("--engine", choices=("auto", "vllm", "transformers"), default=None,
-                        help="generation engine (default: vLLM when installed; with --config, the config's)")
+                        help="generation engine (default: vLLM when installed; with --config, the config's); "
+                        "given, the profile goes into iteration-<preset>-custom.json")
     parser.add_argument("--config", metavar="FILE", help="profile your own run config (its model, data and "
                         "settings) instead of the built-in task, in a temporary output_dir, for 2 + the preset's "
                         "timed iterations, into iteration-<preset>-custom.json; --set data.max_prompts=N keeps it "
@@ -396,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)  # the worker's, made and removed by its parent
     args = parser.parse_args(argv)
+    refuse_gpu_preset_without_cuda(parser, args.preset)
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
     if args.sets and args.config is None:
         parser.error("--set changes a setting of --config: give --config FILE too")
@@ -423,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
         print("\n".join(result["output_tail"]), file=sys.stderr)
         return 1
-    report = report_of(preset, result, custom)
-    publish(result_name(preset, custom), report, summary_table(report))
+    report = report_of(preset, result, [*custom, *engine])
+    publish(result_name(preset, [*custom, *engine]), report, summary_table(report))
     return 0
 
 

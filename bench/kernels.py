@@ -7,9 +7,11 @@ the tokens, carries no loss; responses of uneven length):
 Every (vocabulary, job, method) runs in a fresh subprocess, which measures the peak memory of one call and then
 times calls (bench.common.memory_then_time), so compile caches and allocator state never leak from one
 measurement into the next. A method that cannot run here (CUDA only, no such entry point) is reported as missing
-without starting one. Run: python -m bench.kernels [--preset cpu|gpu] [--jobs spin_head logprobs] [--vocabs V ...];
-your own shape with --tokens, --hidden, --pairs, --dtype (and --warmup, --repeats), written to
-kernels-<preset>-custom.json so that the preset's own file stays.
+without starting one. Time and memory are also given as multiples of a baseline's at the same vocabulary and job:
+naive PyTorch's, or --baseline METHOD's (e.g. where naive runs out of memory). Run: python -m bench.kernels
+[--preset cpu|gpu] [--jobs spin_head logprobs] [--vocabs V ...] [--methods M ...]; your own shape with --tokens,
+--hidden, --pairs, --dtype (and --warmup, --repeats). A shape, a selection or a baseline of one's own is written to
+kernels-<preset>-custom.json, so that the preset's own file stays.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from bench.common import (
     CPU_WARMUP,
     add_shape_options,
     format_table,
+    listed,
     machine_info,
     memory_then_time,
     positive_int,
     problem,
     publish,
+    refuse_gpu_preset_without_cuda,
     run_worker,
     save_partial,
     shape_flags,
@@ -346,7 +350,10 @@ def matmul_tflops(preset: Preset, vocab: int) -> float:
     def product_times() -> list[float]:
         a = torch.randn(preset.tokens, preset.hidden, device=device, dtype=preset.dtype)
         b = torch.randn(preset.hidden, vocab, device=device, dtype=preset.dtype)
-        return time_runs(lambda: a @ b, device, warmup=1, repeats=3)
+        # Into one output: a fresh one per call would time the CPU's page faults on it too (about 1.2x slower at
+        # the CPU preset's 2048 x 512 x 16000).
+        out = torch.empty(preset.tokens, vocab, device=device, dtype=preset.dtype)
+        return time_runs(lambda: torch.matmul(a, b, out=out), device, warmup=1, repeats=5)
 
     times = product_times()
     synchronize(device)
@@ -367,7 +374,9 @@ def run_one(preset: Preset, vocab: int, job: str, method: str, shape_argv: list[
 # A preset's shape and timing, each replaceable from the command line.
 SHAPE_OPTIONS = {"tokens": "packed tokens in the batch", "hidden": "hidden size H", "pairs": "pairs in the batch",
                  "warmup": "untimed calls first", "repeats": "timed calls (the median is reported)"}
-NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS)
+NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS) | {"--methods", "--jobs", "--vocabs", "--baseline"}
+BASELINE = "naive PyTorch"
+MEMORY_FLOOR_MIB = 1.0  # a baseline's peak below it is a few pages of RSS: no ratio is taken against it
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
@@ -382,20 +391,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="*", choices=list(METHODS),
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="methods to run, in this order (default: the preset's)")
     parser.add_argument("--jobs", nargs="+", choices=JOBS, help="jobs to run (default: the preset's)")
     parser.add_argument("--vocabs", nargs="+", type=positive_int, help="vocabulary sizes (default: the preset's)")
+    parser.add_argument("--baseline", choices=list(METHODS), default=BASELINE,
+                        help=f"the method that the ratios divide by (default: {BASELINE}); it runs first")
     add_shape_options(parser, SHAPE_OPTIONS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--job", choices=JOBS, help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    refuse_gpu_preset_without_cuda(parser, args.preset)
     if not args.worker and (args.vocab or args.job or args.method):
         parser.error("--vocab, --job and --method are its workers' options: use --vocabs, --jobs, --methods")
     preset, shape_argv = chosen_preset(args)
     methods = args.methods if args.methods is not None else list(preset.methods or METHODS)
+    if args.baseline in methods:  # first: a run cut off midway still has what its ratios divide by
+        methods = [args.baseline, *(m for m in methods if m != args.baseline)]
     jobs, vocabs = args.jobs or list(preset.jobs), args.vocabs or list(preset.vocabs)
 
     if args.worker:
@@ -407,11 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device(preset.device)
-    name = f"kernels-{preset.name}{'-custom' if shape_argv else ''}"
+    custom = [*shape_argv, *listed("--methods", args.methods), *listed("--jobs", args.jobs),
+              *listed("--vocabs", args.vocabs), *(["--baseline", args.baseline] if args.baseline != BASELINE else [])]
+    name = f"kernels-{preset.name}{'-custom' if custom else ''}"
     report = {"bench": "kernels", "preset": preset.name, "machine": machine_info(device),
               "shape": {"tokens": preset.tokens, "hidden": preset.hidden, "dtype": str(preset.dtype),
                         "pairs": preset.pairs, "beta": BETA, "warmup": preset.warmup, "repeats": preset.repeats},
-              "custom": shape_argv, "results": []}
+              "custom": custom, "baseline": args.baseline, "results": []}
     for vocab in vocabs:
         ceiling = matmul_tflops(preset, vocab)
         print(f"\n== vocab {vocab}: {preset.tokens} tokens, H={preset.hidden}, {preset.dtype}, "
@@ -424,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["results"].append(result)
                 save_partial(name, report)
                 print(_one_line(result), flush=True)
-    _add_ratios(report["results"])
-    publish(name, report, summary_table(report["results"]))
+    _add_ratios(report["results"], args.baseline)
+    publish(name, report, summary_table(report["results"], args.baseline))
     return 0
 
 
@@ -435,15 +451,17 @@ def _one_line(result: dict) -> str:
     return f"{result['median_ms']:.0f} ms, peak +{result['peak_extra_mib']:.0f} MiB"
 
 
-def _add_ratios(results: list[dict]) -> None:
-    """Time and memory as multiples of naive PyTorch's, and the value's agreement with it."""
+def _add_ratios(results: list[dict], baseline: str = BASELINE) -> None:
+    """Time and memory as multiples of the baseline's at the same vocabulary and job, and the value's agreement
+    with it; no memory ratio against a peak under MEMORY_FLOOR_MIB."""
     for result in results:
-        base = next((r for r in results if r["method"] == "naive PyTorch" and r["vocab"] == result["vocab"]
+        base = next((r for r in results if r["method"] == baseline and r["vocab"] == result["vocab"]
                      and r["job"] == result["job"] and "median_ms" in r), None)
         if base is None or "median_ms" not in result:
             continue
-        result["time_vs_naive"] = result["median_ms"] / base["median_ms"]
-        result["memory_vs_naive"] = result["peak_extra_mib"] / base["peak_extra_mib"]
+        result["time_vs_baseline"] = result["median_ms"] / base["median_ms"]
+        if base["peak_extra_mib"] >= MEMORY_FLOOR_MIB:
+            result["memory_vs_baseline"] = result["peak_extra_mib"] / base["peak_extra_mib"]
         result["value_rel_diff"] = abs(result["value"] - base["value"]) / max(abs(base["value"]), 1e-12)
         if "achieved_tflops" in result:
             result["fraction_of_matmul_rate"] = result["achieved_tflops"] / result["matmul_tflops"]
@@ -453,9 +471,14 @@ def _ratio(result: dict, key: str, spec: str) -> str:
     return format(result[key], spec) if key in result else "-"
 
 
-def summary_table(results: list[dict]) -> str:
-    headers = ["vocab", "job", "method", "fwd+bwd ms (min-max)", "x naive time", "peak MiB", "x naive mem",
-               "value vs naive"]
+def short_name(method: str) -> str:
+    return "naive" if method == BASELINE else method
+
+
+def summary_table(results: list[dict], baseline: str = BASELINE) -> str:
+    base = short_name(baseline)
+    headers = ["vocab", "job", "method", "fwd+bwd ms (min-max)", f"x {base} time", "peak MiB", f"x {base} mem",
+               f"value vs {base}"]
     rows = []
     for r in results:
         if "median_ms" not in r:
@@ -465,14 +488,16 @@ def summary_table(results: list[dict]) -> str:
         rows.append([
             str(r["vocab"]), r["job"], r["method"],
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
-            _ratio(r, "time_vs_naive", ".2f"),
+            _ratio(r, "time_vs_baseline", ".2f"),
             f"{r['peak_extra_mib']:.0f}",
-            _ratio(r, "memory_vs_naive", ".3f"),
+            _ratio(r, "memory_vs_baseline", ".3f"),
             _ratio(r, "value_rel_diff", ".1e"),
         ])
-    note = "x naive: time or peak memory / naive PyTorch's at that vocab and job (below 1: less)"
-    if any("median_ms" in r and "time_vs_naive" not in r for r in results):
-        note += "; '-': naive PyTorch has no result there (its row says why)"
+    note = f"x {base}: time or peak memory / {baseline}'s at that vocab and job (below 1: less)"
+    if any("median_ms" in r and "time_vs_baseline" not in r for r in results):
+        note += f"; '-': {baseline} has no result there (its row says why; --baseline METHOD divides by another)"
+    elif any("time_vs_baseline" in r and "memory_vs_baseline" not in r for r in results):
+        note += f"; '-' in x {base} mem: {baseline}'s peak is under {MEMORY_FLOOR_MIB:.0f} MiB, a few pages"
     return format_table(headers, rows) + "\n" + note
 
 

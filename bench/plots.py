@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from bench import common
@@ -105,12 +106,15 @@ def _preset(report: dict) -> str:
     return f"{name} preset" + (f" with {' '.join(custom)}" if custom else "")
 
 
-def plot_all(results_dir: Path | None = None) -> list[Path]:
-    """A PNG beside every bench JSON that has a plotter and figures to draw; returns the files written."""
+def plot_all(results_dir: Path | None = None, benches: Collection[str] | None = None) -> list[Path]:
+    """A PNG beside every bench JSON (of `benches`, default all) that has a plotter and figures to draw; returns
+    the files written."""
     results_dir = Path(results_dir or common.RESULTS_DIR)
     written = []
     for source in sorted(results_dir.glob("*.json")):
         report = json.loads(source.read_text())
+        if benches is not None and report.get("bench") not in benches:
+            continue
         plotter = PLOTTERS.get(report.get("bench"))
         path = plotter(report, source.with_suffix(".png")) if plotter is not None else None
         if path is not None:

@@ -51,10 +51,12 @@ import torch
 
 from bench.common import (
     format_table,
+    listed,
     machine_info,
     package_version,
     problem,
     publish,
+    refuse_gpu_preset_without_cuda,
     save_partial,
     summarize,
     time_runs,
@@ -239,16 +241,22 @@ def _failure(done: subprocess.CompletedProcess) -> str:
     return (errors or lines or [f"exit status {done.returncode}, no output"])[-1]
 
 
+NON_PRESET_FLAGS = {"--stages", "--world-sizes"}  # python -m bench --only scaling with these: no preset summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--stages", type=int, nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", type=int, nargs="+", choices=STAGES, help="ZeRO stages (default: all; a subset, "
+                        "or --world-sizes, writes scaling-<preset>-custom.json)")
     parser.add_argument("--world-sizes", type=int, nargs="+", help="processes per configuration (default: 1 and 2 "
                         "on the CPU, 1 and every GPU on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    refuse_gpu_preset_without_cuda(parser, args.preset)
     preset = PRESETS[args.preset]
 
     if args.worker:
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(preset.device)
     world_sizes = sorted(set(args.world_sizes or default_world_sizes(preset)))
+    custom = [*listed("--stages", args.stages), *listed("--world-sizes", args.world_sizes)]
+    name = f"scaling-{preset.name}{'-custom' if custom else ''}"
     pairs = make_pairs(preset)
     shape = {"vocab": preset.vocab, "hidden": preset.hidden, "layers": preset.layers, "heads": preset.heads,
              "intermediate": preset.intermediate, "dtype": str(preset.dtype), "pairs": preset.pairs,
@@ -266,25 +276,26 @@ def main(argv: list[str] | None = None) -> int:
     machine["versions"]["deepspeed"] = package_version("deepspeed")
     machine["usable_cores"] = usable_cores()
     machine["load_average_before"] = list(os.getloadavg())
-    report = {"bench": "scaling", "preset": preset.name, "machine": machine, "shape": shape, "results": []}
+    report = {"bench": "scaling", "preset": preset.name, "machine": machine, "shape": shape, "custom": custom,
+              "results": []}
     unit = "GPU" if device.type == "cuda" else "process"
     print(f"\n== train-step scaling: {preset.pairs} pairs, {shape['tokens']} tokens per step, Llama H={preset.hidden} "
           f"L={preset.layers} V={preset.vocab}, {preset.dtype}, {device}, {usable_cores()} cores", flush=True)
-    for config in configurations(args.stages, world_sizes):
+    for config in configurations(args.stages or list(STAGES), world_sizes):
         n = config["processes"]
         label = f"{config['config']}, {n} {unit}{'' if n == 1 else 'es' if unit == 'process' else 's'}"
         print(f"  {label:36s} ...", end=" ", flush=True)
         reason = why_not(preset, n)
         result = {**config, **({"skipped": reason} if reason else run_one(preset, config["stage"], n))}
         report["results"].append(result)
-        save_partial(f"scaling-{preset.name}", report)
+        save_partial(name, report)
         print(_one_line(result), flush=True)
     machine["load_average_after"] = list(os.getloadavg())
     _add_ratios(report["results"])
     report["notes"] = notes(preset, report["results"], machine)
     table = summary_table(report["results"], unit)
     report["table"] = table
-    publish(f"scaling-{preset.name}", report, table + "\n\n" + "\n".join(report["notes"]))
+    publish(name, report, table + "\n\n" + "\n".join(report["notes"]))
     return 0 if all(not problem(r) or "skipped" in r for r in report["results"]) else 1
 
 

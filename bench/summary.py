@@ -10,11 +10,23 @@ import json
 from pathlib import Path
 
 from bench import common
+from bench.kernels import short_name
+
+
+def _path(name: str, preset: str) -> Path:
+    return Path(common.RESULTS_DIR) / f"{name}-{preset}.json"
 
 
 def _load(name: str, preset: str) -> dict | None:
-    path = Path(common.RESULTS_DIR) / f"{name}-{preset}.json"
+    path = _path(name, preset)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def written_since(name: str, preset: str, began: float) -> bool:
+    """Whether bench `name` wrote its preset's results file after `began` (time.time()): a bench that failed before
+    writing leaves an earlier run's file."""
+    path = _path(name, preset)
+    return path.exists() and path.stat().st_mtime >= began
 
 
 def _x(value: float | None) -> str:
@@ -24,12 +36,13 @@ def _x(value: float | None) -> str:
 def kernel_rows(report: dict) -> list[list[str]]:
     rows = []
     for r in report["results"]:
-        if r["job"] != "spin_head" or r["method"] == "naive PyTorch":
+        if r["job"] != "spin_head" or r["method"] == report["baseline"]:  # the preset's run: naive PyTorch
             continue
         where = f"SPIN head, V={r['vocab']}: {r['method']}"
         reason = common.problem(r)
         rows.append([where, reason] if reason else
-                    [where, f"time {_x(r.get('time_vs_naive'))}, memory {_x(r.get('memory_vs_naive'))} of naive"])
+                    [where, f"time {_x(r.get('time_vs_baseline'))}, memory {_x(r.get('memory_vs_baseline'))} of "
+                     f"{short_name(report['baseline'])}"])
     return rows
 
 
@@ -45,7 +58,8 @@ def train_step_rows(report: dict) -> list[list[str]]:
                         if "speed_vs_whole_sequences" in r else "")
             rows.append(["train step: spin-fast", f"{r['tokens_per_s']:.0f} tokens/s, "
                          f"{_x(r.get('speed_vs_trl_live'))} TRL live, {_x(r.get('speed_vs_trl_precomputed'))} "
-                         f"TRL precomputed{ablation}; memory {_x(r.get('memory_vs_trl_live'))} TRL live"])
+                         f"TRL precomputed{ablation}; memory {_x(r.get('memory_vs_trl_live'))} TRL live's peak, "
+                         f"{_x(r.get('held_plus_peak_vs_trl_live'))} with what each holds"])
     return rows
 
 
@@ -92,12 +106,12 @@ ROWS = {"kernels": kernel_rows, "train_step": train_step_rows, "generate": gener
 
 
 def summary_table(names: list[str], preset: str, failed: frozenset[str] = frozenset()) -> str:
-    """failed: benches that raised in this run (their files, if any, are older runs', and not shown)."""
+    """failed: benches that wrote no results in this run (their files, if any, are older runs', and not shown)."""
     rows = []
     reports = {name: None if name in failed else _load(name, preset) for name in names}
     for name, report in reports.items():
         if name in failed:
-            rows.append([name, "failed in this run (its traceback is above); no figures"])
+            rows.append([name, "no results from this run (its error is above)"])
             continue
         if report is None:
             rows.append([name, f"no results: bench/results/{name}-{preset}.json was not written (see its output)"])

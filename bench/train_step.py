@@ -62,10 +62,12 @@ from bench.common import (
     CPU_WARMUP,
     add_shape_options,
     format_table,
+    listed,
     machine_info,
     memory_then_time,
     problem,
     publish,
+    refuse_gpu_preset_without_cuda,
     run_worker,
     save_partial,
     shape_flags,
@@ -391,7 +393,7 @@ SHAPE_OPTIONS = {"vocab": "vocabulary size", "hidden": "hidden size", "layers": 
                  "max_seq": "longest prompt + response (the first pair's real one)",
                  "micro_batch_tokens": "spin-fast's tokens per micro-batch", "warmup": "untimed steps first",
                  "repeats": "timed steps (the median is reported)"}
-NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS)
+NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS) | {"--methods"}
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:
@@ -412,16 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="*", choices=list(METHODS),
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
                         help="methods to run (default: every one the preset runs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     add_shape_options(parser, SHAPE_OPTIONS)
     args = parser.parse_args(argv)
+    refuse_gpu_preset_without_cuda(parser, args.preset)
     if args.method and not args.worker:
         parser.error("--method is its workers' option: use --methods")
     preset, shape_argv = chosen_preset(args)
-    name = f"train_step-{preset.name}{'-custom' if shape_argv else ''}"
+    custom = [*shape_argv, *listed("--methods", args.methods)]
+    name = f"train_step-{preset.name}{'-custom' if custom else ''}"
 
     if args.worker:
         try:
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
              "micro_batch_tokens": preset.micro_batch_tokens, "warmup": preset.warmup, "repeats": preset.repeats,
              "layout": pair_layout(preset)}
     report = {"bench": "train_step", "preset": preset.name, "machine": machine_info(device), "shape": shape,
-              "custom": shape_argv, "results": []}
+              "custom": custom, "results": []}
     print(f"\n== one SPIN optimizer step: {preset.pairs} pairs, {shape['tokens']} tokens, Llama H={preset.hidden} "
           f"L={preset.layers} V={preset.vocab}, {preset.dtype}, {device}", flush=True)
     methods = args.methods or list(METHODS)
@@ -496,8 +500,8 @@ def _ratio(result: dict, key: str) -> str:
 
 
 def summary_table(results: list[dict]) -> str:
-    headers = ["method", "step ms (min-max)", "tokens/s", "x TRL-live", "x TRL-pre", "peak MiB", "x TRL-live mem",
-               "x TRL-pre mem", "held MiB", "first loss", "second loss"]
+    headers = ["method", "step ms (min-max)", "tokens/s", "x TRL-live", "x TRL-pre", "peak MiB", "x TRL-live peak",
+               "x TRL-pre peak", "held MiB", "x TRL-live held+peak", "first loss", "second loss"]
     rows = []
     for r in results:
         if "median_ms" not in r:
@@ -514,10 +518,12 @@ def summary_table(results: list[dict]) -> str:
             _ratio(r, "memory_vs_trl_live"),
             _ratio(r, "memory_vs_trl_precomputed"),
             f"{r['held_mib']:.0f}",
+            _ratio(r, "held_plus_peak_vs_trl_live"),
             f"{r['first_loss']:.6f}",
             f"{r['second_loss']:.6f}",
         ])
-    note = "x TRL: tokens/s over TRL's (above 1: faster); x TRL mem: peak MiB over TRL's (below 1: less)"
+    note = ("x TRL: tokens/s over TRL's (above 1: faster); x TRL peak: the step's peak over TRL's; held+peak: with "
+            "what is held between steps too (weights, optimizer state, TRL's live reference model); below 1: less")
     return format_table(headers, rows) + "\n" + note
 
 

@@ -2,7 +2,10 @@
 
 This checks the bench's plumbing and fairness (same batch, same value), not its speed."""
 
+import contextlib
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -32,7 +35,10 @@ def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
     methods = ["naive PyTorch", "spin-fast torch", "spin-fast triton", "F.linear_cross_entropy"]
     assert kernels.main(["--preset", "tiny", "--methods", *methods]) == 0
-    report = json.loads((tmp_path / "kernels-tiny.json").read_text())
+    # A selection of methods is not the preset's run: its own file, the preset's left alone.
+    assert not (tmp_path / "kernels-tiny.json").exists()
+    report = json.loads((tmp_path / "kernels-tiny-custom.json").read_text())
+    assert report["custom"] == ["--methods", *methods]
     by_method = {(r["job"], r["method"]): r for r in report["results"]}
     assert "missing" in by_method["spin_head", "spin-fast triton"]  # no CUDA here: reported, not dropped
     for job in kernels.JOBS:
@@ -68,6 +74,22 @@ def test_a_shape_of_ones_own_reaches_every_worker_and_its_own_file(tmp_path, mon
     assert kernels.main([*argv, "--methods", "spin-fast torch"]) == 0  # no naive PyTorch: no ratios
     shown = capsys.readouterr().out
     assert "'-': naive PyTorch has no result there" in shown and "nan" not in shown
+    # --baseline divides by another method (run first); a baseline peak of a few pages gives no memory ratio.
+    assert kernels.main([*argv, "--methods", "naive PyTorch", "spin-fast torch", "--baseline", "spin-fast torch"]) == 0
+    shown = capsys.readouterr().out
+    report = json.loads((tmp_path / "kernels-tiny-custom.json").read_text())
+    assert report["baseline"] == "spin-fast torch" and report["custom"][-2:] == ["--baseline", "spin-fast torch"]
+    assert [r["method"] for r in report["results"]] == ["spin-fast torch", "naive PyTorch"]
+    base, naive = report["results"]
+    assert base["time_vs_baseline"] == 1.0 and naive["time_vs_baseline"] == naive["median_ms"] / base["median_ms"]
+    assert ("memory_vs_baseline" in naive) == (base["peak_extra_mib"] >= kernels.MEMORY_FLOOR_MIB)
+    assert "x spin-fast torch time" in shown and "/ spin-fast torch's at that vocab and job" in shown
+    small = [{"vocab": 1, "job": "logprobs", "method": m, "median_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0,
+              "peak_extra_mib": peak, "value": 1.0}
+             for m, peak in (("naive PyTorch", 0.0), ("spin-fast torch", 0.5))]
+    kernels._add_ratios(small)  # a peak of 0 (all in reused pages) divided nothing
+    assert all("memory_vs_baseline" not in r for r in small) and small[1]["time_vs_baseline"] == 1.0
+    assert "a few pages" in kernels.summary_table(small)
 
 
 def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
@@ -91,7 +113,9 @@ def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypa
     assert bench_main.main(["--preset", "tiny"]) == 1
     err, out = capsys.readouterr()[::-1]
     assert ran == [["--preset", "tiny"]] and "RuntimeError: CUDA out of memory" in err
-    assert "bench kernels failed" in err and "failed in this run (its traceback is above); no figures" in out
+    assert "bench kernels failed" in err and "no results from this run (its error is above)" in out
+    # A bench that returns without writing its file (the iteration profile's worker failed) shows no older figures.
+    assert out.count("no results from this run") == 2
     monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=fine, NON_PRESET_FLAGS={"--tokens"}),
                                                 "iteration": SimpleNamespace(main=fine)})
     assert bench_main.main(["--preset", "tiny", "--only", "kernels", "--tokens", "512"]) == 0
@@ -152,13 +176,21 @@ def test_bench_command_line_errors_come_before_any_bench_runs(capsys):
     import sys
 
     import bench.__main__ as bench_main
-    from bench import train_step
+    from bench import generate, iteration, scaling, train_step
 
+    no_cuda = not torch.cuda.is_available()
     for run, argv, message in [
         (bench_main.main, ["--methods", "naive PyTorch"], "a bench's own options go with --only NAME"),
-        (bench_main.main, ["--preset", "gpu"] if not torch.cuda.is_available() else ["--preset", "x"], "preset"),
+        (bench_main.main, ["--preset", "gpu"] if no_cuda else ["--preset", "x"], "preset"),
         (train_step.main, ["--preset", "tiny", "--methods", "bogus"], "invalid choice: 'bogus'"),
+        (train_step.main, ["--preset", "tiny", "--methods"], "expected at least one argument"),
         (kernels.main, ["--preset", "tiny", "--vocabs", "0"], "expected a whole number >= 1, got '0'"),
+        # Each bench on its own names a GPU preset without CUDA, not CUDA's assertion from inside a worker.
+        *[(bench.main, ["--preset", "gpu"], "--preset gpu needs CUDA") for bench in
+          ((kernels, train_step, generate, scaling, iteration) if no_cuda else ())],
+        (generate.main, ["--preset", "tiny", "--engine", "transformers"], "--engine is its workers' option"),
+        (generate.main, ["--preset", "tiny", "--engines"], "expected at least one argument"),
+        (iteration.main, ["--preset", "tiny", "--conf", "x.yaml"], "unrecognized arguments: --conf"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             run(argv)
@@ -184,3 +216,35 @@ def test_a_failed_worker_keeps_its_traceback():
                                                  "--method", "no such method"], timeout=300)
     assert result["error"] == ["KeyError: 'no such method'"]
     assert result["output_tail"][0].startswith("Traceback") and "bench/kernels.py" in "\n".join(result["output_tail"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_bench_takes_its_worker_with_it(tmp_path, signum):
+    """The worker runs in a session of its own (a timeout ends it with its children), where a SIGTERM sent to the
+    bench (timeout, a scheduler) does not reach it: the bench ends it; killed outright, the bench takes it along
+    too (the worker's parent-death signal)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    bench = subprocess.Popen([sys.executable, "-m", "bench.kernels", "--preset", "tiny", "--methods", "naive PyTorch"],
+                             env={**os.environ, "SPIN_BENCH_RESULTS": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not workers and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(0.2)
+            workers = [p for p in psutil.Process(bench.pid).children() if "--worker" in p.cmdline()]
+        assert workers, "no worker started"
+        bench.send_signal(signum)
+        assert bench.wait(timeout=30) == (128 + signum if signum == signal.SIGTERM else -signum), bench.stderr.read()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"{alive} outlived the bench"
+    finally:
+        bench.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()

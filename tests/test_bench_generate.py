@@ -34,7 +34,7 @@ def test_cpu_preset_shape():
 def _run(tmp_path, monkeypatch, engine: str) -> dict:
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
     assert generate.main(["--preset", "tiny", "--engines", engine]) == 0
-    report = json.loads((tmp_path / "generate-tiny.json").read_text())
+    report = json.loads((tmp_path / "generate-tiny-custom.json").read_text())  # one engine: not the preset's
     (result,) = report["results"]
     assert result["engine"] == engine and "median_ms" in result, result
     preset = generate.PRESETS["tiny"]

@@ -13,7 +13,7 @@ from bench import common, iteration
 def test_iteration_profile_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
     assert iteration.main(["--preset", "tiny", "--engine", "transformers"]) == 0
-    report = json.loads((tmp_path / "iteration-tiny.json").read_text())
+    report = json.loads((tmp_path / "iteration-tiny-custom.json").read_text())  # one engine: not the preset's
     rows = report["rows"]
     assert [r["stage"] for r in rows] == ["engine_start", "generate", "score", "train", "weight_transfer"]
     assert rows[0]["share"] is None and rows[0]["iterations"] == [0]  # once per run, apart from the steady state
