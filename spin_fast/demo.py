@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         hide_library_progress_bars()
     try:
         Demo(config, demo).run(until=args.until)
-    except ValueError as error:  # a run directory that holds another experiment, or that another demo works in
+    except (ConfigError, locking.InUse) as error:  # a folder that holds another experiment, or another demo's
         print(f"demo: {error}", file=sys.stderr)
         return 2
     return 0

@@ -20,13 +20,15 @@ def device() -> str:
 
 
 def hide_library_progress_bars() -> None:
-    """train.progress=false: transformers' and the Hub's own bars too (loading a model's weights, writing its
-    shards, downloading), process-wide settings of those libraries."""
+    """train.progress=false: transformers', the Hub's and datasets' own bars too (loading a model's weights, writing
+    its shards, downloading, preparing a data set), process-wide settings of those libraries."""
+    import datasets
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     disable_progress_bars()
+    datasets.disable_progress_bars()
 
 
 def partitioned(config: RunConfig) -> bool:

@@ -93,6 +93,7 @@ class SelfPlay:
         self._read: dict[str, list[Example]] = {}  # read once per run, per data setting
         self._examples: dict[str, list[TokenizedExample]] = {}  # and tokenized once
         self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
+        self._lock: contextlib.ExitStack | None = None  # the run directory's, held by rank 0 while run() runs
         self.sft_folder = config.model.name_or_path  # θ0; a Hub model's local snapshot once fetched
 
     @property
@@ -107,6 +108,14 @@ class SelfPlay:
     # ------------------------------------------------------------------------------ the loop
     def run(self, until: tuple[int, str] | None = None) -> list[dict]:
         """All iterations, or up to and including stage until=(iteration, "generate"|"score"|"train")."""
+        try:
+            return self._run(until)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _run(self, until: tuple[int, str] | None) -> list[dict]:
         if until is not None and (until[1] not in STAGES or not 0 <= until[0] < self.config.iterations):
             raise ValueError(f"until must be (iteration in [0, {self.config.iterations}), one of {STAGES}), "
                              f"got {until}")
@@ -126,7 +135,11 @@ class SelfPlay:
                 raise ConfigError(f"{where}train.mode={train.mode!r}: a run trains on SPIN pairs (mode spin); "
                                   "`spin-fast sft` trains on the human responses")
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
-        # generation; what it refuses stops every rank at once.
+        # generation; what it refuses stops every rank at once. A run directory that exists is locked first: a second
+        # run would otherwise tidy away files of the run working there (a new one is made, and locked, only once
+        # every input has been read).
+        distributed.on_main(lambda: self._lock_run_directory() if self.run_dir.is_dir() else None,
+                            "the run directory's lock")
         saved_config = distributed.on_main(self._saved_config, "the run directory's config")
         tracked = [train for train in trainings if train.tensorboard or train.wandb]
         if tracked:  # the same on every rank: all of them take part, or none
@@ -153,24 +166,25 @@ class SelfPlay:
                     check_examples_fit(examples[t], self.config.score_batch_tokens, source)
         # What the run's work is made from, for _keep_same_data (rank 0): each source's rows, before their text goes.
         rows = {t: self.read(*sources[t]) for t in sources} if distributed.is_main() else {}
-        digests: dict[int, str] = {}  # iterations that read one source share its rows
-        data = {str(t): {"source": sources[t][1], "examples": len(rows[t]),
-                         "digest": digests.setdefault(id(rows[t]), rows_digest(rows[t]))} for t in rows}
+        digests: dict[int, str] = {}  # iterations that read one source share its rows, hashed once
+        for same_rows in rows.values():
+            if id(same_rows) not in digests:
+                digests[id(same_rows)] = rows_digest(same_rows)
+        data = {str(t): {"source": sources[t][1], "examples": len(rows[t]), "digest": digests[id(rows[t])]}
+                for t in rows}
         del rows
         self._read.clear()  # the text: from here on the run needs its ids alone
+        distributed.on_main(lambda: self._claim_run_directory(saved_config, until, data), "run directory")
         summaries = []
-        with contextlib.ExitStack() as claim:  # rank 0 holds the run directory's lock to the end
-            distributed.on_main(lambda: self._claim_run_directory(saved_config, until, claim, data),
-                                "run directory")
-            try:
-                for t in iterations:
-                    stop = until[1] if until is not None and t == until[0] else None
-                    summary = self.iteration(t, tokenizer, examples[t], stop_after=stop)
-                    if summary is not None:
-                        summaries.append(summary)
-            finally:
-                if self.engine is not None:
-                    self.engine.close()
+        try:
+            for t in iterations:
+                stop = until[1] if until is not None and t == until[0] else None
+                summary = self.iteration(t, tokenizer, examples[t], stop_after=stop)
+                if summary is not None:
+                    summaries.append(summary)
+        finally:
+            if self.engine is not None:
+                self.engine.close()
         return summaries
 
     def iteration(self, t: int, tokenizer, examples: list[TokenizedExample], stop_after: str | None = None):
@@ -383,11 +397,18 @@ class SelfPlay:
         return distributed.on_main(lambda: json.loads(path.read_text())["revision"] if path.exists()
                                    else self.config.model.revision or None, "the SFT model's revision")
 
+    def _lock_run_directory(self) -> None:
+        """Rank 0: this process alone works in the run directory until run() ends (spin_fast.locking)."""
+        if self._lock is None:
+            lock = contextlib.ExitStack()
+            lock.enter_context(locking.exclusive(self.run_dir, "run"))
+            self._lock = lock
+
     def _claim_run_directory(self, saved_config: dict | None, until: tuple[int, str] | None,
-                             claim: contextlib.ExitStack, data: dict[str, dict]) -> None:
-        """Rank 0, as the run starts: the run directory locked (in `claim`), its data checked, the config saved
-        when it changed, θ0's revision, what a kill left tidied, this session recorded."""
-        claim.enter_context(locking.exclusive(self.run_dir, "run"))
+                             data: dict[str, dict]) -> None:
+        """Rank 0, as the run starts: the run directory locked, its data checked, the config saved when it changed,
+        θ0's revision, what a kill left tidied, this session recorded."""
+        self._lock_run_directory()
         self._keep_same_data(data)
         if _plain(saved_config) != _plain(self.config.to_dict()):
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -24,6 +25,15 @@ def test_a_second_process_is_refused_and_told_which_holds_the_folder(tmp_path):
             pass
     # Killed (SIGKILL), the holder leaves no stale lock.
     with locking.exclusive(folder, "run"):
-        assert f"pid {os.getpid()} on " in (folder / ".run.lock").read_text()
+        assert json.loads((folder / ".run.lock").read_text())["pid"] == os.getpid()
     with locking.exclusive(folder, "run"):  # released at the block's end
         pass
+
+
+def test_a_holder_on_another_node_is_said_to_be_there():
+    """A shared file system keeps a dead node's lock until its lease ends: the refusal says so."""
+    record = {"pid": 7, "host": "node-that-is-not-this-one", "since": "2026-01-01T00:00:00+00:00", "command": "x"}
+    said = locking.holder(json.dumps(record).encode())
+    assert said.startswith("pid 7 on node-that-is-not-this-one, since 2026-01-01") and "another node" in said
+    assert "another node" not in locking.holder(json.dumps({**record, "host": socket.gethostname()}).encode())
+    assert locking.holder(b"") == "a process that has not said which"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -475,6 +476,14 @@ def test_an_output_dir_in_use_is_refused(sft_model, tmp_path, capsys):
         assert {p.name for p in out.iterdir()} <= {".run.lock", ".sft.lock", ".eval.lock"}  # nothing written
     with held_by_another_process(out, "run"):
         assert main(["eval", str(config), "--set", f"data.eval_source={held_out}"]) == 0
+    # The run there has saved its config and no work yet: another run with other settings, which would take the
+    # folder as a fresh one, is refused before it touches the config.
+    saved = yaml.safe_dump(load_run_config(config).to_dict())
+    (out / "config.yaml").write_text(saved)
+    with held_by_another_process(out, "run"):
+        assert main(["run", str(config), "--set", "train.beta=0.3"]) == 2
+        assert "is in use by another spin-fast run" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == saved
 
 
 def test_train_progress_false_hides_the_libraries_bars_too(sft_model, tmp_path):

@@ -158,9 +158,11 @@ def test_sampling_many_seeded_prompts_beyond_one_step(setup):
     assert engine.generate([many[100]], SamplingConfig(temperature=1.0, max_new_tokens=8, seed=103)) == [first[100]]
 
 
-def test_a_killed_trainer_takes_its_engine_with_it(setup, tmp_path):
+@pytest.mark.parametrize("when", ["started", "starting"])
+def test_a_killed_trainer_takes_its_engine_with_it(setup, tmp_path, when):
     """SIGKILL (the OOM killer's) leaves the trainer no time to close its engine: the engine's guard ends the
-    engine's processes, which would otherwise hold their memory until someone found and killed them."""
+    engine's processes, which would otherwise hold their memory until someone found and killed them; also while the
+    engine is still starting (loading weights, allocating its cache)."""
     model_dir = setup[2]
     script, said = tmp_path / "trainer.py", tmp_path / "said.txt"
     script.write_text("import time\nfrom spin_fast.generation.vllm_engine import VllmEngine\n"
@@ -172,9 +174,13 @@ def test_a_killed_trainer_takes_its_engine_with_it(setup, tmp_path):
     descendants: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300
-        while "ready" not in said.read_text() and trainer.poll() is None and time.monotonic() < deadline:
-            time.sleep(1)
-        assert "ready" in said.read_text(), said.read_text()[-3000:]
+        while trainer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            descendants = psutil.Process(trainer.pid).children(recursive=True)
+            if "ready" in said.read_text() if when == "started" else any(
+                    p.name() == "VLLM::EngineCore" for p in descendants):
+                break
+        assert ("ready" in said.read_text()) == (when == "started"), said.read_text()[-3000:]
         descendants = psutil.Process(trainer.pid).children(recursive=True)
         assert len(descendants) >= 2, descendants  # the engine core, and the guard
         trainer.kill()

@@ -3,43 +3,74 @@ the OOM killer). vLLM's workers follow their engine core's death, but the core d
 left alone, it and its workers would hold their GPU memory (or, on the CPU, their KV cache in RAM) until someone
 found and killed them, and the resumed run could not start an engine of its own.
 
-`watch(processes)` starts the guard: this file run as a script, by itself (no torch, no vLLM: a few MB), beside
-the engine. It ignores the signals a job's processes get together (Ctrl-C, the scheduler's SIGTERM, Slurm's
+The guard is this file run as a script, by itself (no torch, no vLLM: a few MB). `start()` starts it before the
+engine: while the engine starts (loading weights, allocating its cache: its most memory-hungry minute), it takes
+every new descendant of its parent for the engine's, polled each second; `engine_started()` then tells it the
+engine's processes. It ignores the signals a job's processes get together (Ctrl-C, the scheduler's SIGTERM, Slurm's
 SIGUSR1 warning), which the trainer handles by closing the engine, and waits for its parent to die; the engine's
-close() ends it first.
+close() ends it first (`stop()`).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import psutil
 
 GRACE_SECONDS = 10.0  # for the engine core to end its workers on SIGTERM, before SIGKILL ends what is left
 
 
-def engine_processes(before: set[int]) -> list[psutil.Process]:
-    """This process's descendants that were not among `before` (pids): those the engine started."""
-    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+def start() -> subprocess.Popen:
+    """The guard of the engine this process is about to start."""
+    return subprocess.Popen([sys.executable, __file__, str(os.getpid())], stdin=subprocess.PIPE, text=True)
 
 
-def watch(processes: Sequence[psutil.Process]) -> subprocess.Popen | None:
-    """Start the guard of `processes` (None when there are none: an engine running in this process)."""
-    if not processes:
+def descendants() -> set[int]:
+    """The pids of this process's descendants now."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _started_since(before: set[int], guard: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.pid != guard.pid]
+
+
+def engine_started(guard: subprocess.Popen, before: set[int]) -> subprocess.Popen | None:
+    """Tell the guard which processes the engine started (this process's descendants not among `before`); the
+    guard, or None when there are none (an engine running in this process), the guard then stopped."""
+    engine = _started_since(before, guard)
+    if not engine:
+        stop(guard)
         return None
-    identities = [f"{p.pid}:{p.create_time()!r}" for p in processes]
-    return subprocess.Popen([sys.executable, __file__, str(os.getpid()), *identities], stdin=subprocess.DEVNULL)
+    guard.stdin.write(" ".join(f"{p.pid}:{p.create_time()!r}" for p in engine) + "\n")
+    guard.stdin.flush()
+    return guard
 
 
-def end(processes: Sequence[psutil.Process], grace: float = GRACE_SECONDS) -> list[int]:
+def engine_failed(guard: subprocess.Popen, before: set[int]) -> None:
+    """The engine did not start (an error, a signal): whatever it had started is ended now, then the guard."""
+    end(_started_since(before, guard))
+    stop(guard)
+
+
+def stop(guard: subprocess.Popen) -> None:
+    """End the guard (it ignores the signals that could end it otherwise)."""
+    guard.kill()
+    guard.wait()
+    guard.stdin.close()
+
+
+def end(processes: Iterable[psutil.Process], grace: float = GRACE_SECONDS) -> list[int]:
     """SIGTERM to the live ones among `processes`, SIGKILL to those still alive after `grace` seconds; the pids
-    signalled. psutil checks each process's start time before signalling: a pid reused since is left alone."""
-    alive = [p for p in processes if p.is_running()]
+    signalled. psutil checks each process's start time before signalling: a pid reused since is left alone.
+    multiprocessing's resource tracker is left to end by itself once the processes that use it are gone, after
+    it has removed their shared memory."""
+    alive = [p for p in processes if p.is_running() and not _is_resource_tracker(p)]
     for process in alive:
         try:
             process.terminate()
@@ -54,15 +85,22 @@ def end(processes: Sequence[psutil.Process], grace: float = GRACE_SECONDS) -> li
     return [p.pid for p in alive]
 
 
-def _guarded(identities: Sequence[str]) -> list[psutil.Process]:
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _named(identities: Sequence[str]) -> dict[int, psutil.Process]:
     """The processes named pid:start-time that are still those processes."""
-    processes = []
+    processes = {}
     for identity in identities:
         pid, created = identity.split(":", 1)
         try:
             process = psutil.Process(int(pid))
             if abs(process.create_time() - float(created)) < 1e-3:
-                processes.append(process)
+                processes[process.pid] = process
         except psutil.NoSuchProcess:
             pass
     return processes
@@ -71,10 +109,32 @@ def _guarded(identities: Sequence[str]) -> list[psutil.Process]:
 def main(argv: Sequence[str]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
-    parent, processes = int(argv[0]), _guarded(argv[1:])
+    parent = int(argv[0])
+    try:
+        family = psutil.Process(parent)
+        before = {p.pid for p in family.children(recursive=True)}  # this guard among them
+    except psutil.NoSuchProcess:
+        return
+    watched: dict[int, psutil.Process] = {}
+    told, listening = False, True
     while os.getppid() == parent:  # a dead parent's children go to init (or a subreaper)
-        time.sleep(1.0)
-    ended = end(processes)
+        if not told:  # the engine is starting: each new descendant is one of its processes
+            try:
+                for process in family.children(recursive=True):
+                    if process.pid not in before:
+                        watched.setdefault(process.pid, process)
+            except psutil.NoSuchProcess:
+                break
+        if not listening:
+            time.sleep(1.0)
+            continue
+        if select.select([sys.stdin], [], [], 1.0)[0]:
+            line = sys.stdin.readline()
+            if not line:  # the pipe closed: nothing more will be said
+                listening = False
+                continue
+            watched, told = _named(line.split()), True
+    ended = end(watched.values())
     if ended:
         print(f"spin-fast: the process {parent} died without closing its vLLM engine: ended the engine's processes "
               f"{', '.join(map(str, ended))}", file=sys.stderr)

@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from spin_fast import distributed, stopping
@@ -168,6 +167,16 @@ def global_rng_kept() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def _guard_told_of_failure(guard, before: set[int]) -> Iterator[None]:
+    """An engine that fails to start leaves no process behind, nor its guard."""
+    try:
+        yield
+    except BaseException:
+        engine_guard.engine_failed(guard, before)
+        raise
+
+
 class VllmEngine:
     """spin_fast.generation.Engine on vLLM: token-id prompts in, completions out, weights swapped in memory."""
 
@@ -191,9 +200,11 @@ class VllmEngine:
                        if executor == "external_launcher" and tensor_parallel_size > 1 else None)
         if writes_node_files():  # one sweep per node
             remove_orphaned_weight_files(weight_dirs())
-        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        # Its processes end with this one, however it ends (a SIGKILL leaves close() no time to run), from their start.
+        before = engine_guard.descendants()
+        guard = engine_guard.start()
         # The engine's processes, started here, inherit the block.
-        with stopping.warning_blocked(), global_rng_kept():
+        with stopping.warning_blocked(), global_rng_kept(), _guard_told_of_failure(guard, before):
             self._llm = LLM(
                 model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
@@ -206,8 +217,7 @@ class VllmEngine:
                 worker_extension_cls=_EXTENSION,
                 distributed_executor_backend=executor,  # None: vLLM's choice
             )
-        # Its processes end with this one, however it ends (a SIGKILL leaves close() no time to run).
-        self._guard = engine_guard.watch(engine_guard.engine_processes(before))
+        self._guard = engine_guard.engine_started(guard, before)
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._closed = False
@@ -319,9 +329,8 @@ class VllmEngine:
         self._closed = True
         # There is no LLM.shutdown(): ending the engine core stops its processes.
         self._llm.llm_engine.engine_core.shutdown()
-        if self._guard is not None:  # it ignores the signals that could end it otherwise
-            self._guard.kill()
-            self._guard.wait()
+        if self._guard is not None:
+            engine_guard.stop(self._guard)
 
     def __enter__(self) -> VllmEngine:
         return self
