@@ -123,6 +123,16 @@ def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypa
     assert bench_main.main(["--preset", "tiny", "--only", "iteration", "--tokens", "512"]) == 0  # not its option
     assert "(no summary" not in capsys.readouterr().out
 
+    def writes(argv):  # as a bench does, in this process and through its workers' environment
+        common.write_json("kernels-tiny-custom", {"results_dir": os.environ["SPIN_BENCH_RESULTS"]})
+        return 0
+
+    monkeypatch.setenv("SPIN_BENCH_RESULTS", str(tmp_path))  # restored after the test, as common.RESULTS_DIR is
+    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=writes, NON_PRESET_FLAGS={"--tokens"})})
+    elsewhere = tmp_path / "elsewhere"
+    assert bench_main.main(["--preset", "tiny", "--out", str(elsewhere), "--only", "kernels", "--tokens", "8"]) == 0
+    assert json.loads((elsewhere / "kernels-tiny-custom.json").read_text()) == {"results_dir": str(elsewhere)}
+
 
 ALLOCATOR_PROBE = """
 import json, os

@@ -123,7 +123,7 @@ def test_check_sh_smoke_run_packs_every_stage(tmp_path):
 
     with tarfile.open(out / "results.tar.gz") as results:
         names = results.getnames()
-    assert "kernels-tiny.json" in names and "kernels-tiny.png" in names
+    assert "kernels-tiny-custom.json" in names and "kernels-tiny-custom.png" in names  # --methods: its own file
     with tarfile.open(out / "logs.tar.gz") as logs:
         names = logs.getnames()
         install_log = logs.extractfile("logs/install.log").read().decode()
@@ -242,7 +242,7 @@ def test_one_worker_measures_memory_then_time(module, args, tmp_path, monkeypatc
         assert set(result["time"]) == {f"iter-{t}/{s}" for t in timed for s in stages} | {"iter-0/engine_start"}
         # Saved after each stage, so that a time limit that cuts the run keeps what it measured: the last save has
         # every stage's figures, and the report's layout.
-        partial = json.loads((tmp_path / "iteration-tiny.json").read_text())
+        partial = json.loads((tmp_path / "iteration-tiny-custom.json").read_text())  # --engine: its own file
         assert "partial" in partial and partial["time"] == result["time"] and partial["memory"] == result["memory"]
         assert [r["stage"] for r in partial["rows"]] == ["engine_start", *iteration.STAGES[1:]]
     else:
@@ -258,7 +258,7 @@ def test_vllm_absent_is_reported_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     assert generate.main(["--preset", "tiny", "--engines", "vLLM"]) == 0
-    (result,) = json.loads((tmp_path / "generate-tiny.json").read_text())["results"]
+    (result,) = json.loads((tmp_path / "generate-tiny-custom.json").read_text())["results"]  # one engine
     assert "no vLLM on this machine" in result["missing"]
 
 
@@ -283,6 +283,7 @@ def test_scaling_on_one_gpu_runs_one_process_and_skips_two(tmp_path, monkeypatch
     from bench import common, scaling
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU preset's check
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(scaling, "machine_info", lambda device: {"device": str(device), "versions": {}})
     ran = []
