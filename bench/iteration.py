@@ -282,9 +282,11 @@ def profile_settings(preset: Preset, workdir: Path) -> list[str]:
             "train.wandb=false"]
 
 
-def custom_argv(config_path: str | None, sets: list[str]) -> list[str]:
-    """The options that make a profile one's own (recorded in its report as "custom"); [] for the built-in task."""
-    return [] if config_path is None else ["--config", config_path, *(item for s in sets for item in ("--set", s))]
+def custom_argv(config_path: str | None, sets: list[str], engine: str | None) -> list[str]:
+    """The options that make a profile other than the preset's own (recorded in its report as "custom"): one's
+    config and its settings, another engine; [] for the built-in task as the preset runs it."""
+    own = [] if config_path is None else ["--config", config_path, *(item for s in sets for item in ("--set", s))]
+    return [*own, *(["--engine", engine] if engine else [])]
 
 
 def result_name(preset: Preset, custom: list[str]) -> str:
@@ -305,12 +307,13 @@ def profile(preset: Preset, engine: str | None, config_path: str | None, sets: l
         config, parameters_m = builtin_config(preset, engine, workdir)
     else:
         config, parameters_m = user_config(preset, config_path, sets, engine, workdir)
-    custom = [*custom_argv(config_path, sets), *(["--engine", engine] if engine else [])]
+    custom = custom_argv(config_path, sets, engine)
     # The engine's processes start with glibc's ordinary allocator: they are timed too, and only their resident
     # size is read. This process keeps the exact-RSS one it started with until the timed iteration.
     ordinary_allocator_for_new_processes()
-    held = (held_pairs_memory(preset.held_pairs) if preset.held_pairs and config_path is None
-            else None)  # the same for any run
+    # The pairs' host memory does not depend on the run's config: measured in the built-in task's profile alone.
+    builtin_task = config_path is None
+    held = held_pairs_memory(preset.held_pairs) if preset.held_pairs and builtin_task else None
     machine = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def result_of(selfplay, summaries=()) -> dict:
@@ -409,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workdir is not None:
         parser.error("--workdir is the worker's own option")
-    custom = custom_argv(args.config, args.sets)
-    if custom:
+    custom = custom_argv(args.config, args.sets, args.engine)
+    own_config = args.config is not None
+    if own_config:
         from spin_fast.config import ConfigError, load_run_config
 
         try:  # a bad setting is named here, before a worker starts
@@ -418,18 +422,17 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"iteration profile: {error}", file=sys.stderr)
             return 2
-    engine = ["--engine", args.engine] if args.engine else []
     # One's own config may run for hours: no time limit, and its log (progress bars too) shows as it goes. The
     # run's folder is this process's, so that it goes (checkpoints and all) even when Ctrl-C kills the worker.
     with tempfile.TemporaryDirectory(prefix="spin-bench-iteration-") as workdir:
-        result = run_worker("bench.iteration", ["--preset", preset.name, *engine, *custom, "--workdir", workdir],
-                            timeout=None if custom else 3600, show_output=bool(custom))
+        result = run_worker("bench.iteration", ["--preset", preset.name, *custom, "--workdir", workdir],
+                            timeout=None if own_config else 3600, show_output=own_config)
     if "error" in result:
         print(f"iteration profile failed: {result['error']}", file=sys.stderr)
         print("\n".join(result["output_tail"]), file=sys.stderr)
         return 1
-    report = report_of(preset, result, [*custom, *engine])
-    publish(result_name(preset, [*custom, *engine]), report, summary_table(report))
+    report = report_of(preset, result, custom)
+    publish(result_name(preset, custom), report, summary_table(report))
     return 0
 
 

@@ -112,10 +112,9 @@ def report_stop(stop) -> int:
 
 def run_command(args, config) -> int:
     """The command's work; 0, or 2 after an error it has reported."""
-    if not config.train.progress:
-        from spin_fast.loading import hide_library_progress_bars
+    from spin_fast.loading import library_progress_bars
 
-        hide_library_progress_bars()
+    library_progress_bars(config.train.progress)
     if args.command == "sft":
         return run_sft(config)
     from spin_fast.selfplay import SelfPlay

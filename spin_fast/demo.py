@@ -403,10 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
-    if not config.train.progress:
-        from spin_fast.loading import hide_library_progress_bars
+    from spin_fast.loading import library_progress_bars
 
-        hide_library_progress_bars()
+    library_progress_bars(config.train.progress)
     try:
         Demo(config, demo).run(until=args.until)
     except (ConfigError, locking.InUse) as error:  # a folder that holds another experiment, or another demo's

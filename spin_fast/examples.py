@@ -51,11 +51,12 @@ def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, e
     return f"examples {batch[0]} to {batch[-1]}: cannot be tokenized: {error}", error
 
 
-def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False
-                      ) -> list[TokenizedExample]:
+def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False,
+                      digest: str | None = None) -> list[TokenizedExample]:
     """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
     must call it: each tokenizes every world_size-th example and gathers the others'. An example the tokenizer or
-    its chat template fails on is an error naming its row, on every rank."""
+    its chat template fails on is an error naming its row, on every rank. `digest`: rows_digest(examples), where
+    the caller has it already."""
     eos_token_id(tokenizer)  # refused on every rank alike, before any work
     share = range(distributed.rank(), len(examples), distributed.world_size())
     batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
@@ -75,7 +76,7 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
             break
     # What each rank read, to compare: a file or Hub dataset that changed between the ranks' reads would otherwise
     # mix two data sets, or fail on some ranks only.
-    read = rows_digest(examples)
+    read = digest or rows_digest(examples)
     shares = distributed.all_gather_objects((done, refused, len(examples), read), "tokenized examples")
     del done  # this rank's arrays are in shares (copies of them under a launcher)
     if len({(n, digest) for _, _, n, digest in shares}) > 1:

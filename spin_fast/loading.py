@@ -19,9 +19,12 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def hide_library_progress_bars() -> None:
-    """train.progress=false: transformers', the Hub's and datasets' own bars too (loading a model's weights, writing
-    its shards, downloading, preparing a data set), process-wide settings of those libraries."""
+def library_progress_bars(progress: bool) -> None:
+    """train.progress=false hides transformers', the Hub's and datasets' own bars too (loading a model's weights,
+    writing its shards, downloading, preparing a data set), process-wide settings of those libraries; true leaves
+    them be."""
+    if progress:
+        return
     import datasets
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging

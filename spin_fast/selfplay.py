@@ -92,6 +92,7 @@ class SelfPlay:
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
         self._read: dict[str, list[Example]] = {}  # read once per run, per data setting
         self._examples: dict[str, list[TokenizedExample]] = {}  # and tokenized once
+        self._digests: dict[str, str] = {}  # rows_digest of each, for the ranks' check and data.json
         self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
         self._lock: contextlib.ExitStack | None = None  # the run directory's, held by rank 0 while run() runs
         self.sft_folder = config.model.name_or_path  # θ0; a Hub model's local snapshot once fetched
@@ -164,15 +165,9 @@ class SelfPlay:
             for t, (_, source, _) in sources.items():
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
                     check_examples_fit(examples[t], self.config.score_batch_tokens, source)
-        # What the run's work is made from, for _keep_same_data (rank 0): each source's rows, before their text goes.
-        rows = {t: self.read(*sources[t]) for t in sources} if distributed.is_main() else {}
-        digests: dict[int, str] = {}  # iterations that read one source share its rows, hashed once
-        for same_rows in rows.values():
-            if id(same_rows) not in digests:
-                digests[id(same_rows)] = rows_digest(same_rows)
-        data = {str(t): {"source": sources[t][1], "examples": len(rows[t]), "digest": digests[id(rows[t])]}
-                for t in rows}
-        del rows
+        # What the run's work is made from, for _keep_same_data: each source's rows, by the digest tokenizing checked.
+        data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}
+                for t, (_, source, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
         distributed.on_main(lambda: self._claim_run_directory(saved_config, until, data), "run directory")
         summaries = []
@@ -371,7 +366,7 @@ class SelfPlay:
 
     def read(self, data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
         """The examples of `source` read with the data settings `data` (an iteration may override them), once."""
-        key = json.dumps([asdict(data), source, limit], sort_keys=True)
+        key = _key(data, source, limit)
         if key not in self._read:
             self._read[key] = read_examples(data, source, limit)
         return self._read[key]
@@ -379,10 +374,12 @@ class SelfPlay:
     def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
         """The examples of `source` read and tokenized with the data settings `data`, once (every rank calls it:
         they share the tokenizing)."""
-        key = json.dumps([asdict(data), source, limit], sort_keys=True)
+        key = _key(data, source, limit)
         if key not in self._examples:
-            self._examples[key] = tokenize_examples(tokenizer, data, self.read(data, source, limit),
-                                                    self.config.train.progress)
+            rows = self.read(data, source, limit)
+            self._digests[key] = rows_digest(rows)
+            self._examples[key] = tokenize_examples(tokenizer, data, rows, self.config.train.progress,
+                                                    self._digests[key])
         return self._examples[key]
 
     def model_path(self, t: int) -> str:
@@ -550,6 +547,11 @@ def _read_saved_config(path: Path) -> dict:
 # grades eval's answers only.
 CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "generation.batch_size",
               "generation.gpu_memory_utilization", "data.checker", *(f"train.{name}" for name in RESUMABLE_CHANGES))
+
+
+def _key(data: DataConfig, source: str, limit: int | None) -> str:
+    """What a source's examples are read and tokenized by: the data settings, the source and the limit."""
+    return json.dumps([asdict(data), source, limit], sort_keys=True)
 
 
 def _plain(value):
