@@ -49,6 +49,11 @@ def _check_tensor(name: str, value: object, ndim: int) -> torch.Tensor:
     return value
 
 
+def check_ignore_index(ignore_index: int) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int (the target value that carries no loss), got {ignore_index!r}")
+
+
 def check_linear_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -66,8 +71,7 @@ def check_linear_inputs(
     vocab_size = weight.shape[0]
     if vocab_size == 0:
         raise ValueError(f"weight must be [V, H] with V >= 1 (the vocabulary), got {tuple(weight.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise ValueError(f"ignore_index must be an int (the target value that carries no loss), got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     if weight.shape[1] != hidden_size:
         raise ValueError(
             f"weight must be [V, H] with H={hidden_size} as in hidden [N, H]; "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ._checks import (
     check_backend,
     check_beta,
+    check_ignore_index,
     check_linear_inputs,
     check_loss_type,
     check_pair_logps,
@@ -156,6 +157,7 @@ class FusedLinearSPINLoss(torch.nn.Module):
         check_loss_type(loss_type)
         check_beta(beta)
         check_backend(backend)
+        check_ignore_index(ignore_index)
         self.beta, self.loss_type, self.ignore_index, self.backend = beta, loss_type, ignore_index, backend
 
     def forward(
@@ -175,4 +177,5 @@ class FusedLinearSPINLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, loss_type={self.loss_type!r}, backend={self.backend!r}"
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, ignore_index={self.ignore_index}, "
+                f"backend={self.backend!r}")

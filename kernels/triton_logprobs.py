@@ -79,9 +79,9 @@ def _forward_kernel(
         )
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(
-            tl.exp(logits - new_max[:, None]), axis=1
-        )
+        # Every logit so far -inf (a -inf bias masks tokens out): shift by 0, as -inf - -inf would be NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         running_max = new_max
         is_target = cols[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(is_target, logits, 0.0), axis=1)

@@ -130,6 +130,9 @@ def test_the_loss_module_checks_its_settings_when_built():
         spin_kernels.FusedLinearSPINLoss(backend="cuda")
     with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         spin_kernels.FusedLinearSPINLoss(beta=0)
+    with pytest.raises(ValueError, match="ignore_index must be an int"):
+        spin_kernels.FusedLinearSPINLoss(ignore_index=None)
+    assert "ignore_index=-1," in repr(spin_kernels.FusedLinearSPINLoss(ignore_index=-1))
 
 
 def test_spin_loss_errors():

@@ -129,6 +129,20 @@ def test_huge_logits_stay_finite(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [256, 2176], ids=["two-tiles", "a-whole-vocab-split"])
+# The masked split's log-sum-exp is log(0) = -inf, which the interpreter's numpy warns of.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_a_minus_inf_bias_masks_tokens(backend, masked):
+    """A bias of -inf (tokens masked out of the vocabulary) over whole vocab tiles, and over the whole first of the
+    interpreter's two vocab splits: their running max stays -inf, and exp(-inf - -inf) must not make a NaN."""
+    hidden, weight, bias, targets = make_inputs(40, 64, 4099, torch.float32)
+    with torch.no_grad():
+        bias[:masked] = float("-inf")
+    targets[targets >= 0] = torch.randint(masked, 4099, (int((targets >= 0).sum()),))
+    check_against_truth(backend, hidden, weight, bias, targets, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_large_vocab_matches_float64(backend):
     """Vocabulary far bigger than the tile and not a multiple of any block: values and gradients."""
     hidden, weight, bias, targets = make_inputs(40, 64, 4099, torch.float32)
