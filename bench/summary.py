@@ -13,19 +13,19 @@ from bench import common
 from bench.kernels import short_name
 
 
-def _path(name: str, preset: str) -> Path:
-    return Path(common.RESULTS_DIR) / f"{name}-{preset}.json"
+def results_path(name: str, preset: str, custom: bool = False) -> Path:
+    """Bench `name`'s results file: the preset's, or that of a run with a shape or selection of one's own."""
+    return Path(common.RESULTS_DIR) / f"{name}-{preset}{'-custom' if custom else ''}.json"
 
 
-def _load(name: str, preset: str) -> dict | None:
-    path = _path(name, preset)
+def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def written_since(name: str, preset: str, began: float) -> bool:
     """Whether bench `name` wrote its preset's results file after `began` (time.time()): a bench that failed before
     writing leaves an earlier run's file."""
-    path = _path(name, preset)
+    path = results_path(name, preset)
     return path.exists() and path.stat().st_mtime >= began
 
 
@@ -105,17 +105,22 @@ ROWS = {"kernels": kernel_rows, "train_step": train_step_rows, "generate": gener
         "scaling": scaling_rows, "iteration": iteration_rows}
 
 
-def summary_table(names: list[str], preset: str, failed: frozenset[str] = frozenset()) -> str:
-    """failed: benches that wrote no results in this run (their files, if any, are older runs', and not shown)."""
+def summary_table(names: list[str], preset: str, failed: frozenset[str] = frozenset(),
+                  custom: frozenset[str] = frozenset()) -> str:
+    """failed: benches that wrote no results in this run (their files, if any, are older runs', and not shown);
+    custom: benches whose figures are in their -custom file (run with a shape or selection of one's own)."""
     rows = []
-    reports = {name: None if name in failed else _load(name, preset) for name in names}
+    paths = {name: results_path(name, preset, name in custom) for name in names}
+    reports = {name: None if name in failed else _load(paths[name]) for name in names}
     for name, report in reports.items():
         if name in failed:
             rows.append([name, "no results from this run (its error is above)"])
             continue
         if report is None:
-            rows.append([name, f"no results: bench/results/{name}-{preset}.json was not written (see its output)"])
+            rows.append([name, f"no results: bench/results/{paths[name].name} was not written (see its output)"])
             continue
+        if name in custom:
+            rows.append([name, f"a selection of one's own: {' '.join(report.get('custom') or [])}"])
         if "partial" in report:  # stopped by a time limit or a crash: what it measured is below
             rows.append([name, f"partial: {report['partial']}"])
         try:

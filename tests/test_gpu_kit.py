@@ -124,6 +124,10 @@ def test_check_sh_smoke_run_packs_every_stage(tmp_path):
     with tarfile.open(out / "results.tar.gz") as results:
         names = results.getnames()
     assert "kernels-tiny-custom.json" in names and "kernels-tiny-custom.png" in names  # --methods: its own file
+    summary_text, summary_json = (out / "summary.txt").read_text(), json.loads((out / "summary.json").read_text())
+    assert any(line.startswith("kernels ") and "a selection of one's own: --methods" in line  # its figures
+               for line in summary_text.splitlines()), summary_text
+    assert "kernels-tiny-custom.png" in summary_json["plots"]
     with tarfile.open(out / "logs.tar.gz") as logs:
         names = logs.getnames()
         install_log = logs.extractfile("logs/install.log").read().decode()

@@ -181,16 +181,24 @@ end_leftovers() {  # end_leftovers STAGE: kill the processes a stage left runnin
   sleep 1  # their GPU memory is freed as they go
 }
 
-pack_results() {
-  find "$WORK/results" -maxdepth 1 \( -name "*-$PRESET.*" -o -name "*-$PRESET-custom.*" \) -printf '%f\n' | sort \
-    | tar -czf "$OUT/results.tar.gz" -C "$WORK/results" -T -
+into_out() {  # into_out NAME COMMAND...: COMMAND's stdout becomes $OUT/NAME whole or not at all (a kill midway
+  # leaves the last complete one)
+  local name=$1
+  shift
+  "$@" >"$OUT/.$name.partial" && mv -f "$OUT/.$name.partial" "$OUT/$name"
 }
 
-snapshot() {  # what the stages have left so far, into $OUT (a second or so): pack() completes it at the end
-  cp "$WORK/stages.tsv" "$OUT/"
-  [[ -f $WORK/facts.json ]] && cp "$WORK/facts.json" "$OUT/"
+pack_results() {
+  find "$WORK/results" -maxdepth 1 \( -name "*-$PRESET.*" -o -name "*-$PRESET-custom.*" \) -printf '%f\n' | sort \
+    | into_out results.tar.gz tar -cz -C "$WORK/results" -T -
+}
+
+snapshot() {  # what the stages have left so far, into $OUT (a second or so): pack() completes it at the end.
+  # stages.tsv last: a reader who finds a stage in it finds that stage's results and logs too.
+  [[ -f $WORK/facts.json ]] && into_out facts.json cat "$WORK/facts.json"
   pack_results
-  tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
+  into_out logs.tar.gz tar -cz -C "$WORK" logs
+  into_out stages.tsv cat "$WORK/stages.tsv"
 }
 
 pack() {  # plots and summary, then at most 8 files into $OUT

@@ -47,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = read_stages(args.stages)
     try:
-        drawn = [str(p.name) for p in plots.plot_all() if p.name.endswith(f"-{args.preset}.png")]
+        drawn = [str(p.name) for p in plots.plot_all()
+                 if p.name.endswith((f"-{args.preset}.png", f"-{args.preset}-custom.png"))]
     except Exception as error:  # noqa: BLE001 - a plot must not cost the summary
         drawn = [f"plots failed: {error!r}"]
     ran = [s["stage"] for s in stages if s["stage"] in BENCHES]
-    table = summary.summary_table(ran, args.preset) if ran else "no bench ran"
+    # A stage given options of its own (SPIN_GPU_CHECK_ARGS_<stage>) may write <bench>-<preset>-custom.json
+    # instead: the check's results folder is its own, so what is there is this run's.
+    custom = frozenset(name for name in ran if not summary.results_path(name, args.preset).exists()
+                       and summary.results_path(name, args.preset, custom=True).exists())
+    table = summary.summary_table(ran, args.preset, custom=custom) if ran else "no bench ran"
     text = "\n".join([
         machine_line(args.facts),
         "",
