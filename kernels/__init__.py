@@ -1,6 +1,8 @@
 """spin_kernels: fused LM-head log-probs and the SPIN / DPO logistic loss, without [N, V] logits.
 
     linear_logprobs(hidden, weight, targets)               per-token target log-probs [N]
+    sequence_logprobs(hidden, weight, targets, sequence_ids, n)
+                                                           the same summed per sequence [n]
     spin_loss(pol_real, pol_gen, opp_real, opp_gen)        SPIN (= DPO) loss over P pairs
     fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent_logps)
                                                            packed hidden states -> loss
@@ -14,7 +16,7 @@ if __name__ != "spin_kernels":
     del __file__
     __all__: list[str] = []
 else:
-    from .linear_logprobs import linear_logprobs
+    from .linear_logprobs import linear_logprobs, sequence_logprobs
     from .spin_loss import (
         FusedLinearSPINLoss,
         FusedSpinLossOutput,
@@ -29,5 +31,6 @@ else:
         "SpinLossOutput",
         "fused_linear_spin_loss",
         "linear_logprobs",
+        "sequence_logprobs",
         "spin_loss",
     ]

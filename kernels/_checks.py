@@ -140,6 +140,25 @@ def check_pair_logps(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -
         raise ValueError(f"{first_name} is empty: the loss needs at least one pair")
 
 
+def check_sequence_ids(sequence_ids: torch.Tensor, n_sequences: int, targets: torch.Tensor, ignore_index: int,
+                       what: str = "") -> None:
+    """sequence_ids [N]: the sequence in [0, n_sequences) of each token with loss (`what` says what n is)."""
+    _check_tensor("sequence_ids", sequence_ids, 1)
+    _check_index_dtype("sequence_ids", sequence_ids)
+    if sequence_ids.shape != targets.shape:
+        raise ValueError(
+            f"sequence_ids must have one entry per token like targets {tuple(targets.shape)}, "
+            f"got {tuple(sequence_ids.shape)}"
+        )
+    if sequence_ids.device != targets.device:
+        raise ValueError(f"sequence_ids is on {sequence_ids.device} but targets are on {targets.device}")
+    # Tokens without loss (prompt, padding) may carry any id, e.g. -1; the others must name a sequence.
+    bad = (targets != ignore_index) & ((sequence_ids < 0) | (sequence_ids >= n_sequences))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"sequence_ids[{row}] = {int(sequence_ids[row])} is outside [0, {n_sequences}){what}")
+
+
 def check_sequence_inputs(
     sequence_ids: torch.Tensor,
     opponent_logps: torch.Tensor,
@@ -148,7 +167,6 @@ def check_sequence_inputs(
 ) -> int:
     """Checks fused_linear_spin_loss' sequence layout and returns the number of pairs P."""
     _check_tensor("opponent_logps", opponent_logps, 1)
-    _check_tensor("sequence_ids", sequence_ids, 1)
     n_sequences = opponent_logps.shape[0]
     if n_sequences == 0 or n_sequences % 2:
         raise ValueError(
@@ -156,21 +174,7 @@ def check_sequence_inputs(
         )
     if not opponent_logps.dtype.is_floating_point:
         raise ValueError(f"opponent_logps must be a floating tensor, got {opponent_logps.dtype}")
-    _check_index_dtype("sequence_ids", sequence_ids)
-    if sequence_ids.shape != targets.shape:
-        raise ValueError(
-            f"sequence_ids must have one entry per token like targets {tuple(targets.shape)}, "
-            f"got {tuple(sequence_ids.shape)}"
-        )
-    for name, tensor in (("sequence_ids", sequence_ids), ("opponent_logps", opponent_logps)):
-        if tensor.device != targets.device:
-            raise ValueError(f"{name} is on {tensor.device} but targets are on {targets.device}")
-    # Tokens without loss (prompt, padding) may carry any id, e.g. -1; the others must name a sequence.
-    bad = (targets != ignore_index) & ((sequence_ids < 0) | (sequence_ids >= n_sequences))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"sequence_ids[{row}] = {int(sequence_ids[row])} is outside [0, {n_sequences}) "
-            f"(2P for P={n_sequences // 2} pairs)"
-        )
+    if opponent_logps.device != targets.device:
+        raise ValueError(f"opponent_logps is on {opponent_logps.device} but targets are on {targets.device}")
+    check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index, f" (2P for P={n_sequences // 2} pairs)")
     return n_sequences // 2

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ._checks import check_backend, check_linear_inputs
+from ._checks import check_backend, check_linear_inputs, check_sequence_ids
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
 
@@ -60,6 +60,42 @@ def linear_logprobs(
                         hidden_index=hidden_index)
     return checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, resolve_backend(backend, hidden),
                                    hidden_index)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    n_sequences: int,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    hidden_index: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """linear_logprobs summed per sequence: [n_sequences], for a loss of one's own (a DPO variant's policy and
+    reference log-probs, one call each).
+
+    sequence_ids [N] (or [M] with hidden_index) puts each token in a sequence in [0, n_sequences); tokens whose
+    target is ignore_index may carry any id, and a sequence with no loss token has log-prob 0.
+    """
+    check_backend(backend)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
+                        hidden_index=hidden_index)
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"n_sequences must be an int >= 1, got {n_sequences!r}")
+    check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index)
+    token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index,
+                                          resolve_backend(backend, hidden), hidden_index)
+    return sum_by_sequence(token_logps, targets, sequence_ids, n_sequences, ignore_index)
+
+
+def sum_by_sequence(token_logps: torch.Tensor, targets: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,
+                    ignore_index: int) -> torch.Tensor:
+    # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
+    safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
+    return token_logps.new_zeros(n_sequences).index_add(0, safe_ids, token_logps)
 
 
 def loss_rows(targets: torch.Tensor, ignore_index: int,

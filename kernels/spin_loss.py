@@ -26,7 +26,7 @@ from ._checks import (
     check_sequence_inputs,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
-from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend, without_autocast
+from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend, sum_by_sequence, without_autocast
 
 
 class SpinLossOutput(NamedTuple):
@@ -135,9 +135,7 @@ def fused_linear_spin_loss(
             )
     else:
         token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
-        # Ignored tokens have log-prob 0, so sending them to sequence 0 leaves every sum unchanged.
-        safe_ids = torch.where(targets != ignore_index, sequence_ids, 0)
-        policy_logps = token_logps.new_zeros(2 * n_pairs).index_add(0, safe_ids, token_logps)
+        policy_logps = sum_by_sequence(token_logps, targets, sequence_ids, 2 * n_pairs, ignore_index)
         loss = None
     opponent = opponent_logps.to(policy_logps.dtype)
     out = spin_loss(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spin_kernels
-from helpers import TOLERANCE, assert_close, truth_token_logprobs
+from helpers import TOLERANCE, assert_close, random_packed_batch, truth_token_logprobs
 from spin_kernels import chunked
 
 BACKENDS = ["torch", "triton", "reference"]
@@ -155,3 +155,37 @@ def test_float64_is_computed_in_float64():
         out = spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend)
         assert out.dtype == torch.float64
         assert_close(out, truth_token_logprobs(hidden, weight, targets, bias), torch.float64, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sequence_logprobs_sum_each_sequence(backend, dtype):
+    """Per-sequence sums against float64 truth, one sequence at a time, and every gradient: what a DPO variant's
+    own loss is built on. The last sequence has no token (log-prob 0); prompts carry id -1."""
+    hidden, targets, sequence_ids = random_packed_batch(3, 40, 515, dtype)
+    hidden.requires_grad_()
+    weight = (torch.randn(515, 40, dtype=torch.float64) / 40**0.5).to(dtype).requires_grad_()
+    upstream = torch.randn(7, dtype=torch.float64)
+    out = spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, 7, backend=backend)
+    assert out.shape == (7,) and out[6] == 0
+    (out.double() * upstream).sum().backward()
+
+    truth_hidden, truth_weight = (leaf.detach().double().requires_grad_() for leaf in (hidden, weight))
+    token = truth_token_logprobs(truth_hidden, truth_weight, targets)
+    truth = torch.stack([token[sequence_ids == s].sum() for s in range(7)])
+    (truth * upstream).sum().backward()
+    assert_close(out, truth, dtype, f"{backend} sequence log-probs")
+    assert_close(hidden.grad, truth_hidden.grad, dtype, f"{backend} dhidden")
+    assert_close(weight.grad, truth_weight.grad, dtype, f"{backend} dweight")
+
+
+def test_sequence_logprobs_errors_name_the_argument():
+    hidden, targets, sequence_ids = random_packed_batch(2, 8, 30, torch.float32)
+    weight = torch.randn(30, 8)
+    with pytest.raises(ValueError, match=r"sequence_ids\[\d+\] = 3 is outside \[0, 3\)"):
+        spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, 3)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="n_sequences must be an int >= 1"):
+            spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, bad)
+    with pytest.raises(ValueError, match="sequence_ids must have one entry per token"):
+        spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids[:-1], 4)
