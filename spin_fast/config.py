@@ -249,7 +249,12 @@ class RunConfig:
         if self.score_batch_tokens < 1:
             raise ValueError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
         checked = [(t, _dotted_changes(t, changes)) for t, changes in self.iteration_overrides.items()]
-        self.iteration_overrides = {int(t): flat for t, flat in checked}
+        # YAML's key 1 and --set iteration_overrides.1.x's "1" name one iteration: their settings merge, the later's
+        # (the --set's) winning where both set one.
+        merged: dict[int, dict] = {}
+        for t, flat in checked:
+            merged.setdefault(int(t), {}).update(flat)
+        self.iteration_overrides = merged
         for iteration in self.iteration_overrides:  # every iteration's settings checked now, not when it starts
             self.for_iteration(iteration)
 

@@ -295,6 +295,11 @@ def _from_messages(row: Mapping, keep_history: bool) -> tuple[tuple[dict, ...], 
         raise _RowError("messages", "expected an assistant turn, found none")
     last = turns[-1] if keep_history else turns[0]
     response = _string(messages[last]["content"], f"messages[{last}].content")
+    if not keep_history and len(turns) > 1 and not any(m["role"] == "user" for m in messages[:last]):
+        # A conversation that opens with the assistant's greeting
+        raise _RowError("messages", f"expected a user turn before the first assistant turn (messages[{last}]), "
+                                    "found none; data.keep_history=true takes the last assistant turn as the "
+                                    "response and the whole conversation before it as the prompt")
     return _prompt(messages[:last], "messages"), response, None
 
 

@@ -147,6 +147,15 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
     check = getattr(module, name, None)
     if not callable(check):
         raise ConfigError(f"data.checker {spec!r}: module {module_name!r} has no function {name!r}")
+    try:
+        signature = inspect.signature(check)
+    except (TypeError, ValueError):  # a builtin with no signature to read: its first call tells
+        return check
+    try:
+        signature.bind("prompt", "answer", "reference")
+    except TypeError:
+        raise ConfigError(f"data.checker {spec!r}: {name}{signature} cannot be called as "
+                          f"{name}(prompt, answer, reference) -> a grade in [0, 1]") from None
     return check
 
 
@@ -203,7 +212,11 @@ def checker_grades(check: Callable[[str, str, str], float], examples: Seq[Exampl
     """The checker's grade of each answer against its human response, in [0, 1]."""
     grades = []
     for example, answer in zip(examples, answers, strict=True):
-        grade = float(check(user_prompt(example), answer, example.response))
+        try:
+            grade = float(check(user_prompt(example), answer, example.response))
+        except Exception as error:  # noqa: BLE001 - the checker's own, named by its row
+            raise ValueError(f"{example.origin}: data.checker failed on this row's answer: "
+                             f"{type(error).__name__}: {error}") from error
         if not 0.0 <= grade <= 1.0:  # NaN fails too
             raise ValueError(f"{example.origin}: the checker graded an answer {grade}, outside [0, 1]")
         grades.append(grade)
@@ -379,9 +392,10 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
 
     # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
     # ranks evaluate different models (and wait forever for each other).
+    # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).
     checkpoints = []
-    for t in range(config.iterations if distributed.is_main() else 0):
-        manifest = read_manifest(selfplay.run_dir / f"iter-{t}" / "train")
+    while distributed.is_main():
+        manifest = read_manifest(selfplay.run_dir / f"iter-{len(checkpoints)}" / "train")
         if manifest is None:
             break
         checkpoints.append(manifest["summary"]["checkpoint"])

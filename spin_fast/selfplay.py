@@ -369,6 +369,9 @@ class SelfPlay:
         key = _key(data, source, limit)
         if key not in self._read:
             self._read[key] = read_examples(data, source, limit)
+            if distributed.is_main() and any(e.generated is not None for e in self._read[key]):
+                log.warning("%s: its rows hold generated responses (real/generated pairs), which a SPIN run does not "
+                            "use: each iteration's model answers the prompts itself", source)
         return self._read[key]
 
     def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:

@@ -81,6 +81,20 @@ def test_an_override_beyond_the_last_iteration_is_kept_for_a_longer_run(caplog):
         3).train.beta == 0.2 and config.iteration_overrides == {3: {"train.beta": 0.2}}
 
 
+def test_a_set_override_of_an_iteration_adds_to_the_files_overrides(tmp_path):
+    """--set iteration_overrides.1.train.beta=... beside the file's `1: {...}`: one iteration's overrides, the file's
+    kept (YAML's key 1 and --set's "1" were two entries, and the later dropped the other's settings)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: runs/x\niterations: 2\n"
+                    "iteration_overrides:\n  1: {train.learning_rate: 1.0e-4, train.warmup_ratio: 0.5}\n")
+    config = load_run_config(path, ["iteration_overrides.1.train.beta=0.5"])
+    assert config.iteration_overrides == {1: {"train.learning_rate": 1.0e-4, "train.warmup_ratio": 0.5,
+                                              "train.beta": 0.5}}
+    train = load_run_config(path, ["iteration_overrides.1.train.learning_rate=2.0e-4"]).for_iteration(1).train
+    assert (train.learning_rate, train.warmup_ratio) == (2.0e-4, 0.5)  # --set wins where both set a setting
+    assert from_dict(RunConfig, config.to_dict()).iteration_overrides == config.iteration_overrides  # as saved
+
+
 def test_an_iteration_override_error_names_its_line(tmp_path, caplog):
     """In a file, an override's error names the line of the setting (its section's, for a section's own check);
     an override past the last iteration is said once, also when a resumed run reads its saved config."""

@@ -249,6 +249,16 @@ def test_bad_row_names_file_row_and_field(tmp_path, row, schema, message):
     assert result.skipped == 1 and len(result.examples) == 2
 
 
+def test_a_conversation_that_opens_with_a_greeting_points_to_keep_history(tmp_path):
+    row = {"messages": [assistant("Hello! How can I help?"), user("Q"), assistant("A")]}
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, row])
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: field 'messages': expected a user turn before the first "
+                                        r"assistant turn \(messages\[0\]\), found none; data.keep_history=true"):
+        load_examples(path)
+    example = load_examples(path, keep_history=True).examples[1]
+    assert (len(example.prompt), example.response) == (2, "A")
+
+
 def test_invalid_json_line_is_a_bad_row(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n{oops\n")

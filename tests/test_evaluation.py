@@ -81,6 +81,22 @@ def test_bad_checker_paths_are_clear_errors(spec, message):
         load_checker(spec)
 
 
+def test_a_checker_that_cannot_take_three_arguments_is_refused_as_it_loads(tmp_path, monkeypatch):
+    """Refused before any model answers (it failed at the first grade, after the greedy answers), and a checker's
+    own error names the row it failed on."""
+    (tmp_path / "my_checkers.py").write_text("def two(answer, reference):\n    return 1.0\n\n"
+                                             "def fussy(prompt, answer, reference, *, strict=True):\n"
+                                             "    return 1.0 / len(answer)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"data.checker 'my_checkers:two': two\(answer, reference\) cannot be "
+                                          r"called as two\(prompt, answer, reference\)"):
+        load_checker("my_checkers:two")
+    fussy = load_checker("my_checkers:fussy")  # keyword-only extras are fine
+    example = Example(({"role": "user", "content": "Sort: 2, 1."},), "In order: 1, 2.", origin="f line 7")
+    with pytest.raises(ValueError, match="f line 7: data.checker failed on this row's answer: ZeroDivisionError"):
+        checker_grades(fussy, [example], [""])
+
+
 def test_checker_setting_loads():
     assert load_checker("spin_fast.sorting:score") is sorting.score
 

@@ -796,6 +796,10 @@ def test_eval_reports_loglik_and_margins(sft_model, tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == ["sft", "iter-0", "iter-1"]
     assert all(r["loglik_per_token"] < 0 for r in rows) and rows[1]["pairs"] == 3
+    # Every finished iteration, also with a config of fewer iterations (a run extended with --set iterations=N).
+    assert main(["eval", str(config), "--set", f"data.eval_source={held_out}", "--set", "iterations=1"]) == 0
+    again = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert again == rows
     summary = [json.loads(line) for line in (tmp_path / "run" / "summary.jsonl").read_text().splitlines()]
     # The run's own summary line has θt+1's held-out log-likelihood, the same figure eval reports.
     assert summary[1]["heldout_loglik_per_token"] == pytest.approx(rows[2]["loglik_per_token"], abs=1e-5)
@@ -943,3 +947,20 @@ def test_sigkill_of_a_real_run_resumes_to_the_same_weights(sft_model, tmp_path, 
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_a_run_says_that_it_leaves_the_generated_responses_of_spin_pairs_rows(sft_model, tmp_path, caplog):
+    """The official SPIN pair files (real/generated) give a run its prompts and real responses; their generated ones
+    are not used (each iteration's model answers itself), and the run says so rather than drop them unsaid."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"real": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                         "generated": [{"role": "user", "content": q},
+                                                       {"role": "assistant", "content": "no"}]}) + "\n"
+                             for q, a in QA[:3]))
+    config = run_config(sft_model, tmp_path / "run", f"data.source={pairs}")
+    selfplay = SelfPlay(config)
+    with caplog.at_level("WARNING"):
+        assert [e.response for e in selfplay.read(config.data, str(pairs))] == [a for _, a in QA[:3]]
+        selfplay.read(config.data, str(sft_model / "train.jsonl"))  # no generated responses: nothing said
+    assert caplog.text.count("rows hold generated responses (real/generated pairs), which a SPIN run does not use") == 1
+    assert str(pairs) in caplog.text
