@@ -159,6 +159,20 @@ def ordinary_allocator() -> None:
 WORKER_OUTPUT_KEPT = 60  # lines of a failed worker's output kept in its record
 
 
+class Missing(Exception):
+    """A peer or engine that cannot run here; reported as missing with its reason, never silently dropped."""
+
+
+def answer_as_worker(measure: Callable[[], dict]) -> int:
+    """A bench's worker process: measure()'s result, or what is missing, as one JSON line on stdout for run_worker."""
+    try:
+        result = measure()
+    except Missing as reason:
+        result = {"missing": str(reason)}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, show_output: bool = False) -> dict:
     """Run `python -m module --worker ...` in a fresh process started with worker_env() (it measures memory
     first, then time); its last stdout line that starts with { is its result. show_output: its stderr (logs,

@@ -51,7 +51,6 @@ bench/gpu/check.sh's slot; not yet run on a GPU). Run: python -m bench.generate 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -64,6 +63,8 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    Missing,
+    answer_as_worker,
     format_table,
     listed,
     machine_info,
@@ -120,9 +121,6 @@ PRESETS = {
 SEED = 1234
 ENGINES = ("transformers", "vLLM")
 
-
-class Missing(Exception):
-    """An engine that cannot run here; reported as missing with its reason, never silently dropped."""
 
 
 # -------------------------------------------------------------------------------------- workload
@@ -374,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"generate-{preset.name}{'-custom' if custom else ''}"
 
     if args.worker:
-        try:
-            result = measure(preset, args.engine)
-        except Missing as reason:
-            result = {"missing": str(reason)}
-        print(json.dumps(result), flush=True)
-        return 0
+        return answer_as_worker(lambda: measure(preset, args.engine))
 
     device = torch.device(preset.device)
     tokenizer = build_tokenizer(preset)

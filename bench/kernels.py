@@ -17,7 +17,6 @@ kernels-<preset>-custom.json, so that the preset's own file stays.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -27,7 +26,9 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    Missing,
     add_shape_options,
+    answer_as_worker,
     format_table,
     listed,
     machine_info,
@@ -86,9 +87,6 @@ PRESETS = {
 BETA = 0.1
 SEED = 1234
 
-
-class Missing(Exception):
-    """A peer that cannot run here; reported as missing with its reason, never silently dropped."""
 
 
 # ----------------------------------------------------------------------------------------- batch
@@ -413,12 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs, vocabs = args.jobs or list(preset.jobs), args.vocabs or list(preset.vocabs)
 
     if args.worker:
-        try:
-            result = measure(preset, args.vocab, args.job, args.method)
-        except Missing as reason:
-            result = {"missing": str(reason)}
-        print(json.dumps(result), flush=True)
-        return 0
+        return answer_as_worker(lambda: measure(preset, args.vocab, args.job, args.method))
 
     device = torch.device(preset.device)
     custom = [*shape_argv, *listed("--methods", args.methods), *listed("--jobs", args.jobs),

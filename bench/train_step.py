@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -60,7 +59,9 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    Missing,
     add_shape_options,
+    answer_as_worker,
     format_table,
     listed,
     machine_info,
@@ -115,9 +116,6 @@ SEED = 1234
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 FIRST_WORD_ID = 4  # random content tokens are drawn from [FIRST_WORD_ID, vocab)
 
-
-class Missing(Exception):
-    """A peer that cannot run here; reported as missing with its reason, never silently dropped."""
 
 
 # -------------------------------------------------------------------------------------- workload
@@ -178,7 +176,7 @@ def with_spin_fast_attention(model):
     from spin_fast.model import pick_attention
 
     attention.register()
-    model.set_attn_implementation(pick_attention(model.device))
+    model.set_attn_implementation(pick_attention())
     return model
 
 
@@ -428,12 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"train_step-{preset.name}{'-custom' if custom else ''}"
 
     if args.worker:
-        try:
-            result = measure(preset, args.method)
-        except Missing as reason:
-            result = {"missing": str(reason)}
-        print(json.dumps(result), flush=True)
-        return 0
+        return answer_as_worker(lambda: measure(preset, args.method))
 
     device = torch.device(preset.device)
     pairs = make_pairs(preset)

@@ -126,10 +126,20 @@ def run_command(args, config) -> int:
     if until is not None and not 0 <= args.iteration < config.iterations:
         raise ValueError(f"--iteration {args.iteration}: the run has iterations 0 to {config.iterations - 1} "
                          f"(iterations: {config.iterations})")
-    summaries = SelfPlay(config).run(until=until)
-    for summary in summaries if os.environ.get("RANK", "0") == "0" else ():
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    selfplay = SelfPlay(config)
+    summaries = selfplay.run(until=until)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    for summary in summaries:
+        print_row(summary)
+    if until is not None and until[1] != "train":  # a stage with no summary line: where its work is
+        print(f"iteration {until[0]}'s {until[1]} stage: done, in {selfplay.run_dir / f'iter-{until[0]}' / until[1]}")
     return 0
+
+
+def print_row(row: dict) -> None:
+    """One line of key=value, floats to 4 significant digits."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
 def parse_baselines(specs: list[str]) -> dict[str, str]:
@@ -163,7 +173,7 @@ def run_eval(selfplay, baselines: dict[str, str]) -> int:
         distributed.on_main(lambda: claim.enter_context(locking.exclusive(selfplay.run_dir, "eval")), "eval's lock")
         rows = evaluate_run(selfplay, source, output=output, baselines=baselines)
     for row in rows if distributed.is_main() else ():
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print_row(row)
     if selfplay.config.data.checker and distributed.is_main():
         print(f"each model's answers, graded: {parts_folder(output)}/answers-<model>.jsonl")
     return 0

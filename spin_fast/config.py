@@ -515,12 +515,13 @@ def differing_settings(saved: dict, now: dict, ignored: Sequence[str] = ()) -> l
     """"key (saved x, now y)" for each setting, but the ignored ones, whose value differs between two nested config
     dicts, compared as JSON writes them (tuples as lists), in key order."""
     saved, now = flat_settings(saved), flat_settings(now)
-
-    def plain(value):
-        return json.loads(json.dumps(value, default=str))
-
     return [f"{key} (saved {saved.get(key)!r}, now {now.get(key)!r})" for key in sorted(saved.keys() | now.keys())
-            if key not in ignored and plain(saved.get(key)) != plain(now.get(key))]
+            if key not in ignored and as_written(saved.get(key)) != as_written(now.get(key))]
+
+
+def as_written(value):
+    """A value as YAML and JSON write it: tuples become lists, iteration numbers strings."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _to_dict(obj) -> dict:

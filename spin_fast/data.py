@@ -1,7 +1,7 @@
 """SFT sets -> (prompt, human response[, generated response]) examples -> token ids.
 
-_prompt_text and _prompt_ids are the only way prompt messages become ids: render_prompt's (generation) and
-tokenize_batch's (training) ids agree.
+_prompt_text and _prompt_ids are the only way prompt messages become ids: the prompts generation answers
+(TokenizedExample.answered_prompt_ids, from tokenize_batch), the prompts training reads and render_prompt's agree.
 """
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
-from spin_fast.scoring import TokenizedPair, check_pairs_fit, sequence_logprobs
-from spin_fast.stages import config_hash, read_manifest
+from spin_fast.scoring import TokenizedPair, check_pairs_fit, model_logprobs
+from spin_fast.stages import config_hash, finished_summaries
 from spin_fast.tracking import Trackers, check_trackers, tracked_name
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backend: str,
                     what: str, progress: bool = False) -> list[torch.Tensor]:
-    """sequence_logprobs of every group under each model, the ranks sharing the micro-batches.
+    """model_logprobs of every group under each model, the ranks sharing the micro-batches.
 
     The micro-batches are one process's (pack_groups cuts consecutive groups, so a batch's groups packed
     again make the very same row): each rank's forward passes are ones a single process makes, and the
@@ -63,7 +63,7 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
     local = []
     for c in distributed.progress_bar(zero.in_step(models, mine, what), what, progress):  # None: a filler pass
-        sums = [sequence_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
+        sums = [model_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
                                   backend=backend) for model in models]
         if c is not None:
             local.append(sums)
@@ -393,12 +393,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
     # ranks evaluate different models (and wait forever for each other).
     # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).
-    checkpoints = []
-    while distributed.is_main():
-        manifest = read_manifest(selfplay.run_dir / f"iter-{len(checkpoints)}" / "train")
-        if manifest is None:
-            break
-        checkpoints.append(manifest["summary"]["checkpoint"])
+    checkpoints = [s["checkpoint"] for s in finished_summaries(selfplay.run_dir)] if distributed.is_main() else []
     checkpoints = distributed.from_main(checkpoints, "finished iterations")
 
     saved = SavedWork(parts_folder(output) if output is not None else None)
@@ -425,6 +420,9 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         "score_batch_tokens": budget,
         "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
     }, "the evaluation's settings")
+    # What the answers depend on: score_batch_tokens cuts the scoring alone (raising it, as the fit checks ask, keeps
+    # the answers).
+    answer_settings = {k: v for k, v in settings.items() if k != "score_batch_tokens"}
     identities = distributed.from_main(
         {path: model_identity(path, folders.get(path, path)) if distributed.is_main() else None
          for path in [config.model.name_or_path, *checkpoints, *baselines.values()]}, "the models' files")
@@ -440,7 +438,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
         return loaded[path]
 
     def held_out_pairs(t: int, opponent: str) -> list[TokenizedPair]:
-        # θt answers the held-out prompts, as it answered the training prompts in iteration t.
+        # θt answers the held-out prompts with iteration t's sampling settings. Their seeds are the same in every
+        # iteration (not iteration t's training ones): the iterations' margins differ by their models, not by draws.
         sampling = config.for_iteration(t).generation.sampling()
 
         def make():
@@ -449,11 +448,15 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
-        # score_batch_tokens cuts the scoring alone: raising it (as the fit check below asks) keeps the answers.
-        key = {"answers of": identities[opponent], "sampling": asdict(sampling),
-               **{k: v for k, v in settings.items() if k != "score_batch_tokens"}}
+        key = {"answers of": identities[opponent], "sampling": asdict(sampling), **answer_settings}
         pairs = saved.get_or_make(f"held-out-pairs-{t}", key, make, f"iteration {t}'s opponent's held-out answers")
         return [TokenizedPair(*(tuple(ids) for ids in pair)) for pair in pairs]
+
+    def greedy_answers(name: str, path: str) -> list[str]:
+        # Saved apart from the row: another checker grades them again without the model answering again.
+        key = {"greedy answers of": identities[path], **answer_settings}
+        return saved.get_or_make(f"greedy-answers-{name}", key, lambda: answering.greedy(path, examples),
+                                 f"{name}'s greedy answers")
 
     def model_row(name: str, path: str, x: int | None, opponent: tuple[int, str] | None = None) -> dict:
         """The row of the model at `path`; with opponent (t, its path), its margins against θt on θt's answers.
@@ -469,7 +472,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                 check_pairs_fit(pairs, model, budget, f"iteration {opponent[0]}'s held-out pair")
             row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
             if check is not None:
-                answers = answering.greedy(path, examples)
+                answers = greedy_answers(name, path)
 
                 def grade() -> list[float]:  # rank 0 alone: a checker may call a service, or grade apart per rank
                     grades = checker_grades(check, raw, answers)

@@ -14,21 +14,19 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from spin_fast import attention
-from spin_fast.config import ModelConfig
+from spin_fast.config import CHOICES, ModelConfig
 from spin_fast.packing import MicroBatch
 from spin_fast.zero import is_partitioned_model
 
 log = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", attention.NAME)
-
-
-def pick_attention(device: torch.device, requested: str = "auto") -> str:
-    """spin_varlen: on CUDA varlen FlashAttention (the flash_attn package's when installed, else PyTorch's
-    own), on the CPU per-sequence SDPA (plain SDPA would build a [T, T] block-diagonal mask and spend T^2 on
-    every packed row). It is the attention that lets a pair's responses share their prompt."""
-    if requested not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {requested!r}")
+def pick_attention(requested: str = "auto") -> str:
+    """"auto" is spin_varlen, whose kernel is chosen per device (attention.varlen_kernel): on CUDA varlen
+    FlashAttention (the flash_attn package's when installed, else PyTorch's own), on the CPU per-sequence SDPA
+    (plain SDPA would build a [T, T] block-diagonal mask and spend T^2 on every packed row). It is the attention
+    that lets a pair's responses share their prompt."""
+    if requested not in CHOICES["attention"]:
+        raise ValueError(f"attention must be one of {CHOICES['attention']}, got {requested!r}")
     return attention.NAME if requested == "auto" else requested
 
 
@@ -39,7 +37,7 @@ def can_share_prompts(model: PreTrainedModel) -> bool:
 
 def load_tokenizer(settings: ModelConfig, folder: str | None = None):
     """The run's model's tokenizer (from `folder`, its local copy, when given), with model.chat_template in place of
-    its own when set. Every prompt is rendered through the template (data.render_prompt), so a tokenizer with none
+    its own when set. Every prompt is rendered through the template (data.tokenize_batch), so a tokenizer with none
     is refused here, by name."""
     from transformers import AutoTokenizer
 
@@ -81,7 +79,7 @@ def load_causal_lm(
         raise ValueError(f"{name_or_path}: the model ships its own code (auto_map); pass trust_remote_code=True "
                          "if you trust it")
     check_head_is_plain(config, str(name_or_path))
-    attn = pick_attention(device, attention_impl)
+    attn = pick_attention(attention_impl)
     if attn == attention.NAME:
         attention.register()
     model = AutoModelForCausalLM.from_pretrained(

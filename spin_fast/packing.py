@@ -1,4 +1,4 @@
-"""Padding-free packing: groups of sequences -> one concatenated row per micro-batch (DESIGN.md, decision 3).
+"""Padding-free packing: groups of sequences -> one concatenated row per micro-batch (no pad token computed).
 
 A group is the set of sequences that must share a micro-batch: a SPIN pair (real response, generated
 response, same prompt) is a group of 2, a plain SFT example a group of 1. Micro-batches are cut by a

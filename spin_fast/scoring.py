@@ -1,7 +1,7 @@
 """Opponent scoring: θt's log-probs of every real and generated response, in packed no-grad passes.
 
 They are computed once per iteration and stored with the pairs, so training never holds a second
-model (DESIGN.md, decision 1).
+model: the opponent θt is the policy before this iteration's first step, and its log-probs do not change.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def check_pairs_fit(pairs: Seq[TokenizedPair], model, token_budget: int, what: s
 
 
 @torch.no_grad()
-def sequence_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, backend: str = "auto",
-                      bf16_autocast: bool = False, progress: bool = False) -> torch.Tensor:
+def model_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, backend: str = "auto",
+                   bf16_autocast: bool = False, progress: bool = False) -> torch.Tensor:
     """Summed response log-probs [n_groups, k] of every sequence of every group, in packed passes (a group's
     sequences hold their common prompt once where the model's attention allows: model.can_share_prompts).
     bf16_autocast must be the training's setting (train.bf16_autocast): the opponent's log-probs are then
@@ -99,7 +99,7 @@ def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend:
                 bf16_autocast: bool = False, progress: bool = False) -> list[ScoredPair]:
     """The opponent's (this model's) log-probs of each pair's real and generated responses, in the training's
     precision (bf16_autocast: train.bf16_autocast)."""
-    scores = sequence_logprobs(model, [p.sequences() for p in pairs], token_budget, backend=backend,
+    scores = model_logprobs(model, [p.sequences() for p in pairs], token_budget, backend=backend,
                                bf16_autocast=bf16_autocast, progress=progress)
     return [
         ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, float(real), float(generated))

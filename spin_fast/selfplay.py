@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from spin_fast import distributed, locking
-from spin_fast.config import ConfigError, DataConfig, RunConfig, differing_settings, from_dict
+from spin_fast.config import ConfigError, DataConfig, RunConfig, as_written, differing_settings, from_dict
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import whole_json_lines, write_atomically
@@ -44,11 +44,13 @@ from spin_fast.generation.base import Engine
 from spin_fast.generation.choice import check_prompts_fit, default_engine
 from spin_fast.loading import fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
+from spin_fast.packing import Sequence, check_fits
 from spin_fast.scoring import ScoredPair, check_pairs_fit, load_scored_pairs, score_pairs
 from spin_fast.stages import (
     MANIFEST,
     config_hash,
     finish_stage,
+    finished_summaries,
     in_parts,
     read_manifest,
     shared_manifest,
@@ -159,6 +161,12 @@ class SelfPlay:
             for data, source, limit in sources.values():
                 self.read(data, source, limit)
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
+        for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
+            # cannot fit train.micro_batch_tokens is named now, not by training's check after generation and scoring
+            check_fits([[Sequence(e.prompt_ids, e.response_ids)] for e in examples[t]], False,
+                       train.micro_batch_tokens, "train.micro_batch_tokens", f"{sources[t][1]}: example",
+                       " (a pair's sequences share a micro-batch; this example's prompt and human response alone "
+                       "do not fit) or cut the data shorter (data.max_length)")
         if any(isinstance(t, str) for t in sources):
             from spin_fast.evaluation import check_examples_fit
 
@@ -267,10 +275,9 @@ class SelfPlay:
     def write_summary_table(self) -> None:
         """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests: all of them, also those
         past `iterations` when the run is started again with fewer."""
-        rows = []
-        while (manifest := read_manifest(self.run_dir / f"iter-{len(rows)}" / "train")) is not None:
-            rows.append(manifest["summary"])
-        columns = [k for k in rows[0] if k != "checkpoint"]
+        rows = finished_summaries(self.run_dir)
+        # Every row's keys: an iteration_overrides data.eval_source gives later rows a column the first lacks.
+        columns = list(dict.fromkeys(k for row in rows for k in row if k != "checkpoint"))
         table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for row in rows:
             table.append("| " + " | ".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float)
@@ -410,10 +417,10 @@ class SelfPlay:
         θ0's revision, what a kill left tidied, this session recorded."""
         self._lock_run_directory()
         self._keep_same_data(data)
-        if _plain(saved_config) != _plain(self.config.to_dict()):
+        if as_written(saved_config) != as_written(self.config.to_dict()):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.run_dir / "config.yaml",
-                             yaml.safe_dump(_plain(self.config.to_dict()), sort_keys=False))
+                             yaml.safe_dump(as_written(self.config.to_dict()), sort_keys=False))
         self._keep_sft_revision()
         self._tidy_what_a_kill_left()
         self._record_session(until)
@@ -488,12 +495,13 @@ class SelfPlay:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one
         experiment: resuming with other settings is an error naming them, except for those that change no result
         (CHANGEABLE: more or fewer iterations, progress bars, checkpoints, trackers, the collectives' timeout, batch
-        sizes)."""
+        sizes) and the overrides of iterations that have saved no work yet."""
         path = self.run_dir / "config.yaml"
         if not path.exists():
             return None
         saved = _read_saved_config(path)
-        differences = differing_settings(saved, self.config.to_dict(), ignored=CHANGEABLE)
+        differences = differing_settings(self._overrides_with_work(saved), self._overrides_with_work(
+            self.config.to_dict()), ignored=CHANGEABLE)
         if differences and not self._holds_work():
             # The run stopped (on an error, say) before any stage saved a part: nothing was made with the saved
             # settings, and the new ones (often the fix its error named) start it afresh.
@@ -507,6 +515,12 @@ class SelfPlay:
                              f"output_dir, or the same settings")
         return saved
 
+
+    def _overrides_with_work(self, config: dict) -> dict:
+        """`config` with the iteration_overrides of iterations that have saved work alone: the others shaped nothing
+        yet, and may change (a run extended with lower learning rates for its new iterations)."""
+        overrides = {t: changes for t, changes in config["iteration_overrides"].items() if self._has_work(str(t))}
+        return {**config, "iteration_overrides": overrides}
 
     def check_run_model(self) -> None:
         """For `spin-fast eval`: the model settings must be those the run started with, or its table would score
@@ -555,8 +569,3 @@ CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "
 def _key(data: DataConfig, source: str, limit: int | None) -> str:
     """What a source's examples are read and tokenized by: the data settings, the source and the limit."""
     return json.dumps([asdict(data), source, limit], sort_keys=True)
-
-
-def _plain(value):
-    """A value as YAML and JSON write it: tuples become lists, iteration numbers strings."""
-    return json.loads(json.dumps(value, default=str))

@@ -44,6 +44,14 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def finished_summaries(run_dir: Path) -> list[dict]:
+    """The summaries of a run's finished iterations, from 0 up to the first whose training has no manifest."""
+    summaries = []
+    while (manifest := read_manifest(run_dir / f"iter-{len(summaries)}" / "train")) is not None:
+        summaries.append(manifest["summary"])
+    return summaries
+
+
 def shared_manifest(stage_dir: Path) -> dict | None:
     """read_manifest as rank 0 sees it, on every rank (a collective): whether a stage is done is decided once."""
     return distributed.on_main(lambda: read_manifest(stage_dir), f"{stage_dir} manifest")

@@ -30,7 +30,7 @@ from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.loading import load_policy
 from spin_fast.model import body, load_causal_lm
 from spin_fast.packing import Sequence
-from spin_fast.scoring import ScoredPair, sequence_logprobs
+from spin_fast.scoring import ScoredPair, model_logprobs
 from spin_fast.training import Trainer
 from spin_fast.zero import is_partitioned
 
@@ -60,7 +60,7 @@ def main(model_dir: str, output: str) -> None:
 
     # Scoring: a token budget of one or two groups per micro-batch.
     groups = [[Sequence(ids(2, 6), ids(1, 8)), Sequence(ids(2, 6), ids(1, 8))] for _ in range(3 * (rank + 1))]
-    scores = (sequence_logprobs(partitioned, groups, 28), sequence_logprobs(whole, groups, 28))
+    scores = (model_logprobs(partitioned, groups, 28), model_logprobs(whole, groups, 28))
 
     # The collectives of one forward pass: one per decoder layer, one each for the embedding and the final norm.
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters

@@ -247,12 +247,12 @@ def held_out_examples(sorting_run):
 
 def test_shared_work_on_one_process_is_the_engine_and_scorer_output(sorting_run):
     """On one process the shared helpers run one process's batches themselves: sampled completions equal
-    the engine's over all prompts (same batches, same seeds), log-probs equal sequence_logprobs' bit for bit."""
+    the engine's over all prompts (same batches, same seeds), log-probs equal model_logprobs' bit for bit."""
     from spin_fast.evaluation import shared_generate, shared_logprobs
     from spin_fast.generation.base import SamplingConfig
     from spin_fast.generation.hf_engine import TransformersEngine
     from spin_fast.packing import Sequence
-    from spin_fast.scoring import sequence_logprobs
+    from spin_fast.scoring import model_logprobs
 
     tokenizer, examples = held_out_examples(sorting_run)
     model = AutoModelForCausalLM.from_pretrained(sorting_run / "model")
@@ -264,7 +264,7 @@ def test_shared_work_on_one_process_is_the_engine_and_scorer_output(sorting_run)
     groups = [[Sequence(e.prompt_ids, e.response_ids)] for e in examples]
     budget = 2 * max(s.length for g in groups for s in g)  # a few micro-batches
     assert torch.equal(shared_logprobs([model], groups, budget, "torch", "sums")[0],
-                       sequence_logprobs(model, groups, budget, backend="torch"))
+                       model_logprobs(model, groups, budget, backend="torch"))
 
 
 def as_ranks(monkeypatch, call, ranks: int = 2):

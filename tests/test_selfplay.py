@@ -192,9 +192,46 @@ def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", "save_every_prompts=2")).run()
 
 
+def test_an_extended_run_takes_overrides_for_the_iterations_it_has_not_begun(sft_model, tmp_path):
+    """The overrides of an iteration with no saved work shaped nothing yet: a run extended with a lower learning
+    rate for its new iteration goes on; the overrides of an iteration with work are refused like any change."""
+    SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1")).run()
+    with pytest.raises(ValueError, match=r"holds another config, which differs in iteration_overrides"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2",
+                            "iteration_overrides={0: {train.learning_rate: 1.0e-4}}")).run()
+    summaries = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2",
+                                    "iteration_overrides={1: {train.learning_rate: 1.0e-4}}")).run()
+    assert [s["iteration"] for s in summaries] == [0, 1]
+    first = json.loads((tmp_path / "run" / "iter-1" / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == pytest.approx(1.0e-4)  # the constant schedule of run_config
+    assert "train.learning_rate: 0.0001" in (tmp_path / "run" / "config.yaml").read_text()  # saved for the next start
+
+
+def test_an_example_longer_than_the_micro_batch_is_named_before_generation(sft_model, tmp_path):
+    """A pair holds at least its prompt and human response: an example whose two alone exceed
+    train.micro_batch_tokens is named as the run starts, not by training's check after generation and scoring."""
+    message = (r"^train.micro_batch_tokens=10: .*train.jsonl: example \d+ \(counted from 0\) takes \d+ tokens: raise "
+               r"train.micro_batch_tokens \(a pair's sequences share a micro-batch; this example's prompt")
+    with pytest.raises(ValueError, match=message):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.micro_batch_tokens=10")).run()
+    assert not (tmp_path / "run" / "iter-0").exists()
+
+
+def longest_example_tokens(config) -> int:
+    """The most tokens an example's prompt and human response take, as the run tokenizes them."""
+    from spin_fast.examples import read_examples, tokenize_examples
+    from spin_fast.model import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model, config.model.name_or_path)
+    examples = tokenize_examples(tokenizer, config.data, read_examples(config.data, config.data.source))
+    return max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+
+
 def test_a_pair_longer_than_a_batch_budget_is_named_before_scoring_and_the_run_resumes_with_more(sft_model,
                                                                                                 tmp_path):
-    for setting in ("score_batch_tokens=8", "train.micro_batch_tokens=16"):
+    # The micro-batch takes every example's prompt and human response (the start's check), not every pair.
+    longest = longest_example_tokens(run_config(sft_model, tmp_path / "run"))
+    for setting in ("score_batch_tokens=8", f"train.micro_batch_tokens={longest}"):
         name, budget = setting.split("=")
         message = rf"^{name}={budget}: iteration 0's pair \d+ \(counted from 0\) takes \d+ tokens: .*the run resumes"
         with pytest.raises(ValueError, match=message):
@@ -449,6 +486,8 @@ def test_cli_stage_commands_then_run(sft_model, tmp_path, capsys):
     assert main(["generate", str(config), "--iteration", "0"]) == 0
     stages = sorted(p.parent.name for p in (tmp_path / "run").glob("iter-*/*/manifest.json"))
     assert stages == ["generate"]
+    where = tmp_path / "run" / "iter-0" / "generate"
+    assert capsys.readouterr().out == f"iteration 0's generate stage: done, in {where}\n"  # no summary line yet
     assert main(["run", str(config), "--set", "train.beta=0.2"]) == 2  # another config than the run dir's
     assert "holds another config" in capsys.readouterr().err
     assert main(["run", str(config)]) == 0
@@ -871,7 +910,8 @@ def test_eval_resumes_after_a_signal_and_evaluates_again_only_what_changed(sft_m
     parts = tmp_path / "run" / "eval-parts"
     assert f"stopped by SIGTERM after iter-0's evaluation, saved in {parts}" in capsys.readouterr().err
     assert sorted(p.name for p in parts.iterdir()) == [
-        "answers-iter-0.jsonl", "answers-sft.jsonl", "held-out-pairs-0.json", "iter-0.json", "sft.json"]
+        "answers-iter-0.jsonl", "answers-sft.jsonl", "greedy-answers-iter-0.json", "greedy-answers-sft.json",
+        "held-out-pairs-0.json", "iter-0.json", "sft.json"]
     assert not (tmp_path / "run" / "eval.jsonl").exists()
     assert calls == {"loglik": 2, "generate": 3}  # sft and iter-0: greedy answers each, θ0's sampled answers
 
@@ -894,7 +934,7 @@ def test_eval_resumes_after_a_signal_and_evaluates_again_only_what_changed(sft_m
     assert (tmp_path / "run" / "eval.jsonl").read_text() == straight.read_text()
 
     assert main(["eval", str(config), *settings, "--set", "data.checker=checkers:words"]) == 0
-    assert calls == {"loglik": 3, "generate": 3}  # every row again, the opponents' answers kept
+    assert calls == {"loglik": 3, "generate": 0}  # every row again, every answer (greedy, opponents') kept
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     for row, before in zip(rows, [json.loads(line) for line in straight.read_text().splitlines()]):
         assert {k: v for k, v in row.items() if not k.startswith("score")} == {
@@ -908,7 +948,7 @@ def test_eval_resumes_after_a_signal_and_evaluates_again_only_what_changed(sft_m
     monkeypatch.delitem(sys.modules, "checkers")
     calls.update(loglik=0, generate=0)
     assert main(["eval", str(config), *settings, "--set", "data.checker=checkers:words"]) == 0
-    assert calls == {"loglik": 3, "generate": 3}
+    assert calls == {"loglik": 3, "generate": 0}
     assert {json.loads(line)["score"] for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()} == {0.25}
 
 
@@ -964,3 +1004,18 @@ def test_a_run_says_that_it_leaves_the_generated_responses_of_spin_pairs_rows(sf
         selfplay.read(config.data, str(sft_model / "train.jsonl"))  # no generated responses: nothing said
     assert caplog.text.count("rows hold generated responses (real/generated pairs), which a SPIN run does not use") == 1
     assert str(pairs) in caplog.text
+
+
+def test_the_summary_table_has_every_iterations_columns(sft_model, tmp_path):
+    """data.eval_source set from iteration 1 on (iteration_overrides): its held-out figure is a column of the table
+    though iteration 0's row lacks it."""
+    from spin_fast.stages import write_manifest
+
+    selfplay = SelfPlay(run_config(sft_model, tmp_path / "run"))
+    for t, summary in enumerate([{"iteration": 0, "loss": 0.5, "checkpoint": "c0"},
+                                 {"iteration": 1, "loss": 0.25, "heldout_loglik_per_token": -1.5, "checkpoint": "c1"}]):
+        (tmp_path / "run" / f"iter-{t}" / "train").mkdir(parents=True)
+        write_manifest(tmp_path / "run" / f"iter-{t}" / "train", stage="train", summary=summary)
+    selfplay.write_summary_table()
+    assert (tmp_path / "run" / "summary.md").read_text().splitlines() == [
+        "| iteration | loss | heldout_loglik_per_token |", "|---|---|---|", "| 0 | 0.5 |  |", "| 1 | 0.25 | -1.5 |"]

@@ -1,6 +1,6 @@
 """Generation engines behind one interface: the opponent writes the synthetic responses.
 
-    engine.generate(prompts, sampling)  token-id prompts (from data.render_prompt) -> completions
+    engine.generate(prompts, sampling)  token-id prompts (answered_prompt_ids) -> completions
     engine.load_weights(named_tensors)  new weights in memory, no restart
     engine.close()
 """

@@ -55,7 +55,7 @@ class Completion:
 class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
-        """n completions for each prompt (token ids, rendered by data.render_prompt), in prompt order.
+        """n completions for each prompt (token ids through the chat template: answered_prompt_ids), in prompt order.
         indices: each prompt's position in the whole prompt set (default 0, 1, ...), which its sampling seed
         derives from where the engine seeds per prompt: a rank that generates a share of the prompts then
         samples what one process would."""
