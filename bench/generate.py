@@ -105,7 +105,8 @@ class Preset:
 
 PRESETS = {
     # ~45M parameters (vocabulary 32000, head dim 64), fp32; 32 prompts of 16-128 tokens, 32 new tokens each.
-    "cpu": Preset("cpu", "cpu", torch.float32, 32000, 512, 4, 8, 1376, 32, 16, 128, 32, 16,
+    "cpu": Preset("cpu", "cpu", torch.float32, vocab=32000, hidden=512, layers=4, heads=8, intermediate=1376,
+                  prompts=32, min_prompt=16, max_prompt=128, max_new_tokens=32, hf_batch_size=16,
                   warmup=CPU_WARMUP, repeats=3, swap_repeats=3, restart_runs=1),
     # One H200: 0.94B parameters in bf16, 64 prompts of 64-512 tokens, 128 new tokens each, in bench/gpu/check.sh's
     # slot of 70 s. Decoding is bound by reading the weights (1.9 GB: ~0.5 ms a step at 4 TB/s) and, for
@@ -113,14 +114,15 @@ PRESETS = {
     # 1 warm-up + 1 memory + 1 warm-up + 2 timed calls ~15 s. A swap copies 1.9 GB into the engine (~0.5 s, x3).
     # The rest is the process (~10 s: imports, CUDA context, the tokenizer, saving and loading the 1.9 GB model):
     # about 40 s for transformers. vLLM, where installed, adds its start-up (~60 s) and a restart: give it more time.
-    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 64, 64, 512, 128, 64,
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, vocab=32000, hidden=2048, layers=16, heads=16, intermediate=5504,
+                  prompts=64, min_prompt=64, max_prompt=512, max_new_tokens=128, hf_batch_size=64,
                   warmup=1, repeats=2, swap_repeats=3, restart_runs=1),
-    "tiny": Preset("tiny", "cpu", torch.float32, 512, 64, 2, 2, 128, 6, 4, 24, 8, 4,
+    "tiny": Preset("tiny", "cpu", torch.float32, vocab=512, hidden=64, layers=2, heads=2, intermediate=128,
+                   prompts=6, min_prompt=4, max_prompt=24, max_new_tokens=8, hf_batch_size=4,
                    warmup=1, repeats=1, swap_repeats=1, restart_runs=1),  # tests
 }
 SEED = 1234
 ENGINES = ("transformers", "vLLM")
-
 
 
 # -------------------------------------------------------------------------------------- workload

@@ -67,8 +67,8 @@ PRESETS = {
     # logprobs), 3 timed runs. A worker's wall time is mostly fixed costs: ~4 s to start and build the batch,
     # ~20 s of compiling for torch.compile and ~25 s for Liger, at each vocabulary size. No warm-up after the memory
     # call (CPU_WARMUP).
-    "cpu": Preset("cpu", "cpu", torch.float32, 2048, 512, (8000, 16000), 8, warmup=CPU_WARMUP, repeats=3,
-                  jobs=("spin_head",)),
+    "cpu": Preset("cpu", "cpu", torch.float32, tokens=2048, hidden=512, vocabs=(8000, 16000), pairs=8,
+                  warmup=CPU_WARMUP, repeats=3, jobs=("spin_head",)),
     # One H200, bf16, Llama-3's head (V=128256, H=4096) on 16384 packed tokens, the SPIN head only (--jobs adds
     # logprobs, --vocabs 32000 a second point), in bench/gpu/check.sh's slot of 160 s. Work: one pass over the
     # ~11k loss tokens is 2*11k*4096*128256 = 1.2e13 FLOP; spin-fast does 4 (~0.1 s at ~40% of 700 TFLOP/s),
@@ -78,15 +78,15 @@ PRESETS = {
     # CUDA context, the batch) plus compiles (torch.compile and Liger's ~30 s each, Triton and CCE ~10 s):
     # about 130-150 s. Most telling first, so a cut-off run loses the least: naive (the baseline of every ratio),
     # spin-fast's Triton head, then the peers.
-    "gpu": Preset("gpu", "cuda", torch.bfloat16, 16384, 4096, (128256,), 32, warmup=2, repeats=5,
-                  jobs=("spin_head",),
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, tokens=16384, hidden=4096, vocabs=(128256,), pairs=32,
+                  warmup=2, repeats=5, jobs=("spin_head",),
                   methods=("naive PyTorch", "spin-fast triton", "Cut Cross-Entropy", "Liger DPO loss",
                            "torch.compile", "spin-fast torch", "F.linear_cross_entropy")),
-    "tiny": Preset("tiny", "cpu", torch.float32, 256, 64, (1000,), 3, warmup=1, repeats=2),  # for tests
+    "tiny": Preset("tiny", "cpu", torch.float32, tokens=256, hidden=64, vocabs=(1000,), pairs=3,
+                   warmup=1, repeats=2),  # for tests
 }
 BETA = 0.1
 SEED = 1234
-
 
 
 # ----------------------------------------------------------------------------------------- batch

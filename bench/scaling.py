@@ -77,14 +77,16 @@ from spin_fast.distributed import free_port
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     # ~7.3M parameters, fp32, 8 pairs of up to 256 tokens per sequence (2704 tokens): ~1 s per step on 2 cores.
-    "cpu": Preset("cpu", "cpu", torch.float32, 8000, 256, 4, 4, 688, 8, 256, 1024, warmup=1, repeats=3),
+    "cpu": Preset("cpu", "cpu", torch.float32, vocab=8000, hidden=256, layers=4, heads=4, intermediate=688, pairs=8,
+                  max_seq=256, micro_batch_tokens=1024, warmup=1, repeats=3),
     # One H200 (the machine bench/gpu/check.sh runs on), slot 90 s: train_step's GPU model with 8 of its 16 layers
     # (0.54B parameters, bf16), 16 pairs (20746 tokens, ~7e13 FLOP a step: ~0.25 s at ~40% of 700 TFLOP/s), 1 warm-up
     # + 3 timed steps. Each configuration is a torchrun job (~20 s: imports with DeepSpeed's, CUDA context, model,
     # scoring, ZeRO's set-up): plain, ZeRO-2 and ZeRO-3 on 1 GPU, about 60 s. The world sizes above the GPU count
     # (2 with one GPU) are reported as skipped: NCCL runs one process per GPU.
     "gpu": dataclasses.replace(TRAIN_STEP_PRESETS["gpu"], layers=8, warmup=1, repeats=3),
-    "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 4, 64, 128, warmup=1, repeats=2),  # tests
+    "tiny": Preset("tiny", "cpu", torch.float32, vocab=1000, hidden=64, layers=2, heads=2, intermediate=128, pairs=4,
+                   max_seq=64, micro_batch_tokens=128, warmup=1, repeats=2),  # tests
 }
 STAGES = (2, 3)
 PLAIN = "plain (no DeepSpeed)"

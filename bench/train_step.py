@@ -99,7 +99,8 @@ PRESETS = {
     # ~29M parameters, fp32, 4 pairs of up to 256 tokens per sequence (1427 real tokens): one step takes ~2 s for
     # spin-fast and 6-10 s for TRL on 2 cores: ~2.5 min for the bench. It leaves out spin-fast without shared
     # prompts (~45 s), to keep `make bench` within 15 minutes; --methods runs it.
-    "cpu": Preset("cpu", "cpu", torch.float32, 16000, 512, 4, 8, 1376, 4, 256, 2048, warmup=CPU_WARMUP, repeats=3,
+    "cpu": Preset("cpu", "cpu", torch.float32, vocab=16000, hidden=512, layers=4, heads=8, intermediate=1376, pairs=4,
+                  max_seq=256, micro_batch_tokens=2048, warmup=CPU_WARMUP, repeats=3,
                   left_out=("spin-fast, whole sequences",)),
     # One H200: 0.94B parameters in bf16 (weights and optimizer state), 16 pairs of up to 1024 tokens (20746 real
     # tokens a step), in bench/gpu/check.sh's slot of 100 s. One step is ~6 x 0.94e9 FLOP a token: spin-fast's packed
@@ -107,15 +108,16 @@ PRESETS = {
     # reference forward too: ~2.5e14 FLOP (~0.9 s). 2 warm-ups + 1 memory + 2 warm-ups + 3 timed: ~10 s of GPU work per
     # method; each method's process adds ~15-20 s (imports, CUDA context, the model built on the GPU, TRL's set-up):
     # about 80 s in all for the 4 methods.
-    "gpu": Preset("gpu", "cuda", torch.bfloat16, 32000, 2048, 16, 16, 5504, 16, 1024, 16384, warmup=2, repeats=3),
-    "tiny": Preset("tiny", "cpu", torch.float32, 1000, 64, 2, 2, 128, 3, 64, 256, warmup=1, repeats=1),  # tests
+    "gpu": Preset("gpu", "cuda", torch.bfloat16, vocab=32000, hidden=2048, layers=16, heads=16, intermediate=5504,
+                  pairs=16, max_seq=1024, micro_batch_tokens=16384, warmup=2, repeats=3),
+    "tiny": Preset("tiny", "cpu", torch.float32, vocab=1000, hidden=64, layers=2, heads=2, intermediate=128, pairs=3,
+                   max_seq=64, micro_batch_tokens=256, warmup=1, repeats=1),  # tests
 }
 BETA = 0.1
 LEARNING_RATE = 5e-7
 SEED = 1234
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 FIRST_WORD_ID = 4  # random content tokens are drawn from [FIRST_WORD_ID, vocab)
-
 
 
 # -------------------------------------------------------------------------------------- workload

@@ -64,7 +64,7 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     local = []
     for c in distributed.progress_bar(zero.in_step(models, mine, what), what, progress):  # None: a filler pass
         sums = [model_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
-                                  backend=backend) for model in models]
+                               backend=backend) for model in models]
         if c is not None:
             local.append(sums)
     per_chunk = distributed.gather_in_order(local, mine, len(chunks), what)

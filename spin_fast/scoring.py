@@ -100,7 +100,7 @@ def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend:
     """The opponent's (this model's) log-probs of each pair's real and generated responses, in the training's
     precision (bf16_autocast: train.bf16_autocast)."""
     scores = model_logprobs(model, [p.sequences() for p in pairs], token_budget, backend=backend,
-                               bf16_autocast=bf16_autocast, progress=progress)
+                            bf16_autocast=bf16_autocast, progress=progress)
     return [
         ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, float(real), float(generated))
         for p, (real, generated) in zip(pairs, scores.tolist())

@@ -515,7 +515,6 @@ class SelfPlay:
                              f"output_dir, or the same settings")
         return saved
 
-
     def _overrides_with_work(self, config: dict) -> dict:
         """`config` with the iteration_overrides of iterations that have saved work alone: the others shaped nothing
         yet, and may change (a run extended with lower learning rates for its new iterations)."""
