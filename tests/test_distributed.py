@@ -112,7 +112,9 @@ def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
     assert_same_weights(final_weights(tmp_path), expected, start)
     ours = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (one_process[reference] / "metrics.jsonl").read_text().splitlines()]
-    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-6)
+    # abs too: a loss near 0 (the pairs fitted, e.g. 0.0055 at step 2 with seed 2971790577) is a mean of small fp32
+    # terms that two ranks sum in another order; 5.8e-9 apart there, 1.07e-6 relative.
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-6, abs=1e-7)
     assert (tmp_path / "checkpoint-4" / "deepspeed").is_dir()  # the sharded state, for resuming
     assert (tmp_path / "checkpoint-4" / "config.json").exists()  # and a Hugging Face folder
 
