@@ -161,8 +161,12 @@ class SelfPlay:
             for data, source, limit in sources.values():
                 self.read(data, source, limit)
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
+        fitted = set()  # (source, budget) pairs checked: the iterations mostly share both
         for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
             # cannot fit train.micro_batch_tokens is named now, not by training's check after generation and scoring
+            if (_key(*sources[t]), train.micro_batch_tokens) in fitted:
+                continue
+            fitted.add((_key(*sources[t]), train.micro_batch_tokens))
             check_fits([[Sequence(e.prompt_ids, e.response_ids)] for e in examples[t]], False,
                        train.micro_batch_tokens, "train.micro_batch_tokens", f"{sources[t][1]}: example",
                        " (a pair's sequences share a micro-batch; this example's prompt and human response alone "

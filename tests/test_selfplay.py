@@ -207,13 +207,16 @@ def test_an_extended_run_takes_overrides_for_the_iterations_it_has_not_begun(sft
     assert "train.learning_rate: 0.0001" in (tmp_path / "run" / "config.yaml").read_text()  # saved for the next start
 
 
-def test_an_example_longer_than_the_micro_batch_is_named_before_generation(sft_model, tmp_path):
+@pytest.mark.parametrize("settings", [("iterations=1", "train.micro_batch_tokens=10"),
+                                      ("iterations=2", "iteration_overrides.1.train.micro_batch_tokens=10")],
+                         ids=["every iteration", "a later iteration's override"])
+def test_an_example_longer_than_the_micro_batch_is_named_before_generation(sft_model, tmp_path, settings):
     """A pair holds at least its prompt and human response: an example whose two alone exceed
     train.micro_batch_tokens is named as the run starts, not by training's check after generation and scoring."""
     message = (r"^train.micro_batch_tokens=10: .*train.jsonl: example \d+ \(counted from 0\) takes \d+ tokens: raise "
                r"train.micro_batch_tokens \(a pair's sequences share a micro-batch; this example's prompt")
     with pytest.raises(ValueError, match=message):
-        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", "train.micro_batch_tokens=10")).run()
+        SelfPlay(run_config(sft_model, tmp_path / "run", *settings)).run()
     assert not (tmp_path / "run" / "iter-0").exists()
 
 
