@@ -357,6 +357,13 @@ def balance(costs: Sequence[int], ranks: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
+def share_work(costs: Sequence[int], compute: Callable[[list[int]], Sequence[Any]], what: str) -> list[Any]:
+    """Every item's result, the same on every rank: this rank runs `compute` on its balanced share of the items
+    (their indices; it returns one result each) and the ranks gather theirs in the items' order."""
+    mine = balance(costs, world_size())[rank()]
+    return gather_in_order(compute(mine), mine, len(costs), what)
+
+
 def gather_in_order(local: Sequence[Any], indices: Sequence[int], total: int, what: str) -> list[Any]:
     """Rebuild a list of `total` results computed by the ranks: this rank computed `local[k]` for item
     `indices[k]`. The result is the same on every rank and independent of the world size."""

@@ -37,7 +37,7 @@ from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
 from spin_fast.files import write_atomically
-from spin_fast.generation.base import Completion, SamplingConfig
+from spin_fast.generation.base import Completion, SamplingConfig, request_cost
 from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
@@ -60,14 +60,13 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     share = all(can_share_prompts(model) for model in models)
     chunks = [batch.group_indices.tolist() for batch in pack_groups(groups, token_budget, share_prompts=share)]
     costs = [sum(group_tokens(groups[i], share) for i in chunk) for chunk in chunks]
-    mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
-    local = []
-    for c in distributed.progress_bar(zero.in_step(models, mine, what), what, progress):  # None: a filler pass
-        sums = [model_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
+
+    def logprobs(c: int | None) -> list[torch.Tensor]:  # None: a filler pass
+        return [model_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
                                backend=backend) for model in models]
-        if c is not None:
-            local.append(sums)
-    per_chunk = distributed.gather_in_order(local, mine, len(chunks), what)
+
+    per_chunk = distributed.share_work(costs, lambda mine: zero.run_in_step(models, mine, logprobs, what, progress),
+                                       what)
     results = [torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64) for _ in models]
     for chunk, sums in zip(chunks, per_chunk):
         for result, chunk_sums in zip(results, sums):
@@ -91,14 +90,13 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     batches = [[p for p, _ in batch] for batch in engine.batches(prompts)]
     # Cost: the padded tokens of the batch's last decoding step (its longest prompt is its last).
     costs = [len(b) * (len(prompts[b[-1]]) + sampling.max_new_tokens) for b in batches]
-    mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
-    local = []
-    for b in distributed.progress_bar(zero.in_step([model], mine, what), what, progress):  # None: a filler pass
+
+    def generate(b: int | None) -> list[list[Completion]]:  # None: a filler pass
         batch = batches[b] if b is not None else []
-        completions = engine.generate([prompts[i] for i in batch], sampling, indices=batch)
-        if b is not None:
-            local.append(completions)
-    per_batch = distributed.gather_in_order(local, mine, len(batches), what)
+        return engine.generate([prompts[i] for i in batch], sampling, indices=batch)
+
+    per_batch = distributed.share_work(costs, lambda mine: zero.run_in_step([model], mine, generate, what, progress),
+                                       what)
     completions: list[list[Completion]] = [[] for _ in prompts]
     for batch, batch_completions in zip(batches, per_batch):
         for index, completion in zip(batch, batch_completions):
@@ -188,14 +186,14 @@ class Answering:
                 log.info("%s: the vLLM engine takes the weights of %s", what, folder)
                 self._vllm.load_weights_from(folder)
         self._serving = folder
-        costs = [len(p) + sampling.max_new_tokens for p in prompts]
-        mine = distributed.balance(costs, distributed.world_size())[distributed.rank()]
         log.info("%s (vLLM) ...", what)
-        completions = self._vllm.generate([prompts[i] for i in mine], sampling, indices=mine)
+        completions = distributed.share_work(
+            [request_cost(p, sampling) for p in prompts],
+            lambda mine: self._vllm.generate([prompts[i] for i in mine], sampling, indices=mine), what)
         # On a GPU the engine sleeps while the models score (their log-likelihoods and margins), as it does while
         # the loop trains: its weights and KV cache would otherwise sit beside two models (a no-op on the CPU build).
         self._vllm.sleep()
-        return distributed.gather_in_order(completions, mine, len(prompts), what)
+        return completions
 
     def greedy(self, path: str, examples: Seq[TokenizedExample]) -> list[str]:
         """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""

@@ -40,7 +40,7 @@ from spin_fast.config import ConfigError, DataConfig, RunConfig, as_written, dif
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import whole_json_lines, write_atomically
-from spin_fast.generation.base import Engine
+from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
 from spin_fast.loading import fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
@@ -306,11 +306,12 @@ class SelfPlay:
                     shared = model if self.partitioned or not self.distributed else None
                     # The run's settings, not iteration t's: the engine serves every iteration.
                     self.engine = self.make_engine(shared, tokenizer, self.config, self.model_path(t))
-                share = distributed.balance([len(p) for p in prompts[start:end]], distributed.world_size())
-                mine = [start + i for i in share[distributed.rank()]]  # indices in the whole set: they seed sampling
-                completions = self.engine.generate([prompts[i] for i in mine], sampling, indices=mine)
-                completions = distributed.gather_in_order(completions, [i - start for i in mine], end - start,
-                                                          "generated responses")
+                part = prompts[start:end]
+                completions = distributed.share_work(  # indices in the whole set: they seed sampling
+                    [request_cost(p, sampling) for p in part],
+                    lambda mine: self.engine.generate([part[i] for i in mine], sampling,
+                                                      indices=[start + i for i in mine]),
+                    "generated responses")
                 pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id, config.data)
                 rows = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in pairs]
                 return rows, {"finished": sum(c[0].finished for c in completions)}
@@ -344,14 +345,16 @@ class SelfPlay:
 
         def score_part(start: int, end: int):
             part = mixed[start:end]
-            share = distributed.balance([sum(s.length for s in p.sequences()) for p in part], distributed.world_size())
-            mine = share[distributed.rank()]
-            scored = score_pairs(model, [part[i] for i in mine], config.score_batch_tokens,
-                                 backend=config.train.backend, bf16_autocast=config.train.bf16_autocast,
-                                 progress=config.train.progress)
-            # The ranks share the log-probs, not the token ids: every rank holds the pairs.
-            scores = distributed.gather_in_order([(s.opponent_real, s.opponent_generated) for s in scored], mine,
-                                                 len(part), "opponent log-probs")
+
+            def opponent_logprobs(mine: list[int]) -> list[tuple[float, float]]:
+                scored = score_pairs(model, [part[i] for i in mine], config.score_batch_tokens,
+                                     backend=config.train.backend, bf16_autocast=config.train.bf16_autocast,
+                                     progress=config.train.progress)
+                # The ranks share the log-probs, not the token ids: every rank holds the pairs.
+                return [(s.opponent_real, s.opponent_generated) for s in scored]
+
+            scores = distributed.share_work([sum(s.length for s in p.sequences()) for p in part], opponent_logprobs,
+                                            "opponent log-probs")
             return [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, *s) for p, s in zip(part, scores)], {}
 
         totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part, f"iteration {t} scoring")

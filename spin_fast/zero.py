@@ -13,6 +13,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -156,6 +157,20 @@ def in_step(models: Iterable[torch.nn.Module], items: list, what: str) -> list:
 
         return distributed.in_step(items, what)
     return list(items)
+
+
+def run_in_step(models: Iterable[torch.nn.Module], items: list, run: Callable[[Any], Any], what: str,
+                progress: bool = False) -> list:
+    """[run(item) for item in items], the passes in step with the other ranks' (in_step: run(None) is a filler
+    pass, its result dropped), under a progress bar on rank 0."""
+    from spin_fast import distributed
+
+    results = []
+    for item in distributed.progress_bar(in_step(models, items, what), what, progress):
+        result = run(item)
+        if item is not None:
+            results.append(result)
+    return results
 
 
 @contextlib.contextmanager

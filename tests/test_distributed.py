@@ -548,6 +548,26 @@ def test_gather_in_order_on_one_process():
         distributed.gather_in_order(["a", "b"], [0, 1], 3, "letters")
 
 
+def test_share_work_on_one_process_runs_every_item_in_order():
+    seen = []
+    results = distributed.share_work([3, 9, 1], lambda mine: seen.append(mine) or [f"item {i}" for i in mine], "items")
+    assert seen == [[0, 1, 2]] and results == ["item 0", "item 1", "item 2"]
+
+
+def test_generation_shares_balance_the_decoded_tokens():
+    """A prompt's request costs its prompt and its completions' tokens: by prompt length alone, one rank would take
+    the long prompt and another the ten short ones, and decode ten times the tokens."""
+    from spin_fast.generation.base import SamplingConfig, request_cost
+
+    sampling = SamplingConfig(max_new_tokens=50, n=2)
+    prompts = [[7] * 100, *[[7] * 10] * 10]
+    assert request_cost(prompts[0], sampling) == 200
+    by_length = distributed.balance([len(p) for p in prompts], 2)
+    assert sorted(map(len, by_length)) == [1, 10]
+    requests = [len(share) for share in distributed.balance([request_cost(p, sampling) for p in prompts], 2)]
+    assert max(requests) - min(requests) <= 3
+
+
 def test_several_processes_need_deepspeed(monkeypatch):
     from spin_fast.training import uses_deepspeed
 

@@ -44,6 +44,12 @@ class SamplingConfig:
         return replace(self, seed=self.seed + t * SEEDS_PER_ITERATION)
 
 
+def request_cost(prompt: Sequence[int], sampling: SamplingConfig) -> int:
+    """The most tokens a prompt's request holds by its end, its completions' included: what the ranks' shares of
+    the prompts are balanced by (by prompt length alone, a rank of many short prompts decodes the most tokens)."""
+    return len(prompt) + sampling.n * sampling.max_new_tokens
+
+
 @dataclass(frozen=True)
 class Completion:
     """One generated response: its token ids (without the final EOS), and whether EOS ended it."""
