@@ -49,8 +49,8 @@ from spin_fast.tracking import Trackers, check_trackers, tracked_name
 log = logging.getLogger(__name__)
 
 
-def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backend: str,
-                    what: str, progress: bool = False) -> list[torch.Tensor]:
+def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backend: str, what: str,
+                    progress: bool = False, bf16_autocast: bool = False) -> list[torch.Tensor]:
     """model_logprobs of every group under each model, the ranks sharing the micro-batches.
 
     The micro-batches are one process's (pack_groups cuts consecutive groups, so a batch's groups packed
@@ -63,7 +63,7 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
 
     def logprobs(c: int | None) -> list[torch.Tensor]:  # None: a filler pass
         return [model_logprobs(model, [groups[i] for i in chunks[c]] if c is not None else [], token_budget,
-                               backend=backend) for model in models]
+                               backend=backend, bf16_autocast=bf16_autocast) for model in models]
 
     per_chunk = distributed.share_work(costs, lambda mine: zero.run_in_step(models, mine, logprobs, what, progress),
                                        what)
@@ -105,10 +105,12 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
 
 
 def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, backend: str = "auto",
-                   progress: bool = False) -> dict:
-    """Mean log-prob per response token, and per response, of the human responses."""
+                   progress: bool = False, bf16_autocast: bool = False) -> dict:
+    """Mean log-prob per response token, and per response, of the human responses (bf16_autocast: the
+    training's precision, train.bf16_autocast)."""
     groups = [[Sequence(e.prompt_ids, e.response_ids)] for e in examples]
-    sums = shared_logprobs([model], groups, token_budget, backend, "held-out log-likelihoods", progress)[0][:, 0]
+    sums = shared_logprobs([model], groups, token_budget, backend, "held-out log-likelihoods", progress,
+                           bf16_autocast)[0][:, 0]
     tokens = sum(len(e.response_ids) for e in examples)
     return {"loglik_per_token": float(sums.sum()) / tokens, "loglik_per_response": float(sums.mean()),
             "responses": len(examples)}
@@ -122,10 +124,12 @@ def check_examples_fit(examples: Seq[TokenizedExample], token_budget: int, sourc
 
 
 def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, token_budget: int,
-                   backend: str = "auto", progress: bool = False) -> dict:
-    """SPIN's implicit rewards of the policy against its opponent, averaged over the pairs."""
+                   backend: str = "auto", progress: bool = False, bf16_autocast: bool = False) -> dict:
+    """SPIN's implicit rewards of the policy against its opponent, averaged over the pairs, at the training's
+    precision (bf16_autocast: train.bf16_autocast), as its loss measured them."""
     groups = [p.sequences() for p in pairs]
-    ours, theirs = shared_logprobs([policy, opponent], groups, token_budget, backend, "reward margins", progress)
+    ours, theirs = shared_logprobs([policy, opponent], groups, token_budget, backend, "reward margins", progress,
+                                   bf16_autocast)
     rewards = beta * (ours - theirs)  # [pairs, (real, generated)]
     margins = rewards[:, 0] - rewards[:, 1]
     return {"rewards/real": float(rewards[:, 0].mean()), "rewards/generated": float(rewards[:, 1].mean()),
@@ -371,6 +375,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     baselines = dict(baselines or {})
     check_baseline_names(baselines)
     budget, backend, progress = config.score_batch_tokens, config.train.backend, config.train.progress
+    autocast = config.train.bf16_autocast  # the models are scored at the training's precision
     check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
     selfplay.check_run_model()
     checker_code = source_hash(check) if check is not None else None
@@ -417,10 +422,12 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
                        **({"batch_size": config.generation.batch_size} if answering.engine == "transformers" else {})},
         "score_batch_tokens": budget,
         "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
+        "scoring under bf16 autocast": autocast,
     }, "the evaluation's settings")
     # What the answers depend on: score_batch_tokens cuts the scoring alone (raising it, as the fit checks ask, keeps
-    # the answers).
-    answer_settings = {k: v for k, v in settings.items() if k != "score_batch_tokens"}
+    # the answers), and autocast is the scoring's.
+    answer_settings = {k: v for k, v in settings.items()
+                       if k not in ("score_batch_tokens", "scoring under bf16 autocast")}
     identities = distributed.from_main(
         {path: model_identity(path, folders.get(path, path)) if distributed.is_main() else None
          for path in [config.model.name_or_path, *checkpoints, *baselines.values()]}, "the models' files")
@@ -468,7 +475,7 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
             if pairs is not None:  # named before this row's scoring, not by packing's budget after its first parts
                 # (every model here is loaded with model.attention: the policy shares prompts as its opponent does)
                 check_pairs_fit(pairs, model, budget, f"iteration {opponent[0]}'s held-out pair")
-            row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress)}
+            row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress, autocast)}
             if check is not None:
                 answers = greedy_answers(name, path)
 
@@ -481,7 +488,8 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
 
                 row.update(checker_score(distributed.on_main(grade, f"{name}'s grades")))
             if pairs is not None:
-                row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress))
+                row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress,
+                                          autocast))
             if trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
                 trackers.log(x, row)  # again, never skipped
             return row

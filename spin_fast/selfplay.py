@@ -375,7 +375,7 @@ class SelfPlay:
 
         examples = self.examples(tokenizer, config.data, config.data.eval_source)
         result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend,
-                                progress=config.train.progress)
+                                progress=config.train.progress, bf16_autocast=config.train.bf16_autocast)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}
 
     def read(self, data: DataConfig, source: str, limit: int | None = None) -> list[Example]:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,36 @@ def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
     scored = SelfPlay(config).score(0, tmp_path / "run" / "iter-0" / "score", model, config)
     assert scored == score_pairs(model, pairs, config.score_batch_tokens, backend="torch", bf16_autocast=True)
     assert scored != score_pairs(model, pairs, config.score_batch_tokens, backend="torch")
+
+
+def test_held_out_figures_are_scored_in_the_training_precision(sft_model):
+    """Eval's log-likelihoods and margins under train.bf16_autocast: the sums of score_pairs' bf16-autocast log-probs
+    (they were scored in fp32 whatever the training's precision)."""
+    from spin_fast.data import TokenizedExample
+    from spin_fast.evaluation import heldout_loglik, reward_margins
+    from spin_fast.scoring import TokenizedPair, model_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
+    policy = AutoModelForCausalLM.from_pretrained(sft_model / "model")
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.randint(3, model.config.vocab_size, (5, 3, 6)).tolist()
+    pairs = [TokenizedPair(*map(tuple, triple)) for triple in ids]
+    examples = [TokenizedExample(p.prompt_ids, p.real_ids, None) for p in pairs]
+    for autocast in (True, False):
+        ours, theirs = (score_pairs(m, [ScoredPair(*astuple(p)) for p in pairs], 64, backend="torch",
+                                    bf16_autocast=autocast) for m in (policy, model))
+        got = reward_margins(policy, model, pairs, 0.1, 64, "torch", bf16_autocast=autocast)
+        margins = [0.1 * ((o.opponent_real - t.opponent_real) - (o.opponent_generated - t.opponent_generated))
+                   for o, t in zip(ours, theirs)]
+        assert got["rewards/margins"] == pytest.approx(sum(margins) / len(margins), rel=1e-12, abs=1e-12)
+        loglik = heldout_loglik(model, examples, 64, "torch", bf16_autocast=autocast)["loglik_per_response"]
+        alone = model_logprobs(model, [[p.sequences()[0]] for p in pairs], 64, backend="torch", bf16_autocast=autocast)
+        assert loglik == pytest.approx(float(alone.mean()), rel=1e-12)  # packed without the generated responses
+        if autocast:
+            autocast_loglik = loglik
+    assert autocast_loglik != loglik
 
 
 def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
