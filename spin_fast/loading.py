@@ -68,8 +68,9 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
     try:
         return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache
+        said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # the Hub's: several lines
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder, and not fetched as a Hub model "
-                                f"id ({type(error).__name__}: {error})") from None
+                                f"id ({type(error).__name__}: {said})") from None
 
 
 def load_policy(path: str, config: RunConfig):

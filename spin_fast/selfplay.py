@@ -201,6 +201,7 @@ class SelfPlay:
         train_dir = iter_dir / "train"
         done = shared_manifest(train_dir)
         if done is not None:
+            log.info("iteration %d: done before, kept (%s)", t, train_dir)
             self._trained[t] = done["summary"]["checkpoint"]
             return done["summary"]
         if self.model is None:
@@ -292,37 +293,39 @@ class SelfPlay:
     # -------------------------------------------------------------------------------- stages
     def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> None:
         """θt's response to every prompt, paired with the human one, in stage_dir/pairs.jsonl."""
+        if shared_manifest(stage_dir) is not None:
+            log.info("iteration %d's generation: done before, kept (%s)", t, stage_dir)
+            return
         pairs_file = stage_dir / "pairs.jsonl"
-        if shared_manifest(stage_dir) is None:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            sampling = config.generation.sampling().for_iteration(t)
-            prompts = [e.answered_prompt_ids for e in examples]
-            check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        sampling = config.generation.sampling().for_iteration(t)
+        prompts = [e.answered_prompt_ids for e in examples]
+        check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source)
 
-            def generate_part(start: int, end: int):
-                if self.engine is None:  # started at the first prompt left to answer, once per run
-                    # Under ZeRO the training model ends sharded: no engine may generate with it (None), unless
-                    # it is sharded from the start (zero3_init), when the transformers engine runs it in step.
-                    shared = model if self.partitioned or not self.distributed else None
-                    # The run's settings, not iteration t's: the engine serves every iteration.
-                    self.engine = self.make_engine(shared, tokenizer, self.config, self.model_path(t))
-                part = prompts[start:end]
-                completions = distributed.share_work(  # indices in the whole set: they seed sampling
-                    [request_cost(p, sampling) for p in part],
-                    lambda mine: self.engine.generate([part[i] for i in mine], sampling,
-                                                      indices=[start + i for i in mine]),
-                    "generated responses")
-                pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id, config.data)
-                rows = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in pairs]
-                return rows, {"finished": sum(c[0].finished for c in completions)}
+        def generate_part(start: int, end: int):
+            if self.engine is None:  # started at the first prompt left to answer, once per run
+                # Under ZeRO the training model ends sharded: no engine may generate with it (None), unless
+                # it is sharded from the start (zero3_init), when the transformers engine runs it in step.
+                shared = model if self.partitioned or not self.distributed else None
+                # The run's settings, not iteration t's: the engine serves every iteration.
+                self.engine = self.make_engine(shared, tokenizer, self.config, self.model_path(t))
+            part = prompts[start:end]
+            completions = distributed.share_work(  # indices in the whole set: they seed sampling
+                [request_cost(p, sampling) for p in part],
+                lambda mine: self.engine.generate([part[i] for i in mine], sampling,
+                                                  indices=[start + i for i in mine]),
+                "generated responses")
+            pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id, config.data)
+            rows = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in pairs]
+            return rows, {"finished": sum(c[0].finished for c in completions)}
 
-            totals = in_parts(pairs_file, len(examples), config.save_every_prompts, generate_part,
-                              f"iteration {t} generation")
-            distributed.on_main(lambda: finish_stage(
-                stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
-                inputs={"model": self.model_path(t), "data": config.data.source}, pairs=len(examples),
-                finished=totals.get("finished", 0), seconds=totals.get("seconds", 0.0), sampling=asdict(sampling),
-                processes=distributed.world_size()), f"iteration {t} generation written")
+        totals = in_parts(pairs_file, len(examples), config.save_every_prompts, generate_part,
+                          f"iteration {t} generation")
+        distributed.on_main(lambda: finish_stage(
+            stage_dir, stage="generate", iteration=t, config_hash=config_hash(config),
+            inputs={"model": self.model_path(t), "data": config.data.source}, pairs=len(examples),
+            finished=totals.get("finished", 0), seconds=totals.get("seconds", 0.0), sampling=asdict(sampling),
+            processes=distributed.world_size()), f"iteration {t} generation written")
 
     def score(self, t, stage_dir: Path, model, config) -> list[ScoredPair]:
         """θt's log-probs of the pairs of iteration t and of the `mix_previous` before it, as generated (their
@@ -330,6 +333,8 @@ class SelfPlay:
         scored_file = stage_dir / "scored.jsonl"
         if shared_manifest(stage_dir) is None:
             self._score_into(scored_file, t, model, config)  # its pairs are gone before the scored ones are read
+        else:
+            log.info("iteration %d's scores: done before, kept (%s)", t, stage_dir)
         return load_scored_pairs(scored_file)
 
     def _score_into(self, scored_file: Path, t: int, model, config: RunConfig) -> None:

@@ -379,6 +379,28 @@ def test_a_model_that_is_neither_a_folder_nor_on_the_hub_is_named_with_its_setti
         fetch_model("org/absent", "baseline 'csft'")
 
 
+def test_the_hubs_error_of_several_lines_is_said_in_one(monkeypatch):
+    """spin-fast says a user's error in one line: the Hub's answer to an unknown or gated repository has four."""
+    import huggingface_hub
+
+    from spin_fast.loading import fetch_model
+
+    def not_found(*args, **kwargs):  # huggingface_hub's RepositoryNotFoundError text, as the Hub answers
+        raise OSError("404 Client Error. (Request ID: Root=1-abc)\n\nRepository Not Found for url: "
+                      "https://huggingface.co/api/models/org/absent.\nPlease make sure you specified the correct "
+                      "`repo_id` and `repo_type`.\nIf you are trying to access a private or gated repo, make sure "
+                      "you are authenticated.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    with pytest.raises(FileNotFoundError) as error:
+        fetch_model("org/absent")
+    assert str(error.value) == (
+        "model.name_or_path 'org/absent': no such model folder, and not fetched as a Hub model id (OSError: 404 "
+        "Client Error. (Request ID: Root=1-abc) Repository Not Found for url: https://huggingface.co/api/models/"
+        "org/absent. Please make sure you specified the correct `repo_id` and `repo_type`. If you are trying to "
+        "access a private or gated repo, make sure you are authenticated.)")
+
+
 def test_a_model_folder_without_its_config_or_tokenizer_is_named_with_its_setting(sorting_run, tmp_path):
     """transformers' own words ("Unrecognized model ... model_type key", "Couldn't instantiate the backend
     tokenizer ... install sentencepiece") name neither the setting nor what the folder lacks."""

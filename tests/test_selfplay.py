@@ -325,6 +325,20 @@ def test_a_run_refuses_data_changed_under_its_work(sft_model, tmp_path):
     assert [s["iteration"] for s in SelfPlay(config).run()] == [0, 1]
 
 
+def test_a_resumed_run_says_which_work_it_keeps(sft_model, tmp_path, caplog):
+    config = run_config(sft_model, tmp_path / "run", "iterations=1")
+    SelfPlay(config).run(until=(0, "score"))
+    caplog.set_level("INFO", logger="spin_fast.selfplay")
+    first = SelfPlay(config).run()
+    iter_dir = tmp_path / "run" / "iter-0"
+    assert f"iteration 0's generation: done before, kept ({iter_dir / 'generate'})" in caplog.text
+    assert f"iteration 0's scores: done before, kept ({iter_dir / 'score'})" in caplog.text
+    assert "iteration 0: done before" not in caplog.text  # trained now
+    caplog.clear()
+    assert SelfPlay(config).run() == first
+    assert caplog.messages == [f"iteration 0: done before, kept ({iter_dir / 'train'})"]
+
+
 def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, tmp_path, monkeypatch, caplog):
     config = run_config(sft_model, tmp_path / "run", "iterations=1")
     SelfPlay(config).run(until=(0, "generate"))
