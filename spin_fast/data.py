@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -451,7 +452,33 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
             break
     if skipped:
         logger.warning("%s: skipped %d invalid rows, kept %d", source, skipped, len(examples))
+    repeats = repeated_rows(examples)
+    if repeats:  # kept as the data has them: a set stitched together twice is then trained on twice
+        row, first = repeats[0]
+        logger.warning("%s: %d rows repeat an earlier row's prompt and response, and are kept (the first: %s "
+                       "repeats %s)", source, len(repeats), row.origin, first.origin)
     return LoadResult(examples, skipped)
+
+
+def repeated_rows(examples: Iterable[Example], earlier: Iterable[Example] = ()) -> list[tuple[Example, Example]]:
+    """(row, the row it repeats) for each of `examples` whose prompt and response a row before it has, in
+    `earlier` or in `examples`."""
+    first: dict[bytes, Example] = {}
+    for e in earlier:
+        first.setdefault(_row_key(e), e)
+    repeats = []
+    for e in examples:
+        key = _row_key(e)
+        if key in first:
+            repeats.append((e, first[key]))
+        else:
+            first[key] = e
+    return repeats
+
+
+def _row_key(example: Example) -> bytes:
+    # A digest, not the text: a set's keys would otherwise hold a second copy of it.
+    return hashlib.sha1(repr((example.prompt, example.response)).encode()).digest()
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:

@@ -37,7 +37,7 @@ import yaml
 
 from spin_fast import distributed, locking
 from spin_fast.config import ConfigError, DataConfig, RunConfig, as_written, differing_settings, from_dict
-from spin_fast.data import Example, TokenizedExample
+from spin_fast.data import Example, TokenizedExample, repeated_rows
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine, request_cost
@@ -160,6 +160,7 @@ class SelfPlay:
             tokenizer = load_tokenizer(self.config.model, self.sft_folder)
             for data, source, limit in sources.values():
                 self.read(data, source, limit)
+        distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         fitted = set()  # (source, budget) pairs checked: the iterations mostly share both
         for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
@@ -392,6 +393,19 @@ class SelfPlay:
                 log.warning("%s: its rows hold generated responses (real/generated pairs), which a SPIN run does not "
                             "use: each iteration's model answers the prompts itself", source)
         return self._read[key]
+
+    def _warn_held_out_rows_trained_on(self, sources: dict) -> None:
+        """Says where held-out rows (data.eval_source) are in the training set too: their figures are not held out."""
+        said = set()
+        for t, (data, eval_source, _) in sources.items():
+            if isinstance(t, str) and (data.source, eval_source) not in said:  # "eval t"
+                said.add((data.source, eval_source))
+                trained = self.read(*sources[int(t.split()[1])])
+                both = repeated_rows(self.read(data, eval_source), earlier=trained)
+                if both:
+                    log.warning("%s: %d of its %d rows are in the training set %s too (the first: %s is %s): the "
+                                "held-out figures are not held out for them", eval_source, len(both),
+                                len(self.read(data, eval_source)), data.source, both[0][0].origin, both[0][1].origin)
 
     def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
         """The examples of `source` read and tokenized with the data settings `data`, once (every rank calls it:

@@ -279,6 +279,20 @@ def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     assert any("skipped 3 invalid rows, kept 2" in m for m in messages)
 
 
+def test_rows_that_repeat_an_earlier_row_are_kept_and_said(tmp_path, caplog):
+    other = {"messages": [user("Q2"), assistant("A2")]}
+    same_prompt = {"messages": [user("Q"), assistant("another answer")]}  # one prompt, two answers: no repeat
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, other, same_prompt, GOOD, other, GOOD])
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        assert len(load_examples(path).examples) == 6
+    assert caplog.messages == [f"{path}: 3 rows repeat an earlier row's prompt and response, and are kept (the "
+                               f"first: {path} line 4 repeats {path} line 1)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        load_examples(path, limit=3)
+    assert not caplog.messages
+
+
 def test_skip_invalid_skips_leading_rows_whose_schema_cannot_be_told(tmp_path):
     """The file's first object row names its schema; under skip_invalid, the first whose schema can be told: rows
     before it are bad rows like any other."""

@@ -325,6 +325,16 @@ def test_a_run_refuses_data_changed_under_its_work(sft_model, tmp_path):
     assert [s["iteration"] for s in SelfPlay(config).run()] == [0, 1]
 
 
+def test_held_out_rows_in_the_training_set_are_said(sft_model, tmp_path, caplog):
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in [("fresh?", "yes"), QA[2]]))
+    train = sft_model / "train.jsonl"
+    with caplog.at_level("WARNING"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", f"data.eval_source={held_out}")).run(until=(0, "generate"))
+    assert caplog.messages == [f"{held_out}: 1 of its 2 rows are in the training set {train} too (the first: "
+                               f"{held_out} line 2 is {train} line 3): the held-out figures are not held out for them"]
+
+
 def test_a_resumed_run_says_which_work_it_keeps(sft_model, tmp_path, caplog):
     config = run_config(sft_model, tmp_path / "run", "iterations=1")
     SelfPlay(config).run(until=(0, "score"))
