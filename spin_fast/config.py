@@ -22,6 +22,8 @@ import yaml
 
 T = typing.TypeVar("T")
 
+# backend and loss_type are spin_kernels' own lists, written here so that a config loads without torch (a test keeps
+# them equal).
 CHOICES = {
     "mode": ("spin", "sft"),
     "loss_type": ("sigmoid", "hinge", "ipo"),

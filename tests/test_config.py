@@ -23,6 +23,13 @@ def test_yaml_then_overrides(tmp_path):
     assert load_run_config(None, []).train.optimizer == "rmsprop"  # the paper's defaults
 
 
+def test_the_kernel_choices_are_the_kernels_own():
+    from spin_fast.config import CHOICES
+    from spin_kernels import _checks
+
+    assert (CHOICES["backend"], CHOICES["loss_type"]) == (_checks.BACKENDS, _checks.LOSS_TYPES)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.learnig_rate=1", "unknown setting 'train.learnig_rate'; did you mean 'train.learning_rate'"),
     ("trian.beta=1", "unknown setting 'trian'; did you mean 'train'"),
