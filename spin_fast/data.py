@@ -387,7 +387,7 @@ def _other_format_hint(row: Any, schema: str, detected: bool) -> str:
         f" (a {other} row, but data.schema is {schema})"
 
 
-def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, detected: bool, keep_history: bool,
+def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, *, detected: bool, keep_history: bool,
                 skip_invalid: bool, limit: int | None) -> tuple[list[Example], int]:
     """The examples of a file's rows, up to `limit` of them (None: all), and the number of bad rows skipped.
     detected: whether `schema` was detected from the file's rows, or set (data.schema)."""
@@ -444,8 +444,9 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
                 raise DataError(f"{name}: no rows")
             file_schema = _file_schema(name, head, rows, skip_invalid) if schema == "auto" else schema
             _check_kind(kinds, name, file_schema)
-            kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema, schema == "auto",
-                                    keep_history, skip_invalid, None if limit is None else limit - len(examples))
+            kept, bad = _parse_rows(name, itertools.chain(head, rows), head[0][1], file_schema,
+                                    detected=schema == "auto", keep_history=keep_history, skip_invalid=skip_invalid,
+                                    limit=None if limit is None else limit - len(examples))
         examples += kept
         skipped += bad
         if len(examples) == limit:
