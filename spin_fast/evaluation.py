@@ -370,150 +370,174 @@ def evaluate_run(selfplay, eval_source: str, output: Path | None = None,
     opponent's held-out answers are saved as they finish in the folder beside it, `<output stem>-parts/`
     (SavedWork): a stopped evaluation resumes there, and evaluating again after more iterations have finished
     evaluates only the new models."""
-    config = selfplay.config
-    data = config.data
-    baselines = dict(baselines or {})
-    check_baseline_names(baselines)
-    budget, backend, progress = config.score_batch_tokens, config.train.backend, config.train.progress
-    autocast = config.train.bf16_autocast  # the models are scored at the training's precision
-    check = load_checker(data.checker) if data.checker else None  # a bad path fails before any model loads
-    selfplay.check_run_model()
-    checker_code = source_hash(check) if check is not None else None
-    if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
-        distributed.init(config.deepspeed.timeout_minutes)
-        distributed.check_same_on_every_rank(json.dumps([config_hash(config), baselines, eval_source, str(output)]),
-                                             "settings")
-    revision = selfplay.sft_revision()
-    with distributed.main_first("the models and data, from the Hub"):
-        # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).
-        folders = {config.model.name_or_path: fetch_model(config.model.name_or_path, revision=revision)}
-        folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
-        tokenizer = load_tokenizer(config.model, folders[config.model.name_or_path])
-        raw = read_examples(data, eval_source)  # the checker grades text: keep the rows beside their ids
-    examples = tokenize_examples(tokenizer, data, raw, progress)
-    check_examples_fit(examples, budget, eval_source)
-
-    # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
-    # ranks evaluate different models (and wait forever for each other).
-    # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).
-    checkpoints = [s["checkpoint"] for s in finished_summaries(selfplay.run_dir)] if distributed.is_main() else []
-    checkpoints = distributed.from_main(checkpoints, "finished iterations")
-
-    saved = SavedWork(parts_folder(output) if output is not None else None)
-    answering = Answering(config, tokenizer, lambda path: model_at(path), folders)  # model_at: below, on first use
-    for name, path in baselines.items():  # before any model loads
-        check_baseline_fits(name, folders[path], folders[config.model.name_or_path], tokenizer, answering.engine,
-                            config.model.trust_remote_code)
-    tracked = output is not None and (config.train.tensorboard or config.train.wandb)
-    if tracked:  # now, not after the first model
-        distributed.on_main(lambda: check_trackers(config.train), "the trackers' check")
-    # One W&B run for every evaluation of the run, and the parts folder's TensorBoard, opened at the first row this
-    # call computes: they get each row once, when it is computed (a saved row was sent by the call that made it).
-    trackers = Trackers(saved.folder, config.train, tracked_name(selfplay.run_dir, "eval"), {}, prefix="eval",
-                        axis="model") if tracked and distributed.is_main() else None
-    # What every figure depends on besides the models. Settings that change nothing here (the training set,
-    # the number of iterations, the trackers) are left out, so that changing them keeps the saved work.
-    settings = distributed.from_main({
-        "eval_source": path_identity(eval_source) if distributed.is_main() else None,
-        "data": {k: v for k, v in asdict(data).items() if k not in ("source", "max_prompts", "eval_source", "checker")},
-        "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
-                  "chat_template": config.model.template_text()},  # the template, not the name of its file
-        "generation": {"engine": answering.engine, "max_new_tokens": config.generation.max_new_tokens,
-                       **({"batch_size": config.generation.batch_size} if answering.engine == "transformers" else {})},
-        "score_batch_tokens": budget,
-        "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
-        "scoring under bf16 autocast": autocast,
-    }, "the evaluation's settings")
-    # What the answers depend on: score_batch_tokens cuts the scoring alone (raising it, as the fit checks ask, keeps
-    # the answers), and autocast is the scoring's.
-    answer_settings = {k: v for k, v in settings.items()
-                       if k not in ("score_batch_tokens", "scoring under bf16 autocast")}
-    identities = distributed.from_main(
-        {path: model_identity(path, folders.get(path, path)) if distributed.is_main() else None
-         for path in [config.model.name_or_path, *checkpoints, *baselines.values()]}, "the models' files")
-
-    loaded: dict[str, object] = {}
-
-    def model_at(path: str):
-        """The model at `path`; at most two are kept: an iteration's policy and its opponent."""
-        if path not in loaded:
-            while len(loaded) >= 2:
-                loaded.pop(next(iter(loaded)))
-            loaded[path] = load_policy(folders.get(path, path), config)
-        return loaded[path]
-
-    def held_out_pairs(t: int, opponent: str) -> list[TokenizedPair]:
-        # θt answers the held-out prompts with iteration t's sampling settings. Their seeds are the same in every
-        # iteration (not iteration t's training ones): the iterations' margins differ by their models, not by draws.
-        sampling = config.for_iteration(t).generation.sampling()
-
-        def make():
-            completions = answering.generate(opponent, [e.answered_prompt_ids for e in examples], sampling,
-                                             f"iteration {t}'s held-out answers")
-            pairs = answered_pairs(examples, completions, tokenizer.eos_token_id, data)
-            return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
-
-        key = {"answers of": identities[opponent], "sampling": asdict(sampling), **answer_settings}
-        pairs = saved.get_or_make(f"held-out-pairs-{t}", key, make, f"iteration {t}'s opponent's held-out answers")
-        return [TokenizedPair(*(tuple(ids) for ids in pair)) for pair in pairs]
-
-    def greedy_answers(name: str, path: str) -> list[str]:
-        # Saved apart from the row: another checker grades them again without the model answering again.
-        key = {"greedy answers of": identities[path], **answer_settings}
-        return saved.get_or_make(f"greedy-answers-{name}", key, lambda: answering.greedy(path, examples),
-                                 f"{name}'s greedy answers")
-
-    def model_row(name: str, path: str, x: int | None, opponent: tuple[int, str] | None = None) -> dict:
-        """The row of the model at `path`; with opponent (t, its path), its margins against θt on θt's answers.
-        x: its place in the run for the trackers (0 the SFT model, t + 1 iteration t's; None a baseline)."""
-        beta = config.for_iteration(opponent[0] if opponent else 0).train.beta
-
-        def make():
-            # The opponent's answers first: a vLLM engine still holds its weights from the row before.
-            pairs = held_out_pairs(*opponent) if opponent is not None else None
-            model = model_at(path)
-            if pairs is not None:  # named before this row's scoring, not by packing's budget after its first parts
-                # (every model here is loaded with model.attention: the policy shares prompts as its opponent does)
-                check_pairs_fit(pairs, model, budget, f"iteration {opponent[0]}'s held-out pair")
-            row = {"model": name, **heldout_loglik(model, examples, budget, backend, progress, autocast)}
-            if check is not None:
-                answers = greedy_answers(name, path)
-
-                def grade() -> list[float]:  # rank 0 alone: a checker may call a service, or grade apart per rank
-                    grades = checker_grades(check, raw, answers)
-                    saved.write(f"answers-{name}.jsonl", "".join(
-                        json.dumps({"prompt": user_prompt(e), "answer": a, "reference": e.response, "grade": g}) + "\n"
-                        for e, a, g in zip(raw, answers, grades)))
-                    return grades
-
-                row.update(checker_score(distributed.on_main(grade, f"{name}'s grades")))
-            if pairs is not None:
-                row.update(reward_margins(model, model_at(opponent[1]), pairs, beta, budget, backend, progress,
-                                          autocast))
-            if trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
-                trackers.log(x, row)  # again, never skipped
-            return row
-
-        # Not under "model": settings has that key (the model settings), and would hide the files' identity.
-        key = {"evaluated": identities[path], "checker": data.checker, "checker code": checker_code, **settings}
-        if opponent is not None:
-            key.update({"opponent": identities[opponent[1]], "beta": beta,
-                        "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
-        return saved.get_or_make(name, key, make, f"{name}'s evaluation")
-
+    evaluation = Evaluation(selfplay, eval_source, output, dict(baselines or {}))
     try:
         with stopping.safe_points("the evaluation") if output is not None else contextlib.nullcontext():
-            sft = config.model.name_or_path
-            rows = [model_row("sft", sft, 0)]
-            opponents = [sft, *checkpoints]  # θt, the opponent of iteration t
-            rows += [model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(checkpoints)]
-            rows += [model_row(name, path, None, (0, sft)) for name, path in baselines.items()]
+            rows = evaluation.rows()
     finally:
-        answering.close()
-        if trackers is not None:
-            trackers.close()
+        evaluation.close()
     if output is not None:
         # The file is there when any rank returns.
         distributed.on_main(lambda: write_atomically(output, "".join(json.dumps(row) + "\n" for row in rows)),
                             "evaluation written")
     return rows
+
+
+class Evaluation:
+    """evaluate_run's work: its inputs are read and checked as it is made, before any model loads; rows() gives
+    each model's row, computed or read back from the saved work."""
+
+    def __init__(self, selfplay, eval_source: str, output: Path | None, baselines: dict[str, str]):
+        config = self.config = selfplay.config
+        self.baselines = baselines
+        check_baseline_names(baselines)
+        self.check = load_checker(config.data.checker) if config.data.checker else None  # fails before any model
+        self.checker_code = source_hash(self.check) if self.check is not None else None
+        selfplay.check_run_model()
+        if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
+            distributed.init(config.deepspeed.timeout_minutes)
+            distributed.check_same_on_every_rank(
+                json.dumps([config_hash(config), baselines, eval_source, str(output)]), "settings")
+        revision = selfplay.sft_revision()
+        with distributed.main_first("the models and data, from the Hub"):
+            # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).
+            sft = config.model.name_or_path
+            self.folders = {sft: fetch_model(sft, revision=revision)}
+            self.folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
+            self.tokenizer = load_tokenizer(config.model, self.folders[sft])
+            self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
+        self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress)
+        check_examples_fit(self.examples, config.score_batch_tokens, eval_source)
+        # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
+        # ranks evaluate different models (and wait forever for each other).
+        # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).
+        self.checkpoints = distributed.from_main(
+            [s["checkpoint"] for s in finished_summaries(selfplay.run_dir)] if distributed.is_main() else [],
+            "finished iterations")
+        self.saved = SavedWork(parts_folder(output) if output is not None else None)
+        self.answering = Answering(config, self.tokenizer, self.model_at, self.folders)
+        for name, path in baselines.items():  # before any model loads
+            check_baseline_fits(name, self.folders[path], self.folders[sft], self.tokenizer, self.answering.engine,
+                                config.model.trust_remote_code)
+        tracked = output is not None and (config.train.tensorboard or config.train.wandb)
+        if tracked:  # now, not after the first model
+            distributed.on_main(lambda: check_trackers(config.train), "the trackers' check")
+        # One W&B run for every evaluation of the run, and the parts folder's TensorBoard, opened at the first row
+        # this evaluation computes: they get each row once, when it is computed (a saved row was sent by the
+        # evaluation that made it).
+        self.trackers = Trackers(self.saved.folder, config.train, tracked_name(selfplay.run_dir, "eval"), {},
+                                 prefix="eval", axis="model") if tracked and distributed.is_main() else None
+        self.settings = self._settings(eval_source)
+        # What the answers depend on: score_batch_tokens cuts the scoring alone (raising it, as the fit checks ask,
+        # keeps the answers), and autocast is the scoring's.
+        self.answer_settings = {k: v for k, v in self.settings.items()
+                                if k not in ("score_batch_tokens", "scoring under bf16 autocast")}
+        self.identities = distributed.from_main(
+            {path: model_identity(path, self.folders.get(path, path)) if distributed.is_main() else None
+             for path in [sft, *self.checkpoints, *baselines.values()]}, "the models' files")
+        self._loaded: dict[str, object] = {}
+
+    def _settings(self, eval_source: str) -> dict:
+        """What every figure depends on besides the models. Settings that change nothing here (the training set,
+        the number of iterations, the trackers) are left out, so that changing them keeps the saved work."""
+        config, engine = self.config, self.answering.engine
+        return distributed.from_main({
+            "eval_source": path_identity(eval_source) if distributed.is_main() else None,
+            "data": {k: v for k, v in asdict(config.data).items()
+                     if k not in ("source", "max_prompts", "eval_source", "checker")},
+            "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
+                      "chat_template": config.model.template_text()},  # the template, not the name of its file
+            "generation": {"engine": engine, "max_new_tokens": config.generation.max_new_tokens,
+                           **({"batch_size": config.generation.batch_size} if engine == "transformers" else {})},
+            "score_batch_tokens": config.score_batch_tokens,
+            "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
+            "scoring under bf16 autocast": config.train.bf16_autocast,  # scored at the training's precision
+        }, "the evaluation's settings")
+
+    def rows(self) -> list[dict]:
+        """The SFT model's row, each finished iteration's (margins against its opponent θt) and the baselines'."""
+        sft = self.config.model.name_or_path
+        rows = [self.model_row("sft", sft, 0)]
+        opponents = [sft, *self.checkpoints]  # θt, the opponent of iteration t
+        rows += [self.model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(self.checkpoints)]
+        rows += [self.model_row(name, path, None, (0, sft)) for name, path in self.baselines.items()]
+        return rows
+
+    def close(self) -> None:
+        self.answering.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+    def model_at(self, path: str):
+        """The model at `path`; at most two are kept: an iteration's policy and its opponent."""
+        if path not in self._loaded:
+            while len(self._loaded) >= 2:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[path] = load_policy(self.folders.get(path, path), self.config)
+        return self._loaded[path]
+
+    def held_out_pairs(self, t: int, opponent: str) -> list[TokenizedPair]:
+        # θt answers the held-out prompts with iteration t's sampling settings. Their seeds are the same in every
+        # iteration (not iteration t's training ones): the iterations' margins differ by their models, not by draws.
+        sampling = self.config.for_iteration(t).generation.sampling()
+
+        def make():
+            completions = self.answering.generate(opponent, [e.answered_prompt_ids for e in self.examples], sampling,
+                                                  f"iteration {t}'s held-out answers")
+            pairs = answered_pairs(self.examples, completions, self.tokenizer.eos_token_id, self.config.data)
+            return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
+
+        key = {"answers of": self.identities[opponent], "sampling": asdict(sampling), **self.answer_settings}
+        pairs = self.saved.get_or_make(f"held-out-pairs-{t}", key, make,
+                                       f"iteration {t}'s opponent's held-out answers")
+        return [TokenizedPair(*(tuple(ids) for ids in pair)) for pair in pairs]
+
+    def greedy_answers(self, name: str, path: str) -> list[str]:
+        # Saved apart from the row: another checker grades them again without the model answering again.
+        key = {"greedy answers of": self.identities[path], **self.answer_settings}
+        return self.saved.get_or_make(f"greedy-answers-{name}", key,
+                                      lambda: self.answering.greedy(path, self.examples), f"{name}'s greedy answers")
+
+    def grades(self, name: str, answers: list[str]) -> list[float]:
+        """The checker's grade of each answer, saved with it in answers-<name>.jsonl (rank 0 alone: a checker may
+        call a service, or grade apart per rank)."""
+        def grade() -> list[float]:
+            grades = checker_grades(self.check, self.raw, answers)
+            self.saved.write(f"answers-{name}.jsonl", "".join(
+                json.dumps({"prompt": user_prompt(e), "answer": a, "reference": e.response, "grade": g}) + "\n"
+                for e, a, g in zip(self.raw, answers, grades)))
+            return grades
+
+        return distributed.on_main(grade, f"{name}'s grades")
+
+    def model_row(self, name: str, path: str, x: int | None, opponent: tuple[int, str] | None = None) -> dict:
+        """The row of the model at `path`; with opponent (t, its path), its margins against θt on θt's answers.
+        x: its place in the run for the trackers (0 the SFT model, t + 1 iteration t's; None a baseline)."""
+        config = self.config
+        beta = config.for_iteration(opponent[0] if opponent else 0).train.beta
+        scoring = {"token_budget": config.score_batch_tokens, "backend": config.train.backend,
+                   "progress": config.train.progress, "bf16_autocast": config.train.bf16_autocast}
+
+        def make():
+            # The opponent's answers first: a vLLM engine still holds its weights from the row before.
+            pairs = self.held_out_pairs(*opponent) if opponent is not None else None
+            model = self.model_at(path)
+            if pairs is not None:  # named before this row's scoring, not by packing's budget after its first parts
+                # (every model here is loaded with model.attention: the policy shares prompts as its opponent does)
+                check_pairs_fit(pairs, model, config.score_batch_tokens, f"iteration {opponent[0]}'s held-out pair")
+            row = {"model": name, **heldout_loglik(model, self.examples, **scoring)}
+            if self.check is not None:
+                row.update(checker_score(self.grades(name, self.greedy_answers(name, path))))
+            if pairs is not None:
+                row.update(reward_margins(model, self.model_at(opponent[1]), pairs, beta, **scoring))
+            if self.trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
+                self.trackers.log(x, row)  # again, never skipped
+            return row
+
+        # Not under "model": settings has that key (the model settings), and would hide the files' identity.
+        key = {"evaluated": self.identities[path], "checker": config.data.checker, "checker code": self.checker_code,
+               **self.settings}
+        if opponent is not None:
+            key.update({"opponent": self.identities[opponent[1]], "beta": beta,
+                        "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
+        return self.saved.get_or_make(name, key, make, f"{name}'s evaluation")
