@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spin_kernels
-from helpers import TOLERANCE, assert_close, random_packed_batch, truth_token_logprobs
+from helpers import TOLERANCE, assert_close, output_dtype, random_packed_batch, truth_token_logprobs
 from spin_kernels import chunked
 
 BACKENDS = ["torch", "triton", "reference"]
@@ -37,7 +37,7 @@ def check_against_truth(backend, hidden, weight, bias, targets, dtype, requires=
     truth_hidden = truth_leaves[0] if hidden_index is None else truth_leaves[0][hidden_index]
     truth = truth_token_logprobs(truth_hidden, truth_leaves[1], targets, truth_bias)
     (truth * upstream).sum().backward()
-    assert_close(out, truth, dtype, f"{backend} logprobs", tol=tol)
+    assert_close(out, truth, output_dtype(dtype), f"{backend} logprobs", tol=tol)
     assert (out[targets == -100] == 0).all()
     for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
         if leaf.requires_grad:
@@ -174,7 +174,7 @@ def test_sequence_logprobs_sum_each_sequence(backend, dtype):
     token = truth_token_logprobs(truth_hidden, truth_weight, targets)
     truth = torch.stack([token[sequence_ids == s].sum() for s in range(7)])
     (truth * upstream).sum().backward()
-    assert_close(out, truth, dtype, f"{backend} sequence log-probs")
+    assert_close(out, truth, output_dtype(dtype), f"{backend} sequence log-probs")
     assert_close(hidden.grad, truth_hidden.grad, dtype, f"{backend} dhidden")
     assert_close(weight.grad, truth_weight.grad, dtype, f"{backend} dweight")
 
