@@ -180,3 +180,37 @@ def test_pair_with_no_loss_tokens_counts_zero():
     want = truth_spin_loss(logps[:2].tolist(), logps[2:].tolist(), opponent[:2].tolist(), opponent[2:].tolist(),
                            0.1, "sigmoid")
     assert out.loss.item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 0])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_another_ignore_index_masks_its_own_tokens(backend, ignore_index):
+    """ignore_index other than -100 (0: a tokenizer's pad id) masks exactly its tokens, in every kernel's log-probs,
+    sums and gradients; -100 is then a token no more, and appears nowhere."""
+    n_pairs, vocab, hidden_size = 3, 50, 24
+    hidden, targets, sequence_ids = random_packed_batch(n_pairs, hidden_size, vocab, torch.float32)
+    targets = torch.where(targets == -100, ignore_index, targets.clamp_min(1))  # no target is the ignored id
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64).float() / hidden_size**0.5
+    bias = 0.1 * torch.randn(vocab)
+    opponent = torch.randn(2 * n_pairs) - 40
+    hidden.requires_grad_()
+    args = {"bias": bias, "ignore_index": ignore_index, "backend": backend}
+
+    token = spin_kernels.linear_logprobs(hidden, weight, targets, **args)
+    sums = spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, 2 * n_pairs, **args)
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent, **args)
+    (dhidden,) = torch.autograd.grad(out.loss + token.sum() + sums.sum(), hidden)
+
+    truth_hidden = hidden.detach().double().requires_grad_()
+    truth_token = truth_token_logprobs(truth_hidden, weight, targets, bias, ignore_index=ignore_index)
+    truth_sums = torch.stack([truth_token[(sequence_ids == s) & (targets != ignore_index)].sum()
+                              for s in range(2 * n_pairs)])
+    truth_loss = spin_kernels.spin_loss(truth_sums[:n_pairs], truth_sums[n_pairs:], opponent[:n_pairs].double(),
+                                        opponent[n_pairs:].double()).loss
+    (truth_dhidden,) = torch.autograd.grad(truth_loss + truth_token.sum() + truth_sums.sum(), truth_hidden)
+    assert (token[targets == ignore_index] == 0).all() and (targets == ignore_index).sum() > n_pairs
+    torch.testing.assert_close(token.double(), truth_token.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums.double(), truth_sums.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.policy_logps.double(), truth_sums.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.loss.double(), truth_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dhidden.double(), truth_dhidden, rtol=1e-4, atol=1e-5)
