@@ -65,8 +65,9 @@ def padded_sequence_logps(model, sequences):
     return (logps * loss_mask[:, 1:]).sum(1)
 
 
-def naive_spin_training(model, pairs, cfg, steps):
-    """SPIN written plainly: a second model as opponent, padded batches, AdamW, clipping."""
+def naive_spin_training(model, pairs, cfg, steps, metrics=None):
+    """SPIN written plainly: a second model as opponent, padded batches, AdamW, clipping. `metrics`, a list, gets
+    each step's loss, mean rewards and margin, accuracy, gradient norm (before clipping) and its least |margin|."""
     opponent = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, eps=cfg.optimizer_eps,
                                   weight_decay=cfg.weight_decay)
@@ -81,8 +82,14 @@ def naive_spin_training(model, pairs, cfg, steps):
         loss = -F.logsigmoid(z).mean()
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        if metrics is not None:
+            real, generated = cfg.beta * (policy[:n] - opp[:n]), cfg.beta * (policy[n:] - opp[n:])
+            metrics.append({"loss": float(loss), "rewards/real": float(real.mean()),
+                            "rewards/generated": float(generated.mean()), "rewards/margins": float(z.mean()),
+                            "rewards/accuracies": float((z > 0).double().mean()), "grad_norm": float(grad_norm),
+                            "least |margin|": float(z.abs().min())})
     return model
 
 
@@ -94,7 +101,8 @@ def test_matches_naive_reference_spin(tmp_path, attention):
     cfg = config(optimizer_eps=1.0, learning_rate=0.1)
     initial = make_model()
     ours = make_model(attention=attention)
-    reference = naive_spin_training(make_model(), pairs, cfg, steps=4)
+    expected = []
+    reference = naive_spin_training(make_model(), pairs, cfg, steps=4, metrics=expected)
     scored = score_pairs(ours, pairs, token_budget=64)
     trainer = Trainer(ours, None, cfg, tmp_path, scored)
     assert trainer.share_prompts == (attention == "spin_varlen")
@@ -102,8 +110,15 @@ def test_matches_naive_reference_spin(tmp_path, attention):
     assert result.steps == 4 and max(m["micro_batches"] for m in result.history) > 1
     assert_same_updates(ours, reference, initial)
     first = result.history[0]
-    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == opponent at step 0
-    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == opponent at step 0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # Each step's metrics (the micro-batches' weighted by their pairs): the later steps', when policy and opponent
+    # differ, tell a wrong weighting apart. A margin within rounding of 0 may count either way.
+    for step, (got, truth) in enumerate(zip(result.history, expected)):
+        names = ["loss", "rewards/real", "rewards/generated", "rewards/margins", "grad_norm"]
+        for name in names + (["rewards/accuracies"] if truth["least |margin|"] > 1e-4 else []):
+            assert got[name] == pytest.approx(truth[name], rel=1e-4, abs=1e-6), (step, name)
+    assert expected[-1]["rewards/accuracies"] > 0 and expected[-1]["least |margin|"] > 1e-4
 
 
 def assert_same_updates(ours, reference, initial, steps=4):
