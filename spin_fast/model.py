@@ -119,15 +119,22 @@ def apply_liger_kernels(model: PreTrainedModel, device: torch.device) -> None:
     apply(model=model, **{k: v for k, v in wanted.items() if k in accepted})
 
 
+# Config fields with which a model's forward soft-caps or rescales its logits (Gemma 2 and 3, Cohere, Granite,
+# MiniCPM3, HyperCLOVA X, Falcon-H1), and their values that leave the logits as the head makes them.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0), "logit_scale": (None, 1), "logits_scaling": (None, 1),
+                    "lm_head_multiplier": (None, 1)}
+
+
 def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
-    """The fused head computes log softmax(h @ W.T + b): a model that rescales or soft-caps its
-    logits would silently get the wrong loss, so it is refused."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    if softcap:
-        raise ValueError(f"{name}: final_logit_softcapping={softcap} is not supported by the fused head")
-    if scale not in (None, 1, 1.0):
-        raise ValueError(f"{name}: logit_scale={scale} is not supported by the fused head")
+    """The fused head computes log softmax(h @ W.T + b): a model that rescales or soft-caps its logits would
+    silently get the wrong log-probs, and train on them, so it is refused."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's own
+    for settings in {id(config): config, id(text_config): text_config}.values():
+        for field, plain in LOGIT_TRANSFORMS.items():
+            value = getattr(settings, field, None)
+            if value not in plain:
+                raise ValueError(f"{name}: {field}={value}: the model soft-caps or rescales its logits, which the "
+                                 "fused head (log softmax(h @ W.T + b)) does not do: its log-probs would be wrong")
 
 
 def body(model: PreTrainedModel) -> torch.nn.Module:
@@ -137,7 +144,9 @@ def body(model: PreTrainedModel) -> torch.nn.Module:
 
 
 def head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight [V, H] and bias (None for most models); tied heads share the embedding."""
+    """The LM head's weight [V, H] and bias (None for most models); tied heads share the embedding. A model whose
+    logits are more than the head's (check_head_is_plain) is refused here too: it may be loaded elsewhere."""
+    check_head_is_plain(model.config, getattr(model, "name_or_path", "") or type(model).__name__)
     output = model.get_output_embeddings()
     return output.weight, getattr(output, "bias", None)
 

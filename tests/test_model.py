@@ -61,11 +61,36 @@ def test_gradient_checkpointing_and_attention_choice(saved_model):
         spin_model.pick_attention("flash")
 
 
-def test_refuses_heads_the_kernel_cannot_compute(tmp_path):
-    config = spin_model.tiny_config("llama")
-    config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        spin_model.check_head_is_plain(config, "gemma-like")
+@pytest.mark.parametrize("family, field, value", [("Gemma2", "final_logit_softcapping", 0.02),
+                                                  ("Granite", "logits_scaling", 8.0),
+                                                  ("Cohere", "logit_scale", 0.0625)])
+def test_refuses_heads_the_kernel_cannot_compute(tmp_path, family, field, value):
+    """A model whose forward soft-caps or rescales its logits is refused as it loads, and also where a model
+    loaded elsewhere reaches the fused head (scoring, training): its log-probs would be silently wrong."""
+    import transformers
+
+    from spin_fast.packing import Sequence
+    from spin_fast.scoring import model_logprobs
+
+    sizes = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
+    config = getattr(transformers, f"{family}Config")(**sizes, **{field: value})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # the head alone would give other log-probs than the model's own
+        ids = torch.arange(3, 10)[None]
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+        assert not torch.allclose(model(ids).logits, model.get_output_embeddings()(hidden), atol=1e-3)
+    message = rf"{field}={value}: the model soft-caps or rescales its logits"
+    with pytest.raises(ValueError, match=message):
+        model_logprobs(model, [[Sequence((3, 4, 5), (6, 7, 2))]], 64)
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'model'}: {message}"):
+        spin_model.load_causal_lm(tmp_path / "model")
+    setattr(config, field, None if field == "final_logit_softcapping" else 1.0)  # the plain head: accepted
+    model_logprobs(AutoModelForCausalLM.from_config(config), [[Sequence((3, 4, 5), (6, 7, 2))]], 64)
+
+
+def test_refuses_a_model_with_code_of_its_own_without_trust_remote_code(tmp_path):
     config = spin_model.tiny_config("llama")
     config.auto_map = {"AutoModelForCausalLM": "modeling_custom.Custom"}
     config.save_pretrained(tmp_path)
