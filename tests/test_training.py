@@ -284,6 +284,27 @@ def test_sft_mode_loss_is_token_mean_cross_entropy_and_falls(tmp_path):
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
 
 
+def test_sft_mode_matches_a_padded_reference(tmp_path):
+    """SFT's gradient over micro-batches of uneven token counts: the mean cross-entropy over the step's response
+    tokens, as one padded batch gives it (each micro-batch weighted by its tokens, not by its examples)."""
+    examples = [Sequence(p.prompt_ids, p.real_ids) for p in random_pairs(6)]
+    cfg = config(mode="sft", optimizer_eps=1.0, learning_rate=0.1, micro_batch_tokens=24)
+    initial, ours, reference = make_model(), make_model(), make_model()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.learning_rate, eps=cfg.optimizer_eps,
+                                  weight_decay=cfg.weight_decay)
+    for step in range(4):
+        batch = [examples[i] for i in step_items(len(examples), cfg, step)]
+        logps = padded_sequence_logps(reference, [(e.prompt_ids, e.response_ids) for e in batch])
+        loss = -logps.sum() / sum(len(e.response_ids) for e in batch)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+    result = Trainer(ours, None, cfg, tmp_path, examples).train()
+    assert result.steps == 4 and max(m["micro_batches"] for m in result.history) > 1
+    assert_same_updates(ours, reference, initial)
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     model = make_model()
     scored = score_pairs(model, random_pairs(4), token_budget=64)
