@@ -48,6 +48,15 @@ def test_two_iterations_mix_the_previous_pairs(sft_model, tmp_path):
     assert len(table) == 4 and "rewards/margins" in table[0] and "train_s" in table[0]
     manifest = json.loads((tmp_path / "run" / "iter-1" / "score" / "manifest.json").read_text())
     assert manifest["seconds"] > 0 and len(manifest["inputs"]["pairs"]) == 2
+    # Iteration 1 trains on its own pairs, then iteration 0's, all scored by its opponent θ1 (not θ0's scores).
+    scored = load_scored_pairs(tmp_path / "run" / "iter-1" / "score" / "scored.jsonl")
+    generated = [load_scored_pairs(tmp_path / "run" / f"iter-{t}" / "generate" / "pairs.jsonl") for t in (1, 0)]
+    assert [astuple(p)[:3] for p in scored] == [astuple(p)[:3] for p in generated[0] + generated[1]]
+    assert generated[0] != generated[1]  # θ1 answers other than θ0
+    opponent = AutoModelForCausalLM.from_pretrained(summaries[0]["checkpoint"])
+    rescored = score_pairs(opponent, scored, 512, backend="torch")  # packed otherwise: equal to rounding
+    assert [x for p in scored for x in astuple(p)[3:]] == pytest.approx([x for p in rescored for x in astuple(p)[3:]],
+                                                                        rel=1e-5)
     # Started again when finished: nothing is redone. What a kill between a stage's manifest and its tidying
     # leaves, a finished stage's parts/ (a copy of its output) and a summary table short of the last iteration,
     # is tidied then.
