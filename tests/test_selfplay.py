@@ -167,9 +167,10 @@ def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
     assert scored != score_pairs(model, pairs, config.score_batch_tokens, backend="torch")
 
 
-def test_held_out_figures_are_scored_in_the_training_precision(sft_model):
-    """Eval's log-likelihoods and margins under train.bf16_autocast: the sums of score_pairs' bf16-autocast log-probs
-    (they were scored in fp32 whatever the training's precision)."""
+def test_held_out_figures_average_each_pair_in_the_training_precision(sft_model):
+    """Eval's log-likelihoods and margins over pairs of uneven lengths: averages of score_pairs' per-sequence sums
+    (tested against padded batches), per token and per response, under train.bf16_autocast as in training (they
+    were scored in fp32 whatever the training's precision)."""
     from spin_fast.data import TokenizedExample
     from spin_fast.evaluation import heldout_loglik, reward_margins
     from spin_fast.scoring import TokenizedPair, model_logprobs
@@ -179,19 +180,30 @@ def test_held_out_figures_are_scored_in_the_training_precision(sft_model):
     with torch.no_grad():
         for parameter in policy.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    ids = torch.randint(3, model.config.vocab_size, (5, 3, 6)).tolist()
-    pairs = [TokenizedPair(*map(tuple, triple)) for triple in ids]
+
+    def ids():
+        return tuple(torch.randint(3, model.config.vocab_size, (int(torch.randint(1, 9, ())),)).tolist())
+
+    pairs = [TokenizedPair(ids(), ids(), ids()) for _ in range(16)]  # margins of both signs but once in 30,000
     examples = [TokenizedExample(p.prompt_ids, p.real_ids, None) for p in pairs]
+    beta, n = 0.1, len(pairs)
     for autocast in (True, False):
         ours, theirs = (score_pairs(m, [ScoredPair(*astuple(p)) for p in pairs], 64, backend="torch",
                                     bf16_autocast=autocast) for m in (policy, model))
-        got = reward_margins(policy, model, pairs, 0.1, 64, "torch", bf16_autocast=autocast)
-        margins = [0.1 * ((o.opponent_real - t.opponent_real) - (o.opponent_generated - t.opponent_generated))
-                   for o, t in zip(ours, theirs)]
-        assert got["rewards/margins"] == pytest.approx(sum(margins) / len(margins), rel=1e-12, abs=1e-12)
-        loglik = heldout_loglik(model, examples, 64, "torch", bf16_autocast=autocast)["loglik_per_response"]
-        alone = model_logprobs(model, [[p.sequences()[0]] for p in pairs], 64, backend="torch", bf16_autocast=autocast)
-        assert loglik == pytest.approx(float(alone.mean()), rel=1e-12)  # packed without the generated responses
+        real = [beta * (o.opponent_real - t.opponent_real) for o, t in zip(ours, theirs)]
+        generated = [beta * (o.opponent_generated - t.opponent_generated) for o, t in zip(ours, theirs)]
+        margins = [r - g for r, g in zip(real, generated)]
+        got = reward_margins(policy, model, pairs, beta, 64, "torch", bf16_autocast=autocast)
+        expected = {"rewards/real": sum(real) / n, "rewards/generated": sum(generated) / n,
+                    "rewards/margins": sum(margins) / n, "rewards/accuracies": sum(m > 0 for m in margins) / n}
+        assert got == pytest.approx({**expected, "pairs": n}, rel=1e-12, abs=1e-12)
+        assert 0 < expected["rewards/accuracies"] < 1  # margins of both signs: the mean tells them apart
+        loglik = heldout_loglik(model, examples, 64, "torch", bf16_autocast=autocast)
+        alone = model_logprobs(model, [[p.sequences()[0]] for p in pairs], 64, backend="torch",
+                               bf16_autocast=autocast)[:, 0]  # packed without the generated responses
+        tokens = sum(len(p.real_ids) for p in pairs)
+        assert loglik == pytest.approx({"loglik_per_token": float(alone.sum()) / tokens,
+                                        "loglik_per_response": float(alone.mean()), "responses": n}, rel=1e-12)
         if autocast:
             autocast_loglik = loglik
     assert autocast_loglik != loglik
