@@ -18,12 +18,26 @@ def readme_python_block(marker: str) -> str:
     return next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if marker in block)
 
 
-def test_readme_kernel_example_runs():
+def test_readme_kernel_example_runs_and_is_spin():
+    """The README's first example against SPIN written plainly in float64 (full logits), at smaller sizes: its
+    [N, V] float64 logits would take 1 GB."""
+    block = readme_python_block("import spin_kernels")
+    sizes = "N, H, V, P = 4096, 1024, 32000, 8"
+    assert sizes in block
     scope: dict = {}
-    exec(compile(readme_python_block("import spin_kernels"), "README.md", "exec"), scope)
-    out = scope["out"]
-    assert out.loss.isfinite() and scope["hidden"].grad is not None and scope["weight"].grad is not None
-    assert out.policy_logps.shape == (2 * scope["P"],)
+    exec(compile(block.replace(sizes, "N, H, V, P = 300, 48, 500, 8"), "README.md", "exec"), scope)
+    out, hidden, weight, P = scope["out"], scope["hidden"], scope["weight"], scope["P"]
+    targets, sequence_ids, opponent = scope["targets"], scope["sequence_ids"], scope["opponent_logps"].double()
+    truth_hidden, truth_weight = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    token = (truth_hidden @ truth_weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    sums = torch.zeros(2 * P, dtype=torch.float64).index_add(0, sequence_ids, token)  # no target is -100 there
+    z = 0.1 * ((sums[:P] - opponent[:P]) - (sums[P:] - opponent[P:]))
+    loss = torch.nn.functional.softplus(-z).mean()
+    loss.backward()
+    torch.testing.assert_close(out.policy_logps.double(), sums.detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.loss.double(), loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), truth_hidden.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(weight.grad.double(), truth_weight.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_readme_padded_dpo_recipe_is_dpo():

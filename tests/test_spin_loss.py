@@ -55,23 +55,28 @@ def test_torch_backend_pair_chunking(chunk_tokens, loss_type, monkeypatch):
     check_fused_against_truth("torch", torch.float32, loss_type, n_pairs=6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
-@pytest.mark.parametrize("chunk_tokens", [9, 1000])
+# The torch backend alone chunks (chunked.CHUNK_BYTES): pairs longer than a chunk (9 tokens) take its recomputing
+# path, whole pairs in a chunk (1000) its one-pass path.
+BACKEND_CHUNKS = [("torch", 9), ("torch", 1000), ("triton", None), ("reference", None)]
+
+
+@pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS)
 @pytest.mark.parametrize("nll_weight", [0.0, 0.01])
 def test_hidden_index_shares_rows(backend, chunk_tokens, nll_weight, monkeypatch):
     """Tokens that read one hidden row through hidden_index (a prompt shared by both responses of a pair):
     the row's gradient sums theirs, on the one-pass and the recomputing torch paths."""
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    if chunk_tokens is not None:
+        monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
     check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=4, nll_weight=nll_weight, shared_rows=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("chunk_tokens", [9, 1000])
+@pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS[:3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradient_through_policy_logps(backend, chunk_tokens, dtype, monkeypatch):
     """An extra term on the sequence log-probs (an NLL term, say) gets its gradient too (in bf16, added to the
     loss's gradient that the torch backend holds in bf16 from its forward)."""
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    if chunk_tokens is not None:
+        monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
     check_fused_against_truth(backend, dtype, "sigmoid", n_pairs=4, nll_weight=0.01)
 
 
