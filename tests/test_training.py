@@ -49,8 +49,8 @@ def config(**overrides):
 
 
 # ------------------------------------------------------------------------ the naive reference
-def padded_sequence_logps(model, sequences):
-    """Sum of response-token log-probs per sequence: right-padded batch, full logits, fp32."""
+def padded_sequence_logps(model, sequences, dtype=torch.float32):
+    """Sum of response-token log-probs per sequence: right-padded batch, full logits in `dtype`."""
     longest = max(len(p) + len(r) for p, r in sequences)
     input_ids = torch.zeros(len(sequences), longest, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
@@ -60,7 +60,7 @@ def padded_sequence_logps(model, sequences):
         input_ids[row, : len(tokens)] = torch.tensor(tokens)
         attention[row, : len(tokens)] = 1
         loss_mask[row, len(prompt) : len(tokens)] = True
-    logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention).logits.to(dtype)
     logps = logits[:, :-1].log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     return (logps * loss_mask[:, 1:]).sum(1)
 
@@ -398,13 +398,13 @@ def test_scores_are_the_padded_batch_log_probs(attention):
     """The opponent's scores, packed (a pair's prompt held once with spin_varlen), against a padded batch with
     full logits."""
     pairs = random_pairs(7)
-    model = make_model(attention=attention)
+    model = make_model(attention=attention).double()  # in float64, each side's rounding is far below the bound
     scored = score_pairs(model, pairs, token_budget=40)
     with torch.no_grad():
-        padded = padded_sequence_logps(make_model(), [(p.prompt_ids, p.real_ids) for p in pairs] +
-                                       [(p.prompt_ids, p.generated_ids) for p in pairs])
+        padded = padded_sequence_logps(make_model().double(), [(p.prompt_ids, p.real_ids) for p in pairs] +
+                                       [(p.prompt_ids, p.generated_ids) for p in pairs], dtype=torch.float64)
     got = torch.tensor([s.opponent_real for s in scored] + [s.opponent_generated for s in scored], dtype=torch.float64)
-    assert torch.allclose(got, padded.double(), rtol=1e-5, atol=1e-4), (got - padded.double()).abs().max()
+    assert torch.allclose(got, padded, rtol=1e-10, atol=1e-10), (got - padded).abs().max()
 
 
 def test_scored_pairs_round_trip(tmp_path):
