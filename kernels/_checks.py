@@ -29,6 +29,17 @@ def check_loss_type(loss_type: str) -> None:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
+def check_label_smoothing(label_smoothing: float, loss_type: str) -> None:
+    """cDPO's label smoothing: the probability that a pair's labels are flipped, in [0, 0.5); the sigmoid loss's."""
+    if isinstance(label_smoothing, torch.Tensor):
+        raise ValueError(f"label_smoothing must be a Python number, not a tensor (got {label_smoothing!r})")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+            or not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing is the sigmoid loss's (cDPO), got loss_type={loss_type!r}")
+
+
 def check_beta(beta: float) -> None:
     if isinstance(beta, torch.Tensor):  # refused, not read: float() of a CUDA tensor waits for the GPU
         raise ValueError(f"beta must be a Python number, not a tensor: pass float(beta) (got {beta!r})")

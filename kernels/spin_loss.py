@@ -1,7 +1,8 @@
 """The SPIN loss (DPO's loss with chosen = real, rejected = generated), and its fused head version.
 
     z = beta * [(log p(y) - log p_opp(y)) - (log p(y') - log p_opp(y'))]
-    loss = mean over pairs of log(1 + exp(-z))   ("sigmoid", the paper's and DPO's)
+    loss = mean over pairs of log(1 + exp(-z))   ("sigmoid", the paper's and DPO's; with label_smoothing e,
+                                                  cDPO's (1 - e) log(1 + exp(-z)) + e log(1 + exp(z)))
                            or max(0, 1 - z)       ("hinge", the paper's other choice)
                            or (z / beta - 1 / (2 beta))^2   ("ipo", Azar et al. 2023: the log-ratio
                               difference regressed onto 1 / (2 beta); on summed log-probs, as the
@@ -20,6 +21,7 @@ from ._checks import (
     check_backend,
     check_beta,
     check_ignore_index,
+    check_label_smoothing,
     check_linear_inputs,
     check_loss_type,
     check_pair_logps,
@@ -50,14 +52,19 @@ class FusedSpinLossOutput(NamedTuple):
     accuracy: torch.Tensor
 
 
-def pair_losses(policy_real, policy_generated, opponent_real, opponent_generated, *, beta, loss_type):
+def pair_losses(policy_real, policy_generated, opponent_real, opponent_generated, *, beta, loss_type,
+                label_smoothing=0.0):
     """Per-pair SPIN losses [P] of the log-ratio difference h = (pr - or) - (pg - og)."""
     h = (policy_real - opponent_real) - (policy_generated - opponent_generated)
     if loss_type == "ipo":
         return (h - 1.0 / (2.0 * beta)) ** 2
     z = beta * h
+    if loss_type == "hinge":
+        return torch.relu(1.0 - z)
     # -logsigmoid, not softplus(-z): softplus cuts to z beyond |z| > 20 and loses float64 digits.
-    return -F.logsigmoid(z) if loss_type == "sigmoid" else torch.relu(1.0 - z)
+    if label_smoothing:
+        return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return -F.logsigmoid(z)
 
 
 def spin_loss(
@@ -68,13 +75,16 @@ def spin_loss(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> SpinLossOutput:
     """SPIN's loss over P pairs from sequence log-probs [P] (sums over response tokens).
 
-    It is DPO's loss with chosen = real and rejected = generated, reference = opponent.
+    It is DPO's loss with chosen = real and rejected = generated, reference = opponent. label_smoothing (sigmoid
+    loss only): cDPO's, the probability that a pair's preference is flipped.
     """
     check_loss_type(loss_type)
     check_beta(beta)
+    check_label_smoothing(label_smoothing, loss_type)
     names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
@@ -83,7 +93,7 @@ def spin_loss(
     rewards_real = (beta * (values[0] - values[2])).detach()
     rewards_generated = (beta * (values[1] - values[3])).detach()
     return SpinLossOutput(
-        loss=pair_losses(*values, beta=beta, loss_type=loss_type).mean(),
+        loss=pair_losses(*values, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing).mean(),
         rewards_real=rewards_real,
         rewards_generated=rewards_generated,
         margins=rewards_real - rewards_generated,
@@ -100,6 +110,7 @@ def fused_linear_spin_loss(
     *,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     hidden_index: torch.Tensor | None = None,
@@ -114,10 +125,11 @@ def fused_linear_spin_loss(
     len(opponent_logps) // 2, whatever sequence_ids hold.
     hidden_index [M] (optional): the row of hidden that predicts each target; targets and sequence_ids
     are then [M]. With a prompt shared by a pair's two responses, its last row predicts the first
-    token of each.
+    token of each. label_smoothing: as spin_loss's.
     """
     check_loss_type(loss_type)
     check_beta(beta)
+    check_label_smoothing(label_smoothing, loss_type)
     check_backend(backend)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
                         hidden_index=hidden_index)
@@ -131,7 +143,7 @@ def fused_linear_spin_loss(
         with without_autocast(hidden):
             loss, policy_logps = ChunkedFusedSpinLoss.apply(
                 hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps,
-                functools.partial(pair_losses, beta=beta, loss_type=loss_type), need,
+                functools.partial(pair_losses, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing), need,
             )
     else:
         token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
@@ -140,23 +152,26 @@ def fused_linear_spin_loss(
     opponent = opponent_logps.to(policy_logps.dtype)
     out = spin_loss(
         policy_logps[:n_pairs], policy_logps[n_pairs:], opponent[:n_pairs], opponent[n_pairs:],
-        beta=beta, loss_type=loss_type,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
     )
     return FusedSpinLossOutput(out.loss if loss is None else loss, policy_logps, *out[1:])
 
 
 class FusedLinearSPINLoss(torch.nn.Module):
-    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, ignore_index, backend."""
+    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, label_smoothing, ignore_index, backend."""
 
     def __init__(
-        self, beta: float = 0.1, loss_type: str = "sigmoid", ignore_index: int = -100, backend: str = "auto"
+        self, beta: float = 0.1, loss_type: str = "sigmoid", ignore_index: int = -100, backend: str = "auto",
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         check_loss_type(loss_type)
         check_beta(beta)
+        check_label_smoothing(label_smoothing, loss_type)
         check_backend(backend)
         check_ignore_index(ignore_index)
         self.beta, self.loss_type, self.ignore_index, self.backend = beta, loss_type, ignore_index, backend
+        self.label_smoothing = label_smoothing
 
     def forward(
         self,
@@ -169,11 +184,11 @@ class FusedLinearSPINLoss(torch.nn.Module):
         hidden_index: torch.Tensor | None = None,
     ) -> FusedSpinLossOutput:
         return fused_linear_spin_loss(
-            hidden, weight, targets, sequence_ids, opponent_logps, beta=self.beta,
-            loss_type=self.loss_type, bias=bias, ignore_index=self.ignore_index, hidden_index=hidden_index,
+            hidden, weight, targets, sequence_ids, opponent_logps, beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing, bias=bias, ignore_index=self.ignore_index, hidden_index=hidden_index,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, loss_type={self.loss_type!r}, ignore_index={self.ignore_index}, "
-                f"backend={self.backend!r}")
+        return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
+                f"ignore_index={self.ignore_index}, backend={self.backend!r}")

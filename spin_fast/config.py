@@ -43,6 +43,7 @@ class TrainConfig:
     mode: str = "spin"
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO's: the chance that a pair's preference is flipped (sigmoid loss only)
     optimizer: str = "rmsprop"  # the paper's
     learning_rate: float = 5e-7
     weight_decay: float = 0.0
@@ -82,6 +83,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing is the sigmoid loss's (cDPO), got loss_type {self.loss_type!r}")
         for name in ("max_grad_norm", "weight_decay", "save_every"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")

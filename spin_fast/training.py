@@ -148,7 +148,8 @@ class PackedLoss(torch.nn.Module):
             return loss, {"loss": loss.detach() * n_loss, "count": torch.tensor(n_loss)}
         out = spin_kernels.fused_linear_spin_loss(
             hidden, weight, batch.targets, batch.sequence_ids, opponent_logps, beta=self.config.beta,
-            loss_type=self.config.loss_type, bias=bias, hidden_index=batch.hidden_index, backend=self.config.backend,
+            loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing, bias=bias,
+            hidden_index=batch.hidden_index, backend=self.config.backend,
         )
         n = out.margins.numel()
         return out.loss, {

@@ -61,16 +61,19 @@ def truth_token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100) 
     return torch.where(keep, logps, torch.zeros_like(logps))
 
 
-def truth_spin_loss(policy_real, policy_generated, opponent_real, opponent_generated, beta, loss_type):
+def truth_spin_loss(policy_real, policy_generated, opponent_real, opponent_generated, beta, loss_type,
+                    label_smoothing=0.0):
     """The per-pair loss, one pair at a time in Python floats, averaged."""
     losses = []
     for pr, pg, orl, og in zip(policy_real, policy_generated, opponent_real, opponent_generated):
         h = (pr - orl) - (pg - og)
         if loss_type == "ipo":
             losses.append((h - 1 / (2 * beta)) ** 2)
-        else:
+        elif loss_type == "sigmoid":  # cDPO: with probability label_smoothing the pair's preference is flipped
             z = beta * h
-            losses.append(math.log1p(math.exp(-z)) if loss_type == "sigmoid" else max(0.0, 1.0 - z))
+            losses.append((1 - label_smoothing) * math.log1p(math.exp(-z)) + label_smoothing * math.log1p(math.exp(z)))
+        else:
+            losses.append(max(0.0, 1.0 - beta * h))
     return sum(losses) / len(losses)
 
 
@@ -94,7 +97,7 @@ def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: 
 def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, n_pairs: int, nll_weight: float = 0.0,
                               vocab: int = 611, hidden_size: int = 56, device: str = "cpu",
                               shared_rows: bool = False, opponent_grad: bool = False,
-                              autocast: bool = False) -> None:
+                              autocast: bool = False, label_smoothing: float = 0.0) -> None:
     """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd.
 
     shared_rows: the tokens read half as many hidden rows through hidden_index, most rows twice.
@@ -122,7 +125,8 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = spin_kernels.fused_linear_spin_loss(
-            *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type, bias=leaves[2],
+            *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type,
+            label_smoothing=label_smoothing, bias=leaves[2],
             hidden_index=hidden_index, backend=backend,
         )
     (out.loss + nll_weight * out.policy_logps.sum()).backward()
@@ -132,7 +136,9 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
     opp = opponent.detach().double().requires_grad_(opponent_grad)
     z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
-    loss = {"sigmoid": lambda: torch.nn.functional.softplus(-z), "hinge": lambda: torch.relu(1 - z),
+    softplus = torch.nn.functional.softplus  # cDPO's label smoothing: the flipped pair's loss in part
+    loss = {"sigmoid": lambda: (1 - label_smoothing) * softplus(-z) + label_smoothing * softplus(z),
+            "hinge": lambda: torch.relu(1 - z),
             "ipo": lambda: (z / beta - 1 / (2 * beta)) ** 2}[loss_type]().mean()
     (loss + nll_weight * seq.sum()).backward()
 

@@ -49,6 +49,7 @@ def test_the_kernel_choices_are_the_kernels_own():
     ("data.cut_prompt=sometimes", r"data: cut_prompt must be one of \('always', 'when_too_long'\), got 'sometimes'"),
     ("train.attention=sdpa", r"train: attention: set model.attention instead \(train.attention is unused\)"),
     ("score_batch_tokens=0", "score_batch_tokens must be >= 1"),
+    ("train.label_smoothing=0.5", r"train: label_smoothing must be in \[0, 0.5\), got 0.5"),
     ("generation.temperature=.nan", r"generation: temperature must be a finite number >= 0 \(0: greedy\), got nan"),
     ("generation.temperature=.inf", "temperature must be a finite number >= 0"),
     ("train.beta=[1", r"^--set train.beta=\[1, line 1: expected ',' or '\]', but got '<stream end>'"),
@@ -226,3 +227,10 @@ def test_a_bad_setting_is_named_with_where_it_was_given(tmp_path):
         load_run_config(path, ["train.beta=0.3", "data.max_length=16", "iterations=2"])
     with pytest.raises(ConfigError, match=r"^--set iterations=x: setting 'iterations' must be int"):
         load_run_config(None, ["iterations=x"])
+
+
+def test_label_smoothing_is_the_sigmoid_losss():
+    message = r"train: label_smoothing is the sigmoid loss's \(cDPO\), got loss_type 'ipo'"
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, ["train.loss_type=ipo", "train.label_smoothing=0.1"])
+    assert load_run_config(None, ["train.label_smoothing=0.1"]).train.label_smoothing == 0.1

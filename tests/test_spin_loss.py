@@ -32,6 +32,41 @@ def test_spin_loss_formula_and_metrics(loss_type, n_pairs):
     assert torch.allclose(logps[1].grad, -beta * dl_dz / n_pairs)
 
 
+@pytest.mark.parametrize("n_pairs", [1, 7])
+def test_label_smoothing_is_cdpo(n_pairs):
+    """cDPO (Mitchell 2023): each pair's preference flipped with probability e; its gradient written out by hand."""
+    logps = [(torch.randn(n_pairs, dtype=torch.float64) * 20 - 60).requires_grad_() for _ in range(4)]
+    beta, smoothing = float(torch.empty(()).uniform_(0.05, 0.5)), 0.2
+    out = spin_kernels.spin_loss(*logps, beta=beta, label_smoothing=smoothing)
+    expected = truth_spin_loss(*[x.tolist() for x in logps], beta, "sigmoid", smoothing)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    out.loss.backward()
+    z = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3])).detach()
+    dl_dz = -(1 - smoothing) * torch.sigmoid(-z) + smoothing * torch.sigmoid(z)
+    assert torch.allclose(logps[0].grad, beta * dl_dz / n_pairs, rtol=1e-12, atol=0)
+    plain = spin_kernels.spin_loss(*logps, beta=beta, label_smoothing=0.0).loss
+    assert plain.item() == pytest.approx(truth_spin_loss(*[x.tolist() for x in logps], beta, "sigmoid"), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_fused_loss_with_label_smoothing_matches_float64_truth(backend):
+    check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=5, nll_weight=0.01, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("value, loss_type, message", [
+    (0.5, "sigmoid", r"label_smoothing must be a number in \[0, 0.5\), got 0.5"),
+    (-0.1, "sigmoid", r"label_smoothing must be a number in \[0, 0.5\), got -0.1"),
+    (True, "sigmoid", r"label_smoothing must be a number in \[0, 0.5\), got True"),
+    (0.1, "hinge", r"label_smoothing is the sigmoid loss's \(cDPO\), got loss_type='hinge'"),
+])
+def test_label_smoothing_errors(value, loss_type, message):
+    logps = torch.zeros(4)
+    with pytest.raises(ValueError, match=message):
+        spin_kernels.spin_loss(*logps[:, None], loss_type=loss_type, label_smoothing=value)
+    with pytest.raises(ValueError, match=message):
+        spin_kernels.FusedLinearSPINLoss(loss_type=loss_type, label_smoothing=value)
+
+
 def test_spin_loss_is_dpo_loss():
     """With chosen = real and rejected = generated, SPIN's sigmoid loss is DPO's -logsigmoid(beta*h)."""
     pr, pg, orl, og = (torch.randn(5) * 10 for _ in range(4))

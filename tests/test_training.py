@@ -79,7 +79,7 @@ def naive_spin_training(model, pairs, cfg, steps, metrics=None):
         policy = padded_sequence_logps(model, sequences)
         n = len(batch)
         z = cfg.beta * ((policy[:n] - opp[:n]) - (policy[n:] - opp[n:]))
-        loss = -F.logsigmoid(z).mean()
+        loss = (-(1 - cfg.label_smoothing) * F.logsigmoid(z) - cfg.label_smoothing * F.logsigmoid(-z)).mean()
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -119,6 +119,17 @@ def test_matches_naive_reference_spin(tmp_path, attention):
         for name in names + (["rewards/accuracies"] if truth["least |margin|"] > 1e-4 else []):
             assert got[name] == pytest.approx(truth[name], rel=1e-4, abs=1e-6), (step, name)
     assert expected[-1]["rewards/accuracies"] > 0 and expected[-1]["least |margin|"] > 1e-4
+
+
+def test_label_smoothing_matches_naive_cdpo(tmp_path):
+    pairs = random_pairs(6)
+    cfg = config(optimizer_eps=1.0, learning_rate=0.1, label_smoothing=0.3)
+    initial, ours = make_model(), make_model()
+    reference = naive_spin_training(make_model(), pairs, cfg, steps=4)
+    Trainer(ours, None, cfg, tmp_path, score_pairs(ours, pairs, token_budget=64)).train()
+    assert_same_updates(ours, reference, initial)
+    plain = naive_spin_training(make_model(), pairs, cfg.replace(label_smoothing=0.0), steps=4)
+    assert change_gap(plain, reference, initial) > 0.1  # the smoothing changes the training
 
 
 def assert_same_updates(ours, reference, initial, steps=4):
