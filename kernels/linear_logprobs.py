@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -80,8 +81,9 @@ def sequence_logprobs(
     sequence_ids [N] (or [M] with hidden_index) puts each token in a sequence in [0, n_sequences); tokens whose
     target is ignore_index may carry any id, and a sequence with no loss token has log-prob 0.
     """
-    if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 1:
+    if isinstance(n_sequences, bool) or not isinstance(n_sequences, numbers.Integral) or n_sequences < 1:
         raise ValueError(f"n_sequences must be an int >= 1, got {n_sequences!r}")
+    n_sequences = int(n_sequences)  # a NumPy integer too
     token_logps = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                   hidden_index=hidden_index, backend=backend)  # checks every other input
     check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index)

@@ -1,5 +1,6 @@
 """linear_logprobs on every backend against the float64 truth: values and every gradient."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,5 +188,7 @@ def test_sequence_logprobs_errors_name_the_argument():
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="n_sequences must be an int >= 1"):
             spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, bad)
+    assert torch.equal(spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, np.int64(4)),
+                       spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, 4))  # a NumPy count
     with pytest.raises(ValueError, match="sequence_ids must have one entry per token"):
         spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids[:-1], 4)
