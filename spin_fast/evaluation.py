@@ -393,12 +393,12 @@ class Evaluation:
         check_baseline_names(baselines)
         self.check = load_checker(config.data.checker) if config.data.checker else None  # fails before any model
         self.checker_code = source_hash(self.check) if self.check is not None else None
-        selfplay.check_run_model()
+        selfplay.directory.check_model()
         if distributed.launched_distributed():  # before any model loads: on GPUs, each rank takes its own
             distributed.init(config.deepspeed.timeout_minutes)
             distributed.check_same_on_every_rank(
                 json.dumps([config_hash(config), baselines, eval_source, str(output)]), "settings")
-        revision = selfplay.sft_revision()
+        revision = selfplay.directory.sft_revision()
         with distributed.main_first("the models and data, from the Hub"):
             # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).
             sft = config.model.name_or_path

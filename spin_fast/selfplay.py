@@ -13,6 +13,8 @@ stopped; training resumes from its own checkpoints.
     run_dir/summary.jsonl, .md     one line / table row per finished iteration
     run_dir/tensorboard, wandb/    the summaries as curves, with train.tensorboard / train.wandb (so are the
                                    training steps, in each train/ folder)
+    run_dir/data.json, sessions.jsonl, sft-model.json   what keeps the directory one experiment across starts
+                                   (spin_fast.run_directory: its lock, saved config and data, θ0's commit)
 
 Launched with several processes (torchrun, the deepspeed launcher), every rank runs this loop: each
 generates for and scores its share of the pairs (gathered into one file, in the order of one process),
@@ -23,47 +25,37 @@ ZeRO-3 partitioned from its first load on and stays so: no rank ever holds it wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
-from spin_fast import distributed, locking
-from spin_fast.config import ConfigError, DataConfig, RunConfig, as_written, differing_settings, from_dict
+from spin_fast import distributed
+from spin_fast.config import ConfigError, DataConfig, RunConfig
 from spin_fast.data import Example, TokenizedExample, repeated_rows
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
-from spin_fast.files import whole_json_lines, write_atomically
 from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
 from spin_fast.loading import fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
 from spin_fast.packing import Sequence, check_fits
+from spin_fast.run_directory import RunDirectory
 from spin_fast.scoring import ScoredPair, check_pairs_fit, load_scored_pairs, score_pairs
 from spin_fast.stages import (
-    MANIFEST,
     config_hash,
     finish_stage,
-    finished_summaries,
     in_parts,
     read_manifest,
     shared_manifest,
     write_manifest,
 )
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
-from spin_fast.training import RESUMABLE_CHANGES, Trainer, check_items, uses_deepspeed
-from spin_fast.version import code_version
+from spin_fast.training import Trainer, check_items, uses_deepspeed
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "score", "train")
-SFT_MODEL_FILE = "sft-model.json"
-DATA_FILE = "data.json"  # what each iteration's examples were (_keep_same_data)
 
 
 def check_output_dir(path: str) -> None:
@@ -96,7 +88,7 @@ class SelfPlay:
         self._examples: dict[str, list[TokenizedExample]] = {}  # and tokenized once
         self._digests: dict[str, str] = {}  # rows_digest of each, for the ranks' check and data.json
         self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
-        self._lock: contextlib.ExitStack | None = None  # the run directory's, held by rank 0 while run() runs
+        self.directory = RunDirectory(self.run_dir, config)  # its lock, saved settings and records (rank 0)
         self.sft_folder = config.model.name_or_path  # θ0; a Hub model's local snapshot once fetched
 
     @property
@@ -114,9 +106,7 @@ class SelfPlay:
         try:
             return self._run(until)
         finally:
-            if self._lock is not None:
-                self._lock.close()
-                self._lock = None
+            self.directory.unlock()
 
     def _run(self, until: tuple[int, str] | None) -> list[dict]:
         if until is not None and (until[1] not in STAGES or not 0 <= until[0] < self.config.iterations):
@@ -141,13 +131,13 @@ class SelfPlay:
         # generation; what it refuses stops every rank at once. A run directory that exists is locked first: a second
         # run would otherwise tidy away files of the run working there (a new one is made, and locked, only once
         # every input has been read).
-        distributed.on_main(lambda: self._lock_run_directory() if self.run_dir.is_dir() else None,
+        distributed.on_main(lambda: self.directory.lock() if self.run_dir.is_dir() else None,
                             "the run directory's lock")
-        saved_config = distributed.on_main(self._saved_config, "the run directory's config")
+        saved_config = distributed.on_main(self.directory.saved_config, "the run directory's config")
         tracked = [train for train in trainings if train.tensorboard or train.wandb]
         if tracked:  # the same on every rank: all of them take part, or none
             distributed.on_main(lambda: [check_trackers(train) for train in tracked], "the trackers' check")
-        revision = self.sft_revision()
+        revision = self.directory.sft_revision()
         sources = {}  # iteration -> (its data settings, its prompts, their limit); the held-out ones last
         for t in iterations:
             data = self.config.for_iteration(t).data
@@ -182,7 +172,7 @@ class SelfPlay:
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}
                 for t, (_, source, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
-        distributed.on_main(lambda: self._claim_run_directory(saved_config, until, data), "run directory")
+        distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder), "run directory")
         summaries = []
         try:
             for t in iterations:
@@ -243,7 +233,7 @@ class SelfPlay:
             write_manifest(train_dir, stage="train", iteration=t, config_hash=config_hash(config),
                            inputs={"model": self.model_path(t), "pairs": str(iter_dir / "score" / "scored.jsonl")},
                            summary=summary)
-            self.write_summary_table()
+            self.directory.write_summary_table()
             log.info("iteration %d: %s", t, summary)
             return summary
 
@@ -277,19 +267,6 @@ class SelfPlay:
         from spin_fast.zero import full_weights
 
         return full_weights(model)
-
-    def write_summary_table(self) -> None:
-        """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests: all of them, also those
-        past `iterations` when the run is started again with fewer."""
-        rows = finished_summaries(self.run_dir)
-        # Every row's keys: an iteration_overrides data.eval_source gives later rows a column the first lacks.
-        columns = list(dict.fromkeys(k for row in rows for k in row if k != "checkpoint"))
-        table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for row in rows:
-            table.append("| " + " | ".join(f"{row.get(c, ''):.4g}" if isinstance(row.get(c), float)
-                                           else str(row.get(c, "")) for c in columns) + " |")
-        write_atomically(self.run_dir / "summary.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        write_atomically(self.run_dir / "summary.md", "\n".join(table) + "\n")
 
     # -------------------------------------------------------------------------------- stages
     def generate(self, t, stage_dir: Path, model, tokenizer, examples, config) -> None:
@@ -422,148 +399,6 @@ class SelfPlay:
         """θt: the SFT model (its folder) for t = 0, else the last checkpoint of iteration t-1's training."""
         return self.sft_folder if t == 0 else self._trained[t - 1]
 
-    def sft_revision(self) -> str | None:
-        """The revision the SFT model is fetched at, when it is named by a Hub id, as rank 0 finds it: the commit the
-        run started from, kept in run_dir/sft-model.json (so that a run resumed after the model's repository moved
-        on goes on with the same θ0, and its evaluation scores that θ0), else model.revision (None: main)."""
-        path = self.run_dir / SFT_MODEL_FILE
-        return distributed.on_main(lambda: json.loads(path.read_text())["revision"] if path.exists()
-                                   else self.config.model.revision or None, "the SFT model's revision")
-
-    def _lock_run_directory(self) -> None:
-        """Rank 0: this process alone works in the run directory until run() ends (spin_fast.locking)."""
-        if self._lock is None:
-            lock = contextlib.ExitStack()
-            lock.enter_context(locking.exclusive(self.run_dir, "run"))
-            self._lock = lock
-
-    def _claim_run_directory(self, saved_config: dict | None, until: tuple[int, str] | None,
-                             data: dict[str, dict]) -> None:
-        """Rank 0, as the run starts: the run directory locked, its data checked, the config saved when it changed,
-        θ0's revision, what a kill left tidied, this session recorded."""
-        self._lock_run_directory()
-        self._keep_same_data(data)
-        if as_written(saved_config) != as_written(self.config.to_dict()):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.run_dir / "config.yaml",
-                             yaml.safe_dump(as_written(self.config.to_dict()), sort_keys=False))
-        self._keep_sft_revision()
-        self._tidy_what_a_kill_left()
-        self._record_session(until)
-
-    def _keep_same_data(self, now: dict[str, dict]) -> None:
-        """The rows each iteration reads (`now`: their source, number and digest, by iteration, "eval t" for the
-        held-out rows scored after iteration t), as the run made its work from them (run_dir/data.json): a data file
-        or Hub dataset changed since then is refused, or the resumed run would mix answers to the old rows with
-        answers to the new ones (a row added midway shifts every saved part) and train later iterations on other
-        data than the earlier ones. An iteration with no work yet takes the data as it is now."""
-        path = self.run_dir / DATA_FILE
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        for key, record in now.items():
-            then = saved.get(key)
-            if then is None or then["digest"] == record["digest"] or not self._has_work(key):
-                continue
-            what = f"iteration {key}'s prompts" if key.isdigit() else f"iteration {key.split()[1]}'s held-out data"
-            setting = "data.source" if key.isdigit() else "data.eval_source"
-            raise ValueError(f"{what} ({setting} {record['source']}: {record['examples']} examples) are not those "
-                             f"{self.run_dir} made its work from ({then['source']}: {then['examples']} examples, "
-                             "other rows): the run would mix answers to the old rows with the new ones. Put the data "
-                             "back as it was, or use a new output_dir")
-        if now != {key: saved.get(key) for key in now}:
-            write_atomically(path, json.dumps({**saved, **now}, indent=1) + "\n")
-
-    def _has_work(self, key: str) -> bool:
-        """Whether the work of data.json's `key` has begun: iteration t's (any file saved), or for "eval t" the
-        held-out score of iteration t (in its training's manifest)."""
-        if key.isdigit():
-            return any(p.is_file() for p in (self.run_dir / f"iter-{key}").glob("**/*"))
-        return (self.run_dir / f"iter-{key.split()[1]}" / "train" / MANIFEST).exists()
-
-    def _keep_sft_revision(self) -> None:
-        """At the run's first start (rank 0): the commit of the Hub model's snapshot it fetched, for sft_revision."""
-        path, name = self.run_dir / SFT_MODEL_FILE, self.config.model.name_or_path
-        if self.sft_folder != name and not path.exists():
-            write_atomically(path, json.dumps({"name": name, "revision": Path(self.sft_folder).name}) + "\n")
-
-    def _tidy_what_a_kill_left(self) -> None:
-        """A kill between a stage's manifest and what follows it leaves the stage done, so nothing would come back
-        to finish: remove its parts/ (a copy of its output), and rebuild the summary table (it may lack the
-        iteration)."""
-        for parts in self.run_dir.glob("iter-*/*/parts"):
-            if (parts.parent / MANIFEST).exists():
-                shutil.rmtree(parts, ignore_errors=True)
-        if (self.run_dir / "iter-0" / "train" / MANIFEST).exists():
-            self.write_summary_table()
-
-    def _record_session(self, until: tuple[int, str] | None) -> None:
-        """Append this start of the run to run_dir/sessions.jsonl; warn when the run's finished work was made
-        by other spin-fast code, which it keeps as it is."""
-        path = self.run_dir / "sessions.jsonl"
-        text = path.read_text() if path.exists() else ""
-        sessions = whole_json_lines(text)
-        before = sessions[-1]["code"] if sessions else None
-        done = sorted(str(p.parent.relative_to(self.run_dir)) for p in self.run_dir.glob(f"iter-*/*/{MANIFEST}"))
-        started = [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/*/parts")]
-        started += [str(p.relative_to(self.run_dir)) for p in self.run_dir.glob("iter-*/train/checkpoint-*")
-                    if not (p.parent / MANIFEST).exists()]
-        if before != code_version() and (done or started):
-            log.warning("%s was run before by %s; this is spin-fast %s. Its finished stages (%s) and unfinished "
-                        "work (%s) stay as that code made them, and the rest is made by this code: for results "
-                        "from one code throughout, use a new output_dir", self.run_dir,
-                        f"spin-fast {before}" if before else "an older spin-fast (no version recorded)", code_version(),
-                        ", ".join(done) or "none", ", ".join(sorted(started)) or "none")
-        record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
-                  "processes": distributed.world_size(), "until": list(until) if until else None}
-        with path.open("a") as out:
-            out.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(record) + "\n")
-
-    def _saved_config(self) -> dict | None:
-        """The settings the run directory was started with (None for a new run). A run directory belongs to one
-        experiment: resuming with other settings is an error naming them, except for those that change no result
-        (CHANGEABLE: more or fewer iterations, progress bars, checkpoints, trackers, the collectives' timeout, batch
-        sizes) and the overrides of iterations that have saved no work yet."""
-        path = self.run_dir / "config.yaml"
-        if not path.exists():
-            return None
-        saved = _read_saved_config(path)
-        differences = differing_settings(self._overrides_with_work(saved), self._overrides_with_work(
-            self.config.to_dict()), ignored=CHANGEABLE)
-        if differences and not self._holds_work():
-            # The run stopped (on an error, say) before any stage saved a part: nothing was made with the saved
-            # settings, and the new ones (often the fix its error named) start it afresh.
-            log.info("%s: no stage has saved work here yet; the run starts again with the new settings (%s)",
-                     self.run_dir, "; ".join(differences))
-            for name in ("config.yaml", SFT_MODEL_FILE):
-                (self.run_dir / name).unlink(missing_ok=True)
-            return None
-        if differences:
-            raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
-                             f"output_dir, or the same settings")
-        return saved
-
-    def _overrides_with_work(self, config: dict) -> dict:
-        """`config` with the iteration_overrides of iterations that have saved work alone: the others shaped nothing
-        yet, and may change (a run extended with lower learning rates for its new iterations)."""
-        overrides = {t: changes for t, changes in config["iteration_overrides"].items() if self._has_work(str(t))}
-        return {**config, "iteration_overrides": overrides}
-
-    def check_run_model(self) -> None:
-        """For `spin-fast eval`: the model settings must be those the run started with, or its table would score
-        another θ0 as the run's, and the run's iterations against another opponent."""
-        path = self.run_dir / "config.yaml"
-        if not path.exists():  # no run yet: the SFT model's row alone
-            return
-        differences = [d for d in differing_settings(_read_saved_config(path)["model"], self.config.to_dict()["model"])
-                       if d.split(" ")[0] in ("name_or_path", "revision", "chat_template")]
-        if differences:
-            raise ValueError(f"{path}: the run was started with another model: model.{'; model.'.join(differences)}"
-                             ": evaluate it with its own settings")
-
-    def _holds_work(self) -> bool:
-        """Whether any stage has saved anything here: a part, an output, a manifest or a checkpoint."""
-        return any(path.is_file() for path in self.run_dir.glob("iter-*/**/*"))
-
-
 def check_iteration_pairs(pairs: Seq[ScoredPair], model, config: RunConfig, t: int) -> None:
     """Before scoring: iteration t's pairs fit score_batch_tokens and pass the training's checks (config: the
     iteration that trains on them), or the error names the setting now rather than after the scoring. Both budgets
@@ -574,21 +409,6 @@ def check_iteration_pairs(pairs: Seq[ScoredPair], model, config: RunConfig, t: i
     advice = " (a pair's prompt and both responses go in one micro-batch; the run resumes with the new value)"
     check_pairs_fit(pairs, model, config.score_batch_tokens, what, advice)
     check_items(pairs, model, config.train, what, advice)
-
-
-def _read_saved_config(path: Path) -> dict:
-    """A run directory's config.yaml, read as a config: a setting added to spin-fast since is at its default."""
-    try:
-        return from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
-    except (ConfigError, yaml.YAMLError) as error:
-        raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
-
-
-# Settings a run directory may be resumed with changed: they change no finished stage's result, and the rest's
-# by rounding at most (how generation, scoring and training are cut into batches to fit in memory); data.checker
-# grades eval's answers only.
-CHANGEABLE = ("iterations", "deepspeed.timeout_minutes", "score_batch_tokens", "generation.batch_size",
-              "generation.gpu_memory_utilization", "data.checker", *(f"train.{name}" for name in RESUMABLE_CHANGES))
 
 
 def _key(data: DataConfig, source: str, limit: int | None) -> str:

@@ -377,7 +377,7 @@ def test_a_run_resumed_by_other_code_says_which_work_that_code_made(sft_model, t
     caplog.set_level("WARNING", logger="spin_fast.selfplay")
     SelfPlay(config).run(until=(0, "score"))
     assert not caplog.records  # the same code goes on silently
-    for module in ("selfplay", "stages"):  # the run's record and the stages' manifests
+    for module in ("run_directory", "stages"):  # the run's record and the stages' manifests
         monkeypatch.setattr(f"spin_fast.{module}.code_version", lambda: "0.1.0+another")
     with (tmp_path / "run" / "sessions.jsonl").open("a") as log:  # a start killed as it wrote its line
         log.write('{"started": "2026-')
@@ -1095,6 +1095,6 @@ def test_the_summary_table_has_every_iterations_columns(sft_model, tmp_path):
                                  {"iteration": 1, "loss": 0.25, "heldout_loglik_per_token": -1.5, "checkpoint": "c1"}]):
         (tmp_path / "run" / f"iter-{t}" / "train").mkdir(parents=True)
         write_manifest(tmp_path / "run" / f"iter-{t}" / "train", stage="train", summary=summary)
-    selfplay.write_summary_table()
+    selfplay.directory.write_summary_table()
     assert (tmp_path / "run" / "summary.md").read_text().splitlines() == [
         "| iteration | loss | heldout_loglik_per_token |", "|---|---|---|", "| 0 | 0.5 |  |", "| 1 | 0.25 | -1.5 |"]
