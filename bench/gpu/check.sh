@@ -102,7 +102,7 @@ MIN_SLOT=15  # a stage is not started with less time than this left
 PRESET=${SPIN_GPU_CHECK_PRESET:-gpu}
 STAGES=${SPIN_GPU_CHECK_STAGES:-install facts tests kernels train_step iteration generate scaling}
 # Each stage's time limit. Expected times on one H200 (each bench preset's comment gives its estimate): install
-# ~10 s, facts ~15 s, tests ~120 s (4 of them launch DeepSpeed under torchrun, twice each), kernels ~140 s,
+# ~10 s, facts ~15 s, tests ~120 s (5 of them launch DeepSpeed under torchrun), kernels ~140 s,
 # train_step ~80 s, iteration ~65 s, generate ~40 s, scaling ~60 s: ~530 s against the 505 s the stages may use. A
 # late stage gets what is left when the earlier ones overrun, down to MIN_SLOT: scaling, last, matters least on one
 # GPU, and a cut-off bench keeps what it measured.
