@@ -142,9 +142,11 @@ def test_fp16_gradients_survive_a_loss_scale(backend):
     (out.loss * scale).backward()
     for got, truth in ((hidden.grad.double() / scale, hidden64.grad), (weight.grad.double() / scale, weight64.grad)):
         assert ((got - truth).norm() / truth.norm()).item() < 4e-4  # fp16's own rounding: ~2e-4
-        # Rounded to fp16 before the scale, 0.6% were flushed to 0. After it, only a gradient too small for fp16 even
-        # scaled (under its smallest subnormal, 2**-24) may be 0.
-        representable = (truth * scale).abs() >= 2.0**-24
+        # Rounded to fp16 before the scale, 0.6% were flushed to 0 (those under 2**-24 / scale). After it, only a
+        # gradient whose scaled value fp16 (its smallest subnormal: 2**-24) or the fp32 sums behind it (terms up to
+        # ~100 that cancel: ~1e-5) cannot tell from 0 may be 0; 1e-4 still holds 5 or more of those the old rounding
+        # flushed, in each of 30 draws (both backends, both gradients).
+        representable = (truth * scale).abs() >= 1e-4
         assert not ((got == 0) & representable).any()
 
 
