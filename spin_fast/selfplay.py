@@ -155,9 +155,10 @@ class SelfPlay:
         fitted = set()  # (source, budget) pairs checked: the iterations mostly share both
         for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
             # cannot fit train.micro_batch_tokens is named now, not by training's check after generation and scoring
-            if (_key(*sources[t]), train.micro_batch_tokens) in fitted:
+            budget = (_key(*sources[t]), train.micro_batch_tokens)
+            if budget in fitted:
                 continue
-            fitted.add((_key(*sources[t]), train.micro_batch_tokens))
+            fitted.add(budget)
             check_fits([[Sequence(e.prompt_ids, e.response_ids)] for e in examples[t]], False,
                        train.micro_batch_tokens, "train.micro_batch_tokens", f"{sources[t][1]}: example",
                        " (a pair's sequences share a micro-batch; this example's prompt and human response alone "
@@ -377,12 +378,12 @@ class SelfPlay:
         for t, (data, eval_source, _) in sources.items():
             if isinstance(t, str) and (data.source, eval_source) not in said:  # "eval t"
                 said.add((data.source, eval_source))
-                trained = self.read(*sources[int(t.split()[1])])
-                both = repeated_rows(self.read(data, eval_source), earlier=trained)
+                held_out = self.read(data, eval_source)
+                both = repeated_rows(held_out, earlier=self.read(*sources[int(t.split()[1])]))
                 if both:
                     log.warning("%s: %d of its %d rows are in the training set %s too (the first: %s is %s): the "
-                                "held-out figures are not held out for them", eval_source, len(both),
-                                len(self.read(data, eval_source)), data.source, both[0][0].origin, both[0][1].origin)
+                                "held-out figures are not held out for them", eval_source, len(both), len(held_out),
+                                data.source, both[0][0].origin, both[0][1].origin)
 
     def examples(self, tokenizer, data: DataConfig, source: str, limit: int | None = None) -> list[TokenizedExample]:
         """The examples of `source` read and tokenized with the data settings `data`, once (every rank calls it:
