@@ -6,6 +6,7 @@ states and the head's weight, so no [tokens x vocab] logits exist.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from pathlib import Path
@@ -92,6 +93,7 @@ def load_causal_lm(
     log.info("loaded %s (%s, %.1fM parameters%s) with %s attention on %s", name_or_path, type(model).__name__,
              sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
              ", partitioned by ZeRO-3" if partitioned else "", attn, device)
+    check_logits_are_the_heads(model, str(name_or_path))  # before Liger's kernels change the body
     if liger_kernels:
         apply_liger_kernels(model, device)
     if gradient_checkpointing:
@@ -119,22 +121,53 @@ def apply_liger_kernels(model: PreTrainedModel, device: torch.device) -> None:
     apply(model=model, **{k: v for k, v in wanted.items() if k in accepted})
 
 
-# Config fields with which a model's forward soft-caps or rescales its logits (Gemma 2 and 3, Cohere, Granite,
-# MiniCPM3, HyperCLOVA X, Falcon-H1), and their values that leave the logits as the head makes them.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0), "logit_scale": (None, 1), "logits_scaling": (None, 1),
-                    "lm_head_multiplier": (None, 1)}
+# Config fields with which a model's forward soft-caps or rescales its logits, or what the head reads (Gemma 2 and
+# 3, RecurrentGemma, Cohere, Granite, MiniCPM3, HyperCLOVA X, Falcon-H1, Inkling), and their values that leave the
+# logits as the head makes them. check_logits_are_the_heads finds the others (a cut vocabulary, say) by running the
+# model.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0), "logits_soft_cap": (None, 0), "logit_scale": (None, 1),
+                    "logits_scaling": (None, 1), "lm_head_multiplier": (None, 1),
+                    "logits_mup_width_multiplier": (None, 1)}
 
 
 def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
     """The fused head computes log softmax(h @ W.T + b): a model that rescales or soft-caps its logits would
     silently get the wrong log-probs, and train on them, so it is refused."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's own
+    text_config = config
+    if hasattr(config, "get_text_config"):
+        with contextlib.suppress(ValueError):  # a config of several text parts: each is read below anyway
+            text_config = config.get_text_config(decoder=True)  # a VLM's own
     for settings in {id(config): config, id(text_config): text_config}.values():
         for field, plain in LOGIT_TRANSFORMS.items():
             value = getattr(settings, field, None)
             if value not in plain:
                 raise ValueError(f"{name}: {field}={value}: the model soft-caps or rescales its logits, which the "
                                  "fused head (log softmax(h @ W.T + b)) does not do: its log-probs would be wrong")
+
+
+def check_logits_are_the_heads(model: PreTrainedModel, name: str) -> None:
+    """The model's own logits on a few tokens against its LM head on its body's last hidden states, as spin-fast
+    computes them: a model whose forward does more (a transform LOGIT_TRANSFORMS does not know, a cut vocabulary) is
+    refused. A ZeRO-3 partitioned model, whose forward every rank runs in step, is left to check_head_is_plain."""
+    if is_partitioned_model(model):
+        return
+    weight, bias = head(model)
+    ids = torch.arange(1, 5, device=weight.device)[None] % weight.shape[0]
+    inputs = {"input_ids": ids, "position_ids": torch.arange(4, device=ids.device)[None]}  # one packed row's form
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits.float()
+            heads = torch.nn.functional.linear(body(model)(**inputs).last_hidden_state, weight, bias).float()
+    finally:
+        model.train(was_training)
+    if logits.shape != heads.shape or not torch.allclose(logits, heads, rtol=1e-3, atol=1e-4):
+        difference = "shape " + str(tuple(logits.shape)) if logits.shape != heads.shape else \
+            f"up to {float((logits - heads).abs().max()):.3g} apart"
+        raise ValueError(f"{name}: the model's logits are not its LM head's output on its last hidden states "
+                         f"({difference}): its forward transforms them, and the fused head would give other "
+                         "log-probs")
 
 
 def body(model: PreTrainedModel) -> torch.nn.Module:

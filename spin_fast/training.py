@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import distributed, stopping
 from spin_fast.config import DeepSpeedConfig, TrainConfig
-from spin_fast.model import can_share_prompts, disable_dropout, head, head_like, micro_batch_hidden_states
+from spin_fast.model import (
+    can_share_prompts,
+    check_logits_are_the_heads,
+    disable_dropout,
+    head,
+    head_like,
+    micro_batch_hidden_states,
+)
 from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, pack_groups, packing_efficiency
 from spin_fast.scoring import ScoredPair
 from spin_fast.tracking import MetricsLog, check_trackers
@@ -222,6 +229,7 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.mode == "spin":
             disable_dropout(model)
+        check_logits_are_the_heads(model, self.start_model or type(model).__name__)  # one loaded elsewhere, too
         self.share_prompts = config.share_prompts and can_share_prompts(model)
         check_items(self.items, model, config)
         self.output_dir.mkdir(parents=True, exist_ok=True)

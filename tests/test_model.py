@@ -12,6 +12,7 @@ import spin_kernels
 from helpers import assert_close
 from spin_fast import attention
 from spin_fast import model as spin_model
+from spin_fast.config import TrainConfig
 from spin_fast.packing import Sequence, pack_groups
 
 
@@ -63,7 +64,8 @@ def test_gradient_checkpointing_and_attention_choice(saved_model):
 
 @pytest.mark.parametrize("family, field, value", [("Gemma2", "final_logit_softcapping", 0.02),
                                                   ("Granite", "logits_scaling", 8.0),
-                                                  ("Cohere", "logit_scale", 0.0625)])
+                                                  ("Cohere", "logit_scale", 0.0625),
+                                                  ("InklingText", "logits_mup_width_multiplier", 24.0)])
 def test_refuses_heads_the_kernel_cannot_compute(tmp_path, family, field, value):
     """A model whose forward soft-caps or rescales its logits is refused as it loads, and also where a model
     loaded elsewhere reaches the fused head (scoring, training): its log-probs would be silently wrong."""
@@ -88,6 +90,28 @@ def test_refuses_heads_the_kernel_cannot_compute(tmp_path, family, field, value)
         spin_model.load_causal_lm(tmp_path / "model")
     setattr(config, field, None if field == "final_logit_softcapping" else 1.0)  # the plain head: accepted
     model_logprobs(AutoModelForCausalLM.from_config(config), [[Sequence((3, 4, 5), (6, 7, 2))]], 64)
+
+
+def test_a_model_whose_logits_are_more_than_its_head_is_refused_by_running_it(tmp_path):
+    """A transform no config field in LOGIT_TRANSFORMS names (Inkling's cut vocabulary: 280 of the head's 300 rows
+    are logits) shows when the model's logits are compared with its head's: refused as it loads, and by Trainer."""
+    import transformers
+
+    from spin_fast.training import Trainer
+
+    config = transformers.InklingTextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, unpadded_vocab_size=280,
+                                            logits_mup_width_multiplier=1.0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    message = r"the model's logits are not its LM head's output on its last hidden states \(shape \(1, 4, 280\)\)"
+    # SDPA: Inkling's layers pass spin_varlen attention no positions.
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'model'}: {message}"):
+        spin_model.load_causal_lm(tmp_path / "model", attention_impl="sdpa")
+    with pytest.raises(ValueError, match=message):
+        Trainer(AutoModelForCausalLM.from_config(config), None, TrainConfig(mode="sft"), tmp_path / "out", [])
+    config.unpadded_vocab_size = None  # every row of the head a logit: accepted
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "plain")
+    spin_model.load_causal_lm(tmp_path / "plain", attention_impl="sdpa")
 
 
 def test_refuses_a_model_with_code_of_its_own_without_trust_remote_code(tmp_path):
