@@ -81,12 +81,16 @@ def sequence_logprobs(
     sequence_ids [N] (or [M] with hidden_index) puts each token in a sequence in [0, n_sequences); tokens whose
     target is ignore_index may carry any id, and a sequence with no loss token has log-prob 0.
     """
+    # Every input is checked before the head's forward runs (linear_logprobs' checks, then the sequences').
+    check_backend(backend)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
+                        hidden_index=hidden_index)
     if isinstance(n_sequences, bool) or not isinstance(n_sequences, numbers.Integral) or n_sequences < 1:
         raise ValueError(f"n_sequences must be an int >= 1, got {n_sequences!r}")
     n_sequences = int(n_sequences)  # a NumPy integer too
-    token_logps = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                  hidden_index=hidden_index, backend=backend)  # checks every other input
     check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index)
+    token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index,
+                                          resolve_backend(backend, hidden), hidden_index)
     return sum_by_sequence(token_logps, targets, sequence_ids, n_sequences, ignore_index)
 
 

@@ -461,12 +461,9 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
     return LoadResult(examples, skipped)
 
 
-def repeated_rows(examples: Iterable[Example], earlier: Iterable[Example] = ()) -> list[tuple[Example, Example]]:
-    """(row, the row it repeats) for each of `examples` whose prompt and response a row before it has, in
-    `earlier` or in `examples`."""
+def repeated_rows(examples: Iterable[Example]) -> list[tuple[Example, Example]]:
+    """(row, the row it repeats) for each of `examples` whose prompt and response a row before it has."""
     first: dict[bytes, Example] = {}
-    for e in earlier:
-        first.setdefault(_row_key(e), e)
     repeats = []
     for e in examples:
         key = _row_key(e)
@@ -475,6 +472,14 @@ def repeated_rows(examples: Iterable[Example], earlier: Iterable[Example] = ()) 
         else:
             first[key] = e
     return repeats
+
+
+def rows_found_in(examples: Iterable[Example], others: Iterable[Example]) -> list[tuple[Example, Example]]:
+    """(row, the row of `others` with its prompt and response) for each of `examples` that `others` holds."""
+    first: dict[bytes, Example] = {}
+    for e in others:
+        first.setdefault(_row_key(e), e)
+    return [(e, first[key]) for e in examples if (key := _row_key(e)) in first]
 
 
 def _row_key(example: Example) -> bytes:

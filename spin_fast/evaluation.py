@@ -191,13 +191,16 @@ class Answering:
                 self._vllm.load_weights_from(folder)
         self._serving = folder
         log.info("%s (vLLM) ...", what)
-        completions = distributed.share_work(
-            [request_cost(p, sampling) for p in prompts],
-            lambda mine: self._vllm.generate([prompts[i] for i in mine], sampling, indices=mine), what)
-        # On a GPU the engine sleeps while the models score (their log-likelihoods and margins), as it does while
-        # the loop trains: its weights and KV cache would otherwise sit beside two models (a no-op on the CPU build).
-        self._vllm.sleep()
-        return completions
+
+        def generate(mine: list[int]) -> list[list[Completion]]:
+            completions = self._vllm.generate([prompts[i] for i in mine], sampling, indices=mine)
+            # On a GPU the engine sleeps while the models score (their log-likelihoods and margins), as it does
+            # while the loop trains: its weights and KV cache would otherwise sit beside two models, and beside the
+            # gather's buffers (a no-op on the CPU build).
+            self._vllm.sleep()
+            return completions
+
+        return distributed.share_work([request_cost(p, sampling) for p in prompts], generate, what)
 
     def greedy(self, path: str, examples: Seq[TokenizedExample]) -> list[str]:
         """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
@@ -451,7 +454,9 @@ class Evaluation:
                            **({"batch_size": config.generation.batch_size} if engine == "transformers" else {})},
             "score_batch_tokens": config.score_batch_tokens,
             "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
-            "scoring under bf16 autocast": config.train.bf16_autocast,  # scored at the training's precision
+            # Scored at the training's precision; the key only when on, so that fp32 rows saved before it was
+            # keyed are kept.
+            **({"scoring under bf16 autocast": True} if config.train.bf16_autocast else {}),
         }, "the evaluation's settings")
 
     def rows(self) -> list[dict]:

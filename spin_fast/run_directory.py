@@ -1,7 +1,8 @@
 """A SPIN run's directory: what keeps it one experiment across starts, kills and changed settings.
 
-Rank 0 alone calls these (SelfPlay, through distributed.on_main): the lock, the config and data the work was made
-from, θ0's revision, the record of sessions, the tidying after a kill, and the summary table."""
+The lock, the config and data the work was made from, θ0's revision, the record of sessions, the tidying after a
+kill, and the summary table. Rank 0 alone calls these (SelfPlay runs them through distributed.on_main), but for
+sft_revision, which every rank calls (rank 0 reads, the others get its answer), and check_model, which reads alone."""
 
 from __future__ import annotations
 
@@ -178,7 +179,6 @@ class RunDirectory:
     def holds_work(self) -> bool:
         """Whether any stage has saved anything here: a part, an output, a manifest or a checkpoint."""
         return any(path.is_file() for path in self.path.glob("iter-*/**/*"))
-
 
     def write_summary_table(self) -> None:
         """summary.jsonl and summary.md, rebuilt from the finished iterations' manifests: all of them, also those

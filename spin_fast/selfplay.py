@@ -34,7 +34,7 @@ from pathlib import Path
 
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DataConfig, RunConfig
-from spin_fast.data import Example, TokenizedExample, repeated_rows
+from spin_fast.data import Example, TokenizedExample, rows_found_in
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
@@ -169,7 +169,8 @@ class SelfPlay:
             for t, (_, source, _) in sources.items():
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
                     check_examples_fit(examples[t], self.config.score_batch_tokens, source)
-        # What the run's work is made from, for _keep_same_data: each source's rows, by the digest tokenizing checked.
+        # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
+        # tokenizing checked.
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}
                 for t, (_, source, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
@@ -379,7 +380,7 @@ class SelfPlay:
             if isinstance(t, str) and (data.source, eval_source) not in said:  # "eval t"
                 said.add((data.source, eval_source))
                 held_out = self.read(data, eval_source)
-                both = repeated_rows(held_out, earlier=self.read(*sources[int(t.split()[1])]))
+                both = rows_found_in(held_out, self.read(*sources[int(t.split()[1])]))
                 if both:
                     log.warning("%s: %d of its %d rows are in the training set %s too (the first: %s is %s): the "
                                 "held-out figures are not held out for them", eval_source, len(both), len(held_out),
