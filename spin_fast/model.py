@@ -135,7 +135,7 @@ def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
     silently get the wrong log-probs, and train on them, so it is refused."""
     text_config = config
     if hasattr(config, "get_text_config"):
-        with contextlib.suppress(ValueError):  # a config of several text parts: each is read below anyway
+        with contextlib.suppress(ValueError):  # a config of several text parts: its top level alone is read
             text_config = config.get_text_config(decoder=True)  # a VLM's own
     for settings in {id(config): config, id(text_config): text_config}.values():
         for field, plain in LOGIT_TRANSFORMS.items():
