@@ -351,11 +351,9 @@ def test_held_out_rows_in_the_training_set_are_said(sft_model, tmp_path, caplog)
     rows = [("fresh?", "yes"), QA[2], ("fresh?", "yes")]  # a row repeated within the held-out set is no overlap
     held_out.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in rows))
     train = sft_model / "train.jsonl"
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="spin_fast.selfplay"):
         SelfPlay(run_config(sft_model, tmp_path / "run", f"data.eval_source={held_out}")).run(until=(0, "generate"))
-    assert caplog.messages == [
-        f"{held_out}: 1 rows repeat an earlier row's prompt and response, and are kept (the first: {held_out} line 3 "
-        f"repeats {held_out} line 1)",
+    assert [r.getMessage() for r in caplog.records if r.name == "spin_fast.selfplay"] == [
         f"{held_out}: 1 of its 3 rows are in the training set {train} too (the first: {held_out} line 2 is {train} "
         "line 3): the held-out figures are not held out for them"]
 
