@@ -148,7 +148,9 @@ def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
 def check_logits_are_the_heads(model: PreTrainedModel, name: str) -> None:
     """The model's own logits on a few tokens against its LM head on its body's last hidden states, as spin-fast
     computes them: a model whose forward does more (a transform LOGIT_TRANSFORMS does not know, a cut vocabulary) is
-    refused. A ZeRO-3 partitioned model, whose forward every rank runs in step, is left to check_head_is_plain."""
+    refused, as one check_head_is_plain refuses. A ZeRO-3 partitioned model, whose forward every rank runs in step,
+    gets the config check alone."""
+    check_head_is_plain(model.config, name)
     if is_partitioned_model(model):
         return
     weight, bias = head(model)
@@ -178,9 +180,7 @@ def body(model: PreTrainedModel) -> torch.nn.Module:
 
 
 def head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight [V, H] and bias (None for most models); tied heads share the embedding. A model whose
-    logits are more than the head's (check_head_is_plain) is refused here too: it may be loaded elsewhere."""
-    check_head_is_plain(model.config, getattr(model, "name_or_path", "") or type(model).__name__)
+    """The LM head's weight [V, H] and bias (None for most models); tied heads share the embedding."""
     output = model.get_output_embeddings()
     return output.weight, getattr(output, "bias", None)
 

@@ -18,7 +18,7 @@ import spin_kernels
 from spin_fast import distributed, zero
 from spin_fast.data import SharedIds, TokenizedExample
 from spin_fast.files import replacing
-from spin_fast.model import can_share_prompts, head, head_like, micro_batch_hidden_states
+from spin_fast.model import can_share_prompts, check_head_is_plain, head, head_like, micro_batch_hidden_states
 from spin_fast.packing import MicroBatch, Sequence, check_fits, pack_groups
 
 
@@ -68,6 +68,9 @@ def model_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, back
     with fewer micro-batches runs filler passes, so each rank must call this as often as the others."""
     was_training = model.training
     model.eval()
+    # A model loaded elsewhere may transform its logits (loading and Trainer check theirs): once per call, not per
+    # micro-batch.
+    check_head_is_plain(model.config, getattr(model, "name_or_path", "") or type(model).__name__)
     weight, bias = head(model)
     device = weight.device
     batches = pack_groups(groups, token_budget, share_prompts=can_share_prompts(model))
