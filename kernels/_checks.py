@@ -9,6 +9,7 @@ import torch
 HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch", "reference")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_first_order() -> None:
@@ -27,6 +28,11 @@ def check_backend(backend: str) -> None:
 def check_loss_type(loss_type: str) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def check_label_smoothing(label_smoothing: float, loss_type: str) -> None:

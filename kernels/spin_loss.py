@@ -7,6 +7,7 @@
                            or (z / beta - 1 / (2 beta))^2   ("ipo", Azar et al. 2023: the log-ratio
                               difference regressed onto 1 / (2 beta); on summed log-probs, as the
                               paper writes it, where TRL's "ipo" averages them over tokens)
+    reduction="sum" adds the pairs' losses up; reduction="none" returns each pair's, [P].
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ._checks import (
     check_linear_inputs,
     check_loss_type,
     check_pair_logps,
+    check_reduction,
     check_sequence_inputs,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
@@ -32,7 +34,8 @@ from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend
 
 
 class SpinLossOutput(NamedTuple):
-    """loss: scalar mean over pairs. The per-pair metrics [P] are detached from the graph."""
+    """loss: the mean over pairs (a scalar), their sum, or each pair's [P], as `reduction` asks. The per-pair
+    metrics [P] are detached from the graph."""
 
     loss: torch.Tensor
     rewards_real: torch.Tensor  # beta * (log p(y) - log p_opp(y))
@@ -67,6 +70,12 @@ def pair_losses(policy_real, policy_generated, opponent_real, opponent_generated
     return -F.logsigmoid(z)
 
 
+def reduce_pairs(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    return losses.sum() if reduction == "sum" else losses
+
+
 def spin_loss(
     policy_real_logps: torch.Tensor,
     policy_generated_logps: torch.Tensor,
@@ -76,15 +85,18 @@ def spin_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    reduction: str = "mean",
 ) -> SpinLossOutput:
     """SPIN's loss over P pairs from sequence log-probs [P] (sums over response tokens).
 
     It is DPO's loss with chosen = real and rejected = generated, reference = opponent. label_smoothing (sigmoid
-    loss only): cDPO's, the probability that a pair's preference is flipped.
+    loss only): cDPO's, the probability that a pair's preference is flipped. reduction: "mean" (over pairs), "sum",
+    or "none" (each pair's loss, [P]: to weight pairs, or to keep the hardest).
     """
     check_loss_type(loss_type)
     check_beta(beta)
     check_label_smoothing(label_smoothing, loss_type)
+    check_reduction(reduction)
     names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
@@ -93,7 +105,8 @@ def spin_loss(
     rewards_real = (beta * (values[0] - values[2])).detach()
     rewards_generated = (beta * (values[1] - values[3])).detach()
     return SpinLossOutput(
-        loss=pair_losses(*values, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing).mean(),
+        loss=reduce_pairs(pair_losses(*values, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing),
+                          reduction),
         rewards_real=rewards_real,
         rewards_generated=rewards_generated,
         margins=rewards_real - rewards_generated,
@@ -111,6 +124,7 @@ def fused_linear_spin_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    reduction: str = "mean",
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     hidden_index: torch.Tensor | None = None,
@@ -125,18 +139,20 @@ def fused_linear_spin_loss(
     len(opponent_logps) // 2, whatever sequence_ids hold.
     hidden_index [M] (optional): the row of hidden that predicts each target; targets and sequence_ids
     are then [M]. With a prompt shared by a pair's two responses, its last row predicts the first
-    token of each. label_smoothing: as spin_loss's.
+    token of each. label_smoothing, reduction: as spin_loss's.
     """
     check_loss_type(loss_type)
     check_beta(beta)
     check_label_smoothing(label_smoothing, loss_type)
+    check_reduction(reduction)
     check_backend(backend)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
                         hidden_index=hidden_index)
     n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
     backend = resolve_backend(backend, hidden)
-    if backend == "torch":
-        # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once.
+    if backend == "torch" and reduction != "none":
+        # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once. Each pair's own
+        # loss (reduction="none") gets a gradient weight that the forward cannot know: it takes the general path.
         kept, rows = loss_rows(targets, ignore_index, hidden_index)
         grad_on = torch.is_grad_enabled()
         need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias))
@@ -145,6 +161,8 @@ def fused_linear_spin_loss(
                 hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps,
                 functools.partial(pair_losses, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing), need,
             )
+        if reduction == "sum":
+            loss = loss * n_pairs
     else:
         token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
         policy_logps = sum_by_sequence(token_logps, targets, sequence_ids, 2 * n_pairs, ignore_index)
@@ -152,26 +170,28 @@ def fused_linear_spin_loss(
     opponent = opponent_logps.to(policy_logps.dtype)
     out = spin_loss(
         policy_logps[:n_pairs], policy_logps[n_pairs:], opponent[:n_pairs], opponent[n_pairs:],
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
     )
     return FusedSpinLossOutput(out.loss if loss is None else loss, policy_logps, *out[1:])
 
 
 class FusedLinearSPINLoss(torch.nn.Module):
-    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, label_smoothing, ignore_index, backend."""
+    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, label_smoothing, reduction, ignore_index
+    and backend."""
 
     def __init__(
         self, beta: float = 0.1, loss_type: str = "sigmoid", ignore_index: int = -100, backend: str = "auto",
-        label_smoothing: float = 0.0,
+        label_smoothing: float = 0.0, reduction: str = "mean",
     ):
         super().__init__()
         check_loss_type(loss_type)
         check_beta(beta)
         check_label_smoothing(label_smoothing, loss_type)
+        check_reduction(reduction)
         check_backend(backend)
         check_ignore_index(ignore_index)
         self.beta, self.loss_type, self.ignore_index, self.backend = beta, loss_type, ignore_index, backend
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.reduction = label_smoothing, reduction
 
     def forward(
         self,
@@ -185,10 +205,10 @@ class FusedLinearSPINLoss(torch.nn.Module):
     ) -> FusedSpinLossOutput:
         return fused_linear_spin_loss(
             hidden, weight, targets, sequence_ids, opponent_logps, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, bias=bias, ignore_index=self.ignore_index, hidden_index=hidden_index,
-            backend=self.backend,
+            label_smoothing=self.label_smoothing, reduction=self.reduction, bias=bias, ignore_index=self.ignore_index,
+            hidden_index=hidden_index, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
-                f"ignore_index={self.ignore_index}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}")

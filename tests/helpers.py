@@ -63,7 +63,15 @@ def truth_token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100) 
 
 def truth_spin_loss(policy_real, policy_generated, opponent_real, opponent_generated, beta, loss_type,
                     label_smoothing=0.0):
-    """The per-pair loss, one pair at a time in Python floats, averaged."""
+    """The per-pair losses, averaged."""
+    losses = truth_pair_losses(policy_real, policy_generated, opponent_real, opponent_generated, beta, loss_type,
+                               label_smoothing)
+    return sum(losses) / len(losses)
+
+
+def truth_pair_losses(policy_real, policy_generated, opponent_real, opponent_generated, beta, loss_type,
+                      label_smoothing=0.0) -> list[float]:
+    """The per-pair loss, one pair at a time in Python floats."""
     losses = []
     for pr, pg, orl, og in zip(policy_real, policy_generated, opponent_real, opponent_generated):
         h = (pr - orl) - (pg - og)
@@ -74,7 +82,7 @@ def truth_spin_loss(policy_real, policy_generated, opponent_real, opponent_gener
             losses.append((1 - label_smoothing) * math.log1p(math.exp(-z)) + label_smoothing * math.log1p(math.exp(z)))
         else:
             losses.append(max(0.0, 1.0 - beta * h))
-    return sum(losses) / len(losses)
+    return losses
 
 
 def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: torch.dtype,
@@ -97,12 +105,13 @@ def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: 
 def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, n_pairs: int, nll_weight: float = 0.0,
                               vocab: int = 611, hidden_size: int = 56, device: str = "cpu",
                               shared_rows: bool = False, opponent_grad: bool = False,
-                              autocast: bool = False, label_smoothing: float = 0.0) -> None:
+                              autocast: bool = False, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
     """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd.
 
     shared_rows: the tokens read half as many hidden rows through hidden_index, most rows twice.
     opponent_grad: the opponent's log-probs require grad too, and their gradient is checked.
-    autocast: the kernel's forward runs inside a bf16 autocast region (the backward after it, as PyTorch advises)."""
+    autocast: the kernel's forward runs inside a bf16 autocast region (the backward after it, as PyTorch advises).
+    reduction "none": the pairs' losses are weighted by random weights before the backward."""
     batch = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
     hidden, targets, sequence_ids = (t.to(device) for t in batch)
     hidden_index = None
@@ -121,15 +130,19 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3).float()
     opponent.requires_grad_(opponent_grad)
     beta = 0.1
+    weights = torch.rand(n_pairs, dtype=torch.float64, device=device) + 0.5
+
+    def objective(loss: torch.Tensor) -> torch.Tensor:
+        return (loss * weights.to(loss.dtype)).sum() if reduction == "none" else loss
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = spin_kernels.fused_linear_spin_loss(
             *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type,
-            label_smoothing=label_smoothing, bias=leaves[2],
+            label_smoothing=label_smoothing, reduction=reduction, bias=leaves[2],
             hidden_index=hidden_index, backend=backend,
         )
-    (out.loss + nll_weight * out.policy_logps.sum()).backward()
+    (objective(out.loss) + nll_weight * out.policy_logps.sum()).backward()
 
     truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
     token = truth_token_logprobs(rows(truth_leaves[0]), truth_leaves[1], targets, truth_leaves[2])
@@ -139,8 +152,9 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     softplus = torch.nn.functional.softplus  # cDPO's label smoothing: the flipped pair's loss in part
     loss = {"sigmoid": lambda: (1 - label_smoothing) * softplus(-z) + label_smoothing * softplus(z),
             "hinge": lambda: torch.relu(1 - z),
-            "ipo": lambda: (z / beta - 1 / (2 * beta)) ** 2}[loss_type]().mean()
-    (loss + nll_weight * seq.sum()).backward()
+            "ipo": lambda: (z / beta - 1 / (2 * beta)) ** 2}[loss_type]()
+    loss = {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+    (objective(loss) + nll_weight * seq.sum()).backward()
 
     values = output_dtype(dtype)
     assert_close(out.policy_logps, seq.detach(), values, "policy_logps")
@@ -159,7 +173,8 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     rewards_generated = beta * (seq[n_pairs:] - opp[n_pairs:]).detach()
     assert_close(out.rewards_real, rewards_real, values, "rewards_real", scale=input_scale)
     assert_close(out.rewards_generated, rewards_generated, values, "rewards_generated", scale=input_scale)
-    assert_close(out.loss, loss.detach(), values, "loss", scale=input_scale * slope)
+    summed = n_pairs if reduction == "sum" else 1  # a sum carries each pair's rounding
+    assert_close(out.loss, loss.detach(), values, "loss", scale=input_scale * slope * summed)
     amplified = 1 + conditioning * TOLERANCE[torch.float32] / TOLERANCE[dtype]
     for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), leaves, truth_leaves):
         scale = amplified * float(truth_leaf.grad.abs().max()) + 1e-30

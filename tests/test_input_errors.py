@@ -112,6 +112,7 @@ def test_bias_and_backend_errors(monkeypatch):
         (dict(opponent_logps=torch.zeros(0)), "opponent_logps must hold 2P entries"),
         (dict(opponent_logps=torch.zeros(4, dtype=torch.long)), "opponent_logps must be a floating"),
         (dict(loss_type="kto"), "loss_type must be one of"),
+        (dict(reduction="avg"), r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
         (dict(beta=0.0, loss_type="ipo"), "beta must be a finite number > 0, got 0.0"),
         (dict(beta=-0.5), "beta must be a finite number > 0, got -0.5"),
         (dict(beta=float("nan")), "beta must be a finite number > 0, got nan"),
@@ -120,7 +121,8 @@ def test_bias_and_backend_errors(monkeypatch):
 )
 def test_fused_loss_errors(change, message):
     kwargs = dict(sequence_ids=torch.tensor([0, 1, -1, 2, 3, 3]), opponent_logps=torch.zeros(4)) | change
-    options = dict(loss_type=kwargs.pop("loss_type", "sigmoid"), beta=kwargs.pop("beta", 0.1))
+    options = dict(loss_type=kwargs.pop("loss_type", "sigmoid"), beta=kwargs.pop("beta", 0.1),
+                   reduction=kwargs.pop("reduction", "mean"))
     with pytest.raises(ValueError, match=message):
         spin_kernels.fused_linear_spin_loss(**good(), **kwargs, **options)
 
@@ -132,6 +134,8 @@ def test_the_loss_module_checks_its_settings_when_built():
         spin_kernels.FusedLinearSPINLoss(beta=0)
     with pytest.raises(ValueError, match="ignore_index must be an int"):
         spin_kernels.FusedLinearSPINLoss(ignore_index=None)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        spin_kernels.FusedLinearSPINLoss(reduction=None)
     assert "ignore_index=-1," in repr(spin_kernels.FusedLinearSPINLoss(ignore_index=-1))
 
 
@@ -147,6 +151,8 @@ def test_spin_loss_errors():
         spin_kernels.spin_loss(p, p, p, p, loss_type="relu")
     with pytest.raises(ValueError, match="beta must be a finite number > 0, got inf"):
         spin_kernels.spin_loss(p, p, p, p, beta=float("inf"))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        spin_kernels.spin_loss(p, p, p, p, reduction="batchmean")
 
 
 def test_spin_loss_computes_in_the_widest_dtype_of_its_inputs():

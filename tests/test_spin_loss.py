@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import spin_kernels
-from helpers import check_fused_against_truth, random_packed_batch, truth_spin_loss, truth_token_logprobs
+from helpers import (
+    check_fused_against_truth,
+    random_packed_batch,
+    truth_pair_losses,
+    truth_spin_loss,
+    truth_token_logprobs,
+)
 from spin_kernels import chunked
 
 LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
@@ -30,6 +36,42 @@ def test_spin_loss_formula_and_metrics(loss_type, n_pairs):
              "ipo": 2 * (z / beta - 1 / (2 * beta)) / beta}[loss_type]
     assert torch.allclose(logps[0].grad, beta * dl_dz / n_pairs)
     assert torch.allclose(logps[1].grad, -beta * dl_dz / n_pairs)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_spin_loss_reductions(loss_type):
+    """reduction="none" gives each pair's loss, and its gradient each pair's weight; "sum" their sum."""
+    n_pairs, beta = 7, 0.3
+    logps = [(torch.randn(n_pairs, dtype=torch.float64) * 20 - 60).requires_grad_() for _ in range(4)]
+    expected = torch.tensor(truth_pair_losses(*[x.tolist() for x in logps], beta, loss_type), dtype=torch.float64)
+    each = spin_kernels.spin_loss(*logps, beta=beta, loss_type=loss_type, reduction="none")
+    total = spin_kernels.spin_loss(*logps, beta=beta, loss_type=loss_type, reduction="sum")
+    torch.testing.assert_close(each.loss, expected, rtol=1e-12, atol=1e-12)
+    assert total.loss.item() == pytest.approx(float(expected.sum()), rel=1e-12, abs=1e-12)
+    weights = torch.rand(n_pairs, dtype=torch.float64)
+    (each.loss * weights).sum().backward()
+    z = beta * ((logps[0] - logps[2]) - (logps[1] - logps[3])).detach()
+    dl_dz = {"sigmoid": -torch.sigmoid(-z), "hinge": -(z < 1).double(),
+             "ipo": 2 * (z / beta - 1 / (2 * beta)) / beta}[loss_type]
+    torch.testing.assert_close(logps[0].grad, beta * dl_dz * weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logps[3].grad, beta * dl_dz * weights, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend, chunk_tokens", [("torch", 9), ("torch", 1000), ("triton", None),
+                                                   ("reference", None)])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_loss_reductions_match_float64_truth(backend, chunk_tokens, reduction, dtype, monkeypatch):
+    """The pairs' summed loss, and each pair's loss weighted at random before the backward, on every path: the
+    torch backend's one-pass path (whole pairs in a chunk) holds the mean's gradient from its forward."""
+    if chunk_tokens is not None:
+        monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    check_fused_against_truth(backend, dtype, "sigmoid", n_pairs=5, nll_weight=0.01, reduction=reduction)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_fused_loss_per_pair_for_every_loss_type(loss_type):
+    check_fused_against_truth("torch", torch.float32, loss_type, n_pairs=4, reduction="none", opponent_grad=True)
 
 
 @pytest.mark.parametrize("n_pairs", [1, 7])
@@ -197,14 +239,16 @@ def test_module_wrapper_matches_function():
     hidden, targets, sequence_ids = random_packed_batch(3, 32, 100, torch.float32)
     weight = torch.randn(100, 32)
     opponent = torch.randn(6) - 40
-    module = spin_kernels.FusedLinearSPINLoss(beta=0.2, loss_type="hinge", backend="torch")
+    module = spin_kernels.FusedLinearSPINLoss(beta=0.2, loss_type="hinge", backend="torch", reduction="none")
     a = module(hidden, weight, targets, sequence_ids, opponent)
     b = spin_kernels.fused_linear_spin_loss(
-        hidden, weight, targets, sequence_ids, opponent, beta=0.2, loss_type="hinge", backend="torch"
+        hidden, weight, targets, sequence_ids, opponent, beta=0.2, loss_type="hinge", backend="torch",
+        reduction="none",
     )
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    assert "hinge" in repr(module)
+    assert a.loss.shape == (3,)
+    assert "loss_type='hinge'" in repr(module) and "reduction='none'" in repr(module)
 
 
 def test_pair_with_no_loss_tokens_counts_zero():
