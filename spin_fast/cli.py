@@ -67,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
 
-    if quiet:  # the data's warnings (skipped rows) are the same on every rank
-        logging.getLogger("spin_fast.data").setLevel(logging.ERROR)
-
     import yaml
 
     from spin_fast import distributed, stopping
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # What a user can fix: a setting (ConfigError), a data row (DataError), a missing file or model, bad YAML, a
     # start without a launcher. One line says which; --verbose adds the traceback. Anything else is a bug and keeps
     # its traceback.
-    with stopping.signals_handled():
+    with data_warnings_silenced(quiet), stopping.signals_handled():
         try:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
@@ -97,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status
+
+
+@contextlib.contextmanager
+def data_warnings_silenced(silenced: bool):
+    """The data's warnings (skipped rows) are the same on every rank: the quiet ranks keep its errors alone, and give
+    the logger its level back at the end (main may run inside a longer process: a test, a notebook)."""
+    logger = logging.getLogger("spin_fast.data")
+    level = logger.level
+    if silenced:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def report_stop(stop) -> int:

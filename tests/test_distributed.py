@@ -4,6 +4,7 @@ and the pieces (DeepSpeed JSON, work split, gathering) on their own."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -592,8 +593,10 @@ def test_copies_started_without_a_launcher_are_refused(monkeypatch, capsys, tmp_
     assert "several processes (SLURM_STEP_NUM_TASKS=16) without a launcher" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "16")  # a launcher of its own that sets part of what the group needs
     monkeypatch.setenv("RANK", "3")
+    data_log_level = logging.getLogger("spin_fast.data").level
     assert main(["run", str(config)]) == 2
     assert "WORLD_SIZE=16 but LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in capsys.readouterr().err
+    assert logging.getLogger("spin_fast.data").level == data_log_level  # rank 3's quiet data log ends with main
     assert not (tmp_path / "out").exists()
     for name in ("PMI_SIZE", "MV2_COMM_WORLD_SIZE"):  # MPICH's and Intel MPI's mpirun, MVAPICH's
         for other in ("SLURM_STEP_NUM_TASKS", "WORLD_SIZE", "RANK"):
