@@ -46,6 +46,11 @@ def check_label_smoothing(label_smoothing: float, loss_type: str) -> None:
         raise ValueError(f"label_smoothing is the sigmoid loss's (cDPO), got loss_type={loss_type!r}")
 
 
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_beta(beta: float) -> None:
     if isinstance(beta, torch.Tensor):  # refused, not read: float() of a CUDA tensor waits for the GPU
         raise ValueError(f"beta must be a Python number, not a tensor: pass float(beta) (got {beta!r})")

@@ -36,9 +36,10 @@ def group_pairs(tokens_per_pair: list[int], budget: int) -> list[tuple[int, int]
 
 class ChunkedFusedSpinLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, sequence_ids, opponent_logps,
+    def forward(ctx, hidden, weight, bias, rows, targets, sequence_ids, opponent_logps, sequence_scale,
                 pair_loss: PairLoss, need_grads: tuple[bool, bool, bool]):
-        """rows, targets, sequence_ids: the loss tokens only. Returns (mean loss, policy_logps [2P])."""
+        """rows, targets, sequence_ids: the loss tokens only. sequence_scale [2P] or None: each sequence's summed
+        log-prob is multiplied by it (1 / its token count: an average). Returns (mean loss, policy_logps [2P])."""
         head = Head.of(hidden, weight, bias)
         n_pairs = opponent_logps.shape[0] // 2
         opponent = opponent_logps.to(head.dtype)
@@ -51,6 +52,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
             starts.append(starts[-1] + count)
 
         policy = torch.zeros(2 * n_pairs, dtype=head.dtype, device=head.weight.device)
+        scale = torch.ones_like(policy) if sequence_scale is None else sequence_scale.to(head.dtype)
         lse = torch.empty(rows.shape[0], dtype=head.dtype, device=head.weight.device)
         grads = Grads.zeros(head, need_grads)
         step, buffer = head.step(), head.buffer(rows.shape[0])
@@ -66,15 +68,16 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
             policy.index_add_(0, group_ids, logps)
             if not any(need_grads):
                 continue
-            token_grad = _pair_loss_grad(policy, opponent, first, end, pair_loss)[group_ids]
+            token_grad = (_pair_loss_grad(policy * scale, opponent, first, end, pair_loss) * scale)[group_ids]
             if fits:
                 dlogits = softmax_grad_in_place(exp_shifted, log_sum, group_targets, token_grad)
                 grads.add(head, group_rows, dlogits)
             else:
                 chunked_grads(head, group_rows, group_targets, lse[span], token_grad, grads)
 
+        policy = policy * scale
         loss = pair_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]).mean()
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse)
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse, scale)
         # Held until the backward (a retained graph's, more than once) in the inputs' dtypes: a bf16 model holds
         # half what fp32 sums would take. fp16's keep fp32: its range would flush small gradients to zero before
         # the backward multiplies them by a loss scale (GradScaler's), the very thing the scale is there to save.
@@ -87,7 +90,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_policy):
         check_first_order()
-        hidden, weight, bias, rows, targets, sequence_ids, lse = ctx.saved_tensors
+        hidden, weight, bias, rows, targets, sequence_ids, lse, sequence_scale = ctx.saved_tensors
         scale = 0.0 if grad_loss is None else grad_loss
         grads = ctx.grads.scaled(scale)
         if grad_policy is not None and bool(grad_policy.any()):
@@ -95,9 +98,9 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
             # general recomputing path, summed in fp32 (float64 for float64 inputs).
             head = Head.of(hidden, weight, bias)
             grads = grads.to(head.dtype)
-            chunked_grads(head, rows, targets, lse, grad_policy.to(head.dtype)[sequence_ids], grads)
+            chunked_grads(head, rows, targets, lse, (grad_policy.to(head.dtype) * sequence_scale)[sequence_ids], grads)
         opponent_grad = None if ctx.opponent_grad is None else (ctx.opponent_grad * scale).to(ctx.opponent_dtype)
-        return (*grads.cast(hidden, weight, bias), None, None, None, opponent_grad, None, None)
+        return (*grads.cast(hidden, weight, bias), None, None, None, opponent_grad, None, None, None)
 
 
 def _pair_loss_grad(policy, opponent, first, end, pair_loss) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ._checks import (
     check_backend,
     check_beta,
+    check_flag,
     check_ignore_index,
     check_label_smoothing,
     check_linear_inputs,
@@ -125,6 +126,7 @@ def fused_linear_spin_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    length_normalize: bool = False,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     hidden_index: torch.Tensor | None = None,
@@ -140,15 +142,19 @@ def fused_linear_spin_loss(
     hidden_index [M] (optional): the row of hidden that predicts each target; targets and sequence_ids
     are then [M]. With a prompt shared by a pair's two responses, its last row predicts the first
     token of each. label_smoothing, reduction: as spin_loss's.
+    length_normalize: each sequence's log-prob is the mean over its loss tokens, not their sum (SimPO's, TRL's
+    "ipo"); policy_logps are then those means, and opponent_logps must be given as means too.
     """
     check_loss_type(loss_type)
     check_beta(beta)
     check_label_smoothing(label_smoothing, loss_type)
     check_reduction(reduction)
+    check_flag("length_normalize", length_normalize)
     check_backend(backend)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
                         hidden_index=hidden_index)
     n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
+    scale = token_count_inverse(targets, sequence_ids, 2 * n_pairs, ignore_index) if length_normalize else None
     backend = resolve_backend(backend, hidden)
     if backend == "torch" and reduction != "none":
         # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once. Each pair's own
@@ -158,7 +164,7 @@ def fused_linear_spin_loss(
         need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias))
         with without_autocast(hidden):
             loss, policy_logps = ChunkedFusedSpinLoss.apply(
-                hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps,
+                hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps, scale,
                 functools.partial(pair_losses, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing), need,
             )
         if reduction == "sum":
@@ -166,6 +172,8 @@ def fused_linear_spin_loss(
     else:
         token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
         policy_logps = sum_by_sequence(token_logps, targets, sequence_ids, 2 * n_pairs, ignore_index)
+        if scale is not None:
+            policy_logps = policy_logps * scale.to(policy_logps.dtype)
         loss = None
     opponent = opponent_logps.to(policy_logps.dtype)
     out = spin_loss(
@@ -175,23 +183,33 @@ def fused_linear_spin_loss(
     return FusedSpinLossOutput(out.loss if loss is None else loss, policy_logps, *out[1:])
 
 
+def token_count_inverse(targets: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,
+                        ignore_index: int) -> torch.Tensor:
+    """1 / (loss tokens of each sequence) [n_sequences], float64; 1 for a sequence with none (its log-prob stays 0)."""
+    kept = targets != ignore_index
+    counts = torch.zeros(n_sequences, dtype=torch.float64, device=targets.device).index_add_(
+        0, torch.where(kept, sequence_ids, 0), kept.double())  # no host sync, unlike bincount
+    return 1.0 / counts.clamp_min(1)
+
+
 class FusedLinearSPINLoss(torch.nn.Module):
-    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, label_smoothing, reduction, ignore_index
-    and backend."""
+    """nn.Module form of fused_linear_spin_loss, holding beta, loss_type, label_smoothing, reduction,
+    length_normalize, ignore_index and backend."""
 
     def __init__(
         self, beta: float = 0.1, loss_type: str = "sigmoid", ignore_index: int = -100, backend: str = "auto",
-        label_smoothing: float = 0.0, reduction: str = "mean",
+        label_smoothing: float = 0.0, reduction: str = "mean", length_normalize: bool = False,
     ):
         super().__init__()
         check_loss_type(loss_type)
         check_beta(beta)
         check_label_smoothing(label_smoothing, loss_type)
         check_reduction(reduction)
+        check_flag("length_normalize", length_normalize)
         check_backend(backend)
         check_ignore_index(ignore_index)
         self.beta, self.loss_type, self.ignore_index, self.backend = beta, loss_type, ignore_index, backend
-        self.label_smoothing, self.reduction = label_smoothing, reduction
+        self.label_smoothing, self.reduction, self.length_normalize = label_smoothing, reduction, length_normalize
 
     def forward(
         self,
@@ -205,10 +223,11 @@ class FusedLinearSPINLoss(torch.nn.Module):
     ) -> FusedSpinLossOutput:
         return fused_linear_spin_loss(
             hidden, weight, targets, sequence_ids, opponent_logps, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, reduction=self.reduction, bias=bias, ignore_index=self.ignore_index,
-            hidden_index=hidden_index, backend=self.backend,
+            label_smoothing=self.label_smoothing, reduction=self.reduction, length_normalize=self.length_normalize,
+            bias=bias, ignore_index=self.ignore_index, hidden_index=hidden_index, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
-                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, length_normalize={self.length_normalize}, "
+                f"ignore_index={self.ignore_index}, backend={self.backend!r}")

@@ -105,13 +105,15 @@ def random_packed_batch(n_pairs: int, hidden_size: int, vocab_size: int, dtype: 
 def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, n_pairs: int, nll_weight: float = 0.0,
                               vocab: int = 611, hidden_size: int = 56, device: str = "cpu",
                               shared_rows: bool = False, opponent_grad: bool = False,
-                              autocast: bool = False, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+                              autocast: bool = False, label_smoothing: float = 0.0, reduction: str = "mean",
+                              length_normalize: bool = False) -> None:
     """fused_linear_spin_loss (+ nll_weight * sum of policy log-probs) against float64 autograd.
 
     shared_rows: the tokens read half as many hidden rows through hidden_index, most rows twice.
     opponent_grad: the opponent's log-probs require grad too, and their gradient is checked.
     autocast: the kernel's forward runs inside a bf16 autocast region (the backward after it, as PyTorch advises).
-    reduction "none": the pairs' losses are weighted by random weights before the backward."""
+    reduction "none": the pairs' losses are weighted by random weights before the backward.
+    length_normalize: each sequence's log-prob is the mean over its tokens, the opponent's too."""
     batch = random_packed_batch(n_pairs, hidden_size, vocab, dtype)
     hidden, targets, sequence_ids = (t.to(device) for t in batch)
     hidden_index = None
@@ -127,7 +129,9 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
         seq_truth = torch.zeros(2 * n_pairs, dtype=torch.float64, device=device).index_add(
             0, torch.where(targets != -100, sequence_ids, 0), token_truth
         )
-    opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3).float()
+    tokens = torch.stack([((sequence_ids == s) & (targets != -100)).sum() for s in range(2 * n_pairs)]).double()
+    per_sequence = 1 / tokens if length_normalize else torch.ones_like(tokens)
+    opponent = ((seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3) * per_sequence).float()
     opponent.requires_grad_(opponent_grad)
     beta = 0.1
     weights = torch.rand(n_pairs, dtype=torch.float64, device=device) + 0.5
@@ -139,7 +143,7 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = spin_kernels.fused_linear_spin_loss(
             *leaves[:2], targets, sequence_ids, opponent, beta=beta, loss_type=loss_type,
-            label_smoothing=label_smoothing, reduction=reduction, bias=leaves[2],
+            label_smoothing=label_smoothing, reduction=reduction, length_normalize=length_normalize, bias=leaves[2],
             hidden_index=hidden_index, backend=backend,
         )
     (objective(out.loss) + nll_weight * out.policy_logps.sum()).backward()
@@ -147,6 +151,7 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
     truth_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
     token = truth_token_logprobs(rows(truth_leaves[0]), truth_leaves[1], targets, truth_leaves[2])
     seq = torch.stack([token[(sequence_ids == s) & (targets != -100)].sum() for s in range(2 * n_pairs)])
+    seq = seq * per_sequence
     opp = opponent.detach().double().requires_grad_(opponent_grad)
     z = beta * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
     softplus = torch.nn.functional.softplus  # cDPO's label smoothing: the flipped pair's loss in part

@@ -117,6 +117,13 @@ def test_fused_spin_loss_with_shared_rows_on_cuda_matches_float64(dtype):
                               shared_rows=True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_per_pair_and_length_normalized_losses_on_cuda_match_float64(backend):
+    """reduction="none" and mean log-probs at full size, bf16, on both GPU backends."""
+    check_fused_against_truth(backend, torch.bfloat16, "sigmoid", n_pairs=64, vocab=32000, hidden_size=2048,
+                              device="cuda", reduction="none", length_normalize=True, opponent_grad=True)
+
+
 def kernels_used(monkeypatch) -> list:
     """Records which attention kernel each spin_varlen call picks."""
     picked, pick = [], attention.varlen_kernel

@@ -113,6 +113,7 @@ def test_bias_and_backend_errors(monkeypatch):
         (dict(opponent_logps=torch.zeros(4, dtype=torch.long)), "opponent_logps must be a floating"),
         (dict(loss_type="kto"), "loss_type must be one of"),
         (dict(reduction="avg"), r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+        (dict(length_normalize="yes"), "length_normalize must be True or False, got 'yes'"),
         (dict(beta=0.0, loss_type="ipo"), "beta must be a finite number > 0, got 0.0"),
         (dict(beta=-0.5), "beta must be a finite number > 0, got -0.5"),
         (dict(beta=float("nan")), "beta must be a finite number > 0, got nan"),
@@ -122,7 +123,7 @@ def test_bias_and_backend_errors(monkeypatch):
 def test_fused_loss_errors(change, message):
     kwargs = dict(sequence_ids=torch.tensor([0, 1, -1, 2, 3, 3]), opponent_logps=torch.zeros(4)) | change
     options = dict(loss_type=kwargs.pop("loss_type", "sigmoid"), beta=kwargs.pop("beta", 0.1),
-                   reduction=kwargs.pop("reduction", "mean"))
+                   reduction=kwargs.pop("reduction", "mean"), length_normalize=kwargs.pop("length_normalize", False))
     with pytest.raises(ValueError, match=message):
         spin_kernels.fused_linear_spin_loss(**good(), **kwargs, **options)
 
@@ -136,6 +137,8 @@ def test_the_loss_module_checks_its_settings_when_built():
         spin_kernels.FusedLinearSPINLoss(ignore_index=None)
     with pytest.raises(ValueError, match="reduction must be one of"):
         spin_kernels.FusedLinearSPINLoss(reduction=None)
+    with pytest.raises(ValueError, match="length_normalize must be True or False, got 1"):
+        spin_kernels.FusedLinearSPINLoss(length_normalize=1)
     assert "ignore_index=-1," in repr(spin_kernels.FusedLinearSPINLoss(ignore_index=-1))
 
 

@@ -15,6 +15,11 @@ from spin_kernels import chunked
 
 LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
 
+# The torch backend alone chunks (chunked.CHUNK_BYTES): pairs longer than a chunk (9 tokens) take its recomputing
+# path, whole pairs in a chunk (1000) its one-pass path.
+BACKEND_CHUNKS = [("torch", 9), ("torch", 1000), ("triton", None), ("reference", None)]
+
+
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("n_pairs", [1, 7])
@@ -57,8 +62,7 @@ def test_spin_loss_reductions(loss_type):
     torch.testing.assert_close(logps[3].grad, beta * dl_dz * weights, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend, chunk_tokens", [("torch", 9), ("torch", 1000), ("triton", None),
-                                                   ("reference", None)])
+@pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_loss_reductions_match_float64_truth(backend, chunk_tokens, reduction, dtype, monkeypatch):
@@ -67,6 +71,41 @@ def test_fused_loss_reductions_match_float64_truth(backend, chunk_tokens, reduct
     if chunk_tokens is not None:
         monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
     check_fused_against_truth(backend, dtype, "sigmoid", n_pairs=5, nll_weight=0.01, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_length_normalized_log_probs_match_float64_truth(backend, chunk_tokens, dtype, monkeypatch):
+    """Each sequence's mean log-prob over its tokens, in the loss, the log-probs returned (an NLL term on them) and
+    the opponent's gradient, on the torch backend's one-pass and recomputing paths too."""
+    if chunk_tokens is not None:
+        monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
+    check_fused_against_truth(backend, dtype, "sigmoid", n_pairs=5, nll_weight=0.01, opponent_grad=True,
+                              length_normalize=True)
+
+
+def test_simpo_through_length_normalized_log_probs():
+    """SimPO (Meng et al. 2024), -log sigmoid(beta / |y_w| log p(y_w) - beta / |y_l| log p(y_l) - gamma), is the
+    sigmoid loss on mean log-probs with opponent log-probs 0 (real) and -gamma / beta (generated), as the README
+    writes it; computed here from full float64 logits, one sequence at a time."""
+    n_pairs, vocab, hidden_size, beta, gamma = 4, 97, 16, 2.0, 0.5
+    hidden, targets, sequence_ids = random_packed_batch(n_pairs, hidden_size, vocab, torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=True)
+    opponent = torch.cat([torch.zeros(n_pairs), torch.full((n_pairs,), -gamma / beta)]).double()
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent, beta=beta,
+                                              length_normalize=True, backend="torch")
+    (dweight,) = torch.autograd.grad(out.loss, weight)
+
+    def mean_logp(sequence: int) -> torch.Tensor:
+        tokens = (sequence_ids == sequence) & (targets != -100)
+        logps = (hidden[tokens] @ weight.T).log_softmax(-1).gather(1, targets[tokens][:, None])
+        return logps.sum() / tokens.sum()
+
+    simpo = torch.stack([-torch.nn.functional.logsigmoid(beta * mean_logp(i) - beta * mean_logp(n_pairs + i) - gamma)
+                         for i in range(n_pairs)]).mean()
+    (truth_dweight,) = torch.autograd.grad(simpo, weight)
+    torch.testing.assert_close(out.loss, simpo.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dweight, truth_dweight, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
@@ -130,11 +169,6 @@ def test_torch_backend_pair_chunking(chunk_tokens, loss_type, monkeypatch):
     """Pairs grouped into chunks, and pairs longer than a chunk (two-pass path), give the truth."""
     monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 4)
     check_fused_against_truth("torch", torch.float32, loss_type, n_pairs=6)
-
-
-# The torch backend alone chunks (chunked.CHUNK_BYTES): pairs longer than a chunk (9 tokens) take its recomputing
-# path, whole pairs in a chunk (1000) its one-pass path.
-BACKEND_CHUNKS = [("torch", 9), ("torch", 1000), ("triton", None), ("reference", None)]
 
 
 @pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS)
