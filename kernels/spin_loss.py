@@ -46,7 +46,8 @@ class SpinLossOutput(NamedTuple):
 
 
 class FusedSpinLossOutput(NamedTuple):
-    """As SpinLossOutput, plus policy_logps [2P]: summed log-probs of each sequence (with grad)."""
+    """As SpinLossOutput, plus policy_logps [2P]: summed log-probs of each sequence (their means with
+    length_normalize), with grad."""
 
     loss: torch.Tensor
     policy_logps: torch.Tensor
