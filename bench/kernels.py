@@ -1,17 +1,19 @@
 """Kernel bench: forward + backward time and peak memory of the SPIN loss head, against the peers.
 
-Two jobs are measured on one realistic packed batch (P pairs; each pair's prompt, about a third of
+Three jobs are measured on one realistic packed batch (P pairs; each pair's prompt, about a third of
 the tokens, carries no loss; responses of uneven length):
-  spin_head  hidden states -> SPIN loss (what fused_linear_spin_loss does)
-  logprobs   hidden states -> per-token target log-probs (what linear_logprobs does)
+  spin_head   hidden states -> SPIN loss (what fused_linear_spin_loss does)
+  logprobs    hidden states -> per-token target log-probs (what linear_logprobs does)
+  simpo_head  hidden states -> SimPO's loss, on mean log-probs and with no reference (fused_linear_spin_loss
+              with length_normalize=True), against Liger's own SimPO loss
 Every (vocabulary, job, method) runs in a fresh subprocess, which measures the peak memory of one call and then
 times calls (bench.common.memory_then_time), so compile caches and allocator state never leak from one
 measurement into the next. A method that cannot run here (CUDA only, no such entry point) is reported as missing
 without starting one. Time and memory are also given as multiples of a baseline's at the same vocabulary and job:
 naive PyTorch's, or --baseline METHOD's (e.g. where naive runs out of memory). Run: python -m bench.kernels
-[--preset cpu|gpu] [--jobs spin_head logprobs] [--vocabs V ...] [--methods M ...]; your own shape with --tokens,
---hidden, --pairs, --dtype (and --warmup, --repeats). A shape, a selection or a baseline of one's own is written to
-kernels-<preset>-custom.json, so that the preset's own file stays.
+[--preset cpu|gpu] [--jobs spin_head logprobs simpo_head] [--vocabs V ...] [--methods M ...]; your own shape with
+--tokens, --hidden, --pairs, --dtype (and --warmup, --repeats). A shape, a selection or a baseline of one's own is
+written to kernels-<preset>-custom.json, so that the preset's own file stays.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Preset:
     pairs: int
     warmup: int
     repeats: int
-    jobs: tuple[str, ...] = ("spin_head", "logprobs")
+    jobs: tuple[str, ...] = ("spin_head", "logprobs", "simpo_head")
     methods: tuple[str, ...] = ()  # the order to run them in (most telling first); () = every method, METHODS' order
 
 
@@ -81,11 +83,13 @@ PRESETS = {
     "gpu": Preset("gpu", "cuda", torch.bfloat16, tokens=16384, hidden=4096, vocabs=(128256,), pairs=32,
                   warmup=2, repeats=5, jobs=("spin_head",),
                   methods=("naive PyTorch", "spin-fast triton", "Cut Cross-Entropy", "Liger DPO loss",
-                           "torch.compile", "spin-fast torch", "F.linear_cross_entropy")),
+                           "torch.compile", "spin-fast torch", "F.linear_cross_entropy", "Liger SimPO loss")),
     "tiny": Preset("tiny", "cpu", torch.float32, tokens=256, hidden=64, vocabs=(1000,), pairs=3,
                    warmup=1, repeats=2),  # for tests
 }
 BETA = 0.1
+# SimPO's (Meng et al. 2024) beta, and its target margin gamma at the paper's gamma / beta of 0.5.
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 1.0
 SEED = 1234
 
 
@@ -192,33 +196,53 @@ def sequence_loss(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
     return spin_loss(policy[:p], policy[p:], opponent[:p], opponent[p:], beta=BETA).loss
 
 
-def _spin_fast(backend: str):
-    def head(batch: Batch) -> torch.Tensor:
-        from spin_kernels import fused_linear_spin_loss
+def simpo_loss(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """SimPO's loss as its paper writes it, -log sigmoid(beta / |y_w| log p(y_w) - beta / |y_l| log p(y_l) - gamma),
+    from per-token log-probs, in fp32 (as sequence_loss)."""
+    token_logps = token_logps.float()
+    ids, p = batch.sequence_ids.clamp_min(0), batch.n_pairs
+    sums = token_logps.new_zeros(2 * p).index_add(0, ids, token_logps)
+    lengths = token_logps.new_zeros(2 * p).index_add(0, ids, (batch.targets != -100).float())
+    means = sums / lengths
+    return -torch.nn.functional.logsigmoid(SIMPO_BETA * (means[:p] - means[p:]) - SIMPO_GAMMA).mean()
 
+
+def from_logprobs(logprobs: Callable[[Batch], torch.Tensor]) -> dict[str, Callable[[Batch], torch.Tensor]]:
+    """The jobs of a method that gives per-token log-probs: the losses are finished from them in plain PyTorch."""
+    return {"spin_head": lambda b: sequence_loss(logprobs(b), b), "logprobs": logprobs,
+            "simpo_head": lambda b: simpo_loss(logprobs(b), b)}
+
+
+def _spin_fast(backend: str):
+    from spin_kernels import fused_linear_spin_loss, linear_logprobs
+
+    def head(batch: Batch) -> torch.Tensor:
         return fused_linear_spin_loss(
             batch.hidden, batch.weight, batch.targets, batch.sequence_ids, batch.opponent_logps,
             beta=BETA, backend=backend,
         ).loss
 
-    def logprobs(batch: Batch) -> torch.Tensor:
-        from spin_kernels import linear_logprobs
+    def simpo_head(batch: Batch) -> torch.Tensor:
+        # The README's recipe: mean log-probs, no reference (0 for the chosen), -gamma / beta for the rejected.
+        p = batch.n_pairs
+        opponent = torch.cat([batch.hidden.new_zeros(p, dtype=torch.float32),
+                              batch.hidden.new_full((p,), -SIMPO_GAMMA / SIMPO_BETA, dtype=torch.float32)])
+        return fused_linear_spin_loss(batch.hidden, batch.weight, batch.targets, batch.sequence_ids, opponent,
+                                      beta=SIMPO_BETA, length_normalize=True, backend=backend).loss
 
+    def logprobs(batch: Batch) -> torch.Tensor:
         return linear_logprobs(batch.hidden, batch.weight, batch.targets, backend=backend)
 
-    return head, logprobs
+    return {"spin_head": head, "logprobs": logprobs, "simpo_head": simpo_head}
 
 
 def _naive():
-    head = lambda b: sequence_loss(naive_token_logps(b.hidden, b.weight, b.targets), b)
-    logprobs = lambda b: naive_token_logps(b.hidden, b.weight, b.targets)
-    return head, logprobs
+    return from_logprobs(lambda b: naive_token_logps(b.hidden, b.weight, b.targets))
 
 
 def _compiled():
     compiled = torch.compile(naive_token_logps, dynamic=False)
-    return (lambda b: sequence_loss(compiled(b.hidden, b.weight, b.targets), b),
-            lambda b: compiled(b.hidden, b.weight, b.targets))
+    return from_logprobs(lambda b: compiled(b.hidden, b.weight, b.targets))
 
 
 def _torch_linear_cross_entropy():
@@ -238,7 +262,7 @@ def _torch_linear_cross_entropy():
     def logprobs(b: Batch) -> torch.Tensor:
         return -F.linear_cross_entropy(b.hidden, b.weight, b.targets, reduction="none", options=options)
 
-    return (lambda b: sequence_loss(logprobs(b), b)), logprobs
+    return from_logprobs(logprobs)
 
 
 def _cut_cross_entropy():
@@ -250,7 +274,7 @@ def _cut_cross_entropy():
     def logprobs(b: Batch) -> torch.Tensor:
         return -linear_cross_entropy(b.hidden, b.weight, b.targets, reduction="none", impl="cce").float()
 
-    return (lambda b: sequence_loss(logprobs(b), b)), logprobs
+    return from_logprobs(logprobs)
 
 
 def _liger():
@@ -267,19 +291,36 @@ def _liger():
                       ref_input=b.padded_hidden.detach(), ref_weight=b.opponent_weight)
         return out[0] if isinstance(out, tuple) else out
 
-    return head, None
+    return {"spin_head": head}
 
 
-METHODS: dict[str, Callable] = {
+def _liger_simpo():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+    except ImportError as error:
+        raise Missing(f"liger-kernel is not installed ({error})") from None
+    loss_fn = LigerFusedLinearSimPOLoss(beta=SIMPO_BETA, gamma=SIMPO_GAMMA, compute_nll_loss=False)
+
+    def simpo_head(b: Batch) -> torch.Tensor:  # the padded batch, chosen rows first; mean log-probs by default
+        out = loss_fn(b.weight, b.padded_hidden, b.padded_targets)
+        return out[0] if isinstance(out, tuple) else out
+
+    return {"simpo_head": simpo_head}
+
+
+METHODS: dict[str, Callable[[], dict[str, Callable[[Batch], torch.Tensor]]]] = {
     "naive PyTorch": _naive,
     "torch.compile": _compiled,
     "spin-fast torch": lambda: _spin_fast("torch"),
     "spin-fast triton": lambda: _spin_fast("triton"),
     "Liger DPO loss": _liger,
+    "Liger SimPO loss": _liger_simpo,
     "F.linear_cross_entropy": _torch_linear_cross_entropy,
     "Cut Cross-Entropy": _cut_cross_entropy,
 }
-JOBS = ("spin_head", "logprobs")
+JOBS = ("spin_head", "logprobs", "simpo_head")
+# Each Liger loss serves its own job alone: it is not listed under the others.
+ONLY_JOB = {"Liger DPO loss": "spin_head", "Liger SimPO loss": "simpo_head"}
 CUDA_ONLY = {"spin-fast triton": "Triton backend needs CUDA (the CPU tests run it through the interpreter)",
              "Cut Cross-Entropy": "cut-cross-entropy's kernel is Triton on CUDA only"}
 
@@ -288,8 +329,8 @@ def unavailable(preset: Preset, job: str, method: str) -> str | None:
     """Why a method cannot run a job here, known without starting its worker (which costs seconds)."""
     if method in CUDA_ONLY and preset.device != "cuda":
         return CUDA_ONLY[method]
-    if job == "logprobs" and method == "Liger DPO loss":
-        return f"{method} has no logprobs entry point"
+    if ONLY_JOB.get(method, job) != job:
+        return f"{method} has no {job} entry point"
     return None
 
 
@@ -300,13 +341,12 @@ def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
     reason = unavailable(preset, job, method)
     if reason:
         raise Missing(reason)
-    head, logprobs = METHODS[method]()
-    fn = head if job == "spin_head" else logprobs
+    fn = METHODS[method]()[job]
     batch = make_batch(preset, vocab)
 
     def objective() -> torch.Tensor:
         out = fn(batch)
-        return out if job == "spin_head" else (out.float() * batch.upstream).sum()
+        return (out.float() * batch.upstream).sum() if job == "logprobs" else out
 
     def release_grads() -> None:
         for leaf in batch.leaves:
@@ -329,7 +369,7 @@ def _figures(preset: Preset, vocab: int, job: str, method: str, batch: Batch, ti
     if method.startswith("spin-fast"):
         # FLOPs it actually performs on the loss tokens (2·M·H·V per pass): forward, recomputed
         # logits, dhidden, dweight; the torch backend's fused loss skips the recomputation.
-        passes = 3 if (job == "spin_head" and method == "spin-fast torch") else 4
+        passes = 3 if (job != "logprobs" and method == "spin-fast torch") else 4
         flops = passes * 2 * n_loss_tokens * preset.hidden * vocab
         stats["achieved_tflops"] = flops / (stats["median_ms"] / 1e3) / 1e12
     return {
@@ -426,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== vocab {vocab}: {preset.tokens} tokens, H={preset.hidden}, {preset.dtype}, "
               f"{device}; dense matmul {ceiling:.2f} TFLOP/s", flush=True)
         for job in jobs:
-            for method in methods:
+            for method in [m for m in methods if ONLY_JOB.get(m, job) == job]:  # a Liger loss under its job alone
                 print(f"  {job:9s} {method:24s} ...", end=" ", flush=True)
                 result = run_one(preset, vocab, job, method, shape_argv)
                 result.update(vocab=vocab, job=job, method=method, matmul_tflops=ceiling)

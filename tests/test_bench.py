@@ -30,6 +30,24 @@ def test_padded_layout_holds_the_same_tokens():
     assert sorted(kept.tolist()) == sorted(padded_kept.tolist())
 
 
+def test_simpo_head_agrees_with_liger_and_the_papers_formula(monkeypatch):
+    """The simpo_head job: spin-fast's recipe (mean log-probs, opponent 0 and -gamma / beta), Liger's own SimPO loss
+    on the padded batch and SimPO's formula on naive log-probs give one loss and one head gradient."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # Liger compiles its chunk (~25 s on 2 cores)
+    batch = kernels.make_batch(kernels.PRESETS["tiny"], vocab=500)
+    losses, grads = {}, {}
+    for method in ("naive PyTorch", "spin-fast torch", "Liger SimPO loss"):
+        batch.weight.grad = None
+        loss = kernels.METHODS[method]()["simpo_head"](batch)
+        loss.backward()
+        losses[method], grads[method] = float(loss), batch.weight.grad.clone()
+    for method in ("spin-fast torch", "Liger SimPO loss"):
+        assert losses[method] == pytest.approx(losses["naive PyTorch"], rel=1e-5)
+        torch.testing.assert_close(grads[method], grads["naive PyTorch"], rtol=1e-4, atol=1e-7)
+    assert kernels.unavailable(kernels.PRESETS["tiny"], "spin_head", "Liger SimPO loss")
+    assert kernels.unavailable(kernels.PRESETS["tiny"], "simpo_head", "Liger DPO loss")
+
+
 @pytest.mark.slow
 def test_tiny_bench_runs_and_methods_agree(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # never overwrite the committed results
