@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_fast.data import render_prompt
 from spin_fast.generation import SamplingConfig
+from spin_fast.generation.base import Completion
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.model import tiny_config
 from spin_fast.tokenizer import build_local_tokenizer
@@ -177,6 +178,27 @@ def test_the_models_generation_config_does_not_change_the_samples(tokenizer):
     for sampling in (GREEDY, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)):
         assert engine.generate(batch, sampling) == clean.generate(batch, sampling)
     assert model.generation_config.repetition_penalty == 3.0
+
+
+def test_an_answer_ends_at_any_eos_id_of_the_models_generation_config(tokenizer):
+    """Chat models whose turns end with a token other than the tokenizer's EOS list both in generation_config.json
+    (Llama 3 Instruct: <|end_of_text|> and <|eot_id|>), and vLLM stops on each: so does this engine, and the answer
+    is cut before it, finished, as vLLM's is."""
+    batch = prompts(tokenizer)
+    model = make_model()
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
+    plain = [completions[0] for completions in engine.generate(batch, GREEDY)]
+    end_of_turn = plain[1].token_ids[2]  # the third token of one answer
+    assert end_of_turn != tokenizer.eos_token_id and not plain[1].finished
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    cut = 0
+    for before, (after,) in zip(plain, engine.generate(batch, GREEDY)):
+        if end_of_turn in before.token_ids:
+            cut += 1
+            assert after == Completion(before.token_ids[: before.token_ids.index(end_of_turn)], True)
+        else:
+            assert after == before
+    assert cut >= 1 and model.generation_config.eos_token_id == [tokenizer.eos_token_id, end_of_turn]
 
 
 def test_sampling_config_errors():

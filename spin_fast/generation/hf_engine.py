@@ -43,7 +43,9 @@ class TransformersEngine:
         parts, or shared out to ranks, with its indices samples what one call does.
 
         Only `sampling` decides how tokens are drawn, as in vLLM given explicit SamplingParams: the model's own
-        generation_config (a checkpoint's repetition penalty, n-gram bans, top-k, ...) is set aside meanwhile.
+        generation_config (a checkpoint's repetition penalty, n-gram bans, top-k, ...) is set aside meanwhile. Its
+        EOS ids are kept, as vLLM keeps them: an answer ends at the first of those or the tokenizer's EOS (Llama 3
+        Instruct ends its turns with <|eot_id|>, which its generation_config lists beside <|end_of_text|>).
 
         A ZeRO-3 partitioned model (deepspeed.zero3_init) generates a layer at a time with every rank in step:
         as many batches on each rank (fillers where it has fewer) and as many decoding steps (synced_gpus)."""
@@ -51,6 +53,7 @@ class TransformersEngine:
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
         model_generation_config = self.model.generation_config
+        stops = stop_token_ids(self.eos_token_id, model_generation_config)
         partitioned = zero.is_partitioned_model(self.model)
         batches = zero.in_step([self.model], self.batches(prompts, sampling.n), "generation batch counts")
         self.model.eval()
@@ -62,10 +65,11 @@ class TransformersEngine:
             with zero.gathered_per_layer(self.model) if partitioned else contextlib.nullcontext():
                 for batch in bar:
                     if batch is None:  # a filler: its tokens are thrown away
-                        self._generate_batch([[self.eos_token_id]], sampling, [0], synced=True)
+                        self._generate_batch([[self.eos_token_id]], sampling, [0], stops, synced=True)
                         continue
                     seeds = [sampling.seed + indices[p] * sampling.n + k for p, k in batch]
-                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, seeds, synced=partitioned)
+                    outputs = self._generate_batch([prompts[p] for p, _ in batch], sampling, seeds, stops,
+                                                   synced=partitioned)
                     for (prompt_index, k), completion in zip(batch, outputs):
                         results[prompt_index][k] = completion
         finally:
@@ -75,7 +79,7 @@ class TransformersEngine:
         return results
 
     def _generate_batch(self, prompts: list[Sequence[int]], sampling: SamplingConfig, seeds: list[int],
-                        synced: bool = False) -> list[Completion]:
+                        stops: list[int], synced: bool = False) -> list[Completion]:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -88,12 +92,12 @@ class TransformersEngine:
         processors = sampling_processors(sampling, seeds, device) if sampling.temperature > 0 else []
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   do_sample=False, logits_processor=LogitsProcessorList(processors),
-                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=self.eos_token_id,
+                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
                                   pad_token_id=self.pad_token_id, use_cache=True, synced_gpus=synced)
         completions = []
         for row in out[:, width:].tolist():
-            finished = self.eos_token_id in row
-            completions.append(Completion(tuple(row[: row.index(self.eos_token_id)] if finished else row), finished))
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            completions.append(Completion(tuple(row if end is None else row[:end]), end is not None))
         return completions
 
     @torch.no_grad()
@@ -107,6 +111,13 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def stop_token_ids(eos_token_id: int, generation_config: GenerationConfig | None) -> list[int]:
+    """The tokenizer's EOS first, then every other EOS id the model's generation_config lists."""
+    listed = None if generation_config is None else generation_config.eos_token_id
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([eos_token_id, *listed]))
 
 
 class SampleEachRow(LogitsProcessor):
