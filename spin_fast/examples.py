@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 from spin_fast import distributed
 from spin_fast.config import DataConfig
@@ -45,7 +46,7 @@ def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, e
     batch's own error, if none does)."""
     for index in batch:
         try:
-            tokenize_example(tokenizer, examples[index], **fitting)
+            tokenize_example(tokenizer, human_part(examples[index]), **fitting)
         except Exception as alone:  # noqa: BLE001 - as the batch's
             return f"{examples[index].origin or f'example {index}'}: cannot be tokenized: {alone}", alone
     return f"examples {batch[0]} to {batch[-1]}: cannot be tokenized: {error}", error
@@ -53,10 +54,11 @@ def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, e
 
 def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progress: bool = False,
                       digest: str | None = None) -> list[TokenizedExample]:
-    """The examples tokenized with the data settings, the same list on every rank. Under a launcher every rank
-    must call it: each tokenizes every world_size-th example and gathers the others'. An example the tokenizer or
-    its chat template fails on is an error naming its row, on every rank. `digest`: rows_digest(examples), where
-    the caller has it already."""
+    """The examples' prompts and human responses tokenized with the data settings, the same list on every rank. A
+    pair file's generated responses are no run's: left out, they cannot change how a prompt is cut (under
+    "when_too_long" a pair fits by its longer response). Under a launcher every rank must call it: each tokenizes
+    every world_size-th example and gathers the others'. An example the tokenizer or its chat template fails on
+    is an error naming its row, on every rank. `digest`: rows_digest(examples), where the caller has it already."""
     eos_token_id(tokenizer)  # refused on every rank alike, before any work
     share = range(distributed.rank(), len(examples), distributed.world_size())
     batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
@@ -70,7 +72,8 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
                                           progress and len(share) > 1000):
         try:
             done += [example.remade(int32_array)
-                     for example in tokenize_batch(tokenizer, [examples[index] for index in batch], **fitting)]
+                     for example in tokenize_batch(tokenizer, [human_part(examples[index]) for index in batch],
+                                                   **fitting)]
         except Exception as error:  # noqa: BLE001 - a template's or tokenizer's own error, named by its row
             refused, failure = refusal(tokenizer, examples, batch, fitting, error)
             break
@@ -93,6 +96,11 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
             example, rank_done[index] = rank_done[index], None
             tokenized[rank + index * len(shares)] = example.remade(ids)
     return tokenized
+
+
+def human_part(example: Example) -> Example:
+    """The example without a pair file's generated response."""
+    return example if example.generated is None else replace(example, generated=None)
 
 
 def int32_array(ids: Seq[int]) -> array:

@@ -700,3 +700,24 @@ def test_tokenizing_holds_a_few_bytes_a_token_at_its_peak():
     large = sum(i > 256 for e in tokenized for part in (e.prompt_ids, e.response_ids) for i in part)
     assert tokens > 100_000 and large > 0.7 * tokens
     assert peak / tokens < 25, f"{peak / tokens:.1f} bytes a token"
+
+
+def test_a_runs_examples_leave_a_pair_files_generated_responses_out(tmp_path):
+    """A run, eval and sft take a spin_pairs row's prompt and human response: under cut_prompt=when_too_long a pair
+    fits by its longer response, so a long generated answer in the file cut the prompt (and the human response, with
+    its EOS) that fit max_length on their own; the held-out figures, SFT and the start's budget check read those."""
+    from spin_fast.config import DataConfig
+    from spin_fast.examples import read_examples, tokenize_examples
+
+    tokenizer = build_local_tokenizer()
+    question = " ".join(f"word{i}" for i in range(12))
+    real = [{"role": "user", "content": question},
+            {"role": "assistant", "content": "The sea was calm, and the wind carried the smell of salt."}]
+    generated = [real[0], {"role": "assistant", "content": "blah " * 200}]
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"real": real, "generated": generated}) + "\n")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": real}) + "\n")
+    data = DataConfig(max_length=100, max_prompt_length=16, cut_prompt="when_too_long")
+    (from_pairs,) = tokenize_examples(tokenizer, data, read_examples(data, str(tmp_path / "pairs.jsonl")))
+    (from_sft,) = tokenize_examples(tokenizer, data, read_examples(data, str(tmp_path / "sft.jsonl")))
+    assert len(from_sft.prompt_ids) > 16 and from_sft.response_ids[-1] == tokenizer.eos_token_id  # nothing cut
+    assert from_pairs == from_sft and from_pairs.generated_ids is None
