@@ -6,7 +6,7 @@
                            or max(0, 1 - z)       ("hinge", the paper's other choice)
                            or (z / beta - 1 / (2 beta))^2   ("ipo", Azar et al. 2023: the log-ratio
                               difference regressed onto 1 / (2 beta); on summed log-probs, as the
-                              paper writes it, where TRL's "ipo" averages them over tokens)
+                              paper writes it, where TRL's DPOTrainer "ipo" averages them over tokens)
     reduction="sum" adds the pairs' losses up; reduction="none" returns each pair's, [P].
 """
 
@@ -144,7 +144,7 @@ def fused_linear_spin_loss(
     are then [M]. With a prompt shared by a pair's two responses, its last row predicts the first
     token of each. label_smoothing, reduction: as spin_loss's.
     length_normalize: each sequence's log-prob is the mean over its loss tokens, not their sum (SimPO's, TRL's
-    "ipo"); policy_logps are then those means, and opponent_logps must be given as means too.
+    DPOTrainer "ipo"); policy_logps are then those means, and opponent_logps must be given as means too.
     """
     check_loss_type(loss_type)
     check_beta(beta)
