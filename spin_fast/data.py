@@ -542,15 +542,21 @@ def _render(tokenizer: Any, example: Example) -> _Rendered:
 
 def _in_context(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, text: str) -> str | None:
     """The templated conversation of the prompt and the response `text`, up to the response's end (in the
-    template's own text of it: a template may strip it or put a space before it); None where the template's
-    generation prompt does not begin the conversation or the response is not found after it."""
+    template's own text of it: a template may strip it or put a space before it), and through the whitespace a
+    template puts between it and EOS (Llama 2's ' ' + eos_token: its models write that '▁' before EOS, and a real
+    response without it would differ from theirs by that token); None where the template's generation prompt does
+    not begin the conversation or the response is not found after it."""
     whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
     if not whole.startswith(prompt_text):
         return None
     for piece in (text, text.strip()):
         at = whole.find(piece, len(prompt_text))
         if at >= 0:
-            return whole[: at + len(piece)]
+            end = at + len(piece)
+            rest = whole[end:]
+            space = len(rest) - len(rest.lstrip())
+            eos = tokenizer.eos_token
+            return whole[: end + space] if space and eos and rest[space:].startswith(eos) else whole[:end]
     return None
 
 

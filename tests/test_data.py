@@ -509,7 +509,7 @@ def test_a_pair_is_the_tokens_of_the_whole_conversation(template):
     for text, ids in ((example.response, out.response_ids), (example.generated, out.generated_ids)):
         whole = tokenizer.apply_chat_template([*example.prompt, assistant(text)], tokenize=False)
         conversation = tokenizer.encode(whole, add_special_tokens=not whole.startswith(tokenizer.bos_token))
-        assert out.prompt_ids + ids[:-1] == tuple(conversation[: len(out.prompt_ids) + len(ids) - 1])
+        assert out.prompt_ids + ids == tuple(conversation[: len(out.prompt_ids) + len(ids)])  # EOS as the template
         assert ids[-1] == tokenizer.eos_token_id
     if template == ZEPHYR_LIKE:
         assert tokenizer.convert_ids_to_tokens(out.response_ids[0]) == "A"
@@ -721,3 +721,18 @@ def test_a_runs_examples_leave_a_pair_files_generated_responses_out(tmp_path):
     (from_sft,) = tokenize_examples(tokenizer, data, read_examples(data, str(tmp_path / "sft.jsonl")))
     assert len(from_sft.prompt_ids) > 16 and from_sft.response_ids[-1] == tokenizer.eos_token_id  # nothing cut
     assert from_pairs == from_sft and from_pairs.generated_ids is None
+
+
+def test_a_real_response_ends_as_the_chat_template_ends_it_before_eos():
+    """Llama 2's chat template ends an assistant turn with ' ' + eos_token: in the templated conversation (what the
+    SFT model learned, and so what it writes) the response's last token is followed by '▁', then EOS. A real
+    response cut at its text's end lacked that '▁', which every generated one has: SPIN would learn that token."""
+    tokenizer = sentencepiece_tokenizer(LLAMA2_LIKE)
+    example = Example(({"role": "user", "content": "Why is the sky blue?"},), "Air molecules scatter blue light.")
+    out = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    whole = tokenizer.apply_chat_template([*example.prompt, {"role": "assistant", "content": example.response}],
+                                          tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=False)  # the template writes BOS itself
+    until_eos = conversation[: conversation.index(tokenizer.eos_token_id, len(out.prompt_ids)) + 1]
+    assert list(out.prompt_ids + out.response_ids) == until_eos
+    assert tokenizer.convert_ids_to_tokens(out.response_ids[-2:]) == ["▁", tokenizer.eos_token]
