@@ -42,7 +42,7 @@ from spin_fast.model import (
     head_like,
     micro_batch_hidden_states,
 )
-from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, pack_groups, packing_efficiency
+from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, pack_groups
 from spin_fast.scoring import ScoredPair
 from spin_fast.tracking import MetricsLog, check_trackers
 from spin_fast.version import code_version
@@ -344,9 +344,12 @@ class Trainer:
                     totals[name] += float(metrics[name])
                 tokens += batch.n_sequence_tokens  # every sequence whole: comparable with or without sharing
             del loss, metrics  # the graph, with the torch backend's gradient sums, goes before the next forward
-        summed = distributed.all_reduce_sum(torch.tensor([*(totals[n] for n in names), float(tokens)]),
-                                            "step metrics")
-        totals = dict(zip(names, summed.tolist()))
+        # The whole step's, over the ranks: each rank ran its own share of the micro-batches.
+        packed = [float(len(batches)), float(sum(batch.n_tokens for batch in batches))]
+        summed = distributed.all_reduce_sum(torch.tensor([*(totals[n] for n in names), *packed, float(tokens)]),
+                                            "step metrics").tolist()
+        step_batches, step_tokens, tokens = summed[len(names):]
+        totals = dict(zip(names, summed))
         if not math.isfinite(totals["loss"]):
             raise TrainingDiverged(
                 f"step {self.step + 1}: the loss is {totals['loss']}; the last good checkpoint is "
@@ -364,9 +367,9 @@ class Trainer:
         elapsed = time.perf_counter() - start
         count = totals.pop("count")
         metrics = {name: value / count for name, value in totals.items()}
-        return {"step": self.step, **metrics, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": float(summed[-1]) / elapsed, "micro_batches": len(batches),
-                "packing_efficiency": packing_efficiency(batches, self.config.micro_batch_tokens) if batches else 0.0}
+        return {"step": self.step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
+                "micro_batches": int(step_batches),
+                "packing_efficiency": step_tokens / (step_batches * self.config.micro_batch_tokens)}
 
     def groups(self, indices: list[int]) -> list[list[Sequence]]:
         if self.config.mode == "spin":

@@ -25,6 +25,8 @@ from spin_fast import distributed
 from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
 from spin_fast.distributed import free_port
 from spin_fast.model import tiny_config
+from spin_fast.packing import group_tokens, pack_groups, packing_efficiency
+from spin_fast.training import step_items
 from spin_fast.zero import deepspeed_config, gather_units
 
 SCRIPT = Path(__file__).with_name("distributed_train.py")
@@ -90,6 +92,22 @@ def assert_same_weights(actual: dict, expected: dict, start: dict) -> None:
     assert worst < 1e-6, f"weights differ by {worst:.3g} (training moved them by up to {moved:.3g})"
 
 
+def step_packing(mode: str, steps: int, world: int) -> list[tuple[int, float]]:
+    """(micro-batches, packing efficiency) of each of distributed_train.py's steps on `world` ranks, all ranks'
+    together: its items and settings, shared out and packed as the trainer does on each rank."""
+    from distributed_train import random_items
+
+    items = random_items(mode, 12, 256, seed=SEED + 1)
+    config = TrainConfig(mode=mode, global_batch=8, epochs=2, micro_batch_tokens=96, seed=(SEED + 3) % 2**31)
+    figures = []
+    for step in range(steps):
+        groups = [items[i].sequences() if mode == "spin" else [items[i]] for i in step_items(len(items), config, step)]
+        shares = distributed.balance([group_tokens(g, False) for g in groups], world)
+        batches = [b for share in shares for b in pack_groups([groups[i] for i in share], config.micro_batch_tokens)]
+        figures.append((len(batches), pytest.approx(packing_efficiency(batches, config.micro_batch_tokens))))
+    return figures
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict[str, Path]:
     """The single-process references, SPIN with a separate and a tied head, and SFT."""
@@ -116,6 +134,9 @@ def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
     # abs too: a loss near 0 (the pairs fitted, e.g. 0.0055 at step 2 with seed 2971790577) is a mean of small fp32
     # terms that two ranks sum in another order; 5.8e-9 apart there, 1.07e-6 relative.
     assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-6, abs=1e-7)
+    mode = "sft" if reference == "sft" else "spin"  # the micro-batches of the whole step, each rank's summed
+    assert [(m["micro_batches"], m["packing_efficiency"]) for m in ours] == step_packing(mode, len(ours), world=2)
+    assert [(m["micro_batches"], m["packing_efficiency"]) for m in theirs] == step_packing(mode, len(ours), world=1)
     assert (tmp_path / "checkpoint-4" / "deepspeed").is_dir()  # the sharded state, for resuming
     assert (tmp_path / "checkpoint-4" / "config.json").exists()  # and a Hugging Face folder
 
