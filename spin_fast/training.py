@@ -117,7 +117,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 
 
 def lr_factor(step: int, steps: int, config: TrainConfig) -> float:
-    """Multiplier of the learning rate at optimizer step `step`: linear warmup, then the schedule."""
+    """Multiplier of the learning rate at optimizer step `step`: linear warmup, then the schedule. The warmup's
+    first step takes 1 / warmup, not Hugging Face's 0 (an update of nothing)."""
     warmup = math.ceil(config.warmup_ratio * steps)
     if step < warmup:
         return (step + 1) / warmup
