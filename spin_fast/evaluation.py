@@ -38,7 +38,7 @@ from spin_fast.data import Example, TokenizedExample
 from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
 from spin_fast.files import write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
-from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm
+from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, vllm_dtype
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
@@ -432,7 +432,7 @@ class Evaluation:
                                  prefix="eval", axis="model") if tracked and distributed.is_main() else None
         self.settings = self._settings(eval_source)
         # What the answers depend on: score_batch_tokens cuts the scoring alone (raising it, as the fit checks ask,
-        # keeps the answers), and autocast is the scoring's.
+        # keeps the answers), and autocast is the scoring's (vLLM's dtype, which follows it, is in "generation").
         self.answer_settings = {k: v for k, v in self.settings.items()
                                 if k not in ("score_batch_tokens", "scoring under bf16 autocast")}
         self.identities = distributed.from_main(
@@ -451,7 +451,11 @@ class Evaluation:
             "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
                       "chat_template": config.model.template_text()},  # the template, not the name of its file
             "generation": {"engine": engine, "max_new_tokens": config.generation.max_new_tokens,
-                           **({"batch_size": config.generation.batch_size} if engine == "transformers" else {})},
+                           **({"batch_size": config.generation.batch_size} if engine == "transformers" else {}),
+                           # vLLM answers in bf16 under autocast: keyed where that is not train.dtype (so that
+                           # answers saved before the key are kept)
+                           **({"vllm dtype": vllm_dtype(config)}
+                              if engine == "vllm" and vllm_dtype(config) != config.train.dtype else {})},
             "score_batch_tokens": config.score_batch_tokens,
             "train": {k: getattr(config.train, k) for k in ("backend", "dtype", "liger_kernels")},
             # Scored at the training's precision; the key only when on, so that fp32 rows saved before it was

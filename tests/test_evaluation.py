@@ -509,3 +509,42 @@ def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(s
     (tmp_path / "run2.yaml").write_text(json.dumps({**config.to_dict(), "model": {"name_or_path": "runs/x/final"}}))
     assert main(["eval", str(tmp_path / "run2.yaml")]) == 2
     assert "spin-fast: model.name_or_path 'runs/x/final': no such model folder" in capsys.readouterr().err
+
+
+def test_vllm_answers_are_made_again_when_bf16_autocast_changes_the_dtype_they_are_served_in(sorting_run, tmp_path,
+                                                                                               monkeypatch):
+    """vLLM serves in bf16 under train.bf16_autocast, so the greedy and the opponents' held-out answers depend on it:
+    an fp32 engine's saved answers are not a bf16 evaluation's (their key left the autocast out, as the scoring's)."""
+    pytest.importorskip("vllm")
+    from spin_fast.generation import vllm_engine
+    from spin_fast.generation.base import Completion
+
+    started = []
+
+    class EngineThatSaysItsDtype:  # the same model's answers, which show the dtype the engine was started in
+        def __init__(self, model_dir, **options):
+            self.dtype = options["dtype"]
+            started.append(self.dtype)
+
+        def generate(self, prompts, sampling, indices=None):
+            return [[Completion((5 if self.dtype == "bfloat16" else 6,) * 3, True)] for _ in prompts]
+
+        def sleep(self):
+            pass
+
+        def wake_up(self):
+            pass
+
+        def load_weights_from(self, folder):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", EngineThatSaysItsDtype)
+    output = tmp_path / "run" / "eval.jsonl"
+    for autocast in ("false", "true", "true"):  # the third evaluation keeps the second's work
+        config = eval_config(sorting_run, tmp_path / "run", "generation.engine=vllm", "generation.max_new_tokens=4",
+                             f"train.bf16_autocast={autocast}", "train.progress=false")
+        evaluate_run(SelfPlay(config), config.data.eval_source, output, {"same": str(sorting_run / "model")})
+    assert started == ["float32", "bfloat16"]

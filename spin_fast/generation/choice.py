@@ -61,12 +61,15 @@ def start_vllm(config: RunConfig, model_path: str):
     # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
     # build, engines start their own processes.
     executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
-    # It serves in the dtype the model computes in: bf16 under train.bf16_autocast (fp32 master weights would
-    # double its memory and keep it off FlashAttention), else the weights' own.
-    dtype = "bfloat16" if config.train.bf16_autocast else config.train.dtype
-    return VllmEngine(model_path, dtype=dtype, seed=gen.seed, executor=executor, max_model_len=engine_context(config),
-                      tensor_parallel_size=gen.tensor_parallel_size,
+    return VllmEngine(model_path, dtype=vllm_dtype(config), seed=gen.seed, executor=executor,
+                      max_model_len=engine_context(config), tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization)
+
+
+def vllm_dtype(config: RunConfig) -> str:
+    """vLLM serves in the dtype the model computes in: bf16 under train.bf16_autocast (fp32 master weights would
+    double its memory and keep it off FlashAttention), else the weights' own."""
+    return "bfloat16" if config.train.bf16_autocast else config.train.dtype
 
 
 def engine_context(config: RunConfig) -> int | None:
