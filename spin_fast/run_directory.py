@@ -160,8 +160,11 @@ class RunDirectory:
 
     def overrides_with_work(self, config: dict) -> dict:
         """`config` with the iteration_overrides of iterations that have saved work alone: the others shaped nothing
-        yet, and may change (a run extended with lower learning rates for its new iterations)."""
-        overrides = {t: changes for t, changes in config["iteration_overrides"].items() if self.has_work(str(t))}
+        yet, and may change (a run extended with lower learning rates for its new iterations). Their CHANGEABLE
+        settings are left out too, as at the top level (a smaller train.micro_batch_tokens after an out-of-memory
+        error in an iteration that overrides it)."""
+        overrides = {t: kept for t, changes in config["iteration_overrides"].items()
+                     if self.has_work(str(t)) and (kept := {k: v for k, v in changes.items() if k not in CHANGEABLE})}
         return {**config, "iteration_overrides": overrides}
 
     def check_model(self) -> None:

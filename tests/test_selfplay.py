@@ -257,6 +257,14 @@ def test_an_extended_run_takes_overrides_for_the_iterations_it_has_not_begun(sft
     first = json.loads((tmp_path / "run" / "iter-1" / "train" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr"] == pytest.approx(1.0e-4)  # the constant schedule of run_config
     assert "train.learning_rate: 0.0001" in (tmp_path / "run" / "config.yaml").read_text()  # saved for the next start
+    # In the overrides of an iteration with work, a setting that changes no result may change, as at the top level
+    # (a smaller micro-batch after an out-of-memory error there); any other is refused.
+    resumed = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2",
+                                  "iteration_overrides={1: {train.learning_rate: 1.0e-4, train.save_every: 1}}")).run()
+    assert [s["iteration"] for s in resumed] == [0, 1]
+    with pytest.raises(ValueError, match=r"holds another config, which differs in iteration_overrides"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2",
+                            "iteration_overrides={1: {train.learning_rate: 2.0e-4}}")).run()
 
 
 @pytest.mark.parametrize("settings", [("iterations=1", "train.micro_batch_tokens=10"),
