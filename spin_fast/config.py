@@ -83,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.seed < 2**32:  # each epoch's order is drawn from seed * 100003 + epoch, an int64
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
         if self.label_smoothing and self.loss_type != "sigmoid":
@@ -220,8 +222,8 @@ class DeepSpeedConfig:
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
         if self.zero3_init and self.zero_stage not in (None, 3):
             raise ValueError(f"zero3_init needs zero_stage 3, got zero_stage {self.zero_stage}")
-        if not self.timeout_minutes > 0:
-            raise ValueError(f"timeout_minutes must be > 0, got {self.timeout_minutes!r}")
+        if not 0 < self.timeout_minutes <= 10**9:  # a timedelta of more overflows
+            raise ValueError(f"timeout_minutes must be > 0 and at most 1e9, got {self.timeout_minutes!r}")
         if self.config_file is not None and not Path(self.config_file).is_file():
             raise ValueError(f"config_file {self.config_file!r}: no such file (a DeepSpeed JSON config)")
 
@@ -262,8 +264,10 @@ class RunConfig:
         for t, flat in checked:
             merged.setdefault(int(t), {}).update(flat)
         self.iteration_overrides = merged
-        for iteration in self.iteration_overrides:  # every iteration's settings checked now, not when it starts
-            self.for_iteration(iteration)
+        for iteration, changes in merged.items():  # every iteration's settings checked now, not when it starts
+            # Kept as read (1e-7 and 1.0e-7 one number): a resumed run compares them with the saved ones.
+            applied = flat_settings(self.for_iteration(iteration).to_dict())
+            merged[iteration] = {key: applied[key] for key in changes}
 
     def for_iteration(self, iteration: int) -> RunConfig:
         """This config with the overrides of `iteration` applied (the paper lowers lr later on)."""
@@ -302,6 +306,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # `{{ x }}` unquoted: a mapping as a key, which PyYAML's own check names
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice (first on line {seen[key].line + 1})", key_node.start_mark)
@@ -427,6 +435,9 @@ def check_field_types(config) -> None:
     for name, hint in typing.get_type_hints(type(config)).items():
         if not dataclasses.is_dataclass(hint):
             setattr(config, name, _coerce(hint, getattr(config, name), name))
+        elif not isinstance(getattr(config, name), hint):  # RunConfig(train={...}) would fail at its first use
+            raise ValueError(f"{name} must be a {hint.__name__} (from_dict reads a mapping), got "
+                             f"{getattr(config, name)!r}")
 
 
 def section_settings(value, name: str) -> dict:
@@ -460,6 +471,7 @@ def _coerce(hint, value, name: str):
 # loaded once per run (in train.dtype, under the deepspeed settings, patched as train.gradient_checkpointing and
 # train.liger_kernels say) and so is the generation engine (serving in the dtype the model computes in): an
 # iteration's other value would be silently ignored.
+SECTIONS = ("model", "data", "generation", "train", "deepspeed")
 RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_overrides", "deepspeed", "train.dtype",
             "train.bf16_autocast", "train.gradient_checkpointing", "train.liger_kernels", "generation.engine",
             "generation.tensor_parallel_size", "generation.gpu_memory_utilization", "generation.batch_size")
@@ -468,6 +480,7 @@ RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_over
 def _dotted_changes(iteration, changes) -> dict:
     """One iteration's overrides as {"section.key": value}: a nested mapping changes only the settings it names."""
     where, setting = f"iteration_overrides[{iteration}]", f"iteration_overrides.{iteration}"
+    setting_name = setting
     if isinstance(iteration, bool) or not str(iteration).isdigit():  # 2 or "2" (as YAML or JSON wrote it)
         raise ConfigError(f"{where}: the key must be an iteration number, got {iteration!r}", setting)
     if not isinstance(changes, dict):
@@ -478,7 +491,12 @@ def _dotted_changes(iteration, changes) -> dict:
         flat = {}
         for key, value in mapping.items():
             name = f"{prefix}{key}"
-            flat.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+            if value is None and name in SECTIONS:  # an empty section (its settings commented out) changes nothing
+                continue
+            for dotted, setting in (flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}).items():
+                if dotted in flat:  # train.x and train: {x: ...} both
+                    raise ConfigError(f"{where}: {dotted} is given twice", f"{setting_name}.{dotted}")
+                flat[dotted] = setting
         return flat
 
     flat = flatten(changes, "")

@@ -84,6 +84,9 @@ class ModelSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "layers", "heads"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.hidden_size % self.heads or self.hidden_size // self.heads < 32:
             raise ValueError(f"hidden_size / heads must be a whole number >= 32 (vLLM's CPU build refuses smaller "
                              f"heads), got {self.hidden_size} / {self.heads}")

@@ -168,7 +168,8 @@ class SelfPlay:
 
             for t, (_, source, _) in sources.items():
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
-                    check_examples_fit(examples[t], self.config.score_batch_tokens, source)
+                    iteration = int(t.split()[1])  # its own budget: an override may change it
+                    check_examples_fit(examples[t], self.config.for_iteration(iteration).score_batch_tokens, source)
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
         # tokenizing checked.
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}

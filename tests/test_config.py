@@ -234,3 +234,97 @@ def test_label_smoothing_is_the_sigmoid_losss():
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, ["train.loss_type=ipo", "train.label_smoothing=0.1"])
     assert load_run_config(None, ["train.label_smoothing=0.1"]).train.label_smoothing == 0.1
+
+
+def test_an_unhashable_yaml_key_is_a_config_error_naming_the_file_and_line(tmp_path):
+    """An unquoted Jinja template (`{{ bos_token }}` is a YAML flow mapping with a mapping as its key) is a one-line
+    ConfigError naming the file and the line, as any other YAML error; _UniqueKeyLoader's `key in seen` raised
+    TypeError, which the CLI prints as a traceback with exit status 1."""
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: runs/x\nmodel:\n  chat_template: {{ bos_token }}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line 3: found unhashable key"):
+        load_run_config(path)
+    with pytest.raises(ConfigError, match=r"^--set model.chat_template=\{\{ x \}\}"):
+        load_run_config(None, ["model.chat_template={{ x }}"])
+
+
+def test_the_cli_says_an_unhashable_yaml_key_in_one_line_with_status_2(tmp_path, capsys):
+    from spin_fast import cli
+
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: runs/x\nmodel:\n  chat_template: {{ bos_token }}\n")
+    assert cli.main(["run", str(path)]) == 2
+    assert f"spin-fast: {path}, line 3" in capsys.readouterr().err
+
+
+def test_an_empty_section_in_an_iteration_override_changes_nothing_and_cannot_reset_run_wide_settings():
+    """`1: {train: }` (an empty section, e.g. its settings commented out) is None in YAML. At the top level an empty
+    section changes nothing (test_an_empty_section_takes_overrides); in an override it reset every train and
+    generation setting of the iteration to the code's defaults, run-wide ones (train.dtype, generation.engine)
+    included, which RUN_WIDE exists to refuse."""
+    config = load_run_config(None, ["train.learning_rate=5e-5", "train.dtype=bfloat16",
+                                    "generation.engine=transformers", "iterations=2",
+                                    "iteration_overrides={1: {train: null, generation: null}}"])
+    one = config.for_iteration(1)
+    assert (one.train.learning_rate, one.train.dtype, one.generation.engine) == (5e-5, "bfloat16", "transformers")
+
+
+def test_deepspeed_timeout_minutes_must_be_finite():
+    """timeout_minutes=.inf passed `> 0` and failed later in distributed.init: datetime.timedelta(minutes=inf) raises
+    OverflowError (not a ValueError: a traceback from the CLI), after the config was accepted."""
+    import datetime
+
+    with pytest.raises(OverflowError):
+        datetime.timedelta(minutes=float("inf"))  # what distributed.init does with it
+    with pytest.raises(ConfigError, match="timeout_minutes"):
+        load_run_config(None, ["deepspeed.timeout_minutes=.inf"])
+
+
+def test_train_seed_is_checked_when_the_config_loads():
+    """A large train.seed failed in training's first epoch_order (torch.Generator().manual_seed(seed * 100_003 +
+    epoch) overflows int64), after generation and scoring: it is checked as the config loads."""
+    from spin_fast.training import epoch_order
+
+    seed = 2**50
+    with pytest.raises((ValueError, RuntimeError)):
+        epoch_order(4, seed, 0)
+    with pytest.raises(ConfigError, match="seed"):
+        load_run_config(None, [f"train.seed={seed}"])
+
+
+def test_a_run_config_built_in_python_checks_its_sections_types():
+    """A config built in Python fails as a YAML file would: RunConfig(train={...}) or RunConfig(model="x") was
+    accepted and failed steps later (config.train.beta: AttributeError)."""
+    with pytest.raises(ValueError, match=r"train must be a TrainConfig \(from_dict reads a mapping\), got \{'beta'"):
+        RunConfig(train={"beta": 0.2})
+    with pytest.raises(ValueError, match="model must be a ModelConfig"):
+        RunConfig(model="my/model")
+
+
+def test_an_iteration_override_written_as_1e_7_or_1_0e_7_is_one_setting(tmp_path):
+    """YAML 1.1 reads 1e-7 as a string; iteration_overrides kept the raw value, so the run directory's saved config
+    held '1e-7' and a resume whose file says 1.0e-7 (the same learning rate) was refused as another experiment."""
+    from spin_fast.run_directory import RunDirectory
+
+    base = [f"output_dir={tmp_path / 'run'}", "iterations=2"]
+    first = load_run_config(None, [*base, "iteration_overrides.1.train.learning_rate=1e-7"])
+    again = load_run_config(None, [*base, "iteration_overrides.1.train.learning_rate=1.0e-7"])
+    assert first.for_iteration(1).train == again.for_iteration(1).train  # the same settings
+    # The first start saved its config and iteration 1 holds work; the resume writes the number the other way.
+    directory = RunDirectory(tmp_path / "run", first)
+    directory.claim(None, None, {}, "m")
+    (tmp_path / "run" / "iter-1" / "generate" / "parts").mkdir(parents=True)
+    (tmp_path / "run" / "iter-1" / "generate" / "parts" / "000000000-000000004.jsonl").write_text("")
+    directory.unlock()
+    assert RunDirectory(tmp_path / "run", again).saved_config() is not None  # refused: ValueError
+
+
+def test_one_setting_given_twice_in_an_iteration_override_is_an_error(tmp_path):
+    """`1: {train.learning_rate: ..., train: {learning_rate: ...}}` names one setting twice, in the dotted and the
+    nested spelling that the README gives as equivalent: an error, as a key given twice in one mapping is (the last
+    was kept silently)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("iterations: 2\niteration_overrides:\n  1:\n    train.learning_rate: 1.0e-7\n"
+                    "    train: {learning_rate: 1.0e-5, beta: 0.2}\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_run_config(path)

@@ -151,3 +151,11 @@ def test_a_demo_section_that_is_no_mapping_is_named(tmp_path):
     path.write_text("iterations: 1\ndemo: [small]\n")
     with pytest.raises(ConfigError, match=rf"^{path}, line 2: setting 'demo' is a section: expected a mapping"):
         load_demo_config(path, [], str(tmp_path / "run"))
+
+
+def test_the_demo_refuses_zero_heads_as_a_config_error():
+    """demo.model.heads=0 raised ZeroDivisionError (`hidden_size % heads`), a traceback instead of `demo: ...` and
+    status 2; layers=0 and vocab_size=0 passed the check and failed when the model was built."""
+    for setting in ("demo.model.heads=0", "demo.model.layers=0", "demo.model.vocab_size=0"):
+        with pytest.raises(ConfigError, match=setting.split("=")[0].split(".")[-1]):
+            load_demo_config(DEFAULT_CONFIG, [setting])

@@ -1108,3 +1108,21 @@ def test_the_summary_table_has_every_iterations_columns(sft_model, tmp_path):
     selfplay.directory.write_summary_table()
     assert (tmp_path / "run" / "summary.md").read_text().splitlines() == [
         "| iteration | loss | heldout_loglik_per_token |", "|---|---|---|", "| 0 | 0.5 |  |", "| 1 | 0.25 | -1.5 |"]
+
+
+def test_the_held_out_data_is_checked_against_each_iterations_score_batch_tokens(sft_model, tmp_path):
+    """The held-out log-likelihood after iteration t is scored with iteration t's score_batch_tokens, and the start
+    checks the held-out examples against it: an iteration that lowers it failed only after its generation, scoring
+    and training, the start having read the run's top-level value."""
+    long_answer = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    row = {"prompt": "Tell me a long story.", "response": long_answer}
+    (tmp_path / "eval.jsonl").write_text(json.dumps(row) + "\n")
+    config = load_run_config(None, [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={sft_model / 'model'}",
+        f"data.source={sft_model / 'train.jsonl'}", f"data.eval_source={tmp_path / 'eval.jsonl'}",
+        "data.max_length=64", "data.max_prompt_length=32", "iterations=1", "generation.engine=transformers",
+        "generation.max_new_tokens=4", "train.progress=false", "train.backend=torch", "score_batch_tokens=512",
+        "iteration_overrides={0: {score_batch_tokens: 40}}"])
+    with pytest.raises(ValueError, match=r"^score_batch_tokens=40: .*eval\.jsonl: example 0"):
+        SelfPlay(config).run(until=(0, "generate"))
+    assert not (tmp_path / "run" / "iter-0").exists()  # refused before any work
