@@ -480,7 +480,6 @@ RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_over
 def _dotted_changes(iteration, changes) -> dict:
     """One iteration's overrides as {"section.key": value}: a nested mapping changes only the settings it names."""
     where, setting = f"iteration_overrides[{iteration}]", f"iteration_overrides.{iteration}"
-    setting_name = setting
     if isinstance(iteration, bool) or not str(iteration).isdigit():  # 2 or "2" (as YAML or JSON wrote it)
         raise ConfigError(f"{where}: the key must be an iteration number, got {iteration!r}", setting)
     if not isinstance(changes, dict):
@@ -493,10 +492,10 @@ def _dotted_changes(iteration, changes) -> dict:
             name = f"{prefix}{key}"
             if value is None and name in SECTIONS:  # an empty section (its settings commented out) changes nothing
                 continue
-            for dotted, setting in (flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}).items():
+            for dotted, change in (flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}).items():
                 if dotted in flat:  # train.x and train: {x: ...} both
-                    raise ConfigError(f"{where}: {dotted} is given twice", f"{setting_name}.{dotted}")
-                flat[dotted] = setting
+                    raise ConfigError(f"{where}: {dotted} is given twice", f"{setting}.{dotted}")
+                flat[dotted] = change
         return flat
 
     flat = flatten(changes, "")
