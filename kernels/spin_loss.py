@@ -187,10 +187,8 @@ def fused_linear_spin_loss(
 def token_count_inverse(targets: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,
                         ignore_index: int) -> torch.Tensor:
     """1 / (loss tokens of each sequence) [n_sequences], float64; 1 for a sequence with none (its log-prob stays 0)."""
-    kept = targets != ignore_index
-    counts = torch.zeros(n_sequences, dtype=torch.float64, device=targets.device).index_add_(
-        0, torch.where(kept, sequence_ids, 0), kept.double())  # no host sync, unlike bincount
-    return 1.0 / counts.clamp_min(1)
+    ones = (targets != ignore_index).double()  # each loss token counts 1, as its log-prob counts in the sums
+    return 1.0 / sum_by_sequence(ones, targets, sequence_ids, n_sequences, ignore_index).clamp_min(1)
 
 
 class FusedLinearSPINLoss(torch.nn.Module):
