@@ -131,7 +131,13 @@ def check_fused_against_truth(backend: str, dtype: torch.dtype, loss_type: str, 
         )
     tokens = torch.stack([((sequence_ids == s) & (targets != -100)).sum() for s in range(2 * n_pairs)]).double()
     per_sequence = 1 / tokens if length_normalize else torch.ones_like(tokens)
-    opponent = ((seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3) * per_sequence).float()
+    opponent = (seq_truth + torch.randn(2 * n_pairs, dtype=torch.float64, device=device) * 3) * per_sequence
+    # Each margin h = (pr - or) - (pg - og) at least 0.05 from 0, far past rounding: one pair drawn within rounding of
+    # it (1 run in ~2000) would leave the accuracy check below nothing to check.
+    h = (seq_truth[:n_pairs] * per_sequence[:n_pairs] - opponent[:n_pairs]) - (
+        seq_truth[n_pairs:] * per_sequence[n_pairs:] - opponent[n_pairs:])
+    opponent[n_pairs:] += torch.where(h.abs() < 0.05, torch.where(h < 0, -0.05, 0.05) - h, 0.0)
+    opponent = opponent.float()
     opponent.requires_grad_(opponent_grad)
     beta = 0.1
     weights = torch.rand(n_pairs, dtype=torch.float64, device=device) + 0.5
