@@ -26,6 +26,11 @@ NAME = "spin_varlen"
 EXPAND_INDEX, COLLAPSE_INDEX = "spin_expand_index", "spin_collapse_index"
 
 
+# Arguments of a layer's attention call that change its result and that spin_varlen's kernels do not compute:
+# refused, never dropped (GPT-OSS's sinks, Gemma 2's soft-capped scores).
+UNSUPPORTED = {"s_aux": "attention sinks (s_aux)", "softcap": "attention logit soft-capping (softcap)"}
+
+
 # FlashAttention's kernels (flash_attn's and PyTorch's copy of them) stop at this head dimension.
 FLASH_MAX_HEAD_DIM = 256
 
@@ -121,6 +126,11 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
         raise ValueError(f"{NAME} attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout:
         raise ValueError(f"{NAME} attention has no dropout; set the model's attention_dropout to 0")
+    for name, what in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{NAME} attention does not compute {what}, which this model's attention "
+                             f"({type(module).__name__}) uses: its log-probs would be wrong; set model.attention "
+                             "to eager")
     if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
         # Under autocast, rotary embeddings (products that autocast leaves alone) hand back fp32 queries and keys
         # beside bf16 values: attention runs in the autocast dtype, as transformers' flash attention does, so that
@@ -132,6 +142,9 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
     if cu_seqlens is None:
         if expand is not None:
             raise ValueError(f"{NAME} attention: a row with shared prompts needs its cu_seq_lens_q")
+        if kwargs.get("position_ids") is None:
+            raise ValueError(f"{NAME} attention: this model's layers ({type(module).__name__}) pass attention neither "
+                             "the packed row's layout nor its positions; set model.attention to sdpa")
         cu_seqlens, max_seqlen = cu_seqlens_from_positions(kwargs["position_ids"][0])
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
     if expand is not None:  # shared prompts: each sequence whole, a shared prompt once per response
@@ -149,7 +162,15 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sequence boundaries of a packed row whose positions restart at 0 for each sequence."""
+    """Sequence boundaries of a packed row whose positions restart at 0 for each sequence. Positions that jump
+    elsewhere (a shared prompt's second response continues from the prompt's end) mean that the model's layers did
+    not pass the row's layout (cu_seq_lens_q and the shared-prompt indices) on to attention: refused, as the
+    boundaries read from them would let a response attend to the one before it."""
+    follows = (position_ids[1:] == position_ids[:-1] + 1) | (position_ids[1:] == 0)
+    if position_ids.numel() and (position_ids[0] != 0 or not bool(follows.all())):
+        raise ValueError(f"{NAME} attention: the packed row's positions do not restart at 0 for each sequence, and "
+                         "this model's layers do not pass the row's layout (cu_seq_lens_q, shared prompts) on to "
+                         "attention, so its sequences cannot be told apart; set model.attention to sdpa")
     starts = (position_ids == 0).nonzero().squeeze(1)
     ends = torch.cat([starts[1:], starts.new_tensor([position_ids.numel()])])
     cu = torch.cat([starts.new_zeros(1), ends]).to(torch.int32)

@@ -223,8 +223,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        # Rates that layers pass to nn.functional.dropout themselves: OPT's `dropout`, StarCoder2's
+        # `residual_dropout` and `embedding_dropout`, the attention layers' `attention_dropout`, ...
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop") or name == "layerdrop"):
+                setattr(module, name, 0.0)
 
 
 def head_like(hidden: torch.Tensor, weight: torch.Tensor,

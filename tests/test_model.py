@@ -288,6 +288,56 @@ def test_shared_prompts_equal_each_sequence_alone(monkeypatch, family, kv_heads,
             assert_close(p.grad, q.grad, torch.float32, name)
 
 
+FAMILY_SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2)
+
+
+def response_logprob_alone(model, sequence: Sequence) -> float:
+    """A sequence's summed response log-prob from the model run on it alone, unpacked."""
+    ids = torch.tensor(sequence.prompt_ids + sequence.response_ids)[None]
+    with torch.no_grad():
+        logps = model(ids).logits[0].double().log_softmax(-1)
+    n = len(sequence.prompt_ids)
+    return float(logps[n - 1:-1].gather(1, ids[0, n:, None]).sum())
+
+
+@pytest.mark.parametrize("family", ["StableLm", "Nemotron"])
+def test_shared_prompts_are_refused_where_layers_do_not_pass_the_row_layout(family):
+    """StableLM's and Nemotron's layers call their attention without the row's layout (cu_seq_lens_q, the shared
+    prompt's indices): the boundaries read from the positions would let a second response attend to the first
+    (scoring shares prompts whenever it can), so such a row is refused, while unshared rows come out right."""
+    import transformers
+
+    from spin_fast.scoring import model_logprobs
+
+    attention.register()
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**FAMILY_SIZES)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="sdpa").eval()
+    group = [Sequence((5, 6, 7, 8), (9, 10, 11, 2)), Sequence((5, 6, 7, 8), (12, 13, 2))]
+    alone = torch.tensor([response_logprob_alone(model, s) for s in group], dtype=torch.float64)
+    model.set_attn_implementation(attention.NAME)
+    with pytest.raises(ValueError, match="positions do not restart at 0 for each sequence.*sdpa"):
+        model_logprobs(model, [group], 1000, backend="torch")
+    unshared = model_logprobs(model, [[s] for s in group], 1000, backend="torch")
+    torch.testing.assert_close(unshared[:, 0], alone, rtol=0, atol=1e-6)  # transformers rounds rotary in fp32
+
+
+@pytest.mark.parametrize("family, argument", [("GptOss", "sinks"), ("Gemma2", "softcap")])
+def test_attention_arguments_spin_varlen_cannot_compute_are_refused(family, argument):
+    """GPT-OSS's attention sinks (s_aux) and Gemma 2's soft-capped attention scores change the result: spin_varlen
+    refuses them rather than dropping them."""
+    import transformers
+
+    attention.register()
+    extra = (dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1) if family == "GptOss" else
+             dict(head_dim=16, final_logit_softcapping=None, attn_logit_softcapping=1.0))
+    config = getattr(transformers, f"{family}Config")(**FAMILY_SIZES, **extra)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.NAME).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=f"{argument}.*eager"):
+        model(torch.randint(3, 128, (1, 9)), position_ids=torch.arange(9)[None], use_cache=False)
+
+
 def test_flash_attention_is_picked_only_for_what_its_kernels_take(monkeypatch):
     """Varlen FlashAttention on CUDA in fp16/bf16 up to head dim 256, and PyTorch's kernel (which does not pad) for
     multiples of 8 only; per-sequence SDPA for the rest (asked on the CPU too: only the device's type is read)."""

@@ -514,6 +514,30 @@ def test_spin_trains_without_dropout(tmp_path, attention):
     assert model.config.attention_dropout == 0.5  # the saved model keeps its own settings
 
 
+@pytest.mark.parametrize("family, rates", [("OPT", dict(dropout=0.3, ffn_dim=64, word_embed_proj_dim=32)),
+                                           ("Starcoder2", dict(residual_dropout=0.3, embedding_dropout=0.3,
+                                                               intermediate_size=64))])
+def test_spin_starts_at_log_2_in_models_whose_layers_apply_dropout_themselves(tmp_path, family, rates):
+    """OPT (config.dropout, 0.1 in facebook/opt-*) and StarCoder2 call nn.functional.dropout with a rate held on
+    the module, not through nn.Dropout: it goes too, or the policy's log-probs at step 0 differ from the
+    opponent's (scored in eval mode)."""
+    import transformers
+
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    if family == "Starcoder2":
+        sizes["num_key_value_heads"] = 2
+    model_config = getattr(transformers, f"{family}Config")(**sizes, **rates)
+    spin_attention.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config, attn_implementation=spin_attention.NAME)
+    scored = score_pairs(model, random_pairs(1), token_budget=48, backend="torch")
+    first = Trainer(model, None, config(epochs=1, global_batch=1), tmp_path, scored).train().history[0]
+    # With the dropout on, 0.009 and more.
+    assert first["rewards/real"] == pytest.approx(0.0, abs=2e-6)
+    assert first["rewards/generated"] == pytest.approx(0.0, abs=2e-6)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_official_spin_pair_file_trains_end_to_end(tmp_path):
     """An official SPIN data file (real / generated message lists) -> tokens -> scores -> one step."""
     from spin_fast.data import load_examples, tokenize_example
