@@ -185,7 +185,8 @@ class SelfPlay:
                     summaries.append(summary)
         finally:
             if self.engine is not None:
-                self.engine.close()
+                engine, self.engine = self.engine, None  # a next run() starts an engine of its own
+                engine.close()
         return summaries
 
     def iteration(self, t: int, tokenizer, examples: list[TokenizedExample], stop_after: str | None = None):

@@ -255,6 +255,62 @@ def test_weight_files_of_killed_processes_are_removed_and_live_ones_kept(tmp_pat
     os.close(lock)
 
 
+def test_a_failed_weight_swap_on_another_node_leaves_no_weight_file(tmp_path, monkeypatch):
+    """Multi-node: this node's first rank writes its node's weight file (a copy of the model in /dev/shm), then
+    another node's writer fails (its disk full): every rank raises, and this node's file must not be left behind
+    in RAM, nor its locked descriptor open."""
+    from spin_fast import distributed
+    from spin_fast.generation import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "weight_dirs", lambda: [tmp_path])
+
+    def another_rank_failed(work, what):
+        work()  # this rank's work succeeds...
+        raise ValueError(f"rank 8: OSError: [Errno 28] No space left on device ({what})")  # ...another's did not
+
+    monkeypatch.setattr(distributed, "on_every_rank", another_rank_failed)
+    engine = vllm_engine.VllmEngine.__new__(vllm_engine.VllmEngine)
+    engine._dtype = torch.float32
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match="No space left"):
+        engine.load_weights([("w", torch.ones(1000))])
+    assert list(Path(tmp_path).glob("spin-weights-*")) == []
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_the_host_copy_of_the_weights_is_freed_before_the_engines_load_the_file(tmp_path, monkeypatch):
+    """load_weights converts the trained weights (fp32 master -> bf16 served; ZeRO's gathered copies) into a dict
+    that it writes to /dev/shm and then `del`s: while the engines read the file (the slow part), host RAM should
+    hold the file alone, not the file and the dict (the README: one copy of the model per node)."""
+    import weakref
+
+    from spin_fast.generation import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "weight_dirs", lambda: [tmp_path])
+    written = []
+    real_write = vllm_engine.write_weight_file
+
+    def recording_write(tensors):
+        written.extend(weakref.ref(t) for t in tensors.values())
+        return real_write(tensors)
+
+    monkeypatch.setattr(vllm_engine, "write_weight_file", recording_write)
+    alive_while_loading = []
+
+    class FakeLLM:
+        def collective_rpc(self, method, args=()):
+            alive_while_loading.append(sum(ref() is not None for ref in written))
+
+        def reset_prefix_cache(self):
+            pass
+
+    engine = vllm_engine.VllmEngine.__new__(vllm_engine.VllmEngine)
+    engine._dtype, engine._llm = torch.bfloat16, FakeLLM()
+    engine.load_weights([(f"w{i}", torch.ones(1000)) for i in range(3)])  # fp32 -> bf16: copies
+    assert len(written) == 3
+    assert alive_while_loading == [0]
+
+
 def test_starting_a_vllm_worker_in_process_keeps_the_trainers_random_streams():
     """A vLLM worker in the trainer's process (external_launcher, on GPUs) seeds the global generators with the
     engine's seed as it starts (vLLM's set_random_seed): around the engine's start, the trainer's streams go on

@@ -1126,3 +1126,35 @@ def test_the_held_out_data_is_checked_against_each_iterations_score_batch_tokens
     with pytest.raises(ValueError, match=r"^score_batch_tokens=40: .*eval\.jsonl: example 0"):
         SelfPlay(config).run(until=(0, "generate"))
     assert not (tmp_path / "run" / "iter-0").exists()  # refused before any work
+
+
+def test_vllm_engine_is_started_with_model_trust_remote_code(sft_model, tmp_path, monkeypatch):
+    """model.trust_remote_code=true allows a model that ships its own code: the vLLM engine, which loads the same
+    model folder (config, tokenizer, weights), must be allowed too, or it refuses the model the trainer accepted."""
+    vllm = pytest.importorskip("vllm")
+    from spin_fast.generation.choice import start_vllm
+
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        start_vllm(run_config(sft_model, tmp_path, "model.trust_remote_code=true"), str(sft_model / "model"))
+    assert given.get("trust_remote_code") is True
+
+
+def test_a_selfplay_run_again_after_a_partial_run_starts_a_new_engine(sft_model, tmp_path):
+    """run(until=(0, "generate")) closes its engine at its end; the same SelfPlay run on (the Python API's way to
+    look at the pairs, then go on) must not generate with the closed engine."""
+    from spin_fast.selfplay import SelfPlay
+
+    play = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2"))
+    play.run(until=(0, "generate"))
+    play.run(until=(1, "generate"))
+    assert (tmp_path / "run" / "iter-1" / "generate" / "pairs.jsonl").is_file()

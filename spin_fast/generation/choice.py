@@ -63,7 +63,8 @@ def start_vllm(config: RunConfig, model_path: str):
     executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
     return VllmEngine(model_path, dtype=vllm_dtype(config), seed=gen.seed, executor=executor,
                       max_model_len=engine_context(config), tensor_parallel_size=gen.tensor_parallel_size,
-                      gpu_memory_utilization=gen.gpu_memory_utilization)
+                      gpu_memory_utilization=gen.gpu_memory_utilization,
+                      trust_remote_code=config.model.trust_remote_code)
 
 
 def vllm_dtype(config: RunConfig) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import gc
 import logging
 import os
@@ -182,7 +181,8 @@ class VllmEngine:
 
     def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int | None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 enable_sleep_mode: bool | None = None, seed: int = 0, executor: str | None = None) -> None:
+                 enable_sleep_mode: bool | None = None, seed: int = 0, executor: str | None = None,
+                 trust_remote_code: bool = False) -> None:
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -208,7 +208,7 @@ class VllmEngine:
             self._llm = LLM(
                 model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                enable_sleep_mode=self._sleep_mode, seed=seed,
+                enable_sleep_mode=self._sleep_mode, seed=seed, trust_remote_code=trust_remote_code,
                 enforce_eager=self._on_cpu,  # no CUDA graphs / torch.compile warm-up on the CPU build
                 # The CPU build's seeded sampling fails on a prompt cut across engine steps ("CPU Generator does not
                 # use offset": it rewinds the generator of the cut request, which only CUDA generators allow).
@@ -265,24 +265,25 @@ class VllmEngine:
         first rank of each node keeps the tensors and writes the file, which every engine on the node loads:
         one copy of the model in host memory per node, not one per rank."""
         writer = writes_node_files()
-        tensors: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        for name, tensor in weights:
-            if not writer:
-                continue
-            t = tensor.detach().to("cpu")
-            if t.is_floating_point():
-                t = t.to(self._dtype)  # half the bytes through RAM when training in fp32 and serving in bf16
-            t = t.contiguous()
-            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-            tensors[name] = t
+        # Only the writer keeps a host copy, and only until its file holds it (the engines' load, the slow part, runs
+        # with the file alone in RAM): a list that write() empties, so that no name or closure keeps a tensor alive.
+        host_copy = [self._host_copy(weights, keep=writer)]
+        written: list[tuple[str, int]] = []
+
+        def write() -> tuple[str | None, int | None]:
+            if writer:
+                written.append(write_weight_file(host_copy.pop()))
+            return written[-1] if written else (None, None)
+
         # A writer's failure (a full disk) and any engine's are told to every rank, which then stop together instead
         # of waiting for the failed one in the next collective.
-        write = functools.partial(write_weight_file, tensors) if writer else lambda: (None, None)
-        path, lock = distributed.on_every_rank(write, "the new weights' file")
-        del tensors
+        try:
+            path, lock = distributed.on_every_rank(write, "the new weights' file")
+        except BaseException:  # another node's writer failed: this node's file, a copy of the model in RAM, goes
+            for leftover, leftover_lock in written:
+                os.unlink(leftover)
+                os.close(leftover_lock)
+            raise
         try:
             if distributed.initialized():  # each rank loads the file of its node's first rank
                 path = distributed.all_gather_objects(path, "weight file paths")[distributed.node_first_rank()]
@@ -295,6 +296,24 @@ class VllmEngine:
                 os.close(lock)
         # Prefix caching would otherwise serve KV computed with the old weights.
         self._llm.reset_prefix_cache()
+
+    def _host_copy(self, weights: Iterable[tuple[str, torch.Tensor]], keep: bool) -> dict[str, torch.Tensor]:
+        """The weights on the CPU in the engine's dtype, for a safetensors file (`weights` iterated in full even when
+        not kept: gathering ZeRO-3 shards is a collective)."""
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in weights:
+            if not keep:
+                continue
+            t = tensor.detach().to("cpu")
+            if t.is_floating_point():
+                t = t.to(self._dtype)  # half the bytes through RAM when training in fp32 and serving in bf16
+            t = t.contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared memory
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[name] = t
+        return tensors
 
     def load_weights_from(self, model_dir: str | os.PathLike[str]) -> None:
         """Replace the model's weights with those saved in a model folder (a checkpoint of the same architecture),
