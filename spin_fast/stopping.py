@@ -8,8 +8,9 @@ each saved part of generation and scoring, and after each saved piece of an eval
 While the run is between safe points (a `safe_points()` block), the signal handler only records the signal, and
 at each safe point the ranks agree, in one collective, whether any of them got one, so that a signal to a single
 rank stops them all at the same point. Elsewhere (loading a model, writing a stage's file) and on a second
-signal, the handler raises at once: the `finally` blocks still run (the engine shuts down, the weight file
-leaves /dev/shm), as they would not on the signal's default action.
+signal (another one, or the same one again after DUPLICATE_SECONDS), the handler raises at once: the `finally`
+blocks still run (the engine shuts down, the weight file leaves /dev/shm), as they would not on the signal's
+default action.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from spin_fast import distributed
@@ -25,7 +27,11 @@ from spin_fast import distributed
 log = logging.getLogger(__name__)
 SIGNALS = distributed.ENDING_SIGNALS
 _received: list[int] = []  # this process's signals, in order
+_first_received_at = 0.0  # time.monotonic() of _received[0]
 _depth = 0  # nesting of safe_points() blocks
+# The same signal again within this many seconds is one signal delivered twice, not a second one: Slurm's
+# `--signal` reaches every process of the job step, ranks included, and torchrun then passes its own copy on.
+DUPLICATE_SECONDS = 2.0
 
 
 class Stopped(BaseException):
@@ -53,6 +59,12 @@ def signals_handled() -> Iterator[None]:
 
 
 def _handle(signum: int, frame) -> None:
+    global _first_received_at
+    now = time.monotonic()
+    if _received and signum == _received[0] and now - _first_received_at < DUPLICATE_SECONDS:
+        return
+    if not _received:
+        _first_received_at = now
     _received.append(signum)
     name = signal.Signals(signum).name
     if _depth == 0:
@@ -61,7 +73,8 @@ def _handle(signum: int, frame) -> None:
     if len(_received) > 1:
         raise Stopped(signum, "at once (a second signal)", agreed=False)
     log.warning("%s: stopping at the next safe point (the end of this training step, of this part of the stage or of "
-                "this model's evaluation) with its work saved; a second signal stops at once", name)
+                "this model's evaluation) with its work saved; a second signal (%.0f s on) stops at once", name,
+                DUPLICATE_SECONDS)
 
 
 @contextlib.contextmanager

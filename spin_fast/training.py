@@ -359,7 +359,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the gradients
-            grad_norm = float(self.engine.get_global_grad_norm())
+            norm = self.engine.get_global_grad_norm()  # None where DeepSpeed keeps none: ZeRO stage 0 in fp32
+            grad_norm = None if norm is None else float(norm)
         else:
             grad_norm = self.clip_gradients()
             self.optimizer.step()

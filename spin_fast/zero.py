@@ -71,7 +71,7 @@ def deepspeed_config(train: TrainConfig, settings: DeepSpeedConfig, world_size: 
         if key in user and user[key] != "auto":
             mine = value["enabled"] if isinstance(value, dict) else value
             theirs = user[key].get("enabled", False) if isinstance(user[key], dict) else user[key]
-            if theirs != mine:
+            if theirs not in (mine, "auto"):  # Hugging Face's JSONs write {"enabled": "auto"}
                 raise ConfigError(f"{where}: '{key}' is {user[key]!r} but spin-fast needs {value!r} "
                                   f"({_OWNERS[key]}); remove it from the JSON or set it to \"auto\"")
         config[key] = value if not isinstance(value, dict) else {**user.get(key, {}), **value}

@@ -120,6 +120,7 @@ def one_process(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("stage,reference,args", [
+    (0, "spin", ()),  # DeepSpeed's data parallelism without partitions: it keeps no gradient norm (logged null)
     (2, "spin", ()), (3, "spin", ()), (3, "tied", ("--tied",)), (2, "sft", ("--mode", "sft")),
     (3, "spin", ("--offload",)),  # optimizer state and parameters in CPU memory
 ])
@@ -137,6 +138,7 @@ def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
     mode = "sft" if reference == "sft" else "spin"  # the micro-batches of the whole step, each rank's summed
     assert [(m["micro_batches"], m["packing_efficiency"]) for m in ours] == step_packing(mode, len(ours), world=2)
     assert [(m["micro_batches"], m["packing_efficiency"]) for m in theirs] == step_packing(mode, len(ours), world=1)
+    assert all((m["grad_norm"] is None) == (stage == 0) for m in ours)
     assert (tmp_path / "checkpoint-4" / "deepspeed").is_dir()  # the sharded state, for resuming
     assert (tmp_path / "checkpoint-4" / "config.json").exists()  # and a Hugging Face folder
 
@@ -480,6 +482,11 @@ def test_user_deepspeed_json_is_taken_unless_it_conflicts(tmp_path):
     config = deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path)), 4)
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert config["communication_data_type"] == "fp32" and config["train_micro_batch_size_per_gpu"] == 1
+    # Hugging Face's DeepSpeed JSONs leave the dtypes to the trainer with a nested "auto"; their other keys stay.
+    path.write_text(json.dumps({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "initial_scale_power": 16}}))
+    config = deepspeed_config(TrainConfig(dtype="bfloat16"), DeepSpeedConfig(config_file=str(path)), 4)
+    assert config["bf16"] == {"enabled": True}
+    assert config["fp16"] == {"enabled": False, "initial_scale_power": 16}
 
     conflicts = {
         "'gradient_clipping' is 2.0 but spin-fast needs 1.0 (train.max_grad_norm)": {"gradient_clipping": 2.0},

@@ -31,6 +31,24 @@ def test_between_safe_points_a_signal_waits_for_the_next_one_and_a_second_stops_
             send(signal.SIGTERM)
 
 
+def test_one_signal_delivered_twice_is_one_signal_and_a_later_repeat_a_second(monkeypatch):
+    """Slurm's `--signal=USR1@600` reaches every process of the job step, ranks included, and torchrun passes its own
+    copy on a few ms later: the copy must not stop the rank at once, unagreed, without the checkpoint the warning is
+    for. The same signal again after DUPLICATE_SECONDS is a second one."""
+    with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped, match="stopped by SIGUSR1 at the end of the test's loop") as stopped:
+            with stopping.safe_points("the test's loop"):
+                send(signal.SIGUSR1)  # Slurm's
+                send(signal.SIGUSR1)  # torchrun's copy of it
+                assert stopping.reached() == signal.SIGUSR1
+        assert stopped.value.agreed
+    monkeypatch.setattr(stopping, "DUPLICATE_SECONDS", 0.0)
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped, match="stopped by SIGUSR1 at once"):
+        with stopping.safe_points("the test's loop"):
+            send(signal.SIGUSR1)
+            send(signal.SIGUSR1)
+
+
 def test_a_signal_after_the_last_safe_point_stops_at_the_end_of_the_block():
     with stopping.signals_handled():
         with pytest.raises(stopping.Stopped, match="stopped by SIGUSR1 at the end of the test's loop") as stopped:
