@@ -45,6 +45,7 @@ from spin_fast.config import (
     section_settings,
     warn_of_unused_overrides,
 )
+from spin_fast.files import write_atomically
 from spin_fast.sorting import distinct_lists
 
 log = logging.getLogger("spin_fast.demo")
@@ -201,11 +202,19 @@ class Demo:
 
     def stage_sft(self) -> dict:
         """θ0: SFT on the whole training split (SPIN later uses the first data.max_prompts of it)."""
-        shutil.rmtree(self.config.model.name_or_path, ignore_errors=True)  # a kill after the rename below
+        import torch
+
+        from spin_fast.training import STATE_FILE
+
+        theta0 = Path(self.config.model.name_or_path)
+        if (theta0 / STATE_FILE).exists():  # a kill after the rename below: θ0 is trained, and goes back to be found
+            step = torch.load(theta0 / STATE_FILE, weights_only=False)["step"]
+            theta0.rename(self.run_dir / "sft" / f"checkpoint-{step}")
+        shutil.rmtree(theta0, ignore_errors=True)  # anything else there is not θ0
         result = self.train_sft(self.run_dir / "base", self.run_dir / "sft",
                                 stage_config(self.config, self.demo.sft, "demo.sft"), limit=None)
         # A fixed path for θ0, whatever the step count: the run config points at it.
-        result.final_dir.rename(self.config.model.name_or_path)
+        result.final_dir.rename(theta0)
         return {"steps": result.steps, "checkpoint": self.config.model.name_or_path}
 
     def stage_spin(self) -> dict:
@@ -275,7 +284,7 @@ class Demo:
                 raise ConfigError(f"{path} holds other settings, which differ in {'; '.join(differences)}: use "
                                   "another --output, or the same settings")
             return
-        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_atomically(path, yaml.safe_dump(resolved, sort_keys=False))
 
     # ---------------------------------------------------------------------------------------- report
     def report(self) -> list[dict]:

@@ -36,7 +36,7 @@ from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
 from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
-from spin_fast.files import write_atomically
+from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
 from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, vllm_dtype
 from spin_fast.loading import fetch_model, load_policy
@@ -348,7 +348,7 @@ class SavedWork:
         if self.folder is None or not (self.folder / f"{name}.json").exists():
             return None
         path = self.folder / f"{name}.json"
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         # Held-out answers saved before score_batch_tokens left their key (it cuts the scoring alone) still match.
         if saved["key"] != key and {k: v for k, v in saved["key"].items() if k != "score_batch_tokens"} != key:
             log.info("%s: saved in %s with other models, data or settings: evaluated again", what, path)

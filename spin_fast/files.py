@@ -30,18 +30,45 @@ def replacing(path: str | Path, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    flush_folder(path.parent)
+
+
+def flush_folder(path: str | Path) -> None:
+    """A folder's entries (a rename into it) on the disk."""
     with contextlib.suppress(OSError):  # a filesystem that cannot flush a folder still has the renamed file
-        folder = os.open(path.parent, os.O_RDONLY)
+        folder = os.open(path, os.O_RDONLY)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
 
 
+def flush_tree(folder: str | Path) -> None:
+    """Every file under `folder`, and its folders, on the disk: before a rename names the folder complete."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        flush_folder(root)
+
+
 def write_atomically(path: str | Path, text: str) -> None:
     """`path` holding `text`, whole or not at all."""
     with replacing(path) as out:
         out.write(text)
+
+
+def read_json(path: str | Path):
+    """A JSON file's content; a broken one (edited by hand, cut short on a filesystem without atomic renames) is an
+    error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); restore it, or remove it to redo the work it "
+                         "records") from None
 
 
 def whole_json_lines(text: str) -> list[dict]:

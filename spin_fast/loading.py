@@ -40,10 +40,10 @@ def partitioned(config: RunConfig) -> bool:
 
 
 def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision: str | None = None) -> str:
-    """A Hub model's config, tokenizer and safetensors weights (at `revision`, else its main branch) into the local
-    cache, so that the ranks loading it after rank 0 read the cache instead of all downloading at once; its local
-    folder (a snapshot named after the revision's commit). A folder is its own. A name that is neither is an error
-    naming `setting`."""
+    """A Hub model's config, tokenizer and weights (safetensors, else pytorch_model*.bin; at `revision`, else its
+    main branch) into the local cache, so that the ranks loading it after rank 0 read the cache instead of all
+    downloading at once; its local folder (a snapshot named after the revision's commit). A folder is its own. A
+    name that is neither is an error naming `setting`."""
     if Path(name_or_path).exists():
         if revision:
             raise ValueError(f"{setting} {name_or_path!r} is a local folder: model.revision is for Hub models")
@@ -59,14 +59,23 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
     except HFValidationError:  # a path, never a Hub id ("runs/x/final", "./model")
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
+
+    def snapshot(**options) -> str:
+        folder = snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, **options)
+        if any(Path(folder).glob("*.safetensors")):
+            return folder
+        # A model without safetensors (many of 2023 and before) has its weights in pytorch_model*.bin alone.
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=[*patterns, "pytorch_model*.bin"],
+                                 **options)
+
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         # A commit never changes: its snapshot in the cache is the model, with no Hub call (a resumed run asks for the
         # commit it started from, often on nodes without network). huggingface_hub 1.x lists a commit's files on
         # the Hub even with HF_HUB_OFFLINE set, and fails there although the snapshot is cached.
         with contextlib.suppress(OSError, ValueError):  # not in the cache (or only part of it): fetched below
-            return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, local_files_only=True)
+            return snapshot(local_files_only=True)
     try:
-        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
+        return snapshot()
     except (OSError, ValueError) as error:  # no such repository, a gated one, no network and not in the cache
         said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # the Hub's: several lines
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder, and not fetched as a Hub model "

@@ -17,7 +17,7 @@ import yaml
 
 from spin_fast import distributed, locking
 from spin_fast.config import ConfigError, RunConfig, as_written, differing_settings, from_dict
-from spin_fast.files import whole_json_lines, write_atomically
+from spin_fast.files import read_json, whole_json_lines, write_atomically
 from spin_fast.stages import MANIFEST, finished_summaries
 from spin_fast.training import RESUMABLE_CHANGES
 from spin_fast.version import code_version
@@ -44,7 +44,7 @@ class RunDirectory:
         run started from, kept in run_dir/sft-model.json (so that a run resumed after the model's repository moved
         on goes on with the same θ0, and its evaluation scores that θ0), else model.revision (None: main)."""
         path = self.path / SFT_MODEL_FILE
-        return distributed.on_main(lambda: json.loads(path.read_text())["revision"] if path.exists()
+        return distributed.on_main(lambda: read_json(path)["revision"] if path.exists()
                                    else self.config.model.revision or None, "the SFT model's revision")
 
     def lock(self) -> None:
@@ -75,7 +75,7 @@ class RunDirectory:
         answers to the new ones (a row added midway shifts every saved part) and train later iterations on other
         data than the earlier ones. An iteration with no work yet takes the data as it is now."""
         path = self.path / DATA_FILE
-        saved = json.loads(path.read_text()) if path.exists() else {}
+        saved = read_json(path) if path.exists() else {}
         for key, record in now.items():
             then = saved.get(key)
             if then is None or then["digest"] == record["digest"] or not self.has_work(key):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from spin_fast import distributed, stopping
 from spin_fast.config import RunConfig
-from spin_fast.files import replacing, write_atomically
+from spin_fast.files import read_json, replacing, write_atomically
 from spin_fast.scoring import ScoredPair, save_scored_pairs
 from spin_fast.version import code_version
 
@@ -41,7 +41,7 @@ def finish_stage(stage_dir: Path, **fields) -> None:
 
 def read_manifest(stage_dir: Path) -> dict | None:
     path = stage_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def finished_summaries(run_dir: Path) -> list[dict]:

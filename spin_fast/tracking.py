@@ -112,7 +112,7 @@ class Trackers:
 
         id_file = self.folder / WANDB_ID_FILE
         if not id_file.exists():
-            id_file.write_text(secrets.token_hex(8) + "\n")  # W&B's id rules: letters and digits
+            write_atomically(id_file, secrets.token_hex(8) + "\n")  # W&B's id rules: letters and digits
         group = self.name.rpartition("/")[0]
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spin-fast"), name=self.name,
                          group=os.environ.get("WANDB_RUN_GROUP", group or None), id=id_file.read_text().strip(),

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import spin_kernels
 from spin_fast import distributed, stopping
 from spin_fast.config import DeepSpeedConfig, TrainConfig
+from spin_fast.files import flush_folder, flush_tree
 from spin_fast.model import (
     can_share_prompts,
     check_logits_are_the_heads,
@@ -461,7 +462,12 @@ class Trainer:
                                 "consolidated weights written")
             del weights
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            distributed.on_every_rank(lambda: torch.save(rng, tmp / f"rng-rank{self.rank}.pt"), "checkpoint written")
+
+            def write_rng_and_flush() -> None:  # each rank flushes what it wrote (another node's writes are its own)
+                torch.save(rng, tmp / f"rng-rank{self.rank}.pt")
+                flush_tree(tmp)
+
+            distributed.on_every_rank(write_rng_and_flush, "checkpoint written")
         distributed.on_main(lambda: self.complete_checkpoint(tmp, final, state), "checkpoint renamed")
         return final
 
@@ -471,7 +477,9 @@ class Trainer:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)  # written last: its presence marks a complete checkpoint
+        flush_tree(tmp)  # on the disk before its name says complete: a power cut leaves no empty weights behind it
         os.replace(tmp, final)
+        flush_folder(self.output_dir)
         self.remove_old_checkpoints()
         log.info("saved %s", final)
 

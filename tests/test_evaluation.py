@@ -343,6 +343,45 @@ def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypa
                                                         ["model.safetensors", 5, mtimes[1]]]
 
 
+def test_a_hub_model_with_pytorch_bin_weights_alone_is_fetched_whole(sft_model, tmp_path, monkeypatch):
+    """Many Hub models (older ones, most fine-tunes of 2023) hold pytorch_model.bin and no safetensors: fetch_model
+    brings it then (only then: a safetensors model's .bin copies stay on the Hub). The stand-in for the Hub's
+    snapshot_download applies allow_patterns as the real one does (this machine has no network)."""
+    import fnmatch
+    import shutil
+    from pathlib import Path
+
+    import huggingface_hub
+    from safetensors.torch import load_file
+
+    from spin_fast.config import RunConfig
+    from spin_fast.loading import fetch_model, load_policy
+
+    repo = tmp_path / "remote"  # the Hub repository's files
+    repo.mkdir()
+    for path in (sft_model / "model").iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, repo / path.name)
+    weights = load_file(sft_model / "model" / "model.safetensors")
+    torch.save(weights, repo / "pytorch_model.bin")
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        snapshot = tmp_path / "cache" / ("c" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, snapshot / path.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = fetch_model("org/bin-only")
+    loaded = load_policy(folder, RunConfig()).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
+    shutil.rmtree(tmp_path / "cache")
+    (repo / "model.safetensors").write_bytes((sft_model / "model" / "model.safetensors").read_bytes())
+    assert not list(Path(fetch_model("org/both")).glob("*.bin"))  # safetensors: the .bin copy stays there
+
+
 def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
     """A commit (what a resumed run asks for) already in the cache is its snapshot, with no Hub call, whatever the
     network: huggingface_hub 1.x (the GPU image has 1.33) listed a commit's files on the Hub even offline, and failed

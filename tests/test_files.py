@@ -38,3 +38,15 @@ def test_a_file_is_replaced_whole_and_flushed_before_and_after_its_rename(tmp_pa
         out.write(b"half of it")
         raise RuntimeError("killed")
     assert path.read_text() == "new" and not (tmp_path / "manifest.json.tmp").exists()
+
+
+def test_a_broken_record_of_finished_work_is_an_error_naming_its_file(tmp_path):
+    """A stage's manifest (or the run's data.json, an evaluation's saved piece) edited by hand into broken JSON: the
+    error names the file, not only JSON's line and column."""
+    from spin_fast.stages import MANIFEST, read_manifest
+
+    (tmp_path / MANIFEST).write_text('{"steps": 4,')
+    with pytest.raises(ValueError, match=rf"^{tmp_path / MANIFEST}: not valid JSON \(Expecting"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text('{"steps": 4}')
+    assert read_manifest(tmp_path) == {"steps": 4}

@@ -224,6 +224,35 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # step 3 redone, logged once
 
 
+def test_a_checkpoint_is_on_the_disk_before_its_name_marks_it_complete(tmp_path, monkeypatch):
+    """spin_fast.files' rule for every file that marks work done: its data flushed before the rename that names it,
+    so a power cut cannot leave checkpoint-N (which resume trusts, and an iteration's manifest names) holding empty
+    or cut-short files. The checkpoint's files (weights, trainer state) were never fsynced before os.replace."""
+    import os
+    from pathlib import Path
+
+    scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
+    synced, renamed = [], []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        if Path(target).name.startswith("checkpoint-"):
+            renamed.append((Path(source), set(synced)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    Trainer(make_model(), None, config(epochs=1), tmp_path, scored).train()
+    assert renamed
+    for source, synced_before in renamed:
+        for name in ("model.safetensors", "trainer_state.pt"):
+            assert str(source / name) in synced_before, f"{source / name} not flushed before its checkpoint's rename"
+
+
 def test_a_kill_before_the_first_checkpoint_redoes_every_step_and_logs_it_once(tmp_path, monkeypatch):
     scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
     cfg = config(save_every=0)  # a checkpoint at the end only
