@@ -143,6 +143,8 @@ class RunDirectory:
         if not path.exists():
             return None
         saved = read_saved_config(path)
+        if Path(saved.get("output_dir", "")).resolve() == Path(self.config.output_dir).resolve():
+            saved["output_dir"] = self.config.output_dir  # the same folder written otherwise: runs/x/, ./runs/x
         differences = differing_settings(self.overrides_with_work(saved), self.overrides_with_work(
             self.config.to_dict()), ignored=CHANGEABLE)
         if differences and not self.holds_work():

@@ -1,5 +1,7 @@
 """Run configs from YAML and --set overrides: every bad key, type and value is named."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -317,6 +319,12 @@ def test_an_iteration_override_written_as_1e_7_or_1_0e_7_is_one_setting(tmp_path
     (tmp_path / "run" / "iter-1" / "generate" / "parts" / "000000000-000000004.jsonl").write_text("")
     directory.unlock()
     assert RunDirectory(tmp_path / "run", again).saved_config() is not None  # refused: ValueError
+    # The same folder written another way (a shell's completion adds the slash) is the same run; another is not.
+    for spelling in (f"{tmp_path / 'run'}/", f"{tmp_path}/./run"):
+        resumed = dataclasses.replace(again, output_dir=spelling)
+        assert RunDirectory(tmp_path / "run", resumed).saved_config() is not None
+    with pytest.raises(ValueError, match="differs in output_dir"):
+        RunDirectory(tmp_path / "run", dataclasses.replace(again, output_dir=str(tmp_path / "moved"))).saved_config()
 
 
 def test_one_setting_given_twice_in_an_iteration_override_is_an_error(tmp_path):
