@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_one(preset, vocab, job, method, shape_argv)
                 result.update(vocab=vocab, job=job, method=method, matmul_tflops=ceiling)
                 report["results"].append(result)
+                _add_ratios(report["results"], args.baseline)  # a run cut off here keeps the ratios it has
                 save_partial(name, report)
                 print(_one_line(result), flush=True)
     _add_ratios(report["results"], args.baseline)
@@ -488,6 +489,8 @@ def _add_ratios(results: list[dict], baseline: str = BASELINE) -> None:
     """Time and memory as multiples of the baseline's at the same vocabulary and job, and the value's agreement
     with it; no memory ratio against a peak under MEMORY_FLOOR_MIB."""
     for result in results:
+        if "achieved_tflops" in result:  # the method's own rate: no baseline needed
+            result["fraction_of_matmul_rate"] = result["achieved_tflops"] / result["matmul_tflops"]
         base = next((r for r in results if r["method"] == baseline and r["vocab"] == result["vocab"]
                      and r["job"] == result["job"] and "median_ms" in r), None)
         if base is None or "median_ms" not in result:
@@ -496,8 +499,6 @@ def _add_ratios(results: list[dict], baseline: str = BASELINE) -> None:
         if base["peak_extra_mib"] >= MEMORY_FLOOR_MIB:
             result["memory_vs_baseline"] = result["peak_extra_mib"] / base["peak_extra_mib"]
         result["value_rel_diff"] = abs(result["value"] - base["value"]) / max(abs(base["value"]), 1e-12)
-        if "achieved_tflops" in result:
-            result["fraction_of_matmul_rate"] = result["achieved_tflops"] / result["matmul_tflops"]
 
 
 def _ratio(result: dict, key: str, spec: str) -> str:

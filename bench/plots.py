@@ -103,7 +103,8 @@ def _preset(report: dict) -> str:
     custom = report.get("custom")
     preset = report["preset"]  # the iteration profile's holds the whole preset
     name = preset["name"] if isinstance(preset, dict) else preset
-    return f"{name} preset" + (f" with {' '.join(custom)}" if custom else "")
+    partial = " (partial: the bench stopped before its end)" if "partial" in report else ""
+    return f"{name} preset" + (f" with {' '.join(custom)}" if custom else "") + partial
 
 
 def plot_all(results_dir: Path | None = None, benches: Collection[str] | None = None) -> list[Path]:

@@ -54,6 +54,7 @@ from bench.common import (
     listed,
     machine_info,
     package_version,
+    positive_int,
     problem,
     publish,
     refuse_gpu_preset_without_cuda,
@@ -252,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stages", type=int, nargs="+", choices=STAGES, help="ZeRO stages (default: all; a subset, "
                         "or --world-sizes, writes scaling-<preset>-custom.json)")
-    parser.add_argument("--world-sizes", type=int, nargs="+", help="processes per configuration (default: 1 and 2 "
-                        "on the CPU, 1 and every GPU on CUDA)")
+    parser.add_argument("--world-sizes", type=positive_int, nargs="+", help="processes per configuration (default: "
+                        "1 and 2 on the CPU, 1 and every GPU on CUDA)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = why_not(preset, n)
         result = {**config, **({"skipped": reason} if reason else run_one(preset, config["stage"], n))}
         report["results"].append(result)
+        _add_ratios(report["results"])  # a run cut off here keeps the ratios it has
         save_partial(name, report)
         print(_one_line(result), flush=True)
     machine["load_average_after"] = list(os.getloadavg())

@@ -36,10 +36,11 @@ def _x(value: float | None) -> str:
 def kernel_rows(report: dict) -> list[list[str]]:
     rows = []
     for r in report["results"]:
-        if r["job"] != "spin_head" or r["method"] == report["baseline"]:  # the preset's run: naive PyTorch
+        reason = common.problem(r)
+        # The baseline's own row (1.00x) is left out, unless it failed: then its reason is every '-' below.
+        if r["job"] != "spin_head" or (r["method"] == report["baseline"] and not reason):
             continue
         where = f"SPIN head, V={r['vocab']}: {r['method']}"
-        reason = common.problem(r)
         rows.append([where, reason] if reason else
                     [where, f"time {_x(r.get('time_vs_baseline'))}, memory {_x(r.get('memory_vs_baseline'))} of "
                      f"{short_name(report['baseline'])}"])

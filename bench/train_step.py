@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_one(preset, method, shape_argv)
         result["method"] = method
         report["results"].append(result)
+        _add_ratios(report["results"])  # a run cut off here keeps the ratios it has
         save_partial(name, report)
         print(_one_line(result), flush=True)
     _add_ratios(report["results"])

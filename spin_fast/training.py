@@ -366,6 +366,7 @@ class Trainer:
             grad_norm = self.clip_gradients()
             self.optimizer.step()
             self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)  # a model-sized buffer, not held between steps
         self.step += 1
         elapsed = time.perf_counter() - start
         count = totals.pop("count")

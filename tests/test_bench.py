@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from bench import common, kernels
+from bench import common, kernels, summary
 
 
 def test_batch_is_realistic():
@@ -276,3 +276,56 @@ def test_a_stopped_bench_takes_its_worker_with_it(tmp_path, signum):
         for worker in workers:
             with contextlib.suppress(psutil.NoSuchProcess):
                 worker.kill()
+
+
+def _fake(ms: float, mib: float, value: float = 0.7) -> dict:
+    return {"median_ms": ms, "min_ms": ms, "max_ms": ms, "runs": 1, "peak_extra_mib": mib, "value": value,
+            "tokens": 256, "loss_tokens": 150, "padded_tokens": 300}
+
+
+def test_a_kernels_run_cut_off_midway_keeps_its_ratios(tmp_path, monkeypatch):
+    """naive runs first "so a run cut off midway still has what its ratios divide by"; check.sh's report then
+    summarizes the partial JSON. The partial JSON must carry the ratios of what was measured."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(kernels, "matmul_tflops", lambda preset, vocab: 1.0)
+    measured = {"naive PyTorch": _fake(100.0, 40.0), "torch.compile": _fake(50.0, 10.0)}
+
+    def run_one(preset, vocab, job, method, shape_argv):
+        if method not in measured:
+            raise SystemExit(143)  # check.sh's TERM at the end of the bench's slot
+        return dict(measured[method])
+
+    monkeypatch.setattr(kernels, "run_one", run_one)
+    with pytest.raises(SystemExit):
+        kernels.main(["--preset", "tiny"])
+    report = json.loads((tmp_path / "kernels-tiny.json").read_text())
+    assert "partial" in report
+    compiled = next(r for r in report["results"] if r["method"] == "torch.compile")
+    assert compiled.get("time_vs_baseline") == pytest.approx(0.5), compiled
+    table = summary.summary_table(["kernels"], "tiny")
+    assert "time 0.50x, memory 0.25x of naive" in table, table
+
+
+def test_the_summary_names_a_failed_baseline(tmp_path, monkeypatch):
+    """Naive PyTorch out of memory (the GPU preset's ~35 GB of logits): the summary must say so, not drop its row
+    and leave every other row at '-x of naive' with no reason."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    results = [{"vocab": 128256, "job": "spin_head", "method": "naive PyTorch",
+                "error": ["torch.OutOfMemoryError: CUDA out of memory"]},
+               {"vocab": 128256, "job": "spin_head", "method": "spin-fast triton", **_fake(50.0, 10.0)}]
+    kernels._add_ratios(results)
+    (tmp_path / "kernels-tiny.json").write_text(json.dumps(
+        {"bench": "kernels", "preset": "tiny", "baseline": "naive PyTorch", "machine": {"device": "cuda"},
+         "results": results}))
+    table = summary.summary_table(["kernels"], "tiny")
+    assert "out of memory" in table, table
+
+
+def test_the_matmul_rate_fraction_does_not_depend_on_the_baseline():
+    """fraction_of_matmul_rate is the method's own FLOP rate over the device's: it needs no baseline, but is left
+    out whenever the baseline has no figures (naive out of memory)."""
+    spin = {"vocab": 1000, "job": "spin_head", "method": "spin-fast torch", **_fake(50.0, 10.0),
+            "achieved_tflops": 0.5, "matmul_tflops": 1.0}
+    results = [{"vocab": 1000, "job": "spin_head", "method": "naive PyTorch", "error": ["OOM"]}, spin]
+    kernels._add_ratios(results)
+    assert spin.get("fraction_of_matmul_rate") == pytest.approx(0.5), spin

@@ -29,3 +29,18 @@ def test_summary_table_has_every_bench_and_names_what_did_not_run(tmp_path, monk
     assert "spin-fast torch" in table and "train step: spin-fast" in table and "ZeRO-3" in table
     assert "Cut Cross-Entropy" in table and "missing:" in table  # a peer that cannot run is reported, not dropped
     assert "no results: bench/results/generate-cpu.json was not written" in table
+
+
+def test_a_plot_of_a_partial_report_says_so(tmp_path, monkeypatch):
+    """check.sh draws the plots of benches cut off by their slot: the PNG must not pass for a whole run."""
+    import json
+
+    titles = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig._suptitle.get_text()) or path)
+    report = {"bench": "kernels", "preset": "gpu", "custom": [], "machine": {"device": "cuda"},
+              "shape": {"tokens": 16384}, "partial": "written while the bench ran; it stopped before its end",
+              "results": [{"vocab": 128256, "job": "spin_head", "method": "naive PyTorch", "median_ms": 100.0,
+                           "min_ms": 100.0, "max_ms": 100.0, "runs": 1, "peak_extra_mib": 40.0, "value": 0.7}]}
+    (tmp_path / "kernels-gpu.json").write_text(json.dumps(report))
+    assert plots.plot_all(tmp_path)
+    assert "partial" in titles[0], titles

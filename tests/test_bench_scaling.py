@@ -53,3 +53,15 @@ def test_tiny_scaling_bench_runs(tmp_path, monkeypatch):
         assert abs(r["first_loss"] - math.log(2)) < 1e-4, (r["config"], r["first_loss"])
         assert r["loss_diff_vs_plain"] < 1e-4, (r["config"], r["losses"])  # and the same training after it
     assert results[1]["speed_vs_1_process"] == 1.0 and results[0]["speed_vs_plain"] == 1.0
+
+
+def test_scaling_refuses_a_world_size_of_zero(tmp_path, monkeypatch):
+    """--world-sizes 0 is refused by argparse (it was taken, and the bench died dividing by it after the plain run)."""
+    import subprocess
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(scaling.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+        command, 1, "", "not launched in this test"))
+    with pytest.raises(SystemExit) as exit_info:  # argparse's refusal: status 2
+        scaling.main(["--preset", "tiny", "--stages", "2", "--world-sizes", "0"])
+    assert exit_info.value.code == 2

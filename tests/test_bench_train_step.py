@@ -91,3 +91,24 @@ def test_another_trls_internals_failing_are_said_to_be_that():
     with pytest.raises(KeyError):  # the tested TRL: its error as it is
         with train_step._trl_api(train_step.TRL_TESTED):
             raise KeyError("completion_mask")
+
+
+def test_a_train_step_run_cut_off_midway_keeps_its_ratios(tmp_path, monkeypatch):
+    """A train-step bench stopped by its time slot keeps the ratios of what it measured in its partial file."""
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    figures = {"median_ms": 100.0, "min_ms": 100.0, "max_ms": 100.0, "runs": 1, "first_loss": 0.69,
+               "second_loss": 0.69, "held_mib": 10.0}
+    measured = {"spin-fast": {**figures, "tokens_per_s": 300.0, "peak_extra_mib": 10.0},
+                "TRL DPO, live reference": {**figures, "tokens_per_s": 100.0, "peak_extra_mib": 40.0}}
+
+    def run_one(preset, method, shape_argv):
+        if method not in measured:
+            raise SystemExit(143)
+        return dict(measured[method])
+
+    monkeypatch.setattr(train_step, "run_one", run_one)
+    with pytest.raises(SystemExit):
+        train_step.main(["--preset", "tiny"])
+    report = json.loads((tmp_path / "train_step-tiny.json").read_text())
+    spin = next(r for r in report["results"] if r["method"] == "spin-fast")
+    assert spin.get("speed_vs_trl_live") == pytest.approx(3.0), spin

@@ -253,6 +253,16 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_marks_it_complete(tmp_path,
             assert str(source / name) in synced_before, f"{source / name} not flushed before its checkpoint's rename"
 
 
+def test_no_gradients_are_held_between_steps(tmp_path):
+    """The gradients, a model-sized buffer, go after each optimizer step: not held between steps, nor after the
+    training (the bench's held memory counts weights and optimizer state)."""
+    model = make_model()
+    trainer = Trainer(model, None, config(epochs=1, global_batch=2), tmp_path, score_pairs(make_model(),
+                                                                                          random_pairs(4), 48))
+    trainer.train_step()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_kill_before_the_first_checkpoint_redoes_every_step_and_logs_it_once(tmp_path, monkeypatch):
     scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
     cfg = config(save_every=0)  # a checkpoint at the end only
