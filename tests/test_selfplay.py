@@ -514,6 +514,10 @@ def test_when_too_long_refuses_a_prompt_the_model_cannot_answer_whole(sft_model,
     # The error's fix, in the same output_dir: no stage saved anything with the refused settings, so they give way.
     assert SelfPlay(run_config(sft_model, tmp_path / "whole", *settings)).run()[0]["pairs"] == 2
     assert "cut_prompt: always" in (tmp_path / "whole" / "config.yaml").read_text()
+    # Cut prompts too must leave room for the answer in the context.
+    with pytest.raises(ValueError, match=r"long\.jsonl: data\.max_prompt_length=\d+ and "
+                                         r"generation\.max_new_tokens=2048 exceed the model's context of 2048 tokens"):
+        SelfPlay(run_config(sft_model, tmp_path / "cut", *settings, "generation.max_new_tokens=2048")).run()
 
 
 @pytest.mark.parametrize("cut_prompt", ["always", "when_too_long"])

@@ -17,15 +17,21 @@ log = logging.getLogger(__name__)
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
                       what: str) -> None:
-    """Under data.cut_prompt when_too_long the opponent answers whole prompts: each one and its answer must fit in the
-    model's context (max_position_embeddings). Checked before generation starts, not when the engine meets the first
-    prompt too long, part of the way through."""
-    if config.data.cut_prompt != "when_too_long":
-        return
+    """Each prompt the opponent answers and its answer must fit in the model's context (max_position_embeddings):
+    under data.cut_prompt when_too_long the prompts are answered whole, and each one is checked; under always they
+    are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
+    first prompt too long, part of the way through (vLLM: as it starts, with an error about a max_model_len that
+    nobody set)."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
     context = getattr(model_config, "max_position_embeddings", None)
+    if config.data.cut_prompt != "when_too_long":
+        if context and config.data.max_prompt_length + max_new_tokens > context:
+            raise ValueError(f"{what}: data.max_prompt_length={config.data.max_prompt_length} and "
+                             f"generation.max_new_tokens={max_new_tokens} exceed the model's context of {context} "
+                             "tokens (max_position_embeddings): lower one of them")
+        return
     too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
     if too_long:
         first = too_long[0]
