@@ -225,7 +225,14 @@ def profiled_selfplay(config, on_record=None):
     selfplay = Profiled(config)
     selfplay.records = {"time": {}, "memory": {}}
     selfplay.current = 0
-    selfplay.make_engine = lambda *args: selfplay.measured("engine_start", lambda: default_engine(*args))
+    selfplay.engine_name = None  # the engine's class: the run closes and drops the engine at its end
+
+    def make_engine(*args):
+        engine = selfplay.measured("engine_start", lambda: default_engine(*args))
+        selfplay.engine_name = type(engine).__name__
+        return engine
+
+    selfplay.make_engine = make_engine
     return selfplay
 
 
@@ -317,8 +324,7 @@ def profile(preset: Preset, engine: str | None, config_path: str | None, sets: l
     machine = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def result_of(selfplay, summaries=()) -> dict:
-        engine = type(selfplay.engine).__name__ if selfplay.engine is not None else None
-        return {**selfplay.records, "engine": engine, "pairs": [s["pairs"] for s in summaries],
+        return {**selfplay.records, "engine": selfplay.engine_name, "pairs": [s["pairs"] for s in summaries],
                 "parameters_m": parameters_m, "held_pairs": held, "machine": machine}
 
     def save_progress(selfplay) -> None:  # a run that a time limit cuts off (bench/gpu/check.sh) keeps its stages
