@@ -37,9 +37,10 @@ def group_pairs(tokens_per_pair: list[int], budget: int) -> list[tuple[int, int]
 class ChunkedFusedSpinLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, sequence_ids, opponent_logps, sequence_scale,
-                pair_loss: PairLoss, need_grads: tuple[bool, bool, bool]):
+                pair_loss: PairLoss, need_grads: tuple[bool, bool, bool, bool]):
         """rows, targets, sequence_ids: the loss tokens only. sequence_scale [2P] or None: each sequence's summed
-        log-prob is multiplied by it (1 / its token count: an average). Returns (mean loss, policy_logps [2P])."""
+        log-prob is multiplied by it (1 / its token count: an average). need_grads: whether hidden, weight, bias and
+        opponent_logps want a gradient (False for all outside grad mode). Returns (mean loss, policy_logps [2P])."""
         head = Head.of(hidden, weight, bias)
         n_pairs = opponent_logps.shape[0] // 2
         opponent = opponent_logps.to(head.dtype)
@@ -54,6 +55,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         policy = torch.zeros(2 * n_pairs, dtype=head.dtype, device=head.weight.device)
         scale = torch.ones_like(policy) if sequence_scale is None else sequence_scale.to(head.dtype)
         lse = torch.empty(rows.shape[0], dtype=head.dtype, device=head.weight.device)
+        need_grads, need_opponent = need_grads[:3], need_grads[3]
         grads = Grads.zeros(head, need_grads)
         step, buffer = head.step(), head.buffer(rows.shape[0])
         for first, end in group_pairs(tokens_per_pair, step):
@@ -83,7 +85,9 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         # the backward multiplies them by a loss scale (GradScaler's), the very thing the scale is there to save.
         ctx.grads = grads if hidden.dtype == torch.float16 else Grads(*grads.cast(hidden, weight, bias))
         ctx.opponent_grad = None
-        if ctx.needs_input_grad[6]:  # the loss reads the opponent through (pr - or) - (pg - og) only
+        # need_opponent, not ctx.needs_input_grad[6]: that is True outside grad mode too, where (inference mode) the
+        # autograd call below fails. The loss reads the opponent through (pr - or) - (pg - og) only.
+        if need_opponent:
             ctx.opponent_grad = -_pair_loss_grad(policy, opponent, 0, n_pairs, pair_loss)
         return loss, policy
 

@@ -162,7 +162,7 @@ def fused_linear_spin_loss(
         # loss (reduction="none") gets a gradient weight that the forward cannot know: it takes the general path.
         kept, rows = loss_rows(targets, ignore_index, hidden_index)
         grad_on = torch.is_grad_enabled()
-        need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias))
+        need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias, opponent_logps))
         with without_autocast(hidden):
             loss, policy_logps = ChunkedFusedSpinLoss.apply(
                 hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps, scale,

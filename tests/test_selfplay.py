@@ -825,6 +825,21 @@ def test_the_engine_serves_the_longest_sequence_of_any_iteration(sft_model, tmp_
     assert context("iteration_overrides={1: {data.cut_prompt: when_too_long}}") is None
 
 
+def test_an_engine_longer_than_the_models_context_is_refused_naming_the_settings(sft_model, tmp_path, monkeypatch):
+    """vLLM refuses a max_model_len beyond max_position_embeddings (the tiny model's 2048), naming only that length:
+    the settings that make it, in any iteration, are named before it starts."""
+    from spin_fast.generation import vllm_engine
+    from spin_fast.generation.choice import start_vllm
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **options: options)
+    assert start_vllm(run_config(sft_model, tmp_path, "data.max_length=2048"), str(sft_model / "model"))
+    longer = "iteration_overrides.2.generation.max_new_tokens=2040"
+    for settings in (("data.max_length=4096",), ("iterations=3", longer)):
+        with pytest.raises(ValueError, match=r"must serve sequences of (4096|2072) tokens .*data\.max_length.* beyond "
+                                             r"the model's context of 2048 tokens"):
+            start_vllm(run_config(sft_model, tmp_path, *settings), str(sft_model / "model"))
+
+
 def test_the_loop_starts_its_engine_with_the_run_settings(sft_model, tmp_path):
     """Iteration 0 shortens its answers, iteration 1 does not: the engine, started in iteration 0, is given the
     run's settings, which cover both."""

@@ -255,18 +255,22 @@ def test_autocast_leaves_the_kernels_in_their_inputs_dtype(backend):
     assert logps.dtype == torch.float32
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
-def test_no_grad_gives_the_same_values(backend):
+def test_no_grad_and_inference_mode_give_the_same_values(backend, reduction):
+    """Outside grad mode no gradient is computed, the opponent's included: under inference mode the torch backend's
+    one-pass path asked autograd for it and failed (a learnable opponent, as a SimPO margin, evaluated)."""
     hidden, targets, sequence_ids = random_packed_batch(3, 32, 100, torch.float32)
     weight = torch.randn(100, 32, requires_grad=True)
-    opponent = torch.randn(6) - 40
+    opponent = (torch.randn(6) - 40).requires_grad_()
     args = (hidden, weight, targets, sequence_ids, opponent)
-    with_grad = spin_kernels.fused_linear_spin_loss(*args, backend=backend)
-    with torch.no_grad():
-        without = spin_kernels.fused_linear_spin_loss(*args, backend=backend)
-    assert not without.loss.requires_grad
-    for a, b in zip(with_grad, without):
-        assert torch.allclose(a, b)
+    with_grad = spin_kernels.fused_linear_spin_loss(*args, backend=backend, reduction=reduction)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            without = spin_kernels.fused_linear_spin_loss(*args, backend=backend, reduction=reduction)
+        assert not without.loss.requires_grad
+        for a, b in zip(with_grad, without):
+            assert torch.allclose(a, b)
 
 
 def test_module_wrapper_matches_function():

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence as Seq
 
 import torch
+from transformers import AutoConfig
 
 from spin_fast import distributed
 from spin_fast.config import RunConfig
@@ -22,8 +23,6 @@ def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder:
     are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
     first prompt too long, part of the way through (vLLM: as it starts, with an error about a max_model_len that
     nobody set)."""
-    from transformers import AutoConfig
-
     model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
     context = getattr(model_config, "max_position_embeddings", None)
     if config.data.cut_prompt != "when_too_long":
@@ -67,8 +66,16 @@ def start_vllm(config: RunConfig, model_path: str):
     # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
     # build, engines start their own processes.
     executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
+    context = engine_context(config)
+    model_context = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code),
+                            "max_position_embeddings", None)
+    if context and model_context and context > model_context:  # vLLM's own error names only its max_model_len
+        raise ValueError(f"the vLLM engine, started once for the whole run, must serve sequences of {context} tokens "
+                         "(the longest of data.max_length and data.max_prompt_length + generation.max_new_tokens "
+                         f"over the run's iterations), beyond the model's context of {model_context} tokens "
+                         "(max_position_embeddings): lower them")
     return VllmEngine(model_path, dtype=vllm_dtype(config), seed=gen.seed, executor=executor,
-                      max_model_len=engine_context(config), tensor_parallel_size=gen.tensor_parallel_size,
+                      max_model_len=context, tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization,
                       trust_remote_code=config.model.trust_remote_code)
 
