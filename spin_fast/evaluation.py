@@ -35,7 +35,7 @@ import torch
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample
-from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
+from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
 from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, vllm_dtype
@@ -168,8 +168,12 @@ class Answering:
     prompt, by its index in the whole set). With the transformers engine, each model answers itself, the ranks
     sharing one process's batches (shared_generate)."""
 
-    def __init__(self, config, tokenizer, model_at: Callable[[str], object], folders: dict[str, str]):
+    def __init__(self, config, tokenizer, model_at: Callable[[str], object], folders: dict[str, str],
+                 start_folder: str):
         self.config, self.tokenizer, self.model_at, self.folders = config, tokenizer, model_at, folders
+        # The SFT model's folder: the engine's config, tokenizer and generation config, whichever model answers first
+        # (a baseline may have no tokenizer files, and answers must not depend on what a call had to answer first).
+        self.start_folder = start_folder
         self.engine = chosen_engine(config)
         self._vllm = None
         self._serving: str | None = None  # the folder whose weights the vLLM engine holds
@@ -183,12 +187,13 @@ class Answering:
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
         if self._vllm is None:
-            self._vllm = start_vllm(self.config, folder)
+            self._vllm = start_vllm(self.config, self.start_folder)
+            self._serving = self.start_folder
         else:
             self._vllm.wake_up()
-            if folder != self._serving:
-                log.info("%s: the vLLM engine takes the weights of %s", what, folder)
-                self._vllm.load_weights_from(folder)
+        if folder != self._serving:
+            log.info("%s: the vLLM engine takes the weights of %s", what, folder)
+            self._vllm.load_weights_from(folder)
         self._serving = folder
         log.info("%s (vLLM) ...", what)
 
@@ -257,9 +262,12 @@ def model_identity(name: str, folder: str) -> object:
 
 
 BASELINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# What a model's weights must match to be read into a vLLM engine started from another model.
-ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+# A model's weights are read into a vLLM engine started from the SFT model, which keeps the SFT model's config (RoPE,
+# norms, activation, windows...): every key must match but these, which change nothing in its answers.
+IGNORED_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                                 "initializer_range", "attention_dropout", "hidden_dropout", "embd_pdrop",
+                                 "resid_pdrop", "output_attentions", "output_hidden_states", "return_dict",
+                                 "pad_token_id", "bos_token_id"})
 
 
 def check_baseline_names(baselines: dict[str, str]) -> None:
@@ -269,7 +277,7 @@ def check_baseline_names(baselines: dict[str, str]) -> None:
         if not BASELINE_NAME.fullmatch(name):
             raise ConfigError(f"baseline {name!r}: a name of letters, digits, '.', '_' and '-' (it names the row and "
                               "its files)")
-        if re.fullmatch(r"sft|iter-\d+|held-out-pairs-\d+", name):
+        if re.fullmatch(r"sft|iter-\d+|held-out-pairs-\d+|greedy-answers-.*", name):
             raise ConfigError(f"baseline {name!r}: the name of one of the run's own models or files; choose another")
 
 
@@ -277,7 +285,8 @@ def check_baseline_fits(name: str, folder: str, sft_folder: str, tokenizer, engi
                         trust_remote_code: bool = False) -> None:
     """A baseline is a model folder, evaluated on the token ids of the SFT model's tokenizer: its own tokenizer,
     when it has one, must have the same vocabulary. With vLLM its weights are read into the engine in place of the
-    SFT model's, so it must also have the SFT model's architecture and shapes."""
+    SFT model's, which keeps its config and generation config: the baseline's must be the same (but for the keys
+    that change no answer) and stop on the same end-of-sequence ids."""
     config_file = Path(folder) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"baseline {name!r}: {folder} has no config.json: not a model folder")
@@ -292,12 +301,20 @@ def check_baseline_fits(name: str, folder: str, sft_folder: str, tokenizer, engi
                               "the SFT model's tokenizer")
     if engine == "vllm":
         ours, theirs = json.loads((Path(sft_folder) / "config.json").read_text()), json.loads(config_file.read_text())
-        for key in ARCHITECTURE_KEYS:
+        for key in sorted((ours.keys() | theirs.keys()) - IGNORED_CONFIG_KEYS):
             if ours.get(key) != theirs.get(key):
                 raise ConfigError(
                     f"baseline {name!r} ({folder}): {key} {theirs.get(key)!r}, the SFT model's {ours.get(key)!r}: the "
-                    "vLLM engine reads each model's weights in place of the SFT model's, so a baseline needs its "
-                    "architecture (generation.engine=transformers evaluates a baseline of another architecture)")
+                    "vLLM engine reads each model's weights in place of the SFT model's and keeps its config, so a "
+                    "baseline needs its architecture and config (generation.engine=transformers evaluates a baseline "
+                    "of another one)")
+        # vLLM also stops on the end-of-sequence ids of the starting model's generation config, and only on those.
+        stops = [read_json(path).get("eos_token_id") if path.exists() else None
+                 for path in (Path(sft_folder) / "generation_config.json", Path(folder) / "generation_config.json")]
+        if None not in stops and stops[0] != stops[1]:
+            raise ConfigError(f"baseline {name!r} ({folder}): generation_config.json's eos_token_id {stops[1]!r}, the "
+                              f"SFT model's {stops[0]!r}: the vLLM engine stops on the SFT model's alone "
+                              "(generation.engine=transformers evaluates a baseline that stops on others)")
 
 
 def source_hash(function: Callable) -> str | None:
@@ -406,6 +423,10 @@ class Evaluation:
             # Each model named by a Hub id is read from its local snapshot (fetched once, by rank 0 first).
             sft = config.model.name_or_path
             self.folders = {sft: fetch_model(sft, revision=revision)}
+            for name, path in baselines.items():
+                if path == sft and self.folders[sft] != sft:  # its newest snapshot would replace the run's θ0
+                    raise ConfigError(f"baseline {name!r}: {path!r} is the SFT model's Hub id, which here names the "
+                                      f"run's θ0 at revision {Path(self.folders[sft]).name} (the row 'sft')")
             self.folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
             self.tokenizer = load_tokenizer(config.model, self.folders[sft])
             self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
@@ -418,7 +439,7 @@ class Evaluation:
             [s["checkpoint"] for s in finished_summaries(selfplay.run_dir)] if distributed.is_main() else [],
             "finished iterations")
         self.saved = SavedWork(parts_folder(output) if output is not None else None)
-        self.answering = Answering(config, self.tokenizer, self.model_at, self.folders)
+        self.answering = Answering(config, self.tokenizer, self.model_at, self.folders, self.folders[sft])
         for name, path in baselines.items():  # before any model loads
             check_baseline_fits(name, self.folders[path], self.folders[sft], self.tokenizer, self.answering.engine,
                                 config.model.trust_remote_code)
@@ -445,7 +466,10 @@ class Evaluation:
         the number of iterations, the trackers) are left out, so that changing them keeps the saved work."""
         config, engine = self.config, self.answering.engine
         return distributed.from_main({
-            "eval_source": path_identity(eval_source) if distributed.is_main() else None,
+            # A Hub dataset (a name that is no local path) is known by its rows: a new revision is other data.
+            "eval_source": (path_identity(eval_source) if Path(eval_source).exists()
+                            else {"dataset": eval_source, "rows": rows_digest(self.raw)})
+            if distributed.is_main() else None,
             "data": {k: v for k, v in asdict(config.data).items()
                      if k not in ("source", "max_prompts", "eval_source", "checker")},
             "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},

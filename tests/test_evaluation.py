@@ -2,16 +2,17 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import offline_hub
 from spin_fast import sorting
 from spin_fast.config import ConfigError, load_run_config
 from spin_fast.data import Example, load_examples
-from spin_fast.evaluation import checker_grades, checker_score, evaluate_run, load_checker
+from spin_fast.evaluation import check_baseline_fits, checker_grades, checker_score, evaluate_run, load_checker
 from spin_fast.model import tiny_config
 from spin_fast.selfplay import SelfPlay
 from spin_fast.tokenizer import build_local_tokenizer
@@ -587,3 +588,131 @@ def test_vllm_answers_are_made_again_when_bf16_autocast_changes_the_dtype_they_a
                              f"train.bf16_autocast={autocast}", "train.progress=false")
         evaluate_run(SelfPlay(config), config.data.eval_source, output, {"same": str(sorting_run / "model")})
     assert started == ["float32", "bfloat16"]
+
+
+def test_a_hub_dataset_that_changed_is_evaluated_again(sorting_run, tmp_path, monkeypatch):
+    """data.eval_source may be a Hub dataset's name (datasets.load_dataset). Its rows are read afresh each time, but
+    the saved pieces were keyed by the name alone, and a new revision of the dataset (other rows) reused the figures
+    computed on the old one. A name that is no local path is known by its rows."""
+    import datasets
+
+    rows = [json.loads(line) for line in (sorting_run / "eval.jsonl").read_text().splitlines()]
+    served = {"rows": rows}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(served["rows"]))
+    config = eval_config(sorting_run, tmp_path / "run", "data.eval_source=org/held-out", "data.split=test")
+    output = tmp_path / "run" / "eval.jsonl"
+    first = evaluate_run(SelfPlay(config), "org/held-out", output)
+    served["rows"] = rows[:2]  # the dataset's new revision: other rows
+    again = evaluate_run(SelfPlay(config), "org/held-out", output)
+    fresh = evaluate_run(SelfPlay(eval_config(sorting_run, tmp_path / "fresh", "data.eval_source=org/held-out",
+                                              "data.split=test")), "org/held-out", tmp_path / "fresh" / "eval.jsonl")
+    assert fresh[0]["responses"] == 2 and first[0]["responses"] == len(rows)
+    assert again == fresh
+
+
+def test_a_baseline_with_the_sft_models_hub_id_is_refused(sorting_run, tmp_path, monkeypatch):
+    """The run keeps the commit its θ0 was fetched at (sft-model.json) and eval is to score that θ0. A baseline
+    named by the same Hub id (its newest revision: has upstream moved on?) is fetched into the same dict entry,
+    and the SFT row then scored the newest revision, with its tokenizer: refused, by name."""
+    tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
+    newer = save_model(tmp_path / "newer", tokenizer, seed=1)
+    publish = offline_hub(monkeypatch, tmp_path / "hub")
+    publish("org/sft", "a" * 40, sorting_run / "model")
+    publish("org/sft", "b" * 40, newer)  # main moved on
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "sft-model.json").write_text(json.dumps({"name": "org/sft", "revision": "a" * 40}))
+    config = eval_config(sorting_run, run, "model.name_or_path=org/sft")
+    with pytest.raises(ConfigError, match=r"baseline 'upstream': 'org/sft' is the SFT model's Hub id, which here names "
+                                          r"the run's θ0 at revision a{40}"):
+        evaluate_run(SelfPlay(config), config.data.eval_source, baselines={"upstream": "org/sft"})
+
+
+def test_vllm_refuses_a_baseline_whose_config_differs_beyond_the_shapes(sorting_run, tmp_path):
+    """With vLLM the baseline's weights are read into the engine started from the SFT model, which keeps the SFT
+    model's config: RoPE's base, the norm's epsilon, the activation. A baseline of the same shapes but another
+    rope_theta (Mistral-7B v0.1 and v0.2: 1e4 and 1e6, same shapes and vocabulary) would answer with the SFT
+    model's rope_theta, while its log-likelihood and margins (transformers, its own config) use its own."""
+    tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
+    for key, value in (("rope_parameters", {"rope_theta": 1e6, "rope_type": "default"}), ("rms_norm_eps", 1e-2),
+                       ("hidden_act", "gelu")):
+        folder = tmp_path / key
+        shutil.copytree(sorting_run / "model", folder)
+        config = json.loads((folder / "config.json").read_text())
+        config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=f"baseline 'other' .*{key}"):
+            check_baseline_fits("other", str(folder), str(sorting_run / "model"), tokenizer, "vllm")
+    # vLLM stops on the starting model's generation config's end-of-sequence ids alone.
+    folder = tmp_path / "other-stops"
+    shutil.copytree(sorting_run / "model", folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    if (sorting_run / "model" / "generation_config.json").exists():
+        with pytest.raises(ConfigError, match="baseline 'other' .*eos_token_id \\[2, 5\\]"):
+            check_baseline_fits("other", str(folder), str(sorting_run / "model"), tokenizer, "vllm")
+    for key, value in (("pad_token_id", 7), ("_name_or_path", "elsewhere")):  # change no answer: accepted
+        config = json.loads((sorting_run / "model" / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        shutil.copy(sorting_run / "model" / "generation_config.json", folder)
+        check_baseline_fits("other", str(folder), str(sorting_run / "model"), tokenizer, "vllm")
+
+
+@pytest.mark.slow
+def test_vllm_started_from_a_baseline_without_tokenizer_files(sorting_run, tmp_path, monkeypatch):
+    """A baseline folder without tokenizer files is allowed (it is evaluated with the SFT model's tokenizer), and a
+    first evaluation serves it by swapping its weights into the engine started from the SFT model. Run again with
+    it the only new model, the engine started from the baseline's folder instead (and failed in vLLM, naming
+    neither): it starts from the SFT model's, whatever model answers first."""
+    pytest.importorskip("vllm")
+    from spin_fast.generation import vllm_engine
+    from spin_fast.generation.base import Completion
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (sorting_run / "model" / name).exists():
+            shutil.copy(sorting_run / "model" / name, bare)
+    real = vllm_engine.VllmEngine
+    started = []
+
+    class Canned:  # the first evaluation's answers: saved like any engine's
+        def __init__(self, model_dir, **options):
+            started.append(str(model_dir))
+
+        def generate(self, prompts, sampling, indices=None):
+            return [[Completion((5, 6, 7), True)] for _ in prompts]
+
+        def sleep(self):
+            pass
+
+        wake_up = close = sleep
+
+        def load_weights_from(self, folder):
+            pass
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", Canned)
+    output = tmp_path / "run" / "eval.jsonl"
+    config = eval_config(sorting_run, tmp_path / "run", "data.checker=spin_fast.sorting:score",
+                         "generation.engine=vllm", "train.progress=false")
+    evaluate_run(SelfPlay(config), config.data.eval_source, output, {"same": str(sorting_run / "model")})
+
+    class Recorded(real):
+        def __init__(self, model_dir, **options):
+            started.append(str(model_dir))
+            super().__init__(model_dir, **options)
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", Recorded)
+    rows = evaluate_run(SelfPlay(config), config.data.eval_source, output,
+                        {"same": str(sorting_run / "model"), "bare": str(bare)})
+    assert [r["model"] for r in rows] == ["sft", "same", "bare"]
+    assert started[-1] == str(sorting_run / "model")  # the engine is the SFT model's, whatever model answers first
+
+
+def test_a_baseline_name_that_is_another_models_answers_file_is_refused(sorting_run, tmp_path):
+    """A baseline's row is saved as <name>.json in eval-parts, beside greedy-answers-<model>.json: a baseline named
+    greedy-answers-sft overwrites the SFT model's greedy answers with its row, and the next evaluation that needs
+    them (another checker) made the SFT model answer again: the name is refused."""
+    config = eval_config(sorting_run, tmp_path / "run", "data.checker=spin_fast.sorting:score")
+    with pytest.raises(ConfigError, match="baseline 'greedy-answers-sft': the name of one of the run's own"):
+        evaluate_run(SelfPlay(config), config.data.eval_source, tmp_path / "run" / "eval.jsonl",
+                     {"greedy-answers-sft": str(sorting_run / "model")})
