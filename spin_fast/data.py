@@ -534,29 +534,29 @@ class _Rendered:
         return [self.prompt, *(in_context for _, in_context in self.responses if in_context is not None)]
 
 
-def _render(tokenizer: Any, example: Example) -> _Rendered:
+def _render(tokenizer: Any, example: Example, end: str | None) -> _Rendered:
     prompt = _prompt_text(tokenizer, example.prompt)
     texts = [example.response] if example.generated is None else [example.response, example.generated]
-    return _Rendered(prompt, tuple((text, _in_context(tokenizer, example.prompt, prompt, text)) for text in texts))
+    return _Rendered(prompt, tuple((text, _in_context(tokenizer, example.prompt, prompt, text, end)) for text in texts))
 
 
-def _in_context(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, text: str) -> str | None:
+def _in_context(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, text: str,
+                end: str | None) -> str | None:
     """The templated conversation of the prompt and the response `text`, up to the response's end (in the
     template's own text of it: a template may strip it or put a space before it), and through the whitespace a
-    template puts between it and EOS (Llama 2's ' ' + eos_token: its models write that '▁' before EOS, and a real
-    response without it would differ from theirs by that token); None where the template's generation prompt does
-    not begin the conversation or the response is not found after it."""
+    template puts between it and `end`, the text of the token responses end with (Llama 2's ' ' + eos_token: its
+    models write that '▁' before EOS, and a real response without it would differ from theirs by that token); None
+    where the template's generation prompt does not begin the conversation or the response is not found after it."""
     whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
     if not whole.startswith(prompt_text):
         return None
     for piece in (text, text.strip()):
         at = whole.find(piece, len(prompt_text))
         if at >= 0:
-            end = at + len(piece)
-            rest = whole[end:]
+            stop = at + len(piece)
+            rest = whole[stop:]
             space = len(rest) - len(rest.lstrip())
-            eos = tokenizer.eos_token
-            return whole[: end + space] if space and eos and rest[space:].startswith(eos) else whole[:end]
+            return whole[: stop + space] if space and end and rest[space:].startswith(end) else whole[:stop]
     return None
 
 
@@ -593,33 +593,64 @@ def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
     return tuple(ids if len(ids) <= budget else [*ids[: budget - 1], eos])
 
 
+def keep_end(prompt: Sequence[int], max_prompt_length: int, bos: int | None = None) -> Sequence[int]:
+    """A prompt's last max_prompt_length tokens; one that starts with BOS keeps it (then its last
+    max_prompt_length - 1 tokens after it): the model never saw a sequence without it."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    if bos is not None and prompt[0] == bos and max_prompt_length > 1:
+        return [bos, *prompt[len(prompt) - max_prompt_length + 1 :]]
+    return prompt[-max_prompt_length:]
+
+
 def fit_to_length(prompt: Sequence[int], responses: Sequence[Sequence[int]], *, max_length: int,
-                  max_prompt_length: int, cut_prompt: str, eos: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+                  max_prompt_length: int, cut_prompt: str, eos: int, bos: int | None = None
+                  ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """A prompt and its EOS-ended responses (one, or a pair's two) cut so that the prompt and each response fit in
-    max_length. A prompt keeps its end (the question often follows a long text).
+    max_length. A prompt keeps its end (the question often follows a long text), and its first token where that is
+    `bos` (every sequence the model saw starts with it; the official code adds none, and cuts the same way).
 
     "always": the prompt keeps its last max_prompt_length tokens, and each response the room left, still ending
     with EOS. "when_too_long", the official SPIN code's rule (TRL's 2023 DPO collator): the prompt is cut only if
     it and the longer response exceed max_length; if they still do, each response keeps its first
     max_length - max_prompt_length tokens (a cut one loses its EOS there)."""
     if cut_prompt == "always":
-        prompt = prompt[-max_prompt_length:]
+        prompt = keep_end(prompt, max_prompt_length, bos)
         return tuple(prompt), [cut_response(r, max_length - len(prompt), eos) for r in responses]
     if cut_prompt != "when_too_long":
         raise ValueError(f"cut_prompt: expected one of {CUT_PROMPT}, got {cut_prompt!r}")
     longest = max(len(r) for r in responses)
     if len(prompt) + longest > max_length:
-        prompt = prompt[-max_prompt_length:]
+        prompt = keep_end(prompt, max_prompt_length, bos)
     if len(prompt) + longest > max_length:
         responses = [r[: max_length - max_prompt_length] for r in responses]
     return tuple(prompt), [tuple(r) for r in responses]
 
 
+PROBE_ANSWER = "Spin-fast probe answer."  # rendered to find what a template writes after an answer
+
+
 def eos_token_id(tokenizer: Any) -> int:
-    """The token every response ends with; a tokenizer without one is an error."""
+    """The token every response ends with: the special token the chat template closes an assistant turn with
+    (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Phi-3's <|end|>: what the model writes after an answer, which
+    need not be tokenizer.eos), else the tokenizer's EOS; a tokenizer without one is an error."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token: responses must end with one")
-    return tokenizer.eos_token_id
+    return _turn_end_id(tokenizer) or tokenizer.eos_token_id
+
+
+def _turn_end_id(tokenizer: Any) -> int | None:
+    """The first special token the chat template writes after an assistant turn's content (None: none found)."""
+    try:
+        whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: the tokenizer's EOS
+        return None
+    at = whole.find(PROBE_ANSWER)
+    if at < 0:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in _encode(tokenizer, whole[at + len(PROBE_ANSWER):]) if i in special), None)
 
 
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int,
@@ -637,7 +668,7 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
     eos = eos_token_id(tokenizer)
-    rendered = [_render(tokenizer, example) for example in examples]
+    rendered = [_render(tokenizer, example, tokenizer.convert_ids_to_tokens(eos)) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
     tokenized = []
     for r in rendered:
@@ -645,7 +676,8 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
         responses = [(*_response_ids(prompt_ids, text, in_context, encode), eos) for text, in_context in r.responses]
         whole = TokenizedExample(tuple(model_prompt), responses[0], responses[1] if len(responses) > 1 else None)
         prompt, fitted = fit_to_length(whole.prompt_ids, responses, max_length=max_length,
-                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=eos)
+                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=eos,
+                                       bos=tokenizer.bos_token_id)
         example = TokenizedExample(prompt, fitted[0], fitted[1] if len(fitted) > 1 else None)
         # Under "always", a pair fits from the fitted example as from the whole one: no need to keep it.
         tokenized.append(example if cut_prompt == "always" or example == whole else replace(example, unfitted=whole))

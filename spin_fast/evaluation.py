@@ -34,7 +34,7 @@ import torch
 
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
-from spin_fast.data import Example, TokenizedExample
+from spin_fast.data import Example, TokenizedExample, eos_token_id
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
@@ -85,7 +85,8 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
 
     if sampling.n != 1:
         raise ValueError(f"shared_generate makes one completion per prompt, got n={sampling.n}")
-    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    engine = TransformersEngine(model, eos_token_id=eos_token_id(tokenizer), stop_token_ids=[tokenizer.eos_token_id],
+                                pad_token_id=tokenizer.pad_token_id,
                                 batch_size=batch_size, progress=False)
     batches = [[p for p, _ in batch] for batch in engine.batches(prompts)]
     # Cost: the padded tokens of the batch's last decoding step (its longest prompt is its last).
@@ -187,7 +188,7 @@ class Answering:
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
         if self._vllm is None:
-            self._vllm = start_vllm(self.config, self.start_folder)
+            self._vllm = start_vllm(self.config, self.start_folder, stop_token_ids=[eos_token_id(self.tokenizer)])
             self._serving = self.start_folder
         else:
             self._vllm.wake_up()
@@ -517,7 +518,8 @@ class Evaluation:
         def make():
             completions = self.answering.generate(opponent, [e.answered_prompt_ids for e in self.examples], sampling,
                                                   f"iteration {t}'s held-out answers")
-            pairs = answered_pairs(self.examples, completions, self.tokenizer.eos_token_id, self.config.data)
+            pairs = answered_pairs(self.examples, completions, eos_token_id(self.tokenizer), self.config.data,
+                                   bos=self.tokenizer.bos_token_id)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
         key = {"answers of": self.identities[opponent], "sampling": asdict(sampling), **self.answer_settings}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DataConfig, RunConfig
-from spin_fast.data import Example, TokenizedExample, rows_found_in
+from spin_fast.data import Example, TokenizedExample, eos_token_id, rows_found_in
 from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
 from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
@@ -297,7 +297,8 @@ class SelfPlay:
                 lambda mine: self.engine.generate([part[i] for i in mine], sampling,
                                                   indices=[start + i for i in mine]),
                 "generated responses")
-            pairs = answered_pairs(examples[start:end], completions, tokenizer.eos_token_id, config.data)
+            pairs = answered_pairs(examples[start:end], completions, eos_token_id(tokenizer), config.data,
+                                   bos=tokenizer.bos_token_id)
             rows = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in pairs]
             return rows, {"finished": sum(c[0].finished for c in completions)}
 

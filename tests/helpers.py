@@ -222,14 +222,16 @@ def offline_hub(monkeypatch, cache: Path):
     return publish
 
 
-def official_spin_fit(prompt, chosen, rejected, eos, max_length, max_prompt_length):
+def official_spin_fit(prompt, chosen, rejected, eos, max_length, max_prompt_length, bos=None):
     """The official SPIN code's truncation (spin/alignment/utils.py, tokenize_batch_element), step by step as it
     does it: EOS appended to each response, then the prompt cut (keep_end) if the prompt and the longer response
-    exceed max_length, then both responses cut to max_length - max_prompt_length if they still do."""
+    exceed max_length, then both responses cut to max_length - max_prompt_length if they still do. With `bos`, a
+    prompt that starts with it keeps it when cut (spin-fast's one difference: the official code adds no BOS)."""
     chosen, rejected = [*chosen, eos], [*rejected, eos]
     longer = max(len(chosen), len(rejected))
     if len(prompt) + longer > max_length:
-        prompt = prompt[-max_prompt_length:]
+        keeps_bos = bos is not None and prompt[0] == bos and len(prompt) > max_prompt_length
+        prompt = [bos, *prompt[len(prompt) - max_prompt_length + 1:]] if keeps_bos else prompt[-max_prompt_length:]
     if len(prompt) + longer > max_length:
         chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
     return prompt, chosen, rejected

@@ -12,20 +12,26 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from helpers import official_spin_fit
 from spin_fast import data as data_module
+from spin_fast.config import DataConfig, RunConfig
+from spin_fast.config import GenerationConfig as GenerationSettings
 from spin_fast.data import (
     CUT_PROMPT,
     DataError,
     Example,
+    eos_token_id,
     fit_to_length,
     load_examples,
     render_prompt,
     tokenize_batch,
     tokenize_example,
 )
+from spin_fast.examples import answered_pairs
+from spin_fast.generation import SamplingConfig
+from spin_fast.generation.choice import default_engine
 from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer
 
 
@@ -549,7 +555,8 @@ def test_tokenize_example_truncates_like_spin(tokenizer):
     full_prompt = render_prompt(tokenizer, example.prompt)
     out = tokenize_example(tokenizer, example, max_length=64, max_prompt_length=24)
     eos = tokenizer.eos_token_id
-    assert out.prompt_ids == tuple(full_prompt[-24:])  # the prompt keeps its end: the question and the marker
+    # The prompt keeps BOS (every sequence the model saw starts with it) and its end: the question and the marker.
+    assert full_prompt[0] == tokenizer.bos_token_id and out.prompt_ids == (full_prompt[0], *full_prompt[-23:])
     assert len(out.prompt_ids) + len(out.response_ids) == 64 and out.response_ids[-1] == eos
     full_response = tokenizer.encode(example.response, add_special_tokens=False)
     assert out.response_ids[:-1] == tuple(full_response[:39])
@@ -603,16 +610,17 @@ def test_tokenize_example_when_too_long_answers_the_whole_prompt(tokenizer):
                            max_prompt_length=24, cut_prompt="when_too_long")
     assert out.prompt_ids == full_prompt and out.answered_prompt_ids == full_prompt and out.unfitted is None
     assert out.response_ids == (*tokenizer.encode("Short.", add_special_tokens=False), eos)
-    # It does not: the prompt keeps its last 24 tokens, and the responses still too long their first 64 - 24, without
-    # EOS; the opponent still answers the whole prompt.
+    # It does not: the prompt keeps BOS and its last 23 tokens, and the responses still too long their first 64 - 24,
+    # without EOS; the opponent still answers the whole prompt.
     example = Example((user(long_prompt),), "The answer is long. " * 40, "Short.")
     out = tokenize_example(tokenizer, example, max_length=64, max_prompt_length=24, cut_prompt="when_too_long")
-    assert out.prompt_ids == full_prompt[-24:] and out.answered_prompt_ids == full_prompt
+    cut = (full_prompt[0], *full_prompt[-23:])
+    assert out.prompt_ids == cut and out.answered_prompt_ids == full_prompt
     assert out.response_ids == tuple(tokenizer.encode(example.response, add_special_tokens=False)[:40])
     assert out.generated_ids == (*tokenizer.encode("Short.", add_special_tokens=False), eos)
     # Under "always" the opponent answers the prompt as trained on.
     out = tokenize_example(tokenizer, example, max_length=64, max_prompt_length=24)
-    assert out.answered_prompt_ids == out.prompt_ids == full_prompt[-24:] and out.unfitted is None
+    assert out.answered_prompt_ids == out.prompt_ids == cut and out.unfitted is None
 
 
 @pytest.mark.parametrize("max_length, max_prompt_length", [(10, 10), (10, 20), (0, -1), (10, 0)])
@@ -736,3 +744,138 @@ def test_a_real_response_ends_as_the_chat_template_ends_it_before_eos():
     until_eos = conversation[: conversation.index(tokenizer.eos_token_id, len(out.prompt_ids)) + 1]
     assert list(out.prompt_ids + out.response_ids) == until_eos
     assert tokenizer.convert_ids_to_tokens(out.response_ids[-2:]) == ["▁", tokenizer.eos_token]
+
+
+# ------------------------------------------------- chat templates of real model families
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+          "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+          "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+         "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+QWEN = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + "
+        "'<|im_end|>\n' }}{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
+        "helpful assistant.<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == 'user') "
+        "or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}{{- '<|im_start|>' + "
+        "message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+PHI3 = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|system|>' + '\n' + "
+        "message['content'] + '<|end|>' + '\n'}}{% elif (message['role'] == 'user') %}{{'<|user|>' + '\n' + "
+        "message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}")
+
+# name: (template, bos, tokenizer eos, special tokens, the token the template ends an assistant turn with)
+FAMILIES = {
+    # Meta-Llama-3-8B-Instruct as released (tokenizer eos <|end_of_text|>; turns end with <|eot_id|>)
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|end_of_text|>",
+               ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+               "<|eot_id|>"),
+    # A Qwen2.5 *base* tokenizer (eos <|endoftext|>, no BOS) with its ChatML template, as SFT models made from it
+    # keep it: turns end with <|im_end|>
+    "qwen-base": (QWEN, None, "<|endoftext|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "gemma": (GEMMA, "<bos>", "<eos>", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+    # Phi-3-mini-4k-instruct (tokenizer eos <|endoftext|>; turns end with <|end|>)
+    "phi3": (PHI3, "<s>", "<|endoftext|>", ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
+                                            "<|end|>"], "<|end|>"),
+}
+
+
+def family_tokenizer(name):
+    template, bos, eos, specials, _ = FAMILIES[name]
+    tokenizer = build_local_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.bos_token, tokenizer.eos_token = bos, eos
+    # As these families' tokenizers do, encode() starts a text with BOS (Qwen's has none).
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
+    ) if bos else processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_real_response_ends_with_the_token_the_template_ends_the_assistant_turn_with(family):
+    """What the SFT model learned (and writes) after an answer is the template's end of turn, not tokenizer.eos."""
+    tokenizer = family_tokenizer(family)
+    example = Example((user("Why is the sky blue?"),), "Air molecules scatter blue light.")
+    out = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    whole = tokenizer.apply_chat_template([*example.prompt, {"role": "assistant", "content": example.response}],
+                                          tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=False)  # the template writes BOS itself
+    turn_end = tokenizer.convert_tokens_to_ids(FAMILIES[family][4])
+    through_turn_end = conversation[: conversation.index(turn_end, len(out.prompt_ids)) + 1]
+    assert list(out.prompt_ids + out.response_ids) == through_turn_end, tokenizer.convert_ids_to_tokens(
+        out.response_ids[-2:])
+
+
+def bigram_model(vocab_size, next_token, default):
+    """A tiny Llama that writes next_token[t] after token t (`default` after any other): attention and MLP add
+    nothing, the embeddings are one-hot and the head maps each token to its successor."""
+    vocab_size += vocab_size % 2  # RoPE wants an even head size
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=vocab_size, intermediate_size=4, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
+                         max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab_size))
+        model.model.norm.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        head = model.lm_head.weight
+        head[default, :] = 1.0
+        for token, following in next_token.items():
+            head[:, token] = 0.0
+            head[following, token] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen-base"])
+def test_a_model_that_writes_the_human_answer_as_its_template_does_gives_the_same_tokens_as_the_real_one(family):
+    """Gemma-it (tokenizer eos <eos>, turns ending with <end_of_turn>) from a folder whose generation_config lists
+    only <eos> (one saved without generation_config.json takes config.json's eos_token_id, 1): an opponent that
+    answers exactly the human response, ending its turn as the template does, must give generated ids equal to the
+    real ones; else SPIN learns the ending, not the content."""
+    tokenizer = family_tokenizer(family)
+    example = Example((user("Why is the sky blue?"),), "Air.")
+    tokenized = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    prompt = list(tokenized.answered_prompt_ids)
+    whole = tokenizer.apply_chat_template([*example.prompt, {"role": "assistant", "content": example.response}],
+                                          tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=False)
+    assert conversation[: len(prompt)] == prompt
+    answer = conversation[len(prompt):]  # Air . <end_of_turn> \n  (the template's own continuation)
+    end_of_turn = tokenizer.convert_tokens_to_ids(FAMILIES[family][4])
+    assert answer[answer.index(end_of_turn) - 2: answer.index(end_of_turn) + 1] == answer[:3]
+    chain = [prompt[-1], *answer[:3]]
+    model = bigram_model(len(tokenizer), dict(zip(chain, chain[1:])), default=tokenizer.eos_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)  # config.json's eos only
+    data = DataConfig(source="x", max_length=200, max_prompt_length=100)
+    config = RunConfig(data=data, generation=GenerationSettings(engine="transformers"))
+    # As SelfPlay.generate does: the run's engine, and its pairs EOS-closed with data.eos_token_id's token.
+    engine = default_engine(model, tokenizer, config, "unused")
+    completions = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
+    assert completions[0][0].token_ids[:2] == tuple(answer[:2])  # the model wrote the human answer
+    (pair,) = answered_pairs([tokenized], completions, eos_token_id(tokenizer), data)
+    assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+@pytest.mark.parametrize("cut_prompt", ["always", "when_too_long"])
+def test_a_long_prompt_cut_to_its_end_keeps_bos(family, cut_prompt):
+    """A prompt longer than max_prompt_length keeps its last tokens; the model is still given (and trained on) a
+    sequence that starts with BOS, as every sequence it ever saw did (Gemma's outputs degrade to noise without)."""
+    tokenizer = family_tokenizer(family)
+    question = " ".join(["The quick brown fox jumps over the lazy dog."] * 20)
+    out = tokenize_example(tokenizer, Example((user(question),), "Air."), max_length=64, max_prompt_length=32,
+                           cut_prompt=cut_prompt)
+    assert len(out.prompt_ids) <= 32
+    assert out.prompt_ids[0] == tokenizer.bos_token_id, tokenizer.decode(out.prompt_ids[:4])
+    assert out.answered_prompt_ids[0] == tokenizer.bos_token_id

@@ -493,7 +493,8 @@ def test_when_too_long_answers_whole_prompts_and_cuts_pairs_as_the_official_code
     cut = 0
     for pair, example in zip(pairs, whole):
         prompt, real, generated = official_spin_fit(list(example.prompt_ids), list(example.response_ids[:-1]),
-                                                    list(answers[example.prompt_ids]), eos, 40, 12)
+                                                    list(answers[example.prompt_ids]), eos, 40, 12,
+                                                    bos=tokenizer.bos_token_id)
         assert (pair["prompt_ids"], pair["real_ids"], pair["generated_ids"]) == (prompt, real, generated)
         cut += len(prompt) < len(example.prompt_ids)
     assert len(pairs[0]["prompt_ids"]) > 12 and cut >= 1  # one long prompt kept whole, one cut
@@ -548,12 +549,16 @@ def test_answered_pairs_cut_as_the_rule_says(sft_model, cut_prompt):
         answer = tuple(int(i) for i in torch.randint(3, 290, (answer_length,)))
         fitted = tokenize_example(tokenizer, example, max_length=data.max_length,
                                   max_prompt_length=data.max_prompt_length, cut_prompt=cut_prompt)
-        (pair,) = answered_pairs([fitted], [[Completion(answer, True)]], eos, data)
+        bos = tokenizer.bos_token_id
+        (pair,) = answered_pairs([fitted], [[Completion(answer, True)]], eos, data, bos=bos)
         if cut_prompt == "when_too_long":
             want = official_spin_fit(list(whole.prompt_ids), list(whole.response_ids[:-1]), list(answer), eos,
-                                     data.max_length, data.max_prompt_length)
+                                     data.max_length, data.max_prompt_length, bos=bos)
         else:
-            prompt = whole.prompt_ids[-data.max_prompt_length:]
+            prompt = whole.prompt_ids
+            if len(prompt) > data.max_prompt_length:  # its end, after the BOS it starts with
+                assert prompt[0] == bos
+                prompt = (bos, *prompt[len(prompt) - data.max_prompt_length + 1:])
             room = data.max_length - len(prompt)
             want = (prompt, cut_response(whole.response_ids, room, eos), cut_response((*answer, eos), room, eos))
         assert (list(pair.prompt_ids), list(pair.real_ids), list(pair.generated_ids)) == tuple(list(x) for x in want)

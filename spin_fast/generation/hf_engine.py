@@ -21,9 +21,10 @@ from spin_fast.generation.base import Completion, SamplingConfig
 
 class TransformersEngine:
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int | None = None, batch_size: int = 16,
-                 progress: bool = True):
+                 progress: bool = True, stop_token_ids: Sequence[int] = ()):
         self.model = model
         self.eos_token_id = eos_token_id
+        self.stop_token_ids = tuple(stop_token_ids)  # more tokens that end an answer (the tokenizer's EOS)
         self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
         self.batch_size = batch_size
         self.progress = progress
@@ -53,7 +54,8 @@ class TransformersEngine:
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         was_training, attention = self.model.training, self.model.config._attn_implementation
         model_generation_config = self.model.generation_config
-        stops = stop_token_ids(self.eos_token_id, model_generation_config)
+        stops = list(dict.fromkeys([*stop_token_ids(self.eos_token_id, model_generation_config),
+                                    *self.stop_token_ids]))
         partitioned = zero.is_partitioned_model(self.model)
         batches = zero.in_step([self.model], self.batches(prompts, sampling.n), "generation batch counts")
         self.model.eval()

@@ -182,7 +182,7 @@ class VllmEngine:
     def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int | None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool | None = None, seed: int = 0, executor: str | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, stop_token_ids: Sequence[int] = ()) -> None:
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -220,6 +220,7 @@ class VllmEngine:
         self._guard = engine_guard.engine_started(guard, before)
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
+        self._stops = [int(t) for t in stop_token_ids]  # the chat template's end of turn, beside the EOS ids
         self._closed = False
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -243,6 +244,7 @@ class VllmEngine:
         # request's completion k with seed + k: prompts n seeds apart never share one.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+                                 stop_token_ids=self._stops or None,
                                  seed=sampling.seed + i * sampling.n) for i in indices]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
         outputs = self._llm.generate(inputs, params, use_tqdm=distributed.is_main())  # type: ignore[arg-type]
