@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -227,12 +228,16 @@ def test_bench_command_line_errors_come_before_any_bench_runs(capsys):
     assert plots.returncode == 0 and "results_dir" in plots.stdout  # was taken for a results folder
 
 
-def test_a_worker_past_its_time_is_one_failed_measurement():
+def test_a_worker_past_its_time_is_one_failed_measurement(tmp_path, monkeypatch):
+    """A worker that hangs is ended at its timeout and recorded as failed. The worker sleeps: a real bench's tiny
+    measurement could finish within a short timeout on a fast machine (it did once, in CI)."""
     from bench import common
 
-    result = common.run_worker("bench.kernels", ["--preset", "tiny", "--vocab", "1000", "--job", "spin_head",
-                                                 "--method", "naive PyTorch"], timeout=1)  # its imports take longer
-    assert result["error"] == ["timed out after 1 s"]
+    (tmp_path / "sleeping_worker.py").write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    result = common.run_worker("sleeping_worker", [], timeout=1)
+    assert result["error"] == ["timed out after 1 s"] and time.monotonic() - started < 60
 
 
 def test_a_failed_worker_keeps_its_traceback():
