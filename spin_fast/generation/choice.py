@@ -17,6 +17,12 @@ from spin_fast.loading import load_policy
 log = logging.getLogger(__name__)
 
 
+def model_context(model_folder: str, config: RunConfig) -> int | None:
+    """The model's context in tokens (its config's max_position_embeddings; None where it has none)."""
+    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
+    return getattr(model_config, "max_position_embeddings", None)
+
+
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
                       what: str) -> None:
     """Each prompt the opponent answers and its answer must fit in the model's context (max_position_embeddings):
@@ -24,8 +30,7 @@ def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder:
     are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
     first prompt too long, part of the way through (vLLM: as it starts, with an error about a max_model_len that
     nobody set)."""
-    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
-    context = getattr(model_config, "max_position_embeddings", None)
+    context = model_context(model_folder, config)
     if config.data.cut_prompt != "when_too_long":
         if context and config.data.max_prompt_length + max_new_tokens > context:
             raise ValueError(f"{what}: data.max_prompt_length={config.data.max_prompt_length} and "
@@ -67,16 +72,14 @@ def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = ()
     # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
     # build, engines start their own processes.
     executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
-    context = engine_context(config)
-    model_context = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code),
-                            "max_position_embeddings", None)
-    if context and model_context and context > model_context:  # vLLM's own error names only its max_model_len
-        raise ValueError(f"the vLLM engine, started once for the whole run, must serve sequences of {context} tokens "
+    needed, context = engine_context(config), model_context(model_path, config)
+    if needed and context and needed > context:  # vLLM's own error names only its max_model_len
+        raise ValueError(f"the vLLM engine, started once for the whole run, must serve sequences of {needed} tokens "
                          "(the longest of data.max_length and data.max_prompt_length + generation.max_new_tokens "
-                         f"over the run's iterations), beyond the model's context of {model_context} tokens "
+                         f"over the run's iterations), beyond the model's context of {context} tokens "
                          "(max_position_embeddings): lower them")
     return VllmEngine(model_path, dtype=vllm_dtype(config), seed=gen.seed, executor=executor,
-                      max_model_len=context, tensor_parallel_size=gen.tensor_parallel_size,
+                      max_model_len=needed, tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization,
                       trust_remote_code=config.model.trust_remote_code, stop_token_ids=stop_token_ids)
 
