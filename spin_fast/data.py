@@ -542,45 +542,53 @@ def _render(tokenizer: Any, example: Example, end: str | None) -> _Rendered:
 
 def _in_context(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_text: str, text: str,
                 end: str | None) -> str | None:
-    """The templated conversation of the prompt and the response `text`, up to the response's end (in the
-    template's own text of it: a template may strip it or put a space before it), and through the whitespace a
-    template puts between it and `end`, the text of the token responses end with (Llama 2's ' ' + eos_token: its
-    models write that '▁' before EOS, and a real response without it would differ from theirs by that token); None
-    where the template's generation prompt does not begin the conversation or the response is not found after it."""
+    """The templated conversation of the prompt and the response `text`, up to the response's end in the template's
+    own text of it: up to `end`, the text of the token responses end with, where the template writes it after the
+    response (its last one: a response may hold that text too). A template may strip the response, put a space
+    before it or before `end` (Llama 2's ' ' + eos_token: its models write that '▁' before EOS, and a real response
+    without it would differ from theirs by that token), or write it in a layout of its own (Qwen3's
+    '<think>\n...\n</think>\n\n'): what it writes is what the model learned to write. Else (a template that writes
+    no `end` after it) up to the response's text. None where the template's generation prompt does not begin the
+    conversation or the response is found neither after it nor before an `end`."""
     whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
     if not whole.startswith(prompt_text):
         return None
-    for piece in (text, text.strip()):
-        at = whole.find(piece, len(prompt_text))
-        if at >= 0:
-            stop = at + len(piece)
-            rest = whole[stop:]
-            space = len(rest) - len(rest.lstrip())
-            return whole[: stop + space] if space and end and rest[space:].startswith(end) else whole[:stop]
-    return None
+    # Where the text is found first: a short response may be found in the template's own text before it ('in' in
+    # Qwen3's '<think>'), or not at all where the template rewrote it.
+    stop = next((at + len(piece) for piece in (text, text.strip()) if (at := whole.find(piece, len(prompt_text))) >= 0),
+                None)
+    at = whole.rfind(end, len(prompt_text)) if end else -1
+    if at >= 0 and (stop is None or at >= stop):
+        return whole[:at]
+    return None if stop is None else whole[:stop]
 
 
 def _response_ids(prompt_ids: list[int], text: str, in_context: str | None,
-                  encode: Callable[[str], list[int]]) -> list[int]:
+                  encode: Callable[[str], list[int]], origin: str = "") -> list[int]:
     """A response's ids (no EOS) as they follow the prompt in the templated conversation: the ids the model
     reads in training and writes when it answers. Tokenized on its own, a response can differ at its start
     (a SentencePiece tokenizer gives the text's first word a leading '▁' that it has not after the assistant
     marker); real responses would then differ from the model's own by that token, and SPIN would learn it.
 
     A response not found in the conversation (in_context None), or at a boundary where prompt and response tokens
-    merge, is tokenized on its own (with a warning, once)."""
+    merge, is tokenized on its own (with a warning, once, naming its row: `origin`)."""
     if in_context is not None:
         ids = encode(in_context)
         if ids[: len(prompt_ids)] == prompt_ids:
             return ids[len(prompt_ids) :]
-    _warn_tokenized_alone()
+    _warn_tokenized_alone(origin)
     return encode(text)
 
 
-@functools.cache  # once per process
-def _warn_tokenized_alone() -> None:
-    logger.warning("a response does not follow the chat template's generation prompt in the templated conversation "
-                   "(or their tokens merge): such responses are tokenized on their own")
+_warned_alone: list[str] = []  # the row the one warning of a process named
+
+
+def _warn_tokenized_alone(origin: str) -> None:
+    if not _warned_alone:
+        _warned_alone.append(origin)
+        logger.warning("%s: the response does not follow the chat template's generation prompt in the templated "
+                       "conversation (or their tokens merge): such responses are tokenized on their own",
+                       origin or "an example")
 
 
 CUT_PROMPT = ("always", "when_too_long")
@@ -671,9 +679,10 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
     rendered = [_render(tokenizer, example, tokenizer.convert_ids_to_tokens(eos)) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
     tokenized = []
-    for r in rendered:
+    for r, source in zip(rendered, examples):
         prompt_ids, model_prompt = _prompt_ids(tokenizer, r.prompt, encode)
-        responses = [(*_response_ids(prompt_ids, text, in_context, encode), eos) for text, in_context in r.responses]
+        responses = [(*_response_ids(prompt_ids, text, in_context, encode, source.origin), eos)
+                     for text, in_context in r.responses]
         whole = TokenizedExample(tuple(model_prompt), responses[0], responses[1] if len(responses) > 1 else None)
         prompt, fitted = fit_to_length(whole.prompt_ids, responses, max_length=max_length,
                                        max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=eos,

@@ -526,7 +526,7 @@ def test_a_response_whose_first_token_merges_with_the_prompt_is_tokenized_alone(
     """The generation prompt ends with '|>' and the conversation goes on with '|>\\n', one token: the prompt's ids
     are not the conversation's first ids, so the response cannot be cut from it."""
     tokenizer = sentencepiece_tokenizer(MERGING)
-    data_module._warn_tokenized_alone.cache_clear()  # it warns once per process
+    data_module._warned_alone.clear()  # it warns once per process
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         out = tokenize_example(tokenizer, Example((user("Hi"),), "Air."), max_length=200, max_prompt_length=100)
     assert out.response_ids == (*tokenizer.encode("Air.", add_special_tokens=False), tokenizer.eos_token_id)
@@ -879,3 +879,152 @@ def test_a_long_prompt_cut_to_its_end_keeps_bos(family, cut_prompt):
     assert len(out.prompt_ids) <= 32
     assert out.prompt_ids[0] == tokenizer.bos_token_id, tokenizer.decode(out.prompt_ids[:4])
     assert out.answered_prompt_ids[0] == tokenizer.bos_token_id
+
+
+# Qwen3's template (its tool parts left out), as released: an assistant turn after the last user turn is written
+# '<think>\n' + reasoning + '\n</think>\n\n' + answer, the reasoning taken from a '<think>...</think>' in the content.
+QWEN3 = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and "
+    "not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}"
+    "{%- endif %}"
+    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == \"assistant\" %}{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
+    "{%- else %}{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + "
+    "content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+# DeepSeek-R1-Distill's (tool parts left out): the generation prompt opens a '<think>\n' that the templated
+# conversation has not (it keeps only what follows a '</think>').
+DEEPSEEK_R1 = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}"
+    "{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}"
+    "{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}"
+    "{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor -%}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+FAMILIES["qwen3"] = (QWEN3, None, "<|im_end|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+                     "<|im_end|>")
+FAMILIES["deepseek-r1"] = (DEEPSEEK_R1, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
+                           ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+                           "<｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize("response", ["Air scatters blue light.", "<think>\nLight.\n</think>\n\nIt scatters.",
+                                      "<think>Light.</think>It scatters.", "Light.</think>\nIt scatters.", "in"])
+def test_a_response_the_template_rewrites_is_the_templated_conversations_own_tokens(response):
+    """Qwen3's template writes a reasoning block in its own layout ('<think>\\n' + reasoning + '\\n</think>\\n\\n'),
+    whatever the data's: a response written otherwise was not found in the conversation and was tokenized on its
+    own, in a layout the model never writes (SPIN then learns the layout). A response found inside the template's
+    own text ('in' in '<think>') was cut there."""
+    tokenizer = family_tokenizer("qwen3")
+    example = Example((user("Why is the sky blue?"),), response)
+    out = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    whole = tokenizer.apply_chat_template([*example.prompt, assistant(response)], tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=False)
+    through_turn_end = conversation[: conversation.index(tokenizer.eos_token_id, len(out.prompt_ids)) + 1]
+    assert list(out.prompt_ids + out.response_ids) == through_turn_end, tokenizer.convert_ids_to_tokens(
+        out.response_ids)
+
+
+def test_a_response_tokenized_alone_names_its_row(tmp_path, caplog, monkeypatch):
+    """DeepSeek-R1's generation prompt ends with '<think>\\n', which the templated conversation has not: every
+    response is tokenized on its own (as the model writes it after that prompt), and the warning names a row."""
+    from spin_fast.examples import read_examples, tokenize_examples
+
+    tokenizer = family_tokenizer("deepseek-r1")
+    path = write_jsonl(tmp_path / "r1.jsonl", [{"prompt": "Why?", "response": "Light.\n</think>\n\nIt scatters."}])
+    data = DataConfig(source=str(path), max_length=200, max_prompt_length=100)
+    monkeypatch.setattr(data_module, "_warned_alone", [], raising=False)  # it warns once per process
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        (out,) = tokenize_examples(tokenizer, data, read_examples(data, str(path)))
+    assert tokenizer.decode(out.prompt_ids).endswith("<｜Assistant｜><think>\n")
+    assert out.response_ids == (*tokenizer.encode("Light.\n</think>\n\nIt scatters.", add_special_tokens=False),
+                                tokenizer.eos_token_id)
+    assert f"{path} line 1" in caplog.text, caplog.text
+
+
+def test_special_token_text_in_the_data_is_the_special_token_in_training_and_generation_alike():
+    """As apply_chat_template(tokenize=True) encodes it, a message's '<|im_end|>' is the special token (not text):
+    the prompt the opponent answers and the one trained on are the same ids, and a response that holds the turn end's
+    text still ends at the template's own (the last) turn end."""
+    tokenizer = family_tokenizer("qwen-base")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    example = Example((user("Say <|im_end|> now"),), "Ok <|im_end|> done.")
+    out = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    assert list(out.prompt_ids) == render_prompt(tokenizer, example.prompt) and out.prompt_ids.count(im_end) == 3
+    whole = tokenizer.apply_chat_template([*example.prompt, assistant(example.response)], tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=False)
+    assert list(out.prompt_ids + out.response_ids) == conversation[: len(out.prompt_ids) + len(out.response_ids)]
+    assert out.response_ids.count(im_end) == 2 and tokenizer.decode(out.response_ids) == "Ok <|im_end|> done.<|im_end|>"
+
+
+def test_a_response_that_holds_eos_text_is_kept_whole_where_the_template_writes_no_turn_end():
+    """A template that writes nothing after an answer: responses end with the tokenizer's EOS, and one that holds
+    EOS's text is still taken whole (not cut at that text)."""
+    tokenizer = build_local_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}" \
+                              "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    out = tokenize_example(tokenizer, Example((user("Hi"),), "A <|eos|> B."), max_length=200, max_prompt_length=100)
+    assert tokenizer.decode(out.response_ids) == "A <|eos|> B.<|eos|>"
+
+
+# Llama 3.2's (tool parts left out): its system header holds the day's date, from transformers' strftime_now.
+LLAMA32 = (
+    "{{- bos_token }}{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now(\"%d %b %Y\") %}{%- else %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}"
+    "{%- endif %}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = \"\" %}{%- endif %}"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}{{- \"Cutting Knowledge Date: December 2023\\n\" }}"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}{{- system_message }}{{- \"<|eot_id|>\" }}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ "
+    "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+# Mistral-7B-Instruct-v0.1's: the answer follows ' [/INST]' with no space.
+MISTRAL_V01 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "mistral-v0.1"])
+def test_a_pair_is_the_conversations_tokens_with_llama32_and_mistral_templates(family):
+    """Llama 3.2's template renders (strftime_now) with the same date line in the prompt and the conversation;
+    Mistral v0.1's answer, right after '[/INST]', is cut from the conversation's tokens (no '▁' of its own)."""
+    if family == "llama3.2":
+        tokenizer = family_tokenizer("llama3")
+        tokenizer.chat_template = LLAMA32
+        prompt = (system("Be brief."), user("Hi"), assistant("Hello!"), user("Why is the sky blue?"))
+    else:
+        tokenizer = sentencepiece_tokenizer(MISTRAL_V01)
+        prompt = (user("Hi"), assistant("Hello!"), user("Why is the sky blue?"))
+    example = Example(prompt, "Air molecules scatter blue light.")
+    out = tokenize_example(tokenizer, example, max_length=300, max_prompt_length=200)
+    whole = tokenizer.apply_chat_template([*prompt, assistant(example.response)], tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=not whole.startswith(tokenizer.bos_token))
+    assert list(out.prompt_ids + out.response_ids) == conversation[: len(out.prompt_ids) + len(out.response_ids)]
+    assert tokenizer.decode(out.response_ids, skip_special_tokens=True) == example.response
+    assert "Today Date: " in whole or family != "llama3.2"
