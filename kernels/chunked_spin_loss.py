@@ -79,11 +79,14 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
 
         policy = policy * scale
         loss = pair_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]).mean()
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse, scale)
         # Held until the backward (a retained graph's, more than once) in the inputs' dtypes: a bf16 model holds
         # half what fp32 sums would take. fp16's keep fp32: its range would flush small gradients to zero before
         # the backward multiplies them by a loss scale (GradScaler's), the very thing the scale is there to save.
-        ctx.grads = grads if hidden.dtype == torch.float16 else Grads(*grads.cast(hidden, weight, bias))
+        # Saved, not kept on ctx: autograd frees saved tensors after a backward without retain_graph, while ctx
+        # lives as long as the output (a caller's `out`, kept to log its metrics, held them into the next step).
+        held = grads if hidden.dtype == torch.float16 else Grads(*grads.cast(hidden, weight, bias))
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse, scale,
+                              held.hidden, held.weight, held.bias)
         ctx.opponent_grad = None
         # need_opponent, not ctx.needs_input_grad[6]: that is True outside grad mode too, where (inference mode) the
         # autograd call below fails. The loss reads the opponent through (pr - or) - (pg - og) only.
@@ -94,9 +97,9 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_policy):
         check_first_order()
-        hidden, weight, bias, rows, targets, sequence_ids, lse, sequence_scale = ctx.saved_tensors
+        hidden, weight, bias, rows, targets, sequence_ids, lse, sequence_scale, *held = ctx.saved_tensors
         scale = 0.0 if grad_loss is None else grad_loss
-        grads = ctx.grads.scaled(scale)
+        grads = Grads(*held).scaled(scale)
         if grad_policy is not None and bool(grad_policy.any()):
             # The sequence log-probs feed another term too (an NLL term, say): its gradient takes the
             # general recomputing path, summed in fp32 (float64 for float64 inputs).
