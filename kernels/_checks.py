@@ -104,7 +104,8 @@ def check_linear_inputs(
     _check_index_dtype("targets", targets)
     allowed = HALF_AND_SINGLE + ((torch.float64,) if allow_float64 else ())
     if hidden.dtype not in allowed:
-        raise ValueError(f"hidden dtype must be one of {allowed}, got {hidden.dtype}")
+        why = "" if allow_float64 else " with backend='triton' (float64 runs on backend='torch' or 'reference')"
+        raise ValueError(f"hidden dtype must be one of {allowed}{why}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype} "
                          "(under autocast, pass weight.to(hidden.dtype))")
