@@ -239,6 +239,7 @@ class Trainer:
         optimizer = make_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.steps, config))
         self.engine = None  # the DeepSpeed engine, when training under ZeRO
+        self.zero_stage = None  # its ZeRO stage, which lays out the checkpoints' DeepSpeed state
         if uses_deepspeed(deepspeed):
             import deepspeed as ds
 
@@ -246,6 +247,7 @@ class Trainer:
 
             distributed.init(deepspeed.timeout_minutes)
             ds_config = deepspeed_config(config, deepspeed, distributed.world_size())
+            self.zero_stage = ds_config["zero_optimization"]["stage"]
             self.engine, optimizer, _, scheduler = ds.initialize(model=self.loss_module, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=ds_config)
             log.info("DeepSpeed ZeRO stage %d on %d processes", ds_config["zero_optimization"]["stage"],
@@ -445,7 +447,7 @@ class Trainer:
         # stops them all at once instead of leaving the others in DeepSpeed's next collective until the timeout.
         distributed.on_main(fresh_folder, "checkpoint folder")
         state = {"step": self.step, "config": self.config.to_dict(), "n_items": len(self.items),
-                 "world_size": self.world, "seconds": self.seconds_so_far(),
+                 "world_size": self.world, "zero_stage": self.zero_stage, "seconds": self.seconds_so_far(),
                  "items_digest": self.items_digest, "start_model": self.start_model, "code": code_version()}
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                # This rank's GPU only: a run resumed on nodes with other GPU counts sees other devices.
@@ -534,6 +536,13 @@ class Trainer:
             how = "without" if "optimizer" in state else "with"
             raise ValueError(f"{latest}: written by {written_by} process(es) {how} DeepSpeed; resume it the same "
                              f"way, or start a new run from its Hugging Face weights")
+        # DeepSpeed loads only its own stage's layout (stage 3: a model file per rank), else fails on a bare assert.
+        # Checkpoints written before the stage was saved are trusted.
+        written_stage = state.get("zero_stage", self.zero_stage)
+        if written_stage != self.zero_stage:
+            raise ValueError(f"{latest}: written under DeepSpeed ZeRO stage {written_stage}; this training runs ZeRO "
+                             f"stage {self.zero_stage}: resume it with deepspeed.zero_stage={written_stage}, or start "
+                             "a new run from its Hugging Face weights")
         if self.engine is None:
             weights = {}
             for shard in sorted(latest.glob("*.safetensors")):

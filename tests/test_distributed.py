@@ -157,6 +157,20 @@ def test_resume_after_a_rank_dies(tmp_path, one_process):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("written,resumed", [(2, 3), (3, 2)])
+def test_resume_under_another_zero_stage_is_refused_by_name(tmp_path, written, resumed):
+    """DeepSpeed lays a checkpoint's state out by ZeRO stage (one model file, or one per rank under stage 3) and
+    loads only its own layout: resumed under another stage, the trainer names the stages, not DeepSpeed's bare
+    `assert len(self.ckpt_list) > 0` on every rank."""
+    died = launch(tmp_path, "--zero-stage", str(written), "--die-at-step", "2")
+    assert died.returncode != 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    refused = launch(tmp_path, "--zero-stage", str(resumed))
+    assert refused.returncode != 0
+    assert (f"checkpoint-1: written under DeepSpeed ZeRO stage {written}; this training runs ZeRO stage {resumed}"
+            in refused.stderr), refused.stderr[-3000:]
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, one_process):
     """Rank 1 alone gets SIGTERM in step 2 (without save_every, no checkpoint is due before the end): both ranks
     finish the step, write checkpoint-2 and exit with 128 + 15; the same command resumes from it and ends where
