@@ -10,6 +10,8 @@ import contextlib
 import json
 import logging
 import shutil
+import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from spin_fast.version import code_version
 log = logging.getLogger(__name__)
 SFT_MODEL_FILE = "sft-model.json"
 DATA_FILE = "data.json"  # what each iteration's examples were (keep_same_data)
+SHARED_WAIT_S = 90.0  # how long another node may take to see rank 0's new file (NFS caches a name's absence a minute)
 
 
 class RunDirectory:
@@ -55,9 +58,9 @@ class RunDirectory:
             self._lock = lock
 
     def claim(self, saved_config: dict | None, until: tuple[int, str] | None, data: dict[str, dict],
-              sft_folder: str) -> None:
+              sft_folder: str) -> str:
         """Rank 0, as the run starts: the run directory locked, its data checked, the config saved when it changed,
-        θ0's revision, what a kill left tidied, this session recorded."""
+        θ0's revision, what a kill left tidied, this session recorded (its line in sessions.jsonl, returned)."""
         self.lock()
         self.keep_same_data(data)
         if as_written(saved_config) != as_written(self.config.to_dict()):
@@ -66,7 +69,31 @@ class RunDirectory:
                              yaml.safe_dump(as_written(self.config.to_dict()), sort_keys=False))
         self.keep_sft_revision(sft_folder)
         self.tidy_what_a_kill_left()
-        self.record_session(until)
+        return self.record_session(until)
+
+    def check_shared(self, session: str) -> None:
+        """Every rank, once rank 0 has claimed the directory: this rank sees the session line rank 0 just wrote in
+        sessions.jsonl. Rank 0 writes the stages' files and every rank reads them (pairs, scores, checkpoints): an
+        output_dir on a node's own disk would otherwise be found only after the whole first generation, by an error
+        naming a missing pairs.jsonl on the other nodes. A new file may reach another node late (NFS): it is
+        looked for up to SHARED_WAIT_S."""
+        if distributed.is_main():
+            return
+        # Told before the others' collective times out, with this message rather than the timeout's.
+        timeout = distributed.collective_timeout()
+        wait = min(SHARED_WAIT_S, timeout.total_seconds() / 2) if timeout else SHARED_WAIT_S
+        path, deadline = self.path / "sessions.jsonl", time.monotonic() + wait
+        while True:
+            # mkdir asks the server: it drops a cached absence of the folder, looked up before rank 0 made it.
+            with contextlib.suppress(OSError):
+                self.path.mkdir(exist_ok=True)
+            if path.exists() and session in path.read_text().splitlines():
+                return
+            if time.monotonic() > deadline:
+                raise ValueError(f"output_dir {self.path}: rank {distributed.rank()} (on {socket.gethostname()}) does "
+                                 f"not see the files rank 0 writes there ({path.name} lacks this start's line after "
+                                 f"{wait:g} s): output_dir must be on a filesystem that every node shares")
+            time.sleep(1)
 
     def keep_same_data(self, now: dict[str, dict]) -> None:
         """The rows each iteration reads (`now`: their source, number and digest, by iteration, "eval t" for the
@@ -112,8 +139,8 @@ class RunDirectory:
         if (self.path / "iter-0" / "train" / MANIFEST).exists():
             self.write_summary_table()
 
-    def record_session(self, until: tuple[int, str] | None) -> None:
-        """Append this start of the run to run_dir/sessions.jsonl; warn when the run's finished work was made
+    def record_session(self, until: tuple[int, str] | None) -> str:
+        """Append this start of the run to run_dir/sessions.jsonl (its line, returned); warn when the run's finished work was made
         by other spin-fast code, which it keeps as it is."""
         path = self.path / "sessions.jsonl"
         text = path.read_text() if path.exists() else ""
@@ -131,8 +158,10 @@ class RunDirectory:
                         ", ".join(done) or "none", ", ".join(sorted(started)) or "none")
         record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
                   "processes": distributed.world_size(), "until": list(until) if until else None}
+        line = json.dumps(record)
         with path.open("a") as out:
-            out.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(record) + "\n")
+            out.write(("\n" if text and not text.endswith("\n") else "") + line + "\n")
+        return line
 
     def saved_config(self) -> dict | None:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one

@@ -175,7 +175,9 @@ class SelfPlay:
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}
                 for t, (_, source, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
-        distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder), "run directory")
+        session = distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder),
+                                      "run directory")
+        distributed.on_every_rank(lambda: self.directory.check_shared(session), "the run directory, on every node")
         summaries = []
         try:
             for t in iterations:

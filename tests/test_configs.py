@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_fast.config import load_run_config
+from spin_fast.config import flat_settings, load_run_config
 from spin_fast.demo import load_demo_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -66,3 +66,16 @@ def test_the_zephyr_chat_template_renders_the_zephyr_format():
     prompt = tokenizer.apply_chat_template(conversation[:2], chat_template=template, tokenize=False,
                                            add_generation_prompt=True)
     assert prompt == f"<|system|>\nBe brief.{eos}\n<|user|>\nHi{eos}\n<|assistant|>\n"
+
+
+def test_multinode_recipe_is_the_8_gpu_one():
+    """zephyr-7b-spin-multinode.yaml says its results are those of the 8-GPU run: every setting that shapes a result
+    must be zephyr-7b-spin.yaml's (the folder, the collectives' timeout and vLLM's memory share change none)."""
+    from spin_fast.run_directory import CHANGEABLE
+
+    def settings(name):
+        flat = flat_settings(load_run_config(CONFIG_DIR / name).to_dict())
+        return {k: v for k, v in flat.items() if k != "output_dir" and k not in CHANGEABLE}
+
+    one, multi = settings("zephyr-7b-spin.yaml"), settings("zephyr-7b-spin-multinode.yaml")
+    assert {k: (one[k], multi[k]) for k in one if one[k] != multi[k]} == {}

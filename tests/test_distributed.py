@@ -1003,3 +1003,41 @@ def test_vllm_engine_per_rank_samples_what_one_process_samples(tmp_path, sft_mod
     for t in range(2):
         pairs = f"iter-{t}/generate/pairs.jsonl"
         assert (tmp_path / "two" / pairs).read_text() == (tmp_path / "one" / pairs).read_text()
+
+
+SHORT_WAIT = """
+import sys
+import spin_fast.run_directory
+spin_fast.run_directory.SHARED_WAIT_S = 2.0  # a node that does not see rank 0's file is told at once
+from spin_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_output_dir_on_one_nodes_own_disk_is_refused_before_any_work(tmp_path, sft_model):
+    """Two nodes of one process each (torchrun --nnodes=2), the second with its own folder mounted where output_dir
+    is (a mount namespace: a node-local disk). Every rank reads what rank 0 writes there: the run is refused as it
+    starts, on both nodes, with an error saying that output_dir must be shared, not after the first generation with
+    a missing pairs.jsonl on one node."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs mount namespaces (unshare -m) to give one 'node' its own disk")
+    script = tmp_path / "short_wait.py"
+    script.write_text(SHORT_WAIT)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    argv = spin_fast_argv(shared / "run", sft_model, 2, "iterations=1", "deepspeed.timeout_minutes=2", script=script)
+    port, script_at = free_port(), argv.index(str(script))
+    nodes = []
+    for node in range(2):
+        command = [*argv[:3], "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", *argv[script_at:]]
+        if node == 1:  # its own disk where the others' shared folder is
+            command = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs {shared} && exec "$@"', "sh", *command]
+        nodes.append(subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 1]
+    for err in errors:  # rank 0 is told the other node's error, which says what to fix
+        assert "output_dir must be on a filesystem that every node shares" in err, err[-3000:]
+    assert "on a filesystem" in errors[0] and "rank 1" in errors[0]
+    assert not (shared / "run" / "iter-0" / "generate").exists()  # before the first generation
