@@ -140,8 +140,8 @@ class RunDirectory:
             self.write_summary_table()
 
     def record_session(self, until: tuple[int, str] | None) -> str:
-        """Append this start of the run to run_dir/sessions.jsonl (its line, returned); warn when the run's finished work was made
-        by other spin-fast code, which it keeps as it is."""
+        """Append this start of the run to run_dir/sessions.jsonl (its line, returned); warn when the run's finished
+        work was made by other spin-fast code, which it keeps as it is."""
         path = self.path / "sessions.jsonl"
         text = path.read_text() if path.exists() else ""
         sessions = whole_json_lines(text)
