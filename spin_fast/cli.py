@@ -196,11 +196,11 @@ def run_sft(config) -> int:
     from spin_fast.examples import read_examples, tokenize_examples
     from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
-    from spin_fast.packing import Sequence
+    from spin_fast.packing import Sequence, check_fits
     from spin_fast.selfplay import check_output_dir
     from spin_fast.stages import config_hash
     from spin_fast.tracking import tracked_name
-    from spin_fast.training import Trainer, uses_deepspeed
+    from spin_fast.training import MICRO_BATCH_ADVICE, Trainer, uses_deepspeed
 
     for name, value in (("output_dir", config.output_dir), ("model.name_or_path", config.model.name_or_path),
                         ("data.source", config.data.source)):
@@ -217,6 +217,9 @@ def run_sft(config) -> int:
         raw = read_examples(config.data, config.data.source, config.data.max_prompts)
     examples = tokenize_examples(tokenizer, config.data, raw, config.train.progress)  # the ranks share the work
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
+    # Named by its row here (the trainer's own check knows only its index); SFT packs each example whole.
+    check_fits([[s] for s in sequences], False, config.train.micro_batch_tokens, "train.micro_batch_tokens",
+               "example", MICRO_BATCH_ADVICE, names=[e.origin for e in raw])
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
     with contextlib.ExitStack() as claim:
         distributed.on_main(lambda: claim.enter_context(locking.exclusive(Path(config.output_dir), "sft")),

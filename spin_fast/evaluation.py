@@ -117,11 +117,13 @@ def heldout_loglik(model, examples: Seq[TokenizedExample], token_budget: int, ba
             "responses": len(examples)}
 
 
-def check_examples_fit(examples: Seq[TokenizedExample], token_budget: int, source: str) -> None:
+def check_examples_fit(examples: Seq[TokenizedExample], token_budget: int, source: str,
+                       names: Seq[str] | None = None) -> None:
     """Each held-out example (its prompt and human response) fits score_batch_tokens: else the error names the
-    setting before any model is scored, not packing's budget midway (after a run's training)."""
+    setting, and the example's row (`names`: each one's), before any model is scored, not packing's budget midway
+    (after a run's training)."""
     check_fits([[Sequence(e.prompt_ids, e.response_ids)] for e in examples], False, token_budget,
-               "score_batch_tokens", f"{source}: example")
+               "score_batch_tokens", f"{source}: example", names=names)
 
 
 def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, token_budget: int,
@@ -432,7 +434,7 @@ class Evaluation:
             self.tokenizer = load_tokenizer(config.model, self.folders[sft])
             self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
         self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress)
-        check_examples_fit(self.examples, config.score_batch_tokens, eval_source)
+        check_examples_fit(self.examples, config.score_batch_tokens, eval_source, [e.origin for e in self.raw])
         # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
         # ranks evaluate different models (and wait forever for each other).
         # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).

@@ -100,14 +100,16 @@ def group_tokens(group: abc.Sequence[Sequence], share_prompts: bool) -> int:
 
 
 def check_fits(groups: abc.Sequence[abc.Sequence[Sequence]], share_prompts: bool, budget: int, setting: str, what: str,
-               advice: str = "") -> None:
+               advice: str = "", names: abc.Sequence[str] | None = None) -> None:
     """Every group fits a row of `budget` tokens, laid out as pack_groups lays it out, or a ValueError names the
-    setting and the longest group (`what` and its index): callers check before the work that would meet the budget
-    midway."""
+    setting and the longest group (`what` and its index, or its name in `names`: a data row's file and line, which
+    an index into a folder's rows or past skipped rows does not give): callers check before the work that would meet
+    the budget midway."""
     tokens = [group_tokens(group, share_prompts) for group in groups]
     longest = max(range(len(tokens)), key=tokens.__getitem__, default=None)
     if longest is not None and tokens[longest] > budget:
-        raise ValueError(f"{setting}={budget}: {what} {longest} (counted from 0) takes {tokens[longest]} tokens: "
+        named = names[longest] if names else f"{what} {longest} (counted from 0)"
+        raise ValueError(f"{setting}={budget}: {named} takes {tokens[longest]} tokens: "
                          f"raise {setting}{advice}")
 
 

@@ -162,14 +162,16 @@ class SelfPlay:
             check_fits([[Sequence(e.prompt_ids, e.response_ids)] for e in examples[t]], False,
                        train.micro_batch_tokens, "train.micro_batch_tokens", f"{sources[t][1]}: example",
                        " (a pair's sequences share a micro-batch; this example's prompt and human response alone "
-                       "do not fit) or cut the data shorter (data.max_length)")
+                       "do not fit) or cut the data shorter (data.max_length)",
+                       names=[e.origin for e in self.read(*sources[t])])
         if any(isinstance(t, str) for t in sources):
             from spin_fast.evaluation import check_examples_fit
 
-            for t, (_, source, _) in sources.items():
+            for t, (data, source, limit) in sources.items():
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
                     iteration = int(t.split()[1])  # its own budget: an override may change it
-                    check_examples_fit(examples[t], self.config.for_iteration(iteration).score_batch_tokens, source)
+                    check_examples_fit(examples[t], self.config.for_iteration(iteration).score_batch_tokens, source,
+                                       [e.origin for e in self.read(data, source, limit)])
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
         # tokenizing checked.
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}

@@ -206,7 +206,7 @@ def test_a_held_out_example_longer_than_score_batch_tokens_is_named_before_any_m
                                                                                                  monkeypatch):
     forbid_loading_models(monkeypatch)
     config = eval_config(sorting_run, tmp_path / "run", "score_batch_tokens=8")
-    message = r"^score_batch_tokens=8: .*eval\.jsonl: example \d+ \(counted from 0\) takes \d+ tokens"
+    message = r"^score_batch_tokens=8: .*eval\.jsonl line \d+ takes \d+ tokens"
     with pytest.raises(ValueError, match=message):
         evaluate_run(SelfPlay(config), config.data.eval_source)
     with pytest.raises(ValueError, match=message):  # a run's held-out scoring comes after training: named first

@@ -273,7 +273,7 @@ def test_an_extended_run_takes_overrides_for_the_iterations_it_has_not_begun(sft
 def test_an_example_longer_than_the_micro_batch_is_named_before_generation(sft_model, tmp_path, settings):
     """A pair holds at least its prompt and human response: an example whose two alone exceed
     train.micro_batch_tokens is named as the run starts, not by training's check after generation and scoring."""
-    message = (r"^train.micro_batch_tokens=10: .*train.jsonl: example \d+ \(counted from 0\) takes \d+ tokens: raise "
+    message = (r"^train.micro_batch_tokens=10: .*train.jsonl line \d+ takes \d+ tokens: raise "
                r"train.micro_batch_tokens \(a pair's sequences share a micro-batch; this example's prompt")
     with pytest.raises(ValueError, match=message):
         SelfPlay(run_config(sft_model, tmp_path / "run", *settings)).run()
@@ -1182,3 +1182,27 @@ def test_a_selfplay_run_again_after_a_partial_run_starts_a_new_engine(sft_model,
     play.run(until=(0, "generate"))
     play.run(until=(1, "generate"))
     assert (tmp_path / "run" / "iter-1" / "generate" / "pairs.jsonl").is_file()
+
+
+@pytest.mark.parametrize("command, settings, setting", [
+    ("generate", ["data.eval_source=null", "train.micro_batch_tokens=256"], "train.micro_batch_tokens=256"),
+    ("sft", ["train.micro_batch_tokens=256"], "train.micro_batch_tokens=256"),
+    ("generate", ["data.eval_source={folder}", "train.micro_batch_tokens=1024", "score_batch_tokens=256"],
+     "score_batch_tokens=256"),
+], ids=["run's micro-batch", "sft's micro-batch", "held-out score batch"])
+def test_an_example_too_long_for_a_batch_is_named_by_its_file_and_line(sft_model, tmp_path, capsys, command,
+                                                                        settings, setting):
+    """In a folder of files the example's index says neither the file nor the line: the error names both."""
+    from spin_fast.cli import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"prompt": "Hi.", "response": "Hello."}) + "\n"
+                                    + json.dumps({"prompt": "word " * 400, "response": "word " * 400}) + "\n")
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    overrides = [f"data.source={folder}", "data.max_length=512", "data.max_prompt_length=256",
+                 *(s.format(folder=folder) for s in settings)]
+    assert main([command, str(config), *(a for s in overrides for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spin-fast: {setting}: {folder / 'b.jsonl'} line 2 takes 512 tokens"), err
