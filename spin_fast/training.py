@@ -489,7 +489,12 @@ class Trainer:
     def remove_old_checkpoints(self) -> None:
         """Rank 0: all but the last keep_checkpoints checkpoints."""
         for old in self.checkpoint_dirs()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first: a kill midway through rmtree would leave checkpoint-N without its state file (no
+            # longer a checkpoint, never removed) but maybe with its weights; a .tmp-checkpoint-* goes at the start.
+            doomed = self.output_dir / f".tmp-{old.name}-removed"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     @cached_property
     def items_digest(self) -> str:  # the items never change: hashed once, not at every checkpoint

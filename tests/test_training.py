@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import shutil
+from pathlib import Path
 from dataclasses import astuple, replace
 from types import SimpleNamespace
 
@@ -662,6 +663,31 @@ def test_only_the_last_checkpoints_are_kept_in_step_order(tmp_path):
     assert Trainer(make_model(), None, cfg, tmp_path, scored).train().steps == 12
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
         "checkpoint-10", "checkpoint-11", "checkpoint-12", "checkpoint-best"]
+
+
+def test_a_checkpoint_killed_while_being_removed_is_removed_on_resume(tmp_path, monkeypatch):
+    """A kill in the middle of removing an old checkpoint (shutil.rmtree, one file after another) leaves
+    checkpoint-N without its trainer state but maybe with its weights: no longer a checkpoint to resume or to
+    remove, it stayed for good, a model's size on the disk."""
+    from spin_fast import training
+
+    scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
+    cfg = config(global_batch=1, epochs=1, save_every=1, keep_checkpoints=2)
+    rmtree = shutil.rmtree
+
+    def killed_removing(path, ignore_errors=False):
+        if (Path(path) / "trainer_state.pt").exists():  # the first old checkpoint removed: checkpoint-1, as rmtree
+            (Path(path) / "trainer_state.pt").unlink()  # may leave it, the state file gone, the weights not yet
+            raise KeyboardInterrupt
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(training.shutil, "rmtree", killed_removing)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_model(), None, cfg, tmp_path, scored).train()
+    monkeypatch.setattr(training.shutil, "rmtree", rmtree)
+    assert list(tmp_path.glob("*checkpoint-1*/model.safetensors"))  # its weights are left
+    assert Trainer(make_model(), None, cfg, tmp_path, scored).train().steps == 6
+    assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
 
 
 def test_each_epoch_visits_every_item_once_in_its_own_order():
