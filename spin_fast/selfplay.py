@@ -286,7 +286,8 @@ class SelfPlay:
         stage_dir.mkdir(parents=True, exist_ok=True)
         sampling = config.generation.sampling().for_iteration(t)
         prompts = [e.answered_prompt_ids for e in examples]
-        check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source)
+        check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source,
+                          [e.origin for e in self.read(config.data, config.data.source, config.data.max_prompts)])
 
         def generate_part(start: int, end: int):
             if self.engine is None:  # started at the first prompt left to answer, once per run

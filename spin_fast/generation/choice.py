@@ -24,7 +24,7 @@ def model_context(model_folder: str, config: RunConfig) -> int | None:
 
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
-                      what: str) -> None:
+                      what: str, names: Seq[str] | None = None) -> None:
     """Each prompt the opponent answers and its answer must fit in the model's context (max_position_embeddings):
     under data.cut_prompt when_too_long the prompts are answered whole, and each one is checked; under always they
     are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
@@ -40,9 +40,10 @@ def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder:
     too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
     if too_long:
         first = too_long[0]
+        named = names[first] if names else f"prompt {first} (counted from 0)"  # its file and line, where known
         raise ValueError(
-            f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first prompt {first} "
-            f"(counted from 0): {len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
+            f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first {named}: "
+            f"{len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
             f"the model's context of {context} tokens (max_position_embeddings). Set data.cut_prompt=always to cut "
             "prompts to data.max_prompt_length, or leave these prompts out")
 
