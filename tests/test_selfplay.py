@@ -1147,7 +1147,7 @@ def test_the_held_out_data_is_checked_against_each_iterations_score_batch_tokens
         "data.max_length=64", "data.max_prompt_length=32", "iterations=1", "generation.engine=transformers",
         "generation.max_new_tokens=4", "train.progress=false", "train.backend=torch", "score_batch_tokens=512",
         "iteration_overrides={0: {score_batch_tokens: 40}}"])
-    with pytest.raises(ValueError, match=r"^score_batch_tokens=40: .*eval\.jsonl: example 0"):
+    with pytest.raises(ValueError, match=r"^score_batch_tokens=40: .*eval\.jsonl line 1 takes"):
         SelfPlay(config).run(until=(0, "generate"))
     assert not (tmp_path / "run" / "iter-0").exists()  # refused before any work
 
