@@ -5,8 +5,8 @@ import json
 import logging
 import math
 import shutil
-from pathlib import Path
 from dataclasses import astuple, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
