@@ -87,6 +87,7 @@ class SelfPlay:
         self._read: dict[str, list[Example]] = {}  # read once per run, per data setting
         self._examples: dict[str, list[TokenizedExample]] = {}  # and tokenized once
         self._digests: dict[str, str] = {}  # rows_digest of each, for the ranks' check and data.json
+        self._origins: dict[str, list[str]] = {}  # each example's file and line, for errors once the text is gone
         self._trained: dict[int, str] = {}  # iteration t -> θt+1's checkpoint, as rank 0 recorded it
         self.directory = RunDirectory(self.run_dir, config)  # its lock, saved settings and records (rank 0)
         self.sft_folder = config.model.name_or_path  # θ0; a Hub model's local snapshot once fetched
@@ -163,7 +164,7 @@ class SelfPlay:
                        train.micro_batch_tokens, "train.micro_batch_tokens", f"{sources[t][1]}: example",
                        " (a pair's sequences share a micro-batch; this example's prompt and human response alone "
                        "do not fit) or cut the data shorter (data.max_length)",
-                       names=[e.origin for e in self.read(*sources[t])])
+                       names=self._origins[_key(*sources[t])])
         if any(isinstance(t, str) for t in sources):
             from spin_fast.evaluation import check_examples_fit
 
@@ -171,7 +172,7 @@ class SelfPlay:
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
                     iteration = int(t.split()[1])  # its own budget: an override may change it
                     check_examples_fit(examples[t], self.config.for_iteration(iteration).score_batch_tokens, source,
-                                       [e.origin for e in self.read(data, source, limit)])
+                                       self._origins[_key(data, source, limit)])
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
         # tokenizing checked.
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}
@@ -287,7 +288,7 @@ class SelfPlay:
         sampling = config.generation.sampling().for_iteration(t)
         prompts = [e.answered_prompt_ids for e in examples]
         check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source,
-                          [e.origin for e in self.read(config.data, config.data.source, config.data.max_prompts)])
+                          self._origins[_key(config.data, config.data.source, config.data.max_prompts)])
 
         def generate_part(start: int, end: int):
             if self.engine is None:  # started at the first prompt left to answer, once per run
@@ -401,6 +402,7 @@ class SelfPlay:
         if key not in self._examples:
             rows = self.read(data, source, limit)
             self._digests[key] = rows_digest(rows)
+            self._origins[key] = [row.origin for row in rows]
             self._examples[key] = tokenize_examples(tokenizer, data, rows, self.config.train.progress,
                                                     self._digests[key])
         return self._examples[key]
