@@ -197,6 +197,7 @@ def run_sft(config) -> int:
     from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence, check_fits
+    from spin_fast.run_directory import check_shared, record_start
     from spin_fast.selfplay import check_output_dir
     from spin_fast.stages import config_hash
     from spin_fast.tracking import tracked_name
@@ -221,11 +222,19 @@ def run_sft(config) -> int:
     check_fits([[s] for s in sequences], False, config.train.micro_batch_tokens, "train.micro_batch_tokens",
                "example", MICRO_BATCH_ADVICE, names=[e.origin for e in raw])
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
+    output_dir = Path(config.output_dir)
+    starts = output_dir / "sft" / "sessions.jsonl"  # a line per start: every rank must see rank 0's (check_shared)
+
+    def claim_output_dir(claim: contextlib.ExitStack) -> str:
+        claim.enter_context(locking.exclusive(output_dir, "sft"))
+        return record_start(starts)
+
     with contextlib.ExitStack() as claim:
-        distributed.on_main(lambda: claim.enter_context(locking.exclusive(Path(config.output_dir), "sft")),
-                            "sft's lock")
+        start = distributed.on_main(lambda: claim_output_dir(claim), "sft's lock")
+        # Every rank writes its shard of the checkpoints there, and reads rank 0's files when it resumes.
+        distributed.on_every_rank(lambda: check_shared(output_dir, starts, start), "output_dir, on every node")
         model = load_policy(folder, config)
-        result = Trainer(model, tokenizer, config.train.replace(mode="sft"), Path(config.output_dir) / "sft",
+        result = Trainer(model, tokenizer, config.train.replace(mode="sft"), output_dir / "sft",
                          sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()
     if os.environ.get("RANK", "0") == "0":
         print(f"sft: {result.steps} steps, model in {result.final_dir}")

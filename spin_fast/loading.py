@@ -85,14 +85,18 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
 def load_policy(path: str, config: RunConfig):
     """A model of the run (SFT model or checkpoint) with the run's model and training settings; under
     deepspeed.zero3_init, loaded straight into each rank's ZeRO-3 partitions."""
-    loading = contextlib.nullcontext()
-    if partitioned(config):
-        from spin_fast.zero import partitioned_loading
-
-        distributed.init(config.deepspeed.timeout_minutes)  # zero.Init partitions across the process group
-        loading = partitioned_loading(config.train, config.deepspeed, distributed.world_size())
-    with loading:
+    def load():
         return load_causal_lm(path, dtype=getattr(torch, config.train.dtype), device=device(),
                               attention_impl=config.model.attention, trust_remote_code=config.model.trust_remote_code,
                               gradient_checkpointing=config.train.gradient_checkpointing,
                               liger_kernels=config.train.liger_kernels)
+
+    if partitioned(config):  # collectives inside: every rank must reach them (no on_every_rank around them)
+        from spin_fast.zero import partitioned_loading
+
+        distributed.init(config.deepspeed.timeout_minutes)  # zero.Init partitions across the process group
+        with partitioned_loading(config.train, config.deepspeed, distributed.world_size()):
+            return load()
+    # Every rank loads the model on its own (a checkpoint rank 0 wrote, often): one that cannot read it stops them
+    # all with its error, not rank 0 in its next collective on a closed connection.
+    return distributed.on_every_rank(load, f"loading {path}")

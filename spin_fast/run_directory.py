@@ -73,27 +73,8 @@ class RunDirectory:
 
     def check_shared(self, session: str) -> None:
         """Every rank, once rank 0 has claimed the directory: this rank sees the session line rank 0 just wrote in
-        sessions.jsonl. Rank 0 writes the stages' files and every rank reads them (pairs, scores, checkpoints): an
-        output_dir on a node's own disk would otherwise be found only after the whole first generation, by an error
-        naming a missing pairs.jsonl on the other nodes. A new file may reach another node late (NFS): it is
-        looked for up to SHARED_WAIT_S."""
-        if distributed.is_main():
-            return
-        # Told before the others' collective times out, with this message rather than the timeout's.
-        timeout = distributed.collective_timeout()
-        wait = min(SHARED_WAIT_S, timeout.total_seconds() / 2) if timeout else SHARED_WAIT_S
-        path, deadline = self.path / "sessions.jsonl", time.monotonic() + wait
-        while True:
-            # mkdir asks the server: it drops a cached absence of the folder, looked up before rank 0 made it.
-            with contextlib.suppress(OSError):
-                self.path.mkdir(exist_ok=True)
-            if path.exists() and session in path.read_text().splitlines():
-                return
-            if time.monotonic() > deadline:
-                raise ValueError(f"output_dir {self.path}: rank {distributed.rank()} (on {socket.gethostname()}) does "
-                                 f"not see the files rank 0 writes there ({path.name} lacks this start's line after "
-                                 f"{wait:g} s): output_dir must be on a filesystem that every node shares")
-            time.sleep(1)
+        sessions.jsonl (check_shared, below)."""
+        check_shared(self.path, self.path / "sessions.jsonl", session)
 
     def keep_same_data(self, now: dict[str, dict]) -> None:
         """The rows each iteration reads (`now`: their source, number and digest, by iteration, "eval t" for the
@@ -156,12 +137,7 @@ class RunDirectory:
                         "from one code throughout, use a new output_dir", self.path,
                         f"spin-fast {before}" if before else "an older spin-fast (no version recorded)", code_version(),
                         ", ".join(done) or "none", ", ".join(sorted(started)) or "none")
-        record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
-                  "processes": distributed.world_size(), "until": list(until) if until else None}
-        line = json.dumps(record)
-        with path.open("a") as out:
-            out.write(("\n" if text and not text.endswith("\n") else "") + line + "\n")
-        return line
+        return record_start(path, until=list(until) if until else None)
 
     def saved_config(self) -> dict | None:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one
@@ -234,6 +210,44 @@ def read_saved_config(path: Path) -> dict:
         return from_dict(RunConfig, yaml.safe_load(path.read_text())).to_dict()
     except (ConfigError, yaml.YAMLError) as error:
         raise ValueError(f"{path} is not a config spin-fast can read ({error}): use a new output_dir") from None
+
+
+def check_shared(output_dir: Path, path: Path, line: str) -> None:
+    """Every rank but 0, once rank 0 has written `line` into `path` in output_dir: this rank sees it. Rank 0 writes
+    the stages' files and checkpoints, and every rank reads them (pairs, scores, checkpoints; a checkpoint holds
+    every rank's shard of the training state): an output_dir on a node's own disk would otherwise be found only
+    after the whole first generation, by an error naming a missing pairs.jsonl on the other nodes, or when a
+    training resumes from checkpoints missing those nodes' shards. A new file may reach another node late (NFS):
+    it is looked for up to SHARED_WAIT_S."""
+    if distributed.is_main():
+        return
+    # Told before the others' collective times out, with this message rather than the timeout's.
+    timeout = distributed.collective_timeout()
+    wait = min(SHARED_WAIT_S, timeout.total_seconds() / 2) if timeout else SHARED_WAIT_S
+    deadline = time.monotonic() + wait
+    while True:
+        # mkdir asks the server: it drops a cached absence of the folder, looked up before rank 0 made it.
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and line in path.read_text().splitlines():
+            return
+        if time.monotonic() > deadline:
+            raise ValueError(f"output_dir {output_dir}: rank {distributed.rank()} (on {socket.gethostname()}) does "
+                             f"not see the files rank 0 writes there ({path.name} lacks this start's line after "
+                             f"{wait:g} s): output_dir must be on a filesystem that every node shares")
+        time.sleep(1)
+
+
+def record_start(path: Path, **fields) -> str:
+    """Rank 0: this start of a command, appended to `path` (its line, returned): when, which code, how many
+    processes, and `fields`. What check_shared looks for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    line = json.dumps({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
+                       "processes": distributed.world_size(), **fields})
+    with path.open("a") as out:
+        out.write(("\n" if text and not text.endswith("\n") else "") + line + "\n")
+    return line
 
 
 # Settings a run directory may be resumed with changed: they change no finished stage's result, and the rest's

@@ -324,7 +324,7 @@ class SelfPlay:
             self._score_into(scored_file, t, model, config)  # its pairs are gone before the scored ones are read
         else:
             log.info("iteration %d's scores: done before, kept (%s)", t, stage_dir)
-        return load_scored_pairs(scored_file)
+        return load_shared_pairs(scored_file)
 
     def _score_into(self, scored_file: Path, t: int, model, config: RunConfig) -> None:
         stage_dir = scored_file.parent
@@ -333,7 +333,7 @@ class SelfPlay:
                    for i in [t, *range(max(0, t - config.mix_previous), t)]}  # t's pairs first
         mixed = []
         for i, source in sources.items():
-            pairs = load_scored_pairs(source)
+            pairs = load_shared_pairs(source)
             check_iteration_pairs(pairs, model, config, i)  # each named by its own iteration
             mixed += pairs
 
@@ -410,6 +410,12 @@ class SelfPlay:
     def model_path(self, t: int) -> str:
         """θt: the SFT model (its folder) for t = 0, else the last checkpoint of iteration t-1's training."""
         return self.sft_folder if t == 0 else self._trained[t - 1]
+
+def load_shared_pairs(path: Path) -> list[ScoredPair]:
+    """The pairs rank 0 wrote, read by every rank: a rank that cannot read them (a node's own view of the shared
+    filesystem) stops every rank with its error, not rank 0 in its next collective on a closed connection."""
+    return distributed.on_every_rank(lambda: load_scored_pairs(path), f"reading {path}")
+
 
 def check_iteration_pairs(pairs: Seq[ScoredPair], model, config: RunConfig, t: int) -> None:
     """Before scoring: iteration t's pairs fit score_batch_tokens and pass the training's checks (config: the

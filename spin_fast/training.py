@@ -512,7 +512,14 @@ class Trainer:
             if self.metrics_log is not None:
                 self.metrics_log.forget_after(0)
             return
-        state = torch.load(latest / STATE_FILE, weights_only=False)
+
+        def read() -> tuple[dict, dict | None]:  # the state rank 0 wrote, and this rank's random state
+            state = torch.load(latest / STATE_FILE, weights_only=False)
+            rng = None if self.engine is None else torch.load(latest / f"rng-rank{self.rank}.pt", weights_only=False)
+            return state, rng
+
+        # Read on every rank: one that cannot stops them all with its error, not rank 0 in its next collective.
+        state, rng = distributed.on_every_rank(read, f"reading {latest}")
         # Checkpoints written before the digest existed are trusted on their item count alone.
         other_count = state["n_items"] != len(self.items)
         if other_count or state.get("items_digest") not in (None, self.items_digest):
@@ -562,7 +569,6 @@ class Trainer:
         else:
             self.engine.load_checkpoint(str(latest / "deepspeed"), tag="state", load_optimizer_states=True,
                                         load_lr_scheduler_states=True)
-            rng = torch.load(latest / f"rng-rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         cuda_state = rng["cuda"]

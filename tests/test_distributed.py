@@ -1014,18 +1014,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_an_output_dir_on_one_nodes_own_disk_is_refused_before_any_work(tmp_path, sft_model):
+@pytest.mark.parametrize("command", ["run", "sft"])
+def test_an_output_dir_on_one_nodes_own_disk_is_refused_before_any_work(tmp_path, sft_model, command):
     """Two nodes of one process each (torchrun --nnodes=2), the second with its own folder mounted where output_dir
     is (a mount namespace: a node-local disk). Every rank reads what rank 0 writes there: the run is refused as it
     starts, on both nodes, with an error saying that output_dir must be shared, not after the first generation with
-    a missing pairs.jsonl on one node."""
+    a missing pairs.jsonl on one node. So is sft, whose checkpoints would lack the other node's shard of the
+    training state (written on its own disk), found only when it resumes."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs mount namespaces (unshare -m) to give one 'node' its own disk")
     script = tmp_path / "short_wait.py"
     script.write_text(SHORT_WAIT)
     shared = tmp_path / "shared"
     shared.mkdir()
-    argv = spin_fast_argv(shared / "run", sft_model, 2, "iterations=1", "deepspeed.timeout_minutes=2", script=script)
+    argv = spin_fast_argv(shared / "run", sft_model, 2, "iterations=1", "deepspeed.timeout_minutes=2", script=script,
+                          command=command)
     port, script_at = free_port(), argv.index(str(script))
     nodes = []
     for node in range(2):
@@ -1041,3 +1044,34 @@ def test_an_output_dir_on_one_nodes_own_disk_is_refused_before_any_work(tmp_path
         assert "output_dir must be on a filesystem that every node shares" in err, err[-3000:]
     assert "on a filesystem" in errors[0] and "rank 1" in errors[0]
     assert not (shared / "run" / "iter-0" / "generate").exists()  # before the first generation
+    assert not (shared / "run" / "sft" / "metrics.jsonl").exists()  # before the first step of sft
+
+
+UNREADABLE_ON_ONE_NODE = """
+import os, pathlib, sys
+# Rank 1 plays a node that cannot read the pairs rank 0 wrote (its own permissions on the shared filesystem).
+if os.environ["RANK"] == "1":
+    opened = pathlib.Path.open
+    def refused(path, *args, **kwargs):
+        if path.name == "pairs.jsonl":
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+    pathlib.Path.open = refused
+from spin_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_file_rank_0_wrote_unreadable_on_one_rank_stops_every_rank_with_its_message(tmp_path, sft_model):
+    """Every rank reads the files rank 0 wrote (the pairs to score, the checkpoints): one rank's failing read stops
+    them all with its message, which names the file, instead of rank 0 failing in its next collective on a closed
+    connection (on NCCL: waiting there until deepspeed.timeout_minutes). No launcher here, which would tear rank 0
+    down itself."""
+    argv = spin_fast_argv(tmp_path / "run", sft_model, 1, "iterations=1", "deepspeed.timeout_minutes=2",
+                          command="score")
+    ranks = two_ranks(UNREADABLE_ON_ONE_NODE, *argv[3:])
+    for result in ranks:
+        assert result.returncode == 2, result.stderr[-3000:]
+    pairs = tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl"
+    assert f"spin-fast: [Errno 13] Permission denied: '{pairs}'" in ranks[1].stderr, ranks[1].stderr[-3000:]
+    assert f"spin-fast: rank 1: [Errno 13] Permission denied: '{pairs}'" in ranks[0].stderr, ranks[0].stderr[-3000:]
