@@ -411,6 +411,7 @@ class SelfPlay:
         """θt: the SFT model (its folder) for t = 0, else the last checkpoint of iteration t-1's training."""
         return self.sft_folder if t == 0 else self._trained[t - 1]
 
+
 def load_shared_pairs(path: Path) -> list[ScoredPair]:
     """The pairs rank 0 wrote, read by every rank: a rank that cannot read them (a node's own view of the shared
     filesystem) stops every rank with its error, not rank 0 in its next collective on a closed connection."""
