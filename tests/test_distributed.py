@@ -791,15 +791,15 @@ def assert_same_run(two: Path, one: Path, sft_model: Path) -> None:
 
 
 LAGGING_NODE = """
-import os, pathlib, sys
+import os, pathlib
 # Rank 1 plays a node whose view of the shared filesystem lags (NFS caches a name's absence): it never sees the
 # files that mark a stage or checkpoint done. Every such decision must come from rank 0.
 if os.environ["RANK"] != "0":
     exists = pathlib.Path.exists
     pathlib.Path.exists = lambda path, *args, **kwargs: (
         path.name not in ("manifest.json", "trainer_state.pt") and exists(path, *args, **kwargs))
-from spin_fast.cli import main
-sys.exit(main(sys.argv[1:]))
+from spin_fast.cli import entry
+entry()  # as the spin-fast command ends (without the interpreter's teardown, which gloo may abort)
 """
 
 
@@ -1006,11 +1006,10 @@ def test_vllm_engine_per_rank_samples_what_one_process_samples(tmp_path, sft_mod
 
 
 SHORT_WAIT = """
-import sys
 import spin_fast.run_directory
 spin_fast.run_directory.SHARED_WAIT_S = 2.0  # a node that does not see rank 0's file is told at once
-from spin_fast.cli import main
-sys.exit(main(sys.argv[1:]))
+from spin_fast.cli import entry
+entry()  # as the spin-fast command ends (without the interpreter's teardown, which gloo may abort)
 """
 
 
@@ -1048,7 +1047,7 @@ def test_an_output_dir_on_one_nodes_own_disk_is_refused_before_any_work(tmp_path
 
 
 UNREADABLE_ON_ONE_NODE = """
-import os, pathlib, sys
+import os, pathlib
 # Rank 1 plays a node that cannot read the pairs rank 0 wrote (its own permissions on the shared filesystem).
 if os.environ["RANK"] == "1":
     opened = pathlib.Path.open
@@ -1057,8 +1056,8 @@ if os.environ["RANK"] == "1":
             raise PermissionError(13, "Permission denied", str(path))
         return opened(path, *args, **kwargs)
     pathlib.Path.open = refused
-from spin_fast.cli import main
-sys.exit(main(sys.argv[1:]))
+from spin_fast.cli import entry
+entry()  # as the spin-fast command ends (without the interpreter's teardown, which gloo may abort)
 """
 
 
