@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from array import array
@@ -108,8 +109,28 @@ def warn_if_updates_are_lost(model: torch.nn.Module, learning_rate: float) -> No
                 100 * share, "; fp16 gradients also have no loss scaling here" if dtype == torch.float16 else "")
 
 
+# Parameters Hugging Face's Trainer (the official SPIN code's, TRL's) keeps out of weight decay, by name: biases and
+# LayerNorm / RMSNorm weights, whose decay would pull a norm's gain towards 0 (the names, not the shapes: ZeRO-3
+# partitions hide those).
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def decayed(model: torch.nn.Module) -> set[str]:
+    """The names of the parameters that weight decay applies to, as in HF's Trainer.get_decay_parameter_names."""
+    layer_norms = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+                   if isinstance(module, torch.nn.LayerNorm) for name, _ in module.named_parameters(recurse=False)}
+    return {name for name, _ in model.named_parameters()
+            if name not in layer_norms and not NO_DECAY.search(name.lower())}
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay:
+        names = decayed(model)
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for name, p in trained if name in names]},
+                  {"params": [p for name, p in trained if name not in names], "weight_decay": 0.0}]
+        params = [group for group in groups if group["params"]]
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                    eps=config.optimizer_eps)
