@@ -249,3 +249,88 @@ def held_by_another_process(folder: Path, work: str) -> Iterator[int]:
     finally:
         holder.kill()
         holder.wait()
+
+
+# ------------------------------------------------------------------------ sampling against the exact distribution
+END = "END"  # an answer's end (any stop token): engines drop the token that ended an answer
+
+
+def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """float64 sampling distribution, written from the definitions HF and vLLM share: logits / T; top-k keeps the
+    tokens whose logit is >= the k-th largest; top-p then keeps, in order of decreasing probability, each token
+    whose more likely tokens hold less than top_p of the (top-k renormalized) mass."""
+    logits = logits.double() / temperature
+    if top_k > 0:
+        logits = torch.where(logits >= logits.topk(top_k).values[-1], logits, -math.inf)
+    probs = logits.softmax(-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[order] = before < top_p
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def exact_answer_distribution(model, prompt, stops, temperature=1.0, top_k=0, top_p=1.0, steps=2) -> dict:
+    """P(first `steps` (1 or 2) tokens of an answer), in float64 from a float64 copy of the model: keys are
+    tuples of tokens, ending with END where a stop token ended the answer."""
+    import copy
+
+    model64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        first = warped_probs(model64(torch.tensor([list(prompt)])).logits[0, -1], temperature, top_k, top_p)
+        truth = {(END,): float(first[list(stops)].sum())}
+        going = [a for a in first.nonzero().flatten().tolist() if a not in stops]
+        if steps == 1:
+            truth.update({(a,): float(first[a]) for a in going})
+            return truth
+        logits = torch.cat([model64(torch.tensor([[*prompt, a] for a in going[i : i + 256]])).logits[:, -1]
+                            for i in range(0, len(going), 256)])
+        for a, row in zip(going, logits):
+            second = warped_probs(row, temperature, top_k, top_p) * first[a]
+            truth[(a, END)] = float(second[list(stops)].sum())
+            truth.update({(a, b): float(second[b]) for b in second.nonzero().flatten().tolist() if b not in stops})
+    return truth
+
+
+def answer_key(completion, steps: int) -> tuple:
+    """An answer's first `steps` tokens as exact_answer_distribution keys them; checks max_new_tokens' cut: an
+    unfinished answer has exactly `steps` tokens, a finished one fewer."""
+    ids = tuple(completion.token_ids)
+    assert len(ids) == steps if not completion.finished else len(ids) < steps, completion
+    return ids + ((END,) if completion.finished else ())
+
+
+def goodness_of_fit(drawn: list, truth: dict, min_expected: float = 5.0) -> dict:
+    """Pearson's chi-square of the drawn keys against the truth, cells expected fewer than min_expected times
+    pooled into one (the chi-square approximation holds with 5+ expected per cell); its p-value (chi-square
+    survival, gammaincc(df/2, x/2)); and the total-variation distance on those cells with the bound a correct
+    sampler stays under with probability >= 1 - 1e-6: E[TV] <= sum_i sqrt(p_i (1 - p_i) / n) / 2 (Jensen), and
+    TV moves by at most 1/n per draw, so McDiarmid gives P(TV >= E[TV] + t) <= exp(-2 n t²), t = sqrt(ln(1e6) / 2n).
+    Draws outside the truth's support (probability 0) are counted apart: a correct sampler makes none."""
+    from collections import Counter
+
+    n, counts = len(drawn), Counter(drawn)
+    impossible = sum(c for key, c in counts.items() if truth.get(key, 0.0) == 0.0)
+    big = [key for key, p in truth.items() if n * p >= min_expected]
+    cells = [(counts.get(key, 0), truth[key]) for key in big]
+    cells.append((n - sum(c for c, _ in cells), max(0.0, 1.0 - sum(p for _, p in cells))))
+    if cells[-1][1] * n < 1e-9:  # nothing pooled
+        cells.pop()
+    chi2 = sum((c - n * p) ** 2 / (n * p) for c, p in cells)
+    df = len(cells) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                            torch.tensor(chi2 / 2, dtype=torch.float64)))
+    tv = 0.5 * sum(abs(c / n - p) for c, p in cells)
+    tv_bound = 0.5 * sum(math.sqrt(p * (1 - p) / n) for _, p in cells) + math.sqrt(math.log(1e6) / (2 * n))
+    return {"n": n, "cells": len(cells), "chi2": chi2, "df": df, "p_value": p_value, "tv": tv,
+            "tv_bound": tv_bound, "impossible": impossible}
+
+
+def assert_fits(stats: dict, what: str) -> None:
+    """A correct sampler fails each check with probability < 1e-6 (the seeds are fixed: the test is repeatable)."""
+    assert stats["impossible"] == 0, f"{what}: {stats['impossible']} draws of probability 0: {stats}"
+    assert stats["p_value"] > 1e-6, f"{what}: the draws do not follow the distribution: {stats}"
+    assert stats["tv"] < stats["tv_bound"], f"{what}: total variation past its bound: {stats}"
