@@ -58,7 +58,8 @@ def fetch_model(name_or_path: str, setting: str = "model.name_or_path", revision
         validate_repo_id(name_or_path)
     except HFValidationError:  # a path, never a Hub id ("runs/x/final", "./model")
         raise FileNotFoundError(f"{setting} {name_or_path!r}: no such model folder") from None
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]  # not .bin duplicates
+    # Not .bin duplicates. *.jinja: a chat template saved by transformers 4.47 on (additional_chat_templates/ too).
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
 
     def snapshot(**options) -> str:
         folder = snapshot_download(name_or_path, revision=revision, allow_patterns=patterns, **options)

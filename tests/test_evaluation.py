@@ -383,6 +383,39 @@ def test_a_hub_model_with_pytorch_bin_weights_alone_is_fetched_whole(sft_model, 
     assert not list(Path(fetch_model("org/both")).glob("*.bin"))  # safetensors: the .bin copy stays there
 
 
+def test_a_hub_model_with_its_chat_template_in_chat_template_jinja_is_fetched_with_it(sft_model, tmp_path,
+                                                                                      monkeypatch):
+    """transformers (4.47 on, and so spin-fast's own checkpoints) saves a tokenizer's chat template in
+    chat_template.jinja, not in tokenizer_config.json: fetched without that file, such a Hub model (a spin-fast SFT
+    checkpoint pushed to the Hub, say) would have no template, and the run would stop as if it were a base model. The
+    stand-in for snapshot_download applies allow_patterns as the real one does (this machine has no network)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from spin_fast.config import ModelConfig
+    from spin_fast.loading import fetch_model
+    from spin_fast.model import load_tokenizer
+
+    repo = sft_model / "model"  # its template is in chat_template.jinja alone
+    assert (repo / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((repo / "tokenizer_config.json").read_text())
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        snapshot = tmp_path / "cache" / ("c" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, snapshot / path.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = fetch_model("org/sft")
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="org/sft"), folder)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(repo).chat_template
+
+
 def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
     """A commit (what a resumed run asks for) already in the cache is its snapshot, with no Hub call, whatever the
     network: huggingface_hub 1.x (the GPU image has 1.33) listed a commit's files on the Hub even offline, and failed
