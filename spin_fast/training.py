@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 import spin_kernels
 from spin_fast import distributed, stopping
@@ -474,7 +475,7 @@ class Trainer:
                # This rank's GPU only: a run resumed on nodes with other GPU counts sees other devices.
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         if self.engine is None:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            save_model(self.model, tmp, safe_serialization=True)
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), rng=rng)
         else:
             from spin_fast.zero import full_weights
@@ -482,7 +483,7 @@ class Trainer:
             # Every rank takes part in the gathers; only rank 0, which writes, keeps the tensors (a whole copy
             # per rank would need the model's size in host memory times the ranks on a node).
             weights = {name: tensor for name, tensor in full_weights(self.model) if self.rank == 0}
-            distributed.on_main(lambda: self.model.save_pretrained(tmp, state_dict=weights, safe_serialization=True),
+            distributed.on_main(lambda: save_model(self.model, tmp, state_dict=weights, safe_serialization=True),
                                 "consolidated weights written")
             del weights
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
@@ -604,6 +605,25 @@ class Trainer:
             self.metrics_log.forget_after(self.step)
         log.info("resumed from %s at step %d of %d", latest, self.step, self.steps)
 
+
+
+def save_model(model, folder: Path, **options) -> None:
+    """model.save_pretrained, with the model's generation config written as it was loaded: transformers loads with a
+    warning a generation_config.json that its save refuses (temperature or top_p without do_sample, as Llama 2's
+    first one and many fine-tunes of it hold), which would end a training at its first checkpoint, its steps lost."""
+    generation = model.generation_config if model.can_generate() else None
+    try:
+        if generation is not None:
+            generation.validate(strict=True)
+    except ValueError:
+        model.generation_config = GenerationConfig()  # a stand-in that save_pretrained accepts, overwritten below
+        try:
+            model.save_pretrained(folder, **options)
+        finally:
+            model.generation_config = generation
+        generation.to_json_file(Path(folder) / "generation_config.json", use_diff=True, keys_to_pop=["compile_config"])
+        return
+    model.save_pretrained(folder, **options)
 
 
 def items_fingerprint(items: Seq[ScoredPair] | Seq[Sequence]) -> str:

@@ -426,6 +426,24 @@ def test_an_sft_checkpoint_of_another_starting_model_is_not_resumed(tmp_path, mo
         caplog.text
 
 
+def test_a_model_whose_generation_config_transformers_would_not_save_trains_to_a_checkpoint_that_keeps_it(tmp_path):
+    """Many Hub models ship a generation_config.json that transformers loads with a warning but refuses to save
+    (temperature and top_p without do_sample, as Llama 2's first one and its fine-tunes): their training ended with an
+    error at its first checkpoint, after its steps, and wrote nothing. The checkpoint keeps that file's settings."""
+    from spin_fast.model import load_causal_lm
+
+    make_model().save_pretrained(tmp_path / "model")
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 5], "temperature": 0.6, "top_p": 0.9, "max_length": 4096}
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(generation))
+    model = load_causal_lm(tmp_path / "model", attention_impl="sdpa")
+    examples = [Sequence(p.prompt_ids, p.real_ids) for p in random_pairs(4)]
+    result = Trainer(model, None, config(mode="sft", epochs=1), tmp_path / "sft", examples).train()
+    saved = json.loads((result.final_dir / "generation_config.json").read_text())
+    assert {k: saved.get(k) for k in generation} == generation
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert reloaded.generation_config.eos_token_id == [2, 5] and reloaded.generation_config.temperature == 0.6
+
+
 def test_bad_config_is_refused():
     for kwargs, message in [(dict(optimizer="sgd"), "optimizer must be one of"),
                             (dict(warmup_ratio=1.5), "warmup_ratio must be in"),
