@@ -194,6 +194,8 @@ class Demo:
         positions = max(data.max_length, data.max_prompt_length + generation.max_new_tokens)
         model_config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
                                    layers=settings.layers, heads=settings.heads, max_positions=positions)
+        # The tokenizer's, not Llama's defaults (1, 2: its <|eos|> and <|pad|>), which generate() would stop at.
+        model_config.bos_token_id, model_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         torch.manual_seed(settings.seed)
         model = AutoModelForCausalLM.from_config(model_config)
         model.save_pretrained(self.run_dir / "base")

@@ -111,6 +111,21 @@ def test_short_demo_with_vllm(tmp_path, caplog):
     assert manifest["pairs"] == 24
 
 
+def test_the_demo_models_declare_their_tokenizers_end_of_sequence(tmp_path):
+    """The demo's models are used beyond the demo (transformers' generate, a pipeline): their config and generation
+    config name the tokenizer's BOS and EOS, so that generate() ends an answer at <|eos|>. They held Llama's defaults,
+    1 and 2: <|eos|> as BOS and <|pad|> as EOS, and generate() ran every answer on to its token limit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, demo = load_demo_config(DEFAULT_CONFIG, SHORT, output=str(tmp_path))
+    Demo(config, demo).run(until="base")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == ids
+    assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == ids
+
+
 def test_demo_settings_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'demo.task.n_train'"):
         load_demo_config(DEFAULT_CONFIG, ["demo.task.n_trian=5"], str(tmp_path))
