@@ -125,7 +125,9 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
     if query.shape[0] != 1:
         raise ValueError(f"{NAME} attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout:
-        raise ValueError(f"{NAME} attention has no dropout; set the model's attention_dropout to 0")
+        raise ValueError(f"{NAME} attention has no dropout, and this model's config sets attention_dropout to "
+                         f"{dropout}: set model.attention=sdpa to train with it (SFT; SPIN turns dropout off), or "
+                         "set attention_dropout to 0 in the model's config.json")
     for name, what in UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{NAME} attention does not compute {what}, which this model's attention "

@@ -338,6 +338,17 @@ def test_attention_arguments_spin_varlen_cannot_compute_are_refused(family, argu
         model(torch.randint(3, 128, (1, 9)), position_ids=torch.arange(9)[None], use_cache=False)
 
 
+def test_attention_dropout_in_training_is_refused_naming_the_way_out():
+    """SFT keeps the model's dropout; spin_varlen has none: its error says which attention applies it."""
+    import transformers
+
+    attention.register()
+    config = transformers.LlamaConfig(**FAMILY_SIZES, attention_dropout=0.1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.NAME).train()
+    with pytest.raises(ValueError, match="attention_dropout to 0.1: set model.attention=sdpa"):
+        model(torch.randint(3, 128, (1, 9)), position_ids=torch.arange(9)[None], use_cache=False)
+
+
 def test_flash_attention_is_picked_only_for_what_its_kernels_take(monkeypatch):
     """Varlen FlashAttention on CUDA in fp16/bf16 up to head dim 256, and PyTorch's kernel (which does not pad) for
     multiples of 8 only; per-sequence SDPA for the rest (asked on the CPU too: only the device's type is read)."""
