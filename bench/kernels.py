@@ -10,7 +10,10 @@ Every (vocabulary, job, method) runs in a fresh subprocess, which measures the p
 times calls (bench.common.memory_then_time), so compile caches and allocator state never leak from one
 measurement into the next. A method that cannot run here (CUDA only, no such entry point) is reported as missing
 without starting one. Time and memory are also given as multiples of a baseline's at the same vocabulary and job:
-naive PyTorch's, or --baseline METHOD's (e.g. where naive runs out of memory). Run: python -m bench.kernels
+naive PyTorch's, or --baseline METHOD's (e.g. where naive runs out of memory). Naive PyTorch, torch.compile and
+F.linear_cross_entropy get every token, prompts included; "naive PyTorch, loss tokens" is naive's code on the tokens
+that carry a loss alone, as spin-fast's head takes them, so that the ratios show what the kernel adds to that. The
+loss and the gradients' norms are compared with the baseline's. Run: python -m bench.kernels
 [--preset cpu|gpu] [--jobs spin_head logprobs simpo_head] [--vocabs V ...] [--methods M ...]; your own shape with
 --tokens, --hidden, --pairs, --dtype (and --warmup, --repeats). A shape, a selection or a baseline of one's own is
 written to kernels-<preset>-custom.json, so that the preset's own file stays.
@@ -65,7 +68,7 @@ class Preset:
 
 
 PRESETS = {
-    # Part of `make bench`'s 15 minutes on 2 cores (~3.5-4 min): 2048 tokens, H=512, the SPIN head only (--jobs adds
+    # Part of `make bench`'s 15 minutes on 2 cores (~4 min): 2048 tokens, H=512, the SPIN head only (--jobs adds
     # logprobs), 3 timed runs. A worker's wall time is mostly fixed costs: ~4 s to start and build the batch,
     # ~20 s of compiling for torch.compile and ~25 s for Liger, at each vocabulary size. No warm-up after the memory
     # call (CPU_WARMUP).
@@ -79,11 +82,12 @@ PRESETS = {
     # under 10 s of GPU work per method. The wall time is elsewhere: one process per method (~6 s: Python, torch,
     # CUDA context, the batch) plus compiles (torch.compile and Liger's ~30 s each, Triton and CCE ~10 s):
     # about 130-150 s. Most telling first, so a cut-off run loses the least: naive (the baseline of every ratio),
-    # spin-fast's Triton head, then the peers.
+    # spin-fast's Triton head, then the peers, and naive on the loss tokens alone last.
     "gpu": Preset("gpu", "cuda", torch.bfloat16, tokens=16384, hidden=4096, vocabs=(128256,), pairs=32,
                   warmup=2, repeats=5, jobs=("spin_head",),
                   methods=("naive PyTorch", "spin-fast triton", "Cut Cross-Entropy", "Liger DPO loss",
-                           "torch.compile", "spin-fast torch", "F.linear_cross_entropy", "Liger SimPO loss")),
+                           "torch.compile", "spin-fast torch", "F.linear_cross_entropy", "Liger SimPO loss",
+                           "naive PyTorch, loss tokens")),
     "tiny": Preset("tiny", "cpu", torch.float32, tokens=256, hidden=64, vocabs=(1000,), pairs=3,
                    warmup=1, repeats=2),  # for tests
 }
@@ -240,6 +244,18 @@ def _naive():
     return from_logprobs(lambda b: naive_token_logps(b.hidden, b.weight, b.targets))
 
 
+def _naive_loss_tokens():
+    """The same naive code on the loss tokens alone (the gather timed with it), as spin-fast's head takes them: the
+    full-token baselines also pay for the prompts' ~30% of logits, which naive code can leave out in one line."""
+
+    def logprobs(b: Batch) -> torch.Tensor:
+        keep = (b.targets != -100).nonzero().squeeze(1)
+        token_logps = naive_token_logps(b.hidden[keep], b.weight, b.targets[keep])
+        return token_logps.new_zeros(b.targets.shape).index_copy(0, keep, token_logps)
+
+    return from_logprobs(logprobs)
+
+
 def _compiled():
     compiled = torch.compile(naive_token_logps, dynamic=False)
     return from_logprobs(lambda b: compiled(b.hidden, b.weight, b.targets))
@@ -317,6 +333,7 @@ METHODS: dict[str, Callable[[], dict[str, Callable[[Batch], torch.Tensor]]]] = {
     "Liger SimPO loss": _liger_simpo,
     "F.linear_cross_entropy": _torch_linear_cross_entropy,
     "Cut Cross-Entropy": _cut_cross_entropy,
+    "naive PyTorch, loss tokens": _naive_loss_tokens,  # last: the peers first in a run cut off midway
 }
 JOBS = ("spin_head", "logprobs", "simpo_head")
 # Each Liger loss serves its own job alone: it is not listed under the others.
@@ -358,7 +375,19 @@ def measure(preset: Preset, vocab: int, job: str, method: str) -> dict:
 
     device = torch.device(preset.device)
     peak, times = memory_then_time(step, device, preset.warmup, preset.repeats, release=release_grads)
-    return {**_figures(preset, vocab, job, method, batch, times, objective), "peak_extra_mib": peak}
+    return {**_figures(preset, vocab, job, method, batch, times, objective), "peak_extra_mib": peak,
+            **gradient_checks(batch)}
+
+
+def gradient_checks(batch: Batch) -> dict:
+    """The norms of the hidden states' and the head weight's gradients from the last timed call: compared with the
+    baseline's, so that a method is checked on its gradients and not on its loss alone (one that skipped a gradient
+    would be faster and look right). The same whatever the layout: the padded batch's padding gets no gradient."""
+    with torch.no_grad():
+        hidden = sum(float(leaf.grad.float().square().sum()) for leaf in (batch.hidden, batch.padded_hidden)
+                     if leaf.grad is not None) ** 0.5
+        weight = float(batch.weight.grad.float().norm()) if batch.weight.grad is not None else 0.0
+    return {"grad_hidden_norm": hidden, "grad_weight_norm": weight}
 
 
 def _figures(preset: Preset, vocab: int, job: str, method: str, batch: Batch, times: list[float], objective) -> dict:
@@ -499,6 +528,18 @@ def _add_ratios(results: list[dict], baseline: str = BASELINE) -> None:
         if base["peak_extra_mib"] >= MEMORY_FLOOR_MIB:
             result["memory_vs_baseline"] = result["peak_extra_mib"] / base["peak_extra_mib"]
         result["value_rel_diff"] = abs(result["value"] - base["value"]) / max(abs(base["value"]), 1e-12)
+        if "grad_weight_norm" in result and "grad_weight_norm" in base:
+            result["grad_rel_diff"] = max(abs(result[key] - base[key]) / max(abs(base[key]), 1e-12)
+                                          for key in ("grad_hidden_norm", "grad_weight_norm"))
+
+
+# Relative difference of the loss or of a gradient check from the baseline's above which a method is said to compute
+# something else: far above fp32's differences (1e-6) and bf16's over a loss summed in fp32 (1e-3).
+AGREEMENT = 1e-2
+
+
+def disagrees(result: dict) -> bool:
+    return any(result.get(key, 0.0) > AGREEMENT for key in ("value_rel_diff", "grad_rel_diff"))
 
 
 def _ratio(result: dict, key: str, spec: str) -> str:
@@ -512,12 +553,12 @@ def short_name(method: str) -> str:
 def summary_table(results: list[dict], baseline: str = BASELINE) -> str:
     base = short_name(baseline)
     headers = ["vocab", "job", "method", "fwd+bwd ms (min-max)", f"x {base} time", "peak MiB", f"x {base} mem",
-               f"value vs {base}"]
+               f"value vs {base}", f"grads vs {base}"]
     rows = []
     for r in results:
         if "median_ms" not in r:
             status = problem(r)
-            rows.append([str(r["vocab"]), r["job"], r["method"], status, "", "", "", ""])
+            rows.append([str(r["vocab"]), r["job"], r["method"], status, "", "", "", "", ""])
             continue
         rows.append([
             str(r["vocab"]), r["job"], r["method"],
@@ -526,8 +567,11 @@ def summary_table(results: list[dict], baseline: str = BASELINE) -> str:
             f"{r['peak_extra_mib']:.0f}",
             _ratio(r, "memory_vs_baseline", ".3f"),
             _ratio(r, "value_rel_diff", ".1e"),
+            _ratio(r, "grad_rel_diff", ".1e") + (" DIFFERS" if disagrees(r) else ""),
         ])
-    note = f"x {base}: time or peak memory / {baseline}'s at that vocab and job (below 1: less)"
+    note = (f"x {base}: time or peak memory / {baseline}'s at that vocab and job (below 1: less); value, grads: "
+            f"relative difference of the loss and of the gradients' norms (hidden states, head weight) from "
+            f"{baseline}'s (DIFFERS: over {AGREEMENT:g}, the time is not that of the same computation)")
     if any("median_ms" in r and "time_vs_baseline" not in r for r in results):
         note += f"; '-': {baseline} has no result there (its row says why; --baseline METHOD divides by another)"
     elif any("time_vs_baseline" in r and "memory_vs_baseline" not in r for r in results):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from bench import common
-from bench.kernels import short_name
+from bench.kernels import disagrees, short_name
 
 
 def results_path(name: str, preset: str, custom: bool = False) -> Path:
@@ -43,7 +43,9 @@ def kernel_rows(report: dict) -> list[list[str]]:
         where = f"SPIN head, V={r['vocab']}: {r['method']}"
         rows.append([where, reason] if reason else
                     [where, f"time {_x(r.get('time_vs_baseline'))}, memory {_x(r.get('memory_vs_baseline'))} of "
-                     f"{short_name(report['baseline'])}"])
+                     f"{short_name(report['baseline'])}"
+                     + (f"; DIFFERS from it (loss {r.get('value_rel_diff', 0):.1e}, gradients "
+                        f"{r.get('grad_rel_diff', 0):.1e} relative)" if disagrees(r) else "")])
     return rows
 
 

@@ -31,22 +31,81 @@ def test_padded_layout_holds_the_same_tokens():
     assert sorted(kept.tolist()) == sorted(padded_kept.tolist())
 
 
-def test_simpo_head_agrees_with_liger_and_the_papers_formula(monkeypatch):
+def test_simpo_head_agrees_with_liger_and_the_papers_formula():
     """The simpo_head job: spin-fast's recipe (mean log-probs, opponent 0 and -gamma / beta), Liger's own SimPO loss
     on the padded batch and SimPO's formula on naive log-probs give one loss and one head gradient."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # Liger compiles its chunk (~25 s on 2 cores)
     batch = kernels.make_batch(kernels.PRESETS["tiny"], vocab=500)
     losses, grads = {}, {}
-    for method in ("naive PyTorch", "spin-fast torch", "Liger SimPO loss"):
-        batch.weight.grad = None
-        loss = kernels.METHODS[method]()["simpo_head"](batch)
-        loss.backward()
-        losses[method], grads[method] = float(loss), batch.weight.grad.clone()
+    # Liger compiles its chunk (~25 s on 2 cores). config.patch, not monkeypatch: monkeypatch's undo hid the setting,
+    # and every later compile in the process failed ("torch._dynamo.config.disable does not exist").
+    with torch._dynamo.config.patch(disable=True):
+        for method in ("naive PyTorch", "spin-fast torch", "Liger SimPO loss"):
+            batch.weight.grad = None
+            loss = kernels.METHODS[method]()["simpo_head"](batch)
+            loss.backward()
+            losses[method], grads[method] = float(loss), batch.weight.grad.clone()
     for method in ("spin-fast torch", "Liger SimPO loss"):
         assert losses[method] == pytest.approx(losses["naive PyTorch"], rel=1e-5)
         torch.testing.assert_close(grads[method], grads["naive PyTorch"], rtol=1e-4, atol=1e-7)
     assert kernels.unavailable(kernels.PRESETS["tiny"], "spin_head", "Liger SimPO loss")
     assert kernels.unavailable(kernels.PRESETS["tiny"], "simpo_head", "Liger DPO loss")
+
+
+def test_a_naive_baseline_runs_the_head_on_the_tokens_spin_fast_runs_it_on():
+    """naive PyTorch (as torch.compile and F.linear_cross_entropy) gets every token of the batch, prompts included,
+    while spin-fast's head drops the ~30% that carry no loss: its time against naive's mixes that with the kernel's
+    own speed. The same naive code on the loss tokens alone is measured too, and it computes the same loss and
+    gradients with the head's matmul over the loss tokens only."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    preset = kernels.PRESETS["tiny"]
+    batch = kernels.make_batch(preset, vocab=500)
+    n_tokens, n_loss = batch.targets.numel(), int((batch.targets != -100).sum())
+    assert n_loss < 0.8 * n_tokens  # prompts: the tokens the two naive baselines differ by
+    flops, losses, grads = {}, {}, {}
+    for method in ("naive PyTorch", "naive PyTorch, loss tokens"):
+        for leaf in batch.leaves:
+            leaf.grad = None
+        with FlopCounterMode(display=False) as counter:
+            loss = kernels.METHODS[method]()["spin_head"](batch)
+        flops[method] = counter.get_total_flops()
+        loss.backward()
+        losses[method], grads[method] = float(loss), (batch.hidden.grad.clone(), batch.weight.grad.clone())
+    head = 2 * preset.hidden * 500  # forward FLOPs of the head per token
+    assert flops["naive PyTorch"] == head * n_tokens
+    assert flops["naive PyTorch, loss tokens"] == head * n_loss
+    assert losses["naive PyTorch, loss tokens"] == pytest.approx(losses["naive PyTorch"], rel=1e-6)
+    for got, want in zip(grads["naive PyTorch, loss tokens"], grads["naive PyTorch"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # In every preset's run, next to the other methods.
+    assert "naive PyTorch, loss tokens" in kernels.PRESETS["gpu"].methods
+    assert not kernels.PRESETS["cpu"].methods
+
+
+def test_a_method_with_the_right_loss_but_wrong_gradients_is_flagged(monkeypatch):
+    """The bench compared a method's loss value alone with the baseline's: a method that skips the hidden states'
+    gradient (a peer called with inputs that do not require it) computes the same loss, runs faster, and was
+    reported as agreeing. Its gradients are compared too, whatever the layout (packed or padded)."""
+    monkeypatch.setitem(kernels.METHODS, "naive, no hidden gradient", lambda: kernels.from_logprobs(
+        lambda b: kernels.naive_token_logps(b.hidden.detach(), b.weight, b.targets)))
+    preset = kernels.PRESETS["tiny"]
+    results = []
+    for method in ("naive PyTorch", "naive, no hidden gradient", "Liger DPO loss", "spin-fast torch"):
+        result = kernels.measure(preset, 300, "spin_head", method)  # Liger's compile: ~10 s on 2 cores
+        results.append({**result, "vocab": 300, "job": "spin_head", "method": method, "matmul_tflops": 1.0})
+    kernels._add_ratios(results)
+    by_method = {r["method"]: r for r in results}
+    wrong = by_method["naive, no hidden gradient"]
+    assert wrong["value_rel_diff"] < 1e-6  # the loss alone looks right
+    assert wrong["grad_rel_diff"] > 0.5
+    for method in ("Liger DPO loss", "spin-fast torch"):  # the padded batch's gradients compare with the packed one's
+        assert by_method[method]["grad_rel_diff"] < 1e-4, by_method[method]
+    table = kernels.summary_table(results)
+    assert "DIFFERS" in next(line for line in table.splitlines() if "no hidden gradient" in line)
+    assert not any("DIFFERS" in line for line in table.splitlines() if "spin-fast" in line or "Liger" in line)
+    headline = dict(summary.kernel_rows({"results": results, "baseline": "naive PyTorch"}))
+    assert "DIFFERS" in headline["SPIN head, V=300: naive, no hidden gradient"]
+    assert "DIFFERS" not in headline["SPIN head, V=300: spin-fast torch"]
 
 
 @pytest.mark.slow
