@@ -554,6 +554,7 @@ class Evaluation:
         beta = config.for_iteration(opponent[0] if opponent else 0).train.beta
         scoring = {"token_budget": config.score_batch_tokens, "backend": config.train.backend,
                    "progress": config.train.progress, "bf16_autocast": config.train.bf16_autocast}
+        computed = []  # this row's, when made in this call
 
         def make():
             # The opponent's answers first: a vLLM engine still holds its weights from the row before.
@@ -569,6 +570,7 @@ class Evaluation:
                 row.update(reward_margins(model, self.model_at(opponent[1]), pairs, beta, **scoring))
             if self.trackers is not None and x is not None:  # before the row is saved: a kill may make it be sent
                 self.trackers.log(x, row)  # again, never skipped
+            computed.append(name)
             return row
 
         # Not under "model": settings has that key (the model settings), and would hide the files' identity.
@@ -577,4 +579,9 @@ class Evaluation:
         if opponent is not None:
             key.update({"opponent": self.identities[opponent[1]], "beta": beta,
                         "sampling": asdict(config.for_iteration(opponent[0]).generation.sampling())})
-        return self.saved.get_or_make(name, key, make, f"{name}'s evaluation")
+        row = self.saved.get_or_make(name, key, make, f"{name}'s evaluation")
+        # A saved row after a row this evaluation computed again: TensorBoard hides what earlier evaluations sent from
+        # the first x this one sent on (purge_step), so it goes to TensorBoard again (W&B has it).
+        if self.trackers is not None and x is not None and self.trackers.opened and not computed:
+            self.trackers.log(x, row, to_wandb=False)
+        return row

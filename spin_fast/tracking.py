@@ -74,8 +74,9 @@ class Trackers:
         self.wandb_run = None
         self.opened = False
 
-    def log(self, x: int, values: dict) -> None:
-        """The numbers of `values` at x (other values, e.g. a row's name, are left out)."""
+    def log(self, x: int, values: dict, to_wandb: bool = True) -> None:
+        """The numbers of `values` at x (other values, e.g. a row's name, are left out); to_wandb=False:
+        to TensorBoard alone."""
         if not self.opened:
             self.open(first_x=x)
         scalars = {f"{self.prefix}/{name}": value for name, value in values.items()
@@ -86,7 +87,7 @@ class Trackers:
                     self.tensorboard.add_scalar(name, value, x)
             except Exception as error:  # e.g. its folder's disk full
                 self.drop_tensorboard(error)
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and to_wandb:
             try:
                 self.wandb_run.log({self.axis: x, **scalars})
             except Exception as error:  # e.g. its service process killed
@@ -122,7 +123,8 @@ class Trackers:
                          # gone every print of the process would log an error.
                          settings=wandb.Settings(console=os.environ.get("WANDB_CONSOLE", "off")))
         # The x axis is the series' own: a resumed training's steps go on from its checkpoint's. Steps a kill cut
-        # off before their checkpoint are logged again when redone (the same values: resuming is exact).
+        # off before their checkpoint are logged again when redone (the same values: resuming is exact). W&B writes
+        # its points every 15 s, with no public flush: a SIGKILL loses those seconds' points, checkpointed or not.
         run.define_metric(f"{self.prefix}/*", step_metric=self.axis)
         return run
 
@@ -176,8 +178,11 @@ class MetricsLog:
             write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, metrics: dict) -> None:
-        with self.path.open("a") as out:
-            out.write(json.dumps(metrics) + "\n")
+        try:
+            with self.path.open("a") as out:
+                out.write(json.dumps(metrics) + "\n")
+        except OSError as error:  # a write's error (a full disk) names no file: this one says which
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
         self.trackers.log(metrics["step"], {name: value for name, value in metrics.items() if name != "step"})
 
     def close(self) -> None:
