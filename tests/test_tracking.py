@@ -62,6 +62,12 @@ def wandb_runs(folder):
     for run_dir in sorted((folder / "wandb").glob("offline-run-*")):
         (run_file,) = run_dir.glob("run-*.wandb")
         records = list(wandb_records(run_file))
+        deadline = time.monotonic() + 30
+        # W&B's service process writes the file after finish() returns: on a busy machine its run record may not
+        # be there yet.
+        while not any(r.WhichOneof("record_type") == "run" for r in records) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            records = list(wandb_records(run_file))
         (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                    for r in records if r.WhichOneof("record_type") == "history"]
