@@ -344,15 +344,29 @@ def test_a_hub_model_is_known_by_the_revision_of_its_snapshot(tmp_path, monkeypa
                                                         ["model.safetensors", 5, mtimes[1]]]
 
 
-def test_a_hub_model_with_pytorch_bin_weights_alone_is_fetched_whole(sft_model, tmp_path, monkeypatch):
-    """Many Hub models (older ones, most fine-tunes of 2023) hold pytorch_model.bin and no safetensors: fetch_model
-    brings it then (only then: a safetensors model's .bin copies stay on the Hub). The stand-in for the Hub's
-    snapshot_download applies allow_patterns as the real one does (this machine has no network)."""
+def hub_serving(repo, cache, monkeypatch) -> None:
+    """A stand-in for the Hub's snapshot_download (this machine has no network) that serves the files of the folder
+    `repo` into a snapshot under `cache`, applying allow_patterns as the real one does."""
     import fnmatch
-    import shutil
-    from pathlib import Path
 
     import huggingface_hub
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        snapshot = cache / ("c" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, snapshot / path.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_a_hub_model_with_pytorch_bin_weights_alone_is_fetched_whole(sft_model, tmp_path, monkeypatch):
+    """Many Hub models (older ones, most fine-tunes of 2023) hold pytorch_model.bin and no safetensors: fetch_model
+    brings it then (only then: a safetensors model's .bin copies stay on the Hub)."""
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
     from spin_fast.config import RunConfig
@@ -366,15 +380,7 @@ def test_a_hub_model_with_pytorch_bin_weights_alone_is_fetched_whole(sft_model, 
     weights = load_file(sft_model / "model" / "model.safetensors")
     torch.save(weights, repo / "pytorch_model.bin")
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
-        snapshot = tmp_path / "cache" / ("c" * 40)
-        snapshot.mkdir(parents=True, exist_ok=True)
-        for path in repo.iterdir():
-            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
-                shutil.copy(path, snapshot / path.name)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub_serving(repo, tmp_path / "cache", monkeypatch)
     folder = fetch_model("org/bin-only")
     loaded = load_policy(folder, RunConfig()).state_dict()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
@@ -387,13 +393,7 @@ def test_a_hub_model_with_its_chat_template_in_chat_template_jinja_is_fetched_wi
                                                                                       monkeypatch):
     """transformers (4.47 on, and so spin-fast's own checkpoints) saves a tokenizer's chat template in
     chat_template.jinja, not in tokenizer_config.json: fetched without that file, such a Hub model (a spin-fast SFT
-    checkpoint pushed to the Hub, say) would have no template, and the run would stop as if it were a base model. The
-    stand-in for snapshot_download applies allow_patterns as the real one does (this machine has no network)."""
-    import fnmatch
-    import shutil
-
-    import huggingface_hub
-
+    checkpoint pushed to the Hub, say) would have no template, and the run would stop as if it were a base model."""
     from spin_fast.config import ModelConfig
     from spin_fast.loading import fetch_model
     from spin_fast.model import load_tokenizer
@@ -402,15 +402,7 @@ def test_a_hub_model_with_its_chat_template_in_chat_template_jinja_is_fetched_wi
     assert (repo / "chat_template.jinja").exists()
     assert "chat_template" not in json.loads((repo / "tokenizer_config.json").read_text())
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
-        snapshot = tmp_path / "cache" / ("c" * 40)
-        snapshot.mkdir(parents=True, exist_ok=True)
-        for path in repo.iterdir():
-            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
-                shutil.copy(path, snapshot / path.name)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub_serving(repo, tmp_path / "cache", monkeypatch)
     folder = fetch_model("org/sft")
     tokenizer = load_tokenizer(ModelConfig(name_or_path="org/sft"), folder)
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(repo).chat_template

@@ -80,6 +80,12 @@ def test_draws_of_neighbouring_seeds_are_independent(setup):
     tokenizer, prompt, model, turn_end = setup
     engine = TransformersEngine(model, eos_token_id=turn_end, stop_token_ids=[tokenizer.eos_token_id],
                                 batch_size=1000, progress=False)
+    assert_neighbouring_draws_independent(engine, model, tokenizer, prompt, turn_end)
+
+
+def assert_neighbouring_draws_independent(engine, model, tokenizer, prompt, turn_end) -> None:
+    """N prompts' two completions each (top_k 5, one token): pairs of draws against the product of the exact
+    marginals, a prompt's two and the last of one prompt with the first of the next."""
     one = exact_answer_distribution(model, prompt, [tokenizer.eos_token_id, turn_end], top_k=5, steps=1)
     pairs = {(a, b): one[a] * one[b] for a in one for b in one}
     out = engine.generate([prompt] * N, SamplingConfig(top_k=5, max_new_tokens=1, seed=11, n=2))

