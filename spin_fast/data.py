@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,7 +193,7 @@ def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
     """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset."""
     path = Path(source)
     if path.is_dir():
-        for file in _folder_files(path):
+        for file in _split_files(path, _folder_files(path), split):
             yield str(file), _read_file(file, in_folder=True)
     elif path.is_file():  # a local file is never a Hub dataset's name
         if path.suffix.lower() not in _READERS:
@@ -219,6 +220,27 @@ def _folder_files(path: Path) -> list[Path]:
         note = f" (besides {len(hidden)} in hidden files or folders)" if hidden else ""
         raise DataError(f"{path}: directory has no {', '.join(_READERS)} files{note}")
     return files
+
+
+# A shard as the Hub and datasets' push_to_hub name it: <split>-00000-of-00003[-<hash>] (ultrachat_200k's data/ folder)
+_SHARD = re.compile(r"(?P<split>\w+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?")
+
+
+def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
+    """A folder's files of `split` where it holds a Hub dataset's splits side by side (its shards named by two splits
+    or more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
+    splits: dict[str, list[Path]] = {}
+    for file in files:
+        if shard := _SHARD.fullmatch(file.name[: -len(file.suffix)]):
+            splits.setdefault(shard["split"], []).append(file)
+    if len(splits) < 2:
+        return files
+    if split not in splits:
+        raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (its files' names), none of them "
+                        f"data.split={split!r}: set data.split to one")
+    logger.info("%s: read split %s (%d files), left the splits %s", path, split, len(splits[split]),
+                ", ".join(sorted(set(splits) - {split})))
+    return splits[split]
 
 
 def _read_file(path: Path, *, in_folder: bool = False) -> Rows:
@@ -257,9 +279,20 @@ def _field(row: Mapping, name: str) -> Any:
     return row[name]
 
 
+def _text(value: str, field: str) -> str:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud83d" (half an emoji, cut by a scraper): no tokenizer encodes it
+            raise _RowError(field, f"expected text, got a lone surrogate {value[e.start]!r} at character "
+                                   f"{e.start}") from None
+    return value
+
+
 def _string(value: Any, field: str, *, nonblank: bool = True) -> str:
     if not isinstance(value, str):
         raise _RowError(field, f"expected a string, got {_kind(value)}")
+    _text(value, field)
     if nonblank and not value.strip():
         raise _RowError(field, "expected a non-empty string, got an empty or whitespace-only one")
     return value
@@ -277,6 +310,7 @@ def _messages(value: Any, field: str) -> list[dict]:
             raise _RowError(f"{field}[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise _RowError(f"{field}[{i}].content", f"expected a string, got {_kind(content)}")
+        _text(content, f"{field}[{i}].content")  # every turn is templated and tokenized
         messages.append({"role": role, "content": content})  # extra keys dropped: templates see only these
     return messages
 

@@ -1,0 +1,58 @@
+"""spin_fast.data at the edges of real SFT sets: text JSON can hold but no tokenizer encodes, and local copies of
+Hub datasets with their splits side by side."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from spin_fast.config import DataConfig
+from spin_fast.data import DataError, load_examples
+from spin_fast.examples import read_examples, tokenize_examples
+from spin_fast.tokenizer import build_local_tokenizer
+
+
+def conversation(question, answer):
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.mark.parametrize("row, field", [
+    ('{"prompt": "Half an emoji \\ud83d", "response": "Fine."}', "prompt"),
+    ('{"messages": [{"role": "system", "content": "Be \\udc00 brief."}, {"role": "user", "content": "Hi?"}, '
+     '{"role": "assistant", "content": "Hello."}]}', r"messages\[0\]\.content"),
+])
+def test_a_lone_surrogate_is_a_bad_row_named_by_its_field(tmp_path, row, field):
+    """JSON's "\\ud83d" escape (half an emoji, cut by a scraper) parses, but is no text: no tokenizer encodes it.
+    It is a bad row named by its field, which skip_invalid skips; the run's tokenizing then goes through."""
+    good = json.dumps({"prompt": "Hi?", "response": "Hello."} if "prompt" in row else conversation("Hi?", "Hello."))
+    path = tmp_path / "t.jsonl"
+    path.write_text(f"{good}\n{row}\n{good}\n")
+    with pytest.raises(DataError, match=rf"t\.jsonl line 2: field '{field}': .*surrogate"):
+        load_examples(path)
+    data = DataConfig(source=str(path), skip_invalid=True, max_length=64, max_prompt_length=32)
+    examples = read_examples(data, str(path))
+    assert [e.origin for e in examples] == [f"{path} line 1", f"{path} line 3"]
+    assert len(tokenize_examples(build_local_tokenizer(), data, examples)) == 2
+
+
+def test_a_local_copy_of_a_hub_dataset_reads_the_split_asked_for(tmp_path):
+    """A Hub dataset downloaded as it is stored (huggingface-cli download HuggingFaceH4/ultrachat_200k: data/
+    train_sft-00000-of-00003-<hash>.parquet, test_sft-..., train_gen-...) holds its splits side by side: data.split
+    picks one, as datasets.load_dataset picks it from the same folder. Read whole, the test split would be trained on
+    (and max_prompts would take its rows first: test_* sorts before train_*)."""
+    splits = {"train_sft": [conversation(f"Q{i}?", f"A{i}.") for i in range(5)],
+              "test_sft": [conversation(f"Held-out {i}?", f"H{i}.") for i in range(2)]}
+    (tmp_path / "data").mkdir()
+    for split, rows in splits.items():
+        for shard in range(2):  # two shards a split, named as push_to_hub names them
+            datasets.Dataset.from_list(rows[shard::2]).to_parquet(
+                str(tmp_path / "data" / f"{split}-{shard:05d}-of-00002-0123456789abcdef.parquet"))
+    for split, rows in splits.items():
+        read = load_examples(tmp_path, split=split).examples
+        assert sorted(e.response for e in read) == sorted(r["messages"][1]["content"] for r in rows), split
+        assert sorted(r["messages"][1]["content"] for r in datasets.load_dataset(str(tmp_path), split=split)) == \
+            sorted(e.response for e in read)
+    with pytest.raises(DataError, match=r"holds the splits test_sft, train_sft.*data\.split.*'train'"):
+        load_examples(tmp_path)  # the default split, "train", is none of them
