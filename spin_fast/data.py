@@ -192,7 +192,9 @@ _READERS: dict[str, Callable[[Path], Rows]] = {
 def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
     """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset."""
     path = Path(source)
-    if path.is_dir():
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # datasets' save_to_disk folder
+        yield str(path), _load_from_disk(path, split)
+    elif path.is_dir():
         for file in _split_files(path, _folder_files(path), split):
             yield str(file), _read_file(file, in_folder=True)
     elif path.is_file():  # a local file is never a Hub dataset's name
@@ -249,6 +251,22 @@ def _read_file(path: Path, *, in_folder: bool = False) -> Rows:
     except _NotRows as e:  # re-raised as a plain DataError: the subclass is only a marker
         hint = "; move it out of the data folder, or name the data file itself as the source" if in_folder else ""
         raise DataError(f"{e}{hint}") from None
+
+
+def _load_from_disk(path: Path, split: str) -> Rows:
+    import datasets  # its files are Arrow tables with their metadata beside them: datasets alone reads them
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: a folder saved by datasets' save_to_disk, which datasets.load_from_disk failed to "
+                        f"read: {type(e).__name__}: {e}") from e
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{path}: a datasets folder (save_to_disk) with the splits {', '.join(dataset)}, none of "
+                            f"them data.split={split!r}: set data.split to one")
+        dataset = dataset[split]
+    return _indexed(dataset)
 
 
 def _load_with_datasets(source: str | Path, split: str) -> Rows:

@@ -56,3 +56,25 @@ def test_a_local_copy_of_a_hub_dataset_reads_the_split_asked_for(tmp_path):
             sorted(e.response for e in read)
     with pytest.raises(DataError, match=r"holds the splits test_sft, train_sft.*data\.split.*'train'"):
         load_examples(tmp_path)  # the default split, "train", is none of them
+
+
+def test_a_datasets_save_to_disk_folder_gives_the_examples_of_its_rows(tmp_path):
+    """A folder written by Dataset.save_to_disk (Arrow files, dataset_info.json, state.json) or DatasetDict's (a
+    folder a split, dataset_dict.json): its rows, as the same rows in a .jsonl file give them, each split by
+    data.split. Read as a folder of .json files, its metadata was taken for data, and the error's advice (move
+    dataset_info.json out, or name the data file itself: an .arrow file) led nowhere."""
+    rows = [conversation(f"Q{i}? 😀", f"A{i}.") for i in range(5)]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    expected = [(e.prompt, e.response) for e in load_examples(jsonl).examples]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    read = load_examples(tmp_path / "saved").examples
+    assert [(e.prompt, e.response) for e in read] == expected
+    assert read[4].origin == f"{tmp_path / 'saved'} row 4"
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list(rows),
+                          "test_sft": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "splits"))
+    assert [(e.prompt, e.response) for e in load_examples(tmp_path / "splits", split="train_sft").examples] == expected
+    assert len(load_examples(tmp_path / "splits", split="test_sft").examples) == 2
+    with pytest.raises(DataError, match=r"splits: a datasets folder \(save_to_disk\) with the splits train_sft, "
+                                        r"test_sft, none of them data\.split='train'"):
+        load_examples(tmp_path / "splits")
