@@ -13,6 +13,7 @@ world size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import logging
@@ -72,16 +73,21 @@ class TrainResult:
 
 def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
     """The order in which an epoch visits the items: a permutation seeded by (seed, epoch)."""
+    return list(_epoch_order(n_items, seed, epoch))
+
+
+@functools.lru_cache(maxsize=1)  # drawn once an epoch, not at each of its n_items / global_batch steps
+def _epoch_order(n_items: int, seed: int, epoch: int) -> tuple[int, ...]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_items, generator=generator).tolist()
+    return tuple(torch.randperm(n_items, generator=generator).tolist())
 
 
 def step_items(n_items: int, config: TrainConfig, step: int) -> list[int]:
     """Indices of the items that optimizer step `step` (0-based) trains on."""
     per_epoch = math.ceil(n_items / config.global_batch)
     epoch, within = divmod(step, per_epoch)
-    order = epoch_order(n_items, config.seed, epoch)
-    return order[within * config.global_batch : (within + 1) * config.global_batch]
+    order = _epoch_order(n_items, config.seed, epoch)
+    return list(order[within * config.global_batch : (within + 1) * config.global_batch])
 
 
 def total_steps(n_items: int, config: TrainConfig) -> int:

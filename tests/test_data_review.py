@@ -78,3 +78,24 @@ def test_a_datasets_save_to_disk_folder_gives_the_examples_of_its_rows(tmp_path)
     with pytest.raises(DataError, match=r"splits: a datasets folder \(save_to_disk\) with the splits train_sft, "
                                         r"test_sft, none of them data\.split='train'"):
         load_examples(tmp_path / "splits")
+
+
+def test_an_epoch_permutes_its_items_once_not_once_a_step(monkeypatch):
+    """step_items drew the epoch's whole permutation of n items again at every step: n / global_batch steps an epoch,
+    O(n^2 / global_batch) per epoch (400k pairs, the 200k prompts of UltraChat mixed with the previous iteration's:
+    6250 permutations of 400k items an epoch, minutes of CPU while the GPUs wait). The order stays the same."""
+    import torch
+
+    from spin_fast.config import TrainConfig
+    from spin_fast.training import epoch_order, step_items
+
+    n_items, config = 1000, TrainConfig(global_batch=64, epochs=2)
+    per_epoch = -(-n_items // config.global_batch)
+    expected = [epoch_order(n_items, config.seed, epoch) for epoch in range(2)]
+    drawn = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: drawn.append(n) or real_randperm(n, **kw))
+    steps = [step_items(n_items, config, step) for step in range(2 * per_epoch)]
+    assert [i for step in steps[:per_epoch] for i in step] == expected[0]
+    assert [i for step in steps[per_epoch:] for i in step] == expected[1]
+    assert len(drawn) <= 2, f"{len(drawn)} permutations of {n_items} items for {2 * per_epoch} steps of 2 epochs"
