@@ -19,7 +19,7 @@ from spin_fast.config import TrainConfig
 from spin_fast.model import tiny_config
 from spin_fast.packing import Sequence
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
-from spin_fast.training import Trainer, TrainingDiverged, step_items
+from spin_fast.training import Trainer, TrainingDiverged, epoch_order, step_items
 
 VOCAB, EOS = 300, 2
 
@@ -730,3 +730,19 @@ def test_other_loss_types_train(tmp_path, loss_type, first_loss):
     history = Trainer(make_model(), None, config(loss_type=loss_type, epochs=2), tmp_path, scored).train().history
     assert history[0]["loss"] == pytest.approx(first_loss, rel=1e-4)
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_an_epoch_permutes_its_items_once_not_once_a_step(monkeypatch):
+    """step_items drew the epoch's whole permutation of n items again at every step: n / global_batch steps an epoch,
+    O(n^2 / global_batch) per epoch (400k pairs, the 200k prompts of UltraChat mixed with the previous iteration's:
+    6250 permutations of 400k items an epoch, minutes of CPU while the GPUs wait). The order stays the same."""
+    n_items, config = 1000, TrainConfig(global_batch=64, epochs=2)
+    per_epoch = -(-n_items // config.global_batch)
+    expected = [epoch_order(n_items, config.seed, epoch) for epoch in range(2)]
+    drawn = []
+    real_randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: drawn.append(n) or real_randperm(n, **kw))
+    steps = [step_items(n_items, config, step) for step in range(2 * per_epoch)]
+    assert [i for step in steps[:per_epoch] for i in step] == expected[0]
+    assert [i for step in steps[per_epoch:] for i in step] == expected[1]
+    assert len(drawn) <= 2, f"{len(drawn)} permutations of {n_items} items for {2 * per_epoch} steps of 2 epochs"
