@@ -193,7 +193,7 @@ def run_eval(selfplay, baselines: dict[str, str]) -> int:
 def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
     from spin_fast import distributed, locking
-    from spin_fast.examples import read_examples, tokenize_examples
+    from spin_fast.examples import check_in_vocabulary, read_examples, tokenize_examples
     from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence, check_fits
@@ -217,6 +217,7 @@ def run_sft(config) -> int:
         tokenizer = load_tokenizer(config.model, folder)
         raw = read_examples(config.data, config.data.source, config.data.max_prompts)
     examples = tokenize_examples(tokenizer, config.data, raw, config.train.progress)  # the ranks share the work
+    check_in_vocabulary(tokenizer, examples, folder, config.model.trust_remote_code, [e.origin for e in raw])
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
     # Named by its row here (the trainer's own check knows only its index); SFT packs each example whole.
     check_fits([[s] for s in sequences], False, config.train.micro_batch_tokens, "train.micro_batch_tokens",

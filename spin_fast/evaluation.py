@@ -35,7 +35,7 @@ import torch
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
 from spin_fast.data import Example, TokenizedExample, eos_token_id
-from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
+from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
 from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, vllm_dtype
@@ -434,6 +434,8 @@ class Evaluation:
             self.tokenizer = load_tokenizer(config.model, self.folders[sft])
             self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
         self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress)
+        check_in_vocabulary(self.tokenizer, self.examples, self.folders[sft], config.model.trust_remote_code,
+                            [e.origin for e in self.raw])
         check_examples_fit(self.examples, config.score_batch_tokens, eval_source, [e.origin for e in self.raw])
         # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
         # ranks evaluate different models (and wait forever for each other).

@@ -98,6 +98,34 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     return tokenized
 
 
+def check_in_vocabulary(tokenizer, examples: Seq[TokenizedExample], model_folder: str, trust_remote_code: bool,
+                        names: Seq[str] | None = None) -> None:
+    """Every token id the examples give the model, and the EOS its answers end with, is in the model's vocabulary
+    (its config's vocab_size), or the error names the row and the setting now: a tokenizer given tokens the model's
+    embeddings were never resized for failed as an IndexError deep in the embedding (on a GPU a device-side assert)
+    once generation or scoring started. `names`: each example's row, where known."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not vocab:
+        return
+    advice = (f"the model's vocabulary of {vocab} tokens (vocab_size in {model_folder}/config.json); the tokenizer of "
+              f"model.name_or_path has {len(tokenizer)}: tokens added to it without resizing the model's embeddings "
+              "(model.resize_token_embeddings)?")
+    eos = eos_token_id(tokenizer)
+    if eos >= vocab:
+        raise ValueError(f"model.name_or_path: the token responses end with, id {eos} "
+                         f"({tokenizer.convert_ids_to_tokens(eos)!r}), is outside {advice}")
+    for index, example in enumerate(examples):
+        whole = example.unfitted or example  # the prompt the opponent answers whole
+        highest = max(max(part, default=0) for part in whole.parts() if part is not None)
+        if highest >= vocab:
+            name = names[index] if names else f"example {index} (counted from 0)"
+            raise ValueError(f"{name}: token id {highest} ({tokenizer.convert_ids_to_tokens(highest)!r}) is outside "
+                             f"{advice}")
+
+
 def human_part(example: Example) -> Example:
     """The example without a pair file's generated response."""
     return example if example.generated is None else replace(example, generated=None)

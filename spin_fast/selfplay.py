@@ -35,7 +35,7 @@ from pathlib import Path
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DataConfig, RunConfig
 from spin_fast.data import Example, TokenizedExample, eos_token_id, rows_found_in
-from spin_fast.examples import answered_pairs, read_examples, rows_digest, tokenize_examples
+from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
 from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
 from spin_fast.loading import fetch_model, load_policy, partitioned
@@ -153,6 +153,9 @@ class SelfPlay:
                 self.read(data, source, limit)
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
+        for t, (data, source, limit) in sources.items():  # before the run claims its directory, before any model runs
+            check_in_vocabulary(tokenizer, examples[t], self.sft_folder, self.config.model.trust_remote_code,
+                                self._origins[_key(data, source, limit)])
         fitted = set()  # (source, budget) pairs checked: the iterations mostly share both
         for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
             # cannot fit train.micro_batch_tokens is named now, not by training's check after generation and scoring

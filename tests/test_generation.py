@@ -53,6 +53,18 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tokenizer):
     assert got == one_by_one(model, batch, tokenizer.eos_token_id, GREEDY.max_new_tokens)
 
 
+def test_a_pad_token_the_model_has_no_embedding_for_pads_nothing_it_reads(tokenizer):
+    """A tokenizer given a pad token after the model was made ('[PAD]', id 300 of a 300-token model; spin-fast's own
+    SFT packs and never reads it): the padding is masked, and its id was an IndexError in the embedding as soon as
+    prompts of two lengths shared a batch. The answers are those of an in-vocabulary pad."""
+    model = make_model()
+    batch = prompts(tokenizer)
+    pad_outside = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=300, batch_size=3,
+                                     progress=False)
+    assert [c[0].token_ids for c in pad_outside.generate(batch, GREEDY)] == one_by_one(
+        model, batch, tokenizer.eos_token_id, GREEDY.max_new_tokens)
+
+
 def test_a_model_trained_with_packed_attention_generates_through_sdpa(tokenizer):
     """spin_varlen (the default for packed training) serves one packed row only: the engine generates with
     SDPA and gives the model back with its packed attention."""

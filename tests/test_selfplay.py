@@ -1,6 +1,7 @@
 """The self-play loop end to end on a tiny model: stages, data mixing, and resume after kills."""
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import astuple
@@ -1206,3 +1207,40 @@ def test_an_example_too_long_for_a_batch_is_named_by_its_file_and_line(sft_model
     assert main([command, str(config), *(a for s in overrides for a in ("--set", s))]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"spin-fast: {setting}: {folder / 'b.jsonl'} line 2 takes 512 tokens"), err
+
+
+@pytest.fixture(scope="module")
+def tokenizer_larger_than_model(sft_model, tmp_path_factory):
+    """The tiny SFT model (300 tokens) with a tokenizer given a special token its embeddings were never resized for
+    (id 300), as after tokenizer.add_special_tokens without model.resize_token_embeddings."""
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    folder = tmp_path_factory.mktemp("larger") / "model"
+    shutil.copytree(sft_model / "model", folder)
+    tokenizer = build_local_tokenizer(vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    assert tokenizer.convert_tokens_to_ids("<|tool|>") == 300
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["generate", "sft", "eval"])
+def test_a_token_id_outside_the_models_vocabulary_is_named_by_its_row_before_any_work(
+        sft_model, tokenizer_larger_than_model, tmp_path, capsys, command):
+    """A row whose text holds a token the tokenizer has and the model has not is named by its file and line, with the
+    setting, before any model runs: it was an IndexError deep in the embedding as generation started (a CUDA
+    device-side assert on a GPU), after the run had claimed its directory."""
+    from spin_fast.cli import main
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": q, "response": a} for q, a in QA]
+    rows[2] = {"prompt": "Call <|tool|> now.", "response": "Done."}
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    settings = [f"model.name_or_path={tokenizer_larger_than_model}", f"data.source={data}",
+                f"data.eval_source={data}"]
+    assert main([command, str(config), *(a for s in settings for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spin-fast: {data} line 3: token id 300 ('<|tool|>') is outside the model's vocabulary"), err
+    assert "model.name_or_path" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "iter-0").exists()

@@ -25,7 +25,10 @@ class TransformersEngine:
         self.model = model
         self.eos_token_id = eos_token_id
         self.stop_token_ids = tuple(stop_token_ids)  # more tokens that end an answer (the tokenizer's EOS)
-        self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        # Padding is masked, so any id the model embeds serves: a tokenizer's pad added after the model was made
+        # (an id past its embeddings, which spin-fast's packed SFT never reads) would be an IndexError.
+        vocab = model.get_input_embeddings().num_embeddings
+        self.pad_token_id = eos_token_id if pad_token_id is None or pad_token_id >= vocab else pad_token_id
         self.batch_size = batch_size
         self.progress = progress
 
