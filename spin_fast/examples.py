@@ -40,6 +40,17 @@ def rows_digest(examples: Seq[Example]) -> str:
     return hasher.hexdigest()
 
 
+def tokens_digest(examples: Seq[TokenizedExample]) -> str:
+    """A digest of the examples' token ids: it tells apart the same rows tokenized otherwise (a model.chat_template
+    file or the model's tokenizer changed), which rows_digest does not."""
+    hasher = hashlib.sha256()
+    for e in examples:
+        for part in (e.unfitted or e).parts():
+            if part is not None:
+                hasher.update(len(part).to_bytes(8, "little") + array("q", part).tobytes())
+    return hasher.hexdigest()
+
+
 def refusal(tokenizer, examples: Seq[Example], batch: Seq[int], fitting: dict, error: Exception
             ) -> tuple[str, Exception]:
     """Why the examples at `batch` cannot be tokenized: the first one that fails alone, named by its row (or the

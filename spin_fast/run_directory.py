@@ -86,10 +86,18 @@ class RunDirectory:
         saved = read_json(path) if path.exists() else {}
         for key, record in now.items():
             then = saved.get(key)
-            if then is None or then["digest"] == record["digest"] or not self.has_work(key):
+            # A directory made before token digests were kept has none to compare.
+            same_tokens = then is None or then.get("tokens") in (None, record.get("tokens"))
+            if then is None or (then["digest"] == record["digest"] and same_tokens) or not self.has_work(key):
                 continue
             what = f"iteration {key}'s prompts" if key.isdigit() else f"iteration {key.split()[1]}'s held-out data"
             setting = "data.source" if key.isdigit() else "data.eval_source"
+            if then["digest"] == record["digest"]:  # the same rows, other token ids
+                raise ValueError(f"{what} ({setting} {record['source']}) are tokenized otherwise than when {self.path} "
+                                 "made its work from them: the chat template (model.chat_template's file) or the "
+                                 "model's tokenizer changed, or a transformers or tokenizers upgrade tokenizes "
+                                 "otherwise; the run would mix pairs of the two. Put them back as they were, or use "
+                                 "a new output_dir")
             raise ValueError(f"{what} ({setting} {record['source']}: {record['examples']} examples) are not those "
                              f"{self.path} made its work from ({then['source']}: {then['examples']} examples, "
                              "other rows): the run would mix answers to the old rows with the new ones. Put the data "

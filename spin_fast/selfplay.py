@@ -35,7 +35,14 @@ from pathlib import Path
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DataConfig, RunConfig
 from spin_fast.data import Example, TokenizedExample, eos_token_id, rows_found_in
-from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
+from spin_fast.examples import (
+    answered_pairs,
+    check_in_vocabulary,
+    read_examples,
+    rows_digest,
+    tokenize_examples,
+    tokens_digest,
+)
 from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
 from spin_fast.loading import fetch_model, load_policy, partitioned
@@ -177,9 +184,9 @@ class SelfPlay:
                     check_examples_fit(examples[t], self.config.for_iteration(iteration).score_batch_tokens, source,
                                        self._origins[_key(data, source, limit)])
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
-        # tokenizing checked.
-        data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])]}
-                for t, (_, source, _) in sources.items()}
+        # tokenizing checked, and their token ids (the same rows through a changed chat template file differ there).
+        data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])],
+                         "tokens": tokens_digest(examples[t])} for t, (_, source, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
         session = distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder),
                                       "run directory")

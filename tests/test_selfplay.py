@@ -1244,3 +1244,22 @@ def test_a_token_id_outside_the_models_vocabulary_is_named_by_its_row_before_any
     assert err.startswith(f"spin-fast: {data} line 3: token id 300 ('<|tool|>') is outside the model's vocabulary"), err
     assert "model.name_or_path" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "iter-0").exists()
+
+
+def test_a_chat_template_file_changed_under_saved_work_is_refused(sft_model, tmp_path):
+    """model.chat_template names a file: the setting stays the same when the file's template changes, and a resumed
+    run mixed the saved pairs, tokenized with the old template, with new ones (here it trained on iteration 0's old
+    pairs, scored and trained as if made with the new template). The run compares its prompts' token ids as it
+    compares their text."""
+    from spin_fast.tokenizer import CHAT_TEMPLATE
+
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    config = run_config(sft_model, tmp_path / "run", f"model.chat_template={template}", "iterations=1")
+    SelfPlay(config).run(until=(0, "generate"))
+    template.write_text(CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token + 'A chat between two.' }}"))
+    with pytest.raises(ValueError, match=r"iteration 0's prompts .* tokenized otherwise .*model\.chat_template"):
+        SelfPlay(config).run(until=(0, "score"))
+    assert not (tmp_path / "run" / "iter-0" / "score").exists()
+    template.write_text(CHAT_TEMPLATE)  # put back as it was: the run goes on
+    SelfPlay(config).run(until=(0, "score"))
