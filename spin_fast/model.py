@@ -56,6 +56,9 @@ def load_tokenizer(settings: ModelConfig, folder: str | None = None):
         raise ValueError(f"{name_or_path}: its tokenizer has no chat template (a base model?), and every prompt is "
                          "rendered with one: set model.chat_template to a Jinja template or the path of a file "
                          "holding one (configs/templates/zephyr.jinja is the template of the SPIN paper's models)")
+    if tokenizer.eos_token_id is None:  # data.eos_token_id's own error would name neither the setting nor the folder
+        raise ValueError(f"model.name_or_path {name_or_path!r}: its tokenizer has no eos token, and every response "
+                         f"ends with one: set eos_token in {folder or name_or_path}'s tokenizer_config.json")
     return tokenizer
 
 

@@ -1263,3 +1263,23 @@ def test_a_chat_template_file_changed_under_saved_work_is_refused(sft_model, tmp
     assert not (tmp_path / "run" / "iter-0" / "score").exists()
     template.write_text(CHAT_TEMPLATE)  # put back as it was: the run goes on
     SelfPlay(config).run(until=(0, "score"))
+
+
+@pytest.mark.parametrize("command", ["run", "sft"])
+def test_a_tokenizer_without_eos_is_refused_naming_the_model(sft_model, tmp_path, capsys, command):
+    """Every response ends with EOS: a model folder whose tokenizer declares none is refused by its setting and
+    folder, not with 'the tokenizer has no eos token', which names neither."""
+    from transformers import AutoTokenizer
+
+    from spin_fast.cli import main
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(sft_model / "model", folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).eos_token_id is None
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main([command, str(config), "--set", f"model.name_or_path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spin-fast: model.name_or_path '{folder}': its tokenizer has no eos token"), err
