@@ -160,9 +160,10 @@ class SelfPlay:
                 self.read(data, source, limit)
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
-        for t, (data, source, limit) in sources.items():  # before the run claims its directory, before any model runs
+        first_of = {_key(*sources[t]): t for t in reversed(list(sources))}  # the iterations mostly share a source
+        for key, t in first_of.items():  # before the run claims its directory, before any model runs
             check_in_vocabulary(tokenizer, examples[t], self.sft_folder, self.config.model.trust_remote_code,
-                                self._origins[_key(data, source, limit)])
+                                self._origins[key])
         fitted = set()  # (source, budget) pairs checked: the iterations mostly share both
         for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
             # cannot fit train.micro_batch_tokens is named now, not by training's check after generation and scoring
@@ -185,8 +186,9 @@ class SelfPlay:
                                        self._origins[_key(data, source, limit)])
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
         # tokenizing checked, and their token ids (the same rows through a changed chat template file differ there).
+        tokens = {key: tokens_digest(examples[t]) for key, t in first_of.items()}
         data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])],
-                         "tokens": tokens_digest(examples[t])} for t, (_, source, _) in sources.items()}
+                         "tokens": tokens[_key(*sources[t])]} for t, (_, source, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
         session = distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder),
                                       "run directory")
