@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 
@@ -10,6 +11,31 @@ HALF_AND_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch", "reference")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+# A check of an input's values: (a mask of its bad entries, the error message for the first bad one's index).
+ValueCheck = tuple[torch.Tensor, Callable[[int], str]]
+
+
+def value_check(bad: torch.Tensor, message: Callable[[int], str], pending: list[ValueCheck] | None) -> None:
+    """Run now, or add to `pending` for read_value_checks: on CUDA each host read waits for the GPU."""
+    if pending is not None:
+        pending.append((bad, message))
+    else:
+        read_value_checks([(bad, message)])
+
+
+def read_value_checks(pending: list[ValueCheck], kept: torch.Tensor | None = None) -> bool:
+    """Every pending value check, and whether `kept` is all True (every target carries loss), in one host read:
+    an entry point reads the device once per call, not once per input. ValueError names the first bad entry."""
+    flags = [bad.any() for bad, _ in pending] + ([kept.all()] if kept is not None else [])
+    if not flags:
+        return False
+    values = torch.stack(flags).tolist()
+    for failed, (bad, message) in zip(values, pending):
+        if failed:
+            raise ValueError(message(int(bad.nonzero()[0, 0])))
+    return kept is not None and values[-1]
 
 
 def check_first_order() -> None:
@@ -84,8 +110,10 @@ def check_linear_inputs(
     ignore_index: int,
     allow_float64: bool,
     hidden_index: torch.Tensor | None = None,
+    pending: list[ValueCheck] | None = None,
 ) -> None:
-    """Shapes, dtypes, devices and target range of linear_logprobs' inputs."""
+    """Shapes, dtypes, devices and target range of linear_logprobs' inputs (the values' checks added to `pending`
+    when given, for read_value_checks)."""
     _check_tensor("hidden", hidden, 2)
     _check_tensor("weight", weight, 2)
     _check_tensor("targets", targets, 1)
@@ -118,21 +146,18 @@ def check_linear_inputs(
             raise ValueError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
         tensors["bias"] = bias
     if hidden_index is not None:
-        _check_hidden_index(hidden_index, targets, n_tokens)
+        _check_hidden_index(hidden_index, targets, n_tokens, pending)
         tensors["hidden_index"] = hidden_index
     for name, tensor in tensors.items():
         if tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"targets[{row}] = {int(targets[row])} is outside [0, {vocab_size}) "
-            f"and is not ignore_index ({ignore_index})"
-        )
+    value_check(bad, lambda row: f"targets[{row}] = {int(targets[row])} is outside [0, {vocab_size}) "
+                                 f"and is not ignore_index ({ignore_index})", pending)
 
 
-def _check_hidden_index(hidden_index: torch.Tensor, targets: torch.Tensor, n_tokens: int) -> None:
+def _check_hidden_index(hidden_index: torch.Tensor, targets: torch.Tensor, n_tokens: int,
+                        pending: list[ValueCheck] | None) -> None:
     """hidden_index [M]: one row of hidden [N, H] per target."""
     _check_tensor("hidden_index", hidden_index, 1)
     _check_index_dtype("hidden_index", hidden_index)
@@ -140,10 +165,8 @@ def _check_hidden_index(hidden_index: torch.Tensor, targets: torch.Tensor, n_tok
         raise ValueError(f"hidden_index must have one entry per target like targets {tuple(targets.shape)}, "
                          f"got {tuple(hidden_index.shape)}")
     bad = (hidden_index < 0) | (hidden_index >= n_tokens)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"hidden_index[{row}] = {int(hidden_index[row])} is outside [0, {n_tokens}) "
-                         f"(the rows of hidden)")
+    value_check(bad, lambda row: f"hidden_index[{row}] = {int(hidden_index[row])} is outside [0, {n_tokens}) "
+                                 "(the rows of hidden)", pending)
 
 
 def check_pair_logps(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -> None:
@@ -164,7 +187,7 @@ def check_pair_logps(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -
 
 
 def check_sequence_ids(sequence_ids: torch.Tensor, n_sequences: int, targets: torch.Tensor, ignore_index: int,
-                       what: str = "") -> None:
+                       what: str = "", pending: list[ValueCheck] | None = None) -> None:
     """sequence_ids [N]: the sequence in [0, n_sequences) of each token with loss (`what` says what n is)."""
     _check_tensor("sequence_ids", sequence_ids, 1)
     _check_index_dtype("sequence_ids", sequence_ids)
@@ -177,9 +200,8 @@ def check_sequence_ids(sequence_ids: torch.Tensor, n_sequences: int, targets: to
         raise ValueError(f"sequence_ids is on {sequence_ids.device} but targets are on {targets.device}")
     # Tokens without loss (prompt, padding) may carry any id, e.g. -1; the others must name a sequence.
     bad = (targets != ignore_index) & ((sequence_ids < 0) | (sequence_ids >= n_sequences))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"sequence_ids[{row}] = {int(sequence_ids[row])} is outside [0, {n_sequences}){what}")
+    value_check(bad, lambda row: f"sequence_ids[{row}] = {int(sequence_ids[row])} is outside [0, {n_sequences}){what}",
+                pending)
 
 
 def check_sequence_inputs(
@@ -187,6 +209,7 @@ def check_sequence_inputs(
     opponent_logps: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int,
+    pending: list[ValueCheck] | None = None,
 ) -> int:
     """Checks fused_linear_spin_loss' sequence layout and returns the number of pairs P."""
     _check_tensor("opponent_logps", opponent_logps, 1)
@@ -199,5 +222,6 @@ def check_sequence_inputs(
         raise ValueError(f"opponent_logps must be a floating tensor, got {opponent_logps.dtype}")
     if opponent_logps.device != targets.device:
         raise ValueError(f"opponent_logps is on {opponent_logps.device} but targets are on {targets.device}")
-    check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index, f" (2P for P={n_sequences // 2} pairs)")
+    check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index, f" (2P for P={n_sequences // 2} pairs)",
+                       pending)
     return n_sequences // 2

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ._checks import check_backend, check_linear_inputs, check_sequence_ids
+from ._checks import check_backend, check_linear_inputs, check_sequence_ids, read_value_checks
 from .chunked import ChunkedLinearLogprobs
 from .reference import reference_linear_logprobs
 
@@ -57,10 +57,12 @@ def linear_logprobs(
     are then [M], and a row may predict several targets (a prompt shared by two responses).
     """
     check_backend(backend)
+    pending = []
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
-                        hidden_index=hidden_index)
+                        hidden_index=hidden_index, pending=pending)
+    all_kept = read_value_checks(pending, targets != ignore_index)
     return checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, resolve_backend(backend, hidden),
-                                   hidden_index)
+                                   hidden_index, all_kept)
 
 
 def sequence_logprobs(
@@ -83,14 +85,16 @@ def sequence_logprobs(
     """
     # Every input is checked before the head's forward runs (linear_logprobs' checks, then the sequences').
     check_backend(backend)
+    pending = []
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
-                        hidden_index=hidden_index)
+                        hidden_index=hidden_index, pending=pending)
     if isinstance(n_sequences, bool) or not isinstance(n_sequences, numbers.Integral) or n_sequences < 1:
         raise ValueError(f"n_sequences must be an int >= 1, got {n_sequences!r}")
     n_sequences = int(n_sequences)  # a NumPy integer too
-    check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index)
+    check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index, pending=pending)
+    all_kept = read_value_checks(pending, targets != ignore_index)
     token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index,
-                                          resolve_backend(backend, hidden), hidden_index)
+                                          resolve_backend(backend, hidden), hidden_index, all_kept)
     return sum_by_sequence(token_logps, targets, sequence_ids, n_sequences, ignore_index)
 
 
@@ -101,19 +105,23 @@ def sum_by_sequence(token_logps: torch.Tensor, targets: torch.Tensor, sequence_i
     return token_logps.new_zeros(n_sequences).index_add(0, safe_ids, token_logps)
 
 
-def loss_rows(targets: torch.Tensor, ignore_index: int,
-              hidden_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions in targets of the tokens with loss, the hidden row each of them reads)."""
-    kept = (targets != ignore_index).nonzero().squeeze(1)
+def loss_rows(targets: torch.Tensor, ignore_index: int, hidden_index: torch.Tensor | None,
+              all_kept: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions in targets of the tokens with loss, the hidden row each of them reads). all_kept: every target
+    carries loss (read_value_checks says), so that no nonzero (a host read) is needed to find them."""
+    if all_kept:
+        kept = torch.arange(targets.shape[0], device=targets.device)
+    else:
+        kept = (targets != ignore_index).nonzero().squeeze(1)
     return kept, kept if hidden_index is None else hidden_index.index_select(0, kept).long()  # int32 taken too
 
 
 def checked_linear_logprobs(hidden, weight, targets, bias, ignore_index: int, backend: str,
-                            hidden_index: torch.Tensor | None = None) -> torch.Tensor:
+                            hidden_index: torch.Tensor | None = None, all_kept: bool = False) -> torch.Tensor:
     """linear_logprobs on inputs already checked, with a resolved backend name."""
     # Tokens without loss are dropped here, before any backend sees them: they cost nothing. Every backend
     # accumulates the gradient of a row that several targets read.
-    kept, rows = loss_rows(targets, ignore_index, hidden_index)
+    kept, rows = loss_rows(targets, ignore_index, hidden_index, all_kept)
     selected_targets = targets.index_select(0, kept)
     with without_autocast(hidden):
         if backend == "reference":

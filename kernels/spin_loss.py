@@ -29,6 +29,7 @@ from ._checks import (
     check_pair_logps,
     check_reduction,
     check_sequence_inputs,
+    read_value_checks,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
 from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend, sum_by_sequence, without_autocast
@@ -152,15 +153,17 @@ def fused_linear_spin_loss(
     check_reduction(reduction)
     check_flag("length_normalize", length_normalize)
     check_backend(backend)
+    pending = []  # the checks of the inputs' values, read together
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
-                        hidden_index=hidden_index)
-    n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index)
+                        hidden_index=hidden_index, pending=pending)
+    n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index, pending)
+    all_kept = read_value_checks(pending, targets != ignore_index)
     scale = token_count_inverse(targets, sequence_ids, 2 * n_pairs, ignore_index) if length_normalize else None
     backend = resolve_backend(backend, hidden)
     if backend == "torch" and reduction != "none":
         # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once. Each pair's own
         # loss (reduction="none") gets a gradient weight that the forward cannot know: it takes the general path.
-        kept, rows = loss_rows(targets, ignore_index, hidden_index)
+        kept, rows = loss_rows(targets, ignore_index, hidden_index, all_kept)
         grad_on = torch.is_grad_enabled()
         need = tuple(t is not None and t.requires_grad and grad_on for t in (hidden, weight, bias, opponent_logps))
         with without_autocast(hidden):
@@ -171,7 +174,8 @@ def fused_linear_spin_loss(
         if reduction == "sum":
             loss = loss * n_pairs
     else:
-        token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index)
+        token_logps = checked_linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, hidden_index,
+                                              all_kept)
         policy_logps = sum_by_sequence(token_logps, targets, sequence_ids, 2 * n_pairs, ignore_index)
         if scale is not None:
             policy_logps = policy_logps * scale.to(policy_logps.dtype)

@@ -76,15 +76,16 @@ def model_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, back
     batches = pack_groups(groups, token_budget, share_prompts=can_share_prompts(model))
     passes = zero.in_step([model], batches, "scoring micro-batch counts")
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
-    result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64)
+    # Filled on the device and copied to the host once: a copy per micro-batch would wait for each pass to end.
+    result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64, device=device)
     with zero.gathered_per_layer(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
         for batch in distributed.progress_bar(passes, "scoring", progress):
-            sums = _summed_logprobs(model, (filler if batch is None else batch).to(device), weight, bias, backend,
-                                    bf16_autocast)
+            moved = (filler if batch is None else batch).to(device)
+            sums = _summed_logprobs(model, moved, weight, bias, backend, bf16_autocast)
             if batch is not None:
-                result[batch.group_indices] = sums.view(batch.group_size, -1).T.cpu()
+                result[moved.group_indices] = sums.view(batch.group_size, -1).T.to(device)
     model.train(was_training)
-    return result
+    return result.cpu()
 
 
 def _summed_logprobs(model, batch: MicroBatch, weight, bias, backend: str, bf16_autocast: bool) -> torch.Tensor:

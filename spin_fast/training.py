@@ -182,7 +182,7 @@ class PackedLoss(torch.nn.Module):
                                                        hidden_index=batch.hidden_index, backend=self.config.backend)
             n_loss = batch.targets.numel()
             loss = -token_logps.sum() / max(n_loss, 1)
-            return loss, {"loss": loss.detach() * n_loss, "count": torch.tensor(n_loss)}
+            return loss, {"loss": loss.detach() * n_loss, "count": loss.new_full((), n_loss)}
         out = spin_kernels.fused_linear_spin_loss(
             hidden, weight, batch.targets, batch.sequence_ids, opponent_logps, beta=self.config.beta,
             loss_type=self.config.loss_type, label_smoothing=self.config.label_smoothing, bias=bias,
@@ -190,7 +190,7 @@ class PackedLoss(torch.nn.Module):
         )
         n = out.margins.numel()
         return out.loss, {
-            "loss": out.loss.detach() * n, "count": torch.tensor(n),
+            "loss": out.loss.detach() * n, "count": out.loss.new_full((), n),  # on the device, as the sums are
             "rewards/real": out.rewards_real.sum(), "rewards/generated": out.rewards_generated.sum(),
             "rewards/margins": out.margins.sum(), "rewards/accuracies": out.accuracy.sum(),
         }
@@ -358,28 +358,33 @@ class Trainer:
         n_batches = max(distributed.all_gather_objects(len(batches), "micro-batch counts"))
         filler = batches[0] if batches else pack_groups(groups[:1], 2**62, share_prompts=self.share_prompts)[0]
         names = PackedLoss.METRICS[self.config.mode]
-        totals = dict.fromkeys(names, 0.0)  # every rank sums the same names, even one without items
+        # Summed where the loss is and read once after the loop: a read per micro-batch (float of a CUDA tensor)
+        # would wait for each one's backward before the next could be queued.
+        sums = None
         tokens = 0
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
+        # Every micro-batch's inputs go to the device before the first forward: a copy from pageable host memory
+        # waits for the GPU to finish what it was given, so a copy per micro-batch would stall each one.
+        inputs = [self.micro_batch_inputs(batch, [indices[mine[i]] for i in batch.group_indices.tolist()])
+                  for batch in batches] or [self.micro_batch_inputs(filler, [indices[0]])]
         for k in range(n_batches):
             batch = batches[k] if k < len(batches) else filler
-            batch_items = [indices[mine[i]] for i in batch.group_indices.tolist()] if batches else [indices[0]]
             weight = weight_of(batch) if k < len(batches) else 0.0
-            loss, metrics = self.micro_batch_loss(batch.to(self.device), batch_items)
+            loss, metrics = self.micro_batch_loss(*inputs[k if k < len(batches) else 0])  # the filler: batches[0]
             if self.engine is not None:
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
             else:
                 (loss * weight).backward()
             if k < len(batches):
-                for name in names:
-                    totals[name] += float(metrics[name])
+                values = torch.stack([metrics[name].to(torch.float64) for name in names])
+                sums = values if sums is None else sums + values
                 tokens += batch.n_sequence_tokens  # every sequence whole: comparable with or without sharing
             del loss, metrics  # the graph, with the torch backend's gradient sums, goes before the next forward
         # The whole step's, over the ranks: each rank ran its own share of the micro-batches.
         packed = [float(len(batches)), float(sum(batch.n_tokens for batch in batches))]
-        summed = distributed.all_reduce_sum(torch.tensor([*(totals[n] for n in names), *packed, float(tokens)]),
-                                            "step metrics").tolist()
+        local = sums.tolist() if sums is not None else [0.0] * len(names)  # the step's one read of the device
+        summed = distributed.all_reduce_sum(torch.tensor([*local, *packed, float(tokens)]), "step metrics").tolist()
         step_batches, step_tokens, tokens = summed[len(names):]
         totals = dict(zip(names, summed))
         if not math.isfinite(totals["loss"]):
@@ -420,12 +425,16 @@ class Trainer:
         loss_tokens = float(distributed.all_reduce_sum(torch.tensor([local]), "loss tokens")[0])
         return lambda batch: batch.targets.numel() / loss_tokens * self.world
 
-    def micro_batch_loss(self, batch: MicroBatch, item_indices: list[int]) -> tuple[torch.Tensor, dict]:
+    def micro_batch_inputs(self, batch: MicroBatch, item_indices: list[int]) -> tuple[MicroBatch, torch.Tensor | None]:
+        """The micro-batch and its pairs' opponent log-probs (SPIN), on the device."""
         opponent = None
         if self.config.mode == "spin":
             pairs = [self.items[i] for i in item_indices]
             opponent = torch.tensor([p.opponent_real for p in pairs] + [p.opponent_generated for p in pairs],
                                     dtype=torch.float32, device=self.device)
+        return batch.to(self.device), opponent
+
+    def micro_batch_loss(self, batch: MicroBatch, opponent: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         run = self.engine if self.engine is not None else self.loss_module
         return run(batch, opponent)
 
