@@ -10,6 +10,8 @@ through `SelfPlay` for 2 + `timed_iterations` iterations (5 in the CPU and GPU p
                     writing and reading back the scored ones, as in a run)
   train             the SPIN training of θt+1, checkpoints included
   weight_transfer   θt+1 into the running engine, in memory
+  heldout           θt+1's log-likelihood of the held-out rows, where a config sets data.eval_source (a run
+                    scores them in every iteration; the built-in task has none)
 
 One worker process runs the whole run, memory first (as bench.common.memory_then_time does for a step):
 iterations 0 and 1 under bench.common.worker_env()'s exact-RSS allocator give each stage's peak memory in the
@@ -66,6 +68,7 @@ from bench.common import (
 )
 
 STAGES = ("engine_start", "generate", "score", "train", "weight_transfer")
+HELDOUT = "heldout"  # a stage of the runs whose config sets data.eval_source alone
 MEMORY_ITERATIONS = (0, 1)  # under the exact-RSS allocator the worker starts with
 FIRST_TIMED_ITERATION = 2  # this one and those after it are timed, under glibc's ordinary allocator
 
@@ -222,6 +225,12 @@ def profiled_selfplay(config, on_record=None):
         def transfer_weights(self, *args, **kwargs):
             return self.measured("weight_transfer", lambda: super(Profiled, self).transfer_weights(*args, **kwargs))
 
+        def heldout(self, model, tokenizer, config):
+            if not config.data.eval_source:  # nothing scored: no stage
+                return super().heldout(model, tokenizer, config)
+            # Part of every iteration of such a run: left out, the other stages' shares would be too large.
+            return self.measured(HELDOUT, lambda: super(Profiled, self).heldout(model, tokenizer, config))
+
     selfplay = Profiled(config)
     selfplay.records = {"time": {}, "memory": {}}
     selfplay.current = 0
@@ -356,7 +365,8 @@ def profile_rows(result: dict) -> list[dict]:
         rows.append({"stage": "engine_start", "iterations": [0], "seconds": once, "min": once, "max": once,
                      "share": None, "peak_extra_mib": memory_of.get("iter-0/engine_start"), "memory_iteration": 0})
     timed = sorted({_iteration_of(k) for k in time_of if _iteration_of(k) >= FIRST_TIMED_ITERATION})
-    samples = {s: {t: time_of[f"iter-{t}/{s}"] for t in timed if f"iter-{t}/{s}" in time_of} for s in STAGES}
+    samples = {s: {t: time_of[f"iter-{t}/{s}"] for t in timed if f"iter-{t}/{s}" in time_of}
+               for s in (*STAGES, HELDOUT)}
     median_of = {s: statistics.median(by_t.values()) for s, by_t in samples.items() if by_t}
     total = sum(median_of.values())
     steady = MEMORY_ITERATIONS[-1]

@@ -129,8 +129,9 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
     (None on the other ranks)."""
     from spin_fast import distributed
     from spin_fast.config import DeepSpeedConfig
+    from spin_fast.packing import group_tokens, pack_groups
     from spin_fast.scoring import score_pairs
-    from spin_fast.training import Trainer
+    from spin_fast.training import Trainer, step_items
 
     device = torch.device("cpu")
     if preset.device == "cuda":
@@ -155,9 +156,14 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
                           preset.repeats)
         # A step ends when its slowest rank ends.
         per_rank = distributed.all_gather_objects(times, "step times")
-        micro_batches = distributed.all_gather_objects([m["micro_batches"] for m in history], "micro-batch counts")
-        threads = distributed.all_gather_objects(torch.get_num_threads(), "threads")
         world, rank = distributed.world_size(), distributed.rank()
+        # Each rank's own micro-batches in the last step, packed as train_step() packs them (its "micro_batches" is
+        # the whole step's, summed over the ranks).
+        groups = trainer.groups(step_items(len(scored), config, trainer.step - 1))
+        mine = distributed.balance([group_tokens(g, trainer.share_prompts) for g in groups], world)[rank]
+        own = pack_groups([groups[i] for i in mine], config.micro_batch_tokens, share_prompts=trainer.share_prompts)
+        micro_batches = distributed.all_gather_objects(len(own), "micro-batch counts")
+        threads = distributed.all_gather_objects(torch.get_num_threads(), "threads")
         if distributed.initialized():
             distributed.barrier("end of the bench")
     if rank != 0:
@@ -171,7 +177,7 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
         "threads_per_process": threads,
         "tokens": tokens, "tokens_per_s": total, "tokens_per_s_per_process": total / world,
         "step_ms_per_rank": [[t * 1e3 for t in ts] for ts in per_rank],
-        "micro_batches_per_rank": [counts[-1] for counts in micro_batches],
+        "micro_batches_per_rank": micro_batches,
         "first_loss": history[0]["loss"], "losses": [m["loss"] for m in history],
     }
 

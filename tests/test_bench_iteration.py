@@ -111,3 +111,30 @@ def test_ones_own_configs_errors_come_before_the_profile(tmp_path, capsys):
     with pytest.raises(SystemExit):
         iteration.main(["--preset", "tiny", "--set", "train.beta=1"])
     assert "give --config FILE too" in capsys.readouterr().err
+
+
+def test_a_configs_held_out_evaluation_is_timed_as_a_stage_of_its_iteration(tmp_path, monkeypatch):
+    """With data.eval_source, every iteration of a run also scores the held-out rows after its weight transfer: the
+    profile of that config times it as a stage too, or its "share of iteration" figures leave that time out."""
+    from spin_fast.sorting import make_splits, write_jsonl
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    made = tmp_path / "made"
+    made.mkdir()
+    built, _ = iteration.builtin_config(iteration.PRESETS["tiny"], "transformers", made)
+    _, held_out = make_splits(0, 200, seed=1)
+    eval_source = write_jsonl(tmp_path / "eval.jsonl", held_out)
+    settings = {"model": {"name_or_path": built.model.name_or_path},
+                "data": {"source": built.data.source, "eval_source": str(eval_source), "max_length": 96,
+                         "max_prompt_length": 64},
+                "generation": {"engine": "transformers", "max_new_tokens": 8},
+                "train": {"global_batch": 4, "micro_batch_tokens": 512, "progress": False}}
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(settings))
+
+    assert iteration.main(["--preset", "tiny", "--config", str(config), "--set", "data.max_prompts=6"]) == 0
+    report = json.loads((tmp_path / "results" / "iteration-tiny-custom.json").read_text())
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert "heldout" in rows, list(rows)
+    assert rows["heldout"]["iterations"] == [2, 3] and rows["heldout"]["seconds"] > 0
+    assert math.isclose(sum(r["share"] for r in rows.values() if r["share"] is not None), 1.0)

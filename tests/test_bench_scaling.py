@@ -65,3 +65,24 @@ def test_scaling_refuses_a_world_size_of_zero(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:  # argparse's refusal: status 2
         scaling.main(["--preset", "tiny", "--stages", "2", "--world-sizes", "0"])
     assert exit_info.value.code == 2
+
+
+def test_micro_batches_per_rank_are_each_ranks_own(tmp_path, monkeypatch):
+    """micro_batches_per_rank: each rank's own micro-batches, as the step's packing for that many ranks makes them
+    (Trainer.train_step's "micro_batches" is the whole step's, summed over the ranks)."""
+    from bench import train_step
+    from spin_fast import distributed
+    from spin_fast.packing import pack_groups
+    from spin_fast.scoring import ScoredPair
+    from spin_fast.training import group_tokens
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert scaling.main(["--preset", "tiny", "--stages", "2", "--world-sizes", "2"]) == 0
+    preset = scaling.PRESETS["tiny"]
+    groups = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, 0.0, 0.0).sequences()
+              for p in train_step.make_pairs(preset)]
+    for r in json.loads((tmp_path / "scaling-tiny-custom.json").read_text())["results"]:
+        shares = distributed.balance([group_tokens(g, True) for g in groups], r["processes"])
+        expected = [len(pack_groups([groups[i] for i in share], preset.micro_batch_tokens, share_prompts=True))
+                    for share in shares]
+        assert r["micro_batches_per_rank"] == expected, (r["config"], r["processes"])
