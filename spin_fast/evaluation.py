@@ -181,11 +181,12 @@ class Answering:
         self._vllm = None
         self._serving: str | None = None  # the folder whose weights the vLLM engine holds
 
-    def generate(self, path: str, prompts: Seq[Seq[int]], sampling: SamplingConfig, what: str
-                 ) -> list[list[Completion]]:
-        """One completion per prompt from the model at `path`, in prompt order, on every rank."""
+    def generate(self, path: str, prompts: Seq[Seq[int]], sampling: SamplingConfig, what: str,
+                 names: Seq[str] | None = None) -> list[list[Completion]]:
+        """One completion per prompt from the model at `path`, in prompt order, on every rank (`names`: each prompt's
+        row, which a prompt too long for the model's context is named by)."""
         folder = self.folders.get(path, path)  # a Hub model's local snapshot
-        check_prompts_fit(prompts, sampling.max_new_tokens, folder, self.config, what)
+        check_prompts_fit(prompts, sampling.max_new_tokens, folder, self.config, what, names)
         if self.engine == "transformers":
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
@@ -210,10 +211,11 @@ class Answering:
 
         return distributed.share_work([request_cost(p, sampling) for p in prompts], generate, what)
 
-    def greedy(self, path: str, examples: Seq[TokenizedExample]) -> list[str]:
+    def greedy(self, path: str, examples: Seq[TokenizedExample], names: Seq[str] | None = None) -> list[str]:
         """The model's greedy (temperature 0) answer to each prompt, decoded without special tokens."""
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=self.config.generation.max_new_tokens)
-        completions = self.generate(path, [e.answered_prompt_ids for e in examples], sampling, "greedy answers")
+        completions = self.generate(path, [e.answered_prompt_ids for e in examples], sampling, "greedy answers",
+                                    names)
         return [self.tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in completions]
 
     def close(self) -> None:
@@ -434,9 +436,10 @@ class Evaluation:
             self.tokenizer = load_tokenizer(config.model, self.folders[sft])
             self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
         self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress)
+        self.names = [e.origin for e in self.raw]  # each held-out row's file and line, which errors name it by
         check_in_vocabulary(self.tokenizer, self.examples, self.folders[sft], config.model.trust_remote_code,
-                            [e.origin for e in self.raw])
-        check_examples_fit(self.examples, config.score_batch_tokens, eval_source, [e.origin for e in self.raw])
+                            self.names)
+        check_examples_fit(self.examples, config.score_batch_tokens, eval_source, self.names)
         # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
         # ranks evaluate different models (and wait forever for each other).
         # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).
@@ -521,7 +524,7 @@ class Evaluation:
 
         def make():
             completions = self.answering.generate(opponent, [e.answered_prompt_ids for e in self.examples], sampling,
-                                                  f"iteration {t}'s held-out answers")
+                                                  f"iteration {t}'s held-out answers", self.names)
             pairs = answered_pairs(self.examples, completions, eos_token_id(self.tokenizer), self.config.data,
                                    bos=self.tokenizer.bos_token_id)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
@@ -535,7 +538,8 @@ class Evaluation:
         # Saved apart from the row: another checker grades them again without the model answering again.
         key = {"greedy answers of": self.identities[path], **self.answer_settings}
         return self.saved.get_or_make(f"greedy-answers-{name}", key,
-                                      lambda: self.answering.greedy(path, self.examples), f"{name}'s greedy answers")
+                                      lambda: self.answering.greedy(path, self.examples, self.names),
+                                      f"{name}'s greedy answers")
 
     def grades(self, name: str, answers: list[str]) -> list[float]:
         """The checker's grade of each answer, saved with it in answers-<name>.jsonl (rank 0 alone: a checker may

@@ -741,3 +741,16 @@ def test_a_baseline_name_that_is_another_models_answers_file_is_refused(sorting_
     with pytest.raises(ConfigError, match="baseline 'greedy-answers-sft': the name of one of the run's own"):
         evaluate_run(SelfPlay(config), config.data.eval_source, tmp_path / "run" / "eval.jsonl",
                      {"greedy-answers-sft": str(sorting_run / "model")})
+
+
+def test_a_held_out_prompt_too_long_to_answer_whole_is_named_by_its_file_and_line(sorting_run, tmp_path):
+    """Under data.cut_prompt=when_too_long the held-out prompts are answered whole: one that with its answer exceeds
+    the model's context is named by its file and line, as the run names a training prompt, not by an index."""
+    held_out = tmp_path / "long.jsonl"
+    rows = [("Sort: 2, 1.", "In order: 1, 2."), (" ".join(["Sort: 9, 4, 7."] * 300), "In order: 4, 7, 9.")]
+    held_out.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in rows))
+    config = eval_config(sorting_run, tmp_path / "run", f"data.eval_source={held_out}", "data.cut_prompt=when_too_long",
+                         "data.checker=spin_fast.sorting:score")
+    with pytest.raises(ValueError, match=r"1 of 2 prompts are too long to answer whole, the first \S+long\.jsonl "
+                                         r"line 2: \d+ tokens and generation\.max_new_tokens=12 exceed"):
+        evaluate_run(SelfPlay(config), config.data.eval_source)
