@@ -600,6 +600,16 @@ class Trainer:
             if unexpected or any(not _is_tied(self.model, name) for name in missing):
                 raise ValueError(f"{latest}: weights do not match the model (missing {missing}, "
                                  f"unexpected {unexpected})")
+            # Older code gave weight decay one group; torch's own error for it names neither the file nor why.
+            saved_groups = len(state["optimizer"]["param_groups"])
+            if saved_groups != len(self.optimizer.param_groups):
+                raise ValueError(
+                    f"{latest}: written by older spin-fast code with {saved_groups} optimizer parameter group(s) "
+                    f"under train.weight_decay={self.config.weight_decay}, where this training has "
+                    f"{len(self.optimizer.param_groups)}: weight decay now leaves biases and norm weights out, in a "
+                    f"group of their own, so its optimizer state does not fit. Remove the "
+                    f"checkpoint-* folders in {latest.parent} to start this training again, or resume it with the "
+                    "spin-fast that wrote it")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             rng = state["rng"]

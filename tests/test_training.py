@@ -746,3 +746,25 @@ def test_an_epoch_permutes_its_items_once_not_once_a_step(monkeypatch):
     assert [i for step in steps[:per_epoch] for i in step] == expected[0]
     assert [i for step in steps[per_epoch:] for i in step] == expected[1]
     assert len(drawn) <= 2, f"{len(drawn)} permutations of {n_items} items for {2 * per_epoch} steps of 2 epochs"
+
+
+def test_a_checkpoint_of_one_optimizer_group_under_weight_decay_is_named_with_why(tmp_path):
+    """Older code gave the optimizer one parameter group under train.weight_decay > 0; biases and norm weights now
+    have their own, undecayed group. Such a checkpoint is refused naming itself and why, not with torch's bare
+    error about the number of parameter groups."""
+    scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
+    cfg = config(epochs=1, weight_decay=0.1)
+    Trainer(make_model(), None, cfg, tmp_path, scored).train()
+    state_file = tmp_path / "checkpoint-1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert len(state["optimizer"]["param_groups"]) == 2
+    model = make_model()
+    old = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)  # older code's
+    model(torch.tensor([[3, 4, 5]])).logits.sum().backward()
+    old.step()
+    state["optimizer"] = old.state_dict()
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=r"checkpoint-1: written by older spin-fast code with 1 optimizer parameter "
+                                         r"group\(s\) under train\.weight_decay=0\.1, where this training has 2: "
+                                         r"weight decay now leaves biases and norm weights out"):
+        Trainer(make_model(), None, cfg, tmp_path, scored).train()
