@@ -60,7 +60,7 @@ def init(timeout_minutes: float = 30.0) -> None:
     import deepspeed
 
     if torch.cuda.is_available():  # before NCCL starts, or every rank would talk from GPU 0
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_gpu())
     global _timeout
     timeout = _timeout = datetime.timedelta(minutes=timeout_minutes)
     if not launched_distributed():  # deepspeed.enabled on one process, started without a launcher: a group of one
@@ -77,6 +77,17 @@ def init(timeout_minutes: float = 30.0) -> None:
         if getattr(groups, "_WORLD_GROUP", False) is None:
             groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
     log.info("rank %d of %d (backend %s, collective timeout %s)", rank(), world_size(), dist.get_backend(), timeout)
+
+
+def local_gpu() -> int:
+    """This rank's GPU: LOCAL_RANK, which must be one of the node's visible GPUs (else CUDA's bare "invalid device
+    ordinal", naming neither the launch nor the count)."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        raise ValueError(f"LOCAL_RANK={local} but this node has {count} visible GPU(s): start at most {count} "
+                         f"processes per node (torchrun --nproc-per-node={count}; configs/launch/slurm.sbatch "
+                         "sets 8)")
+    return local
 
 
 def free_port() -> int:

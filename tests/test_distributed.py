@@ -1074,3 +1074,22 @@ def test_a_file_rank_0_wrote_unreadable_on_one_rank_stops_every_rank_with_its_me
     pairs = tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl"
     assert f"spin-fast: [Errno 13] Permission denied: '{pairs}'" in ranks[1].stderr, ranks[1].stderr[-3000:]
     assert f"spin-fast: rank 1: [Errno 13] Permission denied: '{pairs}'" in ranks[0].stderr, ranks[0].stderr[-3000:]
+
+
+def test_a_local_rank_beyond_the_nodes_gpus_is_one_clear_line(monkeypatch):
+    """torchrun --nproc-per-node=8 (configs/launch/slurm.sbatch's) on a node with fewer GPUs: the rank whose
+    LOCAL_RANK has no GPU is refused naming LOCAL_RANK, the GPU count and --nproc-per-node, not with CUDA's
+    "invalid device ordinal" (torch.cuda.set_device's error, emulated: this machine has no GPU)."""
+    def set_device(index):  # what torch.cuda.set_device does on a node with 2 GPUs
+        if index >= 2:
+            raise RuntimeError("CUDA error: invalid device ordinal\nCUDA kernel errors might be asynchronously "
+                               "reported at some other API call, so the stacktrace below might be incorrect.")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK=5 but this node has 2 visible GPU\(s\): start at most 2 "
+                                         r"processes per node \(torchrun --nproc-per-node=2;"):
+        distributed.init(1)
+    assert not distributed.initialized()
