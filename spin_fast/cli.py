@@ -235,8 +235,9 @@ def run_sft(config) -> int:
         # Every rank writes its shard of the checkpoints there, and reads rank 0's files when it resumes.
         distributed.on_every_rank(lambda: check_shared(output_dir, starts, start), "output_dir, on every node")
         model = load_policy(folder, config)
-        result = Trainer(model, tokenizer, config.train.replace(mode="sft"), output_dir / "sft",
-                         sequences, deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft")).train()
+        result = Trainer(model, tokenizer, config.train.replace(mode="sft"), output_dir / "sft", sequences,
+                         deepspeed=config.deepspeed, name=tracked_name(config.output_dir, "sft"),
+                         fits_checked=True).train()  # named by their rows above
     if os.environ.get("RANK", "0") == "0":
         print(f"sft: {result.steps} steps, model in {result.final_dir}")
     return 0

@@ -36,6 +36,12 @@ class Example:
     generated: str | None = None  # an opponent response (SPIN pair files)
     origin: str = ""  # "path line N" (.jsonl, from 1) or "path row N" (from 0), for messages
 
+    @functools.cached_property
+    def key(self) -> bytes:
+        """A digest of the prompt and response, made once: a run looks the rows up by it twice (repeated_rows as they
+        load, rows_found_in for the held-out ones), each time a pass over the data's text."""
+        return _row_key(self)
+
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -518,7 +524,7 @@ def repeated_rows(examples: Iterable[Example]) -> list[tuple[Example, Example]]:
     first: dict[bytes, Example] = {}
     repeats = []
     for e in examples:
-        key = _row_key(e)
+        key = e.key
         if key in first:
             repeats.append((e, first[key]))
         else:
@@ -530,8 +536,8 @@ def rows_found_in(examples: Iterable[Example], others: Iterable[Example]) -> lis
     """(row, the row of `others` with its prompt and response) for each of `examples` that `others` holds."""
     first: dict[bytes, Example] = {}
     for e in others:
-        first.setdefault(_row_key(e), e)
-    return [(e, first[key]) for e in examples if (key := _row_key(e)) in first]
+        first.setdefault(e.key, e)
+    return [(e, first[e.key]) for e in examples if e.key in first]
 
 
 def _row_key(example: Example) -> bytes:

@@ -435,7 +435,8 @@ class Evaluation:
             self.folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
             self.tokenizer = load_tokenizer(config.model, self.folders[sft])
             self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
-        self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress)
+        self.digest = rows_digest(self.raw)  # once: the ranks' check and a Hub dataset's identity both take it
+        self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress, self.digest)
         self.names = [e.origin for e in self.raw]  # each held-out row's file and line, which errors name it by
         check_in_vocabulary(self.tokenizer, self.examples, self.folders[sft], config.model.trust_remote_code,
                             self.names)
@@ -476,7 +477,7 @@ class Evaluation:
         return distributed.from_main({
             # A Hub dataset (a name that is no local path) is known by its rows: a new revision is other data.
             "eval_source": (path_identity(eval_source) if Path(eval_source).exists()
-                            else {"dataset": eval_source, "rows": rows_digest(self.raw)})
+                            else {"dataset": eval_source, "rows": self.digest})
             if distributed.is_main() else None,
             "data": {k: v for k, v in asdict(config.data).items()
                      if k not in ("source", "max_prompts", "eval_source", "checker")},

@@ -145,7 +145,7 @@ class RunDirectory:
                         "from one code throughout, use a new output_dir", self.path,
                         f"spin-fast {before}" if before else "an older spin-fast (no version recorded)", code_version(),
                         ", ".join(done) or "none", ", ".join(sorted(started)) or "none")
-        return record_start(path, until=list(until) if until else None)
+        return record_start(path, text, until=list(until) if until else None)
 
     def saved_config(self) -> dict | None:
         """The settings the run directory was started with (None for a new run). A run directory belongs to one
@@ -246,11 +246,12 @@ def check_shared(output_dir: Path, path: Path, line: str) -> None:
         time.sleep(1)
 
 
-def record_start(path: Path, **fields) -> str:
+def record_start(path: Path, text: str | None = None, **fields) -> str:
     """Rank 0: this start of a command, appended to `path` (its line, returned): when, which code, how many
-    processes, and `fields`. What check_shared looks for."""
+    processes, and `fields`. What check_shared looks for. `text`: the file as the caller has just read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else ""
+    if text is None:
+        text = path.read_text() if path.exists() else ""
     line = json.dumps({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_version(),
                        "processes": distributed.world_size(), **fields})
     with path.open("a") as out:

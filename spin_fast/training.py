@@ -213,10 +213,11 @@ MICRO_BATCH_ADVICE = " (a pair's sequences share a micro-batch) or cut the data 
 
 
 def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConfig, what: str = "item",
-                advice: str = MICRO_BATCH_ADVICE) -> None:
+                advice: str = MICRO_BATCH_ADVICE, fits_checked: bool = False) -> None:
     """Every item up front, named by its index (`what` says what the items are; of several too long, the longest):
     a bad one found at its step would end a run hours in. A run checks its pairs with it before scoring them too
-    (with its own `advice` for an item too long)."""
+    (with its own `advice` for an item too long). fits_checked: the caller has checked that each item fits
+    train.micro_batch_tokens (naming its row), which is not done again."""
     if not items:
         raise ValueError("nothing to train on: the item list is empty")
     expected = ScoredPair if config.mode == "spin" else Sequence
@@ -226,7 +227,8 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
                              f"got {type(item).__name__}")
     groups = [item.sequences() if expected is ScoredPair else [item] for item in items]
     share_prompts = config.share_prompts and can_share_prompts(model)
-    check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)
+    if not fits_checked:
+        check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)
     vocab = model.get_input_embeddings().num_embeddings
     for index, (item, group) in enumerate(zip(items, groups)):
         parts = [part for sequence in group for part in (sequence.prompt_ids, sequence.response_ids) if part]
@@ -246,11 +248,12 @@ class Trainer:
     rank constructs a Trainer with the same items; under ZeRO-3 `model` ends partitioned across ranks,
     and the trained weights are in the consolidated checkpoint `train()` returns. `release()` then frees
     the model from DeepSpeed's engine. `name` is the training's in W&B ("<group>/<run>", default: output_dir).
+    `fits_checked`: the caller has checked that each item fits train.micro_batch_tokens (check_items).
     """
 
     def __init__(self, model, tokenizer, config: TrainConfig, output_dir: str | Path,
                  items: Seq[ScoredPair] | Seq[Sequence], deepspeed: DeepSpeedConfig | None = None,
-                 name: str | None = None):
+                 name: str | None = None, fits_checked: bool = False):
         self.model, self.tokenizer, self.config, self.items = model, tokenizer, config, list(items)
         self.output_dir = Path(output_dir)
         self.start_model = getattr(model, "name_or_path", "")  # where the weights were loaded from, if from disk
@@ -261,7 +264,7 @@ class Trainer:
             disable_dropout(model)
         check_logits_are_the_heads(model, self.start_model or type(model).__name__)  # one loaded elsewhere, too
         self.share_prompts = config.share_prompts and can_share_prompts(model)
-        check_items(self.items, model, config)
+        check_items(self.items, model, config, fits_checked=fits_checked)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.loss_module = PackedLoss(model, config)
         optimizer = make_optimizer(model, config)

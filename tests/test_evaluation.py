@@ -754,3 +754,21 @@ def test_a_held_out_prompt_too_long_to_answer_whole_is_named_by_its_file_and_lin
     with pytest.raises(ValueError, match=r"1 of 2 prompts are too long to answer whole, the first \S+long\.jsonl "
                                          r"line 2: \d+ tokens and generation\.max_new_tokens=12 exceed"):
         evaluate_run(SelfPlay(config), config.data.eval_source)
+
+
+def test_eval_of_a_hub_dataset_digests_its_rows_once(sorting_run, tmp_path, monkeypatch):
+    """A Hub dataset is known by its rows' digest, which the ranks' check of the tokenized rows takes too: one pass
+    over the held-out text, not two."""
+    import datasets
+
+    from spin_fast import evaluation, examples
+
+    rows = [json.loads(line) for line in (sorting_run / "eval.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
+    digests = []
+    digest = examples.rows_digest
+    for module in (evaluation, examples):
+        monkeypatch.setattr(module, "rows_digest", lambda raw: digests.append(len(raw)) or digest(raw))
+    config = eval_config(sorting_run, tmp_path / "run", "data.eval_source=org/held-out", "data.split=test")
+    assert evaluate_run(SelfPlay(config), "org/held-out")[0]["responses"] == len(rows)
+    assert digests == [len(rows)]

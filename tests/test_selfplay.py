@@ -1283,3 +1283,43 @@ def test_a_tokenizer_without_eos_is_refused_naming_the_model(sft_model, tmp_path
     assert main([command, str(config), "--set", f"model.name_or_path={folder}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"spin-fast: model.name_or_path '{folder}': its tokenizer has no eos token"), err
+
+
+def test_sft_checks_each_example_fits_once(sft_model, tmp_path, monkeypatch):
+    """`spin-fast sft` names an example too long by its row before the model loads; the trainer does not check
+    the same examples against the same budget again (a pass over every example, seconds on a large set)."""
+    from spin_fast import packing, training
+    from spin_fast.cli import main
+
+    checks = []
+
+    def counted(groups, *args, **kwargs):
+        checks.append(len(groups))
+        return check_fits(groups, *args, **kwargs)
+
+    check_fits = packing.check_fits
+    monkeypatch.setattr(packing, "check_fits", counted)
+    monkeypatch.setattr(training, "check_fits", counted)
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main(["sft", str(config)]) == 0
+    assert checks == [len(QA)]
+
+
+def test_a_run_start_reads_its_sessions_once_and_keys_each_row_once(sft_model, tmp_path, monkeypatch):
+    """A start reads sessions.jsonl once (the session line appended after it), and each row's key (its repeats, the
+    held-out rows found in the training set) is computed once: a pass over the data's text, seconds on a large set."""
+    from spin_fast import data
+
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": q, "response": a}) for q, a in QA[:2]))
+    monkeypatch.setattr(SelfPlay, "iteration", lambda self, *args, **kwargs: None)  # the start alone
+    config = run_config(sft_model, tmp_path / "run", f"data.eval_source={held_out}", "iterations=1")
+    SelfPlay(config).run()
+    reads, keys = [], []
+    read_text, row_key = Path.read_text, data._row_key
+    monkeypatch.setattr(Path, "read_text", lambda path, *a, **k: reads.append(path.name) or read_text(path, *a, **k))
+    monkeypatch.setattr(data, "_row_key", lambda example: keys.append(example.origin) or row_key(example))
+    SelfPlay(config).run()
+    assert reads.count("sessions.jsonl") == 1
+    assert len((tmp_path / "run" / "sessions.jsonl").read_text().splitlines()) == 2
+    assert sorted(keys) == sorted({*keys}) and len(keys) == len(QA) + 2
