@@ -179,6 +179,19 @@ def test_no_two_iterations_sample_from_the_same_seed(tokenizer):
                                                                           indices=[1])
 
 
+def test_each_iteration_draws_numbers_of_its_own_for_a_prompt(tokenizer):
+    """Iteration t's seeds are iteration 0's plus t * 2**32, but a torch CPU generator keeps a seed's low 32 bits
+    alone: every iteration drew iteration 0's numbers for each prompt, so a model that changed little (SPIN's
+    learning rates) gave each prompt the same answer in every iteration. Each iteration samples apart."""
+    engine = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, progress=False)
+    batch = prompts(tokenizer)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)
+    answers = [engine.generate(batch, sampling.for_iteration(t)) for t in range(3)]
+    for t in (1, 2):
+        assert all(a != b for a, b in zip(answers[0], answers[t])), t
+    assert all(a != b for a, b in zip(answers[1], answers[2]))
+
+
 def test_the_models_generation_config_does_not_change_the_samples(tokenizer):
     """A checkpoint's generation_config.json (repetition penalty, n-gram bans, ...) is not a SamplingConfig
     setting: the engine samples as vLLM does with explicit SamplingParams, and leaves the model's config alone."""

@@ -136,6 +136,17 @@ def test_iterations_sample_from_seeds_of_their_own(setup):
     assert later != engine.generate(prompts[:1], sampling.for_iteration(0), indices=[1])
 
 
+def test_each_iteration_draws_numbers_of_its_own_for_a_prompt(setup):
+    """Iteration t's seeds are iteration 0's plus t * 2**32, but the CPU build seeds a torch CPU generator, which
+    keeps a seed's low 32 bits alone: every iteration answered each prompt as iteration 0 did (same weights here)."""
+    engine, _, _, prompts, _ = setup
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=5)
+    answers = [engine.generate(prompts, sampling.for_iteration(t)) for t in range(3)]
+    for t in (1, 2):
+        assert all(a != b for a, b in zip(answers[0], answers[t])), t
+    assert answers[1] == engine.generate(prompts, sampling.for_iteration(1))  # still seeded
+
+
 def test_sampling_many_seeded_prompts_beyond_one_step(setup):
     """More prompt tokens than one engine step takes (4096 on the CPU build), sampled with a seed per prompt,
     twice (the second time with a warm prefix cache): no prompt is cut across steps, where the CPU build's

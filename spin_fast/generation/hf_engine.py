@@ -16,7 +16,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from spin_fast import distributed, zero
 from spin_fast.attention import NAME as PACKED_ONLY
-from spin_fast.generation.base import Completion, SamplingConfig
+from spin_fast.generation.base import Completion, SamplingConfig, generator_seed
 
 
 class TransformersEngine:
@@ -43,7 +43,8 @@ class TransformersEngine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions per prompt, in prompt order. Request (prompt p, completion k) samples from seed
-        sampling.seed + indices[p] * n + k, its place in the whole set, whatever batch it is in: a set generated in
+        sampling.seed + indices[p] * n + k (through base.generator_seed), its place in the whole set, whatever batch
+        it is in: a set generated in
         parts, or shared out to ranks, with its indices samples what one call does.
 
         Only `sampling` decides how tokens are drawn, as in vLLM given explicit SamplingParams: the model's own
@@ -130,7 +131,7 @@ class SampleEachRow(LogitsProcessor):
     token possible: a request's tokens depend on its seed alone, not on the rows it shares a batch with."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device):
-        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.generators = [torch.Generator(device).manual_seed(generator_seed(seed)) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = scores.float().softmax(dim=-1)

@@ -26,7 +26,7 @@ import torch
 
 from spin_fast import distributed, stopping
 from spin_fast.generation import engine_guard
-from spin_fast.generation.base import Completion, SamplingConfig
+from spin_fast.generation.base import Completion, SamplingConfig, generator_seed
 
 _SHM = Path("/dev/shm")
 
@@ -226,8 +226,8 @@ class VllmEngine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions for each prompt (token ids), in prompt order; completion k of prompt i samples with seed
-        sampling.seed + indices[i] * n + k (indices[i]: its index in the whole set), whichever rank or batch it is
-        in, as in the transformers engine."""
+        sampling.seed + indices[i] * n + k (indices[i]: its index in the whole set; through base.generator_seed,
+        which vLLM adds k to), whichever rank or batch it is in, as in the transformers engine."""
         indices = range(len(prompts)) if indices is None else indices
         if self._group is not None:  # every rank of the engine's group must submit the same requests
             prompts, indices, mine = share_requests(prompts, indices, self._group)
@@ -245,7 +245,7 @@ class VllmEngine:
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
                                  stop_token_ids=self._stops or None,
-                                 seed=sampling.seed + i * sampling.n) for i in indices]
+                                 seed=generator_seed(sampling.seed + i * sampling.n)) for i in indices]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
         outputs = self._llm.generate(inputs, params, use_tqdm=distributed.is_main())  # type: ignore[arg-type]
         return [[self._completion(o.token_ids, o.finish_reason, o.stop_reason) for o in out.outputs]
