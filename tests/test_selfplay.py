@@ -71,6 +71,15 @@ def test_two_iterations_mix_the_previous_pairs(sft_model, tmp_path):
     assert not leftover.exists() and summary.read_text().splitlines() == lines
 
 
+def test_each_iteration_answers_with_numbers_of_its_own(sft_model, tmp_path):
+    """SPIN's learning rates change the model little in an iteration: with the numbers of iteration 0 (what a torch
+    CPU generator drew from iteration t's seeds, t * 2**32 above) iteration 1 gave every prompt iteration 0's answer."""
+    SelfPlay(run_config(sft_model, tmp_path / "run", "train.learning_rate=1e-9", "mix_previous=0")).run()
+    answers = [[pair.generated_ids for pair in load_scored_pairs(tmp_path / "run" / f"iter-{t}" / "generate" /
+                                                                 "pairs.jsonl")] for t in (0, 1)]
+    assert sum(a == b for a, b in zip(*answers)) < len(QA) / 2
+
+
 def test_resume_after_kills_in_generation_and_training_matches(sft_model, tmp_path, monkeypatch):
     reference = final_weights(SelfPlay(run_config(sft_model, tmp_path / "straight")).run())
 
