@@ -226,10 +226,21 @@ def test_an_answer_ends_at_any_eos_id_of_the_models_generation_config(tokenizer)
     assert cut >= 1 and model.generation_config.eos_token_id == [tokenizer.eos_token_id, end_of_turn]
 
 
+def test_a_seed_the_config_takes_serves_every_iteration(tokenizer):
+    """generation.seed 2**62 - 1 was taken, and iteration 1's seeds, 2**32 above, refused ("seed must be in [0,
+    2**62)"): the run stopped once iteration 0 was done."""
+    from spin_fast.config import GenerationConfig
+
+    sampling = GenerationConfig(seed=2**62 - 1, max_new_tokens=8).sampling()
+    engine = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, progress=False)
+    answers = [engine.generate(prompts(tokenizer, 1), sampling.for_iteration(t)) for t in range(3)]
+    assert answers[0] != answers[1] != answers[2]
+
+
 def test_sampling_config_errors():
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingConfig(top_p=0)
-    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*62\)"):
+    with pytest.raises(ValueError, match="seed must be >= 0"):
         SamplingConfig(seed=-1)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         SamplingConfig(max_new_tokens=0)

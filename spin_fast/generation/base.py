@@ -45,8 +45,8 @@ class SamplingConfig:
         for name in ("max_new_tokens", "n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**62:  # torch generators take seeds below 2**64; room left for the offsets
-            raise ValueError(f"seed must be in [0, 2**62), got {self.seed}")
+        if self.seed < 0:  # of any size: generator_seed folds it, with the offsets added, into what torch takes
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     def for_iteration(self, t: int) -> SamplingConfig:
         """The sampling of SPIN iteration t: seeds no other iteration uses."""
