@@ -212,3 +212,36 @@ def test_the_engine_outlives_a_warning_sent_to_the_process_group(setup):
     for pid in pids:  # generation would wait forever on a dead engine: checked alive first
         assert Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
     assert vllm_greedy(engine, prompts) == hf_greedy(model, prompts, eos)
+
+
+def test_weights_from_a_folder_reach_the_head_of_a_tied_model(setup, tmp_path):
+    """A model whose head is tied to its embeddings (Qwen2.5-0.5B, Llama-3.2-1B) saves the embeddings alone: the
+    head must answer with the new ones too after load_weights_from (spin-fast eval's move from model to model), as
+    after load_weights from memory (whose weights name the head) and as an engine started from the folder."""
+    from transformers import LlamaForCausalLM
+
+    from spin_fast.model import tiny_config
+    from spin_fast.tokenizer import build_local_tokenizer as tokenizer_of
+
+    _, _, _, prompts, eos = setup
+    tokenizer = tokenizer_of()
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512,
+                         tie_word_embeddings=True)
+    config.initializer_range = 0.2  # wide weights, as wide_tiny_llama's: greedy choices far from rounding
+    torch.manual_seed(0)
+    first = LlamaForCausalLM(config).eval()
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    assert second.lm_head.weight is second.model.embed_tokens.weight
+    for name, model in (("first", first), ("second", second)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    expected = hf_greedy(second, prompts, eos)
+    assert expected != hf_greedy(first, prompts, eos)
+    with VllmEngine(tmp_path / "first", dtype="float32", max_model_len=512) as engine:
+        engine.load_weights_from(tmp_path / "second")
+        assert vllm_greedy(engine, prompts) == expected
+        engine.load_weights_from(tmp_path / "first")
+        assert vllm_greedy(engine, prompts) == hf_greedy(first, prompts, eos)

@@ -43,9 +43,40 @@ class WeightSwapExtension:
             pairs: Iterator[tuple[str, torch.Tensor]] = ((name, f.get_tensor(name)) for name in f.keys())
             self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
 
+    def spin_load_weights_folder(self, path: str) -> None:
+        """Reload the model's weights from a model folder, in place, as reload_weights(weights_path=path) does, but
+        naming the head of a model that ties it to its embeddings: its folder holds the embeddings alone, and a layer
+        that gets no weight keeps the tensors it had (the CPU build's head: its repacked copy of the old ones)."""
+        from vllm.model_executor.model_loader import get_model_loader
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        config = self.vllm_config.model_config  # type: ignore[attr-defined]
+        config.model, config.model_weights, config.revision = path, "", None  # reload_weights' own for a path
+        weights = get_model_loader(self.vllm_config.load_config).get_all_weights(config, model)  # type: ignore
+        # The ties are read now: the reload puts the model's tensors on the meta device before it reads `weights`.
+        tied = _tied_to_head(model)
+        self.reload_weights(weights_iterator=_with_tied_head(weights, tied))  # type: ignore[attr-defined]
+
     def spin_pid(self) -> int:
         """The worker's process id (tests check that a swap does not restart the engine)."""
         return os.getpid()
+
+
+def _tied_to_head(model) -> set[str]:
+    """The names of the parameters that a vLLM model ties its head (lm_head.weight) to: its embeddings, if tied."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    return {name for name, p in model.named_parameters(remove_duplicate=False)
+            if head is not None and p is head and name != "lm_head.weight"}
+
+
+def _with_tied_head(weights: Iterable[tuple[str, torch.Tensor]], tied: set[str]
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights`, with the head's weight (lm_head.weight) named just before a tensor it is tied to (the embeddings,
+    which a tied model's folder holds alone), as load_weights' file names it."""
+    for name, tensor in weights:
+        if name in tied:
+            yield "lm_head.weight", tensor
+        yield name, tensor
 
 
 log = logging.getLogger(__name__)
@@ -322,7 +353,7 @@ class VllmEngine:
         in memory: each worker reads the files itself with vLLM's own loader, nothing passes through this process."""
         if not any(Path(model_dir).glob("*.safetensors")):
             raise FileNotFoundError(f"{model_dir}: no .safetensors weights to load into the vLLM engine")
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self._llm.collective_rpc("spin_load_weights_folder", args=(str(model_dir),))
         self._llm.reset_prefix_cache()
 
     def worker_pids(self) -> list[int]:
