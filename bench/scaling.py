@@ -129,9 +129,8 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
     (None on the other ranks)."""
     from spin_fast import distributed
     from spin_fast.config import DeepSpeedConfig
-    from spin_fast.packing import group_tokens, pack_groups
     from spin_fast.scoring import score_pairs
-    from spin_fast.training import Trainer, step_items
+    from spin_fast.training import Trainer
 
     device = torch.device("cpu")
     if preset.device == "cuda":
@@ -157,12 +156,10 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
         # A step ends when its slowest rank ends.
         per_rank = distributed.all_gather_objects(times, "step times")
         world, rank = distributed.world_size(), distributed.rank()
-        # Each rank's own micro-batches in the last step, packed as train_step() packs them (its "micro_batches" is
-        # the whole step's, summed over the ranks).
-        groups = trainer.groups(step_items(len(scored), config, trainer.step - 1))
-        mine = distributed.balance([group_tokens(g, trainer.share_prompts) for g in groups], world)[rank]
-        own = pack_groups([groups[i] for i in mine], config.micro_batch_tokens, share_prompts=trainer.share_prompts)
-        micro_batches = distributed.all_gather_objects(len(own), "micro-batch counts")
+        # Each rank's own micro-batches in the last step (train_step's "micro_batches" is the whole step's, summed
+        # over the ranks).
+        own = len(trainer.rank_share(trainer.step - 1)[3])
+        micro_batches = distributed.all_gather_objects(own, "micro-batch counts")
         threads = distributed.all_gather_objects(torch.get_num_threads(), "threads")
         if distributed.initialized():
             distributed.barrier("end of the bench")

@@ -347,14 +347,19 @@ class Trainer:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def train_step(self) -> dict:
-        start = time.perf_counter()
-        indices = step_items(len(self.items), self.config, self.step)
+    def rank_share(self, step: int) -> tuple[list[int], list, list[int], list[MicroBatch]]:
+        """This rank's share of optimizer step `step` (all of it on one process), balanced by tokens: (the step's
+        items, their groups, the indices of this rank's groups, its micro-batches)."""
+        indices = step_items(len(self.items), self.config, step)
         groups = self.groups(indices)
-        # This rank's share of the step's items (all of them on one process), balanced by tokens.
         mine = distributed.balance([group_tokens(g, self.share_prompts) for g in groups], self.world)[self.rank]
         batches = pack_groups([groups[i] for i in mine], self.config.micro_batch_tokens,
                               share_prompts=self.share_prompts)
+        return indices, groups, mine, batches
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        indices, groups, mine, batches = self.rank_share(self.step)
         weight_of = self.loss_weights(batches, len(indices))
         # ZeRO reduces gradients in every backward, so every rank runs as many micro-batches as the busiest
         # one: the others repeat a micro-batch with weight 0.

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import config, make_model, random_pairs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spin_kernels
-from spin_fast.scoring import score_pairs
 from spin_fast.packing import MicroBatch
+from spin_fast.scoring import score_pairs
 from spin_fast.training import PackedLoss, Trainer
-from test_training import config, make_model, random_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 # The ops by which the host reads a tensor's value (nonzero: its result's size).
@@ -76,7 +76,7 @@ def test_the_fused_spin_loss_reads_the_device_once_per_call():
 
 def test_values_read_together_still_name_the_first_bad_one():
     hidden, weight = torch.randn(4, 8), torch.randn(20, 8)
-    sequence_ids, opponent = torch.tensor([0, 0, 1, 1]), torch.randn(2)
+    opponent = torch.randn(2)
     with pytest.raises(ValueError, match=r"targets\[2\] = 25 is outside \[0, 20\)"):
         spin_kernels.fused_linear_spin_loss(hidden, weight, torch.tensor([1, 2, 25, 3]), torch.tensor([0, 0, 9, 1]),
                                             opponent, backend="reference")
