@@ -230,17 +230,16 @@ def train_config(preset: Preset, n_pairs: int, **changes):
 
 def _spin_fast(share_prompts: bool):
     def make(preset: Preset, workdir: Path) -> Runner:
-        from spin_fast.packing import pack_groups, packing_efficiency
+        from spin_fast.packing import packing_efficiency
         from spin_fast.scoring import score_pairs
-        from spin_fast.training import Trainer, step_items
+        from spin_fast.training import Trainer
 
         model = with_spin_fast_attention(build_model(preset))
         pairs = make_pairs(preset)
         scored = score_pairs(model, pairs, preset.micro_batch_tokens)  # once, before timing
         config = train_config(preset, len(pairs), share_prompts=share_prompts)
         trainer = Trainer(model, None, config, workdir, scored)
-        batches = pack_groups(trainer.groups(step_items(len(scored), config, 0)), preset.micro_batch_tokens,
-                              share_prompts=trainer.share_prompts)
+        batches = trainer.rank_share(0)[3]  # one process: the whole step's micro-batches
         info = {
             "micro_batch_tokens": preset.micro_batch_tokens,
             "share_prompts": trainer.share_prompts,

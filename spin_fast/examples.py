@@ -117,8 +117,10 @@ def check_in_vocabulary(tokenizer, examples: Seq[TokenizedExample], model_folder
     once generation or scoring started. `names`: each example's row, where known."""
     from transformers import AutoConfig
 
+    from spin_fast.model import text_config
+
     config = AutoConfig.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
-    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    vocab = getattr(text_config(config), "vocab_size", None)
     if not vocab:
         return
     advice = (f"the model's vocabulary of {vocab} tokens (vocab_size in {model_folder}/config.json); the tokenizer of "

@@ -133,14 +133,18 @@ LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0), "logits_soft_cap": (No
                     "logits_mup_width_multiplier": (None, 1)}
 
 
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config of a model's text decoder (a VLM's own), or the config itself."""
+    with contextlib.suppress(ValueError, AttributeError):  # several text parts: the top level alone is read
+        return config.get_text_config(decoder=True)
+    return config
+
+
 def check_head_is_plain(config: PretrainedConfig, name: str) -> None:
     """The fused head computes log softmax(h @ W.T + b): a model that rescales or soft-caps its logits would
     silently get the wrong log-probs, and train on them, so it is refused."""
-    text_config = config
-    if hasattr(config, "get_text_config"):
-        with contextlib.suppress(ValueError):  # a config of several text parts: its top level alone is read
-            text_config = config.get_text_config(decoder=True)  # a VLM's own
-    for settings in {id(config): config, id(text_config): text_config}.values():
+    text = text_config(config)
+    for settings in {id(config): config, id(text): text}.values():
         for field, plain in LOGIT_TRANSFORMS.items():
             value = getattr(settings, field, None)
             if value not in plain:

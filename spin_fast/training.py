@@ -391,7 +391,7 @@ class Trainer:
             del loss, metrics  # the graph, with the torch backend's gradient sums, goes before the next forward
         # The whole step's, over the ranks: each rank ran its own share of the micro-batches.
         packed = [float(len(batches)), float(sum(batch.n_tokens for batch in batches))]
-        local = sums.tolist() if sums is not None else [0.0] * len(names)  # the step's one read of the device
+        local = sums.tolist() if sums is not None else [0.0] * len(names)  # the metrics' one read of the device
         summed = distributed.all_reduce_sum(torch.tensor([*local, *packed, float(tokens)]), "step metrics").tolist()
         step_batches, step_tokens, tokens = summed[len(names):]
         totals = dict(zip(names, summed))

@@ -239,7 +239,7 @@ class VllmEngine:
             self._llm = LLM(
                 model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                enable_sleep_mode=self._sleep_mode, seed=seed, trust_remote_code=trust_remote_code,
+                enable_sleep_mode=self._sleep_mode, seed=generator_seed(seed), trust_remote_code=trust_remote_code,
                 enforce_eager=self._on_cpu,  # no CUDA graphs / torch.compile warm-up on the CPU build
                 # The CPU build's seeded sampling fails on a prompt cut across engine steps ("CPU Generator does not
                 # use offset": it rewinds the generator of the cut request, which only CUDA generators allow).
