@@ -150,6 +150,7 @@ class DataConfig:
     # long for max_length.
     cut_prompt: str = "always"
     eval_source: str | None = None
+    eval_split: str | None = None  # eval_source's split (null: split): a Hub dataset's test_sft beside train_sft
     # "package.module:function" grading a held-out answer: f(prompt, response, reference) -> [0, 1] (eval)
     checker: str | None = None
 
@@ -166,6 +167,10 @@ class DataConfig:
         if not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be >= 1 and below max_length "
                              f"({self.max_length})")
+
+    def held_out(self) -> DataConfig:
+        """The settings eval_source is read with: its own split."""
+        return dataclasses.replace(self, split=self.eval_split or self.split, eval_split=None)
 
 
 @dataclass

@@ -434,9 +434,10 @@ class Evaluation:
                                       f"run's θ0 at revision {Path(self.folders[sft]).name} (the row 'sft')")
             self.folders.update({path: fetch_model(path, f"baseline {name!r}") for name, path in baselines.items()})
             self.tokenizer = load_tokenizer(config.model, self.folders[sft])
-            self.raw = read_examples(config.data, eval_source)  # the checker grades text: kept beside their ids
+            self.raw = read_examples(config.data.held_out(), eval_source)  # the checker grades text: kept too
         self.digest = rows_digest(self.raw)  # once: the ranks' check and a Hub dataset's identity both take it
-        self.examples = tokenize_examples(self.tokenizer, config.data, self.raw, config.train.progress, self.digest)
+        self.examples = tokenize_examples(self.tokenizer, config.data.held_out(), self.raw, config.train.progress,
+                                          self.digest)
         self.names = [e.origin for e in self.raw]  # each held-out row's file and line, which errors name it by
         check_in_vocabulary(self.tokenizer, self.examples, self.folders[sft], config.model.trust_remote_code,
                             self.names)
@@ -479,8 +480,8 @@ class Evaluation:
             "eval_source": (path_identity(eval_source) if Path(eval_source).exists()
                             else {"dataset": eval_source, "rows": self.digest})
             if distributed.is_main() else None,
-            "data": {k: v for k, v in asdict(config.data).items()
-                     if k not in ("source", "max_prompts", "eval_source", "checker")},
+            "data": {k: v for k, v in asdict(config.data.held_out()).items()  # "split": eval_source's
+                     if k not in ("source", "max_prompts", "eval_source", "eval_split", "checker")},
             "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
                       "chat_template": config.model.template_text()},  # the template, not the name of its file
             "generation": {"engine": engine, "max_new_tokens": config.generation.max_new_tokens,

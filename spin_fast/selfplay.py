@@ -151,7 +151,7 @@ class SelfPlay:
             data = self.config.for_iteration(t).data
             sources[t] = (data, data.source, data.max_prompts)
             if data.eval_source:
-                sources[f"eval {t}"] = (data, data.eval_source, None)
+                sources[f"eval {t}"] = (data.held_out(), data.eval_source, None)
         with distributed.main_first("the model and data, from the Hub"):
             # First: a missing model is named before its tokenizer fails.
             self.sft_folder = fetch_model(self.config.model.name_or_path, revision=revision)
@@ -379,7 +379,7 @@ class SelfPlay:
             return {}
         from spin_fast.evaluation import heldout_loglik
 
-        examples = self.examples(tokenizer, config.data, config.data.eval_source)
+        examples = self.examples(tokenizer, config.data.held_out(), config.data.eval_source)
         result = heldout_loglik(model, examples, config.score_batch_tokens, backend=config.train.backend,
                                 progress=config.train.progress, bf16_autocast=config.train.bf16_autocast)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}

@@ -772,3 +772,21 @@ def test_eval_of_a_hub_dataset_digests_its_rows_once(sorting_run, tmp_path, monk
     config = eval_config(sorting_run, tmp_path / "run", "data.eval_source=org/held-out", "data.split=test")
     assert evaluate_run(SelfPlay(config), "org/held-out")[0]["responses"] == len(rows)
     assert digests == [len(rows)]
+
+
+def test_the_held_out_rows_are_read_from_data_eval_split(sorting_run, tmp_path):
+    """A Hub dataset's folder holds its held-out split beside the training one (ultrachat_200k: test_sft beside
+    train_sft): data.eval_split picks the held-out one. Without it data.split serves both, and eval scored the
+    training split as held-out data."""
+    import shutil
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(sorting_run / "train.jsonl", folder / "train_sft-00000-of-00001.jsonl")
+    shutil.copy(sorting_run / "eval.jsonl", folder / "test_sft-00000-of-00001.jsonl")
+    held_out = len((sorting_run / "eval.jsonl").read_text().splitlines())
+    settings = [f"data.source={folder}", f"data.eval_source={folder}", "data.split=train_sft"]
+    config = eval_config(sorting_run, tmp_path / "run", *settings, "data.eval_split=test_sft")
+    assert evaluate_run(SelfPlay(config), str(folder))[0]["responses"] == held_out
+    config = eval_config(sorting_run, tmp_path / "again", *settings)  # data.split's rows: the training set's 40
+    assert evaluate_run(SelfPlay(config), str(folder))[0]["responses"] == 40 != held_out
