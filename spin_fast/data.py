@@ -216,14 +216,19 @@ def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS)
+    found = sorted(p for p in path.rglob("*") if p.is_file())
     # Hidden files and folders (.ipynb_checkpoints, .cache) hold copies of the data: reading them would
     # silently duplicate rows.
-    hidden = {f for f in files if any(part.startswith(".") for part in f.relative_to(path).parts)}
+    in_hidden = {f for f in found if any(part.startswith(".") for part in f.relative_to(path).parts)}
+    hidden = {f for f in in_hidden if f.suffix.lower() in _READERS}
     if hidden:
         logger.info("%s: ignored %d data files in hidden files or folders, such as %s", path, len(hidden),
                     min(hidden))
-    files = [f for f in files if f not in hidden]
+    files = [f for f in found if f.suffix.lower() in _READERS and f not in hidden]
+    others = [f for f in found if f.suffix.lower() not in _READERS and f not in in_hidden]
+    if others:  # a .jsonl.gz or .csv among the data is read by no reader: said, not silently left
+        logger.info("%s: ignored %d files of other types than %s, such as %s", path, len(others), ", ".join(_READERS),
+                    others[0].relative_to(path))
     if not files:
         note = f" (besides {len(hidden)} in hidden files or folders)" if hidden else ""
         raise DataError(f"{path}: directory has no {', '.join(_READERS)} files{note}")

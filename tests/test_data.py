@@ -378,6 +378,19 @@ def test_hidden_files_and_folders_in_a_directory_are_ignored(tmp_path, caplog):
         load_examples(tmp_path)
 
 
+def test_files_a_directory_holds_of_no_data_type_are_named_not_silently_left(tmp_path, caplog):
+    """A .jsonl.gz or .csv beside the data is read by no reader: the load says how many files it left and names one
+    (hidden ones, such as .gitattributes, are not counted)."""
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}])
+    for other in ("b.jsonl.gz", "c.csv", "README.md", ".gitattributes", ".cache/x.lock"):
+        (tmp_path / other).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / other).write_text("x")
+    with caplog.at_level(logging.INFO, logger="spin_fast.data"):
+        assert len(load_examples(tmp_path).examples) == 1
+    assert any(r.getMessage() == f"{tmp_path}: ignored 3 files of other types than .jsonl, .json, .parquet, such as "
+               "README.md" for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_directory_detects_the_schema_of_each_file(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Q", "response": "from columns"}])
     write_jsonl(tmp_path / "b.jsonl", [GOOD, {"messages": [user("Q2"), assistant("from messages")]}])
