@@ -44,8 +44,7 @@ class TransformersEngine:
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:
         """n completions per prompt, in prompt order. Request (prompt p, completion k) samples from seed
         sampling.seed + indices[p] * n + k (through base.generator_seed), its place in the whole set, whatever batch
-        it is in: a set generated in
-        parts, or shared out to ranks, with its indices samples what one call does.
+        it is in: a set generated in parts, or shared out to ranks, with its indices samples what one call does.
 
         Only `sampling` decides how tokens are drawn, as in vLLM given explicit SamplingParams: the model's own
         generation_config (a checkpoint's repetition penalty, n-gram bans, top-k, ...) is set aside meanwhile. Its
