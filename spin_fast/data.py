@@ -216,16 +216,10 @@ def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    found = sorted(p for p in path.rglob("*") if p.is_file())
-    # Hidden files and folders (.ipynb_checkpoints, .cache) hold copies of the data: reading them would
-    # silently duplicate rows.
-    in_hidden = {f for f in found if any(part.startswith(".") for part in f.relative_to(path).parts)}
-    hidden = {f for f in in_hidden if f.suffix.lower() in _READERS}
+    files, hidden, others = _listed(path)
     if hidden:
         logger.info("%s: ignored %d data files in hidden files or folders, such as %s", path, len(hidden),
                     min(hidden))
-    files = [f for f in found if f.suffix.lower() in _READERS and f not in hidden]
-    others = [f for f in found if f.suffix.lower() not in _READERS and f not in in_hidden]
     if others:  # a .jsonl.gz or .csv among the data is read by no reader: said, not silently left
         logger.info("%s: ignored %d files of other types than %s, such as %s", path, len(others), ", ".join(_READERS),
                     others[0].relative_to(path))
@@ -235,6 +229,16 @@ def _folder_files(path: Path) -> list[Path]:
     return files
 
 
+def _listed(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """A folder's data files, its data files under hidden names (.ipynb_checkpoints, .cache: copies of the data,
+    which would silently duplicate rows), and its files of other types."""
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    in_hidden = {f for f in found if any(part.startswith(".") for part in f.relative_to(path).parts)}
+    data = [f for f in found if f.suffix.lower() in _READERS]
+    return ([f for f in data if f not in in_hidden], [f for f in data if f in in_hidden],
+            [f for f in found if f.suffix.lower() not in _READERS and f not in in_hidden])
+
+
 # A shard as the Hub and datasets' push_to_hub name it: <split>-00000-of-00003[-<hash>] (ultrachat_200k's data/ folder)
 _SHARD = re.compile(r"(?P<split>\w+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?")
 
@@ -242,10 +246,7 @@ _SHARD = re.compile(r"(?P<split>\w+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?")
 def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
     """A folder's files of `split` where it holds a Hub dataset's splits side by side (its shards named by two splits
     or more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
-    splits: dict[str, list[Path]] = {}
-    for file in files:
-        if shard := _SHARD.fullmatch(file.name[: -len(file.suffix)]):
-            splits.setdefault(shard["split"], []).append(file)
+    splits = _shard_splits(files)
     if len(splits) < 2:
         return files
     if split not in splits:
@@ -254,6 +255,24 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
     logger.info("%s: read split %s (%d files), left the splits %s", path, split, len(splits[split]),
                 ", ".join(sorted(set(splits) - {split})))
     return splits[split]
+
+
+def _shard_splits(files: list[Path]) -> dict[str, list[Path]]:
+    """The files named as a split's shards, by split."""
+    splits: dict[str, list[Path]] = {}
+    for file in files:
+        if shard := _SHARD.fullmatch(file.name[: -len(file.suffix)]):
+            splits.setdefault(shard["split"], []).append(file)
+    return splits
+
+
+def reads_one_split(source: str | Path) -> bool:
+    """Whether `source` is a local folder of a Hub dataset's splits side by side, of which _split_files reads one
+    (older spin-fast read every split's files: what it saved from them is of other rows)."""
+    path = Path(source)
+    if not path.is_dir() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return False
+    return len(_shard_splits(_listed(path)[0])) >= 2
 
 
 def _read_file(path: Path, *, in_folder: bool = False) -> Rows:

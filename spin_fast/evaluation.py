@@ -34,7 +34,7 @@ import torch
 
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
-from spin_fast.data import Example, TokenizedExample, eos_token_id
+from spin_fast.data import Example, TokenizedExample, eos_token_id, reads_one_split
 from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
@@ -471,15 +471,24 @@ class Evaluation:
              for path in [sft, *self.checkpoints, *baselines.values()]}, "the models' files")
         self._loaded: dict[str, object] = {}
 
+    def _source_identity(self, eval_source: str) -> object:
+        """What tells the held-out rows apart: a local file or folder's files (path_identity), a Hub dataset's rows.
+        A folder of several splits' shards is known by its rows too: older spin-fast read every split's files, this
+        code data.split's alone, and the figures older code saved, of every split's rows, were reused under the same
+        files."""
+        if not Path(eval_source).exists():  # a Hub dataset: a new revision is other data
+            return {"dataset": eval_source, "rows": self.digest}
+        if reads_one_split(eval_source):
+            return {"files": path_identity(eval_source), "rows": self.digest}
+        return path_identity(eval_source)
+
     def _settings(self, eval_source: str) -> dict:
         """What every figure depends on besides the models. Settings that change nothing here (the training set,
         the number of iterations, the trackers) are left out, so that changing them keeps the saved work."""
         config, engine = self.config, self.answering.engine
         return distributed.from_main({
             # A Hub dataset (a name that is no local path) is known by its rows: a new revision is other data.
-            "eval_source": (path_identity(eval_source) if Path(eval_source).exists()
-                            else {"dataset": eval_source, "rows": self.digest})
-            if distributed.is_main() else None,
+            "eval_source": self._source_identity(eval_source) if distributed.is_main() else None,
             "data": {k: v for k, v in asdict(config.data.held_out()).items()  # "split": eval_source's
                      if k not in ("source", "max_prompts", "eval_source", "eval_split", "checker")},
             "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},

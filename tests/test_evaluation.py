@@ -778,8 +778,6 @@ def test_the_held_out_rows_are_read_from_data_eval_split(sorting_run, tmp_path):
     """A Hub dataset's folder holds its held-out split beside the training one (ultrachat_200k: test_sft beside
     train_sft): data.eval_split picks the held-out one. Without it data.split serves both, and eval scored the
     training split as held-out data."""
-    import shutil
-
     folder = tmp_path / "data"
     folder.mkdir()
     shutil.copy(sorting_run / "train.jsonl", folder / "train_sft-00000-of-00001.jsonl")
@@ -790,3 +788,29 @@ def test_the_held_out_rows_are_read_from_data_eval_split(sorting_run, tmp_path):
     assert evaluate_run(SelfPlay(config), str(folder))[0]["responses"] == held_out
     config = eval_config(sorting_run, tmp_path / "again", *settings)  # data.split's rows: the training set's 40
     assert evaluate_run(SelfPlay(config), str(folder))[0]["responses"] == 40 != held_out
+
+
+def test_a_folder_of_splits_saved_whole_by_older_code_is_evaluated_again(sorting_run, tmp_path, monkeypatch):
+    """spin-fast before the split-aware folder reading (session 39) read every file of a folder holding a Hub dataset's
+    splits side by side; this code reads data.split's alone. The saved figures were keyed by the folder's files, which
+    did not change: they were reused, scored on every split's rows, beside new rows scored on one split's."""
+    import spin_fast.data
+    import spin_fast.evaluation
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(sorting_run / "eval.jsonl", folder / "train-00000-of-00001.jsonl")
+    (folder / "test-00000-of-00001.jsonl").write_text(
+        "\n".join((sorting_run / "train.jsonl").read_text().splitlines()[:3]))
+    output = tmp_path / "run" / "eval.jsonl"
+    config = eval_config(sorting_run, tmp_path / "run", f"data.eval_source={folder}")
+    with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
+        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split: files)
+        # and keyed its figures by the folder's files alone
+        old_code.setattr(spin_fast.evaluation, "reads_one_split", lambda source: False, raising=False)
+        assert evaluate_run(SelfPlay(config), str(folder), output)[0]["responses"] == 9
+    again = evaluate_run(SelfPlay(config), str(folder), output)
+    fresh = evaluate_run(SelfPlay(eval_config(sorting_run, tmp_path / "fresh", f"data.eval_source={folder}")),
+                         str(folder), tmp_path / "fresh" / "eval.jsonl")
+    assert fresh[0]["responses"] == 6
+    assert again == fresh
