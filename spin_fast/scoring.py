@@ -83,7 +83,7 @@ def model_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, back
             moved = (filler if batch is None else batch).to(device)
             sums = _summed_logprobs(model, moved, weight, bias, backend, bf16_autocast)
             if batch is not None:
-                result[moved.group_indices] = sums.view(batch.group_size, -1).T.to(device)
+                result[moved.group_indices] = sums.view(batch.group_size, -1).T  # already on the device
     model.train(was_training)
     return result.cpu()
 
