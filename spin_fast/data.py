@@ -198,7 +198,7 @@ _READERS: dict[str, Callable[[Path], Rows]] = {
 def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
     """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset."""
     path = Path(source)
-    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # datasets' save_to_disk folder
+    if _saved_by_datasets(path):
         yield str(path), _load_from_disk(path, split)
     elif path.is_dir():
         for file in _split_files(path, _folder_files(path), split):
@@ -270,7 +270,7 @@ def reads_one_split(source: str | Path) -> bool:
     """Whether `source` is a local folder of a Hub dataset's splits side by side, of which _split_files reads one
     (older spin-fast read every split's files: what it saved from them is of other rows)."""
     path = Path(source)
-    if not path.is_dir() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+    if not path.is_dir() or _saved_by_datasets(path):
         return False
     return len(_shard_splits(_listed(path)[0])) >= 2
 
@@ -281,6 +281,11 @@ def _read_file(path: Path, *, in_folder: bool = False) -> Rows:
     except _NotRows as e:  # re-raised as a plain DataError: the subclass is only a marker
         hint = "; move it out of the data folder, or name the data file itself as the source" if in_folder else ""
         raise DataError(f"{e}{hint}") from None
+
+
+def _saved_by_datasets(path: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset's state.json, a DatasetDict's dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def _load_from_disk(path: Path, split: str) -> Rows:
