@@ -485,7 +485,8 @@ RUN_WIDE = ("output_dir", "model", "iterations", "mix_previous", "iteration_over
 def _dotted_changes(iteration, changes) -> dict:
     """One iteration's overrides as {"section.key": value}: a nested mapping changes only the settings it names."""
     where, setting = f"iteration_overrides[{iteration}]", f"iteration_overrides.{iteration}"
-    if isinstance(iteration, bool) or not str(iteration).isdigit():  # 2 or "2" (as YAML or JSON wrote it)
+    # 2 or "2" (as YAML or JSON wrote it); isdecimal, not isdigit: int() refuses "²"
+    if isinstance(iteration, bool) or not str(iteration).isdecimal():
         raise ConfigError(f"{where}: the key must be an iteration number, got {iteration!r}", setting)
     if not isinstance(changes, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, e.g. {{train.learning_rate: 1.0e-7}}, "
@@ -521,14 +522,22 @@ def warn_of_unused_overrides(config: RunConfig) -> None:
 def _set_dotted(data: dict, key: str, value, where: str) -> None:
     parts = key.split(".")
     node = data
-    for part in parts[:-1]:
+    # A key the file writes dotted (an override's {train.beta: ...}, as config.yaml saves them) is that setting: a
+    # nested copy beside it would be the setting given twice.
+    while len(parts) > 1 and ".".join(parts) not in node:
+        part = parts.pop(0)
         if node.get(part) is None:  # absent, or an empty section in the YAML (`train:` alone)
             node[part] = {}
         child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    key = ".".join(parts)
+    if isinstance(value, dict) and isinstance(node.get(key), dict):  # a mapping changes the settings it names (as a
+        for name, change in value.items():  # nested iteration override does), not the section's others
+            _set_dotted(node[key], str(name), change, where)
+        return
+    node[key] = value
 
 
 def flat_settings(config: dict, prefix: str = "") -> dict:

@@ -68,6 +68,8 @@ def test_errors_name_the_key(override, message):
     ("{3: {train.bta: 0.2}}", r"iteration_overrides\[3\]: unknown setting 'train.bta'"),  # checked, if beyond
     ("{-1: {train.beta: 0.2}}", r"iteration_overrides\[-1\]: the key must be an iteration number"),
     ("{one: {train.beta: 0.2}}", r"iteration_overrides\[one\]: the key must be an iteration number"),
+    # A digit int() does not read: "²".isdigit() held, and int("²") failed with no setting named.
+    ("{²: {train.beta: 0.2}}", r"iteration_overrides\[²\]: the key must be an iteration number"),
     ("{1: {model.name_or_path: other}}", "model.name_or_path is set for the whole run, not per iteration"),
     # The model and the generation engine are loaded once per run: another value would be silently ignored.
     ("{1: {train: {dtype: bfloat16}}}", r"iteration_overrides\[1\]: train.dtype is set for the whole run"),
@@ -336,3 +338,25 @@ def test_one_setting_given_twice_in_an_iteration_override_is_an_error(tmp_path):
                     "    train: {learning_rate: 1.0e-5, beta: 0.2}\n")
     with pytest.raises(ConfigError, match="learning_rate"):
         load_run_config(path)
+
+
+def test_a_set_mapping_changes_only_the_settings_it_names(tmp_path):
+    """--set train={beta: 0.2} replaced the file's whole train section: its learning rate and epochs silently went
+    back to the defaults; --set iteration_overrides={2: ...} dropped the file's overrides of iteration 1. A mapping
+    changes the settings it names, as a nested iteration override does."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {learning_rate: 1.0e-4, epochs: 5}\niterations: 3\n"
+                    "iteration_overrides:\n  1: {train.beta: 0.3}\n  2: {train: {epochs: 3}}\n")
+    config = load_run_config(path, ["train={beta: 0.2}", "iteration_overrides={2: {train.learning_rate: 1.0e-5}}"])
+    assert (config.train.learning_rate, config.train.epochs, config.train.beta) == (1e-4, 5, 0.2)
+    assert config.iteration_overrides == {1: {"train.beta": 0.3}, 2: {"train.epochs": 3, "train.learning_rate": 1e-5}}
+
+
+def test_a_set_override_of_an_iteration_adds_to_a_saved_configs_overrides(tmp_path):
+    """A run's saved config.yaml writes iteration numbers as strings and settings dotted ('1': {train.x: ...});
+    used as a config, a --set of that iteration's setting landed beside the file's in one mapping and was refused
+    as a setting given twice, where the README says the --set wins."""
+    path = tmp_path / "config.yaml"
+    path.write_text("iterations: 2\niteration_overrides:\n  '1':\n    train.learning_rate: 1.0e-07\n")
+    config = load_run_config(path, ["iteration_overrides.1.train.learning_rate=2.0e-7", "iteration_overrides.1.train.beta=0.2"])
+    assert config.iteration_overrides == {1: {"train.learning_rate": 2e-7, "train.beta": 0.2}}
