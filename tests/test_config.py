@@ -358,5 +358,6 @@ def test_a_set_override_of_an_iteration_adds_to_a_saved_configs_overrides(tmp_pa
     as a setting given twice, where the README says the --set wins."""
     path = tmp_path / "config.yaml"
     path.write_text("iterations: 2\niteration_overrides:\n  '1':\n    train.learning_rate: 1.0e-07\n")
-    config = load_run_config(path, ["iteration_overrides.1.train.learning_rate=2.0e-7", "iteration_overrides.1.train.beta=0.2"])
+    config = load_run_config(path, ["iteration_overrides.1.train.learning_rate=2.0e-7",
+                                    "iteration_overrides.1.train.beta=0.2"])
     assert config.iteration_overrides == {1: {"train.learning_rate": 2e-7, "train.beta": 0.2}}
