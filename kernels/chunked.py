@@ -114,11 +114,13 @@ def softmax_grad_in_place(exp_shifted: torch.Tensor, log_sum: torch.Tensor, targ
     return exp_shifted.scatter_add_(1, targets[:, None], grad[:, None])
 
 
-def chunked_logprobs(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Target log-probs and logsumexp of the given rows, one chunk at a time."""
+def chunked_logprobs(head: Head, rows: torch.Tensor, targets: torch.Tensor,
+                     buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Target log-probs and logsumexp of the given rows, one chunk at a time (in the caller's `buffer` when given:
+    one [chunk, V] block alive, not two)."""
     logps = torch.empty(rows.shape[0], dtype=head.dtype, device=head.weight.device)
     lse = torch.empty_like(logps)
-    step, buffer = head.step(), head.buffer(rows.shape[0])
+    step, buffer = head.step(), head.buffer(rows.shape[0]) if buffer is None else buffer
     for start in range(0, rows.shape[0], step):
         end = min(start + step, rows.shape[0])
         logits = head.logits(rows[start:end], buffer)
@@ -127,9 +129,9 @@ def chunked_logprobs(head: Head, rows: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def chunked_grads(head: Head, rows: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                  grad: torch.Tensor, grads: Grads) -> None:
-    """Recompute each chunk's logits and add grad * (onehot - softmax) into grads."""
-    step, buffer = head.step(), head.buffer(rows.shape[0])
+                  grad: torch.Tensor, grads: Grads, buffer: torch.Tensor | None = None) -> None:
+    """Recompute each chunk's logits and add grad * (onehot - softmax) into grads (in `buffer` when given)."""
+    step, buffer = head.step(), head.buffer(rows.shape[0]) if buffer is None else buffer
     for start in range(0, rows.shape[0], step):
         end = min(start + step, rows.shape[0])
         dlogits = head.logits(rows[start:end], buffer)

@@ -66,7 +66,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
                 exp_shifted = head.logits(group_rows, buffer)
                 logps, lse[span], log_sum = exp_logits_in_place(exp_shifted, group_targets)
             else:
-                logps, lse[span] = chunked_logprobs(head, group_rows, group_targets)
+                logps, lse[span] = chunked_logprobs(head, group_rows, group_targets, buffer)
             policy.index_add_(0, group_ids, logps)
             if not any(need_grads):
                 continue
@@ -75,7 +75,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
                 dlogits = softmax_grad_in_place(exp_shifted, log_sum, group_targets, token_grad)
                 grads.add(head, group_rows, dlogits)
             else:
-                chunked_grads(head, group_rows, group_targets, lse[span], token_grad, grads)
+                chunked_grads(head, group_rows, group_targets, lse[span], token_grad, grads, buffer)
 
         policy = policy * scale
         loss = pair_loss(policy[:n_pairs], policy[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]).mean()

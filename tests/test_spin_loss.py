@@ -171,6 +171,28 @@ def test_torch_backend_pair_chunking(chunk_tokens, loss_type, monkeypatch):
     check_fused_against_truth("torch", torch.float32, loss_type, n_pairs=6)
 
 
+@pytest.mark.parametrize("nll_weight", [0.0, 0.01])
+def test_torch_backend_holds_one_logits_block_with_pairs_longer_than_a_chunk(nll_weight, monkeypatch):
+    """README: the torch backend holds one [chunk x V] block of logits at a time. Pairs longer than a chunk (the
+    usual case at a large vocabulary: 64 MiB holds 130 tokens at V=128256) must not add a second block beside the
+    forward's own, and must still give the truth."""
+    import weakref
+
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 9 * 611 * 4)  # 9 tokens per chunk: most pairs are longer
+    alive, most = [], [0]
+    make_buffer = chunked.Head.buffer
+
+    def counted_buffer(self, n_rows):
+        block = make_buffer(self, n_rows)
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(block)]
+        most[0] = max(most[0], len(alive))
+        return block
+
+    monkeypatch.setattr(chunked.Head, "buffer", counted_buffer)
+    check_fused_against_truth("torch", torch.float32, "sigmoid", n_pairs=5, nll_weight=nll_weight)
+    assert most[0] == 1, f"{most[0]} [chunk x V] logits blocks alive at once"
+
+
 @pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS)
 @pytest.mark.parametrize("nll_weight", [0.0, 0.01])
 def test_hidden_index_shares_rows(backend, chunk_tokens, nll_weight, monkeypatch):
