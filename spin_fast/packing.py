@@ -204,22 +204,30 @@ def pack_groups(
     *,
     order: abc.Sequence[int] | None = None,
     share_prompts: bool = False,
+    first_fit_decreasing: bool = False,
 ) -> list[MicroBatch]:
     """Greedily packs whole groups, walked in `order` (default 0..n-1), into rows of at most token_budget tokens.
 
     A group joins the current micro-batch if it fits, else starts a new one; a group never spans two.
+    first_fit_decreasing (no `order`): the groups are walked longest first (ties by index) and each joins the
+    first micro-batch it fits, so fewer micro-batches: the groups' order in the rows is not kept.
     share_prompts: a group whose sequences have one prompt holds it once (the model's attention must be
     spin_fast.attention's, which follows the expanded layout).
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if first_fit_decreasing and order is not None:
+        raise ValueError("pack_groups: first_fit_decreasing chooses its own order; give no order with it")
     if not groups:
         return []
     group_size, lengths = _group_lengths(groups, share_prompts)
-    order = list(range(len(groups))) if order is None else _check_order(order, len(groups))
+    if first_fit_decreasing:
+        order = sorted(range(len(groups)), key=lambda index: (-lengths[index], index))
+    else:
+        order = list(range(len(groups))) if order is None else _check_order(order, len(groups))
     # First pass decides the cut on lengths alone, so a too-long group fails before any tensor is built.
     chunks: list[list[int]] = []
-    used = token_budget  # forces a new micro-batch for the first group
+    used: list[int] = []  # tokens in each chunk
     for index in order:
         length = lengths[index]
         if length > token_budget:
@@ -227,11 +235,15 @@ def pack_groups(
                 f"group {index} has {length} tokens, more than token_budget={token_budget}: "
                 "raise the budget or truncate the group"
             )
-        if used + length > token_budget:
+        # Next fit looks at the last micro-batch only: the earlier ones stay closed, in the walk's order.
+        candidates = range(0 if first_fit_decreasing else max(len(chunks) - 1, 0), len(chunks))
+        target = next((c for c in candidates if used[c] + length <= token_budget), None)
+        if target is None:
             chunks.append([])
-            used = 0
-        chunks[-1].append(index)
-        used += length
+            used.append(0)
+            target = len(chunks) - 1
+        chunks[target].append(index)
+        used[target] += length
     return [_build(groups, chunk, group_size, share_prompts) for chunk in chunks]
 
 

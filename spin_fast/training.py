@@ -353,8 +353,10 @@ class Trainer:
         indices = step_items(len(self.items), self.config, step)
         groups = self.groups(indices)
         mine = distributed.balance([group_tokens(g, self.share_prompts) for g in groups], self.world)[self.rank]
+        # First fit decreasing: every rank runs as many micro-batches as the busiest, each a forward and backward;
+        # packed in the step's order, one after the other, ranks ran ~16% more of them on UltraChat-like pairs.
         batches = pack_groups([groups[i] for i in mine], self.config.micro_batch_tokens,
-                              share_prompts=self.share_prompts)
+                              share_prompts=self.share_prompts, first_fit_decreasing=True)
         return indices, groups, mine, batches
 
     def train_step(self) -> dict:

@@ -83,6 +83,7 @@ def test_micro_batches_per_rank_are_each_ranks_own(tmp_path, monkeypatch):
               for p in train_step.make_pairs(preset)]
     for r in json.loads((tmp_path / "scaling-tiny-custom.json").read_text())["results"]:
         shares = distributed.balance([group_tokens(g, True) for g in groups], r["processes"])
-        expected = [len(pack_groups([groups[i] for i in share], preset.micro_batch_tokens, share_prompts=True))
+        expected = [len(pack_groups([groups[i] for i in share], preset.micro_batch_tokens, share_prompts=True,
+                                    first_fit_decreasing=True))
                     for share in shares]
         assert r["micro_batches_per_rank"] == expected, (r["config"], r["processes"])

@@ -244,6 +244,24 @@ def test_order_changes_packing_deterministically():
             assert torch.equal(getattr(a, name), getattr(b, name))
 
 
+def test_first_fit_decreasing_hand_made_and_random():
+    # Lengths 5, 6, 4, 3, 2 with budget 10: in order -> [5], [6, 4], [3, 2]; first fit decreasing, longest first
+    # and each into the first row it fits -> [6, 4], [5, 3, 2].
+    groups = [[Sequence((1,), (2,) * (n - 1))] for n in (5, 6, 4, 3, 2)]
+    assert [mb.group_indices.tolist() for mb in pack_groups(groups, 10)] == [[0], [1, 2], [3, 4]]
+    ffd = pack_groups(groups, 10, first_fit_decreasing=True)
+    assert [mb.group_indices.tolist() for mb in ffd] == [[1, 2], [0, 3, 4]]
+    check_invariants(groups, ffd, 10)
+    with pytest.raises(ValueError, match="give no order"):
+        pack_groups(groups, 10, order=[0, 1, 2, 3, 4], first_fit_decreasing=True)
+    for share_prompts in (False, True):
+        groups = random_groups(40, 2, own_prompts=0.3)
+        budget = max(group_length(g) for g in groups) + int(torch.randint(0, 40, ()))
+        ffd = pack_groups(groups, budget, share_prompts=share_prompts, first_fit_decreasing=True)
+        check_invariants(groups, ffd, budget, share_prompts)
+        assert len(ffd) <= len(pack_groups(groups, budget, share_prompts=share_prompts))
+
+
 def test_microbatch_to():
     (mb,) = pack_groups(random_groups(3, 2), 10_000, share_prompts=True)
     moved = mb.to("meta")

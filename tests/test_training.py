@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import math
+import random
 import shutil
 from dataclasses import astuple, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from spin_fast import attention as spin_attention
 from spin_fast.config import TrainConfig
 from spin_fast.model import tiny_config
-from spin_fast.packing import Sequence
+from spin_fast.packing import Sequence, group_tokens
 from spin_fast.scoring import ScoredPair, TokenizedPair, load_scored_pairs, save_scored_pairs, score_pairs
 from spin_fast.training import Trainer, TrainingDiverged, epoch_order, step_items
 
@@ -768,3 +769,39 @@ def test_a_checkpoint_of_one_optimizer_group_under_weight_decay_is_named_with_wh
                                          r"group\(s\) under train\.weight_decay=0\.1, where this training has 2: "
                                          r"weight decay now leaves biases and norm weights out"):
         Trainer(make_model(), None, cfg, tmp_path, scored).train()
+
+
+def test_ranks_pack_a_step_in_few_micro_batches(tmp_path):
+    """Every rank runs as many micro-batches as the busiest one, so a step costs world * max(micro-batches of a rank)
+    forward and backward passes. On UltraChat-like pairs (seeded lognormal prompt and response lengths, each sequence
+    cut to 1024 tokens, prompts shared), 8 ranks and a 4096-token budget, each rank packed its share in the step's
+    order, one micro-batch after the other (next fit): 16% more passes than the token bound
+    world * ceil(step tokens / (world * budget)), each a full forward and backward. Packing each rank's share
+    first-fit decreasing comes within 3%."""
+    rng = random.Random(0)
+
+    def length(median, sigma, most):
+        return max(1, min(most, int(rng.lognormvariate(math.log(median), sigma))))
+
+    pairs = []
+    for _ in range(2048):
+        prompt = (3,) * length(120, 0.9, 1023)
+        pairs.append(ScoredPair(prompt, (4,) * length(250, 0.7, 1024 - len(prompt)),
+                                (5,) * length(250, 0.7, 1024 - len(prompt)), -1.0, -1.0))
+    world, budget = 8, 4096
+    trainer = Trainer(make_model(attention="spin_varlen"), None, config(global_batch=512, epochs=1,
+                                                                           micro_batch_tokens=budget), tmp_path, pairs)
+    assert trainer.share_prompts and trainer.steps == 4
+    passes = bound = 0
+    for step in range(trainer.steps):
+        counts, seen = [], []
+        for trainer.rank in range(world):
+            trainer.world = world
+            indices, groups, mine, batches = trainer.rank_share(step)
+            counts.append(len(batches))
+            assert all(batch.n_tokens <= budget for batch in batches)
+            seen += [mine[i] for batch in batches for i in batch.group_indices.tolist()]
+        assert sorted(seen) == list(range(len(indices))), "each pair once, on one rank"
+        passes += world * max(counts)
+        bound += world * math.ceil(sum(group_tokens(g, True) for g in groups) / (world * budget))
+    assert passes <= 1.03 * bound, f"{passes} forward and backward passes, {bound} at the token bound"
