@@ -420,8 +420,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         name = f"{prefix}{key}"
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+            # A setting in another section (or none) is the likeliest slip: its right place is the closest key.
+            close = _placed_elsewhere(str(key), name) or [
+                f"{prefix}{match}" for match in difflib.get_close_matches(str(key), list(known), n=1)]
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; valid keys: {', '.join(known)}"
             raise ConfigError(f"unknown setting {name!r}{hint}", name)
         values[key] = _coerce(hints[key], value, name)
     try:
@@ -432,6 +434,15 @@ def from_dict(cls, data: dict, prefix: str = ""):
         first_word = str(error).split(" ", 1)[0].rstrip(":")  # the setting, as its messages begin
         setting = f"{prefix}{first_word}" if first_word in known else prefix.rstrip(".") or None
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}", setting) from None
+
+
+def _placed_elsewhere(key: str, name: str) -> list[str]:
+    """The run settings named `key` at the top level or in a section, but for `name` itself (where it was given)."""
+    places = [f.name for f in fields(RunConfig)]
+    places += [f"{section.name}.{f.name}" for section in fields(RunConfig) if section.name in SECTIONS
+               for f in fields(section.default_factory)]
+    unused = ("train.attention", name)  # kept for old configs only; where it was given
+    return [place for place in places if place.rsplit(".", 1)[-1] == key and place not in unused]
 
 
 def check_field_types(config) -> None:

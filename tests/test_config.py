@@ -62,6 +62,21 @@ def test_errors_name_the_key(override, message):
         load_run_config(None, [override])
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("max_prompts=100", "'data.max_prompts'"),  # not 'save_every_prompts', a setting that does something else
+    ("beta=0.2", "'train.beta'"),
+    ("train.max_length=2048", "'data.max_length'"),  # TRL's DPOConfig has it beside the learning rate
+    ("train.temperature=0.7", "'generation.temperature'"),
+    ("seed=1", "'generation.seed' or 'train.seed'"),
+    ("train.score_batch_tokens=1024", "'score_batch_tokens'"),
+])
+def test_a_setting_given_in_the_wrong_section_is_named_where_it_is(override, suggestion):
+    """The README: an unknown key's error "suggests the closest valid one". A setting under another section (or none)
+    is the likeliest slip, and the closest valid key is that setting where it belongs."""
+    with pytest.raises(ConfigError, match=f"did you mean {suggestion}[?]"):
+        load_run_config(None, [override])
+
+
 @pytest.mark.parametrize("overrides, message", [
     ("{2: {train.learning_rat: 1.0e-7}}", r"iteration_overrides\[2\]: .*did you mean 'train.learning_rate'"),
     ("{1: 5}", r"iteration_overrides\[1\]: expected a mapping of settings"),
