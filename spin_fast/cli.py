@@ -163,7 +163,7 @@ def parse_baselines(specs: list[str]) -> dict[str, str]:
                              "continued-sft=runs/my-sft/sft/checkpoint-400")
         if name in baselines:
             raise ValueError(f"--baseline {spec!r}: {name!r} is named twice")
-        baselines[name] = model
+        baselines[name] = os.path.expanduser(model)  # bash expands csft=~/x but not continued-sft=~/x
     return baselines
 
 

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import logging
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -33,6 +34,17 @@ CHOICES = {
     "backend": ("auto", "triton", "torch", "reference"),
     "attention": ("auto", "sdpa", "eager", "flash_attention_2", "spin_varlen"),
 }
+
+
+def home_expanded(path: str | None) -> str | None:
+    """A path setting's `~/...` in the home folder, as a shell would take it: YAML leaves it as written, and so does
+    bash in `--set data.source=~/...` (no shell variable's name), where it named a folder '~' in the current one."""
+    return os.path.expanduser(path) if path and path.startswith("~") else path
+
+
+def is_template(text: str) -> bool:
+    """model.chat_template holds a Jinja template (else the path of a file holding one)."""
+    return "{{" in text or "{%" in text
 
 
 @dataclass
@@ -113,6 +125,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        self.name_or_path = home_expanded(self.name_or_path)
+        if self.chat_template is not None and not is_template(self.chat_template):
+            self.chat_template = home_expanded(self.chat_template)
         if self.attention not in CHOICES["attention"]:
             raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
         if self.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -125,7 +140,7 @@ class ModelConfig:
     def template_text(self) -> str | None:
         """chat_template's Jinja text: as given, or read from the file it names."""
         value = self.chat_template
-        if value is None or "{{" in value or "{%" in value:
+        if value is None or is_template(value):
             return value
         path = Path(value)
         if not path.is_file():
@@ -156,6 +171,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        self.source, self.eval_source = home_expanded(self.source), home_expanded(self.eval_source)
         from spin_fast.data import CUT_PROMPT, SCHEMAS
 
         if self.schema not in ("auto", *SCHEMAS):
@@ -229,6 +245,7 @@ class DeepSpeedConfig:
             raise ValueError(f"zero3_init needs zero_stage 3, got zero_stage {self.zero_stage}")
         if not 0 < self.timeout_minutes <= 10**9:  # a timedelta of more overflows
             raise ValueError(f"timeout_minutes must be > 0 and at most 1e9, got {self.timeout_minutes!r}")
+        self.config_file = home_expanded(self.config_file)
         if self.config_file is not None and not Path(self.config_file).is_file():
             raise ValueError(f"config_file {self.config_file!r}: no such file (a DeepSpeed JSON config)")
 
@@ -254,6 +271,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        self.output_dir = home_expanded(self.output_dir)
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.mix_previous < 0:

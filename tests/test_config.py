@@ -62,6 +62,29 @@ def test_errors_name_the_key(override, message):
         load_run_config(None, [override])
 
 
+def test_paths_in_the_home_folder_are_taken_from_it(tmp_path, monkeypatch):
+    """`~/...` is the home folder's, as transformers' TrainingArguments takes its output_dir. Taken as it was written,
+    output_dir ~/runs/x was a folder named '~' in the current directory (a run started elsewhere began anew), and
+    `--set data.source=~/...`, which bash leaves unexpanded (data.source is no shell variable), was not found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "zephyr.jinja").write_text("{{ messages }}")
+    (tmp_path / "ds.json").write_text("{}")
+    config = load_run_config(None, ["output_dir=~/runs/x", "model.name_or_path=~/models/sft",
+                                    "data.source=~/data/train.jsonl", "data.eval_source=~/data/eval.jsonl",
+                                    "model.chat_template=~/zephyr.jinja", "deepspeed.config_file=~/ds.json"])
+    assert config.output_dir == str(tmp_path / "runs/x")
+    assert config.model.name_or_path == str(tmp_path / "models/sft")
+    assert (config.data.source, config.data.eval_source) == (str(tmp_path / "data/train.jsonl"),
+                                                             str(tmp_path / "data/eval.jsonl"))
+    assert config.model.template_text() == "{{ messages }}"
+    assert config.deepspeed.config_file == str(tmp_path / "ds.json")
+    from spin_fast.cli import parse_baselines
+
+    assert parse_baselines(["continued-sft=~/csft"]) == {"continued-sft": str(tmp_path / "csft")}
+    assert load_run_config(None, ["data.source=HuggingFaceH4/ultrachat_200k"]).data.source == \
+        "HuggingFaceH4/ultrachat_200k"  # a Hub name stays one
+
+
 @pytest.mark.parametrize("override, suggestion", [
     ("max_prompts=100", "'data.max_prompts'"),  # not 'save_every_prompts', a setting that does something else
     ("beta=0.2", "'train.beta'"),
