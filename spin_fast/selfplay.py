@@ -32,6 +32,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from spin_fast import distributed
 from spin_fast.config import ConfigError, DataConfig, RunConfig
 from spin_fast.data import Example, TokenizedExample, eos_token_id, rows_found_in
@@ -45,7 +47,7 @@ from spin_fast.examples import (
 )
 from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_prompts_fit, default_engine
-from spin_fast.loading import fetch_model, load_policy, partitioned
+from spin_fast.loading import device, fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
 from spin_fast.packing import Sequence, check_fits
 from spin_fast.run_directory import RunDirectory
@@ -60,6 +62,7 @@ from spin_fast.stages import (
 )
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
 from spin_fast.training import Trainer, check_items, uses_deepspeed
+from spin_kernels.linear_logprobs import resolve_backend
 
 log = logging.getLogger(__name__)
 STAGES = ("generate", "score", "train")
@@ -135,6 +138,11 @@ class SelfPlay:
                 where = f"iteration_overrides[{t}]: " if self.config.train.mode == "spin" else ""
                 raise ConfigError(f"{where}train.mode={train.mode!r}: a run trains on SPIN pairs (mode spin); "
                                   "`spin-fast sft` trains on the human responses")
+            try:  # a head this machine cannot run (triton without CUDA): else refused in scoring, after generation
+                resolve_backend(train.backend, torch.empty(0, device=device()))
+            except ValueError as error:
+                where = f"iteration_overrides[{t}]: " if train.backend != self.config.train.backend else ""
+                raise ConfigError(f"{where}train.backend={train.backend!r}: {error}") from None
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
         # generation; what it refuses stops every rank at once. A run directory that exists is locked first: a second
         # run would otherwise tidy away files of the run working there (a new one is made, and locked, only once

@@ -338,6 +338,19 @@ def test_a_run_refuses_train_mode_sft_before_any_work(sft_model, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend runs with CUDA")
+def test_a_head_backend_this_machine_cannot_run_is_named_before_any_work(sft_model, tmp_path, monkeypatch):
+    """train.backend=triton without CUDA (nor Triton's interpreter) failed in scoring, after iteration 0 had
+    generated every answer: hours into a run, where the README promises an impossible value's error before it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for setting, message in (("train.backend=triton", r"^train.backend='triton': .*needs CUDA"),
+                             ("iteration_overrides={1: {train.backend: triton}}",
+                              r"^iteration_overrides\[1\]: train.backend='triton': .*needs CUDA")):
+        with pytest.raises(ConfigError, match=message):
+            SelfPlay(run_config(sft_model, tmp_path / "run", setting)).run()
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_run_refuses_data_changed_under_its_work(sft_model, tmp_path):
     """Resumed with a data file changed since an iteration's work began, the run would mix answers to the old rows
     with answers to the new ones: refused, naming the iteration and file. An iteration with no work yet takes its
