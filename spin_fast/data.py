@@ -241,38 +241,49 @@ def _listed(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 # A shard as the Hub and datasets' push_to_hub name it: <split>-00000-of-00003[-<hash>] (ultrachat_200k's data/ folder)
 _SHARD = re.compile(r"(?P<split>\w+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?")
+# A file or top subfolder named by a split as datasets.load_dataset knows them (its SPLIT_KEYWORDS): train.jsonl beside
+# test.jsonl, train/ beside test/, or train_sft.jsonl beside test_sft.jsonl (a DatasetDict exported split by split).
+# Other names (alpaca.jsonl, dolly.jsonl) are a user's parts of one set.
+_SPLIT_NAME = re.compile(r"(train|training|validation|valid|val|dev|test|testing|eval|evaluation)(_\w+)?")
 
 
 def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
-    """A folder's files of `split` where it holds a Hub dataset's splits side by side (its shards named by two splits
-    or more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
-    splits = _shard_splits(files)
+    """A folder's files of `split` where it holds a dataset's splits side by side (its files named by two splits or
+    more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
+    splits = _file_splits(path, files)
     if len(splits) < 2:
         return files
     if split not in splits:
-        raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (its files' names), none of them "
-                        f"data.split={split!r}: set data.split to one")
-    logger.info("%s: read split %s (%d files), left the splits %s", path, split, len(splits[split]),
-                ", ".join(sorted(set(splits) - {split})))
+        raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (its files' or folders' names), none "
+                        f"of them data.split={split!r}: set data.split to one")
+    others = len(files) - sum(len(f) for f in splits.values())
+    logger.info("%s: read split %s (%d files), left the splits %s%s", path, split, len(splits[split]),
+                ", ".join(sorted(set(splits) - {split})), f" and {others} files named by no split" if others else "")
     return splits[split]
 
 
-def _shard_splits(files: list[Path]) -> dict[str, list[Path]]:
-    """The files named as a split's shards, by split."""
+def _file_splits(path: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """The files named by a split, by split: a shard's name, else the file's own name, else its top subfolder's."""
     splits: dict[str, list[Path]] = {}
     for file in files:
-        if shard := _SHARD.fullmatch(file.name[: -len(file.suffix)]):
+        stem = file.name[: -len(file.suffix)]
+        top = file.relative_to(path).parts[0]
+        if shard := _SHARD.fullmatch(stem):
             splits.setdefault(shard["split"], []).append(file)
+        elif _SPLIT_NAME.fullmatch(stem):
+            splits.setdefault(stem, []).append(file)
+        elif top != file.name and _SPLIT_NAME.fullmatch(top):
+            splits.setdefault(top, []).append(file)
     return splits
 
 
 def reads_one_split(source: str | Path) -> bool:
-    """Whether `source` is a local folder of a Hub dataset's splits side by side, of which _split_files reads one
+    """Whether `source` is a local folder of a dataset's splits side by side, of which _split_files reads one
     (older spin-fast read every split's files: what it saved from them is of other rows)."""
     path = Path(source)
     if not path.is_dir() or _saved_by_datasets(path):
         return False
-    return len(_shard_splits(_listed(path)[0])) >= 2
+    return len(_file_splits(path, _listed(path)[0])) >= 2
 
 
 def _read_file(path: Path, *, in_folder: bool = False) -> Rows:

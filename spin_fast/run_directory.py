@@ -19,6 +19,7 @@ import yaml
 
 from spin_fast import distributed, locking
 from spin_fast.config import ConfigError, RunConfig, as_written, differing_settings, from_dict
+from spin_fast.data import reads_one_split
 from spin_fast.files import read_json, whole_json_lines, write_atomically
 from spin_fast.stages import MANIFEST, finished_summaries
 from spin_fast.training import RESUMABLE_CHANGES
@@ -98,10 +99,17 @@ class RunDirectory:
                                  "model's tokenizer changed, or a transformers or tokenizers upgrade tokenizes "
                                  "otherwise; the run would mix pairs of the two. Put them back as they were, or use "
                                  "a new output_dir")
+            if then["source"] == record["source"] and reads_one_split(record["source"]):
+                # The data may be as it was: spin-fast before the split-aware folder reading read every split's files.
+                fix = (f"{record['source']} holds several splits' files, and older spin-fast read every split's files "
+                       f"of such a folder, where this code reads data.split's files alone: if the data is as it was, "
+                       "resume the run with the spin-fast version that started it (sessions.jsonl names it), or use "
+                       "a new output_dir to train on data.split's rows")
+            else:
+                fix = "Put the data back as it was, or use a new output_dir"
             raise ValueError(f"{what} ({setting} {record['source']}: {record['examples']} examples) are not those "
                              f"{self.path} made its work from ({then['source']}: {then['examples']} examples, "
-                             "other rows): the run would mix answers to the old rows with the new ones. Put the data "
-                             "back as it was, or use a new output_dir")
+                             f"other rows): the run would mix answers to the old rows with the new ones. {fix}")
         if now != {key: saved.get(key) for key in now}:
             write_atomically(path, json.dumps({**saved, **now}, indent=1) + "\n")
 

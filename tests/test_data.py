@@ -1107,3 +1107,40 @@ def test_a_datasets_save_to_disk_folder_gives_the_examples_of_its_rows(tmp_path)
     with pytest.raises(DataError, match=r"splits: a datasets folder \(save_to_disk\) with the splits train_sft, "
                                         r"test_sft, none of them data\.split='train'"):
         load_examples(tmp_path / "splits")
+
+
+@pytest.mark.parametrize("layout", ["files", "folders"])
+def test_a_folder_of_split_files_or_split_folders_reads_the_split_asked_for(tmp_path, layout, caplog):
+    """A folder holding train.jsonl beside test.jsonl (a DatasetDict exported split by split), or subfolders train/
+    and test/, holds its splits side by side as a folder of Hub shards does: data.split picks one, as
+    datasets.load_dataset picks it from the same folder. Read whole, a run trained on the test split too."""
+    splits = {"train": [conversation(f"Q{i}?", f"A{i}.") for i in range(5)],
+              "test": [conversation(f"Held-out {i}?", f"H{i}.") for i in range(2)]}
+    folder = tmp_path / "data"
+    for split, rows in splits.items():
+        path = folder / f"{split}.jsonl" if layout == "files" else folder / split / "part-0.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, rows)
+    for split, rows in splits.items():
+        with caplog.at_level(logging.INFO, logger="spin_fast.data"):
+            read = load_examples(folder, split=split).examples
+        assert sorted(e.response for e in read) == sorted(r["messages"][1]["content"] for r in rows), split
+        assert sorted(r["messages"][1]["content"] for r in datasets.load_dataset(str(folder), split=split)) == \
+            sorted(e.response for e in read)
+        assert f"read split {split}" in caplog.text and f"left the splits {({'train', 'test'} - {split}).pop()}" \
+            in caplog.text
+    assert data_module.reads_one_split(folder)  # eval keys its saved figures by the rows read, too
+    held_out = DataConfig(source=str(folder), eval_source=str(folder), eval_split="test").held_out()
+    assert [e.response for e in read_examples(held_out, str(folder))] == ["H0.", "H1."]  # eval's rows: data.eval_split's
+    with pytest.raises(DataError, match=r"holds the splits test, train.*data\.split='validation'"):
+        load_examples(folder, split="validation")
+
+
+def test_a_folder_of_files_not_named_by_split_is_read_whole(tmp_path):
+    """Files named otherwise (a user's own parts) are one set: all of them are read, under any data.split."""
+    write_jsonl(tmp_path / "alpaca.jsonl", [conversation("Q?", "A.")])
+    write_jsonl(tmp_path / "dolly.jsonl", [conversation("R?", "B.")])
+    (tmp_path / "more").mkdir()
+    write_jsonl(tmp_path / "more" / "train.jsonl", [conversation("S?", "C.")])  # one split's name alone: no splits
+    assert [e.response for e in load_examples(tmp_path).examples] == ["A.", "B.", "C."]
+    assert not data_module.reads_one_split(tmp_path)

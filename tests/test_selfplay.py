@@ -1345,3 +1345,24 @@ def test_a_run_start_reads_its_sessions_once_and_keys_each_row_once(sft_model, t
     assert reads.count("sessions.jsonl") == 1
     assert len((tmp_path / "run" / "sessions.jsonl").read_text().splitlines()) == 2
     assert sorted(keys) == sorted({*keys}) and len(keys) == len(QA) + 2
+
+
+def test_a_folder_of_splits_read_whole_by_older_code_is_refused_saying_the_reading_changed(sft_model, tmp_path,
+                                                                                          monkeypatch):
+    """spin-fast before the split-aware folder reading read every file of a folder holding a dataset's splits side by
+    side; this code reads data.split's alone. Resumed, the run's data is other rows: refused, as it must be, but the
+    message said only "other rows", as if the user had changed the data, which they had not."""
+    import spin_fast.data
+
+    rows = [json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train-00000-of-00001.jsonl").write_text("".join(rows[:4]))
+    (folder / "test-00000-of-00001.jsonl").write_text("".join(rows[4:]))
+    config = run_config(sft_model, tmp_path / "run", f"data.source={folder}")
+    with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
+        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split: files)
+        SelfPlay(config).run(until=(0, "generate"))
+    with pytest.raises(ValueError, match=r"older spin-fast read every split's files.*data.split's files alone.*"
+                                         r"spin-fast version that started it \(sessions.jsonl names it\).*new output_dir"):
+        SelfPlay(config).run()
