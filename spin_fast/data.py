@@ -746,7 +746,8 @@ def eos_token_id(tokenizer: Any) -> int:
 
 
 def _turn_end_id(tokenizer: Any) -> int | None:
-    """The first special token the chat template writes after an assistant turn's content (None: none found)."""
+    """The first special or added token the chat template writes after an assistant turn's content (None: none
+    found). Added tokens too: some ChatML fine-tunes added '<|im_end|>' as a token that is not special."""
     try:
         whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
                                                {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
@@ -755,8 +756,21 @@ def _turn_end_id(tokenizer: Any) -> int | None:
     at = whole.find(PROBE_ANSWER)
     if at < 0:
         return None
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return next((i for i in _encode(tokenizer, whole[at + len(PROBE_ANSWER):]) if i in special), None)
+    after = whole[at + len(PROBE_ANSWER):]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    found = next((i for i in _encode(tokenizer, after) if i in special), None)
+    if found is None and after.strip() and not _warned_turn_end:
+        # A turn end the tokenizer splits into pieces ('<|im_end|>' as plain text): no one token ends an answer as
+        # the model writes it, and the EOS that responses end with is one it never writes there.
+        _warned_turn_end.append(after)
+        logger.warning("the chat template ends an assistant turn with %r, which holds no token of its own: responses "
+                       "end with the tokenizer's EOS %s, which the model may never write after an answer (its answers "
+                       "then run on to max_new_tokens, and SPIN learns the ending); if the model has a token for it, "
+                       "add that token to the tokenizer (its added_tokens)", after, tokenizer.eos_token)
+    return found
+
+
+_warned_turn_end: list[str] = []  # the turn end the one warning of a process named
 
 
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int,

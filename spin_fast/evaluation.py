@@ -453,6 +453,11 @@ class Evaluation:
         for name, path in baselines.items():  # before any model loads
             check_baseline_fits(name, self.folders[path], self.folders[sft], self.tokenizer, self.answering.engine,
                                 config.model.trust_remote_code)
+            try:  # its embeddings are given the SFT tokenizer's ids, as θ0's are
+                check_in_vocabulary(self.tokenizer, self.examples, self.folders[path], config.model.trust_remote_code,
+                                    self.names)
+            except ValueError as e:
+                raise ValueError(f"baseline {name!r}: {e}") from None
         tracked = output is not None and (config.train.tensorboard or config.train.wandb)
         if tracked:  # now, not after the first model
             distributed.on_main(lambda: check_trackers(config.train), "the trackers' check")

@@ -1144,3 +1144,54 @@ def test_a_folder_of_files_not_named_by_split_is_read_whole(tmp_path):
     write_jsonl(tmp_path / "more" / "train.jsonl", [conversation("S?", "C.")])  # one split's name alone: no splits
     assert [e.response for e in load_examples(tmp_path).examples] == ["A.", "B.", "C."]
     assert not data_module.reads_one_split(tmp_path)
+
+
+def chatml_tokenizer(im_end_added):
+    """A ChatML fine-tune's tokenizer (eos <|endoftext|>) whose '<|im_end|>' is no special token: an added token that
+    is not special (im_end_added), as some fine-tunes added it, or plain text that the tokenizer splits into pieces."""
+    tokenizer = build_local_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>"]})
+    if im_end_added:
+        tokenizer.add_tokens(["<|im_end|>"])  # special=False
+    tokenizer.bos_token, tokenizer.eos_token = None, "<|endoftext|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B",
+                                                                               special_tokens=[])
+    tokenizer.chat_template = QWEN
+    return tokenizer
+
+
+def test_a_turn_end_added_as_a_token_that_is_not_special_ends_the_responses():
+    """'<|im_end|>' added to the tokenizer as a token that is not special: one id, which the SFT model writes after
+    every answer. Only special tokens were looked for after the probe answer, so responses ended with <|endoftext|>
+    (which the model never writes there) and generation did not stop at <|im_end|>: the opponent's answers ran on
+    into a next turn, and SPIN learned the ending, not the content."""
+    tokenizer = chatml_tokenizer(im_end_added=True)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end not in tokenizer.all_special_ids and tokenizer.encode("<|im_end|>") == [im_end]
+    assert eos_token_id(tokenizer) == im_end
+    example = Example((user("Why is the sky blue?"),), "Air.")
+    tokenized = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    prompt = list(tokenized.answered_prompt_ids)
+    whole = tokenizer.apply_chat_template([*example.prompt, assistant(example.response)], tokenize=False)
+    answer = tokenizer.encode(whole, add_special_tokens=False)[len(prompt):]  # Air . <|im_end|> \n
+    assert list(tokenized.response_ids) == answer[: answer.index(im_end) + 1]
+    chain = [prompt[-1], *answer]  # a model that writes the human answer as its template does, and on past it
+    model = bigram_model(len(tokenizer), dict(zip(chain, chain[1:])), default=tokenizer.convert_tokens_to_ids("a"))
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    data = DataConfig(source="x", max_length=200, max_prompt_length=100)
+    engine = default_engine(model, tokenizer, RunConfig(data=data, generation=GenerationSettings(engine="transformers")),
+                            "unused")
+    completions = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
+    (pair,) = answered_pairs([tokenized], completions, eos_token_id(tokenizer), data)
+    assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
+
+
+def test_a_turn_end_the_tokenizer_splits_into_pieces_is_warned_of(caplog, monkeypatch):
+    """'<|im_end|>' as plain text, split into pieces: no one token ends an answer as the model writes it, so responses
+    end with the tokenizer's EOS, which the model never writes there; the user is told, naming the text."""
+    tokenizer = chatml_tokenizer(im_end_added=False)
+    assert len(tokenizer.encode("<|im_end|>")) > 1
+    monkeypatch.setattr(data_module, "_warned_turn_end", [], raising=False)  # it warns once per process
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        assert eos_token_id(tokenizer) == tokenizer.eos_token_id
+    assert "'<|im_end|>\\n'" in caplog.text and "<|endoftext|>" in caplog.text, caplog.text

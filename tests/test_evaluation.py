@@ -814,3 +814,18 @@ def test_a_folder_of_splits_saved_whole_by_older_code_is_evaluated_again(sorting
                          str(folder), tmp_path / "fresh" / "eval.jsonl")
     assert fresh[0]["responses"] == 6
     assert again == fresh
+
+
+def test_a_baseline_whose_vocabulary_is_smaller_than_the_held_out_ids_is_refused_before_any_model_loads(
+        sorting_run, tmp_path, monkeypatch):
+    """A baseline is given the held-out rows as the SFT model's tokenizer tokenizes them. A baseline model whose
+    embeddings have fewer rows (a model of the same tokenizer before tokens were added, saved without tokenizer
+    files) was not checked, as run, sft and eval check the SFT model: it failed with an IndexError deep in the
+    embedding (on a GPU a device-side assert) once its answers began, after the SFT model's row was computed."""
+    folder = tmp_path / "small"  # no tokenizer files: config.json and the weights alone
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=100)).save_pretrained(folder)
+    forbid_loading_models(monkeypatch)
+    config = eval_config(sorting_run, tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"^baseline 'small': {sorting_run / 'eval.jsonl'} line \d+: token id \d+ "
+                                         rf".* is outside the model's vocabulary of 100 tokens \(vocab_size in {folder}"):
+        evaluate_run(SelfPlay(config), config.data.eval_source, baselines={"small": str(folder)})
