@@ -88,6 +88,9 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, rows, targets, sequence_ids, lse, scale,
                               held.hidden, held.weight, held.bias)
         ctx.opponent_grad = None
+        # An output the caller's loss does not use (the policy log-probs, in training) gets None, not zeros that the
+        # backward would have to read from the device to skip.
+        ctx.set_materialize_grads(False)
         # need_opponent, not ctx.needs_input_grad[6]: that is True outside grad mode too, where (inference mode) the
         # autograd call below fails. The loss reads the opponent through (pr - or) - (pg - og) only.
         if need_opponent:
@@ -100,7 +103,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
         hidden, weight, bias, rows, targets, sequence_ids, lse, sequence_scale, *held = ctx.saved_tensors
         scale = 0.0 if grad_loss is None else grad_loss
         grads = Grads(*held).scaled(scale)
-        if grad_policy is not None and bool(grad_policy.any()):
+        if grad_policy is not None:
             # The sequence log-probs feed another term too (an NLL term, say): its gradient takes the
             # general recomputing path, summed in fp32 (float64 for float64 inputs).
             head = Head.of(hidden, weight, bias)

@@ -104,10 +104,22 @@ def adapt_flash_attn(flash_attn_varlen_func):
     return call
 
 
+_last_bounds: list = [None, -1, None]  # the last boundaries tensor read, its version, its values on the host
+
+
+def host_bounds(cu_q: torch.Tensor) -> list[int]:
+    """cu_q's values, read from the device once a forward: every layer is given the same tensor, and on CUDA each
+    read waits for the GPU. Held by a reference (its id cannot be reused) and its version (changed in place: read
+    again)."""
+    if _last_bounds[0] is not cu_q or _last_bounds[1] != cu_q._version:
+        _last_bounds[:] = [cu_q, cu_q._version, cu_q.tolist()]
+    return _last_bounds[2]
+
+
 def per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
     """varlen_attn's contract (q, k, v [T, H, D], shared boundaries cu_q) by causal SDPA sequence by sequence."""
     out = torch.empty_like(q)
-    bounds = cu_q.tolist()
+    bounds = host_bounds(cu_q)
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         mask, causal = None, True

@@ -144,3 +144,55 @@ def test_a_training_step_copies_its_inputs_to_the_device_before_its_first_forwar
     # (After the last forward: the optimizer's own, once per step.)
     last = len(events) - events[::-1].index("forward")
     assert "copy" not in events[events.index("forward"):last], " ".join(events)
+
+
+def test_the_torch_backends_backward_reads_nothing_from_the_device():
+    """Its backward asked whether the policy log-probs' gradient held any nonzero (bool(grad.any())): a device sync
+    in every micro-batch's backward, though training reads only the loss (the gradient was all zeros). An unused
+    output now gets no gradient (None), and the gradients are those the reference backend gives."""
+    hidden, weight = torch.randn(12, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (10,))
+    sequence_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    opponent = torch.randn(4)
+    grads = {}
+    for backend in ("torch", "reference"):
+        for nll in (False, True):  # the policy log-probs used by another term too (an NLL term)
+            out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent,
+                                                      hidden_index=torch.arange(10) + 1, backend=backend)
+            loss = out.loss - out.policy_logps.sum() * 0.5 if nll else out.loss
+            with HostReads() as reads:
+                grads[backend, nll] = torch.autograd.grad(loss, (hidden, weight))
+            if backend == "torch":
+                assert sum(reads.by_file.values()) == 0, (nll, reads.by_file)
+    for nll in (False, True):
+        for got, expected in zip(grads["torch", nll], grads["reference", nll]):
+            torch.testing.assert_close(got, expected)
+
+
+def test_per_sequence_attention_reads_its_boundaries_once_per_forward_not_per_layer(monkeypatch):
+    """The per-sequence SDPA path (CPU, fp32 on CUDA, head dims over 256) copied the row's boundaries to the host
+    (cu_q.tolist()) in every layer: on CUDA a device sync per layer. Every layer is given the same tensor."""
+    from spin_fast import attention
+    from spin_fast.model import packed_hidden_states
+
+    copies = collections.Counter()
+    original = torch.Tensor.tolist
+
+    def counted(self, *args, **kwargs):
+        copies[HostReads.caller()] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    model = make_model(attention="spin_varlen")
+    assert model.config.num_hidden_layers >= 2
+    lengths = [5, 3, 7]
+    input_ids = torch.randint(3, 50, (sum(lengths),))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
+    with torch.no_grad():
+        hidden = packed_hidden_states(model, input_ids, position_ids, cu, 7)
+        again = packed_hidden_states(model, input_ids, position_ids, cu.clone(), 7)
+    assert copies["spin_fast/attention.py"] == 2, copies  # one a forward
+    torch.testing.assert_close(hidden, again)
+    cu[1] = 4  # the same tensor changed in place: its new boundaries are read
+    assert attention.host_bounds(cu) == [0, 4, 8, 15]
