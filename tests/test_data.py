@@ -1131,7 +1131,7 @@ def test_a_folder_of_split_files_or_split_folders_reads_the_split_asked_for(tmp_
             in caplog.text
     assert data_module.reads_one_split(folder)  # eval keys its saved figures by the rows read, too
     held_out = DataConfig(source=str(folder), eval_source=str(folder), eval_split="test").held_out()
-    assert [e.response for e in read_examples(held_out, str(folder))] == ["H0.", "H1."]  # eval's rows: data.eval_split's
+    assert [e.response for e in read_examples(held_out, str(folder))] == ["H0.", "H1."]  # data.eval_split's rows
     with pytest.raises(DataError, match=r"holds the splits test, train.*data\.split='validation'"):
         load_examples(folder, split="validation")
 
@@ -1179,8 +1179,8 @@ def test_a_turn_end_added_as_a_token_that_is_not_special_ends_the_responses():
     model = bigram_model(len(tokenizer), dict(zip(chain, chain[1:])), default=tokenizer.convert_tokens_to_ids("a"))
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     data = DataConfig(source="x", max_length=200, max_prompt_length=100)
-    engine = default_engine(model, tokenizer, RunConfig(data=data, generation=GenerationSettings(engine="transformers")),
-                            "unused")
+    config = RunConfig(data=data, generation=GenerationSettings(engine="transformers"))
+    engine = default_engine(model, tokenizer, config, "unused")
     completions = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
     (pair,) = answered_pairs([tokenized], completions, eos_token_id(tokenizer), data)
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)

@@ -826,6 +826,6 @@ def test_a_baseline_whose_vocabulary_is_smaller_than_the_held_out_ids_is_refused
     AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=100)).save_pretrained(folder)
     forbid_loading_models(monkeypatch)
     config = eval_config(sorting_run, tmp_path / "run")
-    with pytest.raises(ValueError, match=rf"^baseline 'small': {sorting_run / 'eval.jsonl'} line \d+: token id \d+ "
-                                         rf".* is outside the model's vocabulary of 100 tokens \(vocab_size in {folder}"):
+    with pytest.raises(ValueError, match=rf"^baseline 'small': {sorting_run / 'eval.jsonl'} line \d+: token id \d+ .* "
+                                         rf"is outside the model's vocabulary of 100 tokens \(vocab_size in {folder}"):
         evaluate_run(SelfPlay(config), config.data.eval_source, baselines={"small": str(folder)})

@@ -1363,6 +1363,6 @@ def test_a_folder_of_splits_read_whole_by_older_code_is_refused_saying_the_readi
     with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
         old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split: files)
         SelfPlay(config).run(until=(0, "generate"))
-    with pytest.raises(ValueError, match=r"older spin-fast read every split's files.*data.split's files alone.*"
-                                         r"spin-fast version that started it \(sessions.jsonl names it\).*new output_dir"):
+    with pytest.raises(ValueError, match=r"older spin-fast read every split's files.*data.split's files alone.*the "
+                                         r"spin-fast version that started it \(sessions.jsonl names it\).*output_dir"):
         SelfPlay(config).run()
