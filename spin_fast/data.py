@@ -746,8 +746,8 @@ def eos_token_id(tokenizer: Any) -> int:
 
 
 def _turn_end_id(tokenizer: Any) -> int | None:
-    """The first special or added token the chat template writes after an assistant turn's content (None: none
-    found). Added tokens too: some ChatML fine-tunes added '<|im_end|>' as a token that is not special."""
+    """The first special token the chat template writes after an assistant turn's content, else the first added one
+    (some ChatML fine-tunes added '<|im_end|>' as a token that is not special); None: none found."""
     try:
         whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
                                                {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
@@ -757,8 +757,14 @@ def _turn_end_id(tokenizer: Any) -> int | None:
     if at < 0:
         return None
     after = whole[at + len(PROBE_ANSWER):]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    found = next((i for i in _encode(tokenizer, after) if i in special), None)
+    ids = _encode(tokenizer, after)
+    added = tokenizer.added_tokens_decoder
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    # A special token first (as before added ones counted), else an added one: some tokenizers add plain-text
+    # pieces (runs of spaces) as tokens that end nothing.
+    found = next((i for i in ids if i in special), None)
+    if found is None:
+        found = next((i for i in ids if i in added), None)
     if found is None and after.strip() and not _warned_turn_end:
         # A turn end the tokenizer splits into pieces ('<|im_end|>' as plain text): no one token ends an answer as
         # the model writes it, and the EOS that responses end with is one it never writes there.
