@@ -236,7 +236,13 @@ class SelfPlay:
         if stop_after == "score":
             return None
 
-        result = self.train(train_dir, model, tokenizer, scored, config)
+        try:
+            result = self.train(train_dir, model, tokenizer, scored, config)
+        except BaseException:
+            # Trained in place part of the way, it is neither θt nor θt+1: a next run() loads θt again (and resumes
+            # from the training's checkpoint, if any).
+            self.model = None
+            raise
         times = {"train_s": result.seconds}
 
         start = time.perf_counter()
