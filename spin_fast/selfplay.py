@@ -225,6 +225,11 @@ class SelfPlay:
             self._trained[t] = done["summary"]["checkpoint"]
             return done["summary"]
         if self.model is None:
+            if t > 0 and not Path(self.model_path(t)).is_dir():  # else transformers takes it for a Hub id
+                raise FileNotFoundError(
+                    f"{self.model_path(t)}: θ{t}, the checkpoint iteration {t - 1}'s training ended with (as "
+                    f"{self.run_dir / f'iter-{t - 1}' / 'train' / 'manifest.json'} records), is gone: put it back "
+                    f"to go on from iteration {t}")
             self.model = load_policy(self.model_path(t), config)
         model = self.model
 

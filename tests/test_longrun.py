@@ -194,3 +194,17 @@ def test_the_same_selfplay_run_again_after_an_error_in_training_starts_from_thet
     assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == opponent θ0 at the first step
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
+
+
+def test_an_extended_run_whose_last_checkpoint_is_gone_says_so(sft_model, tmp_path):
+    """θt of a run extended, or resumed, is the checkpoint iteration t-1's training ended with, as its manifest
+    records it: removed since (to free disk space), the error names it and the iteration, not a Hub repo id's
+    rules."""
+    settings = ("generation.max_new_tokens=4",)
+    summaries = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1", *settings)).run()
+    import shutil
+
+    shutil.rmtree(summaries[0]["checkpoint"])
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-2: θ1, the checkpoint iteration 0's training ended "
+                                                r"with .*iter-0/train/manifest.json.*, is gone"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", *settings)).run()
