@@ -247,3 +247,35 @@ def test_weights_from_a_folder_reach_the_head_of_a_tied_model(setup, tmp_path):
         assert vllm_greedy(engine, prompts) == expected
         engine.load_weights_from(tmp_path / "first")
         assert vllm_greedy(engine, prompts) == hf_greedy(first, prompts, eos)
+
+
+def test_weights_from_memory_reach_the_head_of_a_tied_model(setup, tmp_path):
+    """Under DeepSpeed the self-play loop hot-swaps full_weights(model), which names a tied head once, as the
+    embeddings (as named_parameters does): the head must answer with the new ones, as after load_weights_from."""
+    from transformers import LlamaForCausalLM
+
+    from spin_fast.model import tiny_config
+    from spin_fast.tokenizer import build_local_tokenizer as tokenizer_of
+    from spin_fast.zero import full_weights
+
+    _, _, _, prompts, eos = setup
+    tokenizer = tokenizer_of()
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512,
+                         tie_word_embeddings=True)
+    config.initializer_range = 0.2  # wide weights, as wide_tiny_llama's: greedy choices far from rounding
+    torch.manual_seed(0)
+    first = LlamaForCausalLM(config).eval()
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    assert "lm_head.weight" not in dict(full_weights(second))
+    first.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    expected = hf_greedy(second, prompts, eos)
+    assert expected != hf_greedy(first, prompts, eos)
+    with VllmEngine(tmp_path, dtype="float32", max_model_len=512) as engine:
+        engine.load_weights(full_weights(second))
+        assert vllm_greedy(engine, prompts) == expected
+        engine.load_weights(full_weights(first))
+        assert vllm_greedy(engine, prompts) == hf_greedy(first, prompts, eos)

@@ -38,10 +38,13 @@ class WeightSwapExtension:
         """Reload the model's weights from a safetensors file, in place."""
         from safetensors import safe_open
 
+        # The weights may name a tied head once, as the embeddings (full_weights under DeepSpeed, named_parameters):
+        # the head is named as spin_load_weights_folder names it.
+        tied = _tied_to_head(self.model_runner.get_model())  # type: ignore[attr-defined]
         with safe_open(path, framework="pt", device="cpu") as f:
             # A generator: one tensor in memory at a time beyond the model itself.
             pairs: Iterator[tuple[str, torch.Tensor]] = ((name, f.get_tensor(name)) for name in f.keys())
-            self.reload_weights(weights_iterator=pairs)  # type: ignore[attr-defined]
+            self.reload_weights(weights_iterator=_with_tied_head(pairs, tied))  # type: ignore[attr-defined]
 
     def spin_load_weights_folder(self, path: str) -> None:
         """Reload the model's weights from a model folder, in place, as reload_weights(weights_path=path) does, but
@@ -72,9 +75,15 @@ def _tied_to_head(model) -> set[str]:
 def _with_tied_head(weights: Iterable[tuple[str, torch.Tensor]], tied: set[str]
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """`weights`, with the head's weight (lm_head.weight) named just before a tensor it is tied to (the embeddings,
-    which a tied model's folder holds alone), as load_weights' file names it."""
+    which a tied model's folder holds alone), unless `weights` name it themselves (a state dict): once, either way."""
+    headed = False
     for name, tensor in weights:
-        if name in tied:
+        if name == "lm_head.weight":
+            if headed:  # named already, from the embeddings it is tied to
+                continue
+            headed = True
+        elif name in tied and not headed:
+            headed = True
             yield "lm_head.weight", tensor
         yield name, tensor
 
