@@ -111,6 +111,8 @@ def host_bounds(cu_q: torch.Tensor) -> list[int]:
     """cu_q's values, read from the device once a forward: every layer is given the same tensor, and on CUDA each
     read waits for the GPU. Held by a reference (its id cannot be reused) and its version (changed in place: read
     again)."""
+    if cu_q.is_inference():  # keeps no version to tell a change in place by
+        return cu_q.tolist()
     if _last_bounds[0] is not cu_q or _last_bounds[1] != cu_q._version:
         _last_bounds[:] = [cu_q, cu_q._version, cu_q.tolist()]
     return _last_bounds[2]

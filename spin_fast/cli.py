@@ -155,6 +155,8 @@ def print_row(row: dict) -> None:
 
 def parse_baselines(specs: list[str]) -> dict[str, str]:
     """--baseline NAME=MODEL options as {name: model}."""
+    from spin_fast.config import home_expanded
+
     baselines: dict[str, str] = {}
     for spec in specs:
         name, sep, model = spec.partition("=")
@@ -163,7 +165,7 @@ def parse_baselines(specs: list[str]) -> dict[str, str]:
                              "continued-sft=runs/my-sft/sft/checkpoint-400")
         if name in baselines:
             raise ValueError(f"--baseline {spec!r}: {name!r} is named twice")
-        baselines[name] = os.path.expanduser(model)  # bash expands csft=~/x but not continued-sft=~/x
+        baselines[name] = home_expanded(model)  # bash expands csft=~/x but not continued-sft=~/x
     return baselines
 
 

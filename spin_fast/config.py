@@ -439,7 +439,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
         name = f"{prefix}{key}"
         if key not in known:
             # A setting in another section (or none) is the likeliest slip: its right place is the closest key.
-            close = _placed_elsewhere(str(key), name) or [
+            close = _placed_elsewhere(str(key)) or [
                 f"{prefix}{match}" for match in difflib.get_close_matches(str(key), list(known), n=1)]
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; valid keys: {', '.join(known)}"
             raise ConfigError(f"unknown setting {name!r}{hint}", name)
@@ -454,13 +454,13 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}", setting) from None
 
 
-def _placed_elsewhere(key: str, name: str) -> list[str]:
-    """The run settings named `key` at the top level or in a section, but for `name` itself (where it was given)."""
+def _placed_elsewhere(key: str) -> list[str]:
+    """The run settings named `key`, at the top level or in a section (key is unknown where it was given)."""
     places = [f.name for f in fields(RunConfig)]
     places += [f"{section.name}.{f.name}" for section in fields(RunConfig) if section.name in SECTIONS
                for f in fields(section.default_factory)]
-    unused = ("train.attention", name)  # kept for old configs only; where it was given
-    return [place for place in places if place.rsplit(".", 1)[-1] == key and place not in unused]
+    # train.attention is kept for old configs alone: never a place to suggest
+    return [place for place in places if place.rsplit(".", 1)[-1] == key and place != "train.attention"]
 
 
 def check_field_types(config) -> None:
@@ -562,9 +562,11 @@ def _set_dotted(data: dict, key: str, value, where: str) -> None:
             raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child
     key = ".".join(parts)
-    if isinstance(value, dict) and isinstance(node.get(key), dict):  # a mapping changes the settings it names (as a
-        for name, change in value.items():  # nested iteration override does), not the section's others
-            _set_dotted(node[key], str(name), change, where)
+    # A mapping changes the settings it names (as a nested iteration override does), not the section's others, also
+    # where the file writes them dotted beside it ({train.beta: ...}).
+    if isinstance(value, dict) and (isinstance(node.get(key), dict) or any(str(k).startswith(f"{key}.") for k in node)):
+        for name, change in value.items():
+            _set_dotted(node, f"{key}.{name}", change, where)
         return
     node[key] = value
 

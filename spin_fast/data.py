@@ -760,11 +760,11 @@ def _turn_end_id(tokenizer: Any) -> int | None:
     ids = _encode(tokenizer, after)
     added = tokenizer.added_tokens_decoder
     special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
-    # A special token first (as before added ones counted), else an added one: some tokenizers add plain-text
-    # pieces (runs of spaces) as tokens that end nothing.
+    # A special token first (as before added ones counted), else an added one but whitespace: some tokenizers add
+    # runs of spaces as tokens, which end nothing.
     found = next((i for i in ids if i in special), None)
     if found is None:
-        found = next((i for i in ids if i in added), None)
+        found = next((i for i in ids if i in added and added[i].content.strip()), None)
     if found is None and after.strip() and not _warned_turn_end:
         # A turn end the tokenizer splits into pieces ('<|im_end|>' as plain text): no one token ends an answer as
         # the model writes it, and the EOS that responses end with is one it never writes there.

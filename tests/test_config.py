@@ -399,3 +399,8 @@ def test_a_set_override_of_an_iteration_adds_to_a_saved_configs_overrides(tmp_pa
     config = load_run_config(path, ["iteration_overrides.1.train.learning_rate=2.0e-7",
                                     "iteration_overrides.1.train.beta=0.2"])
     assert config.iteration_overrides == {1: {"train.learning_rate": 2e-7, "train.beta": 0.2}}
+    path.write_text("iterations: 2\niteration_overrides:\n  '1': {train.learning_rate: 1.0e-07, train.epochs: 2}\n")
+    for mapping in ("iteration_overrides.1={train: {learning_rate: 2.0e-7}}",  # a mapping into dotted settings
+                    "iteration_overrides.1.train={learning_rate: 2.0e-7}"):
+        config = load_run_config(path, [mapping])
+        assert config.iteration_overrides == {1: {"train.learning_rate": 2e-7, "train.epochs": 2}}, mapping

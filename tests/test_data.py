@@ -1195,3 +1195,16 @@ def test_a_turn_end_the_tokenizer_splits_into_pieces_is_warned_of(caplog, monkey
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         assert eos_token_id(tokenizer) == tokenizer.eos_token_id
     assert "'<|im_end|>\\n'" in caplog.text and "<|endoftext|>" in caplog.text, caplog.text
+
+
+def test_an_added_whitespace_token_after_the_answer_ends_no_turn():
+    """Tokenizers of the GPT-NeoX family add runs of whitespace as tokens that are not special: one written after
+    the answer is no turn end (answers would be cut at their first blank line), the tokenizer's EOS is."""
+    from tokenizers import AddedToken
+
+    tokenizer = build_local_tokenizer()
+    tokenizer.add_tokens([AddedToken("\n\n", normalized=False)])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    blank = tokenizer.convert_tokens_to_ids("\n\n")
+    assert blank in tokenizer.encode("Hi\n\n", add_special_tokens=False)  # the template's ending is that token
+    assert eos_token_id(tokenizer) == tokenizer.eos_token_id

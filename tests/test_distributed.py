@@ -103,8 +103,8 @@ def step_packing(mode: str, steps: int, world: int) -> list[tuple[int, float]]:
     for step in range(steps):
         groups = [items[i].sequences() if mode == "spin" else [items[i]] for i in step_items(len(items), config, step)]
         shares = distributed.balance([group_tokens(g, False) for g in groups], world)
-        batches = [b for share in shares
-                   for b in pack_groups([groups[i] for i in share], config.micro_batch_tokens, first_fit_decreasing=True)]
+        batches = [b for share in shares for b in pack_groups([groups[i] for i in share], config.micro_batch_tokens,
+                                                              first_fit_decreasing=True)]
         figures.append((len(batches), pytest.approx(packing_efficiency(batches, config.micro_batch_tokens))))
     return figures
 

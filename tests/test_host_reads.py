@@ -196,3 +196,5 @@ def test_per_sequence_attention_reads_its_boundaries_once_per_forward_not_per_la
     torch.testing.assert_close(hidden, again)
     cu[1] = 4  # the same tensor changed in place: its new boundaries are read
     assert attention.host_bounds(cu) == [0, 4, 8, 15]
+    with torch.inference_mode():  # an inference tensor keeps no version: read each time
+        assert attention.host_bounds(torch.tensor([0, 2, 5])) == [0, 2, 5]

@@ -5,12 +5,12 @@ from dataclasses import astuple
 
 import pytest
 import torch
+from test_selfplay import final_weights, run_config
 from transformers import AutoModelForCausalLM
 
 from helpers import QA
 from spin_fast.scoring import load_scored_pairs, score_pairs
 from spin_fast.selfplay import SelfPlay
-from test_selfplay import final_weights, run_config
 
 
 @pytest.mark.parametrize("mix", [0, 2, 3])
