@@ -241,10 +241,12 @@ def _listed(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
 
 # A shard as the Hub and datasets' push_to_hub name it: <split>-00000-of-00003[-<hash>] (ultrachat_200k's data/ folder)
 _SHARD = re.compile(r"(?P<split>\w+?)-\d{5}-of-\d{5}(-[0-9a-f]+)?")
-# A file or top subfolder named by a split as datasets.load_dataset knows them (its SPLIT_KEYWORDS): train.jsonl beside
-# test.jsonl, train/ beside test/, or train_sft.jsonl beside test_sft.jsonl (a DatasetDict exported split by split).
-# Other names (alpaca.jsonl, dolly.jsonl) are a user's parts of one set.
-_SPLIT_NAME = re.compile(r"(train|training|validation|valid|val|dev|test|testing|eval|evaluation)(_\w+)?")
+# A split's words as datasets.load_dataset finds them in a folder's file and folder names (its SPLIT_KEYWORDS, between
+# non-word characters): train.jsonl, train_sft.jsonl and my-train-1.jsonl are train's, dev/ is validation's.
+_SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+                "dev": "validation", "val": "validation", "test": "test", "testing": "test", "eval": "test",
+                "evaluation": "test"}
+_SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(_SPLIT_WORDS)})(?=[-._ 0-9]|$)")
 
 
 def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
@@ -253,28 +255,33 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
     splits = _file_splits(path, files)
     if len(splits) < 2:
         return files
+    split = split if split in splits else _SPLIT_WORDS.get(split, split)  # dev: validation, as datasets names it
     if split not in splits:
-        raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (its files' or folders' names), none "
-                        f"of them data.split={split!r}: set data.split to one")
-    others = len(files) - sum(len(f) for f in splits.values())
-    logger.info("%s: read split %s (%d files), left the splits %s%s", path, split, len(splits[split]),
-                ", ".join(sorted(set(splits) - {split})), f" and {others} files named by no split" if others else "")
+        raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (by its files' or folders' names, as "
+                        f"datasets reads them), none of them data.split={split!r}: set data.split to one")
+    logger.info("%s: read split %s (%d files), left the splits %s", path, split, len(splits[split]),
+                ", ".join(sorted(set(splits) - {split})))
+    if unnamed := len(files) - sum(len(f) for f in splits.values()):
+        logger.warning("%s: left %d files named by no split (as datasets.load_dataset does beside split files): "
+                       "name them by their split, or move them out", path, unnamed)
     return splits[split]
 
 
 def _file_splits(path: Path, files: list[Path]) -> dict[str, list[Path]]:
-    """The files named by a split, by split: a shard's name, else the file's own name, else its top subfolder's."""
-    splits: dict[str, list[Path]] = {}
+    """The files by the split their names give, grouped as datasets.load_dataset groups them: by Hub shard names
+    (<split>-00000-of-00003) if any, else by a split's word in the file names if any, else in the folder names."""
+    by_shard: dict[str, list[Path]] = {}
+    by_name: dict[str, list[Path]] = {}
+    by_folder: dict[str, list[Path]] = {}
     for file in files:
-        stem = file.name[: -len(file.suffix)]
-        top = file.relative_to(path).parts[0]
-        if shard := _SHARD.fullmatch(stem):
-            splits.setdefault(shard["split"], []).append(file)
-        elif _SPLIT_NAME.fullmatch(stem):
-            splits.setdefault(stem, []).append(file)
-        elif top != file.name and _SPLIT_NAME.fullmatch(top):
-            splits.setdefault(top, []).append(file)
-    return splits
+        if shard := _SHARD.fullmatch(file.name[: -len(file.suffix)]):
+            by_shard.setdefault(shard["split"], []).append(file)
+        if word := _SPLIT_WORD.search(file.name):
+            by_name.setdefault(_SPLIT_WORDS[word[1]], []).append(file)
+        folders = (_SPLIT_WORD.search(part) for part in file.relative_to(path).parts[:-1])
+        if word := next(filter(None, folders), None):
+            by_folder.setdefault(_SPLIT_WORDS[word[1]], []).append(file)
+    return by_shard or by_name or by_folder
 
 
 def reads_one_split(source: str | Path) -> bool:
@@ -737,8 +744,8 @@ PROBE_ANSWER = "Spin-fast probe answer."  # rendered to find what a template wri
 
 
 def eos_token_id(tokenizer: Any) -> int:
-    """The token every response ends with: the special token the chat template closes an assistant turn with
-    (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Phi-3's <|end|>: what the model writes after an answer, which
+    """The token every response ends with: the special (else added) token the chat template closes an assistant turn
+    with (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Phi-3's <|end|>: what the model writes after an answer, which
     need not be tokenizer.eos), else the tokenizer's EOS; a tokenizer without one is an error."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token: responses must end with one")

@@ -455,7 +455,7 @@ class Evaluation:
                                 config.model.trust_remote_code)
             try:  # its embeddings are given the SFT tokenizer's ids, as θ0's are
                 check_in_vocabulary(self.tokenizer, self.examples, self.folders[path], config.model.trust_remote_code,
-                                    self.names)
+                                    self.names, setting=None)
             except ValueError as e:
                 raise ValueError(f"baseline {name!r}: {e}") from None
         tracked = output is not None and (config.train.tensorboard or config.train.wandb)

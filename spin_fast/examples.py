@@ -110,11 +110,12 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
 
 
 def check_in_vocabulary(tokenizer, examples: Seq[TokenizedExample], model_folder: str, trust_remote_code: bool,
-                        names: Seq[str] | None = None) -> None:
+                        names: Seq[str] | None = None, setting: str | None = "model.name_or_path") -> None:
     """Every token id the examples give the model, and the EOS its answers end with, is in the model's vocabulary
     (its config's vocab_size), or the error names the row and the setting now: a tokenizer given tokens the model's
     embeddings were never resized for failed as an IndexError deep in the embedding (on a GPU a device-side assert)
-    once generation or scoring started. `names`: each example's row, where known."""
+    once generation or scoring started. `names`: each example's row, where known; `setting`: the model's (None: the
+    caller names it, as eval does a baseline)."""
     from transformers import AutoConfig
 
     from spin_fast.model import text_config
@@ -128,7 +129,7 @@ def check_in_vocabulary(tokenizer, examples: Seq[TokenizedExample], model_folder
               "(model.resize_token_embeddings)?")
     eos = eos_token_id(tokenizer)
     if eos >= vocab:
-        raise ValueError(f"model.name_or_path: the token responses end with, id {eos} "
+        raise ValueError(f"{setting + ': ' if setting else ''}the token responses end with, id {eos} "
                          f"({tokenizer.convert_ids_to_tokens(eos)!r}), is outside {advice}")
     for index, example in enumerate(examples):
         whole = example.unfitted or example  # the prompt the opponent answers whole

@@ -103,8 +103,8 @@ class RunDirectory:
                 # The data may be as it was: spin-fast before the split-aware folder reading read every split's files.
                 fix = (f"{record['source']} holds several splits' files, and older spin-fast read every split's files "
                        f"of such a folder, where this code reads data.split's files alone: if the data is as it was, "
-                       "resume the run with the spin-fast version that started it (sessions.jsonl names it), or use "
-                       "a new output_dir to train on data.split's rows")
+                       "resume the run with the spin-fast version that started it (sessions.jsonl names it); if it "
+                       "changed, put it back as it was; or use a new output_dir to train on data.split's rows")
             else:
                 fix = "Put the data back as it was, or use a new output_dir"
             raise ValueError(f"{what} ({setting} {record['source']}: {record['examples']} examples) are not those "

@@ -53,6 +53,7 @@ from spin_fast.packing import Sequence, check_fits
 from spin_fast.run_directory import RunDirectory
 from spin_fast.scoring import ScoredPair, check_pairs_fit, load_scored_pairs, score_pairs
 from spin_fast.stages import (
+    MANIFEST,
     config_hash,
     finish_stage,
     in_parts,
@@ -228,8 +229,8 @@ class SelfPlay:
             if t > 0 and not Path(self.model_path(t)).is_dir():  # else transformers takes it for a Hub id
                 raise FileNotFoundError(
                     f"{self.model_path(t)}: θ{t}, the checkpoint iteration {t - 1}'s training ended with (as "
-                    f"{self.run_dir / f'iter-{t - 1}' / 'train' / 'manifest.json'} records), is gone: put it back "
-                    f"to go on from iteration {t}")
+                    f"{self.run_dir / f'iter-{t - 1}' / 'train' / MANIFEST} records), is not there (moved or "
+                    f"deleted?): put it back to go on from iteration {t}")
             self.model = load_policy(self.model_path(t), config)
         model = self.model
 

@@ -1136,6 +1136,27 @@ def test_a_folder_of_split_files_or_split_folders_reads_the_split_asked_for(tmp_
         load_examples(folder, split="validation")
 
 
+@pytest.mark.parametrize("names, split, read", [
+    (["train.jsonl", "train_extra.jsonl"], "train", 2),  # one split's parts: read whole
+    (["train_0.jsonl", "train_1.jsonl"], "train", 2),
+    (["train_sft.jsonl", "test_cases.jsonl", "notes.jsonl"], "train", 1),  # train's; test's; named by no split
+    (["train.jsonl", "dev.jsonl"], "dev", 1),  # dev is validation's, as datasets names it
+    (["my-train-1.jsonl", "validation.jsonl", "eval_data.jsonl"], "test", 1),
+])
+def test_a_folders_splits_are_those_datasets_reads_in_its_names(tmp_path, names, split, read, caplog):
+    """A split's words (train, training; validation, valid, val, dev; test, testing, eval, evaluation) between
+    non-word characters name a file's split as datasets.load_dataset takes them: the same rows under data.split."""
+    for index, name in enumerate(names):
+        write_jsonl(tmp_path / name, [conversation(f"Q{index}?", f"{name}.")])
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        responses = sorted(e.response for e in load_examples(tmp_path, split=split).examples)
+    assert len(responses) == read
+    split = {"dev": "validation"}.get(split, split)
+    theirs = datasets.load_dataset(str(tmp_path), split=split)
+    assert sorted(r["messages"][1]["content"] for r in theirs) == responses
+    assert ("named by no split" in caplog.text) == ("notes.jsonl" in names)
+
+
 def test_a_folder_of_files_not_named_by_split_is_read_whole(tmp_path):
     """Files named otherwise (a user's own parts) are one set: all of them are read, under any data.split."""
     write_jsonl(tmp_path / "alpaca.jsonl", [conversation("Q?", "A.")])

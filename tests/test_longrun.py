@@ -206,5 +206,5 @@ def test_an_extended_run_whose_last_checkpoint_is_gone_says_so(sft_model, tmp_pa
 
     shutil.rmtree(summaries[0]["checkpoint"])
     with pytest.raises(FileNotFoundError, match=r"checkpoint-2: θ1, the checkpoint iteration 0's training ended "
-                                                r"with .*iter-0/train/manifest.json.*, is gone"):
+                                                r"with .*iter-0/train/manifest.json.*, is not there"):
         SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=2", *settings)).run()
