@@ -366,7 +366,9 @@ class Trainer:
         # ZeRO reduces gradients in every backward, so every rank runs as many micro-batches as the busiest
         # one: the others repeat a micro-batch with weight 0.
         n_batches = max(distributed.all_gather_objects(len(batches), "micro-batch counts"))
-        filler = batches[0] if batches else pack_groups(groups[:1], 2**62, share_prompts=self.share_prompts)[0]
+        # The filler: this rank's shortest micro-batch (the cheapest pass), else a micro-batch of the step's first pair.
+        lightest = min(range(len(batches)), key=lambda i: batches[i].n_tokens, default=0)
+        filler = batches[lightest] if batches else pack_groups(groups[:1], 2**62, share_prompts=self.share_prompts)[0]
         names = PackedLoss.METRICS[self.config.mode]
         # Summed where the loss is and read once after the loop: a read per micro-batch (float of a CUDA tensor)
         # would wait for each one's backward before the next could be queued.
@@ -381,7 +383,7 @@ class Trainer:
         for k in range(n_batches):
             batch = batches[k] if k < len(batches) else filler
             weight = weight_of(batch) if k < len(batches) else 0.0
-            loss, metrics = self.micro_batch_loss(*inputs[k if k < len(batches) else 0])  # the filler: batches[0]
+            loss, metrics = self.micro_batch_loss(*inputs[k if k < len(batches) else lightest])
             if self.engine is not None:
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
             else:
