@@ -323,13 +323,16 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 signum = stopping.reached(failure, f"step {self.step}'s metrics")
+                due = self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.steps
+                if due and not signum:
+                    self.save_checkpoint()
+                    # A signal during the save stops here: that checkpoint holds every step, none more is trained.
+                    signum = stopping.reached()
                 if signum:  # a scheduler's warning: this step's checkpoint, then leave
                     bar.close()
                     saved = self.save_checkpoint()
                     raise stopping.Stopped(signum, f"after {self.config.mode} training step {self.step} of "
                                                    f"{self.steps}, saved in {saved}", agreed=True)
-                if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.steps:
-                    self.save_checkpoint()
             bar.close()
             result.final_dir = self.save_checkpoint()
         result.seconds = self.seconds_so_far()

@@ -805,3 +805,31 @@ def test_ranks_pack_a_step_in_few_micro_batches(tmp_path):
         passes += world * max(counts)
         bound += world * math.ceil(sum(group_tokens(g, True) for g in groups) / (world * budget))
     assert passes <= 1.03 * bound, f"{passes} forward and backward passes, {bound} at the token bound"
+
+
+def test_a_signal_during_a_checkpoint_save_stops_with_that_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM while checkpoint-2 (save_every=2) is being written: that checkpoint holds every step so far, so the
+    training stops with it. It trained step 3 and wrote checkpoint-3 first: on a 7B model another step and a second
+    whole checkpoint (minutes), past the grace a scheduler gives before its SIGKILL."""
+    import os
+    import signal
+
+    import spin_fast.training
+    from spin_fast import stopping
+
+    scored = score_pairs(make_model(), random_pairs(12), token_budget=64)
+    real_save = spin_fast.training.save_model
+
+    def signalled_save(*args, **kwargs):
+        if not any(tmp_path.glob("checkpoint-*")):  # the first checkpoint's weights are being written
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(spin_fast.training, "save_model", signalled_save)
+    trainer = Trainer(make_model(), None, config(save_every=2), tmp_path, scored)
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped) as stopped:
+        trainer.train()
+    assert f"after spin training step 2 of 6, saved in {tmp_path / 'checkpoint-2'}" in str(stopped.value)
+    assert [p.name for p in trainer.checkpoint_dirs()] == ["checkpoint-2"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
