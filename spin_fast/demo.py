@@ -420,11 +420,17 @@ def main(argv: list[str] | None = None) -> int:
     from spin_fast.loading import library_progress_bars
 
     library_progress_bars(config.train.progress)
+    from spin_fast import stopping
+    from spin_fast.cli import report_stop
+
     try:
-        Demo(config, demo).run(until=args.until)
+        with stopping.signals_handled():  # SIGTERM or Ctrl-C stops at a safe point, as `spin-fast run` does
+            Demo(config, demo).run(until=args.until)
     except (ConfigError, locking.InUse) as error:  # a folder that holds another experiment, or another demo's
         print(f"demo: {error}", file=sys.stderr)
         return 2
+    except stopping.Stopped as stop:
+        return report_stop(stop)
     return 0
 
 

@@ -203,3 +203,21 @@ def test_the_demo_refuses_zero_heads_as_a_config_error():
     for setting in ("demo.model.heads=0", "demo.model.layers=0", "demo.model.vocab_size=0"):
         with pytest.raises(ConfigError, match=setting.split("=")[0].split(".")[-1]):
             load_demo_config(DEFAULT_CONFIG, [setting])
+
+
+def test_a_signal_stops_the_demo_with_one_line_as_it_stops_a_run(tmp_path):
+    """`make demo` installed no signal handlers: SIGTERM (a scheduler's, a `kill`) ended it with no word, Ctrl-C with
+    a traceback. It stops as `spin-fast run` does: one line, the signal's exit status."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys, time\n"
+              "import spin_fast.demo as demo\n"
+              "def run(self, until=None):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "demo.Demo.run = run\n"
+              f"sys.exit(demo.main(['--output', {str(tmp_path / 'demo')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "spin-fast: stopped by SIGTERM" in done.stderr and "the same command resumes the run" in done.stderr
