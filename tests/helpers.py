@@ -272,6 +272,27 @@ def wide_tiny_llama(tokenizer):
     return model
 
 
+def two_tiny_llamas(tokenizer, tied: bool):
+    """Two of wide_tiny_llama's kind (tied head or not), the second the first moved by noise: an engine swapped from
+    one to the other answers otherwise."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from spin_fast.model import tiny_config
+
+    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512,
+                         tie_word_embeddings=tied)
+    config.initializer_range = 0.2  # greedy choices far from rounding
+    torch.manual_seed(0)
+    first = LlamaForCausalLM(config).eval()
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return first, second
+
+
 def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """float64 sampling distribution, written from the definitions HF and vLLM share: logits / T; top-k keeps the
     tokens whose logit is >= the k-th largest; top-p then keeps, in order of decreasing probability, each token

