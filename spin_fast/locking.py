@@ -24,6 +24,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+# The lock descriptors this process holds. os.open makes them close-on-exec already (PEP 446), but a child forked
+# without exec (vLLM's engine core under the fork start method) would share the lock's open file, and hold the lock
+# for as long as it lived after this process's death: the child closes its copies (which leaves ours locked).
+_held: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _held:
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class InUse(ValueError):
     """Another process does this work in the folder."""
 
@@ -36,6 +51,7 @@ def exclusive(folder: str | Path, work: str) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".{work}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _held.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,7 +67,9 @@ def exclusive(folder: str | Path, work: str) -> Iterator[None]:
             os.pwrite(fd, json.dumps(this_process()).encode() + b"\n", 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays, for the next one to lock
+        if fd in _held:  # (a forked child unwinding this block closed its copy at the fork)
+            _held.discard(fd)
+            os.close(fd)  # releases the lock; the file stays, for the next one to lock
 
 
 def this_process() -> dict:

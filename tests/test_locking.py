@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,3 +38,41 @@ def test_a_holder_on_another_node_is_said_to_be_there():
     assert said.startswith("pid 7 on node-that-is-not-this-one, since 2026-01-01") and "another node" in said
     assert "another node" not in locking.holder(json.dumps({**record, "host": socket.gethostname()}).encode())
     assert locking.holder(b"") == "a process that has not said which"
+
+
+def test_a_child_that_outlives_the_holder_does_not_keep_the_lock(tmp_path):
+    """A process forked while the lock is held (vLLM's engine core under the fork start method, its default where
+    CUDA is not initialised, as on the CPU build) shares the lock's open file: were the descriptor kept in it, the
+    lock would stay held after the holder's death for as long as the child lived, and the resume would be refused.
+    A child started by exec (subprocess) does not get the descriptor at all."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "out"
+    code = (f"import multiprocessing, subprocess, sys, time\nfrom spin_fast.locking import exclusive\n"
+            f"with exclusive({str(folder)!r}, 'run'):\n"
+            "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(600,))\n"
+            "    child.start()\n"
+            "    fds = subprocess.run(['ls', '-l', '/proc/self/fd'], capture_output=True, text=True).stdout\n"
+            "    print(child.pid, '.run.lock' in fds, flush=True)\n"
+            "    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        pid, exec_child_has_it = holder.stdout.readline().split()
+        child = int(pid)
+        assert exec_child_has_it == "False"  # close-on-exec
+        holder.send_signal(signal.SIGKILL)  # the holder dies without closing anything; its child lives on
+        holder.wait()
+        os.kill(child, 0)  # still alive
+        time.sleep(0.2)
+        with locking.exclusive(folder, "run"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
