@@ -6,8 +6,9 @@ W&B keeps its usual environment settings (WANDB_PROJECT, default "spin-fast"; WA
 WANDB_DIR, ...). Each training is one W&B run, named "<SPIN run>/iter-<t>" (or "<SPIN run>/sft"), the
 iterations' summaries one more, "<SPIN run>/iterations", and the evaluations' rows another, "<SPIN run>/eval",
 all grouped by their SPIN run; a run's id is kept in its folder, so a resumed training goes on in the same W&B
-run. A tracker that fails midway (its service killed, the network gone) is dropped with a warning, not the
-training: metrics.jsonl, summary.jsonl and eval.jsonl have everything."""
+run. A tracker that fails to open (W&B's server out of reach, TensorBoard's folder unwritable) or midway (its
+service killed, the network gone) is dropped with a warning, not the training: metrics.jsonl, summary.jsonl and
+eval.jsonl have everything."""
 
 from __future__ import annotations
 
@@ -99,8 +100,11 @@ class Trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard hides what an earlier attempt logged from this x on (it is redone)
-            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"),
-                                             purge_step=first_x if self.purge else None)
+            folder = self.folder / "tensorboard"
+            try:
+                self.tensorboard = SummaryWriter(str(folder), purge_step=first_x if self.purge else None)
+            except Exception as error:  # e.g. its folder unwritable: dropped, as W&B failing to start is
+                self.drop_tensorboard(error, advice=f" (its folder: {folder})")
         if self.config.wandb:
             try:
                 self.wandb_run = self.start_wandb()
@@ -142,9 +146,9 @@ class Trackers:
                 self.drop_wandb(error)
             self.wandb_run = None
 
-    def drop_tensorboard(self, error: Exception) -> None:
+    def drop_tensorboard(self, error: Exception, advice: str = "") -> None:
         self.tensorboard = None
-        self.warn_dropped("TensorBoard", error)
+        self.warn_dropped("TensorBoard", error, advice)
 
     def drop_wandb(self, error: Exception, advice: str = "") -> None:
         import wandb

@@ -252,3 +252,15 @@ def test_tensorboard_keeps_the_saved_eval_rows_after_the_ones_an_eval_computes_a
     assert [row["model"] for row in rows] == ["sft", "iter-0", "iter-1"]
     assert tensorboard_scalars(run_dir / "eval-parts" / "tensorboard", "eval/loglik_per_token") == [
         (x, pytest.approx(row["loglik_per_token"], rel=1e-6)) for x, row in enumerate(rows)]
+
+
+def test_tensorboard_failing_to_open_is_dropped_with_a_warning_naming_its_folder(tmp_path, caplog):
+    """As W&B failing to start is: TensorBoard's folder unwritable (here a file in its place) leaves the training
+    going, with a warning that names the folder and the error; metrics.jsonl has every step."""
+    (tmp_path / "tensorboard").write_text("not a folder\n")
+    caplog.set_level("WARNING", logger="spin_fast.tracking")
+    scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
+    result = Trainer(make_model(), None, config(tensorboard=True), tmp_path, scored).train()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4] and result.final_dir.exists()
+    assert "TensorBoard stopped taking train metrics" in caplog.text
+    assert str(tmp_path / "tensorboard") in caplog.text and "FileExistsError" in caplog.text
