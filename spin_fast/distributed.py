@@ -86,7 +86,7 @@ def local_gpu() -> int:
     if local >= count:
         raise ValueError(f"LOCAL_RANK={local} but this node has {count} visible GPU(s): start at most {count} "
                          f"processes per node (torchrun --nproc-per-node={count}; configs/launch/slurm.sbatch "
-                         "sets 8)")
+                         "starts one per GPU of the job's --gpus-per-node)")
     return local
 
 

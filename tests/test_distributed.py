@@ -992,6 +992,48 @@ def test_slurm_example_is_valid_bash():
     assert "spin_fast.cli run" in script.read_text()
 
 
+def run_slurm_script(fake, variables):
+    """slurm.sbatch run by bash as sbatch would on a 2-node job, with the fake tools in `fake` first on PATH."""
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "64", **variables}
+    return subprocess.run(["bash", str(ROOT / "configs" / "launch" / "slurm.sbatch"), "run.yaml", "--set", "a=b"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_slurm_script_ends_every_node_when_one_fails_and_starts_a_rank_per_gpu_asked(tmp_path):
+    """slurm.sbatch run by bash with the variables Slurm sets and srun and scontrol that only say what they were
+    given: srun ends the whole step when one node's torchrun fails (--kill-on-bad-exit: a node that crashed
+    outside a collective would otherwise leave the others waiting in their next one until the timeout), and each
+    node starts one rank per GPU of the job's --gpus-per-node (sbatch's option overrides the script's 8), with
+    the task's CPUs shared among them."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\necho "OMP_NUM_THREADS=$OMP_NUM_THREADS"\n')
+    (fake / "scontrol").write_text("#!/bin/bash\nprintf 'node-a\\nnode-b\\n'\n")
+    done = run_slurm_script(fake, {"SLURM_GPUS_PER_NODE": "h100:4"})  # sbatch --gpus-per-node=h100:4
+    assert done.returncode == 0, done.stderr
+    srun, threads = done.stdout.splitlines()
+    assert srun.split()[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=64"], srun
+    assert "--nnodes=2 --nproc_per_node=4 " in srun and "--rdzv_endpoint=node-a:29500" in srun, srun
+    assert srun.endswith("-m spin_fast.cli run run.yaml --set a=b") and threads == "OMP_NUM_THREADS=16"
+
+
+def test_the_slurm_script_finds_its_head_node_when_scontrol_writes_the_node_list_in_pieces(tmp_path):
+    """scontrol writes a long node list (over stdio's 4 KiB buffer, a few hundred nodes) in several writes: a reader
+    of the first line alone that exits (head -n 1) makes a later write fail with SIGPIPE, and under
+    `set -o pipefail` and `set -e` the job would end at once, status 141, with no word said. Here the second write
+    comes a moment later, so that it always finds the reader gone."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $*"\n')
+    (fake / "scontrol").write_text("#!/bin/bash\necho node-a\nsleep 1\necho node-b\n")
+    done = run_slurm_script(fake, {"SLURM_GPUS_PER_NODE": "8"})
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "--rdzv_endpoint=node-a:29500" in done.stdout
+
+
 @pytest.mark.slow
 def test_vllm_engine_per_rank_samples_what_one_process_samples(tmp_path, sft_model):
     """One vLLM engine per rank, each answering its share with seeds by prompt index: the sampled pair files
@@ -1078,7 +1120,7 @@ def test_a_file_rank_0_wrote_unreadable_on_one_rank_stops_every_rank_with_its_me
 
 
 def test_a_local_rank_beyond_the_nodes_gpus_is_one_clear_line(monkeypatch):
-    """torchrun --nproc-per-node=8 (configs/launch/slurm.sbatch's) on a node with fewer GPUs: the rank whose
+    """torchrun --nproc-per-node=8 (configs/launch/slurm.sbatch's default) on a node with fewer GPUs: the rank whose
     LOCAL_RANK has no GPU is refused naming LOCAL_RANK, the GPU count and --nproc-per-node, not with CUDA's
     "invalid device ordinal" (torch.cuda.set_device's error, emulated: this machine has no GPU)."""
     def set_device(index):  # what torch.cuda.set_device does on a node with 2 GPUs
