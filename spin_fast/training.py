@@ -478,6 +478,18 @@ class Trainer:
         dirs = self.checkpoint_dirs() if self.rank == 0 else None
         return distributed.from_main(dirs[-1] if dirs else None, "the latest checkpoint")
 
+    def check_optimizer_groups(self, latest: Path, saved_groups: int | None) -> None:
+        """A checkpoint whose optimizer state has another number of parameter groups than this training's (older
+        code gave weight decay one group) is refused naming itself and why."""
+        if saved_groups is not None and saved_groups != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"{latest}: written by older spin-fast code with {saved_groups} optimizer parameter group(s) "
+                f"under train.weight_decay={self.config.weight_decay}, where this training has "
+                f"{len(self.optimizer.param_groups)}: weight decay now leaves biases and norm weights out, in a "
+                f"group of their own, so its optimizer state does not fit. Remove the "
+                f"checkpoint-* folders in {latest.parent} to start this training again, or resume it with the "
+                "spin-fast that wrote it")
+
     def save_checkpoint(self) -> Path:
         """HF weights + tokenizer (loadable by transformers and vLLM as is) and the trainer state, written to a
         temporary folder and renamed, so a kill never leaves half a checkpoint. Under DeepSpeed, rank 0 writes
@@ -616,21 +628,17 @@ class Trainer:
                 raise ValueError(f"{latest}: weights do not match the model (missing {missing}, "
                                  f"unexpected {unexpected})")
             # Older code gave weight decay one group; torch's own error for it names neither the file nor why.
-            saved_groups = len(state["optimizer"]["param_groups"])
-            if saved_groups != len(self.optimizer.param_groups):
-                raise ValueError(
-                    f"{latest}: written by older spin-fast code with {saved_groups} optimizer parameter group(s) "
-                    f"under train.weight_decay={self.config.weight_decay}, where this training has "
-                    f"{len(self.optimizer.param_groups)}: weight decay now leaves biases and norm weights out, in a "
-                    f"group of their own, so its optimizer state does not fit. Remove the "
-                    f"checkpoint-* folders in {latest.parent} to start this training again, or resume it with the "
-                    "spin-fast that wrote it")
+            self.check_optimizer_groups(latest, len(state["optimizer"]["param_groups"]))
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             rng = state["rng"]
         else:
-            self.engine.load_checkpoint(str(latest / "deepspeed"), tag="state", load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+            try:
+                self.engine.load_checkpoint(str(latest / "deepspeed"), tag="state", load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+            except Exception:  # ZeRO's error for older code's one group speaks of a parameter-alignment setting
+                self.check_optimizer_groups(latest, saved_zero_groups(latest / "deepspeed" / "state", self.rank))
+                raise
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         cuda_state = rng["cuda"]
@@ -645,6 +653,16 @@ class Trainer:
             self.metrics_log.forget_after(self.step)
         log.info("resumed from %s at step %d of %d", latest, self.step, self.steps)
 
+
+
+def saved_zero_groups(folder: Path, rank: int) -> int | None:
+    """The number of optimizer parameter groups in a DeepSpeed ZeRO checkpoint's state of `rank`; None: not found."""
+    for path in folder.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"):
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
+        for key in ("single_partition_of_fp32_groups", "fp32_flat_groups"):  # ZeRO 1 and 2; ZeRO 3
+            if key in saved:
+                return len(saved[key])
+    return None
 
 
 def save_model(model, folder: Path, **options) -> None:
