@@ -203,7 +203,7 @@ def run_sft(config) -> int:
     from spin_fast.selfplay import check_output_dir
     from spin_fast.stages import config_hash
     from spin_fast.tracking import tracked_name
-    from spin_fast.training import MICRO_BATCH_ADVICE, Trainer, uses_deepspeed
+    from spin_fast.training import Trainer, uses_deepspeed
 
     for name, value in (("output_dir", config.output_dir), ("model.name_or_path", config.model.name_or_path),
                         ("data.source", config.data.source)):
@@ -221,9 +221,10 @@ def run_sft(config) -> int:
     examples = tokenize_examples(tokenizer, config.data, raw, config.train.progress)  # the ranks share the work
     check_in_vocabulary(tokenizer, examples, folder, config.model.trust_remote_code, [e.origin for e in raw])
     sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
-    # Named by its row here (the trainer's own check knows only its index); SFT packs each example whole.
+    # Named by its row here (the trainer's own check knows only its index); SFT packs each example whole, alone
+    # (no pair shares its micro-batch: SPIN's advice says one does).
     check_fits([[s] for s in sequences], False, config.train.micro_batch_tokens, "train.micro_batch_tokens",
-               "example", MICRO_BATCH_ADVICE, names=[e.origin for e in raw])
+               "example", " or cut the data shorter (data.max_length)", names=[e.origin for e in raw])
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
     output_dir = Path(config.output_dir)
     starts = output_dir / "sft" / "sessions.jsonl"  # a line per start: every rank must see rank 0's (check_shared)

@@ -249,14 +249,14 @@ class Demo:
                   steps: int | None = None):
         """SFT with the packed trainer; with `steps`, on the examples repeated to fill exactly that many
         steps of config.global_batch (one epoch over the repeats, shuffled by the trainer)."""
-        from transformers import AutoTokenizer
-
         from spin_fast.examples import tokenized_examples
         from spin_fast.loading import load_policy
+        from spin_fast.model import load_tokenizer
         from spin_fast.packing import Sequence
         from spin_fast.training import Trainer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # The run's model settings: with model.chat_template, θ0 and the baseline learn the format SPIN's prompts have.
+        tokenizer = load_tokenizer(self.config.model, str(model_path))
         examples = tokenized_examples(tokenizer, self.config.data, self.config.data.source, limit)
         sequences = [Sequence(e.prompt_ids, e.response_ids) for e in examples]
         if steps is not None:

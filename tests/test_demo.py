@@ -111,6 +111,29 @@ def test_short_demo_with_vllm(tmp_path, caplog):
     assert manifest["pairs"] == 24
 
 
+def test_the_demo_sft_stages_render_with_model_chat_template(tmp_path, monkeypatch):
+    """`--set model.chat_template=...` (the demo takes any setting): SPIN renders every prompt with it, and so must
+    the SFT stages that make θ0 and the continued-SFT baseline. They read the model folder's tokenizer alone, so θ0
+    learned the local template's format and then answered SPIN's prompts in another one it had never seen."""
+    from transformers import AutoTokenizer
+
+    from spin_fast.examples import tokenized_examples
+    from spin_fast.model import load_tokenizer
+    from spin_fast.training import Trainer
+
+    template = "configs/templates/zephyr.jinja"
+    config, demo = load_demo_config(DEFAULT_CONFIG, [*SHORT, "demo.sft.epochs=1", f"model.chat_template={template}"],
+                                    output=str(tmp_path))
+    trained = []
+    real_train = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self: trained.append(self.items) or real_train(self))
+    Demo(config, demo).run(until="sft")
+    tokenizer = load_tokenizer(config.model, str(tmp_path / "base"))  # the run's: the base's, with the template
+    expected = tokenized_examples(tokenizer, config.data, config.data.source)
+    assert [(s.prompt_ids, s.response_ids) for s in trained[0]] == [(e.prompt_ids, e.response_ids) for e in expected]
+    assert AutoTokenizer.from_pretrained(tmp_path / "sft" / "model").chat_template == open(template).read()
+
+
 def test_the_demo_models_declare_their_tokenizers_end_of_sequence(tmp_path):
     """The demo's models are used beyond the demo (transformers' generate, a pipeline): their config and generation
     config name the tokenizer's BOS and EOS, so that generate() ends an answer at <|eos|>. They held Llama's defaults,

@@ -691,6 +691,18 @@ def test_cli_sft_and_errors(sft_model, tmp_path, capsys):
         assert err.startswith("spin-fast: ") and message in err and "Traceback" not in err, (command, err)
 
 
+def test_sft_names_a_row_too_long_for_a_micro_batch_without_speaking_of_pairs(sft_model, tmp_path, capsys):
+    """SFT packs each example alone: the advice for a row longer than train.micro_batch_tokens is SFT's, not SPIN's
+    (which said that a pair's sequences share a micro-batch, when there is no pair)."""
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main(["sft", str(config), "--set", "train.micro_batch_tokens=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.micro_batch_tokens=8: {sft_model / 'train.jsonl'} line " in err, err
+    assert err.rstrip().endswith("raise train.micro_batch_tokens or cut the data shorter (data.max_length)"), err
+
+
 def test_a_signal_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_model, tmp_path, capsys,
                                                                               monkeypatch):
     """SIGTERM in iteration 0's first generation part (of 2: save_every_prompts=4): `spin-fast run` saves the part
