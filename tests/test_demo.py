@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -121,7 +122,7 @@ def test_the_demo_sft_stages_render_with_model_chat_template(tmp_path, monkeypat
     from spin_fast.model import load_tokenizer
     from spin_fast.training import Trainer
 
-    template = "configs/templates/zephyr.jinja"
+    template = Path(__file__).resolve().parent.parent / "configs" / "templates" / "zephyr.jinja"
     config, demo = load_demo_config(DEFAULT_CONFIG, [*SHORT, "demo.sft.epochs=1", f"model.chat_template={template}"],
                                     output=str(tmp_path))
     trained = []
@@ -131,7 +132,7 @@ def test_the_demo_sft_stages_render_with_model_chat_template(tmp_path, monkeypat
     tokenizer = load_tokenizer(config.model, str(tmp_path / "base"))  # the run's: the base's, with the template
     expected = tokenized_examples(tokenizer, config.data, config.data.source)
     assert [(s.prompt_ids, s.response_ids) for s in trained[0]] == [(e.prompt_ids, e.response_ids) for e in expected]
-    assert AutoTokenizer.from_pretrained(tmp_path / "sft" / "model").chat_template == open(template).read()
+    assert AutoTokenizer.from_pretrained(tmp_path / "sft" / "model").chat_template == template.read_text()
 
 
 def test_the_demo_models_declare_their_tokenizers_end_of_sequence(tmp_path):
