@@ -2,7 +2,10 @@
 GPU to finish all it was given, so a read per micro-batch that could be one per step stalls every micro-batch."""
 
 import collections
+import dataclasses
+import gc
 import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -169,12 +172,8 @@ def test_the_torch_backends_backward_reads_nothing_from_the_device():
             torch.testing.assert_close(got, expected)
 
 
-def test_per_sequence_attention_reads_its_boundaries_once_per_forward_not_per_layer(monkeypatch):
-    """The per-sequence SDPA path (CPU, fp32 on CUDA, head dims over 256) copied the row's boundaries to the host
-    (cu_q.tolist()) in every layer: on CUDA a device sync per layer. Every layer is given the same tensor."""
-    from spin_fast import attention
-    from spin_fast.model import packed_hidden_states
-
+def boundary_reads(monkeypatch) -> collections.Counter:
+    """Counts Tensor.tolist calls (per_sequence_sdpa reading the row's boundaries), by the project file making them."""
     copies = collections.Counter()
     original = torch.Tensor.tolist
 
@@ -183,18 +182,84 @@ def test_per_sequence_attention_reads_its_boundaries_once_per_forward_not_per_la
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    model = make_model(attention="spin_varlen")
-    assert model.config.num_hidden_layers >= 2
-    lengths = [5, 3, 7]
-    input_ids = torch.randint(3, 50, (sum(lengths),))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, 5, 8, 15], dtype=torch.int32)
+    return copies
+
+
+def llama_with_layers(layers: int, gradient_checkpointing: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    from spin_fast import attention
+    from spin_fast.model import tiny_config
+
+    attention.register()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64, hidden_size=32, layers=layers),
+                                             attn_implementation=attention.NAME, dtype=torch.float64)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "training", "checkpointed-training"])
+def test_per_sequence_attention_reads_its_boundaries_once_per_forward_whatever_the_layers(monkeypatch, mode):
+    """The per-sequence SDPA path (CPU, fp32 on CUDA, head dims over 256) needs the row's boundaries on the host: on
+    CUDA each read is a device sync. They are read once a forward, not once per layer, in inference (scoring,
+    evaluation; inference mode too, whose tensors keep no version) and in training (forward, backward, and the
+    forward that gradient checkpointing runs again in the backward); and the hidden states and gradients are those
+    of plain SDPA with its block-diagonal mask (float64)."""
+    from spin_fast.model import micro_batch_hidden_states, packed_hidden_states
+    from spin_fast.packing import Sequence, pack_groups
+
+    copies = boundary_reads(monkeypatch)
+    groups = [[Sequence((3, 4, 5), (6, 7, 2)), Sequence((3, 4, 5), (8, 2))], [Sequence((9, 10), (11, 12, 13, 2))] * 2]
+    (batch,) = pack_groups(groups, 1000)
+    reads = {}
+    for layers in (1, 3):
+        model = llama_with_layers(layers, gradient_checkpointing=mode == "checkpointed-training")
+        context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+        model.train(mode.endswith("training"))
+        copies.clear()
+        with context():
+            cu = batch.cu_seqlens.clone()  # made here: under inference mode an inference tensor, as the row's are
+            hidden = micro_batch_hidden_states(model, dataclasses.replace(batch, cu_seqlens=cu))
+            again = packed_hidden_states(model, batch.input_ids, batch.position_ids, cu, batch.max_seqlen)
+            if mode.endswith("training"):
+                (hidden.sum() + again.sum()).backward()
+        reads[layers] = copies["spin_fast/attention.py"]
+        assert reads[layers] <= 2, (layers, mode, copies)  # at most one a forward
+        # The same numbers as plain SDPA, which keeps each sequence to itself by a block-diagonal mask.
+        model.set_attn_implementation("sdpa")
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        with context():
+            expected = packed_hidden_states(model, batch.input_ids, batch.position_ids)
+            if mode.endswith("training"):
+                (expected.sum() * 2).backward()
+        for got in (hidden, again):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for name, p in model.named_parameters():
+            if p.grad is not None or grads[name] is not None:
+                torch.testing.assert_close(grads[name], p.grad, rtol=1e-8, atol=1e-8, msg=name)
+    assert reads[1] == reads[3], reads
+
+
+def test_the_boundaries_read_for_attention_are_not_kept_past_the_forward():
+    """Each forward hands its boundaries to its layers; no module keeps the last row's tensor alive (nor can a
+    later row with a reused tensor get stale values)."""
+    from spin_fast.model import packed_hidden_states
+
+    model = llama_with_layers(2)
+    ids, positions = torch.randint(3, 64, (9,)), torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2])
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
     with torch.no_grad():
-        hidden = packed_hidden_states(model, input_ids, position_ids, cu, 7)
-        again = packed_hidden_states(model, input_ids, position_ids, cu.clone(), 7)
-    assert copies["spin_fast/attention.py"] == 2, copies  # one a forward
-    torch.testing.assert_close(hidden, again)
-    cu[1] = 4  # the same tensor changed in place: its new boundaries are read
-    assert attention.host_bounds(cu) == [0, 4, 8, 15]
-    with torch.inference_mode():  # an inference tensor keeps no version: read each time
-        assert attention.host_bounds(torch.tensor([0, 2, 5])) == [0, 2, 5]
+        first = packed_hidden_states(model, ids, positions, cu, 4)
+        cu[1:3] = torch.tensor([2, 6])  # the same tensor changed in place: its new boundaries are read
+        positions[:6] = torch.tensor([0, 1, 0, 1, 2, 3])
+        expected = packed_hidden_states(model, ids, positions)  # boundaries derived from the positions
+        second = packed_hidden_states(model, ids, positions, cu, 4)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    assert not torch.equal(first, second)
+    alive = weakref.ref(cu)
+    del cu
+    gc.collect()
+    assert alive() is None, "a module keeps the last packed row's boundaries alive"
