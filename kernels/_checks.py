@@ -28,14 +28,23 @@ def value_check(bad: torch.Tensor, message: Callable[[int], str], pending: list[
 def read_value_checks(pending: list[ValueCheck], kept: torch.Tensor | None = None) -> bool:
     """Every pending value check, and whether `kept` is all True (every target carries loss), in one host read:
     an entry point reads the device once per call, not once per input. ValueError names the first bad entry."""
+    return read_value_checks_and_counts(pending, kept)[0]
+
+
+def read_value_checks_and_counts(pending: list[ValueCheck], kept: torch.Tensor | None = None,
+                                 counts: torch.Tensor | None = None) -> tuple[bool, list[int] | None]:
+    """read_value_checks, with `counts` (an int tensor: the torch backend's tokens per pair) read in the same host
+    read: (whether every target carries loss, the counts as a list, or None)."""
     flags = [bad.any() for bad, _ in pending] + ([kept.all()] if kept is not None else [])
-    if not flags:
-        return False
-    values = torch.stack(flags).tolist()
+    parts = ([torch.stack(flags).long()] if flags else []) + ([counts.long()] if counts is not None else [])
+    if not parts:
+        return False, None
+    values = torch.cat(parts).tolist()
     for failed, (bad, message) in zip(values, pending):
         if failed:
             raise ValueError(message(int(bad.nonzero()[0, 0])))
-    return kept is not None and values[-1]
+    all_kept = kept is not None and bool(values[len(flags) - 1])
+    return all_kept, None if counts is None else values[len(flags):]
 
 
 def check_first_order() -> None:

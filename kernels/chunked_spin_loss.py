@@ -37,17 +37,17 @@ def group_pairs(tokens_per_pair: list[int], budget: int) -> list[tuple[int, int]
 class ChunkedFusedSpinLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, targets, sequence_ids, opponent_logps, sequence_scale,
-                pair_loss: PairLoss, need_grads: tuple[bool, bool, bool, bool]):
+                pair_loss: PairLoss, need_grads: tuple[bool, bool, bool, bool], tokens_per_pair: list[int]):
         """rows, targets, sequence_ids: the loss tokens only. sequence_scale [2P] or None: each sequence's summed
         log-prob is multiplied by it (1 / its token count: an average). need_grads: whether hidden, weight, bias and
-        opponent_logps want a gradient (False for all outside grad mode). Returns (mean loss, policy_logps [2P])."""
+        opponent_logps want a gradient (False for all outside grad mode). tokens_per_pair [P]: each pair's loss
+        tokens, on the host (read by the caller with its input checks). Returns (mean loss, policy_logps [2P])."""
         head = Head.of(hidden, weight, bias)
         n_pairs = opponent_logps.shape[0] // 2
         opponent = opponent_logps.to(head.dtype)
         ctx.opponent_dtype = opponent_logps.dtype
         order = torch.argsort(sequence_ids % n_pairs, stable=True)  # tokens grouped pair by pair
         rows, targets, sequence_ids = rows[order], targets[order], sequence_ids[order]
-        tokens_per_pair = torch.bincount(sequence_ids % n_pairs, minlength=n_pairs).tolist()
         starts = [0]
         for count in tokens_per_pair:
             starts.append(starts[-1] + count)
@@ -110,7 +110,7 @@ class ChunkedFusedSpinLoss(torch.autograd.Function):
             grads = grads.to(head.dtype)
             chunked_grads(head, rows, targets, lse, (grad_policy.to(head.dtype) * sequence_scale)[sequence_ids], grads)
         opponent_grad = None if ctx.opponent_grad is None else (ctx.opponent_grad * scale).to(ctx.opponent_dtype)
-        return (*grads.cast(hidden, weight, bias), None, None, None, opponent_grad, None, None, None)
+        return (*grads.cast(hidden, weight, bias), None, None, None, opponent_grad, None, None, None, None)
 
 
 def _pair_loss_grad(policy, opponent, first, end, pair_loss) -> torch.Tensor:

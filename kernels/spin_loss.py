@@ -29,7 +29,7 @@ from ._checks import (
     check_pair_logps,
     check_reduction,
     check_sequence_inputs,
-    read_value_checks,
+    read_value_checks_and_counts,
 )
 from .chunked_spin_loss import ChunkedFusedSpinLoss
 from .linear_logprobs import checked_linear_logprobs, loss_rows, resolve_backend, sum_by_sequence, without_autocast
@@ -157,10 +157,14 @@ def fused_linear_spin_loss(
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, allow_float64=backend != "triton",
                         hidden_index=hidden_index, pending=pending)
     n_pairs = check_sequence_inputs(sequence_ids, opponent_logps, targets, ignore_index, pending)
-    all_kept = read_value_checks(pending, targets != ignore_index)
+    # "auto" resolves without an error; "triton"'s errors (no package, no CUDA) come after the values' checks.
+    chunked = reduction != "none" and backend in ("auto", "torch") and resolve_backend(backend, hidden) == "torch"
+    # The torch backend cuts its chunks by each pair's loss tokens: counted on the device, read with the checks.
+    counts = pair_token_counts(targets, sequence_ids, n_pairs, ignore_index) if chunked else None
+    all_kept, tokens_per_pair = read_value_checks_and_counts(pending, targets != ignore_index, counts)
     scale = token_count_inverse(targets, sequence_ids, 2 * n_pairs, ignore_index) if length_normalize else None
     backend = resolve_backend(backend, hidden)
-    if backend == "torch" and reduction != "none":
+    if chunked:
         # Chunks cut along pairs: the loss gradient is known in the forward, logits computed once. Each pair's own
         # loss (reduction="none") gets a gradient weight that the forward cannot know: it takes the general path.
         kept, rows = loss_rows(targets, ignore_index, hidden_index, all_kept)
@@ -170,6 +174,7 @@ def fused_linear_spin_loss(
             loss, policy_logps = ChunkedFusedSpinLoss.apply(
                 hidden, weight, bias, rows, targets[kept], sequence_ids[kept], opponent_logps, scale,
                 functools.partial(pair_losses, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing), need,
+                tokens_per_pair,
             )
         if reduction == "sum":
             loss = loss * n_pairs
@@ -186,6 +191,15 @@ def fused_linear_spin_loss(
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
     )
     return FusedSpinLossOutput(out.loss if loss is None else loss, policy_logps, *out[1:])
+
+
+def pair_token_counts(targets: torch.Tensor, sequence_ids: torch.Tensor, n_pairs: int,
+                      ignore_index: int) -> torch.Tensor:
+    """Each pair's loss tokens [P] (both its sequences'), on the device: index_add needs no host read, where
+    bincount(...).tolist() was one of its own (and on CUDA bincount reads the ids' max too). An id out of range
+    lands in some pair (% P) but is refused by the checks read with the counts."""
+    kept = (targets != ignore_index).long()
+    return torch.zeros(n_pairs, dtype=torch.int64, device=targets.device).index_add_(0, sequence_ids % n_pairs, kept)
 
 
 def token_count_inverse(targets: torch.Tensor, sequence_ids: torch.Tensor, n_sequences: int,

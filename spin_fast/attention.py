@@ -1,7 +1,8 @@
 """Packed-row attention without a [T, T] mask, registered with transformers as "spin_varlen".
 
 transformers hands every attention layer the packed row's cu_seqlens (passed in by
-packed_hidden_states), so each sequence attends only to itself and its cost is the sum of its
+packed_hidden_states, with a HostBounds that reads them to the host once a forward, for the kernel that
+needs them there), so each sequence attends only to itself and its cost is the sum of its
 sequences' squared lengths, not the row's squared length:
   CUDA   varlen FlashAttention (fp16/bf16, head dim <= 256): the flash_attn package's when installed, else
          PyTorch's own (torch.nn.attention.varlen)
@@ -24,6 +25,8 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 NAME = "spin_varlen"
 # The keyword arguments that carry a shared-prompt row's layout (spin_fast.packing.MicroBatch) to every layer.
 EXPAND_INDEX, COLLAPSE_INDEX = "spin_expand_index", "spin_collapse_index"
+# The keyword argument that carries the row's boundaries on the host (a HostBounds) to every layer.
+HOST_BOUNDS = "spin_host_bounds"
 
 
 # Arguments of a layer's attention call that change its result and that spin_varlen's kernels do not compute:
@@ -64,7 +67,8 @@ def adapt_varlen(varlen_attn):
     if "window_size" in accepted and "enable_gqa" in accepted:
         return varlen_attn
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False,
+             host_bounds=None):
         options = {}
         if "window_size" in accepted:
             options["window_size"] = window_size
@@ -76,12 +80,13 @@ def adapt_varlen(varlen_attn):
                          or "scale" not in accepted and scale is not None and scale != q.shape[-1] ** -0.5)
         if inexpressible:  # by this torch's kernel
             return per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
-                                     enable_gqa=enable_gqa)
+                                     enable_gqa=enable_gqa, host_bounds=host_bounds)
         if enable_gqa:  # this torch wants one key/value head per query head: share each with its query group
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
 
+    call.takes_host_bounds = True
     return call
 
 
@@ -92,36 +97,41 @@ def adapt_flash_attn(flash_attn_varlen_func):
     window runs per sequence."""
     has_window = "window_size" in inspect.signature(flash_attn_varlen_func).parameters
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False,
+             host_bounds=None):
         if has_window:
             return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
                                           window_size=tuple(window_size))
         if window_size[0] >= 0:
             return per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
-                                     enable_gqa=enable_gqa)
+                                     enable_gqa=enable_gqa, host_bounds=host_bounds)
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
 
+    call.takes_host_bounds = True
     return call
 
 
-_last_bounds: list = [None, -1, None]  # the last boundaries tensor read, its version, its values on the host
+class HostBounds:
+    """A packed row's boundaries (cu_seqlens) on the host, read from the device at most once a forward: made where the
+    forward starts (spin_fast.model) and handed to every layer in the attention kwargs, as on CUDA each read waits
+    for the GPU. Read on first use, so that FlashAttention, which takes the device tensor, costs no read."""
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self.cu_seqlens = cu_seqlens
+        self._values: list[int] | None = None
+
+    def __call__(self) -> list[int]:
+        if self._values is None:
+            self._values = self.cu_seqlens.tolist()
+        return self._values
 
 
-def host_bounds(cu_q: torch.Tensor) -> list[int]:
-    """cu_q's values, read from the device once a forward: every layer is given the same tensor, and on CUDA each
-    read waits for the GPU. Held by a reference (its id cannot be reused) and its version (changed in place: read
-    again)."""
-    if cu_q.is_inference():  # keeps no version to tell a change in place by
-        return cu_q.tolist()
-    if _last_bounds[0] is not cu_q or _last_bounds[1] != cu_q._version:
-        _last_bounds[:] = [cu_q, cu_q._version, cu_q.tolist()]
-    return _last_bounds[2]
-
-
-def per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False):
-    """varlen_attn's contract (q, k, v [T, H, D], shared boundaries cu_q) by causal SDPA sequence by sequence."""
+def per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, 0), enable_gqa=False,
+                      host_bounds: HostBounds | None = None):
+    """varlen_attn's contract (q, k, v [T, H, D], shared boundaries cu_q) by causal SDPA sequence by sequence;
+    host_bounds: cu_q's values read once for all the layers (else read here)."""
     out = torch.empty_like(q)
-    bounds = host_bounds(cu_q)
+    bounds = cu_q.tolist() if host_bounds is None else host_bounds()
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         mask, causal = None, True
@@ -132,6 +142,10 @@ def per_sequence_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
             qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=enable_gqa
         ).transpose(0, 1)
     return out
+
+
+# Kernels of this module's making take host_bounds (for their per-sequence SDPA); FlashAttention's own do not.
+per_sequence_sdpa.takes_host_bounds = True
 
 
 def torch_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -167,10 +181,15 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
         q, k, v = (t.index_select(0, expand) for t in (q, k, v))
     # Mistral and Qwen2 layers pass their window as an argument (None on full-attention layers).
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    out = varlen_kernel(query.device, query.dtype, query.shape[-1])(
+    kernel = varlen_kernel(query.device, query.dtype, query.shape[-1])
+    options = {}
+    host_bounds = kwargs.get(HOST_BOUNDS)
+    if host_bounds is not None and host_bounds.cu_seqlens is cu_seqlens and getattr(kernel, "takes_host_bounds", False):
+        options["host_bounds"] = host_bounds  # the boundaries' one read in this forward, shared by the layers
+    out = kernel(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
         window_size=(window - 1, 0) if window else (-1, 0),  # (-1, 0): causal
-        enable_gqa=query.shape[1] != key.shape[1],
+        enable_gqa=query.shape[1] != key.shape[1], **options,
     )
     if collapse is not None:  # each row token keeps one result: a shared prompt's from its first sequence
         out = out.index_select(0, collapse)

@@ -201,19 +201,24 @@ def packed_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, positi
     sequences would attend to each other). cu_seqlens/max_seqlen, when known, spare the varlen
     kernels from deriving them again in every layer.
     """
-    varlen = {}
-    if cu_seqlens is not None:
-        varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
-                      max_length_k=max_seqlen)
+    varlen = {} if cu_seqlens is None else varlen_kwargs(model, cu_seqlens, max_seqlen)
     return _body_hidden_states(model, input_ids, position_ids, varlen)
+
+
+def varlen_kwargs(model: PreTrainedModel, cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+    """The row's layout as every attention layer takes it; spin_varlen's layers also share one host copy of the
+    boundaries (attention.HostBounds: per-sequence SDPA reads them from the device once a forward, not per layer)."""
+    varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    if model.config._attn_implementation == attention.NAME:
+        varlen[attention.HOST_BOUNDS] = attention.HostBounds(cu_seqlens)
+    return varlen
 
 
 def micro_batch_hidden_states(model: PreTrainedModel, batch: MicroBatch, bf16_autocast: bool = False) -> torch.Tensor:
     """Final hidden states [T, H] of a packed micro-batch (spin_fast.packing), its shared prompts included;
     with bf16_autocast the body runs under bf16 autocast (train.bf16_autocast). Training and opponent scoring
     both pass the run's setting, so that at step 0 the opponent's log-probs are the policy's own."""
-    varlen = dict(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens, max_length_q=batch.max_seqlen,
-                  max_length_k=batch.max_seqlen)
+    varlen = varlen_kwargs(model, batch.cu_seqlens, batch.max_seqlen)
     if batch.expand_index is not None:
         if not can_share_prompts(model):
             raise ValueError(f"this micro-batch holds shared prompts, which only {attention.NAME} attention "

@@ -14,9 +14,11 @@ from test_training import config, make_model, random_pairs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spin_kernels
+from helpers import random_packed_batch
 from spin_fast.packing import MicroBatch
 from spin_fast.scoring import score_pairs
 from spin_fast.training import PackedLoss, Trainer
+from spin_kernels import chunked, chunked_spin_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 # The ops by which the host reads a tensor's value (nonzero: its result's size).
@@ -29,8 +31,10 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.by_file = collections.Counter()
+        self.ops = collections.Counter()  # every op run, by name
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
         if func.__name__.startswith(READS):
             self.by_file[self.caller()] += 1
         return func(*args, **(kwargs or {}))
@@ -172,8 +176,8 @@ def test_the_torch_backends_backward_reads_nothing_from_the_device():
             torch.testing.assert_close(got, expected)
 
 
-def boundary_reads(monkeypatch) -> collections.Counter:
-    """Counts Tensor.tolist calls (per_sequence_sdpa reading the row's boundaries), by the project file making them."""
+def tolist_calls(monkeypatch) -> collections.Counter:
+    """Counts Tensor.tolist calls (a host read that TorchDispatchMode does not see), by the project file making them."""
     copies = collections.Counter()
     original = torch.Tensor.tolist
 
@@ -210,7 +214,7 @@ def test_per_sequence_attention_reads_its_boundaries_once_per_forward_whatever_t
     from spin_fast.model import micro_batch_hidden_states, packed_hidden_states
     from spin_fast.packing import Sequence, pack_groups
 
-    copies = boundary_reads(monkeypatch)
+    copies = tolist_calls(monkeypatch)
     groups = [[Sequence((3, 4, 5), (6, 7, 2)), Sequence((3, 4, 5), (8, 2))], [Sequence((9, 10), (11, 12, 13, 2))] * 2]
     (batch,) = pack_groups(groups, 1000)
     reads = {}
@@ -263,3 +267,36 @@ def test_the_boundaries_read_for_attention_are_not_kept_past_the_forward():
     del cu
     gc.collect()
     assert alive() is None, "a module keeps the last packed row's boundaries alive"
+
+
+@pytest.mark.parametrize("chunk_tokens", [9, 10_000], ids=["pairs-in-several-chunks", "one-chunk"])
+def test_the_torch_backends_fused_loss_reads_each_pairs_tokens_with_its_input_checks(monkeypatch, chunk_tokens):
+    """The torch backend cuts its chunks along pairs, by each pair's loss tokens: bincount(...).tolist() read them in
+    a host read of its own (and on CUDA bincount reads the ids' max first). Counted on the device, they are read with
+    the input checks, in one read a call; the chunks, so the results, are those of bincount's counts."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 20 * 4)
+    copies = tolist_calls(monkeypatch)
+    cuts, cut = [], chunked_spin_loss.group_pairs
+
+    def recorded(tokens_per_pair, budget):
+        cuts.append(list(tokens_per_pair))
+        return cut(tokens_per_pair, budget)
+
+    monkeypatch.setattr(chunked_spin_loss, "group_pairs", recorded)
+    n_pairs = 5
+    hidden, targets, sequence_ids = random_packed_batch(n_pairs, 8, 20, torch.float32)  # prompts: ignored, id -1
+    weight = torch.randn(20, 8, requires_grad=True)
+    hidden.requires_grad_()
+    for all_kept in (False, True):  # with prompts (found by nonzero, a read of its own), and the loss tokens alone
+        kept = (targets != -100).nonzero().squeeze(1) if all_kept else torch.arange(targets.shape[0])
+        copies.clear()
+        cuts.clear()
+        with HostReads() as reads:
+            out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets[kept], sequence_ids[kept],
+                                                      torch.randn(2 * n_pairs), hidden_index=kept, backend="torch")
+            out.loss.backward()
+        assert sum(n for name, n in copies.items() if name.startswith("kernels/")) == 1, copies  # the checks' read
+        assert reads.by_file["kernels/chunked_spin_loss.py"] == 0 and not reads.ops["bincount"], reads.ops
+        loss_ids = sequence_ids[targets != -100]
+        assert cuts == [torch.bincount(loss_ids % n_pairs, minlength=n_pairs).tolist()]
+        assert sum(reads.by_file.values()) == (0 if all_kept else 1), reads.by_file

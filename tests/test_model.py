@@ -128,8 +128,11 @@ def checked(kernel):
     def call(q, k, v, cu_q, cu_k, max_q, max_k, **options):
         assert q.dim() == 3 and q.shape[1] in (k.shape[1], 2 * k.shape[1]) and torch.equal(cu_q, cu_k)
         assert cu_q.dtype == torch.int32 and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        if "host_bounds" in options:  # the boundaries read once a forward are the row's
+            assert options["host_bounds"]() == cu_q.tolist()
         return kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options)
 
+    call.takes_host_bounds = getattr(kernel, "takes_host_bounds", False)  # as the kernel takes them or not
     return call
 
 
