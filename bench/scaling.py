@@ -156,8 +156,8 @@ def measure(preset: Preset, stage: int | None) -> dict | None:
         # A step ends when its slowest rank ends.
         per_rank = distributed.all_gather_objects(times, "step times")
         world, rank = distributed.world_size(), distributed.rank()
-        # Each rank's own micro-batches in the last step (train_step's "micro_batches" is the whole step's, summed
-        # over the ranks).
+        # Each rank's own micro-batches in the last step (train_step's "micro_batches" is the whole step's passes,
+        # fillers included, summed over the ranks).
         own = len(trainer.rank_share(trainer.step - 1)[3])
         micro_batches = distributed.all_gather_objects(own, "micro-batch counts")
         threads = distributed.all_gather_objects(torch.get_num_threads(), "threads")

@@ -53,12 +53,14 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
                     progress: bool = False, bf16_autocast: bool = False) -> list[torch.Tensor]:
     """model_logprobs of every group under each model, the ranks sharing the micro-batches.
 
-    The micro-batches are one process's (pack_groups cuts consecutive groups, so a batch's groups packed
-    again make the very same row): each rank's forward passes are ones a single process makes, and the
-    sums are bit for bit one process's. With ZeRO-3 partitioned models every forward pass is a collective,
-    so a rank with fewer micro-batches runs fillers."""
+    The micro-batches are one process's, packed first-fit decreasing as model_logprobs packs: a batch holds its
+    groups longest first (ties by index) and fits the budget, so its groups packed again the same way make the
+    very same row. Each rank's forward passes are then ones a single process makes, and the sums are bit for bit
+    one process's. With ZeRO-3 partitioned models every forward pass is a collective, so a rank with fewer
+    micro-batches runs fillers."""
     share = all(can_share_prompts(model) for model in models)
-    chunks = [batch.group_indices.tolist() for batch in pack_groups(groups, token_budget, share_prompts=share)]
+    chunks = [batch.group_indices.tolist()
+              for batch in pack_groups(groups, token_budget, share_prompts=share, first_fit_decreasing=True)]
     costs = [sum(group_tokens(groups[i], share) for i in chunk) for chunk in chunks]
 
     def logprobs(c: int | None) -> list[torch.Tensor]:  # None: a filler pass

@@ -363,6 +363,9 @@ class Trainer:
         return indices, groups, mine, batches
 
     def train_step(self) -> dict:
+        """One optimizer step; its metrics. micro_batches: the forward and backward passes of every rank, a rank's
+        fillers included (world * the busiest rank's micro-batches); packing_efficiency: the real micro-batches' row
+        tokens / (micro_batches * micro_batch_tokens), the share of the GPU time spent that trained."""
         start = time.perf_counter()
         indices, groups, mine, batches = self.rank_share(self.step)
         weight_of = self.loss_weights(batches, len(indices))
@@ -397,10 +400,10 @@ class Trainer:
                 tokens += batch.n_sequence_tokens  # every sequence whole: comparable with or without sharing
             del loss, metrics  # the graph, with the torch backend's gradient sums, goes before the next forward
         # The whole step's, over the ranks: each rank ran its own share of the micro-batches.
-        packed = [float(len(batches)), float(sum(batch.n_tokens for batch in batches))]
         local = sums.tolist() if sums is not None else [0.0] * len(names)  # the metrics' one read of the device
-        summed = distributed.all_reduce_sum(torch.tensor([*local, *packed, float(tokens)]), "step metrics").tolist()
-        step_batches, step_tokens, tokens = summed[len(names):]
+        row_tokens = float(sum(batch.n_tokens for batch in batches))
+        summed = distributed.all_reduce_sum(torch.tensor([*local, row_tokens, float(tokens)]), "step metrics").tolist()
+        step_tokens, tokens = summed[len(names):]
         totals = dict(zip(names, summed))
         if not math.isfinite(totals["loss"]):
             raise TrainingDiverged(
@@ -421,9 +424,12 @@ class Trainer:
         elapsed = time.perf_counter() - start
         count = totals.pop("count")
         metrics = {name: value / count for name, value in totals.items()}
+        # The GPU time the step took: every rank ran n_batches forward and backward passes, fillers included, each
+        # sized for micro_batch_tokens; the real micro-batches' row tokens are the share of it that trained.
+        passes = n_batches * self.world
         return {"step": self.step, **metrics, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
-                "micro_batches": int(step_batches),
-                "packing_efficiency": step_tokens / (step_batches * self.config.micro_batch_tokens)}
+                "micro_batches": passes,
+                "packing_efficiency": step_tokens / (passes * self.config.micro_batch_tokens)}
 
     def groups(self, indices: list[int]) -> list[list[Sequence]]:
         if self.config.mode == "spin":

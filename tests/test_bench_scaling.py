@@ -69,7 +69,7 @@ def test_scaling_refuses_a_world_size_of_zero(tmp_path, monkeypatch):
 
 def test_micro_batches_per_rank_are_each_ranks_own(tmp_path, monkeypatch):
     """micro_batches_per_rank: each rank's own micro-batches, as the step's packing for that many ranks makes them
-    (Trainer.train_step's "micro_batches" is the whole step's, summed over the ranks)."""
+    (Trainer.train_step's "micro_batches" is the whole step's passes, fillers included, summed over the ranks)."""
     from bench import train_step
     from spin_fast import distributed
     from spin_fast.packing import pack_groups

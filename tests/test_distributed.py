@@ -25,7 +25,7 @@ from spin_fast import distributed
 from spin_fast.config import ConfigError, DeepSpeedConfig, TrainConfig
 from spin_fast.distributed import free_port
 from spin_fast.model import tiny_config
-from spin_fast.packing import group_tokens, pack_groups, packing_efficiency
+from spin_fast.packing import group_tokens, pack_groups
 from spin_fast.training import step_items
 from spin_fast.zero import deepspeed_config, gather_units
 
@@ -93,8 +93,9 @@ def assert_same_weights(actual: dict, expected: dict, start: dict) -> None:
 
 
 def step_packing(mode: str, steps: int, world: int) -> list[tuple[int, float]]:
-    """(micro-batches, packing efficiency) of each of distributed_train.py's steps on `world` ranks, all ranks'
-    together: its items and settings, shared out and packed as the trainer does on each rank."""
+    """(passes, packing efficiency) of each of distributed_train.py's steps on `world` ranks, all ranks' together
+    (each runs as many as the busiest, fillers included): its items and settings, shared out and packed as the
+    trainer does on each rank."""
     from distributed_train import random_items
 
     items = random_items(mode, 12, 256, seed=SEED + 1)
@@ -103,9 +104,11 @@ def step_packing(mode: str, steps: int, world: int) -> list[tuple[int, float]]:
     for step in range(steps):
         groups = [items[i].sequences() if mode == "spin" else [items[i]] for i in step_items(len(items), config, step)]
         shares = distributed.balance([group_tokens(g, False) for g in groups], world)
-        batches = [b for share in shares for b in pack_groups([groups[i] for i in share], config.micro_batch_tokens,
-                                                              first_fit_decreasing=True)]
-        figures.append((len(batches), pytest.approx(packing_efficiency(batches, config.micro_batch_tokens))))
+        per_rank = [pack_groups([groups[i] for i in share], config.micro_batch_tokens, first_fit_decreasing=True)
+                    for share in shares]
+        passes = world * max(map(len, per_rank))
+        row_tokens = sum(batch.n_tokens for batches in per_rank for batch in batches)
+        figures.append((passes, pytest.approx(row_tokens / (passes * config.micro_batch_tokens))))
     return figures
 
 
@@ -136,7 +139,7 @@ def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
     # abs too: a loss near 0 (the pairs fitted, e.g. 0.0055 at step 2 with seed 2971790577) is a mean of small fp32
     # terms that two ranks sum in another order; 5.8e-9 apart there, 1.07e-6 relative.
     assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-6, abs=1e-7)
-    mode = "sft" if reference == "sft" else "spin"  # the micro-batches of the whole step, each rank's summed
+    mode = "sft" if reference == "sft" else "spin"  # the passes of the whole step, each rank's summed
     assert [(m["micro_batches"], m["packing_efficiency"]) for m in ours] == step_packing(mode, len(ours), world=2)
     assert [(m["micro_batches"], m["packing_efficiency"]) for m in theirs] == step_packing(mode, len(ours), world=1)
     assert all((m["grad_norm"] is None) == (stage == 0) for m in ours)
@@ -203,6 +206,48 @@ def test_rank_0s_failing_metrics_log_stops_every_rank_at_that_step(tmp_path):
         ranks[1].stderr[-3000:])
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+FILLER_STEP = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+from spin_fast import distributed
+from spin_fast.config import DeepSpeedConfig, TrainConfig
+from spin_fast.model import tiny_config
+from spin_fast.scoring import ScoredPair
+from spin_fast.training import Trainer
+
+def pair(prompt, response):
+    return ScoredPair((3,) * prompt, (4,) * response, (5,) * response, -30.0, -30.0)
+
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=256, hidden_size=64, layers=2),
+                                         attn_implementation="sdpa")
+# Rows of 60, 60, 60 and 20 tokens on 2 ranks: rank 0 gets two of 60 (2 micro-batches of 100 tokens), rank 1 the
+# third and the 20 (1), which it runs again as a filler.
+items = [pair(10, 20), pair(10, 20), pair(10, 20), pair(5, 5)]
+config = TrainConfig(global_batch=4, epochs=1, micro_batch_tokens=100, save_every=0, progress=False)
+trainer = Trainer(model, None, config, sys.argv[1], items, deepspeed=DeepSpeedConfig(zero_stage=2, timeout_minutes=2))
+own = len(trainer.rank_share(0)[3])
+metrics = trainer.train_step()
+print(json.dumps({"rank": trainer.rank, "own": own, **metrics}), flush=True)
+distributed.shutdown()
+"""
+
+
+def test_a_steps_packing_figures_count_the_ranks_filler_passes(tmp_path):
+    """micro_batches and packing_efficiency measure the GPU time a step took: a rank with fewer micro-batches than
+    the busiest runs fillers (a forward and backward each), so 2 ranks of 2 and 1 micro-batches ran 4 passes of a
+    100-token budget for 200 row tokens: 50%, not the 67% of the 3 real micro-batches."""
+    ranks = two_ranks(FILLER_STEP, str(tmp_path))
+    for result in ranks:
+        assert result.returncode == 0, result.stderr[-3000:]
+    figures = [json.loads(result.stdout.strip().splitlines()[-1]) for result in ranks]
+    assert [m["own"] for m in figures] == [2, 1]
+    for metrics in figures:
+        assert metrics["micro_batches"] == 4
+        assert metrics["packing_efficiency"] == pytest.approx(200 / (4 * 100))
 
 
 PEER_DIES = """

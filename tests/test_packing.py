@@ -262,6 +262,21 @@ def test_first_fit_decreasing_hand_made_and_random():
         assert len(ffd) <= len(pack_groups(groups, budget, share_prompts=share_prompts))
 
 
+def test_a_first_fit_decreasing_row_packed_again_is_the_same_row():
+    """evaluation.shared_logprobs deals out one process's micro-batches and each rank scores a batch's groups with
+    model_logprobs, which packs them again first-fit decreasing: the row must be the very same one (equal lengths
+    included, in index order), so that the sums are one process's bit for bit."""
+    for share_prompts in (False, True):
+        groups = random_groups(40, 2, own_prompts=0.3) + [[Sequence((1, 2), (3,)), Sequence((1, 2), (4,))]] * 5
+        budget = max(group_length(g) for g in groups) + int(torch.randint(0, 40, ()))
+        for batch in pack_groups(groups, budget, share_prompts=share_prompts, first_fit_decreasing=True):
+            chunk = [groups[i] for i in batch.group_indices.tolist()]
+            (again,) = pack_groups(chunk, budget, share_prompts=share_prompts, first_fit_decreasing=True)
+            assert again.group_indices.tolist() == list(range(len(chunk)))
+            for name in ("input_ids", "position_ids", "hidden_index", "targets", "sequence_ids", "cu_seqlens"):
+                assert torch.equal(getattr(again, name), getattr(batch, name)), name
+
+
 def test_microbatch_to():
     (mb,) = pack_groups(random_groups(3, 2), 10_000, share_prompts=True)
     moved = mb.to("meta")

@@ -477,6 +477,31 @@ def test_scores_are_the_padded_batch_log_probs(attention):
     assert torch.allclose(got, padded, rtol=1e-10, atol=1e-10), (got - padded).abs().max()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "spin_varlen"], ids=["whole-sequences", "shared-prompts"])
+def test_scoring_packs_first_fit_decreasing_in_fewer_passes(attention):
+    """Three long pairs, then three short ones, in a 40-token budget: packed in data order (next fit) the short ones
+    share a fourth pass; longest first, each into the first row it fits, they join the long ones' rows (3 passes).
+    The sums stay the padded batch's in float64."""
+    from spin_fast.model import body
+
+    def pair(prompt, response):
+        def ids(n):
+            return tuple(torch.randint(3, VOCAB, (n - 1,)).tolist()) + (EOS,)
+        return TokenizedPair(ids(prompt), ids(response), ids(response))
+
+    pairs = [pair(6, 8) for _ in range(3)] + [pair(3, 2) for _ in range(3)]  # 28 and 10 tokens (22 and 7 shared)
+    model = make_model(attention=attention).double()
+    passes = []
+    body(model).register_forward_hook(lambda module, args, out: passes.append(1))
+    scored = score_pairs(model, pairs, token_budget=40)
+    assert len(passes) == 3
+    with torch.no_grad():
+        padded = padded_sequence_logps(make_model().double(), [(p.prompt_ids, p.real_ids) for p in pairs] +
+                                       [(p.prompt_ids, p.generated_ids) for p in pairs], dtype=torch.float64)
+    got = torch.tensor([s.opponent_real for s in scored] + [s.opponent_generated for s in scored], dtype=torch.float64)
+    assert torch.allclose(got, padded, rtol=1e-10, atol=1e-10), (got - padded).abs().max()
+
+
 def test_scored_pairs_round_trip(tmp_path):
     scored = score_pairs(make_model(), random_pairs(3), token_budget=40)  # a pair of whole sequences: up to 34 tokens
     save_scored_pairs(tmp_path / "pairs.jsonl", scored)
