@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from spin_fast.config import load_run_config
 
     # What a user can fix: a setting (ConfigError), a data row (DataError), a missing file or model, bad YAML, a
-    # start without a launcher. One line says which; --verbose adds the traceback. Anything else is a bug and keeps
-    # its traceback.
+    # start without a launcher, a diverged training. One line says which; --verbose adds the traceback. Anything
+    # else is a bug and keeps its traceback.
     with data_warnings_silenced(quiet), stopping.signals_handled():
         try:
             distributed.check_launch()
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                 # core): their end surfaced here as an error, before the next safe point
                 return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
                                                     agreed=False))
+            from spin_fast.training import TrainingDiverged
+
+            if isinstance(error, TrainingDiverged):  # the settings' or the data's doing, not a bug: no traceback
+                print(f"spin-fast: training diverged at {error}: lower train.learning_rate (or check the data and "
+                      "the starting model) and train again in a new output_dir", file=sys.stderr)
+                return 2
             if not isinstance(error, (ValueError, OSError, yaml.YAMLError)):
                 raise
             print(f"spin-fast: {error}", file=sys.stderr)

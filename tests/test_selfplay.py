@@ -1,6 +1,7 @@
 """The self-play loop end to end on a tiny model: stages, data mixing, and resume after kills."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -701,6 +702,19 @@ def test_sft_names_a_row_too_long_for_a_micro_batch_without_speaking_of_pairs(sf
     err = capsys.readouterr().err
     assert f"train.micro_batch_tokens=8: {sft_model / 'train.jsonl'} line " in err, err
     assert err.rstrip().endswith("raise train.micro_batch_tokens or cut the data shorter (data.max_length)"), err
+
+
+def test_a_diverged_training_ends_the_command_with_one_line(sft_model, tmp_path, capsys):
+    """A NaN loss is no bug of spin-fast's: the command names the step, the value and what to do in one line, with
+    exit status 2, not a traceback."""
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    # Adam moves each weight by about the learning rate: 1e30 overflows the logits at the second step.
+    assert main(["sft", str(config), "--set", "train.learning_rate=1e30", "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert re.match(r"spin-fast: training diverged at step \d: the loss is (nan|inf)", err) and "Traceback" not in err, err
+    assert "lower train.learning_rate" in err and err.count("\n") == 1, err
 
 
 def test_a_signal_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_model, tmp_path, capsys,
