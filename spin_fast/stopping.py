@@ -29,6 +29,7 @@ SIGNALS = distributed.ENDING_SIGNALS
 _received: list[int] = []  # this process's signals, in order
 _first_received_at = 0.0  # time.monotonic() of _received[0]
 _depth = 0  # nesting of safe_points() blocks
+_saved = False  # a stop at a safe point is on its way up: its work is saved, only the cleanup is left
 # The same signal again within this many seconds is one signal delivered twice, not a second one: Slurm's
 # `--signal` reaches every process of the job step, ranks included, and torchrun then passes its own copy on.
 DUPLICATE_SECONDS = 2.0
@@ -39,7 +40,9 @@ class Stopped(BaseException):
     up takes it for an error. `agreed`: every rank stopped at the same safe point (and can leave together)."""
 
     def __init__(self, signum: int, where: str, agreed: bool):
+        global _saved
         self.signum, self.agreed = signum, agreed
+        _saved = _saved or agreed  # made where the ranks agreed to stop, after that point's work was saved
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
 
     @property
@@ -51,11 +54,14 @@ class Stopped(BaseException):
 def signals_handled() -> Iterator[None]:
     """Handle SIGNALS as this module says for the block (the main thread only: Python allows no other), then
     put the previous handlers back."""
+    global _saved
+    _saved = False
     try:
         with distributed.signals_sent_to(_handle):
             yield
     finally:
         _received.clear()
+        _saved = False
 
 
 def _handle(signum: int, frame) -> None:
@@ -67,6 +73,8 @@ def _handle(signum: int, frame) -> None:
         _first_received_at = now
     _received.append(signum)
     name = signal.Signals(signum).name
+    if _saved:  # a signal during the cleanup (the engine's shutdown) after the stop: nothing is lost or redone
+        raise Stopped(signum, "at once, in the cleanup after a stop at a safe point (its work is saved)", agreed=False)
     if _depth == 0:
         raise Stopped(signum, "while no safe point was near (its work since the last saved part or checkpoint is "
                               "redone)", agreed=False)

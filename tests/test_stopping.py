@@ -77,3 +77,21 @@ def test_a_signal_as_a_block_reaches_its_last_point_waits_for_it(monkeypatch):
         with stopping.safe_points("the work"):
             pass
     assert stop.value.agreed and str(stop.value) == "stopped by SIGTERM at the end of the work"
+
+
+@pytest.mark.parametrize("own_signal", [True, False])
+def test_a_signal_in_the_cleanup_after_a_stop_at_a_safe_point_says_the_work_is_saved(monkeypatch, own_signal):
+    """After the ranks stopped at a safe point, its work saved, a signal during the cleanup (the engine's shutdown)
+    ends the run at once; it must not say that work is redone. Without a signal of its own, the rank stopped on
+    another rank's (the collective's answer): the cleanup's signal is its first."""
+    if not own_signal:
+        monkeypatch.setattr(stopping, "reached", lambda *args: signal.SIGTERM)
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped) as stop:
+        try:
+            with stopping.safe_points("the work"):
+                if own_signal:
+                    send(signal.SIGTERM)
+        finally:  # the cleanup on the way up
+            send(signal.SIGINT)
+    assert stop.value.exit_status == 128 + signal.SIGINT
+    assert "redone" not in str(stop.value) and "its work is saved" in str(stop.value), str(stop.value)
