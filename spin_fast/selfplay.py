@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from spin_fast import distributed
+from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig
 from spin_fast.data import Example, TokenizedExample, eos_token_id, rows_found_in
 from spin_fast.examples import (
@@ -329,6 +329,12 @@ class SelfPlay:
                 shared = model if self.partitioned or not self.distributed else None
                 # The run's settings, not iteration t's: the engine serves every iteration.
                 self.engine = self.make_engine(shared, tokenizer, self.config, self.model_path(t))
+                # vLLM takes minutes to start: a signal meanwhile stops the ranks here, before this part's
+                # generation (its prompts were not begun: nothing is lost), not at the part's end.
+                signum = stopping.reached()
+                if signum:
+                    raise stopping.Stopped(signum, f"as the generation engine started, before prompts {start} to "
+                                                   f"{end} of iteration {t} generation", agreed=True)
             part = prompts[start:end]
             completions = distributed.share_work(  # indices in the whole set: they seed sampling
                 [request_cost(p, sampling) for p in part],

@@ -911,6 +911,45 @@ def test_the_loop_starts_its_engine_with_the_run_settings(sft_model, tmp_path):
     assert contexts == [72]
 
 
+def test_a_signal_while_the_engine_starts_stops_before_its_part_is_generated(sft_model, tmp_path, monkeypatch):
+    """Starting vLLM takes minutes: a signal meanwhile stops the run once the engine is up, before it generates
+    the first part left (up to save_every_prompts prompts), not after it. Part 1, saved by an earlier start, is
+    kept, and the resume ends with the pairs of an uninterrupted run, byte for byte."""
+    import os
+    import signal
+
+    from spin_fast import stopping
+    from spin_fast.generation.choice import default_engine
+
+    def signalled_at_start(*args):
+        engine = default_engine(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once (the main thread), as the engine comes up
+        return engine
+
+    straight = run_config(sft_model, tmp_path / "straight", "save_every_prompts=2")
+    SelfPlay(straight).run(until=(0, "generate"))
+    config = run_config(sft_model, tmp_path / "run", "save_every_prompts=2")
+    parts = tmp_path / "run" / "iter-0" / "generate" / "parts"
+    real_generate = TransformersEngine.generate
+
+    def signalled_generate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(TransformersEngine, "generate", signalled_generate)
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped, match="after part 1 of 3"):
+        SelfPlay(config).run(until=(0, "generate"))  # the first start saves part 1, then stops
+    monkeypatch.setattr(TransformersEngine, "generate", real_generate)
+    assert [p.name for p in parts.glob("*.jsonl")] == ["000000000-000000002.jsonl"]
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped) as stop:
+        SelfPlay(config, make_engine=signalled_at_start).run(until=(0, "generate"))
+    assert stop.value.agreed and "as the generation engine started, before prompts 2 to 4 of iteration 0 generation" in str(stop.value), stop.value
+    assert [p.name for p in parts.glob("*.jsonl")] == ["000000000-000000002.jsonl"]  # nothing generated since
+    SelfPlay(config).run(until=(0, "generate"))
+    assert ((tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").read_bytes()
+            == (tmp_path / "straight" / "iter-0" / "generate" / "pairs.jsonl").read_bytes())
+
+
 def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
     """Greedy generation: the loop with vLLM (started once, θ1 hot-swapped in) writes the same pairs
     as with the transformers engine, in both iterations."""
