@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
 from pathlib import Path
@@ -244,10 +245,13 @@ class SelfPlay:
 
         try:
             result = self.train(train_dir, model, tokenizer, scored, config)
-        except BaseException:
+        except BaseException as error:
             # Trained in place part of the way, it is neither θt nor θt+1: a next run() loads θt again (and resumes
-            # from the training's checkpoint, if any).
-            self.model = None
+            # from the training's checkpoint, if any). The traceback keeps the frames it came through, and so the
+            # model (here and in the trainer's frames) while the error is handled: a run() again in the `except`
+            # would hold two models. Their locals go; the error's lines stay.
+            self.model = model = None
+            traceback.clear_frames(error.__traceback__)
             raise
         times = {"train_s": result.seconds}
 

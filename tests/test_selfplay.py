@@ -1431,3 +1431,37 @@ def test_a_folder_of_splits_read_whole_by_older_code_is_refused_saying_the_readi
     with pytest.raises(ValueError, match=r"older spin-fast read every split's files.*data.split's files alone.*the "
                                          r"spin-fast version that started it \(sessions.jsonl names it\).*output_dir"):
         SelfPlay(config).run()
+
+
+def test_a_run_again_after_a_training_error_frees_the_failed_model_before_it_loads_theta_t(sft_model, tmp_path,
+                                                                                           monkeypatch):
+    """run() again inside the `except` of its error (an out-of-memory error, say, then a retry): the traceback
+    still being handled holds the frames the error came through. The model that training left half-trained must
+    be gone before θt loads again, or a 7B run holds two models at once (and runs out of memory again)."""
+    import gc
+    import weakref
+
+    from spin_fast import selfplay
+
+    real_load, real_step = selfplay.load_policy, Trainer.train_step
+    loaded, alive_at_load = [], []
+
+    def load_policy(*args, **kwargs):
+        gc.collect()  # cycles go: only what the traceback holds is left
+        alive_at_load.append([ref() is not None for ref in loaded])
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def failing_step(self):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(selfplay, "load_policy", load_policy)
+    monkeypatch.setattr(Trainer, "train_step", failing_step)
+    play = SelfPlay(run_config(sft_model, tmp_path / "run", "iterations=1"))
+    try:
+        play.run()
+    except RuntimeError:
+        monkeypatch.setattr(Trainer, "train_step", real_step)
+        play.run()
+    assert alive_at_load == [[], [False]]
