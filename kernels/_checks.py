@@ -233,4 +233,13 @@ def check_sequence_inputs(
         raise ValueError(f"opponent_logps is on {opponent_logps.device} but targets are on {targets.device}")
     check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index, f" (2P for P={n_sequences // 2} pairs)",
                        pending)
-    return n_sequences // 2
+    n_pairs = n_sequences // 2
+    # A pair's loss takes the difference of its opponent log-probs: -inf for both (the opponent gives both responses
+    # probability 0), a NaN, or +inf for both make it NaN, and every gradient with it. One -inf alone is a limit.
+    opponent = opponent_logps.detach()
+    undefined = (opponent[:n_pairs] - opponent[n_pairs:]).isnan()
+    value_check(undefined, lambda pair: f"pair {pair}: opponent_logps[{pair}] = {float(opponent[pair])} and "
+                                        f"opponent_logps[{n_pairs + pair}] = {float(opponent[n_pairs + pair])} (its "
+                                        "real and generated response) leave its loss undefined (NaN): a pair's "
+                                        "opponent log-probs may not be NaN, nor both -inf", pending)
+    return n_pairs

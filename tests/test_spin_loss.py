@@ -382,3 +382,34 @@ def test_backward_frees_the_gradients_held_from_the_forward(dtype):
             and tuple(o.shape) in (tuple(hidden.shape), tuple(weight.shape))]
     assert held == [], f"tensors {held} still alive after the backward"
     assert out.margins.shape == (3,)  # the output is still referenced
+
+
+@pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS)
+def test_a_pair_whose_opponent_log_probs_are_both_minus_inf_is_refused_by_its_index(backend, chunk_tokens,
+                                                                                   monkeypatch):
+    """An opponent (DPO's reference) that gives both sequences of a pair probability 0 leaves the pair's log-ratio
+    difference undefined (inf - inf): the loss, and every gradient with it, would be NaN. The call refuses it,
+    naming the pair, as it does a NaN. One -inf alone is a limit (z = +-inf), and the loss is the float64 truth's."""
+    if chunk_tokens is not None:
+        monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 50 * 4)
+    n_pairs, inf = 3, float("inf")
+    hidden, targets, sequence_ids = random_packed_batch(n_pairs, 16, 50, torch.float32)
+    weight = torch.randn(50, 16)
+    opponent = -torch.rand(2 * n_pairs) * 50
+    for pair, real, generated in [(1, -inf, -inf), (2, -3.0, float("nan")), (0, inf, inf)]:
+        bad = opponent.clone()
+        bad[pair], bad[n_pairs + pair] = real, generated
+        with pytest.raises(ValueError, match=rf"pair {pair}: opponent_logps\[{pair}\] = {real} and "
+                                             rf"opponent_logps\[{n_pairs + pair}\] = {generated} \(its real and "
+                                             r"generated response\) leave its loss undefined"):
+            spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, bad, backend=backend)
+    one = opponent.clone()
+    one[0], one[n_pairs + 2] = -inf, -inf  # pair 0: z = +inf, loss 0; pair 2: z = -inf, loss inf
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, one, reduction="none",
+                                              backend=backend)
+    token = truth_token_logprobs(hidden, weight, targets)
+    seq = torch.zeros(2 * n_pairs, dtype=torch.float64).index_add(0, torch.where(targets != -100, sequence_ids, 0),
+                                                                   token)
+    opp = one.double()
+    z = 0.1 * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
+    torch.testing.assert_close(out.loss.double(), torch.nn.functional.softplus(-z), rtol=1e-5, atol=1e-5)
