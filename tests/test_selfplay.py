@@ -713,7 +713,8 @@ def test_a_diverged_training_ends_the_command_with_one_line(sft_model, tmp_path,
     # Adam moves each weight by about the learning rate: 1e30 overflows the logits at the second step.
     assert main(["sft", str(config), "--set", "train.learning_rate=1e30", "--set", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
-    assert re.match(r"spin-fast: training diverged at step \d: the loss is (nan|inf)", err) and "Traceback" not in err, err
+    assert re.match(r"spin-fast: training diverged at step \d: the loss is (nan|inf)", err), err
+    assert "Traceback" not in err, err
     assert "lower train.learning_rate" in err and err.count("\n") == 1, err
 
 
@@ -943,7 +944,8 @@ def test_a_signal_while_the_engine_starts_stops_before_its_part_is_generated(sft
     assert [p.name for p in parts.glob("*.jsonl")] == ["000000000-000000002.jsonl"]
     with stopping.signals_handled(), pytest.raises(stopping.Stopped) as stop:
         SelfPlay(config, make_engine=signalled_at_start).run(until=(0, "generate"))
-    assert stop.value.agreed and "as the generation engine started, before prompts 2 to 4 of iteration 0 generation" in str(stop.value), stop.value
+    assert stop.value.agreed, stop.value
+    assert "as the generation engine started, before prompts 2 to 4 of iteration 0 generation" in str(stop.value)
     assert [p.name for p in parts.glob("*.jsonl")] == ["000000000-000000002.jsonl"]  # nothing generated since
     SelfPlay(config).run(until=(0, "generate"))
     assert ((tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").read_bytes()
