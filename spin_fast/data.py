@@ -699,11 +699,11 @@ def _warn_tokenized_alone(origin: str) -> None:
 CUT_PROMPT = ("always", "when_too_long")
 
 
-def cut_response(ids: Sequence[int], budget: int, eos: int) -> tuple[int, ...]:
-    """A response (ending with EOS) fitted to `budget` tokens; a cut one still ends with EOS, so the
-    model still learns where answers stop."""
-    ids = list(ids)
-    return tuple(ids if len(ids) <= budget else [*ids[: budget - 1], eos])
+def cut_response(ids: Sequence[int], budget: int, eos: int | Sequence[int]) -> tuple[int, ...]:
+    """A response (ending with EOS, or response_end's pieces) fitted to `budget` tokens; a cut one still ends with
+    them, so the model still learns where answers stop."""
+    ids, end = list(ids), [eos] if isinstance(eos, int) else list(eos)
+    return tuple(ids if len(ids) <= budget else [*ids[: max(budget - len(end), 0)], *end][:budget])
 
 
 def keep_end(prompt: Sequence[int], max_prompt_length: int, bos: int | None = None) -> Sequence[int]:
@@ -717,7 +717,7 @@ def keep_end(prompt: Sequence[int], max_prompt_length: int, bos: int | None = No
 
 
 def fit_to_length(prompt: Sequence[int], responses: Sequence[Sequence[int]], *, max_length: int,
-                  max_prompt_length: int, cut_prompt: str, eos: int, bos: int | None = None
+                  max_prompt_length: int, cut_prompt: str, eos: int | Sequence[int], bos: int | None = None
                   ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """A prompt and its EOS-ended responses (one, or a pair's two) cut so that the prompt and each response fit in
     max_length. A prompt keeps its end (the question often follows a long text), and its first token where that is
@@ -755,15 +755,9 @@ def eos_token_id(tokenizer: Any) -> int:
 def _turn_end_id(tokenizer: Any) -> int | None:
     """The first special token the chat template writes after an assistant turn's content, else the first added one
     (some ChatML fine-tunes added '<|im_end|>' as a token that is not special); None: none found."""
-    try:
-        whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                               {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that refuses the probe: the tokenizer's EOS
+    after = _after_answer(tokenizer)
+    if after is None:
         return None
-    at = whole.find(PROBE_ANSWER)
-    if at < 0:
-        return None
-    after = whole[at + len(PROBE_ANSWER):]
     ids = _encode(tokenizer, after)
     added = tokenizer.added_tokens_decoder
     special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
@@ -772,18 +766,44 @@ def _turn_end_id(tokenizer: Any) -> int | None:
     found = next((i for i in ids if i in special), None)
     if found is None:
         found = next((i for i in ids if i in added and added[i].content.strip()), None)
-    if found is None and after.strip() and not _warned_turn_end:
-        # A turn end the tokenizer splits into pieces ('<|im_end|>' as plain text): no one token ends an answer as
-        # the model writes it, and the EOS that responses end with is one it never writes there.
-        _warned_turn_end.append(after)
-        logger.warning("the chat template ends an assistant turn with %r, which holds no token of its own: responses "
-                       "end with the tokenizer's EOS %s, which the model may never write after an answer (its answers "
-                       "then run on to max_new_tokens, and SPIN learns the ending); if the model has a token for it, "
-                       "add that token to the tokenizer (its added_tokens)", after, tokenizer.eos_token)
     return found
 
 
-_warned_turn_end: list[str] = []  # the turn end the one warning of a process named
+def _after_answer(tokenizer: Any) -> str | None:
+    """What the chat template writes after an assistant turn's content; None where the probe finds no answer."""
+    try:
+        whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: the tokenizer's EOS
+        return None
+    at = whole.find(PROBE_ANSWER)
+    return None if at < 0 else whole[at + len(PROBE_ANSWER):]
+
+
+def turn_end_text(tokenizer: Any) -> str | None:
+    """The text the chat template ends an assistant turn with where no token of its own holds it ('<|im_end|>' as
+    plain text, which the tokenizer splits into pieces): generation stops at it, and responses end with its pieces
+    (response_end). None where a token ends the turn (eos_token_id), or the template writes nothing after it."""
+    if _turn_end_id(tokenizer) is not None:
+        return None
+    after = _after_answer(tokenizer)
+    return (after or "").strip() or None
+
+
+def response_end(tokenizer: Any) -> tuple[int, ...]:
+    """The ids every response ends with: eos_token_id's token, or where the turn end is text split into pieces
+    (turn_end_text), those pieces as the template's conversation holds them after an answer, which the model writes
+    there (the EOS after them would be a token it never writes)."""
+    eos = eos_token_id(tokenizer)
+    text = turn_end_text(tokenizer)
+    if text is None:
+        return (eos,)
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                           {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
+    at = whole.index(text, whole.find(PROBE_ANSWER) + len(PROBE_ANSWER))
+    before, through = _encode(tokenizer, whole[:at]), _encode(tokenizer, whole[: at + len(text)])
+    # Where the pieces merge with the answer's last token, they are the text's own encoding.
+    return tuple(through[len(before):] if through[: len(before)] == before else _encode(tokenizer, text))
 
 
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int,
@@ -800,17 +820,18 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
-    eos = eos_token_id(tokenizer)
-    rendered = [_render(tokenizer, example, tokenizer.convert_ids_to_tokens(eos)) for example in examples]
+    eos, end = eos_token_id(tokenizer), response_end(tokenizer)
+    end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(eos)
+    rendered = [_render(tokenizer, example, end_text) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
     tokenized = []
     for r, source in zip(rendered, examples):
         prompt_ids, model_prompt = _prompt_ids(tokenizer, r.prompt, encode)
-        responses = [(*_response_ids(prompt_ids, text, in_context, encode, source.origin), eos)
+        responses = [(*_response_ids(prompt_ids, text, in_context, encode, source.origin), *end)
                      for text, in_context in r.responses]
         whole = TokenizedExample(tuple(model_prompt), responses[0], responses[1] if len(responses) > 1 else None)
         prompt, fitted = fit_to_length(whole.prompt_ids, responses, max_length=max_length,
-                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=eos,
+                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=end,
                                        bos=tokenizer.bos_token_id)
         example = TokenizedExample(prompt, fitted[0], fitted[1] if len(fitted) > 1 else None)
         # Under "always", a pair fits from the fitted example as from the whole one: no need to keep it.

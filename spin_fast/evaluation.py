@@ -34,11 +34,11 @@ import torch
 
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
-from spin_fast.data import Example, TokenizedExample, eos_token_id, reads_one_split
+from spin_fast.data import Example, TokenizedExample, eos_token_id, reads_one_split, response_end
 from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
-from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, vllm_dtype
+from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, stop_strings, vllm_dtype
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
@@ -88,6 +88,7 @@ def shared_generate(model, tokenizer, prompts: Seq[Seq[int]], sampling: Sampling
     if sampling.n != 1:
         raise ValueError(f"shared_generate makes one completion per prompt, got n={sampling.n}")
     engine = TransformersEngine(model, eos_token_id=eos_token_id(tokenizer), stop_token_ids=[tokenizer.eos_token_id],
+                                stop_strings=stop_strings(tokenizer), tokenizer=tokenizer,
                                 pad_token_id=tokenizer.pad_token_id,
                                 batch_size=batch_size, progress=False)
     batches = [[p for p, _ in batch] for batch in engine.batches(prompts)]
@@ -193,7 +194,8 @@ class Answering:
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
         if self._vllm is None:
-            self._vllm = start_vllm(self.config, self.start_folder, stop_token_ids=[eos_token_id(self.tokenizer)])
+            self._vllm = start_vllm(self.config, self.start_folder, stop_token_ids=[eos_token_id(self.tokenizer)],
+                                    stop_strings=stop_strings(self.tokenizer))
             self._serving = self.start_folder
         else:
             self._vllm.wake_up()
@@ -543,7 +545,7 @@ class Evaluation:
         def make():
             completions = self.answering.generate(opponent, [e.answered_prompt_ids for e in self.examples], sampling,
                                                   f"iteration {t}'s held-out answers", self.names)
-            pairs = answered_pairs(self.examples, completions, eos_token_id(self.tokenizer), self.config.data,
+            pairs = answered_pairs(self.examples, completions, response_end(self.tokenizer), self.config.data,
                                    bos=self.tokenizer.bos_token_id)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 

@@ -37,7 +37,7 @@ import torch
 
 from spin_fast import distributed, stopping
 from spin_fast.config import ConfigError, DataConfig, RunConfig
-from spin_fast.data import Example, TokenizedExample, eos_token_id, rows_found_in
+from spin_fast.data import Example, TokenizedExample, response_end, rows_found_in
 from spin_fast.examples import (
     answered_pairs,
     check_in_vocabulary,
@@ -345,7 +345,7 @@ class SelfPlay:
                 lambda mine: self.engine.generate([part[i] for i in mine], sampling,
                                                   indices=[start + i for i in mine]),
                 "generated responses")
-            pairs = answered_pairs(examples[start:end], completions, eos_token_id(tokenizer), config.data,
+            pairs = answered_pairs(examples[start:end], completions, response_end(tokenizer), config.data,
                                    bos=tokenizer.bos_token_id)
             rows = [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids) for p in pairs]
             return rows, {"finished": sum(c[0].finished for c in completions)}

@@ -825,12 +825,14 @@ def test_a_real_response_ends_with_the_token_the_template_ends_the_assistant_tur
         out.response_ids[-2:])
 
 
-def bigram_model(vocab_size, next_token, default):
+def bigram_model(vocab_size, next_token, default, head_dim=None):
     """A tiny Llama that writes next_token[t] after token t (`default` after any other): attention and MLP add
-    nothing, the embeddings are one-hot and the head maps each token to its successor."""
-    vocab_size += vocab_size % 2  # RoPE wants an even head size
+    nothing, the embeddings are one-hot and the head maps each token to its successor. head_dim: heads of that
+    size (vLLM's CPU attention takes a few sizes alone), else one head."""
+    vocab_size += vocab_size % 2 if head_dim is None else -vocab_size % head_dim  # RoPE wants an even head size
+    heads = 1 if head_dim is None else vocab_size // head_dim
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=vocab_size, intermediate_size=4, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
+                         num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=False,
                          max_position_embeddings=512)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -1167,10 +1169,10 @@ def test_a_folder_of_files_not_named_by_split_is_read_whole(tmp_path):
     assert not data_module.reads_one_split(tmp_path)
 
 
-def chatml_tokenizer(im_end_added):
+def chatml_tokenizer(im_end_added, corpus=None):
     """A ChatML fine-tune's tokenizer (eos <|endoftext|>) whose '<|im_end|>' is no special token: an added token that
     is not special (im_end_added), as some fine-tunes added it, or plain text that the tokenizer splits into pieces."""
-    tokenizer = build_local_tokenizer()
+    tokenizer = build_local_tokenizer(corpus)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>"]})
     if im_end_added:
         tokenizer.add_tokens(["<|im_end|>"])  # special=False
@@ -1207,15 +1209,81 @@ def test_a_turn_end_added_as_a_token_that_is_not_special_ends_the_responses():
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
 
 
-def test_a_turn_end_the_tokenizer_splits_into_pieces_is_warned_of(caplog, monkeypatch):
-    """'<|im_end|>' as plain text, split into pieces: no one token ends an answer as the model writes it, so responses
-    end with the tokenizer's EOS, which the model never writes there; the user is told, naming the text."""
+def split_turn_end_model(head_dim=None):
+    """A ChatML tokenizer whose '<|im_end|>' is plain text split into pieces ('<|', 'im', '_', 'end', '|>': none
+    repeats, so that a bigram model can write them), an example tokenized, the human answer's ids through the turn
+    end, and a model that writes the human answer as the template does and on past it (into the answer again)."""
+    tokenizer = chatml_tokenizer(im_end_added=False, corpus=[*DEFAULT_CORPUS, *["Air<|im_end|>\n"] * 20])
+    pieces = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    assert len(pieces) > 1 and len(set(pieces)) == len(pieces)
+    example = Example((user("Why is the sky blue?"),), "Air.")
+    tokenized = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    prompt = list(tokenized.answered_prompt_ids)
+    whole = tokenizer.apply_chat_template([*example.prompt, assistant(example.response)], tokenize=False)
+    answer = tokenizer.encode(whole, add_special_tokens=False)[len(prompt):]  # Air . <| im _ end |> \n
+    chain = [prompt[-1], *answer]
+    model = bigram_model(len(tokenizer), dict(zip(chain, chain[1:])), default=tokenizer.convert_tokens_to_ids("a"),
+                         head_dim=head_dim)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    return tokenizer, tokenized, answer[: answer.index(pieces[-1]) + 1], model
+
+
+def split_turn_end_setup(max_new_tokens=12):
+    """split_turn_end_model's, and the answers the default engine (transformers) gives its model."""
+    tokenizer, tokenized, through_turn_end, model = split_turn_end_model()
+    data = DataConfig(source="x", max_length=200, max_prompt_length=100)
+    config = RunConfig(data=data, generation=GenerationSettings(engine="transformers"))
+    engine = default_engine(model, tokenizer, config, "unused")
+    completions = engine.generate([list(tokenized.answered_prompt_ids)],
+                                  SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))
+    return tokenizer, tokenized, through_turn_end, completions, data
+
+
+def test_a_real_response_ends_with_a_turn_end_the_tokenizer_splits_into_pieces():
+    """'<|im_end|>' as plain text: the human response ended with the tokenizer's EOS (<|endoftext|>), which the model
+    never writes after an answer, not with the turn end's pieces it does write; SPIN learned that ending."""
+    tokenizer, tokenized, through_turn_end, _, _ = split_turn_end_setup()
+    assert tokenizer.convert_ids_to_tokens(tokenized.response_ids) == tokenizer.convert_ids_to_tokens(
+        through_turn_end)
+
+
+def test_a_cut_real_response_still_ends_with_a_turn_end_the_tokenizer_splits_into_pieces():
+    """A response cut to fit max_length ends with the turn end's pieces, as a cut one ends with the turn end token."""
+    tokenizer, tokenized, _, _ = split_turn_end_model()
+    pieces = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    room = len(pieces) + 3
+    example = Example((user("Why is the sky blue?"),), "Air. " * 30)
+    prompt_length = len(tokenized.prompt_ids)
+    cut = tokenize_example(tokenizer, example, max_length=prompt_length + room, max_prompt_length=prompt_length)
+    assert len(cut.response_ids) == room and list(cut.response_ids[-len(pieces):]) == pieces
+
+
+def test_generation_stops_at_a_turn_end_the_tokenizer_splits_into_pieces():
+    """Generation stopped only at single stop tokens: answers ran on past '<|im_end|>' to max_new_tokens."""
+    tokenizer, _, _, completions, _ = split_turn_end_setup(max_new_tokens=12)
+    ((completion,),) = completions
+    assert completion.finished
+    assert tokenizer.decode(completion.token_ids) == "Air."  # cut before the turn end, as a stop token is
+
+
+def test_a_generated_response_is_cut_at_a_turn_end_the_tokenizer_splits_into_pieces():
+    """The opponent's answer kept for training ends as the human one does, at the turn end's pieces: not with the
+    turn end's text and what follows it (the next answer, up to max_new_tokens) closed by <|endoftext|>."""
+    tokenizer, tokenized, _, completions, data = split_turn_end_setup(max_new_tokens=12)
+    (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
+    assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
+
+
+def test_a_turn_end_the_tokenizer_splits_into_pieces_is_no_warning(caplog, monkeypatch):
+    """Once responses end with the turn end's pieces and generation stops at its text, there is nothing to warn of
+    (a warning that answers run on to max_new_tokens would be false)."""
     tokenizer = chatml_tokenizer(im_end_added=False)
     assert len(tokenizer.encode("<|im_end|>")) > 1
-    monkeypatch.setattr(data_module, "_warned_turn_end", [], raising=False)  # it warns once per process
+    monkeypatch.setattr(data_module, "_warned_turn_end", [], raising=False)  # a warning would be once per process
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         assert eos_token_id(tokenizer) == tokenizer.eos_token_id
-    assert "'<|im_end|>\\n'" in caplog.text and "<|endoftext|>" in caplog.text, caplog.text
+        assert data_module.turn_end_text(tokenizer) == "<|im_end|>"
+    assert "max_new_tokens" not in caplog.text, caplog.text
 
 
 def test_an_added_whitespace_token_after_the_answer_ends_no_turn():

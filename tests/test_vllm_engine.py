@@ -257,3 +257,30 @@ def test_weights_from_memory_reach_the_head_of_a_tied_model(setup, tmp_path):
         assert vllm_greedy(engine, prompts) == expected
         engine.load_weights(full_weights(first))
         assert vllm_greedy(engine, prompts) == hf_greedy(first, prompts, eos)
+
+
+def test_answers_stop_at_a_turn_end_the_tokenizer_splits_into_pieces(tmp_path):
+    """A ChatML fine-tune whose '<|im_end|>' is plain text: the engine the run starts stopped only at stop tokens, so
+    its answers ran on past the turn end to max_new_tokens, and the pair kept them, closed by <|endoftext|>."""
+    from test_data import split_turn_end_model
+
+    from spin_fast import data as data_module
+    from spin_fast.config import DataConfig, GenerationConfig, RunConfig
+    from spin_fast.examples import answered_pairs
+    from spin_fast.generation.choice import default_engine
+
+    tokenizer, tokenized, _, model = split_turn_end_model(head_dim=32)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    data = DataConfig(source="x", max_length=200, max_prompt_length=100)
+    config = RunConfig(data=data, generation=GenerationConfig(engine="vllm", max_new_tokens=12))
+    engine = default_engine(None, tokenizer, config, str(tmp_path))
+    try:
+        completions = engine.generate([list(tokenized.answered_prompt_ids)],
+                                      SamplingConfig(temperature=0.0, max_new_tokens=12))
+    finally:
+        engine.close()
+    ((completion,),) = completions
+    assert completion.finished and tokenizer.decode(completion.token_ids) == "Air.", completion
+    (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
+    assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -65,6 +66,18 @@ class Completion:
 
     token_ids: tuple[int, ...]
     finished: bool
+
+
+def before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> int | None:
+    """How many of `token_ids` come before the first of `stop_strings` in their text (the tokens it spans are dropped,
+    as a stop token is), else None: an answer ends where a turn end that no token holds begins."""
+    text = tokenizer.decode(list(token_ids))
+    at = min((found for stop in stop_strings if (found := text.find(stop)) >= 0), default=None)
+    if at is None:
+        return None
+    # The most tokens whose text ends at or before it (decoding each prefix: a token's own text may differ alone).
+    length = lambda n: len(tokenizer.decode(list(token_ids[:n])))  # noqa: E731
+    return bisect.bisect_right(range(len(token_ids) + 1), at, key=length) - 1
 
 
 class Engine(Protocol):

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from spin_fast import distributed
 from spin_fast.config import RunConfig
-from spin_fast.data import eos_token_id
+from spin_fast.data import eos_token_id, turn_end_text
 from spin_fast.generation.base import Engine
 from spin_fast.loading import load_policy
 
@@ -63,7 +63,13 @@ def chosen_engine(config: RunConfig) -> str:
     return "transformers"
 
 
-def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = ()):
+def stop_strings(tokenizer) -> list[str]:
+    """The texts an answer ends at besides its stop tokens: a turn end that no token holds (data.turn_end_text)."""
+    text = turn_end_text(tokenizer)
+    return [] if text is None else [text]
+
+
+def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = (), stop_strings: Seq[str] = ()):
     """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings."""
     from spin_fast.generation.vllm_engine import VllmEngine
 
@@ -82,7 +88,8 @@ def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = ()
     return VllmEngine(model_path, dtype=vllm_dtype(config), seed=gen.seed, executor=executor,
                       max_model_len=needed, tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization,
-                      trust_remote_code=config.model.trust_remote_code, stop_token_ids=stop_token_ids)
+                      trust_remote_code=config.model.trust_remote_code, stop_token_ids=stop_token_ids,
+                      stop_strings=stop_strings)
 
 
 def vllm_dtype(config: RunConfig) -> str:
@@ -111,10 +118,12 @@ def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engi
     from spin_fast.generation.hf_engine import TransformersEngine
 
     if chosen_engine(config) == "vllm":
-        return start_vllm(config, model_path, stop_token_ids=[eos_token_id(tokenizer)])
+        return start_vllm(config, model_path, stop_token_ids=[eos_token_id(tokenizer)],
+                          stop_strings=stop_strings(tokenizer))
     log.info("generation engine: transformers")
     if model is None:
         model = load_policy(model_path, config)
     return TransformersEngine(model, eos_token_id=eos_token_id(tokenizer), stop_token_ids=[tokenizer.eos_token_id],
+                              stop_strings=stop_strings(tokenizer), tokenizer=tokenizer,
                               pad_token_id=tokenizer.pad_token_id,
                               batch_size=config.generation.batch_size, progress=config.train.progress)

@@ -16,15 +16,21 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from spin_fast import distributed, zero
 from spin_fast.attention import NAME as PACKED_ONLY
-from spin_fast.generation.base import Completion, SamplingConfig, generator_seed
+from spin_fast.generation.base import Completion, SamplingConfig, before_stop_text, generator_seed
 
 
 class TransformersEngine:
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int | None = None, batch_size: int = 16,
-                 progress: bool = True, stop_token_ids: Sequence[int] = ()):
+                 progress: bool = True, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 tokenizer=None):
         self.model = model
         self.eos_token_id = eos_token_id
         self.stop_token_ids = tuple(stop_token_ids)  # more tokens that end an answer (the tokenizer's EOS)
+        # Texts that end an answer (a turn end that no token holds, data.turn_end_text): found through `tokenizer`.
+        self.stop_strings = tuple(stop_strings)
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("TransformersEngine: stop_strings need the tokenizer (tokenizer=)")
+        self.tokenizer = tokenizer
         # Padding is masked, so any id the model embeds serves: a tokenizer's pad added after the model was made
         # (an id past its embeddings, which spin-fast's packed SFT never reads) would be an IndexError.
         vocab = model.get_input_embeddings().num_embeddings
@@ -95,14 +101,18 @@ class TransformersEngine:
         # Greedy decoding throughout: when sampling, the last logits processor has drawn each row's token already
         # and left it the only one possible. No global RNG is used: the caller's is untouched.
         processors = sampling_processors(sampling, seeds, device) if sampling.temperature > 0 else []
+        texts = {"stop_strings": list(self.stop_strings), "tokenizer": self.tokenizer} if self.stop_strings else {}
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                   do_sample=False, logits_processor=LogitsProcessorList(processors),
                                   max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
-                                  pad_token_id=self.pad_token_id, use_cache=True, synced_gpus=synced)
+                                  pad_token_id=self.pad_token_id, use_cache=True, synced_gpus=synced, **texts)
         completions = []
         for row in out[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in stops), None)
-            completions.append(Completion(tuple(row if end is None else row[:end]), end is not None))
+            row = row if end is None else row[:end]
+            if self.stop_strings and (before := before_stop_text(row, self.tokenizer, self.stop_strings)) is not None:
+                row, end = row[:before], before  # the padding after it is dropped too
+            completions.append(Completion(tuple(row), end is not None))
         return completions
 
     @torch.no_grad()

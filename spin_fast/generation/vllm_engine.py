@@ -26,7 +26,7 @@ import torch
 
 from spin_fast import distributed, stopping
 from spin_fast.generation import engine_guard
-from spin_fast.generation.base import Completion, SamplingConfig, generator_seed
+from spin_fast.generation.base import Completion, SamplingConfig, before_stop_text, generator_seed
 
 _SHM = Path("/dev/shm")
 
@@ -222,7 +222,8 @@ class VllmEngine:
     def __init__(self, model_dir: str | os.PathLike[str], *, dtype: str = "bfloat16", max_model_len: int | None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool | None = None, seed: int = 0, executor: str | None = None,
-                 trust_remote_code: bool = False, stop_token_ids: Sequence[int] = ()) -> None:
+                 trust_remote_code: bool = False, stop_token_ids: Sequence[int] = (),
+                 stop_strings: Sequence[str] = ()) -> None:
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -261,6 +262,7 @@ class VllmEngine:
         self._dtype: torch.dtype = self._llm.llm_engine.model_config.dtype
         self._eos = self._llm.get_tokenizer().eos_token_id
         self._stops = [int(t) for t in stop_token_ids]  # the chat template's end of turn, beside the EOS ids
+        self._stop_strings = list(stop_strings)  # a turn end that no token holds (data.turn_end_text)
         self._closed = False
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -284,7 +286,7 @@ class VllmEngine:
         # request's completion k with seed + k: prompts n seeds apart never share one.
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
-                                 stop_token_ids=self._stops or None,
+                                 stop_token_ids=self._stops or None, stop=self._stop_strings or None,
                                  seed=generator_seed(sampling.seed + i * sampling.n)) for i in indices]
         inputs = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompts]
         outputs = self._llm.generate(inputs, params, use_tqdm=distributed.is_main())  # type: ignore[arg-type]
@@ -298,6 +300,10 @@ class VllmEngine:
         # vLLM keeps the token that stopped it: the tokenizer's EOS, or another EOS id of the generation config.
         if finished and ids and ids[-1] in (self._eos, stop_reason):
             ids = ids[:-1]
+        # A stop string: its tokens are kept (only the text is cut), and dropped here as a stop token is.
+        if finished and isinstance(stop_reason, str):
+            before = before_stop_text(ids, self._llm.get_tokenizer(), [stop_reason])
+            ids = ids if before is None else ids[:before]
         return Completion(token_ids=ids, finished=finished)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
