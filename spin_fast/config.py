@@ -271,7 +271,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        self.output_dir = home_expanded(self.output_dir)
+        written, self.output_dir = self.output_dir, home_expanded(self.output_dir)
+        # Older spin-fast took `~` as a folder's name: its work there would be left behind, the run begun anew.
+        if written != self.output_dir and Path(written).is_dir() and not Path(self.output_dir).exists():
+            raise ValueError(f"output_dir {written!r} is {self.output_dir} (the home folder's), where nothing is yet, "
+                             f"while {Path(written).absolute()} holds what older spin-fast made for it (it took '~' "
+                             f"as a folder's name): move it to {self.output_dir} to go on with that work, or remove "
+                             "it to start anew")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.mix_previous < 0:

@@ -1467,3 +1467,19 @@ def test_a_run_again_after_a_training_error_frees_the_failed_model_before_it_loa
         monkeypatch.setattr(Trainer, "train_step", real_step)
         play.run()
     assert alive_at_load == [[], [False]]
+
+
+def test_a_run_older_code_made_in_a_folder_named_tilde_is_not_started_anew(sft_model, tmp_path, monkeypatch):
+    """spin-fast before ~/ paths were the home folder's made output_dir ~/runs/x in a folder named '~' of the current
+    directory. Resumed by this code with the same command, the run went to $HOME/runs/x and began anew (iteration 0
+    generated again), silently leaving the work already done behind: it must be named, with what to do."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    # As older code made it: '~' a folder's name in the current directory.
+    SelfPlay(run_config(sft_model, tmp_path / "~" / "runs" / "x")).run(until=(0, "generate"))
+    with pytest.raises(ValueError, match=r"output_dir '~/runs/x'.*" + str(tmp_path / "~" / "runs" / "x") +
+                                         r".*older spin-fast.*move it to " + str(home / "runs" / "x")):
+        SelfPlay(run_config(sft_model, "~/runs/x")).run()
+    assert not (home / "runs" / "x").exists()
