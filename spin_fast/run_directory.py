@@ -96,9 +96,11 @@ class RunDirectory:
             if then["digest"] == record["digest"]:  # the same rows, other token ids
                 raise ValueError(f"{what} ({setting} {record['source']}) are tokenized otherwise than when {self.path} "
                                  "made its work from them: the chat template (model.chat_template's file) or the "
-                                 "model's tokenizer changed, or a transformers or tokenizers upgrade tokenizes "
-                                 "otherwise; the run would mix pairs of the two. Put them back as they were, or use "
-                                 "a new output_dir")
+                                 "model's tokenizer changed, or a transformers, tokenizers or spin-fast upgrade "
+                                 "tokenizes otherwise (a spin-fast upgrade may end responses with another token; "
+                                 "sessions.jsonl names the version that started the run); the run would mix pairs of "
+                                 "the two. Put them back as they were (or resume with that version), or use a new "
+                                 "output_dir")
             if then["source"] == record["source"] and reads_one_split(record["source"]):
                 # The data may be as it was: spin-fast before the split-aware folder reading read every split's files.
                 fix = (f"{record['source']} holds several splits' files, and older spin-fast read every split's files "

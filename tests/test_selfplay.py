@@ -1483,3 +1483,32 @@ def test_a_run_older_code_made_in_a_folder_named_tilde_is_not_started_anew(sft_m
                                          r".*older spin-fast.*move it to " + str(home / "runs" / "x")):
         SelfPlay(run_config(sft_model, "~/runs/x")).run()
     assert not (home / "runs" / "x").exists()
+
+
+def test_rows_tokenized_otherwise_by_a_newer_spin_fast_are_refused_naming_the_upgrade(sft_model, tmp_path,
+                                                                                        monkeypatch):
+    """spin-fast before a non-special added turn end ('<|im_end|>' of some ChatML fine-tunes) ended responses ended
+    them with EOS; this code ends them with '<|im_end|>'. Resumed after the upgrade, the same rows' token ids differ:
+    refused, as they must be, but the message blamed a changed chat template, tokenizer or transformers, and said to
+    put them back as they were: nothing of the user's changed, and the way out is the version that started the run."""
+    from test_data import chatml_tokenizer
+
+    import spin_fast.data
+    from spin_fast.model import tiny_config
+
+    tokenizer = chatml_tokenizer(im_end_added=True)
+    model = tmp_path / "chatml"
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={model}")
+    real = spin_fast.data._turn_end_id
+    with monkeypatch.context() as old_code:  # a special token alone ended a turn: EOS ended these responses
+
+        def special_turn_end(tokenizer):
+            found = real(tokenizer)
+            return found if found in tokenizer.all_special_ids else None
+
+        old_code.setattr(spin_fast.data, "_turn_end_id", special_turn_end)
+        SelfPlay(config).run(until=(0, "generate"))
+    with pytest.raises(ValueError, match=r"tokenized otherwise.*spin-fast.*sessions.jsonl"):
+        SelfPlay(config).run()
