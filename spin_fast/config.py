@@ -42,6 +42,20 @@ def home_expanded(path: str | None) -> str | None:
     return os.path.expanduser(path) if path and path.startswith("~") else path
 
 
+def expand_home(config, names: Sequence[str]) -> None:
+    """config's path settings `names` expanded for use (home_expanded), and kept as written for to_dict: config.yaml
+    and the config's hash hold `~/x`, so that a run directory resumes under another $HOME (another account or
+    machine, a node of a launch) where the same setting names the same files."""
+    config._as_written = {name: (getattr(config, name), home_expanded(getattr(config, name))) for name in names}
+    for name, (_, expanded) in config._as_written.items():
+        setattr(config, name, expanded)
+
+
+# The settings that name a path (or a Hub id) that may begin with `~`.
+PATH_SETTINGS = ("output_dir", "model.name_or_path", "model.chat_template", "data.source", "data.eval_source",
+                 "deepspeed.config_file")
+
+
 def is_template(text: str) -> bool:
     """model.chat_template holds a Jinja template (else the path of a file holding one)."""
     return "{{" in text or "{%" in text
@@ -125,9 +139,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        self.name_or_path = home_expanded(self.name_or_path)
-        if self.chat_template is not None and not is_template(self.chat_template):
-            self.chat_template = home_expanded(self.chat_template)
+        template_file = self.chat_template is not None and not is_template(self.chat_template)
+        expand_home(self, ("name_or_path", "chat_template") if template_file else ("name_or_path",))
         if self.attention not in CHOICES["attention"]:
             raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
         if self.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -171,7 +184,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        self.source, self.eval_source = home_expanded(self.source), home_expanded(self.eval_source)
+        expand_home(self, ("source", "eval_source"))
         from spin_fast.data import CUT_PROMPT, SCHEMAS
 
         if self.schema not in ("auto", *SCHEMAS):
@@ -245,7 +258,7 @@ class DeepSpeedConfig:
             raise ValueError(f"zero3_init needs zero_stage 3, got zero_stage {self.zero_stage}")
         if not 0 < self.timeout_minutes <= 10**9:  # a timedelta of more overflows
             raise ValueError(f"timeout_minutes must be > 0 and at most 1e9, got {self.timeout_minutes!r}")
-        self.config_file = home_expanded(self.config_file)
+        expand_home(self, ("config_file",))
         if self.config_file is not None and not Path(self.config_file).is_file():
             raise ValueError(f"config_file {self.config_file!r}: no such file (a DeepSpeed JSON config)")
 
@@ -271,7 +284,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        written, self.output_dir = self.output_dir, home_expanded(self.output_dir)
+        expand_home(self, ("output_dir",))
+        written = self._as_written["output_dir"][0]
         # Older spin-fast took `~` as a folder's name: its work there would be left behind, the run begun anew.
         if written != self.output_dir and Path(written).is_dir() and not Path(self.output_dir).exists():
             raise ValueError(f"output_dir {written!r} is {self.output_dir} (the home folder's), where nothing is yet, "
@@ -600,4 +614,36 @@ def as_written(value):
 
 
 def _to_dict(obj) -> dict:
-    return {f.name: (_to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v) for f in fields(obj)}
+    """obj's settings, a path setting as the user wrote it (`~/x`, expand_home) unless it was set otherwise since."""
+    written = getattr(obj, "_as_written", {})
+
+    def setting(name: str, value):
+        if dataclasses.is_dataclass(value):
+            return _to_dict(value)
+        as_written, expanded = written.get(name, (value, value))
+        return as_written if value == expanded else value
+
+    return {f.name: setting(f.name, getattr(obj, f.name)) for f in fields(obj)}
+
+
+def paths_as_now(saved: dict, now: dict) -> dict:
+    """A saved config dict with each path setting that names the path `now`'s names written as `now` writes it:
+    spin-fast before expand_home saved `~/x` expanded (/home/me/x), which a resume writing `~/x` gives again."""
+    saved = copy.deepcopy(saved)
+
+    def align(then: dict, current: dict, names: Sequence[str]) -> None:
+        for name in names:
+            if isinstance(then.get(name), str) and isinstance(current.get(name), str) and \
+                    home_expanded(then[name]) == home_expanded(current[name]):
+                then[name] = current[name]
+
+    for name in PATH_SETTINGS:
+        section, _, key = name.rpartition(".")
+        then, current = (saved.get(section), now.get(section)) if section else (saved, now)
+        if isinstance(then, dict) and isinstance(current, dict):
+            align(then, current, [key])
+    for t, changes in (saved.get("iteration_overrides") or {}).items():  # {"data.source": ...}, dotted
+        current = (now.get("iteration_overrides") or {}).get(t)
+        if isinstance(changes, dict) and isinstance(current, dict):
+            align(changes, current, PATH_SETTINGS)
+    return saved

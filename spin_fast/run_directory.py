@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from spin_fast import distributed, locking
-from spin_fast.config import ConfigError, RunConfig, as_written, differing_settings, from_dict
+from spin_fast.config import ConfigError, RunConfig, as_written, differing_settings, from_dict, paths_as_now
 from spin_fast.data import reads_one_split
 from spin_fast.files import read_json, whole_json_lines, write_atomically
 from spin_fast.stages import MANIFEST, finished_summaries
@@ -165,11 +165,14 @@ class RunDirectory:
         path = self.path / "config.yaml"
         if not path.exists():
             return None
-        saved = read_saved_config(path)
-        if Path(saved.get("output_dir", "")).resolve() == Path(self.config.output_dir).resolve():
-            saved["output_dir"] = self.config.output_dir  # the same folder written otherwise: runs/x/, ./runs/x
-        differences = differing_settings(self.overrides_with_work(saved), self.overrides_with_work(
-            self.config.to_dict()), ignored=CHANGEABLE)
+        # The same paths written otherwise compare equal (claim saves them as now written): runs/x/ and ./runs/x,
+        # ~/x and the /home/me/x that spin-fast before expand_home saved for it.
+        saved, now = read_saved_config(path), self.config.to_dict()
+        compared = paths_as_now(saved, now)
+        if Path(saved.get("output_dir", "")).expanduser().resolve() == Path(self.config.output_dir).resolve():
+            compared["output_dir"] = now["output_dir"]
+        differences = differing_settings(self.overrides_with_work(compared), self.overrides_with_work(now),
+                                         ignored=CHANGEABLE)
         if differences and not self.holds_work():
             # The run stopped (on an error, say) before any stage saved a part: nothing was made with the saved
             # settings, and the new ones (often the fix its error named) start it afresh.
@@ -198,7 +201,8 @@ class RunDirectory:
         path = self.path / "config.yaml"
         if not path.exists():  # no run yet: the SFT model's row alone
             return
-        differences = [d for d in differing_settings(read_saved_config(path)["model"], self.config.to_dict()["model"])
+        now = self.config.to_dict()
+        differences = [d for d in differing_settings(paths_as_now(read_saved_config(path), now)["model"], now["model"])
                        if d.split(" ")[0] in ("name_or_path", "revision", "chat_template")]
         if differences:
             raise ValueError(f"{path}: the run was started with another model: model.{'; model.'.join(differences)}"

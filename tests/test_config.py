@@ -1,6 +1,7 @@
 """Run configs from YAML and --set overrides: every bad key, type and value is named."""
 
 import dataclasses
+import shutil
 
 import pytest
 import yaml
@@ -404,3 +405,47 @@ def test_a_set_override_of_an_iteration_adds_to_a_saved_configs_overrides(tmp_pa
                     "iteration_overrides.1.train={learning_rate: 2.0e-7}"):
         config = load_run_config(path, [mapping])
         assert config.iteration_overrides == {1: {"train.learning_rate": 2e-7, "train.epochs": 2}}, mapping
+
+
+def test_a_run_directory_with_home_paths_resumes_under_another_home(tmp_path, monkeypatch):
+    """`~/` paths were expanded as the config was read, so config.yaml and the config's hash held /home/alice/...: the
+    run directory copied to another account or machine (another $HOME), where the same command names the same files,
+    was refused as another config, and so were the ranks of a launch on nodes with other homes. A run directory that
+    spin-fast saved expanded before still resumes where `~` is that folder, and is saved as written since."""
+    from spin_fast.config import as_written
+    from spin_fast.run_directory import RunDirectory
+    from spin_fast.stages import config_hash
+
+    settings = ["output_dir=~/run", "model.name_or_path=~/models/sft", "data.source=~/data/train.jsonl",
+                "data.eval_source=~/data/eval.jsonl", "iterations=2",
+                "iteration_overrides.1.data.source=~/data/more.jsonl"]
+    configs = {}
+    for user in ("alice", "bob"):
+        monkeypatch.setenv("HOME", str(tmp_path / user))
+        configs[user] = load_run_config(None, settings)
+        assert configs[user].data.source == str(tmp_path / user / "data" / "train.jsonl")  # expanded for use
+        assert configs[user].for_iteration(1).data.source == str(tmp_path / user / "data" / "more.jsonl")
+    assert config_hash(configs["alice"]) == config_hash(configs["bob"])
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    directory = RunDirectory(tmp_path / "alice" / "run", configs["alice"])
+    directory.claim(None, None, {}, "m")
+    (tmp_path / "alice" / "run" / "iter-1" / "generate" / "parts").mkdir(parents=True)
+    (tmp_path / "alice" / "run" / "iter-1" / "generate" / "parts" / "000000000-000000004.jsonl").write_text("")
+    directory.unlock()
+    saved = (tmp_path / "alice" / "run" / "config.yaml").read_text()
+    assert "source: ~/data/train.jsonl" in saved and str(tmp_path) not in saved, saved
+    shutil.copytree(tmp_path / "alice" / "run", tmp_path / "bob" / "run")
+    monkeypatch.setenv("HOME", str(tmp_path / "bob"))
+    assert RunDirectory(tmp_path / "bob" / "run", configs["bob"]).saved_config() is not None  # refused: ValueError
+    # Upgrade: the config.yaml that spin-fast saved before, with the paths expanded.
+    expanded = load_run_config(None, [s.replace("~", str(tmp_path / "bob")) for s in settings])
+    (tmp_path / "bob" / "run" / "config.yaml").write_text(yaml.safe_dump(as_written(expanded.to_dict()),
+                                                                          sort_keys=False))
+    directory = RunDirectory(tmp_path / "bob" / "run", configs["bob"])
+    directory.check_model()
+    directory.claim(directory.saved_config(), None, {}, "m")
+    directory.unlock()
+    assert str(tmp_path) not in (tmp_path / "bob" / "run" / "config.yaml").read_text()  # saved as written now
+    with pytest.raises(ValueError, match=r"differs in data.source \(saved '~/data/train.jsonl', now '/"):
+        RunDirectory(tmp_path / "bob" / "run", load_run_config(
+            None, [*settings, f"data.source={tmp_path / 'alice' / 'data' / 'train.jsonl'}"])).saved_config()
