@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from spin_fast import distributed, locking
-from spin_fast.config import ConfigError, RunConfig, as_written, differing_settings, from_dict, paths_as_now
+from spin_fast.config import (ConfigError, RunConfig, as_written, differing_settings, flat_settings, from_dict,
+                               paths_as_now)
 from spin_fast.data import reads_one_split
 from spin_fast.files import read_json, whole_json_lines, write_atomically
 from spin_fast.stages import MANIFEST, finished_summaries
@@ -190,9 +191,12 @@ class RunDirectory:
         """`config` with the iteration_overrides of iterations that have saved work alone: the others shaped nothing
         yet, and may change (a run extended with lower learning rates for its new iterations). Their CHANGEABLE
         settings are left out too, as at the top level (a smaller train.micro_batch_tokens after an out-of-memory
-        error in an iteration that overrides it)."""
+        error in an iteration that overrides it), and so is a setting an override leaves as it is (its value is the
+        run's own: the default, or the file's): the iteration's settings are the same with or without it."""
+        run = flat_settings(config)
         overrides = {t: kept for t, changes in config["iteration_overrides"].items()
-                     if self.has_work(str(t)) and (kept := {k: v for k, v in changes.items() if k not in CHANGEABLE})}
+                     if self.has_work(str(t)) and (kept := {k: v for k, v in changes.items() if k not in CHANGEABLE
+                                                            and as_written(v) != as_written(run.get(k))})}
         return {**config, "iteration_overrides": overrides}
 
     def check_model(self) -> None:

@@ -449,3 +449,25 @@ def test_a_run_directory_with_home_paths_resumes_under_another_home(tmp_path, mo
     with pytest.raises(ValueError, match=r"differs in data.source \(saved '~/data/train.jsonl', now '/"):
         RunDirectory(tmp_path / "bob" / "run", load_run_config(
             None, [*settings, f"data.source={tmp_path / 'alice' / 'data' / 'train.jsonl'}"])).saved_config()
+
+
+def test_an_iteration_override_that_changes_nothing_is_no_change_on_resume(tmp_path):
+    """An override whose value is the run's own (the default, or the file's top-level value) leaves the iteration's
+    settings as they are: adding or dropping one was refused on resume as another config ("differs in
+    iteration_overrides"), though the iteration would run exactly as before."""
+    from spin_fast.run_directory import RunDirectory
+
+    for number, (first, again) in enumerate([([], ["iteration_overrides.1.train.beta=0.1"]),
+                                             (["iteration_overrides.1.train.beta=0.1"], []),
+                                             (["train.beta=0.2", "iteration_overrides.1.train.beta=0.2"],
+                                              ["train.beta=0.2"])]):
+        base = [f"output_dir={tmp_path / str(number)}", "iterations=2"]
+        directory = RunDirectory(tmp_path / str(number), load_run_config(None, [*base, *first]))
+        directory.claim(None, None, {}, "m")
+        (tmp_path / str(number) / "iter-1" / "generate" / "parts").mkdir(parents=True)
+        (tmp_path / str(number) / "iter-1" / "generate" / "parts" / "000000000-000000004.jsonl").write_text("")
+        directory.unlock()
+        assert RunDirectory(tmp_path / str(number), load_run_config(None, [*base, *again])).saved_config()
+        with pytest.raises(ValueError, match="differs in iteration_overrides"):  # a change still is one
+            RunDirectory(tmp_path / str(number), load_run_config(
+                None, [*base, *again, "iteration_overrides.1.train.beta=0.3"])).saved_config()
