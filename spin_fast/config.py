@@ -280,7 +280,8 @@ class RunConfig:
     # at most one part of a stage. 0: each stage saves once, at its end.
     save_every_prompts: int = 4096
     # Per-iteration changes of settings, e.g. {1: {"train.learning_rate": 1e-7}} (or {1: {"train": {...}}}).
-    iteration_overrides: dict = field(default_factory=dict)
+    # null: none (--set iteration_overrides=null drops a file's; an iteration's null, its own).
+    iteration_overrides: dict | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -300,12 +301,15 @@ class RunConfig:
             raise ValueError(f"save_every_prompts must be >= 0, got {self.save_every_prompts}")
         if self.score_batch_tokens < 1:
             raise ValueError(f"score_batch_tokens must be >= 1, got {self.score_batch_tokens}")
-        checked = [(t, _dotted_changes(t, changes)) for t, changes in self.iteration_overrides.items()]
         # YAML's key 1 and --set iteration_overrides.1.x's "1" name one iteration: their settings merge, the later's
-        # (the --set's) winning where both set one.
+        # (the --set's) winning where both set one; null drops the iteration's overrides (--set ...1=null).
         merged: dict[int, dict] = {}
-        for t, flat in checked:
-            merged.setdefault(int(t), {}).update(flat)
+        for t, changes in (self.iteration_overrides or {}).items():
+            flat = _dotted_changes(t, {} if changes is None else changes)
+            if changes is None:
+                merged.pop(int(t), None)
+            else:
+                merged.setdefault(int(t), {}).update(flat)
         self.iteration_overrides = merged
         for iteration, changes in merged.items():  # every iteration's settings checked now, not when it starts
             # Kept as read (1e-7 and 1.0e-7 one number): a resumed run compares them with the saved ones.
@@ -574,14 +578,14 @@ def _set_dotted(data: dict, key: str, value, where: str) -> None:
     # A key the file writes dotted (an override's {train.beta: ...}, as config.yaml saves them) is that setting: a
     # nested copy beside it would be the setting given twice.
     while len(parts) > 1 and ".".join(parts) not in node:
-        part = parts.pop(0)
+        part = _as_in(node, parts.pop(0))
         if node.get(part) is None:  # absent, or an empty section in the YAML (`train:` alone)
             node[part] = {}
         child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child
-    key = ".".join(parts)
+    key = _as_in(node, ".".join(parts))
     # A mapping changes the settings it names (as a nested iteration override does), not the section's others, also
     # where the file writes them dotted beside it ({train.beta: ...}).
     if isinstance(value, dict) and (isinstance(node.get(key), dict) or any(str(k).startswith(f"{key}.") for k in node)):
@@ -589,6 +593,12 @@ def _set_dotted(data: dict, key: str, value, where: str) -> None:
             _set_dotted(node, f"{key}.{name}", change, where)
         return
     node[key] = value
+
+
+def _as_in(node: dict, key: str) -> str | int:
+    """key as `node` holds it: iteration_overrides.1 names a YAML file's iteration 1, a number (so that a --set null
+    replaces its overrides rather than beside them)."""
+    return int(key) if key not in node and key.isdecimal() and int(key) in node else key
 
 
 def flat_settings(config: dict, prefix: str = "") -> dict:

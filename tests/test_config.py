@@ -471,3 +471,20 @@ def test_an_iteration_override_that_changes_nothing_is_no_change_on_resume(tmp_p
         with pytest.raises(ValueError, match="differs in iteration_overrides"):  # a change still is one
             RunDirectory(tmp_path / str(number), load_run_config(
                 None, [*base, *again, "iteration_overrides.1.train.beta=0.3"])).saved_config()
+
+
+def test_null_on_the_command_line_drops_a_files_section_or_overrides(tmp_path):
+    """A --set mapping changes the settings it names (test_a_set_mapping_changes_only_the_settings_it_names), so
+    `--set iteration_overrides={}` left the file's overrides as they were, and nothing on the command line dropped
+    them. null does, as it puts a section back to its defaults (README: --set)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {learning_rate: 1.0e-4, epochs: 5}\niterations: 3\n"
+                    "iteration_overrides:\n  1: {train.beta: 0.3}\n  2: {train: {epochs: 3}}\n")
+    config = load_run_config(path, ["train=null"])
+    assert (config.train.learning_rate, config.train.epochs) == (5e-7, 2)  # the defaults
+    assert load_run_config(path, ["iteration_overrides=null"]).iteration_overrides == {}
+    assert load_run_config(path, ["iteration_overrides.1=null"]).iteration_overrides == {2: {"train.epochs": 3}}
+    config = load_run_config(path, ["iteration_overrides.1=null", "iteration_overrides.1.train.epochs=4"])
+    assert config.iteration_overrides == {1: {"train.epochs": 4}, 2: {"train.epochs": 3}}  # the new ones alone
+    path.write_text("iterations: 2\niteration_overrides:\n  '1': {train.learning_rate: 1.0e-07}\n")  # as saved
+    assert load_run_config(path, ["iteration_overrides.1=null"]).iteration_overrides == {}
