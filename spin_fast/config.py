@@ -452,8 +452,9 @@ def _key_line(text: str, setting: str) -> int | None:
     return line
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a dict, checking every key and type."""
+def from_dict(cls, data: dict, prefix: str = "", places: Sequence[str] = ()):
+    """Build dataclass `cls` from a dict, checking every key and type. `places`: settings an unknown key may belong
+    to besides the run's (the demo's own)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -463,11 +464,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
         name = f"{prefix}{key}"
         if key not in known:
             # A setting in another section (or none) is the likeliest slip: its right place is the closest key.
-            close = _placed_elsewhere(str(key)) or [
+            close = _placed_elsewhere(str(key), places) or [
                 f"{prefix}{match}" for match in difflib.get_close_matches(str(key), list(known), n=1)]
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; valid keys: {', '.join(known)}"
             raise ConfigError(f"unknown setting {name!r}{hint}", name)
-        values[key] = _coerce(hints[key], value, name)
+        values[key] = _coerce(hints[key], value, name, places)
     try:
         return cls(**values)
     except ConfigError:
@@ -478,11 +479,13 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}", setting) from None
 
 
-def _placed_elsewhere(key: str) -> list[str]:
-    """The run settings named `key`, at the top level or in a section (key is unknown where it was given)."""
+def _placed_elsewhere(key: str, others: Sequence[str] = ()) -> list[str]:
+    """The run settings (and `others`) named `key`, at the top level or in a section (key is unknown where it was
+    given)."""
     places = [f.name for f in fields(RunConfig)]
     places += [f"{section.name}.{f.name}" for section in fields(RunConfig) if section.name in SECTIONS
                for f in fields(section.default_factory)]
+    places += others
     # train.attention is kept for old configs alone: never a place to suggest
     return [place for place in places if place.rsplit(".", 1)[-1] == key and place != "train.attention"]
 
@@ -505,9 +508,9 @@ def section_settings(value, name: str) -> dict:
     return value or {}
 
 
-def _coerce(hint, value, name: str):
+def _coerce(hint, value, name: str, places: Sequence[str] = ()):
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, section_settings(value, name), prefix=f"{name}.")
+        return from_dict(hint, section_settings(value, name), prefix=f"{name}.", places=places)
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None

@@ -28,7 +28,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -101,6 +101,12 @@ class DemoSettings:
     continued_sft: dict = field(default_factory=dict)  # likewise for the baseline (default: SPIN's own)
 
 
+# The demo's own settings, where an unknown key's error looks for it (--set n_train=5: demo.task.n_train).
+DEMO_SETTINGS = [f"demo.{s.name}" for s in fields(DemoSettings)] + [
+    f"demo.{s.name}.{f.name}" for s in fields(DemoSettings) if is_dataclass(s.default_factory)
+    for f in fields(s.default_factory)]
+
+
 def load_demo_config(path: str | Path, overrides: list[str] = (), output: str | None = None
                      ) -> tuple[RunConfig, DemoSettings]:
     """The run's RunConfig and the demo's own settings (its `demo` section) from one YAML file, then key=value
@@ -120,9 +126,9 @@ def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSe
                         "eval_source": str(run_dir / "data" / "eval.jsonl")}
     settings["model"] = {**model, "name_or_path": str(run_dir / "sft" / "model")}
     settings["output_dir"] = str(run_dir / "spin")
-    config = from_dict(RunConfig, settings)
+    config = from_dict(RunConfig, settings, places=DEMO_SETTINGS)
     warn_of_unused_overrides(config)
-    demo = from_dict(DemoSettings, demo_data, prefix="demo.")
+    demo = from_dict(DemoSettings, demo_data, prefix="demo.", places=DEMO_SETTINGS)
     stage_config(config, demo.sft, "demo.sft")
     stage_config(config, demo.continued_sft, "demo.continued_sft")
     return config, demo
@@ -130,7 +136,8 @@ def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSe
 
 def stage_config(config: RunConfig, changes: dict, name: str) -> TrainConfig:
     """An SFT TrainConfig: the run's `train` with a stage's changes, checked like any setting."""
-    return from_dict(TrainConfig, {**config.train.to_dict(), "mode": "sft", **changes}, prefix=f"{name}.")
+    return from_dict(TrainConfig, {**config.train.to_dict(), "mode": "sft", **changes}, prefix=f"{name}.",
+                     places=DEMO_SETTINGS)
 
 
 # -------------------------------------------------------------------------------------------- the stages

@@ -171,6 +171,21 @@ def test_demo_settings_errors_name_the_key(tmp_path):
         load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=[1"], str(tmp_path))
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("n_train=5", "'demo.task.n_train'"),  # not 'train', the closest run setting's name
+    ("layers=2", "'demo.model.layers'"),
+    ("sft={epochs: 1}", "'demo.sft'"),
+    ("demo.n_train=5", "'demo.task.n_train'"),
+    ("train.vocab_size=100", "'demo.model.vocab_size'"),
+    ("demo.sft.n_eval=5", "'demo.task.n_eval'"),
+])
+def test_a_demo_setting_given_in_the_wrong_section_is_named_where_it_is(tmp_path, override, suggestion):
+    """As a run's setting in the wrong section is named where it belongs (test_config), so is one of the demo's own:
+    `--set n_train=5` suggested 'train', a run section, or listed the run's keys alone."""
+    with pytest.raises(ConfigError, match=f"did you mean {suggestion}[?]"):
+        load_demo_config(DEFAULT_CONFIG, [override], str(tmp_path))
+
+
 @pytest.mark.parametrize("setting, line, message", [
     ("  sft: {learnig_rate: 1.0e-3}", 3,
      "unknown setting 'demo.sft.learnig_rate'; did you mean 'demo.sft.learning_rate'"),
