@@ -7,6 +7,7 @@ import hashlib
 from array import array
 from collections.abc import Sequence as Seq
 from dataclasses import replace
+from pathlib import Path
 
 from spin_fast import distributed
 from spin_fast.config import DataConfig
@@ -24,9 +25,16 @@ from spin_fast.scoring import TokenizedPair
 
 
 def read_examples(data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
-    """The examples of `source`, read with the run's data settings (schema, history, bad rows)."""
-    return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                         skip_invalid=data.skip_invalid, limit=limit).examples
+    """The examples of `source`, read with the run's data settings (schema, history, bad rows). A missing file is
+    named with its setting, as a missing model is: a config names data.source and data.eval_source."""
+    try:
+        return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
+                             skip_invalid=data.skip_invalid, limit=limit).examples
+    except FileNotFoundError:
+        setting = "data.source" if source == data.source else "data.eval_source" if source == data.eval_source else None
+        if setting is None or Path(source).exists():  # another file: its own error names it
+            raise
+        raise FileNotFoundError(f"{setting} {str(source)!r}: no such file or directory") from None
 
 
 TOKENIZE_BATCH = 256  # examples a rank encodes in one call to its tokenizer

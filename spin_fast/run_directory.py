@@ -18,8 +18,15 @@ from pathlib import Path
 import yaml
 
 from spin_fast import distributed, locking
-from spin_fast.config import (ConfigError, RunConfig, as_written, differing_settings, flat_settings, from_dict,
-                               paths_as_now)
+from spin_fast.config import (
+    ConfigError,
+    RunConfig,
+    as_written,
+    differing_settings,
+    flat_settings,
+    from_dict,
+    paths_as_now,
+)
 from spin_fast.data import reads_one_split
 from spin_fast.files import read_json, whole_json_lines, write_atomically
 from spin_fast.stages import MANIFEST, finished_summaries

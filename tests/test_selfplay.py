@@ -718,6 +718,20 @@ def test_a_diverged_training_ends_the_command_with_one_line(sft_model, tmp_path,
     assert "lower train.learning_rate" in err and err.count("\n") == 1, err
 
 
+def test_a_missing_data_file_is_named_with_its_setting(sft_model, tmp_path, capsys):
+    """A missing data file's error named the path alone, where a missing model's names model.name_or_path: with
+    data.source and data.eval_source in one config (each maybe overridden per iteration), which one was it?"""
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    for command, setting in (("run", "data.source"), ("sft", "data.source"), ("run", "data.eval_source"),
+                             ("eval", "data.eval_source")):
+        capsys.readouterr()
+        assert main([command, str(config), "--set", f"{setting}={tmp_path}/nope.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"spin-fast: {setting} '{tmp_path}/nope.jsonl': no such file or directory\n", (command, err)
+
+
 def test_a_signal_stops_at_a_saved_part_or_step_and_the_same_command_resumes(sft_model, tmp_path, capsys,
                                                                               monkeypatch):
     """SIGTERM in iteration 0's first generation part (of 2: save_every_prompts=4): `spin-fast run` saves the part
