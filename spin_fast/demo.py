@@ -41,6 +41,7 @@ from spin_fast.config import (
     build_config,
     differing_settings,
     from_dict,
+    paths_as_now,
     read_config_file,
     section_settings,
     warn_of_unused_overrides,
@@ -288,7 +289,10 @@ class Demo:
         resolved = json.loads(json.dumps({"run": self.config.to_dict(), "demo": _as_dict(self.demo)}, default=str))
         path = self.run_dir / "demo-config.yaml"
         if path.exists():
-            differences = differing_settings(yaml.safe_load(path.read_text()), resolved)
+            saved = yaml.safe_load(path.read_text())
+            if isinstance(saved, dict) and isinstance(saved.get("run"), dict):  # ~/x saved expanded before
+                saved["run"] = paths_as_now(saved["run"], resolved["run"])
+            differences = differing_settings(saved, resolved)
             if differences:
                 raise ConfigError(f"{path} holds other settings, which differ in {'; '.join(differences)}: use "
                                   "another --output, or the same settings")

@@ -220,6 +220,18 @@ def test_a_demo_directory_keeps_its_settings(tmp_path):
     assert main(["--output", str(tmp_path), "--set", "demo.task.n_train=30", "--until", "data"]) == 2
 
 
+def test_a_demo_directory_saved_with_expanded_home_paths_resumes(tmp_path, monkeypatch):
+    """A demo directory's demo-config.yaml held its paths expanded (/home/me/demo/...) where the config wrote ~/demo;
+    the settings now keep `~/` as written, and such a directory still resumes with the same settings."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = ["demo.task.n_train=20", "demo.task.n_eval=4"]
+    assert Demo(*load_demo_config(DEFAULT_CONFIG, settings, str(tmp_path / "demo"))).run(until="data") == []
+    assert str(tmp_path) in (tmp_path / "demo" / "demo-config.yaml").read_text()  # as spin-fast saved ~/demo before
+    config, demo = load_demo_config(DEFAULT_CONFIG, settings, "~/demo")
+    assert config.data.source == str(tmp_path / "demo" / "data" / "train.jsonl")
+    assert Demo(config, demo).run(until="data") == []
+
+
 def test_a_demo_directory_in_use_is_refused(tmp_path):
     config, demo = load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=20", "demo.task.n_eval=4"], str(tmp_path))
     with held_by_another_process(tmp_path, "demo") as pid:
