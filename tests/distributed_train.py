@@ -22,7 +22,7 @@ import signal
 import torch
 from transformers import AutoModelForCausalLM
 
-from spin_fast import distributed, stopping
+from spin_fast import distributed, stopping, training
 from spin_fast.config import DeepSpeedConfig, TrainConfig
 from spin_fast.model import tiny_config
 from spin_fast.packing import Sequence
@@ -58,8 +58,14 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="where a run without DeepSpeed trains (DeepSpeed: its own)")
     parser.add_argument("--dtype", default="float32", help="the parameters' dtype (DeepSpeed: bf16 mode for bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="of the model's weights, the items and their order")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--one-optimizer-group", action="store_true",
+                        help="older spin-fast's optimizer: every parameter in one group, under weight decay too")
     args = parser.parse_args()
 
+    if args.one_optimizer_group:
+        training.make_optimizer = lambda model, train: torch.optim.RMSprop(
+            model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay, eps=train.optimizer_eps)
     torch.manual_seed(args.seed)
     config = tiny_config("llama", vocab_size=256, hidden_size=64, layers=2, tie_word_embeddings=args.tied)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
@@ -69,7 +75,8 @@ def main() -> int:
     # eps 1: RMSprop's update is then about lr * gradient, not its sign, so rounding differences stay small.
     train = TrainConfig(mode=args.mode, learning_rate=0.05, optimizer_eps=1.0, global_batch=8, epochs=2,
                         micro_batch_tokens=96, warmup_ratio=0.25, save_every=args.save_every, keep_checkpoints=10,
-                        progress=False, seed=(args.seed + 3) % 2**31, dtype=args.dtype)
+                        progress=False, seed=(args.seed + 3) % 2**31, dtype=args.dtype,
+                        weight_decay=args.weight_decay)
     deepspeed = DeepSpeedConfig(enabled=True if args.deepspeed else None, zero_stage=args.zero_stage,
                                 timeout_minutes=2, offload_optimizer=args.offload,
                                 offload_params=args.offload and args.zero_stage == 3)
