@@ -34,7 +34,7 @@ import torch
 
 from spin_fast import distributed, stopping, zero
 from spin_fast.config import ConfigError
-from spin_fast.data import Example, TokenizedExample, eos_token_id, reads_one_split, response_end
+from spin_fast.data import Example, TokenizedExample, eos_token_id, reads_one_split, response_end, turn_end_text
 from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
@@ -502,6 +502,9 @@ class Evaluation:
                      if k not in ("source", "max_prompts", "eval_source", "eval_split", "checker")},
             "model": {**{k: v for k, v in asdict(config.model).items() if k != "name_or_path"},
                       "chat_template": config.model.template_text()},  # the template, not the name of its file
+            # A turn end that no token holds: responses end with its pieces, where spin-fast before stop strings
+            # ended them with EOS (other ids, other figures). Keyed there alone, so that other saved work is kept.
+            **({"response end": list(response_end(self.tokenizer))} if turn_end_text(self.tokenizer) else {}),
             "generation": {"engine": engine, "max_new_tokens": config.generation.max_new_tokens,
                            **({"batch_size": config.generation.batch_size} if engine == "transformers" else {}),
                            # vLLM answers in bf16 under autocast: keyed where that is not train.dtype (so that
@@ -588,7 +591,10 @@ class Evaluation:
             model = self.model_at(path)
             if pairs is not None:  # named before this row's scoring, not by packing's budget after its first parts
                 # (every model here is loaded with model.attention: the policy shares prompts as its opponent does)
-                check_pairs_fit(pairs, model, config.score_batch_tokens, f"iteration {opponent[0]}'s held-out pair")
+                # Each pair by its row's file and line: its index is none past a skipped row or in a folder.
+                what = f"iteration {opponent[0]}'s held-out pair"
+                check_pairs_fit(pairs, model, config.score_batch_tokens, what,
+                                names=[f"{what} of {name}" for name in self.names])
             row = {"model": name, **heldout_loglik(model, self.examples, **scoring)}
             if self.check is not None:
                 row.update(checker_score(self.grades(name, self.greedy_answers(name, path))))

@@ -49,11 +49,13 @@ class ScoredPair(TokenizedPair):
     opponent_generated: float = 0.0
 
 
-def check_pairs_fit(pairs: Seq[TokenizedPair], model, token_budget: int, what: str, advice: str = "") -> None:
+def check_pairs_fit(pairs: Seq[TokenizedPair], model, token_budget: int, what: str, advice: str = "",
+                    names: Seq[str] | None = None) -> None:
     """Each pair (its prompt and both responses, laid out as scoring packs them for `model`) fits token_budget, or
-    the error names score_batch_tokens and the pair (`what` and its index) before any of them is scored."""
+    the error names score_batch_tokens and the pair (`what` and its index, or its name in `names`) before any of
+    them is scored."""
     check_fits([pair.sequences() for pair in pairs], can_share_prompts(model), token_budget, "score_batch_tokens",
-               what, advice)
+               what, advice, names)
 
 
 @torch.no_grad()

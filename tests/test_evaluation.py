@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -223,7 +224,7 @@ def test_a_held_out_pair_longer_than_score_batch_tokens_is_named_before_its_scor
     longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)  # each example fits, its pair not
     output, baselines = tmp_path / "run" / "eval.jsonl", {"same": str(sorting_run / "model")}
     config = eval_config(sorting_run, tmp_path / "run", f"score_batch_tokens={longest}")
-    message = rf"^score_batch_tokens={longest}: iteration 0's held-out pair \d+ \(counted from 0\) takes \d+ tokens"
+    message = rf"^score_batch_tokens={longest}: iteration 0's held-out pair of \S+eval\.jsonl line \d+ takes \d+ "
     with pytest.raises(ValueError, match=message):
         evaluate_run(SelfPlay(config), config.data.eval_source, output, baselines)
     answers = tmp_path / "run" / "eval-parts" / "held-out-pairs-0.json"
@@ -829,3 +830,115 @@ def test_a_baseline_whose_vocabulary_is_smaller_than_the_held_out_ids_is_refused
     with pytest.raises(ValueError, match=rf"^baseline 'small': {sorting_run / 'eval.jsonl'} line \d+: token id \d+ .* "
                                          rf"is outside the model's vocabulary of 100 tokens \(vocab_size in {folder}"):
         evaluate_run(SelfPlay(config), config.data.eval_source, baselines={"small": str(folder)})
+
+
+def test_eval_rows_equal_a_float64_recomputation_by_hand(sorting_run, tmp_path):
+    """The log-likelihoods and a baseline's margins against the SFT model, recomputed here in float64 with plain
+    forward passes, one sequence at a time, on the token ids eval scored (the held-out pairs it saved)."""
+    from spin_fast.data import response_end
+
+    tokenizer, examples = held_out_examples(sorting_run)
+    other = save_model(tmp_path / "other", tokenizer, seed=3)
+    output = tmp_path / "run" / "eval.jsonl"
+    config = eval_config(sorting_run, tmp_path / "run", "score_batch_tokens=200", "train.beta=0.3")
+    rows = evaluate_run(SelfPlay(config), config.data.eval_source, output, {"other": str(other)})
+    sft = AutoModelForCausalLM.from_pretrained(sorting_run / "model").double().eval()
+    base = AutoModelForCausalLM.from_pretrained(other).double().eval()
+
+    def logprob(model, prompt, response) -> float:
+        ids = torch.tensor([[*prompt, *response]])
+        with torch.no_grad():
+            logps = model(ids).logits[0, :-1].log_softmax(-1)
+        return float(logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum())
+
+    assert all(e.response_ids[-len(response_end(tokenizer)):] == response_end(tokenizer) for e in examples)
+    tokens = sum(len(e.response_ids) for e in examples)
+    for row, model in zip(rows, (sft, base)):
+        sums = [logprob(model, e.prompt_ids, e.response_ids) for e in examples]
+        assert row["loglik_per_token"] == pytest.approx(sum(sums) / tokens, abs=1e-5)
+        assert row["loglik_per_response"] == pytest.approx(sum(sums) / len(sums), abs=1e-4)
+        assert row["responses"] == len(examples)
+    pairs = json.loads((tmp_path / "run" / "eval-parts" / "held-out-pairs-0.json").read_text())["value"]
+    real = [0.3 * (logprob(base, p, r) - logprob(sft, p, r)) for p, r, _ in pairs]
+    generated = [0.3 * (logprob(base, p, g) - logprob(sft, p, g)) for p, _, g in pairs]
+    margins = [a - b for a, b in zip(real, generated)]
+    n = len(pairs)
+    assert n == len(examples) and rows[1]["pairs"] == n
+    assert rows[1]["rewards/real"] == pytest.approx(sum(real) / n, abs=1e-5)
+    assert rows[1]["rewards/generated"] == pytest.approx(sum(generated) / n, abs=1e-5)
+    assert rows[1]["rewards/margins"] == pytest.approx(sum(margins) / n, abs=1e-5)
+    assert rows[1]["rewards/accuracies"] == sum(m > 0 for m in margins) / n
+
+
+def test_saved_rows_of_responses_ended_otherwise_are_evaluated_again(tmp_path, monkeypatch):
+    """A chat template whose turn end no token holds ('<|im_end|>' split into pieces): spin-fast before stop strings
+    ended the held-out responses with the tokenizer's EOS, this code with the turn end's pieces. Rows and answers
+    saved by that code are other figures (other token ids): evaluated again, not mixed into the new table."""
+    from test_data import chatml_tokenizer
+
+    from spin_fast import data as data_module
+    from spin_fast.generation import choice
+
+    train, held_out = sorting.make_splits(20, 4, seed=0)
+    corpus = [r["prompt"] + " " + r["response"] + "<|im_end|>\n" for r in train]
+    tokenizer = chatml_tokenizer(im_end_added=False, corpus=corpus)
+    assert len(tokenizer.encode("<|im_end|>", add_special_tokens=False)) > 1
+    save_model(tmp_path / "model", tokenizer, seed=0)
+    sorting.write_jsonl(tmp_path / "train.jsonl", train)
+    sorting.write_jsonl(tmp_path / "eval.jsonl", held_out)
+    baselines = {"other": str(save_model(tmp_path / "other", tokenizer, seed=1))}
+
+    def evaluate(out):
+        config = eval_config(tmp_path, tmp_path / out)
+        return evaluate_run(SelfPlay(config), config.data.eval_source, tmp_path / out / "eval.jsonl", baselines)
+
+    with monkeypatch.context() as older:  # the older code: no turn end text, responses end with EOS
+        older.setattr(data_module, "turn_end_text", lambda tokenizer: None)
+        older.setattr(choice, "turn_end_text", lambda tokenizer: None)
+        before = evaluate("run")
+    again, fresh = evaluate("run"), evaluate("fresh")
+    assert before[0]["loglik_per_token"] != fresh[0]["loglik_per_token"]  # other token ids: other figures
+    assert again == fresh
+
+
+def test_models_that_disagree_on_sharing_prompts_score_as_one_process_on_two_ranks(sorting_run, monkeypatch):
+    """shared_logprobs of a policy that shares prompts (spin_varlen) and an opponent that cannot (eager): one
+    process's micro-batches (cut without sharing, which both can run), and 2 ranks give its sums bit for bit,
+    close to each model scored alone."""
+    from spin_fast.evaluation import shared_logprobs
+    from spin_fast.model import can_share_prompts, load_causal_lm
+    from spin_fast.scoring import TokenizedPair, model_logprobs
+
+    _, examples = held_out_examples(sorting_run)
+    sharing = load_causal_lm(sorting_run / "model", attention_impl="auto")
+    eager = load_causal_lm(sorting_run / "model", attention_impl="eager")
+    assert can_share_prompts(sharing) and not can_share_prompts(eager)
+    groups = [TokenizedPair(e.prompt_ids, e.response_ids, e.response_ids[::-1]).sequences() for e in examples]
+    budget = 2 * max(sum(s.length for s in g) for g in groups)
+    alone = shared_logprobs([sharing, eager], groups, budget, "torch", "sums")
+    shared, shares = as_ranks(monkeypatch, lambda: shared_logprobs([sharing, eager], groups, budget, "torch", "s"))
+    assert all(shares) and all(torch.equal(a, b) for a, b in zip(alone, shared))
+    monkeypatch.undo()
+    for model, sums in zip((sharing, eager), alone):
+        assert torch.allclose(sums, model_logprobs(model, groups, budget, backend="torch"), atol=1e-4)
+    assert torch.allclose(alone[0], alone[1], atol=1e-4)  # the same weights
+
+
+def test_a_held_out_pair_longer_than_score_batch_tokens_is_named_by_its_file_and_line(sorting_run, tmp_path):
+    """The held-out pair too long to score is named by its row's file and line, as a held-out example is: its index
+    among the pairs is not its line once a bad row is skipped before it (data.skip_invalid)."""
+    tokenizer, examples = held_out_examples(sorting_run)
+    pair_tokens = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
+    longest = max(pair_tokens)
+    lines = (sorting_run / "eval.jsonl").read_text().splitlines()
+    held_out = tmp_path / "held.jsonl"
+    held_out.write_text("\n".join([json.dumps({"prompt": "no response"}), *lines]) + "\n")  # line 1: skipped
+    config = eval_config(sorting_run, tmp_path / "run", f"score_batch_tokens={longest}", "data.skip_invalid=true",
+                         f"data.eval_source={held_out}")
+    with pytest.raises(ValueError) as error:
+        evaluate_run(SelfPlay(config), config.data.eval_source, tmp_path / "run" / "eval.jsonl",
+                     {"same": str(sorting_run / "model")})
+    named = rf"score_batch_tokens={longest}: iteration 0's held-out pair of \S+held\.jsonl line \d+ takes \d+ tokens"
+    assert re.match(named, str(error.value))
+    line = int(re.search(r"line (\d+)", str(error.value)).group(1))
+    assert line >= 2 and json.loads((held_out.read_text().splitlines())[line - 1])["prompt"]  # a real row's line
