@@ -1523,6 +1523,7 @@ def test_rows_tokenized_otherwise_by_a_newer_spin_fast_are_refused_naming_the_up
             return found if found in tokenizer.all_special_ids else None
 
         old_code.setattr(spin_fast.data, "_turn_end_id", special_turn_end)
+        old_code.setattr(spin_fast.data, "turn_end_text", lambda tokenizer: None)  # nor ended them with a text's pieces
         SelfPlay(config).run(until=(0, "generate"))
     with pytest.raises(ValueError, match=r"tokenized otherwise.*spin-fast.*sessions.jsonl"):
         SelfPlay(config).run()
