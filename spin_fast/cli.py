@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 # core): their end surfaced here as an error, before the next safe point
                 return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
                                                     agreed=False))
-            from spin_fast.training import TrainingDiverged
-
-            if isinstance(error, TrainingDiverged):  # the settings' or the data's doing, not a bug: no traceback
+            # A diverged training: the settings' or the data's doing, not a bug (no traceback). Only a training
+            # raises it: an error before one (a setting's) does not wait for training's imports.
+            training = sys.modules.get("spin_fast.training")
+            if training is not None and isinstance(error, training.TrainingDiverged):
                 print(f"spin-fast: training diverged at {error}: lower train.learning_rate (or check the data and "
                       "the starting model) and train again in a new output_dir", file=sys.stderr)
                 return 2

@@ -4,7 +4,8 @@ SIGUSR1 (Slurm's `--signal=USR1@<seconds>` warning) and SIGINT (Ctrl-C) end the 
 that point's work saved, and the same command resumes it.
 
 Safe points are where the ranks are in step: after each training step (a checkpoint is saved there), after
-each saved part of generation and scoring, and after each saved piece of an evaluation (spin_fast.evaluation).
+each saved part of generation and scoring, once the generation engine has started (before its first part), and
+after each saved piece of an evaluation (spin_fast.evaluation).
 While the run is between safe points (a `safe_points()` block), the signal handler only records the signal, and
 at each safe point the ranks agree, in one collective, whether any of them got one, so that a signal to a single
 rank stops them all at the same point. Elsewhere (loading a model, writing a stage's file) and on a second

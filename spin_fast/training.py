@@ -664,10 +664,14 @@ class Trainer:
 def saved_zero_groups(folder: Path, rank: int) -> int | None:
     """The number of optimizer parameter groups in a DeepSpeed ZeRO checkpoint's state of `rank`; None: not found."""
     for path in folder.glob(f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"):
-        saved = torch.load(path, map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
-        for key in ("single_partition_of_fp32_groups", "fp32_flat_groups"):  # ZeRO 1 and 2; ZeRO 3
-            if key in saved:
-                return len(saved[key])
+        # mmap: a large model's shard is many GB, of which the group count alone is read
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("optimizer_state_dict", {})
+        if "single_partition_of_fp32_groups" in saved:  # ZeRO 1 and 2: one flat partition per group
+            return len(saved["single_partition_of_fp32_groups"])
+        # ZeRO 3: its base optimizer's groups (its fp32_flat_groups are sub-groups, several a group in large models)
+        base = saved.get("optimizer_state_dict")
+        if isinstance(base, dict) and "param_groups" in base:
+            return len(base["param_groups"])
     return None
 
 

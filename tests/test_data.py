@@ -1274,12 +1274,11 @@ def test_a_generated_response_is_cut_at_a_turn_end_the_tokenizer_splits_into_pie
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
 
 
-def test_a_turn_end_the_tokenizer_splits_into_pieces_is_no_warning(caplog, monkeypatch):
+def test_a_turn_end_the_tokenizer_splits_into_pieces_is_no_warning(caplog):
     """Once responses end with the turn end's pieces and generation stops at its text, there is nothing to warn of
     (a warning that answers run on to max_new_tokens would be false)."""
     tokenizer = chatml_tokenizer(im_end_added=False)
     assert len(tokenizer.encode("<|im_end|>")) > 1
-    monkeypatch.setattr(data_module, "_warned_turn_end", [], raising=False)  # a warning would be once per process
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         assert eos_token_id(tokenizer) == tokenizer.eos_token_id
         assert data_module.turn_end_text(tokenizer) == "<|im_end|>"

@@ -175,14 +175,15 @@ def test_resume_under_another_zero_stage_is_refused_by_name(tmp_path, written, r
             in refused.stderr), refused.stderr[-3000:]
 
 
-def test_a_zero_checkpoint_of_older_codes_one_optimizer_group_is_named_with_why(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_of_older_codes_one_optimizer_group_is_named_with_why(tmp_path, stage):
     """Older code gave the optimizer one parameter group under train.weight_decay > 0. DeepSpeed's own error for
     such a ZeRO checkpoint speaks of a parameter-alignment setting and names no file: the trainer names the
-    checkpoint and why."""
-    written = launch(tmp_path, "--deepspeed", "--weight-decay", "0.1", "--one-optimizer-group", "--die-at-step", "2",
-                     processes=1)
+    checkpoint and why (ZeRO-3's count is its base optimizer's groups: its flat fp32 groups are sub-groups)."""
+    options = ("--deepspeed", "--zero-stage", str(stage), "--weight-decay", "0.1")
+    written = launch(tmp_path, *options, "--one-optimizer-group", "--die-at-step", "2", processes=1)
     assert written.returncode != 0 and (tmp_path / "checkpoint-1").is_dir(), written.stderr[-3000:]
-    refused = launch(tmp_path, "--deepspeed", "--weight-decay", "0.1", processes=1)
+    refused = launch(tmp_path, *options, processes=1)
     assert refused.returncode != 0
     assert ("checkpoint-1: written by older spin-fast code with 1 optimizer parameter group(s) under "
             "train.weight_decay=0.1, where this training has 2" in refused.stderr), refused.stderr[-3000:]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_fast.data import render_prompt
 from spin_fast.generation import SamplingConfig
-from spin_fast.generation.base import Completion
+from spin_fast.generation.base import Completion, before_stop_text
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.model import tiny_config
 from spin_fast.tokenizer import build_local_tokenizer
@@ -370,3 +370,26 @@ def test_starting_a_vllm_worker_in_process_keeps_the_trainers_random_streams():
         set_random_seed(0)
         draws()
     assert draws() == expected
+
+
+def test_an_answer_is_cut_where_a_stop_text_begins_after_a_character_of_byte_tokens():
+    """A SentencePiece-style tokenizer with byte fallback (Llama's, Mistral's) spells a character it has no token for
+    in byte tokens, and decodes each byte of a character cut short to its own U+FFFD: the text of 'Hi' and two of
+    the euro sign's three bytes is longer than that of 'Hi€'. Cut by bisecting prefixes' text lengths, the answer
+    lost its last character."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ["H", "i", "Hi", "<", "|", ">", "<|", "|>", "im", "_", "end"]:
+        vocab[piece] = len(vocab)
+    model = models.BPE(vocab=vocab, merges=[("H", "i"), ("<", "|"), ("|", ">")], byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    answer = tokenizer.encode("Hi€", add_special_tokens=False)
+    assert len(answer) == 4  # 'Hi' and three byte tokens
+    stop = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    assert before_stop_text(answer + stop, tokenizer, ["<|im_end|>"]) == 4
+    assert before_stop_text(answer + stop + answer, tokenizer, ["<|im_end|>"]) == 4  # what follows it goes too
+    assert before_stop_text(answer, tokenizer, ["<|im_end|>"]) is None

@@ -1501,10 +1501,11 @@ def test_a_run_older_code_made_in_a_folder_named_tilde_is_not_started_anew(sft_m
 
 def test_rows_tokenized_otherwise_by_a_newer_spin_fast_are_refused_naming_the_upgrade(sft_model, tmp_path,
                                                                                         monkeypatch):
-    """spin-fast before a non-special added turn end ('<|im_end|>' of some ChatML fine-tunes) ended responses ended
-    them with EOS; this code ends them with '<|im_end|>'. Resumed after the upgrade, the same rows' token ids differ:
-    refused, as they must be, but the message blamed a changed chat template, tokenizer or transformers, and said to
-    put them back as they were: nothing of the user's changed, and the way out is the version that started the run."""
+    """spin-fast before c506b65 ended the responses of a tokenizer whose turn end is an added token that is not special
+    ('<|im_end|>' of some ChatML fine-tunes) with EOS; this code ends them with '<|im_end|>'. Resumed after the
+    upgrade, the same rows' token ids differ: refused, as they must be, but the message blamed a changed chat
+    template, tokenizer or transformers, and said to put them back as they were: nothing of the user's changed,
+    and the way out is the version that started the run."""
     from test_data import chatml_tokenizer
 
     import spin_fast.data

@@ -75,9 +75,15 @@ def before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence
     at = min((found for stop in stop_strings if (found := text.find(stop)) >= 0), default=None)
     if at is None:
         return None
-    # The most tokens whose text ends at or before it (decoding each prefix: a token's own text may differ alone).
-    length = lambda n: len(tokenizer.decode(list(token_ids[:n])))  # noqa: E731
-    return bisect.bisect_right(range(len(token_ids) + 1), at, key=length) - 1
+    decoded = lambda n: tokenizer.decode(list(token_ids[:n]))  # noqa: E731
+    # The fewest tokens whose text holds it (a longer prefix still does), then back over the tokens that spell it to
+    # the most whose text ends at or before it. Prefixes' texts are not bisected by length: they do not grow with
+    # every token (a character cut between byte tokens decodes to one U+FFFD per byte).
+    n = bisect.bisect_left(range(len(token_ids) + 1), True,
+                           key=lambda n: any(stop in decoded(n) for stop in stop_strings))
+    while n > 0 and len(decoded(n)) > at:
+        n -= 1
+    return n
 
 
 class Engine(Protocol):
