@@ -44,8 +44,11 @@ def main(argv: list[str]) -> int:
             status = 1
         if not summary.written_since(name, args.preset, began):  # a file there is an earlier run's: not shown
             failed.add(name)
-    for path in plots.plot_all(benches=names):
-        print(f"plot: {path}")
+    try:  # matplotlib comes with the bench extras, as the peers do: without it the summary still comes
+        for path in plots.plot_all(benches=names):
+            print(f"plot: {path}")
+    except ImportError as error:
+        print(f"no plots: {error} (pip install -e '.[bench]' installs matplotlib)", file=sys.stderr)
     custom = getattr(BENCHES[args.only], "NON_PRESET_FLAGS", set()) if args.only else set()
     if any(option.split("=")[0] in custom for option in rest):
         print("\n(no summary: a shape or config of your own is not the preset's; the bench's table above has its "

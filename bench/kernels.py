@@ -539,7 +539,8 @@ AGREEMENT = 1e-2
 
 
 def disagrees(result: dict) -> bool:
-    return any(result.get(key, 0.0) > AGREEMENT for key in ("value_rel_diff", "grad_rel_diff"))
+    # not <=: a NaN difference (a NaN loss or gradient) is no agreement
+    return any(not result.get(key, 0.0) <= AGREEMENT for key in ("value_rel_diff", "grad_rel_diff"))
 
 
 def _ratio(result: dict, key: str, spec: str) -> str:
@@ -571,7 +572,7 @@ def summary_table(results: list[dict], baseline: str = BASELINE) -> str:
         ])
     note = (f"x {base}: time or peak memory / {baseline}'s at that vocab and job (below 1: less); value, grads: "
             f"relative difference of the loss and of the gradients' norms (hidden states, head weight) from "
-            f"{baseline}'s (DIFFERS: over {AGREEMENT:g}, the time is not that of the same computation)")
+            f"{baseline}'s (DIFFERS: over {AGREEMENT:g} or NaN, the time is not that of the same computation)")
     if any("median_ms" in r and "time_vs_baseline" not in r for r in results):
         note += f"; '-': {baseline} has no result there (its row says why; --baseline METHOD divides by another)"
     elif any("time_vs_baseline" in r and "memory_vs_baseline" not in r for r in results):

@@ -393,3 +393,47 @@ def test_the_matmul_rate_fraction_does_not_depend_on_the_baseline():
     results = [{"vocab": 1000, "job": "spin_head", "method": "naive PyTorch", "error": ["OOM"]}, spin]
     kernels._add_ratios(results)
     assert spin.get("fraction_of_matmul_rate") == pytest.approx(0.5), spin
+
+
+@pytest.mark.slow
+def test_without_the_bench_extras_the_peers_are_missing_and_the_summary_still_comes(tmp_path, monkeypatch, capsys):
+    """Without `.[bench]` (TRL, Liger-Kernel, matplotlib) the peers are listed as missing and spin-fast still runs;
+    the plots, which need matplotlib, were the run's end: ImportError after the benches, and no summary table."""
+    import sys
+
+    import bench.__main__ as bench_main
+
+    hidden = tmp_path / "hidden"
+    for package in ("trl", "matplotlib"):  # the workers' TRL, and this process's matplotlib
+        (hidden / package).mkdir(parents=True)
+        (hidden / package / "__init__.py").write_text(f"raise ImportError(\"No module named '{package}'\")\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")]))
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError, as when not installed
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setenv("SPIN_BENCH_RESULTS", str(tmp_path))
+    assert bench_main.main(["--preset", "tiny", "--only", "train_step"]) == 0
+    out, err = capsys.readouterr()
+    assert "summary (tiny preset" in out and "matplotlib" in err
+    headline = out[out.index("summary (tiny preset"):]
+    assert "train step: TRL DPO, live reference" in headline and "missing: trl is not installed" in headline
+    assert "train step: spin-fast" in headline and "tokens/s" in headline
+
+
+def test_a_method_whose_loss_is_nan_is_flagged(monkeypatch):
+    """A NaN loss (an fp16 head overflowing, say) made value_rel_diff and grad_rel_diff NaN, and NaN > 1e-2 is False:
+    the method was shown agreeing with the baseline, with its time as a headline ratio, and no DIFFERS."""
+    monkeypatch.setitem(kernels.METHODS, "naive, NaN", lambda: kernels.from_logprobs(
+        lambda b: kernels.naive_token_logps(b.hidden, b.weight, b.targets) * float("nan")))
+    preset = kernels.PRESETS["tiny"]
+    results = []
+    for method in ("naive PyTorch", "naive, NaN"):
+        result = kernels.measure(preset, 300, "spin_head", method)
+        results.append({**result, "vocab": 300, "job": "spin_head", "method": method, "matmul_tflops": 1.0})
+    kernels._add_ratios(results)
+    assert results[1]["value"] != results[1]["value"]  # NaN
+    assert kernels.disagrees(results[1]) and not kernels.disagrees(results[0])
+    assert "DIFFERS" in kernels.summary_table(results).splitlines()[3]
+    headline = dict(summary.kernel_rows({"results": results, "baseline": "naive PyTorch"}))
+    assert "DIFFERS" in headline["SPIN head, V=300: naive, NaN"]
