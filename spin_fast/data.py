@@ -699,10 +699,10 @@ def _warn_tokenized_alone(origin: str) -> None:
 CUT_PROMPT = ("always", "when_too_long")
 
 
-def cut_response(ids: Sequence[int], budget: int, eos: int | Sequence[int]) -> tuple[int, ...]:
-    """A response (ending with EOS, or response_end's pieces) fitted to `budget` tokens; a cut one still ends with
-    them, so the model still learns where answers stop."""
-    ids, end = list(ids), [eos] if isinstance(eos, int) else list(eos)
+def cut_response(ids: Sequence[int], budget: int, end: Sequence[int]) -> tuple[int, ...]:
+    """A response (ending with `end`, response_end's ids: EOS, or a turn end's pieces) fitted to `budget` tokens; a
+    cut one still ends with them, so the model still learns where answers stop."""
+    ids, end = list(ids), list(end)
     return tuple(ids if len(ids) <= budget else [*ids[: max(budget - len(end), 0)], *end][:budget])
 
 
@@ -717,19 +717,19 @@ def keep_end(prompt: Sequence[int], max_prompt_length: int, bos: int | None = No
 
 
 def fit_to_length(prompt: Sequence[int], responses: Sequence[Sequence[int]], *, max_length: int,
-                  max_prompt_length: int, cut_prompt: str, eos: int | Sequence[int], bos: int | None = None
+                  max_prompt_length: int, cut_prompt: str, end: Sequence[int], bos: int | None = None
                   ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """A prompt and its EOS-ended responses (one, or a pair's two) cut so that the prompt and each response fit in
-    max_length. A prompt keeps its end (the question often follows a long text), and its first token where that is
-    `bos` (every sequence the model saw starts with it; the official code adds none, and cuts the same way).
+    """A prompt and its responses ending with `end` (one, or a pair's two) cut so that the prompt and each response
+    fit in max_length. A prompt keeps its end (the question often follows a long text), and its first token where
+    that is `bos` (every sequence the model saw starts with it; the official code adds none, and cuts the same way).
 
     "always": the prompt keeps its last max_prompt_length tokens, and each response the room left, still ending
-    with EOS. "when_too_long", the official SPIN code's rule (TRL's 2023 DPO collator): the prompt is cut only if
+    with `end`. "when_too_long", the official SPIN code's rule (TRL's 2023 DPO collator): the prompt is cut only if
     it and the longer response exceed max_length; if they still do, each response keeps its first
     max_length - max_prompt_length tokens (a cut one loses its EOS there)."""
     if cut_prompt == "always":
         prompt = keep_end(prompt, max_prompt_length, bos)
-        return tuple(prompt), [cut_response(r, max_length - len(prompt), eos) for r in responses]
+        return tuple(prompt), [cut_response(r, max_length - len(prompt), end) for r in responses]
     if cut_prompt != "when_too_long":
         raise ValueError(f"cut_prompt: expected one of {CUT_PROMPT}, got {cut_prompt!r}")
     longest = max(len(r) for r in responses)
@@ -755,10 +755,10 @@ def eos_token_id(tokenizer: Any) -> int:
 def _turn_end_id(tokenizer: Any) -> int | None:
     """The first special token the chat template writes after an assistant turn's content, else the first added one
     (some ChatML fine-tunes added '<|im_end|>' as a token that is not special); None: none found."""
-    after = _after_answer(tokenizer)
-    if after is None:
+    probe = _after_answer(tokenizer)
+    if probe is None:
         return None
-    ids = _encode(tokenizer, after)
+    ids = _encode(tokenizer, probe[1])
     added = tokenizer.added_tokens_decoder
     special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
     # A special token first (as before added ones counted), else an added one but whitespace: some tokenizers add
@@ -769,15 +769,16 @@ def _turn_end_id(tokenizer: Any) -> int | None:
     return found
 
 
-def _after_answer(tokenizer: Any) -> str | None:
-    """What the chat template writes after an assistant turn's content; None where the probe finds no answer."""
+def _after_answer(tokenizer: Any) -> tuple[str, str] | None:
+    """A probe conversation cut after its assistant turn's content: (the text through the answer, what the chat
+    template writes after it); None where the probe finds no answer."""
     try:
         whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
                                                {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
     except Exception:  # noqa: BLE001 - a template that refuses the probe: the tokenizer's EOS
         return None
     at = whole.find(PROBE_ANSWER)
-    return None if at < 0 else whole[at + len(PROBE_ANSWER):]
+    return None if at < 0 else (whole[: at + len(PROBE_ANSWER)], whole[at + len(PROBE_ANSWER):])
 
 
 def turn_end_text(tokenizer: Any) -> str | None:
@@ -786,21 +787,19 @@ def turn_end_text(tokenizer: Any) -> str | None:
     (response_end). None where a token ends the turn (eos_token_id), or the template writes nothing after it."""
     if _turn_end_id(tokenizer) is not None:
         return None
-    after = _after_answer(tokenizer)
-    return (after or "").strip() or None
+    probe = _after_answer(tokenizer)
+    return probe[1].strip() or None if probe else None
 
 
 def response_end(tokenizer: Any) -> tuple[int, ...]:
     """The ids every response ends with: eos_token_id's token, or where the turn end is text split into pieces
     (turn_end_text), those pieces as the template's conversation holds them after an answer, which the model writes
     there (the EOS after them would be a token it never writes)."""
-    eos = eos_token_id(tokenizer)
     text = turn_end_text(tokenizer)
     if text is None:
-        return (eos,)
-    whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                           {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
-    at = whole.index(text, whole.find(PROBE_ANSWER) + len(PROBE_ANSWER))
+        return (eos_token_id(tokenizer),)
+    answer, after = _after_answer(tokenizer)
+    whole, at = answer + after, len(answer) + after.index(text)
     before, through = _encode(tokenizer, whole[:at]), _encode(tokenizer, whole[: at + len(text)])
     # Where the pieces merge with the answer's last token, they are the text's own encoding.
     return tuple(through[len(before):] if through[: len(before)] == before else _encode(tokenizer, text))
@@ -820,8 +819,8 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
                          f"max_length={max_length}")
-    eos, end = eos_token_id(tokenizer), response_end(tokenizer)
-    end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(eos)
+    end = response_end(tokenizer)  # EOS's id, or a turn end text's pieces
+    end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(end[0])
     rendered = [_render(tokenizer, example, end_text) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
     tokenized = []
@@ -831,7 +830,7 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
                      for text, in_context in r.responses]
         whole = TokenizedExample(tuple(model_prompt), responses[0], responses[1] if len(responses) > 1 else None)
         prompt, fitted = fit_to_length(whole.prompt_ids, responses, max_length=max_length,
-                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, eos=end,
+                                       max_prompt_length=max_prompt_length, cut_prompt=cut_prompt, end=end,
                                        bos=tokenizer.bos_token_id)
         example = TokenizedExample(prompt, fitted[0], fitted[1] if len(fitted) > 1 else None)
         # Under "always", a pair fits from the fitted example as from the whole one: no need to keep it.

@@ -163,16 +163,15 @@ def tokenized_examples(tokenizer, data: DataConfig, source: str, limit: int | No
     return tokenize_examples(tokenizer, data, read_examples(data, source, limit))
 
 
-def answered_pairs(examples: Seq[TokenizedExample], completions, eos: int | Seq[int], data: DataConfig,
+def answered_pairs(examples: Seq[TokenizedExample], completions, end: Seq[int], data: DataConfig,
                    bos: int | None = None) -> list[TokenizedPair]:
-    """Each example's human response paired with the engine's first completion (closed with `eos`: the ids of
+    """Each example's human response paired with the engine's first completion (closed with `end`: the ids of
     data.response_end, which the human responses end with), fitted to data.max_length by data.cut_prompt's rule."""
     pairs = []
     for e, c in zip(examples, completions):
         e = e.unfitted or e  # fitted with its real response alone, it might fit otherwise than the pair
         prompt, (real, generated) = fit_to_length(
-            e.prompt_ids, [e.response_ids, (*c[0].token_ids, *([eos] if isinstance(eos, int) else eos))],
-            max_length=data.max_length,
-            max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt, eos=eos, bos=bos)
+            e.prompt_ids, [e.response_ids, (*c[0].token_ids, *end)], max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length, cut_prompt=data.cut_prompt, end=end, bos=bos)
         pairs.append(TokenizedPair(prompt, real, generated))
     return pairs

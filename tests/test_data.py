@@ -593,7 +593,7 @@ def test_when_too_long_fits_as_the_official_spin_code(tokenizer):
         want = official_spin_fit(prompt, chosen, rejected, eos, max_length, max_prompt_length)
         got_prompt, (got_chosen, got_rejected) = fit_to_length(
             prompt, [(*chosen, eos), (*rejected, eos)], max_length=max_length, max_prompt_length=max_prompt_length,
-            cut_prompt="when_too_long", eos=eos)
+            cut_prompt="when_too_long", end=(eos,))
         assert [list(got_prompt), list(got_chosen), list(got_rejected)] == [list(x) for x in want]
         assert len(got_prompt) + max(len(got_chosen), len(got_rejected)) <= max_length
 
@@ -605,7 +605,7 @@ def test_always_fits_a_pair_after_its_real_response_as_the_whole_pair():
     for _ in range(300):
         max_length = int(torch.randint(8, 64, ()))
         lengths = dict(max_length=max_length, max_prompt_length=int(torch.randint(1, max_length, ())),
-                       cut_prompt="always", eos=eos)
+                       cut_prompt="always", end=(eos,))
         prompt, real, generated = ((*random_ids(int(torch.randint(1, 80, ()))), eos) for _ in range(3))
         fitted_prompt, (fitted_real,) = fit_to_length(prompt, [real], **lengths)
         assert fit_to_length(fitted_prompt, [fitted_real, generated], **lengths) == fit_to_length(
@@ -877,7 +877,7 @@ def test_a_model_that_writes_the_human_answer_as_its_template_does_gives_the_sam
     engine = default_engine(model, tokenizer, config, "unused")
     completions = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
     assert completions[0][0].token_ids[:2] == tuple(answer[:2])  # the model wrote the human answer
-    (pair,) = answered_pairs([tokenized], completions, eos_token_id(tokenizer), data)
+    (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
 
 
@@ -1205,7 +1205,7 @@ def test_a_turn_end_added_as_a_token_that_is_not_special_ends_the_responses():
     config = RunConfig(data=data, generation=GenerationSettings(engine="transformers"))
     engine = default_engine(model, tokenizer, config, "unused")
     completions = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
-    (pair,) = answered_pairs([tokenized], completions, eos_token_id(tokenizer), data)
+    (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
 
 

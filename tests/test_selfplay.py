@@ -574,7 +574,7 @@ def test_answered_pairs_cut_as_the_rule_says(sft_model, cut_prompt):
         fitted = tokenize_example(tokenizer, example, max_length=data.max_length,
                                   max_prompt_length=data.max_prompt_length, cut_prompt=cut_prompt)
         bos = tokenizer.bos_token_id
-        (pair,) = answered_pairs([fitted], [[Completion(answer, True)]], eos, data, bos=bos)
+        (pair,) = answered_pairs([fitted], [[Completion(answer, True)]], (eos,), data, bos=bos)
         if cut_prompt == "when_too_long":
             want = official_spin_fit(list(whole.prompt_ids), list(whole.response_ids[:-1]), list(answer), eos,
                                      data.max_length, data.max_prompt_length, bos=bos)
@@ -584,7 +584,7 @@ def test_answered_pairs_cut_as_the_rule_says(sft_model, cut_prompt):
                 assert prompt[0] == bos
                 prompt = (bos, *prompt[len(prompt) - data.max_prompt_length + 1:])
             room = data.max_length - len(prompt)
-            want = (prompt, cut_response(whole.response_ids, room, eos), cut_response((*answer, eos), room, eos))
+            want = (prompt, cut_response(whole.response_ids, room, (eos,)), cut_response((*answer, eos), room, (eos,)))
         assert (list(pair.prompt_ids), list(pair.real_ids), list(pair.generated_ids)) == tuple(list(x) for x in want)
 
 
