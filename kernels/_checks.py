@@ -234,12 +234,19 @@ def check_sequence_inputs(
     check_sequence_ids(sequence_ids, n_sequences, targets, ignore_index, f" (2P for P={n_sequences // 2} pairs)",
                        pending)
     n_pairs = n_sequences // 2
-    # A pair's loss takes the difference of its opponent log-probs: -inf for both (the opponent gives both responses
-    # probability 0), a NaN, or +inf for both make it NaN, and every gradient with it. One -inf alone is a limit.
     opponent = opponent_logps.detach()
-    undefined = (opponent[:n_pairs] - opponent[n_pairs:]).isnan()
-    value_check(undefined, lambda pair: f"pair {pair}: opponent_logps[{pair}] = {float(opponent[pair])} and "
-                                        f"opponent_logps[{n_pairs + pair}] = {float(opponent[n_pairs + pair])} (its "
-                                        "real and generated response) leave its loss undefined (NaN): a pair's "
-                                        "opponent log-probs may not be NaN, nor both -inf", pending)
+    check_defined_pairs(opponent[:n_pairs], opponent[n_pairs:], lambda pair: f"opponent_logps[{pair}]",
+                        lambda pair: f"opponent_logps[{n_pairs + pair}]", pending)
     return n_pairs
+
+
+def check_defined_pairs(real: torch.Tensor, generated: torch.Tensor, real_name: Callable[[int], str],
+                        generated_name: Callable[[int], str], pending: list[ValueCheck] | None = None) -> None:
+    """A pair's loss takes the difference of its opponent log-probs: -inf for both (the opponent gives both responses
+    probability 0), a NaN, or +inf for both make it NaN, and every gradient with it. One -inf alone is a limit."""
+    real, generated = real.detach(), generated.detach()
+    undefined = (real - generated).isnan()
+    value_check(undefined, lambda pair: f"pair {pair}: {real_name(pair)} = {float(real[pair])} and "
+                                        f"{generated_name(pair)} = {float(generated[pair])} (its real and generated "
+                                        "response) leave its loss undefined (NaN): a pair's opponent log-probs may "
+                                        "not be NaN, nor both -inf", pending)

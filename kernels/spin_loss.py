@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ._checks import (
     check_backend,
     check_beta,
+    check_defined_pairs,
     check_flag,
     check_ignore_index,
     check_label_smoothing,
@@ -103,6 +104,14 @@ def spin_loss(
     names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
+    check_defined_pairs(opponent_real_logps, opponent_generated_logps, lambda pair: f"opponent_real_logps[{pair}]",
+                        lambda pair: f"opponent_generated_logps[{pair}]")
+    return unchecked_spin_loss(values, beta, loss_type, label_smoothing, reduction)
+
+
+def unchecked_spin_loss(values: tuple[torch.Tensor, ...], beta: float, loss_type: str, label_smoothing: float,
+                        reduction: str) -> SpinLossOutput:
+    """spin_loss on inputs already checked (fused_linear_spin_loss checked its opponent's with its other values)."""
     dtype = functools.reduce(torch.promote_types, (v.dtype for v in values), torch.float32)
     values = tuple(v.to(dtype) for v in values)
     rewards_real = (beta * (values[0] - values[2])).detach()
@@ -186,10 +195,8 @@ def fused_linear_spin_loss(
             policy_logps = policy_logps * scale.to(policy_logps.dtype)
         loss = None
     opponent = opponent_logps.to(policy_logps.dtype)
-    out = spin_loss(
-        policy_logps[:n_pairs], policy_logps[n_pairs:], opponent[:n_pairs], opponent[n_pairs:],
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
-    )
+    out = unchecked_spin_loss((policy_logps[:n_pairs], policy_logps[n_pairs:], opponent[:n_pairs], opponent[n_pairs:]),
+                              beta, loss_type, label_smoothing, reduction)
     return FusedSpinLossOutput(out.loss if loss is None else loss, policy_logps, *out[1:])
 
 

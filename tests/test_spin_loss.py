@@ -413,3 +413,29 @@ def test_a_pair_whose_opponent_log_probs_are_both_minus_inf_is_refused_by_its_in
     opp = one.double()
     z = 0.1 * ((seq[:n_pairs] - opp[:n_pairs]) - (seq[n_pairs:] - opp[n_pairs:]))
     torch.testing.assert_close(out.loss.double(), torch.nn.functional.softplus(-z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_spin_loss_refuses_a_pair_whose_opponent_log_probs_are_both_minus_inf_as_the_fused_loss_does(loss_type):
+    """The four-vector entry takes the same pairs as fused_linear_spin_loss: a pair whose opponent log-probs are
+    both -inf (or both inf, or one NaN) has no defined loss, refused by its index, not a silent NaN loss. One -inf
+    alone is the loss's limit, as the float64 truth computes it."""
+    inf, nan = float("inf"), float("nan")
+    policy_real, policy_generated = torch.tensor([-5.0, -6.0, -7.0]), torch.tensor([-8.0, -4.0, -9.0])
+    opponent = torch.tensor([-5.5, -6.5, -7.5, -8.5, -4.5, -9.5], dtype=torch.float64)
+    for pair, real, generated in [(1, -inf, -inf), (2, -3.0, nan), (0, inf, inf)]:
+        bad = opponent.clone()
+        bad[pair], bad[3 + pair] = real, generated
+        with pytest.raises(ValueError, match=rf"pair {pair}: opponent_real_logps\[{pair}\] = {real} and "
+                                             rf"opponent_generated_logps\[{pair}\] = {generated} \(its real and "
+                                             r"generated response\) leave its loss undefined"):
+            spin_kernels.spin_loss(policy_real, policy_generated, bad[:3], bad[3:], loss_type=loss_type)
+    one = opponent.clone()
+    one[0], one[3 + 2] = -inf, -inf  # pair 0: z = +inf; pair 2: z = -inf
+    out = spin_kernels.spin_loss(policy_real.double(), policy_generated.double(), one[:3], one[3:],
+                                 loss_type=loss_type, reduction="none")
+    # Pair 1 is finite (the float64 truth's); pairs 0 and 2 take the loss's limits at z = +inf and -inf.
+    (finite,) = truth_pair_losses(policy_real[1:2].tolist(), policy_generated[1:2].tolist(), one[1:2].tolist(),
+                                  one[4:5].tolist(), 0.1, loss_type)
+    limit_high = inf if loss_type == "ipo" else 0.0
+    assert out.loss.tolist() == pytest.approx([limit_high, finite, inf], rel=1e-12)
