@@ -84,6 +84,7 @@ def peak_extra_memory_mib(step: Callable[[], None], device: torch.device) -> flo
 # what the first timed call still pays, the growth of glibc's ordinary heap, the median of 3 leaves out, and each
 # call saved is seconds of `make bench`'s 15 minutes on 2 cores.
 CPU_WARMUP = 0
+MEMORY_FLOOR_MIB = 1.0  # a baseline's peak below it is a few pages of RSS: no ratio is taken against it
 
 
 def memory_then_time(step: Callable[[], None], device: torch.device, warmup: int, repeats: int,

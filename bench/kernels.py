@@ -31,6 +31,7 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    MEMORY_FLOOR_MIB,
     Missing,
     add_shape_options,
     answer_as_worker,
@@ -443,7 +444,6 @@ SHAPE_OPTIONS = {"tokens": "packed tokens in the batch", "hidden": "hidden size 
                  "warmup": "untimed calls first", "repeats": "timed calls (the median is reported)"}
 NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS) | {"--methods", "--jobs", "--vocabs", "--baseline"}
 BASELINE = "naive PyTorch"
-MEMORY_FLOOR_MIB = 1.0  # a baseline's peak below it is a few pages of RSS: no ratio is taken against it
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:

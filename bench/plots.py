@@ -113,11 +113,14 @@ def plot_all(results_dir: Path | None = None, benches: Collection[str] | None = 
     results_dir = Path(results_dir or common.RESULTS_DIR)
     written = []
     for source in sorted(results_dir.glob("*.json")):
-        report = json.loads(source.read_text())
-        if benches is not None and report.get("bench") not in benches:
-            continue
-        plotter = PLOTTERS.get(report.get("bench"))
-        path = plotter(report, source.with_suffix(".png")) if plotter is not None else None
+        try:  # a file cut short, or another program's JSON: named, not json's "line 1 column 12" alone
+            report = json.loads(source.read_text())
+            if benches is not None and report.get("bench") not in benches:
+                continue
+            plotter = PLOTTERS.get(report.get("bench"))
+            path = plotter(report, source.with_suffix(".png")) if plotter is not None else None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{source}: not a bench report as this version writes them ({error!r})") from error
         if path is not None:
             written.append(path)
     return written

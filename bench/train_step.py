@@ -59,6 +59,7 @@ import torch
 
 from bench.common import (
     CPU_WARMUP,
+    MEMORY_FLOOR_MIB,
     Missing,
     add_shape_options,
     answer_as_worker,
@@ -467,12 +468,13 @@ def _one_line(result: dict) -> str:
 
 def _add_ratios(results: list[dict]) -> None:
     """Speed and memory as multiples of each TRL set-up's, and the first-step loss against TRL-live's; spin-fast's
-    against its own run without shared prompts."""
+    against its own run without shared prompts. No peak ratio against a peak under MEMORY_FLOOR_MIB."""
     measured = {r["method"]: r for r in results if "median_ms" in r}
     if "spin-fast" in measured and "spin-fast, whole sequences" in measured:
         shared, whole = measured["spin-fast"], measured["spin-fast, whole sequences"]
         shared["speed_vs_whole_sequences"] = shared["tokens_per_s"] / whole["tokens_per_s"]
-        shared["memory_vs_whole_sequences"] = shared["peak_extra_mib"] / whole["peak_extra_mib"]
+        if whole["peak_extra_mib"] >= MEMORY_FLOOR_MIB:
+            shared["memory_vs_whole_sequences"] = shared["peak_extra_mib"] / whole["peak_extra_mib"]
     for key, name in BASELINES.items():
         base = next((r for r in results if r["method"] == name and "median_ms" in r), None)
         if base is None:
@@ -481,7 +483,8 @@ def _add_ratios(results: list[dict]) -> None:
             if "median_ms" not in result:
                 continue
             result[f"speed_vs_trl_{key}"] = result["tokens_per_s"] / base["tokens_per_s"]
-            result[f"memory_vs_trl_{key}"] = result["peak_extra_mib"] / base["peak_extra_mib"]
+            if base["peak_extra_mib"] >= MEMORY_FLOOR_MIB:  # below: a few pages, no figure to divide by
+                result[f"memory_vs_trl_{key}"] = result["peak_extra_mib"] / base["peak_extra_mib"]
             result[f"held_plus_peak_vs_trl_{key}"] = ((result["held_mib"] + result["peak_extra_mib"])
                                                       / (base["held_mib"] + base["peak_extra_mib"]))
             if key == "live":
@@ -490,7 +493,7 @@ def _add_ratios(results: list[dict]) -> None:
 
 
 def _ratio(result: dict, key: str) -> str:
-    """A ratio to TRL, or "-" where TRL did not run (--methods without it)."""
+    """A ratio to TRL, or "-" where TRL did not run (--methods without it) or its peak is under MEMORY_FLOOR_MIB."""
     return f"{result[key]:.2f}" if key in result else "-"
 
 
@@ -519,6 +522,8 @@ def summary_table(results: list[dict]) -> str:
         ])
     note = ("x TRL: tokens/s over TRL's (above 1: faster); x TRL peak: the step's peak over TRL's; held+peak: with "
             "what is held between steps too (weights, optimizer state, TRL's live reference model); below 1: less")
+    if any(f"speed_vs_trl_{key}" in r and f"memory_vs_trl_{key}" not in r for r in results for key in BASELINES):
+        note += f"; '-' in x TRL peak: TRL's peak is under {MEMORY_FLOOR_MIB:.0f} MiB, a few pages"
     return format_table(headers, rows) + "\n" + note
 
 

@@ -44,3 +44,19 @@ def test_a_plot_of_a_partial_report_says_so(tmp_path, monkeypatch):
     (tmp_path / "kernels-gpu.json").write_text(json.dumps(report))
     assert plots.plot_all(tmp_path)
     assert "partial" in titles[0], titles
+
+
+def test_a_corrupt_or_unexpected_result_file_is_named(tmp_path):
+    """A results folder may hold a file cut short (a bench killed while writing elsewhere, a copy) or another
+    program's JSON: the error names the file, not only json's "line 1 column 12"."""
+    import re
+
+    import pytest
+
+    for name, text in [("kernels-cpu.json", '{"bench": "kern'), ("notes.json", "[1, 2]"),
+                       ("train_step-cpu.json", '{"bench": "train_step", "preset": "cpu"}')]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(folder / name))}: not a bench report"):
+            plots.plot_all(folder)

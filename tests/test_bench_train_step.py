@@ -112,3 +112,22 @@ def test_a_train_step_run_cut_off_midway_keeps_its_ratios(tmp_path, monkeypatch)
     report = json.loads((tmp_path / "train_step-tiny.json").read_text())
     spin = next(r for r in report["results"] if r["method"] == "spin-fast")
     assert spin.get("speed_vs_trl_live") == pytest.approx(3.0), spin
+
+
+@pytest.mark.parametrize("trl_peak", [0.0, 0.25])
+def test_no_memory_ratio_is_taken_against_a_peak_of_a_few_pages(trl_peak):
+    """TRL's (or the whole-sequences run's) peak under the kernel bench's floor is a few pages of RSS: a ratio against
+    it is no figure (0 divided by: the bench crashed; 0.25 MiB: 40x), so it is '-' as in the kernel bench."""
+    figures = {"median_ms": 100.0, "min_ms": 100.0, "max_ms": 100.0, "runs": 1, "first_loss": 0.69,
+               "second_loss": 0.69, "held_mib": 10.0, "tokens_per_s": 100.0}
+    results = [{"method": "spin-fast", **figures, "peak_extra_mib": 10.0},
+               {"method": "spin-fast, whole sequences", **figures, "peak_extra_mib": trl_peak},
+               {"method": "TRL DPO, live reference", **figures, "peak_extra_mib": trl_peak}]
+    train_step._add_ratios(results)
+    spin = results[0]
+    assert "memory_vs_trl_live" not in spin and "memory_vs_whole_sequences" not in spin, spin
+    assert spin["speed_vs_trl_live"] == pytest.approx(1.0)  # the other ratios stay
+    assert spin["held_plus_peak_vs_trl_live"] == pytest.approx(20.0 / (10.0 + trl_peak))
+    table = train_step.summary_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("spin-fast "))
+    assert " - " in row and "TRL's peak is under 1 MiB" in table, table
