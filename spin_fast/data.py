@@ -256,6 +256,13 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
     if len(splits) < 2:
         return files
     split = split if split in splits else _SPLIT_WORDS.get(split, split)  # dev: validation, as datasets names it
+    # Shards outside a data/ folder named by a split's word (the official SPIN data's train_prefs-00000-of-00001.parquet
+    # beside test_prefs-, which its configs read as train and test): datasets names their split by that word (a Hub
+    # shard's name, in data/, it takes whole). Taken where one split has it.
+    named = [name for name in splits if (word := _SPLIT_WORD.search(name)) and _SPLIT_WORDS[word[1]] == split
+             and all(file.parent != path / "data" for file in splits[name])]
+    if split not in splits and len(named) == 1:
+        split = named[0]
     if split not in splits:
         raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (by its files' or folders' names, as "
                         f"datasets reads them), none of them data.split={split!r}: set data.split to one")

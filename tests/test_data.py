@@ -1089,6 +1089,24 @@ def test_a_local_copy_of_a_hub_dataset_reads_the_split_asked_for(tmp_path):
         load_examples(tmp_path)  # the default split, "train", is none of them
 
 
+def test_the_official_spin_pair_folder_reads_its_train_and_test_splits_as_datasets_does(tmp_path):
+    """The official SPIN data (UCLA-AGI/SPIN_iter0, or what its convert_data.py writes) is a folder holding
+    train_prefs-00000-of-00001.parquet beside test_prefs-00000-of-00001.parquet, which its configs read as the
+    splits train and test: datasets.load_dataset names shards outside a data/ folder by the split word in their
+    names. The README's load_examples("path/to/spin_iter0") said the folder held no split 'train'."""
+    splits = {"train_prefs": [spin_row(f"Q{i}?", f"A{i}.", f"G{i}.") for i in range(4)],
+              "test_prefs": [spin_row(f"Held-out {i}?", f"H{i}.", f"X{i}.") for i in range(2)]}
+    for name, rows in splits.items():
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / f"{name}-00000-of-00001.parquet"))
+    for split, name in (("train", "train_prefs"), ("test", "test_prefs")):
+        theirs = [r["real"][1]["content"] for r in datasets.load_dataset(str(tmp_path), split=split)]
+        read = load_examples(tmp_path, split=split).examples
+        assert [e.response for e in read] == theirs == [r["real"][1]["content"] for r in splits[name]], split
+        assert [e.generated for e in read] == [r["generated"][1]["content"] for r in splits[name]]
+    assert len(load_examples(tmp_path, split="train_prefs").examples) == 4  # the shards' own name still reads
+    assert len(load_examples(tmp_path).examples) == 4  # the default split, train
+
+
 def test_a_datasets_save_to_disk_folder_gives_the_examples_of_its_rows(tmp_path):
     """A folder written by Dataset.save_to_disk (Arrow files, dataset_info.json, state.json) or DatasetDict's (a
     folder a split, dataset_dict.json): its rows, as the same rows in a .jsonl file give them, each split by
