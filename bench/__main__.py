@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
             print(f"plot: {path}")
     except ImportError as error:
         print(f"no plots: {error} (pip install -e '.[bench]' installs matplotlib)", file=sys.stderr)
+    except ValueError as error:  # a stray or cut-short .json in the results folder: named, and the summary comes
+        print(f"plots stopped: {error}", file=sys.stderr)
     custom = getattr(BENCHES[args.only], "NON_PRESET_FLAGS", set()) if args.only else set()
     if any(option.split("=")[0] in custom for option in rest):
         print("\n(no summary: a shape or config of your own is not the preset's; the bench's table above has its "
