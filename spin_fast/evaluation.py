@@ -197,6 +197,11 @@ class Answering:
             self._vllm = start_vllm(self.config, self.start_folder, stop_token_ids=[eos_token_id(self.tokenizer)],
                                     stop_strings=stop_strings(self.tokenizer))
             self._serving = self.start_folder
+            # vLLM takes minutes to start: a signal meanwhile stops every rank here, before these prompts are
+            # answered (nothing is lost), as the run stops, not once they all are.
+            signum = stopping.reached()
+            if signum:
+                raise stopping.Stopped(signum, f"as the generation engine started, before {what}", agreed=True)
         else:
             self._vllm.wake_up()
         if folder != self._serving:

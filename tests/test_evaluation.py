@@ -942,3 +942,48 @@ def test_a_held_out_pair_longer_than_score_batch_tokens_is_named_by_its_file_and
     assert re.match(named, str(error.value))
     line = int(re.search(r"line (\d+)", str(error.value)).group(1))
     assert line >= 2 and json.loads((held_out.read_text().splitlines())[line - 1])["prompt"]  # a real row's line
+
+
+@pytest.mark.slow
+def test_a_signal_while_evals_vllm_engine_starts_stops_before_it_answers(sorting_run, tmp_path, monkeypatch):
+    """Starting vLLM takes minutes: a signal meanwhile stopped `spin-fast eval` only once the engine had answered
+    every held-out prompt (the SFT model's greedy answers), where `spin-fast run` stops as soon as the engine is up.
+    It stops there now, before any answer, and the engine's processes are shut down."""
+    pytest.importorskip("vllm")
+    import os
+    import signal
+
+    import psutil
+
+    from spin_fast import stopping
+    from spin_fast.generation import vllm_engine
+
+    real = vllm_engine.VllmEngine
+    engines = []
+
+    class Signalled(real):
+        def __init__(self, model_dir, **options):
+            super().__init__(model_dir, **options)
+            engines.append(self)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once (the main thread), as the engine comes up
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", Signalled)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    output = tmp_path / "run" / "eval.jsonl"
+    config = eval_config(sorting_run, tmp_path / "run", "data.checker=spin_fast.sorting:score",
+                         "generation.engine=vllm", "train.progress=false")
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped) as stop:
+        evaluate_run(SelfPlay(config), config.data.eval_source, output)
+    assert stop.value.agreed, stop.value
+    assert "as the generation engine started, before greedy answers" in str(stop.value)
+    assert not (tmp_path / "run" / "eval-parts" / "greedy-answers-sft.json").exists()  # nothing answered
+    assert len(engines) == 1 and engines[0]._closed
+    def resource_tracker(process):  # multiprocessing's: it ends by itself, later
+        try:
+            return "resource_tracker" in " ".join(process.cmdline())
+        except psutil.Error:  # a zombie, ended
+            return False
+
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and not resource_tracker(p)]
+    _, left = psutil.wait_procs(started, timeout=30)  # shut down: they end within moments
+    assert not left, left
