@@ -978,12 +978,14 @@ def test_a_signal_while_evals_vllm_engine_starts_stops_before_it_answers(sorting
     assert "as the generation engine started, before greedy answers" in str(stop.value)
     assert not (tmp_path / "run" / "eval-parts" / "greedy-answers-sft.json").exists()  # nothing answered
     assert len(engines) == 1 and engines[0]._closed
+
     def resource_tracker(process):  # multiprocessing's: it ends by itself, later
         try:
             return "resource_tracker" in " ".join(process.cmdline())
         except psutil.Error:  # a zombie, ended
             return False
 
-    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and not resource_tracker(p)]
+    started = [p for p in psutil.Process().children(recursive=True)
+               if p.pid not in before and not resource_tracker(p)]
     _, left = psutil.wait_procs(started, timeout=30)  # shut down: they end within moments
     assert not left, left
