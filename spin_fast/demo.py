@@ -130,6 +130,10 @@ def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSe
     config = from_dict(RunConfig, settings, places=DEMO_SETTINGS)
     warn_of_unused_overrides(config)
     demo = from_dict(DemoSettings, demo_data, prefix="demo.", places=DEMO_SETTINGS)
+    if "epochs" in demo.continued_sft:  # refused, not set to 1 without a word (stage_continued_sft)
+        raise ConfigError("demo.continued_sft.epochs: the baseline trains exactly as many optimizer steps as SPIN "
+                          "took, in one pass over its prompts repeated to fill them: leave its epochs out",
+                          "demo.continued_sft.epochs")
     stage_config(config, demo.sft, "demo.sft")
     stage_config(config, demo.continued_sft, "demo.continued_sft")
     return config, demo
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     library_progress_bars(config.train.progress)
     from spin_fast import stopping
     from spin_fast.cli import report_stop
+    from spin_fast.training import TrainingDiverged
 
     try:
         with stopping.signals_handled():  # SIGTERM or Ctrl-C stops at a safe point, as `spin-fast run` does
@@ -442,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except stopping.Stopped as stop:
         return report_stop(stop)
+    except TrainingDiverged as error:  # the settings' doing, not a bug: one line, as `spin-fast train` says it
+        print(f"demo: training diverged at {error}: lower that stage's learning rate (demo.sft.learning_rate for "
+              "sft/, train.learning_rate for spin/, demo.continued_sft.learning_rate for continued-sft/) and run "
+              "again with another --output", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -57,6 +57,9 @@ STATE_FILE = "trainer_state.pt"
 # fit in memory (after an out-of-memory error), which changes its figures by rounding only; not what is trained.
 RESUMABLE_CHANGES = ("progress", "tensorboard", "wandb", "save_every", "keep_checkpoints", "micro_batch_tokens",
                      "gradient_checkpointing")
+# Settings SPIN's loss alone reads (SFT packs each example alone, so share_prompts has nothing to share): an SFT
+# resumes with them changed, as `spin-fast sft` reads them from a config whose SPIN settings may have been tuned.
+SPIN_ONLY = ("beta", "loss_type", "label_smoothing", "share_prompts")
 
 
 class TrainingDiverged(RuntimeError):
@@ -608,8 +611,9 @@ class Trainer:
                         "them", latest, f"spin-fast {state['code']}" if state.get("code") else "an older spin-fast",
                         code_version())
         now = self.config.to_dict()
+        ignored = RESUMABLE_CHANGES + (SPIN_ONLY if self.config.mode == "sft" else ())
         changed = [f"{key} (saved {value!r}, now {now.get(key)!r})" for key, value in state["config"].items()
-                   if value != now.get(key) and key not in RESUMABLE_CHANGES]
+                   if value != now.get(key) and key not in ignored]
         if changed:  # the optimizer, schedule and data order come back from the checkpoint: they would not change
             raise ValueError(f"{latest}: written with other training settings: {'; '.join(changed)}. Resume with "
                              f"the same settings, or train in a new output folder")

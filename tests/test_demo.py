@@ -272,3 +272,23 @@ def test_a_signal_stops_the_demo_with_one_line_as_it_stops_a_run(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143, done.stderr[-2000:]
     assert "spin-fast: stopped by SIGTERM" in done.stderr and "the same command resumes the run" in done.stderr
+
+
+def test_the_continued_sft_baselines_epochs_are_refused_not_ignored(tmp_path):
+    """The baseline trains exactly as many optimizer steps as SPIN took, in one pass over its prompts repeated to
+    fill them: demo.continued_sft.epochs was taken and then set to 1 without a word. It is refused, naming why."""
+    with pytest.raises(ConfigError, match=r"demo.continued_sft.epochs: .*as many optimizer steps as SPIN"):
+        load_demo_config(DEFAULT_CONFIG, ["demo.continued_sft.epochs=3"], str(tmp_path))
+    assert main(["--output", str(tmp_path), "--set", "demo.continued_sft.epochs=3", "--until", "data"]) == 2
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_diverged_demo_stage_ends_with_one_line_as_spin_fast_train_does(tmp_path, capsys):
+    """A NaN loss is the settings' doing, not a bug: `spin-fast train` says so in one line with exit status 2; the
+    demo ended with TrainingDiverged's traceback."""
+    # Adam moves each weight by about the learning rate: 1e30 overflows the logits within a few steps.
+    assert main(["--output", str(tmp_path), *sum((["--set", s] for s in SHORT), []),
+                 "--set", "demo.sft.learning_rate=1e30", "--until", "sft"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^demo: training diverged at step \d+: the loss is (nan|inf)", err, re.M), err
+    assert "demo.sft.learning_rate" in err and "Traceback" not in err, err

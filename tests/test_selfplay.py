@@ -1528,3 +1528,40 @@ def test_rows_tokenized_otherwise_by_a_newer_spin_fast_are_refused_naming_the_up
         SelfPlay(config).run(until=(0, "generate"))
     with pytest.raises(ValueError, match=r"tokenized otherwise.*spin-fast.*sessions.jsonl"):
         SelfPlay(config).run()
+
+
+def test_an_sft_resumes_with_the_spin_only_settings_changed(sft_model, tmp_path, capsys):
+    """`spin-fast sft` trains with the config's `train` settings, of which beta, loss_type, label_smoothing and
+    share_prompts are SPIN's alone: an SFT killed midway resumes with them changed (the SPIN settings tuned in the
+    meantime), not refused as a training with other settings."""
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    steps = ["--set", "train.epochs=2", "--set", "train.save_every=1"]
+    assert main(["sft", str(config), *steps]) == 0
+    shutil.rmtree(tmp_path / "run" / "sft" / "checkpoint-4")  # killed before its last step's checkpoint was whole
+    capsys.readouterr()
+    spin_only = ["--set", "train.beta=0.3", "--set", "train.loss_type=ipo", "--set", "train.share_prompts=false"]
+    assert main(["sft", str(config), *steps, *spin_only]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "sft" / "checkpoint-4" / "model.safetensors").exists()
+    # Resumed at step 3, not started again: one line per step in the metrics.
+    metrics = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4]
+
+
+def test_sft_names_a_row_longer_than_the_models_context(sft_model, tmp_path, capsys):
+    """SPIN checks its sequences against the model's context (max_position_embeddings) before any work; `spin-fast
+    sft` trained a row longer than it silently (RoPE runs past it) or failed at its step (learned positions). The
+    row is named, with the setting that cuts it, before the output folder is claimed."""
+    from spin_fast.cli import main
+
+    short = tmp_path / "short-context"
+    shutil.copytree(sft_model / "model", short)
+    model_config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**model_config, "max_position_embeddings": 12}))
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    assert main(["sft", str(config), "--set", f"model.name_or_path={short}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{sft_model / 'train.jsonl'} line " in err and "context of 12 tokens (max_position_embeddings)" in err, err
+    assert "data.max_length" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "sft").exists()
