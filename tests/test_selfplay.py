@@ -1540,11 +1540,14 @@ def test_an_sft_resumes_with_the_spin_only_settings_changed(sft_model, tmp_path,
     steps = ["--set", "train.epochs=2", "--set", "train.save_every=1"]
     assert main(["sft", str(config), *steps]) == 0
     shutil.rmtree(tmp_path / "run" / "sft" / "checkpoint-4")  # killed before its last step's checkpoint was whole
+    resumed_from = tmp_path / "run" / "sft" / "checkpoint-3" / "trainer_state.pt"
+    written = resumed_from.stat().st_mtime_ns
     capsys.readouterr()
     spin_only = ["--set", "train.beta=0.3", "--set", "train.loss_type=ipo", "--set", "train.share_prompts=false"]
     assert main(["sft", str(config), *steps, *spin_only]) == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "sft" / "checkpoint-4" / "model.safetensors").exists()
-    # Resumed at step 3, not started again: one line per step in the metrics.
+    # Resumed at step 3, not started again (which would have written checkpoint-3 anew); one line per step.
+    assert resumed_from.stat().st_mtime_ns == written
     metrics = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4]
 
