@@ -145,8 +145,8 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {CHOICES['attention']}, got {self.attention!r}")
         if self.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention flash_attention_2 needs the flash_attn package (CUDA only: pip install "
-                             "flash-attn); 'auto' (spin_varlen) runs FlashAttention's varlen kernel without it, "
-                             "through PyTorch's own")
+                             "flash-attn --no-build-isolation, as it builds against the installed torch); 'auto' "
+                             "(spin_varlen) runs FlashAttention's varlen kernel without it, through PyTorch's own")
         if self.chat_template is not None:
             self.template_text()  # a missing file fails here, before anything runs
 
