@@ -201,14 +201,19 @@ def launch_configs(dtype: torch.dtype, arch: int) -> tuple[LaunchConfig, LaunchC
 
 
 def device_arch(device: torch.device) -> int:
-    if INTERPRETING:
+    # AMD GPUs (ROCm's torch calls them "cuda"): the small tiles, which their 64 KiB of LDS holds; an MI200 reports
+    # (9, 0), Hopper's number, whose tiles need 96 KiB.
+    if INTERPRETING or torch.version.hip:
         return 0
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # Plain fp32 dots would run as TF32 (1e-3 relative error); TF32x3 keeps fp32 inputs honest.
+    # Plain fp32 dots would run as TF32 (1e-3 relative error); TF32x3 keeps fp32 inputs honest. AMD's Triton takes
+    # neither (TF32 on MI300 alone): exact fp32 ("ieee") there; half-precision dots ignore the setting.
+    if torch.version.hip:
+        return "ieee"
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
