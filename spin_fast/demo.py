@@ -222,7 +222,7 @@ class Demo:
 
         theta0 = Path(self.config.model.name_or_path)
         if (theta0 / STATE_FILE).exists():  # a kill after the rename below: θ0 is trained, and goes back to be found
-            step = torch.load(theta0 / STATE_FILE, weights_only=False)["step"]
+            step = torch.load(theta0 / STATE_FILE, map_location="cpu", weights_only=False)["step"]
             theta0.rename(self.run_dir / "sft" / f"checkpoint-{step}")
         shutil.rmtree(theta0, ignore_errors=True)  # anything else there is not θ0
         result = self.train_sft(self.run_dir / "base", self.run_dir / "sft",
