@@ -199,7 +199,9 @@ class DataConfig:
 
     def held_out(self) -> DataConfig:
         """The settings eval_source is read with: its own split."""
-        return dataclasses.replace(self, split=self.eval_split or self.split, eval_split=None)
+        held = dataclasses.replace(self, split=self.eval_split or self.split, eval_split=None)
+        held._as_written = self._as_written  # replace expanded the paths again: `~/x` as written is kept
+        return held
 
 
 @dataclass
@@ -637,6 +639,23 @@ def _to_dict(obj) -> dict:
         return as_written if value == expanded else value
 
     return {f.name: setting(f.name, getattr(obj, f.name)) for f in fields(obj)}
+
+
+def setting_as_written(config, name: str):
+    """config's setting `name` as the user wrote it (`~/x`, expand_home), for what a run directory records."""
+    return _to_dict(config)[name]
+
+
+def expanded_under_another_home(saved: dict, now: dict) -> str | None:
+    """The home folder where spin-fast before expand_home saved `now`'s output_dir `~/x` expanded (/home/alice/x),
+    when that is not this $HOME's: the saved paths then name another home's files. None otherwise."""
+    then, written = saved.get("output_dir"), now.get("output_dir")
+    if not (isinstance(then, str) and isinstance(written, str) and written.startswith("~/")):
+        return None
+    rest = written[1:]  # "/x"
+    if then == home_expanded(written) or not then.endswith(rest) or not Path(then).is_absolute():
+        return None
+    return then[: -len(rest)] or "/"
 
 
 def paths_as_now(saved: dict, now: dict) -> dict:

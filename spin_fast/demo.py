@@ -40,6 +40,7 @@ from spin_fast.config import (
     TrainConfig,
     build_config,
     differing_settings,
+    expanded_under_another_home,
     from_dict,
     paths_as_now,
     read_config_file,
@@ -250,11 +251,13 @@ class Demo:
     def stage_eval(self) -> dict:
         from spin_fast.evaluation import evaluate_run
         from spin_fast.selfplay import SelfPlay
+        from spin_fast.stages import checkpoint_at
 
         (self.run_dir / "eval").mkdir(exist_ok=True)
+        # Where the baseline is now: the directory may have moved since (--output ~/x under another $HOME).
+        baseline = checkpoint_at(self.run_dir / "continued-sft", self.manifest("continued-sft")["checkpoint"])
         rows = evaluate_run(SelfPlay(self.config), self.config.data.eval_source,
-                            output=self.run_dir / "eval" / "eval.jsonl",
-                            baselines={"continued-sft": self.manifest("continued-sft")["checkpoint"]})
+                            output=self.run_dir / "eval" / "eval.jsonl", baselines={"continued-sft": baseline})
         return {"models": [row["model"] for row in rows]}
 
     def train_sft(self, model_path, output_dir: Path, config: TrainConfig, limit: int | None,
@@ -297,6 +300,13 @@ class Demo:
             if isinstance(saved, dict) and isinstance(saved.get("run"), dict):  # ~/x saved expanded before
                 saved["run"] = paths_as_now(saved["run"], resolved["run"])
             differences = differing_settings(saved, resolved)
+            old_run = saved.get("run") if isinstance(saved, dict) and isinstance(saved.get("run"), dict) else {}
+            home = expanded_under_another_home(old_run, resolved["run"]) if differences else None
+            if home is not None:  # the same --output ~/x, not other settings: say so
+                raise ConfigError(f"{path} was saved by older spin-fast with `~` expanded to {home}, the home folder "
+                                  f"it ran under: its settings and stages name files under "
+                                  f"{Path(old_run['output_dir']).parent}, not here. Resume it there (with $HOME "
+                                  f"{home}), or use another --output")
             if differences:
                 raise ConfigError(f"{path} holds other settings, which differ in {'; '.join(differences)}: use "
                                   "another --output, or the same settings")

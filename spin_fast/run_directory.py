@@ -23,8 +23,10 @@ from spin_fast.config import (
     RunConfig,
     as_written,
     differing_settings,
+    expanded_under_another_home,
     flat_settings,
     from_dict,
+    home_expanded,
     paths_as_now,
 )
 from spin_fast.data import reads_one_split
@@ -109,7 +111,9 @@ class RunDirectory:
                                  "sessions.jsonl names the version that started the run); the run would mix pairs of "
                                  "the two. Put them back as they were (or resume with that version), or use a new "
                                  "output_dir")
-            if then["source"] == record["source"] and reads_one_split(record["source"]):
+            # Sources as written (`~/x`); spin-fast before kept them expanded.
+            if home_expanded(then["source"]) == home_expanded(record["source"]) and \
+                    reads_one_split(home_expanded(record["source"])):
                 # The data may be as it was: spin-fast before the split-aware folder reading read every split's files.
                 fix = (f"{record['source']} holds several splits' files, and older spin-fast read every split's files "
                        f"of such a folder, where this code reads data.split's files alone: if the data is as it was, "
@@ -189,6 +193,11 @@ class RunDirectory:
             for name in ("config.yaml", SFT_MODEL_FILE):
                 (self.path / name).unlink(missing_ok=True)
             return None
+        home = expanded_under_another_home(saved, now) if differences else None
+        if home is not None:  # the same `~/x` settings, not another config: say so
+            raise ValueError(f"{path} was saved by older spin-fast with `~` expanded to {home}, the home folder it ran "
+                             f"under: its settings and stages name files under {saved['output_dir']}, not here. "
+                             f"Resume it there (with $HOME {home}), or use a new output_dir")
         if differences:
             raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
                              f"output_dir, or the same settings")

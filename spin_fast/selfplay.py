@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from spin_fast import distributed, stopping
-from spin_fast.config import ConfigError, DataConfig, RunConfig
+from spin_fast.config import ConfigError, DataConfig, RunConfig, setting_as_written
 from spin_fast.data import Example, TokenizedExample, response_end, rows_found_in
 from spin_fast.examples import (
     answered_pairs,
@@ -55,6 +55,7 @@ from spin_fast.run_directory import RunDirectory
 from spin_fast.scoring import ScoredPair, check_pairs_fit, load_scored_pairs, score_pairs
 from spin_fast.stages import (
     MANIFEST,
+    checkpoint_at,
     config_hash,
     finish_stage,
     in_parts,
@@ -166,8 +167,16 @@ class SelfPlay:
             # First: a missing model is named before its tokenizer fails.
             self.sft_folder = fetch_model(self.config.model.name_or_path, revision=revision)
             tokenizer = load_tokenizer(self.config.model, self.sft_folder)
-            for data, source, limit in sources.values():
-                self.read(data, source, limit)
+            for t, (data, source, limit) in sources.items():
+                try:
+                    self.read(data, source, limit)
+                except FileNotFoundError as error:  # named with its setting: the override's, where one gave it
+                    iteration, setting = (t, "data.source") if isinstance(t, int) else \
+                        (int(t.split()[1]), "data.eval_source")
+                    if setting not in self.config.iteration_overrides.get(iteration, {}) or \
+                            not str(error).startswith(f"{setting} "):
+                        raise
+                    raise FileNotFoundError(f"iteration_overrides[{iteration}]: {error}") from None
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         first_of = {_key(*sources[t]): t for t in reversed(list(sources))}  # the iterations mostly share a source
@@ -197,8 +206,10 @@ class SelfPlay:
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
         # tokenizing checked, and their token ids (the same rows through a changed chat template file differ there).
         tokens = {key: tokens_digest(examples[t]) for key, t in first_of.items()}
-        data = {str(t): {"source": source, "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])],
-                         "tokens": tokens[_key(*sources[t])]} for t, (_, source, _) in sources.items()}
+        # Each source as written (`~/x`), as config.yaml keeps it: the same under another $HOME.
+        data = {str(t): {"source": setting_as_written(settings, "source" if isinstance(t, int) else "eval_source"),
+                         "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])],
+                         "tokens": tokens[_key(*sources[t])]} for t, (settings, _, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
         session = distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder),
                                       "run directory")
@@ -224,8 +235,9 @@ class SelfPlay:
         done = shared_manifest(train_dir)
         if done is not None:
             log.info("iteration %d: done before, kept (%s)", t, train_dir)
-            self._trained[t] = done["summary"]["checkpoint"]
-            return done["summary"]
+            summary = {**done["summary"], "checkpoint": checkpoint_at(train_dir, done["summary"]["checkpoint"])}
+            self._trained[t] = summary["checkpoint"]
+            return summary
         if self.model is None:
             if t > 0 and not Path(self.model_path(t)).is_dir():  # else transformers takes it for a Hub id
                 raise FileNotFoundError(

@@ -44,11 +44,19 @@ def read_manifest(stage_dir: Path) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+def checkpoint_at(folder: Path, recorded: str) -> str:
+    """A checkpoint that a manifest recorded in `folder`, where it is now: a run directory moved since (a `~/x`
+    output_dir under another $HOME) holds it in `folder` under its name, where the recorded path names nothing."""
+    moved = folder / Path(recorded).name
+    return str(moved) if not Path(recorded).is_dir() and moved.is_dir() else recorded
+
+
 def finished_summaries(run_dir: Path) -> list[dict]:
     """The summaries of a run's finished iterations, from 0 up to the first whose training has no manifest."""
     summaries = []
-    while (manifest := read_manifest(run_dir / f"iter-{len(summaries)}" / "train")) is not None:
-        summaries.append(manifest["summary"])
+    while (manifest := read_manifest(train_dir := run_dir / f"iter-{len(summaries)}" / "train")) is not None:
+        summary = manifest["summary"]
+        summaries.append({**summary, "checkpoint": checkpoint_at(train_dir, summary["checkpoint"])})
     return summaries
 
 

@@ -451,6 +451,27 @@ def test_a_run_directory_with_home_paths_resumes_under_another_home(tmp_path, mo
             None, [*settings, f"data.source={tmp_path / 'alice' / 'data' / 'train.jsonl'}"])).saved_config()
 
 
+def test_a_run_directory_saved_with_expanded_home_paths_under_another_home_is_refused_saying_why(tmp_path,
+                                                                                               monkeypatch):
+    """A run directory whose config.yaml older spin-fast saved with `~/` expanded under alice's home, copied to bob's
+    and resumed there with the same `~/` settings, was refused as "another config" with "use the same settings",
+    which bob had: the message must say that the directory names alice's files."""
+    from spin_fast.config import as_written
+    from spin_fast.run_directory import RunDirectory
+
+    settings = ["output_dir=~/run", "model.name_or_path=~/models/sft", "data.source=~/data/train.jsonl"]
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    expanded = load_run_config(None, [s.replace("~", str(tmp_path / "alice")) for s in settings])
+    run = tmp_path / "bob" / "run"
+    (run / "iter-0" / "generate" / "parts").mkdir(parents=True)
+    (run / "iter-0" / "generate" / "parts" / "000000000-000000004.jsonl").write_text("")
+    (run / "config.yaml").write_text(yaml.safe_dump(as_written(expanded.to_dict()), sort_keys=False))
+    monkeypatch.setenv("HOME", str(tmp_path / "bob"))
+    with pytest.raises(ValueError, match=rf"saved by older spin-fast with `~` expanded to {tmp_path / 'alice'},.*"
+                                         rf"{tmp_path / 'alice' / 'run'}"):
+        RunDirectory(run, load_run_config(None, settings)).saved_config()
+
+
 def test_an_iteration_override_that_changes_nothing_is_no_change_on_resume(tmp_path):
     """An override whose value is the run's own (the default, or the file's top-level value) leaves the iteration's
     settings as they are: adding or dropping one was refused on resume as another config ("differs in

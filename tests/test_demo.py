@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -292,3 +293,33 @@ def test_a_diverged_demo_stage_ends_with_one_line_as_spin_fast_train_does(tmp_pa
     err = capsys.readouterr().err
     assert re.search(r"^demo: training diverged at step \d+: the loss is (nan|inf)", err, re.M), err
     assert "demo.sft.learning_rate" in err and "Traceback" not in err, err
+
+
+def test_a_demo_directory_saved_with_expanded_home_paths_under_another_home_is_refused_saying_why(tmp_path,
+                                                                                               monkeypatch):
+    """A demo directory that older spin-fast made with ~/demo held its paths expanded (/home/alice/demo/...), and so do
+    its stages' records: copied to another home folder and resumed with the same --output ~/demo, it was refused as
+    "other settings" with "use the same settings", which the user had: the message must say what happened."""
+    settings = ["demo.task.n_train=20", "demo.task.n_eval=4"]
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    assert Demo(*load_demo_config(DEFAULT_CONFIG, settings, str(tmp_path / "alice" / "demo"))).run(until="data") == []
+    shutil.copytree(tmp_path / "alice" / "demo", tmp_path / "bob" / "demo")
+    monkeypatch.setenv("HOME", str(tmp_path / "bob"))
+    with pytest.raises(ConfigError, match=rf"saved by older spin-fast with `~` expanded to {tmp_path / 'alice'},.*"
+                                          rf"{tmp_path / 'alice' / 'demo'}"):
+        Demo(*load_demo_config(DEFAULT_CONFIG, settings, "~/demo")).run(until="data")
+
+
+def test_a_demo_directory_moved_to_another_home_finishes_there(tmp_path, monkeypatch):
+    """--output ~/demo keeps `~` as written (demo-config.yaml) so that the directory resumes under another $HOME; but
+    the continued-sft stage's manifest recorded its checkpoint expanded (/home/alice/demo/continued-sft/...), and the
+    evaluation, resumed by bob, looked for the baseline there, which names nothing."""
+    (tmp_path / "alice").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    settings = sum((["--set", s] for s in SHORT), [])
+    assert main(["--output", "~/demo", *settings, "--until", "continued-sft"]) == 0
+    shutil.move(tmp_path / "alice", tmp_path / "bob")
+    monkeypatch.setenv("HOME", str(tmp_path / "bob"))
+    assert main(["--output", "~/demo", *settings]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bob" / "demo" / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == MODELS

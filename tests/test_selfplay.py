@@ -1568,3 +1568,69 @@ def test_sft_names_a_row_longer_than_the_models_context(sft_model, tmp_path, cap
     assert f"{sft_model / 'train.jsonl'} line " in err and "context of 12 tokens (max_position_embeddings)" in err, err
     assert "data.max_length" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_a_run_directory_moved_to_another_home_records_and_names_its_data_as_written(sft_model, tmp_path,
+                                                                                     monkeypatch):
+    """config.yaml keeps data.source `~/data` as written, so that a run directory resumes under another $HOME; but
+    data.json recorded the source expanded (/home/alice/data). Resumed by bob, the source was taken for another one:
+    a folder of splits that older code read whole was refused with "put the data back as it was", not with the
+    reading's change, and the message named alice's folder as where the work came from."""
+    import spin_fast.data
+
+    rows = [json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA]
+    for user in ("alice", "bob"):
+        folder = tmp_path / user / "data"
+        folder.mkdir(parents=True)
+        (folder / "train-00000-of-00001.jsonl").write_text("".join(rows[:4]))
+        (folder / "test-00000-of-00001.jsonl").write_text("".join(rows[4:]))
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
+        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split: files)
+        SelfPlay(run_config(sft_model, "~/run", "data.source=~/data")).run(until=(0, "generate"))
+    shutil.copytree(tmp_path / "alice" / "run", tmp_path / "bob" / "run")
+    monkeypatch.setenv("HOME", str(tmp_path / "bob"))
+    with pytest.raises(ValueError, match=r"older spin-fast read every split's files") as refused:
+        SelfPlay(run_config(sft_model, "~/run", "data.source=~/data")).run()
+    assert "alice" not in str(refused.value), refused.value
+    assert json.loads((tmp_path / "bob" / "run" / "data.json").read_text())["0"]["source"] == "~/data"
+
+
+def test_a_missing_data_file_of_an_iteration_override_is_named_with_its_override(sft_model, tmp_path, capsys):
+    """A missing data file given for one iteration (iteration_overrides) was named `data.source`, the setting the
+    config's data section gives, which names a file that is there: the user looked in the wrong place."""
+    from spin_fast.cli import main
+
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    for setting in ("data.source", "data.eval_source"):
+        capsys.readouterr()
+        assert main(["run", str(config), "--set", "iterations=2", "--set",
+                     f"iteration_overrides.1.{setting}={tmp_path}/nope.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"spin-fast: iteration_overrides[1]: {setting} '{tmp_path}/nope.jsonl': no such file or "
+                       "directory\n"), err
+
+
+def test_a_run_directory_moved_to_another_home_after_an_iteration_goes_on_from_its_checkpoint(sft_model, tmp_path,
+                                                                                              monkeypatch):
+    """config.yaml keeps output_dir `~/run` as written so that the run directory resumes under another $HOME (another
+    account or machine); but iteration 0's manifest recorded θ1's checkpoint expanded (/home/alice/run/iter-0/...),
+    and iteration 1 looked for θ1 there: "not there (moved or deleted?)", though it was in the run directory."""
+    (tmp_path / "alice").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "alice"))
+    SelfPlay(run_config(sft_model, "~/run")).run(until=(0, "train"))
+    shutil.move(tmp_path / "alice", tmp_path / "bob")
+    monkeypatch.setenv("HOME", str(tmp_path / "bob"))
+    summaries = SelfPlay(run_config(sft_model, "~/run")).run()
+    assert [s["iteration"] for s in summaries] == [0, 1]
+    assert summaries[1]["checkpoint"].startswith(str(tmp_path / "bob" / "run" / "iter-1")), summaries
+
+
+def test_data_json_records_the_held_out_source_as_written(sft_model, tmp_path, monkeypatch):
+    """DataConfig.held_out() (the settings data.eval_source is read with) is a dataclasses.replace of the settings,
+    which expanded `~/` again and lost it as written: data.json recorded the held-out source as /home/me/..., where
+    config.yaml keeps `~/...`, and another $HOME took it for other data."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(sft_model / "train.jsonl", tmp_path / "eval.jsonl")
+    SelfPlay(run_config(sft_model, tmp_path / "run", "data.eval_source=~/eval.jsonl")).run(until=(0, "generate"))
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["eval 0"]["source"] == "~/eval.jsonl"
