@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import traceback
 from collections.abc import Sequence as Seq
@@ -385,11 +386,15 @@ class SelfPlay:
         stage_dir.mkdir(parents=True, exist_ok=True)
         sources = {i: self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
                    for i in [t, *range(max(0, t - config.mix_previous), t)]}  # t's pairs first
-        mixed = []
+        mixed, names = [], []  # names: each pair's row and place in its iteration, for the check of its scores
         for i, source in sources.items():
             pairs = load_shared_pairs(source)
             check_iteration_pairs(pairs, model, config, i)  # each named by its own iteration
             mixed += pairs
+            data = self.config.for_iteration(i).data
+            rows = self._origins.get(_key(data, data.source, data.max_prompts), [])
+            names += [f"{rows[j]} (iteration {i}'s pair {j})" if j < len(rows) else f"iteration {i}'s pair {j}"
+                      for j in range(len(pairs))]
 
         def score_part(start: int, end: int):
             part = mixed[start:end]
@@ -403,6 +408,16 @@ class SelfPlay:
 
             scores = distributed.share_work([sum(s.length for s in p.sequences()) for p in part], opponent_logprobs,
                                             "opponent log-probs")
+            # Before the part is saved (every rank holds the scores): a NaN saved would stop every training run after
+            # at a place no row is named by, and the stage, done, would never be scored again.
+            for k, (real, generated) in enumerate(scores):
+                if not math.isfinite(real + generated):
+                    raise ValueError(
+                        f"iteration {t} scoring: {names[start + k]}: the opponent θ{t} ({self.model_path(t)}) gives "
+                        f"its responses log-probs that are not finite (real {real}, generated {generated}): its "
+                        "weights may hold NaN or inf, or its precision overflow. This part is not saved: a run again "
+                        f"scores it again (remove {stage_dir / 'parts'} too if the model is changed, to score every "
+                        "pair with the same one)")
             return [ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, *s) for p, s in zip(part, scores)], {}
 
         totals = in_parts(scored_file, len(mixed), config.save_every_prompts, score_part, f"iteration {t} scoring")

@@ -330,6 +330,39 @@ def test_a_pair_too_long_is_named_by_its_own_iteration_among_the_mixed_ones(sft_
         SelfPlay(run_config(sft_model, tmp_path / "run", f"score_batch_tokens={longest}")).run()
 
 
+def test_a_non_finite_opponent_log_prob_is_named_by_its_row_and_not_saved(sft_model, tmp_path):
+    """θt whose weights give one pair a NaN log-prob (a NaN embedding row of a token only that row's human response
+    holds): the scoring names the pair by its file and line, saves nothing of its part, and a run again with a sound
+    model re-scores it. It was written into scored.jsonl, the stage marked done, and training refused "item 3"
+    on every run after, whatever the model."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(sft_model / "model", folder)
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": q, "response": a} for q, a in QA]
+    rows[3]["response"] = "Scattering of light ~ by air."
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", f"data.source={data}",
+                        "iterations=1")
+    SelfPlay(config).run(until=(0, "generate"))
+    pairs = load_scored_pairs(tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl")
+    elsewhere = {i for n, p in enumerate(pairs) for s in p.sequences() for i in (*s.prompt_ids, *s.response_ids)
+                 if n != 3 or s.response_ids != p.real_ids} | {pairs[3].real_ids[-1]}  # the last is no input
+    token = next(i for i in pairs[3].real_ids if i not in elsewhere)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"^iteration 0 scoring: {re.escape(str(data))} line 4 \(iteration 0's "
+                                         r"pair 3\): the opponent .* gives .*not finite"):
+        SelfPlay(config).run()
+    score_dir = tmp_path / "run" / "iter-0" / "score"
+    assert not (score_dir / "manifest.json").exists() and not (score_dir / "scored.jsonl").exists()
+    assert not list((score_dir / "parts").glob("*.jsonl"))
+    shutil.copytree(sft_model / "model", folder, dirs_exist_ok=True)  # the model mended: the run goes on
+    assert len(SelfPlay(config).run()) == 1
+
+
 def test_a_run_refuses_train_mode_sft_before_any_work(sft_model, tmp_path):
     for setting, message in (("train.mode=sft", r"^train.mode='sft': a run trains on SPIN pairs"),
                              ("iteration_overrides={1: {train.mode: sft}}",
