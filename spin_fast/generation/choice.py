@@ -17,25 +17,39 @@ from spin_fast.loading import load_policy
 log = logging.getLogger(__name__)
 
 
-def model_context(model_folder: str, config: RunConfig) -> int | None:
-    """The model's context in tokens (its config's max_position_embeddings; None where it has none)."""
+# The config keys vLLM reads a model's context from (vllm/transformers_utils/model_arch_config_convertor.py):
+# it serves the smallest, and refuses a longer max_model_len with an error naming none of the run's settings.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+
+
+def context_of(model_folder: str, config: RunConfig) -> tuple[int | None, str]:
+    """The model's context in tokens, and the key of its config that gives it: the smallest of CONTEXT_KEYS there
+    (None where it has none)."""
     model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
-    return getattr(model_config, "max_position_embeddings", None)
+    lengths = [(value, key) for key in CONTEXT_KEYS
+               if isinstance(value := getattr(model_config, key, None), int) and value > 0]
+    return min(lengths, default=(None, "max_position_embeddings"))
+
+
+def model_context(model_folder: str, config: RunConfig) -> int | None:
+    """The model's context in tokens (context_of)."""
+    return context_of(model_folder, config)[0]
 
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
                       what: str, names: Seq[str] | None = None) -> None:
-    """Each prompt the opponent answers and its answer must fit in the model's context (max_position_embeddings):
+    """Each prompt the opponent answers and its answer must fit in the model's context (context_of):
     under data.cut_prompt when_too_long the prompts are answered whole, and each one is checked; under always they
     are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
     first prompt too long, part of the way through (vLLM: as it starts, with an error about a max_model_len that
     nobody set)."""
-    context = model_context(model_folder, config)
+    context, key = context_of(model_folder, config)
     if config.data.cut_prompt != "when_too_long":
         if context and config.data.max_prompt_length + max_new_tokens > context:
             raise ValueError(f"{what}: data.max_prompt_length={config.data.max_prompt_length} and "
                              f"generation.max_new_tokens={max_new_tokens} exceed the model's context of {context} "
-                             "tokens (max_position_embeddings): lower one of them")
+                             f"tokens ({key}): lower one of them")
         return
     too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
     if too_long:
@@ -44,7 +58,7 @@ def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder:
         raise ValueError(
             f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first {named}: "
             f"{len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
-            f"the model's context of {context} tokens (max_position_embeddings). Set data.cut_prompt=always to cut "
+            f"the model's context of {context} tokens ({key}). Set data.cut_prompt=always to cut "
             "prompts to data.max_prompt_length, or leave these prompts out")
 
 
@@ -69,8 +83,10 @@ def stop_strings(tokenizer) -> list[str]:
     return [] if text is None else [text]
 
 
-def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = (), stop_strings: Seq[str] = ()):
-    """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings."""
+def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = (), stop_strings: Seq[str] = (),
+               longest_prompt: int | None = None):
+    """A vLLM engine started from the model folder (or Hub id) `model_path`, with the run's settings (and
+    `longest_prompt`, the longest prompt it will answer, in tokens, where known: engine_context)."""
     from spin_fast.generation.vllm_engine import VllmEngine
 
     gen = config.generation
@@ -79,12 +95,12 @@ def start_vllm(config: RunConfig, model_path: str, stop_token_ids: Seq[int] = ()
     # (vLLM's "external_launcher", as TRL's colocated mode does; not yet run on GPUs here). On the CPU
     # build, engines start their own processes.
     executor = "external_launcher" if distributed.initialized() and torch.cuda.is_available() else None
-    needed, context = engine_context(config), model_context(model_path, config)
+    needed, (context, key) = engine_context(config, longest_prompt), context_of(model_path, config)
     if needed and context and needed > context:  # vLLM's own error names only its max_model_len
         raise ValueError(f"the vLLM engine, started once for the whole run, must serve sequences of {needed} tokens "
                          "(the longest of data.max_length and data.max_prompt_length + generation.max_new_tokens "
                          f"over the run's iterations), beyond the model's context of {context} tokens "
-                         "(max_position_embeddings): lower them")
+                         f"({key}): lower them")
     return VllmEngine(model_path, dtype=vllm_dtype(config), seed=gen.seed, executor=executor,
                       max_model_len=needed, tensor_parallel_size=gen.tensor_parallel_size,
                       gpu_memory_utilization=gen.gpu_memory_utilization,
@@ -98,28 +114,35 @@ def vllm_dtype(config: RunConfig) -> str:
     return "bfloat16" if config.train.bf16_autocast else config.train.dtype
 
 
-def engine_context(config: RunConfig) -> int | None:
+def engine_context(config: RunConfig, longest_prompt: int | None = None) -> int | None:
     """The longest sequence the engine must serve in the run's settings or any iteration's (it is started once, and
-    iterations may change the lengths); None, the model's own context, where prompts are answered whole
-    (data.cut_prompt when_too_long), as they may be as long as it allows."""
+    iterations may change the lengths). Where prompts are answered whole (data.cut_prompt when_too_long), the
+    longest prompt's (`longest_prompt`, in tokens) and its answer; None, the model's own context, where that is not
+    known (vLLM then reserves cache for a sequence of the whole context, 128k tokens for some models, and refuses to
+    start where that does not fit)."""
     longest = 0
     for settings in [config, *(config.for_iteration(t) for t in range(config.iterations))]:
-        data = settings.data
+        data, new_tokens = settings.data, settings.generation.max_new_tokens
         if data.cut_prompt == "when_too_long":
-            return None
-        longest = max(longest, data.max_length, data.max_prompt_length + settings.generation.max_new_tokens)
+            if longest_prompt is None:
+                return None
+            longest = max(longest, longest_prompt + new_tokens)  # checked against the context: check_prompts_fit
+        else:
+            longest = max(longest, data.max_length, data.max_prompt_length + new_tokens)
     return longest
 
 
-def default_engine(model, tokenizer, config: RunConfig, model_path: str) -> Engine:
-    """vLLM when installed (engine auto or vllm), started from θt's folder; else the embedded
+def default_engine(model, tokenizer, config: RunConfig, model_path: str, longest_prompt: int | None = None
+                   ) -> Engine:
+    """vLLM when installed (engine auto or vllm), started from θt's folder (serving `longest_prompt`: start_vllm);
+    else the embedded
     transformers engine, which generates with the training model itself (no second copy), or with a
     copy of its own when `model` is None (training shards it under ZeRO)."""
     from spin_fast.generation.hf_engine import TransformersEngine
 
     if chosen_engine(config) == "vllm":
         return start_vllm(config, model_path, stop_token_ids=[eos_token_id(tokenizer)],
-                          stop_strings=stop_strings(tokenizer))
+                          stop_strings=stop_strings(tokenizer), longest_prompt=longest_prompt)
     log.info("generation engine: transformers")
     if model is None:
         model = load_policy(model_path, config)
