@@ -242,11 +242,12 @@ def check_sequence_inputs(
 
 def check_defined_pairs(real: torch.Tensor, generated: torch.Tensor, real_name: Callable[[int], str],
                         generated_name: Callable[[int], str], pending: list[ValueCheck] | None = None) -> None:
-    """A pair's loss takes the difference of its opponent log-probs: -inf for both (the opponent gives both responses
-    probability 0), a NaN, or +inf for both make it NaN, and every gradient with it. One -inf alone is a limit."""
+    """A ValueError for a pair whose loss is undefined: it takes the difference of its opponent log-probs, and -inf
+    for both (the opponent gives both responses probability 0), a NaN, or +inf for both make it NaN, and every
+    gradient with it. One -inf alone is a limit."""
     real, generated = real.detach(), generated.detach()
     undefined = (real - generated).isnan()
     value_check(undefined, lambda pair: f"pair {pair}: {real_name(pair)} = {float(real[pair])} and "
                                         f"{generated_name(pair)} = {float(generated[pair])} (its real and generated "
                                         "response) leave its loss undefined (NaN): a pair's opponent log-probs may "
-                                        "not be NaN, nor both -inf", pending)
+                                        "not be NaN, nor both -inf (or both inf)", pending)

@@ -95,7 +95,8 @@ def spin_loss(
 
     It is DPO's loss with chosen = real and rejected = generated, reference = opponent. label_smoothing (sigmoid
     loss only): cDPO's, the probability that a pair's preference is flipped. reduction: "mean" (over pairs), "sum",
-    or "none" (each pair's loss, [P]: to weight pairs, or to keep the hardest).
+    or "none" (each pair's loss, [P]: to weight pairs, or to keep the hardest). A pair whose opponent log-probs
+    leave its loss undefined (both -inf, both inf, or a NaN) is refused with a ValueError naming it.
     """
     check_loss_type(loss_type)
     check_beta(beta)
@@ -104,8 +105,12 @@ def spin_loss(
     names = ("policy_real_logps", "policy_generated_logps", "opponent_real_logps", "opponent_generated_logps")
     values = (policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps)
     check_pair_logps(names, values)
-    check_defined_pairs(opponent_real_logps, opponent_generated_logps, lambda pair: f"opponent_real_logps[{pair}]",
-                        lambda pair: f"opponent_generated_logps[{pair}]")
+    # Its one read of the device (a sync on CUDA), left out where torch.compile traces the call or a CUDA graph
+    # captures it: a read there is a graph break, or an error under fullgraph=True and in a capture.
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not (torch.compiler.is_compiling() or capturing):
+        check_defined_pairs(opponent_real_logps, opponent_generated_logps, lambda pair: f"opponent_real_logps[{pair}]",
+                            lambda pair: f"opponent_generated_logps[{pair}]")
     return unchecked_spin_loss(values, beta, loss_type, label_smoothing, reduction)
 
 

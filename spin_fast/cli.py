@@ -242,7 +242,8 @@ def run_sft(config) -> int:
         named = raw[first].origin or f"example {first}"
         raise ValueError(f"{len(too_long)} of {len(sequences)} examples are longer than the model's context of "
                          f"{context} tokens ({key}), the first {named}: "
-                         f"{sequences[first].length} tokens: set data.max_length to at most {context}")
+                         f"{sequences[first].length} tokens: set data.max_length to at most {context}"
+                         + (" and data.max_prompt_length below it" if config.data.max_prompt_length >= context else ""))
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
     output_dir = Path(config.output_dir)
     starts = output_dir / "sft" / "sessions.jsonl"  # a line per start: every rank must see rank 0's (check_shared)

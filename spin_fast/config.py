@@ -36,9 +36,12 @@ CHOICES = {
 }
 
 
-def home_expanded(path: str | None) -> str | None:
-    """A path setting's `~/...` in the home folder, as a shell would take it: YAML leaves it as written, and so does
-    bash in `--set data.source=~/...` (no shell variable's name), where it named a folder '~' in the current one."""
+def home_expanded(path: str | None, home: str | None = None) -> str | None:
+    """A path setting's `~/...` in the home folder (this $HOME's, or `home`), as a shell would take it: YAML leaves
+    it as written, and so does bash in `--set data.source=~/...` (no shell variable's name), where it named a folder
+    '~' in the current one."""
+    if home is not None and path is not None and (path == "~" or path.startswith("~/")):
+        return home + path[1:]
     return os.path.expanduser(path) if path and path.startswith("~") else path
 
 
@@ -641,32 +644,42 @@ def _to_dict(obj) -> dict:
     return {f.name: setting(f.name, getattr(obj, f.name)) for f in fields(obj)}
 
 
-def setting_as_written(config, name: str):
+def unexpanded_setting(config, name: str):
     """config's setting `name` as the user wrote it (`~/x`, expand_home), for what a run directory records."""
     return _to_dict(config)[name]
 
 
 def expanded_under_another_home(saved: dict, now: dict) -> str | None:
     """The home folder where spin-fast before expand_home saved `now`'s output_dir `~/x` expanded (/home/alice/x),
-    when that is not this $HOME's: the saved paths then name another home's files. None otherwise."""
+    when that is not this $HOME's nor a folder in it: the saved paths then name another home's files. None
+    otherwise. The caller checks that this home explains every difference (paths_as_now with it)."""
     then, written = saved.get("output_dir"), now.get("output_dir")
     if not (isinstance(then, str) and isinstance(written, str) and written.startswith("~/")):
         return None
-    rest = written[1:]  # "/x"
+    rest, here = written[1:], home_expanded("~")  # "/x", this $HOME
     if then == home_expanded(written) or not then.endswith(rest) or not Path(then).is_absolute():
         return None
-    return then[: -len(rest)] or "/"
+    home = then[: -len(rest)] or "/"
+    return None if Path(home) == Path(here) or Path(here) in Path(home).parents else home
 
 
-def paths_as_now(saved: dict, now: dict) -> dict:
+def saved_under_another_home(path: Path, home: str, folder: str, instead: str) -> str:
+    """The refusal of a directory expanded_under_another_home found, its files under `folder`."""
+    return (f"{path} was saved by older spin-fast with `~` expanded to {home}, the home folder it ran under: its "
+            f"settings and stages name files under {folder}, not here. Resume it there (with $HOME {home}), or "
+            f"{instead}")
+
+
+def paths_as_now(saved: dict, now: dict, home: str | None = None) -> dict:
     """A saved config dict with each path setting that names the path `now`'s names written as `now` writes it:
-    spin-fast before expand_home saved `~/x` expanded (/home/me/x), which a resume writing `~/x` gives again."""
+    spin-fast before expand_home saved `~/x` expanded (/home/me/x), which a resume writing `~/x` gives again (`~`
+    as this $HOME, or `home`)."""
     saved = copy.deepcopy(saved)
 
     def align(then: dict, current: dict, names: Sequence[str]) -> None:
         for name in names:
             if isinstance(then.get(name), str) and isinstance(current.get(name), str) and \
-                    home_expanded(then[name]) == home_expanded(current[name]):
+                    home_expanded(then[name], home) == home_expanded(current[name], home):
                 then[name] = current[name]
 
     for name in PATH_SETTINGS:

@@ -44,6 +44,7 @@ from spin_fast.config import (
     from_dict,
     paths_as_now,
     read_config_file,
+    saved_under_another_home,
     section_settings,
     warn_of_unused_overrides,
 )
@@ -302,11 +303,11 @@ class Demo:
             differences = differing_settings(saved, resolved)
             old_run = saved.get("run") if isinstance(saved, dict) and isinstance(saved.get("run"), dict) else {}
             home = expanded_under_another_home(old_run, resolved["run"]) if differences else None
-            if home is not None:  # the same --output ~/x, not other settings: say so
-                raise ConfigError(f"{path} was saved by older spin-fast with `~` expanded to {home}, the home folder "
-                                  f"it ran under: its settings and stages name files under "
-                                  f"{Path(old_run['output_dir']).parent}, not here. Resume it there (with $HOME "
-                                  f"{home}), or use another --output")
+            if home is not None and not differing_settings(
+                    {**saved, "run": paths_as_now(old_run, resolved["run"], home)}, resolved):
+                # The same --output ~/x under another $HOME, nothing else: say so, not "other settings"
+                raise ConfigError(saved_under_another_home(path, home, str(Path(old_run["output_dir"]).parent),
+                                                           "use another --output"))
             if differences:
                 raise ConfigError(f"{path} holds other settings, which differ in {'; '.join(differences)}: use "
                                   "another --output, or the same settings")

@@ -28,6 +28,7 @@ from spin_fast.config import (
     from_dict,
     home_expanded,
     paths_as_now,
+    saved_under_another_home,
 )
 from spin_fast.data import reads_one_split
 from spin_fast.files import read_json, whole_json_lines, write_atomically
@@ -194,10 +195,10 @@ class RunDirectory:
                 (self.path / name).unlink(missing_ok=True)
             return None
         home = expanded_under_another_home(saved, now) if differences else None
-        if home is not None:  # the same `~/x` settings, not another config: say so
-            raise ValueError(f"{path} was saved by older spin-fast with `~` expanded to {home}, the home folder it ran "
-                             f"under: its settings and stages name files under {saved['output_dir']}, not here. "
-                             f"Resume it there (with $HOME {home}), or use a new output_dir")
+        if home is not None and not differing_settings(self.overrides_with_work(paths_as_now(compared, now, home)),
+                                                       self.overrides_with_work(now), ignored=CHANGEABLE):
+            # The same `~/x` settings under another $HOME, nothing else: say so, not "another config"
+            raise ValueError(saved_under_another_home(path, home, saved["output_dir"], "use a new output_dir"))
         if differences:
             raise ValueError(f"{path} holds another config, which differs in {'; '.join(differences)}: use a new "
                              f"output_dir, or the same settings")

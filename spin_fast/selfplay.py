@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from spin_fast import distributed, stopping
-from spin_fast.config import ConfigError, DataConfig, RunConfig, setting_as_written
+from spin_fast.config import ConfigError, DataConfig, RunConfig, unexpanded_setting
 from spin_fast.data import Example, TokenizedExample, response_end, rows_found_in
 from spin_fast.examples import (
     answered_pairs,
@@ -173,12 +173,11 @@ class SelfPlay:
                 try:
                     self.read(data, source, limit)
                 except FileNotFoundError as error:  # named with its setting: the override's, where one gave it
-                    iteration, setting = (t, "data.source") if isinstance(t, int) else \
-                        (int(t.split()[1]), "data.eval_source")
-                    if setting not in self.config.iteration_overrides.get(iteration, {}) or \
-                            not str(error).startswith(f"{setting} "):
+                    setting = "data.source" if isinstance(t, int) else "data.eval_source"
+                    overridden = setting in self.config.iteration_overrides.get(_iteration_of(t), {})
+                    if not overridden or not str(error).startswith(f"{setting} "):
                         raise
-                    raise FileNotFoundError(f"iteration_overrides[{iteration}]: {error}") from None
+                    raise FileNotFoundError(f"iteration_overrides[{_iteration_of(t)}]: {error}") from None
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         first_of = {_key(*sources[t]): t for t in reversed(list(sources))}  # the iterations mostly share a source
@@ -202,14 +201,13 @@ class SelfPlay:
 
             for t, (data, source, limit) in sources.items():
                 if isinstance(t, str):  # "eval t": scored after iteration t's training
-                    iteration = int(t.split()[1])  # its own budget: an override may change it
-                    check_examples_fit(examples[t], self.config.for_iteration(iteration).score_batch_tokens, source,
-                                       self._origins[_key(data, source, limit)])
+                    budget = self.config.for_iteration(_iteration_of(t)).score_batch_tokens  # an override's, maybe
+                    check_examples_fit(examples[t], budget, source, self._origins[_key(data, source, limit)])
         # What the run's work is made from, for RunDirectory.keep_same_data: each source's rows, by the digest
         # tokenizing checked, and their token ids (the same rows through a changed chat template file differ there).
         tokens = {key: tokens_digest(examples[t]) for key, t in first_of.items()}
         # Each source as written (`~/x`), as config.yaml keeps it: the same under another $HOME.
-        data = {str(t): {"source": setting_as_written(settings, "source" if isinstance(t, int) else "eval_source"),
+        data = {str(t): {"source": unexpanded_setting(settings, "source" if isinstance(t, int) else "eval_source"),
                          "examples": len(examples[t]), "digest": self._digests[_key(*sources[t])],
                          "tokens": tokens[_key(*sources[t])]} for t, (settings, _, _) in sources.items()}
         self._read.clear()  # the text: from here on the run needs its ids alone
@@ -464,7 +462,7 @@ class SelfPlay:
             if isinstance(t, str) and (data.source, eval_source) not in said:  # "eval t"
                 said.add((data.source, eval_source))
                 held_out = self.read(data, eval_source)
-                both = rows_found_in(held_out, self.read(*sources[int(t.split()[1])]))
+                both = rows_found_in(held_out, self.read(*sources[_iteration_of(t)]))
                 if both:
                     log.warning("%s: %d of its %d rows are in the training set %s too (the first: %s is %s): the "
                                 "held-out figures are not held out for them", eval_source, len(both), len(held_out),
@@ -503,6 +501,11 @@ def check_iteration_pairs(pairs: Seq[ScoredPair], model, config: RunConfig, t: i
     advice = " (a pair's prompt and both responses go in one micro-batch; the run resumes with the new value)"
     check_pairs_fit(pairs, model, config.score_batch_tokens, what, advice)
     check_items(pairs, model, config.train, what, advice)
+
+
+def _iteration_of(source_key: int | str) -> int:
+    """The iteration of a source's key: t (its training data), or "eval t" (held-out rows scored after t's training)."""
+    return source_key if isinstance(source_key, int) else int(source_key.split()[1])
 
 
 def _key(data: DataConfig, source: str, limit: int | None) -> str:

@@ -45,10 +45,11 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 
 def checkpoint_at(folder: Path, recorded: str) -> str:
-    """A checkpoint that a manifest recorded in `folder`, where it is now: a run directory moved since (a `~/x`
-    output_dir under another $HOME) holds it in `folder` under its name, where the recorded path names nothing."""
-    moved = folder / Path(recorded).name
-    return str(moved) if not Path(recorded).is_dir() and moved.is_dir() else recorded
+    """A checkpoint that a manifest recorded in `folder`, where it is now: a run directory moved or copied since (a
+    `~/x` output_dir under another $HOME) holds it in `folder` under its name; the recorded path, if still there, is
+    the original's (another account's run, which may go on or be deleted)."""
+    here = folder / Path(recorded).name
+    return str(here) if here.is_dir() else recorded
 
 
 def finished_summaries(run_dir: Path) -> list[dict]:

@@ -587,8 +587,11 @@ class Trainer:
             return
 
         def read() -> tuple[dict, dict | None]:  # the state rank 0 wrote, and this rank's random state
-            state = torch.load(latest / STATE_FILE, weights_only=False)
-            rng = None if self.engine is None else torch.load(latest / f"rng-rank{self.rank}.pt", weights_only=False)
+            # On the CPU: a checkpoint written on GPUs resumes on a machine without (the optimizer's state goes to
+            # its parameters' device as it loads).
+            state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
+            rng = None if self.engine is None else torch.load(latest / f"rng-rank{self.rank}.pt", map_location="cpu",
+                                                              weights_only=False)
             return state, rng
 
         # Read on every rank: one that cannot stops them all with its error, not rank 0 in its next collective.

@@ -1,7 +1,10 @@
 """Plots and the summary table are drawn from the committed bench results."""
 
+import re
 import shutil
 from pathlib import Path
+
+import pytest
 
 from bench import plots
 
@@ -49,10 +52,6 @@ def test_a_plot_of_a_partial_report_says_so(tmp_path, monkeypatch):
 def test_a_corrupt_or_unexpected_result_file_is_named(tmp_path):
     """A results folder may hold a file cut short (a bench killed while writing elsewhere, a copy) or another
     program's JSON: the error names the file, not only json's "line 1 column 12"."""
-    import re
-
-    import pytest
-
     for name, text in [("kernels-cpu.json", '{"bench": "kern'), ("notes.json", "[1, 2]"),
                        ("train_step-cpu.json", '{"bench": "train_step", "preset": "cpu"}')]:
         folder = tmp_path / name

@@ -470,6 +470,13 @@ def test_a_run_directory_saved_with_expanded_home_paths_under_another_home_is_re
     with pytest.raises(ValueError, match=rf"saved by older spin-fast with `~` expanded to {tmp_path / 'alice'},.*"
                                          rf"{tmp_path / 'alice' / 'run'}"):
         RunDirectory(run, load_run_config(None, settings)).saved_config()
+    # Other settings besides, or a directory moved within this home: its differences are named, as for any run.
+    with pytest.raises(ValueError, match=r"holds another config, which differs in .*train.learning_rate"):
+        RunDirectory(run, load_run_config(None, [*settings, "train.learning_rate=1e-3"])).saved_config()
+    moved = load_run_config(None, [s.replace("~", str(tmp_path / "bob" / "old")) for s in settings])
+    (run / "config.yaml").write_text(yaml.safe_dump(as_written(moved.to_dict()), sort_keys=False))
+    with pytest.raises(ValueError, match=r"holds another config, which differs in .*output_dir"):
+        RunDirectory(run, load_run_config(None, settings)).saved_config()
 
 
 def test_an_iteration_override_that_changes_nothing_is_no_change_on_resume(tmp_path):

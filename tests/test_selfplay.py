@@ -1648,14 +1648,16 @@ def test_a_run_directory_moved_to_another_home_after_an_iteration_goes_on_from_i
                                                                                               monkeypatch):
     """config.yaml keeps output_dir `~/run` as written so that the run directory resumes under another $HOME (another
     account or machine); but iteration 0's manifest recorded θ1's checkpoint expanded (/home/alice/run/iter-0/...),
-    and iteration 1 looked for θ1 there: "not there (moved or deleted?)", though it was in the run directory."""
+    and iteration 1 looked for θ1 there: "not there (moved or deleted?)", though it was in the run directory. A copy
+    (alice's run still there) goes on from its own θ1, not alice's, which her run may change or delete."""
     (tmp_path / "alice").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "alice"))
     SelfPlay(run_config(sft_model, "~/run")).run(until=(0, "train"))
-    shutil.move(tmp_path / "alice", tmp_path / "bob")
+    shutil.copytree(tmp_path / "alice", tmp_path / "bob")
     monkeypatch.setenv("HOME", str(tmp_path / "bob"))
     summaries = SelfPlay(run_config(sft_model, "~/run")).run()
     assert [s["iteration"] for s in summaries] == [0, 1]
+    assert summaries[0]["checkpoint"].startswith(str(tmp_path / "bob" / "run" / "iter-0")), summaries
     assert summaries[1]["checkpoint"].startswith(str(tmp_path / "bob" / "run" / "iter-1")), summaries
 
 

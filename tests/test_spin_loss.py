@@ -439,3 +439,13 @@ def test_spin_loss_refuses_a_pair_whose_opponent_log_probs_are_both_minus_inf_as
                                   one[4:5].tolist(), 0.1, loss_type)
     limit_high = inf if loss_type == "ipo" else 0.0
     assert out.loss.tolist() == pytest.approx([limit_high, finite, inf], rel=1e-12)
+
+
+def test_spin_loss_traces_whole_under_torch_compile():
+    """spin_loss's check of the opponent's pairs reads the device: left out where torch.compile traces the call, so
+    a DPO loss built on it compiles with fullgraph=True (a read there is an error), and gives its eager value."""
+    policy_real, policy_generated = torch.tensor([-5.0, -6.0]), torch.tensor([-8.0, -4.0])
+    opponent_real, opponent_generated = torch.tensor([-5.5, -6.5]), torch.tensor([-8.5, -4.5])
+    compiled = torch.compile(lambda *logps: spin_kernels.spin_loss(*logps).loss, backend="eager", fullgraph=True)
+    logps = (policy_real, policy_generated, opponent_real, opponent_generated)
+    assert torch.equal(compiled(*logps), spin_kernels.spin_loss(*logps).loss)
