@@ -91,6 +91,12 @@ class ModelSettings:
         for name in ("vocab_size", "hidden_size", "layers", "heads"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        from spin_fast.tokenizer import SPECIAL_TOKENS
+
+        # The base stage's byte-level BPE needs these: refused here, naming the setting, not after the data stage.
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), "
+                             f"got {self.vocab_size}")
         if self.hidden_size % self.heads or self.hidden_size // self.heads < 32:
             raise ValueError(f"hidden_size / heads must be a whole number >= 32 (vLLM's CPU build refuses smaller "
                              f"heads), got {self.hidden_size} / {self.heads}")
@@ -143,6 +149,9 @@ def _demo_configs(settings: dict, output: str | None) -> tuple[RunConfig, DemoSe
 
 def stage_config(config: RunConfig, changes: dict, name: str) -> TrainConfig:
     """An SFT TrainConfig: the run's `train` with a stage's changes, checked like any setting."""
+    if changes.get("mode", "sft") != "sft":  # the SFT stages train on (prompt, response) alone: no pairs to prefer
+        raise ConfigError(f"{name}.mode: the {name.removeprefix('demo.')} stage is SFT: leave its mode out, got "
+                          f"{changes['mode']!r}", f"{name}.mode")
     return from_dict(TrainConfig, {**config.train.to_dict(), "mode": "sft", **changes}, prefix=f"{name}.",
                      places=DEMO_SETTINGS)
 
@@ -453,15 +462,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stopping.signals_handled():  # SIGTERM or Ctrl-C stops at a safe point, as `spin-fast run` does
             Demo(config, demo).run(until=args.until)
-    except (ConfigError, locking.InUse) as error:  # a folder that holds another experiment, or another demo's
-        print(f"demo: {error}", file=sys.stderr)
-        return 2
     except stopping.Stopped as stop:
         return report_stop(stop)
     except TrainingDiverged as error:  # the settings' doing, not a bug: one line, as `spin-fast train` says it
         print(f"demo: training diverged at {error}: lower that stage's learning rate (demo.sft.learning_rate for "
               "sft/, train.learning_rate for spin/, demo.continued_sft.learning_rate for continued-sft/) and run "
               "again with another --output", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # what a user can fix, as `spin-fast train` says it: a setting (ConfigError,
+        # or a value a stage refuses: train.micro_batch_tokens too small), a data row, a folder in use, a missing file
+        log.debug("the error's traceback", exc_info=True)
+        print(f"demo: {error}", file=sys.stderr)
         return 2
     return 0
 

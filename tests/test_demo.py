@@ -323,3 +323,32 @@ def test_a_demo_directory_moved_to_another_home_finishes_there(tmp_path, monkeyp
     assert main(["--output", "~/demo", *settings]) == 0
     rows = [json.loads(line) for line in (tmp_path / "bob" / "demo" / "results.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == MODELS
+
+
+@pytest.mark.parametrize("stage", ["sft", "continued_sft"])
+def test_an_sft_stages_mode_other_than_sft_is_refused_naming_it(tmp_path, capsys, stage):
+    """demo.sft.mode=spin was taken, and the SFT stage then ended in a traceback (mode='spin' trains on ScoredPair
+    items) after the data and base stages ran: a setting's error must name the setting, exit 2."""
+    with pytest.raises(ConfigError, match=rf"^--set demo.{stage}.mode=spin: demo.{stage}.mode: .*leave its mode out"):
+        load_demo_config(DEFAULT_CONFIG, [f"demo.{stage}.mode=spin"], str(tmp_path))
+    assert main(["--output", str(tmp_path), "--set", f"demo.{stage}.mode=spin", "--until", "data"]) == 2
+    assert f"demo.{stage}.mode" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+    load_demo_config(DEFAULT_CONFIG, [f"demo.{stage}.mode=sft"], str(tmp_path))  # its own mode stays allowed
+
+
+def test_a_too_small_demo_vocabulary_is_a_config_error():
+    """demo.model.vocab_size=5 passed the settings' check and failed in the base stage with a traceback of the
+    tokenizer's ValueError, which named no demo setting."""
+    with pytest.raises(ConfigError, match=r"^--set demo.model.vocab_size=5: demo.model: vocab_size must be at least"):
+        load_demo_config(DEFAULT_CONFIG, ["demo.model.vocab_size=5"])
+
+
+def test_a_value_a_stage_refuses_ends_the_demo_with_one_line(tmp_path, capsys):
+    """A setting only a stage can check (a micro-batch too small for an example) ended the demo with a traceback;
+    `spin-fast train` says it in one line with exit status 2, and so does the demo."""
+    assert main(["--output", str(tmp_path), *sum((["--set", s] for s in SHORT), []),
+                 "--set", "train.micro_batch_tokens=8", "--until", "sft"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^demo: train.micro_batch_tokens=8: .* takes \d+ tokens", err, re.M), err
+    assert "Traceback" not in err, err
