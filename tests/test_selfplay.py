@@ -1747,3 +1747,33 @@ def test_evaluation_answering_whole_prompts_starts_vllm_for_its_longest_prompt(s
     with pytest.raises(Started) as started:
         answering.generate(folder, [[5] * 100, [5] * 7], SamplingConfig(max_new_tokens=8), "answers")
     assert started.value.args == (108,)
+
+
+@pytest.mark.parametrize("rope, extra, context", [
+    (None, {}, 2048),
+    ({"type": "linear", "factor": 4.0}, {}, 8192),  # max_position_embeddings is the unscaled length
+    ({"rope_type": "dynamic", "factor": 2.0}, {}, 4096),
+    ({"rope_type": "linear", "factor": 4.0}, {"seq_length": 1024}, 4096),  # the smallest key, scaled
+    # Llama-3.1's and YaRN's max_position_embeddings is already the scaled length: kept as is
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 512}, {}, 2048),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, {}, 2048),
+    (None, {"model_max_length": 8192}, 8192),  # Command-R's: above max_position_embeddings, and vLLM serves it
+])
+def test_the_models_context_is_the_one_vllm_serves_with_rope_scaling(tmp_path, rope, extra, context):
+    """context_of took the smallest context key as is: a Llama with linear (or dynamic) RoPE scaling of factor 4,
+    which vLLM serves 4 times max_position_embeddings of, had its prompts refused at a quarter of that; and a config's
+    model_max_length, which vLLM serves even past max_position_embeddings, was taken as a lower limit."""
+    from transformers import LlamaConfig
+
+    from spin_fast.generation.choice import context_of
+
+    LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=2048, rope_scaling=rope, **extra).save_pretrained(tmp_path / "model")
+    config = load_run_config(None, [])
+    assert context_of(str(tmp_path / "model"), config)[0] == context
+    try:
+        from vllm.config import ModelConfig
+    except ImportError:
+        return
+    assert ModelConfig(model=str(tmp_path / "model"), skip_tokenizer_init=True).max_model_len == context  # as vLLM

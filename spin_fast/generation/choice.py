@@ -23,13 +23,39 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
 
+# RoPE scalings whose max_position_embeddings is already the scaled length (vllm/config/model.py applies the factor
+# of any other: linear, dynamic).
+ROPE_ALREADY_SCALED = frozenset({"su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling"})
+
+
 def context_of(model_folder: str, config: RunConfig) -> tuple[int | None, str]:
-    """The model's context in tokens, and the key of its config that gives it: the smallest of CONTEXT_KEYS there
-    (None where it has none)."""
+    """The model's context in tokens as vLLM derives it, and what of its config gives it: the smallest of
+    CONTEXT_KEYS there, or its model_max_length where it has one (Command-R's is above max_position_embeddings), times
+    the RoPE scaling factor (None where it has none of the keys)."""
     model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
     lengths = [(value, key) for key in CONTEXT_KEYS
                if isinstance(value := getattr(model_config, key, None), int) and value > 0]
-    return min(lengths, default=(None, "max_position_embeddings"))
+    context, key = min(lengths, default=(None, "max_position_embeddings"))
+    if isinstance(limit := getattr(model_config, "model_max_length", None), int) and limit > 0:
+        context, key = limit, "model_max_length"
+    factor = rope_factor(model_config)
+    if context and factor != 1:
+        context, key = int(context * factor), f"{key} times the RoPE scaling factor {factor}"
+    return context, key
+
+
+def rope_factor(model_config) -> float:
+    """The factor vLLM scales a model's context by: its RoPE scaling's (one per layer type where nested), except the
+    kinds in ROPE_ALREADY_SCALED and Gemma 3's (already scaled too)."""
+    rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None)
+    if not isinstance(rope, dict) or "gemma3" in str(getattr(model_config, "model_type", "")):
+        return 1.0
+    nested = all(isinstance(value, dict) for value in rope.values())  # {"full_attention": {...}, ...}
+    factor = 1.0
+    for params in [p for p in rope.values() if p] if nested else [rope]:
+        if params.get("rope_type", params.get("type")) not in ROPE_ALREADY_SCALED:
+            factor = params.get("factor", factor)
+    return 1.0 if factor is None else factor
 
 
 def model_context(model_folder: str, config: RunConfig) -> int | None:
