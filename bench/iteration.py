@@ -178,7 +178,6 @@ def profiled_selfplay(config, on_record=None):
     """A SelfPlay whose stages record their peak memory in the memory iterations (selfplay.records["memory"]) and
     their seconds in the timed ones (records["time"]); the engine's start is timed wherever it happens.
     on_record(selfplay), when given, is called after each stage's record."""
-    from spin_fast.generation.choice import default_engine
     from spin_fast.selfplay import SelfPlay
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +236,9 @@ def profiled_selfplay(config, on_record=None):
     selfplay.engine_name = None  # the engine's class: the run closes and drops the engine at its end
 
     def make_engine(*args):
-        engine = selfplay.measured("engine_start", lambda: default_engine(*args))
+        # The run's own default (SelfPlay._default_engine): told the longest prompt, which under data.cut_prompt
+        # when_too_long is vLLM's max_model_len, not the model's whole context
+        engine = selfplay.measured("engine_start", lambda: selfplay._default_engine(*args))
         selfplay.engine_name = type(engine).__name__
         return engine
 

