@@ -390,15 +390,19 @@ class SelfPlay:
         stage_dir.mkdir(parents=True, exist_ok=True)
         sources = {i: self.run_dir / f"iter-{i}" / "generate" / "pairs.jsonl"
                    for i in [t, *range(max(0, t - config.mix_previous), t)]}  # t's pairs first
-        mixed, names = [], []  # names: each pair's row and place in its iteration, for the check of its scores
+        mixed, starts = [], {}  # starts: where each iteration's pairs begin in mixed, to name a pair by its row
         for i, source in sources.items():
             pairs = load_shared_pairs(source)
             check_iteration_pairs(pairs, model, config, i)  # each named by its own iteration
+            starts[i] = len(mixed)
             mixed += pairs
-            data = self.config.for_iteration(i).data
+
+        def pair_name(k: int) -> str:
+            """mixed[k] as the user finds it: its data file and line, and its place in its iteration."""
+            i = [i for i, start in starts.items() if start <= k][-1]  # starts grow in mixed's order
+            j, data = k - starts[i], self.config.for_iteration(i).data
             rows = self._origins.get(_key(data, data.source, data.max_prompts), [])
-            names += [f"{rows[j]} (iteration {i}'s pair {j})" if j < len(rows) else f"iteration {i}'s pair {j}"
-                      for j in range(len(pairs))]
+            return f"{rows[j]} (iteration {i}'s pair {j})" if j < len(rows) else f"iteration {i}'s pair {j}"
 
         def score_part(start: int, end: int):
             part = mixed[start:end]
@@ -417,8 +421,8 @@ class SelfPlay:
             for k, (real, generated) in enumerate(scores):
                 if not math.isfinite(real + generated):
                     raise ValueError(
-                        f"iteration {t} scoring: {names[start + k]}: the opponent θ{t} ({self.model_path(t)}) gives "
-                        f"its responses log-probs that are not finite (real {real}, generated {generated}): its "
+                        f"iteration {t} scoring: {pair_name(start + k)}: the opponent θ{t} ({self.model_path(t)}) "
+                        f"gives its responses log-probs that are not finite (real {real}, generated {generated}): its "
                         "weights may hold NaN or inf, or its precision overflow. This part is not saved: a run again "
                         f"scores it again (remove {stage_dir / 'parts'} too if the model is changed, to score every "
                         "pair with the same one)")
