@@ -590,8 +590,10 @@ class Trainer:
             # On the CPU: a checkpoint written on GPUs resumes on a machine without (the optimizer's state goes to
             # its parameters' device as it loads).
             state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-            rng = None if self.engine is None else torch.load(latest / f"rng-rank{self.rank}.pt", map_location="cpu",
-                                                              weights_only=False)
+            # Only a checkpoint of this many DeepSpeed ranks has this rank's file: another is refused below, by name.
+            same_way = state.get("world_size", 1) == self.world and "optimizer" not in state
+            rng = None if self.engine is None or not same_way else torch.load(
+                latest / f"rng-rank{self.rank}.pt", map_location="cpu", weights_only=False)
             return state, rng
 
         # Read on every rank: one that cannot stops them all with its error, not rank 0 in its next collective.

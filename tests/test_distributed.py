@@ -175,6 +175,25 @@ def test_resume_under_another_zero_stage_is_refused_by_name(tmp_path, written, r
             in refused.stderr), refused.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("written,resumed,how", [
+    (("--zero-stage", "2"), 2, "without"),  # one process trains without DeepSpeed: no per-rank random states
+    (("--zero-stage", "2", "--deepspeed"), 2, "with"),  # one DeepSpeed process: no rank 1 random state
+    (("--zero-stage", "2"), 1, "with"),  # 2 ranks' checkpoint on one process
+])
+def test_resume_on_another_number_of_processes_is_refused_by_name(tmp_path, written, resumed, how):
+    """The sharded state resumes on the same number of processes only (README): another number is refused
+    naming the checkpoint and how it was written, not with a missing rng-rank<N>.pt file."""
+    processes = 1 if resumed == 2 else 2
+    died = launch(tmp_path, *written, "--die-at-step", "2", processes=processes)
+    assert died.returncode != 0
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    refused = launch(tmp_path, "--zero-stage", "2", processes=resumed)
+    assert refused.returncode != 0
+    assert (f"checkpoint-1: written by {processes} process(es) {how} DeepSpeed; resume it the same way"
+            in refused.stderr), refused.stderr[-3000:]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_zero_checkpoint_of_older_codes_one_optimizer_group_is_named_with_why(tmp_path, stage):
     """Older code gave the optimizer one parameter group under train.weight_decay > 0. DeepSpeed's own error for
