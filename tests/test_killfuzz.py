@@ -47,10 +47,10 @@ def files_under(folder: Path) -> set[str]:
 
 
 def run_with_signals(cmd: list[str], out: Path, rng: random.Random, sig: int, max_stops: int,
-                     logs: list[str]) -> list[str]:
+                     logs: list[str], most: int = 30) -> list[str]:
     """cmd started again and again, each attempt sent `sig` once the k-th new path (k drawn) appears in `out`
-    (plus a drawn few ms), until an attempt finishes. Returns where each stop landed; each attempt's log joins
-    `logs`."""
+    (plus a drawn few ms; k at most `most`), until an attempt finishes. Returns where each stop landed; each
+    attempt's log joins `logs`."""
     stops = []
     for attempt in range(max_stops + 1):
         process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -60,7 +60,7 @@ def run_with_signals(cmd: list[str], out: Path, rng: random.Random, sig: int, ma
             assert process.returncode == 0, err
             return stops
         before = files_under(out) if out.exists() else set()
-        k = rng.randint(1, 30)  # up to about a run's worth of new paths
+        k = rng.randint(1, most)  # up to about a run's worth of new paths
         seen = set()
         while process.poll() is None and len(seen) < k:
             seen |= (files_under(out) if out.exists() else set()) - before
