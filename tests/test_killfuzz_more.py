@@ -1,5 +1,5 @@
 """What tests/test_killfuzz.py does for `spin-fast run`, for what it leaves out: `spin-fast sft` killed and
-resumed, TensorBoard's curves after kills (each step once, the straight run's values), a second signal while a
+resumed (with its TensorBoard curves: each step once, the straight run's values), a second signal while a
 run stops, a kill during `spin-fast eval`, and kills in the end's summary and model export."""
 
 import json
@@ -29,6 +29,7 @@ pytest.importorskip("tensorboard")
 SFT_SETTINGS = ("train.global_batch=1", "train.save_every=1", "train.tensorboard=true",
                 *os.environ.get("KILLFUZZ_EXTRA", "").split())
 SEED = int(os.environ.get("KILLFUZZ_SEED", 0))  # draws other kill points
+SIGNAL = signal.Signals[os.environ.get("KILLFUZZ_SIGNAL", "SIGKILL")]
 
 
 def tensorboard_curves(folder: Path) -> dict:
@@ -75,7 +76,8 @@ def straight_sft(sft_model, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,seed", [(signal.SIGKILL, SEED), (signal.SIGTERM, SEED + 1)], ids=["SIGKILL", "SIGTERM"])
+# One signal per test keeps the suite's time: KILLFUZZ_SIGNAL=SIGTERM (or SIGINT) and KILLFUZZ_SEED try others.
+@pytest.mark.parametrize("sig,seed", [(SIGNAL, SEED)], ids=[SIGNAL.name])
 def test_sft_stopped_at_random_points_resumes_to_where_a_straight_sft_ends(sft_model, tmp_path, straight_sft, sig,
                                                                             seed):
     out = tmp_path / "run"
@@ -153,8 +155,7 @@ def assert_same_run(out: Path, straight: Path, stops) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second,seed", [(signal.SIGKILL, SEED + 10), (signal.SIGINT, SEED + 11)],
-                         ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("second,seed", [(signal.SIGKILL, SEED + 10)], ids=["SIGKILL"])
 def test_a_run_signalled_twice_while_stopping_resumes_to_where_a_straight_run_ends(
         sft_model, tmp_path, straight, second, seed):  # noqa: F811
     out = tmp_path / "run"
@@ -180,8 +181,7 @@ def eval_results(out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,seed", [(signal.SIGKILL, SEED + 20), (signal.SIGTERM, SEED + 21)],
-                         ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig,seed", [(signal.SIGTERM, SEED + 21)], ids=["SIGTERM"])
 def test_an_eval_stopped_at_random_points_resumes_to_where_a_straight_eval_ends(
         sft_model, tmp_path, straight, sig, seed, monkeypatch):  # noqa: F811
     import shutil
@@ -208,25 +208,3 @@ def test_an_eval_stopped_at_random_points_resumes_to_where_a_straight_eval_ends(
     assert not stale, (stale, stops)
     extra = sorted(p for p in files_under(runs["stopped"]) - files_under(runs["straight"]) if "tensorboard" not in p)
     assert not extra, (extra, stops)
-
-
-@pytest.mark.slow
-def test_tensorboard_after_kills_has_each_step_once_with_the_straight_runs_values(sft_model, tmp_path):
-    runs = {}
-    for name in ("straight", "killed"):
-        runs[name] = tmp_path / name / "run"
-        cmd = command(write_config(sft_model, tmp_path / f"{name}.yaml", runs[name])) + ["--set",
-                                                                                        "train.tensorboard=true"]
-        if name == "straight":
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr
-        else:
-            stops = run_with_signals(cmd, runs[name], random.Random(SEED + 30), signal.SIGKILL, 5, [])
-    print("SIGKILL stops:", *stops, sep="\n  ")
-    for t in range(2):
-        folder = f"iter-{t}/train/tensorboard"
-        assert tensorboard_curves(runs["killed"] / folder) == tensorboard_curves(runs["straight"] / folder), (t, stops)
-    # The iterations' curve: a point sent again after a kill may show twice, with one value (tracking.py).
-    expected = tensorboard_curves(runs["straight"] / "tensorboard")
-    found = {tag: sorted(set(points)) for tag, points in tensorboard_curves(runs["killed"] / "tensorboard").items()}
-    assert found == expected, stops
