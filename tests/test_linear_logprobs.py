@@ -192,3 +192,25 @@ def test_sequence_logprobs_errors_name_the_argument():
                        spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, 4))  # a NumPy count
     with pytest.raises(ValueError, match="sequence_ids must have one entry per token"):
         spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids[:-1], 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_strided_views_match_float64_truth(backend):
+    """hidden and weight as column slices of wider tensors (row stride > H, column stride 1: used as they are, not
+    copied): the gradients land in [N, H] and [V, H] buffers of their own, whose row stride is H."""
+    hidden, weight, bias, targets = make_inputs(45, 40, 300, torch.float32)
+    wide_hidden = torch.cat([hidden.detach(), torch.randn(45, 9)], 1)
+    wide_weight = torch.cat([weight.detach(), torch.randn(300, 5)], 1)
+    hidden_view = wide_hidden.requires_grad_()[:, :40]
+    weight_view = wide_weight.requires_grad_()[:, :40]
+    assert hidden_view.stride() == (49, 1) and weight_view.stride() == (45, 1)
+    upstream = torch.randn(45, dtype=torch.float64)
+    out = spin_kernels.linear_logprobs(hidden_view, weight_view, targets, bias=bias, backend=backend)
+    (out.double() * upstream).sum().backward()
+    truth_hidden, truth_weight = (leaf.detach().double().requires_grad_() for leaf in (hidden, weight))
+    truth = truth_token_logprobs(truth_hidden, truth_weight, targets, bias.detach().double())
+    (truth * upstream).sum().backward()
+    assert_close(out, truth, torch.float32, f"{backend} logprobs")
+    assert_close(wide_hidden.grad[:, :40], truth_hidden.grad, torch.float32, f"{backend} dhidden")
+    assert_close(wide_weight.grad[:, :40], truth_weight.grad, torch.float32, f"{backend} dweight")
+    assert (wide_hidden.grad[:, 40:] == 0).all() and (wide_weight.grad[:, 40:] == 0).all()

@@ -5,6 +5,7 @@ import torch
 
 import spin_kernels
 from helpers import (
+    assert_close,
     check_fused_against_truth,
     random_packed_batch,
     truth_pair_losses,
@@ -449,3 +450,38 @@ def test_spin_loss_traces_whole_under_torch_compile():
     compiled = torch.compile(lambda *logps: spin_kernels.spin_loss(*logps).loss, backend="eager", fullgraph=True)
     logps = (policy_real, policy_generated, opponent_real, opponent_generated)
     assert torch.equal(compiled(*logps), spin_kernels.spin_loss(*logps).loss)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_a_tie_is_not_counted_accurate(loss_type):
+    """accuracy is 1 where rewards_real > rewards_generated, strictly (TRL's): at a SPIN iteration's first step the
+    policy is the opponent, every reward is 0, and the accuracy logged must be 0, not 1."""
+    policy = torch.randn(6, dtype=torch.float64) * 20 - 60
+    tied = spin_kernels.spin_loss(policy[:3], policy[3:], policy[:3].clone(), policy[3:].clone(), loss_type=loss_type)
+    assert torch.equal(tied.rewards_real, tied.rewards_generated)
+    assert torch.equal(tied.accuracy, torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_length_normalized_pair_with_no_loss_tokens_counts_zero(backend):
+    """length_normalize with a sequence whose tokens are all ignored: its mean log-prob is 0 (not 0 / 0), and the
+    loss and gradients are the float64 truth's, the empty sequence counting 0."""
+    hidden = torch.randn(7, 16, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(50, 16, dtype=torch.float64).float()
+    targets = torch.tensor([3, 4, 9, -100, -100, 7, 8])
+    sequence_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])  # pairs (0, 2) and (1, 3); sequence 3 has no tokens
+    opponent = torch.randn(4, dtype=torch.float64).float()
+    out = spin_kernels.fused_linear_spin_loss(hidden, weight, targets, sequence_ids, opponent, length_normalize=True,
+                                              backend=backend)
+    out.loss.backward()
+    truth_hidden = hidden.detach().double().requires_grad_()
+    token = truth_token_logprobs(truth_hidden, weight.double(), targets)
+    logps = torch.stack([token[:3].sum() / 3, torch.zeros((), dtype=torch.float64), token[5:].sum() / 2,
+                         torch.zeros((), dtype=torch.float64)])
+    z = 0.1 * ((logps[:2] - opponent[:2].double()) - (logps[2:] - opponent[2:].double()))
+    loss = -torch.nn.functional.logsigmoid(z).mean()
+    loss.backward()
+    assert out.policy_logps[1] == 0 and out.policy_logps[3] == 0
+    assert_close(out.policy_logps, logps.detach(), torch.float32, "policy_logps")
+    assert_close(out.loss, loss.detach(), torch.float32, "loss")
+    assert_close(hidden.grad, truth_hidden.grad, torch.float32, "dhidden")
