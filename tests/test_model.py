@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import spin_kernels
-from helpers import assert_close
+from helpers import assert_close, truth_token_logprobs
 from spin_fast import attention
 from spin_fast import model as spin_model
 from spin_fast.config import TrainConfig
@@ -382,3 +382,17 @@ def test_liger_kernels_need_cuda(saved_model):
     path, _ = saved_model
     with pytest.raises(ValueError, match="liger_kernels needs CUDA"):
         spin_model.load_causal_lm(path, liger_kernels=True)
+
+
+def test_head_like_casts_a_biased_head_to_the_hidden_states_dtype():
+    """Under autocast the body's hidden states are bf16 and the head's parameters fp32: head_like casts the weight
+    and the bias too (a biased LM head, Phi's), so the log-probs are the bf16 head's, bias included (float64 truth)."""
+    hidden = torch.randn(20, 16, dtype=torch.float64).to(torch.bfloat16)
+    weight, bias = torch.randn(50, 16) / 4, torch.randn(50)
+    targets = torch.randint(0, 50, (20,))
+    head_weight, head_bias = spin_model.head_like(hidden, weight, bias)
+    assert head_weight.dtype == torch.bfloat16 and head_bias is not None and head_bias.dtype == torch.bfloat16
+    out = spin_kernels.linear_logprobs(hidden, head_weight, targets, bias=head_bias, backend="torch")
+    truth = truth_token_logprobs(hidden.double(), weight.to(torch.bfloat16).double(), targets,
+                                 bias.to(torch.bfloat16).double())
+    assert_close(out, truth, torch.float32, "log-probs")
