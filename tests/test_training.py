@@ -858,3 +858,30 @@ def test_a_signal_during_a_checkpoint_save_stops_with_that_checkpoint(tmp_path, 
     assert [p.name for p in trainer.checkpoint_dirs()] == ["checkpoint-2"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_an_sft_with_dropout_resumed_in_a_fresh_process_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """SFT keeps the model's dropout: its draws after a resume come from the checkpoint's random state, not from
+    wherever the resuming process's stream stands."""
+    sequences = [Sequence(p.prompt_ids, p.real_ids) for p in random_pairs(6)]
+    cfg = config(mode="sft", save_every=2)
+    straight = make_model(attention_dropout=0.5)
+    torch.manual_seed(1)
+    Trainer(straight, None, cfg, tmp_path / "straight", sequences).train()
+    torch.manual_seed(1)
+    killed_in_step(4, Trainer(make_model(attention_dropout=0.5), None, cfg, tmp_path / "killed", sequences),
+                   monkeypatch)
+    monkeypatch.undo()
+    torch.manual_seed(99)  # a fresh process's stream
+    resumed = make_model(seed=123, attention_dropout=0.5)
+    Trainer(resumed, None, cfg, tmp_path / "killed", sequences).train()
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_spin_checkpoint_is_not_resumed_with_another_beta(tmp_path, monkeypatch):
+    """beta shapes SPIN's loss: a SPIN training resumed with another one is refused (SFT alone ignores it)."""
+    scored = score_pairs(make_model(), random_pairs(6), token_budget=64)
+    killed_in_step(4, Trainer(make_model(), None, config(save_every=2), tmp_path, scored), monkeypatch)
+    with pytest.raises(ValueError, match=r"checkpoint-2: written with other training settings: beta"):
+        Trainer(make_model(), None, config(save_every=2, beta=0.5), tmp_path, scored).train()
