@@ -1177,6 +1177,16 @@ def test_a_folders_splits_are_those_datasets_reads_in_its_names(tmp_path, names,
     assert ("named by no split" in caplog.text) == ("notes.jsonl" in names)
 
 
+def test_a_split_named_by_hub_shards_is_read_by_its_own_name(tmp_path):
+    """Hub shards name their split as it is (data/eval-00000-of-00001): data.split=eval reads eval's shards, as
+    datasets does, not test's (which eval is a word of in file names)."""
+    (tmp_path / "data").mkdir()
+    for split in ("train", "eval"):
+        write_jsonl(tmp_path / "data" / f"{split}-00000-of-00001.jsonl", [conversation("Q?", f"{split}.")])
+    assert [e.response for e in load_examples(tmp_path, split="eval").examples] == ["eval."]
+    assert [r["messages"][1]["content"] for r in datasets.load_dataset(str(tmp_path), split="eval")] == ["eval."]
+
+
 def test_a_folder_of_files_not_named_by_split_is_read_whole(tmp_path):
     """Files named otherwise (a user's own parts) are one set: all of them are read, under any data.split."""
     write_jsonl(tmp_path / "alpaca.jsonl", [conversation("Q?", "A.")])

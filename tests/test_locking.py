@@ -76,3 +76,13 @@ def test_a_child_that_outlives_the_holder_does_not_keep_the_lock(tmp_path):
         if child is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+
+
+def test_the_holder_replaces_a_longer_record_of_the_one_before(tmp_path):
+    """The last holder's record may be longer than this one's (a longer command line): it is replaced whole, or a
+    second process would read a broken record and could not say which process holds the folder."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / ".run.lock").write_text(json.dumps({"pid": 1, "host": "h", "since": "s", "command": "x" * 5000}) + "\n")
+    with locking.exclusive(folder, "run"):
+        assert json.loads((folder / ".run.lock").read_text())["pid"] == os.getpid()

@@ -45,3 +45,15 @@ def test_a_start_after_a_session_line_cut_short_compares_its_code_with_the_last_
     caplog.set_level(logging.WARNING, logger="spin_fast.run_directory")
     directory(tmp_path).record_session(None)
     assert "was run before" not in caplog.text
+
+
+def test_a_run_with_only_a_saved_part_is_not_started_again_with_other_settings(tmp_path):
+    """A stage's saved part (in parts/, before any manifest) is work made with the saved settings: a start with
+    other ones is refused, not taken for a new run (which would mix its pairs with the part's)."""
+    run = directory(tmp_path)
+    run.claim(None, None, {}, "m")
+    (tmp_path / "run" / "iter-0" / "generate" / "parts").mkdir(parents=True)
+    (tmp_path / "run" / "iter-0" / "generate" / "parts" / "000000000-000000004.jsonl").write_text("")
+    run.unlock()
+    with pytest.raises(ValueError, match=r"holds another config, which differs in train.beta"):
+        directory(tmp_path, "train.beta=0.2").saved_config()

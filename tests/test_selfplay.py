@@ -1659,6 +1659,12 @@ def test_a_run_directory_moved_to_another_home_after_an_iteration_goes_on_from_i
     assert [s["iteration"] for s in summaries] == [0, 1]
     assert summaries[0]["checkpoint"].startswith(str(tmp_path / "bob" / "run" / "iter-0")), summaries
     assert summaries[1]["checkpoint"].startswith(str(tmp_path / "bob" / "run" / "iter-1")), summaries
+    for stage in ("generate", "score", "train"):  # θ1 is bob's own checkpoint, not alice's
+        manifest = json.loads((tmp_path / "bob" / "run" / "iter-1" / stage / "manifest.json").read_text())
+        theta1 = manifest["inputs"]["model"]
+        assert theta1.startswith(str(tmp_path / "bob" / "run" / "iter-0")), (stage, theta1)
+    rows = [json.loads(line) for line in (tmp_path / "bob" / "run" / "summary.jsonl").read_text().splitlines()]
+    assert [row["checkpoint"] for row in rows] == [s["checkpoint"] for s in summaries]  # bob's, in his table too
 
 
 def test_data_json_records_the_held_out_source_as_written(sft_model, tmp_path, monkeypatch):
@@ -1777,3 +1783,23 @@ def test_the_models_context_is_the_one_vllm_serves_with_rope_scaling(tmp_path, r
     except ImportError:
         return
     assert ModelConfig(model=str(tmp_path / "model"), skip_tokenizer_init=True).max_model_len == context  # as vLLM
+
+
+def test_an_iteration_killed_as_its_summary_is_tracked_is_tracked_again(sft_model, tmp_path, monkeypatch):
+    """The summary goes to the trackers before the manifest marks the iteration done: a kill there redoes the
+    tracking on resume, never skips it."""
+    import spin_fast.selfplay
+
+    tracked = []
+
+    def killed_once(run_dir, config, summary):
+        tracked.append(summary["iteration"])
+        if len(tracked) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(spin_fast.selfplay, "track_iteration", killed_once)
+    config = run_config(sft_model, tmp_path / "run", "iterations=1")
+    with pytest.raises(KeyboardInterrupt):
+        SelfPlay(config).run()
+    SelfPlay(config).run()
+    assert tracked == [0, 0]

@@ -11,7 +11,8 @@ from spin_fast.stages import in_parts
 def make_part(done):
     def make(start, end):
         done.append((start, end))
-        return [ScoredPair((1,), (i,), (i + 1,), float(i), -float(i)) for i in range(start, end)], {"finished": end - start}
+        rows = [ScoredPair((1,), (i,), (i + 1,), float(i), -float(i)) for i in range(start, end)]
+        return rows, {"finished": end - start}
     return make
 
 
