@@ -203,7 +203,7 @@ def run_sft(config) -> int:
     """SFT on (prompt, human response) with the same packed machinery; the model lands in output_dir/sft."""
     from spin_fast import distributed, locking
     from spin_fast.examples import check_in_vocabulary, read_examples, tokenize_examples
-    from spin_fast.generation.choice import context_of
+    from spin_fast.generation.choice import check_examples_in_context
     from spin_fast.loading import fetch_model, load_policy
     from spin_fast.model import load_tokenizer
     from spin_fast.packing import Sequence, check_fits
@@ -233,17 +233,7 @@ def run_sft(config) -> int:
     # (no pair shares its micro-batch: SPIN's advice says one does).
     check_fits([[s] for s in sequences], False, config.train.micro_batch_tokens, "train.micro_batch_tokens",
                "example", " or cut the data shorter (data.max_length)", names=[e.origin for e in raw])
-    # As SPIN's prompts and answers are: a row past the model's context would train past it silently (RoPE) or fail
-    # at its step (learned positions), hours in.
-    context, key = context_of(folder, config)
-    too_long = [i for i, s in enumerate(sequences) if context and s.length > context]
-    if too_long:
-        first = too_long[0]
-        named = raw[first].origin or f"example {first}"
-        raise ValueError(f"{len(too_long)} of {len(sequences)} examples are longer than the model's context of "
-                         f"{context} tokens ({key}), the first {named}: "
-                         f"{sequences[first].length} tokens: set data.max_length to at most {context}"
-                         + (" and data.max_prompt_length below it" if config.data.max_prompt_length >= context else ""))
+    check_examples_in_context([s.length for s in sequences], folder, config, [e.origin for e in raw])
     del raw, examples  # training needs the sequences' ids alone, not the text held to its end
     output_dir = Path(config.output_dir)
     starts = output_dir / "sft" / "sessions.jsonl"  # a line per start: every rank must see rank 0's (check_shared)

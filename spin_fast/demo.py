@@ -1,6 +1,6 @@
 """`make demo`: a whole, real SPIN experiment on a small built-in task, on the CPU, with nothing downloaded.
 
-    python -m spin_fast.demo [--config configs/demo.yaml] [--output DIR] [--set key=value ...]
+    python -m spin_fast.demo [--config configs/demo.yaml] [--output DIR] [--set key=value ...] [--verbose]
 
 Stages, each resumable (a stage whose manifest exists is done and is skipped on a rerun):
 
@@ -445,11 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set demo.task.n_train=1000 or --set train.beta=0.2")
     parser.add_argument("--until", choices=STAGES, help="stop after this stage (a rerun goes on from there)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and an error's traceback")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config, demo = load_demo_config(args.config, args.overrides, args.output)
     except (ConfigError, OSError) as error:
+        log.debug("the error's traceback", exc_info=True)
         print(f"demo: {error}", file=sys.stderr)
         return 2
     from spin_fast.loading import library_progress_bars
@@ -465,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     except stopping.Stopped as stop:
         return report_stop(stop)
     except TrainingDiverged as error:  # the settings' doing, not a bug: one line, as `spin-fast train` says it
+        log.debug("the error's traceback", exc_info=True)
         print(f"demo: training diverged at {error}: lower that stage's learning rate (demo.sft.learning_rate for "
               "sft/, train.learning_rate for spin/, demo.continued_sft.learning_rate for continued-sft/) and run "
               "again with another --output", file=sys.stderr)

@@ -24,9 +24,10 @@ from spin_fast.data import (
 from spin_fast.scoring import TokenizedPair
 
 
-def read_examples(data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
+def read_examples(data: DataConfig, source: str, limit: int | None = None, where: str = "") -> list[Example]:
     """The examples of `source`, read with the run's data settings (schema, history, bad rows). A missing file is
-    named with its setting, as a missing model is: a config names data.source and data.eval_source."""
+    named with its setting, as a missing model is: a config names data.source and data.eval_source; `where` names
+    what gave `data` where that is not the config's data section (e.g. "iteration_overrides[1]")."""
     try:
         return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
                              skip_invalid=data.skip_invalid, limit=limit).examples
@@ -34,7 +35,8 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None) -> li
         setting = "data.source" if source == data.source else "data.eval_source" if source == data.eval_source else None
         if setting is None or Path(source).exists():  # another file: its own error names it
             raise
-        raise FileNotFoundError(f"{setting} {str(source)!r}: no such file or directory") from None
+        raise FileNotFoundError(f"{where + ': ' if where else ''}{setting} {str(source)!r}: no such file or "
+                                "directory") from None
 
 
 TOKENIZE_BATCH = 256  # examples a rank encodes in one call to its tokenizer

@@ -48,7 +48,7 @@ from spin_fast.examples import (
     tokens_digest,
 )
 from spin_fast.generation.base import Engine, request_cost
-from spin_fast.generation.choice import check_prompts_fit, default_engine
+from spin_fast.generation.choice import check_examples_in_context, check_prompts_fit, default_engine
 from spin_fast.loading import device, fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
 from spin_fast.packing import Sequence, check_fits
@@ -169,15 +169,10 @@ class SelfPlay:
             # First: a missing model is named before its tokenizer fails.
             self.sft_folder = fetch_model(self.config.model.name_or_path, revision=revision)
             tokenizer = load_tokenizer(self.config.model, self.sft_folder)
-            for t, (data, source, limit) in sources.items():
-                try:
-                    self.read(data, source, limit)
-                except FileNotFoundError as error:  # named with its setting: the override's, where one gave it
-                    setting = "data.source" if isinstance(t, int) else "data.eval_source"
-                    overridden = setting in self.config.iteration_overrides.get(_iteration_of(t), {})
-                    if not overridden or not str(error).startswith(f"{setting} "):
-                        raise
-                    raise FileNotFoundError(f"iteration_overrides[{_iteration_of(t)}]: {error}") from None
+            for t, (data, source, limit) in sources.items():  # a missing file is named by the override that gave it
+                setting = "data.source" if isinstance(t, int) else "data.eval_source"
+                overridden = setting in self.config.iteration_overrides.get(_iteration_of(t), {})
+                self.read(data, source, limit, where=f"iteration_overrides[{_iteration_of(t)}]" if overridden else "")
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         first_of = {_key(*sources[t]): t for t in reversed(list(sources))}  # the iterations mostly share a source
@@ -196,6 +191,9 @@ class SelfPlay:
                        " (a pair's sequences share a micro-batch; this example's prompt and human response alone "
                        "do not fit) or cut the data shorter (data.max_length)",
                        names=self._origins[_key(*sources[t])])
+            # The human responses are trained on, as SFT's are: none may go past the model's context.
+            check_examples_in_context([len(e.prompt_ids) + len(e.response_ids) for e in examples[t]], self.sft_folder,
+                                      self.config.for_iteration(t), self._origins[_key(*sources[t])])
         if any(isinstance(t, str) for t in sources):
             from spin_fast.evaluation import check_examples_fit
 
@@ -449,11 +447,12 @@ class SelfPlay:
                                 progress=config.train.progress, bf16_autocast=config.train.bf16_autocast)
         return {"heldout_loglik_per_token": result["loglik_per_token"]}
 
-    def read(self, data: DataConfig, source: str, limit: int | None = None) -> list[Example]:
-        """The examples of `source` read with the data settings `data` (an iteration may override them), once."""
+    def read(self, data: DataConfig, source: str, limit: int | None = None, where: str = "") -> list[Example]:
+        """The examples of `source` read with the data settings `data` (an iteration may override them: `where`
+        names the override, read_examples), once."""
         key = _key(data, source, limit)
         if key not in self._read:
-            self._read[key] = read_examples(data, source, limit)
+            self._read[key] = read_examples(data, source, limit, where)
             if distributed.is_main() and any(e.generated is not None for e in self._read[key]):
                 log.warning("%s: its rows hold generated responses (real/generated pairs), which a SPIN run does not "
                             "use: each iteration's model answers the prompts itself", source)

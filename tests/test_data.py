@@ -1324,3 +1324,13 @@ def test_an_added_whitespace_token_after_the_answer_ends_no_turn():
     blank = tokenizer.convert_tokens_to_ids("\n\n")
     assert blank in tokenizer.encode("Hi\n\n", add_special_tokens=False)  # the template's ending is that token
     assert eos_token_id(tokenizer) == tokenizer.eos_token_id
+
+
+def test_read_examples_names_the_override_that_gave_a_missing_file(tmp_path):
+    """The run named an iteration override's missing file by matching the start of read_examples' message; the
+    override is passed in (`where`) and read_examples names it, with the file's own setting."""
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=rf"^iteration_overrides\[1\]: data.eval_source '{missing}': no such"):
+        read_examples(DataConfig(eval_source=missing), missing, where="iteration_overrides[1]")
+    with pytest.raises(FileNotFoundError, match=rf"^data.source '{missing}': no such file or directory$"):
+        read_examples(DataConfig(source=missing), missing)

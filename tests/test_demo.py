@@ -352,3 +352,17 @@ def test_a_value_a_stage_refuses_ends_the_demo_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"^demo: train.micro_batch_tokens=8: .* takes \d+ tokens", err, re.M), err
     assert "Traceback" not in err, err
+
+
+def test_verbose_shows_the_traceback_of_the_one_line_error(tmp_path):
+    """A stage's error ends the demo with one line; its traceback went to a debug log that the demo's INFO logging
+    never showed, and the demo had no --verbose (as `spin-fast -v` has) to show it."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "spin_fast.demo", "--output", str(tmp_path), "--verbose",
+               *sum((["--set", s] for s in SHORT), []), "--set", "train.micro_batch_tokens=8", "--until", "sft"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(r"^demo: train.micro_batch_tokens=8: ", done.stderr, re.M), done.stderr[-2000:]
+    assert "Traceback (most recent call last)" in done.stderr, done.stderr[-2000:]

@@ -1803,3 +1803,46 @@ def test_an_iteration_killed_as_its_summary_is_tracked_is_tracked_again(sft_mode
         SelfPlay(config).run()
     SelfPlay(config).run()
     assert tracked == [0, 0]
+
+
+def test_a_spin_example_longer_than_the_models_context_is_refused_as_sfts_is(sft_model, tmp_path, capsys):
+    """`spin-fast sft` refuses a row longer than the model's context (it would train past it: silently with RoPE, or
+    failing at its step with learned positions); a SPIN run with the transformers engine checked only the prompts and
+    answers it generates, and trained its human responses past the context."""
+    from spin_fast.cli import main
+
+    folder = huge_context_model(sft_model, tmp_path, seq_length=40)
+    long = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": "Hi", "response": "Hello."}, {"prompt": "Tell me a story.", "response": long}]))
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}",
+                        f"data.source={tmp_path / 'long.jsonl'}", "data.max_prompt_length=16")
+    refused = (r"1 of 2 examples are longer than the model's context of 40 tokens \(seq_length\), the first "
+               r"\S*long.jsonl line 2: 64 tokens: set data.max_length to at most 40")
+    with pytest.raises(ValueError, match=refused):
+        SelfPlay(config).run(until=(0, "generate"))
+    assert not (tmp_path / "run" / "iter-0").exists()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    capsys.readouterr()
+    assert main(["sft", str(tmp_path / "run.yaml"), "--set", f"output_dir={tmp_path / 'sft'}"]) == 2
+    assert re.search(refused, capsys.readouterr().err)  # as sft says it
+
+
+@pytest.mark.parametrize("name, rope, context", [
+    ("LlavaConfig", None, (128, "max_position_embeddings")),
+    ("Qwen2VLConfig", None, (128, "max_position_embeddings")),
+    ("LlavaConfig", {"rope_type": "linear", "factor": 2.0},
+     (256, "max_position_embeddings times the RoPE scaling factor 2.0")),
+])
+def test_a_multimodal_models_context_is_its_text_configs(tmp_path, name, rope, context):
+    """A VLM's config keeps its context and RoPE scaling in text_config (vLLM reads hf_text_config): context_of read
+    the top level alone and found none, so no prompt, SFT row or engine length was checked against the context."""
+    import transformers
+
+    from spin_fast.generation.choice import context_of
+
+    text = {"model_type": "llama"} if name == "LlavaConfig" else {}
+    if rope:
+        text["rope_scaling"] = rope
+    getattr(transformers, name)(text_config={**text, "max_position_embeddings": 128}).save_pretrained(tmp_path / "m")
+    assert context_of(str(tmp_path / "m"), load_run_config(None, [])) == context

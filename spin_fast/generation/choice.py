@@ -13,6 +13,7 @@ from spin_fast.config import RunConfig
 from spin_fast.data import eos_token_id, turn_end_text
 from spin_fast.generation.base import Engine
 from spin_fast.loading import load_policy
+from spin_fast.model import text_config
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,17 @@ ROPE_ALREADY_SCALED = frozenset({"su", "longrope", "llama3", "yarn", "deepseek_y
 
 def context_of(model_folder: str, config: RunConfig) -> tuple[int | None, str]:
     """The model's context in tokens as vLLM derives it, and what of its config gives it: the smallest of
-    CONTEXT_KEYS there, or its model_max_length where it has one (Command-R's is above max_position_embeddings), times
-    the RoPE scaling factor (None where it has none of the keys)."""
+    CONTEXT_KEYS, or its model_max_length where it has one (Command-R's is above max_position_embeddings), times the
+    RoPE scaling factor, all read from its text decoder's config (a VLM's text_config: vLLM's hf_text_config). None
+    where it has none of the keys: nothing is checked against a context then, and vLLM serves the lengths the run
+    asks for (it assumes 2048 tokens only when asked for none)."""
     model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
-    lengths = [(value, key) for key in CONTEXT_KEYS
-               if isinstance(value := getattr(model_config, key, None), int) and value > 0]
+    text = text_config(model_config)
+    lengths = [(value, key) for key in CONTEXT_KEYS if isinstance(value := getattr(text, key, None), int) and value > 0]
     context, key = min(lengths, default=(None, "max_position_embeddings"))
-    if isinstance(limit := getattr(model_config, "model_max_length", None), int) and limit > 0:
+    if isinstance(limit := getattr(text, "model_max_length", None), int) and limit > 0:
         context, key = limit, "model_max_length"
-    factor = rope_factor(model_config)
+    factor = rope_factor(text)
     if context and factor != 1:
         context, key = int(context * factor), f"{key} times the RoPE scaling factor {factor}"
     return context, key
@@ -61,6 +64,22 @@ def rope_factor(model_config) -> float:
 def model_context(model_folder: str, config: RunConfig) -> int | None:
     """The model's context in tokens (context_of)."""
     return context_of(model_folder, config)[0]
+
+
+def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunConfig, names: Seq[str]) -> None:
+    """Each example the model trains on, its prompt and human response as tokenized and cut to data.max_length
+    (`lengths`, in tokens; `names`, their rows), fits in the model's context (context_of): one past it would train
+    past it silently (RoPE) or fail at its step (learned positions), hours in. SFT trains on these sequences; SPIN on
+    them and on the answers generated (check_prompts_fit)."""
+    context, key = context_of(model_folder, config)
+    too_long = [i for i, length in enumerate(lengths) if context and length > context]
+    if too_long:
+        first = too_long[0]
+        named = names[first] or f"example {first} (counted from 0)"
+        raise ValueError(f"{len(too_long)} of {len(lengths)} examples are longer than the model's context of "
+                         f"{context} tokens ({key}), the first {named}: {lengths[first]} tokens: set data.max_length "
+                         f"to at most {context}"
+                         + (" and data.max_prompt_length below it" if config.data.max_prompt_length >= context else ""))
 
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
@@ -161,9 +180,8 @@ def engine_context(config: RunConfig, longest_prompt: int | None = None) -> int 
 def default_engine(model, tokenizer, config: RunConfig, model_path: str, longest_prompt: int | None = None
                    ) -> Engine:
     """vLLM when installed (engine auto or vllm), started from θt's folder (serving `longest_prompt`: start_vllm);
-    else the embedded
-    transformers engine, which generates with the training model itself (no second copy), or with a
-    copy of its own when `model` is None (training shards it under ZeRO)."""
+    else the embedded transformers engine, which generates with the training model itself (no second copy), or with
+    a copy of its own when `model` is None (training shards it under ZeRO)."""
     from spin_fast.generation.hf_engine import TransformersEngine
 
     if chosen_engine(config) == "vllm":
