@@ -339,7 +339,8 @@ class SelfPlay:
         sampling = config.generation.sampling().for_iteration(t)
         prompts = [e.answered_prompt_ids for e in examples]
         check_prompts_fit(prompts, sampling.max_new_tokens, self.model_path(t), config, config.data.source,
-                          self._origins[_key(config.data, config.data.source, config.data.max_prompts)])
+                          self._origins[_key(config.data, config.data.source, config.data.max_prompts)],
+                          end_tokens=len(response_end(tokenizer)))
 
         def generate_part(start: int, end: int):
             if self.engine is None:  # started at the first prompt left to answer, once per run

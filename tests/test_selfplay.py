@@ -1846,3 +1846,29 @@ def test_a_multimodal_models_context_is_its_text_configs(tmp_path, name, rope, c
         text["rope_scaling"] = rope
     getattr(transformers, name)(text_config={**text, "max_position_embeddings": 128}).save_pretrained(tmp_path / "m")
     assert context_of(str(tmp_path / "m"), load_run_config(None, [])) == context
+
+
+def test_an_answer_closed_past_the_context_by_the_response_end_is_refused(sft_model, tmp_path):
+    """A cut answer is trained with data.response_end appended: a prompt and max_new_tokens that fill the context
+    exactly go past it by the end's tokens where data.max_length (above the context) does not cut the pair back."""
+    from spin_fast.data import response_end
+    from spin_fast.generation.choice import check_prompts_fit
+    from spin_fast.model import load_tokenizer
+
+    folder = huge_context_model(sft_model, tmp_path, seq_length=48)
+    end = len(response_end(load_tokenizer(run_config(sft_model, tmp_path).model, str(folder))))
+    assert end >= 1
+    for cut in ("always", "when_too_long"):
+        past = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=40",
+                          f"data.cut_prompt={cut}")  # data.max_length=64, above the context of 48
+        with pytest.raises(ValueError, match=r"token\(s\) of data.response_end .* context of 48 .* data.max_length"):
+            check_prompts_fit([[1] * 40], 8, str(folder), past, "prompts", end_tokens=end)
+        check_prompts_fit([[1] * 40], 8, str(folder), past, "prompts")  # not trained (evaluation): fits
+        within = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=40",
+                            f"data.cut_prompt={cut}", "data.max_length=48")
+        check_prompts_fit([[1] * 40], 8, str(folder), within, "prompts", end_tokens=end)  # cut back into the context
+    # The run passes its tokenizer's end: refused before the first answer is generated.
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=40")
+    with pytest.raises(ValueError, match=r"data.response_end"):
+        SelfPlay(config).run(until=(0, "generate"))
+    assert not (tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").exists()

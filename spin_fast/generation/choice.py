@@ -83,28 +83,37 @@ def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunC
 
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
-                      what: str, names: Seq[str] | None = None) -> None:
+                      what: str, names: Seq[str] | None = None, end_tokens: int = 0) -> None:
     """Each prompt the opponent answers and its answer must fit in the model's context (context_of):
     under data.cut_prompt when_too_long the prompts are answered whole, and each one is checked; under always they
     are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
     first prompt too long, part of the way through (vLLM: as it starts, with an error about a max_model_len that
-    nobody set)."""
+    nobody set). Answers that are trained on close with `end_tokens` more (data.response_end, examples.answered_pairs):
+    where data.max_length does not cut them back into the context, those count too."""
     context, key = context_of(model_folder, config)
-    if config.data.cut_prompt != "when_too_long":
-        if context and config.data.max_prompt_length + max_new_tokens > context:
-            raise ValueError(f"{what}: data.max_prompt_length={config.data.max_prompt_length} and "
-                             f"generation.max_new_tokens={max_new_tokens} exceed the model's context of {context} "
-                             f"tokens ({key}): lower one of them")
+    if not context:
         return
-    too_long = [i for i, prompt in enumerate(prompts) if context and len(prompt) + max_new_tokens > context]
+    # A cut answer gets the response end appended, and a pair is cut to data.max_length: past the context only where
+    # that is above it (then silently past it with RoPE, or failing at its training step with learned positions).
+    closing = end_tokens if config.data.max_length > context else 0
+    closed = f" and the {closing} token(s) of data.response_end that close a trained answer" if closing else ""
+    if config.data.cut_prompt != "when_too_long":
+        if config.data.max_prompt_length + max_new_tokens + closing > context:
+            raise ValueError(f"{what}: data.max_prompt_length={config.data.max_prompt_length} and "
+                             f"generation.max_new_tokens={max_new_tokens}{closed} exceed the model's context of "
+                             f"{context} tokens ({key}): lower one of them"
+                             + (" or data.max_length to at most the context" if closing else ""))
+        return
+    too_long = [i for i, prompt in enumerate(prompts) if len(prompt) + max_new_tokens + closing > context]
     if too_long:
         first = too_long[0]
         named = names[first] if names else f"prompt {first} (counted from 0)"  # its file and line, where known
         raise ValueError(
             f"{what}: {len(too_long)} of {len(prompts)} prompts are too long to answer whole, the first {named}: "
-            f"{len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens} exceed "
+            f"{len(prompts[first])} tokens and generation.max_new_tokens={max_new_tokens}{closed} exceed "
             f"the model's context of {context} tokens ({key}). Set data.cut_prompt=always to cut "
-            "prompts to data.max_prompt_length, or leave these prompts out")
+            "prompts to data.max_prompt_length, or leave these prompts out"
+            + (", or set data.max_length to at most the context" if closing else ""))
 
 
 def chosen_engine(config: RunConfig) -> str:
