@@ -41,7 +41,7 @@ from spin_fast.generation.base import Completion, SamplingConfig, request_cost
 from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, stop_strings, vllm_dtype
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
-from spin_fast.packing import Sequence, check_fits, group_tokens, pack_groups
+from spin_fast.packing import Sequence, check_fits, group_tokens, pack_indices
 from spin_fast.scoring import TokenizedPair, check_pairs_fit, model_logprobs
 from spin_fast.stages import config_hash, finished_summaries
 from spin_fast.tracking import Trackers, check_trackers, tracked_name
@@ -59,8 +59,9 @@ def shared_logprobs(models, groups: Seq[Seq[Sequence]], token_budget: int, backe
     one process's. With ZeRO-3 partitioned models every forward pass is a collective, so a rank with fewer
     micro-batches runs fillers."""
     share = all(can_share_prompts(model) for model in models)
-    chunks = [batch.group_indices.tolist()
-              for batch in pack_groups(groups, token_budget, share_prompts=share, first_fit_decreasing=True)]
+    # The indices alone: each rank packs its chunks again (model_logprobs), and tensors for every chunk of a large
+    # set would take a minute to make and to drop.
+    chunks = pack_indices(groups, token_budget, share_prompts=share, first_fit_decreasing=True)
     costs = [sum(group_tokens(groups[i], share) for i in chunk) for chunk in chunks]
 
     def logprobs(c: int | None) -> list[torch.Tensor]:  # None: a filler pass

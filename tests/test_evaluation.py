@@ -989,3 +989,28 @@ def test_a_signal_while_evals_vllm_engine_starts_stops_before_it_answers(sorting
                if p.pid not in before and not resource_tracker(p)]
     _, left = psutil.wait_procs(started, timeout=30)  # shut down: they end within moments
     assert not left, left
+
+
+def test_shared_logprobs_makes_each_row_once(monkeypatch):
+    """shared_logprobs deals out one process's micro-batches by their groups' indices and each is packed again where
+    it is scored: the rows' tensors are made there alone, not for the whole set first as well (a minute of tensors
+    made and dropped for a large held-out set). The sums stay model_logprobs' bit for bit."""
+    from spin_fast import packing
+    from spin_fast.evaluation import shared_logprobs
+    from spin_fast.packing import Sequence, pack_groups
+    from spin_fast.scoring import model_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64, hidden_size=32))
+    groups = [[Sequence(tuple(torch.randint(1, 64, (int(torch.randint(1, 9, ())),)).tolist()),
+                        tuple(torch.randint(1, 64, (int(torch.randint(1, 9, ())),)).tolist()))] for _ in range(40)]
+    budget = 3 * max(s.length for g in groups for s in g)
+    rows = [batch.group_indices.tolist() for batch in pack_groups(groups, budget, first_fit_decreasing=True)]
+    built = []
+    real_build = packing._build
+    monkeypatch.setattr(packing, "_build", lambda chunk_groups, indices, *rest: built.append(len(indices)) or
+                        real_build(chunk_groups, indices, *rest))
+    sums = shared_logprobs([model], groups, budget, "torch", "sums")[0]
+    # Each row once where it is scored, and each scoring call's one-token filler (made, not run, on one process).
+    assert sorted(built) == sorted([len(row) for row in rows] + [1] * len(rows))
+    assert torch.equal(sums, model_logprobs(model, groups, budget, backend="torch"))
