@@ -610,14 +610,21 @@ def _prompt_text(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
     return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
 
-def _prompt_ids(tokenizer: Any, text: str, encode: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
+def _prompt_ids(tokenizer: Any, text: str, encode: Callable[[str], list[int]], adds_bos: bool | None = None
+                ) -> tuple[list[int], list[int]]:
     """A prompt's ids as they start the templated conversation's (responses follow these), and the ids the model
-    is given (render_prompt's)."""
+    is given (render_prompt's). adds_bos: _adds_bos(tokenizer), where the caller has it (None: asked here)."""
     ids = encode(text)
     bos = tokenizer.bos_token_id
-    if bos is None or ids[:1] == [bos] or tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]:
+    if bos is None or ids[:1] == [bos] or not (_adds_bos(tokenizer) if adds_bos is None else adds_bos):
         return ids, ids
     return ids, [bos, *ids]
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's own encoding starts with BOS."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -830,9 +837,10 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
     end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(end[0])
     rendered = [_render(tokenizer, example, end_text) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
+    adds_bos = _adds_bos(tokenizer)  # once, not a call to the tokenizer per example (zephyr's template has no BOS)
     tokenized = []
     for r, source in zip(rendered, examples):
-        prompt_ids, model_prompt = _prompt_ids(tokenizer, r.prompt, encode)
+        prompt_ids, model_prompt = _prompt_ids(tokenizer, r.prompt, encode, adds_bos)
         responses = [(*_response_ids(prompt_ids, text, in_context, encode, source.origin), *end)
                      for text, in_context in r.responses]
         whole = TokenizedExample(tuple(model_prompt), responses[0], responses[1] if len(responses) > 1 else None)
