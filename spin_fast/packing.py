@@ -216,7 +216,14 @@ def pack_groups(
     """
     chunks = pack_indices(groups, token_budget, order=order, share_prompts=share_prompts,
                           first_fit_decreasing=first_fit_decreasing)
-    return [_build(groups, chunk, len(groups[0]), share_prompts) for chunk in chunks]
+    return [micro_batch(groups, chunk, share_prompts=share_prompts) for chunk in chunks]
+
+
+def micro_batch(groups: abc.Sequence[abc.Sequence[Sequence]], group_indices: abc.Sequence[int], *,
+                share_prompts: bool = False) -> MicroBatch:
+    """The micro-batch of the groups `group_indices` (a chunk of pack_indices), as pack_groups lays it out: for a
+    caller that makes each one as it comes to it, not every one of a large set at once."""
+    return _build(groups, list(group_indices), len(groups[0]), share_prompts)
 
 
 def pack_indices(

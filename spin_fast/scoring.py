@@ -19,7 +19,7 @@ from spin_fast import distributed, zero
 from spin_fast.data import SharedIds, TokenizedExample
 from spin_fast.files import replacing
 from spin_fast.model import can_share_prompts, check_head_is_plain, head, head_like, micro_batch_hidden_states
-from spin_fast.packing import MicroBatch, Sequence, check_fits, pack_groups
+from spin_fast.packing import MicroBatch, Sequence, check_fits, micro_batch, pack_groups, pack_indices
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,20 @@ def model_logprobs(model, groups: Seq[Seq[Sequence]], token_budget: int, *, back
     device = weight.device
     # Longest first, each group into the first row it fits: fewer passes than packing in data order (next fit).
     # A chunk of such a packing packed again makes the very same row (evaluation.shared_logprobs relies on it).
-    batches = pack_groups(groups, token_budget, share_prompts=can_share_prompts(model), first_fit_decreasing=True)
-    passes = zero.in_step([model], batches, "scoring micro-batch counts")
+    share = can_share_prompts(model)
+    chunks = pack_indices(groups, token_budget, share_prompts=share, first_fit_decreasing=True)
+    passes = zero.in_step([model], chunks, "scoring micro-batch counts")
     filler = pack_groups([[Sequence((0,), (0,))]], token_budget)[0]  # one token: a pass only to stay in step
     # Filled on the device and copied to the host once: a copy per micro-batch would wait for each pass to end.
     result = torch.zeros(len(groups), len(groups[0]) if groups else 0, dtype=torch.float64, device=device)
     with zero.gathered_per_layer(model) if zero.is_partitioned_model(model) else contextlib.nullcontext():
-        for batch in distributed.progress_bar(passes, "scoring", progress):
-            moved = (filler if batch is None else batch).to(device)
+        for chunk in distributed.progress_bar(passes, "scoring", progress):
+            # Made as it comes: every row of a stage scored at once (save_every_prompts 0) would hold its tokens
+            # again, in index tensors, before the first pass.
+            batch = filler if chunk is None else micro_batch(groups, chunk, share_prompts=share)
+            moved = batch.to(device)
             sums = _summed_logprobs(model, moved, weight, bias, backend, bf16_autocast)
-            if batch is not None:
+            if chunk is not None:
                 result[moved.group_indices] = sums.view(batch.group_size, -1).T  # already on the device
     model.train(was_training)
     return result.cpu()

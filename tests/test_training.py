@@ -885,3 +885,25 @@ def test_a_spin_checkpoint_is_not_resumed_with_another_beta(tmp_path, monkeypatc
     killed_in_step(4, Trainer(make_model(), None, config(save_every=2), tmp_path, scored), monkeypatch)
     with pytest.raises(ValueError, match=r"checkpoint-2: written with other training settings: beta"):
         Trainer(make_model(), None, config(save_every=2, beta=0.5), tmp_path, scored).train()
+
+
+def test_scoring_makes_each_micro_batch_as_it_comes_to_it(monkeypatch):
+    """A stage scored at once (save_every_prompts 0: 200k pairs) held every micro-batch's index tensors, its tokens
+    again, before the first pass: each is made just before its pass now, and the scores are the same."""
+    from spin_fast import packing, scoring
+    from spin_fast.scoring import model_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=64, hidden_size=32))
+    groups = [[Sequence(tuple(torch.randint(1, 64, (int(torch.randint(1, 6, ())),)).tolist()),
+                        tuple(torch.randint(1, 64, (int(torch.randint(1, 9, ())),)).tolist())) for _ in range(2)]
+              for _ in range(30)]
+    budget = 3 * max(group_tokens(g, False) for g in groups)
+    expected = model_logprobs(model, groups, budget, backend="torch")
+    events = []
+    real_build, real_sums = packing._build, scoring._summed_logprobs
+    monkeypatch.setattr(packing, "_build", lambda *args: events.append("made") or real_build(*args))
+    monkeypatch.setattr(scoring, "_summed_logprobs", lambda *args: events.append("pass") or real_sums(*args))
+    assert torch.equal(model_logprobs(model, groups, budget, backend="torch"), expected)
+    passes = events.count("pass")
+    assert passes > 3 and events == ["made"] + ["made", "pass"] * passes  # the filler, then one made per pass
