@@ -516,3 +516,33 @@ def test_null_on_the_command_line_drops_a_files_section_or_overrides(tmp_path):
     assert config.iteration_overrides == {1: {"train.epochs": 4}, 2: {"train.epochs": 3}}  # the new ones alone
     path.write_text("iterations: 2\niteration_overrides:\n  '1': {train.learning_rate: 1.0e-07}\n")  # as saved
     assert load_run_config(path, ["iteration_overrides.1=null"]).iteration_overrides == {}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # Caught as the config loads, not when training starts after a whole iteration's generation and scoring.
+    (["deepspeed.zero_stage=2", "deepspeed.offload_params=true"],
+     "deepspeed: offload_params needs zero_stage 3, got zero_stage 2"),
+    (["generation.gpu_memory_utilization=1.5"], r"generation: gpu_memory_utilization must be in \(0, 1\], got 1.5"),
+])
+def test_impossible_settings_are_refused_as_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_an_iterations_overrides_under_its_number_and_its_text_merge():
+    """A file that writes `1:` and `"1":` names iteration 1 twice: both entries' settings apply."""
+    config = RunConfig(iteration_overrides={1: {"train.beta": 0.2}, "1": {"train.epochs": 1}})
+    assert config.iteration_overrides == {1: {"train.beta": 0.2, "train.epochs": 1}}
+    train = config.for_iteration(1).train
+    assert (train.beta, train.epochs) == (0.2, 1)
+
+
+def test_zero3_init_loads_partitioned_only_in_a_deepspeed_run():
+    """deepspeed.zero3_init in one process with DeepSpeed off: the model loads whole (no process group, no
+    zero.Init)."""
+    from spin_fast.config import DeepSpeedConfig
+    from spin_fast.loading import partitioned
+
+    assert not partitioned(RunConfig(deepspeed=DeepSpeedConfig(zero3_init=True, enabled=False)))
+    assert not partitioned(RunConfig(deepspeed=DeepSpeedConfig(zero3_init=True)))  # one process: not launched
+    assert partitioned(RunConfig(deepspeed=DeepSpeedConfig(zero3_init=True, enabled=True)))

@@ -1014,3 +1014,18 @@ def test_shared_logprobs_makes_each_row_once(monkeypatch):
     # Each row once where it is scored, and each scoring call's one-token filler (made, not run, on one process).
     assert sorted(built) == sorted([len(row) for row in rows] + [1] * len(rows))
     assert torch.equal(sums, model_logprobs(model, groups, budget, backend="torch"))
+
+
+def test_the_checker_is_given_the_users_last_turn_and_grades_below_0_are_refused():
+    """A conversation's prompt (data.keep_history) holds several user turns: the checker grades the answer to the
+    last one, as the README says."""
+    from spin_fast.data import Example
+    from spin_fast.evaluation import checker_grades
+
+    example = Example(({"role": "user", "content": "Sort: 2, 1."}, {"role": "assistant", "content": "1, 2"},
+                       {"role": "user", "content": "Sort: 9, 8."}), "8, 9", origin="f line 3")
+    seen = []
+    checker_grades(lambda prompt, answer, reference: seen.append(prompt) or 1.0, [example], ["8, 9"])
+    assert seen == ["Sort: 9, 8."]
+    with pytest.raises(ValueError, match=r"f line 3: the checker graded an answer -0.5, outside \[0, 1\]"):
+        checker_grades(lambda *args: -0.5, [example], [""])

@@ -393,3 +393,52 @@ def test_an_answer_is_cut_where_a_stop_text_begins_after_a_character_of_byte_tok
     assert before_stop_text(answer + stop, tokenizer, ["<|im_end|>"]) == 4
     assert before_stop_text(answer + stop + answer, tokenizer, ["<|im_end|>"]) == 4  # what follows it goes too
     assert before_stop_text(answer, tokenizer, ["<|im_end|>"]) is None
+
+
+def test_the_transformers_engine_stops_at_its_stop_token_ids_too():
+    """stop_token_ids (the tokenizer's EOS beside a chat template's turn end, as the run passes them) end an answer
+    as its eos_token_id does: the answer is cut before the first, finished."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spin_fast.data import render_prompt
+    from spin_fast.generation import SamplingConfig
+    from spin_fast.generation.base import Completion
+    from spin_fast.generation.hf_engine import TransformersEngine
+    from spin_fast.model import tiny_config
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    tokenizer = build_local_tokenizer(vocab_size=300)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300)).eval()
+    batch = [render_prompt(tokenizer, [{"role": "user", "content": q}])
+             for q in ("What is two plus two?", "Why is the sky blue during the day?", "Tell me a fun fact.")]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    eos = tokenizer.eos_token_id
+    plain = [c[0] for c in TransformersEngine(model, eos_token_id=eos, progress=False).generate(batch, greedy)]
+    stop = plain[1].token_ids[2]
+    assert stop != eos and not plain[1].finished
+    engine = TransformersEngine(model, eos_token_id=eos, stop_token_ids=[stop], progress=False)
+    for before, (after,) in zip(plain, engine.generate(batch, greedy)):
+        ids = before.token_ids
+        assert after == (Completion(ids[: ids.index(stop)], True) if stop in ids else before)
+
+
+def test_top_k_1_samples_the_greedy_answer():
+    """generation.top_k=1 keeps the likeliest token alone: sampled answers are the greedy ones, whatever the seed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spin_fast.data import render_prompt
+    from spin_fast.generation import SamplingConfig
+    from spin_fast.generation.hf_engine import TransformersEngine
+    from spin_fast.model import tiny_config
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    tokenizer = build_local_tokenizer(vocab_size=300)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=300)).eval()
+    batch = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("Hi", "Tell me a fun fact.")]
+    engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
+    greedy = engine.generate(batch, SamplingConfig(temperature=0.0, max_new_tokens=8))
+    assert engine.generate(batch, SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=8, seed=5)) == greedy
