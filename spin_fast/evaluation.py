@@ -38,7 +38,14 @@ from spin_fast.data import Example, TokenizedExample, eos_token_id, reads_one_sp
 from spin_fast.examples import answered_pairs, check_in_vocabulary, read_examples, rows_digest, tokenize_examples
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
-from spin_fast.generation.choice import check_prompts_fit, chosen_engine, start_vllm, stop_strings, vllm_dtype
+from spin_fast.generation.choice import (
+    check_examples_in_context,
+    check_prompts_fit,
+    chosen_engine,
+    start_vllm,
+    stop_strings,
+    vllm_dtype,
+)
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_indices
@@ -186,11 +193,12 @@ class Answering:
         self._serving: str | None = None  # the folder whose weights the vLLM engine holds
 
     def generate(self, path: str, prompts: Seq[Seq[int]], sampling: SamplingConfig, what: str,
-                 names: Seq[str] | None = None) -> list[list[Completion]]:
+                 names: Seq[str] | None = None, end_tokens: int = 0) -> list[list[Completion]]:
         """One completion per prompt from the model at `path`, in prompt order, on every rank (`names`: each prompt's
-        row, which a prompt too long for the model's context is named by)."""
+        row, which a prompt too long for the model's context is named by; `end_tokens`: what closes an answer that is
+        scored, check_prompts_fit)."""
         folder = self.folders.get(path, path)  # a Hub model's local snapshot
-        check_prompts_fit(prompts, sampling.max_new_tokens, folder, self.config, what, names)
+        check_prompts_fit(prompts, sampling.max_new_tokens, folder, self.config, what, names, end_tokens)
         if self.engine == "transformers":
             return shared_generate(self.model_at(path), self.tokenizer, prompts, sampling,
                                    self.config.generation.batch_size, what, self.config.train.progress)
@@ -454,6 +462,9 @@ class Evaluation:
         check_in_vocabulary(self.tokenizer, self.examples, self.folders[sft], config.model.trust_remote_code,
                             self.names)
         check_examples_fit(self.examples, config.score_batch_tokens, eval_source, self.names)
+        # Scored (held-out log-likelihood, margins): past the model's context a learned-position model fails there.
+        check_examples_in_context([len(e.prompt_ids) + len(e.response_ids) for e in self.examples], self.folders[sft],
+                                  config, self.names)
         # The finished iterations as rank 0 sees them: a run still writing its manifests must not make the
         # ranks evaluate different models (and wait forever for each other).
         # Every one, also past config.iterations (a run extended with --set iterations=N, evaluated with its file).
@@ -554,10 +565,10 @@ class Evaluation:
         sampling = self.config.for_iteration(t).generation.sampling()
 
         def make():
+            end = response_end(self.tokenizer)  # closes each answer, which is scored: it counts in the context
             completions = self.answering.generate(opponent, [e.answered_prompt_ids for e in self.examples], sampling,
-                                                  f"iteration {t}'s held-out answers", self.names)
-            pairs = answered_pairs(self.examples, completions, response_end(self.tokenizer), self.config.data,
-                                   bos=self.tokenizer.bos_token_id)
+                                                  f"iteration {t}'s held-out answers", self.names, len(end))
+            pairs = answered_pairs(self.examples, completions, end, self.config.data, bos=self.tokenizer.bos_token_id)
             return [[list(p.prompt_ids), list(p.real_ids), list(p.generated_ids)] for p in pairs]
 
         key = {"answers of": self.identities[opponent], "sampling": asdict(sampling), **self.answer_settings}

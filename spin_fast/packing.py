@@ -235,11 +235,12 @@ def pack_indices(
     first_fit_decreasing: bool = False,
 ) -> list[list[int]]:
     """The indices of the groups each micro-batch of pack_groups holds, in its order, with no tensor made: for a
-    caller that deals out the micro-batches and packs each again (evaluation.shared_logprobs)."""
+    caller that deals out the micro-batches (evaluation.shared_logprobs) or makes each as it comes to it
+    (scoring.model_logprobs: micro_batch)."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     if first_fit_decreasing and order is not None:
-        raise ValueError("pack_groups: first_fit_decreasing chooses its own order; give no order with it")
+        raise ValueError("first_fit_decreasing chooses its own order; give no order with it")
     if not groups:
         return []
     _, lengths = _group_lengths(groups, share_prompts)

@@ -179,6 +179,9 @@ class SelfPlay:
         for key, t in first_of.items():  # before the run claims its directory, before any model runs
             check_in_vocabulary(tokenizer, examples[t], self.sft_folder, self.config.model.trust_remote_code,
                                 self._origins[key])
+            # The human responses are trained on (as SFT's are) or scored (held-out): none may go past the context.
+            check_examples_in_context([len(e.prompt_ids) + len(e.response_ids) for e in examples[t]], self.sft_folder,
+                                      self.config.for_iteration(_iteration_of(t)), self._origins[key])
         fitted = set()  # (source, budget) pairs checked: the iterations mostly share both
         for t, train in zip(iterations, trainings):  # a pair holds at least its prompt and human response: one that
             # cannot fit train.micro_batch_tokens is named now, not by training's check after generation and scoring
@@ -191,9 +194,6 @@ class SelfPlay:
                        " (a pair's sequences share a micro-batch; this example's prompt and human response alone "
                        "do not fit) or cut the data shorter (data.max_length)",
                        names=self._origins[_key(*sources[t])])
-            # The human responses are trained on, as SFT's are: none may go past the model's context.
-            check_examples_in_context([len(e.prompt_ids) + len(e.response_ids) for e in examples[t]], self.sft_folder,
-                                      self.config.for_iteration(t), self._origins[_key(*sources[t])])
         if any(isinstance(t, str) for t in sources):
             from spin_fast.evaluation import check_examples_fit
 

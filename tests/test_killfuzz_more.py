@@ -1,6 +1,6 @@
 """What tests/test_killfuzz.py does for `spin-fast run`, for what it leaves out: `spin-fast sft` killed and
 resumed (with its TensorBoard curves: each step once, the straight run's values), a second signal while a
-run stops, a kill during `spin-fast eval`, and kills in the end's summary and model export."""
+run stops (its kills land in the end's summary files too), and a stop during `spin-fast eval`."""
 
 import json
 import os

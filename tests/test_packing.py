@@ -319,6 +319,12 @@ def test_packing_makes_the_rows_a_scan_of_every_row_makes(share_prompts):
         for first_fit in (True, False):
             batches = pack_groups(groups, budget, share_prompts=share_prompts, first_fit_decreasing=first_fit)
             assert [b.group_indices.tolist() for b in batches] == _scan_first_fit(lengths, budget, first_fit)
+    # Drawn rarely above: one group, every group exactly the budget, ties that fill rows exactly.
+    for lengths, budget in [([5], 5), ([5], 9), ([6] * 7, 6), ([3, 3, 2, 4, 3, 3, 2, 4], 6), ([2] * 9 + [7], 8)]:
+        groups = [[Sequence((1,), (2,) * (length - 1))] for length in lengths]
+        for first_fit in (True, False):
+            batches = pack_groups(groups, budget, share_prompts=share_prompts, first_fit_decreasing=first_fit)
+            assert [b.group_indices.tolist() for b in batches] == _scan_first_fit(lengths, budget, first_fit)
 
 
 def test_first_fit_decreasing_work_grows_as_n_log_n():
@@ -341,10 +347,11 @@ def test_first_fit_decreasing_work_grows_as_n_log_n():
         code = frame.f_code
         return count if code.co_filename.endswith("packing.py") and code.co_name not in ("_build", "_ranges") else None
 
+    previous = sys.gettrace()  # coverage's or a debugger's, given back after
     sys.settrace(trace)
     try:
         batches = pack_groups(groups, budget, first_fit_decreasing=True)
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     assert len(batches) > n // 4  # many rows: a scan of all of them for each group is what is ruled out
     assert lines < 20 * n * math.log2(n), lines

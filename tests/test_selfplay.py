@@ -1810,6 +1810,7 @@ def test_a_spin_example_longer_than_the_models_context_is_refused_as_sfts_is(sft
     failing at its step with learned positions); a SPIN run with the transformers engine checked only the prompts and
     answers it generates, and trained its human responses past the context."""
     from spin_fast.cli import main
+    from spin_fast.evaluation import evaluate_run
 
     folder = huge_context_model(sft_model, tmp_path, seq_length=40)
     long = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)
@@ -1826,6 +1827,14 @@ def test_a_spin_example_longer_than_the_models_context_is_refused_as_sfts_is(sft
     capsys.readouterr()
     assert main(["sft", str(tmp_path / "run.yaml"), "--set", f"output_dir={tmp_path / 'sft'}"]) == 2
     assert re.search(refused, capsys.readouterr().err)  # as sft says it
+    # Held-out rows are scored (log-likelihood, margins): refused as well, by the run and by `spin-fast eval`.
+    (tmp_path / "short.jsonl").write_text(json.dumps({"prompt": "Hi", "response": "Hello."}) + "\n")
+    held_out = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=16",
+                          f"data.source={tmp_path / 'short.jsonl'}", f"data.eval_source={tmp_path / 'long.jsonl'}")
+    with pytest.raises(ValueError, match=refused):
+        SelfPlay(held_out).run(until=(0, "generate"))
+    with pytest.raises(ValueError, match=refused):
+        evaluate_run(SelfPlay(held_out), held_out.data.eval_source)
 
 
 @pytest.mark.parametrize("name, rope, context", [
@@ -1861,14 +1870,14 @@ def test_an_answer_closed_past_the_context_by_the_response_end_is_refused(sft_mo
     for cut in ("always", "when_too_long"):
         past = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=40",
                           f"data.cut_prompt={cut}")  # data.max_length=64, above the context of 48
-        with pytest.raises(ValueError, match=r"token\(s\) of data.response_end .* context of 48 .* data.max_length"):
+        with pytest.raises(ValueError, match=r"token\(s\) that close an answer .* context of 48 .* data.max_length"):
             check_prompts_fit([[1] * 40], 8, str(folder), past, "prompts", end_tokens=end)
-        check_prompts_fit([[1] * 40], 8, str(folder), past, "prompts")  # not trained (evaluation): fits
+        check_prompts_fit([[1] * 40], 8, str(folder), past, "prompts")  # answers neither trained nor scored: fit
         within = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=40",
                             f"data.cut_prompt={cut}", "data.max_length=48")
         check_prompts_fit([[1] * 40], 8, str(folder), within, "prompts", end_tokens=end)  # cut back into the context
     # The run passes its tokenizer's end: refused before the first answer is generated.
     config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", "data.max_prompt_length=40")
-    with pytest.raises(ValueError, match=r"data.response_end"):
+    with pytest.raises(ValueError, match=r"close an answer"):
         SelfPlay(config).run(until=(0, "generate"))
     assert not (tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").exists()

@@ -88,15 +88,18 @@ def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder:
     under data.cut_prompt when_too_long the prompts are answered whole, and each one is checked; under always they
     are cut to data.max_prompt_length, which is. Checked before generation starts, not when the engine meets the
     first prompt too long, part of the way through (vLLM: as it starts, with an error about a max_model_len that
-    nobody set). Answers that are trained on close with `end_tokens` more (data.response_end, examples.answered_pairs):
-    where data.max_length does not cut them back into the context, those count too."""
+    nobody set). An answer that is trained on or scored closes with `end_tokens` more (EOS or the chat template's turn
+    end: data.response_end, examples.answered_pairs): where data.max_length does not cut it back into the context,
+    those count too."""
     context, key = context_of(model_folder, config)
     if not context:
         return
-    # A cut answer gets the response end appended, and a pair is cut to data.max_length: past the context only where
-    # that is above it (then silently past it with RoPE, or failing at its training step with learned positions).
+    # Every answer gets the end appended, and a pair is cut to data.max_length: past the context only where that is
+    # above it (then silently past it with RoPE, or failing at its step with learned positions). Under when_too_long
+    # this may refuse a prompt whose pair max_length would cut back into the context: rare, and on the safe side.
     closing = end_tokens if config.data.max_length > context else 0
-    closed = f" and the {closing} token(s) of data.response_end that close a trained answer" if closing else ""
+    closed = (f" and the {closing} token(s) that close an answer (EOS or the chat template's turn end)" if closing
+              else "")
     if config.data.cut_prompt != "when_too_long":
         if config.data.max_prompt_length + max_new_tokens + closing > context:
             raise ValueError(f"{what}: data.max_prompt_length={config.data.max_prompt_length} and "
