@@ -437,3 +437,81 @@ def test_a_method_whose_loss_is_nan_is_flagged(monkeypatch):
     assert "DIFFERS" in kernels.summary_table(results).splitlines()[3]
     headline = dict(summary.kernel_rows({"results": results, "baseline": "naive PyTorch"}))
     assert "DIFFERS" in headline["SPIN head, V=300: naive, NaN"]
+
+
+def test_times_are_summarized_as_their_median_in_milliseconds():
+    """summarize: the median (not the mean: one slow run of three would move it), min and max, in ms."""
+    assert common.summarize([0.010, 0.001, 0.100]) == {"median_ms": pytest.approx(10.0), "min_ms": pytest.approx(1.0),
+                                                      "max_ms": pytest.approx(100.0), "runs": 3}
+
+
+WARM_UP_PROBE = """
+import json
+import torch
+from bench import common
+
+cache, calls = [], []
+
+def step():  # the first call builds a 32 MiB cache that every call after it keeps (as an optimizer's state)
+    calls.append(1)
+    if not cache:
+        cache.append(torch.ones(8 * 2**20))
+    x = torch.ones(4 * 2**20)  # what each call adds: 16 MiB
+    del x
+
+peak, times = common.memory_then_time(step, torch.device("cpu"), warmup=2, repeats=3)
+print(json.dumps({"peak": peak, "calls": len(calls), "runs": len(times)}))
+"""
+
+
+def test_memory_is_measured_after_a_warm_up_and_the_timed_calls_after_another():
+    """memory_then_time: an untimed call first (the cache it builds is held, not what the measured call adds), the
+    measured call, then `warmup` untimed calls and `repeats` timed ones, the warm-ups never among the times."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**common.worker_env(), "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", WARM_UP_PROBE], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 15.5 < result["peak"] < 17, result  # the call's 16 MiB, not the first call's cache
+    assert result["calls"] == 2 + 1 + 2 + 3 and result["runs"] == 3, result
+
+
+def test_each_ratio_divides_by_the_baseline_of_its_own_vocab_and_job():
+    """With several vocabularies and jobs, each method is divided by the baseline's figures at its own vocabulary and
+    job, and its value compared relative to the baseline's."""
+    results = [{"vocab": vocab, "job": job, "method": "naive PyTorch", **_fake(ms, mib, value)}
+               for vocab, job, ms, mib, value in [(1000, "spin_head", 100.0, 40.0, 2.0),
+                                                  (1000, "logprobs", 10.0, 4.0, 5.0),
+                                                  (2000, "spin_head", 400.0, 80.0, 4.0)]]
+    ours = [{"vocab": vocab, "job": job, "method": "spin-fast torch", **_fake(ms, mib, value)}
+            for vocab, job, ms, mib, value in [(2000, "spin_head", 200.0, 20.0, 3.0), (1000, "logprobs", 20.0, 1.0, 5.5)]]
+    kernels._add_ratios(results + ours)
+    head, logprobs = ours
+    assert (head["time_vs_baseline"], head["memory_vs_baseline"]) == (pytest.approx(0.5), pytest.approx(0.25))
+    assert head["value_rel_diff"] == pytest.approx(0.25)  # |3 - 4| / 4
+    assert (logprobs["time_vs_baseline"], logprobs["memory_vs_baseline"]) == (pytest.approx(2.0), pytest.approx(0.25))
+    assert logprobs["value_rel_diff"] == pytest.approx(0.1)
+
+
+def test_the_matmul_rate_is_the_products_flops_over_its_median_time(monkeypatch):
+    """matmul_tflops: the FLOPs of the [tokens, H] x [H, V] product it times (2 T H V, as torch counts them) over the
+    median of its runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    preset, counted = kernels.PRESETS["tiny"], []
+
+    def five_runs(step, device, warmup, repeats):
+        with FlopCounterMode(display=False) as counter:
+            step()  # the real product
+        counted.append(counter.get_total_flops())
+        return [0.5, 0.1, 0.2, 0.4, 0.3][:repeats]
+
+    monkeypatch.setattr(kernels, "time_runs", five_runs)
+    rate = kernels.matmul_tflops(preset, 1000)
+    assert counted == [2 * preset.tokens * preset.hidden * 1000]
+    assert rate == pytest.approx(counted[0] / 0.3 / 1e12)

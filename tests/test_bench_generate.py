@@ -62,4 +62,28 @@ def test_tiny_bench_vllm(tmp_path, monkeypatch):
     assert result["engine_rss_mib"] > 0 and result["engine_worker_processes"] >= 1
     assert result["restart_ms"] > 0 and result["checkpoint_save_ms"] > 0
     assert math.isfinite(result["restart_vs_swap"]) and result["restart_vs_swap"] > 0  # a ratio, never a timed claim
+    assert result["restart_vs_swap"] == pytest.approx(result["restart_ms"] / result["swap_ms"])
+    assert 0 <= result["peak_extra_mib"] < result["engine_rss_mib"]  # the call's peak above the RSS before it
     assert result["folder_reload_ms"] > 0 and result["folder_reload_runs"] == 1
+
+
+def test_tokens_per_second_are_the_timed_calls_tokens_over_their_median_time():
+    """The counts of the warm-up calls come first: the timed calls' are the last ones; times in s, figures in ms."""
+    from spin_fast.generation.base import Completion
+
+    figures = generate._generation_figures([2.0, 4.0], [99, 10, 30])
+    assert figures["generated_tokens"] == 20 and figures["generated_tokens_per_run"] == [10, 30]
+    assert figures["median_ms"] == pytest.approx(3000.0) and figures["tokens_per_s"] == pytest.approx(20 / 3.0)
+    assert generate._median_ms([0.5, 0.1, 0.2]) == pytest.approx(200.0)
+    # A completion that EOS ended holds its tokens without the EOS, which was generated too.
+    assert generate.count_tokens([[Completion((5, 6, 7), True)], [Completion((5,) * 8, False)]]) == 4 + 8
+
+
+def test_the_summarys_generation_row_says_seconds_and_ratios_as_measured():
+    from bench import summary
+
+    result = {"engine": "vLLM", "tokens_per_s": 387.1, "swap_ms": 967.6, "restart_ms": 29276.1,
+              "restart_vs_swap": 30.26, "folder_reload_ms": 264.8}
+    assert summary.generate_rows({"results": [result]}) == [[
+        "generation: vLLM", "387 tokens/s, weight swap 968 ms (restart from disk 29.3 s: 30x), reload from a "
+        "checkpoint folder 265 ms"]]

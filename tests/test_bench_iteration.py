@@ -165,3 +165,14 @@ def test_the_profiles_vllm_engine_serves_the_longest_prompt_under_when_too_long(
         selfplay.run()
     assert selfplay._longest_prompt > 0
     assert started.value.args == (selfplay._longest_prompt + 8,)
+
+
+def test_the_summarys_iteration_row_adds_up_the_steady_stages_alone():
+    """The headline's seconds are the steady iteration's, the sum of its stages' medians: the engine's start (once
+    per run) is not in it."""
+    from bench import summary
+
+    rows = iteration.profile_rows({"time": {"iter-0/engine_start": 30.0, "iter-2/generate": 2.0,
+                                            "iter-2/train": 3.0}})
+    assert summary.iteration_rows({"engine": "VllmEngine", "rows": rows}) == [
+        ["iteration profile (VllmEngine)", "5.0 s: generate 40%, train 60%"]]

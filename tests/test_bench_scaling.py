@@ -5,6 +5,7 @@ This checks the bench's plumbing, not its speed: no timing thresholds."""
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -45,6 +46,9 @@ def test_tiny_scaling_bench_runs(tmp_path, monkeypatch):
                     "speed_vs_1_process"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["config"], key, r[key])
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["other_work_cores"] >= 0
+        # A step's time is its slowest rank's.
+        slowest = [max(ts) for ts in zip(*r["step_ms_per_rank"])]
+        assert r["median_ms"] == pytest.approx(statistics.median(slowest)), r["step_ms_per_rank"]
         assert r["tokens_per_s_per_process"] * r["processes"] == pytest.approx(r["tokens_per_s"])
         assert len(r["step_ms_per_rank"]) == len(r["threads_per_process"]) == r["processes"]
         assert r["threads_per_process"] == [max(1, scaling.usable_cores() // r["processes"])] * r["processes"]
@@ -87,3 +91,17 @@ def test_micro_batches_per_rank_are_each_ranks_own(tmp_path, monkeypatch):
                                     first_fit_decreasing=True))
                     for share in shares]
         assert r["micro_batches_per_rank"] == expected, (r["config"], r["processes"])
+
+
+def test_each_configurations_ratios_divide_by_its_references_speed():
+    """x 1 process: tokens/s over the same stage's on 1 process; x plain: over the plain trainer's (above 1: faster)."""
+    def run(config, stage, processes, tokens_per_s, losses):
+        return {"config": config, "stage": stage, "processes": processes, "tokens_per_s": tokens_per_s,
+                "losses": losses}
+
+    results = [run(scaling.PLAIN, None, 1, 1000.0, [0.69, 0.68]), run("ZeRO-3", 3, 1, 500.0, [0.69, 0.68]),
+               run("ZeRO-3", 3, 2, 750.0, [0.69, 0.67])]
+    scaling._add_ratios(results)
+    assert [r["speed_vs_1_process"] for r in results] == pytest.approx([1.0, 1.0, 1.5])
+    assert [r["speed_vs_plain"] for r in results] == pytest.approx([1.0, 0.5, 0.75])
+    assert results[2]["loss_diff_vs_plain"] == pytest.approx(0.01)

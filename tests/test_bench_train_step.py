@@ -66,7 +66,7 @@ def test_a_shape_of_ones_own_reaches_the_workers_and_its_own_file(tmp_path, monk
     are the orchestrator's), in train_step-<preset>-custom.json; impossible shapes are refused first."""
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     shape = {"vocab": 500, "hidden": 32, "heads": 4, "layers": 1, "pairs": 2, "max_seq": 32, "micro_batch_tokens": 64}
-    argv = ["--preset", "tiny", "--methods", "spin-fast", "--repeats", "1", "--warmup", "0",
+    argv = ["--preset", "tiny", "--methods", "spin-fast", "--repeats", "2", "--warmup", "0",
             *(item for key, value in shape.items() for item in (f"--{key.replace('_', '-')}", str(value)))]
     assert train_step.main(argv) == 0
     assert not (tmp_path / "train_step-tiny.json").exists()
@@ -75,7 +75,9 @@ def test_a_shape_of_ones_own_reaches_the_workers_and_its_own_file(tmp_path, monk
     (result,) = report["results"]
     preset_tokens = train_step.real_tokens(train_step.make_pairs(train_step.PRESETS["tiny"]))
     assert result["tokens"] == report["shape"]["tokens"] != preset_tokens
-    assert result["micro_batch_tokens"] == 64 and result["runs"] == 1
+    assert result["micro_batch_tokens"] == 64 and result["runs"] == 2
+    # tokens/s: the real tokens over the median step (of 2: their mean, not the faster one)
+    assert result["tokens_per_s"] == pytest.approx(result["tokens"] / (result["median_ms"] / 1e3))
     for options, message in ((["--hidden", "30", "--heads", "4"], "must be a whole, even head size"),
                              (["--hidden", "36", "--heads", "4"], "must be a whole, even head size"),
                              (["--max-seq", "64", "--micro-batch-tokens", "100"], "must hold a pair")):
@@ -131,3 +133,29 @@ def test_no_memory_ratio_is_taken_against_a_peak_of_a_few_pages(trl_peak):
     table = train_step.summary_table(results)
     row = next(line for line in table.splitlines() if line.startswith("spin-fast "))
     assert " - " in row and "TRL's peak is under 1 MiB" in table, table
+
+
+def test_ratios_are_ours_over_each_peers_and_each_column_shows_its_peer():
+    """speed: our tokens/s over the peer's (above 1: faster); memory: our peak over the peer's (below 1: less), each
+    against its own TRL set-up, in the table's column and the summary's headline of that set-up."""
+    import re
+
+    from bench import summary
+
+    figures = {"median_ms": 100.0, "min_ms": 100.0, "max_ms": 100.0, "runs": 1, "first_loss": 0.69,
+               "second_loss": 0.69, "held_mib": 10.0}
+    results = [{"method": "spin-fast", **figures, "tokens_per_s": 600.0, "peak_extra_mib": 10.0},
+               {"method": "TRL DPO, live reference", **figures, "tokens_per_s": 200.0, "peak_extra_mib": 40.0},
+               {"method": "TRL DPO, precomputed reference", **figures, "tokens_per_s": 300.0, "peak_extra_mib": 20.0},
+               {"method": "spin-fast, whole sequences", **figures, "tokens_per_s": 500.0, "peak_extra_mib": 12.5}]
+    train_step._add_ratios(results)
+    spin = results[0]
+    assert (spin["speed_vs_trl_live"], spin["speed_vs_trl_precomputed"]) == (pytest.approx(3.0), pytest.approx(2.0))
+    assert (spin["memory_vs_trl_live"], spin["memory_vs_trl_precomputed"]) == (pytest.approx(0.25), pytest.approx(0.5))
+    assert spin["speed_vs_whole_sequences"] == pytest.approx(1.2)
+    assert spin["memory_vs_whole_sequences"] == pytest.approx(0.8)
+    row = next(line for line in train_step.summary_table(results).splitlines() if line.startswith("spin-fast "))
+    assert re.split(r"\s{2,}", row)[2:8] == ["600", "3.00", "2.00", "10", "0.25", "0.50"], row
+    (headline,) = summary.train_step_rows({"results": results})
+    assert headline[1].startswith("600 tokens/s, 3.00x TRL live, 2.00x TRL precomputed, 1.20x without shared "
+                                  "prompts; memory 0.25x TRL live's peak"), headline
