@@ -59,3 +59,47 @@ def test_a_corrupt_or_unexpected_result_file_is_named(tmp_path):
         (folder / name).write_text(text)
         with pytest.raises(ValueError, match=rf"{re.escape(str(folder / name))}: not a bench report"):
             plots.plot_all(folder)
+
+
+def test_the_presets_are_those_of_the_committed_results_and_their_comments():
+    """The README quotes the committed CPU results as the CPU presets' figures: a preset's shape changed without a
+    new run would leave them describing another workload. The GPU presets' token and parameter counts are those their
+    comments size bench/gpu/check.sh's slots by."""
+    import dataclasses
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bench import generate, iteration, kernels, scaling, train_step
+
+    def shape_of(name):
+        return json.loads((RESULTS / f"{name}-cpu.json").read_text())["shape"]
+
+    preset, shape = kernels.PRESETS["cpu"], shape_of("kernels")
+    assert {key: shape[key] for key in ("tokens", "hidden", "pairs", "warmup", "repeats")} == {
+        key: getattr(preset, key) for key in ("tokens", "hidden", "pairs", "warmup", "repeats")}
+    report = json.loads((RESULTS / "kernels-cpu.json").read_text())
+    assert sorted({r["vocab"] for r in report["results"]}) == list(preset.vocabs) and shape["dtype"] == str(preset.dtype)
+    assert sorted({r["job"] for r in report["results"]}) == sorted(preset.jobs)
+    for module in (train_step, scaling, generate):
+        preset, shape = module.PRESETS["cpu"], shape_of(module.__name__.split(".")[-1])
+        for field in dataclasses.fields(preset):
+            if field.name in shape:
+                assert str(shape[field.name]) == str(getattr(preset, field.name)), (module.__name__, field.name)
+    assert json.loads((RESULTS / "iteration-cpu.json").read_text())["preset"] == dataclasses.asdict(
+        iteration.PRESETS["cpu"])
+
+    def parameters(preset):
+        config = LlamaConfig(vocab_size=preset.vocab, hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+                             num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                             num_key_value_heads=preset.heads, tie_word_embeddings=False)
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+    for module, billions in ((train_step, 0.94), (scaling, 0.54)):
+        preset = module.PRESETS["gpu"]
+        assert train_step.real_tokens(train_step.make_pairs(preset)) == 20746 and preset.pairs == 16
+        assert round(parameters(preset) / 1e9, 2) == billions and preset.dtype == torch.bfloat16
+    preset = kernels.PRESETS["gpu"]
+    assert (preset.vocabs, preset.hidden, preset.tokens, preset.dtype) == ((128256,), 4096, 16384, torch.bfloat16)
