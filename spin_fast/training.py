@@ -590,7 +590,8 @@ class Trainer:
             # On the CPU: a checkpoint written on GPUs resumes on a machine without (the optimizer's state goes to
             # its parameters' device as it loads).
             state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=False)
-            # Only a checkpoint of this many DeepSpeed ranks has this rank's file: another is refused below, by name.
+            # Only a checkpoint of this many DeepSpeed ranks has this rank's file: another is refused below, by name
+            # (the check after `written_by`, which this condition must follow).
             same_way = state.get("world_size", 1) == self.world and "optimizer" not in state
             rng = None if self.engine is None or not same_way else torch.load(
                 latest / f"rng-rank{self.rank}.pt", map_location="cpu", weights_only=False)

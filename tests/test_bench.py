@@ -489,7 +489,8 @@ def test_each_ratio_divides_by_the_baseline_of_its_own_vocab_and_job():
                                                   (1000, "logprobs", 10.0, 4.0, 5.0),
                                                   (2000, "spin_head", 400.0, 80.0, 4.0)]]
     ours = [{"vocab": vocab, "job": job, "method": "spin-fast torch", **_fake(ms, mib, value)}
-            for vocab, job, ms, mib, value in [(2000, "spin_head", 200.0, 20.0, 3.0), (1000, "logprobs", 20.0, 1.0, 5.5)]]
+            for vocab, job, ms, mib, value in [(2000, "spin_head", 200.0, 20.0, 3.0),
+                                               (1000, "logprobs", 20.0, 1.0, 5.5)]]
     kernels._add_ratios(results + ours)
     head, logprobs = ours
     assert (head["time_vs_baseline"], head["memory_vs_baseline"]) == (pytest.approx(0.5), pytest.approx(0.25))

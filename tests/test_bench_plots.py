@@ -80,7 +80,8 @@ def test_the_presets_are_those_of_the_committed_results_and_their_comments():
     assert {key: shape[key] for key in ("tokens", "hidden", "pairs", "warmup", "repeats")} == {
         key: getattr(preset, key) for key in ("tokens", "hidden", "pairs", "warmup", "repeats")}
     report = json.loads((RESULTS / "kernels-cpu.json").read_text())
-    assert sorted({r["vocab"] for r in report["results"]}) == list(preset.vocabs) and shape["dtype"] == str(preset.dtype)
+    assert sorted({r["vocab"] for r in report["results"]}) == list(preset.vocabs)
+    assert shape["dtype"] == str(preset.dtype)
     assert sorted({r["job"] for r in report["results"]}) == sorted(preset.jobs)
     for module in (train_step, scaling, generate):
         preset, shape = module.PRESETS["cpu"], shape_of(module.__name__.split(".")[-1])
