@@ -16,40 +16,21 @@ def make_part(done):
     return make
 
 
-def test_a_part_killed_between_its_info_and_its_rows_is_made_again(tmp_path, monkeypatch):
-    """A kill as the part's rows are written (after its info) leaves it unsaved: the next start makes it again."""
+@pytest.mark.parametrize("write", ["save_scored_pairs", "write_atomically"], ids=["rows", "info"])
+def test_a_part_killed_as_it_is_written_is_made_again_and_the_stage_ends_whole(tmp_path, monkeypatch, write):
+    """A part's info is written before its rows (which mark it done): a kill while either is written leaves the part
+    unsaved, and the next start makes it again and writes the stage whole."""
     output = tmp_path / "generate" / "pairs.jsonl"
-    real_write = spin_fast.stages.save_scored_pairs
+    real_write = getattr(spin_fast.stages, write)
 
-    def killed(path, rows):
+    def killed(*args):
         raise KeyboardInterrupt
 
     done = []
-    monkeypatch.setattr(spin_fast.stages, "save_scored_pairs", killed)
+    monkeypatch.setattr(spin_fast.stages, write, killed)
     with pytest.raises(KeyboardInterrupt):
         in_parts(output, 5, 2, make_part(done), "generation")
-    monkeypatch.setattr(spin_fast.stages, "save_scored_pairs", real_write)
-    done.clear()
-    totals = in_parts(output, 5, 2, make_part(done), "generation")
-    assert done == [(0, 2), (2, 4), (4, 5)]
-    assert [p.real_ids for p in load_scored_pairs(output)] == [(i,) for i in range(5)]
-    assert totals["finished"] == 5
-
-
-def test_a_part_killed_as_its_info_is_written_is_made_again_and_the_stage_ends_whole(tmp_path, monkeypatch):
-    """The part's info is written before its rows (which mark it done): a kill while the info is written leaves no
-    rows, and the next start makes the part again and writes the stage whole."""
-    output = tmp_path / "generate" / "pairs.jsonl"
-    real_write = spin_fast.stages.write_atomically
-
-    def killed(path, text):
-        raise KeyboardInterrupt
-
-    done = []
-    monkeypatch.setattr(spin_fast.stages, "write_atomically", killed)
-    with pytest.raises(KeyboardInterrupt):
-        in_parts(output, 5, 2, make_part(done), "generation")
-    monkeypatch.setattr(spin_fast.stages, "write_atomically", real_write)
+    monkeypatch.setattr(spin_fast.stages, write, real_write)
     done.clear()
     totals = in_parts(output, 5, 2, make_part(done), "generation")
     assert done == [(0, 2), (2, 4), (4, 5)]
