@@ -67,10 +67,10 @@ def model_context(model_folder: str, config: RunConfig) -> int | None:
 
 
 def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunConfig, names: Seq[str]) -> None:
-    """Each example the model trains on, its prompt and human response as tokenized and cut to data.max_length
-    (`lengths`, in tokens; `names`, their rows), fits in the model's context (context_of): one past it would train
-    past it silently (RoPE) or fail at its step (learned positions), hours in. SFT trains on these sequences; SPIN on
-    them and on the answers generated (check_prompts_fit)."""
+    """Each example the model trains on or scores, its prompt and human response as tokenized and cut to
+    data.max_length (`lengths`, in tokens; `names`, their rows), fits in the model's context (context_of): one past it
+    would be trained or scored past it silently (RoPE) or fail at its step (learned positions), hours in. SFT trains
+    on these sequences; SPIN on them and on the answers generated (check_prompts_fit); evaluation scores them."""
     context, key = context_of(model_folder, config)
     too_long = [i for i, length in enumerate(lengths) if context and length > context]
     if too_long:
