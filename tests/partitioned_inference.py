@@ -35,7 +35,7 @@ from spin_fast.training import Trainer
 from spin_fast.zero import is_partitioned
 
 
-def main(model_dir: str, output: str) -> None:
+def main(model_dir: str, output: str) -> int:
     config = load_run_config(None, ["model.attention=sdpa", "deepspeed.zero_stage=3", "deepspeed.zero3_init=true"])
     partitioned = load_policy(model_dir, config)
     rank, world = distributed.rank(), distributed.world_size()
@@ -127,7 +127,8 @@ def main(model_dir: str, output: str) -> None:
         with open(output, "w") as out:
             json.dump(reports, out)
     distributed.shutdown()
+    return 0
 
 
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":  # as the commands end (distributed.leave_with): gloo's teardown may abort a finished rank
+    distributed.leave_with(lambda: main(sys.argv[1], sys.argv[2]))
