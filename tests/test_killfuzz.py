@@ -46,6 +46,27 @@ def files_under(folder: Path) -> set[str]:
     return found
 
 
+def started_until_new_paths(cmd: list[str], out: Path, rng: random.Random, most: int, logs: list[str],
+                            last: bool = False) -> tuple[subprocess.Popen, int, set[str]] | None:
+    """cmd started and watched until the k-th new path (k drawn, at most `most`) appears in `out`: the process, k
+    and the paths seen; None where it finished first, or was let finish (`last`), with success (its log joins
+    `logs`)."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if not last:
+        before = files_under(out) if out.exists() else set()
+        k = rng.randint(1, most)  # up to about a run's worth of new paths
+        seen = set()
+        while process.poll() is None and len(seen) < k:
+            seen |= (files_under(out) if out.exists() else set()) - before
+            time.sleep(0.002)
+        if process.poll() is None:
+            return process, k, seen
+    _, err = process.communicate(timeout=300)  # finished before the kill point, or let finish
+    logs.append(err)
+    assert process.returncode == 0, err
+    return None
+
+
 def run_with_signals(cmd: list[str], out: Path, rng: random.Random, sig: int, max_stops: int,
                      logs: list[str], most: int = 30) -> list[str]:
     """cmd started again and again, each attempt sent `sig` once the k-th new path (k drawn) appears in `out`
@@ -53,23 +74,10 @@ def run_with_signals(cmd: list[str], out: Path, rng: random.Random, sig: int, ma
     attempt's log joins `logs`."""
     stops = []
     for attempt in range(max_stops + 1):
-        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if attempt == max_stops:
-            _, err = process.communicate(timeout=300)
-            logs.append(err)
-            assert process.returncode == 0, err
+        started = started_until_new_paths(cmd, out, rng, most, logs, last=attempt == max_stops)
+        if started is None:
             return stops
-        before = files_under(out) if out.exists() else set()
-        k = rng.randint(1, most)  # up to about a run's worth of new paths
-        seen = set()
-        while process.poll() is None and len(seen) < k:
-            seen |= (files_under(out) if out.exists() else set()) - before
-            time.sleep(0.002)
-        if process.poll() is not None:  # finished before the kill point
-            _, err = process.communicate()
-            logs.append(err)
-            assert process.returncode == 0, err
-            return stops
+        process, k, seen = started
         time.sleep(rng.choice([0, 0, 0.005, 0.02, 0.1]))
         process.send_signal(sig)
         _, err = process.communicate(timeout=300)

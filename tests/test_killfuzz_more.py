@@ -20,6 +20,7 @@ from test_killfuzz import (
     final_weights,
     results,
     run_with_signals,
+    started_until_new_paths,
     straight,  # noqa: F401 - the straight run's fixture, shared
     write_config,
 )
@@ -104,23 +105,10 @@ def run_with_two_signals(cmd: list[str], out: Path, rng: random.Random, second: 
     when this tiny run has long stopped)."""
     stops = []
     for attempt in range(max_stops + 1):
-        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if attempt == max_stops:
-            _, err = process.communicate(timeout=300)
-            logs.append(err)
-            assert process.returncode == 0, err
+        started = started_until_new_paths(cmd, out, rng, 30, logs, last=attempt == max_stops)
+        if started is None:
             return stops
-        before = files_under(out) if out.exists() else set()
-        k = rng.randint(1, 30)
-        seen = set()
-        while process.poll() is None and len(seen) < k:
-            seen |= (files_under(out) if out.exists() else set()) - before
-            time.sleep(0.002)
-        if process.poll() is not None:
-            _, err = process.communicate()
-            logs.append(err)
-            assert process.returncode == 0, err
-            return stops
+        process, k, seen = started
         process.send_signal(signal.SIGTERM)
         delay = rng.choice([0.001, 0.01, 0.05, 0.1, 0.3])
         time.sleep(delay)
