@@ -1237,11 +1237,12 @@ def test_a_turn_end_added_as_a_token_that_is_not_special_ends_the_responses():
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
 
 
-def split_turn_end_model(head_dim=None):
+def split_turn_end_model(head_dim=None, corpus_line="Air<|im_end|>\n"):
     """A ChatML tokenizer whose '<|im_end|>' is plain text split into pieces ('<|', 'im', '_', 'end', '|>': none
     repeats, so that a bigram model can write them), an example tokenized, the human answer's ids through the turn
-    end, and a model that writes the human answer as the template does and on past it (into the answer again)."""
-    tokenizer = chatml_tokenizer(im_end_added=False, corpus=[*DEFAULT_CORPUS, *["Air<|im_end|>\n"] * 20])
+    end, and a model that writes the human answer as the template does and on past it (into the answer again).
+    corpus_line: the tokenizer's training text beside its corpus, 20 times."""
+    tokenizer = chatml_tokenizer(im_end_added=False, corpus=[*DEFAULT_CORPUS, *[corpus_line] * 20])
     pieces = tokenizer.encode("<|im_end|>", add_special_tokens=False)
     assert len(pieces) > 1 and len(set(pieces)) == len(pieces)
     example = Example((user("Why is the sky blue?"),), "Air.")
@@ -1298,6 +1299,24 @@ def test_a_generated_response_is_cut_at_a_turn_end_the_tokenizer_splits_into_pie
     """The opponent's answer kept for training ends as the human one does, at the turn end's pieces: not with the
     turn end's text and what follows it (the next answer, up to max_new_tokens) closed by <|endoftext|>."""
     tokenizer, tokenized, _, completions, data = split_turn_end_setup(max_new_tokens=12)
+    (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
+    assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
+
+
+def test_a_generated_answer_keeps_the_text_its_last_token_shares_with_a_split_turn_end():
+    """A byte-level BPE reads '.<|' as one piece of text (GPT-2's pre-tokenizer) and, trained on such conversations,
+    merges it: the model writes 'Air', '.<|', 'im', ... The answer was cut before the token the stop text begins in,
+    so it lost its '.', which the real response keeps: every generated answer differed from the real one by its last
+    character, and SPIN learned that."""
+    tokenizer, tokenized, _, model = split_turn_end_model(corpus_line="Air.<|im_end|>\n")
+    conversation = tokenizer.apply_chat_template([user("Why is the sky blue?"), assistant("Air.")], tokenize=False)
+    assert ".<|" in tokenizer.convert_ids_to_tokens(tokenizer.encode(conversation, add_special_tokens=False))
+    data = DataConfig(source="x", max_length=200, max_prompt_length=100)
+    config = RunConfig(data=data, generation=GenerationSettings(engine="transformers"))
+    completions = default_engine(model, tokenizer, config, "unused").generate(
+        [list(tokenized.answered_prompt_ids)], SamplingConfig(temperature=0.0, max_new_tokens=12))
+    ((completion,),) = completions
+    assert completion.finished and tokenizer.decode(completion.token_ids) == "Air.", completion
     (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
 

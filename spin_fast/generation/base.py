@@ -86,6 +86,26 @@ def before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence
     return n
 
 
+def answer_before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]
+                            ) -> tuple[int, ...] | None:
+    """The answer's ids before the first of `stop_strings` (before_stop_text), else None. Where the token the stop
+    text begins in holds the answer's last characters too (a byte-level BPE merges '.<|' of 'Air.<|im_end|>'), those
+    characters are encoded again after the tokens kept, as they follow them: else the answer lost them, which every
+    real response, cut at the same text, keeps."""
+    n = before_stop_text(token_ids, tokenizer, stop_strings)
+    if n is None:
+        return None
+    text, kept = tokenizer.decode(list(token_ids)), tokenizer.decode(list(token_ids[:n]))
+    at = min(found for stop in stop_strings if (found := text.find(stop)) >= 0)
+    rest = text[len(kept):at] if text.startswith(kept) else ""
+    if not rest:
+        return tuple(token_ids[:n])
+    before, through = (tokenizer.encode(t, add_special_tokens=False) for t in (kept, kept + rest))
+    if through[: len(before)] != before:  # the characters merge with the kept text: their own encoding
+        through, before = tokenizer.encode(rest, add_special_tokens=False), []
+    return (*token_ids[:n], *(int(i) for i in through[len(before):]))
+
+
 class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  indices: Sequence[int] | None = None) -> list[list[Completion]]:

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from spin_fast import distributed, zero
 from spin_fast.attention import NAME as PACKED_ONLY
-from spin_fast.generation.base import Completion, SamplingConfig, before_stop_text, generator_seed
+from spin_fast.generation.base import Completion, SamplingConfig, answer_before_stop_text, generator_seed
 
 
 class TransformersEngine:
@@ -110,8 +110,9 @@ class TransformersEngine:
         for row in out[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in stops), None)
             row = row if end is None else row[:end]
-            if self.stop_strings and (before := before_stop_text(row, self.tokenizer, self.stop_strings)) is not None:
-                row, end = row[:before], before  # the padding after it is dropped too
+            cut = answer_before_stop_text(row, self.tokenizer, self.stop_strings) if self.stop_strings else None
+            if cut is not None:
+                row, end = list(cut), len(cut)  # the padding after it is dropped too
             completions.append(Completion(tuple(row), end is not None))
         return completions
 

@@ -26,7 +26,7 @@ import torch
 
 from spin_fast import distributed, stopping
 from spin_fast.generation import engine_guard
-from spin_fast.generation.base import Completion, SamplingConfig, before_stop_text, generator_seed
+from spin_fast.generation.base import Completion, SamplingConfig, answer_before_stop_text, generator_seed
 
 _SHM = Path("/dev/shm")
 
@@ -302,8 +302,8 @@ class VllmEngine:
             ids = ids[:-1]
         # A stop string: its tokens are kept (only the text is cut), and dropped here as a stop token is.
         if finished and isinstance(stop_reason, str):
-            before = before_stop_text(ids, self._llm.get_tokenizer(), [stop_reason])
-            ids = ids if before is None else ids[:before]
+            cut = answer_before_stop_text(ids, self._llm.get_tokenizer(), [stop_reason])
+            ids = ids if cut is None else cut
         return Completion(token_ids=ids, finished=finished)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
