@@ -672,11 +672,12 @@ def _in_context(tokenizer: Any, messages: Sequence[Mapping[str, str]], prompt_te
     whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
     if not whole.startswith(prompt_text):
         return None
-    # Where the text is found first: a short response may be found in the template's own text before it ('in' in
-    # Qwen3's '<think>'), or not at all where the template rewrote it.
-    stop = next((at + len(piece) for piece in (text, text.strip()) if (at := whole.find(piece, len(prompt_text))) >= 0),
-                None)
     at = whole.rfind(end, len(prompt_text)) if end else -1
+    # Where the text is found first: a short response may be found in the template's own text before it ('in' in
+    # Qwen3's '<think>'), or not at all where the template rewrote it. Not after the turn end: that text is the
+    # template's own (a blank response that Gemma's template trims, '\n', is in its '<end_of_turn>\n').
+    stop = next((found + len(piece) for piece in (text, text.strip())
+                 if 0 <= (found := whole.find(piece, len(prompt_text))) and (at < 0 or found <= at)), None)
     if at >= 0 and (stop is None or at >= stop):
         return whole[:at]
     return None if stop is None else whole[:stop]

@@ -962,6 +962,23 @@ def test_a_response_the_template_rewrites_is_the_templated_conversations_own_tok
         out.response_ids)
 
 
+@pytest.mark.parametrize("family", ["gemma", "llama3", "qwen-base"])
+@pytest.mark.parametrize("generated", ["\n", " ", ""])
+def test_a_blank_generated_response_of_a_pair_file_is_the_templated_conversations_own_tokens(family, generated):
+    """A pair file's generated response may be blank (a legitimate, poor answer). Gemma's template trims it and writes
+    '<end_of_turn>\n' after it: a response of '\n' was found in that newline, after the turn end, and became
+    '<end_of_turn>', '\n', '<end_of_turn>' instead of the turn end alone that the conversation holds."""
+    tokenizer = family_tokenizer(family)
+    example = Example((user("Why is the sky blue?"),), "Air.", generated)
+    out = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+    whole = tokenizer.apply_chat_template([*example.prompt, assistant(generated)], tokenize=False)
+    conversation = tokenizer.encode(whole, add_special_tokens=False)
+    turn_end = tokenizer.convert_tokens_to_ids(FAMILIES[family][4])
+    through_turn_end = conversation[: conversation.index(turn_end, len(out.prompt_ids)) + 1]
+    assert list(out.prompt_ids + out.generated_ids) == through_turn_end, tokenizer.convert_ids_to_tokens(
+        out.generated_ids)
+
+
 def test_a_response_tokenized_alone_names_its_row(tmp_path, caplog, monkeypatch):
     """DeepSeek-R1's generation prompt ends with '<think>\\n', which the templated conversation has not: every
     response is tokenized on its own (as the model writes it after that prompt), and the warning names a row."""
