@@ -163,7 +163,10 @@ class ModelConfig:
             raise ValueError(f"chat_template {value!r} is neither a Jinja template (it has no '{{{{' or '{{%') nor a "
                              "file: give the template, or the path of a file holding one (e.g. "
                              "configs/templates/zephyr.jinja)")
-        return path.read_text()
+        try:  # as the config file is read, and transformers reads a tokenizer's own: not in the locale's encoding
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"chat_template {value!r}: not UTF-8 text ({error})") from None
 
 
 @dataclass

@@ -546,3 +546,23 @@ def test_zero3_init_loads_partitioned_only_in_a_deepspeed_run():
     assert not partitioned(RunConfig(deepspeed=DeepSpeedConfig(zero3_init=True, enabled=False)))
     assert not partitioned(RunConfig(deepspeed=DeepSpeedConfig(zero3_init=True)))  # one process: not launched
     assert partitioned(RunConfig(deepspeed=DeepSpeedConfig(zero3_init=True, enabled=True)))
+
+
+def test_a_chat_template_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """The config file is read as UTF-8, but model.chat_template's file was read in the locale's encoding: DeepSeek's
+    template ('<｜User｜>') failed under an ASCII locale (C, without Python's UTF-8 mode), and under a Latin-1 one its
+    special tokens became other text, silently."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    template = "{{ '<｜User｜>' + messages[0]['content'] }}"
+    (tmp_path / "r1.jinja").write_text(template, encoding="utf-8")
+    code = ("from spin_fast.config import ModelConfig\n"
+            f"print(ascii(ModelConfig(chat_template={str(tmp_path / 'r1.jinja')!r}).template_text()))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ascii(template)
