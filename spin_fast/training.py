@@ -224,11 +224,15 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
     if not items:
         raise ValueError("nothing to train on: the item list is empty")
     expected = ScoredPair if config.mode == "spin" else Sequence
+    groups = []
     for index, item in enumerate(items):
         if not isinstance(item, expected):
             raise ValueError(f"{what} {index}: mode={config.mode!r} trains on {expected.__name__} items, "
                              f"got {type(item).__name__}")
-    groups = [item.sequences() if expected is ScoredPair else [item] for item in items]
+        try:  # a pair's Sequences refuse an empty part or a negative id: named by the item, as the checks below
+            groups.append(item.sequences() if expected is ScoredPair else [item])
+        except ValueError as error:
+            raise ValueError(f"{what} {index}: {error}") from None
     share_prompts = config.share_prompts and can_share_prompts(model)
     if not fits_checked:
         check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)

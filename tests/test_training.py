@@ -387,6 +387,21 @@ def test_bad_items_are_refused_before_training_names_them(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_an_item_with_an_empty_part_or_a_negative_token_id_is_named_by_its_index(tmp_path):
+    """A pair with a response (or prompt) of no tokens, or a negative id (a hand-made or edited pairs file), is
+    refused naming the item, as the trainer's other checks name theirs: not by Sequence's own words alone."""
+    model = make_model()
+    scored = score_pairs(model, random_pairs(4), token_budget=64)
+    for part, ids, message in [(2, (), "item 2: Sequence.response_ids is empty"),
+                               (0, (), "item 2: Sequence.prompt_ids is empty"),
+                               (1, (7, -3, EOS), r"item 2: Sequence.response_ids holds a negative token id \(-3\)")]:
+        fields = list(astuple(scored[2]))
+        fields[part] = ids
+        with pytest.raises(ValueError, match=message):
+            Trainer(model, None, config(), tmp_path, [*scored[:2], type(scored[2])(*fields), scored[3]])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_a_checkpoint_of_other_items_or_not_named_by_step_is_not_resumed(tmp_path):
     scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
     Trainer(make_model(), None, config(epochs=1), tmp_path, scored).train()
