@@ -836,6 +836,12 @@ def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: i
                          f"max_length={max_length}")
     end = response_end(tokenizer)  # EOS's id, or a turn end text's pieces
     end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(end[0])
+    # "always" leaves a response after a long prompt max_length - max_prompt_length tokens: fewer than the end's
+    # pieces would end it with part of them, which training would teach as the way answers end.
+    if cut_prompt == "always" and max_length - max_prompt_length < len(end):
+        raise ValueError(f"max_length - max_prompt_length ({max_length - max_prompt_length}) leaves a cut response no "
+                         f"room for the {len(end)} tokens every response ends with ({end_text!r}): expected "
+                         f"max_prompt_length <= {max_length - len(end)}")
     rendered = [_render(tokenizer, example, end_text) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
     adds_bos = _adds_bos(tokenizer)  # once, not a call to the tokenizer per example (zephyr's template has no BOS)

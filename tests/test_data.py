@@ -1304,6 +1304,21 @@ def test_a_cut_real_response_still_ends_with_a_turn_end_the_tokenizer_splits_int
     assert len(cut.response_ids) == room and list(cut.response_ids[-len(pieces):]) == pieces
 
 
+def test_settings_that_leave_a_cut_response_no_room_for_the_turn_ends_pieces_are_refused():
+    """max_length - max_prompt_length below the turn end's pieces: a response after a long prompt ended with part of
+    them ('<|', 'im', '_', 'end'), which SPIN would teach as the way answers end. Refused, naming the settings."""
+    tokenizer, tokenized, _, _ = split_turn_end_model()
+    pieces = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    example = Example((user("Why is the sky blue?"),), "Air. " * 30)
+    prompt_length = len(tokenized.prompt_ids)
+    with pytest.raises(ValueError, match=rf"max_length - max_prompt_length \({len(pieces) - 1}\) leaves a cut response "
+                                         rf"no room for the {len(pieces)} tokens"):
+        tokenize_example(tokenizer, example, max_length=prompt_length + len(pieces) - 1,
+                         max_prompt_length=prompt_length)
+    cut = tokenize_example(tokenizer, example, max_length=prompt_length + len(pieces), max_prompt_length=prompt_length)
+    assert list(cut.response_ids) == pieces  # room for the turn end alone: it is kept whole
+
+
 def test_generation_stops_at_a_turn_end_the_tokenizer_splits_into_pieces():
     """Generation stopped only at single stop tokens: answers ran on past '<|im_end|>' to max_new_tokens."""
     tokenizer, _, _, completions, _ = split_turn_end_setup(max_new_tokens=12)
