@@ -357,7 +357,10 @@ def summary_table(results: list[dict], unit: str = "process") -> str:
     headers = ["configuration", "processes", "threads each", "step ms (min-max)", "tokens/s", f"tokens/s per {unit}",
                "x 1 process", "x plain", "first loss", "other work, cores"]
     rows = []
-    nan = float("nan")
+
+    def figure(r: dict, key: str) -> str:  # "-" where not measured (no 1-process or plain run), as other tables
+        return f"{r[key]:.2f}" if key in r else "-"
+
     for r in results:
         if problem(r):
             rows.append([r["config"], str(r["processes"]), "", problem(r)] + [""] * (len(headers) - 4))
@@ -367,9 +370,9 @@ def summary_table(results: list[dict], unit: str = "process") -> str:
             r["config"], str(r["processes"]), "/".join(map(str, threads)),
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_per_process']:.0f}",
-            f"{r.get('speed_vs_1_process', nan):.2f}", f"{r.get('speed_vs_plain', nan):.2f}",
+            figure(r, "speed_vs_1_process"), figure(r, "speed_vs_plain"),
             f"{r['first_loss']:.6f}" if math.isfinite(r["first_loss"]) else str(r["first_loss"]),
-            f"{r.get('other_work_cores', nan):.2f}",
+            figure(r, "other_work_cores"),
         ])
     return format_table(headers, rows)
 

@@ -105,3 +105,19 @@ def test_each_configurations_ratios_divide_by_its_references_speed():
     assert [r["speed_vs_1_process"] for r in results] == pytest.approx([1.0, 1.0, 1.5])
     assert [r["speed_vs_plain"] for r in results] == pytest.approx([1.0, 0.5, 0.75])
     assert results[2]["loss_diff_vs_plain"] == pytest.approx(0.01)
+
+
+def test_table_shows_a_dash_for_a_ratio_not_measured():
+    """--world-sizes 2 alone: no 1-process run of the stage, so its "x 1 process" is "-" (as the other benches show
+    a missing figure), not "nan"."""
+    def run(config, stage, processes, tokens_per_s):
+        return {"config": config, "stage": stage, "processes": processes, "threads_per_process": [1] * processes,
+                "median_ms": 10.0, "min_ms": 9.0, "max_ms": 11.0, "tokens_per_s": tokens_per_s,
+                "tokens_per_s_per_process": tokens_per_s / processes, "first_loss": 0.69, "losses": [0.69],
+                "other_work_cores": 0.0}
+
+    results = [run(scaling.PLAIN, None, 1, 1000.0), run("ZeRO-2", 2, 2, 500.0)]
+    scaling._add_ratios(results)
+    table = scaling.summary_table(results)
+    assert "nan" not in table, table
+    assert table.splitlines()[-1].split()[-4:-2] == ["-", "0.50"], table  # x 1 process not measured; x plain is
