@@ -312,6 +312,7 @@ class Trainer:
             for unfinished in self.output_dir.glob(".tmp-checkpoint-*"):
                 shutil.rmtree(unfinished, ignore_errors=True)
         self.resume()
+        distributed.on_main(self.refuse_incomplete_checkpoints, "incomplete checkpoints")
         self.started = time.perf_counter()
         result = TrainResult(steps=self.steps)
         self.loss_module.train()
@@ -484,6 +485,17 @@ class Trainer:
         found = [p for p in self.output_dir.glob("checkpoint-*")
                  if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()]  # not a user's checkpoint-best
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def refuse_incomplete_checkpoints(self) -> None:
+        """Rank 0: a checkpoint-N without its state file (made by hand, or by code older than the atomic rename)
+        where this training may still save one (a stop saves at any step) is refused before any step: the save would
+        find the name taken ("Directory not empty"), that step's work lost. Not removed: it may be someone's."""
+        for path in self.output_dir.glob("checkpoint-*"):
+            n = path.name.split("-", 1)[1]
+            if n.isdigit() and self.step < int(n) <= self.steps and not (path / STATE_FILE).exists():
+                raise ValueError(
+                    f"{path} has no {STATE_FILE}: not a complete checkpoint of this training, and its name is one "
+                    f"this training saves to. Remove or rename it, then start again")
 
     def latest_checkpoint(self) -> Path | None:
         """The last complete checkpoint, as rank 0 sees it (a collective under DeepSpeed): every rank resumes

@@ -113,6 +113,25 @@ def final_weights(out: Path) -> dict:
     return load_file(f"{last}/model.safetensors")
 
 
+def assert_same_run(out: Path, straight: Path, stops: list[str]) -> None:
+    """The stopped run's files and final weights are the straight run's, bit for bit; nothing else is left."""
+    expected, found = results(straight), results(out)
+    for key in expected:
+        assert found[key] == expected[key], (key, stops)
+    reference, resumed = final_weights(straight), final_weights(out)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), (name, stops)  # bitwise: resuming is exact on the CPU
+    # Each step logged once, in order; nothing half-written or unfinished left behind.
+    for t, summary in enumerate(found["summary"]):
+        assert [m["step"] for m in found[f"iter-{t} metrics"]] == list(range(1, summary["steps"] + 1))
+    stale = sorted(p for p in files_under(out) if ".tmp" in Path(p).name or Path(p).name == "parts")
+    assert not stale, (stale, stops)
+    assert files_under(out) - {"sessions.jsonl"} >= files_under(straight) - {"sessions.jsonl"}
+    extra = sorted(files_under(out) - files_under(straight))
+    assert not extra, (extra, stops)
+
+
 @pytest.fixture(scope="module")
 def straight(sft_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
@@ -134,21 +153,7 @@ def test_a_run_stopped_at_random_points_resumes_to_where_a_straight_run_ends(sft
     logs = []
     stops = run_with_signals(command(write_config(sft_model, tmp_path / "run.yaml", out)), out, rng, sig, 5, logs)
     print(signal.Signals(sig).name, "stops:", *stops, sep="\n  ")
-    expected, found = results(straight), results(out)
-    for key in expected:
-        assert found[key] == expected[key], (key, stops)
-    reference, resumed = final_weights(straight), final_weights(out)
-    assert resumed.keys() == reference.keys()
-    for name in reference:
-        assert torch.equal(resumed[name], reference[name]), (name, stops)  # bitwise: resuming is exact on the CPU
-    # Each step logged once, in order; nothing half-written or unfinished left behind.
-    for t, summary in enumerate(found["summary"]):
-        assert [m["step"] for m in found[f"iter-{t} metrics"]] == list(range(1, summary["steps"] + 1))
-    stale = sorted(p for p in files_under(out) if ".tmp" in Path(p).name or Path(p).name == "parts")
-    assert not stale, (stale, stops)
-    assert files_under(out) - {"sessions.jsonl"} >= files_under(straight) - {"sessions.jsonl"}
-    extra = sorted(files_under(out) - files_under(straight))
-    assert not extra, (extra, stops)
+    assert_same_run(out, straight, stops)
     if sig == signal.SIGTERM:  # stopped at safe points (or at once where none was near): nothing is redone
         log = "".join(logs)
         done = re.findall(r"(iteration \d \w+): part (\d+) of|saved (\S+/checkpoint-\d+)", log)

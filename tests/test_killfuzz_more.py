@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_killfuzz import (
+    assert_same_run,
     command,
     files_under,
-    final_weights,
-    results,
     run_with_signals,
     started_until_new_paths,
     straight,  # noqa: F401 - the straight run's fixture, shared
@@ -125,21 +124,6 @@ def run_with_two_signals(cmd: list[str], out: Path, rng: random.Random, second: 
         if process.returncode == 0:
             return stops
     return stops
-
-
-def assert_same_run(out: Path, straight: Path, stops) -> None:  # noqa: F811
-    expected, found = results(straight), results(out)
-    for key in expected:
-        assert found[key] == expected[key], (key, stops)
-    reference, resumed = final_weights(straight), final_weights(out)
-    for name in reference:
-        assert torch.equal(resumed[name], reference[name]), (name, stops)
-    for t, summary in enumerate(found["summary"]):
-        assert [m["step"] for m in found[f"iter-{t} metrics"]] == list(range(1, summary["steps"] + 1))
-    stale = sorted(p for p in files_under(out) if ".tmp" in Path(p).name or Path(p).name == "parts")
-    assert not stale, (stale, stops)
-    extra = sorted(files_under(out) - files_under(straight))
-    assert not extra, (extra, stops)
 
 
 @pytest.mark.slow

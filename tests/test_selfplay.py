@@ -1881,3 +1881,23 @@ def test_an_answer_closed_past_the_context_by_the_response_end_is_refused(sft_mo
     with pytest.raises(ValueError, match=r"close an answer"):
         SelfPlay(config).run(until=(0, "generate"))
     assert not (tmp_path / "run" / "iter-0" / "generate" / "pairs.jsonl").exists()
+
+
+def test_a_spin_example_longer_than_the_models_context_is_refused_under_when_too_long(sft_model, tmp_path):
+    """data.cut_prompt=when_too_long: an example is cut by data.max_length as the pairs are (a pair's human sequence
+    is never longer than its example's), so one past the context is refused, with the setting; with data.max_length
+    at the context the same example is cut back into it, and the run is not refused."""
+    folder = huge_context_model(sft_model, tmp_path, seq_length=40)
+    long = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)
+    (tmp_path / "long.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": "Hi", "response": "Hello."}, {"prompt": "Tell me a story.", "response": long}]))
+    settings = (f"model.name_or_path={folder}", f"data.source={tmp_path / 'long.jsonl'}", "data.max_prompt_length=16",
+                "data.cut_prompt=when_too_long", "train.global_batch=2")
+    with pytest.raises(ValueError, match=r"1 of 2 examples are longer than the model's context of 40 tokens "
+                                         r"\(seq_length\), the first \S*long.jsonl line 2: \d+ tokens: set "
+                                         r"data.max_length to at most 40"):
+        SelfPlay(run_config(sft_model, tmp_path / "run", *settings)).run(until=(0, "generate"))
+    assert not (tmp_path / "run" / "iter-0").exists()
+    SelfPlay(run_config(sft_model, tmp_path / "fits", *settings, "data.max_length=40")).run(until=(0, "generate"))
+    pairs = [json.loads(line) for line in (tmp_path / "fits" / "iter-0" / "generate" / "pairs.jsonl").open()]
+    assert len(pairs) == 2

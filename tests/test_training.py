@@ -922,3 +922,20 @@ def test_scoring_makes_each_micro_batch_as_it_comes_to_it(monkeypatch):
     assert torch.equal(model_logprobs(model, groups, budget, backend="torch"), expected)
     passes = events.count("pass")
     assert passes > 3 and events == ["made"] + ["made", "pass"] * passes  # the filler, then one made per pass
+
+
+def test_a_checkpoint_folder_without_its_state_is_refused_before_training_names_it(tmp_path):
+    """checkpoint-2 without trainer_state.pt (made by hand, or by code older than the atomic rename) is not a
+    checkpoint to resume; the save at step 2 could not rename its own over it ("Directory not empty"), the step's
+    work lost. It is refused before any step, named, and left as it is."""
+    scored = score_pairs(make_model(), random_pairs(4), token_budget=64)
+    incomplete = tmp_path / "checkpoint-2"
+    incomplete.mkdir()
+    (incomplete / "model.safetensors").write_bytes(b"someone's weights")
+    with pytest.raises(ValueError, match=r"checkpoint-2 has no trainer_state\.pt"):
+        Trainer(make_model(), None, config(), tmp_path, scored).train()
+    assert [p.name for p in incomplete.iterdir()] == ["model.safetensors"]
+    assert not list(tmp_path.glob("checkpoint-1"))  # refused before the first step
+    # One a training never writes again (at or before its resumed step, or past its last) is left alone.
+    shutil.move(incomplete, tmp_path / "checkpoint-3")
+    assert Trainer(make_model(), None, config(), tmp_path, scored).train().final_dir.name == "checkpoint-2"
