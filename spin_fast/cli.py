@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s")
 
-    import yaml
-
     from spin_fast import distributed, stopping
     from spin_fast.config import load_run_config
 
@@ -80,24 +78,20 @@ def main(argv: list[str] | None = None) -> int:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
         except stopping.Stopped as stop:  # SIGTERM, SIGUSR1 or Ctrl-C: the work its message names is saved
-            return report_stop(stop)
+            first = stopping.error_before_signal(stop)  # raised in the cleanup of an error, which came first
+            if first is None:
+                return report_stop(stop)
+            logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=first)
+            return report_error(first)
         except Exception as error:
             logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
-            if stopping.pending():  # sent to the process group, the signal ended helpers too (vLLM's engine
-                # core): their end surfaced here as an error, before the next safe point
+            first = stopping.error_before_signal(error)
+            if stopping.pending() and first is None:  # sent to the process group, the signal ended helpers too
+                # (vLLM's engine core): their end surfaced here as an error, before the next safe point
                 return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
                                                     agreed=False))
-            # A diverged training: the settings' or the data's doing, not a bug (no traceback). Only a training
-            # raises it: an error before one (a setting's) does not wait for training's imports.
-            training = sys.modules.get("spin_fast.training")
-            if training is not None and isinstance(error, training.TrainingDiverged):
-                print(f"spin-fast: training diverged at {error}: lower train.learning_rate (or check the data and "
-                      "the starting model) and train again in a new output_dir", file=sys.stderr)
-                return 2
-            if not isinstance(error, (ValueError, OSError, yaml.YAMLError)):
-                raise
-            print(f"spin-fast: {error}", file=sys.stderr)
-            return 2
+            # An error before the signal (a launcher's SIGTERM to the other ranks after one failed) is the run's end.
+            return report_error(first or error)
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status
@@ -115,6 +109,23 @@ def data_warnings_silenced(silenced: bool):
         yield
     finally:
         logger.setLevel(level)
+
+
+def report_error(error: Exception) -> int:
+    """Say in one line an error a user can fix (status 2); raise any other, a bug, with its traceback."""
+    import yaml
+
+    # A diverged training: the settings' or the data's doing, not a bug (no traceback). Only a training raises
+    # it: an error before one (a setting's) does not wait for training's imports.
+    training = sys.modules.get("spin_fast.training")
+    if training is not None and isinstance(error, training.TrainingDiverged):
+        print(f"spin-fast: training diverged at {error}: lower train.learning_rate (or check the data and the "
+              "starting model) and train again in a new output_dir", file=sys.stderr)
+        return 2
+    if not isinstance(error, (ValueError, OSError, yaml.YAMLError)):
+        raise error
+    print(f"spin-fast: {error}", file=sys.stderr)
+    return 2
 
 
 def report_stop(stop) -> int:

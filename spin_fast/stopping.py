@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ _received: list[int] = []  # this process's signals, in order
 _first_received_at = 0.0  # time.monotonic() of _received[0]
 _depth = 0  # nesting of safe_points() blocks
 _saved = False  # a stop at a safe point is on its way up: its work is saved, only the cleanup is left
+_error_first: Exception | None = None  # an error already on its way up when the first signal came
 # The same signal again within this many seconds is one signal delivered twice, not a second one: Slurm's
 # `--signal` reaches every process of the job step, ranks included, and torchrun then passes its own copy on.
 DUPLICATE_SECONDS = 2.0
@@ -55,7 +57,7 @@ class Stopped(BaseException):
 def signals_handled() -> Iterator[None]:
     """Handle SIGNALS as this module says for the block (the main thread only: Python allows no other), then
     put the previous handlers back."""
-    global _saved
+    global _saved, _error_first
     _saved = False
     try:
         with distributed.signals_sent_to(_handle):
@@ -63,15 +65,20 @@ def signals_handled() -> Iterator[None]:
     finally:
         _received.clear()
         _saved = False
+        _error_first = None
 
 
 def _handle(signum: int, frame) -> None:
-    global _first_received_at
+    global _first_received_at, _error_first
     now = time.monotonic()
     if _received and signum == _received[0] and now - _first_received_at < DUPLICATE_SECONDS:
         return
     if not _received:
         _first_received_at = now
+        # The error this process is unwinding (its `finally` blocks run in a handler's scope), if any: it came
+        # first, as when a launcher ends the other ranks after one failed on bad input (error_before_signal).
+        unwinding = sys.exc_info()[1]
+        _error_first = unwinding if isinstance(unwinding, Exception) else None
     _received.append(signum)
     name = signal.Signals(signum).name
     if _saved:  # a signal during the cleanup (the engine's shutdown) after the stop: nothing is lost or redone
@@ -112,6 +119,17 @@ def reached(failure: Exception | None = None, what: str = "") -> int:
     if failed:
         distributed.raise_any_ranks_failure(failure, what)
     return signum
+
+
+def error_before_signal(raised: BaseException) -> Exception | None:
+    """The error that was already on its way up when this process's first signal came, where `raised` (what
+    reached the command: that error, one from its cleanup, or the Stopped the signal raised there) came from it;
+    else None. That error is the run's end, reported as itself: the signal is not a stop that resuming mends."""
+    while raised is not None:
+        if raised is _error_first:
+            return _error_first
+        raised = raised.__context__
+    return None
 
 
 def pending() -> int:

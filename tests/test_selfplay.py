@@ -845,6 +845,39 @@ def test_an_error_after_a_signal_is_reported_as_the_stop(sft_model, tmp_path, ca
         main(["run", config])
 
 
+@pytest.mark.parametrize("signalled_in", ["generation", "engine close"])
+def test_a_signal_while_an_error_unwinds_leaves_the_error_reported_as_an_error(sft_model, tmp_path, capsys,
+                                                                               monkeypatch, signalled_in):
+    """One rank fails on bad input; torchrun then sends SIGTERM to the others while their own error (the same
+    one, told by the collective) unwinds through its cleanup. The error came first: it is reported as the error it
+    is (status 2, its one line), not as a stop that the same command would resume (it would fail again). In the
+    generation's cleanup the signal waits for a safe point; in the engine's close (no safe point near) it raises."""
+    import os
+    import signal
+
+    from spin_fast.cli import main
+
+    config = str(write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run"))
+    message = "rank 1: data.source row 3: 'response' is empty"
+
+    def failed(self, *args, **kwargs):
+        try:
+            raise ValueError(message)
+        finally:  # the cleanup on the way up
+            if signalled_in == "generation":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def close(self):
+        if signalled_in == "engine close":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(TransformersEngine, "generate", failed)
+    monkeypatch.setattr(TransformersEngine, "close", close)
+    assert main(["run", config]) == 2
+    err = capsys.readouterr().err
+    assert f"spin-fast: {message}\n" in err and "resumes" not in err, err
+
+
 def test_a_base_model_without_a_chat_template_takes_model_chat_template(sft_model, tmp_path, capsys):
     """A tokenizer without a chat template (a base model's) stops `spin-fast run` and `sft` before they start,
     naming model.chat_template. Given the template in a file, the run renders every prompt with it: its pairs are
