@@ -78,20 +78,20 @@ def main(argv: list[str] | None = None) -> int:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
         except stopping.Stopped as stop:  # SIGTERM, SIGUSR1 or Ctrl-C: the work its message names is saved
-            first = stopping.error_before_signal(stop)  # raised in the cleanup of an error, which came first
+            first = stopping.error_before_signal(stop)  # raised in an error's cleanup: the error came first
             if first is None:
                 return report_stop(stop)
             logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=first)
             return report_error(first)
         except Exception as error:
             logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
-            first = stopping.error_before_signal(error)
-            if stopping.pending() and first is None:  # sent to the process group, the signal ended helpers too
-                # (vLLM's engine core): their end surfaced here as an error, before the next safe point
+            # Sent to the process group, the signal ended helpers too (vLLM's engine core): their end surfaced here
+            # as an error, before the next safe point. An error on its way up before the signal came (a launcher's
+            # SIGTERM to the other ranks after one failed) is reported as it would be without the signal.
+            if stopping.pending() and stopping.error_before_signal(error) is None:
                 return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
                                                     agreed=False))
-            # An error before the signal (a launcher's SIGTERM to the other ranks after one failed) is the run's end.
-            return report_error(first or error)
+            return report_error(error)
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status

@@ -95,3 +95,25 @@ def test_a_signal_in_the_cleanup_after_a_stop_at_a_safe_point_says_the_work_is_s
             send(signal.SIGINT)
     assert stop.value.exit_status == 128 + signal.SIGINT
     assert "redone" not in str(stop.value) and "its work is saved" in str(stop.value), str(stop.value)
+
+
+def test_an_error_on_its_way_up_when_the_signal_came_is_the_runs_end_and_one_handled_before_is_not():
+    """A launcher's SIGTERM to the other ranks after one failed arrives while their error unwinds: that error came
+    first (the command reports it, test_selfplay.py). An error handled and left behind before the signal (a
+    library's `except ImportError: pass`) does not make the next safe point's stop an error."""
+    with stopping.signals_handled():
+        with pytest.raises(ValueError) as failed:
+            with stopping.safe_points("the work"):
+                try:
+                    raise ValueError("row 3: bad")
+                finally:  # the cleanup on the way up
+                    send(signal.SIGTERM)
+        assert stopping.error_before_signal(failed.value) is failed.value
+    with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped) as stop:
+            with stopping.safe_points("the work"):
+                try:
+                    raise ValueError("expected")
+                except ValueError:
+                    send(signal.SIGTERM)
+        assert stop.value.agreed and stopping.error_before_signal(stop.value) is None
