@@ -347,6 +347,108 @@ def test_the_host_copy_of_the_weights_is_freed_before_the_engines_load_the_file(
     assert alive_while_loading == [0]
 
 
+def test_weight_files_go_to_ram_when_it_has_room_and_the_host_copy_is_in_the_engines_dtype(tmp_path, monkeypatch):
+    """The file goes to the first of weight_dirs (/dev/shm) when it has room for it, in the engine's dtype (fp32
+    weights served in bf16: half the bytes through RAM), integers kept; tied tensors (one storage) are both written."""
+    from safetensors import safe_open
+
+    from spin_fast.generation import vllm_engine
+
+    ram, disk = tmp_path / "ram", tmp_path / "disk"
+    ram.mkdir(), disk.mkdir()
+    monkeypatch.setattr(vllm_engine, "weight_dirs", lambda: [ram, disk])
+    loaded = []
+
+    class FakeLLM:
+        def collective_rpc(self, method, args=()):
+            (path,) = args
+            with safe_open(path, framework="pt") as f:
+                loaded.append((Path(path).parent, {name: f.get_tensor(name) for name in f.keys()}))
+
+        def reset_prefix_cache(self):
+            pass
+
+    engine = vllm_engine.VllmEngine.__new__(vllm_engine.VllmEngine)
+    engine._dtype, engine._llm = torch.bfloat16, FakeLLM()
+    embeddings, norm = torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(3)  # tied ones already in bf16
+    engine.load_weights([("embed", embeddings), ("head", embeddings), ("norm", norm), ("steps", torch.arange(3))])
+    ((folder, tensors),) = loaded
+    assert folder == ram
+    assert {name: t.dtype for name, t in tensors.items()} == {"embed": torch.bfloat16, "head": torch.bfloat16,
+                                                              "norm": torch.bfloat16, "steps": torch.int64}
+    assert torch.equal(tensors["head"], embeddings) and torch.equal(tensors["norm"], norm.to(torch.bfloat16))
+    assert torch.equal(tensors["steps"], torch.arange(3))
+
+
+def test_a_tied_head_is_named_once_whichever_way_the_weights_name_it():
+    """A tied model's folder holds the embeddings alone (the head named just before them); a state dict names the
+    head itself, before or after the embeddings: the engine's reload gets lm_head.weight once, either way."""
+    from spin_fast.generation.vllm_engine import _with_tied_head
+
+    embed, norm = torch.ones(2), torch.zeros(2)
+    tied = {"model.embed_tokens.weight"}
+
+    def names(weights):
+        return [name for name, _ in _with_tied_head(weights, tied)]
+
+    assert names([("model.embed_tokens.weight", embed), ("model.norm.weight", norm)]) == [
+        "lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert names([("model.embed_tokens.weight", embed), ("lm_head.weight", embed)]) == [
+        "lm_head.weight", "model.embed_tokens.weight"]
+    assert names([("lm_head.weight", embed), ("model.embed_tokens.weight", embed)]) == [
+        "lm_head.weight", "model.embed_tokens.weight"]
+
+
+def test_the_engine_guard_ignores_the_jobs_signals_and_ends_what_a_failed_start_left():
+    """The guard ignores what a job's processes get together (Ctrl-C, SIGTERM, Slurm's SIGUSR1): the trainer handles
+    those by closing the engine. An engine that fails to start: what it had started is ended, then the guard; an
+    engine in this process (nothing started): the guard is stopped and none is kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from spin_fast.generation import engine_guard
+
+    def ignored(pid):
+        mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+        return int(mask.split()[1], 16)
+
+    before = engine_guard.descendants()
+    guard = engine_guard.start()
+    deadline = time.monotonic() + 60
+    while not ignored(guard.pid) & (1 << (signal.SIGUSR1 - 1)) and time.monotonic() < deadline:  # the last one
+        time.sleep(0.05)
+    assert all(ignored(guard.pid) & (1 << (s - 1)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
+    started = subprocess.Popen(["sleep", "600"])  # a process of the engine's
+    try:
+        engine_guard.engine_failed(guard, before)
+        assert guard.poll() is not None
+        assert started.wait(timeout=30) is not None
+    finally:
+        started.kill()
+        started.wait()
+
+    before = engine_guard.descendants()
+    guard = engine_guard.start()
+    assert engine_guard.engine_started(guard, before) is None
+    assert guard.poll() is not None
+
+    # A process that ignores SIGTERM too is killed once the grace is over.
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout.readline() == "ready\n"
+        assert engine_guard.end([psutil.Process(stubborn.pid)], grace=0.5) == [stubborn.pid]
+        assert stubborn.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+
+
 def test_starting_a_vllm_worker_in_process_keeps_the_trainers_random_streams():
     """A vLLM worker in the trainer's process (external_launcher, on GPUs) seeds the global generators with the
     engine's seed as it starts (vLLM's set_random_seed): around the engine's start, the trainer's streams go on

@@ -122,6 +122,11 @@ def test_tensorboard_and_wandb_get_every_step_and_a_resume_goes_on_in_the_same_r
     assert settings["train"]["beta"] == cfg.beta and settings["steps"] == 4 and settings["items"] == 6
     logged = first_history + second_history
     assert [h["train/step"] for h in logged] == [1, 2, 3, 3, 4]  # step 3 logged again when redone
+    # Charted against the training's step, not W&B's count of points (which the redone step 3 shifts).
+    (run_file,) = sorted((folder / "wandb").glob("offline-run-*"))[-1].glob("run-*.wandb")
+    axes = {(r.metric.glob_name or r.metric.name, r.metric.step_metric) for r in wandb_records(run_file)
+            if r.WhichOneof("record_type") == "metric"}
+    assert ("train/*", "train/step") in axes, axes
     by_step = {h["train/step"]: h for h in logged}
     for m in metrics:
         assert by_step[m["step"]]["train/loss"] == pytest.approx(m["loss"], rel=1e-12)
@@ -230,7 +235,8 @@ def test_a_full_disk_under_metrics_jsonl_stops_the_training_with_an_error_naming
         Trainer(make_model(), None, config(save_every=2), tmp_path, scored).train()
 
 
-def test_tensorboard_keeps_the_saved_eval_rows_after_the_ones_an_eval_computes_again(sft_model, tmp_path):
+def test_tensorboard_keeps_the_saved_eval_rows_after_the_ones_an_eval_computes_again(sft_model, tmp_path,
+                                                                                     wandb_offline):
     """An eval computes again the rows whose inputs changed (here the SFT model's folder, touched: its row, x 0,
     and iteration 0's, whose opponent it is) and keeps the others (iteration 1's, x 2): TensorBoard must still show
     every row, x 2 included."""
@@ -244,7 +250,7 @@ def test_tensorboard_keeps_the_saved_eval_rows_after_the_ones_an_eval_computes_a
     heldout = f"data.eval_source={sft / 'train.jsonl'}"
     SelfPlay(run_config(sft, run_dir, heldout)).run()
     evaluate = ["eval", str(write_yaml(sft, tmp_path / "run.yaml", run_dir)), "--set", heldout, "--set",
-                "train.tensorboard=true"]
+                "train.tensorboard=true", "--set", "train.wandb=true"]
     assert main(evaluate) == 0
     (sft / "model" / "notes.txt").write_text("a file added to the SFT model's folder\n")
     assert main(evaluate) == 0
@@ -252,6 +258,9 @@ def test_tensorboard_keeps_the_saved_eval_rows_after_the_ones_an_eval_computes_a
     assert [row["model"] for row in rows] == ["sft", "iter-0", "iter-1"]
     assert tensorboard_scalars(run_dir / "eval-parts" / "tensorboard", "eval/loglik_per_token") == [
         (x, pytest.approx(row["loglik_per_token"], rel=1e-6)) for x, row in enumerate(rows)]
+    # W&B has the saved row (x 2) from the first eval: each row goes there once, when it is computed.
+    sent = [point["eval/model"] for _, points in wandb_runs(run_dir / "eval-parts") for point in points]
+    assert sent == [0, 1, 2, 0, 1]
 
 
 def test_tensorboard_failing_to_open_is_dropped_with_a_warning_naming_its_folder(tmp_path, caplog):

@@ -78,6 +78,9 @@ def test_greedy_matches_transformers(setup):
     engine, model, _, prompts, eos = setup
     assert vllm_greedy(engine, prompts) == hf_greedy(model, prompts, eos)
     assert engine.generate([], GREEDY) == []
+    engine.sleep()  # no-ops without sleep mode (the CPU build has none): the engine still answers
+    engine.wake_up()
+    assert vllm_greedy(engine, prompts[:2]) == hf_greedy(model, prompts[:2], eos)
 
 
 def test_hot_swap_matches_transformers_without_restart(setup):
@@ -257,7 +260,20 @@ def test_weights_from_memory_reach_the_head_of_a_tied_model(setup, tmp_path):
         assert vllm_greedy(engine, prompts) == expected
         engine.load_weights(full_weights(first))
         assert vllm_greedy(engine, prompts) == hf_greedy(first, prompts, eos)
+    assert engine._guard is None or engine._guard.poll() is not None  # close() ended the engine's guard too
 
+
+def test_an_engine_that_fails_to_start_leaves_no_process_behind(tmp_path):
+    """A folder vLLM cannot serve (no model in it): the error, and neither the engine's guard nor anything else
+    left running, once per failed start."""
+    from spin_fast.generation import engine_guard
+
+    before = engine_guard.descendants()
+    with pytest.raises(Exception):  # noqa: B017 - whichever error vLLM gives
+        VllmEngine(tmp_path, dtype="float32", max_model_len=512)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    _, alive = psutil.wait_procs(left, timeout=30)
+    assert not alive, alive
 
 def test_answers_stop_at_a_turn_end_the_tokenizer_splits_into_pieces(tmp_path):
     """A ChatML fine-tune whose '<|im_end|>' is plain text: the engine the run starts stopped only at stop tokens, so
