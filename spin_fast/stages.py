@@ -113,7 +113,8 @@ def join_parts(output: Path, parts: list[Path]) -> dict:
     totals: dict = {}
     with replacing(output, "wb") as out:
         for part in parts:
-            out.write(part.read_bytes())
+            with part.open("rb") as rows:  # streamed: a stage saved as one part is the whole stage's rows
+                shutil.copyfileobj(rows, out)
             for key, value in json.loads(part.with_suffix(".json").read_text()).items():
                 totals[key] = totals.get(key, 0) + value
     return totals
