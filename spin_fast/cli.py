@@ -78,20 +78,19 @@ def main(argv: list[str] | None = None) -> int:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
         except stopping.Stopped as stop:  # SIGTERM, SIGUSR1 or Ctrl-C: the work its message names is saved
-            first = stopping.error_before_signal(stop)  # raised in an error's cleanup: the error came first
-            if first is None:
-                return report_stop(stop)
-            logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=first)
-            return report_error(first)
+            return report_error_before(stop) or report_stop(stop)
         except Exception as error:
             logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
             # Sent to the process group, the signal ended helpers too (vLLM's engine core): their end surfaced here
-            # as an error, before the next safe point. An error on its way up before the signal came (a launcher's
-            # SIGTERM to the other ranks after one failed) is reported as it would be without the signal.
-            if stopping.pending() and stopping.error_before_signal(error) is None:
-                return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
-                                                    agreed=False))
-            return report_error(error)
+            # as an error, before the next safe point.
+            if stopping.pending():
+                return report_error_before(error) or report_stop(
+                    stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})", agreed=False))
+            message = user_error_message(error)
+            if message is None:
+                raise
+            print(message, file=sys.stderr)
+            return 2
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status
@@ -111,20 +110,33 @@ def data_warnings_silenced(silenced: bool):
         logger.setLevel(level)
 
 
-def report_error(error: Exception) -> int:
-    """Say in one line an error a user can fix (status 2); raise any other, a bug, with its traceback."""
+def user_error_message(error: BaseException) -> str | None:
+    """The one line saying an error a user can fix (status 2); None for any other, a bug (its traceback stays)."""
     import yaml
 
     # A diverged training: the settings' or the data's doing, not a bug (no traceback). Only a training raises
     # it: an error before one (a setting's) does not wait for training's imports.
     training = sys.modules.get("spin_fast.training")
     if training is not None and isinstance(error, training.TrainingDiverged):
-        print(f"spin-fast: training diverged at {error}: lower train.learning_rate (or check the data and the "
-              "starting model) and train again in a new output_dir", file=sys.stderr)
-        return 2
-    if not isinstance(error, (ValueError, OSError, yaml.YAMLError)):
-        raise error
-    print(f"spin-fast: {error}", file=sys.stderr)
+        return (f"spin-fast: training diverged at {error}: lower train.learning_rate (or check the data and the "
+                "starting model) and train again in a new output_dir")
+    return f"spin-fast: {error}" if isinstance(error, (ValueError, OSError, yaml.YAMLError)) else None
+
+
+def report_error_before(raised: BaseException) -> int:
+    """Status 2 where the first signal came while an error a user can fix was on its way up, the one `raised` came
+    from (a launcher's SIGTERM to the other ranks after one failed on bad input): that error, said in one line, is
+    the run's end, not a stop that resuming mends. Else 0: any other exception then in flight (a bug's, or one a
+    library was handling in an `except`) leaves the signal a stop."""
+    from spin_fast import stopping
+
+    first = stopping.error_before_signal(raised)
+    message = None if first is None else user_error_message(first)
+    if message is None:
+        return 0
+    if first is not raised:  # else main logged it
+        logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=first)
+    print(message, file=sys.stderr)
     return 2
 
 

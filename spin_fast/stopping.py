@@ -75,8 +75,9 @@ def _handle(signum: int, frame) -> None:
         return
     if not _received:
         _first_received_at = now
-        # The error this process is unwinding (its `finally` blocks run in a handler's scope), if any: it came
-        # first, as when a launcher ends the other ranks after one failed on bad input (error_before_signal).
+        # The exception in flight, if any (one unwinding through `finally` blocks, or one an `except` is handling:
+        # both show in a handler): it may have come first, as when a launcher ends the other ranks after one failed
+        # on bad input. The command decides which counts (cli.report_error_before).
         unwinding = sys.exc_info()[1]
         _error_first = unwinding if isinstance(unwinding, Exception) else None
     _received.append(signum)
@@ -122,13 +123,17 @@ def reached(failure: Exception | None = None, what: str = "") -> int:
 
 
 def error_before_signal(raised: BaseException) -> Exception | None:
-    """The error that was already on its way up when this process's first signal came, where `raised` (what
-    reached the command: that error, one from its cleanup, or the Stopped the signal raised there) came from it;
-    else None. That error is the run's end, reported as itself: the signal is not a stop that resuming mends."""
-    while raised is not None:
-        if raised is _error_first:
+    """The exception that was in flight when this process's first signal came, where `raised` (what reached the
+    command: that error, one from its cleanup, or the Stopped the signal raised there) came from it; else None."""
+    chain, seen = [raised], set()
+    while chain:  # through both links: `raise ... from failure` outside the `except` has no __context__
+        exception = chain.pop()
+        if exception is None or id(exception) in seen:
+            continue
+        if exception is _error_first:
             return _error_first
-        raised = raised.__context__
+        seen.add(id(exception))
+        chain += [exception.__cause__, exception.__context__]
     return None
 
 

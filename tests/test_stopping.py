@@ -117,3 +117,27 @@ def test_an_error_on_its_way_up_when_the_signal_came_is_the_runs_end_and_one_han
                 except ValueError:
                     send(signal.SIGTERM)
         assert stop.value.agreed and stopping.error_before_signal(stop.value) is None
+
+
+def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_cleanup_is_that_error(capsys):
+    """A signal away from safe points inside a library's `except` (a cache miss's KeyError, psutil's
+    NoSuchProcess) raises the Stopped there, that exception its context: no error of the run, so the run ends as a
+    stop (status 0 here: not reported as an error). One in a bad input's cleanup is that error, said in one line."""
+    from spin_fast import cli
+
+    with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped) as stop:
+            try:
+                raise KeyError("a cache miss")
+            except KeyError:
+                send(signal.SIGTERM)
+        assert isinstance(stopping.error_before_signal(stop.value), KeyError)
+        assert cli.report_error_before(stop.value) == 0
+    with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped) as stop:
+            try:
+                raise ValueError("rows.jsonl line 3: no prompt")
+            finally:
+                send(signal.SIGTERM)
+        assert cli.report_error_before(stop.value) == 2
+    assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"
