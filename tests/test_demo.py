@@ -366,3 +366,25 @@ def test_verbose_shows_the_traceback_of_the_one_line_error(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert re.search(r"^demo: train.micro_batch_tokens=8: ", done.stderr, re.M), done.stderr[-2000:]
     assert "Traceback (most recent call last)" in done.stderr, done.stderr[-2000:]
+
+
+def test_an_error_a_signal_caused_stops_the_demo_as_it_stops_a_run(tmp_path, capsys):
+    """Ctrl-C reaches the whole process group: vLLM's engine core ends at once, and the generation waiting on it
+    fails before its next safe point. `spin-fast run` reports that as the stop it is (the same command resumes);
+    the demo ended with the engine's error and its traceback."""
+    import os
+    import signal
+
+    from spin_fast import stopping
+
+    def run(self, until=None):
+        with stopping.safe_points("the test's generation"):
+            os.kill(os.getpid(), signal.SIGINT)  # recorded: the stop waits for the next safe point
+            raise RuntimeError("EngineCore encountered an issue")  # the engine core, ended by the same Ctrl-C
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Demo, "run", run)
+        assert main(["--output", str(tmp_path / "demo")]) == 130
+    err = capsys.readouterr().err
+    assert "spin-fast: stopped by SIGINT (RuntimeError: EngineCore encountered an issue)" in err, err
+    assert "the same command resumes the run" in err, err
