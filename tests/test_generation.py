@@ -1,6 +1,7 @@
 """The transformers engine: batching with left padding changes nothing, weights swap in memory. And the vLLM
 engine's weight files, which need no vLLM."""
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_fast.data import render_prompt
 from spin_fast.generation import SamplingConfig
-from spin_fast.generation.base import Completion, before_stop_text
+from spin_fast.generation.base import Completion, answer_before_stop_text, before_stop_text
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.model import tiny_config
 from spin_fast.tokenizer import build_local_tokenizer
@@ -355,7 +356,8 @@ def test_weight_files_go_to_ram_when_it_has_room_and_the_host_copy_is_in_the_eng
     from spin_fast.generation import vllm_engine
 
     ram, disk = tmp_path / "ram", tmp_path / "disk"
-    ram.mkdir(), disk.mkdir()
+    ram.mkdir()
+    disk.mkdir()
     monkeypatch.setattr(vllm_engine, "weight_dirs", lambda: [ram, disk])
     loaded = []
 
@@ -544,3 +546,71 @@ def test_top_k_1_samples_the_greedy_answer():
     engine = TransformersEngine(model, eos_token_id=tokenizer.eos_token_id, progress=False)
     greedy = engine.generate(batch, SamplingConfig(temperature=0.0, max_new_tokens=8))
     assert engine.generate(batch, SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=8, seed=5)) == greedy
+
+
+def test_an_answers_last_characters_merged_with_the_stop_text_are_encoded_as_the_real_response_ends():
+    """A SentencePiece-style BPE (Metaspace, as Llama 2 or Mistral with a plain-text ChatML turn end): the model
+    wrote 'Don', "'", 't<|', ...; the answer 'Don't' is encoded '▁Don', "'t" as a real response is. Encoding the
+    't' alone gave '▁', 't' (an answer that reads "Don' t")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    merges = [("D", "o"), ("Do", "n"), ("▁", "Don"), ("'", "t"), ("<", "|"), ("|", ">"), ("i", "m"), ("e", "n"),
+              ("en", "d"), ("_", "end"), ("t", "<|")]
+    vocab = {c: i for i, c in enumerate(dict.fromkeys("▁Don't<|im_end>"))}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    written = tokenizer.convert_tokens_to_ids(["▁Don", "'", "t<|", "im", "_end", "|>"])
+    assert tokenizer.decode(written) == "Don't<|im_end|>"
+    answer = answer_before_stop_text(written, tokenizer, ["<|im_end|>", "\n\n"])
+    assert tokenizer.convert_ids_to_tokens(list(answer)) == ["▁Don", "'t"]
+    assert answer == tuple(tokenizer.encode("Don't", add_special_tokens=False))
+    assert answer_before_stop_text(written[:2], tokenizer, ["<|im_end|>"]) is None  # no stop text: not cut
+    alone = tokenizer.encode("t", add_special_tokens=False)  # nothing kept before: the whole answer encoded
+    assert answer_before_stop_text(written[2:], tokenizer, ["<|im_end|>"]) == tuple(alone)
+
+
+def test_the_engine_guard_ends_the_engines_processes_alone(tmp_path):
+    """A killed trainer's guard ends the processes it was told are the engine's (engine_started's line, pid:start
+    time), and no other: not a pid the engine had that another process has since (its start time differs), nor a
+    process the trainer started once its engine had. No vLLM: the engine's processes are sleepers."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import subprocess, sys, time\nimport psutil\nfrom spin_fast.generation import engine_guard\n"
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        "before = engine_guard.descendants()\nguard = engine_guard.start()\ntime.sleep(1.5)\n"
+        "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "engine, reused = subprocess.Popen(sleeper, **quiet), subprocess.Popen(sleeper, **quiet)\n"
+        "time.sleep(2.5)  # the guard, polling each second, takes both for the starting engine's\n"
+        "created = [psutil.Process(p.pid).create_time() for p in (engine, reused)]\n"
+        "guard.stdin.write(f'{engine.pid}:{created[0]!r} {reused.pid}:{created[1] - 5!r}\\n')\n"
+        "guard.stdin.flush()\ntime.sleep(2.5)\nlater = subprocess.Popen(sleeper, **quiet)\ntime.sleep(2.5)\n"
+        "print(engine.pid, reused.pid, later.pid, flush=True)\ntime.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(pid) for pid in trainer.stdout.readline().split()]
+        assert len(pids) == 3, trainer.stderr.read()
+        engine, reused, later = (psutil.Process(pid) for pid in pids)
+        trainer.kill()
+        trainer.wait()
+        assert engine.wait(timeout=30) is not None or not engine.is_running()
+        time.sleep(2)  # the guard ends what it watches together
+        assert reused.is_running() and reused.status() != psutil.STATUS_ZOMBIE
+        assert later.is_running() and later.status() != psutil.STATUS_ZOMBIE
+        assert f"ended the engine's processes {pids[0]}\n" in trainer.stderr.read()
+    finally:
+        trainer.kill()
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

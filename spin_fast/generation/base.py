@@ -90,20 +90,24 @@ def answer_before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: S
                             ) -> tuple[int, ...] | None:
     """The answer's ids before the first of `stop_strings` (before_stop_text), else None. Where the token the stop
     text begins in holds the answer's last characters too (a byte-level BPE merges '.<|' of 'Air.<|im_end|>'), those
-    characters are encoded again after the tokens kept, as they follow them: else the answer lost them, which every
-    real response, cut at the same text, keeps."""
+    characters are encoded again after the tokens kept, as a real response cut at the same text is: else the answer
+    lost them. Where they merge with the kept tokens' end ("Don'" + "t" is "Don" + "'t"), the last kept tokens are
+    encoded again with them (a few at most, then the whole answer)."""
     n = before_stop_text(token_ids, tokenizer, stop_strings)
     if n is None:
         return None
-    text, kept = tokenizer.decode(list(token_ids)), tokenizer.decode(list(token_ids[:n]))
-    at = min(found for stop in stop_strings if (found := text.find(stop)) >= 0)
-    rest = text[len(kept):at] if text.startswith(kept) else ""
-    if not rest:
-        return tuple(token_ids[:n])
-    before, through = (tokenizer.encode(t, add_special_tokens=False) for t in (kept, kept + rest))
-    if through[: len(before)] != before:  # the characters merge with the kept text: their own encoding
-        through, before = tokenizer.encode(rest, add_special_tokens=False), []
-    return (*token_ids[:n], *(int(i) for i in through[len(before):]))
+    text = tokenizer.decode(list(token_ids))
+    answer = text[:min(found for stop in stop_strings if (found := text.find(stop)) >= 0)]
+    for m in (*range(n, max(n - 8, 0), -1), 0):
+        head = tokenizer.decode(list(token_ids[:m]))
+        if head == answer:
+            return tuple(token_ids[:m])
+        if not answer.startswith(head):  # a prefix that decodes otherwise (a character cut between byte tokens)
+            continue
+        before, through = (tokenizer.encode(t, add_special_tokens=False) for t in (head, answer))
+        if through[: len(before)] == before:
+            return (*token_ids[:m], *(int(i) for i in through[len(before):]))
+    return tuple(token_ids[:n])
 
 
 class Engine(Protocol):
