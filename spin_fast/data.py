@@ -828,20 +828,29 @@ def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_p
                           cut_prompt=cut_prompt)[0]
 
 
-def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: int, max_prompt_length: int,
-                   cut_prompt: str = "always") -> list[TokenizedExample]:
-    """tokenize_example of each example, their texts encoded in one call to the tokenizer."""
+def check_lengths(tokenizer: Any, *, max_length: int, max_prompt_length: int, cut_prompt: str = "always"
+                  ) -> tuple[int, ...]:
+    """The ids every response ends with (response_end), where the data settings leave them room; else the settings
+    are refused, naming them (not a data row: tokenize_examples checks them before any row)."""
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
-        raise ValueError(f"expected 1 <= max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
-                         f"max_length={max_length}")
+        raise ValueError(f"expected 1 <= data.max_prompt_length < data.max_length, got max_prompt_length="
+                         f"{max_prompt_length}, max_length={max_length}")
     end = response_end(tokenizer)  # EOS's id, or a turn end text's pieces
-    end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(end[0])
     # "always" leaves a response after a long prompt max_length - max_prompt_length tokens: fewer than the end's
     # pieces would end it with part of them, which training would teach as the way answers end.
     if cut_prompt == "always" and max_length - max_prompt_length < len(end):
-        raise ValueError(f"max_length - max_prompt_length ({max_length - max_prompt_length}) leaves a cut response no "
-                         f"room for the {len(end)} tokens every response ends with ({end_text!r}): expected "
-                         f"max_prompt_length <= {max_length - len(end)}")
+        end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(end[0])
+        raise ValueError(f"data.max_length - data.max_prompt_length ({max_length - max_prompt_length}) leaves a cut "
+                         f"response no room for the {len(end)} tokens every response ends with ({end_text!r}): "
+                         f"expected data.max_prompt_length <= {max_length - len(end)}")
+    return end
+
+
+def tokenize_batch(tokenizer: Any, examples: Sequence[Example], *, max_length: int, max_prompt_length: int,
+                   cut_prompt: str = "always") -> list[TokenizedExample]:
+    """tokenize_example of each example, their texts encoded in one call to the tokenizer."""
+    end = check_lengths(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, cut_prompt=cut_prompt)
+    end_text = turn_end_text(tokenizer) or tokenizer.convert_ids_to_tokens(end[0])
     rendered = [_render(tokenizer, example, end_text) for example in examples]
     encode = _encoder(tokenizer, [text for r in rendered for text in r.texts()])
     adds_bos = _adds_bos(tokenizer)  # once, not a call to the tokenizer per example (zephyr's template has no BOS)

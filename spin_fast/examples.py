@@ -15,6 +15,7 @@ from spin_fast.data import (
     Example,
     SharedIds,
     TokenizedExample,
+    check_lengths,
     eos_token_id,
     fit_to_length,
     load_examples,
@@ -85,6 +86,7 @@ def tokenize_examples(tokenizer, data: DataConfig, examples: Seq[Example], progr
     batches = [share[start : start + TOKENIZE_BATCH] for start in range(0, len(share), TOKENIZE_BATCH)]
     fitting = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
                "cut_prompt": data.cut_prompt}
+    check_lengths(tokenizer, **fitting)  # the settings' fault, not the first row's
     # A rank's examples wait for the exchange with their ids in int32 arrays: 4 bytes a token, pickled as such
     # (a tokenizer's lists hold an int object of 28 bytes per token, and unpickling makes one per token again).
     done: list[TokenizedExample] = []

@@ -1311,10 +1311,14 @@ def test_settings_that_leave_a_cut_response_no_room_for_the_turn_ends_pieces_are
     pieces = tokenizer.encode("<|im_end|>", add_special_tokens=False)
     example = Example((user("Why is the sky blue?"),), "Air. " * 30)
     prompt_length = len(tokenized.prompt_ids)
-    with pytest.raises(ValueError, match=rf"max_length - max_prompt_length \({len(pieces) - 1}\) leaves a cut response "
-                                         rf"no room for the {len(pieces)} tokens"):
+    room = rf"data.max_length - data.max_prompt_length \({len(pieces) - 1}\) leaves a cut response no room for the "
+    with pytest.raises(ValueError, match=rf"{room}{len(pieces)} tokens"):
         tokenize_example(tokenizer, example, max_length=prompt_length + len(pieces) - 1,
                          max_prompt_length=prompt_length)
+    # A run's data: the settings are named, not the first row (which a row-by-row retry would blame).
+    data = DataConfig(source="rows.jsonl", max_length=prompt_length + len(pieces) - 1, max_prompt_length=prompt_length)
+    with pytest.raises(ValueError, match=rf"^{room}"):
+        tokenize_examples(tokenizer, data, [example])
     cut = tokenize_example(tokenizer, example, max_length=prompt_length + len(pieces), max_prompt_length=prompt_length)
     assert list(cut.response_ids) == pieces  # room for the turn end alone: it is kept whole
 
