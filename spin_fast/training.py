@@ -215,6 +215,13 @@ def uses_deepspeed(settings: DeepSpeedConfig | None) -> bool:
 MICRO_BATCH_ADVICE = " (a pair's sequences share a micro-batch) or cut the data shorter (data.max_length)"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N of a folder named as a training saves step N (checkpoint-N), else None (a user's checkpoint-best,
+    checkpoint-010)."""
+    n = path.name.removeprefix("checkpoint-")
+    return int(n) if n.isdigit() and str(int(n)) == n and path.name != n else None
+
+
 def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConfig, what: str = "item",
                 advice: str = MICRO_BATCH_ADVICE, fits_checked: bool = False) -> None:
     """Every item up front, named by its index (`what` says what the items are; of several too long, the longest):
@@ -483,16 +490,16 @@ class Trainer:
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_dirs(self) -> list[Path]:
         found = [p for p in self.output_dir.glob("checkpoint-*")
-                 if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()]  # not a user's checkpoint-best
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+                 if checkpoint_step(p) is not None and (p / STATE_FILE).exists()]  # not a user's checkpoint-best
+        return sorted(found, key=checkpoint_step)
 
     def refuse_incomplete_checkpoints(self) -> None:
         """Rank 0: a checkpoint-N without its state file (made by hand, or by code older than the atomic rename)
         where this training may still save one (a stop saves at any step) is refused before any step: the save would
         find the name taken ("Directory not empty"), that step's work lost. Not removed: it may be someone's."""
         for path in self.output_dir.glob("checkpoint-*"):
-            n = path.name.split("-", 1)[1]
-            if n.isdigit() and self.step < int(n) <= self.steps and not (path / STATE_FILE).exists():
+            n = checkpoint_step(path)
+            if n is not None and self.step < n <= self.steps and not (path / STATE_FILE).exists():
                 raise ValueError(
                     f"{path} has no {STATE_FILE}: not a complete checkpoint of this training, and its name is one "
                     f"this training saves to. Remove or rename it, then start again")

@@ -935,7 +935,7 @@ def test_a_checkpoint_folder_without_its_state_is_refused_before_training_names_
     with pytest.raises(ValueError, match=r"checkpoint-2 has no trainer_state\.pt"):
         Trainer(make_model(), None, config(), tmp_path, scored).train()
     assert [p.name for p in incomplete.iterdir()] == ["model.safetensors"]
-    assert not list(tmp_path.glob("checkpoint-1"))  # refused before the first step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # refused before any step: no metrics
     # One a training never writes again (at or before its resumed step, or past its last) is left alone.
     shutil.move(incomplete, tmp_path / "checkpoint-3")
     assert Trainer(make_model(), None, config(), tmp_path, scored).train().final_dir.name == "checkpoint-2"

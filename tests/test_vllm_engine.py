@@ -275,6 +275,7 @@ def test_an_engine_that_fails_to_start_leaves_no_process_behind(tmp_path):
     _, alive = psutil.wait_procs(left, timeout=30)
     assert not alive, alive
 
+
 def test_answers_stop_at_a_turn_end_the_tokenizer_splits_into_pieces(tmp_path):
     """A ChatML fine-tune whose '<|im_end|>' is plain text: the engine the run starts stopped only at stop tokens, so
     its answers ran on past the turn end to max_new_tokens, and the pair kept them, closed by <|endoftext|>."""
