@@ -131,7 +131,8 @@ def report_error_before(raised: BaseException) -> int:
     from spin_fast import stopping
 
     first = stopping.error_before_signal(raised)
-    message = None if first is None else user_error_message(first)
+    # Not an OSError: libraries handle their own (a file probed for and missing) in an `except` too often.
+    message = None if first is None or isinstance(first, OSError) else user_error_message(first)
     if message is None:
         return 0
     if first is not raised:  # else main logged it

@@ -120,19 +120,20 @@ def test_an_error_on_its_way_up_when_the_signal_came_is_the_runs_end_and_one_han
 
 
 def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_cleanup_is_that_error(capsys):
-    """A signal away from safe points inside a library's `except` (a cache miss's KeyError, psutil's
-    NoSuchProcess) raises the Stopped there, that exception its context: no error of the run, so the run ends as a
+    """A signal away from safe points inside a library's `except` (a cache miss's KeyError, a missing optional
+    file's OSError) raises the Stopped there, that exception its context: no error of the run, so the run ends as a
     stop (status 0 here: not reported as an error). One in a bad input's cleanup is that error, said in one line."""
     from spin_fast import cli
 
-    with stopping.signals_handled():
-        with pytest.raises(stopping.Stopped) as stop:
-            try:
-                raise KeyError("a cache miss")
-            except KeyError:
-                send(signal.SIGTERM)
-        assert isinstance(stopping.error_before_signal(stop.value), KeyError)
-        assert cli.report_error_before(stop.value) == 0
+    for handled in (KeyError("a cache miss"), FileNotFoundError("an optional file probed for")):
+        with stopping.signals_handled():
+            with pytest.raises(stopping.Stopped) as stop:
+                try:
+                    raise handled
+                except Exception:
+                    send(signal.SIGTERM)
+            assert stopping.error_before_signal(stop.value) is handled
+            assert cli.report_error_before(stop.value) == 0
     with stopping.signals_handled():
         with pytest.raises(stopping.Stopped) as stop:
             try:
