@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -77,20 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             distributed.check_launch()
             status = run_command(args, load_run_config(args.config, args.overrides))
-        except stopping.Stopped as stop:  # SIGTERM, SIGUSR1 or Ctrl-C: the work its message names is saved
-            return report_error_before(stop) or report_stop(stop)
-        except Exception as error:
-            logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=True)
-            # Sent to the process group, the signal ended helpers too (vLLM's engine core): their end surfaced here
-            # as an error, before the next safe point.
-            if stopping.pending():
-                return report_error_before(error) or report_stop(
-                    stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})", agreed=False))
-            message = user_error_message(error)
-            if message is None:
-                raise
-            print(message, file=sys.stderr)
-            return 2
+        except (stopping.Stopped, Exception) as ended:  # a stop (SIGTERM, SIGUSR1, Ctrl-C), or an error
+            return report_end(ended, user_error_message)
     if status == 0:  # after an error the ranks may not all get here: the process group goes with the process
         distributed.shutdown()
     return status
@@ -123,20 +112,33 @@ def user_error_message(error: BaseException) -> str | None:
     return f"spin-fast: {error}" if isinstance(error, (ValueError, OSError, yaml.YAMLError)) else None
 
 
-def report_error_before(raised: BaseException) -> int:
-    """Status 2 where the first signal came while an error a user can fix was on its way up, the one `raised` came
-    from (a launcher's SIGTERM to the other ranks after one failed on bad input): that error, said in one line, is
-    the run's end, not a stop that resuming mends. Else 0: any other exception then in flight (a bug's, or one a
-    library was handling in an `except`) leaves the signal a stop."""
+def report_end(ended: BaseException, error_message: Callable[[BaseException], str | None]) -> int:
+    """The exit status of a command `ended` ended, said in one line: a stop (the work its message names is saved),
+    or an error a user can fix (`error_message`'s line, status 2). Any other error, a bug, is raised again with its
+    traceback. Inside stopping.signals_handled: whether a signal is pending is known there alone."""
     from spin_fast import stopping
 
-    first = stopping.error_before_signal(raised)
-    # Not an OSError: libraries handle their own (a file probed for and missing) in an `except` too often.
-    message = None if first is None or isinstance(first, OSError) else user_error_message(first)
+    first = stopping.error_before_signal(ended)  # in flight when the first signal came
+    if first is not None and first is not ended:
+        logging.getLogger("spin_fast.cli").debug("in flight when the signal came", exc_info=first)
+    # An error a user can fix, on its way up when the signal came (a launcher's SIGTERM to the other ranks after one
+    # failed on bad input), is the end: resuming would not mend it. Any other exception then in flight (a bug's, one
+    # a library was handling in an `except`) leaves the signal a stop. Not an OSError: libraries handle their own (a
+    # file probed for and missing) in an `except` too often; a ValueError a library handles in the microseconds a
+    # signal lands in is taken for the run's (rare, and said as an error, not lost).
+    message = None if first is None or isinstance(first, OSError) else error_message(first)
+    if message is not None:
+        print(message, file=sys.stderr)
+        return 2
+    if isinstance(ended, stopping.Stopped):
+        return report_stop(ended)
+    logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=ended)
+    if stopping.pending():  # sent to the process group, the signal ended helpers too (vLLM's engine core): their
+        # end surfaced here as an error, before the next safe point
+        return report_stop(stopping.Stopped(stopping.pending(), f"({type(ended).__name__}: {ended})", agreed=False))
+    message = error_message(ended)
     if message is None:
-        return 0
-    if first is not raised:  # else main logged it
-        logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=first)
+        raise ended
     print(message, file=sys.stderr)
     return 2
 

@@ -833,8 +833,8 @@ def check_lengths(tokenizer: Any, *, max_length: int, max_prompt_length: int, cu
     """The ids every response ends with (response_end), where the data settings leave them room; else the settings
     are refused, naming them (not a data row: tokenize_examples checks them before any row)."""
     if max_prompt_length < 1 or max_length < 1 or max_prompt_length >= max_length:
-        raise ValueError(f"expected 1 <= data.max_prompt_length < data.max_length, got max_prompt_length="
-                         f"{max_prompt_length}, max_length={max_length}")
+        raise ValueError(f"expected 1 <= data.max_prompt_length < data.max_length, got data.max_prompt_length="
+                         f"{max_prompt_length}, data.max_length={max_length}")
     end = response_end(tokenizer)  # EOS's id, or a turn end text's pieces
     # "always" leaves a response after a long prompt max_length - max_prompt_length tokens: fewer than the end's
     # pieces would end it with part of them, which training would teach as the way answers end.

@@ -459,34 +459,27 @@ def main(argv: list[str] | None = None) -> int:
 
     library_progress_bars(config.train.progress)
     from spin_fast import stopping
-    from spin_fast.cli import report_stop
-    from spin_fast.training import TrainingDiverged
+    from spin_fast.cli import report_end
 
-    # Caught inside the handlers' block: an error's cause, a signal still pending, is known there alone.
     with stopping.signals_handled():  # SIGTERM or Ctrl-C stops at a safe point, as `spin-fast run` does
         try:
             Demo(config, demo).run(until=args.until)
-        except stopping.Stopped as stop:
-            return report_stop(stop)
-        except TrainingDiverged as error:  # the settings' doing, not a bug: one line, as `spin-fast train` says it
-            log.debug("the error's traceback", exc_info=True)
-            print(f"demo: training diverged at {error}: lower that stage's learning rate (demo.sft.learning_rate "
-                  "for sft/, train.learning_rate for spin/, demo.continued_sft.learning_rate for continued-sft/) "
-                  "and run again with another --output", file=sys.stderr)
-            return 2
-        except Exception as error:
-            log.debug("the error's traceback", exc_info=True)
-            if stopping.pending():  # sent to the process group, the signal ended helpers too (vLLM's engine core):
-                # their end surfaced here as an error, before the next safe point, as `spin-fast run` says it
-                return report_stop(stopping.Stopped(stopping.pending(), f"({type(error).__name__}: {error})",
-                                                    agreed=False))
-            if not isinstance(error, (ValueError, OSError)):
-                raise
-            # What a user can fix, as `spin-fast train` says it: a setting (ConfigError, or a value a stage refuses:
-            # train.micro_batch_tokens too small), a data row, a folder in use, a missing file
-            print(f"demo: {error}", file=sys.stderr)
-            return 2
+        except (stopping.Stopped, Exception) as ended:  # said as `spin-fast run` says it, in the demo's words
+            return report_end(ended, demo_error_message)
     return 0
+
+
+def demo_error_message(error: BaseException) -> str | None:
+    """The line for an error a user can fix, as `spin-fast train` says it: a diverged training (the settings'
+    doing), a setting (ConfigError, or a value a stage refuses: train.micro_batch_tokens too small), a data row, a
+    folder in use, a missing file. None for a bug."""
+    from spin_fast.training import TrainingDiverged
+
+    if isinstance(error, TrainingDiverged):
+        return (f"demo: training diverged at {error}: lower that stage's learning rate (demo.sft.learning_rate for "
+                "sft/, train.learning_rate for spin/, demo.continued_sft.learning_rate for continued-sft/) and run "
+                "again with another --output")
+    return f"demo: {error}" if isinstance(error, (ValueError, OSError)) else None
 
 
 if __name__ == "__main__":  # vLLM's CPU build starts its engine process by re-importing the main module

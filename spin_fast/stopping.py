@@ -32,7 +32,7 @@ _received: list[int] = []  # this process's signals, in order
 _first_received_at = 0.0  # time.monotonic() of _received[0]
 _depth = 0  # nesting of safe_points() blocks
 _saved = False  # a stop at a safe point is on its way up: its work is saved, only the cleanup is left
-_error_first: Exception | None = None  # an error already on its way up when the first signal came
+_error_first: Exception | None = None  # the exception in flight (unwinding or handled) when the first signal came
 # The same signal again within this many seconds is one signal delivered twice, not a second one: Slurm's
 # `--signal` reaches every process of the job step, ranks included, and torchrun then passes its own copy on.
 DUPLICATE_SECONDS = 2.0

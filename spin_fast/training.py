@@ -219,7 +219,7 @@ def checkpoint_step(path: Path) -> int | None:
     """N of a folder named as a training saves step N (checkpoint-N), else None (a user's checkpoint-best,
     checkpoint-010)."""
     n = path.name.removeprefix("checkpoint-")
-    return int(n) if n.isdigit() and str(int(n)) == n and path.name != n else None
+    return int(n) if n.isascii() and n.isdigit() and str(int(n)) == n and path.name != n else None
 
 
 def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConfig, what: str = "item",

@@ -388,3 +388,25 @@ def test_an_error_a_signal_caused_stops_the_demo_as_it_stops_a_run(tmp_path, cap
     err = capsys.readouterr().err
     assert "spin-fast: stopped by SIGINT (RuntimeError: EngineCore encountered an issue)" in err, err
     assert "the same command resumes the run" in err, err
+
+
+def test_a_bad_input_error_in_flight_when_a_signal_comes_ends_the_demo_as_that_error(tmp_path, capsys):
+    """Ctrl-C while a bad row's error unwinds (its cleanup: the engine's shutdown): a rerun fails again, so the
+    demo says the error (status 2), as `spin-fast run` does, not a stop that the same command resumes."""
+    import os
+    import signal
+
+    from spin_fast import stopping
+
+    def run(self, until=None):
+        with stopping.safe_points("the test's generation"):
+            try:
+                raise ValueError("rows.jsonl line 3: no prompt")
+            finally:  # the cleanup on the way up
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Demo, "run", run)
+        assert main(["--output", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "demo: rows.jsonl line 3: no prompt" in err and "resumes" not in err, err

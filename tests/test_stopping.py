@@ -122,8 +122,11 @@ def test_an_error_on_its_way_up_when_the_signal_came_is_the_runs_end_and_one_han
 def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_cleanup_is_that_error(capsys):
     """A signal away from safe points inside a library's `except` (a cache miss's KeyError, a missing optional
     file's OSError) raises the Stopped there, that exception its context: no error of the run, so the run ends as a
-    stop (status 0 here: not reported as an error). One in a bad input's cleanup is that error, said in one line."""
+    stop (its status and message). One in a bad input's cleanup is that error, said in one line (status 2)."""
     from spin_fast import cli
+
+    def end(stop: stopping.Stopped) -> int:
+        return cli.report_end(stop, cli.user_error_message)
 
     for handled in (KeyError("a cache miss"), FileNotFoundError("an optional file probed for")):
         with stopping.signals_handled():
@@ -133,12 +136,13 @@ def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_
                 except Exception:
                     send(signal.SIGTERM)
             assert stopping.error_before_signal(stop.value) is handled
-            assert cli.report_error_before(stop.value) == 0
+            assert end(stop.value) == 128 + signal.SIGTERM
+            assert "the same command resumes the run" in capsys.readouterr().err
     with stopping.signals_handled():
         with pytest.raises(stopping.Stopped) as stop:
             try:
                 raise ValueError("rows.jsonl line 3: no prompt")
             finally:
                 send(signal.SIGTERM)
-        assert cli.report_error_before(stop.value) == 2
+        assert end(stop.value) == 2
     assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"

@@ -92,13 +92,15 @@ def answer_before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: S
     text begins in holds the answer's last characters too (a byte-level BPE merges '.<|' of 'Air.<|im_end|>'), those
     characters are encoded again after the tokens kept, as a real response cut at the same text is: else the answer
     lost them. Where they merge with the kept tokens' end ("Don'" + "t" is "Don" + "'t"), the last kept tokens are
-    encoded again with them (a few at most, then the whole answer)."""
+    encoded again with them (up to 7, then the whole answer). Never longer than the ids written (a lone byte token
+    decodes to U+FFFD, 3 bytes): a prompt was checked to fit with max_new_tokens."""
     n = before_stop_text(token_ids, tokenizer, stop_strings)
     if n is None:
         return None
     text = tokenizer.decode(list(token_ids))
     answer = text[:min(found for stop in stop_strings if (found := text.find(stop)) >= 0)]
-    for m in (*range(n, max(n - 8, 0), -1), 0):
+    cut = None
+    for m in range(n, max(n - 8, 0), -1):
         head = tokenizer.decode(list(token_ids[:m]))
         if head == answer:
             return tuple(token_ids[:m])
@@ -106,8 +108,11 @@ def answer_before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: S
             continue
         before, through = (tokenizer.encode(t, add_special_tokens=False) for t in (head, answer))
         if through[: len(before)] == before:
-            return (*token_ids[:m], *(int(i) for i in through[len(before):]))
-    return tuple(token_ids[:n])
+            cut = (*token_ids[:m], *(int(i) for i in through[len(before):]))
+            break
+    if cut is None:
+        cut = tuple(int(i) for i in tokenizer.encode(answer, add_special_tokens=False))
+    return cut if len(cut) <= len(token_ids) else tuple(token_ids[:n])
 
 
 class Engine(Protocol):
