@@ -119,20 +119,22 @@ def report_end(ended: BaseException, error_message: Callable[[BaseException], st
     from spin_fast import stopping
 
     first = stopping.error_before_signal(ended)  # in flight when the first signal came
-    if first is not None and first is not ended:
-        logging.getLogger("spin_fast.cli").debug("in flight when the signal came", exc_info=first)
+    log = logging.getLogger("spin_fast.cli")
+    if first is not None:
+        log.debug("in flight when the signal came", exc_info=first)
     # An error a user can fix, on its way up when the signal came (a launcher's SIGTERM to the other ranks after one
     # failed on bad input), is the end: resuming would not mend it. Any other exception then in flight (a bug's, one
     # a library was handling in an `except`) leaves the signal a stop. Not an OSError: libraries handle their own (a
     # file probed for and missing) in an `except` too often; a ValueError a library handles in the microseconds a
-    # signal lands in is taken for the run's (rare, and said as an error, not lost).
+    # signal lands in is taken for the run's (rare: status 2 where the run could resume).
     message = None if first is None or isinstance(first, OSError) else error_message(first)
     if message is not None:
         print(message, file=sys.stderr)
         return 2
     if isinstance(ended, stopping.Stopped):
         return report_stop(ended)
-    logging.getLogger("spin_fast.cli").debug("the error's traceback", exc_info=ended)
+    if ended is not first:
+        log.debug("the error's traceback", exc_info=ended)
     if stopping.pending():  # sent to the process group, the signal ended helpers too (vLLM's engine core): their
         # end surfaced here as an error, before the next safe point
         return report_stop(stopping.Stopped(stopping.pending(), f"({type(ended).__name__}: {ended})", agreed=False))
