@@ -77,7 +77,7 @@ def _handle(signum: int, frame) -> None:
         _first_received_at = now
         # The exception in flight, if any (one unwinding through `finally` blocks, or one an `except` is handling:
         # both show in a handler): it may have come first, as when a launcher ends the other ranks after one failed
-        # on bad input. The command decides which counts (cli.report_error_before).
+        # on bad input. The command decides which counts (cli.report_end).
         unwinding = sys.exc_info()[1]
         _error_first = unwinding if isinstance(unwinding, Exception) else None
     _received.append(signum)
