@@ -245,11 +245,11 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
         check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)
     vocab = model.get_input_embeddings().num_embeddings
     for index, (item, group) in enumerate(zip(items, groups)):
-        parts = [part for sequence in group for part in (sequence.prompt_ids, sequence.response_ids) if part]
-        lowest, highest = min(map(min, parts)), max(map(max, parts))
-        if lowest < 0 or highest >= vocab:
-            raise ValueError(f"{what} {index}: token id {highest if highest >= vocab else lowest} is outside the "
-                             f"model's vocabulary [0, {vocab}) (a tokenizer larger than the model?)")
+        # Sequence itself refuses an empty part or a negative id (above): the vocabulary's end is left to check.
+        highest = max(max(part) for sequence in group for part in (sequence.prompt_ids, sequence.response_ids))
+        if highest >= vocab:
+            raise ValueError(f"{what} {index}: token id {highest} is outside the model's vocabulary [0, {vocab}) "
+                             "(a tokenizer larger than the model?)")
         if expected is ScoredPair and not math.isfinite(item.opponent_real + item.opponent_generated):
             raise ValueError(f"{what} {index}: the opponent's log-probs are not finite ({item.opponent_real}, "
                              f"{item.opponent_generated})")

@@ -71,6 +71,12 @@ class Completion:
 def before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> int | None:
     """How many of `token_ids` come before the first of `stop_strings` in their text (the tokens it spans are dropped,
     as a stop token is), else None: an answer ends where a turn end that no token holds begins."""
+    found = _before_stop(token_ids, tokenizer, stop_strings)
+    return None if found is None else found[0]
+
+
+def _before_stop(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]) -> tuple[int, str] | None:
+    """before_stop_text's count, and the text before the stop text."""
     text = tokenizer.decode(list(token_ids))
     at = min((found for stop in stop_strings if (found := text.find(stop)) >= 0), default=None)
     if at is None:
@@ -83,7 +89,7 @@ def before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence
                            key=lambda n: any(stop in decoded(n) for stop in stop_strings))
     while n > 0 and len(decoded(n)) > at:
         n -= 1
-    return n
+    return n, text[:at]
 
 
 def answer_before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: Sequence[str]
@@ -94,11 +100,10 @@ def answer_before_stop_text(token_ids: Sequence[int], tokenizer, stop_strings: S
     lost them. Where they merge with the kept tokens' end ("Don'" + "t" is "Don" + "'t"), the last kept tokens are
     encoded again with them (up to 7, then the whole answer). Never longer than the ids written (a lone byte token
     decodes to U+FFFD, 3 bytes): a prompt was checked to fit with max_new_tokens."""
-    n = before_stop_text(token_ids, tokenizer, stop_strings)
-    if n is None:
+    found = _before_stop(token_ids, tokenizer, stop_strings)
+    if found is None:
         return None
-    text = tokenizer.decode(list(token_ids))
-    answer = text[:min(found for stop in stop_strings if (found := text.find(stop)) >= 0)]
+    n, answer = found
     cut = None
     for m in range(n, max(n - 8, 0), -1):
         head = tokenizer.decode(list(token_ids[:m]))
