@@ -405,6 +405,12 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
+def cell(result: dict, key: str, spec: str = ".2f") -> str:
+    """result[key] formatted by `spec`, or "-" where it was not measured (absent or None): every table's gap."""
+    value = result.get(key)
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """Text columns left-aligned, numbers right-aligned. A row whose later cells are all empty is a
     note (e.g. "missing: ..."): its last text spills to the right instead of widening its column."""

@@ -65,6 +65,7 @@ from bench.common import (
     CPU_WARMUP,
     Missing,
     answer_as_worker,
+    cell,
     format_table,
     listed,
     machine_info,
@@ -422,9 +423,6 @@ def summary_table(results: list[dict]) -> str:
         if "median_ms" not in r:
             rows.append([r["engine"], "", "", problem(r)] + [""] * (len(headers) - 4))
             continue
-        def fmt(key: str, spec: str = ".0f", r: dict = r) -> str:
-            return format(r[key], spec) if key in r else "-"
-
         held = f"{r['held_mib']:.0f} (weights)" if "held_mib" in r else (
             f"{r['engine_rss_mib']:.0f} (engine RSS)" if "engine_rss_mib" in r else "-")
         rows.append([
@@ -432,12 +430,12 @@ def summary_table(results: list[dict]) -> str:
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
             f"{r['generated_tokens']:.0f}",
             f"{r['tokens_per_s']:.0f}",
-            fmt("startup_ms"),
-            fmt("swap_ms"),
-            fmt("restart_ms"),
-            fmt("restart_vs_swap", ".1f"),
-            fmt("folder_reload_ms"),
-            fmt("peak_extra_mib"),
+            cell(r, "startup_ms", ".0f"),
+            cell(r, "swap_ms", ".0f"),
+            cell(r, "restart_ms", ".0f"),
+            cell(r, "restart_vs_swap", ".1f"),
+            cell(r, "folder_reload_ms", ".0f"),
+            cell(r, "peak_extra_mib", ".0f"),
             held,
         ])
     return format_table(headers, rows)

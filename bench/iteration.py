@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    cell,
     format_table,
     machine_info,
     ordinary_allocator,
@@ -387,7 +388,7 @@ def summary_table(result: dict) -> str:
     table = [[r["stage"] + (" (once per run)" if r["share"] is None else ""), f"{r['seconds']:.2f}",
               "-" if r["share"] is None else f"{r['min']:.2f}-{r['max']:.2f}",
               "-" if r["share"] is None else f"{100 * r['share']:.0f}%",
-              "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"] for r in result["rows"]]
+              cell(r, "peak_extra_mib", ".0f")] for r in result["rows"]]
     steady = MEMORY_ITERATIONS[-1]
     timed = sorted({t for r in result["rows"] if r["share"] is not None for t in r["iterations"]})
     which = f"median of iterations {', '.join(map(str, timed))}" if timed else "no timed iteration"

@@ -35,6 +35,7 @@ from bench.common import (
     Missing,
     add_shape_options,
     answer_as_worker,
+    cell,
     format_table,
     listed,
     machine_info,
@@ -543,10 +544,6 @@ def disagrees(result: dict) -> bool:
     return any(not result.get(key, 0.0) <= AGREEMENT for key in ("value_rel_diff", "grad_rel_diff"))
 
 
-def _ratio(result: dict, key: str, spec: str) -> str:
-    return format(result[key], spec) if key in result else "-"
-
-
 def short_name(method: str) -> str:
     return "naive" if method == BASELINE else method
 
@@ -564,11 +561,11 @@ def summary_table(results: list[dict], baseline: str = BASELINE) -> str:
         rows.append([
             str(r["vocab"]), r["job"], r["method"],
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
-            _ratio(r, "time_vs_baseline", ".2f"),
+            cell(r, "time_vs_baseline", ".2f"),
             f"{r['peak_extra_mib']:.0f}",
-            _ratio(r, "memory_vs_baseline", ".3f"),
-            _ratio(r, "value_rel_diff", ".1e"),
-            _ratio(r, "grad_rel_diff", ".1e") + (" DIFFERS" if disagrees(r) else ""),
+            cell(r, "memory_vs_baseline", ".3f"),
+            cell(r, "value_rel_diff", ".1e"),
+            cell(r, "grad_rel_diff", ".1e") + (" DIFFERS" if disagrees(r) else ""),
         ])
     note = (f"x {base}: time or peak memory / {baseline}'s at that vocab and job (below 1: less); value, grads: "
             f"relative difference of the loss and of the gradients' norms (hidden states, head weight) from "

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    cell,
     format_table,
     listed,
     machine_info,
@@ -358,9 +359,6 @@ def summary_table(results: list[dict], unit: str = "process") -> str:
                "x 1 process", "x plain", "first loss", "other work, cores"]
     rows = []
 
-    def figure(r: dict, key: str) -> str:  # "-" where not measured (no 1-process or plain run), as other tables
-        return f"{r[key]:.2f}" if key in r else "-"
-
     for r in results:
         if problem(r):
             rows.append([r["config"], str(r["processes"]), "", problem(r)] + [""] * (len(headers) - 4))
@@ -370,9 +368,9 @@ def summary_table(results: list[dict], unit: str = "process") -> str:
             r["config"], str(r["processes"]), "/".join(map(str, threads)),
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_per_process']:.0f}",
-            figure(r, "speed_vs_1_process"), figure(r, "speed_vs_plain"),
+            cell(r, "speed_vs_1_process"), cell(r, "speed_vs_plain"),
             f"{r['first_loss']:.6f}" if math.isfinite(r["first_loss"]) else str(r["first_loss"]),
-            figure(r, "other_work_cores"),
+            cell(r, "other_work_cores"),
         ])
     return format_table(headers, rows)
 

@@ -63,6 +63,7 @@ from bench.common import (
     Missing,
     add_shape_options,
     answer_as_worker,
+    cell,
     format_table,
     listed,
     machine_info,
@@ -492,11 +493,6 @@ def _add_ratios(results: list[dict]) -> None:
                 result["second_loss_diff_vs_trl_live"] = abs(result["second_loss"] - base["second_loss"])
 
 
-def _ratio(result: dict, key: str) -> str:
-    """A ratio to TRL, or "-" where TRL did not run (--methods without it) or its peak is under MEMORY_FLOOR_MIB."""
-    return f"{result[key]:.2f}" if key in result else "-"
-
-
 def summary_table(results: list[dict]) -> str:
     headers = ["method", "step ms (min-max)", "tokens/s", "x TRL-live", "x TRL-pre", "peak MiB", "x TRL-live peak",
                "x TRL-pre peak", "held MiB", "x TRL-live held+peak", "first loss", "second loss"]
@@ -510,13 +506,13 @@ def summary_table(results: list[dict]) -> str:
             r["method"],
             f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})",
             f"{r['tokens_per_s']:.0f}",
-            _ratio(r, "speed_vs_trl_live"),
-            _ratio(r, "speed_vs_trl_precomputed"),
+            cell(r, "speed_vs_trl_live"),
+            cell(r, "speed_vs_trl_precomputed"),
             f"{r['peak_extra_mib']:.0f}",
-            _ratio(r, "memory_vs_trl_live"),
-            _ratio(r, "memory_vs_trl_precomputed"),
+            cell(r, "memory_vs_trl_live"),
+            cell(r, "memory_vs_trl_precomputed"),
             f"{r['held_mib']:.0f}",
-            _ratio(r, "held_plus_peak_vs_trl_live"),
+            cell(r, "held_plus_peak_vs_trl_live"),
             f"{r['first_loss']:.6f}",
             f"{r['second_loss']:.6f}",
         ])

@@ -516,3 +516,12 @@ def test_the_matmul_rate_is_the_products_flops_over_its_median_time(monkeypatch)
     rate = kernels.matmul_tflops(preset, 1000)
     assert counted == [2 * preset.tokens * preset.hidden * 1000]
     assert rate == pytest.approx(counted[0] / 0.3 / 1e12)
+
+
+def test_a_cell_not_measured_is_a_dash_in_every_table():
+    cell = common.cell
+    assert cell({"x": 1.236}, "x") == "1.24"
+    assert cell({"x": 1536.4}, "x", ".0f") == "1536"
+    assert cell({"x": 0.0}, "x", ".1e") == "0.0e+00"  # a zero is measured, not a gap
+    assert cell({}, "x") == "-"
+    assert cell({"x": None}, "x") == "-"
