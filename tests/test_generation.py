@@ -419,7 +419,7 @@ def test_the_engine_guard_ignores_the_jobs_signals_and_ends_what_a_failed_start_
         return int(mask.split()[1], 16)
 
     before = engine_guard.descendants()
-    guard = engine_guard.start()
+    guard = engine_guard.start(before)
     deadline = time.monotonic() + 60
     while not ignored(guard.pid) & (1 << (signal.SIGUSR1 - 1)) and time.monotonic() < deadline:  # the last one
         time.sleep(0.05)
@@ -434,7 +434,7 @@ def test_the_engine_guard_ignores_the_jobs_signals_and_ends_what_a_failed_start_
         started.wait()
 
     before = engine_guard.descendants()
-    guard = engine_guard.start()
+    guard = engine_guard.start(before)
     assert engine_guard.engine_started(guard, before) is None
     assert guard.poll() is not None
 
@@ -449,6 +449,39 @@ def test_the_engine_guard_ignores_the_jobs_signals_and_ends_what_a_failed_start_
     finally:
         stubborn.kill()
         stubborn.wait()
+
+
+def test_the_engine_guard_watches_a_process_started_with_it(tmp_path):
+    """A process the engine starts before the guard is up (its interpreter starting) is the engine's all the same:
+    the guard counts from the trainer's snapshot, taken before the guard, not from its own."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import subprocess, sys, time\nfrom spin_fast.generation import engine_guard\n"
+        "before = engine_guard.descendants()\nguard = engine_guard.start(before)\n"
+        "engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "time.sleep(3)  # the guard, polling each second, takes it for the starting engine's\n"
+        "print(engine.pid, flush=True)\ntime.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    pid = None
+    try:
+        pid = int(trainer.stdout.readline() or 0) or None
+        assert pid is not None, trainer.stderr.read()
+        engine = psutil.Process(pid)
+        trainer.kill()
+        trainer.wait()
+        _, alive = psutil.wait_procs([engine], timeout=30)
+        assert not alive, f"the engine's process {pid} outlived the trainer"
+    finally:
+        trainer.kill()
+        if pid is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
 
 
 def test_starting_a_vllm_worker_in_process_keeps_the_trainers_random_streams():
@@ -587,7 +620,7 @@ def test_the_engine_guard_ends_the_engines_processes_alone(tmp_path):
     script.write_text(
         "import subprocess, sys, time\nimport psutil\nfrom spin_fast.generation import engine_guard\n"
         "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
-        "before = engine_guard.descendants()\nguard = engine_guard.start()\ntime.sleep(1.5)\n"
+        "before = engine_guard.descendants()\nguard = engine_guard.start(before)\ntime.sleep(1.5)\n"
         "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "engine, reused = subprocess.Popen(sleeper, **quiet), subprocess.Popen(sleeper, **quiet)\n"
         "time.sleep(2.5)  # the guard, polling each second, takes both for the starting engine's\n"

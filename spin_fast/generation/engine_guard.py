@@ -5,10 +5,10 @@ found and killed them, and the resumed run could not start an engine of its own.
 
 The guard is this file run as a script, by itself (no torch, no vLLM: a few MB). `start()` starts it before the
 engine: while the engine starts (loading weights, allocating its cache: its most memory-hungry minute), it takes
-every new descendant of its parent for the engine's, polled each second; `engine_started()` then tells it the
-engine's processes. It ignores the signals a job's processes get together (Ctrl-C, the scheduler's SIGTERM, Slurm's
-SIGUSR1 warning), which the trainer handles by closing the engine, and waits for its parent to die; the engine's
-close() ends it first (`stop()`).
+every descendant of its parent not in start()'s snapshot for the engine's, polled each second; `engine_started()`
+then tells it the engine's processes. It ignores the signals a job's processes get together (Ctrl-C, the
+scheduler's SIGTERM, Slurm's SIGUSR1 warning), which the trainer handles by closing the engine, and waits for its
+parent to die; the engine's close() ends it first (`stop()`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import psutil
 GRACE_SECONDS = 10.0  # for the engine core to end its workers on SIGTERM, before SIGKILL ends what is left
 
 
-def start() -> subprocess.Popen:
-    """The guard of the engine this process is about to start."""
-    return subprocess.Popen([sys.executable, __file__, str(os.getpid())], stdin=subprocess.PIPE, text=True)
+def start(before: set[int]) -> subprocess.Popen:
+    """The guard of the engine this process is about to start; `before`: this process's descendants before
+    (descendants()). The guard counts from it, not from its own start: the engine may start a process meanwhile."""
+    return subprocess.Popen([sys.executable, __file__, str(os.getpid()), *map(str, sorted(before))],
+                            stdin=subprocess.PIPE, text=True)
 
 
 def descendants() -> set[int]:
@@ -109,10 +111,9 @@ def _named(identities: Sequence[str]) -> dict[int, psutil.Process]:
 def main(argv: Sequence[str]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
-    parent = int(argv[0])
+    parent, before = int(argv[0]), {int(pid) for pid in argv[1:]} | {os.getpid()}
     try:
         family = psutil.Process(parent)
-        before = {p.pid for p in family.children(recursive=True)}  # this guard among them
     except psutil.NoSuchProcess:
         return
     watched: dict[int, psutil.Process] = {}

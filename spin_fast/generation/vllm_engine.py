@@ -243,7 +243,7 @@ class VllmEngine:
             remove_orphaned_weight_files(weight_dirs())
         # Its processes end with this one, however it ends (a SIGKILL leaves close() no time to run), from their start.
         before = engine_guard.descendants()
-        guard = engine_guard.start()
+        guard = engine_guard.start(before)
         # The engine's processes, started here, inherit the block.
         with stopping.warning_blocked(), global_rng_kept(), _guard_told_of_failure(guard, before):
             self._llm = LLM(
