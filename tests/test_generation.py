@@ -451,6 +451,42 @@ def test_the_engine_guard_ignores_the_jobs_signals_and_ends_what_a_failed_start_
         stubborn.wait()
 
 
+def test_an_engine_goes_on_without_a_guard_that_died(caplog):
+    """The guard killed (the OOM killer) while the engine starts: engine_started warns and keeps no guard, instead
+    of a BrokenPipeError that would lose the engine it started (never closed); killed once told, stop() ends quietly."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from spin_fast.generation import engine_guard
+
+    def killed(guard):
+        os.kill(guard.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30  # not reaped: a zombie, as after the OOM killer
+        while psutil.Process(guard.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    before = engine_guard.descendants()
+    guard = engine_guard.start(before)
+    killed(guard)
+    engine = subprocess.Popen(["sleep", "600"])  # a process of the engine's
+    try:
+        with caplog.at_level("WARNING", logger="spin_fast.generation.engine_guard"):
+            assert engine_guard.engine_started(guard, before) is None
+        assert "guard died" in caplog.text and guard.poll() is not None
+        assert engine.poll() is None  # the engine goes on, for its close()
+
+        guard = engine_guard.start(before)
+        assert engine_guard.engine_started(guard, before) is guard
+        killed(guard)
+        engine_guard.stop(guard)
+    finally:
+        engine.kill()
+        engine.wait()
+
+
 def test_the_engine_guard_watches_a_process_started_with_it(tmp_path):
     """A process the engine starts before the guard is up (its interpreter starting) is the engine's all the same:
     the guard counts from the trainer's snapshot, taken before the guard, not from its own."""

@@ -13,6 +13,8 @@ parent to die; the engine's close() ends it first (`stop()`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import select
 import signal
@@ -22,6 +24,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 10.0  # for the engine core to end its workers on SIGTERM, before SIGKILL ends what is left
 
@@ -44,13 +48,20 @@ def _started_since(before: set[int], guard: subprocess.Popen) -> list[psutil.Pro
 
 def engine_started(guard: subprocess.Popen, before: set[int]) -> subprocess.Popen | None:
     """Tell the guard which processes the engine started (this process's descendants not among `before`); the
-    guard, or None when there are none (an engine running in this process), the guard then stopped."""
+    guard, or None when there are none (an engine running in this process), the guard then stopped, or when the
+    guard died (a warning)."""
     engine = _started_since(before, guard)
     if not engine:
         stop(guard)
         return None
-    guard.stdin.write(" ".join(f"{p.pid}:{p.create_time()!r}" for p in engine) + "\n")
-    guard.stdin.flush()
+    try:
+        guard.stdin.write(" ".join(f"{p.pid}:{p.create_time()!r}" for p in engine) + "\n")
+        guard.stdin.flush()
+    except BrokenPipeError:  # killed while the engine started (the OOM killer): the engine, up, is worth keeping
+        stop(guard)
+        log.warning("the vLLM engine's guard died (exit status %s) while the engine started: the engine goes on "
+                    "unguarded (a SIGKILL of this process would leave its processes running)", guard.returncode)
+        return None
     return guard
 
 
@@ -64,7 +75,8 @@ def stop(guard: subprocess.Popen) -> None:
     """End the guard (it ignores the signals that could end it otherwise)."""
     guard.kill()
     guard.wait()
-    guard.stdin.close()
+    with contextlib.suppress(BrokenPipeError):  # a dead guard's pipe, still holding what could not be written
+        guard.stdin.close()
 
 
 def end(processes: Iterable[psutil.Process], grace: float = GRACE_SECONDS) -> list[int]:
