@@ -784,16 +784,16 @@ def _turn_end_id(tokenizer: Any) -> int | None:
     return found
 
 
-def _after_answer(tokenizer: Any) -> tuple[str, str] | None:
-    """A probe conversation cut after its assistant turn's content: (the text through the answer, what the chat
-    template writes after it); None where the probe finds no answer."""
+def _after_answer(tokenizer: Any, answer: str = PROBE_ANSWER) -> tuple[str, str] | None:
+    """A probe conversation cut after its assistant turn's content `answer`: (the text through the answer, what the
+    chat template writes after it); None where the probe finds no answer."""
     try:
         whole = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                               {"role": "assistant", "content": PROBE_ANSWER}], tokenize=False)
+                                               {"role": "assistant", "content": answer}], tokenize=False)
     except Exception:  # noqa: BLE001 - a template that refuses the probe: the tokenizer's EOS
         return None
-    at = whole.find(PROBE_ANSWER)
-    return None if at < 0 else (whole[: at + len(PROBE_ANSWER)], whole[at + len(PROBE_ANSWER):])
+    at = whole.find(answer)
+    return None if at < 0 else (whole[: at + len(answer)], whole[at + len(answer):])
 
 
 def turn_end_text(tokenizer: Any) -> str | None:
@@ -813,11 +813,22 @@ def response_end(tokenizer: Any) -> tuple[int, ...]:
     text = turn_end_text(tokenizer)
     if text is None:
         return (eos_token_id(tokenizer),)
-    answer, after = _after_answer(tokenizer)
-    whole, at = answer + after, len(answer) + after.index(text)
+    # Where they merge with the probe answer's last token ('.<|'), those after an answer ending otherwise; the
+    # text's own encoding last: a SentencePiece tokenizer starts it with '▁', a space the template never writes.
+    probes = (PROBE_ANSWER, PROBE_ANSWER.rstrip("."), f"{PROBE_ANSWER}\n")
+    found = (_pieces_after(tokenizer, answer, text) for answer in probes)
+    return next((pieces for pieces in found if pieces), None) or tuple(_encode(tokenizer, text))
+
+
+def _pieces_after(tokenizer: Any, answer: str, text: str) -> tuple[int, ...] | None:
+    """The ids of the turn end `text` after the probe `answer` in the template's conversation; None where the
+    template rewrites that answer, or the turn end's first piece merges with the answer's last token."""
+    probe = _after_answer(tokenizer, answer)
+    if probe is None or text not in probe[1]:
+        return None
+    whole, at = probe[0] + probe[1], len(probe[0]) + probe[1].index(text)
     before, through = _encode(tokenizer, whole[:at]), _encode(tokenizer, whole[: at + len(text)])
-    # Where the pieces merge with the answer's last token, they are the text's own encoding.
-    return tuple(through[len(before):] if through[: len(before)] == before else _encode(tokenizer, text))
+    return tuple(through[len(before):]) if through[: len(before)] == before else None
 
 
 def tokenize_example(tokenizer: Any, example: Example, *, max_length: int, max_prompt_length: int,

@@ -500,14 +500,14 @@ LLAMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
 MERGING = ZEPHYR_LIKE.replace("'<|assistant|>\\n'", "'<|assistant|>'")  # the prompt's last token merges with the next
 
 
-def sentencepiece_tokenizer(chat_template: str) -> PreTrainedTokenizerFast:
+def sentencepiece_tokenizer(chat_template: str, lines=()) -> PreTrainedTokenizerFast:
     """Mistral's tokenizer layout, trained locally: a Metaspace pre-tokenizer (a text's first word gets a leading
-    '▁', as after a space) and BOS added by the tokenizer itself."""
+    '▁', as after a space) and BOS added by the tokenizer itself. lines: training text beside its corpus."""
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    bpe.train_from_iterator([*DEFAULT_CORPUS, "<|user|>\n<|assistant|>\n[INST] [/INST]"], trainer=trainer)
+    bpe.train_from_iterator([*DEFAULT_CORPUS, "<|user|>\n<|assistant|>\n[INST] [/INST]", *lines], trainer=trainer)
     bos = ("<s>", bpe.token_to_id("<s>"))
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -1355,6 +1355,23 @@ def test_a_generated_answer_keeps_the_text_its_last_token_shares_with_a_split_tu
     assert completion.finished and tokenizer.decode(completion.token_ids) == "Air.", completion
     (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
+
+
+def test_a_split_turn_end_that_merges_with_the_probe_answer_gains_no_space():
+    """A SentencePiece tokenizer trained on ChatML text merges the probe answer's '.' with '<|im_end|>' ('.<|'):
+    the turn end's pieces were then encoded on their own, where a Metaspace tokenizer starts a text with '▁'. Every
+    response, real and generated, ended with ' <|im_end|>': a space that neither the template nor the model writes
+    there, trained on and scored in every pair. The pieces are those that follow an answer they do not merge with."""
+    tokenizer = sentencepiece_tokenizer(QWEN, ["answer.<|im_end|>\n Air.<|im_end|>\n"] * 20)
+    probe = tokenizer.apply_chat_template([user("Hi"), assistant(data_module.PROBE_ANSWER)], tokenize=False)
+    assert any(".<|" in piece for piece in tokenizer.convert_ids_to_tokens(tokenizer.encode(probe)))
+    for answer in ("Air!", "Air?", "Air", "Air ", "Air\n"):
+        example = Example((user("Why is the sky blue?"),), answer)
+        tokenized = tokenize_example(tokenizer, example, max_length=200, max_prompt_length=100)
+        whole = tokenizer.apply_chat_template([*example.prompt, assistant(answer)], tokenize=False)
+        through_turn_end = whole[: whole.rindex("<|im_end|>") + len("<|im_end|>")]
+        assert tokenizer.decode(tokenized.response_ids) == answer + "<|im_end|>"
+        assert tokenized.prompt_ids + tokenized.response_ids == tuple(tokenizer.encode(through_turn_end))
 
 
 def test_a_turn_end_the_tokenizer_splits_into_pieces_is_no_warning(caplog):
