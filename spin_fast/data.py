@@ -113,10 +113,12 @@ def _parse_line(line: str) -> Any:
     except UnicodeEncodeError as e:
         byte = ord(line[e.start]) - 0xDC00
         return _BadLine(f"expected UTF-8 text, got byte 0x{byte:02x} at character {e.start}")
+    line = line.rstrip("\r\n")
     try:
         return json.loads(line)
-    except json.JSONDecodeError as e:
-        return _BadLine(f"expected a JSON object, got invalid JSON ({e})")
+    except json.JSONDecodeError as e:  # its own "line 1 column N" would contradict the file's line named beside it
+        end = ", the line's end" if e.pos == len(line) else ""
+        return _BadLine(f"expected a JSON object, got invalid JSON ({e.msg} at character {e.pos}{end})")
 
 
 # A row is (where, value). `where` names it in messages: "line N" in a .jsonl file, counted from 1 with blank lines as

@@ -272,6 +272,19 @@ def test_invalid_json_line_is_a_bad_row(tmp_path):
     assert load_examples(path, skip_invalid=True).skipped == 1
 
 
+def test_invalid_json_names_the_character_of_its_line_not_another_line(tmp_path):
+    # json's own "line 1 column 9" (or "line 2" for a line cut short, its newline included) would contradict line 2
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(GOOD) + '\n{"a": 1,, }\n' + '{"messages": [1\n')
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: .*invalid JSON \(Expecting property name enclosed in "
+                                        r"double quotes at character 8\)$"):
+        load_examples(path)
+    path.write_text(json.dumps(GOOD) + '\n{"messages": [1\n')
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: .*invalid JSON \(Expecting ',' delimiter at character 15, "
+                                        r"the line's end\)$"):
+        load_examples(path)
+
+
 def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     rows = [GOOD, {"messages": [user("Q")]}, GOOD, {"messages": "x"}, {"messages": [user("Q"), assistant(" ")]}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
