@@ -159,7 +159,8 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ConfigError(f"data.checker {spec!r}: cannot import module {module_name!r} ({error})") from None
+        raise ConfigError(f"data.checker {spec!r}: cannot import module {module_name!r} ({error})"
+                          f"{_current_folder_hint(module_name)}") from None
     check = getattr(module, name, None)
     if not callable(check):
         raise ConfigError(f"data.checker {spec!r}: module {module_name!r} has no function {name!r}")
@@ -173,6 +174,17 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
         raise ConfigError(f"data.checker {spec!r}: {name}{signature} cannot be called as "
                           f"{name}(prompt, answer, reference) -> a grade in [0, 1]") from None
     return check
+
+
+def _current_folder_hint(module_name: str) -> str:
+    """How to import a checker module that lies in the current folder: the `spin-fast` program's sys.path holds its
+    own folder, not the current one (as `python -m spin_fast.cli`'s does)."""
+    top = module_name.split(".")[0]
+    found = [name for name in (f"{top}.py", top) if Path(name).exists()]
+    if not found:
+        return ""
+    return (f"; {found[0]} is in the current folder, which spin-fast does not import from: run with PYTHONPATH=. "
+            "(or python -m spin_fast.cli)")
 
 
 class Answering:

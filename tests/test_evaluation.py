@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -81,6 +82,17 @@ def test_checker_score_by_hand():
 def test_bad_checker_paths_are_clear_errors(spec, message):
     with pytest.raises(ConfigError, match=f"data.checker {spec!r}: .*{message}"):
         load_checker(spec)
+
+
+def test_a_checker_in_the_current_folder_that_the_command_cannot_import_says_how(tmp_path, monkeypatch):
+    """The `spin-fast` program imports from its own folder, not the current one (as `python -m` would): a user's
+    mychecker.py beside the config is not found, and the error says how to make it importable."""
+    (tmp_path / "mychecker.py").write_text("def grade(prompt, answer, reference):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(ConfigError, match=r"cannot import module 'mychecker' .*mychecker\.py is in the current folder, "
+                                          r"which spin-fast does not import from: run with PYTHONPATH=\."):
+        load_checker("mychecker:grade")
 
 
 def test_a_checker_that_cannot_take_three_arguments_is_refused_as_it_loads(tmp_path, monkeypatch):
