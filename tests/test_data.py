@@ -1334,6 +1334,12 @@ def test_settings_that_leave_a_cut_response_no_room_for_the_turn_ends_pieces_are
         tokenize_examples(tokenizer, data, [example])
     cut = tokenize_example(tokenizer, example, max_length=prompt_length + len(pieces), max_prompt_length=prompt_length)
     assert list(cut.response_ids) == pieces  # room for the turn end alone: it is kept whole
+    # "when_too_long" cuts a too-long response to its first max_length - max_prompt_length tokens, its end lost
+    # anyway (the official rule): the same settings are no error there.
+    whole = tokenize_example(tokenizer, example, max_length=500, max_prompt_length=prompt_length).response_ids
+    cut = tokenize_example(tokenizer, example, max_length=prompt_length + len(pieces) - 1,
+                           max_prompt_length=prompt_length, cut_prompt="when_too_long")
+    assert cut.response_ids == whole[: len(pieces) - 1] and cut.response_ids[0] != pieces[0]
 
 
 def test_generation_stops_at_a_turn_end_the_tokenizer_splits_into_pieces():
