@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import spin_kernels
-from spin_fast.packing import MicroBatch, Sequence, group_tokens, pack_groups, packing_efficiency
+from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, pack_groups, packing_efficiency
 
 VOCAB = 50
 
@@ -222,6 +222,28 @@ def test_packing_efficiency_hand_made():
     batches = pack_groups(groups, 10)
     assert [mb.group_indices.tolist() for mb in batches] == [[0], [1, 2]]
     assert packing_efficiency(batches, 10) == pytest.approx(0.8)
+
+
+def test_packing_efficiency_counts_a_shared_prompt_once():
+    """The row's tokens, not the whole sequences': a pair holding its prompt (3 tokens) once takes 8 of 10."""
+    groups = [[Sequence((1, 2, 3), (4, 5)), Sequence((1, 2, 3), (6, 7, 8))]]
+    batches = pack_groups(groups, 10, share_prompts=True)
+    assert packing_efficiency(batches, 10) == pytest.approx(0.8)  # 11 whole-sequence tokens would give 1.1
+
+
+def test_check_fits_takes_an_exact_fit_and_names_the_longest_group():
+    groups = [[Sequence((1, 2), (3,))], [Sequence((1, 2, 3), (4, 5, 6))], [Sequence((1,), (2, 3))]]  # 3, 6, 3 tokens
+    check_fits(groups, False, 6, "train.micro_batch_tokens", "item")  # 6 tokens fit a budget of 6
+    with pytest.raises(ValueError, match=r"^train.micro_batch_tokens=5: item 1 \(counted from 0\) takes 6 tokens: "
+                                         r"raise train.micro_batch_tokens or cut$"):
+        check_fits(groups, False, 5, "train.micro_batch_tokens", "item", " or cut")
+    with pytest.raises(ValueError, match=r"^s=5: a.jsonl line 2 takes 6 tokens"):  # by its row, not row 0
+        check_fits(groups, False, 5, "s", "item", names=["a.jsonl line 1", "a.jsonl line 2", "a.jsonl line 3"])
+    # A pair holding its 3-token prompt once takes 4 + 5 - 3 = 6 tokens, whole 9.
+    pair = [[Sequence((1, 2, 3), (4,)), Sequence((1, 2, 3), (5, 6))]]
+    check_fits(pair, True, 6, "s", "pair")
+    with pytest.raises(ValueError, match=r"^s=6: pair 0 \(counted from 0\) takes 9 tokens"):
+        check_fits(pair, False, 6, "s", "pair")
 
 
 def test_order_changes_packing_deterministically():
