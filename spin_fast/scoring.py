@@ -31,7 +31,16 @@ class TokenizedPair:
     generated_ids: tuple[int, ...]
 
     def sequences(self) -> list[Sequence]:
-        return [Sequence(self.prompt_ids, self.real_ids), Sequence(self.prompt_ids, self.generated_ids)]
+        """The real and the generated sequence. What Sequence refuses (an empty part, a negative id) is named by the
+        pair's part (prompt_ids, real_ids, generated_ids): "Sequence.response_ids" does not say which response."""
+        sequences = []
+        for part in ("real_ids", "generated_ids"):
+            try:
+                sequences.append(Sequence(self.prompt_ids, getattr(self, part)))
+            except ValueError as error:
+                message = str(error).replace("Sequence.prompt_ids", "prompt_ids")
+                raise ValueError(f"the pair's {message.replace('Sequence.response_ids', part)}") from None
+        return sequences
 
     @classmethod
     def of(cls, example: TokenizedExample) -> TokenizedPair:
@@ -54,8 +63,22 @@ def check_pairs_fit(pairs: Seq[TokenizedPair], model, token_budget: int, what: s
     """Each pair (its prompt and both responses, laid out as scoring packs them for `model`) fits token_budget, or
     the error names score_batch_tokens and the pair (`what` and its index, or its name in `names`) before any of
     them is scored."""
-    check_fits([pair.sequences() for pair in pairs], can_share_prompts(model), token_budget, "score_batch_tokens",
+    check_fits(pair_sequences(pairs, what, names), can_share_prompts(model), token_budget, "score_batch_tokens",
                what, advice, names)
+
+
+def pair_sequences(pairs: Seq[TokenizedPair], what: str = "pair",
+                   names: Seq[str] | None = None) -> list[list[Sequence]]:
+    """Each pair's sequences; a pair with an empty part (or a negative id) is named (`what` and its index, or its name
+    in `names`) with the part: a bare "response_ids is empty" leaves the user to search every pair."""
+    groups = []
+    for index, pair in enumerate(pairs):
+        try:
+            groups.append(pair.sequences())
+        except ValueError as error:
+            named = names[index] if names else f"{what} {index} (counted from 0)"
+            raise ValueError(f"{named}: {error}") from None
+    return groups
 
 
 @torch.no_grad()
@@ -111,7 +134,7 @@ def score_pairs(model, pairs: Seq[TokenizedPair], token_budget: int, *, backend:
                 bf16_autocast: bool = False, progress: bool = False) -> list[ScoredPair]:
     """The opponent's (this model's) log-probs of each pair's real and generated responses, in the training's
     precision (bf16_autocast: train.bf16_autocast)."""
-    scores = model_logprobs(model, [p.sequences() for p in pairs], token_budget, backend=backend,
+    scores = model_logprobs(model, pair_sequences(pairs), token_budget, backend=backend,
                             bf16_autocast=bf16_autocast, progress=progress)
     return [
         ScoredPair(p.prompt_ids, p.real_ids, p.generated_ids, float(real), float(generated))

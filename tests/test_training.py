@@ -392,14 +392,31 @@ def test_an_item_with_an_empty_part_or_a_negative_token_id_is_named_by_its_index
     refused naming the item, as the trainer's other checks name theirs: not by Sequence's own words alone."""
     model = make_model()
     scored = score_pairs(model, random_pairs(4), token_budget=64)
-    for part, ids, message in [(2, (), "item 2: Sequence.response_ids is empty"),
-                               (0, (), "item 2: Sequence.prompt_ids is empty"),
-                               (1, (7, -3, EOS), r"item 2: Sequence.response_ids holds a negative token id \(-3\)")]:
+    for part, ids, message in [(2, (), "item 2: the pair's generated_ids is empty"),
+                               (0, (), "item 2: the pair's prompt_ids is empty"),
+                               (1, (7, -3, EOS), r"item 2: the pair's real_ids holds a negative token id \(-3\)")]:
         fields = list(astuple(scored[2]))
         fields[part] = ids
         with pytest.raises(ValueError, match=message):
             Trainer(model, None, config(), tmp_path, [*scored[:2], type(scored[2])(*fields), scored[3]])
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_scoring_names_the_pair_and_the_part_that_is_empty():
+    """score_pairs and check_pairs_fit (a run's check before scoring) said only "Sequence.response_ids is empty":
+    not which pair, nor whether its real or its generated response. Refused before any model runs (model=None)."""
+    from spin_fast.scoring import check_pairs_fit
+
+    good = TokenizedPair((1, 2), (3, EOS), (4, EOS))
+    for bad, part in [(TokenizedPair((1, 2), (), (4, EOS)), "real_ids is empty"),
+                      (TokenizedPair((1, 2), (3, EOS), ()), "generated_ids is empty"),
+                      (TokenizedPair((), (3, EOS), (4, EOS)), "prompt_ids is empty")]:
+        with pytest.raises(ValueError, match=rf"^pair 1 \(counted from 0\): the pair's {part}"):
+            score_pairs(None, [good, bad, good], token_budget=64)
+        with pytest.raises(ValueError, match=rf"^iteration 0's pair 1 \(counted from 0\): the pair's {part}"):
+            check_pairs_fit([good, bad], None, 64, "iteration 0's pair")
+        with pytest.raises(ValueError, match=rf"^a.jsonl line 2: the pair's {part}"):
+            check_pairs_fit([good, bad], None, 64, "pair", names=["a.jsonl line 1", "a.jsonl line 2"])
 
 
 def test_a_checkpoint_of_other_items_or_not_named_by_step_is_not_resumed(tmp_path):
