@@ -534,6 +534,25 @@ def test_scoring_packs_first_fit_decreasing_in_fewer_passes(attention):
     assert torch.allclose(got, padded, rtol=1e-10, atol=1e-10), (got - padded).abs().max()
 
 
+def test_a_pair_of_an_example_takes_its_human_response_as_the_real_one():
+    from spin_fast.data import TokenizedExample
+
+    pair = TokenizedPair.of(TokenizedExample((1, 2), (3, EOS), (4, 5, EOS)))
+    assert pair == TokenizedPair(prompt_ids=(1, 2), real_ids=(3, EOS), generated_ids=(4, 5, EOS))
+    with pytest.raises(ValueError, match="no generated response yet"):
+        TokenizedPair.of(TokenizedExample((1, 2), (3, EOS), None))
+
+
+def test_scoring_leaves_the_model_in_the_mode_it_found_it_in():
+    """Scoring runs in eval mode (no dropout), then gives the caller's model back as it was: a caller training
+    after scoring would otherwise train without its dropout."""
+    model = make_model()
+    for training in (True, False):
+        model.train(training)
+        score_pairs(model, random_pairs(2), token_budget=64)
+        assert model.training == training
+
+
 def test_scored_pairs_round_trip(tmp_path):
     scored = score_pairs(make_model(), random_pairs(3), token_budget=40)  # a pair of whole sequences: up to 34 tokens
     save_scored_pairs(tmp_path / "pairs.jsonl", scored)
