@@ -178,6 +178,32 @@ def test_the_score_stage_scores_in_the_training_precision(sft_model, tmp_path):
     assert scored != score_pairs(model, pairs, config.score_batch_tokens, backend="torch")
 
 
+def test_a_non_finite_generated_log_prob_is_named_by_its_own_iteration_and_place(sft_model, tmp_path,
+                                                                                  monkeypatch):
+    """Iteration 1 scores its 2 pairs, then iteration 0's 3 (mix_previous=1), 2 at a time: a NaN in the generated
+    response's log-prob alone (the real one's is finite) of iteration 0's pair 0, mixed pair 2 and first of the
+    second part, is refused and named so."""
+    import spin_fast.selfplay
+
+    config = run_config(sft_model, tmp_path / "run", "save_every_prompts=2")
+    model = AutoModelForCausalLM.from_pretrained(sft_model / "model")
+    for t, n in ((0, 3), (1, 2)):
+        pairs = [ScoredPair((3, 4 + t), (5 + i,), (6 + i,)) for i in range(n)]
+        (tmp_path / "run" / f"iter-{t}" / "generate").mkdir(parents=True)
+        save_scored_pairs(tmp_path / "run" / f"iter-{t}" / "generate" / "pairs.jsonl", pairs)
+
+    def scoring(model, pairs, *args, **kwargs):  # iteration 0's pair 0: prompt (3, 4), real (5,)
+        return [ScoredPair(*astuple(p)[:3], -1.0, float("nan") if p.prompt_ids == (3, 4) and p.real_ids == (5,)
+                           else -2.0) for p in pairs]
+
+    monkeypatch.setattr(spin_fast.selfplay, "score_pairs", scoring)
+    play = SelfPlay(config)
+    play._trained[0] = str(tmp_path / "theta1")  # θ1, named in the message only
+    with pytest.raises(ValueError, match=r"^iteration 1 scoring: iteration 0's pair 0: the opponent θ1 .* "
+                                         r"\(real -1.0, generated nan\)"):
+        play.score(1, tmp_path / "run" / "iter-1" / "score", model, config)
+
+
 def test_held_out_figures_average_each_pair_in_the_training_precision(sft_model):
     """Eval's log-likelihoods and margins over pairs of uneven lengths: averages of score_pairs' per-sequence sums
     (tested against padded batches), per token and per response, under train.bf16_autocast as in training (they
