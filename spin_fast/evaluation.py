@@ -49,7 +49,7 @@ from spin_fast.generation.choice import (
 from spin_fast.loading import fetch_model, load_policy
 from spin_fast.model import can_share_prompts, load_tokenizer
 from spin_fast.packing import Sequence, check_fits, group_tokens, pack_indices
-from spin_fast.scoring import TokenizedPair, check_pairs_fit, model_logprobs
+from spin_fast.scoring import TokenizedPair, check_pairs_fit, model_logprobs, pair_sequences
 from spin_fast.stages import config_hash, finished_summaries
 from spin_fast.tracking import Trackers, check_trackers, tracked_name
 
@@ -141,7 +141,7 @@ def reward_margins(policy, opponent, pairs: Seq[TokenizedPair], beta: float, tok
                    backend: str = "auto", progress: bool = False, bf16_autocast: bool = False) -> dict:
     """SPIN's implicit rewards of the policy against its opponent, averaged over the pairs, at the training's
     precision (bf16_autocast: train.bf16_autocast), as its loss measured them."""
-    groups = [p.sequences() for p in pairs]
+    groups = pair_sequences(pairs)  # a pair with an empty part named by its index
     ours, theirs = shared_logprobs([policy, opponent], groups, token_budget, backend, "reward margins", progress,
                                    bf16_autocast)
     rewards = beta * (ours - theirs)  # [pairs, (real, generated)]

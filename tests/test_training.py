@@ -403,8 +403,9 @@ def test_an_item_with_an_empty_part_or_a_negative_token_id_is_named_by_its_index
 
 
 def test_scoring_names_the_pair_and_the_part_that_is_empty():
-    """score_pairs and check_pairs_fit (a run's check before scoring) said only "Sequence.response_ids is empty":
-    not which pair, nor whether its real or its generated response. Refused before any model runs (model=None)."""
+    """score_pairs, reward_margins and check_pairs_fit (a run's check before scoring) said only "Sequence.response_ids
+    is empty": not which pair, nor whether its real or its generated response. Refused before any model runs."""
+    from spin_fast.evaluation import reward_margins
     from spin_fast.scoring import check_pairs_fit
 
     good = TokenizedPair((1, 2), (3, EOS), (4, EOS))
@@ -413,6 +414,8 @@ def test_scoring_names_the_pair_and_the_part_that_is_empty():
                       (TokenizedPair((), (3, EOS), (4, EOS)), "prompt_ids is empty")]:
         with pytest.raises(ValueError, match=rf"^pair 1 \(counted from 0\): the pair's {part}"):
             score_pairs(None, [good, bad, good], token_budget=64)
+        with pytest.raises(ValueError, match=rf"^pair 1 \(counted from 0\): the pair's {part}"):
+            reward_margins(None, None, [good, bad], 0.1, 64)
         with pytest.raises(ValueError, match=rf"^iteration 0's pair 1 \(counted from 0\): the pair's {part}"):
             check_pairs_fit([good, bad], None, 64, "iteration 0's pair")
         with pytest.raises(ValueError, match=rf"^a.jsonl line 2: the pair's {part}"):
