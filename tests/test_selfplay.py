@@ -244,6 +244,10 @@ def test_held_out_figures_average_each_pair_in_the_training_precision(sft_model)
         if autocast:
             autocast_loglik = loglik
     assert autocast_loglik != loglik
+    # A model against itself: every margin exactly 0, a pair it does not tell apart (not counted as right).
+    itself = reward_margins(model, model, pairs, beta, 64, "torch")
+    assert itself == {"rewards/real": 0.0, "rewards/generated": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.0,
+                      "pairs": n}
 
 
 def test_a_run_directory_keeps_its_config(sft_model, tmp_path):
