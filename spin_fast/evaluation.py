@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -160,7 +161,7 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ConfigError(f"data.checker {spec!r}: cannot import module {module_name!r} ({error})"
-                          f"{_current_folder_hint(module_name)}") from None
+                          f"{_current_folder_hint(module_name, error)}") from None
     check = getattr(module, name, None)
     if not callable(check):
         raise ConfigError(f"data.checker {spec!r}: module {module_name!r} has no function {name!r}")
@@ -176,12 +177,13 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
     return check
 
 
-def _current_folder_hint(module_name: str) -> str:
+def _current_folder_hint(module_name: str, error: ImportError) -> str:
     """How to import a checker module that lies in the current folder: the `spin-fast` program's sys.path holds its
-    own folder, not the current one (as `python -m spin_fast.cli`'s does)."""
+    own folder, not the current one (as `python -m spin_fast.cli`'s does). None where the module itself was found
+    (its own import failed) or the current folder is on sys.path."""
     top = module_name.split(".")[0]
     found = [name for name in (f"{top}.py", top) if Path(name).exists()]
-    if not found:
+    if not found or error.name != top or {"", ".", str(Path.cwd())} & set(sys.path):
         return ""
     return (f"; {found[0]} is in the current folder, which spin-fast does not import from: run with PYTHONPATH=. "
             "(or python -m spin_fast.cli)")

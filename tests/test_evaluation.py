@@ -93,6 +93,12 @@ def test_a_checker_in_the_current_folder_that_the_command_cannot_import_says_how
     with pytest.raises(ConfigError, match=r"cannot import module 'mychecker' .*mychecker\.py is in the current folder, "
                                           r"which spin-fast does not import from: run with PYTHONPATH=\."):
         load_checker("mychecker:grade")
+    # Run as `python -m` (the current folder on sys.path), the module is found: its own import's error alone.
+    (tmp_path / "mychecker.py").write_text("import no_such_grading_package\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    with pytest.raises(ConfigError) as caught:
+        load_checker("mychecker:grade")
+    assert "no_such_grading_package" in str(caught.value) and "current folder" not in str(caught.value)
 
 
 def test_a_checker_that_cannot_take_three_arguments_is_refused_as_it_loads(tmp_path, monkeypatch):
