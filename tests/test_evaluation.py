@@ -1047,3 +1047,33 @@ def test_the_checker_is_given_the_users_last_turn_and_grades_below_0_are_refused
     assert seen == ["Sort: 9, 8."]
     with pytest.raises(ValueError, match=r"f line 3: the checker graded an answer -0.5, outside \[0, 1\]"):
         checker_grades(lambda *args: -0.5, [example], [""])
+
+
+def test_each_iteration_is_scored_against_its_opponent_with_its_own_beta_and_sampling(sorting_run, tmp_path,
+                                                                                       monkeypatch):
+    """Iteration t's row: its model θt+1's margins against θt (the SFT model for t = 0, iteration t-1's checkpoint
+    after), on θt's answers sampled with iteration t's settings, rewards scaled by iteration t's beta: its
+    iteration_overrides, not iteration 0's. The rows' wiring alone, on two stand-in checkpoints (no model runs)."""
+    from spin_fast import evaluation
+    from spin_fast.generation.base import Completion
+
+    sft, checkpoints = str(sorting_run / "model"), [str(tmp_path / "iter-0"), str(tmp_path / "iter-1")]
+    monkeypatch.setattr(evaluation, "finished_summaries", lambda run_dir: [{"checkpoint": c} for c in checkpoints])
+    monkeypatch.setattr(evaluation.Evaluation, "model_at", lambda self, path: path)  # each model stands as its path
+    monkeypatch.setattr(evaluation, "heldout_loglik", lambda model, examples, **scoring: {})
+    monkeypatch.setattr(evaluation, "check_pairs_fit", lambda *args, **kwargs: None)
+    answered = []
+
+    def generate(self, path, prompts, sampling, what, names=None, end_tokens=0):
+        answered.append((path, sampling.temperature))
+        return [[Completion((5, 6), True)] for _ in prompts]
+
+    monkeypatch.setattr(evaluation.Answering, "generate", generate)
+    monkeypatch.setattr(evaluation, "reward_margins",
+                        lambda policy, opponent, pairs, beta, **scoring: {"scored": [policy, opponent, beta]})
+    config = eval_config(sorting_run, tmp_path / "run", "iterations=2", "train.beta=0.1", "generation.temperature=0.7",
+                         "iteration_overrides.1.train.beta=0.5", "iteration_overrides.1.generation.temperature=0.3")
+    rows = evaluate_run(SelfPlay(config), config.data.eval_source)
+    assert [(r["model"], r.get("scored")) for r in rows] == [
+        ("sft", None), ("iter-0", [checkpoints[0], sft, 0.1]), ("iter-1", [checkpoints[1], checkpoints[0], 0.5])]
+    assert answered == [(sft, 0.7), (checkpoints[0], 0.3)]
