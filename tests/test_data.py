@@ -1449,3 +1449,38 @@ def test_a_batch_asks_the_tokenizer_whether_it_adds_bos_once(monkeypatch):
     out = tokenize_batch(tokenizer, examples, max_length=64, max_prompt_length=32)
     assert [e.prompt_ids for e in out] == expected and expected[0][0] == tokenizer.bos_token_id
     assert len(calls) < 10, f"{len(calls)} calls to tokenizer.encode for {len(examples)} examples"
+
+
+def test_tokens_digest_tells_apart_whole_prompts_that_fitting_cut_to_the_same_ids():
+    """Under data.cut_prompt=when_too_long the opponent answers the whole prompt (unfitted), while training sees it
+    cut: a chat template changed only at the start of a long prompt leaves the cut ids as they were, and a resumed run
+    (keep_same_data compares this digest) would mix answers to the old whole prompts with answers to the new."""
+    from spin_fast.data import TokenizedExample
+    from spin_fast.examples import tokens_digest
+
+    fitted = TokenizedExample((7, 8), (9,), None)
+    before = TokenizedExample(fitted.prompt_ids, fitted.response_ids, None, TokenizedExample((5, 6, 7, 8), (9,), None))
+    after = TokenizedExample(fitted.prompt_ids, fitted.response_ids, None, TokenizedExample((4, 6, 7, 8), (9,), None))
+    assert tokens_digest([before]) != tokens_digest([after])
+    assert tokens_digest([before]) == tokens_digest([TokenizedExample((7, 8), (9,), None, before.unfitted)])
+
+
+def test_the_vocabularys_last_id_is_in_it_and_the_id_past_it_is_refused(tokenizer, tmp_path):
+    """vocab_size V: the embedding's rows are ids 0 to V-1. A row holding id V-1 is accepted, one holding id V is
+    named; so is the token responses end with, at id V (eos id 1 here: a vocab_size of 1 leaves it out)."""
+    from spin_fast.data import TokenizedExample
+    from spin_fast.examples import check_in_vocabulary
+    from spin_fast.model import tiny_config
+
+    assert eos_token_id(tokenizer) == 1
+    tiny_config(vocab_size=100).save_pretrained(tmp_path / "v100")
+    check_in_vocabulary(tokenizer, [TokenizedExample((3, 99), (99, 1), None)], str(tmp_path / "v100"), False)
+    with pytest.raises(ValueError, match=r"^example 0 \(counted from 0\): token id 100 .* is outside the model's "
+                                         r"vocabulary of 100 tokens"):
+        check_in_vocabulary(tokenizer, [TokenizedExample((3, 100), (99, 1), None)], str(tmp_path / "v100"), False)
+    tiny_config(vocab_size=2).save_pretrained(tmp_path / "v2")
+    check_in_vocabulary(tokenizer, [TokenizedExample((0,), (1,), None)], str(tmp_path / "v2"), False)
+    tiny_config(vocab_size=1).save_pretrained(tmp_path / "v1")
+    with pytest.raises(ValueError, match=r"^model.name_or_path: the token responses end with, id 1 .* is outside the "
+                                         r"model's vocabulary of 1 tokens"):
+        check_in_vocabulary(tokenizer, [], str(tmp_path / "v1"), False)
