@@ -1077,3 +1077,15 @@ def test_each_iteration_is_scored_against_its_opponent_with_its_own_beta_and_sam
     assert [(r["model"], r.get("scored")) for r in rows] == [
         ("sft", None), ("iter-0", [checkpoints[0], sft, 0.1]), ("iter-1", [checkpoints[1], checkpoints[0], 0.5])]
     assert answered == [(sft, 0.7), (checkpoints[0], 0.3)]
+    # Saved rows: iteration 1's is made again after its settings change (its saved key held them), iteration 0's
+    # (its settings unchanged) is read back.
+    def evaluated(beta, temperature):
+        answered.clear()
+        config = eval_config(sorting_run, tmp_path / "run", "iterations=2", "train.beta=0.1",
+                             "generation.temperature=0.7", f"iteration_overrides.1.train.beta={beta}",
+                             f"iteration_overrides.1.generation.temperature={temperature}")
+        return [r.get("scored") for r in evaluate_run(SelfPlay(config), config.data.eval_source, tmp_path / "e.jsonl")]
+
+    assert evaluated(0.5, 0.3)[1:] == [[checkpoints[0], sft, 0.1], [checkpoints[1], checkpoints[0], 0.5]]
+    assert evaluated(0.5, 0.2)[2] == [checkpoints[1], checkpoints[0], 0.5] and answered == [(checkpoints[0], 0.2)]
+    assert evaluated(0.9, 0.2)[2] == [checkpoints[1], checkpoints[0], 0.9] and answered == []  # its answers kept
