@@ -179,7 +179,7 @@ def load_checker(spec: str) -> Callable[[str, str, str], float]:
 
 def _current_folder_hint(module_name: str, error: ImportError) -> str:
     """How to import a checker module that lies in the current folder: the `spin-fast` program's sys.path holds its
-    own folder, not the current one (as `python -m spin_fast.cli`'s does). None where the module itself was found
+    own folder, not the current one (as `python -m spin_fast.cli`'s does). Empty where the module itself was found
     (its own import failed) or the current folder is on sys.path."""
     top = module_name.split(".")[0]
     found = [name for name in (f"{top}.py", top) if Path(name).exists()]

@@ -1034,7 +1034,6 @@ def test_a_response_that_holds_eos_text_is_kept_whole_where_the_template_writes_
     assert tokenizer.decode(out.response_ids) == "A <|eos|> B.<|eos|>"
 
 
-
 def test_a_response_that_holds_eos_text_ends_as_the_template_ends_it_after_its_last_eos():
     """Llama 2's template writes ' ' + EOS after an answer: a response holding EOS's text still ends with the '▁'
     before the template's own EOS (its last), not cut off at the one inside the response."""
@@ -1042,6 +1041,7 @@ def test_a_response_that_holds_eos_text_ends_as_the_template_ends_it_after_its_l
     out = tokenize_example(tokenizer, Example((user("Why?"),), "Air </s> blue."), max_length=200, max_prompt_length=100)
     assert tokenizer.convert_ids_to_tokens(out.response_ids) == ["▁A", "ir", "▁", "</s>", "▁bl", "u", "e.", "▁",
                                                                  "</s>"]
+
 
 # Llama 3.2's (tool parts left out): its system header holds the day's date, from transformers' strftime_now.
 LLAMA32 = (
