@@ -182,13 +182,17 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
     import sys
 
     cmd = [sys.executable, "-m", module, "--worker", *worker_args]
-    # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU memory).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE, text=True,
-                            env=worker_env(), start_new_session=True, preexec_fn=_ended_with_its_parent)
+    proc = None
     try:
         # In its own session the worker gets no Ctrl-C, nor a SIGTERM sent to ours (timeout, a scheduler): they end
-        # this process through the `except BaseException` below, which ends the worker's session first.
+        # this process through the `except BaseException` below, which ends the worker's session first. Handled
+        # from before the worker starts: one that came as it started ended this process with no cleanup.
         with signals_sent_to(_exit_on_signal):
+            # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU
+            # memory). A signal while it starts leaves it to its parent-death signal.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE,
+                                    text=True, env=worker_env(), start_new_session=True,
+                                    preexec_fn=_ended_with_its_parent)
             stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
         with contextlib.suppress(ProcessLookupError):
@@ -200,8 +204,9 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
         output = (stderr or "").strip().splitlines()
         return {"error": [f"timed out after {timeout} s"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     except BaseException:  # Ctrl-C or SIGTERM: the worker, in a session of its own, did not get it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         raise
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

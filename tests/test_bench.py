@@ -342,6 +342,38 @@ def test_a_stopped_bench_takes_its_worker_with_it(tmp_path, signum):
                 worker.kill()
 
 
+def test_a_sigterm_as_a_worker_starts_is_handled_as_any_other(tmp_path):
+    """The scheduler's SIGTERM in the moment the worker has started (before the bench waited on it) ends the bench
+    by its handler (status 143, its cleanup run), not by the default action (-15, no cleanup); the worker goes too.
+    Sent here from within Popen, once the worker runs: the moment a test sending it from outside hit by chance."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(600)\n")
+    script = (
+        "import os, signal, subprocess\nfrom bench import common\n"
+        "class Signalled(subprocess.Popen):\n    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n        print(self.pid, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "subprocess.Popen = Signalled\ncommon.run_worker('sleeper', [])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    bench = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    worker = int(bench.stdout.readline() or 0)
+    try:
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM, bench.stderr.read()
+        assert worker > 0
+        with contextlib.suppress(psutil.NoSuchProcess):  # already gone
+            assert not psutil.wait_procs([psutil.Process(worker)], timeout=10)[1], "the worker outlived the bench"
+    finally:
+        bench.kill()
+        if worker > 0:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(worker).kill()
+
+
 def _fake(ms: float, mib: float, value: float = 0.7) -> dict:
     return {"median_ms": ms, "min_ms": ms, "max_ms": ms, "runs": 1, "peak_extra_mib": mib, "value": value,
             "tokens": 256, "loss_tokens": 150, "padded_tokens": 300}
