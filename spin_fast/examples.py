@@ -22,6 +22,7 @@ from spin_fast.data import (
     tokenize_batch,
     tokenize_example,
 )
+from spin_fast.packing import item_name
 from spin_fast.scoring import TokenizedPair
 
 
@@ -147,7 +148,7 @@ def check_in_vocabulary(tokenizer, examples: Seq[TokenizedExample], model_folder
         whole = example.unfitted or example  # the prompt the opponent answers whole
         highest = max(max(part, default=0) for part in whole.parts() if part is not None)
         if highest >= vocab:
-            name = names[index] if names else f"example {index} (counted from 0)"
+            name = item_name("example", index, names)
             raise ValueError(f"{name}: token id {highest} ({tokenizer.convert_ids_to_tokens(highest)!r}) is outside "
                              f"{advice}")
 

@@ -99,6 +99,12 @@ def group_tokens(group: abc.Sequence[Sequence], share_prompts: bool) -> int:
     return whole
 
 
+def item_name(what: str, index: int, names: abc.Sequence[str] | None = None) -> str:
+    """An item as an error names it: its name in `names` (a data row's file and line), else `what` and its index, said
+    to count from 0: a bare "item 3", read as counted from 1, sends the user to the row before."""
+    return names[index] if names else f"{what} {index} (counted from 0)"
+
+
 def check_fits(groups: abc.Sequence[abc.Sequence[Sequence]], share_prompts: bool, budget: int, setting: str, what: str,
                advice: str = "", names: abc.Sequence[str] | None = None) -> None:
     """Every group fits a row of `budget` tokens, laid out as pack_groups lays it out, or a ValueError names the
@@ -108,8 +114,7 @@ def check_fits(groups: abc.Sequence[abc.Sequence[Sequence]], share_prompts: bool
     tokens = [group_tokens(group, share_prompts) for group in groups]
     longest = max(range(len(tokens)), key=tokens.__getitem__, default=None)
     if longest is not None and tokens[longest] > budget:
-        named = names[longest] if names else f"{what} {longest} (counted from 0)"
-        raise ValueError(f"{setting}={budget}: {named} takes {tokens[longest]} tokens: "
+        raise ValueError(f"{setting}={budget}: {item_name(what, longest, names)} takes {tokens[longest]} tokens: "
                          f"raise {setting}{advice}")
 
 

@@ -19,7 +19,7 @@ from spin_fast import distributed, zero
 from spin_fast.data import SharedIds, TokenizedExample
 from spin_fast.files import replacing
 from spin_fast.model import can_share_prompts, check_head_is_plain, head, head_like, micro_batch_hidden_states
-from spin_fast.packing import MicroBatch, Sequence, check_fits, micro_batch, pack_groups, pack_indices
+from spin_fast.packing import MicroBatch, Sequence, check_fits, item_name, micro_batch, pack_groups, pack_indices
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def pair_sequences(pairs: Seq[TokenizedPair], what: str = "pair",
         try:
             groups.append(pair.sequences())
         except ValueError as error:
-            named = names[index] if names else f"{what} {index} (counted from 0)"
-            raise ValueError(f"{named}: {error}") from None
+            raise ValueError(f"{item_name(what, index, names)}: {error}") from None
     return groups
 
 

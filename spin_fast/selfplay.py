@@ -51,7 +51,7 @@ from spin_fast.generation.base import Engine, request_cost
 from spin_fast.generation.choice import check_examples_in_context, check_prompts_fit, default_engine
 from spin_fast.loading import device, fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
-from spin_fast.packing import Sequence, check_fits
+from spin_fast.packing import Sequence, check_fits, item_name
 from spin_fast.run_directory import RunDirectory
 from spin_fast.scoring import ScoredPair, check_pairs_fit, load_scored_pairs, score_pairs
 from spin_fast.stages import (
@@ -401,7 +401,7 @@ class SelfPlay:
             i = [i for i, start in starts.items() if start <= k][-1]  # starts grow in mixed's order
             j, data = k - starts[i], self.config.for_iteration(i).data
             rows = self._origins.get(_key(data, data.source, data.max_prompts), [])
-            return f"{rows[j]} (iteration {i}'s pair {j})" if j < len(rows) else f"iteration {i}'s pair {j}"
+            return f"{rows[j]} (iteration {i}'s pair {j})" if j < len(rows) else item_name(f"iteration {i}'s pair", j)
 
         def score_part(start: int, end: int):
             part = mixed[start:end]

@@ -46,7 +46,7 @@ from spin_fast.model import (
     head_like,
     micro_batch_hidden_states,
 )
-from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, pack_groups
+from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, item_name, pack_groups
 from spin_fast.scoring import ScoredPair
 from spin_fast.tracking import MetricsLog, check_trackers
 from spin_fast.version import code_version
@@ -234,12 +234,12 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
     groups = []
     for index, item in enumerate(items):
         if not isinstance(item, expected):
-            raise ValueError(f"{what} {index}: mode={config.mode!r} trains on {expected.__name__} items, "
+            raise ValueError(f"{item_name(what, index)}: mode={config.mode!r} trains on {expected.__name__} items, "
                              f"got {type(item).__name__}")
         try:  # a pair's Sequences refuse an empty part or a negative id: named by the item, as the checks below
             groups.append(item.sequences() if expected is ScoredPair else [item])
         except ValueError as error:
-            raise ValueError(f"{what} {index}: {error}") from None
+            raise ValueError(f"{item_name(what, index)}: {error}") from None
     share_prompts = config.share_prompts and can_share_prompts(model)
     if not fits_checked:
         check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)
@@ -248,11 +248,11 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
         # Sequence itself refuses an empty part or a negative id (above): the vocabulary's end is left to check.
         highest = max(max(part) for sequence in group for part in (sequence.prompt_ids, sequence.response_ids))
         if highest >= vocab:
-            raise ValueError(f"{what} {index}: token id {highest} is outside the model's vocabulary [0, {vocab}) "
-                             "(a tokenizer larger than the model?)")
+            raise ValueError(f"{item_name(what, index)}: token id {highest} is outside the model's vocabulary "
+                             f"[0, {vocab}) (a tokenizer larger than the model?)")
         if expected is ScoredPair and not math.isfinite(item.opponent_real + item.opponent_generated):
-            raise ValueError(f"{what} {index}: the opponent's log-probs are not finite ({item.opponent_real}, "
-                             f"{item.opponent_generated})")
+            raise ValueError(f"{item_name(what, index)}: the opponent's log-probs are not finite "
+                             f"({item.opponent_real}, {item.opponent_generated})")
 
 
 class Trainer:

@@ -199,8 +199,8 @@ def test_a_non_finite_generated_log_prob_is_named_by_its_own_iteration_and_place
     monkeypatch.setattr(spin_fast.selfplay, "score_pairs", scoring)
     play = SelfPlay(config)
     play._trained[0] = str(tmp_path / "theta1")  # θ1, named in the message only
-    with pytest.raises(ValueError, match=r"^iteration 1 scoring: iteration 0's pair 0: the opponent θ1 .* "
-                                         r"\(real -1.0, generated nan\)"):
+    with pytest.raises(ValueError, match=r"^iteration 1 scoring: iteration 0's pair 0 \(counted from 0\): "
+                                         r"the opponent θ1 .* \(real -1.0, generated nan\)"):
         play.score(1, tmp_path / "run" / "iter-1" / "score", model, config)
 
 

@@ -368,19 +368,21 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
 def test_bad_items_are_refused_before_training_names_them(tmp_path):
     """Each item is checked when the trainer is built, named by its index: found at its step, it would end a
-    run hours in."""
+    run hours in. The index is said to count from 0, as the too-long item's is: a bare "item 3" read as counted from
+    1 sent the user to the row before."""
     model = make_model()
     scored = score_pairs(model, random_pairs(4), token_budget=64)
     long = TokenizedPair((5,) * 30, (6,) * 20, (7,) * 20)
     for items, message in [
         ([], "nothing to train on"),
-        ([*scored, Sequence((1,), (2,))], "item 4: mode='spin' trains on ScoredPair items, got Sequence"),
+        ([*scored, Sequence((1,), (2,))],
+         r"item 4 \(counted from 0\): mode='spin' trains on ScoredPair items, got Sequence"),
         ([*scored, *score_pairs(model, [long], token_budget=128)],
          r"^train.micro_batch_tokens=48: item 4 \(counted from 0\) takes 100 tokens: raise train.micro_batch_tokens"),
         ([*scored[:2], type(scored[2])(scored[2].prompt_ids + (VOCAB,), *astuple(scored[2])[1:])],
-         rf"item 2: token id {VOCAB} is outside the model's vocabulary \[0, {VOCAB}\)"),
+         rf"item 2 \(counted from 0\): token id {VOCAB} is outside the model's vocabulary \[0, {VOCAB}\)"),
         ([*scored[:3], type(scored[3])(*astuple(scored[3])[:3], float("nan"), -1.0)],
-         r"item 3: the opponent's log-probs are not finite \(nan, -1.0\)"),
+         r"item 3 \(counted from 0\): the opponent's log-probs are not finite \(nan, -1.0\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             Trainer(model, None, config(), tmp_path, items)
@@ -392,9 +394,9 @@ def test_an_item_with_an_empty_part_or_a_negative_token_id_is_named_by_its_index
     refused naming the item, as the trainer's other checks name theirs: not by Sequence's own words alone."""
     model = make_model()
     scored = score_pairs(model, random_pairs(4), token_budget=64)
-    for part, ids, message in [(2, (), "item 2: the pair's generated_ids is empty"),
-                               (0, (), "item 2: the pair's prompt_ids is empty"),
-                               (1, (7, -3, EOS), r"item 2: the pair's real_ids holds a negative token id \(-3\)")]:
+    item = r"item 2 \(counted from 0\): the pair's"
+    for part, ids, message in [(2, (), rf"{item} generated_ids is empty"), (0, (), rf"{item} prompt_ids is empty"),
+                               (1, (7, -3, EOS), rf"{item} real_ids holds a negative token id \(-3\)")]:
         fields = list(astuple(scored[2]))
         fields[part] = ids
         with pytest.raises(ValueError, match=message):
