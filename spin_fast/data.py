@@ -209,6 +209,7 @@ def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
         if path.suffix.lower() not in _READERS:
             raise DataError(f"{source}: a file of unknown type {path.suffix or '(no suffix)'}: expected "
                             f"{', '.join(_READERS)} (or a directory of them, or a Hub dataset's name)")
+        _warn_of_an_unused_split(path, split)
         yield str(path), _read_file(path)
     elif not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
         # Clearly meant as a local file: never send it to the Hub.
@@ -255,6 +256,8 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
     """A folder's files of `split` where it holds a dataset's splits side by side (its files named by two splits or
     more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
     splits = _file_splits(path, files)
+    if not splits:
+        _warn_of_an_unused_split(path, split)
     if len(splits) < 2:
         return files
     split = split if split in splits else _SPLIT_WORDS.get(split, split)  # dev: validation, as datasets names it
@@ -274,6 +277,16 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
         logger.warning("%s: left %d files named by no split (as datasets.load_dataset does beside split files): "
                        "name them by their split, or move them out", path, unnamed)
     return splits[split]
+
+
+def _warn_of_an_unused_split(path: Path, split: str) -> None:
+    """Data that holds no splits (one file, or a folder whose files name none) is read whole: as datasets names such
+    data's one split train, a train split asked of it (train, train_sft) is that, and another (test) is said unused:
+    silently, a run meant to read a test split read the whole file."""
+    word = _SPLIT_WORD.search(split)
+    if word is None or _SPLIT_WORDS[word[1]] != "train":
+        logger.warning("%s: holds no splits, read whole: data.split=%r is unused (it picks a split of a datasets "
+                       "source, or of a folder of files named by their splits)", path, split)
 
 
 def _file_splits(path: Path, files: list[Path]) -> dict[str, list[Path]]:

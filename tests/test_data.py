@@ -1128,6 +1128,23 @@ def test_a_local_copy_of_a_hub_dataset_reads_the_split_asked_for(tmp_path):
         load_examples(tmp_path)  # the default split, "train", is none of them
 
 
+def test_a_split_other_than_train_asked_of_data_without_splits_is_said_to_be_unused(tmp_path, caplog):
+    """One file (or a folder whose files name no split) holds no splits: it is read whole, as datasets names such
+    data's one split train. data.split=test was silently ignored: the run trained on the file, not a test split."""
+    (tmp_path / "folder").mkdir()
+    path = write_jsonl(tmp_path / "folder" / "rows.jsonl", [GOOD])
+    for source in (path, path.parent):
+        for split in ("train", "train_sft"):  # the default, or a Hub config's train split: the file is that split
+            with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+                assert len(load_examples(source, split=split).examples) == 1
+            assert not caplog.messages, (source, split)
+        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+            assert len(load_examples(source, split="test").examples) == 1
+        assert caplog.messages == [f"{source}: holds no splits, read whole: data.split='test' is unused (it picks a "
+                                   "split of a datasets source, or of a folder of files named by their splits)"]
+        caplog.clear()
+
+
 def test_the_official_spin_pair_folder_reads_its_train_and_test_splits_as_datasets_does(tmp_path):
     """The official SPIN data (UCLA-AGI/SPIN_iter0, or what its convert_data.py writes) is a folder holding
     train_prefs-00000-of-00001.parquet beside test_prefs-00000-of-00001.parquet, which its configs read as the
