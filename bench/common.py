@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -192,7 +193,7 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
             # memory). A signal while it starts leaves it to its parent-death signal.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE,
                                     text=True, env=worker_env(), start_new_session=True,
-                                    preexec_fn=_ended_with_its_parent)
+                                    preexec_fn=functools.partial(_ended_with_its_parent, os.getpid()))
             stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
         with contextlib.suppress(ProcessLookupError):
@@ -222,10 +223,13 @@ def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)  # the status a shell reports for a process ended by the signal
 
 
-def _ended_with_its_parent() -> None:
-    """In a worker, before it starts: SIGKILL when the bench that started it dies, even by SIGKILL (Linux)."""
+def _ended_with_its_parent(bench: int) -> None:
+    """In a worker, before it starts: SIGKILL when the bench that started it dies, even by SIGKILL (Linux). A bench
+    that died before this was asked (since the fork) sends none: the worker, an orphan then, ends at once."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != bench:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)

@@ -342,6 +342,47 @@ def test_a_stopped_bench_takes_its_worker_with_it(tmp_path, signum):
                 worker.kill()
 
 
+def test_a_worker_whose_bench_died_as_it_started_does_not_run(tmp_path):
+    """A bench killed outright between its worker's fork and the worker's parent-death signal (asked for in the
+    child, before its exec) would leave the worker running with no one to end it: it sees its parent gone and ends."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(600)\n")
+    pid_file = tmp_path / "worker.pid"
+    script = (
+        "import os, signal, time\nfrom bench import common\nasked = common._ended_with_its_parent\n"
+        "def bench_killed_first(*args):\n    parent = os.getppid()\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    os.kill(parent, signal.SIGKILL)\n    while os.getppid() == parent:\n        time.sleep(0.01)\n"
+        "    asked(*args)\n"
+        "common._ended_with_its_parent = bench_killed_first\ncommon.run_worker('sleeper', [])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    bench = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert bench.returncode == -signal.SIGKILL, bench.stderr
+    worker = psutil.Process(int(pid_file.read_text()))
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not _ended(worker):
+            time.sleep(0.05)
+        assert _ended(worker), f"{worker} outlived its bench"
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+
+
+def _ended(process) -> bool:
+    """Gone, or a zombie: an orphan is reaped by init in its own time (this machine's, every 2 s)."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _workers_of(pid: int) -> list:
     """The bench's worker processes among its children; one that ends as it is looked at (its git, run for the
     machine's record) is none of them."""
