@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spin_fast.files import replacing, write_atomically
+from spin_fast.files import flush_tree, replacing, write_atomically
 
 
 def test_a_file_in_a_new_folder_creates_the_folder(tmp_path):
@@ -50,3 +50,23 @@ def test_a_broken_record_of_finished_work_is_an_error_naming_its_file(tmp_path):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST).write_text('{"steps": 4}')
     assert read_manifest(tmp_path) == {"steps": 4}
+
+
+def test_every_file_under_a_tree_and_every_folder_of_it_is_flushed(tmp_path, monkeypatch):
+    """A checkpoint's folder before its rename: its files' names in a subfolder (deepspeed/) are on the disk too, or a
+    power cut could leave checkpoint-N with its weights' data written but no name for them."""
+    (tmp_path / "ckpt" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "ckpt" / "model.safetensors").write_text("w")
+    (tmp_path / "ckpt" / "deepspeed" / "state.pt").write_text("s")
+    synced = []
+    fsync = os.fsync
+
+    def recorded_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    flush_tree(tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
+    assert sorted(synced) == sorted(map(str, (ckpt, ckpt / "model.safetensors", ckpt / "deepspeed",
+                                              ckpt / "deepspeed" / "state.pt")))
