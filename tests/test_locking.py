@@ -86,3 +86,19 @@ def test_the_holder_replaces_a_longer_record_of_the_one_before(tmp_path):
     (folder / ".run.lock").write_text(json.dumps({"pid": 1, "host": "h", "since": "s", "command": "x" * 5000}) + "\n")
     with locking.exclusive(folder, "run"):
         assert json.loads((folder / ".run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_file_system_without_locks_gets_a_warning_and_no_guard(tmp_path, monkeypatch, caplog):
+    """Lustre mounted without `-o flock` answers flock with ENOLCK: the work goes on, warned that nothing guards it."""
+    import errno
+    import logging
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locking.fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING, logger="spin_fast.locking")
+    ran = False
+    with locking.exclusive(tmp_path / "out", "run"):
+        ran = True
+    assert ran and "cannot lock .run.lock" in caplog.text and "would not be refused" in caplog.text
