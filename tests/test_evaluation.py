@@ -57,6 +57,20 @@ def test_splits_are_seeded_disjoint_and_loadable(tmp_path):
     assert [(e.prompt[0]["content"], e.response) for e in examples] == [(r["prompt"], r["response"]) for r in train]
 
 
+def test_held_out_lists_are_distinct_and_the_last_free_one_is_used(tmp_path):
+    """Numbers 0 to 2, lists of 1 or 2 of them: {0} {1} {2} {0,1} {0,2} {1,2}, six lists. With no training rows all six
+    can be held out, each once; a seventh cannot."""
+    import random
+
+    assert sorting.make_example(random.Random(0), 3, 3, 2)["response"] == "In order: 0, 1, 2."  # 2 included
+    assert sorting.distinct_lists(1, 2, 2) == 6
+    _, held_out = sorting.make_splits(0, 6, min_items=1, max_items=2, max_value=2)
+    assert sorted(tuple(sorting.numbers(row["response"])) for row in held_out) == [
+        (0,), (0, 1), (0, 2), (1,), (1, 2), (2,)]
+    with pytest.raises(ValueError, match="the task has 6 lists .* the training rows take 0: fewer than n_eval=7"):
+        sorting.make_splits(0, 7, min_items=1, max_items=2, max_value=2)
+
+
 def test_checker_score_by_hand():
     examples = [Example(({"role": "user", "content": "Sort: 42, 7, 19, 88, 3."},), REFERENCE, origin="f line 1"),
                 Example(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: 2, 1."}),
