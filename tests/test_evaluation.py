@@ -441,6 +441,34 @@ def test_a_hub_model_with_its_chat_template_in_chat_template_jinja_is_fetched_wi
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(repo).chat_template
 
 
+def test_progress_false_hides_the_libraries_own_bars():
+    """train.progress=false: transformers', the Hub's and datasets' bars (loading weights, downloading) hidden too."""
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    from spin_fast.loading import library_progress_bars
+
+    def shown():
+        return (transformers_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled(),
+                datasets.is_progress_bar_enabled())
+
+    switches = ((transformers_logging.enable_progress_bar, transformers_logging.disable_progress_bar),
+                (hub_utils.enable_progress_bars, hub_utils.disable_progress_bars),
+                (datasets.enable_progress_bars, datasets.disable_progress_bars))
+    before = shown()
+    try:
+        for enable, _ in switches:  # shown, whatever a test before this one set
+            enable()
+        library_progress_bars(True)
+        assert shown() == (True, True, True)  # true leaves them be
+        library_progress_bars(False)
+        assert shown() == (False, False, False)
+    finally:  # process-wide settings: put back for the tests after this one
+        for enabled, (enable, disable) in zip(before, switches):
+            (enable if enabled else disable)()
+
+
 def test_a_cached_commit_is_read_without_asking_the_hub(tmp_path, monkeypatch):
     """A commit (what a resumed run asks for) already in the cache is its snapshot, with no Hub call, whatever the
     network: huggingface_hub 1.x (the GPU image has 1.33) listed a commit's files on the Hub even offline, and failed
