@@ -474,6 +474,15 @@ def test_chat_template_ends_assistant_turns_with_eos(tokenizer):
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
+def test_the_smallest_vocabulary_is_the_bytes_and_the_special_tokens():
+    from spin_fast.tokenizer import SPECIAL_TOKENS, build_local_tokenizer
+
+    assert len(SPECIAL_TOKENS) == 6  # bos, eos, pad and the three role markers
+    assert len(build_local_tokenizer(["ab ab"], vocab_size=256 + 6)) == 262  # no merges: still a tokenizer
+    with pytest.raises(ValueError, match="vocab_size must be at least 262 .* got 261"):
+        build_local_tokenizer(["ab ab"], vocab_size=261)
+
+
 def test_render_prompt_matches_template_and_ends_with_assistant_marker(tokenizer):
     prompt = CHAT[:4]
     ids = render_prompt(tokenizer, tuple(prompt))
