@@ -57,7 +57,7 @@ def test_splits_are_seeded_disjoint_and_loadable(tmp_path):
     assert [(e.prompt[0]["content"], e.response) for e in examples] == [(r["prompt"], r["response"]) for r in train]
 
 
-def test_held_out_lists_are_distinct_and_the_last_free_one_is_used(tmp_path):
+def test_held_out_lists_are_distinct_and_the_last_free_one_is_used():
     """Numbers 0 to 2, lists of 1 or 2 of them: {0} {1} {2} {0,1} {0,2} {1,2}, six lists. With no training rows all six
     can be held out, each once; a seventh cannot."""
     import random
@@ -441,8 +441,10 @@ def test_a_hub_model_with_its_chat_template_in_chat_template_jinja_is_fetched_wi
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(repo).chat_template
 
 
-def test_progress_false_hides_the_libraries_own_bars():
+def test_progress_false_hides_the_libraries_own_bars(monkeypatch):
     """train.progress=false: transformers', the Hub's and datasets' bars (loading weights, downloading) hidden too."""
+    import sys
+
     import datasets
     import huggingface_hub.utils as hub_utils
     from transformers.utils import logging as transformers_logging
@@ -456,6 +458,9 @@ def test_progress_false_hides_the_libraries_own_bars():
     switches = ((transformers_logging.enable_progress_bar, transformers_logging.disable_progress_bar),
                 (hub_utils.enable_progress_bars, hub_utils.disable_progress_bars),
                 (datasets.enable_progress_bars, datasets.disable_progress_bars))
+    # HF_HUB_/HF_DATASETS_DISABLE_PROGRESS_BARS set where the tests run would win over the switches: unset here.
+    monkeypatch.setattr(sys.modules["huggingface_hub.utils.tqdm"], "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(sys.modules["datasets.utils.tqdm"], "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
     before = shown()
     try:
         for enable, _ in switches:  # shown, whatever a test before this one set
