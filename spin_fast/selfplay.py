@@ -66,6 +66,7 @@ from spin_fast.stages import (
 )
 from spin_fast.tracking import check_trackers, track_iteration, tracked_name
 from spin_fast.training import Trainer, check_items, uses_deepspeed
+from spin_fast.zero import deepspeed_config
 from spin_kernels.linear_logprobs import resolve_backend
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,13 @@ class SelfPlay:
             except ValueError as error:
                 where = f"iteration_overrides[{t}]: " if train.backend != self.config.train.backend else ""
                 raise ConfigError(f"{where}train.backend={train.backend!r}: {error}") from None
+        if self.distributed:  # a DeepSpeed JSON that contradicts a setting: else refused as training starts, hours in
+            deepspeed_config(self.config.train, self.config.deepspeed, distributed.world_size())
+            for t, train in zip(iterations, trainings):
+                try:
+                    deepspeed_config(train, self.config.deepspeed, distributed.world_size())
+                except ConfigError as error:
+                    raise ConfigError(f"iteration_overrides[{t}]: {error}") from None
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
         # generation; what it refuses stops every rank at once. A run directory that exists is locked first: a second
         # run would otherwise tidy away files of the run working there (a new one is made, and locked, only once

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import QA, held_by_another_process, official_spin_fit, offline_hub
+from spin_fast import distributed
 from spin_fast.config import ConfigError, load_run_config
 from spin_fast.generation.hf_engine import TransformersEngine
 from spin_fast.scoring import ScoredPair, load_scored_pairs, save_scored_pairs, score_pairs
@@ -412,6 +413,23 @@ def test_a_head_backend_this_machine_cannot_run_is_named_before_any_work(sft_mod
                               r"^iteration_overrides\[1\]: train.backend='triton': .*needs CUDA")):
         with pytest.raises(ConfigError, match=message):
             SelfPlay(run_config(sft_model, tmp_path / "run", setting)).run()
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_json_that_contradicts_a_setting_is_named_before_any_work(sft_model, tmp_path, monkeypatch):
+    """A deepspeed.config_file with an `optimizer` section (as Hugging Face's JSONs have), or a gradient_clipping
+    that an iteration's train.max_grad_norm contradicts, was refused as training started: after that iteration's
+    generation and scoring, hours into a run. One process, DeepSpeed on, no process group needed before the check."""
+    monkeypatch.setattr(distributed, "init", lambda timeout_minutes: None)
+    hf_style, clipping = tmp_path / "hf_style.json", tmp_path / "clipping.json"
+    hf_style.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    clipping.write_text(json.dumps({"gradient_clipping": 1.0}))
+    for settings, message in (
+            ([f"deepspeed.config_file={hf_style}"], r"^.*hf_style.json: 'optimizer' conflicts with spin-fast's"),
+            ([f"deepspeed.config_file={clipping}", "iteration_overrides={1: {train.max_grad_norm: 0.5}}"],
+             r"^iteration_overrides\[1\]: .*clipping.json: 'gradient_clipping' is 1.0 but spin-fast needs 0.5")):
+        with pytest.raises(ConfigError, match=message):
+            SelfPlay(run_config(sft_model, tmp_path / "run", "deepspeed.enabled=true", *settings)).run()
         assert not (tmp_path / "run").exists()
 
 
