@@ -602,6 +602,22 @@ def test_user_deepspeed_json_is_taken_unless_it_conflicts(tmp_path):
         deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path), offload_params=True), 4)
 
 
+def test_offload_settings_keep_the_users_other_offload_keys(tmp_path):
+    """deepspeed.offload_* set the device only: the JSON's other offload keys (pinned memory, buffers) stay, and a
+    JSON offloading elsewhere (NVMe) contradicts them by name."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"pin_memory": True},
+                                                      "offload_param": {"device": "cpu", "buffer_count": 4}}}))
+    settings = DeepSpeedConfig(config_file=str(path), offload_optimizer=True, offload_params=True)
+    zero = deepspeed_config(TrainConfig(), settings, 2)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"pin_memory": True, "device": "cpu"}
+    assert zero["offload_param"] == {"device": "cpu", "buffer_count": 4}
+    for section, setting in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_params")):
+        path.write_text(json.dumps({"zero_optimization": {"stage": 3, section: {"device": "nvme"}}}))
+        with pytest.raises(ConfigError, match=f"{section}.device is 'nvme' but deepspeed.{setting} is 'cpu'"):
+            deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path), **{setting: True}), 2)
+
+
 def test_zero3_init_needs_stage_3(tmp_path):
     train = TrainConfig()
     assert deepspeed_config(train, DeepSpeedConfig(zero3_init=True), 2)["zero_optimization"]["stage"] == 3
@@ -624,6 +640,7 @@ def test_a_partitioned_forward_gathers_a_decoder_layer_at_once():
     for layer, (_, params) in zip(model.model.layers, units[1:4]):
         assert len(params) == 9 and {id(p) for p in params} == {id(p) for p in layer.parameters()}
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    assert gather_units(model, partitioned=everything, limit_bytes=layer_bytes) == units  # a layer that just fits
     split = gather_units(model, partitioned=everything, limit_bytes=layer_bytes - 1)
     assert len(split) == 3 * 9 + 3 and all(len(params) == 1 for _, params in split)
     assert sorted(id(p) for _, params in split for p in params) == sorted(id(p) for p in model.parameters())
@@ -662,6 +679,14 @@ def test_balance_splits_by_cost_deterministically():
     assert max(loads) - min(loads) <= max(costs)  # greedy longest-first bound
     assert shares == distributed.balance(costs, 4)
     assert distributed.balance([5, 1], 3) == [[0], [1], []]  # more ranks than items: some get none
+
+
+def test_node_first_rank_is_this_nodes_local_rank_0(monkeypatch):
+    """On the second node of 4 processes each, rank 6 (LOCAL_RANK 2) belongs to rank 4's node: the rank that writes
+    the node's weight files, which the others read (tests launch on one node, where it is always rank 0)."""
+    monkeypatch.setattr(distributed, "rank", lambda: 6)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert distributed.node_first_rank() == 4
 
 
 def test_gather_in_order_on_one_process():
@@ -1209,8 +1234,8 @@ def test_a_local_rank_beyond_the_nodes_gpus_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setenv("LOCAL_RANK", "5")
-    with pytest.raises(ValueError, match=r"^LOCAL_RANK=5 but this node has 2 visible GPU\(s\): start at most 2 "
+    monkeypatch.setenv("LOCAL_RANK", "2")  # the first without a GPU: GPUs count from 0
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK=2 but this node has 2 visible GPU\(s\): start at most 2 "
                                          r"processes per node \(torchrun --nproc-per-node=2;"):
         distributed.init(1)
     assert not distributed.initialized()
