@@ -597,6 +597,9 @@ def test_user_deepspeed_json_is_taken_unless_it_conflicts(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path)), 4)
+    path.write_text("[]")  # valid JSON, but no settings: named, not an AttributeError from deep inside
+    with pytest.raises(ConfigError, match=f"{path} must hold a JSON object, got list"):
+        deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path)), 4)
     with pytest.raises(ConfigError, match="offload_params needs ZeRO stage 3"):
         path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
         deepspeed_config(TrainConfig(), DeepSpeedConfig(config_file=str(path), offload_params=True), 4)
