@@ -55,6 +55,7 @@ def test_gradient_checkpointing_and_attention_choice(saved_model):
     path, _ = saved_model
     model = spin_model.load_causal_lm(path, gradient_checkpointing=True)
     assert model.is_gradient_checkpointing
+    assert not model.training  # as from_pretrained gives it: the logits check run on loading turns no dropout on
     assert model.config._attn_implementation == "spin_varlen"
     assert spin_model.pick_attention() == "spin_varlen"
     assert spin_model.pick_attention("eager") == "eager"
@@ -291,6 +292,31 @@ def test_shared_prompts_equal_each_sequence_alone(monkeypatch, family, kv_heads,
             assert_close(p.grad, q.grad, torch.float32, name)
 
 
+def windowed_attention_by_hand(q, k, v, bounds, window):
+    """Causal attention over each sequence's last `window` tokens (the query's own included), one query at a time."""
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for i in range(start, end):
+            keys = slice(max(start, i - window + 1), i + 1)
+            weights = torch.einsum("hd,khd->hk", q[i], k[keys]).mul(q.shape[-1] ** -0.5).softmax(-1)
+            out[i] = torch.einsum("hk,khd->hd", weights, v[keys])
+    return out
+
+
+@pytest.mark.parametrize("kernel", [attention.per_sequence_sdpa, attention.adapt_flash_attn(flash_attn_2_2_varlen)],
+                         ids=["per-sequence-sdpa", "flash-attn-2.2"])
+@pytest.mark.parametrize("window", [1, 6])
+def test_a_sliding_window_cuts_sequences_one_token_longer_than_it(kernel, window):
+    """A sequence of window + 1 tokens is the shortest the window cuts: its last token must not see its first."""
+    torch.manual_seed(0)
+    lengths = [window + 1, window, window + 2, 1]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0)], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 2, 8, dtype=torch.float64) for _ in range(3))
+    got = kernel(q, k, v, bounds, bounds, max(lengths), max(lengths), window_size=(window - 1, 0))
+    expected = windowed_attention_by_hand(q, k, v, bounds.tolist(), window)
+    assert torch.allclose(got, expected, atol=1e-12), (got - expected).abs().max()
+
+
 FAMILY_SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=2)
 
@@ -302,6 +328,13 @@ def response_logprob_alone(model, sequence: Sequence) -> float:
         logps = model(ids).logits[0].double().log_softmax(-1)
     n = len(sequence.prompt_ids)
     return float(logps[n - 1:-1].gather(1, ids[0, n:, None]).sum())
+
+
+def test_a_row_whose_positions_do_not_start_at_0_is_refused_not_split_wrongly():
+    """Positions 5, 6, 7, 0, 1 (a sequence continued from elsewhere, then one of its own): boundaries read from them
+    would put the first three tokens in the next sequence's, so the row is refused."""
+    with pytest.raises(ValueError, match="positions do not restart at 0 for each sequence"):
+        attention.cu_seqlens_from_positions(torch.tensor([5, 6, 7, 0, 1]))
 
 
 @pytest.mark.parametrize("family", ["StableLm", "Nemotron"])
@@ -359,6 +392,7 @@ def test_flash_attention_is_picked_only_for_what_its_kernels_take(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # flash_attn absent: PyTorch's own varlen kernel
     torch_varlen = attention.varlen_kernel(cuda, torch.bfloat16, 128)
     assert torch_varlen is not attention.per_sequence_sdpa
+    assert attention.varlen_kernel(cuda, torch.bfloat16, 256) is torch_varlen  # Gemma's head dim: the limit's own
     for device, dtype, head_dim in ((cpu, torch.bfloat16, 128), (cuda, torch.float32, 128),
                                     (cuda, torch.bfloat16, 512), (cuda, torch.float16, 100)):
         assert attention.varlen_kernel(device, dtype, head_dim) is attention.per_sequence_sdpa, (device, dtype,
@@ -396,3 +430,20 @@ def test_head_like_casts_a_biased_head_to_the_hidden_states_dtype():
     truth = truth_token_logprobs(hidden.double(), weight.to(torch.bfloat16).double(), targets,
                                  bias.to(torch.bfloat16).double())
     assert_close(out, truth, torch.float32, "log-probs")
+
+
+def test_dropout_goes_from_layers_that_skip_layers_in_training():
+    """OPT's layerdrop (a whole layer skipped at random in training, a rate held on the decoder, not an nn.Dropout):
+    after disable_dropout the model in training mode computes its eval-mode outputs."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    ffn_dim=64, word_embed_proj_dim=32, layerdrop=0.5)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(3, 128, (1, 12))
+    spin_model.disable_dropout(model)
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        for _ in range(4):  # each layer skipped with probability 0.5: one draw could keep them both
+            torch.testing.assert_close(model.train()(ids).logits, expected, rtol=0, atol=0)
