@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -146,3 +147,14 @@ def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_
                 send(signal.SIGTERM)
         assert end(stop.value) == 2
     assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"
+
+
+def test_sigusr1_waits_in_a_warning_blocked_block_and_arrives_at_its_end():
+    """Processes started in the block (vLLM's engine core) inherit the block: Slurm's warning to the whole group must
+    not end them. This thread's own warning is kept for the block's end, then handled."""
+    with stopping.signals_handled(), pytest.raises(stopping.Stopped, match="SIGUSR1 at the end of the work"):
+        with stopping.safe_points("the work"), stopping.warning_blocked():
+            assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # to this thread: others may not block
+            assert stopping.pending() == 0 and signal.SIGUSR1 in signal.sigpending()
+    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
