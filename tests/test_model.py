@@ -115,6 +115,20 @@ def test_a_model_whose_logits_are_more_than_its_head_is_refused_by_running_it(tm
     spin_model.load_causal_lm(tmp_path / "plain", attention_impl="sdpa")
 
 
+def test_a_small_unknown_rescaling_of_the_logits_is_refused():
+    """Logits 1% off the head's (a rescaling no config field names) are refused: 1% changes every log-prob."""
+    model = AutoModelForCausalLM.from_config(spin_model.tiny_config("llama"))
+    spin_model.check_logits_are_the_heads(model, "m")  # plain: accepted
+
+    def rescaled(module, args, kwargs, output):
+        output.logits = output.logits * 1.01
+        return output
+
+    model.register_forward_hook(rescaled, with_kwargs=True)
+    with pytest.raises(ValueError, match=r"^m: the model's logits are not its LM head's output .*\(up to .* apart\)"):
+        spin_model.check_logits_are_the_heads(model, "m")
+
+
 def test_refuses_a_model_with_code_of_its_own_without_trust_remote_code(tmp_path):
     config = spin_model.tiny_config("llama")
     config.auto_map = {"AutoModelForCausalLM": "modeling_custom.Custom"}
