@@ -149,6 +149,28 @@ def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_
     assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"
 
 
+def test_an_error_raised_from_the_one_in_flight_when_the_signal_came_is_that_error_not_a_stop(capsys):
+    """`raise ... from failure` after the `except` that kept it (examples.py's refused row, raised once the ranks
+    compared) links the two by __cause__ alone: the bad input the signal found unwinding is still the run's end, said
+    in one line (status 2), not a stop whose resume would fail on it again."""
+    from spin_fast import cli
+
+    with stopping.signals_handled():
+        with pytest.raises(ValueError) as ended:
+            with stopping.safe_points("the work"):
+                try:
+                    try:
+                        raise ValueError("rows.jsonl line 3: no prompt")
+                    finally:  # the cleanup on the way up
+                        send(signal.SIGTERM)
+                except ValueError as error:
+                    failure = error
+                raise ValueError("rank 0 refused a row") from failure
+        assert ended.value.__context__ is None and stopping.error_before_signal(ended.value) is failure
+        assert cli.report_end(ended.value, cli.user_error_message) == 2
+    assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"
+
+
 def test_sigusr1_waits_in_a_warning_blocked_block_and_arrives_at_its_end():
     """Processes started in the block (vLLM's engine core) inherit the block: Slurm's warning to the whole group must
     not end them. This thread's own warning is kept for the block's end, then handled."""
