@@ -93,6 +93,21 @@ def test_refuses_heads_the_kernel_cannot_compute(tmp_path, family, field, value)
     model_logprobs(AutoModelForCausalLM.from_config(config), [[Sequence((3, 4, 5), (6, 7, 2))]], 64)
 
 
+@pytest.mark.parametrize("name, text_type", [("Gemma3Config", "gemma3_text"), ("PaliGemmaConfig", "gemma2")])
+def test_a_multimodal_models_soft_capped_text_head_is_refused_by_its_config(name, text_type):
+    """A VLM keeps its logit transform in text_config, not at the top level, and a ZeRO-3 model gets the config
+    check alone (check_logits_are_the_heads): reading the top level only would train it on wrong log-probs."""
+    import transformers
+
+    text = dict(model_type=text_type, vocab_size=300, hidden_size=32, num_hidden_layers=1)
+    config = getattr(transformers, name)(text_config={**text, "final_logit_softcapping": 30.0})
+    assert getattr(config, "final_logit_softcapping", None) is None  # the top level names none
+    with pytest.raises(ValueError, match=r"^vlm: final_logit_softcapping=30.0: the model soft-caps"):
+        spin_model.check_head_is_plain(config, "vlm")
+    spin_model.check_head_is_plain(getattr(transformers, name)(text_config={**text, "final_logit_softcapping": None}),
+                                   "vlm")
+
+
 def test_a_model_whose_logits_are_more_than_its_head_is_refused_by_running_it(tmp_path):
     """A transform no config field in LOGIT_TRANSFORMS names (Inkling's cut vocabulary: 280 of the head's 300 rows
     are logits) shows when the model's logits are compared with its head's: refused as it loads, and by Trainer."""
