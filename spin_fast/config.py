@@ -187,6 +187,7 @@ class DataConfig:
     eval_split: str | None = None  # eval_source's split (null: split): a Hub dataset's test_sft beside train_sft
     # "package.module:function" grading a held-out answer: f(prompt, response, reference) -> [0, 1] (eval)
     checker: str | None = None
+    split_setting = "data.split"  # not a field: the setting `split` came from, as errors name it (held_out's own)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -207,6 +208,7 @@ class DataConfig:
         """The settings eval_source is read with: its own split."""
         held = dataclasses.replace(self, split=self.eval_split or self.split, eval_split=None)
         held._as_written = self._as_written  # replace expanded the paths again: `~/x` as written is kept
+        held.split_setting = "data.eval_split"  # the one to mend (null, its default, takes split's value)
         return held
 
 

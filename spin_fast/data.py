@@ -197,19 +197,20 @@ _READERS: dict[str, Callable[[Path], Rows]] = {
 }
 
 
-def _read_source(source: str | Path, split: str) -> Iterator[tuple[str, Rows]]:
-    """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset."""
+def _read_source(source: str | Path, split: str, setting: str) -> Iterator[tuple[str, Rows]]:
+    """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset. `setting`: the
+    one `split` came from, as errors name it."""
     path = Path(source)
     if _saved_by_datasets(path):
-        yield str(path), _load_from_disk(path, split)
+        yield str(path), _load_from_disk(path, split, setting)
     elif path.is_dir():
-        for file in _split_files(path, _folder_files(path), split):
+        for file in _split_files(path, _folder_files(path), split, setting):
             yield str(file), _read_file(file, in_folder=True)
     elif path.is_file():  # a local file is never a Hub dataset's name
         if path.suffix.lower() not in _READERS:
             raise DataError(f"{source}: a file of unknown type {path.suffix or '(no suffix)'}: expected "
                             f"{', '.join(_READERS)} (or a directory of them, or a Hub dataset's name)")
-        _warn_of_an_unused_split(path, split)
+        _warn_of_an_unused_split(path, split, setting)
         yield str(path), _read_file(path)
     elif not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
         # Clearly meant as a local file: never send it to the Hub.
@@ -252,12 +253,12 @@ _SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation
 _SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(_SPLIT_WORDS)})(?=[-._ 0-9]|$)")
 
 
-def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
+def _split_files(path: Path, files: list[Path], split: str, setting: str) -> list[Path]:
     """A folder's files of `split` where it holds a dataset's splits side by side (its files named by two splits or
     more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
     splits = _file_splits(path, files)
     if not splits:
-        _warn_of_an_unused_split(path, split)
+        _warn_of_an_unused_split(path, split, setting)
     if len(splits) < 2:
         return files
     split = split if split in splits else _SPLIT_WORDS.get(split, split)  # dev: validation, as datasets names it
@@ -270,7 +271,7 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
         split = named[0]
     if split not in splits:
         raise DataError(f"{path}: holds the splits {', '.join(sorted(splits))} (by its files' or folders' names, as "
-                        f"datasets reads them), none of them data.split={split!r}: set data.split to one")
+                        f"datasets reads them), none of them {setting}={split!r}: set {setting} to one")
     logger.info("%s: read split %s (%d files), left the splits %s", path, split, len(splits[split]),
                 ", ".join(sorted(set(splits) - {split})))
     if unnamed := len(files) - sum(len(f) for f in splits.values()):
@@ -279,14 +280,14 @@ def _split_files(path: Path, files: list[Path], split: str) -> list[Path]:
     return splits[split]
 
 
-def _warn_of_an_unused_split(path: Path, split: str) -> None:
+def _warn_of_an_unused_split(path: Path, split: str, setting: str) -> None:
     """Data that holds no splits (one file, or a folder whose files name none) is read whole: as datasets names such
     data's one split train, a train split asked of it (train, train_sft) is that, and another (test) is said unused:
     silently, a run meant to read a test split read the whole file."""
     word = _SPLIT_WORD.search(split)
     if word is None or _SPLIT_WORDS[word[1]] != "train":
-        logger.warning("%s: holds no splits, read whole: data.split=%r is unused (it picks a split of a datasets "
-                       "source, or of a folder of files named by their splits)", path, split)
+        logger.warning("%s: holds no splits, read whole: %s=%r is unused (it picks a split of a datasets "
+                       "source, or of a folder of files named by their splits)", path, setting, split)
 
 
 def _file_splits(path: Path, files: list[Path]) -> dict[str, list[Path]]:
@@ -328,7 +329,7 @@ def _saved_by_datasets(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _load_from_disk(path: Path, split: str) -> Rows:
+def _load_from_disk(path: Path, split: str, setting: str) -> Rows:
     import datasets  # its files are Arrow tables with their metadata beside them: datasets alone reads them
 
     try:
@@ -339,7 +340,7 @@ def _load_from_disk(path: Path, split: str) -> Rows:
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{path}: a datasets folder (save_to_disk) with the splits {', '.join(dataset)}, none of "
-                            f"them data.split={split!r}: set data.split to one")
+                            f"them {setting}={split!r}: set {setting} to one")
         dataset = dataset[split]
     return _indexed(dataset)
 
@@ -547,12 +548,14 @@ def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, *, detected:
 # ------------------------------------------------------------------------------------------------ public API
 
 def load_examples(source: str | Path, *, split: str = "train", schema: str = "auto", keep_history: bool = False,
-                  skip_invalid: bool = False, limit: int | None = None) -> LoadResult:
+                  skip_invalid: bool = False, limit: int | None = None,
+                  split_setting: str = "data.split") -> LoadResult:
     """Load a .jsonl / .json / .parquet file, a directory of them, or a `datasets` dataset as Examples: the first
     `limit` of them (None: all), reading no row after the last of those.
 
     In a directory, files and folders whose name starts with "." are ignored, and schema="auto" detects each
     file's schema on its own. A bad row raises DataError, or with skip_invalid=True is skipped, logged and counted.
+    `split_setting`: the setting `split` came from, as a bad or unused split's error and warning name it.
     """
     if schema != "auto" and schema not in SCHEMAS:
         raise ValueError(f"schema: expected 'auto' or one of {', '.join(SCHEMAS)}, got {schema!r}")
@@ -561,7 +564,7 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
     examples: list[Example] = []
     skipped = 0
     kinds: dict[bool, tuple[str, str]] = {}
-    sources: Iterable[tuple[str, Rows]] = _read_source(source, split)
+    sources: Iterable[tuple[str, Rows]] = _read_source(source, split, split_setting)
     if limit is None:  # every file is read anyway: parse the .json ones first (a metadata .json fails at once)
         sources = list(sources)
     for name, rows in sources:

@@ -32,7 +32,8 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None, where
     what gave `data` where that is not the config's data section (e.g. "iteration_overrides[1]")."""
     try:
         return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
-                             skip_invalid=data.skip_invalid, limit=limit).examples
+                             skip_invalid=data.skip_invalid, limit=limit,
+                             split_setting=data.split_setting).examples
     except FileNotFoundError:
         setting = "data.source" if source == data.source else "data.eval_source" if source == data.eval_source else None
         if setting is None or Path(source).exists():  # another file: its own error names it

@@ -1221,6 +1221,24 @@ def test_a_folder_of_split_files_or_split_folders_reads_the_split_asked_for(tmp_
         load_examples(folder, split="validation")
 
 
+def test_eval_datas_split_errors_and_warnings_name_data_eval_split(tmp_path, caplog):
+    """eval_source is read with data.eval_split (DataConfig.held_out): its bad or unused split named data.split, and
+    a user who set data.split to mend it broke the training data's split instead."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "test"):
+        write_jsonl(folder / f"{split}.jsonl", [GOOD])
+    held_out = DataConfig(source=str(folder), eval_source=str(folder), eval_split="validation").held_out()
+    with pytest.raises(DataError, match=r"none of them data\.eval_split='validation': set data\.eval_split to one$"):
+        read_examples(held_out, str(folder))
+    single = write_jsonl(tmp_path / "eval.jsonl", [GOOD])
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        read_examples(DataConfig(source=str(folder), eval_source=str(single), eval_split="test").held_out(),
+                      str(single))
+    assert caplog.messages == [f"{single}: holds no splits, read whole: data.eval_split='test' is unused (it picks a "
+                               "split of a datasets source, or of a folder of files named by their splits)"]
+
+
 @pytest.mark.parametrize("names, split, read", [
     (["train.jsonl", "train_extra.jsonl"], "train", 2),  # one split's parts: read whole
     (["train_0.jsonl", "train_1.jsonl"], "train", 2),
