@@ -150,11 +150,14 @@ class SelfPlay:
                 where = f"iteration_overrides[{t}]: " if train.backend != self.config.train.backend else ""
                 raise ConfigError(f"{where}train.backend={train.backend!r}: {error}") from None
         if self.distributed:  # a DeepSpeed JSON that contradicts a setting: else refused as training starts, hours in
-            deepspeed_config(self.config.train, self.config.deepspeed, distributed.world_size())
-            for t, train in zip(iterations, trainings):
+            for t, train in zip(iterations, trainings):  # as each trains: the section's settings, where none overrides
                 try:
                     deepspeed_config(train, self.config.deepspeed, distributed.world_size())
                 except ConfigError as error:
+                    # gradient_clipping is the one setting of the JSON an iteration may override (train.dtype is
+                    # run-wide): where it keeps the section's, the contradiction is the section's, not an override's
+                    if train.max_grad_norm == self.config.train.max_grad_norm:
+                        raise
                     raise ConfigError(f"iteration_overrides[{t}]: {error}") from None
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
         # generation; what it refuses stops every rank at once. A run directory that exists is locked first: a second

@@ -433,6 +433,23 @@ def test_a_deepspeed_json_that_contradicts_a_setting_is_named_before_any_work(sf
         assert not (tmp_path / "run").exists()
 
 
+def test_the_deepspeed_check_refuses_only_what_an_iteration_trains_with(sft_model, tmp_path, monkeypatch):
+    """The check takes each iteration's settings as its training does: a train.max_grad_norm every iteration overrides
+    is trained with by none (the JSON's gradient_clipping agrees with theirs: accepted, where the section's value was
+    refused), and a contradiction of the section's own value names no iteration_overrides."""
+    monkeypatch.setattr(distributed, "init", lambda timeout_minutes: None)
+    clipping = tmp_path / "clipping.json"
+    clipping.write_text(json.dumps({"gradient_clipping": 0.5}))
+    json_file = ("deepspeed.enabled=true", f"deepspeed.config_file={clipping}")
+    every = "iteration_overrides={0: {train.max_grad_norm: 0.5}, 1: {train.max_grad_norm: 0.5}}"
+    SelfPlay(run_config(sft_model, tmp_path / "run", *json_file, every)).run(until=(0, "generate"))  # not refused
+    assert (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(clipping))}: 'gradient_clipping' is 0.5 but spin-fast "
+                                          r"needs 1.0 \(train.max_grad_norm\)"):  # an override of another setting
+        SelfPlay(run_config(sft_model, tmp_path / "other", *json_file,
+                            "iteration_overrides={0: {train.learning_rate: 0.01}}")).run(until=(0, "generate"))
+
+
 def test_a_run_refuses_data_changed_under_its_work(sft_model, tmp_path):
     """Resumed with a data file changed since an iteration's work began, the run would mix answers to the old rows
     with answers to the new ones: refused, naming the iteration and file. An iteration with no work yet takes its
