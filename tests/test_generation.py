@@ -487,23 +487,29 @@ def test_an_engine_goes_on_without_a_guard_that_died(caplog):
         engine.wait()
 
 
-def test_the_engine_guard_watches_a_process_started_with_it(tmp_path):
-    """A process the engine starts before the guard is up (its interpreter starting) is the engine's all the same:
-    the guard counts from the trainer's snapshot, taken before the guard, not from its own."""
+def _guarded_trainer(tmp_path, body: str):
+    """A trainer process that starts an engine guard as VllmEngine does (its descendants snapshot first), then runs
+    `body` (Python source, with subprocess, sys, time, psutil and `guard` at hand); stdout and stderr piped."""
     import subprocess
     import sys
 
+    script = tmp_path / "trainer.py"
+    script.write_text("import subprocess, sys, time\nimport psutil\nfrom spin_fast.generation import engine_guard\n"
+                      "before = engine_guard.descendants()\nguard = engine_guard.start(before)\n" + body)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_engine_guard_watches_a_process_started_with_it(tmp_path):
+    """A process the engine starts before the guard is up (its interpreter starting) is the engine's all the same:
+    the guard counts from the trainer's snapshot, taken before the guard, not from its own."""
+
     import psutil
 
-    script = tmp_path / "trainer.py"
-    script.write_text(
-        "import subprocess, sys, time\nfrom spin_fast.generation import engine_guard\n"
-        "before = engine_guard.descendants()\nguard = engine_guard.start(before)\n"
+    trainer = _guarded_trainer(
+        tmp_path,
         "engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
         "time.sleep(3)  # the guard, polling each second, takes it for the starting engine's\n"
         "print(engine.pid, flush=True)\ntime.sleep(600)\n")
-    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
     pid = None
     try:
         pid = int(trainer.stdout.readline() or 0) or None
@@ -646,17 +652,13 @@ def test_the_engine_guard_ends_the_engines_processes_alone(tmp_path):
     """A killed trainer's guard ends the processes it was told are the engine's (engine_started's line, pid:start
     time), and no other: not a pid the engine had that another process has since (its start time differs), nor a
     process the trainer started once its engine had. No vLLM: the engine's processes are sleepers."""
-    import subprocess
-    import sys
     import time
 
     import psutil
 
-    script = tmp_path / "trainer.py"
-    script.write_text(
-        "import subprocess, sys, time\nimport psutil\nfrom spin_fast.generation import engine_guard\n"
-        "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
-        "before = engine_guard.descendants()\nguard = engine_guard.start(before)\ntime.sleep(1.5)\n"
+    trainer = _guarded_trainer(
+        tmp_path,
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']\ntime.sleep(1.5)\n"
         "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "engine, reused = subprocess.Popen(sleeper, **quiet), subprocess.Popen(sleeper, **quiet)\n"
         "time.sleep(2.5)  # the guard, polling each second, takes both for the starting engine's\n"
@@ -664,8 +666,6 @@ def test_the_engine_guard_ends_the_engines_processes_alone(tmp_path):
         "guard.stdin.write(f'{engine.pid}:{created[0]!r} {reused.pid}:{created[1] - 5!r}\\n')\n"
         "guard.stdin.flush()\ntime.sleep(2.5)\nlater = subprocess.Popen(sleeper, **quiet)\ntime.sleep(2.5)\n"
         "print(engine.pid, reused.pid, later.pid, flush=True)\ntime.sleep(600)\n")
-    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
     pids: list[int] = []
     try:
         pids = [int(pid) for pid in trainer.stdout.readline().split()]
