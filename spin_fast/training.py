@@ -47,7 +47,7 @@ from spin_fast.model import (
     micro_batch_hidden_states,
 )
 from spin_fast.packing import MicroBatch, Sequence, check_fits, group_tokens, item_name, pack_groups
-from spin_fast.scoring import ScoredPair
+from spin_fast.scoring import ScoredPair, pair_sequences
 from spin_fast.tracking import MetricsLog, check_trackers
 from spin_fast.version import code_version
 
@@ -231,15 +231,12 @@ def check_items(items: Seq[ScoredPair] | Seq[Sequence], model, config: TrainConf
     if not items:
         raise ValueError("nothing to train on: the item list is empty")
     expected = ScoredPair if config.mode == "spin" else Sequence
-    groups = []
     for index, item in enumerate(items):
         if not isinstance(item, expected):
             raise ValueError(f"{item_name(what, index)}: mode={config.mode!r} trains on {expected.__name__} items, "
                              f"got {type(item).__name__}")
-        try:  # a pair's Sequences refuse an empty part or a negative id: named by the item, as the checks below
-            groups.append(item.sequences() if expected is ScoredPair else [item])
-        except ValueError as error:
-            raise ValueError(f"{item_name(what, index)}: {error}") from None
+    # A pair's Sequences refuse an empty part or a negative id: named by the item, as the checks below.
+    groups = pair_sequences(items, what) if expected is ScoredPair else [[item] for item in items]
     share_prompts = config.share_prompts and can_share_prompts(model)
     if not fits_checked:
         check_fits(groups, share_prompts, config.micro_batch_tokens, "train.micro_batch_tokens", what, advice)
