@@ -156,6 +156,10 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
         raise ValueError(f"{NAME} attention has no dropout, and this model's config sets attention_dropout to "
                          f"{dropout}: set model.attention=sdpa to train with it (SFT; SPIN turns dropout off), or "
                          "set attention_dropout to 0 in the model's config.json")
+    if getattr(module, "is_causal", True) is False:  # Gemma's use_bidirectional_attention: later tokens seen too
+        raise ValueError(f"{NAME} attention is causal, and this model's attention ({type(module).__name__}) is not "
+                         "(use_bidirectional_attention?): its kernels would hide the later tokens each token sees in "
+                         "the model, and its log-probs would be wrong; set model.attention to sdpa")
     for name, what in UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{NAME} attention does not compute {what}, which this model's attention "

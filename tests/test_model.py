@@ -403,6 +403,22 @@ def test_attention_arguments_spin_varlen_cannot_compute_are_refused(family, argu
         model(torch.randint(3, 128, (1, 9)), position_ids=torch.arange(9)[None], use_cache=False)
 
 
+def test_bidirectional_attention_is_refused_not_run_causally(tmp_path):
+    """A Gemma 3 with use_bidirectional_attention (EmbeddingGemma's setting) lets each token see the later ones;
+    spin_varlen's kernels are causal, so its log-probs would be silently other than the model's own (0.17 apart
+    here): refused as it loads. Causal (the default): accepted."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**FAMILY_SIZES, head_dim=16, use_bidirectional_attention=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "bidirectional")
+    with pytest.raises(ValueError, match=r"spin_varlen attention is causal, and this model's attention "
+                                         r"\(Gemma3Attention\) is not .*set model.attention to sdpa"):
+        spin_model.load_causal_lm(tmp_path / "bidirectional")
+    config.use_bidirectional_attention = False
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "causal")
+    spin_model.load_causal_lm(tmp_path / "causal")
+
+
 def test_attention_dropout_in_training_is_refused_naming_the_way_out():
     """SFT keeps the model's dropout; spin_varlen has none: its error says which attention applies it."""
     import transformers
