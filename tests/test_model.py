@@ -492,3 +492,77 @@ def test_dropout_goes_from_layers_that_skip_layers_in_training():
         expected = model.eval()(ids).logits
         for _ in range(4):  # each layer skipped with probability 0.5: one draw could keep them both
             torch.testing.assert_close(model.train()(ids).logits, expected, rtol=0, atol=0)
+
+
+# Families beyond saved_model's Llama, Mistral and Qwen2, built small from their configs (the README lists them).
+# Sliding windows of 5, shorter than the sequences: a window ignored, or one read on the wrong layers, shows.
+# HF's MoE experts run grouped_mm by default, which takes no float64 on the CPU: eager experts, the same sums.
+MOE = dict(num_experts_per_tok=2, experts_implementation="eager")
+FAMILIES = {
+    "qwen3": ("Qwen3", dict(head_dim=16)),  # q/k norms
+    "gemma": ("Gemma", dict(head_dim=16)),  # scaled embeddings, (1 + w) norms, tied head
+    "gemma3_text": ("Gemma3Text", dict(head_dim=16, sliding_window=5,  # a window on its sliding layers alone
+                                       layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3", dict(sliding_window=5, pad_token_id=0)),
+    "olmo2": ("Olmo2", {}),
+    "mixtral": ("Mixtral", dict(num_local_experts=4, sliding_window=5, **MOE)),
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                   use_sliding_window=True, sliding_window=5, max_window_layers=1, **MOE)),
+    "starcoder2": ("Starcoder2", dict(sliding_window=5)),
+    "phi": ("Phi", {}),  # a biased LM head, partial rotary
+    "gpt_neox": ("GPTNeoX", {}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_packed_logprobs_and_spin_gradient_equal_the_models_own(family):
+    """Scoring's summed response log-probs (packed rows whose pairs share their prompts, spin_varlen) equal the model's
+    own on each sequence alone (plain SDPA), 1e-10 in float64, and a SPIN loss's gradient from PackedLoss, as
+    training takes it, equals the naive loss's on those: to 1e-6 of each parameter's largest, as HF's norms run in
+    fp32 and round each path's gradient there (a wrong layout is off by far more)."""
+    import transformers
+
+    from spin_fast.scoring import model_logprobs
+    from spin_fast.training import PackedLoss
+
+    attention.register()
+    torch.manual_seed(0)
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, f"{name}Config")(**FAMILY_SIZES, **extra)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="sdpa")
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation(attention.NAME)
+    spin_model.check_logits_are_the_heads(model, family)  # what loading checks: the head alone makes the logits
+    prompt = (5, 6, 7, 8, 9, 10, 11)
+    groups = [[Sequence(prompt, (9, 10, 11, 12, 13, 14, 2)), Sequence(prompt, (12, 2))],
+              [Sequence((20, 21), (22, 23, 24, 25, 26, 27, 28, 2)), Sequence((20, 21), (30, 2))]]
+    alone = torch.tensor([[response_logprob_alone(reference, s) for s in group] for group in groups],
+                         dtype=torch.float64)
+    got = model_logprobs(model, groups, 1000, backend="torch")
+    torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
+
+    opponent = alone + torch.tensor([0.5, -0.5], dtype=torch.float64)  # margins away from 0
+    (batch,) = pack_groups(groups, 1000, share_prompts=True)
+    order = batch.group_indices.tolist()
+    loss, _ = PackedLoss(model, TrainConfig(mode="spin", beta=0.1, backend="torch"))(
+        batch, torch.cat([opponent[order, 0], opponent[order, 1]]))
+    loss.backward()
+    policy = torch.stack([torch.stack([summed_logprob(reference, s) for s in group]) for group in groups])
+    margins = (policy - opponent) @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+    (-torch.nn.functional.logsigmoid(0.1 * margins).mean()).backward()
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(0.1 * margins.detach()).mean(), rtol=1e-10,
+                               atol=1e-10)
+    for (name, ours), truth in zip(model.named_parameters(), reference.parameters()):
+        if truth.grad is None:  # an expert no token was routed to
+            assert ours.grad is None or not ours.grad.any(), name
+            continue
+        torch.testing.assert_close(ours.grad, truth.grad, rtol=0, atol=1e-6 * float(truth.grad.abs().max()) + 1e-15,
+                                   msg=name)
+
+
+def summed_logprob(model, sequence: Sequence) -> torch.Tensor:
+    """A sequence's summed response log-prob from the model run on it alone, with its gradient."""
+    ids = torch.tensor(sequence.prompt_ids + sequence.response_ids)[None]
+    logps = model(ids).logits[0].double().log_softmax(-1)
+    n = len(sequence.prompt_ids)
+    return logps[n - 1:-1].gather(1, ids[0, n:, None]).sum()
