@@ -251,8 +251,43 @@ def head_like(hidden: torch.Tensor, weight: torch.Tensor,
     return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
+def rope_switch_length(config: PretrainedConfig) -> tuple[str, int] | None:
+    """The rotary type and the length past which transformers picks a batch's rotary frequencies from its largest
+    position (Phi-3's longrope: its long factors; dynamic NTK: a larger base), or None for fixed frequencies."""
+    text = text_config(config)
+    rope = getattr(text, "rope_parameters", None) or {}
+    ropes = list(rope.values()) if all(isinstance(r, dict) for r in rope.values()) else [rope]  # per layer type
+    for params in ropes:
+        kind = params.get("rope_type")
+        if kind == "longrope":
+            return kind, int(params.get("original_max_position_embeddings") or text.original_max_position_embeddings)
+        if kind == "dynamic":
+            return kind, int(text.max_position_embeddings)
+    return None
+
+
+def check_rope_takes_row(model: PreTrainedModel, position_ids: torch.Tensor, varlen: dict) -> None:
+    """A packed row is one batch to the rotary embeddings: where its longest sequence sets their frequencies, the
+    row's other sequences would get other log-probs than alone, silently, so such a row is refused."""
+    switch = rope_switch_length(model.config)
+    if switch is None:
+        return
+    kind, limit = switch
+    cu_seqlens = varlen.get("cu_seq_lens_q")
+    if cu_seqlens is not None:
+        longest, count = varlen["max_length_q"], cu_seqlens.numel() - 1
+    else:  # the positions restart at 0 for each sequence
+        longest, count = int(position_ids.max()) + 1, int((position_ids == 0).sum())
+    if longest > limit and count > 1:
+        raise ValueError(f"{type(model).__name__}: its {kind} rotary embeddings take other frequencies for a whole "
+                         f"batch once a sequence runs past {limit} tokens, and this packed row holds a sequence of "
+                         f"{longest} tokens beside others, whose log-probs would then not be the model's own; set "
+                         f"data.max_length to at most {limit}")
+
+
 def _body_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         varlen: dict) -> torch.Tensor:
+    check_rope_takes_row(model, position_ids, varlen)
     out = body(model)(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False, **varlen)
     return out.last_hidden_state[0]
 

@@ -566,3 +566,28 @@ def summed_logprob(model, sequence: Sequence) -> torch.Tensor:
     logps = model(ids).logits[0].double().log_softmax(-1)
     n = len(sequence.prompt_ids)
     return logps[n - 1:-1].gather(1, ids[0, n:, None]).sum()
+
+
+def test_a_row_whose_longest_sequence_switches_the_rotary_frequencies_is_refused():
+    """Phi-3's longrope (Phi-3-mini-128k, Phi-3.5: past 4096 tokens) takes its long factors for a whole batch once
+    its largest position passes original_max_position_embeddings: a short sequence packed beside a longer one would
+    get other log-probs than alone, silently (1e-5 apart here), so such a row is refused, naming data.max_length;
+    rows within the limit are the model's own."""
+    import transformers
+
+    from spin_fast.scoring import model_logprobs
+
+    attention.register()
+    torch.manual_seed(0)
+    rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8, long_factor=[4.0] * 8)
+    config = transformers.Phi3Config(**FAMILY_SIZES, pad_token_id=0, max_position_embeddings=64,
+                                     original_max_position_embeddings=8, rope_parameters=rope)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="sdpa").eval()
+    short, long = Sequence((5, 6, 7), (8, 9, 2)), Sequence(tuple(range(10, 20)), (30, 31, 2))  # 6 and 13 tokens
+    alone = torch.tensor([[response_logprob_alone(model, s)] for s in (short, long)], dtype=torch.float64)
+    model.set_attn_implementation(attention.NAME)
+    with pytest.raises(ValueError, match=r"^Phi3ForCausalLM: its longrope rotary embeddings .* past 8 tokens, .* "
+                                         r"a sequence of 13 tokens beside others, .* data.max_length to at most 8$"):
+        model_logprobs(model, [[short], [long]], 1000, backend="torch")
+    apart = torch.cat([model_logprobs(model, [[s]], 1000, backend="torch") for s in (short, long)])
+    torch.testing.assert_close(apart, alone, rtol=1e-10, atol=1e-10)
