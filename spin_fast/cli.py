@@ -149,8 +149,11 @@ def report_stop(stop) -> int:
     """Say where the run stopped (rank 0 alone when every rank stopped at one safe point); the exit status."""
     from spin_fast import distributed
 
+    # Before any work the signal may be the launcher's, ending this rank after another failed as the run started:
+    # that error is the one to fix (resuming would fail again).
+    advice = "" if stop.begun else "if another rank failed, its error says why; else "
     if distributed.is_main() or not stop.agreed:
-        print(f"spin-fast: {stop}; the same command resumes the run", file=sys.stderr)
+        print(f"spin-fast: {stop}; {advice}the same command resumes the run", file=sys.stderr)
     if stop.agreed:  # every rank is here
         distributed.shutdown()
     return stop.exit_status

@@ -31,6 +31,7 @@ SIGNALS = distributed.ENDING_SIGNALS
 _received: list[int] = []  # this process's signals, in order
 _first_received_at = 0.0  # time.monotonic() of _received[0]
 _depth = 0  # nesting of safe_points() blocks
+_begun = False  # a safe_points() block was entered: the command's work began (before it: checks and loading alone)
 _saved = False  # a stop at a safe point is on its way up: its work is saved, only the cleanup is left
 _error_first: Exception | None = None  # the exception in flight (unwinding or handled) when the first signal came
 # The same signal again within this many seconds is one signal delivered twice, not a second one: Slurm's
@@ -40,11 +41,13 @@ DUPLICATE_SECONDS = 2.0
 
 class Stopped(BaseException):
     """The run stopped on a signal. A BaseException, like KeyboardInterrupt: no `except Exception` on the way
-    up takes it for an error. `agreed`: every rank stopped at the same safe point (and can leave together)."""
+    up takes it for an error. `agreed`: every rank stopped at the same safe point (and can leave together).
+    `begun`: the command's work had begun (else the signal may be a launcher's, ending this rank after another
+    failed as it started)."""
 
-    def __init__(self, signum: int, where: str, agreed: bool):
+    def __init__(self, signum: int, where: str, agreed: bool, begun: bool = True):
         global _saved
-        self.signum, self.agreed = signum, agreed
+        self.signum, self.agreed, self.begun = signum, agreed, begun
         _saved = _saved or agreed  # made where the ranks agreed to stop, after that point's work was saved
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
 
@@ -57,14 +60,14 @@ class Stopped(BaseException):
 def signals_handled() -> Iterator[None]:
     """Handle SIGNALS as this module says for the block (the main thread only: Python allows no other), then
     put the previous handlers back."""
-    global _saved, _error_first
-    _saved = False
+    global _saved, _error_first, _begun
+    _saved = _begun = False
     try:
         with distributed.signals_sent_to(_handle):
             yield
     finally:
         _received.clear()
-        _saved = False
+        _saved = _begun = False
         _error_first = None
 
 
@@ -84,6 +87,8 @@ def _handle(signum: int, frame) -> None:
     name = signal.Signals(signum).name
     if _saved:  # a signal during the cleanup (the engine's shutdown) after the stop: nothing is lost or redone
         raise Stopped(signum, "at once, in the cleanup after a stop at a safe point (its work is saved)", agreed=False)
+    if _depth == 0 and not _begun:  # checks and loading alone: nothing to save, nothing lost
+        raise Stopped(signum, "before any work", agreed=False, begun=False)
     if _depth == 0:
         raise Stopped(signum, "while no safe point was near (its work since the last saved part or checkpoint is "
                               "redone)", agreed=False)
@@ -98,8 +103,9 @@ def _handle(signum: int, frame) -> None:
 def safe_points(what: str) -> Iterator[None]:
     """A loop whose passes end at safe points (each calls `reached()`), run in step by every rank: a signal in
     the block waits for the next one. The block's end is one more: a signal after the last pass's stops there."""
-    global _depth
+    global _depth, _begun
     _depth += 1
+    _begun = True
     try:
         yield
         # Still inside the block: a signal arriving as a rank reaches this last point waits for it, as the others'

@@ -784,6 +784,31 @@ def test_a_rank_waiting_for_the_others_to_join_ends_on_a_signal(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+SLOW_START = """
+import os, time
+import spin_fast.config
+# Rank 1 is still starting (reading its settings) when rank 0 has failed and torchrun ends it with SIGTERM.
+if os.environ["RANK"] != "0":
+    spin_fast.config.load_run_config = lambda *args: time.sleep(300)
+from spin_fast.cli import entry
+entry()
+"""
+
+
+def test_a_rank_stopped_before_any_work_points_to_the_failed_ranks_error(tmp_path):
+    """Rank 0 fails on bad input (DeepSpeed off under a launcher) while rank 1 is still starting: torchrun's SIGTERM
+    stops rank 1 before any work, which says so and points to the other rank's error, not that its lost work is
+    redone when the same command resumes the run (the command would fail again)."""
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    done = run_launched(spin_fast_argv(tmp_path / "run", tmp_path, 2, "deepspeed.enabled=false", script=script))
+    assert "spin-fast: launched with several processes but deepspeed.enabled is false" in done.stderr, done.stderr
+    assert "exitcode  : 143" in done.stderr, done.stderr[-3000:]  # rank 1, stopped by torchrun
+    assert "stopped by SIGTERM before any work" in done.stderr, done.stderr[-3000:]
+    assert "if another rank failed, its error says why" in done.stderr
+    assert "while no safe point was near" not in done.stderr and "is redone" not in done.stderr
+
+
 def test_deepspeed_on_one_process_without_a_launcher_makes_a_group_of_one():
     """deepspeed.enabled=true started with plain python: no launcher's variables, and no mpi4py to find MPI's."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",

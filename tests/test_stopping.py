@@ -14,11 +14,20 @@ def send(signum: int) -> None:
 
 
 def test_away_from_safe_points_a_signal_stops_at_once_and_the_old_handler_comes_back():
+    """Before the first safe point nothing was done to save or lose (a launcher may be ending this rank after
+    another failed as it started); after one, the work since the last saved point is redone."""
     before = signal.getsignal(signal.SIGTERM)
     with stopping.signals_handled():
+        with pytest.raises(stopping.Stopped) as early:
+            send(signal.SIGTERM)
+    assert not early.value.agreed and not early.value.begun and early.value.exit_status == 143
+    assert str(early.value) == "stopped by SIGTERM before any work"
+    with stopping.signals_handled():
+        with stopping.safe_points("the test's loop"):
+            assert stopping.reached() == 0
         with pytest.raises(stopping.Stopped) as stopped:
             send(signal.SIGTERM)
-    assert not stopped.value.agreed and stopped.value.exit_status == 143
+    assert not stopped.value.agreed and stopped.value.begun and stopped.value.exit_status == 143
     assert "stopped by SIGTERM while no safe point was near" in str(stopped.value)
     assert signal.getsignal(signal.SIGTERM) is before
 
