@@ -257,9 +257,8 @@ def _split_files(path: Path, files: list[Path], split: str, setting: str) -> lis
     """A folder's files of `split` where it holds a dataset's splits side by side (its files named by two splits or
     more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
     splits = _file_splits(path, files)
-    if not splits:
-        _warn_of_an_unused_split(path, split, setting)
-    if len(splits) < 2:
+    if len(splits) < 2:  # read whole: a split asked of it other than the one it holds is said unused
+        _warn_of_an_unused_split(path, split, setting, held=next(iter(splits), None))
         return files
     split = split if split in splits else _SPLIT_WORDS.get(split, split)  # dev: validation, as datasets names it
     # Shards outside a data/ folder named by a split's word (the official SPIN data's train_prefs-00000-of-00001.parquet
@@ -280,14 +279,21 @@ def _split_files(path: Path, files: list[Path], split: str, setting: str) -> lis
     return splits[split]
 
 
-def _warn_of_an_unused_split(path: Path, split: str, setting: str) -> None:
-    """Data that holds no splits (one file, or a folder whose files name none) is read whole: as datasets names such
-    data's one split train, a train split asked of it (train, train_sft) is that, and another (test) is said unused:
-    silently, a run meant to read a test split read the whole file."""
-    word = _SPLIT_WORD.search(split)
-    if word is None or _SPLIT_WORDS[word[1]] != "train":
-        logger.warning("%s: holds no splits, read whole: %s=%r is unused (it picks a split of a datasets "
-                       "source, or of a folder of files named by their splits)", path, setting, split)
+def _warn_of_an_unused_split(path: Path, split: str, setting: str, held: str | None = None) -> None:
+    """Data that holds no splits (one file, a folder whose files name none, a Dataset saved alone) or one split
+    `held` (a folder of test.jsonl alone) is read whole: as datasets names such data's one split train, a train
+    split asked of it (train, train_sft) is that, as `held` asked by its name or word (eval for test) is, and
+    another (test) is said unused: silently, a run meant to read a test split read the whole file."""
+    if _split_of(split) != _split_of(held or "train") and split != held:
+        holds = f"holds the split {held} alone (by its files' or folders' names)" if held else "holds no splits"
+        logger.warning("%s: %s, read whole: %s=%r is unused (it picks a split of a datasets source, or of a folder "
+                       "of files named by their splits)", path, holds, setting, split)
+
+
+def _split_of(name: str) -> str:
+    """The split a name's word gives (train_sft: train, dev: validation), as datasets reads it; else the name."""
+    word = _SPLIT_WORD.search(name)
+    return name if word is None else _SPLIT_WORDS[word[1]]
 
 
 def _file_splits(path: Path, files: list[Path]) -> dict[str, list[Path]]:
@@ -342,6 +348,8 @@ def _load_from_disk(path: Path, split: str, setting: str) -> Rows:
             raise DataError(f"{path}: a datasets folder (save_to_disk) with the splits {', '.join(dataset)}, none of "
                             f"them {setting}={split!r}: set {setting} to one")
         dataset = dataset[split]
+    else:  # a Dataset saved alone: its split (from load_dataset), if it keeps one
+        _warn_of_an_unused_split(path, split, setting, held=str(dataset.split) if dataset.split else None)
     return _indexed(dataset)
 
 

@@ -1154,6 +1154,28 @@ def test_a_split_other_than_train_asked_of_data_without_splits_is_said_to_be_unu
         caplog.clear()
 
 
+def test_another_split_asked_of_data_holding_one_split_is_said_to_be_unused(tmp_path, caplog):
+    """A folder holding one split's files alone (test.jsonl) and a Dataset saved alone (save_to_disk, no
+    DatasetDict) are read whole, as one file is: data.split naming another split was silently ignored, and a run
+    meant to train on train rows trained on the test rows."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [GOOD])
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([GOOD]).save_to_disk(str(saved))
+    for source, split in ((folder, "test"), (folder, "eval"), (saved, "train")):  # the split it holds: no word
+        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+            assert len(load_examples(source, split=split).examples) == 1
+        assert not caplog.messages, (source, split)
+    for source, held in ((folder, "holds the split test alone (by its files' or folders' names)"),
+                         (saved, "holds no splits")):
+        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+            assert len(load_examples(source, split="validation").examples) == 1
+        assert caplog.messages == [f"{source}: {held}, read whole: data.split='validation' is unused (it picks a "
+                                   "split of a datasets source, or of a folder of files named by their splits)"]
+        caplog.clear()
+
+
 def test_the_official_spin_pair_folder_reads_its_train_and_test_splits_as_datasets_does(tmp_path):
     """The official SPIN data (UCLA-AGI/SPIN_iter0, or what its convert_data.py writes) is a folder holding
     train_prefs-00000-of-00001.parquet beside test_prefs-00000-of-00001.parquet, which its configs read as the
