@@ -155,8 +155,10 @@ class SelfPlay:
                     deepspeed_config(train, self.config.deepspeed, distributed.world_size())
                 except ConfigError as error:
                     # gradient_clipping is the one setting of the JSON an iteration may override (train.dtype is
-                    # run-wide): where it keeps the section's, the contradiction is the section's, not an override's
-                    if train.max_grad_norm == self.config.train.max_grad_norm:
+                    # run-wide): the error is the override's only where the section's max_grad_norm gives another
+                    # (or none); else it is the JSON's or the section's own, whatever each iteration overrides
+                    section = train.replace(max_grad_norm=self.config.train.max_grad_norm)
+                    if str(error) == _deepspeed_error(section, self.config.deepspeed):
                         raise
                     raise ConfigError(f"iteration_overrides[{t}]: {error}") from None
         # Rank 0 reads the run directory, and logs in to the trackers now rather than when training starts, after
@@ -516,6 +518,15 @@ def check_iteration_pairs(pairs: Seq[ScoredPair], model, config: RunConfig, t: i
     advice = " (a pair's prompt and both responses go in one micro-batch; the run resumes with the new value)"
     check_pairs_fit(pairs, model, config.score_batch_tokens, what, advice)
     check_items(pairs, model, config.train, what, advice)
+
+
+def _deepspeed_error(train, settings) -> str | None:
+    """The message of the ConfigError deepspeed_config raises for these settings; None if it accepts them."""
+    try:
+        deepspeed_config(train, settings, distributed.world_size())
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def _iteration_of(source_key: int | str) -> int:

@@ -448,6 +448,19 @@ def test_the_deepspeed_check_refuses_only_what_an_iteration_trains_with(sft_mode
                                           r"needs 1.0 \(train.max_grad_norm\)"):  # an override of another setting
         SelfPlay(run_config(sft_model, tmp_path / "other", *json_file,
                             "iteration_overrides={0: {train.learning_rate: 0.01}}")).run(until=(0, "generate"))
+    # Every iteration overriding train.max_grad_norm: an error of the JSON's own (its optimizer section) is the
+    # JSON's, named by its file alone; one the override's value makes still names the iteration.
+    optimizer = tmp_path / "optimizer.json"
+    optimizer.write_text(json.dumps({"gradient_clipping": 0.5, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(optimizer))}: 'optimizer' conflicts with spin-fast's "
+                                          "train.optimizer"):
+        SelfPlay(run_config(sft_model, tmp_path / "third", "deepspeed.enabled=true",
+                            f"deepspeed.config_file={optimizer}", every)).run(until=(0, "generate"))
+    with pytest.raises(ConfigError, match=rf"^iteration_overrides\[0\]: {re.escape(str(clipping))}: "
+                                          r"'gradient_clipping' is 0.5 but spin-fast needs 0.3"):
+        SelfPlay(run_config(sft_model, tmp_path / "fourth", *json_file, "iteration_overrides={0: {train.max_grad_norm:"
+                            " 0.3}, 1: {train.max_grad_norm: 0.5}}")).run(until=(0, "generate"))
+    assert not any((tmp_path / name).exists() for name in ("other", "third", "fourth"))
 
 
 def test_a_run_refuses_data_changed_under_its_work(sft_model, tmp_path):
