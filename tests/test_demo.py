@@ -168,6 +168,9 @@ def test_demo_settings_errors_name_the_key(tmp_path):
                                                         "n_eval = 3500")):
         with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: demo.task: .*{message}"):
             load_demo_config(DEFAULT_CONFIG, [override], str(tmp_path))
+    # Exactly as many distinct lists as n_train + n_eval (10 one-number lists of 0..9) is enough.
+    load_demo_config(DEFAULT_CONFIG, ["demo.task.min_items=1", "demo.task.max_items=1", "demo.task.max_value=9",
+                                      "demo.task.n_train=8", "demo.task.n_eval=2"], str(tmp_path))
     with pytest.raises(ConfigError, match=r"--set demo.task.n_train=\[1, line 1"):
         load_demo_config(DEFAULT_CONFIG, ["demo.task.n_train=[1"], str(tmp_path))
 
@@ -410,3 +413,117 @@ def test_a_bad_input_error_in_flight_when_a_signal_comes_ends_the_demo_as_that_e
         assert main(["--output", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
     assert "demo: rows.jsonl line 3: no prompt" in err and "resumes" not in err, err
+
+
+def finished_demo(tmp_path, *settings) -> Demo:
+    """A demo directory whose stages are all done, from hand-written outputs with distinct numbers: the report's
+    own arithmetic checked in a second, without the minute the real stages take."""
+    config, demo = load_demo_config(DEFAULT_CONFIG, [*SHORT, *settings], output=str(tmp_path))
+    run = Demo(config, demo)
+    stage_fields = {"data": {"train": 96, "eval": 16}, "base": {"parameters": 1_230_000, "vocab_size": 320},
+                    "sft": {"steps": 24}, "spin": {"steps": 10, "iterations": 2}, "continued-sft": {"steps": 10},
+                    "eval": {}}
+    for number, stage in enumerate(stage_fields, 1):
+        run.write_manifest(stage, seconds=float(10 * number), **stage_fields[stage])
+    spin = tmp_path / "spin"
+    summaries = [{"iteration": t, "steps": 4 + 2 * t, "generate_s": 1.0 + t, "score_s": 2.0, "train_s": 3.0,
+                  "weight_transfer_s": 4.0} for t in range(2)]
+    (spin / "summary.jsonl").write_text("".join(json.dumps(s) + "\n" for s in summaries))
+    metric = {"loss": 0.5, "rewards/margins": 0.1, "rewards/accuracies": 0.6}
+    for folder, steps in ((tmp_path / "sft", 24), (tmp_path / "continued-sft", 10), (spin / "iter-0" / "train", 4),
+                          (spin / "iter-1" / "train", 6)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({**metric, "step": s}) + "\n"
+                                                      for s in range(1, steps + 1)))
+    evaluated = [{"model": m, "score": 0.5 + i / 10, "score_perfect": 0.1 + i / 10, "loglik_per_token": -1 - i / 8,
+                  "responses": 16} for i, m in enumerate(MODELS)]
+    for i, row in enumerate(evaluated[1:], 1):
+        row.update({"rewards/margins": i * 1.5, "rewards/accuracies": i / 4})
+    (tmp_path / "eval" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluated))
+    return run
+
+
+def test_the_demo_report_puts_each_number_in_its_column(tmp_path, capsys):
+    """Only the table's model names were checked: a column swapped, an iteration's steps counted from the wrong
+    point, or a stage's wall time taken from another stage passed every test."""
+    rows = finished_demo(tmp_path).report()
+    # Steps after SFT: SPIN's, summed up to each iteration; the baseline's from its own manifest. Seconds: an
+    # iteration's four parts, summed; each SFT stage's from its manifest.
+    assert [(r["model"], r["steps_after_sft"], r["seconds"]) for r in rows] == [
+        ("sft", 0, 30.0), ("iter-0", 4, 10.0), ("iter-1", 10, 11.0), ("continued-sft", 10, 50.0)]
+    assert rows[1]["seconds_by_stage"] == {"generate": 1.0, "score": 2.0, "train": 3.0, "weight_transfer": 4.0}
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[0] == (
+        "SPIN demo: sort 4-7 numbers; 1.23M-parameter Llama; 16 held-out prompts; SFT 24 steps. Wall time: 210 s in "
+        "all, of which data 10 s, base 20 s, sft 30 s, spin 40 s, continued-sft 50 s, eval 60 s")
+    assert table.splitlines()[4:] == [
+        "| sft | 0 | 0.500 | 0.100 | -1.0000 | - | - | 30 |",
+        "| iter-0 | 4 | 0.600 | 0.200 | -1.1250 | 1.500 | 0.250 | 10 |",
+        "| iter-1 | 10 | 0.700 | 0.300 | -1.2500 | 3.000 | 0.500 | 11 |",
+        "| continued-sft | 10 | 0.800 | 0.400 | -1.3750 | 4.500 | 0.750 | 50 |"]
+    assert table in capsys.readouterr().out
+    assert [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()] == rows
+    for name in ("training_curves.png", "scores.png"):
+        assert min(png_size(tmp_path / name)) > 200
+
+
+def test_the_demo_seeds_make_the_data_and_the_base_model(tmp_path):
+    """demo.task.seed and demo.model.seed are the experiment's: the same seeds make the same data and base model in
+    another directory, another seed other ones. The base model's positions cover a prompt and its generated answer
+    (vLLM's engine takes its length limit from them). Ignoring either seed, or a shorter limit, passed every test."""
+    import torch
+    from safetensors.torch import load_file
+
+    def base(name, *settings):
+        Demo(*load_demo_config(DEFAULT_CONFIG, [*SHORT, *settings], output=str(tmp_path / name))).run(until="base")
+        return (tmp_path / name / "data" / "train.jsonl").read_text(), load_file(tmp_path / name / "base" /
+                                                                                  "model.safetensors")
+
+    (data, weights), (same_data, same_weights) = base("a"), base("b")
+    assert data == same_data and all(torch.equal(weights[k], same_weights[k]) for k in weights)
+    assert base("c", "demo.task.seed=1")[0] != data
+    other = base("d", "demo.model.seed=1")[1]
+    assert not torch.equal(other["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+    config = json.loads((tmp_path / "a" / "base" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 48 + 20  # data.max_prompt_length + generation.max_new_tokens
+
+
+def test_a_rerun_until_a_done_stage_redoes_it_not_and_stops_there(tmp_path):
+    """`--until data` again once data/ is done: nothing rewritten, and no later stage started. Only the full demo's
+    rerun was checked (a minute): a done stage redone, or `--until` forgotten for a done stage, passed the rest."""
+    # The SFT stage would diverge at once: a rerun that went on past `until` ends in an error, not a minute later.
+    config, demo = load_demo_config(DEFAULT_CONFIG, [*SHORT, "demo.sft.learning_rate=1e30"], output=str(tmp_path))
+    assert Demo(config, demo).run(until="base") == []
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != ".demo.lock"}
+    assert Demo(config, demo).run(until="data") == [] and Demo(config, demo).run(until="base") == []
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != ".demo.lock"} == written
+
+
+def test_a_file_error_ends_the_demo_with_one_line(tmp_path, capsys):
+    """An OSError (a missing file, a folder that is a file) is the user's to fix: one line, status 2."""
+    (tmp_path / "taken").write_text("not a folder\n")
+    assert main(["--output", str(tmp_path / "taken"), *sum((["--set", s] for s in SHORT), []), "--until", "data"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^demo: .*{re.escape(str(tmp_path / 'taken'))}", err, re.M) and "Traceback" not in err, err
+
+
+def test_the_continued_sft_baseline_trains_on_spins_prompts_for_spins_steps(tmp_path, monkeypatch):
+    """The baseline: θ0 trained on SPIN's prompts (the first data.max_prompts), as many optimizer steps as SPIN took
+    in one pass, whatever train.epochs SPIN has. The end-to-end test has train.epochs=1 and does not look at the
+    examples, so the whole training split, or SPIN's epochs over the repeats, passed it."""
+    from spin_fast.examples import tokenized_examples
+    from spin_fast.model import load_tokenizer
+    from spin_fast.training import Trainer
+
+    config, demo = load_demo_config(DEFAULT_CONFIG, [*SHORT, "demo.sft.epochs=1", "train.epochs=2"],
+                                    output=str(tmp_path))
+    run = Demo(config, demo)
+    run.run(until="sft")
+    run.write_manifest("spin", seconds=1.0, steps=5, iterations=2)  # as if SPIN took 5 steps
+    trained = []
+    real_train = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self: trained.append(self.items) or real_train(self))
+    assert run.stage_continued_sft()["steps"] == 5
+    prompts = {tuple(e.prompt_ids) for e in tokenized_examples(load_tokenizer(config.model, str(tmp_path / "base")),
+                                                                config.data, config.data.source, 24)}
+    assert len(trained[0]) == 5 * 8 and {tuple(s.prompt_ids) for s in trained[0]} == prompts
