@@ -4,6 +4,7 @@ engine's weight files, which need no vLLM."""
 import contextlib
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -683,3 +684,74 @@ def test_the_engine_guard_ends_the_engines_processes_alone(tmp_path):
         for pid in pids:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+def test_sampling_settings_past_their_ranges_are_refused_and_their_bounds_kept():
+    """generation's settings are checked through SamplingConfig as the config loads: an infinite temperature, a
+    top_p above 1, a negative top_k or n=0 (no completion to pair) were checked at their low end only, or not at all
+    for n; the bounds themselves (greedy, top_p 1, top_k off) are settings of their own."""
+    for bad, match in [({"temperature": math.inf}, "temperature must be"), ({"temperature": math.nan}, "temperature"),
+                       ({"top_p": 1.5}, "top_p must be in"), ({"top_k": -1}, "top_k must be >= 0"),
+                       ({"n": 0}, "n must be >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingConfig(**bad)
+    assert SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, n=1, max_new_tokens=1, seed=0).top_p == 1.0
+
+
+def test_an_answer_ends_at_the_first_stop_text_in_it_whichever_is_listed_first(tokenizer):
+    ids = tokenizer.encode("Hi there, what a day. Bye now.", add_special_tokens=False)
+    first, later = before_stop_text(ids, tokenizer, ["there"]), before_stop_text(ids, tokenizer, ["Bye"])
+    assert first < later
+    assert before_stop_text(ids, tokenizer, ["Bye", "there"]) == first
+
+
+def test_stop_texts_without_the_tokenizer_that_finds_them_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
+        TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, stop_strings=["<|im_end|>"])
+
+
+def test_auto_chooses_vllm_where_it_imports_and_vllm_without_it_is_refused(monkeypatch):
+    from spin_fast.config import GenerationConfig, RunConfig
+    from spin_fast.generation.choice import chosen_engine
+
+    def chosen(engine):
+        return chosen_engine(RunConfig(generation=GenerationConfig(engine=engine)))
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        installed = False
+    else:
+        installed = True
+    assert chosen("auto") == ("vllm" if installed else "transformers")
+    assert chosen("transformers") == "transformers"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where it is not installed: import raises ImportError
+    assert chosen("auto") == "transformers"
+    with pytest.raises(ValueError, match="generation.engine=vllm but vLLM cannot be imported"):
+        chosen("vllm")
+
+
+def test_the_vllm_engine_is_started_with_the_runs_seed_stop_token_and_stop_text(tmp_path, monkeypatch):
+    """default_engine's vLLM: each answer ends at the tokenizer's EOS and at the turn end no token holds (here a
+    ChatML '<|im_end|>' in plain text), and samples from generation.seed. Starting vLLM takes a minute on CPU: the
+    engine's options are read as it would be given them."""
+    from test_data import chatml_tokenizer
+
+    from spin_fast.config import DataConfig, GenerationConfig, RunConfig
+    from spin_fast.generation import vllm_engine
+    from spin_fast.generation.choice import default_engine
+
+    tokenizer = chatml_tokenizer(im_end_added=False)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    started = []
+    monkeypatch.setattr(vllm_engine, "VllmEngine", lambda path, **options: started.append((path, options)))
+    config = RunConfig(data=DataConfig(source="x", max_length=64, max_prompt_length=32),
+                       generation=GenerationConfig(engine="vllm", max_new_tokens=8, seed=1234))
+    try:
+        default_engine(None, tokenizer, config, str(tmp_path))
+    except ValueError as error:  # where vLLM is not installed
+        pytest.skip(str(error))
+    ((path, options),) = started
+    assert path == str(tmp_path) and options["seed"] == 1234 and options["max_model_len"] == 64
+    assert list(options["stop_token_ids"]) == [tokenizer.eos_token_id]
+    assert list(options["stop_strings"]) == ["<|im_end|>"]

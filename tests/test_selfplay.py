@@ -1948,6 +1948,25 @@ def test_a_spin_example_longer_than_the_models_context_is_refused_as_sfts_is(sft
         evaluate_run(SelfPlay(held_out), held_out.data.eval_source)
 
 
+def test_gemma3s_context_is_its_max_position_embeddings_whatever_its_rope_scaling(tmp_path):
+    """Gemma 3's max_position_embeddings is already the scaled length (vLLM applies no factor to it): scaled by its
+    full attention's linear factor 8, Gemma 3 4B's 131072 tokens were taken for 1M, so no prompt was checked against
+    the context and vLLM refused the engine's length at its start."""
+    from transformers import Gemma3TextConfig
+
+    from spin_fast.generation.choice import context_of
+
+    Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
+                     rope_scaling={"rope_type": "linear", "factor": 8.0}).save_pretrained(tmp_path / "model")
+    assert context_of(str(tmp_path / "model"), load_run_config(None, [])) == (2048, "max_position_embeddings")
+    try:
+        from vllm.config import ModelConfig
+    except ImportError:
+        return
+    assert ModelConfig(model=str(tmp_path / "model"), skip_tokenizer_init=True).max_model_len == 2048  # as vLLM
+
+
 @pytest.mark.parametrize("name, rope, context", [
     ("LlavaConfig", None, (128, "max_position_embeddings")),
     ("Qwen2VLConfig", None, (128, "max_position_embeddings")),
