@@ -755,3 +755,13 @@ def test_the_vllm_engine_is_started_with_the_runs_seed_stop_token_and_stop_text(
     assert path == str(tmp_path) and options["seed"] == 1234 and options["max_model_len"] == 64
     assert list(options["stop_token_ids"]) == [tokenizer.eos_token_id]
     assert list(options["stop_strings"]) == ["<|im_end|>"]
+
+
+def test_each_of_a_prompts_n_completions_samples_from_a_seed_of_its_own(tokenizer):
+    """Completion k of prompt p samples from seed + p * n + k: with one seed per prompt, its n answers were one
+    answer n times."""
+    engine = TransformersEngine(make_model(), eos_token_id=tokenizer.eos_token_id, progress=False)
+    prompt = prompts(tokenizer, 1)
+    many = engine.generate(prompt, SamplingConfig(max_new_tokens=6, seed=5, n=3))[0]
+    assert many == [engine.generate(prompt, SamplingConfig(max_new_tokens=6, seed=5 + k))[0][0] for k in range(3)]
+    assert len(set(many)) > 1
