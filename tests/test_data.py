@@ -31,7 +31,7 @@ from spin_fast.data import (
     tokenize_example,
 )
 from spin_fast.examples import answered_pairs, read_examples, tokenize_examples
-from spin_fast.generation import SamplingConfig
+from spin_fast.generation import Completion, SamplingConfig
 from spin_fast.generation.choice import default_engine
 from spin_fast.tokenizer import DEFAULT_CORPUS, build_local_tokenizer
 
@@ -1340,6 +1340,24 @@ def test_a_turn_end_added_as_a_token_that_is_not_special_ends_the_responses():
     completions = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
     (pair,) = answered_pairs([tokenized], completions, data_module.response_end(tokenizer), data)
     assert tokenizer.convert_ids_to_tokens(pair.generated_ids) == tokenizer.convert_ids_to_tokens(pair.real_ids)
+
+
+def test_the_transformers_engine_ends_an_answer_at_the_tokenizers_eos_beside_the_turn_end():
+    """A ChatML fine-tune whose turn end <|im_end|> is the run's EOS (eos_token_id) may still write the tokenizer's
+    <|endoftext|> after an answer: the answer ends there too, as vLLM's does, even where the model's
+    generation_config lists no EOS."""
+    tokenizer = chatml_tokenizer(im_end_added=True)
+    assert eos_token_id(tokenizer) != tokenizer.eos_token_id
+    prompt = render_prompt(tokenizer, [user("Why is the sky blue?")])
+    air = tokenizer.encode("Air.", add_special_tokens=False)
+    chain = [prompt[-1], *air, tokenizer.eos_token_id]  # then "a" on and on
+    model = bigram_model(len(tokenizer), dict(zip(chain, chain[1:])), default=tokenizer.convert_tokens_to_ids("a"))
+    model.generation_config = GenerationConfig()
+    config = RunConfig(data=DataConfig(source="x", max_length=200, max_prompt_length=100),
+                       generation=GenerationSettings(engine="transformers"))
+    engine = default_engine(model, tokenizer, config, "unused")
+    ((completion,),) = engine.generate([prompt], SamplingConfig(temperature=0.0, max_new_tokens=8))
+    assert completion == Completion(tuple(air), True)
 
 
 def split_turn_end_model(head_dim=None, corpus_line="Air<|im_end|>\n"):
