@@ -765,3 +765,15 @@ def test_each_of_a_prompts_n_completions_samples_from_a_seed_of_its_own(tokenize
     many = engine.generate(prompt, SamplingConfig(max_new_tokens=6, seed=5, n=3))[0]
     assert many == [engine.generate(prompt, SamplingConfig(max_new_tokens=6, seed=5 + k))[0][0] for k in range(3)]
     assert len(set(many)) > 1
+
+
+def test_top_k_cuts_the_distribution_before_top_p_does():
+    """With both set, top-p keeps the most likely tokens of the top-k renormalized, as transformers' sampling and
+    vLLM's do: taken the other way round, p=0.5 of (0.4, 0.35, 0.25) kept two tokens, not the one of (0.53, 0.47)."""
+    from spin_fast.generation.hf_engine import sampling_processors
+
+    warpers = sampling_processors(SamplingConfig(top_k=2, top_p=0.5), [0], torch.device("cpu"))[:-1]
+    scores = torch.tensor([[0.4, 0.35, 0.25]]).log()
+    for warp in warpers:
+        scores = warp(torch.zeros(1, 1, dtype=torch.long), scores)
+    assert torch.isfinite(scores).tolist() == [[True, False, False]]
