@@ -51,8 +51,10 @@ def main(argv: list[str]) -> int:
         print(f"no plots: {error} (pip install -e '.[bench]' installs matplotlib)", file=sys.stderr)
     except ValueError as error:  # a stray or cut-short .json in the results folder: named, and the summary comes
         print(f"plots stopped: {error}", file=sys.stderr)
-    custom = getattr(BENCHES[args.only], "NON_PRESET_FLAGS", set()) if args.only else set()
-    if any(option.split("=")[0] in custom for option in rest):
+    # Told by the file the bench wrote, not by the flags given: a default given by name (--baseline 'naive
+    # PyTorch') is the preset's run, and a run of one's own that failed has no table above to point to.
+    own = args.only in failed and summary.written_since(args.only, args.preset, began, custom=True)
+    if own:
         print("\n(no summary: a shape or config of your own is not the preset's; the bench's table above has its "
               "figures)")
     else:

@@ -272,11 +272,6 @@ def listed(flag: str, values) -> list[str]:
     return [flag, *map(str, values)] if values else []
 
 
-def shape_flags(options: dict[str, str]) -> set[str]:
-    """The command-line flags of add_shape_options: given any, a bench writes <name>-<preset>-custom.json."""
-    return {*(f"--{name.replace('_', '-')}" for name in options), "--dtype"}
-
-
 def with_shape_options(preset, args: argparse.Namespace, options: dict[str, str]) -> tuple[Any, list[str]]:
     """The preset (a frozen dataclass) with the command line's shape options, and those options as arguments for
     the bench's workers (each builds its preset again from them)."""

@@ -350,7 +350,6 @@ def measure(preset: Preset, engine: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- orchestrator
-NON_PRESET_FLAGS = {"--engines"}  # python -m bench --only generate with it: no preset summary
 
 
 def run_one(preset: Preset, engine: str) -> dict:

@@ -380,7 +380,6 @@ def profile_rows(result: dict) -> list[dict]:
     return rows
 
 
-NON_PRESET_FLAGS = {"--config", "--set", "--engine"}  # python -m bench --only iteration with these: no preset summary
 
 
 def summary_table(result: dict) -> str:

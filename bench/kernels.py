@@ -46,7 +46,6 @@ from bench.common import (
     refuse_gpu_preset_without_cuda,
     run_worker,
     save_partial,
-    shape_flags,
     summarize,
     synchronize,
     time_runs,
@@ -443,7 +442,6 @@ def run_one(preset: Preset, vocab: int, job: str, method: str, shape_argv: list[
 # A preset's shape and timing, each replaceable from the command line.
 SHAPE_OPTIONS = {"tokens": "packed tokens in the batch", "hidden": "hidden size H", "pairs": "pairs in the batch",
                  "warmup": "untimed calls first", "repeats": "timed calls (the median is reported)"}
-NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS) | {"--methods", "--jobs", "--vocabs", "--baseline"}
 BASELINE = "naive PyTorch"
 
 

@@ -248,7 +248,6 @@ def _failure(done: subprocess.CompletedProcess) -> str:
     return (errors or lines or [f"exit status {done.returncode}, no output"])[-1]
 
 
-NON_PRESET_FLAGS = {"--stages", "--world-sizes"}  # python -m bench --only scaling with these: no preset summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,10 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def written_since(name: str, preset: str, began: float) -> bool:
-    """Whether bench `name` wrote its preset's results file after `began` (time.time()): a bench that failed before
-    writing leaves an earlier run's file."""
-    path = results_path(name, preset)
+def written_since(name: str, preset: str, began: float, custom: bool = False) -> bool:
+    """Whether bench `name` wrote its preset's results file (or its -custom one) after `began` (time.time()): a
+    bench that failed before writing leaves an earlier run's file."""
+    path = results_path(name, preset, custom)
     return path.exists() and path.stat().st_mtime >= began
 
 

@@ -73,7 +73,6 @@ from bench.common import (
     refuse_gpu_preset_without_cuda,
     run_worker,
     save_partial,
-    shape_flags,
     summarize,
     with_shape_options,
 )
@@ -394,7 +393,6 @@ SHAPE_OPTIONS = {"vocab": "vocabulary size", "hidden": "hidden size", "layers": 
                  "max_seq": "longest prompt + response (the first pair's real one)",
                  "micro_batch_tokens": "spin-fast's tokens per micro-batch", "warmup": "untimed steps first",
                  "repeats": "timed steps (the median is reported)"}
-NON_PRESET_FLAGS = shape_flags(SHAPE_OPTIONS) | {"--methods"}
 
 
 def chosen_preset(args: argparse.Namespace) -> tuple[Preset, list[str]]:

@@ -194,22 +194,45 @@ def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path, monkeypa
     assert "bench kernels failed" in err and "no results from this run (its error is above)" in out
     # A bench that returns without writing its file (the iteration profile's worker failed) shows no older figures.
     assert out.count("no results from this run") == 2
-    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=fine, NON_PRESET_FLAGS={"--tokens"}),
-                                                "iteration": SimpleNamespace(main=fine)})
-    assert bench_main.main(["--preset", "tiny", "--only", "kernels", "--tokens", "512"]) == 0
-    assert "(no summary: a shape or config of your own" in capsys.readouterr().out
-    assert bench_main.main(["--preset", "tiny", "--only", "iteration", "--tokens", "512"]) == 0  # not its option
-    assert "(no summary" not in capsys.readouterr().out
 
     def writes(argv):  # as a bench does, in this process and through its workers' environment
         common.write_json("kernels-tiny-custom", {"results_dir": os.environ["SPIN_BENCH_RESULTS"]})
         return 0
 
     monkeypatch.setenv("SPIN_BENCH_RESULTS", str(tmp_path))  # restored after the test, as common.RESULTS_DIR is
-    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=writes, NON_PRESET_FLAGS={"--tokens"})})
+    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=writes)})
     elsewhere = tmp_path / "elsewhere"
     assert bench_main.main(["--preset", "tiny", "--out", str(elsewhere), "--only", "kernels", "--tokens", "8"]) == 0
+    assert "(no summary: a shape or config of your own" in capsys.readouterr().out
     assert json.loads((elsewhere / "kernels-tiny-custom.json").read_text()) == {"results_dir": str(elsewhere)}
+
+
+def test_the_summary_follows_the_file_a_bench_wrote_not_its_flags(tmp_path, monkeypatch, capsys):
+    """The summary comes after a run that wrote the preset's file, and not after one that wrote its -custom file.
+    Decided by the flags given, a failed run of one's own said "the bench's table above has its figures" under its
+    error, and --baseline 'naive PyTorch' (the default, written to the preset's file) printed no summary."""
+    from types import SimpleNamespace
+
+    import bench.__main__ as bench_main
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    out = ["--preset", "tiny"]
+    assert bench_main.main([*out, "--only", "iteration", "--config", str(tmp_path / "absent.yaml")]) == 2
+    shown = capsys.readouterr()
+    assert "absent.yaml: No such file or directory" in shown.err
+    assert "table above" not in shown.out and "no results from this run (its error is above)" in shown.out
+
+    def baseline_given(argv):  # as kernels.main names its file: the default baseline is the preset's run
+        common.write_json("kernels-tiny" + ("" if argv[-1] == kernels.BASELINE else "-custom"),
+                          {"bench": "kernels", "baseline": argv[-1], "results": [], "machine": {"device": "cpu"}})
+        return 0
+
+    monkeypatch.setattr(bench_main, "BENCHES", {"kernels": SimpleNamespace(main=baseline_given)})
+    assert bench_main.main([*out, "--only", "kernels", "--baseline", kernels.BASELINE]) == 0
+    assert "summary (tiny preset" in capsys.readouterr().out
+    assert bench_main.main([*out, "--only", "kernels", "--baseline", "spin-fast torch"]) == 0
+    shown = capsys.readouterr().out
+    assert "(no summary: a shape or config of your own" in shown and "summary (tiny preset" not in shown
 
 
 ALLOCATOR_PROBE = """
