@@ -223,13 +223,13 @@ def _exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)  # the status a shell reports for a process ended by the signal
 
 
-def _ended_with_its_parent(bench: int) -> None:
-    """In a worker, before it starts: SIGKILL when the bench that started it dies, even by SIGKILL (Linux). A bench
-    that died before this was asked (since the fork) sends none: the worker, an orphan then, ends at once."""
+def _ended_with_its_parent(bench: int, signum: int = signal.SIGKILL) -> None:
+    """In a worker, before it starts: signum when the bench that started it dies, even by SIGKILL (Linux). A bench
+    that died before this was asked (since the fork) sends none: the worker, an orphan then, gets it at once."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signum)
     if os.getppid() != bench:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
 
 
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)

@@ -36,11 +36,14 @@ Run: python -m bench.scaling [--preset cpu|gpu] [--stages 2 3] [--world-sizes 1 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +53,8 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    _ended_with_its_parent,
+    _exit_on_signal,
     cell,
     format_table,
     listed,
@@ -74,7 +79,7 @@ from bench.train_step import (
     train_config,
     with_spin_fast_attention,
 )
-from spin_fast.distributed import free_port
+from spin_fast.distributed import free_port, signals_sent_to
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -230,13 +235,38 @@ def _launch(preset: Preset, stage: int | None, processes: int) -> dict:
         for _attempt in range(2):  # once more on a fresh port if another process took the one picked
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                        f"--master_port={free_port()}", *args]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=LAUNCH_TIMEOUT_S,
-                                  env=launch_env(preset, processes))
+            done = _torchrun(command, launch_env(preset, processes))
             if done.returncode == 0 or "address already in use" not in done.stderr.lower():
                 break
         if done.returncode != 0 or not out.exists():
             return {"error": _failure(done)}
         return json.loads(out.read_text())
+
+
+def _torchrun(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """subprocess.run(command) for a torchrun job, ended with its ranks when the bench stops. torchrun runs each
+    rank in a session of its own and ends them on its own SIGTERM: it gets SIGTERM on Ctrl-C, a SIGTERM sent to
+    the bench, the timeout or the bench's death, and SIGKILL when it has not ended RANKS_GRACE_S later."""
+    proc = None
+    try:
+        with signals_sent_to(_exit_on_signal):  # Ctrl-C and SIGTERM end the bench through the except below
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                    env=env, start_new_session=True,
+                                    preexec_fn=functools.partial(_ended_with_its_parent, os.getpid(), signal.SIGTERM))
+            stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except BaseException:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=RANKS_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+RANKS_GRACE_S = 40  # torchrun waits 30 s for its ranks to end on its SIGTERM before it kills them
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:

@@ -3,9 +3,15 @@
 
 This checks the bench's plumbing, not its speed: no timing thresholds."""
 
+import contextlib
 import json
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -121,3 +127,60 @@ def test_table_shows_a_dash_for_a_ratio_not_measured():
     table = scaling.summary_table(results)
     assert "nan" not in table, table
     assert table.splitlines()[-1].split()[-4:-2] == ["-", "0.50"], table  # x 1 process not measured; x plain is
+
+
+def test_a_stopped_scaling_bench_takes_its_torchrun_job_and_ranks_with_it(tmp_path):
+    """torchrun runs each rank in a session of its own and ends them on its own SIGTERM. Started by subprocess.run,
+    which a SIGTERM to the bench (timeout, a scheduler) ended at once, torchrun and its ranks went on as orphans
+    (until a write to the bench's closed pipe ended them), and the job's temporary folder was left behind (the
+    README: stopped by Ctrl-C or SIGTERM, the bench ends the worker it runs)."""
+    import psutil
+
+    bench = subprocess.Popen([sys.executable, "-m", "bench.scaling", "--preset", "tiny", "--stages", "2",
+                              "--world-sizes", "2"], env={**os.environ, "SPIN_BENCH_RESULTS": str(tmp_path),
+                                                          "TMPDIR": str(tmp_path)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job: list = []
+    ranks: list = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and bench.poll() is None:
+            job = psutil.Process(bench.pid).children(recursive=True)
+            ranks = [p for p in job if _is_rank(p)]
+            if ranks:
+                break
+            time.sleep(0.2)
+        assert ranks, "no rank started"
+        bench.send_signal(signal.SIGTERM)
+        status = bench.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(map(_alive, job)):
+            time.sleep(0.2)
+        assert not [p for p in job if _alive(p)], "outlived the bench"
+        assert not list(tmp_path.glob("spin-bench-scaling-*")), "the job's folder was left behind"
+        assert status == 128 + signal.SIGTERM, bench.stderr.read()  # as the other benches end on it
+    finally:
+        bench.kill()
+        for process in job:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+def _is_rank(process) -> bool:
+    import psutil
+
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+    return "bench.scaling --worker" in command and "torch.distributed.run" not in command
+
+
+def _alive(process) -> bool:
+    """Neither gone nor a zombie (an orphan is reaped by init in its own time)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
