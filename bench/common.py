@@ -188,12 +188,12 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
         # In its own session the worker gets no Ctrl-C, nor a SIGTERM sent to ours (timeout, a scheduler): they end
         # this process through the `except BaseException` below, which ends the worker's session first. Handled
         # from before the worker starts: one that came as it started ended this process with no cleanup.
-        with signals_sent_to(_exit_on_signal):
+        with signals_sent_to(exit_on_signal):
             # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU
             # memory). A signal while it starts leaves it to its parent-death signal.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE,
                                     text=True, env=worker_env(), start_new_session=True,
-                                    preexec_fn=functools.partial(_ended_with_its_parent, os.getpid()))
+                                    preexec_fn=functools.partial(ended_with_its_parent, os.getpid()))
             stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
         with contextlib.suppress(ProcessLookupError):
@@ -219,11 +219,11 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
     return json.loads(lines[-1])
 
 
-def _exit_on_signal(signum: int, frame) -> None:
+def exit_on_signal(signum: int, frame) -> None:
     raise SystemExit(128 + signum)  # the status a shell reports for a process ended by the signal
 
 
-def _ended_with_its_parent(bench: int, signum: int = signal.SIGKILL) -> None:
+def ended_with_its_parent(bench: int, signum: int = signal.SIGKILL) -> None:
     """In a worker, before it starts: signum when the bench that started it dies, even by SIGKILL (Linux). A bench
     that died before this was asked (since the fork) sends none: the worker, an orphan then, gets it at once."""
     with contextlib.suppress(OSError, AttributeError):

@@ -380,8 +380,6 @@ def profile_rows(result: dict) -> list[dict]:
     return rows
 
 
-
-
 def summary_table(result: dict) -> str:
     headers = ["stage", "seconds", "min-max", "share of iteration", "peak extra MiB (trainer)"]
     table = [[r["stage"] + (" (once per run)" if r["share"] is None else ""), f"{r['seconds']:.2f}",

@@ -53,9 +53,9 @@ from pathlib import Path
 import torch
 
 from bench.common import (
-    _ended_with_its_parent,
-    _exit_on_signal,
     cell,
+    ended_with_its_parent,
+    exit_on_signal,
     format_table,
     listed,
     machine_info,
@@ -249,10 +249,10 @@ def _torchrun(command: list[str], env: dict[str, str]) -> subprocess.CompletedPr
     the bench, the timeout or the bench's death, and SIGKILL when it has not ended RANKS_GRACE_S later."""
     proc = None
     try:
-        with signals_sent_to(_exit_on_signal):  # Ctrl-C and SIGTERM end the bench through the except below
+        with signals_sent_to(exit_on_signal):  # Ctrl-C and SIGTERM end the bench through the except below
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                     env=env, start_new_session=True,
-                                    preexec_fn=functools.partial(_ended_with_its_parent, os.getpid(), signal.SIGTERM))
+                                    preexec_fn=functools.partial(ended_with_its_parent, os.getpid(), signal.SIGTERM))
             stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except BaseException:
         if proc is not None:
@@ -276,8 +276,6 @@ def _failure(done: subprocess.CompletedProcess) -> str:
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
               and "ChildFailedError" not in line]
     return (errors or lines or [f"exit status {done.returncode}, no output"])[-1]
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -376,12 +376,12 @@ def test_a_worker_whose_bench_died_as_it_started_does_not_run(tmp_path):
     (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(600)\n")
     pid_file = tmp_path / "worker.pid"
     script = (
-        "import os, signal, time\nfrom bench import common\nasked = common._ended_with_its_parent\n"
+        "import os, signal, time\nfrom bench import common\nasked = common.ended_with_its_parent\n"
         "def bench_killed_first(*args):\n    parent = os.getppid()\n"
         f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
         "    os.kill(parent, signal.SIGKILL)\n    while os.getppid() == parent:\n        time.sleep(0.01)\n"
         "    asked(*args)\n"
-        "common._ended_with_its_parent = bench_killed_first\ncommon.run_worker('sleeper', [])\n")
+        "common.ended_with_its_parent = bench_killed_first\ncommon.run_worker('sleeper', [])\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     bench = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert bench.returncode == -signal.SIGKILL, bench.stderr
