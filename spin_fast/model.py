@@ -266,9 +266,24 @@ def rope_switch_length(config: PretrainedConfig) -> tuple[str, int] | None:
     return None
 
 
+def check_rope_takes_max_length(config: PretrainedConfig, max_length: int, name: str) -> None:
+    """check_rope_takes_row's refusal before any work: a row packs several sequences under every model.attention
+    (a SPIN pair's two at least; sdpa and eager hold them whole), so a data.max_length past the switch length would
+    be refused only as its first such row runs: at scoring, after a whole generation, or part of the way into SFT."""
+    switch = rope_switch_length(config)
+    if switch is None or max_length <= switch[1]:
+        return
+    kind, limit = switch
+    raise ValueError(f"data.max_length={max_length}: {name}'s {kind} rotary embeddings take other frequencies for "
+                     f"a whole packed row once a sequence in it runs past {limit} tokens, and a row holds several "
+                     "sequences (a SPIN pair's two at least, whatever model.attention), whose log-probs would then "
+                     f"not be the model's own: set data.max_length to at most {limit}")
+
+
 def check_rope_takes_row(model: PreTrainedModel, position_ids: torch.Tensor, varlen: dict) -> None:
     """A packed row is one batch to the rotary embeddings: where its longest sequence sets their frequencies, the
-    row's other sequences would get other log-probs than alone, silently, so such a row is refused."""
+    row's other sequences would get other log-probs than alone, silently, so such a row is refused (the last guard:
+    check_rope_takes_max_length refuses the setting that lets one through before any work)."""
     switch = rope_switch_length(model.config)
     if switch is None:
         return

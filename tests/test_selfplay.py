@@ -1948,6 +1948,58 @@ def test_a_spin_example_longer_than_the_models_context_is_refused_as_sfts_is(sft
         evaluate_run(SelfPlay(held_out), held_out.data.eval_source)
 
 
+def longrope_model(sft_model, tmp_path, switch: int) -> Path:
+    """A tiny Phi-3 with longrope rotary embeddings (Phi-3-mini-128k's, Phi-3.5's), which take their long factors
+    past `switch` tokens (original_max_position_embeddings: 4096 there), and the tiny Llama's tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_model / "model")
+    rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 16, long_factor=[4.0] * 16)
+    config = transformers.Phi3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                                     original_max_position_embeddings=switch, rope_parameters=rope, pad_token_id=0,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path / "longrope"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("attention", ["spin_varlen", "sdpa"])
+def test_a_max_length_past_the_longrope_switch_is_refused_before_any_work(sft_model, tmp_path, capsys, attention):
+    """A packed row holding a sequence past Phi-3's longrope switch beside others is refused as it runs
+    (check_rope_takes_row): a SPIN run was refused at scoring, after iteration 0's whole generation (hours with vLLM
+    at 7B), and `spin-fast sft` as training met such a row. data.max_length past the switch is refused before the run
+    directory or the output folder is claimed, by the run, sft and eval, under sdpa too (its rows hold several whole
+    sequences as well); within the switch the run scores its pairs."""
+    from spin_fast.cli import main
+    from spin_fast.evaluation import evaluate_run
+
+    folder = longrope_model(sft_model, tmp_path, switch=16)
+    config = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", f"model.attention={attention}",
+                        "iterations=1")  # data.max_length=64
+    refused = (r"data.max_length=64: \S+longrope's longrope rotary embeddings take other frequencies for a whole "
+               r"packed row once a sequence in it runs past 16 tokens, .* set data.max_length to at most 16$")
+    with pytest.raises(ValueError, match=refused):
+        SelfPlay(config).run(until=(0, "score"))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    capsys.readouterr()
+    assert main(["sft", str(tmp_path / "run.yaml"), "--set", f"output_dir={tmp_path / 'sft'}"]) == 2
+    assert re.search(refused, capsys.readouterr().err, re.MULTILINE)
+    assert not (tmp_path / "sft").exists()
+    held_out = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", f"model.attention={attention}",
+                          "iterations=1", f"data.eval_source={sft_model / 'train.jsonl'}")
+    with pytest.raises(ValueError, match=refused):
+        evaluate_run(SelfPlay(held_out), held_out.data.eval_source)
+    within = run_config(sft_model, tmp_path / "run", f"model.name_or_path={folder}", f"model.attention={attention}",
+                        "iterations=1", "data.max_length=16", "data.max_prompt_length=8")
+    SelfPlay(within).run(until=(0, "score"))
+    assert (tmp_path / "run" / "iter-0" / "score" / "manifest.json").exists()
+
+
 def test_gemma3s_context_is_its_max_position_embeddings_whatever_its_rope_scaling(tmp_path):
     """Gemma 3's max_position_embeddings is already the scaled length (vLLM applies no factor to it): scaled by its
     full attention's linear factor 8, Gemma 3 4B's 131072 tokens were taken for 1M, so no prompt was checked against

@@ -13,7 +13,7 @@ from spin_fast.config import RunConfig
 from spin_fast.data import eos_token_id, turn_end_text
 from spin_fast.generation.base import Engine
 from spin_fast.loading import load_policy
-from spin_fast.model import text_config
+from spin_fast.model import check_rope_takes_max_length, text_config
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,11 @@ def context_of(model_folder: str, config: RunConfig) -> tuple[int | None, str]:
     RoPE scaling factor, all read from its text decoder's config (a VLM's text_config: vLLM's hf_text_config). None
     where it has none of the keys: nothing is checked against a context then, and vLLM serves the lengths the run
     asks for (it assumes 2048 tokens only when asked for none)."""
-    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
+    return context_in(AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code))
+
+
+def context_in(model_config) -> tuple[int | None, str]:
+    """context_of, from the model's config once read."""
     text = text_config(model_config)
     lengths = [(value, key) for key in CONTEXT_KEYS if isinstance(value := getattr(text, key, None), int) and value > 0]
     context, key = min(lengths, default=(None, "max_position_embeddings"))
@@ -71,7 +75,8 @@ def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunC
     data.max_length (`lengths`, in tokens; `names`, their rows), fits in the model's context (context_of): one past it
     would be trained or scored past it silently (RoPE) or fail at its step (learned positions), hours in. SFT trains
     on these sequences; SPIN on them and on the answers generated (check_prompts_fit); evaluation scores them."""
-    context, key = context_of(model_folder, config)
+    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
+    context, key = context_in(model_config)
     too_long = [i for i, length in enumerate(lengths) if context and length > context]
     if too_long:
         first = too_long[0]
@@ -80,6 +85,7 @@ def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunC
                          f"{context} tokens ({key}), the first {named}: {lengths[first]} tokens: set data.max_length "
                          f"to at most {context}"
                          + (" and data.max_prompt_length below it" if config.data.max_prompt_length >= context else ""))
+    check_rope_takes_max_length(model_config, config.data.max_length, config.model.name_or_path)
 
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
