@@ -258,7 +258,10 @@ def _split_files(path: Path, files: list[Path], split: str, setting: str) -> lis
     more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
     splits = _file_splits(path, files)
     if len(splits) < 2:  # read whole: a split asked of it other than the one it holds is said unused
-        _warn_of_an_unused_split(path, split, setting, held=next(iter(splits), None))
+        held = next(iter(splits), None)
+        # Shards named by no split's word (part-00000-of-00002) are train's to datasets outside data/: no split held
+        held = held if held is not None and _SPLIT_WORD.search(held) else None
+        _warn_of_an_unused_split(path, split, setting, held, "by its files' or folders' names")
         return files
     split = split if split in splits else _SPLIT_WORDS.get(split, split)  # dev: validation, as datasets names it
     # Shards outside a data/ folder named by a split's word (the official SPIN data's train_prefs-00000-of-00001.parquet
@@ -279,13 +282,15 @@ def _split_files(path: Path, files: list[Path], split: str, setting: str) -> lis
     return splits[split]
 
 
-def _warn_of_an_unused_split(path: Path, split: str, setting: str, held: str | None = None) -> None:
+def _warn_of_an_unused_split(path: Path, split: str, setting: str, held: str | None = None, how: str = "") -> None:
     """Data that holds no splits (one file, a folder whose files name none, a Dataset saved alone) or one split
-    `held` (a folder of test.jsonl alone) is read whole: as datasets names such data's one split train, a train
-    split asked of it (train, train_sft) is that, as `held` asked by its name or word (eval for test) is, and
-    another (test) is said unused: silently, a run meant to read a test split read the whole file."""
-    if _split_of(split) != _split_of(held or "train") and split != held:
-        holds = f"holds the split {held} alone (by its files' or folders' names)" if held else "holds no splits"
+    `held` (a folder of test.jsonl alone; `how` says what tells it) is read whole: as datasets names such data's one
+    split train, a train split asked of it (train, train_sft) is that, as `held` asked by its name or word (eval for
+    test; train for a slice, train[:10]) is, and another (test) is said unused: silently, a run meant to read a test
+    split read the whole file."""
+    whole = re.sub(r"\[[^\]]*\]", "", held or "train")  # datasets' slices of a split: train[:10%] is train's
+    if _split_of(split) != _split_of(whole) and split not in (held, whole):
+        holds = f"holds the split {held} alone ({how})" if held else "holds no splits"
         logger.warning("%s: %s, read whole: %s=%r is unused (it picks a split of a datasets source, or of a folder "
                        "of files named by their splits)", path, holds, setting, split)
 
@@ -349,7 +354,8 @@ def _load_from_disk(path: Path, split: str, setting: str) -> Rows:
                             f"them {setting}={split!r}: set {setting} to one")
         dataset = dataset[split]
     else:  # a Dataset saved alone: its split (from load_dataset), if it keeps one
-        _warn_of_an_unused_split(path, split, setting, held=str(dataset.split) if dataset.split else None)
+        _warn_of_an_unused_split(path, split, setting, str(dataset.split) if dataset.split else None,
+                                 "as datasets saved it")
     return _indexed(dataset)
 
 

@@ -1176,6 +1176,30 @@ def test_another_split_asked_of_data_holding_one_split_is_said_to_be_unused(tmp_
         caplog.clear()
 
 
+def test_data_that_datasets_reads_as_train_is_not_said_to_leave_data_split_train_unused(tmp_path, caplog):
+    """Shards named by no split word outside a data/ folder (part-00000-of-00002.jsonl), which datasets reads as its
+    train split, and a Dataset saved from a slice of train (load_dataset(split="train[:10]")) are train's: the
+    default data.split=train said unused of them was a false warning. A slice of test is still test's."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        write_jsonl(shards / f"part-0000{i}-of-00002.jsonl", [{"prompt": f"Q{i}", "response": "A"}])
+    assert list(datasets.load_dataset(str(shards))) == ["train"]
+    write_jsonl(tmp_path / "rows.jsonl", [GOOD, {"messages": [user("Q2"), assistant("A")]}])
+    for name in ("train", "test"):
+        sliced = datasets.load_dataset("json", data_files={name: str(tmp_path / "rows.jsonl")}, split=f"{name}[:1]")
+        sliced.save_to_disk(str(tmp_path / name))
+    for source in (shards, tmp_path / "train"):
+        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+            assert load_examples(source, split="train").examples
+        assert not caplog.messages, source
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        assert len(load_examples(tmp_path / "test", split="train").examples) == 1
+    assert caplog.messages == [f"{tmp_path / 'test'}: holds the split test[:1] alone (as datasets saved it), read "
+                               "whole: data.split='train' is unused (it picks a split of a datasets source, or of a "
+                               "folder of files named by their splits)"]
+
+
 def test_the_official_spin_pair_folder_reads_its_train_and_test_splits_as_datasets_does(tmp_path):
     """The official SPIN data (UCLA-AGI/SPIN_iter0, or what its convert_data.py writes) is a folder holding
     train_prefs-00000-of-00001.parquet beside test_prefs-00000-of-00001.parquet, which its configs read as the
