@@ -188,6 +188,7 @@ class DataConfig:
     # "package.module:function" grading a held-out answer: f(prompt, response, reference) -> [0, 1] (eval)
     checker: str | None = None
     split_setting = "data.split"  # not a field: the setting `split` came from, as errors name it (held_out's own)
+    split_given = True  # not a field: False where `split` is data.split's value taken by a null data.eval_split
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -209,6 +210,7 @@ class DataConfig:
         held = dataclasses.replace(self, split=self.eval_split or self.split, eval_split=None)
         held._as_written = self._as_written  # replace expanded the paths again: `~/x` as written is kept
         held.split_setting = "data.eval_split"  # the one to mend (null, its default, takes split's value)
+        held.split_given = self.eval_split is not None  # else a held-out folder of test.jsonl alone warned of train
         return held
 
 

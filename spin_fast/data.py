@@ -197,20 +197,22 @@ _READERS: dict[str, Callable[[Path], Rows]] = {
 }
 
 
-def _read_source(source: str | Path, split: str, setting: str) -> Iterator[tuple[str, Rows]]:
+def _read_source(source: str | Path, split: str, setting: str, given: bool = True) -> Iterator[tuple[str, Rows]]:
     """(file name, rows) for each file of a local source, in order, or for a `datasets` dataset. `setting`: the
-    one `split` came from, as errors name it."""
+    one `split` came from, as errors name it; `given` False: a default taken from another setting, which data of
+    one split or none leaves unused without a word."""
     path = Path(source)
     if _saved_by_datasets(path):
-        yield str(path), _load_from_disk(path, split, setting)
+        yield str(path), _load_from_disk(path, split, setting, given)
     elif path.is_dir():
-        for file in _split_files(path, _folder_files(path), split, setting):
+        for file in _split_files(path, _folder_files(path), split, setting, given):
             yield str(file), _read_file(file, in_folder=True)
     elif path.is_file():  # a local file is never a Hub dataset's name
         if path.suffix.lower() not in _READERS:
             raise DataError(f"{source}: a file of unknown type {path.suffix or '(no suffix)'}: expected "
                             f"{', '.join(_READERS)} (or a directory of them, or a Hub dataset's name)")
-        _warn_of_an_unused_split(path, split, setting)
+        if given:
+            _warn_of_an_unused_split(path, split, setting)
         yield str(path), _read_file(path)
     elif not path.exists() and (path.suffix.lower() in _READERS or path.is_absolute() or str(source).startswith(".")):
         # Clearly meant as a local file: never send it to the Hub.
@@ -253,11 +255,13 @@ _SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation
 _SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(_SPLIT_WORDS)})(?=[-._ 0-9]|$)")
 
 
-def _split_files(path: Path, files: list[Path], split: str, setting: str) -> list[Path]:
+def _split_files(path: Path, files: list[Path], split: str, setting: str, given: bool = True) -> list[Path]:
     """A folder's files of `split` where it holds a dataset's splits side by side (its files named by two splits or
     more), as datasets.load_dataset reads it: read whole, a run would train on the test split too. Else all."""
     splits = _file_splits(path, files)
     if len(splits) < 2:  # read whole: a split asked of it other than the one it holds is said unused
+        if not given:
+            return files
         held = next(iter(splits), None)
         # Shards named by no split's word (part-00000-of-00002) are train's to datasets outside data/: no split held
         held = held if held is not None and _SPLIT_WORD.search(held) else None
@@ -340,7 +344,7 @@ def _saved_by_datasets(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _load_from_disk(path: Path, split: str, setting: str) -> Rows:
+def _load_from_disk(path: Path, split: str, setting: str, given: bool = True) -> Rows:
     import datasets  # its files are Arrow tables with their metadata beside them: datasets alone reads them
 
     try:
@@ -353,7 +357,7 @@ def _load_from_disk(path: Path, split: str, setting: str) -> Rows:
             raise DataError(f"{path}: a datasets folder (save_to_disk) with the splits {', '.join(dataset)}, none of "
                             f"them {setting}={split!r}: set {setting} to one")
         dataset = dataset[split]
-    else:  # a Dataset saved alone: its split (from load_dataset), if it keeps one
+    elif given:  # a Dataset saved alone: its split (from load_dataset), if it keeps one
         _warn_of_an_unused_split(path, split, setting, str(dataset.split) if dataset.split else None,
                                  "as datasets saved it")
     return _indexed(dataset)
@@ -563,13 +567,14 @@ def _parse_rows(name: str, rows: Rows, first_row: Any, schema: str, *, detected:
 
 def load_examples(source: str | Path, *, split: str = "train", schema: str = "auto", keep_history: bool = False,
                   skip_invalid: bool = False, limit: int | None = None,
-                  split_setting: str = "data.split") -> LoadResult:
+                  split_setting: str = "data.split", split_given: bool = True) -> LoadResult:
     """Load a .jsonl / .json / .parquet file, a directory of them, or a `datasets` dataset as Examples: the first
     `limit` of them (None: all), reading no row after the last of those.
 
     In a directory, files and folders whose name starts with "." are ignored, and schema="auto" detects each
     file's schema on its own. A bad row raises DataError, or with skip_invalid=True is skipped, logged and counted.
-    `split_setting`: the setting `split` came from, as a bad or unused split's error and warning name it.
+    `split_setting`: the setting `split` came from, as a bad or unused split's error and warning name it;
+    `split_given` False: `split` is another setting's value (data.eval_split null), not said unused.
     """
     if schema != "auto" and schema not in SCHEMAS:
         raise ValueError(f"schema: expected 'auto' or one of {', '.join(SCHEMAS)}, got {schema!r}")
@@ -578,7 +583,7 @@ def load_examples(source: str | Path, *, split: str = "train", schema: str = "au
     examples: list[Example] = []
     skipped = 0
     kinds: dict[bool, tuple[str, str]] = {}
-    sources: Iterable[tuple[str, Rows]] = _read_source(source, split, split_setting)
+    sources: Iterable[tuple[str, Rows]] = _read_source(source, split, split_setting, split_given)
     if limit is None:  # every file is read anyway: parse the .json ones first (a metadata .json fails at once)
         sources = list(sources)
     for name, rows in sources:

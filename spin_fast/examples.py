@@ -33,7 +33,7 @@ def read_examples(data: DataConfig, source: str, limit: int | None = None, where
     try:
         return load_examples(source, split=data.split, schema=data.schema, keep_history=data.keep_history,
                              skip_invalid=data.skip_invalid, limit=limit,
-                             split_setting=data.split_setting).examples
+                             split_setting=data.split_setting, split_given=data.split_given).examples
     except FileNotFoundError:
         setting = "data.source" if source == data.source else "data.eval_source" if source == data.eval_source else None
         if setting is None or Path(source).exists():  # another file: its own error names it

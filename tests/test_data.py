@@ -1200,6 +1200,25 @@ def test_data_that_datasets_reads_as_train_is_not_said_to_leave_data_split_train
                                "folder of files named by their splits)"]
 
 
+def test_a_held_out_folder_of_one_split_is_read_without_a_word_where_data_eval_split_is_unset(tmp_path, caplog):
+    """data.eval_split null takes data.split's value (train) for a Hub source; a held-out folder of test.jsonl alone
+    was said to leave "data.eval_split='train'" unused, a setting never written (its file named alone was read
+    without a word). data.eval_split set to another split than the one held is still said unused."""
+    folder = tmp_path / "held"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [GOOD])
+    data = DataConfig(source="x", eval_source=str(folder))
+    for source in (folder, folder / "test.jsonl"):
+        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+            assert len(read_examples(data.held_out(), str(source))) == 1
+        assert not caplog.messages, source
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        read_examples(DataConfig(source="x", eval_source=str(folder), eval_split="validation").held_out(), str(folder))
+    assert caplog.messages == [f"{folder}: holds the split test alone (by its files' or folders' names), read whole: "
+                               "data.eval_split='validation' is unused (it picks a split of a datasets source, or of "
+                               "a folder of files named by their splits)"]
+
+
 def test_the_official_spin_pair_folder_reads_its_train_and_test_splits_as_datasets_does(tmp_path):
     """The official SPIN data (UCLA-AGI/SPIN_iter0, or what its convert_data.py writes) is a folder holding
     train_prefs-00000-of-00001.parquet beside test_prefs-00000-of-00001.parquet, which its configs read as the
