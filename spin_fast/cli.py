@@ -150,8 +150,9 @@ def report_stop(stop) -> int:
     from spin_fast import distributed
 
     # Before any work the signal may be the launcher's, ending this rank after another failed as the run started:
-    # that error is the one to fix (resuming would fail again).
-    advice = "" if stop.begun else "if another rank failed, its error says why; else "
+    # that error is the one to fix (resuming would fail again). One process has no other rank to point to.
+    others = not stop.begun and distributed.launched_distributed()
+    advice = "if another rank failed, its error says why; else " if others else ""
     if distributed.is_main() or not stop.agreed:
         print(f"spin-fast: {stop}; {advice}the same command resumes the run", file=sys.stderr)
     if stop.agreed:  # every rank is here

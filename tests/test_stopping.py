@@ -32,6 +32,21 @@ def test_away_from_safe_points_a_signal_stops_at_once_and_the_old_handler_comes_
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_stop_before_any_work_points_to_another_ranks_error_only_where_there_are_other_ranks(
+        monkeypatch, capsys, world_size):
+    """Launched with several ranks, the signal may be the launcher's after another rank failed: its error says why.
+    One process has no other rank: its stop says only that the same command resumes the run."""
+    from spin_fast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert cli.report_stop(stopping.Stopped(signal.SIGTERM, "before any work", agreed=False, begun=False)) == 143
+    said = capsys.readouterr().err
+    assert said.startswith("spin-fast: stopped by SIGTERM before any work; ")
+    assert ("if another rank failed, its error says why; else " in said) == (world_size == "2")
+    assert said.rstrip().endswith("the same command resumes the run")
+
+
 def test_between_safe_points_a_signal_waits_for_the_next_one_and_a_second_stops_at_once():
     with stopping.signals_handled(), pytest.raises(stopping.Stopped, match="stopped by SIGTERM at once"):
         with stopping.safe_points("the test's loop"):
