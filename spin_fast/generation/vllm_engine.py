@@ -312,6 +312,7 @@ class VllmEngine:
         Under a launcher every rank iterates `weights` (gathering ZeRO-3 shards is a collective), but only the
         first rank of each node keeps the tensors and writes the file, which every engine on the node loads:
         one copy of the model in host memory per node, not one per rank."""
+        self._check_swappable()
         writer = writes_node_files()
         # Only the writer keeps a host copy, and only until its file holds it (the engines' load, the slow part, runs
         # with the file alone in RAM): a list that write() empties, so that no name or closure keeps a tensor alive.
@@ -368,8 +369,18 @@ class VllmEngine:
         in memory: each worker reads the files itself with vLLM's own loader, nothing passes through this process."""
         if not any(Path(model_dir).glob("*.safetensors")):
             raise FileNotFoundError(f"{model_dir}: no .safetensors weights to load into the vLLM engine")
+        self._check_swappable()
         self._llm.collective_rpc("spin_load_weights_folder", args=(str(model_dir),))
         self._llm.reset_prefix_cache()
+
+    def _check_swappable(self) -> None:
+        """Refuse a swap that would leave the engine answering from garbled weights, before it touches them."""
+        config = self._llm.llm_engine.model_config
+        if self._on_cpu and config.is_moe:  # its prompt log-probs after a reload are off by nats (Mixtral, Qwen2-MoE)
+            raise NotImplementedError(
+                f"the vLLM CPU build cannot swap the weights of a mixture-of-experts model "
+                f"({config.hf_config.model_type}): reloaded, even from a folder, its experts compute garbage; "
+                "set generation.engine=transformers")
 
     def worker_pids(self) -> list[int]:
         """The process id of each worker: unchanged across swaps, since the engine is never restarted."""
