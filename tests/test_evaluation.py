@@ -871,7 +871,7 @@ def test_a_folder_of_splits_saved_whole_by_older_code_is_evaluated_again(sorting
     output = tmp_path / "run" / "eval.jsonl"
     config = eval_config(sorting_run, tmp_path / "run", f"data.eval_source={folder}")
     with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
-        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split, setting: files)
+        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, *_: files)
         # and keyed its figures by the folder's files alone
         old_code.setattr(spin_fast.evaluation, "reads_one_split", lambda source: False, raising=False)
         assert evaluate_run(SelfPlay(config), str(folder), output)[0]["responses"] == 9

@@ -308,6 +308,7 @@ def test_a_failed_weight_swap_on_another_node_leaves_no_weight_file(tmp_path, mo
 
     monkeypatch.setattr(distributed, "on_every_rank", another_rank_failed)
     engine = vllm_engine.VllmEngine.__new__(vllm_engine.VllmEngine)
+    engine._on_cpu = False  # a GPU build's: no swap it refuses
     engine._dtype = torch.float32
     fds_before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError, match="No space left"):
@@ -343,6 +344,7 @@ def test_the_host_copy_of_the_weights_is_freed_before_the_engines_load_the_file(
             pass
 
     engine = vllm_engine.VllmEngine.__new__(vllm_engine.VllmEngine)
+    engine._on_cpu = False  # a GPU build's: no swap it refuses
     engine._dtype, engine._llm = torch.bfloat16, FakeLLM()
     engine.load_weights([(f"w{i}", torch.ones(1000)) for i in range(3)])  # fp32 -> bf16: copies
     assert len(written) == 3
@@ -372,6 +374,7 @@ def test_weight_files_go_to_ram_when_it_has_room_and_the_host_copy_is_in_the_eng
             pass
 
     engine = vllm_engine.VllmEngine.__new__(vllm_engine.VllmEngine)
+    engine._on_cpu = False  # a GPU build's: no swap it refuses
     engine._dtype, engine._llm = torch.bfloat16, FakeLLM()
     embeddings, norm = torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(3)  # tied ones already in bf16
     engine.load_weights([("embed", embeddings), ("head", embeddings), ("norm", norm), ("steps", torch.arange(3))])

@@ -1586,7 +1586,7 @@ def test_a_folder_of_splits_read_whole_by_older_code_is_refused_saying_the_readi
     (folder / "test-00000-of-00001.jsonl").write_text("".join(rows[4:]))
     config = run_config(sft_model, tmp_path / "run", f"data.source={folder}")
     with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
-        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split, setting: files)
+        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, *_: files)
         SelfPlay(config).run(until=(0, "generate"))
     with pytest.raises(ValueError, match=r"older spin-fast read every split's files.*data.split's files alone.*the "
                                          r"spin-fast version that started it \(sessions.jsonl names it\).*output_dir"):
@@ -1730,7 +1730,7 @@ def test_a_run_directory_moved_to_another_home_records_and_names_its_data_as_wri
         (folder / "test-00000-of-00001.jsonl").write_text("".join(rows[4:]))
     monkeypatch.setenv("HOME", str(tmp_path / "alice"))
     with monkeypatch.context() as old_code:  # every file of the folder, as older code read it
-        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, split, setting: files)
+        old_code.setattr(spin_fast.data, "_split_files", lambda path, files, *_: files)
         SelfPlay(run_config(sft_model, "~/run", "data.source=~/data")).run(until=(0, "generate"))
     shutil.copytree(tmp_path / "alice" / "run", tmp_path / "bob" / "run")
     monkeypatch.setenv("HOME", str(tmp_path / "bob"))

@@ -375,8 +375,10 @@ class VllmEngine:
 
     def _check_swappable(self) -> None:
         """Refuse a swap that would leave the engine answering from garbled weights, before it touches them."""
+        if not self._on_cpu:  # the CPU build's MoE layers are the ones seen garbled by a reload
+            return
         config = self._llm.llm_engine.model_config
-        if self._on_cpu and config.is_moe:  # its prompt log-probs after a reload are off by nats (Mixtral, Qwen2-MoE)
+        if config.is_moe:  # its prompt log-probs after a reload are off by nats (Mixtral, Qwen2-MoE)
             raise NotImplementedError(
                 f"the vLLM CPU build cannot swap the weights of a mixture-of-experts model "
                 f"({config.hf_config.model_type}): reloaded, even from a folder, its experts compute garbage; "
