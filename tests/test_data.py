@@ -1137,6 +1137,20 @@ def test_a_local_copy_of_a_hub_dataset_reads_the_split_asked_for(tmp_path):
         load_examples(tmp_path)  # the default split, "train", is none of them
 
 
+def unused_split_warning(source, holds: str, split: str, setting: str = "data.split") -> str:
+    """data's warning that `source`, read whole, leaves `setting`'s split unused."""
+    return (f"{source}: {holds}, read whole: {setting}={split!r} is unused (it picks a split of a datasets source, or "
+            "of a folder of files named by their splits)")
+
+
+def loading_warnings(caplog, source, split: str, rows: int = 1) -> list[str]:
+    """The spin_fast.data warnings of loading `source` (`rows` examples) with `split`."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
+        assert len(load_examples(source, split=split).examples) == rows
+    return caplog.messages
+
+
 def test_a_split_other_than_train_asked_of_data_without_splits_is_said_to_be_unused(tmp_path, caplog):
     """One file (or a folder whose files name no split) holds no splits: it is read whole, as datasets names such
     data's one split train. data.split=test was silently ignored: the run trained on the file, not a test split."""
@@ -1144,14 +1158,8 @@ def test_a_split_other_than_train_asked_of_data_without_splits_is_said_to_be_unu
     path = write_jsonl(tmp_path / "folder" / "rows.jsonl", [GOOD])
     for source in (path, path.parent):
         for split in ("train", "train_sft"):  # the default, or a Hub config's train split: the file is that split
-            with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
-                assert len(load_examples(source, split=split).examples) == 1
-            assert not caplog.messages, (source, split)
-        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
-            assert len(load_examples(source, split="test").examples) == 1
-        assert caplog.messages == [f"{source}: holds no splits, read whole: data.split='test' is unused (it picks a "
-                                   "split of a datasets source, or of a folder of files named by their splits)"]
-        caplog.clear()
+            assert not loading_warnings(caplog, source, split), (source, split)
+        assert loading_warnings(caplog, source, "test") == [unused_split_warning(source, "holds no splits", "test")]
 
 
 def test_another_split_asked_of_data_holding_one_split_is_said_to_be_unused(tmp_path, caplog):
@@ -1164,16 +1172,10 @@ def test_another_split_asked_of_data_holding_one_split_is_said_to_be_unused(tmp_
     saved = tmp_path / "saved"
     datasets.Dataset.from_list([GOOD]).save_to_disk(str(saved))
     for source, split in ((folder, "test"), (folder, "eval"), (saved, "train")):  # the split it holds: no word
-        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
-            assert len(load_examples(source, split=split).examples) == 1
-        assert not caplog.messages, (source, split)
+        assert not loading_warnings(caplog, source, split), (source, split)
     for source, held in ((folder, "holds the split test alone (by its files' or folders' names)"),
                          (saved, "holds no splits")):
-        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
-            assert len(load_examples(source, split="validation").examples) == 1
-        assert caplog.messages == [f"{source}: {held}, read whole: data.split='validation' is unused (it picks a "
-                                   "split of a datasets source, or of a folder of files named by their splits)"]
-        caplog.clear()
+        assert loading_warnings(caplog, source, "validation") == [unused_split_warning(source, held, "validation")]
 
 
 def test_data_that_datasets_reads_as_train_is_not_said_to_leave_data_split_train_unused(tmp_path, caplog):
@@ -1189,15 +1191,10 @@ def test_data_that_datasets_reads_as_train_is_not_said_to_leave_data_split_train
     for name in ("train", "test"):
         sliced = datasets.load_dataset("json", data_files={name: str(tmp_path / "rows.jsonl")}, split=f"{name}[:1]")
         sliced.save_to_disk(str(tmp_path / name))
-    for source in (shards, tmp_path / "train"):
-        with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
-            assert load_examples(source, split="train").examples
-        assert not caplog.messages, source
-    with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
-        assert len(load_examples(tmp_path / "test", split="train").examples) == 1
-    assert caplog.messages == [f"{tmp_path / 'test'}: holds the split test[:1] alone (as datasets saved it), read "
-                               "whole: data.split='train' is unused (it picks a split of a datasets source, or of a "
-                               "folder of files named by their splits)"]
+    for source, rows in ((shards, 2), (tmp_path / "train", 1)):
+        assert not loading_warnings(caplog, source, "train", rows), source
+    assert loading_warnings(caplog, tmp_path / "test", "train") == [
+        unused_split_warning(tmp_path / "test", "holds the split test[:1] alone (as datasets saved it)", "train")]
 
 
 def test_a_held_out_folder_of_one_split_is_read_without_a_word_where_data_eval_split_is_unset(tmp_path, caplog):
@@ -1214,9 +1211,8 @@ def test_a_held_out_folder_of_one_split_is_read_without_a_word_where_data_eval_s
         assert not caplog.messages, source
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         read_examples(DataConfig(source="x", eval_source=str(folder), eval_split="validation").held_out(), str(folder))
-    assert caplog.messages == [f"{folder}: holds the split test alone (by its files' or folders' names), read whole: "
-                               "data.eval_split='validation' is unused (it picks a split of a datasets source, or of "
-                               "a folder of files named by their splits)"]
+    assert caplog.messages == [unused_split_warning(folder, "holds the split test alone (by its files' or folders' "
+                                                    "names)", "validation", "data.eval_split")]
 
 
 def test_the_official_spin_pair_folder_reads_its_train_and_test_splits_as_datasets_does(tmp_path):
@@ -1300,8 +1296,7 @@ def test_eval_datas_split_errors_and_warnings_name_data_eval_split(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="spin_fast.data"):
         read_examples(DataConfig(source=str(folder), eval_source=str(single), eval_split="test").held_out(),
                       str(single))
-    assert caplog.messages == [f"{single}: holds no splits, read whole: data.eval_split='test' is unused (it picks a "
-                               "split of a datasets source, or of a folder of files named by their splits)"]
+    assert caplog.messages == [unused_split_warning(single, "holds no splits", "test", "data.eval_split")]
 
 
 @pytest.mark.parametrize("names, split, read", [
