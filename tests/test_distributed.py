@@ -137,8 +137,9 @@ def test_two_processes_match_one(tmp_path, one_process, stage, reference, args):
     ours = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (one_process[reference] / "metrics.jsonl").read_text().splitlines()]
     # abs too: a loss near 0 (the pairs fitted, e.g. 0.0055 at step 2 with seed 2971790577) is a mean of small fp32
-    # terms that two ranks sum in another order; 5.8e-9 apart there, 1.07e-6 relative.
-    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-6, abs=1e-7)
+    # terms that two ranks sum in another order; 5.8e-9 apart there, 1.07e-6 relative. rel 2e-6 (about 17 fp32
+    # ulps): ZeRO-3 with a tied head once gave 0.121222292 against 0.121222422 (1.07e-6 relative) under a loaded CI.
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=2e-6, abs=1e-7)
     mode = "sft" if reference == "sft" else "spin"  # the passes of the whole step, each rank's summed
     assert [(m["micro_batches"], m["packing_efficiency"]) for m in ours] == step_packing(mode, len(ours), world=2)
     assert [(m["micro_batches"], m["packing_efficiency"]) for m in theirs] == step_packing(mode, len(ours), world=1)
