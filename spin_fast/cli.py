@@ -136,8 +136,10 @@ def report_end(ended: BaseException, error_message: Callable[[BaseException], st
     if ended is not first:
         log.debug("the error's traceback", exc_info=ended)
     if stopping.pending():  # sent to the process group, the signal ended helpers too (vLLM's engine core): their
-        # end surfaced here as an error, before the next safe point
-        return report_stop(stopping.Stopped(stopping.pending(), f"({type(ended).__name__}: {ended})", agreed=False))
+        # end surfaced here as an error, before the next safe point (or before any work: a launcher's signal after
+        # another rank failed as the run started, which the stop must point to as the Stopped it hid would)
+        return report_stop(stopping.Stopped(stopping.pending(), f"({type(ended).__name__}: {ended})", agreed=False,
+                                            begun=stopping.work_begun()))
     message = error_message(ended)
     if message is None:
         raise ended

@@ -148,6 +148,11 @@ def pending() -> int:
     return _received[0] if _received else 0
 
 
+def work_begun() -> bool:
+    """Whether the command's work has begun (a safe_points() block was entered), as a Stopped's `begun` says."""
+    return _begun
+
+
 @contextlib.contextmanager
 def warning_blocked() -> Iterator[None]:
     """SIGUSR1 blocked in this thread for the block. Processes started in it inherit the block and outlive a

@@ -204,3 +204,25 @@ def test_sigusr1_waits_in_a_warning_blocked_block_and_arrives_at_its_end():
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # to this thread: others may not block
             assert stopping.pending() == 0 and signal.SIGUSR1 in signal.sigpending()
     assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_signal_before_any_work_that_surfaces_as_an_error_points_to_another_ranks_error_as_its_stop_does(
+        monkeypatch, capsys, world_size):
+    """The launcher's SIGTERM to the other ranks after one failed as the run started reaches their helpers too (vLLM's
+    engine core): a helper's end, raised in the cleanup, reaches the command as an error instead of the Stopped. It is
+    still a stop before any work, and must point to the other rank's error as that stop does under a launcher."""
+    from spin_fast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with stopping.signals_handled():
+        with pytest.raises(RuntimeError) as ended:
+            try:
+                send(signal.SIGTERM)
+            finally:  # the engine's shutdown, its core ended by the same signal
+                raise RuntimeError("the engine core died")
+        assert cli.report_end(ended.value, cli.user_error_message) == 143
+    said = capsys.readouterr().err
+    assert said.startswith("spin-fast: stopped by SIGTERM (RuntimeError: the engine core died); "), said
+    assert ("if another rank failed, its error says why; else " in said) == (world_size == "2"), said
+    assert said.rstrip().endswith("the same command resumes the run")
