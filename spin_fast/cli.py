@@ -128,6 +128,12 @@ def report_end(ended: BaseException, error_message: Callable[[BaseException], st
     # file probed for and missing) in an `except` too often; a ValueError a library handles in the microseconds a
     # signal lands in is taken for the run's (rare: status 2 where the run could resume).
     message = None if first is None or isinstance(first, OSError) else error_message(first)
+    # An error the run raised `from` that one (examples.py's row the chat template failed on, named by its row) is
+    # the run's own account of it: its line, where it has one. An error the cleanup raised (no `from`) is not.
+    if ended.__cause__ is not None and first is not None and stopping.error_before_signal(ended.__cause__) is first:
+        message = error_message(ended) or message
+        if message is not None:
+            log.debug("the error's traceback", exc_info=ended)
     if message is not None:
         print(message, file=sys.stderr)
         return 2

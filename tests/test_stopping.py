@@ -176,7 +176,8 @@ def test_a_signal_in_a_librarys_own_except_stays_a_stop_and_one_in_a_bad_inputs_
 def test_an_error_raised_from_the_one_in_flight_when_the_signal_came_is_that_error_not_a_stop(capsys):
     """`raise ... from failure` after the `except` that kept it (examples.py's refused row, raised once the ranks
     compared) links the two by __cause__ alone: the bad input the signal found unwinding is still the run's end, said
-    in one line (status 2), not a stop whose resume would fail on it again."""
+    in one line (status 2, the line of the error raised for it, which names the row), not a stop whose resume would
+    fail on it again."""
     from spin_fast import cli
 
     with stopping.signals_handled():
@@ -184,15 +185,15 @@ def test_an_error_raised_from_the_one_in_flight_when_the_signal_came_is_that_err
             with stopping.safe_points("the work"):
                 try:
                     try:
-                        raise ValueError("rows.jsonl line 3: no prompt")
+                        raise ValueError("no prompt")
                     finally:  # the cleanup on the way up
                         send(signal.SIGTERM)
                 except ValueError as error:
                     failure = error
-                raise ValueError("rank 0 refused a row") from failure
+                raise ValueError(f"rows.jsonl line 3: cannot be tokenized: {failure}") from failure
         assert ended.value.__context__ is None and stopping.error_before_signal(ended.value) is failure
         assert cli.report_end(ended.value, cli.user_error_message) == 2
-    assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"
+    assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: cannot be tokenized: no prompt\n"
 
 
 def test_sigusr1_waits_in_a_warning_blocked_block_and_arrives_at_its_end():
@@ -226,3 +227,49 @@ def test_a_signal_before_any_work_that_surfaces_as_an_error_points_to_another_ra
     assert said.startswith("spin-fast: stopped by SIGTERM (RuntimeError: the engine core died); "), said
     assert ("if another rank failed, its error says why; else " in said) == (world_size == "2"), said
     assert said.rstrip().endswith("the same command resumes the run")
+
+
+def test_an_error_the_run_raised_from_the_one_in_flight_when_the_signal_came_is_said_in_its_own_words(
+        tmp_path, monkeypatch, capsys):
+    """examples.tokenize_examples raises a row the chat template fails on as a ValueError naming the row, `from` the
+    template's own error. A signal that came as the template failed (kept for the next safe point) must not hide that
+    line: not behind the template's bare words, nor, where the template's error is no error a user can fix
+    (jinja2's), as a stop whose resume meets the same row again. An error in a cleanup still leaves the first
+    error's line."""
+    import json
+
+    from spin_fast import cli, examples
+    from spin_fast.config import DataConfig
+    from spin_fast.tokenizer import build_local_tokenizer
+
+    tokenizer = build_local_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}"
+                               "{{ raise_exception('no BOOM here') }}{% endif %}{% endfor %}" + tokenizer.chat_template)
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "Hi?", "response": "Hello."}, {"prompt": "Say it.", "response": "BOOM"}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    data = DataConfig(source=str(path), max_length=64, max_prompt_length=32)
+    refusal = examples.refusal
+
+    def signalled_as_the_template_failed(*args):
+        send(signal.SIGTERM)  # the batch's error in flight: kept for the next safe point
+        return refusal(*args)
+
+    monkeypatch.setattr(examples, "refusal", signalled_as_the_template_failed)
+    with stopping.signals_handled():
+        with pytest.raises(ValueError) as ended:
+            with stopping.safe_points("the work"):
+                examples.tokenize_examples(tokenizer, data, examples.read_examples(data, str(path)))
+        assert stopping.error_before_signal(ended.value) is not None
+        assert cli.report_end(ended.value, cli.user_error_message) == 2
+    assert capsys.readouterr().err == f"spin-fast: {path} line 2: cannot be tokenized: no BOOM here\n"
+    with stopping.signals_handled():
+        with pytest.raises(OSError) as ended:
+            with stopping.safe_points("the work"):
+                try:
+                    raise ValueError("rows.jsonl line 3: no prompt")
+                finally:  # a cleanup that fails after the signal
+                    send(signal.SIGTERM)
+                    raise FileNotFoundError("/dev/shm/weights: gone")
+        assert cli.report_end(ended.value, cli.user_error_message) == 2
+    assert capsys.readouterr().err == "spin-fast: rows.jsonl line 3: no prompt\n"
