@@ -1,6 +1,7 @@
 """spin_kernels as an outside user's DPO code would call it (README's padded recipe, TRL's DPOTrainer conventions):
 a tiny real Llama's body, its LM head (tied or not), a frozen reference model, prompt and padding labels -100. The
-loss and every parameter's gradient against plain PyTorch DPO on full logits in float64."""
+loss and every parameter's gradient against plain PyTorch DPO on full logits in float64; SimPO and IPO on token means
+through README's length_normalize recipes likewise."""
 
 import copy
 
@@ -87,5 +88,64 @@ def test_dpo_step_through_the_kernels_is_plain_dpo(backend, loss_type, label_smo
     assert abs(out.loss.item() - truth_loss.item()) <= 1e-5 * (abs(truth_loss.item()) + 1)
     for name, param in policy.named_parameters():
         truth = truth_grads[name]
+        error = (param.grad.double() - truth).abs().max().item()
+        assert error <= 1e-4 * truth.abs().max().item() + 1e-9, f"d{name}: error {error:.3g}"
+
+
+def plain_mean_logps_float64(model, ids, labels):
+    """Each row's mean log-prob over its loss tokens, from full float64 logits."""
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    logps = model(ids).logits[:, :-1].log_softmax(-1)
+    return (logps.gather(2, shifted.clamp_min(0)[..., None]).squeeze(2) * mask).sum(-1) / mask.sum(-1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("variant", ["simpo", "ipo_on_means"])
+def test_length_normalized_variants_through_the_kernels_are_their_papers_losses(backend, variant):
+    """README's length_normalize recipes on the padded batch (rows of unequal length): SimPO (Meng et al. 2024) with
+    no reference, opponent 0 and -gamma / beta; IPO on token means (TRL's DPOTrainer "ipo") with the reference's
+    means computed as a user would, sequence_logprobs under inference_mode divided by each row's loss tokens."""
+    policy, reference = tiny_llamas(tied=False)
+    ids, labels = dpo_batch(2, 9, policy.config.vocab_size)
+    n = ids.shape[0] // 2
+    beta, gamma = (2.0, 0.5) if variant == "simpo" else (0.1, 0.0)
+
+    truth_policy = copy.deepcopy(policy).double()
+    pol = plain_mean_logps_float64(truth_policy, ids, labels)
+    if variant == "simpo":
+        truth_loss = -F.logsigmoid(beta * pol[:n] - beta * pol[n:] - gamma).mean()
+    else:
+        with torch.no_grad():
+            ref = plain_mean_logps_float64(copy.deepcopy(reference).double(), ids, labels)
+        truth_loss = (((pol[:n] - ref[:n]) - (pol[n:] - ref[n:])) - 1 / (2 * beta)).pow(2).mean()
+    truth_loss.backward()
+
+    rows, length = ids.shape
+    targets = labels[:, 1:].reshape(-1)
+    sequence_ids = torch.arange(rows).repeat_interleave(length - 1)
+    if variant == "simpo":
+        opponent = torch.cat([torch.zeros(n), torch.full((n,), -gamma / beta)])
+    else:
+        with torch.inference_mode():
+            ref_hidden = reference.model(ids).last_hidden_state
+            opponent = spin_kernels.sequence_logprobs(ref_hidden[:, :-1].reshape(-1, ref_hidden.shape[-1]),
+                                                      reference.lm_head.weight, targets, sequence_ids, rows,
+                                                      backend=backend) / (labels[:, 1:] != -100).sum(-1)
+    hidden = policy.model(ids).last_hidden_state
+    out = spin_kernels.fused_linear_spin_loss(
+        hidden[:, :-1].reshape(-1, hidden.shape[-1]), policy.lm_head.weight, targets, sequence_ids, opponent,
+        beta=beta, loss_type="sigmoid" if variant == "simpo" else "ipo", length_normalize=True, backend=backend,
+    )
+    out.loss.backward()
+
+    assert abs(out.loss.item() - truth_loss.item()) <= 1e-5 * (abs(truth_loss.item()) + 1)
+    torch.testing.assert_close(out.policy_logps.double(), pol.detach(), rtol=1e-5, atol=1e-5)
+    if variant == "simpo":  # README: margins are SimPO's (beta times the mean log-prob difference) minus gamma
+        torch.testing.assert_close(out.margins.double(), (beta * (pol[:n] - pol[n:]) - gamma).detach(),
+                                   rtol=1e-5, atol=1e-5)
+    truth_grads = dict(truth_policy.named_parameters())
+    for name, param in policy.named_parameters():
+        truth = truth_grads[name].grad
         error = (param.grad.double() - truth).abs().max().item()
         assert error <= 1e-4 * truth.abs().max().item() + 1e-9, f"d{name}: error {error:.3g}"
