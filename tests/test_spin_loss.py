@@ -433,8 +433,11 @@ def test_spin_loss_refuses_a_pair_whose_opponent_log_probs_are_both_minus_inf_as
             spin_kernels.spin_loss(policy_real, policy_generated, bad[:3], bad[3:], loss_type=loss_type)
     one = opponent.clone()
     one[0], one[3 + 2] = -inf, -inf  # pair 0: z = +inf; pair 2: z = -inf
-    out = spin_kernels.spin_loss(policy_real.double(), policy_generated.double(), one[:3], one[3:],
-                                 loss_type=loss_type, reduction="none")
+    policy = torch.cat([policy_real, policy_generated]).double().requires_grad_()
+    out = spin_kernels.spin_loss(policy[:3], policy[3:], one[:3], one[3:], loss_type=loss_type, reduction="none")
+    out.loss.sum().backward()
+    # The README's word: the limit's gradients are finite for sigmoid and hinge, NaN for IPO's square.
+    assert policy.grad.isfinite().all() == (loss_type != "ipo"), policy.grad
     # Pair 1 is finite (the float64 truth's); pairs 0 and 2 take the loss's limits at z = +inf and -inf.
     (finite,) = truth_pair_losses(policy_real[1:2].tolist(), policy_generated[1:2].tolist(), one[1:2].tolist(),
                                   one[4:5].tolist(), 0.1, loss_type)
