@@ -50,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from bench.common import (
@@ -246,7 +247,8 @@ def _launch(preset: Preset, stage: int | None, processes: int) -> dict:
 def _torchrun(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """subprocess.run(command) for a torchrun job, ended with its ranks when the bench stops. torchrun runs each
     rank in a session of its own and ends them on its own SIGTERM: it gets SIGTERM on Ctrl-C, a SIGTERM sent to
-    the bench, the timeout or the bench's death, and SIGKILL when it has not ended RANKS_GRACE_S later."""
+    the bench, the timeout or the bench's death, and SIGKILL, with every process under it, when it has not ended
+    RANKS_GRACE_S later."""
     proc = None
     try:
         with signals_sent_to(exit_on_signal):  # Ctrl-C and SIGTERM end the bench through the except below
@@ -256,17 +258,29 @@ def _torchrun(command: list[str], env: dict[str, str]) -> subprocess.CompletedPr
             stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except BaseException:
         if proc is not None:
+            # Listed while torchrun lives: killed, it leaves its ranks to init, in sessions of their own.
+            ranks = _processes_under(proc.pid)
             proc.terminate()
             try:
                 proc.communicate(timeout=RANKS_GRACE_S)
             except subprocess.TimeoutExpired:
+                ranks += _processes_under(proc.pid)  # those it started since
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                for rank in ranks:  # a SIGKILL to torchrun's group does not reach them
+                    with contextlib.suppress(psutil.NoSuchProcess):  # psutil leaves a pid reused since alone
+                        rank.kill()
         raise
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 RANKS_GRACE_S = 40  # torchrun waits 30 s for its ranks to end on its SIGTERM before it kills them
+
+
+def _processes_under(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:

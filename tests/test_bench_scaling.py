@@ -184,3 +184,44 @@ def _alive(process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_torchrun_job_killed_after_its_grace_takes_its_ranks_with_it(tmp_path):
+    """torchrun runs each rank in a session of its own (torch's elastic start_processes), which a SIGKILL to
+    torchrun's process group never reaches: a job that had not ended RANKS_GRACE_S after the bench's SIGTERM
+    (torchrun waiting on ranks that do not end on theirs, stuck where their handler never runs) was killed
+    alone, and its ranks went on as orphans with no one left to end them."""
+    import psutil
+
+    (tmp_path / "stubborn_rank.py").write_text(
+        "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "pid = os.path.join(sys.argv[1], f\"rank{os.environ['RANK']}.pid\")\n"
+        "open(pid + '.part', 'w').write(str(os.getpid()))\nos.replace(pid + '.part', pid)\n"
+        "time.sleep(600)\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port={port}",
+                str(tmp_path / "stubborn_rank.py"), str(tmp_path)]
+    script = (  # a short grace: torchrun itself would kill its ranks 30 s after its SIGTERM
+        "import os\nfrom bench import scaling\nfrom spin_fast.distributed import free_port\n"
+        "scaling.RANKS_GRACE_S = 1\n"
+        f"scaling._torchrun([a.format(port=free_port()) for a in {torchrun!r}], dict(os.environ))\n")
+    bench = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pid_files = [tmp_path / f"rank{rank}.pid" for rank in (0, 1)]
+    ranks: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and bench.poll() is None and not all(p.exists() for p in pid_files):
+            time.sleep(0.2)
+        assert all(p.exists() for p in pid_files), f"the ranks did not start: {bench.poll()}"
+        ranks = [psutil.Process(int(p.read_text())) for p in pid_files]
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM, bench.stderr.read()
+        deadline = time.monotonic() + 10  # well before torchrun's own 30 s, had it lived
+        while time.monotonic() < deadline and any(map(_alive, ranks)):
+            time.sleep(0.2)
+        assert not [p for p in ranks if _alive(p)], "a rank outlived its killed torchrun"
+    finally:
+        bench.kill()
+        for process in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
