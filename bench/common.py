@@ -14,12 +14,14 @@ import platform
 import re
 import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from spin_fast.distributed import signals_sent_to
@@ -179,44 +181,80 @@ def run_worker(module: str, worker_args: list[str], timeout: int | None = 3600, 
     """Run `python -m module --worker ...` in a fresh process started with worker_env() (it measures memory
     first, then time); its last stdout line that starts with { is its result. show_output: its stderr (logs,
     progress bars) goes to ours as it runs, not into the result's output_tail."""
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", module, "--worker", *worker_args]
-    proc = None
     try:
-        # In its own session the worker gets no Ctrl-C, nor a SIGTERM sent to ours (timeout, a scheduler): they end
-        # this process through the `except BaseException` below, which ends the worker's session first. Handled
-        # from before the worker starts: one that came as it started ended this process with no cleanup.
-        with signals_sent_to(exit_on_signal):
-            # A session of its own: on a timeout the worker goes with its children (a vLLM engine's, holding GPU
-            # memory). A signal while it starts leaves it to its parent-death signal.
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE,
-                                    text=True, env=worker_env(), start_new_session=True,
-                                    preexec_fn=functools.partial(ended_with_its_parent, os.getpid()))
-            stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # a hung worker is one failed measurement, not the whole bench's end
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        done = run_in_its_own_session(cmd, worker_env(), timeout, capture_stderr=not show_output)
+    except subprocess.TimeoutExpired as timed_out:  # a hung worker is one failed measurement, not the whole bench's end
+        lines = [line for line in (timed_out.stdout or "").splitlines() if line.startswith("{")]
         if lines:  # its result was out; it hung on the way out (an engine's or a process group's shutdown)
             return json.loads(lines[-1])
-        output = (stderr or "").strip().splitlines()
+        output = (timed_out.stderr or "").strip().splitlines()
         return {"error": [f"timed out after {timeout} s"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
-    except BaseException:  # Ctrl-C or SIGTERM: the worker, in a session of its own, did not get it
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        output = (stderr or stdout).strip().splitlines()
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        output = (done.stderr or done.stdout).strip().splitlines()
         if show_output:  # its log went to our stderr as it ran
-            output.append(f"the worker exited with status {proc.returncode}; its log is above")
+            output.append(f"the worker exited with status {done.returncode}; its log is above")
         # The last line names the error for the tables; the lines before it, kept in the JSON, say where it came from.
         return {"error": output[-1:] or ["no output"], "output_tail": output[-WORKER_OUTPUT_KEPT:]}
     return json.loads(lines[-1])
+
+
+def run_in_its_own_session(command: list[str], env: dict[str, str], timeout: float | None,
+                           stop_signal: int = signal.SIGKILL, grace_s: float = 0, cwd: Path | None = None,
+                           capture_stderr: bool = True) -> subprocess.CompletedProcess:
+    """subprocess.run(command) with its stdout (and stderr, unless not capture_stderr: then it goes to ours),
+    in a session of its own: on a timeout it goes with its children (a vLLM engine's, holding GPU memory), and
+    it gets no Ctrl-C, nor a SIGTERM sent to ours (timeout, a scheduler). Those end this process through the
+    `except BaseException` below, which ends the command first, as the timeout does (then raising
+    subprocess.TimeoutExpired with the output read): stop_signal to the command, and SIGKILL to its group and
+    every process under it when it has not ended grace_s later. The bench's death, even by SIGKILL, sends it
+    stop_signal (its parent-death signal)."""
+    proc = None
+    try:
+        # Handled from before the command starts: a signal that came as it started ended this process with no
+        # cleanup. One while it starts leaves it to its parent-death signal.
+        with signals_sent_to(exit_on_signal):
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE if capture_stderr else
+                                    None, text=True, cwd=cwd, env=env, start_new_session=True,
+                                    preexec_fn=functools.partial(ended_with_its_parent, os.getpid(), stop_signal))
+            stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc, stop_signal, grace_s)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
+    except BaseException:  # Ctrl-C or SIGTERM: the command, in a session of its own, did not get it
+        if proc is not None:
+            _stop(proc, stop_signal, grace_s)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _stop(proc: subprocess.Popen, stop_signal: int, grace_s: float) -> None:
+    """stop_signal to proc; if it has not ended grace_s later, SIGKILL to its process group and to every process
+    under it, listed before it dies (their parent then is init): torchrun runs each rank in a session of its own,
+    which a SIGKILL to torchrun's group never reaches."""
+    under = _processes_under(proc.pid)
+    if stop_signal != signal.SIGKILL:
+        proc.send_signal(stop_signal)
+        try:
+            proc.communicate(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            under += _processes_under(proc.pid)  # those it started since
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for process in under:
+        with contextlib.suppress(psutil.NoSuchProcess):  # psutil leaves a pid reused since alone
+            process.kill()
+
+
+def _processes_under(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
 
 
 def exit_on_signal(signum: int, frame) -> None:

@@ -36,9 +36,7 @@ Run: python -m bench.scaling [--preset cpu|gpu] [--stages 2 3] [--world-sizes 1 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -50,13 +48,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from bench.common import (
     cell,
-    ended_with_its_parent,
-    exit_on_signal,
     format_table,
     listed,
     machine_info,
@@ -65,6 +60,7 @@ from bench.common import (
     problem,
     publish,
     refuse_gpu_preset_without_cuda,
+    run_in_its_own_session,
     save_partial,
     summarize,
     time_runs,
@@ -80,7 +76,7 @@ from bench.train_step import (
     train_config,
     with_spin_fast_attention,
 )
-from spin_fast.distributed import free_port, signals_sent_to
+from spin_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -248,39 +244,12 @@ def _torchrun(command: list[str], env: dict[str, str]) -> subprocess.CompletedPr
     """subprocess.run(command) for a torchrun job, ended with its ranks when the bench stops. torchrun runs each
     rank in a session of its own and ends them on its own SIGTERM: it gets SIGTERM on Ctrl-C, a SIGTERM sent to
     the bench, the timeout or the bench's death, and SIGKILL, with every process under it, when it has not ended
-    RANKS_GRACE_S later."""
-    proc = None
-    try:
-        with signals_sent_to(exit_on_signal):  # Ctrl-C and SIGTERM end the bench through the except below
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                    env=env, start_new_session=True,
-                                    preexec_fn=functools.partial(ended_with_its_parent, os.getpid(), signal.SIGTERM))
-            stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except BaseException:
-        if proc is not None:
-            # Listed while torchrun lives: killed, it leaves its ranks to init, in sessions of their own.
-            ranks = _processes_under(proc.pid)
-            proc.terminate()
-            try:
-                proc.communicate(timeout=RANKS_GRACE_S)
-            except subprocess.TimeoutExpired:
-                ranks += _processes_under(proc.pid)  # those it started since
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                for rank in ranks:  # a SIGKILL to torchrun's group does not reach them
-                    with contextlib.suppress(psutil.NoSuchProcess):  # psutil leaves a pid reused since alone
-                        rank.kill()
-        raise
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    RANKS_GRACE_S later (bench.common.run_in_its_own_session)."""
+    return run_in_its_own_session(command, env, LAUNCH_TIMEOUT_S, stop_signal=signal.SIGTERM,
+                                  grace_s=RANKS_GRACE_S, cwd=ROOT)
 
 
 RANKS_GRACE_S = 40  # torchrun waits 30 s for its ranks to end on its SIGTERM before it kills them
-
-
-def _processes_under(pid: int) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        return psutil.Process(pid).children(recursive=True)
-    return []
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:
