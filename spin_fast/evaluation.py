@@ -493,6 +493,10 @@ class Evaluation:
             try:  # its embeddings are given the SFT tokenizer's ids, as θ0's are
                 check_in_vocabulary(self.tokenizer, self.examples, self.folders[path], config.model.trust_remote_code,
                                     self.names, setting=None)
+                # Scored like θ0 (transformers takes a baseline of any config): its own context and rotary
+                # embeddings, or its row would be refused (or silently wrong) only when its turn comes.
+                check_examples_in_context([len(e.prompt_ids) + len(e.response_ids) for e in self.examples],
+                                          self.folders[path], config, self.names, model_name=path)
             except ValueError as e:
                 raise ValueError(f"baseline {name!r}: {e}") from None
         tracked = output is not None and (config.train.tensorboard or config.train.wandb)

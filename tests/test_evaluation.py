@@ -642,6 +642,33 @@ def test_baselines_that_cannot_be_evaluated_are_refused_before_any_model_loads(s
     assert "spin-fast: model.name_or_path 'runs/x/final': no such model folder" in capsys.readouterr().err
 
 
+def test_a_baseline_whose_rope_or_context_cannot_take_data_max_length_is_refused_before_any_model_loads(
+        sorting_run, tmp_path, monkeypatch):
+    """The run's own model is checked against data.max_length before any work (its context, and Phi-3's longrope,
+    which switches a whole packed row's frequencies past original_max_position_embeddings); a baseline (any config
+    under the transformers engine) is scored the same way, so it is checked the same way, by its name and path, not
+    refused (or scored wrong) only when its turn comes, after the other models' work."""
+    import transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(sorting_run / "model")
+    rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 16, long_factor=[4.0] * 16)
+    longrope = transformers.Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=0, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256,
+                                       original_max_position_embeddings=32, rope_parameters=rope)
+    AutoModelForCausalLM.from_config(longrope).save_pretrained(tmp_path / "phi3")
+    save_model(tmp_path / "short", tokenizer, seed=4, max_positions=16)
+    forbid_loading_models(monkeypatch)
+    config = eval_config(sorting_run, tmp_path / "run")  # data.max_length=64
+    phi3 = re.escape(str(tmp_path / "phi3"))
+    with pytest.raises(ValueError, match=rf"^baseline 'phi3': data.max_length=64: {phi3}'s longrope "
+                                         r"rotary embeddings .* past 32 tokens, .* data.max_length to at most 32$"):
+        evaluate_run(SelfPlay(config), config.data.eval_source, baselines={"phi3": str(tmp_path / "phi3")})
+    with pytest.raises(ValueError, match=r"^baseline 'short': \d+ of \d+ examples are longer than the model's "
+                                         r"context of 16 tokens \(max_position_embeddings\), the first .*eval.jsonl"):
+        evaluate_run(SelfPlay(config), config.data.eval_source, baselines={"short": str(tmp_path / "short")})
+
+
 def test_vllm_answers_are_made_again_when_bf16_autocast_changes_the_dtype_they_are_served_in(sorting_run, tmp_path,
                                                                                                monkeypatch):
     """vLLM serves in bf16 under train.bf16_autocast, so the greedy and the opponents' held-out answers depend on it:

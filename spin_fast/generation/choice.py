@@ -70,11 +70,13 @@ def model_context(model_folder: str, config: RunConfig) -> int | None:
     return context_of(model_folder, config)[0]
 
 
-def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunConfig, names: Seq[str]) -> None:
+def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunConfig, names: Seq[str],
+                              model_name: str | None = None) -> None:
     """Each example the model trains on or scores, its prompt and human response as tokenized and cut to
     data.max_length (`lengths`, in tokens; `names`, their rows), fits in the model's context (context_of): one past it
     would be trained or scored past it silently (RoPE) or fail at its step (learned positions), hours in. SFT trains
-    on these sequences; SPIN on them and on the answers generated (check_prompts_fit); evaluation scores them."""
+    on these sequences; SPIN on them and on the answers generated (check_prompts_fit); evaluation scores them, with
+    the SFT model and with each baseline (`model_name`, its path: model.name_or_path by default)."""
     model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
     context, key = context_in(model_config)
     too_long = [i for i, length in enumerate(lengths) if context and length > context]
@@ -85,7 +87,7 @@ def check_examples_in_context(lengths: Seq[int], model_folder: str, config: RunC
                          f"{context} tokens ({key}), the first {named}: {lengths[first]} tokens: set data.max_length "
                          f"to at most {context}"
                          + (" and data.max_prompt_length below it" if config.data.max_prompt_length >= context else ""))
-    check_rope_takes_max_length(model_config, config.data.max_length, config.model.name_or_path)
+    check_rope_takes_max_length(model_config, config.data.max_length, model_name or config.model.name_or_path)
 
 
 def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder: str, config: RunConfig,
