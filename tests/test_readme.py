@@ -113,3 +113,35 @@ def test_readme_lists_every_setting_with_its_default():
     for name, default in defaults.items():
         shown = float(rows[name]) if isinstance(default, float) else yaml.safe_load(rows[name])
         assert shown == default and type(shown) is type(default), (name, rows[name], default)
+
+
+def test_readme_loading_the_trained_model_runs(sft_model, tmp_path, monkeypatch):
+    """The snippet that loads a run's last model with transformers, run after a tiny one-iteration SPIN run (in the
+    folder it ran in, as the snippet's relative path takes it): it loads the trained weights, not θ0's, with the
+    run's tokenizer and chat template, and answers."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from spin_fast.config import load_run_config
+    from spin_fast.selfplay import SelfPlay
+
+    code = readme_python_block("AutoModelForCausalLM.from_pretrained(final)")
+    monkeypatch.chdir(tmp_path)
+    config = load_run_config(None, [
+        "output_dir=runs/spin-zephyr", f"model.name_or_path={sft_model / 'model'}",
+        f"data.source={sft_model / 'train.jsonl'}", "data.max_length=64", "data.max_prompt_length=32", "iterations=1",
+        "generation.engine=transformers", "generation.max_new_tokens=8", "train.optimizer=adamw",
+        "train.learning_rate=1e-3", "train.global_batch=4", "train.micro_batch_tokens=256", "train.backend=torch",
+        "train.progress=false", "score_batch_tokens=512"])
+    (summary,) = SelfPlay(config).run()
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["final"] == summary["checkpoint"]
+    trained = load_file(f"{summary['checkpoint']}/model.safetensors")
+    loaded = scope["model"].state_dict()
+    assert trained.keys() <= loaded.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items())
+    theta0 = load_file(f"{sft_model / 'model'}/model.safetensors")
+    assert not all(torch.equal(theta0[k], v) for k, v in trained.items())  # trained: not the SFT model
+    assert scope["tokenizer"].chat_template == AutoTokenizer.from_pretrained(sft_model / "model").chat_template
+    assert 0 < len(scope["answer"]) <= 32
