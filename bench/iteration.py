@@ -211,7 +211,9 @@ def profiled_selfplay(config, on_record=None):
             self.current = t
             if t == FIRST_TIMED_ITERATION:
                 ordinary_allocator()
-            return super().iteration(t, *args, **kwargs)
+            # Every timed iteration stands for one of a longer run's steady state, which swaps its weights in: the
+            # profile's last one too (a run's last leaves them out, for nothing generates with them)
+            return super().iteration(t, *args, **{**kwargs, "last": False})
 
         def generate(self, *args, **kwargs):
             return self.measured("generate", lambda: super(Profiled, self).generate(*args, **kwargs))

@@ -230,7 +230,7 @@ class SelfPlay:
         try:
             for t in iterations:
                 stop = until[1] if until is not None and t == until[0] else None
-                summary = self.iteration(t, tokenizer, examples[t], stop_after=stop)
+                summary = self.iteration(t, tokenizer, examples[t], stop_after=stop, last=t == iterations[-1])
                 if summary is not None:
                     summaries.append(summary)
         finally:
@@ -239,8 +239,10 @@ class SelfPlay:
                 engine.close()
         return summaries
 
-    def iteration(self, t: int, tokenizer, examples: list[TokenizedExample], stop_after: str | None = None):
-        """Runs iteration t's stages that are not done yet; returns its summary (None if stopped early)."""
+    def iteration(self, t: int, tokenizer, examples: list[TokenizedExample], stop_after: str | None = None,
+                  last: bool = False):
+        """Runs iteration t's stages that are not done yet; returns its summary (None if stopped early). The `last`
+        of the run's iterations leaves θt+1 out of the engine: nothing generates with it before the engine closes."""
         config = self.config.for_iteration(t)
         iter_dir = self.run_dir / f"iter-{t}"
         train_dir = iter_dir / "train"
@@ -280,7 +282,8 @@ class SelfPlay:
         times = {"train_s": result.seconds}
 
         start = time.perf_counter()
-        self.transfer_weights(model)
+        if not last:  # a swap that nothing uses costs a copy of the model (and vLLM's CPU build refuses an MoE's)
+            self.transfer_weights(model)
         times["weight_transfer_s"] = time.perf_counter() - start
         if self.distributed and not self.partitioned:
             # ZeRO left `model` sharded: θt+1 continues as a whole model, from the consolidated checkpoint.

@@ -1070,6 +1070,31 @@ def test_the_loop_starts_its_engine_with_the_run_settings(sft_model, tmp_path):
     assert contexts == [72]
 
 
+def test_the_trained_weights_go_into_the_engine_only_where_a_later_iteration_generates(sft_model, tmp_path):
+    """The engine takes θt+1 after each training but the run's last: nothing generates with the last one's before
+    the engine closes (that swap cost a copy of the model, and vLLM's CPU build refuses an MoE model's, after the
+    work of a run that needed none). An engine with a model of its own (as under ZeRO) swaps in earnest."""
+    from spin_fast.generation.choice import stop_strings
+    from spin_fast.loading import load_policy
+
+    swaps = []
+
+    class Recorded(TransformersEngine):
+        def load_weights(self, weights):
+            swaps.append(len(swaps))
+            super().load_weights(weights)
+
+    def own_model_engine(model, tokenizer, config, model_path):
+        return Recorded(load_policy(model_path, config), eos_token_id=tokenizer.eos_token_id,
+                        stop_token_ids=[tokenizer.eos_token_id], stop_strings=stop_strings(tokenizer),
+                        tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, progress=False)
+
+    one = SelfPlay(run_config(sft_model, tmp_path / "one", "iterations=1"), make_engine=own_model_engine).run()
+    assert len(one) == 1 and swaps == []
+    two = SelfPlay(run_config(sft_model, tmp_path / "two"), make_engine=own_model_engine).run()
+    assert len(two) == 2 and len(swaps) == 1  # θ1, after iteration 0's training, for iteration 1's generation
+
+
 def test_a_signal_while_the_engine_starts_stops_before_its_part_is_generated(sft_model, tmp_path, monkeypatch):
     """Starting vLLM takes minutes: a signal meanwhile stops the run once the engine is up, before it generates
     the first part left (up to save_every_prompts prompts), not after it. Part 1, saved by an earlier start, is
