@@ -48,7 +48,12 @@ from spin_fast.examples import (
     tokens_digest,
 )
 from spin_fast.generation.base import Engine, request_cost
-from spin_fast.generation.choice import check_examples_in_context, check_prompts_fit, default_engine
+from spin_fast.generation.choice import (
+    check_engine_can_swap,
+    check_examples_in_context,
+    check_prompts_fit,
+    default_engine,
+)
 from spin_fast.loading import device, fetch_model, load_policy, partitioned
 from spin_fast.model import load_tokenizer
 from spin_fast.packing import Sequence, check_fits, item_name
@@ -186,6 +191,11 @@ class SelfPlay:
                 setting = "data.source" if isinstance(t, int) else "data.eval_source"
                 overridden = setting in self.config.iteration_overrides.get(_iteration_of(t), {})
                 self.read(data, source, limit, where=f"iteration_overrides[{_iteration_of(t)}]" if overridden else "")
+        if self.make_engine == self._default_engine and len(iterations) > 1:  # else no swap (or not this engine's)
+            # The engine starts at the first iteration left to generate and takes the weights trained in every
+            # iteration from there on but the last: a swap is needed where two or more are left to generate
+            left = [t for t in iterations if shared_manifest(self.run_dir / f"iter-{t}" / "generate") is None]
+            check_engine_can_swap(self.config, self.sft_folder, len(left))
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         first_of = {_key(*sources[t]): t for t in reversed(list(sources))}  # the iterations mostly share a source

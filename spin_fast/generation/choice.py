@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from spin_fast import distributed
-from spin_fast.config import RunConfig
+from spin_fast.config import ConfigError, RunConfig
 from spin_fast.data import eos_token_id, turn_end_text
 from spin_fast.generation.base import Engine
 from spin_fast.loading import load_policy
@@ -125,6 +125,42 @@ def check_prompts_fit(prompts: Seq[Seq[int]], max_new_tokens: int, model_folder:
             f"the model's context of {context} tokens ({key}). Set data.cut_prompt=always to cut "
             "prompts to data.max_prompt_length, or leave these prompts out"
             + (", or set data.max_length to at most the context" if closing else ""))
+
+
+# The config keys vLLM reads a model's number of experts from, the first one present (get_num_experts in
+# vllm/transformers_utils/model_arch_config_convertor.py): above 0, a mixture-of-experts model (ModelConfig.is_moe).
+EXPERTS_KEYS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
+
+
+def experts_in(model_config) -> int:
+    """The number of experts of the model's text decoder as vLLM reads it (EXPERTS_KEYS); 0 for a dense model."""
+    text = text_config(model_config)
+    experts = next((getattr(text, key) for key in EXPERTS_KEYS if hasattr(text, key)), 0)
+    if isinstance(experts, list):  # one per layer, all alike (remote code of some VLMs)
+        experts = experts[0] if experts else 0
+    return experts or 0
+
+
+def check_engine_can_swap(config: RunConfig, model_folder: str, iterations_to_generate: int) -> None:
+    """The engine, started once, takes each iteration's trained weights before the next iteration generates:
+    a run with more than one iteration left to generate on vLLM's CPU build, which cannot swap a mixture-of-experts
+    model's weights (VllmEngine._check_swappable), is refused before any work, not at its first swap, after
+    iteration 0's generation and training."""
+    if iterations_to_generate < 2 or chosen_engine(config) != "vllm":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    model_config = AutoConfig.from_pretrained(model_folder, trust_remote_code=config.model.trust_remote_code)
+    if experts_in(model_config) > 0:
+        from spin_fast.generation.vllm_engine import moe_swap_refused
+
+        raise ConfigError(moe_swap_refused(
+            model_config.model_type,
+            f", and the engine takes the trained weights of each of the {iterations_to_generate} iterations left to "
+            "generate but the last") + " (or run one iteration per command: spin-fast train CONFIG --iteration t, "
+            "for t = 0, 1, ..., each starts its engine from that iteration's model)")
 
 
 def chosen_engine(config: RunConfig) -> str:

@@ -92,6 +92,13 @@ log = logging.getLogger(__name__)
 _EXTENSION = f"{__name__}.{WeightSwapExtension.__qualname__}"
 
 
+def moe_swap_refused(model_type: str, why: str = "") -> str:
+    """Why the CPU build's engine takes no new weights for a mixture-of-experts model (`why`: what needs them):
+    after a reload its prompt log-probs are off by nats (Mixtral, Qwen2-MoE), with no error."""
+    return (f"the vLLM CPU build cannot swap the weights of a mixture-of-experts model ({model_type}): reloaded, "
+            f"even from a folder, its experts compute garbage{why}; set generation.engine=transformers")
+
+
 def check_tensor_parallel_layout(size: int, node_of_rank: Sequence[int]) -> None:
     """Groups of `size` consecutive ranks must tile the ranks without a group straddling two nodes needlessly
     (its every decoding step would wait on the network). node_of_rank[r]: the first rank of rank r's node."""
@@ -378,11 +385,8 @@ class VllmEngine:
         if not self._on_cpu:  # the CPU build's MoE layers are the ones seen garbled by a reload
             return
         config = self._llm.llm_engine.model_config
-        if config.is_moe:  # its prompt log-probs after a reload are off by nats (Mixtral, Qwen2-MoE)
-            raise NotImplementedError(
-                f"the vLLM CPU build cannot swap the weights of a mixture-of-experts model "
-                f"({config.hf_config.model_type}): reloaded, even from a folder, its experts compute garbage; "
-                "set generation.engine=transformers")
+        if config.is_moe:  # refused before the run too (choice.check_engine_can_swap); kept for any other caller
+            raise NotImplementedError(moe_swap_refused(config.hf_config.model_type))
 
     def worker_pids(self) -> list[int]:
         """The process id of each worker: unchanged across swaps, since the engine is never restarted."""
