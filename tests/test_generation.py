@@ -652,6 +652,29 @@ def test_an_answers_last_characters_merged_with_the_stop_text_are_encoded_as_the
     assert answer_before_stop_text(written[2:], tokenizer, ["<|im_end|>"]) == tuple(alone)
 
 
+def test_an_answer_whose_merge_reaches_back_several_tokens_keeps_the_tokens_the_model_wrote_before_it():
+    """The model wrote '▁X', 'Y', 'a', 'b', 'c<|', ...: the answer 'XYabc' ends in one token 'abc', so the kept
+    'a' and 'b' are encoded again with 'c', two tokens back from the cut. The model's own '▁X', 'Y' before them stay
+    (the whole answer encoded again would be '▁XY', 'abc': tokens the model did not write)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    merges = [("▁", "X"), ("▁X", "Y"), ("a", "b"), ("ab", "c"), ("<", "|"), ("|", ">"), ("i", "m"), ("e", "n"),
+              ("en", "d"), ("_", "end"), ("c", "<|")]
+    vocab = {c: i for i, c in enumerate(dict.fromkeys("▁XYabc<|im_end>"))}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    written = tokenizer.convert_tokens_to_ids(["▁X", "Y", "a", "b", "c<|", "im", "_end", "|>"])
+    assert tokenizer.decode(written) == "XYabc<|im_end|>"
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("XYabc", add_special_tokens=False)) == ["▁XY", "abc"]
+    answer = answer_before_stop_text(written, tokenizer, ["<|im_end|>"])
+    assert tokenizer.convert_ids_to_tokens(list(answer)) == ["▁X", "Y", "abc"]
+    assert tokenizer.decode(list(answer)) == "XYabc"
+
+
 def test_the_engine_guard_ends_the_engines_processes_alone(tmp_path):
     """A killed trainer's guard ends the processes it was told are the engine's (engine_started's line, pid:start
     time), and no other: not a pid the engine had that another process has since (its start time differs), nor a
