@@ -467,6 +467,27 @@ def test_the_demo_report_puts_each_number_in_its_column(tmp_path, capsys):
         assert min(png_size(tmp_path / name)) > 200
 
 
+def test_the_training_curves_put_each_run_at_its_own_optimizer_steps(tmp_path, monkeypatch):
+    """The continued-SFT baseline starts from SFT's end: its curve goes on after SFT's 24 steps, not over them; SPIN's
+    second iteration goes on after the first's 4 steps. Matplotlib's Axes.plot is wrapped only to read back the lines
+    the real plot draws."""
+    from matplotlib.axes import Axes
+
+    drawn = {}
+    plot = Axes.plot
+
+    def recording(ax, x, y, *args, **kwargs):
+        drawn.setdefault(kwargs.get("label", kwargs.get("color")), list(x))  # SPIN's curves: unlabelled, C2
+        return plot(ax, x, y, *args, **kwargs)
+
+    run = finished_demo(tmp_path)
+    monkeypatch.setattr(Axes, "plot", recording)
+    run.report()
+    assert drawn["SFT"] == list(range(1, 25))
+    assert drawn["continued SFT"] == list(range(25, 35))
+    assert drawn["C2"] == list(range(1, 11))  # iter-0's steps 1-4, then iter-1's 1-6 as 5-10
+
+
 def test_the_demo_seeds_make_the_data_and_the_base_model(tmp_path):
     """demo.task.seed and demo.model.seed are the experiment's: the same seeds make the same data and base model in
     another directory, another seed other ones. The base model's positions cover a prompt and its generated answer
