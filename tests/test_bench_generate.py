@@ -5,6 +5,7 @@ This checks the bench's plumbing, not its speed. The vLLM test starts three engi
 
 import json
 import math
+import re
 
 import pytest
 
@@ -87,3 +88,19 @@ def test_the_summarys_generation_row_says_seconds_and_ratios_as_measured():
     assert summary.generate_rows({"results": [result]}) == [[
         "generation: vLLM", "387 tokens/s, weight swap 968 ms (restart from disk 29.3 s: 30x), reload from a "
         "checkpoint folder 265 ms"]]
+
+
+def test_the_generation_table_puts_each_figure_under_its_header():
+    """Each figure of a result under its own header, a missing engine's reason in its row: only the summary's
+    one-line row was checked, and a table that showed the swap's ms as restart/swap passed."""
+    result = {"engine": "vLLM", "median_ms": 1500.0, "min_ms": 1400.0, "max_ms": 1700.0, "generated_tokens": 640,
+              "tokens_per_s": 426.7, "startup_ms": 20000.0, "swap_ms": 900.0, "restart_ms": 27000.0,
+              "restart_vs_swap": 30.0, "folder_reload_ms": 250.0, "peak_extra_mib": 12.0, "engine_rss_mib": 2048.0}
+    header, _, row, missing = generate.summary_table([result, {"engine": "transformers", "missing": "no CUDA"}]
+                                                     ).splitlines()
+    names = re.split(r"\s{2,}", header.strip())
+    assert dict(zip(names, re.split(r"\s{2,}", row.strip()))) == {
+        "engine": "vLLM", "generate ms (min-max)": "1500 (1400-1700)", "tokens": "640", "tokens/s": "427",
+        "start-up ms": "20000", "swap ms": "900", "restart ms": "27000", "restart/swap": "30.0",
+        "folder reload ms": "250", "peak extra MiB": "12", "held MiB": "2048 (engine RSS)"}
+    assert missing.split() == ["transformers", "missing:", "no", "CUDA"]
