@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import tempfile
 
 import pytest
@@ -42,6 +43,8 @@ def test_held_pairs_memory_counts_one_int_per_distinct_id():
     # distinct ids, but for the ids below 257, which CPython never makes anew (0.8% of a 32,000-id vocabulary).
     saved = (held["bytes_per_token_int_per_token"] - held["bytes_per_token"]) * tokens
     assert math.isclose(saved, 28 * (tokens - distinct) * (1 - 257 / 32000), rel_tol=0.002)
+    # The summary's "x of an int per token" is SharedIds' bytes over an int per token's: below 1, a saving.
+    assert held["memory_vs_int_per_token"] == held["bytes_per_token"] / held["bytes_per_token_int_per_token"] < 1
 
 
 def test_a_report_cut_off_before_its_timed_iteration_has_a_summary_row():
@@ -68,8 +71,10 @@ def test_each_stage_is_the_median_of_the_iterations_that_timed_it():
     assert (rows["score"]["min"], rows["score"]["max"], rows["score"]["iterations"]) == (1.0, 9.0, [2, 3, 4])
     assert rows["train"]["iterations"] == [2, 3] and rows["train"]["peak_extra_mib"] == 7.0
     assert math.isclose(rows["train"]["share"], 5.0 / 9.3)
-    assert "median of iterations 2, 3, 4" in iteration.summary_table(
-        {"rows": list(rows.values()), "engine": "TransformersEngine"})
+    table = iteration.summary_table({"rows": list(rows.values()), "engine": "TransformersEngine"})
+    assert "median of iterations 2, 3, 4" in table
+    # Each stage's share of the steady iteration as a percentage: train's 5.0 of 9.3 s.
+    assert re.search(r"^train\s+5\.00\s+4\.00-6\.00\s+54%\s+7\b", table, re.MULTILINE), table
 
 
 def test_iteration_profile_of_ones_own_config(tmp_path, monkeypatch, capsys):
