@@ -104,3 +104,64 @@ def test_the_presets_are_those_of_the_committed_results_and_their_comments():
         assert round(parameters(preset) / 1e9, 2) == billions and preset.dtype == torch.bfloat16
     preset = kernels.PRESETS["gpu"]
     assert (preset.vocabs, preset.hidden, preset.tokens, preset.dtype) == ((128256,), 4096, 16384, torch.bfloat16)
+
+
+def test_each_plot_panel_shows_its_own_figure_at_its_own_place(tmp_path, monkeypatch):
+    """Time in the left column, memory in the right, each job in its row and each method's line at its vocabularies;
+    the train step's bars its throughput and its peak; the iteration's bars each stage's median with its min-max
+    spread, and its peak (none measured: 0). A figure swapped between panels passed the PNG checks."""
+    import json
+
+    figures = []  # not written: kept open to read back what each panel shows
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    machine = {"device": "cpu"}
+
+    def kernel(vocab, job, method, ms, mib):
+        return {"vocab": vocab, "job": job, "method": method, "median_ms": ms, "min_ms": ms, "max_ms": ms,
+                "runs": 1, "peak_extra_mib": mib, "value": 0.7}
+
+    reports = {
+        "kernels": {"bench": "kernels", "preset": "cpu", "machine": machine, "shape": {"tokens": 256}, "results": [
+            kernel(2000, "spin_head", "naive PyTorch", 30.0, 300.0),  # vocabularies out of order: drawn sorted
+            kernel(1000, "spin_head", "naive PyTorch", 10.0, 100.0),
+            kernel(1000, "logprobs", "naive PyTorch", 5.0, 50.0),
+            kernel(1000, "spin_head", "spin-fast torch", 4.0, 8.0),
+            {"vocab": 2000, "job": "spin_head", "method": "spin-fast torch", "missing": "no CUDA"}]},
+        "train_step": {"bench": "train_step", "preset": "cpu", "machine": machine, "results": [
+            {"method": "spin-fast", "tokens_per_s": 900.0, "peak_extra_mib": 40.0},
+            {"method": "TRL live", "missing": "no trl"},
+            {"method": "TRL precomputed", "tokens_per_s": 300.0, "peak_extra_mib": 120.0}]},
+        "iteration": {"bench": "iteration", "preset": {"name": "cpu"}, "engine": "transformers", "machine": machine,
+                      "rows": [
+                          {"stage": "engine_start", "seconds": 5.0, "min": 5.0, "max": 5.0, "share": None,
+                           "peak_extra_mib": None},
+                          {"stage": "generate", "seconds": 2.0, "min": 1.5, "max": 3.0, "share": 0.8,
+                           "peak_extra_mib": 64.0}]},
+    }
+    for name, report in reports.items():
+        (tmp_path / f"{name}-cpu.json").write_text(json.dumps(report))
+    assert len(plots.plot_all(tmp_path)) == 3
+    iteration, kernels, train_step = figures  # plot_all goes through the files by name
+
+    def lines(ax):
+        return {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
+
+    (logprobs_ms, logprobs_mib), (head_ms, head_mib) = kernels.axes[:2], kernels.axes[2:]
+    assert lines(logprobs_ms) == {"naive PyTorch": [[1000, 5.0]]} and lines(logprobs_mib) == {
+        "naive PyTorch": [[1000, 50.0]]}
+    assert lines(head_ms) == {"naive PyTorch": [[1000, 10.0], [2000, 30.0]], "spin-fast torch": [[1000, 4.0]]}
+    assert lines(head_mib) == {"naive PyTorch": [[1000, 100.0], [2000, 300.0]], "spin-fast torch": [[1000, 8.0]]}
+
+    def bars(ax):
+        return [patch.get_height() for patch in ax.patches]
+
+    speed, memory = train_step.axes
+    assert bars(speed) == [900.0, 300.0] and bars(memory) == [40.0, 120.0]
+    assert [t.get_text() for t in speed.get_xticklabels()] == ["spin-fast", "TRL precomputed"]
+    seconds, peak = iteration.axes
+    assert bars(seconds) == [5.0, 2.0] and bars(peak) == [0.0, 64.0]
+    (spread,) = [c for c in seconds.containers if hasattr(c, "lines") and c.lines[2]]
+    whiskers = spread.lines[2][0].get_segments()
+    assert [(low[1], high[1]) for low, high in whiskers] == [(5.0, 5.0), (1.5, 3.0)]
+    for figure in figures:  # kept open by the stand-in for _save
+        plots._pyplot().close(figure)
