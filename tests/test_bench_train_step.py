@@ -144,8 +144,10 @@ def test_ratios_are_ours_over_each_peers_and_each_column_shows_its_peer():
 
     figures = {"median_ms": 100.0, "min_ms": 100.0, "max_ms": 100.0, "runs": 1, "first_loss": 0.69,
                "second_loss": 0.69, "held_mib": 10.0}
-    results = [{"method": "spin-fast", **figures, "tokens_per_s": 600.0, "peak_extra_mib": 10.0},
-               {"method": "TRL DPO, live reference", **figures, "tokens_per_s": 200.0, "peak_extra_mib": 40.0},
+    results = [{"method": "spin-fast", **figures, "tokens_per_s": 600.0, "peak_extra_mib": 10.0, "held_mib": 30.0,
+                "first_loss": 0.6931, "second_loss": 0.65},
+               {"method": "TRL DPO, live reference", **figures, "tokens_per_s": 200.0, "peak_extra_mib": 40.0,
+                "held_mib": 60.0, "first_loss": 0.6935, "second_loss": 0.66},
                {"method": "TRL DPO, precomputed reference", **figures, "tokens_per_s": 300.0, "peak_extra_mib": 20.0},
                {"method": "spin-fast, whole sequences", **figures, "tokens_per_s": 500.0, "peak_extra_mib": 12.5}]
     train_step._add_ratios(results)
@@ -155,7 +157,13 @@ def test_ratios_are_ours_over_each_peers_and_each_column_shows_its_peer():
     assert spin["speed_vs_whole_sequences"] == pytest.approx(1.2)
     assert spin["memory_vs_whole_sequences"] == pytest.approx(0.8)
     row = next(line for line in train_step.summary_table(results).splitlines() if line.startswith("spin-fast "))
-    assert re.split(r"\s{2,}", row)[2:8] == ["600", "3.00", "2.00", "10", "0.25", "0.50"], row
+    assert re.split(r"\s{2,}", row)[2:] == ["600", "3.00", "2.00", "10", "0.25", "0.50", "30", "0.40", "0.693100",
+                                           "0.650000"], row
+    # What each holds (weights, optimizer state) plus its peak: (30 + 10) / (60 + 40). Each step's loss against
+    # TRL live's same step.
+    assert spin["held_plus_peak_vs_trl_live"] == pytest.approx(0.4)
+    assert spin["first_loss_diff_vs_trl_live"] == pytest.approx(4e-4)
+    assert spin["second_loss_diff_vs_trl_live"] == pytest.approx(0.01)
     (headline,) = summary.train_step_rows({"results": results})
     assert headline[1].startswith("600 tokens/s, 3.00x TRL live, 2.00x TRL precomputed, 1.20x without shared "
                                   "prompts; memory 0.25x TRL live's peak"), headline
