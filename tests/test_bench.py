@@ -5,6 +5,7 @@ This checks the bench's plumbing and fairness (same batch, same value), not its 
 import contextlib
 import json
 import os
+import re
 import signal
 import time
 
@@ -635,6 +636,11 @@ def test_each_ratio_divides_by_the_baseline_of_its_own_vocab_and_job():
     assert head["value_rel_diff"] == pytest.approx(0.25)  # |3 - 4| / 4
     assert (logprobs["time_vs_baseline"], logprobs["memory_vs_baseline"]) == (pytest.approx(2.0), pytest.approx(0.25))
     assert logprobs["value_rel_diff"] == pytest.approx(0.1)
+    # The table: each ratio under its own header.
+    header, _, *rows = kernels.summary_table(ours).splitlines()[:4]
+    row = dict(zip(re.split(r"\s{2,}", header), re.split(r"\s{2,}", rows[0])))
+    assert (row["x naive time"], row["peak MiB"], row["x naive mem"], row["value vs naive"]) == (
+        "0.50", "20", "0.250", "2.5e-01"), row
 
 
 def test_the_matmul_rate_is_the_products_flops_over_its_median_time(monkeypatch):
