@@ -102,6 +102,13 @@ def test_many_chunks_and_noncontiguous_inputs(backend, monkeypatch):
     check_against_truth(backend, hidden_t, weight_t, bias, targets, torch.float32)
 
 
+def test_a_chunk_smaller_than_one_row_of_logits_holds_one_token(monkeypatch):
+    """One row of logits bigger than the chunk's bytes (a vocabulary past 16M in fp32): the torch backend still
+    takes one token per chunk, where a chunk of zero tokens would stop it."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 300 * 4 - 1)
+    check_against_truth("torch", *make_inputs(9, 16, 300, torch.float32), torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_tokens_ignored(backend):
     hidden, weight, bias, targets = make_inputs(19, 32, 200, torch.float32, ignore_fraction=1.0)
