@@ -179,6 +179,19 @@ def test_float64_is_computed_in_float64():
         assert_close(out, truth_token_logprobs(hidden, weight, targets, bias), torch.float64, backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_float64_gradients_are_computed_in_float64(backend):
+    """Every gradient of float64 inputs in float64, to float64's tolerance (the forward's test checks values only)."""
+    hidden, weight, bias, targets = make_inputs(20, 16, 50, torch.float64)
+    upstream = torch.randn(20, dtype=torch.float64)
+    (spin_kernels.linear_logprobs(hidden, weight, targets, bias=bias, backend=backend) * upstream).sum().backward()
+    truth_leaves = [leaf.detach().clone().requires_grad_() for leaf in (hidden, weight, bias)]
+    (truth_token_logprobs(truth_leaves[0], truth_leaves[1], targets, truth_leaves[2]) * upstream).sum().backward()
+    for name, leaf, truth_leaf in zip(("hidden", "weight", "bias"), (hidden, weight, bias), truth_leaves):
+        assert leaf.grad.dtype == torch.float64
+        assert_close(leaf.grad, truth_leaf.grad, torch.float64, f"{backend} d{name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sequence_logprobs_sum_each_sequence(backend, dtype):
