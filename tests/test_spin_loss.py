@@ -44,6 +44,19 @@ def test_spin_loss_formula_and_metrics(loss_type, n_pairs):
     assert torch.allclose(logps[1].grad, -beta * dl_dz / n_pairs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_log_probs_are_computed_in_float32(dtype):
+    """Log-probs given in fp16 or bf16 (a half-precision model's sums): loss and metrics in fp32, as float64 computes
+    them from the same rounded values, not rounded again to the inputs' 3 or 4 digits at every step."""
+    logps = [(torch.randn(7, dtype=torch.float64) * 20 - 60).to(dtype) for _ in range(4)]
+    out = spin_kernels.spin_loss(*logps, beta=0.1)
+    exact = [x.double() for x in logps]
+    assert all(value.dtype == torch.float32 for value in out)
+    assert out.loss.item() == pytest.approx(truth_spin_loss(*[x.tolist() for x in exact], 0.1, "sigmoid"), rel=1e-6)
+    assert torch.allclose(out.rewards_real.double(), 0.1 * (exact[0] - exact[2]), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(out.rewards_generated.double(), 0.1 * (exact[1] - exact[3]), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_spin_loss_reductions(loss_type):
     """reduction="none" gives each pair's loss, and its gradient each pair's weight; "sum" their sum."""
