@@ -217,6 +217,27 @@ def test_hidden_index_shares_rows(backend, chunk_tokens, nll_weight, monkeypatch
     check_fused_against_truth(backend, torch.float32, "sigmoid", n_pairs=4, nll_weight=nll_weight, shared_rows=True)
 
 
+@pytest.mark.parametrize("chunk_tokens", [9, 40])
+def test_ignored_tokens_may_carry_any_sequence_id(chunk_tokens, monkeypatch):
+    """Prompt tokens (ignored) tagged with some sequence's id, not -1: the torch backend cuts its pair chunks by loss
+    tokens alone, so loss, log-probs and gradients are the reference backend's on the batch with -1 (float64)."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_tokens * 611 * 8)
+    hidden, targets, sequence_ids = random_packed_batch(4, 24, 611, torch.float64)
+    weight = torch.randn(611, 24, dtype=torch.float64) / 24**0.5
+    tagged = torch.where(targets == -100, torch.randint(0, 8, targets.shape), sequence_ids)
+    with torch.no_grad():  # opponent log-probs near the policy's: the loss in its interesting range
+        policy = spin_kernels.sequence_logprobs(hidden, weight, targets, sequence_ids, 8, backend="reference")
+    opponent = policy + torch.randn(8, dtype=torch.float64) * 3
+    results = []
+    for backend, ids in (("torch", tagged), ("reference", sequence_ids)):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+        out = spin_kernels.fused_linear_spin_loss(*leaves, targets, ids, opponent, backend=backend)
+        out.loss.backward()
+        results.append((out.loss, out.policy_logps, *(leaf.grad for leaf in leaves)))
+    for name, got, want in zip(("loss", "policy_logps", "dhidden", "dweight"), *results):
+        assert_close(got, want, torch.float64, name)
+
+
 @pytest.mark.parametrize("backend, chunk_tokens", BACKEND_CHUNKS[:3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradient_through_policy_logps(backend, chunk_tokens, dtype, monkeypatch):
