@@ -40,6 +40,7 @@ from spin_fast.examples import answered_pairs, check_in_vocabulary, read_example
 from spin_fast.files import read_json, write_atomically
 from spin_fast.generation.base import Completion, SamplingConfig, request_cost
 from spin_fast.generation.choice import (
+    check_engine_can_swap,
     check_examples_in_context,
     check_prompts_fit,
     chosen_engine,
@@ -487,6 +488,10 @@ class Evaluation:
             "finished iterations")
         self.saved = SavedWork(parts_folder(output) if output is not None else None)
         self.answering = Answering(config, self.tokenizer, self.model_at, self.folders, self.folders[sft])
+        # The SFT model's, each iteration's and each baseline's weights: the engine swaps in each but the first.
+        answering = {self.folders[sft], *self.checkpoints, *(self.folders[path] for path in baselines.values())}
+        check_engine_can_swap(config, self.folders[sft], len(answering),
+                              f", and the evaluation's engine answers with each of its {len(answering)} models in turn")
         for name, path in baselines.items():  # before any model loads
             check_baseline_fits(name, self.folders[path], self.folders[sft], self.tokenizer, self.answering.engine,
                                 config.model.trust_remote_code)

@@ -195,7 +195,11 @@ class SelfPlay:
             # The engine starts at the first iteration left to generate and takes the weights trained in every
             # iteration from there on but the last: a swap is needed where two or more are left to generate
             left = [t for t in iterations if shared_manifest(self.run_dir / f"iter-{t}" / "generate") is None]
-            check_engine_can_swap(self.config, self.sft_folder, len(left))
+            check_engine_can_swap(
+                self.config, self.sft_folder, len(left),
+                f", and the engine takes the trained weights of each of the {len(left)} iterations left to generate "
+                "but the last", " (or run one iteration per command: spin-fast train CONFIG --iteration t, for t = 0, "
+                "1, ..., each starts its engine from that iteration's model)")
         distributed.on_main(lambda: self._warn_held_out_rows_trained_on(sources), "the held-out rows' check")
         examples = {t: self.examples(tokenizer, *sources[t]) for t in sources}  # the ranks share the tokenizing
         first_of = {_key(*sources[t]): t for t in reversed(list(sources))}  # the iterations mostly share a source

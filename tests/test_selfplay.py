@@ -1187,10 +1187,21 @@ def test_a_mixture_of_experts_swap_vllms_cpu_build_refuses_is_refused_before_any
                         r"\(qwen2_moe\): .* each of the 2 iterations left to generate but the last; set "
                         r"generation.engine=transformers \(or run one iteration per command: .*\)\n", err), err
     assert not (tmp_path / "run").exists()
+    # An evaluation swaps each next model into its engine too: the SFT model and a baseline are two.
+    other = tiny_moe_model(sft_model, tmp_path / "other")
+    assert main(["eval", str(config), "--set", f"model.name_or_path={moe}", "--set", "generation.engine=vllm",
+                 "--set", f"data.eval_source={sft_model / 'train.jsonl'}", "--baseline", f"other={other}"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"spin-fast: the vLLM CPU build cannot swap the weights of a mixture-of-experts model "
+                        r"\(qwen2_moe\): .*, and the evaluation's engine answers with each of its 2 models in turn; "
+                        r"set generation.engine=transformers\n", err), err
     vllm_run = run_config(sft_model, tmp_path / "run", "generation.engine=vllm")
-    check_engine_can_swap(vllm_run, str(moe), 1)
-    check_engine_can_swap(vllm_run, str(sft_model / "model"), 2)
-    check_engine_can_swap(run_config(sft_model, tmp_path / "run"), str(moe), 2)
+    why = ", for the test"
+    check_engine_can_swap(vllm_run, str(moe), 1, why)
+    check_engine_can_swap(vllm_run, str(sft_model / "model"), 2, why)
+    check_engine_can_swap(run_config(sft_model, tmp_path / "run"), str(moe), 2, why)
+    with pytest.raises(ConfigError, match=r"\(qwen2_moe\): .*, for the test; set generation.engine=transformers$"):
+        check_engine_can_swap(vllm_run, str(moe), 2, why)
 
 
 @pytest.mark.slow

@@ -141,12 +141,12 @@ def experts_in(model_config) -> int:
     return experts or 0
 
 
-def check_engine_can_swap(config: RunConfig, model_folder: str, iterations_to_generate: int) -> None:
-    """The engine, started once, takes each iteration's trained weights before the next iteration generates:
-    a run with more than one iteration left to generate on vLLM's CPU build, which cannot swap a mixture-of-experts
-    model's weights (VllmEngine._check_swappable), is refused before any work, not at its first swap, after
-    iteration 0's generation and training."""
-    if iterations_to_generate < 2 or chosen_engine(config) != "vllm":
+def check_engine_can_swap(config: RunConfig, model_folder: str, models: int, why: str, other_way: str = "") -> None:
+    """An engine started once answers with `models` models in turn, each one's weights swapped into it (`why` says
+    which, after a comma; `other_way`, a way out besides the transformers engine): vLLM's CPU build cannot swap a
+    mixture-of-experts model's weights (VllmEngine._check_swappable), so such a command is refused before any work,
+    not at its first swap, after the first model's work (a run's iteration 0, generated and trained)."""
+    if models < 2 or chosen_engine(config) != "vllm":
         return
     from vllm.platforms import current_platform
 
@@ -156,11 +156,7 @@ def check_engine_can_swap(config: RunConfig, model_folder: str, iterations_to_ge
     if experts_in(model_config) > 0:
         from spin_fast.generation.vllm_engine import moe_swap_refused
 
-        raise ConfigError(moe_swap_refused(
-            model_config.model_type,
-            f", and the engine takes the trained weights of each of the {iterations_to_generate} iterations left to "
-            "generate but the last") + " (or run one iteration per command: spin-fast train CONFIG --iteration t, "
-            "for t = 0, 1, ..., each starts its engine from that iteration's model)")
+        raise ConfigError(moe_swap_refused(model_config.model_type, why) + other_way)
 
 
 def chosen_engine(config: RunConfig) -> str:
