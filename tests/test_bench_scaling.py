@@ -70,7 +70,7 @@ def test_scaling_refuses_a_world_size_of_zero(tmp_path, monkeypatch):
     import subprocess
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    monkeypatch.setattr(scaling.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(scaling, "_torchrun", lambda command, env: subprocess.CompletedProcess(
         command, 1, "", "not launched in this test"))
     with pytest.raises(SystemExit) as exit_info:  # argparse's refusal: status 2
         scaling.main(["--preset", "tiny", "--stages", "2", "--world-sizes", "0"])
