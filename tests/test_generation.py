@@ -627,21 +627,27 @@ def test_top_k_1_samples_the_greedy_answer():
     assert engine.generate(batch, SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=8, seed=5)) == greedy
 
 
-def test_an_answers_last_characters_merged_with_the_stop_text_are_encoded_as_the_real_response_ends():
-    """A SentencePiece-style BPE (Metaspace, as Llama 2 or Mistral with a plain-text ChatML turn end): the model
-    wrote 'Don', "'", 't<|', ...; the answer 'Don't' is encoded '▁Don', "'t" as a real response is. Encoding the
-    't' alone gave '▁', 't' (an answer that reads "Don' t")."""
+def metaspace_bpe(characters: str, merges: list[tuple[str, str]]):
+    """A SentencePiece-style BPE (Metaspace, as Llama 2 or Mistral's) of `characters` and `merges`, which also
+    spells a plain-text ChatML turn end, <|im_end|>, in tokens of its own; the last of `merges`, which joins an
+    answer's end to the turn end's first characters, ranks last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    merges = [("D", "o"), ("Do", "n"), ("▁", "Don"), ("'", "t"), ("<", "|"), ("|", ">"), ("i", "m"), ("e", "n"),
-              ("en", "d"), ("_", "end"), ("t", "<|")]
-    vocab = {c: i for i, c in enumerate(dict.fromkeys("▁Don't<|im_end>"))}
+    merges = [*merges[:-1], ("<", "|"), ("|", ">"), ("i", "m"), ("e", "n"), ("en", "d"), ("_", "end"), merges[-1]]
+    vocab = {c: i for i, c in enumerate(dict.fromkeys(characters + "<|im_end>"))}
     vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe)
+
+
+def test_an_answers_last_characters_merged_with_the_stop_text_are_encoded_as_the_real_response_ends():
+    """A SentencePiece-style BPE (Metaspace, as Llama 2 or Mistral with a plain-text ChatML turn end): the model
+    wrote 'Don', "'", 't<|', ...; the answer 'Don't' is encoded '▁Don', "'t" as a real response is. Encoding the
+    't' alone gave '▁', 't' (an answer that reads "Don' t")."""
+    tokenizer = metaspace_bpe("▁Don't", [("D", "o"), ("Do", "n"), ("▁", "Don"), ("'", "t"), ("t", "<|")])
     written = tokenizer.convert_tokens_to_ids(["▁Don", "'", "t<|", "im", "_end", "|>"])
     assert tokenizer.decode(written) == "Don't<|im_end|>"
     answer = answer_before_stop_text(written, tokenizer, ["<|im_end|>", "\n\n"])
@@ -656,17 +662,7 @@ def test_an_answer_whose_merge_reaches_back_several_tokens_keeps_the_tokens_the_
     """The model wrote '▁X', 'Y', 'a', 'b', 'c<|', ...: the answer 'XYabc' ends in one token 'abc', so the kept
     'a' and 'b' are encoded again with 'c', two tokens back from the cut. The model's own '▁X', 'Y' before them stay
     (the whole answer encoded again would be '▁XY', 'abc': tokens the model did not write)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    merges = [("▁", "X"), ("▁X", "Y"), ("a", "b"), ("ab", "c"), ("<", "|"), ("|", ">"), ("i", "m"), ("e", "n"),
-              ("en", "d"), ("_", "end"), ("c", "<|")]
-    vocab = {c: i for i, c in enumerate(dict.fromkeys("▁XYabc<|im_end>"))}
-    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tokenizer = metaspace_bpe("▁XYabc", [("▁", "X"), ("▁X", "Y"), ("a", "b"), ("ab", "c"), ("c", "<|")])
     written = tokenizer.convert_tokens_to_ids(["▁X", "Y", "a", "b", "c<|", "im", "_end", "|>"])
     assert tokenizer.decode(written) == "XYabc<|im_end|>"
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode("XYabc", add_special_tokens=False)) == ["▁XY", "abc"]
