@@ -488,8 +488,12 @@ class Evaluation:
             "finished iterations")
         self.saved = SavedWork(parts_folder(output) if output is not None else None)
         self.answering = Answering(config, self.tokenizer, self.model_at, self.folders, self.folders[sft])
-        # The SFT model's, each iteration's and each baseline's weights: the engine swaps in each but the first.
-        answering = {self.folders[sft], *self.checkpoints, *(self.folders[path] for path in baselines.values())}
+        # The models that answer, each swapped into the engine (started from the SFT model's weights): each row's
+        # opponent (θt; the SFT model for a baseline), and with a checker every evaluated model, greedily (rows()).
+        # The last iteration's model and the baselines answer nothing else: none of them alone needs a swap.
+        opponents = [self.folders[sft], *self.checkpoints[:-1]] if self.checkpoints or baselines else []
+        evaluated = [self.folders[sft], *self.checkpoints, *(self.folders[path] for path in baselines.values())]
+        answering = set(opponents + (evaluated if self.check is not None else []))
         check_engine_can_swap(config, self.folders[sft], len(answering),
                               f", and the evaluation's engine answers with each of its {len(answering)} models in turn")
         for name, path in baselines.items():  # before any model loads

