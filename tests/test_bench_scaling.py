@@ -225,3 +225,50 @@ def test_a_torchrun_job_killed_after_its_grace_takes_its_ranks_with_it(tmp_path)
         for process in ranks:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+def test_a_second_signal_in_the_grace_kills_the_job_and_the_processes_under_it_at_once(tmp_path):
+    """After the first SIGTERM (or Ctrl-C) the bench gives torchrun RANKS_GRACE_S to end its ranks. A second one in
+    that grace (Slurm's, a second Ctrl-C: stop now) met the default handlers, put back when the first one's `with`
+    ended: the bench died on the spot, before its SIGKILL, and a job that ignores SIGTERM went on with what it
+    started in sessions of its own (torchrun's ranks), as orphans."""
+    import psutil
+
+    (tmp_path / "stubborn.py").write_text(  # ignores SIGTERM and Ctrl-C, as its child in its own session does
+        "import os, signal, subprocess, sys, time\n"
+        "for s in (signal.SIGTERM, signal.SIGINT):\n    signal.signal(s, signal.SIG_IGN)\n"
+        "def written(name, pid):\n"
+        "    path = os.path.join(sys.argv[1], name)\n"
+        "    open(path + '.part', 'w').write(str(pid))\n    os.replace(path + '.part', path)\n"
+        "if len(sys.argv) == 2:\n"
+        "    rank = subprocess.Popen([sys.executable, __file__, sys.argv[1], 'rank'], start_new_session=True)\n"
+        "    written('rank.pid', rank.pid)\n    written('job.pid', os.getpid())\n"
+        "time.sleep(600)\n")
+    job = [sys.executable, str(tmp_path / "stubborn.py"), str(tmp_path)]
+    script = ("import os, signal\nfrom bench import common\n"
+              f"common.run_in_its_own_session({job!r}, dict(os.environ), None, stop_signal=signal.SIGTERM, "
+              "grace_s=300)\n")
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    pid_files = [tmp_path / "job.pid", tmp_path / "rank.pid"]
+    started: list = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and bench.poll() is None and not all(p.exists() for p in pid_files):
+            time.sleep(0.1)
+        assert all(p.exists() for p in pid_files), f"the job did not start: {bench.poll()}"
+        started = [psutil.Process(int(p.read_text())) for p in pid_files]
+        bench.send_signal(signal.SIGTERM)
+        time.sleep(1)  # in the grace
+        assert bench.poll() is None, bench.stderr.read()
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM, bench.stderr.read()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(map(_alive, started)):
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)], "the job or what it started outlived the bench"
+    finally:
+        bench.kill()
+        for process in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
