@@ -1206,7 +1206,7 @@ def test_a_mixture_of_experts_swap_vllms_cpu_build_refuses_is_refused_before_any
         check_engine_can_swap(vllm_run, str(moe), 2, why)
 
 
-
+@pytest.mark.slow
 def test_an_moe_eval_whose_baseline_answers_nothing_needs_no_swap_and_runs_on_vllms_cpu_build(sft_model, tmp_path,
                                                                                              capsys):
     """Without a checker a baseline answers nothing: its row scores it against the SFT model's answers (its opponent
@@ -1230,6 +1230,7 @@ def test_an_moe_eval_whose_baseline_answers_nothing_needs_no_swap_and_runs_on_vl
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [row["model"] for row in rows] == ["sft", "other"]
     assert "rewards/margins" in rows[1]  # scored against the SFT model's answers
+
 
 @pytest.mark.slow
 def test_a_one_iteration_mixture_of_experts_run_on_vllms_cpu_build_runs_to_its_end(sft_model, tmp_path):
