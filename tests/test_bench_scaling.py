@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -191,7 +192,6 @@ def test_a_torchrun_job_killed_after_its_grace_takes_its_ranks_with_it(tmp_path)
     torchrun's process group never reaches: a job that had not ended RANKS_GRACE_S after the bench's SIGTERM
     (torchrun waiting on ranks that do not end on theirs, stuck where their handler never runs) was killed
     alone, and its ranks went on as orphans with no one left to end them."""
-    import psutil
 
     (tmp_path / "stubborn_rank.py").write_text(
         "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -206,25 +206,7 @@ def test_a_torchrun_job_killed_after_its_grace_takes_its_ranks_with_it(tmp_path)
         f"scaling._torchrun([a.format(port=free_port()) for a in {torchrun!r}], dict(os.environ))\n")
     bench = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    pid_files = [tmp_path / f"rank{rank}.pid" for rank in (0, 1)]
-    ranks: list = []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and bench.poll() is None and not all(p.exists() for p in pid_files):
-            time.sleep(0.2)
-        assert all(p.exists() for p in pid_files), f"the ranks did not start: {bench.poll()}"
-        ranks = [psutil.Process(int(p.read_text())) for p in pid_files]
-        bench.send_signal(signal.SIGTERM)
-        assert bench.wait(timeout=30) == 128 + signal.SIGTERM, bench.stderr.read()
-        deadline = time.monotonic() + 10  # well before torchrun's own 30 s, had it lived
-        while time.monotonic() < deadline and any(map(_alive, ranks)):
-            time.sleep(0.2)
-        assert not [p for p in ranks if _alive(p)], "a rank outlived its killed torchrun"
-    finally:
-        bench.kill()
-        for process in ranks:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+    _stopped_bench_leaves_nothing(bench, [tmp_path / f"rank{rank}.pid" for rank in (0, 1)], 1, "a rank")
 
 
 def test_a_second_signal_in_the_grace_kills_the_job_and_the_processes_under_it_at_once(tmp_path):
@@ -232,7 +214,6 @@ def test_a_second_signal_in_the_grace_kills_the_job_and_the_processes_under_it_a
     that grace (Slurm's, a second Ctrl-C: stop now) met the default handlers, put back when the first one's `with`
     ended: the bench died on the spot, before its SIGKILL, and a job that ignores SIGTERM went on with what it
     started in sessions of its own (torchrun's ranks), as orphans."""
-    import psutil
 
     (tmp_path / "stubborn.py").write_text(  # ignores SIGTERM and Ctrl-C, as its child in its own session does
         "import os, signal, subprocess, sys, time\n"
@@ -250,23 +231,32 @@ def test_a_second_signal_in_the_grace_kills_the_job_and_the_processes_under_it_a
               "grace_s=300)\n")
     bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
-    pid_files = [tmp_path / "job.pid", tmp_path / "rank.pid"]
+    _stopped_bench_leaves_nothing(bench, [tmp_path / "job.pid", tmp_path / "rank.pid"], 2,
+                                  "the job or what it started")
+
+
+def _stopped_bench_leaves_nothing(bench: subprocess.Popen, pid_files: list[Path], signals: int, what: str) -> None:
+    """Once the processes whose pids `pid_files` will hold have started under `bench`, `signals` SIGTERMs to it (the
+    second in the grace the first gives them): it must end as SIGTERM ends it, and take them with it within 10 s."""
+    import psutil
+
     started: list = []
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and bench.poll() is None and not all(p.exists() for p in pid_files):
             time.sleep(0.1)
-        assert all(p.exists() for p in pid_files), f"the job did not start: {bench.poll()}"
+        assert all(p.exists() for p in pid_files), f"{what} did not start: {bench.poll()}"
         started = [psutil.Process(int(p.read_text())) for p in pid_files]
-        bench.send_signal(signal.SIGTERM)
-        time.sleep(1)  # in the grace
-        assert bench.poll() is None, bench.stderr.read()
+        for _ in range(signals - 1):
+            bench.send_signal(signal.SIGTERM)
+            time.sleep(1)  # in the grace
+            assert bench.poll() is None, bench.stderr.read()
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=30) == 128 + signal.SIGTERM, bench.stderr.read()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10  # well before torchrun's own 30 s, had it lived
         while time.monotonic() < deadline and any(map(_alive, started)):
             time.sleep(0.2)
-        assert not [p for p in started if _alive(p)], "the job or what it started outlived the bench"
+        assert not [p for p in started if _alive(p)], f"{what} outlived the bench"
     finally:
         bench.kill()
         for process in started:
