@@ -235,31 +235,24 @@ def run_in_its_own_session(command: list[str], env: dict[str, str], timeout: flo
 def _stop(proc: subprocess.Popen, stop_signal: int, grace_s: float) -> None:
     """stop_signal to proc; if it has not ended grace_s later, SIGKILL to its process group and to every process
     under it, listed before it dies (their parent then is init): torchrun runs each rank in a session of its own,
-    which a SIGKILL to torchrun's group never reaches. A second signal in the grace kills them at once."""
+    which a SIGKILL to torchrun's group never reaches (nor what it left running when it ended in the grace). A
+    second signal in the grace kills them at once."""
     under = _processes_under(proc.pid)
     try:
         # A second Ctrl-C or SIGTERM in the grace (stop now) ends the wait, not the kill: the default handlers,
         # back since the first one's, would end this process on the spot, and the command would go on.
-        with signals_sent_to(exit_on_signal):
+        with signals_sent_to(exit_on_signal), contextlib.suppress(subprocess.TimeoutExpired):
             if stop_signal != signal.SIGKILL:
                 proc.send_signal(stop_signal)
-                try:
-                    proc.communicate(timeout=grace_s)
-                    return
-                except subprocess.TimeoutExpired:
-                    pass
-    except BaseException:
-        _kill(proc, under + _processes_under(proc.pid))
-        raise
-    _kill(proc, under + _processes_under(proc.pid))  # with those it started since
-
-
-def _kill(proc: subprocess.Popen, under: list[psutil.Process]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for process in under:
-        with contextlib.suppress(psutil.NoSuchProcess):  # psutil leaves a pid reused since alone
-            process.kill()
+                proc.communicate(timeout=grace_s)
+    finally:
+        if proc.poll() is None:  # once it has ended and been reaped, its pid may be another process's
+            under += _processes_under(proc.pid)  # those it started since
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for process in under:
+            with contextlib.suppress(psutil.NoSuchProcess):  # psutil leaves a pid reused since alone
+                process.kill()
 
 
 def _processes_under(pid: int) -> list[psutil.Process]:

@@ -488,12 +488,10 @@ class Evaluation:
             "finished iterations")
         self.saved = SavedWork(parts_folder(output) if output is not None else None)
         self.answering = Answering(config, self.tokenizer, self.model_at, self.folders, self.folders[sft])
-        # The models that answer, each swapped into the engine (started from the SFT model's weights): each row's
-        # opponent (θt; the SFT model for a baseline), and with a checker every evaluated model, greedily (rows()).
-        # The last iteration's model and the baselines answer nothing else: none of them alone needs a swap.
-        opponents = [self.folders[sft], *self.checkpoints[:-1]] if self.checkpoints or baselines else []
-        evaluated = [self.folders[sft], *self.checkpoints, *(self.folders[path] for path in baselines.values())]
-        answering = set(opponents + (evaluated if self.check is not None else []))
+        # The models that answer, each but the SFT model swapped into the engine started from its weights: each
+        # row's opponent (its held-out answers), and with a checker each row's model (its greedy ones).
+        answering = {self.folders.get(path, path) for _, model, _, opponent in self.planned_rows()
+                     for path in [*([opponent[1]] if opponent else []), *([model] if self.check else [])]}
         check_engine_can_swap(config, self.folders[sft], len(answering),
                               f", and the evaluation's engine answers with each of its {len(answering)} models in turn")
         for name, path in baselines.items():  # before any model loads
@@ -564,14 +562,17 @@ class Evaluation:
             **({"scoring under bf16 autocast": True} if config.train.bf16_autocast else {}),
         }, "the evaluation's settings")
 
-    def rows(self) -> list[dict]:
-        """The SFT model's row, each finished iteration's (margins against its opponent θt) and the baselines'."""
+    def planned_rows(self) -> list[tuple[str, str, int | None, tuple[int, str] | None]]:
+        """model_row's arguments for each row: the SFT model's, each finished iteration's (margins against its
+        opponent θt) and the baselines' (against θ0)."""
         sft = self.config.model.name_or_path
-        rows = [self.model_row("sft", sft, 0)]
         opponents = [sft, *self.checkpoints]  # θt, the opponent of iteration t
-        rows += [self.model_row(f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(self.checkpoints)]
-        rows += [self.model_row(name, path, None, (0, sft)) for name, path in self.baselines.items()]
-        return rows
+        return [("sft", sft, 0, None),
+                *((f"iter-{t}", path, t + 1, (t, opponents[t])) for t, path in enumerate(self.checkpoints)),
+                *((name, path, None, (0, sft)) for name, path in self.baselines.items())]
+
+    def rows(self) -> list[dict]:
+        return [self.model_row(*row) for row in self.planned_rows()]
 
     def close(self) -> None:
         self.answering.close()
